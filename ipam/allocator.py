@@ -1,0 +1,193 @@
+"""The allocator: pure decisions over a PoolView. No I/O; the caller reads and writes the store.
+
+Every function here changes the view (or only reads it); the caller writes back the blocks the
+view marks as changed. Deciding again on fresh state gives the same answer for work that was
+already stored, which is what makes retries after a conflict (or a half-written batch) safe.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Collection, Iterator, Sequence
+
+import netaddr
+
+from ipam.errors import RANGE_EXHAUSTED, REQUESTED_IP_UNAVAILABLE, CniError
+from ipam.pool import BLOCK_SIZE, BlockKey, Owner, PoolId, PoolView, container_identity
+from ipam.ranges import AddressRange
+
+
+def assign_addresses(
+    view: PoolView,
+    ranges: Sequence[AddressRange],
+    owner: Owner,
+    requested: Sequence[netaddr.IPAddress],
+    node: str = "",
+) -> list[int]:
+    """One address per range, in order, for `owner`; see `assign_address`."""
+    check_requested(ranges, requested)
+    chosen: list[int] = []
+    for rng in ranges:
+        chosen.append(assign_address(view, rng, owner, requested, taken=chosen, node=node))
+    return chosen
+
+
+def assign_address(
+    view: PoolView,
+    rng: AddressRange,
+    owner: Owner,
+    requested: Sequence[netaddr.IPAddress],
+    *,
+    taken: Collection[int] = (),
+    node: str = "",
+) -> int:
+    """The address `owner` gets in `rng`.
+
+    A requested address inside the range wins; otherwise the address this pod interface already
+    holds (ADD is idempotent, and the containerID is updated); otherwise the lowest free one,
+    or, when a `node` is named (the node agent), the lowest free one from the node's own block
+    on (see node_start). `taken` holds what this request already got from earlier ranges,
+    which may overlap this one.
+    """
+    pool = rng.pool
+    held = sorted(a for a in view.held_by(pool, owner.attachment) if rng.contains(a))
+    held = [a for a in held if a not in taken]
+    wanted = next((int(a) for a in requested if rng.can_give(a)), None)
+    if wanted is not None:
+        holder = view.owner(pool, wanted)
+        if holder is not None and holder.attachment != owner.attachment:
+            raise CniError(
+                REQUESTED_IP_UNAVAILABLE,
+                f"requested address {_text(rng, wanted)} is already allocated to "
+                f"{holder.attachment[0]} {holder.ifname}",
+            )
+        for address in held:
+            if address != wanted:
+                view.unassign(pool, address)
+        chosen = wanted
+    elif held:
+        chosen = held[0]
+    else:
+        free = _first_free(view, rng, node_start(rng, node) if node else rng.first)
+        if free is None:
+            raise CniError(
+                RANGE_EXHAUSTED,
+                f"range {rng.text} is exhausted: all {rng.size} addresses are allocated"
+                + (f" (network_name {rng.pool.network!r})" if rng.pool.network else ""),
+            )
+        chosen = free
+    if view.owner(pool, chosen) != owner:
+        view.assign(pool, chosen, owner)
+    return chosen
+
+
+def check_requested(ranges: Sequence[AddressRange], requested: Sequence[netaddr.IPAddress]) -> None:
+    """Refuse requested addresses that no range can give, or two for the same range."""
+    for address in requested:
+        matching = [r for r in ranges if r.can_give(address)]
+        if not matching:
+            configured = ", ".join(r.text for r in ranges)
+            raise CniError(
+                REQUESTED_IP_UNAVAILABLE,
+                f"requested address {address} is not a usable address of "
+                f"any configured range ({configured})",
+            )
+    for rng in ranges:
+        inside = [a for a in requested if rng.can_give(a)]
+        if len(inside) > 1:
+            raise CniError(
+                REQUESTED_IP_UNAVAILABLE,
+                f"more than one requested address falls in range {rng.text}",
+            )
+
+
+def release_addresses(
+    view: PoolView, ranges: Sequence[AddressRange], container_id: str, ifname: str
+) -> list[int]:
+    """Free what (container_id, ifname) holds in the ranges; a newer sandbox's hold is kept."""
+    freed = [
+        (rng, a)
+        for rng, a in _held_by(view, ranges, container_id, ifname)
+        if view.owner(rng.pool, a) is not None
+    ]
+    for rng, address in freed:
+        view.unassign(rng.pool, address)
+    return [a for _, a in freed]
+
+
+def find_addresses(
+    view: PoolView, ranges: Sequence[AddressRange], container_id: str, ifname: str
+) -> list[list[int]]:
+    """For each range, the addresses (container_id, ifname) holds there."""
+    return [
+        [a for _, a in _held_by(view, [rng], container_id, ifname)]
+        for rng in ranges  # one list per range, so CHECK can name the range that lost its address
+    ]
+
+
+def collect_garbage(
+    view: PoolView, ranges: Sequence[AddressRange], valid: Collection[tuple[str, str]]
+) -> list[int]:
+    """Free every address in the ranges whose (containerID, ifname) is not in `valid`."""
+    stale = [
+        (rng, a)
+        for rng in ranges
+        for a, o in _entries_in(view, rng)
+        if (o.container_id, o.ifname) not in valid
+    ]
+    for rng, address in stale:
+        view.unassign(rng.pool, address)
+    return sorted({a for _, a in stale})
+
+
+def count_free(view: PoolView, rng: AddressRange) -> int:
+    """How many addresses the range can still give."""
+    return rng.size - sum(1 for _ in _entries_in(view, rng))
+
+
+def _entries_in(view: PoolView, rng: AddressRange) -> Iterator[tuple[int, Owner]]:
+    for address, owner in view.entries(rng.pool, rng.first, rng.last):
+        if rng.contains(address):
+            yield address, owner
+
+
+def _held_by(
+    view: PoolView, ranges: Sequence[AddressRange], container_id: str, ifname: str
+) -> list[tuple[AddressRange, int]]:
+    held: dict[tuple[PoolId, int], AddressRange] = {}
+    identity = container_identity(container_id, ifname)
+    for rng in ranges:
+        for address in sorted(view.held_by(rng.pool, identity)):
+            if rng.contains(address):
+                held.setdefault((rng.pool, address), rng)
+    return [(rng, address) for (_, address), rng in held.items()]
+
+
+def node_start(rng: AddressRange, node: str) -> int:
+    """Where `node` starts looking for a free address: the start of one of the range's blocks,
+    chosen by a stable hash of the node's name.
+
+    Nodes that all start from the lowest address all write the same block and conflict with
+    each other on every write; spread over the range's blocks, they mostly write blocks of
+    their own (as Calico's per-node block affinity does). Any free address of the range is
+    still given, so a full block sends its node on to the next.
+    """
+    first_block = BlockKey.of(rng.pool, rng.first).base
+    blocks = (BlockKey.of(rng.pool, rng.last).base - first_block) // BLOCK_SIZE + 1
+    index = zlib.crc32(node.encode()) % blocks
+    return max(rng.first, first_block + index * BLOCK_SIZE)
+
+
+def _first_free(view: PoolView, rng: AddressRange, start: int) -> int | None:
+    """The lowest free address at or after `start`, else the lowest before it."""
+    after = [(max(first, start), last) for first, last in rng.spans if last >= start]
+    before = [(first, min(last, start - 1)) for first, last in rng.spans if first < start]
+    for first, last in after + before:
+        free = view.first_free(rng.pool, first, last)
+        if free is not None:
+            return free
+    return None
+
+
+def _text(rng: AddressRange, address: int) -> str:
+    return str(netaddr.IPAddress(address, rng.family))

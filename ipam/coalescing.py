@@ -1,0 +1,174 @@
+"""Concurrent decisions over the same ranges share one read and one optimistic write.
+
+The node agent serves many CNI requests at once, and on a busy node most of them want the same
+pool. Written one by one, each would read, write and (all but one) conflict; batched, the
+requests that arrive while a write is in flight are decided together, in arrival order, on one
+view, and stored with one write. Every guarantee of a single transaction holds: the batch is
+decided afresh after a conflict, and a decision that fails (range exhausted, requested address
+taken) is rolled back on the view alone, so it neither writes nor spoils the others.
+
+No thread of its own: the first request to find nobody writing leads the batch, and when its
+batch is stored it hands the lead to the oldest waiting request, so no request answers late
+because it kept serving others.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
+
+from ipam.errors import StoreUnavailableError
+from ipam.pool import PoolId, PoolView
+from ipam.ranges import AddressRange
+from ipam.store import PoolStore
+from ipam.transaction import Span, describe_blocks, run_span_transaction
+
+T = TypeVar("T")
+
+MAX_BATCH = 256  # decisions per write: one block's worth keeps a write's size bounded
+
+
+@dataclass(eq=False)
+class _Request:
+    ranges: Sequence[AddressRange]
+    decide: Callable[[PoolView], Any]
+    deadline: float
+    wake: threading.Event = field(default_factory=threading.Event)
+    lead: bool = False  # set, with wake, when this request is to lead the next batch
+    done: bool = False
+    value: Any = None
+    error: BaseException | None = None
+
+    def finish(self, value: Any = None, error: BaseException | None = None) -> None:
+        self.value, self.error, self.done = value, error, True
+        self.wake.set()
+
+
+@dataclass
+class _Queue:
+    """The requests waiting for one span set, and whether one of them is leading a batch."""
+
+    waiting: list[_Request] = field(default_factory=list)
+    leading: bool = False
+
+
+def decide_each(
+    view: PoolView, decisions: Sequence[Callable[[PoolView], Any]]
+) -> list[tuple[Any, bool]]:
+    """Apply `decisions` in order on `view`; per decision, its value or the exception it raised
+    (its changes undone), and whether it changed the view."""
+    outcomes: list[tuple[Any, bool]] = []
+    for decide in decisions:
+        mark = view.savepoint()
+        try:
+            outcomes.append((decide(view), view.savepoint() != mark))
+        except Exception as exc:  # one request's failure is that request's answer only
+            view.rollback(mark)
+            outcomes.append((_Failed(exc), False))
+    return outcomes
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    error: Exception
+
+
+class CoalescingTransactions:
+    """Transactions on `store` in which concurrent callers over the same ranges share writes.
+
+    On a cache (`forget` given: read a pool afresh), a decision that wrote nothing rests on
+    blocks no compare-and-swap checked: "exhausted" or "already holds .5" may come from a stale
+    copy. Those decisions are taken again on a fresh read before they are answered.
+    """
+
+    def __init__(
+        self,
+        store: PoolStore,
+        on_batch: Callable[[int], None] | None = None,
+        forget: Callable[[PoolId], None] | None = None,
+    ) -> None:
+        self.store = store
+        self._on_batch = on_batch
+        self._forget = forget
+        self._lock = threading.Lock()
+        self._queues: dict[tuple[Span, ...], _Queue] = {}
+
+    def run(
+        self,
+        ranges: Sequence[AddressRange],
+        decide: Callable[[PoolView], T],
+        *,
+        deadline: float,
+    ) -> T:
+        spans = tuple(Span(rng.pool, rng.first, rng.last) for rng in ranges)
+        request = _Request(ranges, decide, deadline)
+        with self._lock:
+            queue = self._queues.setdefault(spans, _Queue())
+            queue.waiting.append(request)
+            request.lead = not queue.leading
+            queue.leading = True
+        if not request.lead:
+            self._wait_turn(queue, request)
+        if not request.done:
+            self._lead(spans, queue)
+        if request.error is not None:
+            raise request.error
+        return cast(T, request.value)
+
+    def _decide(self, spans: tuple[Span, ...], batch: list[_Request]) -> list[tuple[Any, bool]]:
+        try:
+            return run_span_transaction(
+                self.store,
+                spans,
+                lambda view: decide_each(view, [r.decide for r in batch]),
+                deadline=min(r.deadline for r in batch),
+                before_write=lambda changed: describe_blocks(changed, batch[0].ranges),
+            )
+        except Exception as exc:  # the store failed the whole batch: everyone hears it
+            return [(_Failed(exc), True)] * len(batch)
+
+    def _wait_turn(self, queue: _Queue, request: _Request) -> None:
+        """Until the request is answered or made leader. One never taken into a batch by its
+        deadline is withdrawn (try again later); one in a batch waits for the batch, which
+        ends by the earliest deadline in it."""
+        if request.wake.wait(max(0.0, request.deadline - time.monotonic())):
+            return
+        with self._lock:
+            if request.lead:  # made leader just as its wait ran out: it must lead
+                return
+            if request in queue.waiting:
+                queue.waiting.remove(request)
+                request.finish(error=StoreUnavailableError("timed out waiting for the pool"))
+                return
+        request.wake.wait()
+
+    def _lead(self, spans: tuple[Span, ...], queue: _Queue) -> None:
+        with self._lock:
+            batch = queue.waiting[:MAX_BATCH]
+            del queue.waiting[: len(batch)]
+        if self._on_batch is not None:
+            self._on_batch(len(batch))
+        outcomes = self._decide(spans, batch)
+        unchecked = [i for i, (_, changed) in enumerate(outcomes) if not changed]
+        if unchecked and self._forget is not None:
+            for span in spans:
+                self._forget(span.pool)
+            again = self._decide(spans, [batch[i] for i in unchecked])
+            for i, outcome in zip(unchecked, again, strict=True):
+                outcomes[i] = outcome
+        with self._lock:
+            if queue.waiting:
+                successor = queue.waiting[0]
+                successor.lead = True
+                successor.wake.set()
+            else:
+                queue.leading = False
+                del self._queues[spans]
+        for request, (outcome, _) in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, _Failed):
+                request.finish(error=outcome.error)
+            else:
+                request.finish(outcome)

@@ -1,0 +1,280 @@
+"""The network configuration: pydantic models of the CNI netconf and its whereabouts-style `ipam`.
+
+Keys, meanings and defaults follow whereabouts, so a NetworkAttachmentDefinition ports by
+changing `"type": "whereabouts"` to `"type": "pyabouts"`. A flat file (JSON, the same keys)
+fills what the inline config leaves empty; it is searched at `configuration_path`, then at
+/etc/kubernetes/cni/net.d/pyabouts.d/pyabouts.conf, then /etc/cni/net.d/pyabouts.d/pyabouts.conf.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import netaddr
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ipam.errors import INVALID_CONFIG, CniError
+from ipam.pool import Family, PoolId
+from ipam.ranges import AddressRange, RangeError, build_range, parse_address, parse_network
+
+PLUGIN_TYPE = "pyabouts"
+FLAT_FILE_PATHS = (
+    "/etc/kubernetes/cni/net.d/pyabouts.d/pyabouts.conf",
+    "/etc/cni/net.d/pyabouts.d/pyabouts.conf",
+)
+LOG_LEVELS = ("debug", "verbose", "info", "warning", "error", "panic")
+
+
+class _Model(BaseModel):
+    # Unknown keys are ignored, as whereabouts does (its own tuning keys have no meaning here).
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+
+def _an_address(value: str | None) -> str | None:
+    if value is not None:
+        parse_address(value)
+    return value
+
+
+def _a_cidr(value: str) -> str:
+    if "/" not in value:
+        raise RangeError(f"{value!r} is not a CIDR (address/prefix)")
+    parse_network(value)
+    return value
+
+
+class RangeConf(_Model):
+    range: str
+    range_start: str | None = None
+    range_end: str | None = None
+    exclude: list[str] = Field(default_factory=list)
+
+    _check_bounds = field_validator("range_start", "range_end")(_an_address)
+
+
+class Route(_Model):
+    dst: str
+    gw: str | None = None
+
+    _check_dst = field_validator("dst")(_a_cidr)
+    _check_gw = field_validator("gw")(_an_address)
+
+
+class Dns(_Model):
+    nameservers: list[str] = Field(default_factory=list)
+    domain: str | None = None
+    search: list[str] = Field(default_factory=list)
+    options: list[str] = Field(default_factory=list)
+
+
+class StaticAddress(_Model):
+    address: str
+    gateway: str | None = None
+
+    _check_address = field_validator("address")(_a_cidr)
+    _check_gateway = field_validator("gateway")(_an_address)
+
+
+class KubernetesConf(_Model):
+    kubeconfig: str | None = None
+
+
+class IpamConf(_Model):
+    type: str
+    range: str | None = None
+    range_start: str | None = None
+    range_end: str | None = None
+    exclude: list[str] = Field(default_factory=list)
+    ip_ranges: list[RangeConf] = Field(default_factory=list, alias="ipRanges")
+    network_name: str = ""
+    enable_overlapping_ranges: bool = True
+    gateway: str | None = None
+    routes: list[Route] = Field(default_factory=list)
+    dns: Dns | None = None
+    addresses: list[StaticAddress] = Field(default_factory=list)
+    log_file: str | None = None
+    log_level: str | None = None
+    configuration_path: str | None = None
+    kubernetes: KubernetesConf = Field(default_factory=KubernetesConf)
+    datastore: Literal["kubernetes", "etcd"] = "kubernetes"
+    etcd_host: str | None = None
+    etcd_username: str | None = None
+    etcd_password: str | None = None
+    etcd_key_file: str | None = None
+    etcd_cert_file: str | None = None
+    etcd_ca_cert_file: str | None = None
+    node_slice_size: str | None = None
+    # pyabouts' own: node-local runtime state (the per-pool queue locks).
+    run_dir: str = "/run/pyabouts"
+    # When the thin plugin finds no node agent: serve the request in its own process, or fail
+    # with code 11 (a node whose agent must be up, e.g. to keep start-up cost bounded).
+    agent_fallback: Literal["in-process", "fail"] = "in-process"
+
+    _check_bounds = field_validator("range_start", "range_end", "gateway")(_an_address)
+
+    @field_validator("type")
+    @classmethod
+    def _is_pyabouts(cls, value: str) -> str:
+        if value != PLUGIN_TYPE:
+            raise ValueError(f"must be {PLUGIN_TYPE!r}")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _is_level(cls, value: str | None) -> str | None:
+        if value is not None and value.lower() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return value.lower() if value else value
+
+
+class RuntimeConf(_Model):
+    ips: list[str] = Field(default_factory=list)
+
+
+class CniArgsConf(_Model):
+    ips: list[str] = Field(default_factory=list)
+
+
+class ArgsConf(_Model):
+    cni: CniArgsConf = Field(default_factory=CniArgsConf)
+
+
+class NetConf(_Model):
+    cni_version: str = Field(default="", alias="cniVersion")
+    name: str = ""
+    type: str = ""
+    ipam: IpamConf
+    capabilities: dict[str, bool] = Field(default_factory=dict)
+    runtime_config: RuntimeConf = Field(default_factory=RuntimeConf, alias="runtimeConfig")
+    args: ArgsConf = Field(default_factory=ArgsConf)
+
+
+@dataclass(frozen=True, slots=True)
+class PluginConfig:
+    """A validated configuration, with its ranges parsed: what the rest of pyabouts works from."""
+
+    netconf: NetConf
+    ranges: tuple[AddressRange, ...]
+    flat_file: str | None  # the flat file that filled gaps, if any
+
+    @property
+    def ipam(self) -> IpamConf:
+        return self.netconf.ipam
+
+
+def load_config(raw: dict[str, Any]) -> PluginConfig:
+    """Merge the flat file into the inline `ipam`, validate everything, and parse the ranges."""
+    inline = raw.get("ipam")
+    if not isinstance(inline, dict):
+        raise CniError(INVALID_CONFIG, "network config has no 'ipam' object")
+    flat_path, flat = read_flat_file(inline.get("configuration_path"))
+    merged = {**raw, "ipam": fill_empty(inline, flat)}
+    try:
+        netconf = NetConf.model_validate(merged)
+    except ValidationError as exc:
+        raise CniError(INVALID_CONFIG, describe_validation_error(exc)) from exc
+    return PluginConfig(netconf=netconf, ranges=_build_ranges(netconf.ipam), flat_file=flat_path)
+
+
+def requested_addresses(netconf: NetConf, cni_args_ip: str | None) -> list[netaddr.IPAddress]:
+    """Addresses asked for, from runtimeConfig.ips (with the `ips` capability), args.cni.ips and
+    CNI_ARGS IP=a,b, in that order, without repeats."""
+    sources: list[tuple[str, str]] = []
+    if netconf.capabilities.get("ips"):
+        sources += [
+            (f"runtimeConfig.ips[{i}]", v) for i, v in enumerate(netconf.runtime_config.ips)
+        ]
+    sources += [(f"args.cni.ips[{i}]", v) for i, v in enumerate(netconf.args.cni.ips)]
+    if cni_args_ip:
+        sources += [("CNI_ARGS IP", v) for v in cni_args_ip.split(",") if v.strip()]
+    found: list[netaddr.IPAddress] = []
+    for where, text in sources:
+        try:
+            address = parse_address(text)
+        except RangeError as exc:
+            raise CniError(INVALID_CONFIG, f"{where}: {exc}") from exc
+        if address not in found:
+            found.append(address)
+    return found
+
+
+def fill_empty(inline: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """`inline` with every key it leaves empty taken from `defaults`, recursively for objects."""
+    merged = dict(inline)
+    for key, value in defaults.items():
+        mine = merged.get(key)
+        if isinstance(mine, dict) and isinstance(value, dict):
+            merged[key] = fill_empty(mine, value)
+        elif mine in (None, "", [], {}):
+            merged[key] = value
+    return merged
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem, naming the key and the value that was given."""
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "config"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "missing":
+            problems.append(f"{where}: is required")
+        else:
+            problems.append(f"{where}={error['input']!r}: {message}")
+    return "invalid network config: " + "; ".join(problems)
+
+
+def read_flat_file(configuration_path: object) -> tuple[str | None, dict[str, Any]]:
+    """The first flat file found (`configuration_path`, then the standard places): its path and
+    keys, or (None, {}) when there is none."""
+    candidates = [configuration_path] if isinstance(configuration_path, str) else []
+    for candidate in [*candidates, *FLAT_FILE_PATHS]:
+        path = Path(candidate)
+        if not path.is_file():
+            continue
+        try:
+            flat = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CniError(INVALID_CONFIG, f"flat file {path}: {exc}") from exc
+        if not isinstance(flat, dict):
+            raise CniError(INVALID_CONFIG, f"flat file {path}: must hold a JSON object")
+        return str(path), flat
+    return None, {}
+
+
+def _build_ranges(ipam: IpamConf) -> tuple[AddressRange, ...]:
+    entries: list[tuple[str, RangeConf]] = []
+    if ipam.range:
+        top = RangeConf(
+            range=ipam.range,
+            range_start=ipam.range_start,
+            range_end=ipam.range_end,
+            exclude=ipam.exclude,
+        )
+        entries.append(("ipam.range", top))
+    entries += [(f"ipam.ipRanges[{i}].range", r) for i, r in enumerate(ipam.ip_ranges)]
+    if not entries:
+        raise CniError(
+            INVALID_CONFIG, "invalid network config: ipam.range or ipam.ipRanges is required"
+        )
+    ranges = []
+    for where, entry in entries:
+        try:
+            network = parse_network(entry.range.split("-", 1)[-1]).cidr
+            scope = "" if ipam.enable_overlapping_ranges else str(network)
+            family: Family = 4 if network.version == 4 else 6
+            pool = PoolId(network=ipam.network_name, family=family, scope=scope)
+            ranges.append(
+                build_range(
+                    entry.range,
+                    range_start=entry.range_start,
+                    range_end=entry.range_end,
+                    exclude=entry.exclude,
+                    pool=pool,
+                )
+            )
+        except RangeError as exc:
+            raise CniError(INVALID_CONFIG, f"invalid network config: {where}: {exc}") from exc
+    return tuple(ranges)

@@ -1,0 +1,52 @@
+"""Errors that reach the CNI caller, with their codes.
+
+Codes 0-99 are reserved by the CNI spec; pyabouts' own codes start at 100 and are documented in
+docs/errors.md.
+"""
+
+from __future__ import annotations
+
+# CNI spec codes.
+INCOMPATIBLE_VERSION = 1
+UNSUPPORTED_FIELD = 2
+UNKNOWN_CONTAINER = 3
+INVALID_ENVIRONMENT = 4
+IO_FAILURE = 5
+DECODE_FAILURE = 6
+INVALID_CONFIG = 7
+TRY_AGAIN_LATER = 11
+NOT_AVAILABLE = 50  # STATUS: the plugin cannot serve ADD now
+
+# pyabouts codes.
+RANGE_EXHAUSTED = 100
+REQUESTED_IP_UNAVAILABLE = 101
+STORE_REFUSED = 102  # the datastore answered, but refused (auth, permission, bad request)
+INTERNAL_ERROR = 103  # a bug in pyabouts; the message names the exception
+CORRUPT_BLOCK = 104  # a stored block is not in pyabouts' format (edited by hand?)
+
+
+class CniError(Exception):
+    """An error that is printed as CNI error JSON: a code, a message and optional details."""
+
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+        self.details = details
+
+    def __repr__(self) -> str:
+        return f"CniError({self.code}, {self.msg!r})"
+
+
+class StoreUnavailableError(CniError):
+    """The datastore could not be reached in time; the caller should try again later."""
+
+    def __init__(self, msg: str, details: str = "") -> None:
+        super().__init__(TRY_AGAIN_LATER, msg, details)
+
+
+class StoreRefusedError(CniError):
+    """The datastore answered but refused the request (credentials, permissions)."""
+
+    def __init__(self, msg: str, details: str = "") -> None:
+        super().__init__(STORE_REFUSED, msg, details)

@@ -1,0 +1,90 @@
+"""What the plugin asks of IPAM, each as one decision over the configured ranges, run by a
+Transactions (alone, or batched with others by the node agent)."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+import netaddr
+
+from ipam import allocator
+from ipam.pool import Owner
+from ipam.ranges import AddressRange
+from ipam.transaction import Transactions
+
+
+def allocate(
+    transactions: Transactions,
+    ranges: Sequence[AddressRange],
+    owner: Owner,
+    requested: Sequence[netaddr.IPAddress],
+    *,
+    deadline: float,
+    node: str = "",
+) -> list[int]:
+    """One address per range for `owner` (its existing ones if it has them); `node` spreads
+    nodes over the ranges' blocks (allocator.node_start)."""
+    allocator.check_requested(ranges, requested)  # before any I/O: a bad request reads nothing
+    return transactions.run(
+        ranges,
+        lambda view: allocator.assign_addresses(view, ranges, owner, requested, node),
+        deadline=deadline,
+    )
+
+
+def release(
+    transactions: Transactions,
+    ranges: Sequence[AddressRange],
+    container_id: str,
+    ifname: str,
+    *,
+    deadline: float,
+) -> list[int]:
+    """Free what (container_id, ifname) holds; nothing held is not an error."""
+    return transactions.run(
+        ranges,
+        lambda view: allocator.release_addresses(view, ranges, container_id, ifname),
+        deadline=deadline,
+    )
+
+
+def held_addresses(
+    transactions: Transactions,
+    ranges: Sequence[AddressRange],
+    container_id: str,
+    ifname: str,
+    *,
+    deadline: float,
+) -> list[list[int]]:
+    """Per range, the addresses (container_id, ifname) holds."""
+    return transactions.run(
+        ranges,
+        lambda view: allocator.find_addresses(view, ranges, container_id, ifname),
+        deadline=deadline,
+    )
+
+
+def release_stale(
+    transactions: Transactions,
+    ranges: Sequence[AddressRange],
+    valid: Collection[tuple[str, str]],
+    *,
+    deadline: float,
+) -> list[int]:
+    """Free every address whose (containerID, ifname) is not in `valid` (CNI GC)."""
+    return transactions.run(
+        ranges,
+        lambda view: allocator.collect_garbage(view, ranges, valid),
+        deadline=deadline,
+    )
+
+
+def free_counts(
+    transactions: Transactions, ranges: Sequence[AddressRange], *, deadline: float
+) -> list[int]:
+    """Per range, how many addresses it can still give."""
+    return transactions.run(
+        ranges,
+        lambda view: [allocator.count_free(view, r) for r in ranges],
+        deadline=deadline,
+    )

@@ -1,0 +1,135 @@
+"""One configured address range: its bounds and the spans of addresses it may give out.
+
+Addresses are plain ints (128-bit arithmetic for IPv6 comes free with Python ints), so the
+allocator never walks the range address by address.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import netaddr
+
+from ipam.pool import Family, PoolId
+
+
+class RangeError(ValueError):
+    """A range, bound or exclusion that cannot be used; the message names the value."""
+
+
+@dataclass(frozen=True, slots=True)
+class AddressRange:
+    """A range as configured, reduced to the sorted, disjoint spans of usable addresses."""
+
+    text: str  # the CIDR as configured, for messages
+    network: netaddr.IPNetwork  # the normalized CIDR (host bits cleared)
+    spans: tuple[tuple[int, int], ...]  # inclusive [first, last] pairs, ascending
+    pool: PoolId
+
+    @property
+    def family(self) -> Family:
+        return self.pool.family
+
+    @property
+    def prefixlen(self) -> int:
+        return int(self.network.prefixlen)
+
+    @property
+    def first(self) -> int:
+        return self.spans[0][0]
+
+    @property
+    def last(self) -> int:
+        return self.spans[-1][1]
+
+    @property
+    def size(self) -> int:
+        """How many addresses this range can give out."""
+        return sum(hi - lo + 1 for lo, hi in self.spans)
+
+    def count_within(self, first: int, last: int) -> int:
+        """How many addresses of [first, last] this range may give out."""
+        return sum(max(0, min(hi, last) - max(lo, first) + 1) for lo, hi in self.spans)
+
+    def contains(self, address: int) -> bool:
+        """True when `address` is one this range may give out."""
+        i = bisect.bisect_right(self.spans, (address, _MAX_ADDRESS)) - 1
+        return i >= 0 and self.spans[i][0] <= address <= self.spans[i][1]
+
+    def can_give(self, address: netaddr.IPAddress) -> bool:
+        """True when `address` (of either family) is one this range may give out."""
+        return int(address.version) == self.family and self.contains(int(address))
+
+    def format(self, address: int) -> str:
+        """The address in CIDR notation with this range's prefix length."""
+        return f"{netaddr.IPAddress(address, self.family)}/{self.prefixlen}"
+
+
+_MAX_ADDRESS = (1 << 128) - 1
+
+
+def parse_address(text: str) -> netaddr.IPAddress:
+    """An IP address, with an optional /prefix which is ignored."""
+    try:
+        return netaddr.IPAddress(text.split("/", 1)[0].strip())
+    except (netaddr.AddrFormatError, ValueError, TypeError) as exc:
+        raise RangeError(f"{text!r} is not an IP address") from exc
+
+
+def parse_network(text: str) -> netaddr.IPNetwork:
+    """A CIDR, host bits allowed; a bare address is its own /32 or /128."""
+    try:
+        return netaddr.IPNetwork(text.strip())
+    except (netaddr.AddrFormatError, ValueError, TypeError) as exc:
+        raise RangeError(f"{text!r} is not a CIDR") from exc
+
+
+def build_range(
+    text: str,
+    *,
+    range_start: str | None,
+    range_end: str | None,
+    exclude: list[str],
+    pool: PoolId,
+) -> AddressRange:
+    """Parse `range` ("CIDR" or "START-END/PREFIX") with its bounds and exclusions."""
+    start: netaddr.IPAddress | None
+    end: netaddr.IPAddress | None
+    if "-" in text:
+        start_text, end_cidr = text.split("-", 1)
+        network = parse_network(end_cidr)
+        start, end = parse_address(start_text), network.ip
+        if start not in network:
+            raise RangeError(f"{text!r}: start {start} is outside {network.cidr}")
+    else:
+        network = parse_network(text)
+        start = parse_address(range_start) if range_start else None
+        end = parse_address(range_end) if range_end else None
+    network = network.cidr
+    # The network and broadcast addresses are never given, for IPv6 too, so a /31, /32, /127 or
+    # /128 has nothing to give.
+    if network.size <= 2:
+        raise RangeError(f"{text!r}: a /{network.prefixlen} has no usable address")
+    first, last = network.first + 1, network.last - 1
+    # Bounds outside the network are ignored, as in whereabouts.
+    if start is not None and start.version == network.version and start in network:
+        first = max(first, int(start))
+    if end is not None and end.version == network.version and end in network:
+        last = min(last, int(end))
+    if first > last:
+        raise RangeError(f"{text!r}: range_start {start} is after range_end {end}")
+
+    version = network.version
+    usable = netaddr.IPSet(
+        netaddr.IPRange(netaddr.IPAddress(first, version), netaddr.IPAddress(last, version))
+    )
+    for item in exclude:
+        excluded = parse_network(item).cidr
+        if excluded.version != network.version:
+            raise RangeError(f"exclude {item!r} is not of the same IP family as {text!r}")
+        usable.remove(excluded)
+    spans = tuple((int(r.first), int(r.last)) for r in usable.iter_ipranges())
+    if not spans:
+        raise RangeError(f"{text!r}: every address is excluded")
+    return AddressRange(text=text, network=network, spans=spans, pool=pool)

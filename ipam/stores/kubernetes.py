@@ -1,0 +1,287 @@
+"""The Kubernetes datastore: one IPPool custom resource per block, updated on resourceVersion.
+
+Blocks of a pool are found by a label; a create that finds the object already there, or a
+replace on a stale resourceVersion, is a conflict (409), never an overwrite. No Lease or any
+other lock is taken: writers of different pools never touch the same object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import netaddr
+import urllib3
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+from ipam.config import IpamConf
+from ipam.errors import INVALID_CONFIG, CniError, StoreRefusedError, StoreUnavailableError
+from ipam.pool import Block, BlockKey, PoolId
+from ipam.store import WriteOutcome
+from ipam.stores.codec import block_cidr, block_document, block_from_document
+
+GROUP = "pyabouts.io"
+VERSION = "v1alpha1"
+PLURAL = "ippools"
+POOL_LABEL = "pyabouts.io/pool"
+NETWORK_LABEL = "pyabouts.io/network"
+FAMILY_LABEL = "pyabouts.io/family"
+DEFAULT_NAMESPACE = "kube-system"
+LIST_PAGE = 500  # IPPools per list request: each is at most ~30 KiB
+_LABEL_SAFE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+
+
+def pool_label(pool: PoolId) -> str:
+    """A label value naming the pool: a digest, since network names are free text."""
+    text = f"{pool.network}\0{pool.family}\0{pool.scope}"
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def object_name(key: BlockKey) -> str:
+    """e.g. "blue-10.50.0.0-24"; a digest stands in for names that are not DNS-safe."""
+    pool = key.pool
+    if _LABEL_SAFE.match(pool.network) and not pool.scope:
+        prefix = pool.network
+    else:
+        prefix = f"net-{pool_label(pool)[:10]}"
+    address = netaddr.IPAddress(key.base, pool.family)
+    text = str(address) if pool.family == 4 else address.format(netaddr.ipv6_verbose)
+    prefixlen = block_cidr(key).split("/")[1]
+    return f"{prefix}-{text.replace(':', '-')}-{prefixlen}"
+
+
+class KubernetesStore:
+    """PoolStore on IPPool custom resources in one namespace."""
+
+    def __init__(self, api: Any, namespace: str, server: str, timeout: float) -> None:
+        self._api = api
+        self._namespace = namespace
+        self._server = server
+        self._timeout = timeout
+
+    @classmethod
+    def from_config(cls, ipam: IpamConf, *, timeout: float) -> KubernetesStore:
+        """Read the kubeconfig afresh (tokens rotate); its context names the namespace."""
+        path = ipam.kubernetes.kubeconfig
+        if not path:
+            raise CniError(
+                INVALID_CONFIG,
+                "invalid network config: ipam.kubernetes.kubeconfig is required for datastore "
+                "'kubernetes' (inline or in the flat file)",
+            )
+        return cls.from_configuration(*load_kubeconfig(path), timeout=timeout)
+
+    @classmethod
+    def from_configuration(
+        cls, configuration: k8s.Configuration, namespace: str, *, timeout: float
+    ) -> KubernetesStore:
+        api = k8s.CustomObjectsApi(k8s.ApiClient(configuration))
+        return cls(api, namespace, configuration.host, timeout)
+
+    def read_blocks(self, pool: PoolId, first: int, last: int) -> list[Block]:
+        low = BlockKey.of(pool, first).base
+        if BlockKey.of(pool, last).base == low:  # one block (a conflict's re-read): one GET
+            return self._get(BlockKey(pool, low))
+        listed = self._list(label_selector=f"{POOL_LABEL}={pool_label(pool)}")
+        return [b for b in listed if low <= b.key.base <= last]
+
+    def read_all_blocks(self) -> list[Block]:
+        return self._list()
+
+    def _get(self, key: BlockKey) -> list[Block]:
+        try:
+            item = self._call(
+                self._api.get_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self._namespace,
+                PLURAL,
+                object_name(key),
+                absent_ok=True,
+            )
+        except _Absent:
+            return []
+        block = _block_of(item)
+        return [block] if block.key == key else []
+
+    def _list(self, label_selector: str | None = None) -> list[Block]:
+        """The IPPools of the namespace (that match `label_selector`) as blocks, in pages."""
+        blocks = []
+        token = ""
+        while True:
+            listed = self._call(
+                self._api.list_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self._namespace,
+                PLURAL,
+                limit=LIST_PAGE,
+                _continue=token or None,
+                label_selector=label_selector,
+            )
+            blocks += [_block_of(item) for item in listed.get("items", [])]
+            token = listed.get("metadata", {}).get("continue") or ""
+            if not token:
+                return sorted(blocks, key=lambda b: b.key)
+
+    def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
+        # One object at a time (the API has no multi-object transaction); the allocator's
+        # decisions are idempotent, so a retry after a partial write completes it.
+        outcome = WriteOutcome()
+        for block in blocks:
+            revision = self._write(block)
+            if revision is None:
+                outcome.conflicts.append(block.key)
+            else:
+                outcome.revisions[block.key] = revision
+        return outcome
+
+    def close(self) -> None:
+        self._api.api_client.close()
+
+    def _write(self, block: Block) -> str | None:
+        """The new resourceVersion, or None on a conflict."""
+        body = self._object(block)
+        try:
+            if block.revision is None:
+                stored = self._call(
+                    self._api.create_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self._namespace,
+                    PLURAL,
+                    body,
+                )
+            else:
+                stored = self._call(
+                    self._api.replace_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self._namespace,
+                    PLURAL,
+                    body["metadata"]["name"],
+                    body,
+                    replacing=True,
+                )
+        except _Conflict:
+            return None
+        return str(stored["metadata"]["resourceVersion"])
+
+    def _object(self, block: Block) -> dict[str, Any]:
+        document = block_document(block)
+        allocated = len(block.entries)
+        metadata: dict[str, Any] = {
+            "name": object_name(block.key),
+            "namespace": self._namespace,
+            "labels": {
+                POOL_LABEL: pool_label(block.key.pool),
+                FAMILY_LABEL: str(block.key.pool.family),
+                NETWORK_LABEL: _label_value(block.key.pool.network),
+            },
+        }
+        if block.revision is not None:
+            metadata["resourceVersion"] = block.revision
+        return {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "IPPool",
+            "metadata": metadata,
+            "spec": document,
+            "status": {"allocated": allocated, "free": max(0, block.capacity - allocated)},
+        }
+
+    def _call(
+        self,
+        method: Any,
+        *args: Any,
+        replacing: bool = False,
+        absent_ok: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Call the API; with `replacing`, a 404 means the object went away: a conflict; with
+        `absent_ok`, it is _Absent (a block nobody created yet)."""
+        try:
+            return method(*args, _request_timeout=self._timeout, **kwargs)
+        except ApiException as exc:
+            if replacing and exc.status == 404:
+                raise _Conflict from exc
+            if absent_ok and exc.status == 404:
+                raise _Absent from exc
+            raise self._api_error(exc) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise StoreUnavailableError(
+                f"Kubernetes API at {self._server} is unreachable: {type(exc).__name__}"
+            ) from exc
+
+    def _api_error(self, exc: ApiException) -> Exception:
+        status = exc.status or 0
+        where = f"Kubernetes API at {self._server}"
+        if status == 409:
+            return _Conflict()  # already created, or a stale resourceVersion
+        if status == 404:
+            return StoreRefusedError(
+                f"{where}: not found ({_reason(exc)}): is the IPPool CRD installed "
+                f"(kubectl apply -k deploy/), and does namespace {self._namespace} exist?"
+            )
+        if status == 401:
+            return StoreRefusedError(f"{where}: Unauthorized: the kubeconfig's credentials")
+        if status == 403:
+            return StoreRefusedError(f"{where}: Forbidden: {_reason(exc)}")
+        if status == 429 or status >= 500:
+            return StoreUnavailableError(f"{where} answered {status}: {_reason(exc)}")
+        return StoreRefusedError(f"{where} refused the request ({status}): {_reason(exc)}")
+
+
+def load_kubeconfig(path: str) -> tuple[k8s.Configuration, str]:
+    """The client configuration of kubeconfig `path`, and its context's namespace."""
+    configuration = k8s.Configuration()
+    try:
+        k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=path, client_configuration=configuration
+        )
+        _, active = k8s_config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
+            config_file=path
+        )
+    except (ConfigException, OSError, ValueError, TypeError, KeyError) as exc:
+        raise CniError(INVALID_CONFIG, f"kubeconfig {path}: {exc}") from exc
+    configuration.retries = 0  # run_transaction retries, under its deadline
+    namespace = (active or {}).get("context", {}).get("namespace") or DEFAULT_NAMESPACE
+    return configuration, namespace
+
+
+def _block_of(item: dict[str, Any]) -> Block:
+    spec = item.get("spec", {})
+    network = netaddr.IPNetwork(spec["cidr"])
+    pool = PoolId(
+        network=str(spec.get("network", "")),
+        family=4 if network.version == 4 else 6,
+        scope=str(spec.get("scope", "")),
+    )
+    key = BlockKey(pool, int(network.first))
+    return block_from_document(key, spec, str(item["metadata"]["resourceVersion"]))
+
+
+class _Conflict(Exception):  # noqa: N818 - an outcome, not an error
+    """The object changed since it was read."""
+
+
+class _Absent(Exception):  # noqa: N818 - an outcome, not an error
+    """The object does not exist."""
+
+
+def _reason(exc: ApiException) -> str:
+    import json  # noqa: PLC0415 - only on the error path
+
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except ValueError:
+        return str(exc.reason)
+
+
+def _label_value(text: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "-", text)[:63].strip("-_.")
+    return cleaned

@@ -1,0 +1,156 @@
+"""Optimistic concurrency: read, decide, write back if unchanged; on conflict, do it again.
+
+No lock is taken anywhere. Writers of different pools never touch the same stored object, and
+writers of one pool retry with jittered exponential backoff until a deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from ipam.errors import StoreUnavailableError
+from ipam.pool import Block, BlockKey, PoolId, PoolView
+from ipam.ranges import AddressRange
+from ipam.store import PoolStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+BACKOFF_FIRST = 0.005  # seconds; doubles per conflict up to BACKOFF_MAX, with full jitter
+BACKOFF_MAX = 0.4
+OUTAGE_GRACE = 15.0  # seconds a store may stay unreachable (an apiserver restart takes ~5)
+
+
+class Transactions(Protocol):
+    """Runs decisions as optimistic transactions: one at a time (DirectTransactions) or several
+    in one write (ipam.coalescing.CoalescingTransactions, in the node agent)."""
+
+    def run(
+        self,
+        ranges: Sequence[AddressRange],
+        decide: Callable[[PoolView], T],
+        *,
+        deadline: float,
+    ) -> T: ...
+
+
+class DirectTransactions:
+    """Each decision in a transaction of its own, on `store`."""
+
+    def __init__(self, store: PoolStore) -> None:
+        self.store = store
+
+    def run(
+        self,
+        ranges: Sequence[AddressRange],
+        decide: Callable[[PoolView], T],
+        *,
+        deadline: float,
+    ) -> T:
+        return run_transaction(self.store, ranges, decide, deadline=deadline)
+
+
+def run_transaction(
+    store: PoolStore,
+    ranges: Sequence[AddressRange],
+    decide: Callable[[PoolView], T],
+    *,
+    deadline: float,
+) -> T:
+    """Let `decide` change a fresh view of `ranges`, and store what it changed, until it sticks.
+
+    `decide` may raise (a CniError, say); then nothing is written. It must be idempotent over
+    stored state: it runs again after a conflict, on state that may include its earlier work.
+    `deadline` is a time.monotonic() value; when it passes, StoreUnavailableError (try again
+    later). An unreachable store is retried for OUTAGE_GRACE at most, within the deadline.
+    """
+    return run_span_transaction(
+        store,
+        [Span(rng.pool, rng.first, rng.last) for rng in ranges],
+        decide,
+        deadline=deadline,
+        before_write=lambda changed: describe_blocks(changed, ranges),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """The addresses [first, last] of one pool: what a transaction reads."""
+
+    pool: PoolId
+    first: int
+    last: int
+
+
+def run_span_transaction(
+    store: PoolStore,
+    spans: Sequence[Span],
+    decide: Callable[[PoolView], T],
+    *,
+    deadline: float,
+    before_write: Callable[[list[Block]], None] | None = None,
+) -> T:
+    """run_transaction over the blocks of `spans`; `before_write` may annotate changed blocks."""
+    attempt = 0
+    outage_since: float | None = None
+    while True:
+        try:
+            view = PoolView(_read(store, spans))
+            result = decide(view)
+            changed = view.changed_blocks()
+            if not changed:
+                return result
+            if before_write is not None:
+                before_write(changed)
+            conflicts = store.write_blocks(changed).conflicts
+        except StoreUnavailableError as exc:
+            # A timed-out or refused connection: the write may or may not have happened, and
+            # deciding again on a fresh read is right either way.
+            attempt += 1
+            outage_since = outage_since or time.monotonic()
+            _back_off(attempt, min(deadline, outage_since + OUTAGE_GRACE), exc, "store unavailable")
+            continue
+        outage_since = None
+        if not conflicts:
+            return result
+        attempt += 1
+        details = ", ".join(f"{k.pool.network or '-'}@{k.base}" for k in conflicts)
+        busy = StoreUnavailableError(
+            f"gave up after {attempt} conflicting writes: the pool is too busy, try again",
+            details=details,
+        )
+        _back_off(attempt, deadline, busy, f"conflict on {len(conflicts)} block(s)")
+
+
+def _back_off(attempt: int, deadline: float, error: StoreUnavailableError, why: str) -> None:
+    """Sleep before the next attempt, or raise `error` when the deadline would pass first."""
+    delay = random.uniform(0, min(BACKOFF_MAX, BACKOFF_FIRST * 2**attempt))
+    if deadline - time.monotonic() <= delay:
+        raise error
+    log.info("%s, retry %d in %.0f ms", why, attempt, delay * 1e3)
+    time.sleep(delay)
+
+
+def describe_blocks(blocks: Sequence[Block], ranges: Sequence[AddressRange]) -> None:
+    """Record on each block the range that writes it and how much of the block it may give."""
+    for block in blocks:
+        counts = [
+            (rng.count_within(block.key.base, block.last), rng.text)
+            for rng in ranges
+            if rng.pool == block.key.pool
+        ]
+        block.capacity, block.range_text = max(counts, default=(block.capacity, block.range_text))
+
+
+def _read(store: PoolStore, spans: Sequence[Span]) -> list[Block]:
+    blocks: dict[BlockKey, Block] = {}
+    for span in spans:
+        for block in store.read_blocks(span.pool, span.first, span.last):
+            blocks[block.key] = block
+    return list(blocks.values())
