@@ -1,0 +1,126 @@
+"""The node agent's Backend: warm store clients, a pool cache, and coalesced writes.
+
+One store client per distinct datastore configuration, kept between requests: the cost a plugin
+process pays on every call (imports, TLS, kubeconfig, the first read of the pool) is paid once.
+Every write is still a compare-and-swap on the datastore, so the cache can make a write
+conflict, never succeed wrongly; other nodes' agents and in-process plugins stay safe to mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from ipam.coalescing import CoalescingTransactions
+from ipam.config import IpamConf
+from ipam.pool import Block, PoolId
+from ipam.store import PoolStore, WriteOutcome
+from ipam.stores import open_store
+from ipam.stores.cached import CachedStore
+from plugin.agent_metrics import AgentMetrics
+from plugin.backend import REQUEST_TIMEOUT_SECONDS
+
+log = logging.getLogger(__name__)
+
+# The IpamConf fields that say which store to talk to and how: one client per distinct value.
+STORE_FIELDS = frozenset(
+    {
+        "datastore",
+        "etcd_host",
+        "etcd_username",
+        "etcd_password",
+        "etcd_key_file",
+        "etcd_cert_file",
+        "etcd_ca_cert_file",
+        "kubernetes",
+    }
+)
+CLIENT_MAX_AGE_SECONDS = 600.0  # then a fresh client: kubeconfig tokens and certificates rotate
+# A pool read longer ago than this is read whole again (see CachedStore): a pod re-created on
+# another node, or served in-process while this agent was unreachable, is seen within it.
+POOL_MAX_AGE_SECONDS = 2.0
+
+
+class MeteredStore:
+    """Counts writes and conflicts of the store under it, for the agent's metrics."""
+
+    def __init__(self, backing: PoolStore, metrics: AgentMetrics) -> None:
+        self._backing = backing
+        self._metrics = metrics
+
+    def read_blocks(self, pool: PoolId, first: int, last: int) -> list[Block]:
+        self._metrics.store_reads.inc()
+        return self._backing.read_blocks(pool, first, last)
+
+    def read_all_blocks(self) -> list[Block]:
+        return self._backing.read_all_blocks()
+
+    def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
+        self._metrics.store_writes.inc()
+        outcome = self._backing.write_blocks(blocks)
+        self._metrics.conflicts.inc(len(outcome.conflicts))
+        return outcome
+
+    def close(self) -> None:
+        self._backing.close()
+
+
+@dataclass
+class _Client:
+    cache: CachedStore
+    transactions: CoalescingTransactions
+    opened: float = field(default_factory=time.monotonic)
+
+
+class WarmBackend:
+    configures_logging = False  # the agent's own logging, not each request's log_file
+
+    def __init__(self, metrics: AgentMetrics, node: str) -> None:
+        self.node = node
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._clients: dict[str, _Client] = {}
+        self._retired: list[_Client] = []  # replaced clients, closed at the next replacement
+
+    @contextlib.contextmanager
+    def transactions(
+        self, ipam: IpamConf, pools: Sequence[PoolId], *, writes_by: float | None
+    ) -> Iterator[CoalescingTransactions]:
+        yield self._client(ipam).transactions
+
+    def cached_blocks(self) -> list[Block]:
+        with self._lock:
+            clients = list(self._clients.values())
+        return [b for client in clients for b in client.cache.cached_blocks()]
+
+    def close(self) -> None:
+        with self._lock:
+            clients = [*self._clients.values(), *self._retired]
+            self._clients.clear()
+            self._retired.clear()
+        for client in clients:
+            client.cache.close()
+
+    def _client(self, ipam: IpamConf) -> _Client:
+        key = ipam.model_dump_json(include=set(STORE_FIELDS))
+        with self._lock:
+            client = self._clients.get(key)
+            if client is not None and time.monotonic() - client.opened < CLIENT_MAX_AGE_SECONDS:
+                return client
+            stale, self._retired = self._retired, [client] if client else []
+            # Opening is cheap and lazy (no connection yet); under the lock, so one per key.
+            store = open_store(ipam, timeout=REQUEST_TIMEOUT_SECONDS)
+            cache = CachedStore(MeteredStore(store, self._metrics), max_age=POOL_MAX_AGE_SECONDS)
+            transactions = CoalescingTransactions(
+                cache, self._metrics.batch_size.observe, forget=cache.forget
+            )
+            client = _Client(cache, transactions)
+            self._clients[key] = client
+        for old in stale:
+            old.cache.close()
+        log.info("store client for %s opened", ipam.datastore)
+        return client

@@ -1,0 +1,49 @@
+"""The node agent's Prometheus metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from controller.endpoints import pool_usage_gauge
+
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class AgentMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "pyabouts_agent_requests",
+            "CNI requests served, by command and result ('ok' or the CNI error code).",
+            ["command", "result"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "pyabouts_agent_request_seconds",
+            "Time from a request's arrival to its answer, by command.",
+            ["command"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "pyabouts_agent_requests_in_flight", "Requests being served.", registry=self.registry
+        )
+        self.batch_size = Histogram(
+            "pyabouts_agent_batch_size",
+            "Decisions stored together in one optimistic write.",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.store_writes = Counter(
+            "pyabouts_agent_store_writes", "Optimistic writes sent.", registry=self.registry
+        )
+        self.store_reads = Counter(
+            "pyabouts_agent_store_reads", "Pool reads sent (cache misses).", registry=self.registry
+        )
+        self.conflicts = Counter(
+            "pyabouts_agent_conflicts",
+            "Blocks a write found changed by somebody else (then read afresh and decided again).",
+            registry=self.registry,
+        )
+        self.pool_addresses = pool_usage_gauge(self.registry)

@@ -1,0 +1,101 @@
+"""Where commands get their transactions: a store opened for one call (the plugin process), or
+the node agent's warm, coalescing ones (plugin.agent_backend)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    from ipam.config import IpamConf
+    from ipam.pool import PoolId, PoolView
+    from ipam.ranges import AddressRange
+    from ipam.transaction import Transactions
+
+T = TypeVar("T")
+
+REQUEST_TIMEOUT_SECONDS = 5.0  # for one request to the datastore
+
+
+class Backend(Protocol):
+    #: Whether a request's log_file and log_level configure the process's logging (a plugin
+    #: process serves one request; the agent keeps its own logging).
+    configures_logging: bool
+    #: The node this backend serves, to spread nodes over a range's blocks; "" for the plugin
+    #: process, which gives the lowest free address as whereabouts does.
+    node: str
+
+    def transactions(
+        self, ipam: IpamConf, pools: Sequence[PoolId], *, writes_by: float | None
+    ) -> AbstractContextManager[Transactions]:
+        """Transactions on the store `ipam` names, for a command over `pools`; `writes_by` (a
+        deadline) when the command may write them."""
+        ...
+
+
+class OneShotBackend:
+    """A store per call, closed after it; writers of a pool on this node take turns.
+
+    `agent_unreachable` says why the thin plugin serves in-process (no agent answered): then a
+    config with `agent_fallback: fail` gets code 11 instead, before any I/O.
+    """
+
+    configures_logging = True
+    node = ""
+
+    def __init__(self, agent_unreachable: str | None = None) -> None:
+        self.agent_unreachable = agent_unreachable
+
+    @contextlib.contextmanager
+    def transactions(
+        self, ipam: IpamConf, pools: Sequence[PoolId], *, writes_by: float | None
+    ) -> Iterator[Transactions]:
+        if self.agent_unreachable and ipam.agent_fallback == "fail":
+            from ipam.errors import TRY_AGAIN_LATER, CniError  # noqa: PLC0415
+
+            reason = f"{self.agent_unreachable}, and ipam.agent_fallback is 'fail'"
+            raise CniError(TRY_AGAIN_LATER, reason)
+        with contextlib.ExitStack() as stack:
+            yield _FirstUseTransactions(ipam, pools, writes_by, stack)
+
+
+class _FirstUseTransactions:
+    """Opens the store (and waits for this node's turn) on the first transaction, so a command
+    that refuses its input first does no I/O at all."""
+
+    def __init__(
+        self,
+        ipam: IpamConf,
+        pools: Sequence[PoolId],
+        writes_by: float | None,
+        stack: contextlib.ExitStack,
+    ) -> None:
+        self._ipam, self._pools, self._writes_by, self._stack = ipam, pools, writes_by, stack
+        self._opened: Transactions | None = None
+
+    def run(
+        self,
+        ranges: Sequence[AddressRange],
+        decide: Callable[[PoolView], T],
+        *,
+        deadline: float,
+    ) -> T:
+        if self._opened is None:
+            self._opened = self._open()
+        return self._opened.run(ranges, decide, deadline=deadline)
+
+    def _open(self) -> Transactions:
+        from ipam.stores import open_store  # noqa: PLC0415 - heavy store clients, load on use
+        from ipam.transaction import DirectTransactions  # noqa: PLC0415
+        from plugin.node_queue import node_queue  # noqa: PLC0415
+
+        store = open_store(self._ipam, timeout=REQUEST_TIMEOUT_SECONDS)
+        self._stack.callback(store.close)
+        if self._writes_by is not None:
+            self._stack.enter_context(
+                node_queue(self._ipam.run_dir, self._pools, deadline=self._writes_by)
+            )
+        return DirectTransactions(store)

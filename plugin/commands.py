@@ -1,0 +1,184 @@
+"""ADD, DEL, CHECK, GC and STATUS: config -> ipam operation -> CNI result."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import netaddr
+
+from ipam import operations
+from ipam.config import PluginConfig, load_config, requested_addresses
+from ipam.errors import INVALID_CONFIG, NOT_AVAILABLE, UNKNOWN_CONTAINER, CniError
+from ipam.pool import Owner
+from ipam.ranges import RangeError, parse_address
+from ipam.transaction import Transactions
+from plugin.backend import Backend
+from plugin.cni import IpConfig, render_result, require_env
+from plugin.logs import configure_logging
+
+log = logging.getLogger(__name__)
+
+DEADLINE_SECONDS = 60.0  # the whole command, retries included (kubelet waits 2 min); then 11
+VALID_ATTACHMENTS = "cni.dev/valid-attachments"
+
+
+def run_command(
+    command: str,
+    env: Mapping[str, str],
+    cni_args: Mapping[str, str],
+    raw: dict[str, Any],
+    backend: Backend,
+) -> dict[str, Any] | None:
+    """Serve one CNI command; the result to print, or None when the command prints nothing."""
+    config = load_config(raw)
+    if backend.configures_logging:
+        configure_logging(config.ipam.log_file, config.ipam.log_level)
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    pools = [rng.pool for rng in config.ranges]
+    writes_by = None if command in ("CHECK", "STATUS") else deadline
+    with backend.transactions(config.ipam, pools, writes_by=writes_by) as transactions:
+        if command == "ADD":
+            return _add(transactions, config, env, cni_args, deadline, node=backend.node)
+        if command == "DEL":
+            _delete(transactions, config, env, deadline)
+        elif command == "CHECK":
+            _check(transactions, config, env, raw, deadline)
+        elif command == "GC":
+            _collect_garbage(transactions, config, raw, deadline)
+        elif command == "STATUS":
+            _status(transactions, config, deadline)
+    return None
+
+
+def _add(
+    transactions: Transactions,
+    config: PluginConfig,
+    env: Mapping[str, str],
+    cni_args: Mapping[str, str],
+    deadline: float,
+    *,
+    node: str,
+) -> dict[str, Any]:
+    container_id, ifname = require_env(env, "CNI_CONTAINERID", "CNI_IFNAME")
+    requested = requested_addresses(config.netconf, cni_args.get("IP"))
+    pod = ""
+    if cni_args.get("K8S_POD_NAME"):
+        pod = f"{cni_args.get('K8S_POD_NAMESPACE', '')}/{cni_args['K8S_POD_NAME']}"
+    owner = Owner(
+        container_id=container_id, ifname=ifname, pod=pod, pod_uid=cni_args.get("K8S_POD_UID", "")
+    )
+    addresses = operations.allocate(
+        transactions, config.ranges, owner, requested, deadline=deadline, node=node
+    )
+    ipam = config.ipam
+    gateway = parse_address(ipam.gateway) if ipam.gateway else None
+    ips = [
+        IpConfig(
+            address=rng.format(address),
+            family=rng.family,
+            gateway=str(gateway) if gateway and gateway.version == rng.family else None,
+        )
+        for rng, address in zip(config.ranges, addresses, strict=True)
+    ]
+    ips += [
+        IpConfig(address=a.address, family=parse_address(a.address).version, gateway=a.gateway)
+        for a in ipam.addresses
+    ]
+    log.info("ADD %s %s (%s): %s", container_id, ifname, pod, ", ".join(i.address for i in ips))
+    return render_result(
+        config.netconf.cni_version,
+        ips,
+        routes=[r.model_dump(exclude_none=True) for r in ipam.routes],
+        dns=ipam.dns.model_dump(exclude_defaults=True) if ipam.dns else None,
+    )
+
+
+def _delete(
+    transactions: Transactions, config: PluginConfig, env: Mapping[str, str], deadline: float
+) -> None:
+    container_id, ifname = require_env(env, "CNI_CONTAINERID", "CNI_IFNAME")
+    freed = operations.release(transactions, config.ranges, container_id, ifname, deadline=deadline)
+    log.info("DEL %s %s: freed %d address(es)", container_id, ifname, len(freed))
+
+
+def _check(
+    transactions: Transactions,
+    config: PluginConfig,
+    env: Mapping[str, str],
+    raw: dict[str, Any],
+    deadline: float,
+) -> None:
+    container_id, ifname = require_env(env, "CNI_CONTAINERID", "CNI_IFNAME")
+    held = operations.held_addresses(
+        transactions, config.ranges, container_id, ifname, deadline=deadline
+    )
+    for rng, addresses in zip(config.ranges, held, strict=True):
+        if not addresses:
+            raise CniError(
+                UNKNOWN_CONTAINER,
+                f"no address of range {rng.text} is allocated to container {container_id} "
+                f"interface {ifname}",
+            )
+    mine = {
+        (rng.family, a)
+        for rng, addresses in zip(config.ranges, held, strict=True)
+        for a in addresses
+    }
+    for address in _previous_addresses(raw):
+        in_ranges = any(rng.can_give(address) for rng in config.ranges)
+        if in_ranges and (address.version, int(address)) not in mine:
+            raise CniError(
+                UNKNOWN_CONTAINER,
+                f"address {address} from prevResult is not allocated to container "
+                f"{container_id} interface {ifname}",
+            )
+
+
+def _collect_garbage(
+    transactions: Transactions, config: PluginConfig, raw: dict[str, Any], deadline: float
+) -> None:
+    valid = _valid_attachments(raw)
+    freed = operations.release_stale(transactions, config.ranges, valid, deadline=deadline)
+    log.info("GC: freed %d address(es) of attachments no longer valid", len(freed))
+
+
+def _status(transactions: Transactions, config: PluginConfig, deadline: float) -> None:
+    free = operations.free_counts(transactions, config.ranges, deadline=deadline)
+    exhausted = [rng.text for rng, count in zip(config.ranges, free, strict=True) if count == 0]
+    if exhausted:
+        raise CniError(
+            NOT_AVAILABLE, f"cannot serve ADD: range(s) {', '.join(exhausted)} exhausted"
+        )
+
+
+def _valid_attachments(raw: dict[str, Any]) -> set[tuple[str, str]]:
+    items = raw.get(VALID_ATTACHMENTS, [])
+    if not isinstance(items, list) or not all(
+        isinstance(i, dict)
+        and isinstance(i.get("containerID"), str)
+        and isinstance(i.get("ifname"), str)
+        for i in items
+    ):
+        raise CniError(
+            INVALID_CONFIG,
+            f"invalid network config: {VALID_ATTACHMENTS} must be a list of "
+            "{containerID, ifname} objects",
+        )
+    return {(i["containerID"], i["ifname"]) for i in items}
+
+
+def _previous_addresses(raw: dict[str, Any]) -> list[netaddr.IPAddress]:
+    prev = raw.get("prevResult")
+    ips = prev.get("ips", []) if isinstance(prev, dict) else []
+    found = []
+    for entry in ips if isinstance(ips, list) else []:
+        address = entry.get("address") if isinstance(entry, dict) else None
+        if isinstance(address, str):
+            try:
+                found.append(parse_address(address))
+            except RangeError as exc:
+                raise CniError(INVALID_CONFIG, f"prevResult: {exc}") from exc
+    return found

@@ -1,0 +1,77 @@
+"""The one function that serves a CNI request: environment and stdin in, exit code and stdout out.
+
+The executable (plugin.main) is a thin wrapper around it, and so can other transports be. It
+never raises: every failure becomes CNI error JSON. Heavy modules (pydantic, netaddr, store
+clients) are imported only by commands that use them, so VERSION and early errors stay cheap.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ipam.errors import INTERNAL_ERROR, INVALID_ENVIRONMENT, CniError
+from plugin.cni import (
+    COMMAND_SINCE,
+    LATEST_VERSION,
+    check_version,
+    decode_netconf,
+    parse_cni_args,
+    render_error,
+    render_version,
+)
+
+if TYPE_CHECKING:
+    from plugin.backend import Backend
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    exit_code: int
+    stdout: bytes
+
+
+def handle_request(env: Mapping[str, str], stdin: bytes, backend: Backend | None = None) -> Reply:
+    """Serve one request; `backend` gives the commands their stores (default: one per call)."""
+    command = env.get("CNI_COMMAND", "")
+    version = LATEST_VERSION
+    try:
+        if command == "VERSION":
+            return _success(render_version())
+        if command not in COMMAND_SINCE:
+            raise CniError(
+                INVALID_ENVIRONMENT,
+                f"CNI_COMMAND={command!r} is not one of ADD, DEL, CHECK, GC, STATUS, VERSION",
+            )
+        raw = decode_netconf(stdin)
+        given = raw.get("cniVersion")
+        version = given if isinstance(given, str) and given else version
+        check_version(command, version)
+        cni_args = parse_cni_args(env.get("CNI_ARGS", ""))
+
+        from plugin.backend import OneShotBackend  # noqa: PLC0415 - heavy imports, load on use
+        from plugin.commands import run_command  # noqa: PLC0415
+
+        return _success(run_command(command, env, cni_args, raw, backend or OneShotBackend()))
+    except CniError as error:
+        return _failure(version, error)
+    except Exception as exc:  # a bug: still CNI error JSON, never a traceback on stdout
+        _log_bug(exc)
+        bug = CniError(INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}")
+        return _failure(version, bug)
+
+
+def _success(result: dict[str, Any] | None) -> Reply:
+    return Reply(0, json.dumps(result).encode() if result is not None else b"")
+
+
+def _failure(version: str, error: CniError) -> Reply:
+    return Reply(1, json.dumps(render_error(version, error)).encode())
+
+
+def _log_bug(exc: Exception) -> None:
+    import logging  # noqa: PLC0415 - only on the unexpected path
+
+    logging.getLogger("pyabouts").error("unexpected error", exc_info=exc)

@@ -1,0 +1,98 @@
+"""The thin `pyabouts` plugin: hand the CNI request to the node agent, print its answer.
+
+This file is also the installed executable: plugin.install copies its source behind a
+`#!python3 -IS` line, setting AGENT_SOCKET and FALLBACK_PATH. So it imports nothing but `_socket`,
+`os` and `sys` on the hot path (any host python3 can run it, and interpreter start stays near
+the bare 7 ms), and nothing of the package until the agent is missing.
+
+Wire format, both ways over one unix-socket connection, each side closing its write end when
+done: the request is MAGIC, then the CNI_* environment as NUL-terminated KEY=VALUE entries, an
+empty entry, and the config bytes; the reply is the exit code in ASCII digits, a NUL, and the
+bytes to print. A reply without its NUL means the agent died mid-request: CNI code 11, never a
+guess at success.
+"""
+
+from __future__ import annotations
+
+import _socket
+import os
+import sys
+
+TYPE_CHECKING = False  # typing costs 12 ms of import: its names are for the type checker only
+if TYPE_CHECKING:
+    from typing import NoReturn
+
+AGENT_SOCKET = "/run/pyabouts/agent.sock"
+FALLBACK_PATH: list[str] = []
+VERSION_REPLY = b""  # plugin.cni.render_version(), set by the installer: VERSION needs no agent
+MAGIC = b"pyabouts/1\n"
+REPLY_TIMEOUT = 90.0  # seconds; the agent answers within its 60 s command deadline
+TRY_AGAIN_LATER = 11
+
+
+def main() -> None:
+    if VERSION_REPLY and os.environ.get("CNI_COMMAND") == "VERSION":
+        sys.stdout.buffer.write(VERSION_REPLY)
+        sys.stdout.buffer.flush()
+        return
+    socket_path = os.environ.get("PYABOUTS_AGENT_SOCKET") or AGENT_SOCKET
+    stdin = sys.stdin.buffer.read()
+    environ = os.environb
+    request = [MAGIC]
+    request += [k + b"=" + v + b"\0" for k, v in environ.items() if k.startswith(b"CNI_")]
+    request += [b"\0", stdin]
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.connect(socket_path)
+    except OSError as exc:
+        sock.close()
+        _serve_without_agent(socket_path, exc, stdin)
+    chunks = []
+    try:
+        sock.settimeout(REPLY_TIMEOUT)
+        sock.sendall(b"".join(request))
+        sock.shutdown(_socket.SHUT_WR)
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except OSError:
+        pass  # reset or timed out: judged by what arrived
+    finally:
+        sock.close()
+    code, nul, out = b"".join(chunks).partition(b"\0")
+    if not nul or not code.isdigit():
+        _fail(stdin, f"the pyabouts agent at {socket_path} ended the connection before answering")
+    sys.stdout.buffer.write(out)
+    sys.stdout.buffer.flush()
+    sys.exit(int(code))
+
+
+def _serve_without_agent(socket_path: str, why: OSError, stdin: bytes) -> NoReturn:
+    """No agent answers: serve in this process (config `agent_fallback`, default in-process)."""
+    sys.path[:0] = FALLBACK_PATH
+    try:
+        from plugin.backend import OneShotBackend  # noqa: PLC0415 - only without an agent
+        from plugin.handler import handle_request  # noqa: PLC0415
+    except ImportError as exc:
+        _fail(stdin, f"no pyabouts agent at {socket_path} ({why}), and no pyabouts here ({exc})")
+    reason = f"no pyabouts agent at {socket_path} ({why.strerror or why})"
+    reply = handle_request(os.environ, stdin, OneShotBackend(agent_unreachable=reason))
+    sys.stdout.buffer.write(reply.stdout)
+    sys.stdout.buffer.flush()
+    sys.exit(reply.exit_code)
+
+
+def _fail(stdin: bytes, message: str) -> NoReturn:
+    import json  # noqa: PLC0415 - the error path only
+
+    try:
+        version = json.loads(stdin).get("cniVersion") or "1.0.0"
+    except (ValueError, AttributeError):
+        version = "1.0.0"
+    error = {"cniVersion": version, "code": TRY_AGAIN_LATER, "msg": message}
+    sys.stdout.write(json.dumps(error))
+    sys.stdout.flush()
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
