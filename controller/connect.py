@@ -1,0 +1,77 @@
+"""What the reconciler talks to: the datastore the nodes use, and the Kubernetes API for pods.
+
+Its settings are the nodes' flat file (datastore, etcd_*, kubernetes.kubeconfig), so one file
+configures the plugin and the reconciler alike. Without a kubeconfig it uses the in-cluster
+service account, as a CronJob or Deployment does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.config.config_exception import ConfigException
+from pydantic import ValidationError
+
+from ipam.config import IpamConf, describe_validation_error, read_flat_file
+from ipam.errors import INVALID_CONFIG, CniError
+from ipam.store import PoolStore
+from ipam.stores import open_store
+from ipam.stores.kubernetes import DEFAULT_NAMESPACE, KubernetesStore, load_kubeconfig
+
+IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+STORE_TIMEOUT = 30.0  # seconds for one datastore request
+
+
+@dataclass(frozen=True, slots=True)
+class Connections:
+    store: PoolStore
+    api_client: k8s.ApiClient  # for pods (and the leader Lease)
+    namespace: str  # where the IPPools (and the Lease) live
+
+    def close(self) -> None:
+        self.store.close()
+        self.api_client.close()  # type: ignore[no-untyped-call]
+
+
+def read_settings(config_path: str | None) -> IpamConf:
+    """The flat file's keys as an IpamConf; defaults (IPPools, in-cluster) when there is none."""
+    path, flat = read_flat_file(config_path)
+    if config_path and path != config_path:
+        raise CniError(INVALID_CONFIG, f"config {config_path}: no such file")
+    try:
+        return IpamConf.model_validate({**flat, "type": "pyabouts"})
+    except ValidationError as exc:
+        raise CniError(INVALID_CONFIG, describe_validation_error(exc)) from exc
+
+
+def connect(settings: IpamConf, kubeconfig: str | None = None) -> Connections:
+    """The store and API client `settings` name; `kubeconfig` overrides the flat file's."""
+    path = kubeconfig or settings.kubernetes.kubeconfig
+    if path:
+        configuration, namespace = load_kubeconfig(path)
+    else:
+        configuration, namespace = _in_cluster()
+    configuration.retries = 3  # the reconciler is no hot path: let urllib3 ride out a blip
+    if settings.datastore == "etcd":
+        store = open_store(settings, timeout=STORE_TIMEOUT)
+    else:
+        store = KubernetesStore.from_configuration(configuration, namespace, timeout=STORE_TIMEOUT)
+    return Connections(store, k8s.ApiClient(configuration), namespace)
+
+
+def _in_cluster() -> tuple[k8s.Configuration, str]:
+    configuration = k8s.Configuration()
+    try:
+        k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    except ConfigException as exc:
+        raise CniError(
+            INVALID_CONFIG, f"no kubeconfig given and not running in a cluster: {exc}"
+        ) from exc
+    try:
+        namespace = IN_CLUSTER_NAMESPACE.read_text().strip()
+    except OSError:
+        namespace = DEFAULT_NAMESPACE
+    return configuration, namespace

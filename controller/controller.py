@@ -1,0 +1,166 @@
+"""The reconciler as a controller: reacts to pod deletions within seconds, with full passes as the
+backstop, under a leader Lease so that several replicas are safe.
+
+The pod watch runs in its own thread and feeds a queue. The control loop takes what the watch
+says: a deleted (or finished, or lost) pod gets a targeted pass over that pod's allocations;
+a relisting (after "410 Gone") or the resync timer gets a full pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+
+import urllib3
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+from kubernetes.leaderelection import electionconfig, leaderelection
+from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
+
+from controller.connect import Connections
+from controller.endpoints import Health, serve_endpoints
+from controller.leaks import PodState, Policy
+from controller.metrics import ReconcilerMetrics
+from controller.pods import PodReader
+from controller.reconciler import reconcile
+from controller.watching import PodEvent, PodWatch, Relisted
+from ipam.errors import CniError
+
+log = logging.getLogger(__name__)
+
+SETTLE_SECONDS = 0.3  # gather a burst of deletions into one targeted pass
+
+
+class Controller:
+    def __init__(self, connections: Connections, policy: Policy, *, resync: float) -> None:
+        self._store = connections.store
+        self._reader = PodReader(connections.api_client)
+        self._watch = PodWatch(connections.api_client, self._reader)
+        self._policy = policy
+        self._resync = resync
+        self._events: queue.Queue[PodEvent | Relisted] = queue.Queue()
+        self.metrics = ReconcilerMetrics()
+        self.health = Health(stale_after=max(60.0, 3 * resync))
+        self.stop = threading.Event()
+        self.leading = threading.Event()
+
+    def run(self) -> None:
+        """Watch and reconcile until `stop` is set."""
+        threading.Thread(target=self._feed, name="pod-watch", daemon=True).start()
+        # The watch starts with a listing (Relisted), which brings the first full pass.
+        next_full = time.monotonic() + self._resync
+        while not self.stop.is_set():
+            self.health.beat()
+            try:
+                event = self._events.get(timeout=max(0.1, min(5.0, next_full - time.monotonic())))
+            except queue.Empty:
+                event = None
+            if isinstance(event, Relisted) or time.monotonic() >= next_full:
+                self._pass("full", None)
+                next_full = time.monotonic() + self._resync
+                self.health.beat(ready=True)
+                continue
+            if event is not None and _may_have_leaked(event):
+                self._pass("targeted", self._gather({event.pod.ref}))
+
+    def _feed(self) -> None:
+        try:
+            for event in self._watch.events(self.stop):
+                self._events.put(event)
+        except Exception:  # a bug: stop, so that the process exits and is restarted
+            log.exception("pod watch failed")
+            self.stop.set()
+
+    def _gather(self, refs: set[str]) -> set[str]:
+        """`refs` and the pods of any other deletion that comes within SETTLE_SECONDS."""
+        until = time.monotonic() + SETTLE_SECONDS
+        while (left := until - time.monotonic()) > 0:
+            try:
+                event = self._events.get(timeout=left)
+            except queue.Empty:
+                break
+            if isinstance(event, Relisted):
+                self._events.put(event)  # a full pass follows, which covers these too
+                break
+            if _may_have_leaked(event):
+                refs.add(event.pod.ref)
+        return refs
+
+    def _pass(self, kind: str, refs: set[str] | None) -> None:
+        try:
+            if refs is None:
+                summary = reconcile(self._store, lambda: self._reader.list_all().pods, self._policy)
+            else:
+                summary = reconcile(
+                    self._store, lambda: self._read_pods(refs), self._policy, only_pods=refs
+                )
+        except (CniError, ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            log.error("%s pass failed: %s", kind, exc)
+            self.metrics.errors.inc()
+            return
+        self.metrics.record_pass(kind, summary)
+
+    def _read_pods(self, refs: set[str]) -> dict[str, PodState]:
+        """The pods named `refs` that exist now (read after the store's snapshot)."""
+        found = {ref: self._reader.read(ref) for ref in sorted(refs)}
+        return {ref: pod for ref, pod in found.items() if pod is not None}
+
+
+def _may_have_leaked(event: PodEvent | Relisted) -> bool:
+    if isinstance(event, Relisted):
+        return False
+    pod = event.pod
+    return event.kind == "DELETED" or pod.phase in ("Succeeded", "Failed") or pod.disrupted
+
+
+def run_controller(connections: Connections, policy: Policy, args: argparse.Namespace) -> None:
+    """The controller process: endpoints, then (as leader, unless disabled) the control loop."""
+    controller = Controller(connections, policy, resync=args.resync)
+    serve_endpoints(args.listen, controller.metrics.registry, controller.health)
+    if args.no_leader_election:
+        controller.metrics.leader.set(1)
+        controller.run()
+        return
+    identity = args.identity or f"{socket.gethostname()}-{os.getpid()}"
+    lock = LeaseLock(args.lease_name, connections.namespace, identity)  # type: ignore[no-untyped-call]
+    lock.api_instance = k8s.CoordinationV1Api(connections.api_client)
+
+    def lead() -> None:
+        log.info("%s leads (Lease %s/%s)", identity, connections.namespace, args.lease_name)
+        controller.leading.set()
+        controller.metrics.leader.set(1)
+        controller.run()
+        # The loop stopped (its watch failed): give the Lease up rather than renew it for nothing.
+        raise RuntimeError("the control loop stopped")
+
+    def stop_leading() -> None:
+        # Leadership lost: another replica may act now, so this one stops at once; its
+        # Deployment starts it again as a follower.
+        log.warning("%s no longer leads: exiting", identity)
+        controller.stop.set()
+        controller.metrics.leader.set(0)
+        sys.exit(1)
+
+    threading.Thread(target=_stand_by, args=(controller,), name="stand-by", daemon=True).start()
+    config = electionconfig.Config(  # type: ignore[no-untyped-call]
+        lock,
+        lease_duration=args.lease_duration,
+        renew_deadline=args.renew_deadline,
+        retry_period=args.retry_period,
+        onstarted_leading=lead,
+        onstopped_leading=stop_leading,
+    )
+    leaderelection.LeaderElection(config).run()  # type: ignore[no-untyped-call]
+
+
+def _stand_by(controller: Controller) -> None:
+    """A follower is alive and ready: it stands by to take over."""
+    while not controller.leading.is_set() and not controller.stop.is_set():
+        controller.health.beat(ready=True)
+        controller.stop.wait(5)

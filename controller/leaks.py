@@ -1,0 +1,107 @@
+"""Which allocations have leaked: pure decisions over a snapshot of the store and of the pods.
+
+No I/O. The reconciler reads the blocks first and lists the pods after, so an allocation in the
+snapshot was made for a pod that existed before the listing began: if the listing does not show
+that pod, it is gone. What is freed is then freed only if the entry is still exactly the one
+judged here (see controller.reclaim), so an allocation created or reused meanwhile is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+import netaddr
+
+from ipam.pool import Block, BlockKey, Owner
+
+
+class Reason(StrEnum):
+    POD_GONE = "pod-gone"  # no pod of that namespace/name exists
+    POD_REPLACED = "pod-replaced"  # another pod (another UID) of that name, not using it
+    POD_FINISHED = "pod-finished"  # Succeeded or Failed: its sandbox is torn down
+    NODE_LOST = "node-lost"  # deleted by the taint manager from an unreachable node
+
+
+@dataclass(frozen=True, slots=True)
+class PodState:
+    """What the reconciler needs to know of one pod."""
+
+    namespace: str
+    name: str
+    uid: str
+    phase: str  # Pending, Running, Succeeded, Failed, Unknown
+    created: float  # metadata.creationTimestamp, epoch seconds
+    deleting: bool  # metadata.deletionTimestamp is set
+    disrupted: bool  # a DisruptionTarget condition from the taint manager
+    network_ips: frozenset[str] | None  # the network-status annotation's IPs; None: none yet
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+DEFAULT_PENDING_GRACE = 300.0  # seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    free_finished: bool = True  # free the addresses of Succeeded and Failed pods
+    # How long a re-created Pending pod without network-status is waited for.
+    pending_grace: float = DEFAULT_PENDING_GRACE
+
+
+@dataclass(frozen=True, slots=True)
+class Leak:
+    """An allocation to free: where it is, who holds it (as read), and why it is a leak."""
+
+    key: BlockKey
+    address: int
+    owner: Owner
+    reason: Reason
+
+    @property
+    def ip(self) -> str:
+        return str(netaddr.IPAddress(self.address, self.key.pool.family))
+
+    def describe(self) -> str:
+        network = self.key.pool.network or "-"
+        owner = f"{self.owner.pod} {self.owner.ifname}"
+        return f"{self.ip} (network {network}) of {owner}: {self.reason}"
+
+
+def find_leaks(
+    blocks: Iterable[Block], pods: Mapping[str, PodState], *, now: float, policy: Policy
+) -> Iterator[Leak]:
+    """The allocations in `blocks` that no live pod uses, in block and address order."""
+    for block in blocks:
+        for address, owner in sorted(block.entries.items()):
+            ip = str(netaddr.IPAddress(address, block.key.pool.family))
+            reason = judge(owner, ip, pods.get(owner.pod), now=now, policy=policy)
+            if reason is not None:
+                yield Leak(block.key, address, owner, reason)
+
+
+def judge(
+    owner: Owner, ip: str, pod: PodState | None, *, now: float, policy: Policy
+) -> Reason | None:
+    """Why the allocation of `ip` to `owner` is a leak, given its pod as listed; None: keep it."""
+    if not owner.pod:
+        return None  # not a pod's (no K8S_POD_NAME): nothing to judge it by; CNI GC covers it
+    if pod is None:
+        return Reason.POD_GONE
+    if owner.pod_uid and owner.pod_uid != pod.uid:
+        # A pod of the same name was created again (a StatefulSet's, say). Its ADD takes this
+        # address back (ADD is idempotent on the pod name) and records its own UID; until then,
+        # keep the address while the new pod may still be setting up its network.
+        if pod.network_ips is not None and ip in pod.network_ips:
+            return None
+        if pod.network_ips is None and not pod.deleting and pod.phase == "Pending":
+            return None if now - pod.created < policy.pending_grace else Reason.POD_REPLACED
+        return Reason.POD_REPLACED
+    if policy.free_finished and pod.phase in ("Succeeded", "Failed"):
+        return Reason.POD_FINISHED
+    if pod.disrupted and pod.deleting:
+        return Reason.NODE_LOST
+    return None

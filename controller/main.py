@@ -1,0 +1,151 @@
+"""`pyabouts-reconciler`: give back the addresses of pods that are gone.
+
+    pyabouts-reconciler [--config FLAT_FILE] [--kubeconfig PATH] [--dry-run]   # one pass (CronJob)
+    pyabouts-reconciler --watch [--listen :8080] ...                         # the controller
+
+One pass prints a JSON summary on stdout (what was freed and why) and exits 0, or 1 when it
+could not finish. Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from controller.leaks import DEFAULT_PENDING_GRACE, Policy
+from controller.reconciler import PassSummary
+
+if TYPE_CHECKING:
+    from controller.connect import Connections
+
+log = logging.getLogger("pyabouts.reconciler")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="pyabouts-reconciler", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--config",
+        help="the nodes' flat file (datastore settings); default: the plugin's search order",
+    )
+    parser.add_argument("--kubeconfig", help="default: the flat file's, else in-cluster")
+    parser.add_argument("--dry-run", action="store_true", help="report leaks, free nothing")
+    parser.add_argument(
+        "--keep-finished",
+        action="store_true",
+        help="keep the addresses of Succeeded and Failed pods (freed by default)",
+    )
+    parser.add_argument(
+        "--pending-grace",
+        type=float,
+        default=DEFAULT_PENDING_GRACE,
+        help="seconds a re-created Pending pod without network-status is waited for",
+    )
+    parser.add_argument("--watch", action="store_true", help="run as the controller")
+    parser.add_argument(
+        "--resync", type=float, default=300.0, help="controller: seconds between full passes"
+    )
+    parser.add_argument(
+        "--listen",
+        default=":8080",
+        help="controller: address of /metrics, /healthz and /readyz",
+    )
+    parser.add_argument(
+        "--no-leader-election",
+        action="store_true",
+        help="controller: act without holding the Lease (one replica only)",
+    )
+    parser.add_argument("--lease-name", default="pyabouts-reconciler")
+    parser.add_argument("--identity", help="controller: this replica's name in the Lease")
+    parser.add_argument("--lease-duration", type=int, default=15, help="seconds (client-go's)")
+    parser.add_argument("--renew-deadline", type=int, default=10, help="seconds")
+    parser.add_argument("--retry-period", type=int, default=2, help="seconds")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # Heavy imports (kubernetes, pydantic) after argument parsing, so --help stays quick.
+    from controller.connect import connect, read_settings  # noqa: PLC0415
+    from ipam.errors import CniError  # noqa: PLC0415
+
+    policy = Policy(free_finished=not args.keep_finished, pending_grace=args.pending_grace)
+    try:
+        connections = connect(read_settings(args.config), args.kubeconfig)
+    except CniError as error:
+        log.error("%s", error.msg)
+        sys.exit(2)
+    try:
+        if args.watch:
+            from controller.controller import run_controller  # noqa: PLC0415
+
+            run_controller(connections, policy, args)
+        else:
+            sys.exit(run_once(connections, policy, dry_run=args.dry_run))
+    finally:
+        connections.close()
+
+
+def run_once(connections: Connections, policy: Policy, *, dry_run: bool) -> int:
+    """One pass, as a CronJob runs it; the exit code."""
+    import urllib3  # noqa: PLC0415
+    from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
+
+    from controller.pods import PodReader  # noqa: PLC0415
+    from controller.reconciler import reconcile  # noqa: PLC0415
+    from ipam.errors import CniError  # noqa: PLC0415
+
+    reader = PodReader(connections.api_client)
+    try:
+        summary = reconcile(
+            connections.store, lambda: reader.list_all().pods, policy, dry_run=dry_run
+        )
+    except CniError as error:
+        log.error("reconcile failed: %s", error.msg)
+        return 1
+    except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+        log.error("reconcile failed: the Kubernetes API: %s", str(exc).strip())
+        return 1
+    print(json.dumps(summary_document(summary), indent=2))
+    return 0
+
+
+def summary_document(summary: PassSummary) -> dict[str, Any]:
+    """The exit summary: counts, and every address freed (or that would be) with its reason."""
+    listed = summary.leaks if summary.dry_run else summary.freed
+    return {
+        "dryRun": summary.dry_run,
+        "allocations": summary.allocations,
+        "pods": summary.pods,
+        "leaks": len(summary.leaks),
+        "freed": 0 if summary.dry_run else len(summary.freed),
+        "seconds": round(summary.seconds, 3),
+        "addresses": [
+            {
+                "ip": leak.ip,
+                "network": leak.key.pool.network,
+                "pod": leak.owner.pod,
+                "podUID": leak.owner.pod_uid,
+                "containerID": leak.owner.container_id,
+                "ifname": leak.owner.ifname,
+                "reason": leak.reason.value,
+            }
+            for leak in listed
+        ],
+        "summary": summary.describe(),
+    }
+
+
+if __name__ == "__main__":
+    main()

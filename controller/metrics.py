@@ -1,0 +1,55 @@
+"""The controller's Prometheus metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from controller.endpoints import pool_usage_gauge, record_pool_usage
+from controller.reconciler import PassSummary
+from ipam.pool import Block
+
+
+class ReconcilerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.reclaimed = Counter(
+            "pyabouts_reconciler_reclaimed",
+            "Addresses given back, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "pyabouts_reconciler_errors", "Passes that failed.", registry=self.registry
+        )
+        self.passes = Counter(
+            "pyabouts_reconciler_passes",
+            "Reconcile passes: full (listing every pod) or targeted (deleted pods).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.leader = Gauge(
+            "pyabouts_reconciler_leader",
+            "1 while this replica holds the Lease and acts.",
+            registry=self.registry,
+        )
+        self.pool_addresses = pool_usage_gauge(self.registry)
+        self.last_pass = Gauge(
+            "pyabouts_reconciler_last_pass_timestamp_seconds",
+            "When the last pass ended.",
+            registry=self.registry,
+        )
+
+    def record_pass(self, kind: str, summary: PassSummary) -> None:
+        self.passes.labels(kind).inc()
+        for reason, count in summary.by_reason().items():
+            self.reclaimed.labels(reason).inc(count)
+        self.last_pass.set(time.time())
+        if kind == "full":
+            self.record_pools(summary.blocks)
+
+    def record_pools(self, blocks: Sequence[Block]) -> None:
+        """Per-pool usage from a pass's snapshot (what it freed shows in the next one)."""
+        record_pool_usage(self.pool_addresses, blocks)

@@ -1,0 +1,123 @@
+"""Pods as the reconciler sees them: read from the API as raw JSON, reduced to PodState.
+
+Lists go page by page and skip the client's model classes (json.loads is ~50x faster than the
+generated deserializers on 10k pods). A list without a resourceVersion is a consistent read
+from etcd, never a cache, which the reconciler's safety argument relies on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+
+from controller.leaks import PodState
+
+NETWORK_STATUS = "k8s.v1.cni.cncf.io/network-status"
+LIST_PAGE = 500
+REQUEST_TIMEOUT = 30.0
+
+
+def pod_state(pod: Mapping[str, Any]) -> PodState:
+    """The PodState of a pod object (a dict as the API sends it)."""
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    conditions = status.get("conditions") or []
+    return PodState(
+        namespace=str(meta.get("namespace", "")),
+        name=str(meta.get("name", "")),
+        uid=str(meta.get("uid", "")),
+        phase=str(status.get("phase") or "Pending"),
+        created=_epoch(meta.get("creationTimestamp")),
+        deleting=bool(meta.get("deletionTimestamp")),
+        disrupted=any(
+            c.get("type") == "DisruptionTarget"
+            and c.get("status") == "True"
+            and c.get("reason") == "DeletionByTaintManager"
+            for c in conditions
+            if isinstance(c, dict)
+        ),
+        network_ips=network_status_ips((meta.get("annotations") or {}).get(NETWORK_STATUS)),
+    )
+
+
+def network_status_ips(annotation: object) -> frozenset[str] | None:
+    """The IPs Multus recorded in the network-status annotation; None if it has none (yet)."""
+    if not isinstance(annotation, str):
+        return None
+    try:
+        entries = json.loads(annotation)
+    except ValueError:
+        return None
+    if not isinstance(entries, list):
+        return None
+    return frozenset(
+        str(ip).split("/")[0]
+        for entry in entries
+        if isinstance(entry, dict)
+        for ip in entry.get("ips") or []
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PodListing:
+    pods: dict[str, PodState]  # by "namespace/name"
+    resource_version: str  # where a watch that follows the listing starts
+
+
+class PodReader:
+    """Reads pods through one API client."""
+
+    def __init__(self, api_client: k8s.ApiClient) -> None:
+        self._api = k8s.CoreV1Api(api_client)
+
+    def list_all(self) -> PodListing:
+        pods: dict[str, PodState] = {}
+        token: str | None = None
+        while True:
+            page = self._json(
+                self._api.list_pod_for_all_namespaces(
+                    limit=LIST_PAGE,
+                    _continue=token,
+                    _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
+            )
+            for item in page.get("items") or []:
+                state = pod_state(item)
+                pods[state.ref] = state
+            token = (page.get("metadata") or {}).get("continue") or None
+            if token is None:
+                version = str((page.get("metadata") or {}).get("resourceVersion", ""))
+                return PodListing(pods, version)
+
+    def read(self, ref: str) -> PodState | None:
+        """The pod "namespace/name", or None if there is none."""
+        namespace, _, name = ref.partition("/")
+        try:
+            pod = self._json(
+                self._api.read_namespaced_pod(
+                    name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                )
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return pod_state(pod)
+
+    @staticmethod
+    def _json(response: Any) -> dict[str, Any]:
+        body: dict[str, Any] = json.loads(response.data)
+        return body
+
+
+def _epoch(timestamp: object) -> float:
+    if not isinstance(timestamp, str):
+        return 0.0
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()

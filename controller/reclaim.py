@@ -1,0 +1,35 @@
+"""Free leaked allocations, each only if it is still exactly the allocation that was judged.
+
+One optimistic transaction per block, so each block's outcome is exact on every store: an
+entry that changed since the snapshot (the address freed and given to another pod, or reused by
+a re-created pod, which updates the containerID and UID) no longer equals the judged owner and
+is kept.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Sequence
+
+from controller.leaks import Leak
+from ipam.pool import BLOCK_SIZE, PoolView
+from ipam.store import PoolStore
+from ipam.transaction import Span, run_span_transaction
+
+
+def free_leaks(store: PoolStore, leaks: Sequence[Leak], *, deadline: float) -> list[Leak]:
+    """Free `leaks` that are unchanged in the store; the ones actually freed."""
+    freed: list[Leak] = []
+    for key, group in itertools.groupby(sorted(leaks, key=lambda k: k.key), key=lambda k: k.key):
+        span = Span(key.pool, key.base, key.base + BLOCK_SIZE - 1)
+        decide = functools.partial(_unassign_unchanged, leaks=list(group))
+        freed += run_span_transaction(store, [span], decide, deadline=deadline)
+    return freed
+
+
+def _unassign_unchanged(view: PoolView, leaks: list[Leak]) -> list[Leak]:
+    unchanged = [leak for leak in leaks if view.owner(leak.key.pool, leak.address) == leak.owner]
+    for leak in unchanged:
+        view.unassign(leak.key.pool, leak.address)
+    return unchanged

@@ -1,0 +1,94 @@
+"""One reconcile pass: snapshot the store, then list the pods, then free what no pod uses.
+
+The order is what makes it safe. An allocation in the snapshot was made by an ADD for a pod that
+existed then (kubelet only sets up a sandbox for a pod it was given), so a pod missing from the
+later listing is really gone. Allocations made after the snapshot are not looked at, and an entry
+that changed after it is not freed (controller.reclaim).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from controller.leaks import Leak, PodState, Policy, find_leaks
+from controller.reclaim import free_leaks
+from ipam.pool import Block
+from ipam.store import PoolStore
+
+log = logging.getLogger(__name__)
+
+FREE_DEADLINE = 60.0  # seconds for freeing one pass's leaks, conflicts included
+
+
+@dataclass(frozen=True, slots=True)
+class PassSummary:
+    """What one pass looked at and did."""
+
+    allocations: int  # pod allocations in the snapshot
+    pods: int  # pods listed
+    leaks: list[Leak]  # judged leaked
+    freed: list[Leak]  # actually freed (all of `leaks` minus those changed meanwhile)
+    dry_run: bool
+    seconds: float
+    blocks: list[Block] = field(default_factory=list, repr=False)  # the snapshot, for metrics
+
+    def by_reason(self) -> dict[str, int]:
+        return dict(Counter(leak.reason.value for leak in self.freed))
+
+    def describe(self) -> str:
+        verb = "would free" if self.dry_run else "freed"
+        done = self.leaks if self.dry_run else self.freed
+        reasons = Counter(leak.reason.value for leak in done)
+        why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "none"
+        kept = "" if self.dry_run else f"; {len(self.leaks) - len(self.freed)} changed meanwhile"
+        return (
+            f"checked {self.allocations} allocation(s) against {self.pods} pod(s) in "
+            f"{self.seconds:.2f} s: {verb} {len(done)} ({why}){kept}"
+        )
+
+
+def reconcile(
+    store: PoolStore,
+    list_pods: Callable[[], Mapping[str, PodState]],
+    policy: Policy,
+    *,
+    dry_run: bool = False,
+    only_pods: Collection[str] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> PassSummary:
+    """One pass over the whole store, or only the allocations of the pods in `only_pods`."""
+    started = time.monotonic()
+    blocks = store.read_all_blocks()  # first the snapshot, then the pods: see the module doc
+    pods = list_pods()
+    judged = _restricted(blocks, only_pods)
+    leaks = list(find_leaks(judged, pods, now=clock(), policy=policy))
+    for leak in leaks:
+        log.info("%s %s", "would free" if dry_run else "freeing", leak.describe())
+    freed = [] if dry_run else free_leaks(store, leaks, deadline=time.monotonic() + FREE_DEADLINE)
+    summary = PassSummary(
+        allocations=sum(1 for b in judged for o in b.entries.values() if o.pod),
+        pods=len(pods),
+        leaks=leaks,
+        freed=freed,
+        dry_run=dry_run,
+        seconds=time.monotonic() - started,
+        blocks=blocks,
+    )
+    log.info("reconcile: %s", summary.describe())
+    return summary
+
+
+def _restricted(blocks: Sequence[Block], only_pods: Collection[str] | None) -> list[Block]:
+    """The blocks, with only the entries of `only_pods` when that is given."""
+    if only_pods is None:
+        return list(blocks)
+    narrowed = []
+    for block in blocks:
+        entries = {a: o for a, o in block.entries.items() if o.pod in only_pods}
+        if entries:
+            narrowed.append(Block(block.key, entries, block.revision))
+    return narrowed
