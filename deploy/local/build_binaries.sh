@@ -1,0 +1,280 @@
+#!/usr/bin/env bash
+# Build the upstream Go binaries that pyabouts' tests and benchmarks run against, from their
+# Go modules (no registry ships them as binaries; see shared/notes/environment.md).
+#
+#   bash deploy/local/build_binaries.sh                    # kube-apiserver only (the default)
+#   bash deploy/local/build_binaries.sh kube-apiserver multus whereabouts
+#
+# Each binary is cached outside the repo, keyed by version:
+#   ${PYABOUTS_CACHE:-~/.cache/pyabouts}/bin/<name>-<version>
+# and a cached binary is reused without touching Go at all. The wrapper modules live in
+#   ${PYABOUTS_CACHE:-~/.cache/pyabouts}/build/<name>-<version>/
+# Never put Go code or binaries in the repo.
+#
+# Idempotent; concurrent runs wait for each other (flock) instead of building twice.
+# Adding a binary: write a build_<name> function and add it to the `case` in main.
+
+set -euo pipefail
+
+KUBE_VERSION="${PYABOUTS_KUBE_VERSION:-v1.34.3}"
+MULTUS_VERSION="${PYABOUTS_MULTUS_VERSION:-v4.2.3}"
+WHEREABOUTS_VERSION="${PYABOUTS_WHEREABOUTS_VERSION:-v0.9.4}"
+
+CACHE_DIR="${PYABOUTS_CACHE:-${HOME}/.cache/pyabouts}"
+BIN_DIR="${CACHE_DIR}/bin"
+BUILD_DIR="${CACHE_DIR}/build"
+
+log() { echo "[build] $*"; }
+die() {
+    echo "[build] error: $*" >&2
+    exit 1
+}
+
+find_go() {
+    if [[ -n "${GO:-}" ]]; then
+        echo "$GO"
+    elif [[ -x /usr/local/go/bin/go ]]; then
+        echo /usr/local/go/bin/go
+    elif command -v go >/dev/null 2>&1; then
+        command -v go
+    else
+        die "no Go toolchain (looked at \$GO, /usr/local/go/bin/go and PATH)"
+    fi
+}
+
+# cached NAME VERSION: true (and prints the path) when the binary is already built.
+cached() {
+    local out="${BIN_DIR}/$1-$2"
+    if [[ -x "$out" ]]; then
+        log "$1 $2 cached: $out"
+        return 0
+    fi
+    return 1
+}
+
+# with_lock NAME VERSION FUNC: run FUNC under an exclusive lock for this binary, so that two
+# setups started at once build it only once (the second one finds it cached afterwards).
+with_lock() {
+    local name="$1" version="$2" func="$3"
+    mkdir -p "$BIN_DIR" "$BUILD_DIR"
+    local lock="${BUILD_DIR}/.${name}-${version}.lock"
+    exec {lock_fd}>"$lock"
+    if ! flock -n "$lock_fd"; then
+        log "another build of $name $version is running; waiting for it"
+        flock "$lock_fd"
+    fi
+    if ! cached "$name" "$version"; then
+        "$func"
+    fi
+    exec {lock_fd}>&-
+}
+
+# go_build_wrapper DIR OUT PKG [LDFLAGS]: tidy the wrapper module in DIR, build PKG into OUT
+# (through a temporary file, so an interrupted build never leaves a half-written binary).
+go_build_wrapper() {
+    local dir="$1" out="$2" pkg="$3" ldflags="${4:-}"
+    local go
+    go="$(find_go)"
+    log "go mod tidy -e in $dir"
+    (cd "$dir" && "$go" mod tidy -e)
+    log "go build $pkg (this takes minutes on 2 cores)"
+    local t0=$SECONDS
+    (cd "$dir" && "$go" build -ldflags "$ldflags" -o "${out}.tmp" "$pkg")
+    mv -f "${out}.tmp" "$out"
+    log "built $out in $((SECONDS - t0)) s ($(du -h "$out" | cut -f1))"
+}
+
+# --- kube-apiserver ----------------------------------------------------------------------
+# k8s.io/kubernetes replaces its k8s.io/* staging modules with local paths, so a wrapper
+# module must replace each of them with the published v0.X.Y version.
+build_kube_apiserver() {
+    local version="$KUBE_VERSION"
+    local staging_version="v0.${version#v1.}"
+    local dir="${BUILD_DIR}/kube-apiserver-${version}"
+    local out="${BIN_DIR}/kube-apiserver-${version}"
+    local go
+    go="$(find_go)"
+    local t0=$SECONDS
+    log "building kube-apiserver $version in $dir"
+    mkdir -p "$dir"
+
+    log "go mod download k8s.io/kubernetes@$version"
+    # Start from scratch: a go.mod left by an interrupted run must not get in the way.
+    rm -f "${dir}/go.mod" "${dir}/go.sum"
+    local info gomod
+    info="$(cd "$dir" && "$go" mod download -json "k8s.io/kubernetes@${version}")"
+    gomod="$(sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p' <<<"$info")"
+    [[ -f "$gomod" ]] || die "go mod download did not report k8s.io/kubernetes' go.mod: $info"
+
+    local replaces
+    replaces="$(sed -n 's#^[[:space:]]*\(k8s\.io/[A-Za-z0-9._-]*\) => \./staging/src/k8s\.io/.*$#\1#p' "$gomod")"
+    local n
+    n="$(wc -l <<<"$replaces")"
+    [[ -n "$replaces" ]] || die "no staging replace lines in $gomod"
+    log "$n staging modules replaced with $staging_version"
+
+    {
+        echo "module local/kas"
+        echo
+        echo "go 1.24"
+        echo
+        echo "require k8s.io/kubernetes ${version}"
+        echo
+        echo "replace ("
+        local m
+        while read -r m; do
+            echo "	${m} => ${m} ${staging_version}"
+        done <<<"$replaces"
+        echo ")"
+    } >"${dir}/go.mod"
+    cat >"${dir}/tools.go" <<'EOF'
+//go:build tools
+
+package tools
+
+import _ "k8s.io/kubernetes/cmd/kube-apiserver"
+EOF
+
+    local minor="${version#v1.}"
+    minor="${minor%%.*}"
+    local ldflags="-X k8s.io/component-base/version.gitVersion=${version}"
+    ldflags+=" -X k8s.io/component-base/version.gitMajor=1"
+    ldflags+=" -X k8s.io/component-base/version.gitMinor=${minor}"
+    ldflags+=" -X k8s.io/component-base/version.gitTreeState=clean"
+    go_build_wrapper "$dir" "$out" k8s.io/kubernetes/cmd/kube-apiserver "$ldflags"
+    log "kube-apiserver $version ready in $((SECONDS - t0)) s: $out"
+}
+
+# --- Multus thin plugin --------------------------------------------------------------------
+# `go install ...@v4.2.3` fails here (the proxy refuses the module's version list).
+build_multus() {
+    local version="$MULTUS_VERSION"
+    local dir="${BUILD_DIR}/multus-${version}"
+    local out="${BIN_DIR}/multus-${version}"
+    local mod="gopkg.in/k8snetworkplumbingwg/multus-cni.v4"
+    local t0=$SECONDS
+    log "building multus (thin plugin) $version in $dir"
+    mkdir -p "$dir"
+    cat >"${dir}/go.mod" <<EOF
+module local/multus
+
+go 1.24
+
+require ${mod} ${version}
+EOF
+    cat >"${dir}/tools.go" <<EOF
+//go:build tools
+
+package tools
+
+import _ "${mod}/cmd/multus"
+EOF
+    go_build_wrapper "$dir" "$out" "${mod}/cmd/multus"
+    log "multus $version ready in $((SECONDS - t0)) s: $out"
+}
+
+# Where Go keeps the source of module $2, as required by the wrapper module in BUILD_DIR/$1.
+module_dir() {
+    local go
+    go="$(find_go)"
+    (cd "${BUILD_DIR}/$1" && "$go" list -m -f '{{.Dir}}' "$2")
+}
+
+# The NetworkAttachmentDefinition CRD, from the Multus module's own deployment file (the first
+# document of deployments/multus-daemonset.yml), next to the binary:
+#   ${BIN_DIR}/multus-<version>-nad-crd.yaml
+extract_multus_crd() {
+    local version="$MULTUS_VERSION"
+    local out="${BIN_DIR}/multus-${version}-nad-crd.yaml"
+    [[ -f "$out" ]] && return 0
+    local moddir
+    moddir="$(module_dir "multus-${version}" gopkg.in/k8snetworkplumbingwg/multus-cni.v4)"
+    local source="${moddir}/deployments/multus-daemonset.yml"
+    [[ -f "$source" ]] || die "no $source in the Multus module"
+    awk '/^---$/ { doc++; next } doc == 1' "$source" >"${out}.tmp"
+    grep -q '^kind: CustomResourceDefinition$' "${out}.tmp" || die "no CRD first in $source"
+    mv -f "${out}.tmp" "$out"
+    log "NetworkAttachmentDefinition CRD: $out"
+}
+
+# --- whereabouts (for comparison runs) -----------------------------------------------------
+build_whereabouts() {
+    local version="$WHEREABOUTS_VERSION"
+    local dir="${BUILD_DIR}/whereabouts-${version}"
+    local out="${BIN_DIR}/whereabouts-${version}"
+    local mod="github.com/k8snetworkplumbingwg/whereabouts"
+    local t0=$SECONDS
+    log "building whereabouts $version in $dir"
+    mkdir -p "$dir"
+    cat >"${dir}/go.mod" <<EOF
+module local/whereabouts
+
+go 1.25.5
+
+require ${mod} ${version}
+
+replace github.com/gogo/protobuf => github.com/gogo/protobuf v1.3.2
+EOF
+    cat >"${dir}/tools.go" <<EOF
+//go:build tools
+
+package tools
+
+import _ "${mod}/cmd"
+EOF
+    go_build_wrapper "$dir" "$out" "${mod}/cmd"
+    log "whereabouts $version ready in $((SECONDS - t0)) s: $out"
+}
+
+# Its CRDs and RBAC (ServiceAccount, ClusterRole and binding; not its DaemonSet), from the
+# module's doc/crds/, next to the binary, for runs that call it as a node would:
+#   ${BIN_DIR}/whereabouts-<version>-install.yaml
+extract_whereabouts_manifests() {
+    local version="$WHEREABOUTS_VERSION"
+    local out="${BIN_DIR}/whereabouts-${version}-install.yaml"
+    [[ -f "$out" ]] && return 0
+    local moddir
+    moddir="$(module_dir "whereabouts-${version}" github.com/k8snetworkplumbingwg/whereabouts)"
+    local crds="${moddir}/doc/crds"
+    [[ -f "${crds}/daemonset-install.yaml" ]] || die "no doc/crds in the whereabouts module"
+    {
+        for crd in ippools overlappingrangeipreservations nodeslicepools; do
+            echo "---"
+            cat "${crds}/whereabouts.cni.cncf.io_${crd}.yaml"
+        done
+        awk 'BEGIN { RS = "\n---\n" } !/\nkind: DaemonSet/ { print "---"; print }' \
+            "${crds}/daemonset-install.yaml"
+    } >"${out}.tmp"
+    grep -q '^kind: ClusterRole$' "${out}.tmp" || die "no ClusterRole in ${crds}"
+    mv -f "${out}.tmp" "$out"
+    log "whereabouts CRDs and RBAC: $out"
+}
+
+main() {
+    local targets=("$@")
+    ((${#targets[@]})) || targets=(kube-apiserver)
+    local t
+    for t in "${targets[@]}"; do
+        case "$t" in
+        kube-apiserver) cached kube-apiserver "$KUBE_VERSION" ||
+            with_lock kube-apiserver "$KUBE_VERSION" build_kube_apiserver ;;
+        multus)
+            cached multus "$MULTUS_VERSION" || with_lock multus "$MULTUS_VERSION" build_multus
+            extract_multus_crd
+            ;;
+        whereabouts)
+            cached whereabouts "$WHEREABOUTS_VERSION" ||
+                with_lock whereabouts "$WHEREABOUTS_VERSION" build_whereabouts
+            extract_whereabouts_manifests
+            ;;
+        all) main kube-apiserver multus whereabouts ;;
+        -h | --help)
+            sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+            return 0
+            ;;
+        *) die "unknown binary '$t' (known: kube-apiserver multus whereabouts all)" ;;
+        esac
+    done
+}
+
+main "$@"

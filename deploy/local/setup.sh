@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Prepare this machine for pyabouts' tests: Debian packages, podman's Docker-compatible
+# API (for testcontainers), a local etcd image built from Debian's etcd binary, the
+# project virtualenv in $REPO/.venv, and kube-apiserver built from its Go module (cached in
+# ~/.cache/pyabouts/bin by deploy/local/build_binaries.sh).
+#
+# Idempotent and quick when everything is already in place. Run it as
+#   bash deploy/local/setup.sh
+# (sourcing it also works: it then runs in a subshell and leaves the caller's shell options
+# alone). See shared/notes/environment.md for why each step is needed.
+
+_pyabouts_setup_main() {
+    set -euo pipefail
+
+    local repo
+    repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+    # Always this name (PYABOUTS_ETCD_IMAGE may name a public image elsewhere).
+    local image=localhost/pyabouts-etcd:3.4
+    local sock_path=/run/podman/podman.sock
+    local sock="unix://${sock_path}"
+    local podman_log=/tmp/pyabouts-podman-service.log
+    local t0=$SECONDS
+
+    log() { echo "[setup] $*"; }
+
+    # --- Debian packages ------------------------------------------------------------------
+    local pkgs=(etcd-server etcd-client containernetworking-plugins podman runc iputils-ping
+        openssl curl iproute2 python3-venv time)
+    local missing=() p
+    for p in "${pkgs[@]}"; do
+        if [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" != "install ok installed" ]]; then
+            missing+=("$p")
+        fi
+    done
+    if ((${#missing[@]})); then
+        log "installing Debian packages: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        log "Debian packages present"
+    fi
+
+    # --- podman: runc, no default ulimits -------------------------------------------------
+    local conf=/etc/containers/containers.conf
+    local want_conf
+    want_conf='[containers]
+default_ulimits = []
+[engine]
+runtime = "runc"'
+    if [[ "$(cat "$conf" 2>/dev/null || true)" != "$want_conf" ]]; then
+        log "writing $conf"
+        mkdir -p /etc/containers
+        printf '%s\n' "$want_conf" >"$conf"
+    fi
+
+    # --- podman API service ---------------------------------------------------------------
+    if curl -fsS --max-time 2 --unix-socket "$sock_path" http://d/_ping >/dev/null 2>&1; then
+        log "podman API answers on $sock"
+    else
+        log "starting podman API on $sock (log: $podman_log)"
+        mkdir -p "$(dirname "$sock_path")"
+        rm -f "$sock_path"
+        # setsid: keep the service alive when the caller's process group is killed.
+        nohup setsid podman system service --time=0 "$sock" </dev/null >"$podman_log" 2>&1 &
+        local i
+        for ((i = 0; i < 100; i++)); do
+            if curl -fsS --max-time 2 --unix-socket "$sock_path" http://d/_ping >/dev/null 2>&1; then
+                break
+            fi
+            sleep 0.1
+        done
+        if ((i == 100)); then
+            log "podman API did not answer within 10 s; last lines of $podman_log:"
+            tail -n 20 "$podman_log" >&2 || true
+            return 1
+        fi
+    fi
+
+    # --- etcd image from Debian's binary --------------------------------------------------
+    if podman image exists "$image"; then
+        log "image $image present"
+    else
+        log "building image $image from /usr/bin/etcd"
+        (
+            rootfs="$(mktemp -d /tmp/pyabouts-etcd-rootfs.XXXXXX)"
+            trap 'rm -rf "$rootfs"' EXIT
+            mkdir -p "$rootfs/tree/tmp"
+            chmod 1777 "$rootfs/tree/tmp"
+            cp --parents -L /usr/bin/etcd "$rootfs/tree/"
+            # Every absolute path that ldd prints (linux-vdso has none), at the same path.
+            while read -r lib; do
+                cp --parents -L "$lib" "$rootfs/tree/"
+            done < <(ldd /usr/bin/etcd | grep -o '/[^ ]*' | sort -u)
+            tar -C "$rootfs/tree" -cf "$rootfs/rootfs.tar" .
+            podman import --quiet --change 'ENTRYPOINT ["/usr/bin/etcd"]' \
+                "$rootfs/rootfs.tar" "$image" >/dev/null
+        )
+    fi
+
+    # --- virtualenv -----------------------------------------------------------------------
+    local venv="$repo/.venv"
+    local stamp="$venv/.pyabouts-installed"
+    if [[ ! -x "$venv/bin/python" ]]; then
+        log "creating virtualenv $venv"
+        python3 -m venv "$venv"
+    fi
+    if [[ ! -f "$stamp" || "$repo/pyproject.toml" -nt "$stamp" ]]; then
+        log "pip install -e '${repo}[dev]'"
+        # compat: a plain path entry; the default editable finder costs ~60 ms on every call.
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "${repo}[dev]" \
+            --config-settings editable_mode=compat
+        touch "$stamp"
+    else
+        log "virtualenv up to date"
+    fi
+
+    # --- upstream Go binaries (kube-apiserver) --------------------------------------------
+    # Cached in ~/.cache/pyabouts/bin: a no-op after the first build (4-10 minutes).
+    bash "$repo/deploy/local/build_binaries.sh" kube-apiserver multus
+
+    log "done in $((SECONDS - t0)) s"
+}
+
+if [[ "${BASH_SOURCE[0]}" != "$0" ]]; then
+    # Sourced: run in a subshell so that set -euo pipefail does not leak into the caller.
+    (_pyabouts_setup_main "$@")
+    _pyabouts_setup_rc=$?
+    unset -f _pyabouts_setup_main
+    return "$_pyabouts_setup_rc"
+else
+    _pyabouts_setup_main "$@"
+fi
