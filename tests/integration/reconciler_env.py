@@ -1,0 +1,122 @@
+"""What the reconciler tests share: a datastore (IPPools or etcd) with pods on the local apiserver,
+the plugin to allocate as kubelet would, and the `pyabouts-reconciler` executable."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import netaddr
+import pytest
+
+from deploy.local.controlplane import ControlPlane
+from deploy.local.netns import CniCall
+from deploy.local.pod_objects import create_namespace
+from ipam.pool import Owner
+from ipam.store import PoolStore
+from tests.integration.test_plugin_etcd import cni, netconf
+from tests.integration.test_store_contract import etcd_store, kubernetes_store
+
+NAMESPACE = "recon"
+RECONCILER_SA = "pyabouts-reconciler"
+
+
+@dataclass
+class ReconcilerEnv:
+    datastore: str
+    cluster: ControlPlane
+    flat_file: Path  # the nodes' flat file: which datastore, and how to reach it
+    kubeconfig: Path  # the reconciler's ServiceAccount, as its Deployment would have
+    store: PoolStore  # to look at what is stored
+    plugin: str
+    network: str  # this test's pool
+
+    def conf(self, cidr: str = "10.70.0.0/24") -> dict[str, Any]:
+        ipam = {
+            "type": "pyabouts",
+            "range": cidr,
+            "network_name": self.network,
+            "configuration_path": str(self.flat_file),
+        }
+        return netconf(**ipam)
+
+    def add(
+        self, pod: str, uid: str, container: str | None = None, cidr: str = "10.70.0.0/24"
+    ) -> str:
+        """ADD for `pod` (in NAMESPACE) as kubelet sends it; the address given."""
+        args = f"IgnoreUnknown=1;K8S_POD_NAMESPACE={NAMESPACE};K8S_POD_NAME={pod};K8S_POD_UID={uid}"
+        sandbox = container or f"sandbox-{pod}"
+        call: CniCall = cni(self.plugin, "ADD", self.conf(cidr), sandbox, args)
+        return str(call.expect_success()["ips"][0]["address"].split("/")[0])
+
+    def held(self) -> dict[str, Owner]:
+        """This test's allocations: address -> owner, as the store holds them."""
+        return {
+            str(netaddr.IPAddress(address, block.key.pool.family)): owner
+            for block in self.store.read_all_blocks()
+            if block.key.pool.network == self.network
+            for address, owner in block.entries.items()
+        }
+
+    def reconciler_argv(self, *extra: str) -> list[str]:
+        exe = str(Path(sys.executable).parent / "pyabouts-reconciler")
+        return [exe, "--config", str(self.flat_file), "--kubeconfig", str(self.kubeconfig), *extra]
+
+    def reconcile(self, *extra: str) -> dict[str, Any]:
+        """One pass of the executable; its summary, narrowed to this test's network."""
+        done = subprocess.run(
+            self.reconciler_argv(*extra), capture_output=True, text=True, timeout=120, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        summary: dict[str, Any] = json.loads(done.stdout)
+        summary["addresses"] = [a for a in summary["addresses"] if a["network"] == self.network]
+        return summary
+
+
+@pytest.fixture(scope="session")
+def reconciler_kubeconfig(pyabouts_cluster: ControlPlane) -> Path:
+    create_namespace(pyabouts_cluster, NAMESPACE)
+    return pyabouts_cluster.service_account_kubeconfig("kube-system", RECONCILER_SA)
+
+
+@pytest.fixture(params=["kubernetes", "etcd"])
+def recon(
+    request: pytest.FixtureRequest,
+    pyabouts_cluster: ControlPlane,
+    reconciler_kubeconfig: Path,
+    pyabouts_exe: str,
+    tmp_path: Path,
+) -> Iterator[ReconcilerEnv]:
+    store: PoolStore
+    if request.param == "kubernetes":
+        settings: dict[str, Any] = {
+            "datastore": "kubernetes",
+            "kubernetes": {"kubeconfig": str(pyabouts_cluster.kubeconfig)},
+        }
+        store = kubernetes_store(str(pyabouts_cluster.kubeconfig))
+    else:
+        server = request.getfixturevalue("etcd_server")
+        settings = {"datastore": "etcd", "etcd_host": server.endpoint}
+        store = etcd_store(server)
+    flat = tmp_path / "pyabouts.conf"
+    flat.write_text(json.dumps(settings))
+    yield ReconcilerEnv(
+        datastore=request.param,
+        cluster=pyabouts_cluster,
+        flat_file=flat,
+        kubeconfig=reconciler_kubeconfig,
+        store=store,
+        plugin=pyabouts_exe,
+        network=f"recon-{uuid.uuid4().hex[:8]}",
+    )
+    store.close()
+
+
+def pod_name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"

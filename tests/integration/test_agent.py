@@ -1,0 +1,244 @@
+"""The node agent on real stores: killed mid-run, restarted, raced by another node's agent,
+and observed through its endpoints. (Every plugin test also runs through an agent: see
+plugin_fixtures.pyabouts_exe.)"""
+
+import json
+import re
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deploy.local.agent_process import AgentProcess, running_agent
+from deploy.local.controlplane import ControlPlane
+from plugin.install import install_thin_plugin
+from plugin.thin_client import AGENT_SOCKET
+from tests.integration.etcd_fixtures import EtcdServer
+from tests.integration.plugin_processes import (
+    Node,
+    finish,
+    make_nodes,
+    run_plugins,
+    start_plugins,
+)
+from tests.integration.test_concurrency_kubernetes import addresses_of, datastore, stored
+from tests.integration.test_plugin_etcd import stored_allocations
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+
+@pytest.fixture
+def thin_plugin(tmp_path: Path) -> str:
+    """The thin plugin; each node's calls name their agent in PYABOUTS_AGENT_SOCKET."""
+    return str(install_thin_plugin(tmp_path / "bin", socket_path=str(tmp_path / "no-agent.sock")))
+
+
+@pytest.fixture
+def two_agents(tmp_path: Path) -> Iterator[list[AgentProcess]]:
+    with (
+        running_agent(tmp_path / "node-0", "agent") as first,
+        running_agent(tmp_path / "node-1", "agent") as second,
+    ):
+        yield [first, second]
+
+
+def nodes_with(tmp_path: Path, store: dict[str, Any], agents: list[AgentProcess]) -> list[Node]:
+    """Nodes whose calls go to `agents` (node n to agents[n]), the agents already running."""
+    remaining = iter(agents)
+    return make_nodes(tmp_path, len(agents), store, lambda directory: next(remaining))
+
+
+def metric(agent: AgentProcess, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in agent.metrics().splitlines():
+        match = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
+        if not match or match[1] != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match[2] or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(match[3])
+    return total
+
+
+def test_killing_the_agent_mid_run_loses_nothing_and_a_restart_resumes_from_the_store(
+    thin_plugin: str, pyabouts_cluster: ControlPlane, tmp_path: Path
+) -> None:
+    network = f"agentkill-{uuid.uuid4().hex[:6]}"
+    ipam = {"range": "10.73.0.0/24", "network_name": network}
+    agent = AgentProcess(tmp_path / "node-0").start()
+    try:
+        [node] = nodes_with(tmp_path, datastore(pyabouts_cluster), [agent])
+        pods = [f"pod-{i:03d}" for i in range(150)]
+        started = start_plugins(thin_plugin, "ADD", ipam, [node], pods)
+        while sum(proc.poll() is not None for proc in started) < 30:
+            time.sleep(0.005)
+        unfinished = sum(proc.poll() is None for proc in started)
+        agent.kill()  # SIGKILL, with requests in flight and more still connecting
+        outcomes = finish(started)
+        assert unfinished > 0
+
+        # Answers are successes, or 11 from the clients whose agent died under them; those that
+        # came after it served themselves in-process (the default fallback).
+        codes = Counter(0 if code == 0 else result["code"] for code, result in outcomes)
+        assert set(codes) <= {0, 11}, codes
+        given = addresses_of(outcomes, pods)
+        held = stored(pyabouts_cluster, network)
+        for address, pod in given.items():
+            assert held[address] == pod  # every success is stored as answered
+        assert set(held.values()) <= set(pods)
+        assert len(held) == len(set(held.values()))  # nobody holds two
+
+        # With its agent dead, the node still serves, in-process; served pods keep their address.
+        served_alone = run_plugins(thin_plugin, "ADD", ipam, [node], pods[:10])
+        assert [code for code, _ in served_alone] == [0] * 10
+        alone = addresses_of(served_alone, pods[:10])
+        assert {a: p for a, p in given.items() if p in pods[:10]}.items() <= alone.items()
+        given |= alone
+        assert "ADD" in node.log.read_text()  # the plugin's own log: it was in-process
+
+        # A new agent knows nothing but the store: it gives the same answers for pods already
+        # served, and the rest their own addresses.
+        agent.start()
+        again = run_plugins(thin_plugin, "ADD", ipam, [node], pods, in_flight=50)
+        assert [code for code, _ in again] == [0] * len(pods), [r for c, r in again if c][:3]
+        final = addresses_of(again, pods)
+        assert len(final) == len(pods)
+        assert {a: p for a, p in final.items() if p in given.values()} == given
+        assert stored(pyabouts_cluster, network) == final
+        assert metric(agent, "pyabouts_agent_requests_total", command="ADD", result="ok") > 0
+    finally:
+        agent.stop()
+
+
+def test_two_agents_racing_on_one_pool_never_give_an_address_twice(
+    thin_plugin: str, etcd_server: EtcdServer, two_agents: list[AgentProcess], tmp_path: Path
+) -> None:
+    network = f"agentrace-{uuid.uuid4().hex[:6]}"
+    ipam = {"range": "10.74.0.0/24", "range_end": "10.74.0.100", "network_name": network}
+    store = {"datastore": "etcd", "etcd_host": etcd_server.endpoint}
+    nodes = nodes_with(tmp_path, store, two_agents)
+    pods = [f"pod-{i:03d}" for i in range(150)]
+
+    outcomes = finish(start_plugins(thin_plugin, "ADD", ipam, nodes, pods))
+    codes = Counter(0 if code == 0 else result["code"] for code, result in outcomes)
+    assert codes == {0: 100, 100: 50}  # exactly the pool's 100 addresses, then "exhausted"
+    given = addresses_of(outcomes, pods)
+    assert set(given) == {f"10.74.0.{i}" for i in range(1, 101)}
+    held = stored_allocations(etcd_server, network)
+    assert {f"10.74.0.{k.rsplit('+', 1)[1]}": o["containerID"] for k, o in held.items()} == given
+    for agent in two_agents:  # both really served, and not one write per request
+        served = metric(agent, "pyabouts_agent_requests_total", command="ADD")
+        assert served > 0
+        assert metric(agent, "pyabouts_agent_store_writes_total") <= served
+
+
+def test_the_agent_reports_health_usage_and_refuses_garbage(
+    thin_plugin: str, etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    network = f"agentmetrics-{uuid.uuid4().hex[:6]}"
+    ipam = {"range": "10.75.0.0/24", "network_name": network}
+    store = {"datastore": "etcd", "etcd_host": etcd_server.endpoint}
+    with running_agent(tmp_path / "node-0") as agent:
+        nodes = nodes_with(tmp_path, store, [agent])
+        pods = [f"pod-{i}" for i in range(12)]
+        assert [c for c, _ in run_plugins(thin_plugin, "ADD", ipam, nodes, pods)] == [0] * 12
+        assert [c for c, _ in run_plugins(thin_plugin, "DEL", ipam, nodes, pods[:2])] == [0, 0]
+
+        pool = {"network": network, "family": "4"}
+        assert metric(agent, "pyabouts_pool_addresses", **pool, state="used") == 10
+        assert metric(agent, "pyabouts_pool_addresses", **pool, state="total") == 254
+        assert metric(agent, "pyabouts_agent_requests_total", command="DEL", result="ok") == 2
+        assert metric(agent, "pyabouts_agent_request_seconds_count", command="ADD") == 12
+        assert metric(agent, "pyabouts_agent_batch_size_sum") == 14
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+            raw.connect(str(agent.socket))
+            raw.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            raw.shutdown(socket.SHUT_WR)
+            reply = raw.recv(65536)
+        code, _, body = reply.partition(b"\0")
+        assert code == b"1" and json.loads(body)["code"] == 6
+        assert agent.endpoint("/healthz") == "ok" and agent.endpoint("/readyz") == "ok"
+        again = run_plugins(thin_plugin, "ADD", ipam, nodes, ["after-garbage"])
+        assert again[0][0] == 0  # still serving
+
+
+def test_without_an_agent_the_plugin_serves_in_process_or_fails_as_configured(
+    thin_plugin: str, etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    network = f"noagent-{uuid.uuid4().hex[:6]}"
+    store = {"datastore": "etcd", "etcd_host": etcd_server.endpoint}
+    [node] = make_nodes(tmp_path, 1, store)  # no agent: the baked-in socket has none
+    ipam = {"range": "10.76.0.0/24", "network_name": network}
+
+    [(code, result)] = run_plugins(thin_plugin, "ADD", ipam, [node], ["fallback"])
+    assert code == 0 and result["ips"][0]["address"] == "10.76.0.1/24"
+
+    strict = ipam | {"agent_fallback": "fail"}
+    [(code, result)] = run_plugins(thin_plugin, "ADD", strict, [node], ["strict"])
+    assert code == 1 and result["code"] == 11
+    assert "no pyabouts agent at" in result["msg"] and "agent_fallback" in result["msg"]
+    assert set(stored_allocations(etcd_server, network)) == {"10.76.0.0/24+1"}  # nothing more
+
+
+def test_a_client_whose_agent_dies_mid_request_gets_code_11(
+    thin_plugin: str, tmp_path: Path
+) -> None:
+    """A listener that takes the request and closes without answering, as a killed agent."""
+    path = tmp_path / "dying.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def die_after_reading() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.close()
+
+    threading.Thread(target=die_after_reading, daemon=True).start()
+    conf = {"cniVersion": "0.4.0", "name": "n", "ipam": {"type": "pyabouts"}}
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c", "CNI_IFNAME": "eth0"}
+    env |= {"PYABOUTS_AGENT_SOCKET": str(path)}
+    done = subprocess.run(
+        [thin_plugin], input=json.dumps(conf).encode(), env=env, capture_output=True, check=False
+    )
+    listener.close()
+    assert done.returncode == 1
+    error = json.loads(done.stdout)
+    assert error["code"] == 11 and error["cniVersion"] == "0.4.0"
+    assert "ended the connection before answering" in error["msg"]
+    assert done.stderr == b""
+
+
+def test_the_agent_daemonset_applies_and_agrees_with_the_thin_plugin(
+    pyabouts_cluster: ControlPlane,
+) -> None:
+    """deploy/ (applied to the real apiserver for the session) runs an agent on every node,
+    as the plugin's ServiceAccount, on the socket the thin plugin calls by default."""
+    daemonset = json.loads(
+        pyabouts_cluster.kubectl(
+            "get", "daemonset", "pyabouts-agent", "-n", "kube-system", "-o", "json"
+        )
+    )
+    pod = daemonset["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "pyabouts"
+    [agent] = pod["containers"]
+    [install] = pod["initContainers"]
+    assert agent["command"][:3] == ["pyabouts-agent", "--socket", AGENT_SOCKET]
+    assert f"--agent-socket={AGENT_SOCKET}" in install["command"]
+    mounts = {m["name"]: m["mountPath"] for m in agent["volumeMounts"]}
+    volumes = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
+    assert volumes[next(n for n, p in mounts.items() if p == "/run/pyabouts")] == "/run/pyabouts"
+    assert {p for p in mounts.values()} >= {"/etc/cni/net.d", "/etc/kubernetes/cni/net.d"}
+    assert {
+        "name": "NODE_NAME",
+        "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}},
+    } in agent["env"]

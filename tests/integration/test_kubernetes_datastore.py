@@ -1,0 +1,270 @@
+"""The Kubernetes datastore on a real kube-apiserver: the CRD as users see it, every command
+through the `pyabouts` executable, credentials and failures, and the plugin's RBAC."""
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deploy.local.controlplane import ControlPlane
+from deploy.local.netns import CniCall
+from ipam.pool import Block, BlockKey, Owner, PoolId
+from ipam.stores.kubernetes import object_name
+from tests.integration.plugin_fixtures import kubernetes_ipam
+from tests.integration.test_plugin_etcd import closed_port, cni, netconf
+from tests.integration.test_store_contract import kubernetes_store
+
+pytestmark = pytest.mark.integration
+
+
+def ippools(cluster: ControlPlane, network: str, namespace: str = "kube-system") -> list[Any]:
+    listed = json.loads(cluster.kubectl("get", "ippools", "-n", namespace, "-o", "json"))
+    return [i for i in listed["items"] if i["spec"]["network"] == network]
+
+
+def test_every_field_round_trips_through_the_apiserver(pyabouts_cluster: ControlPlane) -> None:
+    network = f"rt-{uuid.uuid4().hex[:6]}"
+    pool = PoolId(network, 6, "2001:db8::/64")
+    key = BlockKey.of(pool, int("20010db8000000000000ffffffffff00", 16))
+    written = Block(
+        key,
+        {key.base + 1: Owner("c1", "net1", "ns/p1", "uid-1"), key.base + 255: Owner("c2", "eth0")},
+        range_text="2001:db8::/64",
+        capacity=256,
+    )
+    store = kubernetes_store(str(pyabouts_cluster.kubeconfig))
+    assert store.write_blocks([written]).conflicts == []
+    stored = json.loads(
+        pyabouts_cluster.kubectl(
+            "get", "ippool", object_name(key), "-n", "kube-system", "-o", "json"
+        )
+    )
+    assert stored["spec"] == {
+        "network": network,
+        "scope": "2001:db8::/64",
+        "cidr": "2001:db8::ffff:ffff:ff00/120",
+        "range": "2001:db8::/64",
+        "capacity": 256,
+        "allocations": {
+            "1": {"containerID": "c1", "ifname": "net1", "podRef": "ns/p1", "podUID": "uid-1"},
+            "255": {"containerID": "c2", "ifname": "eth0"},
+        },
+    }
+    assert stored["status"] == {"allocated": 2, "free": 254}
+    assert stored["metadata"]["labels"]["pyabouts.io/family"] == "6"
+    [read] = store.read_blocks(pool, key.base, key.base + 255)
+    assert (read.entries, read.range_text, read.capacity) == (written.entries, "2001:db8::/64", 256)
+    store.close()
+
+
+def test_kubectl_shows_range_usage_and_explains_the_fields(
+    pyabouts_exe: str, pyabouts_cluster: ControlPlane
+) -> None:
+    network = f"show-{uuid.uuid4().hex[:6]}"
+    conf = netconf(**kubernetes_ipam(pyabouts_cluster, range="10.60.0.0/24", network_name=network))
+    for i in range(3):
+        cni(pyabouts_exe, "ADD", conf, f"c{i}").expect_success()
+    table = pyabouts_cluster.kubectl("get", "pypool", "-n", "kube-system")
+    header, *rows = table.splitlines()
+    assert header.split() == ["NAME", "NETWORK", "RANGE", "BLOCK", "ALLOCATED", "FREE", "AGE"]
+    [row] = [r.split() for r in rows if network in r]
+    assert row[:6] == [
+        f"{network}-10.60.0.0-24",
+        network,
+        "10.60.0.0/24",
+        "10.60.0.0/24",
+        "3",
+        "251",
+    ]
+    explained = pyabouts_cluster.kubectl("explain", "ippools.spec")
+    for field in ("allocations", "capacity", "cidr", "network", "range", "scope"):
+        assert field in explained
+    assert "offset in the block" in pyabouts_cluster.kubectl("explain", "ippools.spec.allocations")
+
+
+def test_every_command_through_the_executable(
+    pyabouts_exe: str, pyabouts_cluster: ControlPlane
+) -> None:
+    network = f"cmds-{uuid.uuid4().hex[:6]}"
+    conf = netconf(**kubernetes_ipam(pyabouts_cluster, range="10.61.0.0/30", network_name=network))
+    assert cni(pyabouts_exe, "CHECK", conf, "c1").result["code"] == 3
+    assert (
+        cni(pyabouts_exe, "ADD", conf, "c1").expect_success()["ips"][0]["address"] == "10.61.0.1/30"
+    )
+    assert (
+        cni(pyabouts_exe, "ADD", conf, "c2").expect_success()["ips"][0]["address"] == "10.61.0.2/30"
+    )
+    assert cni(pyabouts_exe, "CHECK", conf, "c1").ok
+    assert cni(pyabouts_exe, "STATUS", conf).result["code"] == 50
+    assert cni(pyabouts_exe, "ADD", conf, "c3").result["code"] == 100
+    [pool] = ippools(pyabouts_cluster, network)
+    assert pool["status"] == {"allocated": 2, "free": 0}
+
+    gc = conf | {"cni.dev/valid-attachments": [{"containerID": "c2", "ifname": "net1"}]}
+    assert cni(pyabouts_exe, "GC", gc).ok
+    assert cni(pyabouts_exe, "STATUS", conf).ok
+    [pool] = ippools(pyabouts_cluster, network)
+    assert list(pool["spec"]["allocations"]) == ["2"]
+    assert pool["status"] == {"allocated": 1, "free": 1}
+
+    assert cni(pyabouts_exe, "DEL", conf, "c2").ok
+    assert cni(pyabouts_exe, "DEL", conf, "c2").ok
+    [pool] = ippools(pyabouts_cluster, network)
+    assert pool["spec"]["allocations"] == {}
+    assert pool["status"] == {"allocated": 0, "free": 2}
+
+
+def test_the_namespace_comes_from_the_kubeconfig_context(
+    pyabouts_exe: str, pyabouts_cluster: ControlPlane, tmp_path: Path
+) -> None:
+    namespace = f"pyabouts-{uuid.uuid4().hex[:6]}"
+    pyabouts_cluster.kubectl("create", "namespace", namespace)
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(pyabouts_cluster.kubeconfig.read_text())
+    pyabouts_cluster.kubectl(
+        f"--kubeconfig={kubeconfig}",
+        "config",
+        "set-context",
+        "--current",
+        f"--namespace={namespace}",
+    )
+    network = f"ns-{uuid.uuid4().hex[:6]}"
+    conf = netconf(
+        type="pyabouts",
+        kubernetes={"kubeconfig": str(kubeconfig)},
+        range="10.62.0.0/24",
+        network_name=network,
+    )
+    cni(pyabouts_exe, "ADD", conf).expect_success()
+    assert len(ippools(pyabouts_cluster, network, namespace)) == 1
+    assert ippools(pyabouts_cluster, network) == []
+
+
+def test_a_namespace_that_does_not_exist_is_refused_naming_it(
+    pyabouts_exe: str, pyabouts_cluster: ControlPlane, tmp_path: Path
+) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(pyabouts_cluster.kubeconfig.read_text())
+    pyabouts_cluster.kubectl(
+        f"--kubeconfig={kubeconfig}", "config", "set-context", "--current", "--namespace=nowhere"
+    )
+    conf = netconf(
+        type="pyabouts", range="10.67.0.0/24", kubernetes={"kubeconfig": str(kubeconfig)}
+    )
+    call = cni(pyabouts_exe, "ADD", conf)
+    assert (call.returncode, call.result["code"]) == (1, 102)
+    assert "nowhere" in call.result["msg"]
+
+
+def test_the_kubeconfig_is_read_on_every_call(
+    pyabouts_exe: str, pyabouts_cluster: ControlPlane, tmp_path: Path
+) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    flat = tmp_path / "pyabouts.conf"
+    flat.write_text(json.dumps({"kubernetes": {"kubeconfig": str(kubeconfig)}}))
+    conf = netconf(
+        type="pyabouts",
+        range="10.63.0.0/24",
+        configuration_path=str(flat),
+        network_name=f"rotate-{uuid.uuid4().hex[:6]}",
+    )
+    kubeconfig.write_text("this is not a kubeconfig")
+    assert cni(pyabouts_exe, "ADD", conf).result["code"] == 7
+    kubeconfig.write_text(pyabouts_cluster.kubeconfig.read_text())  # e.g. a rotated token
+    assert cni(pyabouts_exe, "ADD", conf).ok
+
+
+def test_an_unreachable_apiserver_is_try_again_later(
+    pyabouts_exe: str, pyabouts_cluster: ControlPlane, tmp_path: Path
+) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    server = pyabouts_cluster.server
+    kubeconfig.write_text(
+        pyabouts_cluster.kubeconfig.read_text().replace(
+            server, f"https://127.0.0.1:{closed_port()}"
+        )
+    )
+    conf = netconf(
+        type="pyabouts", range="10.64.0.0/24", kubernetes={"kubeconfig": str(kubeconfig)}
+    )
+    call = cni(pyabouts_exe, "ADD", conf)
+    assert (call.returncode, call.result["code"]) == (1, 11)
+    assert "unreachable" in call.result["msg"]
+
+
+def forbidden_kubeconfig(cluster: ControlPlane, name: str) -> Path:
+    cluster.kubectl("create", "serviceaccount", name, "-n", "kube-system")
+    return cluster.service_account_kubeconfig("kube-system", name)
+
+
+def test_a_forbidden_answer_says_so_and_writes_nothing(
+    pyabouts_exe: str, pyabouts_cluster: ControlPlane
+) -> None:
+    kubeconfig = forbidden_kubeconfig(pyabouts_cluster, f"nobody-{uuid.uuid4().hex[:6]}")
+    network = f"forbidden-{uuid.uuid4().hex[:6]}"
+    conf = netconf(
+        type="pyabouts",
+        range="10.65.0.0/24",
+        network_name=network,
+        kubernetes={"kubeconfig": str(kubeconfig)},
+    )
+    call = cni(pyabouts_exe, "ADD", conf)
+    assert (call.returncode, call.result["code"]) == (1, 102)
+    assert "Forbidden" in call.result["msg"]
+    assert ippools(pyabouts_cluster, network) == []
+
+
+def can(
+    cluster: ControlPlane,
+    verb: str,
+    resource: str,
+    namespace: str = "kube-system",
+    service_account: str = "pyabouts",
+) -> bool:
+    """Whether kube-system's `service_account` may, as the real RBAC objects say."""
+    answer = cluster.kubectl_run(
+        "auth",
+        "can-i",
+        verb,
+        resource,
+        "-n",
+        namespace,
+        f"--as=system:serviceaccount:kube-system:{service_account}",
+    )
+    return answer.stdout.strip() == "yes"
+
+
+def test_the_plugin_rbac_allows_exactly_what_the_commands_need(
+    pyabouts_cluster: ControlPlane,
+) -> None:
+    for verb in ("get", "list", "watch", "create", "update"):
+        assert can(pyabouts_cluster, verb, "ippools.pyabouts.io"), verb
+    assert not can(pyabouts_cluster, "delete", "ippools.pyabouts.io")
+    assert not can(pyabouts_cluster, "get", "secrets")
+    assert not can(pyabouts_cluster, "list", "pods")
+    assert not can(pyabouts_cluster, "create", "leases.coordination.k8s.io")
+    assert not can(pyabouts_cluster, "update", "customresourcedefinitions.apiextensions.k8s.io")
+
+
+def test_the_plugin_service_account_can_serve_every_command(
+    pyabouts_exe: str, pyabouts_cluster: ControlPlane
+) -> None:
+    kubeconfig = pyabouts_cluster.service_account_kubeconfig("kube-system", "pyabouts")
+    network = f"sa-{uuid.uuid4().hex[:6]}"
+    conf = netconf(
+        type="pyabouts",
+        range="10.66.0.0/24",
+        network_name=network,
+        kubernetes={"kubeconfig": str(kubeconfig)},
+    )
+    calls: list[CniCall] = [
+        cni(pyabouts_exe, "ADD", conf, "c1"),
+        cni(pyabouts_exe, "ADD", conf, "c1"),
+        cni(pyabouts_exe, "CHECK", conf, "c1"),
+        cni(pyabouts_exe, "STATUS", conf),
+        cni(pyabouts_exe, "GC", conf | {"cni.dev/valid-attachments": []}),
+        cni(pyabouts_exe, "DEL", conf, "c1"),
+    ]
+    assert [c.returncode for c in calls] == [0, 0, 0, 0, 0, 0], [c.result for c in calls]

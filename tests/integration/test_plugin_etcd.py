@@ -1,0 +1,165 @@
+"""The `pyabouts` executable against real etcd: every command, TLS and auth, and failures."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import etcd3
+import pytest
+
+from deploy.local.netns import CniCall, run_cni
+from tests.integration.etcd_fixtures import EtcdServer
+from tests.integration.plugin_fixtures import etcd_ipam
+
+pytestmark = pytest.mark.integration
+
+
+def netconf(version: str = "1.1.0", **ipam: Any) -> dict[str, Any]:
+    return {"cniVersion": version, "name": "net", "type": "macvlan", "ipam": ipam}
+
+
+def cni(
+    exe: str, command: str, conf: dict[str, Any], container: str = "c1", args: str = ""
+) -> CniCall:
+    return run_cni(
+        exe,
+        command,
+        conf,
+        container_id=container,
+        netns="/var/run/netns/unused",
+        ifname="net1",
+        cni_path="/usr/lib/cni",
+        cni_args=args or f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod-{container}",
+    )
+
+
+def stored_allocations(server: EtcdServer, network: str) -> dict[str, dict[str, str]]:
+    """Every allocation of `network` as etcd holds it: offset-in-block keyed by block cidr."""
+    client = etcd3.client(host=server.host, port=server.port)
+    try:
+        found: dict[str, dict[str, str]] = {}
+        for value, _ in client.get_prefix(f"/pyabouts/v1/pools/4/{network}/"):
+            doc = json.loads(value)
+            for offset, owner in doc["allocations"].items():
+                found[f"{doc['cidr']}+{offset}"] = owner
+        return found
+    finally:
+        client.close()
+
+
+def test_every_command_through_the_executable(pyabouts_exe: str, etcd_server: EtcdServer) -> None:
+    network = f"cmds-{uuid.uuid4().hex[:8]}"
+    conf = netconf(**etcd_ipam(etcd_server, range="10.40.0.0/30", network_name=network))
+
+    assert cni(pyabouts_exe, "CHECK", conf).result["code"] == 3
+    first = cni(pyabouts_exe, "ADD", conf, "c1").expect_success()
+    second = cni(pyabouts_exe, "ADD", conf, "c2").expect_success()
+    assert [first["ips"][0]["address"], second["ips"][0]["address"]] == [
+        "10.40.0.1/30",
+        "10.40.0.2/30",
+    ]
+    assert stored_allocations(etcd_server, network) == {
+        "10.40.0.0/24+1": {"containerID": "c1", "ifname": "net1", "podRef": "default/pod-c1"},
+        "10.40.0.0/24+2": {"containerID": "c2", "ifname": "net1", "podRef": "default/pod-c2"},
+    }
+    assert cni(pyabouts_exe, "CHECK", conf, "c1").ok
+
+    status = cni(pyabouts_exe, "STATUS", conf)
+    assert (status.returncode, status.result["code"]) == (1, 50)
+    exhausted = cni(pyabouts_exe, "ADD", conf, "c3")
+    assert exhausted.result["code"] == 100
+    assert "10.40.0.0/30" in exhausted.result["msg"]
+
+    gc = conf | {"cni.dev/valid-attachments": [{"containerID": "c2", "ifname": "net1"}]}
+    assert cni(pyabouts_exe, "GC", gc).ok
+    assert list(stored_allocations(etcd_server, network)) == ["10.40.0.0/24+2"]
+    assert cni(pyabouts_exe, "STATUS", conf).ok
+
+    assert cni(pyabouts_exe, "DEL", conf, "c2").ok
+    assert cni(pyabouts_exe, "DEL", conf, "c2").ok  # again: already gone is fine
+    assert stored_allocations(etcd_server, network) == {}
+
+
+def test_tls_and_auth(pyabouts_exe: str, etcd_tls_auth_server: EtcdServer) -> None:
+    server = etcd_tls_auth_server
+    conf = netconf(**etcd_ipam(server, range="10.41.0.0/24", network_name="tls"))
+    added = cni(pyabouts_exe, "ADD", conf).expect_success()
+    assert added["ips"][0]["address"] == "10.41.0.1/24"
+    assert cni(pyabouts_exe, "DEL", conf).ok
+
+    wrong = netconf(**(conf["ipam"] | {"etcd_password": "wrong"}))
+    refused = cni(pyabouts_exe, "ADD", wrong)
+    assert (refused.returncode, refused.result["code"]) == (1, 102)
+    assert server.endpoint in refused.result["msg"]
+
+    no_client_cert = netconf(**(conf["ipam"] | {"etcd_cert_file": "", "etcd_key_file": ""}))
+    failed = cni(pyabouts_exe, "ADD", no_client_cert)
+    assert failed.returncode == 1
+    assert failed.result["code"] in (11, 102)
+
+    missing_ca = netconf(**(conf["ipam"] | {"etcd_ca_cert_file": "/nonexistent/ca.pem"}))
+    assert cni(pyabouts_exe, "ADD", missing_ca).result["code"] == 7
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_an_unreachable_etcd_is_try_again_later_within_a_bounded_time(pyabouts_exe: str) -> None:
+    conf = netconf(
+        type="pyabouts",
+        datastore="etcd",
+        etcd_host=f"127.0.0.1:{closed_port()}",
+        range="10.42.0.0/24",
+    )
+    started = time.monotonic()
+    call = cni(pyabouts_exe, "ADD", conf)
+    assert (call.returncode, call.result["code"]) == (1, 11)
+    assert "unreachable" in call.result["msg"]
+    assert time.monotonic() - started < 30  # an outage is retried for 15 s, not forever
+    assert not call.stderr.strip().startswith("Traceback")
+
+
+def test_a_dead_endpoint_is_skipped_for_the_next(
+    pyabouts_exe: str, etcd_server: EtcdServer
+) -> None:
+    hosts = f"127.0.0.1:{closed_port()},{etcd_server.endpoint}"
+    conf = netconf(
+        **etcd_ipam(
+            etcd_server,
+            etcd_host=hosts,
+            range="10.43.0.0/24",
+            network_name=f"failover-{uuid.uuid4().hex[:6]}",
+        )
+    )
+    assert cni(pyabouts_exe, "ADD", conf).expect_success()["ips"][0]["address"] == "10.43.0.1/24"
+
+
+def test_version_and_early_errors_import_nothing_heavy(pyabouts_exe: str) -> None:
+    probe = (
+        "import os, sys; sys.stdin = open(os.devnull);"
+        "from plugin.handler import handle_request;"
+        "reply = handle_request({'CNI_COMMAND': 'VERSION'}, b'');"
+        "handle_request({'CNI_COMMAND': 'ADD'}, b'nonsense');"
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.split()
+    heavy = {"pydantic", "netaddr", "etcd3", "grpc", "ipam.config", "logging"}
+    assert heavy.isdisjoint(loaded), heavy & set(loaded)
+    version = subprocess.run(
+        [pyabouts_exe],
+        check=True,
+        input="",
+        env={"CNI_COMMAND": "VERSION"},
+        capture_output=True,
+        text=True,
+    )
+    assert json.loads(version.stdout)["supportedVersions"][-1] == "1.1.0"

@@ -1,0 +1,174 @@
+"""`pyabouts-reconciler --watch` as processes against the real apiserver: it frees a deleted pod's
+address within seconds, reports metrics and health, resumes its watch after "410 Gone", and two
+replicas hand over through the Lease when the leader dies."""
+
+import contextlib
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from controller.connect import connect, read_settings
+from controller.pods import PodReader
+from controller.watching import PodEvent, PodWatch, Relisted
+from deploy.local.controlplane import free_port
+from deploy.local.pod_objects import create_pod, delete_pod
+from tests.integration.reconciler_env import NAMESPACE, ReconcilerEnv, pod_name
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class RunningController:
+    process: subprocess.Popen[str]
+    port: int
+    identity: str
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            url = f"http://127.0.0.1:{self.port}{path}"
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError as exc:
+            return 0, str(exc)
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """The value of one sample in /metrics, or None when it is absent."""
+        _, text = self.get("/metrics")
+        for line in text.splitlines():
+            match = re.match(rf"^{name}(\{{(.*)\}})? (\S+)$", line)
+            if match and all(f'{k}="{v}"' in (match.group(2) or "") for k, v in labels.items()):
+                return float(match.group(3))
+        return None
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    """Seconds until `condition` held; fails after `timeout`."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout:.0f} s: {what}")
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+@contextlib.contextmanager
+def controllers(recon: ReconcilerEnv, count: int, *extra: str) -> Iterator[list[RunningController]]:
+    started = []
+    try:
+        for n in range(count):
+            port, identity = free_port(), f"replica-{n}-{uuid.uuid4().hex[:4]}"
+            argv = recon.reconciler_argv(
+                "--watch", "--listen", f"127.0.0.1:{port}", "--identity", identity, *extra
+            )
+            process = subprocess.Popen(
+                argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
+            started.append(RunningController(process, port, identity))
+        yield started
+    finally:
+        for controller in started:
+            controller.process.kill()
+            controller.process.wait(timeout=30)
+            assert controller.process.stderr is not None
+            controller.process.stderr.close()
+
+
+def test_the_controller_frees_a_deleted_pods_address_within_seconds(recon: ReconcilerEnv) -> None:
+    live, doomed = pod_name("live"), pod_name("doomed")
+    kept = recon.add(live, create_pod(recon.cluster, NAMESPACE, live))
+    address = recon.add(doomed, create_pod(recon.cluster, NAMESPACE, doomed))
+    args = ("--no-leader-election", "--resync", "600")  # no full pass but the first
+    with controllers(recon, 1, *args) as [controller]:
+        wait_for(lambda: controller.get("/readyz")[0] == 200, 60, "ready after its first pass")
+        assert controller.get("/healthz") == (200, "ok")
+        pool = {"network": recon.network, "family": "4", "scope": ""}
+        assert controller.metric("pyabouts_pool_addresses", **pool, state="used") == 2
+        assert controller.metric("pyabouts_pool_addresses", **pool, state="total") == 254
+
+        delete_pod(recon.cluster, NAMESPACE, doomed)  # force-deleted, no DEL
+        seconds = wait_for(lambda: address not in recon.held(), 10, f"{address} freed")
+        assert set(recon.held()) == {kept}
+        reclaimed = controller.metric("pyabouts_reconciler_reclaimed_total", reason="pod-gone")
+        assert reclaimed is not None and reclaimed >= 1
+        assert controller.metric("pyabouts_reconciler_passes_total", kind="targeted") >= 1  # type: ignore[operator]
+    print(f"freed {seconds:.1f} s after the deletion")
+
+
+@pytest.mark.parametrize("recon", ["etcd"], indirect=True)
+def test_the_periodic_full_pass_frees_what_no_watch_event_points_at(recon: ReconcilerEnv) -> None:
+    with controllers(recon, 1, "--no-leader-election", "--resync", "2") as [controller]:
+        wait_for(lambda: controller.get("/readyz")[0] == 200, 60, "ready after its first pass")
+        # An ADD for a pod that never existed: no pod event will ever name it.
+        address = recon.add(pod_name("never-existed"), "no-such-uid")
+        wait_for(lambda: address not in recon.held(), 20, f"{address} freed by a full pass")
+        full = controller.metric("pyabouts_reconciler_passes_total", kind="full")
+        assert full is not None and full >= 2
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("recon", ["kubernetes"], indirect=True)
+def test_the_watch_resumes_after_an_apiserver_restart_and_lists_again_on_410(
+    recon: ReconcilerEnv,
+) -> None:
+    # A restarted apiserver starts a new watch cache: resuming from the resourceVersion seen
+    # before is answered "410 Gone" (verified by hand), so the watch must list again.
+    connections = connect(read_settings(str(recon.flat_file)), str(recon.kubeconfig))
+    watch = PodWatch(connections.api_client, PodReader(connections.api_client))
+    stop = threading.Event()
+    name = pod_name("after-restart")
+    ref = f"{NAMESPACE}/{name}"
+    try:
+        for event in watch.events(stop):
+            if isinstance(event, Relisted) and watch.relists == 1:
+                recon.cluster.restart_apiserver()
+                create_pod(recon.cluster, NAMESPACE, name)  # while the watch is away
+            elif isinstance(event, Relisted) and ref in event.listing.pods:
+                break  # the listing after 410 Gone has it
+            elif isinstance(event, PodEvent) and event.pod.ref == ref:
+                break
+    finally:
+        stop.set()
+        connections.close()
+    assert watch.relists == 2  # the first listing, and the one after 410 Gone
+
+
+@pytest.mark.parametrize("recon", ["kubernetes"], indirect=True)
+def test_a_follower_takes_over_when_the_leader_is_killed(recon: ReconcilerEnv) -> None:
+    lease = f"pyabouts-reconciler-{uuid.uuid4().hex[:6]}"
+    timing = ("--lease-duration", "4", "--renew-deadline", "3", "--retry-period", "1")
+    with controllers(recon, 2, "--lease-name", lease, *timing) as replicas:
+
+        def holder() -> str:
+            path = f"/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/{lease}"
+            status, body = recon.cluster.request("GET", path)
+            return str(body["spec"].get("holderIdentity", "")) if status == 200 else ""
+
+        wait_for(lambda: holder() != "", 60, "one replica holds the Lease")
+        [leader] = [r for r in replicas if r.identity == holder()]
+        [follower] = [r for r in replicas if r is not leader]
+        wait_for(lambda: leader.get("/readyz")[0] == 200, 60, "the leader made its first pass")
+        wait_for(lambda: follower.get("/readyz")[0] == 200, 60, "standing by is ready")
+        assert (
+            leader.metric("pyabouts_reconciler_leader"),
+            follower.metric("pyabouts_reconciler_leader"),
+        ) == (1, 0)
+
+        leader.process.send_signal(signal.SIGKILL)
+        leader.process.wait(timeout=30)
+        wait_for(lambda: holder() == follower.identity, 30, "the follower takes the Lease")
+        name = pod_name("after-failover")
+        address = recon.add(name, create_pod(recon.cluster, NAMESPACE, name))
+        delete_pod(recon.cluster, NAMESPACE, name)
+        wait_for(lambda: address not in recon.held(), 30, f"{address} freed by the new leader")
+        assert follower.metric("pyabouts_reconciler_leader") == 1

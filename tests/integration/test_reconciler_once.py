@@ -1,0 +1,212 @@
+"""`pyabouts-reconciler` one pass (the CronJob), on both datastores, with Pod objects on a real
+kube-apiserver: what it frees, what it must keep, and that it never frees a live address while
+ADDs run beside it."""
+
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from controller.connect import connect, read_settings
+from controller.leaks import Policy
+from controller.pods import PodReader
+from controller.reconciler import PassSummary, reconcile
+from deploy.local.controlplane import ControlPlane
+from deploy.local.pod_objects import (
+    create_pod,
+    delete_pod,
+    lost_node_condition,
+    set_network_status,
+    set_status,
+)
+from ipam.pool import Owner
+from tests.integration.reconciler_env import NAMESPACE, RECONCILER_SA, ReconcilerEnv, pod_name
+from tests.integration.test_kubernetes_datastore import can
+
+pytestmark = pytest.mark.integration
+
+
+def freed(summary: dict[str, object], reason: str) -> list[str]:
+    addresses = summary["addresses"]
+    assert isinstance(addresses, list)
+    return sorted(a["ip"] for a in addresses if a["reason"] == reason)
+
+
+def test_a_pod_deleted_without_del_is_reclaimed_once_it_is_gone(recon: ReconcilerEnv) -> None:
+    live, gone = pod_name("live"), pod_name("gone")
+    kept = recon.add(live, create_pod(recon.cluster, NAMESPACE, live))
+    leaked = recon.add(gone, create_pod(recon.cluster, NAMESPACE, gone))
+
+    # A graceful deletion: the pod is Terminating and its DEL is still to come. Keep it.
+    delete_pod(recon.cluster, NAMESPACE, gone, grace_seconds=None)
+    assert recon.reconcile()["addresses"] == []
+    assert set(recon.held()) == {kept, leaked}
+
+    delete_pod(recon.cluster, NAMESPACE, gone)  # gone from the API, and no DEL ever came
+    summary = recon.reconcile()
+    assert freed(summary, "pod-gone") == [leaked]
+    assert set(recon.held()) == {kept}
+    assert summary["freed"] >= 1 and "freed" in str(summary["summary"])
+
+
+def test_a_force_deleted_pod_is_reclaimed(recon: ReconcilerEnv) -> None:
+    name = pod_name("forced")
+    address = recon.add(name, create_pod(recon.cluster, NAMESPACE, name))
+    delete_pod(recon.cluster, NAMESPACE, name, grace_seconds=0)
+    assert freed(recon.reconcile(), "pod-gone") == [address]
+    assert recon.held() == {}
+
+
+def test_a_pod_of_a_lost_node_is_reclaimed(recon: ReconcilerEnv) -> None:
+    name = pod_name("lost")
+    address = recon.add(name, create_pod(recon.cluster, NAMESPACE, name, node="node-down"))
+    set_status(recon.cluster, NAMESPACE, name, {"phase": "Running"})
+    # The taint manager marks the pod and deletes it; the kubelet that would confirm is gone.
+    set_status(recon.cluster, NAMESPACE, name, {"conditions": [lost_node_condition()]})
+    delete_pod(recon.cluster, NAMESPACE, name, grace_seconds=None)
+    assert freed(recon.reconcile(), "node-lost") == [address]
+
+
+@pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
+def test_finished_pods_are_reclaimed_unless_configured_to_keep_them(
+    recon: ReconcilerEnv, phase: str
+) -> None:
+    name = pod_name(phase.lower())
+    address = recon.add(name, create_pod(recon.cluster, NAMESPACE, name))
+    set_status(recon.cluster, NAMESPACE, name, {"phase": phase})
+    assert recon.reconcile("--keep-finished")["addresses"] == []
+    assert freed(recon.reconcile(), "pod-finished") == [address]
+
+
+def test_a_recreated_pod_of_the_same_name_keeps_its_address(recon: ReconcilerEnv) -> None:
+    name = pod_name("web")
+    address = recon.add(name, create_pod(recon.cluster, NAMESPACE, name), container="old")
+    delete_pod(recon.cluster, NAMESPACE, name)
+    new_uid = create_pod(recon.cluster, NAMESPACE, name)  # the StatefulSet makes it again
+
+    # Pending, no network-status yet: within the grace period its address waits for it.
+    assert recon.reconcile()["addresses"] == []
+    assert recon.add(name, new_uid, container="new") == address
+    set_status(recon.cluster, NAMESPACE, name, {"phase": "Running"})
+    set_network_status(recon.cluster, NAMESPACE, name, address)
+    assert recon.reconcile()["addresses"] == []
+    assert recon.held() == {address: Owner("new", "net1", f"{NAMESPACE}/{name}", new_uid)}
+
+
+def test_a_recreated_pod_that_does_not_use_the_address_frees_it(recon: ReconcilerEnv) -> None:
+    name = pod_name("db")
+    address = recon.add(name, create_pod(recon.cluster, NAMESPACE, name))
+    delete_pod(recon.cluster, NAMESPACE, name)
+    create_pod(recon.cluster, NAMESPACE, name)
+    # Running with its network set up elsewhere (another network, not this pool).
+    set_status(recon.cluster, NAMESPACE, name, {"phase": "Running"})
+    set_network_status(recon.cluster, NAMESPACE, name, "203.0.113.50")
+    assert freed(recon.reconcile(), "pod-replaced") == [address]
+
+
+def test_a_leak_in_overlapping_ranges_is_freed_for_both(recon: ReconcilerEnv) -> None:
+    # Two NADs of one network_name whose ranges overlap share the stored blocks, so freeing the
+    # leak once gives the address back to both ranges.
+    wide, narrow = "10.70.0.0/24", "10.70.0.0/30"
+    first, second = pod_name("wide"), pod_name("narrow")
+    taken = recon.add(first, create_pod(recon.cluster, NAMESPACE, first), cidr=wide)
+    other = recon.add(second, create_pod(recon.cluster, NAMESPACE, second), cidr=narrow)
+    assert (taken, other) == ("10.70.0.1", "10.70.0.2")
+    delete_pod(recon.cluster, NAMESPACE, first)
+    assert freed(recon.reconcile(), "pod-gone") == [taken]
+    third = pod_name("narrow")
+    assert recon.add(third, create_pod(recon.cluster, NAMESPACE, third), cidr=narrow) == taken
+
+
+def test_a_dry_run_reports_the_leaks_and_frees_nothing(recon: ReconcilerEnv) -> None:
+    name = pod_name("dry")
+    address = recon.add(name, create_pod(recon.cluster, NAMESPACE, name))
+    delete_pod(recon.cluster, NAMESPACE, name)
+    summary = recon.reconcile("--dry-run")
+    assert summary["dryRun"] is True and summary["freed"] == 0
+    assert freed(summary, "pod-gone") == [address]
+    assert set(recon.held()) == {address}
+
+
+@pytest.mark.xdist_group("processes")  # hundreds of plugin processes: not beside the others
+def test_200_adds_while_the_reconciler_loops_lose_no_live_address(recon: ReconcilerEnv) -> None:
+    """Each pod is created just before its ADD, as after scheduling, while passes run back to
+    back; leaks seeded beforehand show that the passes really free what they should."""
+    seeded = set()
+    for n in range(20):
+        name = pod_name(f"leak{n}")
+        recon.add(name, create_pod(recon.cluster, NAMESPACE, name))
+        delete_pod(recon.cluster, NAMESPACE, name)
+        seeded.add(f"{NAMESPACE}/{name}")
+
+    connections = connect(read_settings(str(recon.flat_file)), str(recon.kubeconfig))
+    reader = PodReader(connections.api_client)
+    summaries: list[PassSummary] = []
+    done = threading.Event()
+
+    def loop() -> None:
+        while not done.is_set():
+            summaries.append(reconcile(connections.store, lambda: reader.list_all().pods, Policy()))
+
+    def start_pod(n: int) -> tuple[str, str]:
+        name = f"race-{recon.network}-{n:03d}"
+        return name, recon.add(name, create_pod(recon.cluster, NAMESPACE, name))
+
+    looping = threading.Thread(target=loop)
+    looping.start()
+    try:
+        with ThreadPoolExecutor(max_workers=10) as pool:
+            live = dict(pool.map(start_pod, range(200)))
+        time.sleep(0.5)
+    finally:
+        done.set()
+        looping.join(timeout=120)
+        connections.close()
+
+    assert len(summaries) >= 3, "the reconciler must have run beside the ADDs"
+    live_refs = {f"{NAMESPACE}/{name}" for name in live}
+    wrongly_freed = [leak for s in summaries for leak in s.freed if leak.owner.pod in live_refs]
+    assert wrongly_freed == []
+    held = recon.held()
+    assert {address: held[address].pod for address in live.values()} == {
+        address: f"{NAMESPACE}/{name}" for name, address in live.items()
+    }
+    # The seeded leaks were freed during the run (and their addresses went to new pods).
+    assert {leak.owner.pod for s in summaries for leak in s.freed} >= seeded
+    assert not {owner.pod for owner in held.values()} & seeded
+
+
+def test_the_reconciler_rbac_allows_exactly_what_it_needs(pyabouts_cluster: ControlPlane) -> None:
+    def may(verb: str, resource: str, namespace: str = "kube-system") -> bool:
+        return can(pyabouts_cluster, verb, resource, namespace, service_account=RECONCILER_SA)
+
+    for verb in ("get", "list", "watch"):
+        assert may(verb, "pods", NAMESPACE), verb
+    for verb in ("get", "list", "update"):
+        assert may(verb, "ippools.pyabouts.io"), verb
+    for verb in ("get", "create", "update"):
+        assert may(verb, "leases.coordination.k8s.io"), verb
+    assert not may("create", "leases.coordination.k8s.io", NAMESPACE)
+    assert not may("delete", "pods", NAMESPACE)
+    assert not may("update", "pods", NAMESPACE)
+    assert not may("create", "ippools.pyabouts.io")
+    assert not may("delete", "ippools.pyabouts.io")
+    assert not may("get", "secrets")
+
+
+@pytest.mark.parametrize("recon", ["kubernetes"], indirect=True)
+def test_a_reconciler_that_may_not_list_pods_says_so_and_frees_nothing(
+    recon: ReconcilerEnv,
+) -> None:
+    name = pod_name("kept")
+    address = recon.add(name, create_pod(recon.cluster, NAMESPACE, name))
+    delete_pod(recon.cluster, NAMESPACE, name)
+    # The plugin's ServiceAccount may read and write IPPools, but not list pods.
+    plugin = recon.cluster.service_account_kubeconfig("kube-system", "pyabouts")
+    argv = [*recon.reconciler_argv()[:-2], "--kubeconfig", str(plugin)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert "Forbidden" in done.stderr and "Traceback" not in done.stderr
+    assert set(recon.held()) == {address}

@@ -1,0 +1,59 @@
+"""An in-memory PoolStore with the same compare-and-swap semantics as the real ones.
+
+For fast unit tests only; the same contract suite runs against real etcd (and the apiserver).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Sequence
+
+from ipam.pool import Block, BlockKey, PoolId
+from ipam.store import WriteOutcome
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.blocks: dict[BlockKey, Block] = {}
+        self.writes = 0
+        self.conflicts = 0
+        self._versions = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def read_blocks(self, pool: PoolId, first: int, last: int) -> list[Block]:
+        with self._lock:
+            return [
+                b.copy()
+                for k, b in sorted(self.blocks.items())
+                if k.pool == pool and BlockKey.of(pool, first).base <= k.base <= last
+            ]
+
+    def read_all_blocks(self) -> list[Block]:
+        with self._lock:
+            return [b.copy() for _, b in sorted(self.blocks.items())]
+
+    def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
+        with self._lock:
+            stale = [
+                b.key
+                for b in blocks
+                if (self.blocks[b.key].revision if b.key in self.blocks else None) != b.revision
+            ]
+            if stale:
+                self.conflicts += 1
+                return WriteOutcome(conflicts=stale)
+            outcome = WriteOutcome()
+            for block in blocks:
+                stored = self.blocks[block.key] = block.copy()
+                stored.revision = outcome.revisions[block.key] = str(next(self._versions))
+            self.writes += 1
+            return outcome
+
+    def close(self) -> None:
+        pass
+
+    def snapshot(self) -> dict[BlockKey, dict[int, object]]:
+        """Everything stored, for tests that check a request changed nothing."""
+        with self._lock:
+            return {k: dict(b.entries) for k, b in self.blocks.items()}

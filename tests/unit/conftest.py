@@ -1,0 +1,22 @@
+from collections.abc import Iterator
+
+import pytest
+
+from tests.memory_store import MemoryStore
+
+
+@pytest.fixture
+def memory_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[MemoryStore]:
+    """The plugin's commands, served from an in-memory store instead of the configured one."""
+    store = MemoryStore()
+    monkeypatch.setattr("ipam.stores.open_store", lambda ipam, timeout: store)
+    yield store
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_store() -> Iterator[MemoryStore]:
+    """One store for many generated requests (hypothesis runs them in one test function)."""
+    store = MemoryStore()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("ipam.stores.open_store", lambda ipam, timeout: store)
+        yield store

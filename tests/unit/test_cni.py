@@ -1,0 +1,95 @@
+import pytest
+
+from ipam.errors import INCOMPATIBLE_VERSION, INVALID_ENVIRONMENT, CniError
+from plugin.cni import IpConfig, check_version, parse_cni_args, render_result
+
+KUBELET_ARGS = (
+    "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;"
+    "K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=1234"
+)
+
+
+def test_kubelet_cni_args_parse() -> None:
+    args = parse_cni_args(KUBELET_ARGS)
+    assert args["K8S_POD_NAME"] == "web-0"
+    assert args["K8S_POD_UID"] == "1234"
+
+
+def test_repeated_keys_are_tolerated_as_multus_sends_them() -> None:
+    args = parse_cni_args("IgnoreUnknown=true;K8S_POD_NAME=a;IgnoreUnknown=1;MAC=00:11:22:33:44:55")
+    assert args["IgnoreUnknown"] == "1"
+    assert args["MAC"] == "00:11:22:33:44:55"
+
+
+def test_unknown_keys_are_refused_without_ignore_unknown() -> None:
+    with pytest.raises(CniError) as excinfo:
+        parse_cni_args("K8S_POD_NAME=a;FOO=bar")
+    assert excinfo.value.code == INVALID_ENVIRONMENT
+    assert "FOO" in excinfo.value.msg
+    assert parse_cni_args("IgnoreUnknown=1;FOO=bar")["FOO"] == "bar"
+
+
+@pytest.mark.parametrize("text", ["novalue", "=x", "A=1;;junk"])
+def test_malformed_cni_args_are_code_4(text: str) -> None:
+    with pytest.raises(CniError) as excinfo:
+        parse_cni_args(text)
+    assert excinfo.value.code == INVALID_ENVIRONMENT
+
+
+def test_empty_cni_args_are_fine() -> None:
+    assert parse_cni_args("") == {}
+
+
+@pytest.mark.parametrize(
+    ("command", "version", "ok"),
+    [
+        ("ADD", "0.3.0", True),
+        ("ADD", "1.1.0", True),
+        ("ADD", "0.2.0", False),
+        ("ADD", "2.0.0", False),
+        ("CHECK", "0.3.1", False),
+        ("CHECK", "0.4.0", True),
+        ("GC", "1.0.0", False),
+        ("GC", "1.1.0", True),
+        ("STATUS", "1.0.0", False),
+        ("STATUS", "1.1.0", True),
+    ],
+)
+def test_versions_and_commands(command: str, version: str, ok: bool) -> None:
+    if ok:
+        check_version(command, version)
+    else:
+        with pytest.raises(CniError) as excinfo:
+            check_version(command, version)
+        assert excinfo.value.code == INCOMPATIBLE_VERSION
+
+
+IPS = [IpConfig("192.0.2.5/24", 4, "192.0.2.1"), IpConfig("2001:db8::5/64", 6)]
+
+
+@pytest.mark.parametrize("version", ["0.3.0", "0.3.1", "0.4.0"])
+def test_old_results_carry_the_ip_version(version: str) -> None:
+    result = render_result(version, IPS, routes=[], dns=None)
+    assert result == {
+        "cniVersion": version,
+        "ips": [
+            {"version": "4", "address": "192.0.2.5/24", "gateway": "192.0.2.1"},
+            {"version": "6", "address": "2001:db8::5/64"},
+        ],
+    }
+
+
+@pytest.mark.parametrize("version", ["1.0.0", "1.1.0"])
+def test_new_results_have_no_ip_version_and_no_interfaces(version: str) -> None:
+    result = render_result(
+        version, IPS, routes=[{"dst": "0.0.0.0/0"}], dns={"nameservers": ["192.0.2.53"]}
+    )
+    assert result == {
+        "cniVersion": version,
+        "ips": [
+            {"address": "192.0.2.5/24", "gateway": "192.0.2.1"},
+            {"address": "2001:db8::5/64"},
+        ],
+        "routes": [{"dst": "0.0.0.0/0"}],
+        "dns": {"nameservers": ["192.0.2.53"]},
+    }

@@ -1,0 +1,184 @@
+"""Several decisions in one view and one write: savepoints, and the batching of the agent."""
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ipam import allocator
+from ipam.coalescing import CoalescingTransactions, decide_each
+from ipam.errors import RANGE_EXHAUSTED, REQUESTED_IP_UNAVAILABLE, CniError
+from ipam.pool import Block, BlockKey, Owner, PoolId, PoolView
+from ipam.ranges import build_range
+from ipam.store import WriteOutcome
+from ipam.stores.cached import CachedStore
+from tests.memory_store import MemoryStore
+
+POOL = PoolId("batch", 4)
+SMALL = build_range("10.0.0.0/29", range_start=None, range_end=None, exclude=[], pool=POOL)
+
+
+def owner(n: int) -> Owner:
+    return Owner(f"c{n}", "net1", f"ns/p{n}")
+
+
+def snapshot(view: PoolView) -> dict[int, Owner]:
+    return dict(view.entries(POOL, 0, (1 << 32) - 1))
+
+
+@given(
+    before=st.dictionaries(st.integers(0, 600), st.integers(0, 5), max_size=20),
+    changes=st.lists(st.tuples(st.booleans(), st.integers(0, 600), st.integers(0, 5)), max_size=30),
+)
+def test_rollback_restores_the_view_exactly(
+    before: dict[int, int], changes: list[tuple[bool, int, int]]
+) -> None:
+    blocks: dict[BlockKey, Block] = {}
+    for address, n in before.items():
+        key = BlockKey.of(POOL, address)
+        blocks.setdefault(key, Block(key)).put(address, owner(n))
+    view = PoolView(blocks.values())
+    original = snapshot(view)
+    mark = view.savepoint()
+    for assign, address, n in changes:
+        if assign:
+            view.assign(POOL, address, owner(n))
+        else:
+            view.unassign(POOL, address)
+    view.rollback(mark)
+    assert snapshot(view) == original
+    assert view.changed_blocks() == []
+    assert view.first_free(POOL, 0, 600) == min(set(range(601)) - set(before))
+    assert {a for b in blocks.values() for a in b.entries} == set(before)  # given blocks untouched
+
+
+def test_a_failed_decision_leaves_nothing_and_the_others_stand() -> None:
+    view = PoolView([])
+    taken = 167772161  # 10.0.0.1
+
+    def take_two_then_fail(v: PoolView) -> None:
+        allocator.assign_addresses(v, [SMALL], owner(90), [])
+        raise CniError(REQUESTED_IP_UNAVAILABLE, "no")
+
+    outcomes = decide_each(
+        view,
+        [
+            lambda v: allocator.assign_addresses(v, [SMALL], owner(1), []),
+            take_two_then_fail,
+            lambda v: allocator.assign_addresses(v, [SMALL], owner(2), []),
+        ],
+    )
+    assert outcomes[0] == ([taken], True)
+    assert outcomes[2] == ([taken + 1], True)  # the failed one's address went to the next one
+    assert isinstance(getattr(outcomes[1][0], "error", None), CniError)
+    assert outcomes[1][1] is False
+    assert snapshot(view) == {taken: owner(1), taken + 1: owner(2)}
+
+
+class SlowStore(MemoryStore):
+    """A store whose writes take time, so that requests pile up behind one in flight."""
+
+    def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
+        time.sleep(0.02)
+        return super().write_blocks(blocks)
+
+
+def run_threads(count: int, work: Callable[[int], object]) -> list[object]:
+    results: list[object] = [None] * count
+
+    def one(n: int) -> None:
+        try:
+            results[n] = work(n)
+        except CniError as error:
+            results[n] = error
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_concurrent_requests_share_writes_and_exhaustion_fails_only_the_late() -> None:
+    store = SlowStore()
+    batches: list[int] = []
+    transactions = CoalescingTransactions(store, on_batch=batches.append)
+
+    def allocate(n: int) -> object:
+        return transactions.run(
+            [SMALL],
+            lambda v: allocator.assign_addresses(v, [SMALL], owner(n), []),
+            deadline=time.monotonic() + 30,
+        )
+
+    results = run_threads(20, allocate)
+    given_out = [r[0] for r in results if isinstance(r, list)]
+    refused = [r for r in results if isinstance(r, CniError)]
+    assert len(given_out) == len(set(given_out)) == 6  # a /29 gives six addresses
+    assert [e.code for e in refused] == [RANGE_EXHAUSTED] * 14
+    assert store.writes < 6 and sum(batches) == 20
+    stored = {a for b in store.read_blocks(POOL, SMALL.first, SMALL.last) for a in b.entries}
+    assert stored == set(given_out)
+
+
+def test_a_store_failure_reaches_every_request_of_the_batch() -> None:
+    class DownStore(MemoryStore):
+        def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
+            raise CniError(RANGE_EXHAUSTED + 2, "refused")
+
+    transactions = CoalescingTransactions(DownStore())
+    results = run_threads(
+        5,
+        lambda n: transactions.run(
+            [SMALL],
+            lambda v: allocator.assign_addresses(v, [SMALL], owner(n), []),
+            deadline=time.monotonic() + 5,
+        ),
+    )
+    assert all(isinstance(r, CniError) and r.msg == "refused" for r in results)
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_requests_after_a_batch_start_a_new_one(count: int) -> None:
+    store = SlowStore()
+    transactions = CoalescingTransactions(store)
+    for n in range(count):
+        transactions.run(
+            [SMALL],
+            lambda v, n=n: allocator.assign_addresses(v, [SMALL], owner(n), []),  # type: ignore[misc]
+            deadline=time.monotonic() + 5,
+        )
+    assert store.writes == count
+
+
+def test_an_answer_that_wrote_nothing_is_checked_on_a_fresh_read() -> None:
+    """A cache that missed another writer's DEL says "exhausted"; before that is answered, the
+    pool is read afresh and the address freed meanwhile is given."""
+    backing = MemoryStore()
+    cache = CachedStore(backing)
+    transactions = CoalescingTransactions(cache, forget=cache.forget)
+
+    def allocate(n: int) -> list[int]:
+        return transactions.run(
+            [SMALL],
+            lambda v: allocator.assign_addresses(v, [SMALL], owner(n), []),
+            deadline=time.monotonic() + 5,
+        )
+
+    given = [allocate(n)[0] for n in range(6)]  # the /29 is full, as the cache knows
+    elsewhere = CachedStore(backing)
+    freed = transactions_of(elsewhere).run(
+        [SMALL],
+        lambda v: allocator.release_addresses(v, [SMALL], "c3", "net1"),
+        deadline=time.monotonic() + 5,
+    )
+    assert freed == [given[3]]
+    assert allocate(99) == [given[3]]
+
+
+def transactions_of(store: CachedStore) -> CoalescingTransactions:
+    return CoalescingTransactions(store)

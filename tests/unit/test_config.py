@@ -1,0 +1,198 @@
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipam.config import NetConf, fill_empty, load_config, requested_addresses
+from ipam.errors import INVALID_CONFIG, CniError
+
+WHEREABOUTS_KEYS: dict[str, Any] = {
+    "type": "pyabouts",
+    "range": "192.0.2.0/24",
+    "range_start": "192.0.2.10",
+    "range_end": "192.0.2.100",
+    "exclude": ["192.0.2.16/28", "192.0.2.50"],
+    "ipRanges": [{"range": "2001:db8::/64", "range_start": "2001:db8::10", "exclude": []}],
+    "network_name": "blue",
+    "enable_overlapping_ranges": False,
+    "gateway": "192.0.2.1",
+    "routes": [{"dst": "0.0.0.0/0"}, {"dst": "198.51.100.0/24", "gw": "192.0.2.254"}],
+    "dns": {"nameservers": ["192.0.2.53"], "domain": "example.org", "search": ["example.org"]},
+    "addresses": [{"address": "203.0.113.5/24", "gateway": "203.0.113.1"}],
+    "log_file": "/tmp/pyabouts.log",
+    "log_level": "debug",
+    "configuration_path": "/nonexistent/pyabouts.conf",
+    "kubernetes": {"kubeconfig": "/etc/cni/net.d/pyabouts.d/pyabouts.kubeconfig"},
+    "datastore": "etcd",
+    "etcd_host": "127.0.0.1:2379",
+    "etcd_username": "u",
+    "etcd_password": "p",
+    "etcd_key_file": "/k",
+    "etcd_cert_file": "/c",
+    "etcd_ca_cert_file": "/ca",
+    "node_slice_size": "/28",
+    # whereabouts-only tuning keys are accepted and ignored
+    "leader_lease_duration": 1500,
+    "sleep_for_race": 0,
+}
+
+
+def netconf(**ipam: Any) -> dict[str, Any]:
+    return {"cniVersion": "1.0.0", "name": "net", "type": "macvlan", "ipam": ipam}
+
+
+def error_of(raw: dict[str, Any]) -> CniError:
+    with pytest.raises(CniError) as excinfo:
+        load_config(raw)
+    return excinfo.value
+
+
+def test_every_whereabouts_key_is_accepted_with_its_meaning() -> None:
+    config = load_config(netconf(**WHEREABOUTS_KEYS))
+    ipam = config.ipam
+    assert ipam.network_name == "blue"
+    assert ipam.enable_overlapping_ranges is False
+    assert ipam.kubernetes.kubeconfig == "/etc/cni/net.d/pyabouts.d/pyabouts.kubeconfig"
+    assert ipam.datastore == "etcd"
+    assert [r.text for r in config.ranges] == ["192.0.2.0/24", "2001:db8::/64"]
+    assert [r.pool.scope for r in config.ranges] == ["192.0.2.0/24", "2001:db8::/64"]
+    assert all(r.pool.network == "blue" for r in config.ranges)
+    assert config.ranges[0].size == 91 - 16 - 1  # .10-.100 less the /28 (.16-.31) and .50
+    assert ipam.routes[1].gw == "192.0.2.254"
+    assert ipam.addresses[0].address == "203.0.113.5/24"
+
+
+def test_defaults_follow_whereabouts() -> None:
+    ipam = load_config(netconf(type="pyabouts", range="192.0.2.0/24")).ipam
+    assert ipam.datastore == "kubernetes"
+    assert ipam.enable_overlapping_ranges is True
+    assert ipam.network_name == ""
+    assert ipam.exclude == []
+
+
+def test_the_type_must_be_pyabouts_and_the_error_names_key_and_value() -> None:
+    error = error_of(netconf(type="whereabouts", range="192.0.2.0/24"))
+    assert error.code == INVALID_CONFIG
+    assert "ipam.type='whereabouts'" in error.msg
+    assert "pyabouts" in error.msg
+
+
+@pytest.mark.parametrize(
+    ("ipam", "named"),
+    [
+        ({"range": "192.0.2.0/33"}, "ipam.range: '192.0.2.0/33'"),
+        ({"range": "192.0.2.0/24", "range_start": "nope"}, "ipam.range_start='nope'"),
+        ({"range": "192.0.2.0/24", "gateway": "1.2.3"}, "ipam.gateway='1.2.3'"),
+        ({"range": "192.0.2.0/24", "datastore": "consul"}, "ipam.datastore='consul'"),
+        ({"range": "192.0.2.0/24", "log_level": "loud"}, "ipam.log_level='loud'"),
+        ({"range": "192.0.2.0/24", "routes": [{"dst": "x"}]}, "ipam.routes.0.dst='x'"),
+        ({"range": "192.0.2.0/24", "addresses": [{"address": "1.1.1.1"}]}, "'1.1.1.1'"),
+        ({"ipRanges": [{"range": "10.0.0.0/32"}]}, "ipam.ipRanges[0].range: '10.0.0.0/32'"),
+        ({"range": "192.0.2.0/24", "exclude": ["bad"]}, "'bad'"),
+        ({"range": "192.0.2.0/24", "enable_overlapping_ranges": "maybe"}, "'maybe'"),
+        ({}, "ipam.range or ipam.ipRanges is required"),
+    ],
+)
+def test_bad_values_give_code_7_naming_the_key_and_value(ipam: dict[str, Any], named: str) -> None:
+    error = error_of(netconf(type="pyabouts", **ipam))
+    assert error.code == INVALID_CONFIG
+    assert named in error.msg
+
+
+def test_a_missing_ipam_section_is_code_7() -> None:
+    assert error_of({"cniVersion": "1.0.0", "name": "x"}).code == INVALID_CONFIG
+
+
+def test_the_flat_file_fills_only_what_the_inline_config_leaves_empty(tmp_path: Path) -> None:
+    flat = tmp_path / "pyabouts.conf"
+    flat.write_text(
+        json.dumps(
+            {
+                "datastore": "etcd",
+                "etcd_host": "10.0.0.1:2379",
+                "network_name": "from-flat",
+                "kubernetes": {"kubeconfig": "/flat/kubeconfig"},
+                "log_level": "debug",
+            }
+        )
+    )
+    config = load_config(
+        netconf(
+            type="pyabouts",
+            range="192.0.2.0/24",
+            configuration_path=str(flat),
+            network_name="inline",
+            etcd_host="",
+        )
+    )
+    assert config.flat_file == str(flat)
+    assert config.ipam.network_name == "inline"
+    assert config.ipam.etcd_host == "10.0.0.1:2379"  # empty inline value is filled
+    assert config.ipam.datastore == "etcd"
+    assert config.ipam.kubernetes.kubeconfig == "/flat/kubeconfig"
+
+
+def test_the_flat_file_is_searched_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = tmp_path / "a.conf", tmp_path / "b.conf"
+    second.write_text(json.dumps({"network_name": "second"}))
+    monkeypatch.setattr("ipam.config.FLAT_FILE_PATHS", (str(first), str(second)))
+    config = load_config(netconf(type="pyabouts", range="192.0.2.0/24"))
+    assert config.ipam.network_name == "second"
+    first.write_text(json.dumps({"network_name": "first"}))
+    assert load_config(netconf(type="pyabouts", range="192.0.2.0/24")).ipam.network_name == "first"
+    explicit = tmp_path / "explicit.conf"
+    explicit.write_text(json.dumps({"network_name": "explicit"}))
+    config = load_config(
+        netconf(type="pyabouts", range="192.0.2.0/24", configuration_path=str(explicit))
+    )
+    assert config.ipam.network_name == "explicit"
+
+
+def test_no_flat_file_is_fine_when_the_inline_config_is_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("ipam.config.FLAT_FILE_PATHS", (str(tmp_path / "none.conf"),))
+    config = load_config(netconf(type="pyabouts", range="192.0.2.0/24"))
+    assert config.flat_file is None
+
+
+def test_a_broken_flat_file_is_code_7(tmp_path: Path) -> None:
+    flat = tmp_path / "pyabouts.conf"
+    flat.write_text("{not json")
+    error = error_of(netconf(type="pyabouts", range="192.0.2.0/24", configuration_path=str(flat)))
+    assert error.code == INVALID_CONFIG
+    assert str(flat) in error.msg
+
+
+def test_fill_empty_merges_objects_recursively() -> None:
+    merged = fill_empty(
+        {"a": "", "b": {"x": None, "y": 1}}, {"a": 1, "b": {"x": 2, "y": 3}, "c": 4}
+    )
+    assert merged == {"a": 1, "b": {"x": 2, "y": 1}, "c": 4}
+
+
+def test_requested_addresses_come_from_three_channels_in_order() -> None:
+    raw = netconf(type="pyabouts", range="192.0.2.0/24")
+    raw["capabilities"] = {"ips": True}
+    raw["runtimeConfig"] = {"ips": ["192.0.2.5/24"]}
+    raw["args"] = {"cni": {"ips": ["192.0.2.6", "192.0.2.5"]}}
+    got = requested_addresses(NetConf.model_validate(raw), "192.0.2.7/24,2001:db8::7")
+    assert [str(a) for a in got] == ["192.0.2.5", "192.0.2.6", "192.0.2.7", "2001:db8::7"]
+
+
+def test_runtime_config_ips_count_only_with_the_ips_capability() -> None:
+    raw = netconf(type="pyabouts", range="192.0.2.0/24")
+    raw["runtimeConfig"] = {"ips": ["192.0.2.5/24"]}
+    assert requested_addresses(NetConf.model_validate(raw), None) == []
+
+
+def test_a_malformed_requested_address_is_code_7_naming_its_source() -> None:
+    raw = netconf(type="pyabouts", range="192.0.2.0/24")
+    with pytest.raises(CniError) as excinfo:
+        requested_addresses(NetConf.model_validate(raw), "192.0.2.300")
+    assert excinfo.value.code == INVALID_CONFIG
+    assert "CNI_ARGS IP" in excinfo.value.msg
+    assert "192.0.2.300" in excinfo.value.msg

@@ -1,0 +1,287 @@
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipam.errors import StoreUnavailableError
+from ipam.pool import Block, BlockKey, PoolId
+from ipam.store import WriteOutcome
+from plugin.handler import handle_request
+from tests.memory_store import MemoryStore
+
+POD_ARGS = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"
+
+
+def conf(version: str = "1.0.0", **ipam: Any) -> dict[str, Any]:
+    settings = {"type": "pyabouts", "range": "192.0.2.0/29", "datastore": "etcd"} | ipam
+    return {"cniVersion": version, "name": "net", "type": "macvlan", "ipam": settings}
+
+
+def call(
+    command: str,
+    config: dict[str, Any],
+    container: str = "c1",
+    ifname: str = "net1",
+    args: str = POD_ARGS,
+) -> tuple[int, Any]:
+    env = {
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": container,
+        "CNI_IFNAME": ifname,
+        "CNI_NETNS": "/var/run/netns/x",
+        "CNI_ARGS": args,
+    }
+    reply = handle_request(env, json.dumps(config).encode())
+    return reply.exit_code, json.loads(reply.stdout) if reply.stdout else None
+
+
+def test_version_lists_the_supported_versions() -> None:
+    reply = handle_request({"CNI_COMMAND": "VERSION"}, b"")
+    assert reply.exit_code == 0
+    assert json.loads(reply.stdout)["supportedVersions"] == [
+        "0.3.0",
+        "0.3.1",
+        "0.4.0",
+        "1.0.0",
+        "1.1.0",
+    ]
+
+
+def test_add_returns_the_address_with_gateway_routes_dns_and_static_addresses(
+    memory_store: MemoryStore,
+) -> None:
+    config = conf(
+        gateway="192.0.2.1",
+        exclude=["192.0.2.1"],
+        routes=[{"dst": "0.0.0.0/0"}],
+        dns={"nameservers": ["192.0.2.53"]},
+        addresses=[{"address": "203.0.113.9/24", "gateway": "203.0.113.1"}],
+        ipRanges=[{"range": "2001:db8::/64"}],
+    )
+    code, result = call("ADD", config)
+    assert code == 0
+    assert result == {
+        "cniVersion": "1.0.0",
+        "ips": [
+            {"address": "192.0.2.2/29", "gateway": "192.0.2.1"},
+            {"address": "2001:db8::1/64"},
+            {"address": "203.0.113.9/24", "gateway": "203.0.113.1"},
+        ],
+        "routes": [{"dst": "0.0.0.0/0"}],
+        "dns": {"nameservers": ["192.0.2.53"]},
+    }
+
+
+def test_add_in_a_0_3_1_config_answers_in_the_0_3_1_shape(memory_store: MemoryStore) -> None:
+    code, result = call("ADD", conf("0.3.1"))
+    assert code == 0
+    assert result["ips"] == [{"version": "4", "address": "192.0.2.1/29"}]
+
+
+@pytest.mark.parametrize(
+    "channel",
+    [
+        lambda c: c | {"capabilities": {"ips": True}, "runtimeConfig": {"ips": ["192.0.2.5/29"]}},
+        lambda c: c | {"args": {"cni": {"ips": ["192.0.2.5"]}}},
+    ],
+)
+def test_requested_addresses_from_the_config(memory_store: MemoryStore, channel: Any) -> None:
+    code, result = call("ADD", channel(conf()))
+    assert (code, result["ips"][0]["address"]) == (0, "192.0.2.5/29")
+
+
+def test_requested_address_from_cni_args(memory_store: MemoryStore) -> None:
+    code, result = call("ADD", conf(), args=POD_ARGS + ";IP=192.0.2.6/29")
+    assert (code, result["ips"][0]["address"]) == (0, "192.0.2.6/29")
+
+
+def test_a_taken_requested_address_fails_and_allocates_nothing(memory_store: MemoryStore) -> None:
+    call("ADD", conf(), args=POD_ARGS + ";IP=192.0.2.6")
+    before = memory_store.snapshot()
+    code, error = call("ADD", conf(), container="c2", args="IP=192.0.2.6,2001:db8::1")
+    assert code == 1
+    assert error["code"] == 101
+    assert memory_store.snapshot() == before
+
+
+def test_exhaustion_is_code_100_naming_the_range(memory_store: MemoryStore) -> None:
+    for i in range(6):
+        assert call("ADD", conf(), container=f"c{i}", args=f"K8S_POD_NAME=p{i}")[0] == 0
+    code, error = call("ADD", conf(), container="c9", args="K8S_POD_NAME=p9")
+    assert code == 1
+    assert error["code"] == 100
+    assert "192.0.2.0/29" in error["msg"]
+
+
+def test_delete_of_an_unknown_allocation_succeeds_silently(memory_store: MemoryStore) -> None:
+    assert call("DEL", conf(), container="never-added") == (0, None)
+
+
+def test_a_recreated_pod_gets_its_address_back_under_its_new_uid(
+    memory_store: MemoryStore,
+) -> None:
+    first = call("ADD", conf(), container="sandbox-1", args=f"{POD_ARGS};K8S_POD_UID=uid-1")
+    again = call("ADD", conf(), container="sandbox-2", args=f"{POD_ARGS};K8S_POD_UID=uid-2")
+    assert first == again == (0, first[1])
+    [block] = memory_store.blocks.values()
+    [owner] = block.entries.values()
+    assert (owner.container_id, owner.pod, owner.pod_uid) == ("sandbox-2", "default/web-0", "uid-2")
+
+
+def test_add_del_check_cycle(memory_store: MemoryStore) -> None:
+    config = conf("1.1.0")
+    assert call("CHECK", config)[1]["code"] == 3
+    assert call("ADD", config)[0] == 0
+    assert call("CHECK", config) == (0, None)
+    assert call("DEL", config) == (0, None)
+    code, error = call("CHECK", config)
+    assert (code, error["code"]) == (1, 3)
+    assert "192.0.2.0/29" in error["msg"]
+    assert call("DEL", config) == (0, None)
+
+
+def test_check_fails_when_prev_result_names_an_address_not_held(memory_store: MemoryStore) -> None:
+    config = conf("1.0.0")
+    call("ADD", config)
+    ok = config | {"prevResult": {"ips": [{"address": "192.0.2.1/29"}]}}
+    bad = config | {"prevResult": {"ips": [{"address": "192.0.2.4/29"}]}}
+    assert call("CHECK", ok) == (0, None)
+    assert call("CHECK", bad)[1]["code"] == 3
+
+
+def test_gc_drops_allocations_not_in_valid_attachments(memory_store: MemoryStore) -> None:
+    config = conf("1.1.0")
+    for i in range(3):
+        call("ADD", config, container=f"c{i}", args=f"K8S_POD_NAME=p{i}")
+    gc = config | {"cni.dev/valid-attachments": [{"containerID": "c1", "ifname": "net1"}]}
+    assert call("GC", gc) == (0, None)
+    assert call("CHECK", config, container="c1")[0] == 0
+    assert call("CHECK", config, container="c0")[0] == 1
+    assert call("CHECK", config, container="c2")[0] == 1
+
+
+def test_status_fails_with_50_when_a_range_is_exhausted(memory_store: MemoryStore) -> None:
+    config = conf("1.1.0", range="192.0.2.0/30")
+    assert call("STATUS", config) == (0, None)
+    call("ADD", config, container="a", args="K8S_POD_NAME=a")
+    call("ADD", config, container="b", args="K8S_POD_NAME=b")
+    code, error = call("STATUS", config)
+    assert (code, error["code"]) == (1, 50)
+
+
+def test_log_file_and_log_level(memory_store: MemoryStore, tmp_path: Path) -> None:
+    log = tmp_path / "pyabouts.log"
+    call("ADD", conf(log_file=str(log), log_level="verbose"))
+    assert "ADD c1 net1 (default/web-0): 192.0.2.1/29" in log.read_text()
+    quiet = tmp_path / "quiet.log"
+    call("ADD", conf(log_file=str(quiet), log_level="error"), container="c2", args="")
+    assert "ADD" not in quiet.read_text()
+
+
+@pytest.mark.parametrize(
+    ("env", "stdin", "code"),
+    [
+        ({"CNI_COMMAND": "JUMP"}, b"{}", 4),
+        ({"CNI_COMMAND": "ADD"}, b"not json", 6),
+        ({"CNI_COMMAND": "ADD"}, b"[1, 2]", 6),
+        ({"CNI_COMMAND": "ADD"}, json.dumps(conf("0.2.0")).encode(), 1),
+        ({"CNI_COMMAND": "ADD"}, json.dumps(conf()).encode(), 4),  # no CNI_CONTAINERID
+        (
+            {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c", "CNI_IFNAME": "e", "CNI_ARGS": "X=1"},
+            json.dumps(conf()).encode(),
+            4,
+        ),
+    ],
+)
+def test_bad_requests_get_cni_error_json(
+    memory_store: MemoryStore, env: dict[str, str], stdin: bytes, code: int
+) -> None:
+    reply = handle_request(env, stdin)
+    assert reply.exit_code == 1
+    error = json.loads(reply.stdout)
+    assert error["code"] == code
+    assert error["msg"]
+    assert memory_store.snapshot() == {}
+
+
+def test_a_bug_still_comes_back_as_cni_error_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(ipam: object, timeout: float) -> object:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("ipam.stores.open_store", broken)
+    code, error = call("ADD", conf())
+    assert (code, error["code"]) == (1, 103)
+    assert "RuntimeError: boom" in error["msg"]
+
+
+class ContendedStore(MemoryStore):
+    """Somebody else always wrote first."""
+
+    def write_blocks(self, blocks: Any) -> WriteOutcome:
+        return WriteOutcome(conflicts=[b.key for b in blocks])
+
+
+def test_endless_conflicts_give_try_again_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ContendedStore()
+    monkeypatch.setattr("ipam.stores.open_store", lambda ipam, timeout: store)
+    monkeypatch.setattr("plugin.commands.DEADLINE_SECONDS", 0.3)
+    code, error = call("ADD", conf())
+    assert (code, error["code"]) == (1, 11)
+
+
+def test_the_kubernetes_datastore_needs_a_kubeconfig() -> None:
+    code, error = call("ADD", conf(datastore="kubernetes"))
+    assert (code, error["code"]) == (1, 7)
+    assert "kubernetes.kubeconfig" in error["msg"]
+
+
+def test_a_broken_kubeconfig_is_code_7_naming_it(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\nclusters: []\n")
+    code, error = call(
+        "ADD", conf(datastore="kubernetes", kubernetes={"kubeconfig": str(kubeconfig)})
+    )
+    assert (code, error["code"]) == (1, 7)
+    assert str(kubeconfig) in error["msg"]
+
+
+def test_blocks_written_are_whole_blocks(memory_store: MemoryStore) -> None:
+    call("ADD", conf(range="10.0.0.0/16", range_start="10.0.7.9"))
+    [(key, entries)] = memory_store.snapshot().items()
+    assert key == BlockKey(PoolId("", 4), int.from_bytes(bytes([10, 0, 7, 0])))
+    assert list(entries) == [int.from_bytes(bytes([10, 0, 7, 9]))]
+    stored = memory_store.blocks[key]
+    assert (stored.range_text, stored.capacity) == ("10.0.0.0/16", 256 - 9)  # .9 to .255
+
+
+class FlakyStore(MemoryStore):
+    """Unreachable for the first `failures` reads."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def read_blocks(self, pool: PoolId, first: int, last: int) -> list[Block]:
+        if self.failures:
+            self.failures -= 1
+            raise StoreUnavailableError("etcd at 127.0.0.1:1 is unreachable: test")
+        return super().read_blocks(pool, first, last)
+
+
+def test_a_passing_outage_is_retried_within_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = FlakyStore(failures=2)
+    monkeypatch.setattr("ipam.stores.open_store", lambda ipam, timeout: store)
+    code, result = call("ADD", conf())
+    assert (code, result["ips"][0]["address"]) == (0, "192.0.2.1/29")
+
+
+def test_a_lasting_outage_is_try_again_later_naming_the_store(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = FlakyStore(failures=10**9)
+    monkeypatch.setattr("ipam.stores.open_store", lambda ipam, timeout: store)
+    monkeypatch.setattr("ipam.transaction.OUTAGE_GRACE", 0.3)  # shorter than the deadline
+    code, error = call("ADD", conf())
+    assert (code, error["code"]) == (1, 11)
+    assert "127.0.0.1:1 is unreachable" in error["msg"]

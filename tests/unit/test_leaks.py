@@ -1,0 +1,125 @@
+"""The reconciler's judgement, one rule at a time, without any store or API."""
+
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import netaddr
+import pytest
+
+from controller.leaks import PodState, Policy, Reason, find_leaks, judge
+from controller.pods import network_status_ips, pod_state
+from ipam.pool import Block, BlockKey, Owner, PoolId
+
+NOW = 1_000_000.0
+IP = "198.51.100.7"
+OWNER = Owner("sandbox-1", "net1", "default/web-0", "uid-1")
+RUNNING = PodState(
+    namespace="default",
+    name="web-0",
+    uid="uid-1",
+    phase="Running",
+    created=NOW - 3600,
+    deleting=False,
+    disrupted=False,
+    network_ips=frozenset({IP}),
+)
+POLICY = Policy()
+
+
+def verdict(pod: PodState | None, owner: Owner = OWNER, policy: Policy = POLICY) -> Reason | None:
+    return judge(owner, IP, pod, now=NOW, policy=policy)
+
+
+def test_a_running_pod_keeps_its_address() -> None:
+    assert verdict(RUNNING) is None
+
+
+def test_a_pod_that_no_longer_exists_leaked_its_address() -> None:
+    assert verdict(None) is Reason.POD_GONE
+
+
+def test_an_allocation_without_a_pod_is_never_judged() -> None:
+    assert verdict(None, owner=Owner("sandbox-1", "net1")) is None
+
+
+@pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
+def test_a_finished_pod_gives_its_address_back_unless_configured_not_to(phase: str) -> None:
+    finished = replace(RUNNING, phase=phase)
+    assert verdict(finished) is Reason.POD_FINISHED
+    assert verdict(finished, policy=Policy(free_finished=False)) is None
+
+
+def test_a_pod_deleted_by_the_taint_manager_from_a_lost_node_leaked_its_address() -> None:
+    assert verdict(replace(RUNNING, disrupted=True, deleting=True)) is Reason.NODE_LOST
+    # Being deleted alone is a graceful deletion: its DEL is still coming.
+    assert verdict(replace(RUNNING, deleting=True)) is None
+
+
+def test_a_recreated_pod_that_uses_the_address_keeps_it() -> None:
+    assert verdict(replace(RUNNING, uid="uid-2")) is None
+
+
+def test_a_recreated_pod_that_does_not_use_the_address_leaves_it_free() -> None:
+    other = replace(RUNNING, uid="uid-2", network_ips=frozenset({"198.51.100.99"}))
+    assert verdict(other) is Reason.POD_REPLACED
+
+
+def test_a_recreated_pending_pod_without_network_status_gets_a_grace_period() -> None:
+    pending = replace(RUNNING, uid="uid-2", phase="Pending", network_ips=None, created=NOW - 10)
+    assert verdict(pending) is None
+    assert verdict(replace(pending, created=NOW - 301)) is Reason.POD_REPLACED
+    assert verdict(pending, policy=Policy(pending_grace=5)) is Reason.POD_REPLACED
+
+
+def test_an_allocation_from_before_uids_were_recorded_is_kept_while_its_pod_lives() -> None:
+    legacy = Owner("sandbox-1", "net1", "default/web-0")
+    assert verdict(replace(RUNNING, uid="uid-2", network_ips=frozenset()), owner=legacy) is None
+
+
+def test_leaks_are_found_across_blocks_in_address_order() -> None:
+    pool = PoolId("blue", 4)
+    base = int(netaddr.IPAddress("198.51.100.0"))
+    gone = Owner("s2", "net1", "default/gone", "uid-9")
+    block = Block(BlockKey.of(pool, base), {base + 9: gone, base + 7: OWNER, base + 8: gone})
+    leaks = list(find_leaks([block], {RUNNING.ref: RUNNING}, now=NOW, policy=POLICY))
+    assert [(leak.ip, leak.reason) for leak in leaks] == [
+        ("198.51.100.8", Reason.POD_GONE),
+        ("198.51.100.9", Reason.POD_GONE),
+    ]
+
+
+def test_a_pod_object_reduces_to_what_the_judgement_needs() -> None:
+    pod = {
+        "metadata": {
+            "namespace": "default",
+            "name": "web-0",
+            "uid": "uid-1",
+            "creationTimestamp": "2026-12-01T10:00:00Z",
+            "deletionTimestamp": "2026-12-01T11:00:00Z",
+            "annotations": {
+                "k8s.v1.cni.cncf.io/network-status": '[{"name": "default/blue", '
+                '"interface": "net1", "ips": ["198.51.100.7", "2001:db8::7"]}]'
+            },
+        },
+        "status": {
+            "phase": "Running",
+            "conditions": [
+                {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager"}
+            ],
+        },
+    }
+    state = pod_state(pod)
+    assert (state.ref, state.uid, state.phase, state.deleting, state.disrupted) == (
+        "default/web-0",
+        "uid-1",
+        "Running",
+        True,
+        True,
+    )
+    assert state.network_ips == frozenset({"198.51.100.7", "2001:db8::7"})
+    assert state.created == datetime(2026, 12, 1, 10, tzinfo=UTC).timestamp()
+
+
+@pytest.mark.parametrize("annotation", [None, "not json", '{"ips": []}', 7])
+def test_a_missing_or_broken_network_status_counts_as_none_yet(annotation: object) -> None:
+    assert network_status_ips(annotation) is None

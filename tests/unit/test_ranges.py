@@ -1,0 +1,121 @@
+import netaddr
+import pytest
+
+from ipam.pool import PoolId
+from ipam.ranges import AddressRange, RangeError, build_range
+
+V4 = PoolId("", 4)
+V6 = PoolId("", 6)
+
+
+def make(
+    text: str,
+    start: str | None = None,
+    end: str | None = None,
+    exclude: list[str] | None = None,
+) -> AddressRange:
+    pool = V6 if ":" in text else V4
+    return build_range(text, range_start=start, range_end=end, exclude=exclude or [], pool=pool)
+
+
+def ip(text: str) -> int:
+    return int(netaddr.IPAddress(text))
+
+
+def test_a_cidr_with_host_bits_is_its_network_without_network_and_broadcast() -> None:
+    rng = make("192.0.2.77/24")
+    assert str(rng.network) == "192.0.2.0/24"
+    assert rng.spans == ((ip("192.0.2.1"), ip("192.0.2.254")),)
+    assert rng.size == 254
+
+
+def test_start_end_prefix_syntax_sets_both_bounds() -> None:
+    rng = make("192.0.2.10-192.0.2.20/24")
+    assert rng.spans == ((ip("192.0.2.10"), ip("192.0.2.20")),)
+    assert rng.prefixlen == 24
+
+
+def test_start_end_prefix_refuses_a_start_outside_the_network() -> None:
+    with pytest.raises(RangeError, match="outside"):
+        make("192.0.3.10-192.0.2.20/24")
+
+
+def test_range_start_and_end_narrow_the_range_and_out_of_range_values_are_ignored() -> None:
+    assert make("10.0.0.0/24", "10.0.0.100", "10.0.0.110").spans == (
+        (ip("10.0.0.100"), ip("10.0.0.110")),
+    )
+    assert make("10.0.0.0/24", "10.9.0.100", "11.0.0.1").spans == (
+        (ip("10.0.0.1"), ip("10.0.0.254")),
+    )
+
+
+def test_range_start_on_the_network_address_still_skips_it() -> None:
+    assert make("10.0.0.0/24", "10.0.0.0").first == ip("10.0.0.1")
+
+
+def test_excluded_cidrs_and_bare_ips_are_skipped_whole() -> None:
+    rng = make("10.0.0.0/24", exclude=["10.0.0.0/28", "10.0.0.20", "10.0.0.100/30"])
+    assert rng.spans == (
+        (ip("10.0.0.16"), ip("10.0.0.19")),
+        (ip("10.0.0.21"), ip("10.0.0.99")),
+        (ip("10.0.0.104"), ip("10.0.0.254")),
+    )
+    assert not rng.contains(ip("10.0.0.5"))
+    assert not rng.contains(ip("10.0.0.102"))
+    assert rng.contains(ip("10.0.0.104"))
+
+
+def test_dot_zero_inside_a_larger_range_is_usable() -> None:
+    rng = make("10.0.0.0/16")
+    assert rng.contains(ip("10.0.1.0"))
+    assert rng.contains(ip("10.0.255.0"))
+    assert not rng.contains(ip("10.0.0.0"))
+    assert not rng.contains(ip("10.0.255.255"))
+
+
+@pytest.mark.parametrize(
+    "text", ["10.0.0.0/31", "10.0.0.1/32", "2001:db8::/127", "2001:db8::1/128"]
+)
+def test_ranges_without_usable_addresses_are_refused(text: str) -> None:
+    with pytest.raises(RangeError, match="no usable address"):
+        make(text)
+
+
+def test_everything_excluded_is_refused() -> None:
+    with pytest.raises(RangeError, match="every address is excluded"):
+        make("10.0.0.0/29", exclude=["10.0.0.0/29"])
+
+
+def test_start_after_end_is_refused() -> None:
+    with pytest.raises(RangeError, match="after range_end"):
+        make("10.0.0.0/24", "10.0.0.50", "10.0.0.40")
+
+
+def test_exclusion_of_the_other_family_is_refused() -> None:
+    with pytest.raises(RangeError, match="same IP family"):
+        make("10.0.0.0/24", exclude=["2001:db8::/64"])
+
+
+def test_ipv6_uses_full_128_bit_arithmetic_including_the_upper_half_of_a_64() -> None:
+    rng = make("2001:db8::/64", start="2001:db8::8000:0:0:0")
+    assert rng.first == ip("2001:db8::8000:0:0:0")
+    assert rng.last == ip("2001:db8::ffff:ffff:ffff:fffe")
+    assert rng.size == 2**63 - 1
+    assert rng.format(rng.last) == "2001:db8::ffff:ffff:ffff:fffe/64"
+
+
+def test_a_wide_ipv6_range_has_its_size_without_enumeration() -> None:
+    assert make("2001:db8::/32").size == 2**96 - 2
+
+
+def test_can_give_checks_the_family() -> None:
+    rng = make("10.0.0.0/24")
+    assert rng.can_give(netaddr.IPAddress("10.0.0.5"))
+    assert not rng.can_give(netaddr.IPAddress(ip("10.0.0.5"), 6))
+
+
+@pytest.mark.parametrize("text", ["nonsense", "10.0.0.0/33", "", "1.2.3.4.5/24"])
+def test_garbage_is_refused_with_the_value_named(text: str) -> None:
+    with pytest.raises(RangeError) as excinfo:
+        make(text)
+    assert repr(text) in str(excinfo.value)

@@ -1,0 +1,98 @@
+"""The installed thin plugin: what it imports on the hot path, and its wire format.
+
+A stand-in agent (a socket that answers one canned reply) is enough here: the real agent is
+exercised by every plugin test in tests/integration (see plugin_fixtures.pyabouts_exe).
+"""
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from plugin.agent import decode_request, encode_reply
+from plugin.cni import render_version
+from plugin.handler import Reply
+from plugin.install import install_thin_plugin
+
+CONF = json.dumps({"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "pyabouts"}}).encode()
+# What `import os` brings along, and `from __future__ import annotations`.
+HOT_PATH_MODULES = {"_socket", "os", "stat", "_stat", "posixpath", "genericpath", "abc"}
+HOT_PATH_MODULES |= {"_collections_abc", "__future__"}
+ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_IFNAME": "net1", "CNI_ARGS": "A=1"}
+
+
+class OneReplyAgent:
+    """Accepts one request, keeps what it got, answers `reply`."""
+
+    def __init__(self, path: Path, reply: Reply) -> None:
+        self.received = b""
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen(1)
+        self._reply = reply
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self._listener.accept()
+        with conn:
+            while chunk := conn.recv(65536):
+                self.received += chunk
+            conn.sendall(encode_reply(self._reply))
+
+    def close(self) -> None:
+        self._thread.join(timeout=10)
+        self._listener.close()
+
+
+@pytest.fixture
+def installed(tmp_path: Path) -> Path:
+    return install_thin_plugin(tmp_path / "bin", socket_path=str(tmp_path / "agent.sock"))
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[OneReplyAgent]:
+    server = OneReplyAgent(tmp_path / "agent.sock", Reply(0, b'{"ips": []}'))
+    yield server
+    server.close()
+
+
+def run(exe: Path | list[str], env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    argv = [str(exe)] if isinstance(exe, Path) else exe
+    return subprocess.run(argv, input=CONF, env=env, capture_output=True, timeout=30, check=False)
+
+
+def test_the_request_reaches_the_agent_whole_and_its_answer_is_printed(
+    installed: Path, agent: OneReplyAgent
+) -> None:
+    done = run(installed, ENV | {"OTHER": "not sent"})
+    agent.close()
+    assert (done.returncode, done.stdout, done.stderr) == (0, b'{"ips": []}', b"")
+    env, stdin = decode_request(agent.received)
+    assert env == ENV  # the CNI_* variables, and nothing else of the environment
+    assert stdin == CONF
+
+
+def test_the_hot_path_imports_nothing_but_socket_and_os(
+    installed: Path, agent: OneReplyAgent
+) -> None:
+    def imported(argv: list[str]) -> set[str]:
+        done = run([sys.executable, "-I", "-S", "-X", "importtime", *argv], ENV)
+        return set(re.findall(r"\|\s+([\w.]+)\s*$", done.stderr.decode(), re.MULTILINE))
+
+    bare = imported(["-c", "pass"])
+    added = imported([str(installed)]) - bare
+    agent.close()
+    assert added <= HOT_PATH_MODULES, added
+    assert "_socket" in added  # the check sees what the client imports
+
+
+def test_version_is_answered_without_an_agent(installed: Path) -> None:
+    done = run(installed, {"CNI_COMMAND": "VERSION"})
+    assert done.returncode == 0 and json.loads(done.stdout) == render_version()
