@@ -1,0 +1,341 @@
+"""The IPAM plugins under test, and how each is called for one phase on one simulated node.
+
+A contender only says how to call its plugin: the netconf (as a delegating plugin such as macvlan
+passes it to its IPAM), any extra environment, and where its files go. Measuring is elsewhere
+(bench.measure), so a new contender (whereabouts built from Go, say) is one more subclass here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sys
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from deploy.local.agent_process import AgentProcess
+from plugin.install import install_thin_plugin
+
+CNI_VERSION = "1.0.0"
+CONFLICT_LOG_MARK = "conflict on "  # what pyabouts logs (at verbose) before a retry
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    """One measured phase. `run_id` is unique per phase and run, so every phase starts with empty
+    pools and fresh per-node state."""
+
+    name: str  # "sequential" or "concurrent"
+    run_id: str
+    nodes: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSetup:
+    """Everything needed to call a contender's plugin on one node in one phase."""
+
+    netconf: bytes
+    stderr_path: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ImportProbe:
+    """For a plugin written in Python: what to time of its imports."""
+
+    python: Path  # the interpreter the plugin runs on
+    entry_modules: tuple[str, ...]  # imported by every call (VERSION included)
+    add_path_module: str  # what ADD imports on top (config, allocator)
+    store_module: str | None = None  # the datastore client, imported by ADD when it opens it
+
+
+class Contender(ABC):
+    """One IPAM plugin under test."""
+
+    def __init__(
+        self,
+        name: str,
+        executable: Path,
+        workdir: Path,
+        *,
+        cluster_unique: bool,
+        import_probe: ImportProbe | None = None,
+    ) -> None:
+        self.name = name
+        self.executable = executable
+        self.workdir = workdir / name
+        self.cluster_unique = cluster_unique  # False: nodes allocate independently
+        self.import_probe = import_probe
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+    @abstractmethod
+    def prepare_node(self, phase: Phase, node: int) -> NodeSetup:
+        """Create the node's files for `phase` and say how to call the plugin there."""
+
+    def count_conflicts(self, phase: Phase) -> int | None:
+        """Write conflicts the plugin reported so far in `phase`; None if it does not say."""
+        return None
+
+    def api_requests(self) -> Counter[str] | None:
+        """Requests its datastore served so far, by "<VERB> <code>"; None if not counted."""
+        return None
+
+    def daemon_rss_mib(self) -> float | None:
+        """The peak RSS of the node daemons it needs (an agent), if any."""
+        return None
+
+    def node_dir(self, phase: Phase, node: int) -> Path:
+        path = self.workdir / phase.run_id / f"node-{node}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+class Pyabouts(Contender):
+    """pyabouts; each node has its own flat file (datastore settings, run_dir) and log file."""
+
+    def __init__(
+        self,
+        name: str,
+        executable: Path,
+        python: Path,
+        workdir: Path,
+        *,
+        pool: PoolBounds,
+        store_module: str,
+    ) -> None:
+        probe = ImportProbe(
+            python=python,
+            entry_modules=("plugin.main", "plugin.handler"),
+            add_path_module="plugin.commands",
+            store_module=store_module,
+        )
+        super().__init__(name, executable, workdir, cluster_unique=True, import_probe=probe)
+        self.pool = pool
+
+    @abstractmethod
+    def datastore_settings(self) -> dict[str, Any]:
+        """The flat file's keys: which datastore, and how to reach it."""
+
+    def prepare_node(self, phase: Phase, node: int) -> NodeSetup:
+        node_dir = self.node_dir(phase, node)
+        flat_file = node_dir / "pyabouts.conf"
+        # Each simulated node has its own run_dir: the node-local queue is per node.
+        node_settings = {"run_dir": str(node_dir / "run")}
+        flat_file.write_text(json.dumps(self.datastore_settings() | node_settings))
+        ipam = {
+            "type": "pyabouts",
+            "range": self.pool.cidr,
+            "range_start": self.pool.first,
+            "range_end": self.pool.last,
+            "network_name": f"bench-{phase.run_id}",
+            "configuration_path": str(flat_file),
+            "log_file": str(node_dir / "pyabouts.log"),
+            "log_level": "verbose",  # logs each conflict, so they can be counted
+        }
+        return NodeSetup(netconf=delegating_netconf(ipam), stderr_path=node_dir / "stderr.log")
+
+    def count_conflicts(self, phase: Phase) -> int:
+        logs = (self.node_dir(phase, node) / "pyabouts.log" for node in range(phase.nodes))
+        return sum(_count_lines_with(log, CONFLICT_LOG_MARK) for log in logs)
+
+
+class PyaboutsEtcd(Pyabouts):
+    """pyabouts with the etcd datastore."""
+
+    def __init__(
+        self,
+        executable: Path,
+        python: Path,
+        workdir: Path,
+        *,
+        etcd_endpoint: str,
+        pool: PoolBounds,
+        name: str = "pyabouts-etcd",
+    ) -> None:
+        super().__init__(
+            name, executable, python, workdir, pool=pool, store_module="ipam.stores.etcd"
+        )
+        self.etcd_endpoint = etcd_endpoint
+
+    def datastore_settings(self) -> dict[str, Any]:
+        return {"datastore": "etcd", "etcd_host": self.etcd_endpoint}
+
+
+class PyaboutsKubernetes(Pyabouts):
+    """pyabouts with the Kubernetes datastore (IPPool custom resources on a kube-apiserver)."""
+
+    def __init__(
+        self,
+        executable: Path,
+        python: Path,
+        workdir: Path,
+        *,
+        kubeconfig: Path,
+        request_counter: Callable[[], Counter[str]],
+        pool: PoolBounds,
+        name: str = "pyabouts-kubernetes",
+    ) -> None:
+        super().__init__(
+            name,
+            executable,
+            python,
+            workdir,
+            pool=pool,
+            store_module="ipam.stores.kubernetes",
+        )
+        self.kubeconfig = kubeconfig
+        self.request_counter = request_counter
+
+    def datastore_settings(self) -> dict[str, Any]:
+        return {"datastore": "kubernetes", "kubernetes": {"kubeconfig": str(self.kubeconfig)}}
+
+    def api_requests(self) -> Counter[str]:
+        return self.request_counter()
+
+
+class PyaboutsAgent(PyaboutsKubernetes):
+    """The thin pyabouts plugin, each simulated node with its own pyabouts-agent (IPPools).
+
+    Agents are per node, not per phase: on a real node the agent outlives any one burst. Their
+    memory is the node's standing cost, reported apart from the plugin process's.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        kubeconfig: Path,
+        request_counter: Callable[[], Counter[str]],
+        pool: PoolBounds,
+        agents: Callable[[Path], AgentProcess],
+        name: str = "pyabouts-agent",
+    ) -> None:
+        thin = install_thin_plugin(workdir / name / "bin", socket_path=str(workdir / "none.sock"))
+        super().__init__(
+            thin,
+            Path(sys.executable),
+            workdir,
+            kubeconfig=kubeconfig,
+            request_counter=request_counter,
+            pool=pool,
+            name=name,
+        )
+        self.import_probe = None  # its imports are _socket, os and sys: VERSION shows them
+        self._start_agent = agents
+        self._agents: dict[int, AgentProcess] = {}
+
+    def prepare_node(self, phase: Phase, node: int) -> NodeSetup:
+        setup = super().prepare_node(phase, node)
+        agent = self._agents.get(node)
+        if agent is None:
+            agent = self._agents[node] = self._start_agent(self.workdir / f"agent-{node}")
+        return replace(setup, extra_env={"PYABOUTS_AGENT_SOCKET": str(agent.socket)})
+
+    def count_conflicts(self, phase: Phase) -> int:
+        return sum(_count_lines_with(a.log, CONFLICT_LOG_MARK) for a in self._agents.values())
+
+    def daemon_rss_mib(self) -> float | None:
+        peaks = [a.peak_rss_mib() for a in self._agents.values()]
+        return max(peaks) if peaks else None
+
+
+class Whereabouts(Contender):
+    """whereabouts v0.9.4, built from its Go module: IPPools of its own CRD, a Lease around each
+    allocation. Each node has its flat file (datastore, kubeconfig of its ServiceAccount)."""
+
+    def __init__(
+        self,
+        executable: Path,
+        workdir: Path,
+        *,
+        kubeconfig: Path,
+        request_counter: Callable[[], Counter[str]],
+        pool: PoolBounds,
+        name: str = "whereabouts",
+    ) -> None:
+        super().__init__(name, executable, workdir, cluster_unique=True)
+        self.kubeconfig = kubeconfig
+        self.request_counter = request_counter
+        self.pool = pool
+
+    def prepare_node(self, phase: Phase, node: int) -> NodeSetup:
+        node_dir = self.node_dir(phase, node)
+        flat_file = node_dir / "whereabouts.conf"
+        settings = {"datastore": "kubernetes", "kubernetes": {"kubeconfig": str(self.kubeconfig)}}
+        flat_file.write_text(json.dumps(settings))
+        ipam = {
+            "type": "whereabouts",
+            "range": self.pool.cidr,
+            "range_start": self.pool.first,
+            "range_end": self.pool.last,
+            "network_name": f"bench-{phase.run_id}",
+            "configuration_path": str(flat_file),
+            "log_file": str(node_dir / "whereabouts.log"),
+            "log_level": "error",
+        }
+        return NodeSetup(netconf=delegating_netconf(ipam), stderr_path=node_dir / "stderr.log")
+
+    def api_requests(self) -> Counter[str]:
+        return self.request_counter()
+
+
+class HostLocal(Contender):
+    """The reference host-local IPAM: a file store per node, so unique per node only."""
+
+    def __init__(
+        self,
+        executable: Path,
+        workdir: Path,
+        *,
+        pool: PoolBounds,
+        name: str = "host-local",
+    ) -> None:
+        super().__init__(name, executable, workdir, cluster_unique=False)
+        self.pool = pool
+
+    def prepare_node(self, phase: Phase, node: int) -> NodeSetup:
+        node_dir = self.node_dir(phase, node)
+        subnet = {"subnet": self.pool.cidr, "rangeStart": self.pool.first}
+        ipam = {
+            "type": "host-local",
+            "ranges": [[subnet | {"rangeEnd": self.pool.last}]],
+            "dataDir": str(node_dir / "data"),
+        }
+        return NodeSetup(netconf=delegating_netconf(ipam), stderr_path=node_dir / "stderr.log")
+
+
+def delegating_netconf(ipam: dict[str, Any]) -> bytes:
+    """The whole network config, as macvlan passes it to its IPAM plugin."""
+    netconf = {"cniVersion": CNI_VERSION, "name": "bench", "type": "macvlan", "ipam": ipam}
+    return json.dumps(netconf).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class PoolBounds:
+    """A pool of exactly `size` addresses: the first `size` hosts of `cidr`."""
+
+    cidr: str
+    first: str
+    last: str
+    size: int
+
+
+def pool_of(base: str, size: int) -> PoolBounds:
+    """The smallest IPv4 network at `base` with room for `size` hosts, cut to exactly `size`."""
+    prefix = 30
+    while (1 << (32 - prefix)) - 2 < size:
+        prefix -= 1
+    network = ipaddress.ip_network(f"{base}/{prefix}", strict=False)
+    first = network.network_address + 1
+    return PoolBounds(str(network), str(first), str(first + size - 1), size)
+
+
+def _count_lines_with(path: Path, mark: str) -> int:
+    if not path.is_file():
+        return 0
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        return sum(1 for line in lines if mark in line)

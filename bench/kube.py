@@ -1,0 +1,104 @@
+"""A private Kubernetes control plane for one benchmark run, and its request counters.
+
+deploy.local.controlplane runs a real kube-apiserver (built once by
+deploy/local/build_binaries.sh) on its own etcd. The run applies what `kubectl apply -k deploy/`
+installs (the IPPool CRD, the plugin's ServiceAccount and RBAC) and calls the plugin as that
+ServiceAccount, as a node would. The apiserver's `/metrics` (`apiserver_request_total`) tells how
+many requests the plugin made to the `pyabouts.io` group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from deploy.local.controlplane import KUBE_VERSION, ControlPlane, start_control_plane
+from deploy.local.install import install_pyabouts
+from ipam.stores.kubernetes import GROUP as API_GROUP
+
+PLUGIN_NAMESPACE = "kube-system"
+PLUGIN_SERVICE_ACCOUNT = "pyabouts"
+REQUEST_METRIC = "apiserver_request_total"
+WHEREABOUTS_GROUP = "whereabouts.cni.cncf.io"
+LEASE_GROUP = "coordination.k8s.io"
+_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)\{(?P<labels>.*)\}\s+(?P<value>\S+)")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+@dataclass(frozen=True, slots=True)
+class KubeCluster:
+    """The running control plane and what the plugin needs to reach it."""
+
+    control_plane: ControlPlane
+    plugin_kubeconfig: Path  # the `pyabouts` ServiceAccount's, as a node would have
+
+    @property
+    def version(self) -> str:
+        return KUBE_VERSION
+
+    def group_requests(self, *groups: str) -> Counter[str]:
+        """Requests served so far to `groups` (default: pyabouts'), by "<VERB> <code>"
+        (cumulative)."""
+        status, body = self.control_plane.request("GET", "/metrics")
+        if status != 200 or not isinstance(body, str):
+            raise RuntimeError(f"GET /metrics answered {status}")
+        counts: Counter[str] = Counter()
+        for group in groups or (API_GROUP,):
+            counts += requests_by_verb_and_code(body, group)
+        return counts
+
+    def whereabouts_requests(self) -> Counter[str]:
+        """whereabouts' requests: its IPPools and reservations, and the Lease it takes."""
+        return self.group_requests(WHEREABOUTS_GROUP, LEASE_GROUP)
+
+
+def install_whereabouts(cluster: KubeCluster, binary: Path) -> Path:
+    """Apply the CRDs and RBAC that deploy/local/build_binaries.sh extracted beside `binary`;
+    the kubeconfig of its ServiceAccount, as a node would have."""
+    manifests = binary.with_name(f"{binary.name}-install.yaml")
+    if not manifests.is_file():
+        raise RuntimeError(
+            f"{manifests} is missing: bash deploy/local/build_binaries.sh whereabouts"
+        )
+    cluster.control_plane.kubectl("apply", "-f", str(manifests))
+    for crd in ("ippools", "overlappingrangeipreservations"):
+        cluster.control_plane.kubectl(
+            "wait",
+            "--for=condition=Established",
+            f"crd/{crd}.{WHEREABOUTS_GROUP}",
+            "--timeout=60s",
+        )
+    return cluster.control_plane.service_account_kubeconfig(PLUGIN_NAMESPACE, "whereabouts")
+
+
+@contextlib.contextmanager
+def running_cluster(state_dir: Path) -> Iterator[KubeCluster]:
+    """Start the control plane, install pyabouts' CRDs and RBAC; stop it on the way out."""
+    control_plane = start_control_plane(state_dir)
+    try:
+        install_pyabouts(control_plane)
+        kubeconfig = control_plane.service_account_kubeconfig(
+            PLUGIN_NAMESPACE, PLUGIN_SERVICE_ACCOUNT
+        )
+        yield KubeCluster(control_plane, kubeconfig)
+    finally:
+        control_plane.stop()
+
+
+def requests_by_verb_and_code(metrics: str, group: str) -> Counter[str]:
+    """Sum `apiserver_request_total` samples of `group` in Prometheus text, by verb and code."""
+    counts: Counter[str] = Counter()
+    for line in metrics.splitlines():
+        match = _SAMPLE.match(line)
+        if match is None or match["name"] != REQUEST_METRIC:
+            continue
+        labels = dict(_LABEL.findall(match["labels"]))
+        if labels.get("group") == group:
+            counts[f"{labels.get('verb', '?')} {labels.get('code', '?')}"] += int(
+                float(match["value"])
+            )
+    return counts

@@ -1,0 +1,148 @@
+"""The figures of a benchmark run, as plain data: what bench.measure produces, and what the
+report prints, the JSON holds and a plot would read. Times are in milliseconds (per call) or
+seconds (per phase), memory in MiB."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Machine:
+    nproc: int
+    cpu_model: str
+    python: str
+    kernel: str
+    etcd: str
+    cni_plugins: str  # the Debian package version of /usr/lib/cni
+    kube_apiserver: str  # the version the Kubernetes contender ran against ("-": not run)
+    load_average: str  # 1, 5 and 15 minutes, when the run started: other work skews figures
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    calls: int  # ADDs (then DELs) of the concurrent phase
+    concurrency: int
+    nodes: int
+    startup_runs: int
+    sequential_calls: int  # ADDs (then DELs) of the sequential, uncontended phase
+    pool_size: int  # addresses each contender's pool holds: exactly `calls`
+    spawner: str  # how plugins were started (see bench.process)
+    rss_floor_mib: float  # the peak RSS reported for /bin/true: nothing below it is measurable
+    time_floor_ms: float  # the median time of /bin/true: what starting it this way costs
+
+
+@dataclass(frozen=True, slots=True)
+class StartupFigures:
+    contender: str
+    version_runs: int
+    version_p50_ms: float
+    version_max_rss_mib: float
+    # Only for plugins written in Python (None otherwise):
+    import_entry_ms: float | None = None  # -X importtime: modules the entry modules add
+    import_total_ms: float | None = None  # -X importtime: every module, interpreter's included
+    add_path_import_ms: float | None = None  # wall time of `python -c 'import <ADD path>'`
+    add_path_store_import_ms: float | None = None  # the same, the datastore client included
+    bare_python_ms: float | None = None  # wall time of `python -c pass`, for scale
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseFigures:
+    """One command (ADD or DEL) of one phase of one contender."""
+
+    contender: str
+    phase: str
+    command: str
+    calls: int
+    concurrency: int
+    nodes: int
+    ok: int
+    failures: dict[str, int]  # CNI code (or "timeout", "exit-N", "no-ips") -> count
+    failure_samples: dict[str, str]  # the first message seen for each failure key
+    duplicates: int | None  # ADD: successful ADDs that got an address already given
+    conflicts: int | None  # write conflicts the plugin retried (None: it does not say)
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    wall_s: float
+    per_second: float  # successful calls per second of wall time
+    rss_max_mib: float
+    rss_p50_mib: float
+    # Only for a datastore whose server counts requests (the Kubernetes one; None otherwise):
+    api_requests: dict[str, int] | None = None  # "<VERB> <HTTP code>" -> requests in the phase
+    api_requests_per_call: float | None = None  # all of them divided by the calls
+    # Only for a contender with a node daemon (the agent): its peak RSS so far, in MiB.
+    daemon_rss_mib: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ratio:
+    """A figure of one contender divided by the same figure of the baseline contender."""
+
+    contender: str
+    baseline: str
+    row: str  # "startup" or "<phase> <command>"
+    figure: str
+    value: float | None  # None when the baseline figure is 0
+
+
+@dataclass(frozen=True, slots=True)
+class BenchmarkResult:
+    started_at: str  # ISO 8601, UTC
+    duration_s: float
+    load_average_end: str
+    machine: Machine
+    settings: Settings
+    contenders: list[str]
+    startup: list[StartupFigures]
+    phases: list[PhaseFigures]
+    ratios: list[Ratio]
+
+
+PHASE_RATIO_FIGURES = ("p50_ms", "p99_ms", "wall_s", "per_second", "rss_max_mib")
+STARTUP_RATIO_FIGURES = ("version_p50_ms", "version_max_rss_mib")
+
+
+def compute_ratios(
+    startup: list[StartupFigures], phases: list[PhaseFigures], baselines: Sequence[str]
+) -> list[Ratio]:
+    """Every other contender's main figures divided by each baseline's."""
+    return [r for baseline in baselines for r in _ratios_to(startup, phases, baseline)]
+
+
+def _ratios_to(
+    startup: list[StartupFigures], phases: list[PhaseFigures], baseline: str
+) -> list[Ratio]:
+    ratios: list[Ratio] = []
+    base_startup = {s.contender: s for s in startup}.get(baseline)
+    for started in startup:
+        if started.contender != baseline and base_startup is not None:
+            ratios += _ratios(started, base_startup, "startup", STARTUP_RATIO_FIGURES)
+    base_phases = {(p.phase, p.command): p for p in phases if p.contender == baseline}
+    for measured in phases:
+        base = base_phases.get((measured.phase, measured.command))
+        if measured.contender != baseline and base is not None:
+            row = f"{measured.phase} {measured.command}"
+            ratios += _ratios(measured, base, row, PHASE_RATIO_FIGURES)
+    return ratios
+
+
+def _ratios(
+    figures: StartupFigures | PhaseFigures,
+    base: StartupFigures | PhaseFigures,
+    row: str,
+    names: tuple[str, ...],
+) -> list[Ratio]:
+    ratios = []
+    for name in names:
+        mine, theirs = float(getattr(figures, name)), float(getattr(base, name))
+        value = mine / theirs if theirs else None
+        ratios.append(Ratio(figures.contender, base.contender, row, name, value))
+    return ratios
+
+
+def to_json(result: BenchmarkResult) -> dict[str, Any]:
+    return dataclasses.asdict(result)

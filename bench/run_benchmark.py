@@ -1,0 +1,317 @@
+"""Race pyabouts (thin plugin + node agents, and in-process) against whereabouts v0.9.4 and
+Debian's host-local, in one run, on the same local kube-apiserver.
+
+    .venv/bin/python -m bench.run_benchmark [--calls N] [--concurrency C] [--nodes M]
+        [--sequential-calls S] [--out DIR] [--contenders pyabouts-agent,...]
+
+Starts what the chosen contenders need (one local kube-apiserver with pyabouts' and
+whereabouts' CRDs and RBAC; a private etcd for pyabouts-etcd), then for each contender measures
+start-up (VERSION, imports), S sequential ADDs then DELs on one node (uncontended latency), and
+N ADDs then N DELs into a pool of exactly N addresses at concurrency C from M simulated nodes.
+Prints tables and ratios against whereabouts and host-local, and writes JSON and a PNG plot to
+DIR. It reports; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+
+from bench.contenders import (
+    Contender,
+    HostLocal,
+    Phase,
+    PyaboutsAgent,
+    PyaboutsEtcd,
+    PyaboutsKubernetes,
+    Whereabouts,
+    pool_of,
+)
+from bench.kube import KubeCluster, install_whereabouts, running_cluster
+from bench.machine import describe_machine, load_average
+from bench.measure import measure_phase, measure_startup
+from bench.plot import LATEST_PNG, write_plot
+from bench.process import Spawner, require_gnu_time
+from bench.report import (
+    LATEST,
+    format_machine,
+    format_report,
+    format_settings,
+    result_stem,
+    write_json,
+)
+from bench.results import (
+    BenchmarkResult,
+    PhaseFigures,
+    Settings,
+    StartupFigures,
+    compute_ratios,
+)
+from deploy.local.agent_process import AgentProcess, running_agent
+from deploy.local.controlplane import KUBE_VERSION
+from deploy.local.etcd_process import running_etcd
+
+HOST_LOCAL_NAME = "host-local"
+WHEREABOUTS_NAME = "whereabouts"
+BASELINES = (WHEREABOUTS_NAME, HOST_LOCAL_NAME)  # every figure is also shown as a ratio to these
+HOST_LOCAL = Path("/usr/lib/cni/host-local")
+CACHE_BIN = Path(os.environ.get("PYABOUTS_CACHE", Path.home() / ".cache" / "pyabouts")) / "bin"
+WHEREABOUTS_VERSION = "v0.9.4"
+WHEREABOUTS = CACHE_BIN / f"whereabouts-{WHEREABOUTS_VERSION}"
+PYABOUTS_AGENT = "pyabouts-agent"
+PYABOUTS_KUBERNETES = "pyabouts-kubernetes"
+PYABOUTS_ETCD = "pyabouts-etcd"
+# The order they run in; pyabouts-etcd only when asked for.
+CONTENDERS = (PYABOUTS_AGENT, PYABOUTS_KUBERNETES, PYABOUTS_ETCD, WHEREABOUTS_NAME, HOST_LOCAL_NAME)
+DEFAULT_CONTENDERS = (PYABOUTS_AGENT, PYABOUTS_KUBERNETES, WHEREABOUTS_NAME, HOST_LOCAL_NAME)
+KUBERNETES_CONTENDERS = {PYABOUTS_AGENT, PYABOUTS_KUBERNETES, WHEREABOUTS_NAME}
+POOL_BASES = {
+    PYABOUTS_AGENT: "10.76.0.0",
+    PYABOUTS_ETCD: "10.77.0.0",
+    HOST_LOCAL_NAME: "10.78.0.0",
+    PYABOUTS_KUBERNETES: "10.79.0.0",
+    WHEREABOUTS_NAME: "10.80.0.0",
+}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run_benchmark", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--calls", type=_positive, default=1000, help="concurrent ADDs, and pool size (N)"
+    )
+    parser.add_argument("--concurrency", type=_positive, default=50, help="calls at once (C)")
+    parser.add_argument("--nodes", type=_positive, default=10, help="simulated nodes (M)")
+    parser.add_argument(
+        "--sequential-calls", type=_positive, default=100, help="uncontended ADDs, one node (S)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench/results"), help="JSON and PNG go here"
+    )
+    parser.add_argument("--startup-runs", type=_positive, default=20, help="VERSION calls")
+    parser.add_argument(
+        "--pyabouts",
+        type=Path,
+        default=Path(sys.executable).parent / "pyabouts",
+        help="the pyabouts executable (default: the one beside this Python)",
+    )
+    parser.add_argument("--host-local", type=Path, default=HOST_LOCAL)
+    parser.add_argument("--whereabouts", type=Path, default=WHEREABOUTS)
+    parser.add_argument(
+        "--contenders",
+        type=_contender_list,
+        default=list(DEFAULT_CONTENDERS),
+        help=f"comma-separated, from {','.join(CONTENDERS)} (default: all but pyabouts-etcd)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    require_gnu_time()
+    kube_version = KUBE_VERSION if KUBERNETES_CONTENDERS & set(args.contenders) else "-"
+    machine = describe_machine(kube_apiserver=kube_version)
+    print(format_machine(machine), flush=True)
+    started_at = datetime.now(UTC)
+    started = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="pyabouts-bench-") as tmp:
+            workdir = Path(tmp)
+            spawner = Spawner(scratch=workdir)
+            settings = measure_settings(args, spawner, workdir)
+            print(format_settings(settings), flush=True)
+            with contextlib.ExitStack() as servers:  # stopped on the way out, Ctrl-C included
+                contenders = start_contenders(servers, workdir, args)
+                startup, phases = run_all_phases(contenders, settings, spawner)
+    except KeyboardInterrupt:
+        progress("interrupted; servers stopped and work dir removed")
+        return 130
+    result = BenchmarkResult(
+        started_at=started_at.isoformat(),
+        duration_s=time.perf_counter() - started,
+        load_average_end=load_average(),
+        machine=machine,
+        settings=settings,
+        contenders=[c.name for c in contenders],
+        startup=startup,
+        phases=phases,
+        ratios=compute_ratios(startup, phases, baselines=BASELINES),
+    )
+    report(result, contenders, args.out)
+    return 0
+
+
+def measure_settings(args: argparse.Namespace, spawner: Spawner, workdir: Path) -> Settings:
+    time_floor_ms, rss_floor_mib = spawner.floor(workdir / "floor-stderr.log")
+    return Settings(
+        calls=args.calls,
+        concurrency=args.concurrency,
+        nodes=args.nodes,
+        startup_runs=args.startup_runs,
+        sequential_calls=args.sequential_calls,
+        pool_size=args.calls,
+        spawner=spawner.description,
+        rss_floor_mib=rss_floor_mib,
+        time_floor_ms=time_floor_ms,
+    )
+
+
+def report(result: BenchmarkResult, contenders: Sequence[Contender], out: Path) -> None:
+    print()
+    print(format_report(result, {c.name: c.cluster_unique for c in contenders}))
+    stem = result_stem(result)
+    path = write_json(result, out)
+    plot = write_plot(result, out, stem)
+    print(f"results: {path} (also {out / LATEST})")
+    print(f"plot:    {plot} (also {out / LATEST_PNG})")
+
+
+class Servers:
+    """What the contenders run against, each started on first need and stopped at the end: one
+    kube-apiserver for all the Kubernetes contenders (the same server, the same load), an etcd."""
+
+    def __init__(self, stack: contextlib.ExitStack[bool | None], workdir: Path) -> None:
+        self._stack = stack
+        self.workdir = workdir
+        self._cluster: KubeCluster | None = None
+        self._whereabouts_kubeconfig: Path | None = None
+
+    def cluster(self) -> KubeCluster:
+        if self._cluster is None:
+            progress(f"starting kube-apiserver {KUBE_VERSION}, applying deploy/ (CRDs, RBAC)")
+            begun = time.perf_counter()
+            self._cluster = self._stack.enter_context(running_cluster(self.workdir / "cp"))
+            progress(
+                f"kube-apiserver ready at {self._cluster.control_plane.server} in "
+                f"{time.perf_counter() - begun:.1f} s; pyabouts runs as kube-system/pyabouts"
+            )
+        return self._cluster
+
+    def whereabouts_kubeconfig(self) -> Path:
+        if self._whereabouts_kubeconfig is None:
+            self._whereabouts_kubeconfig = install_whereabouts(self.cluster(), WHEREABOUTS)
+            progress("whereabouts CRDs and RBAC applied; it runs as kube-system/whereabouts")
+        return self._whereabouts_kubeconfig
+
+    def etcd_endpoint(self) -> str:
+        etcd = self._stack.enter_context(running_etcd(self.workdir))
+        progress(f"etcd ready at {etcd.endpoint}")
+        return etcd.endpoint
+
+    def start_agent(self, directory: Path) -> AgentProcess:
+        return self._stack.enter_context(running_agent(directory))
+
+
+def start_contenders(
+    stack: contextlib.ExitStack[bool | None], workdir: Path, args: argparse.Namespace
+) -> list[Contender]:
+    """The chosen contenders, in CONTENDERS order, each with what it needs running."""
+    servers = Servers(stack, workdir)
+    chosen = [name for name in CONTENDERS if name in args.contenders]
+    return [_contender(name, servers, args) for name in chosen]
+
+
+def _contender(name: str, servers: Servers, args: argparse.Namespace) -> Contender:
+    pool = pool_of(POOL_BASES[name], args.calls)
+    workdir = servers.workdir
+    if name == HOST_LOCAL_NAME:
+        return HostLocal(args.host_local, workdir, pool=pool)
+    if name == PYABOUTS_ETCD:
+        endpoint = servers.etcd_endpoint()
+        python = Path(sys.executable)
+        return PyaboutsEtcd(args.pyabouts, python, workdir, etcd_endpoint=endpoint, pool=pool)
+    cluster = servers.cluster()
+    if name == WHEREABOUTS_NAME:
+        return Whereabouts(
+            args.whereabouts,
+            workdir,
+            kubeconfig=servers.whereabouts_kubeconfig(),
+            request_counter=cluster.whereabouts_requests,
+            pool=pool,
+        )
+    if name == PYABOUTS_AGENT:
+        return PyaboutsAgent(
+            workdir,
+            kubeconfig=cluster.plugin_kubeconfig,
+            request_counter=cluster.group_requests,
+            pool=pool,
+            agents=servers.start_agent,
+        )
+    return PyaboutsKubernetes(
+        args.pyabouts,
+        Path(sys.executable),
+        workdir,
+        kubeconfig=cluster.plugin_kubeconfig,
+        request_counter=cluster.group_requests,
+        pool=pool,
+    )
+
+
+def run_all_phases(
+    contenders: Sequence[Contender], settings: Settings, spawner: Spawner
+) -> tuple[list[StartupFigures], list[PhaseFigures]]:
+    startup = []
+    for contender in contenders:
+        progress(f"{contender.name}: start-up ({settings.startup_runs} VERSION calls, imports)")
+        startup.append(measure_startup(contender, settings.startup_runs, spawner))
+    for contender in contenders:
+        # Not measured: the first call on a fresh apiserver pays its warm-up (authenticating a
+        # new token, a first write to the resource) of ~1 s, which should fall on nobody.
+        warmup = Phase(name="warmup", run_id=f"warmup-{uuid.uuid4().hex[:8]}", nodes=1)
+        measure_phase(contender, warmup, 2, 1, spawner)
+    phases: list[PhaseFigures] = []
+    plan = (
+        ("sequential", settings.sequential_calls, 1, 1),
+        ("concurrent", settings.calls, settings.concurrency, settings.nodes),
+    )
+    for name, calls, concurrency, nodes in plan:
+        for contender in contenders:
+            phase = Phase(name=name, run_id=f"{name}-{uuid.uuid4().hex[:8]}", nodes=nodes)
+            progress(
+                f"{contender.name}: {name}: {calls} ADDs then DELs, "
+                f"concurrency {concurrency}, {nodes} node(s)"
+            )
+            figures = measure_phase(contender, phase, calls, concurrency, spawner)
+            for f in figures:
+                progress(f"  {f.command}: {f.ok}/{f.calls} ok in {f.wall_s:.1f} s")
+            phases += figures
+    return startup, phases
+
+
+def progress(message: str) -> None:
+    print(f"[bench {datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _contender_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(CONTENDERS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(CONTENDERS)}, not {text!r}")
+    return names
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: servers are stopped, the work dir removed
+
+
+if __name__ == "__main__":
+    sys.exit(main())
