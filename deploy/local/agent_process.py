@@ -42,6 +42,8 @@ class AgentProcess:
                     str(self.socket),
                     "--listen",
                     f"127.0.0.1:{self.metrics_port}",
+                    "--node-name",
+                    self.node_name,
                 ],
                 stdout=log,
                 stderr=log,

@@ -14,10 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import netaddr
 import pytest
 
 from deploy.local.agent_process import AgentProcess, running_agent
 from deploy.local.controlplane import ControlPlane
+from ipam.allocator import node_start
+from ipam.pool import PoolId
+from ipam.ranges import build_range
 from plugin.install import install_thin_plugin
 from plugin.thin_client import AGENT_SOCKET
 from tests.integration.etcd_fixtures import EtcdServer
@@ -138,6 +142,31 @@ def test_two_agents_racing_on_one_pool_never_give_an_address_twice(
         served = metric(agent, "pyabouts_agent_requests_total", command="ADD")
         assert served > 0
         assert metric(agent, "pyabouts_agent_store_writes_total") <= served
+
+
+def test_each_agent_starts_in_the_block_its_node_name_picks(
+    thin_plugin: str, etcd_server: EtcdServer, two_agents: list[AgentProcess], tmp_path: Path
+) -> None:
+    """The agents of different nodes write different blocks, so they rarely conflict: each
+    starts where allocator.node_start puts its node (node-0 and node-1 pick blocks 1 and 3 of
+    this /22), not where the host's name would put them all."""
+    network = f"agentspread-{uuid.uuid4().hex[:6]}"
+    ipam = {"range": "10.73.0.0/22", "network_name": network}
+    rng = build_range(
+        "10.73.0.0/22", range_start=None, range_end=None, exclude=[], pool=PoolId(network, 4)
+    )
+    nodes = nodes_with(
+        tmp_path, {"datastore": "etcd", "etcd_host": etcd_server.endpoint}, two_agents
+    )
+
+    outcomes = run_plugins(thin_plugin, "ADD", ipam, nodes, ["first", "second"], in_flight=1)
+    given = {
+        container: address
+        for address, container in addresses_of(outcomes, ["first", "second"]).items()
+    }
+    expected = [str(netaddr.IPAddress(node_start(rng, agent.node_name))) for agent in two_agents]
+    assert [agent.node_name for agent in two_agents] == ["node-0", "node-1"]
+    assert [given["first"], given["second"]] == expected == ["10.73.1.0", "10.73.3.0"]
 
 
 def test_the_agent_reports_health_usage_and_refuses_garbage(
