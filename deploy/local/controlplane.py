@@ -49,7 +49,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,6 +145,24 @@ def _tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
             return f.read().decode(errors="replace")
     except OSError as exc:
         return f"<no log: {exc}>"
+
+
+# A real control plane runs on its own machines. Here it shares two cores with the simulated
+# nodes, whose hundreds of plugin processes would otherwise starve it until Multus gives up on a
+# pod it cannot read within seconds. A higher CPU priority gives it back its own machine's share.
+CONTROL_PLANE_NICE = -10
+
+
+def _prepare_child(*, die_with_parent: bool) -> Callable[[], None]:
+    """The preexec_fn of a control-plane server: its CPU priority, and its death with us."""
+
+    def prepare() -> None:
+        with contextlib.suppress(PermissionError):  # not root: keep the default priority
+            os.nice(CONTROL_PLANE_NICE)
+        if die_with_parent:
+            _set_parent_death_signal()
+
+    return prepare
 
 
 def _set_parent_death_signal() -> None:
@@ -307,7 +325,7 @@ class _Process:
                 stderr=subprocess.STDOUT,
                 # Own session: a Ctrl-C in the shell that ran `up` does not reach the servers.
                 start_new_session=True,
-                preexec_fn=_set_parent_death_signal if die_with_parent else None,  # noqa: PLW1509
+                preexec_fn=_prepare_child(die_with_parent=die_with_parent),  # noqa: PLW1509
             )
         self.pid = self.popen.pid
 
