@@ -2,10 +2,11 @@
 
 The node agent serves many CNI requests at once, and on a busy node most of them want the same
 pool. Written one by one, each would read, write and (all but one) conflict; batched, the
-requests that arrive while a write is in flight are decided together, in arrival order, on one
-view, and stored with one write. Every guarantee of a single transaction holds: the batch is
-decided afresh after a conflict, and a decision that fails (range exhausted, requested address
-taken) is rolled back on the view alone, so it neither writes nor spoils the others.
+requests that arrive while a write is in flight (or while the batch's own write backs off from
+a conflict) are decided together, in arrival order, on one view, and stored with one write.
+Every guarantee of a single transaction holds: the batch is decided afresh after a conflict,
+and a decision that fails (range exhausted, requested address taken) is rolled back on the view
+alone, so it neither writes nor spoils the others.
 
 No thread of its own: the first request to find nobody writing leads the batch, and when its
 batch is stored it hands the lead to the oldest waiting request, so no request answers late
@@ -118,17 +119,34 @@ class CoalescingTransactions:
             raise request.error
         return cast(T, request.value)
 
-    def _decide(self, spans: tuple[Span, ...], batch: list[_Request]) -> list[tuple[Any, bool]]:
+    def _decide(
+        self, spans: tuple[Span, ...], batch: list[_Request], joining: _Queue | None = None
+    ) -> list[tuple[Any, bool]]:
+        """Decide `batch` in one transaction. With `joining`, the requests that wait in it at
+        each attempt join `batch` first: those that came while the view was read, or while a
+        conflicting write backed off, are stored by this write rather than by one more."""
+
+        def decide(view: PoolView) -> list[tuple[Any, bool]]:
+            if joining is not None:
+                self._take_waiting(joining, batch)
+            return decide_each(view, [r.decide for r in batch])
+
         try:
             return run_span_transaction(
                 self.store,
                 spans,
-                lambda view: decide_each(view, [r.decide for r in batch]),
+                decide,
                 deadline=min(r.deadline for r in batch),
                 before_write=lambda changed: describe_blocks(changed, batch[0].ranges),
             )
         except Exception as exc:  # the store failed the whole batch: everyone hears it
             return [(_Failed(exc), True)] * len(batch)
+
+    def _take_waiting(self, queue: _Queue, batch: list[_Request]) -> None:
+        with self._lock:
+            taken = queue.waiting[: MAX_BATCH - len(batch)]
+            del queue.waiting[: len(taken)]
+        batch += taken
 
     def _wait_turn(self, queue: _Queue, request: _Request) -> None:
         """Until the request is answered or made leader. One never taken into a batch by its
@@ -146,12 +164,11 @@ class CoalescingTransactions:
         request.wake.wait()
 
     def _lead(self, spans: tuple[Span, ...], queue: _Queue) -> None:
-        with self._lock:
-            batch = queue.waiting[:MAX_BATCH]
-            del queue.waiting[: len(batch)]
+        batch: list[_Request] = []
+        self._take_waiting(queue, batch)
+        outcomes = self._decide(spans, batch, joining=queue)
         if self._on_batch is not None:
             self._on_batch(len(batch))
-        outcomes = self._decide(spans, batch)
         unchecked = [i for i, (_, changed) in enumerate(outcomes) if not changed]
         if unchecked and self._forget is not None:
             for span in spans:

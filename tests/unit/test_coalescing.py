@@ -125,6 +125,44 @@ def test_concurrent_requests_share_writes_and_exhaustion_fails_only_the_late() -
     assert stored == set(given_out)
 
 
+class ConflictsOnce(MemoryStore):
+    """A store whose first write takes a while and then loses to another writer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = threading.Event()
+        self.lost = 0
+
+    def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
+        self.writing.set()
+        time.sleep(0.1)
+        if not self.lost:
+            self.lost += 1
+            return WriteOutcome(conflicts=[b.key for b in blocks])
+        return super().write_blocks(blocks)
+
+
+def test_requests_that_come_during_a_conflicting_write_join_its_retry() -> None:
+    store = ConflictsOnce()
+    batches: list[int] = []
+    transactions = CoalescingTransactions(store, on_batch=batches.append)
+
+    def allocate(n: int) -> object:
+        if n:  # the others come while the first one's write is on its way to a conflict
+            store.writing.wait(5)
+        return transactions.run(
+            [SMALL],
+            lambda v: allocator.assign_addresses(v, [SMALL], owner(n), []),
+            deadline=time.monotonic() + 30,
+        )
+
+    results = run_threads(4, allocate)
+    assert sorted(r[0] for r in results if isinstance(r, list)) == list(
+        range(SMALL.first, SMALL.first + 4)
+    )
+    assert (store.lost, store.writes, batches) == (1, 1, [4])  # one retry stored all four
+
+
 def test_a_store_failure_reaches_every_request_of_the_batch() -> None:
     class DownStore(MemoryStore):
         def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
