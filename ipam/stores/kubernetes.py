@@ -16,6 +16,7 @@ import netaddr
 import urllib3
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
+from kubernetes.client.api.custom_objects_api import CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
@@ -80,7 +81,9 @@ class KubernetesStore:
     def from_configuration(
         cls, configuration: k8s.Configuration, namespace: str, *, timeout: float
     ) -> KubernetesStore:
-        api = k8s.CustomObjectsApi(k8s.ApiClient(configuration))
+        # CustomObjectsApi is imported by name, not as k8s.CustomObjectsApi: kubernetes.client
+        # loads API classes on first use, and the agent should load it at start, not in an ADD.
+        api = CustomObjectsApi(k8s.ApiClient(configuration))
         return cls(api, namespace, configuration.host, timeout)
 
     def read_blocks(self, pool: PoolId, first: int, last: int) -> list[Block]:
