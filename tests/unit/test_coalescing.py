@@ -126,17 +126,18 @@ def test_concurrent_requests_share_writes_and_exhaustion_fails_only_the_late() -
 
 
 class ConflictsOnce(MemoryStore):
-    """A store whose first write takes a while and then loses to another writer."""
+    """A store whose first write waits for `hold`, and then loses to another writer."""
 
     def __init__(self) -> None:
         super().__init__()
         self.writing = threading.Event()
+        self.hold = threading.Event()
         self.lost = 0
 
     def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
-        self.writing.set()
-        time.sleep(0.1)
         if not self.lost:
+            self.writing.set()
+            self.hold.wait(5)
             self.lost += 1
             return WriteOutcome(conflicts=[b.key for b in blocks])
         return super().write_blocks(blocks)
@@ -146,17 +147,28 @@ def test_requests_that_come_during_a_conflicting_write_join_its_retry() -> None:
     store = ConflictsOnce()
     batches: list[int] = []
     transactions = CoalescingTransactions(store, on_batch=batches.append)
+    arrived = threading.Semaphore(0)
 
     def allocate(n: int) -> object:
         if n:  # the others come while the first one's write is on its way to a conflict
             store.writing.wait(5)
+            arrived.release()
         return transactions.run(
             [SMALL],
             lambda v: allocator.assign_addresses(v, [SMALL], owner(n), []),
             deadline=time.monotonic() + 30,
         )
 
+    def lose_the_write_once_they_wait() -> None:
+        for _ in range(3):
+            arrived.acquire(timeout=5)
+        time.sleep(0.3)  # from arriving to waiting in the queue is a few lines of Python
+        store.hold.set()
+
+    loser = threading.Thread(target=lose_the_write_once_they_wait)
+    loser.start()
     results = run_threads(4, allocate)
+    loser.join()
     assert sorted(r[0] for r in results if isinstance(r, list)) == list(
         range(SMALL.first, SMALL.first + 4)
     )
