@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -151,3 +152,21 @@ def served_log(node: Node) -> str:
 def conflicts_logged(nodes: Sequence[Node]) -> int:
     """How many times a write lost a race and was retried, from the nodes' logs."""
     return sum(served_log(n).count("conflict on") for n in nodes)
+
+
+def metric(agent: AgentProcess, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in agent.metrics().splitlines():
+        match = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
+        if not match or match[1] != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match[2] or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(match[3])
+    return total
+
+
+def conflicts_counted(nodes: Sequence[Node]) -> float:
+    """The blocks the nodes' agents found changed when writing, from their /metrics."""
+    return sum(metric(n.agent, "pyabouts_agent_conflicts_total") for n in nodes if n.agent)

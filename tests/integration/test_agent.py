@@ -3,7 +3,6 @@ and observed through its endpoints. (Every plugin test also runs through an agen
 plugin_fixtures.pyabouts_exe.)"""
 
 import json
-import re
 import socket
 import subprocess
 import threading
@@ -29,6 +28,7 @@ from tests.integration.plugin_processes import (
     Node,
     finish,
     make_nodes,
+    metric,
     run_plugins,
     start_plugins,
 )
@@ -57,19 +57,6 @@ def nodes_with(tmp_path: Path, store: dict[str, Any], agents: list[AgentProcess]
     """Nodes whose calls go to `agents` (node n to agents[n]), the agents already running."""
     remaining = iter(agents)
     return make_nodes(tmp_path, len(agents), store, lambda directory: next(remaining))
-
-
-def metric(agent: AgentProcess, name: str, **labels: str) -> float:
-    """The sum of the samples of `name` whose labels include `labels`."""
-    total = 0.0
-    for line in agent.metrics().splitlines():
-        match = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
-        if not match or match[1] != name:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', match[2] or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(match[3])
-    return total
 
 
 def test_killing_the_agent_mid_run_loses_nothing_and_a_restart_resumes_from_the_store(

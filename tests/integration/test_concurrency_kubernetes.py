@@ -14,6 +14,7 @@ import pytest
 from deploy.local.controlplane import ControlPlane
 from tests.integration.plugin_fixtures import NodeAgents
 from tests.integration.plugin_processes import (
+    conflicts_counted,
     conflicts_logged,
     finish,
     make_nodes,
@@ -95,6 +96,8 @@ def test_400_concurrent_from_8_nodes_into_a_23(
     assert len(given) == 400
     assert stored(pyabouts_cluster, network) == given
     assert conflicts_logged(nodes) > 0  # the pool really was contended; retries resolved it
+    if node_agents is not None:  # and the agents' metrics say so too
+        assert conflicts_counted(nodes) > 0
 
     deleted, _ = run_as_the_runtime_would(
         pyabouts_exe, "DEL", ipam, nodes, pods, in_flight=IN_FLIGHT
