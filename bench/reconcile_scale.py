@@ -36,7 +36,8 @@ from ipam.config import IpamConf
 from ipam.pool import BLOCK_SIZE, Block, BlockKey, Owner, PoolId
 from ipam.store import PoolStore
 from ipam.stores.etcd import EtcdStore
-from ipam.stores.kubernetes import KubernetesStore, load_kubeconfig
+from ipam.stores.kubeconfig import load_kubeconfig
+from ipam.stores.kubernetes import KubernetesStore
 
 NAMESPACE = "scale"
 FIRST_ADDRESS = 10 << 24  # 10.0.0.0: room for 16M allocations

@@ -19,7 +19,8 @@ from ipam.config import IpamConf, describe_validation_error, read_flat_file
 from ipam.errors import INVALID_CONFIG, CniError
 from ipam.store import PoolStore
 from ipam.stores import open_store
-from ipam.stores.kubernetes import DEFAULT_NAMESPACE, KubernetesStore, load_kubeconfig
+from ipam.stores.kubeconfig import DEFAULT_NAMESPACE, load_kubeconfig
+from ipam.stores.kubernetes import KubernetesStore
 
 IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 STORE_TIMEOUT = 30.0  # seconds for one datastore request

@@ -10,21 +10,20 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import netaddr
-import urllib3
-from kubernetes import client as k8s
-from kubernetes import config as k8s_config
-from kubernetes.client.api.custom_objects_api import CustomObjectsApi
-from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
 
 from ipam.config import IpamConf
 from ipam.errors import INVALID_CONFIG, CniError, StoreRefusedError, StoreUnavailableError
 from ipam.pool import Block, BlockKey, PoolId
 from ipam.store import WriteOutcome
 from ipam.stores.codec import block_cidr, block_document, block_from_document
+from ipam.stores.kube_api import ApiCredentials, ApiStatusError, KubeApi
+from ipam.stores.kubeconfig import credentials_from_configuration, read_kubeconfig
+
+if TYPE_CHECKING:
+    from kubernetes.client import Configuration
 
 GROUP = "pyabouts.io"
 VERSION = "v1alpha1"
@@ -32,7 +31,6 @@ PLURAL = "ippools"
 POOL_LABEL = "pyabouts.io/pool"
 NETWORK_LABEL = "pyabouts.io/network"
 FAMILY_LABEL = "pyabouts.io/family"
-DEFAULT_NAMESPACE = "kube-system"
 LIST_PAGE = 500  # IPPools per list request: each is at most ~30 KiB
 _LABEL_SAFE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 
@@ -59,11 +57,10 @@ def object_name(key: BlockKey) -> str:
 class KubernetesStore:
     """PoolStore on IPPool custom resources in one namespace."""
 
-    def __init__(self, api: Any, namespace: str, server: str, timeout: float) -> None:
+    def __init__(self, api: KubeApi, namespace: str) -> None:
         self._api = api
         self._namespace = namespace
-        self._server = server
-        self._timeout = timeout
+        self._collection = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
 
     @classmethod
     def from_config(cls, ipam: IpamConf, *, timeout: float) -> KubernetesStore:
@@ -75,16 +72,24 @@ class KubernetesStore:
                 "invalid network config: ipam.kubernetes.kubeconfig is required for datastore "
                 "'kubernetes' (inline or in the flat file)",
             )
-        return cls.from_configuration(*load_kubeconfig(path), timeout=timeout)
+        return cls.from_credentials(read_kubeconfig(path), timeout=timeout)
+
+    @classmethod
+    def from_credentials(
+        cls, credentials: ApiCredentials, *, timeout: float, retries: int = 0
+    ) -> KubernetesStore:
+        """`retries`: urllib3's, for a connection that fails; 0 where run_transaction retries
+        under its deadline."""
+        return cls(KubeApi(credentials, timeout=timeout, retries=retries), credentials.namespace)
 
     @classmethod
     def from_configuration(
-        cls, configuration: k8s.Configuration, namespace: str, *, timeout: float
+        cls, configuration: Configuration, namespace: str, *, timeout: float
     ) -> KubernetesStore:
-        # CustomObjectsApi is imported by name, not as k8s.CustomObjectsApi: kubernetes.client
-        # loads API classes on first use, and the agent should load it at start, not in an ADD.
-        api = CustomObjectsApi(k8s.ApiClient(configuration))
-        return cls(api, namespace, configuration.host, timeout)
+        """The store a `kubernetes` client configuration reaches (in-cluster, say)."""
+        credentials = credentials_from_configuration(configuration, namespace)
+        retries = configuration.retries if isinstance(configuration.retries, int) else 0
+        return cls.from_credentials(credentials, timeout=timeout, retries=retries)
 
     def read_blocks(self, pool: PoolId, first: int, last: int) -> list[Block]:
         low = BlockKey.of(pool, first).base
@@ -98,15 +103,7 @@ class KubernetesStore:
 
     def _get(self, key: BlockKey) -> list[Block]:
         try:
-            item = self._call(
-                self._api.get_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                self._namespace,
-                PLURAL,
-                object_name(key),
-                absent_ok=True,
-            )
+            item = self._call("GET", f"{self._collection}/{object_name(key)}", absent_ok=True)
         except _Absent:
             return []
         block = _block_of(item)
@@ -117,18 +114,10 @@ class KubernetesStore:
         blocks = []
         token = ""
         while True:
-            listed = self._call(
-                self._api.list_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                self._namespace,
-                PLURAL,
-                limit=LIST_PAGE,
-                _continue=token or None,
-                label_selector=label_selector,
-            )
-            blocks += [_block_of(item) for item in listed.get("items", [])]
-            token = listed.get("metadata", {}).get("continue") or ""
+            query = {"limit": LIST_PAGE, "continue": token or None, "labelSelector": label_selector}
+            listed = self._call("GET", self._collection, query=query)
+            blocks += [_block_of(item) for item in listed.get("items") or []]
+            token = (listed.get("metadata") or {}).get("continue") or ""
             if not token:
                 return sorted(blocks, key=lambda b: b.key)
 
@@ -145,32 +134,17 @@ class KubernetesStore:
         return outcome
 
     def close(self) -> None:
-        self._api.api_client.close()
+        self._api.close()
 
     def _write(self, block: Block) -> str | None:
         """The new resourceVersion, or None on a conflict."""
         body = self._object(block)
         try:
             if block.revision is None:
-                stored = self._call(
-                    self._api.create_namespaced_custom_object,
-                    GROUP,
-                    VERSION,
-                    self._namespace,
-                    PLURAL,
-                    body,
-                )
+                stored = self._call("POST", self._collection, body=body)
             else:
-                stored = self._call(
-                    self._api.replace_namespaced_custom_object,
-                    GROUP,
-                    VERSION,
-                    self._namespace,
-                    PLURAL,
-                    body["metadata"]["name"],
-                    body,
-                    replacing=True,
-                )
+                path = f"{self._collection}/{body['metadata']['name']}"
+                stored = self._call("PUT", path, body=body, replacing=True)
         except _Conflict:
             return None
         return str(stored["metadata"]["resourceVersion"])
@@ -199,61 +173,42 @@ class KubernetesStore:
 
     def _call(
         self,
-        method: Any,
-        *args: Any,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, str | int | None] | None = None,
+        body: dict[str, Any] | None = None,
         replacing: bool = False,
         absent_ok: bool = False,
-        **kwargs: Any,
-    ) -> Any:
+    ) -> dict[str, Any]:
         """Call the API; with `replacing`, a 404 means the object went away: a conflict; with
         `absent_ok`, it is _Absent (a block nobody created yet)."""
         try:
-            return method(*args, _request_timeout=self._timeout, **kwargs)
-        except ApiException as exc:
+            return self._api.request(method, path, query=query, body=body)
+        except ApiStatusError as exc:
             if replacing and exc.status == 404:
                 raise _Conflict from exc
             if absent_ok and exc.status == 404:
                 raise _Absent from exc
             raise self._api_error(exc) from exc
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise StoreUnavailableError(
-                f"Kubernetes API at {self._server} is unreachable: {type(exc).__name__}"
-            ) from exc
 
-    def _api_error(self, exc: ApiException) -> Exception:
-        status = exc.status or 0
-        where = f"Kubernetes API at {self._server}"
+    def _api_error(self, exc: ApiStatusError) -> Exception:
+        status = exc.status
+        where = f"Kubernetes API at {self._api.server}"
         if status == 409:
             return _Conflict()  # already created, or a stale resourceVersion
         if status == 404:
             return StoreRefusedError(
-                f"{where}: not found ({_reason(exc)}): is the IPPool CRD installed "
+                f"{where}: not found ({exc.message}): is the IPPool CRD installed "
                 f"(kubectl apply -k deploy/), and does namespace {self._namespace} exist?"
             )
         if status == 401:
             return StoreRefusedError(f"{where}: Unauthorized: the kubeconfig's credentials")
         if status == 403:
-            return StoreRefusedError(f"{where}: Forbidden: {_reason(exc)}")
+            return StoreRefusedError(f"{where}: Forbidden: {exc.message}")
         if status == 429 or status >= 500:
-            return StoreUnavailableError(f"{where} answered {status}: {_reason(exc)}")
-        return StoreRefusedError(f"{where} refused the request ({status}): {_reason(exc)}")
-
-
-def load_kubeconfig(path: str) -> tuple[k8s.Configuration, str]:
-    """The client configuration of kubeconfig `path`, and its context's namespace."""
-    configuration = k8s.Configuration()
-    try:
-        k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=path, client_configuration=configuration
-        )
-        _, active = k8s_config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
-            config_file=path
-        )
-    except (ConfigException, OSError, ValueError, TypeError, KeyError) as exc:
-        raise CniError(INVALID_CONFIG, f"kubeconfig {path}: {exc}") from exc
-    configuration.retries = 0  # run_transaction retries, under its deadline
-    namespace = (active or {}).get("context", {}).get("namespace") or DEFAULT_NAMESPACE
-    return configuration, namespace
+            return StoreUnavailableError(f"{where} answered {status}: {exc.message}")
+        return StoreRefusedError(f"{where} refused the request ({status}): {exc.message}")
 
 
 def _block_of(item: dict[str, Any]) -> Block:
@@ -274,15 +229,6 @@ class _Conflict(Exception):  # noqa: N818 - an outcome, not an error
 
 class _Absent(Exception):  # noqa: N818 - an outcome, not an error
     """The object does not exist."""
-
-
-def _reason(exc: ApiException) -> str:
-    import json  # noqa: PLC0415 - only on the error path
-
-    try:
-        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
-    except ValueError:
-        return str(exc.reason)
 
 
 def _label_value(text: str) -> str:

@@ -1,0 +1,143 @@
+"""The Kubernetes API as the IPPool store uses it: JSON over HTTPS, through urllib3.
+
+Not the `kubernetes` client: importing it takes ~0.2 s, which every plugin process serving a
+call in-process would pay, and its generic (de)serialisation costs the agent about a millisecond
+a call. The store needs four verbs on one resource. Where the credentials come from is
+ipam.stores.kubeconfig; the `kubernetes` library still loads what only it can (exec plugins,
+auth providers, the in-cluster service account) and serves the controllers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+import urllib3
+
+from ipam.errors import StoreUnavailableError
+
+CONNECTIONS_KEPT = 16  # idle connections kept for the agent's concurrent requests
+
+
+@dataclass(frozen=True, slots=True)
+class ApiCredentials:
+    """Where the API is and how to prove who we are."""
+
+    server: str  # e.g. https://10.0.0.1:6443
+    namespace: str  # the context's: where the IPPools live
+    ca_pem: str | None = None  # trust only this CA (else the system's)
+    insecure: bool = False  # insecure-skip-tls-verify
+    client_cert_pem: str | None = None  # certificate and key, PEM
+    client_key_pem: str | None = None
+    tls_server_name: str | None = None
+    proxy: str | None = None
+    #: The Authorization header for the next request, or None. A function: tokens rotate.
+    authorization: Callable[[], str | None] = lambda: None
+
+
+class ApiStatusError(Exception):
+    """The API answered with an error status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class KubeApi:
+    """JSON requests to one API server; thread-safe, connections kept alive."""
+
+    def __init__(self, credentials: ApiCredentials, *, timeout: float, retries: int = 0) -> None:
+        self._credentials = credentials
+        self._server = credentials.server.rstrip("/")
+        options: dict[str, Any] = {
+            "ssl_context": _ssl_context(credentials),
+            "timeout": urllib3.Timeout(total=timeout),
+            "retries": urllib3.Retry(retries, redirect=0) if retries else False,
+            "maxsize": CONNECTIONS_KEPT,
+        }
+        if credentials.tls_server_name:
+            options["server_hostname"] = credentials.tls_server_name
+        self._http: urllib3.PoolManager = (
+            urllib3.ProxyManager(credentials.proxy, **options)
+            if credentials.proxy
+            else urllib3.PoolManager(**options)
+        )
+
+    @property
+    def server(self) -> str:
+        return self._server
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, str | int | None] | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The decoded JSON answer; ApiStatusError on an error status, StoreUnavailableError
+        when the server cannot be reached or answers nonsense."""
+        headers = {"Accept": "application/json"}
+        authorization = self._credentials.authorization()
+        if authorization:
+            headers["Authorization"] = authorization
+        data = None
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            data = json.dumps(body, separators=(",", ":")).encode()
+        url = self._server + path
+        if query:
+            url += "?" + urlencode({k: v for k, v in query.items() if v is not None})
+        try:
+            response = self._http.request(method, url, body=data, headers=headers)
+            answer = json.loads(response.data) if response.data else {}
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise StoreUnavailableError(
+                f"Kubernetes API at {self._server} is unreachable: {type(exc).__name__}"
+            ) from exc
+        except ValueError as exc:
+            raise StoreUnavailableError(
+                f"Kubernetes API at {self._server} answered {response.status} with no JSON"
+            ) from exc
+        if response.status >= 300:
+            message = answer.get("message") if isinstance(answer, dict) else None
+            raise ApiStatusError(response.status, str(message or response.reason))
+        if not isinstance(answer, dict):
+            raise StoreUnavailableError(f"Kubernetes API at {self._server} answered a non-object")
+        return answer
+
+    def close(self) -> None:
+        self._http.clear()
+
+
+def _ssl_context(credentials: ApiCredentials) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if credentials.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif credentials.ca_pem:
+        context.load_verify_locations(cadata=credentials.ca_pem)
+    else:
+        context.load_default_certs()
+    if credentials.client_cert_pem and credentials.client_key_pem:
+        _load_client_certificate(context, credentials.client_cert_pem, credentials.client_key_pem)
+    return context
+
+
+def _load_client_certificate(context: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:
+    # ssl loads a certificate chain from files only: a private directory, gone once loaded.
+    with tempfile.TemporaryDirectory(prefix="pyabouts-tls-") as directory:
+        paths = []
+        for name, pem in (("cert.pem", cert_pem), ("key.pem", key_pem)):
+            path = os.path.join(directory, name)
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+                out.write(pem)
+            paths.append(path)
+        context.load_cert_chain(paths[0], paths[1])

@@ -1,0 +1,149 @@
+"""The IPPool store reads kubeconfigs itself (ipam.stores.kubeconfig): each form a node's or an
+admin's kubeconfig takes reaches the real apiserver as the identity it names, and TLS is
+verified against the CA it names."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from deploy.local.controlplane import ControlPlane
+from ipam.config import IpamConf
+from ipam.errors import StoreRefusedError, StoreUnavailableError
+from ipam.pool import Block, BlockKey, Owner, PoolId
+from ipam.stores.kubernetes import KubernetesStore
+
+pytestmark = pytest.mark.integration
+
+
+def store_of(kubeconfig: Path) -> KubernetesStore:
+    ipam = IpamConf.model_validate(
+        {"type": "pyabouts", "kubernetes": {"kubeconfig": str(kubeconfig)}}
+    )
+    return KubernetesStore.from_config(ipam, timeout=5)
+
+
+def write_and_read_back(store: KubernetesStore) -> None:
+    """A block written through `store` is read back through it, as stored."""
+    pool = PoolId(f"kc-{uuid.uuid4().hex[:8]}", 4)
+    key = BlockKey.of(pool, int.from_bytes(bytes([10, 91, 0, 0])))
+    block = Block(key, {key.base + 1: Owner("c1", "net1")}, range_text="10.91.0.0/24")
+    assert store.write_blocks([block]).conflicts == []
+    [read] = store.read_blocks(pool, key.base, key.base + 255)
+    assert read.entries == block.entries
+
+
+def kubeconfig(
+    path: Path,
+    cluster: ControlPlane,
+    user: Mapping[str, object],
+    trust: Mapping[str, object] | None = None,
+) -> Path:
+    """A kubeconfig of one context, written as JSON (which is YAML too); `trust`: the cluster's
+    TLS keys (default: the local CA, embedded)."""
+    if trust is None:
+        trust = {
+            "certificate-authority-data": base64.b64encode(cluster.ca_cert.read_bytes()).decode()
+        }
+    server = {"server": cluster.server, **trust}
+    document = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "local", "cluster": server}],
+        "users": [{"name": "someone", "user": user}],
+        "contexts": [
+            {
+                "name": "here",
+                "context": {"cluster": "local", "user": "someone", "namespace": "kube-system"},
+            }
+        ],
+        "current-context": "here",
+    }
+    path.write_text(json.dumps(document))
+    return path
+
+
+def pyabouts_token(cluster: ControlPlane) -> str:
+    return cluster.kubectl("create", "token", "pyabouts", "-n", "kube-system").strip()
+
+
+def test_a_bearer_token(pyabouts_cluster: ControlPlane, tmp_path: Path) -> None:
+    path = kubeconfig(
+        tmp_path / "kc", pyabouts_cluster, {"token": pyabouts_token(pyabouts_cluster)}
+    )
+    write_and_read_back(store_of(path))
+
+
+def test_a_client_certificate_embedded(pyabouts_cluster: ControlPlane) -> None:
+    write_and_read_back(store_of(pyabouts_cluster.kubeconfig))  # the admin's: data keys
+
+
+def test_files_named_relative_to_the_kubeconfig(
+    pyabouts_cluster: ControlPlane, tmp_path: Path
+) -> None:
+    (tmp_path / "pki").mkdir()
+    shutil.copy(pyabouts_cluster.admin_cert, tmp_path / "pki" / "admin.crt")
+    shutil.copy(pyabouts_cluster.admin_key, tmp_path / "pki" / "admin.key")
+    shutil.copy(pyabouts_cluster.ca_cert, tmp_path / "pki" / "ca.crt")
+    user = {"client-certificate": "pki/admin.crt", "client-key": "pki/admin.key"}
+    path = kubeconfig(
+        tmp_path / "kc", pyabouts_cluster, user, {"certificate-authority": "pki/ca.crt"}
+    )
+    write_and_read_back(store_of(path))
+
+
+def test_a_token_file_is_read_on_every_request(
+    pyabouts_cluster: ControlPlane, tmp_path: Path
+) -> None:
+    # The kubelet rotates projected service-account tokens in place: a long-lived store (the
+    # agent's) must send the file's current token, not the one it started with.
+    token_file = tmp_path / "token"
+    token_file.write_text("not-a-token\n")
+    store = store_of(kubeconfig(tmp_path / "kc", pyabouts_cluster, {"tokenFile": "token"}))
+    with pytest.raises(StoreRefusedError, match="Unauthorized"):
+        write_and_read_back(store)
+    token_file.write_text(pyabouts_token(pyabouts_cluster) + "\n")
+    write_and_read_back(store)
+
+
+def test_an_exec_plugin_goes_through_the_kubernetes_client(
+    pyabouts_cluster: ControlPlane, tmp_path: Path
+) -> None:
+    credential = {
+        "apiVersion": "client.authentication.k8s.io/v1beta1",
+        "kind": "ExecCredential",
+        "status": {"token": pyabouts_token(pyabouts_cluster)},
+    }
+    user = {
+        "exec": {
+            "apiVersion": "client.authentication.k8s.io/v1beta1",
+            "command": "/bin/sh",
+            "args": ["-c", f"echo '{json.dumps(credential)}'"],
+            "interactiveMode": "Never",
+        }
+    }
+    write_and_read_back(store_of(kubeconfig(tmp_path / "kc", pyabouts_cluster, user)))
+
+
+def test_a_server_certificate_no_named_ca_signed_is_refused(
+    pyabouts_cluster: ControlPlane, tmp_path: Path
+) -> None:
+    # No certificate-authority: the system's CAs, which did not sign the local apiserver's.
+    user = {"token": pyabouts_token(pyabouts_cluster)}
+    store = store_of(kubeconfig(tmp_path / "kc", pyabouts_cluster, user, trust={}))
+    with pytest.raises(StoreUnavailableError, match="SSLError"):
+        write_and_read_back(store)
+
+
+def test_insecure_skip_tls_verify_connects_without_a_ca(
+    pyabouts_cluster: ControlPlane, tmp_path: Path
+) -> None:
+    user = {"token": pyabouts_token(pyabouts_cluster)}
+    path = kubeconfig(tmp_path / "kc", pyabouts_cluster, user, {"insecure-skip-tls-verify": True})
+    write_and_read_back(store_of(path))

@@ -1,0 +1,90 @@
+"""ipam.stores.kubeconfig on files: what it takes from a kubeconfig, and how it refuses one.
+(That each form reaches a real apiserver is tests/integration/test_kubeconfig_forms.py.)"""
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipam.errors import INVALID_CONFIG, CniError
+from ipam.stores.kubeconfig import read_kubeconfig
+
+
+def write(path: Path, user: dict[str, Any], **cluster: Any) -> Path:
+    document = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": "https://10.0.0.1:6443", **cluster}}],
+        "users": [{"name": "u", "user": user}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u", "namespace": "ipam"}}],
+        "current-context": "x",
+    }
+    path.write_text(json.dumps(document))
+    return path
+
+
+def refusal(path: Path) -> str:
+    with pytest.raises(CniError) as refused:
+        read_kubeconfig(str(path))
+    assert refused.value.code == INVALID_CONFIG
+    assert str(path) in refused.value.msg
+    return refused.value.msg
+
+
+def test_server_namespace_and_embedded_keys(tmp_path: Path) -> None:
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    user = {"client-certificate-data": b64("CERT"), "client-key-data": b64("KEY")}
+    path = write(tmp_path / "kc", user, **{"certificate-authority-data": b64("CA")})
+    got = read_kubeconfig(str(path))
+    assert (got.server, got.namespace) == ("https://10.0.0.1:6443", "ipam")
+    assert (got.ca_pem, got.client_cert_pem, got.client_key_pem) == ("CA", "CERT", "KEY")
+    assert got.authorization() is None
+
+
+def test_files_are_relative_to_the_kubeconfig(tmp_path: Path) -> None:
+    (tmp_path / "pki").mkdir()
+    (tmp_path / "pki" / "ca.crt").write_text("CA FILE")
+    path = write(tmp_path / "kc", {"token": "abc"}, **{"certificate-authority": "pki/ca.crt"})
+    got = read_kubeconfig(str(path))
+    assert got.ca_pem == "CA FILE"
+    assert got.authorization() == "Bearer abc"
+
+
+def test_a_token_file_is_read_when_a_request_is_made(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("first\n")
+    got = read_kubeconfig(str(write(tmp_path / "kc", {"tokenFile": "token"})))
+    (tmp_path / "token").write_text("rotated\n")
+    assert got.authorization() == "Bearer rotated"
+
+
+def test_a_missing_token_file_is_refused_at_once(tmp_path: Path) -> None:
+    assert "token" in refusal(write(tmp_path / "kc", {"tokenFile": "token"}))
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("{{{ not yaml", "not YAML"),
+        ("- a list", "no mapping"),
+        ('{"apiVersion": "v1", "kind": "Config"}', "no current-context"),
+        ('{"current-context": "x", "contexts": [{"name": "y"}]}', "no context named 'x'"),
+    ],
+)
+def test_what_is_not_a_usable_kubeconfig_is_code_7(tmp_path: Path, text: str, said: str) -> None:
+    path = tmp_path / "kc"
+    path.write_text(text)
+    assert said in refusal(path)
+
+
+def test_bad_base64_is_code_7(tmp_path: Path) -> None:
+    path = write(tmp_path / "kc", {}, **{"certificate-authority-data": "not base64!"})
+    assert "base64" in refusal(path)
+
+
+def test_a_cluster_without_a_server_is_code_7(tmp_path: Path) -> None:
+    path = write(tmp_path / "kc", {"token": "t"}, server="")
+    assert "no server" in refusal(path)
