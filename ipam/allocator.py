@@ -22,13 +22,15 @@ def assign_addresses(
     ranges: Sequence[AddressRange],
     owner: Owner,
     requested: Sequence[netaddr.IPAddress],
-    node: str = "",
+    spread_key: str = "",
 ) -> list[int]:
     """One address per range, in order, for `owner`; see `assign_address`."""
     check_requested(ranges, requested)
     chosen: list[int] = []
     for rng in ranges:
-        chosen.append(assign_address(view, rng, owner, requested, taken=chosen, node=node))
+        chosen.append(
+            assign_address(view, rng, owner, requested, taken=chosen, spread_key=spread_key)
+        )
     return chosen
 
 
@@ -39,14 +41,14 @@ def assign_address(
     requested: Sequence[netaddr.IPAddress],
     *,
     taken: Collection[int] = (),
-    node: str = "",
+    spread_key: str = "",
 ) -> int:
     """The address `owner` gets in `rng`.
 
     A requested address inside the range wins; otherwise the address this pod interface already
     holds (ADD is idempotent, and the containerID is updated); otherwise the lowest free one,
-    or, when a `node` is named (the node agent), the lowest free one from the node's own block
-    on (see node_start). `taken` holds what this request already got from earlier ranges,
+    or, with a `spread_key` (a node agent's node name), the lowest free one from the block that
+    key picks on (see block_start). `taken` holds what this request already got from earlier ranges,
     which may overlap this one.
     """
     pool = rng.pool
@@ -68,7 +70,8 @@ def assign_address(
     elif held:
         chosen = held[0]
     else:
-        free = _first_free(view, rng, node_start(rng, node) if node else rng.first)
+        start = block_start(rng, spread_key) if spread_key else rng.first
+        free = _first_free(view, rng, start)
         if free is None:
             raise CniError(
                 RANGE_EXHAUSTED,
@@ -163,9 +166,9 @@ def _held_by(
     return [(rng, address) for (_, address), rng in held.items()]
 
 
-def node_start(rng: AddressRange, node: str) -> int:
-    """Where `node` starts looking for a free address: the start of one of the range's blocks,
-    chosen by a stable hash of the node's name.
+def block_start(rng: AddressRange, key: str) -> int:
+    """Where a search keyed `key` (a node's name) starts looking for a free address: the start
+    of one of the range's blocks, chosen by a stable hash of `key`.
 
     Nodes that all start from the lowest address all write the same block and conflict with
     each other on every write; spread over the range's blocks, they mostly write blocks of
@@ -174,7 +177,7 @@ def node_start(rng: AddressRange, node: str) -> int:
     """
     first_block = BlockKey.of(rng.pool, rng.first).base
     blocks = (BlockKey.of(rng.pool, rng.last).base - first_block) // BLOCK_SIZE + 1
-    index = zlib.crc32(node.encode()) % blocks
+    index = zlib.crc32(key.encode()) % blocks
     return max(rng.first, first_block + index * BLOCK_SIZE)
 
 

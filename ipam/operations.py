@@ -3,12 +3,13 @@ Transactions (alone, or batched with others by the node agent)."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Collection, Sequence
 
 import netaddr
 
 from ipam import allocator
-from ipam.pool import Owner
+from ipam.pool import Owner, PoolView
 from ipam.ranges import AddressRange
 from ipam.transaction import Transactions
 
@@ -22,14 +23,22 @@ def allocate(
     deadline: float,
     node: str = "",
 ) -> list[int]:
-    """One address per range for `owner` (its existing ones if it has them); `node` spreads
-    nodes over the ranges' blocks (allocator.node_start)."""
+    """One address per range for `owner` (its existing ones if it has them).
+
+    A `node` (the node agent's) spreads nodes over the ranges' blocks (allocator.block_start).
+    Without one (a plugin process), the first try takes the lowest free address, as whereabouts
+    does; a try after a conflict starts in a block this attachment's retry picks, so processes
+    that collided on one block spread over the range's blocks instead of colliding again.
+    """
     allocator.check_requested(ranges, requested)  # before any I/O: a bad request reads nothing
-    return transactions.run(
-        ranges,
-        lambda view: allocator.assign_addresses(view, ranges, owner, requested, node),
-        deadline=deadline,
-    )
+    tries = itertools.count()
+
+    def decide(view: PoolView) -> list[int]:
+        attempt = next(tries)
+        spread_key = node or (f"{owner.container_id}/{owner.ifname}/{attempt}" if attempt else "")
+        return allocator.assign_addresses(view, ranges, owner, requested, spread_key)
+
+    return transactions.run(ranges, decide, deadline=deadline)
 
 
 def release(

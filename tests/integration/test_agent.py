@@ -18,7 +18,7 @@ import pytest
 
 from deploy.local.agent_process import AgentProcess, running_agent
 from deploy.local.controlplane import ControlPlane
-from ipam.allocator import node_start
+from ipam.allocator import block_start
 from ipam.pool import PoolId
 from ipam.ranges import build_range
 from plugin.install import install_thin_plugin
@@ -135,7 +135,7 @@ def test_each_agent_starts_in_the_block_its_node_name_picks(
     thin_plugin: str, etcd_server: EtcdServer, two_agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     """The agents of different nodes write different blocks, so they rarely conflict: each
-    starts where allocator.node_start puts its node (node-0 and node-1 pick blocks 1 and 3 of
+    starts where allocator.block_start puts its node (node-0 and node-1 pick blocks 1 and 3 of
     this /22), not where the host's name would put them all."""
     network = f"agentspread-{uuid.uuid4().hex[:6]}"
     ipam = {"range": "10.73.0.0/22", "network_name": network}
@@ -151,7 +151,7 @@ def test_each_agent_starts_in_the_block_its_node_name_picks(
         container: address
         for address, container in addresses_of(outcomes, ["first", "second"]).items()
     }
-    expected = [str(netaddr.IPAddress(node_start(rng, agent.node_name))) for agent in two_agents]
+    expected = [str(netaddr.IPAddress(block_start(rng, agent.node_name))) for agent in two_agents]
     assert [agent.node_name for agent in two_agents] == ["node-0", "node-1"]
     assert [given["first"], given["second"]] == expected == ["10.73.1.0", "10.73.3.0"]
 

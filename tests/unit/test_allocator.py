@@ -221,19 +221,19 @@ def test_only_the_blocks_that_changed_are_written() -> None:
 
 def test_nodes_start_from_blocks_of_their_own_and_still_fill_the_whole_range() -> None:
     rng = make("10.0.0.0/22", end="10.0.3.232")  # 1000 usable: four blocks
-    starts = {allocator.node_start(rng, f"node-{n}") for n in range(10)}
+    starts = {allocator.block_start(rng, f"node-{n}") for n in range(10)}
     assert starts <= {ip("10.0.0.1"), ip("10.0.1.0"), ip("10.0.2.0"), ip("10.0.3.0")}
     assert len(starts) > 1  # ten nodes do not all land on one block
-    assert allocator.node_start(rng, "node-3") == allocator.node_start(rng, "node-3")
+    assert allocator.block_start(rng, "node-3") == allocator.block_start(rng, "node-3")
 
     view = PoolView([])
     given = [
-        allocator.assign_addresses(view, [rng], pod(n), [], node=f"node-{n % 10}")[0]
+        allocator.assign_addresses(view, [rng], pod(n), [], spread_key=f"node-{n % 10}")[0]
         for n in range(1000)
     ]
     assert sorted(given) == list(range(ip("10.0.0.1"), ip("10.0.3.232") + 1))
     with pytest.raises(CniError) as full:
-        allocator.assign_addresses(view, [rng], pod(1000), [], node="node-1")
+        allocator.assign_addresses(view, [rng], pod(1000), [], spread_key="node-1")
     assert full.value.code == RANGE_EXHAUSTED
 
 
@@ -242,10 +242,10 @@ def test_a_node_whose_block_is_full_wraps_round_to_the_lowest_free() -> None:
     node = next(
         f"n{i}"
         for i in range(100)
-        if allocator.node_start(make("10.0.0.0/23"), f"n{i}") == ip("10.0.1.0")
+        if allocator.block_start(make("10.0.0.0/23"), f"n{i}") == ip("10.0.1.0")
     )
     view = PoolView([])
     for n in range(256):
         view.assign(rng.pool, ip("10.0.1.0") + n, pod(1000 + n))
-    assert allocator.assign_addresses(view, [rng], pod(1), [], node=node) == [ip("10.0.0.1")]
+    assert allocator.assign_addresses(view, [rng], pod(1), [], spread_key=node) == [ip("10.0.0.1")]
     assert allocator.assign_addresses(view, [rng], pod(2), []) == [ip("10.0.0.2")]  # no node
