@@ -42,7 +42,8 @@ def credentials_from_configuration(configuration: Configuration, namespace: str)
     its API key is asked for on every request, so the library's token refresh still works."""
 
     def authorization() -> str | None:
-        return configuration.get_api_key_with_prefix("authorization") or None
+        bearer = configuration.auth_settings().get("BearerToken")
+        return str(bearer["value"]) if bearer and bearer.get("value") else None
 
     return ApiCredentials(
         server=configuration.host,
