@@ -2,6 +2,8 @@
 through the `pyabouts` executable, credentials and failures, and the plugin's RBAC."""
 
 import json
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -268,3 +270,34 @@ def test_the_plugin_service_account_can_serve_every_command(
         cni(pyabouts_exe, "DEL", conf, "c1"),
     ]
     assert [c.returncode for c in calls] == [0, 0, 0, 0, 0, 0], [c.result for c in calls]
+
+
+def test_an_add_in_process_does_not_import_the_kubernetes_client(
+    pyabouts_cluster: ControlPlane, tmp_path: Path
+) -> None:
+    # Its import alone took ~0.2 s of every in-process call: the store speaks REST itself.
+    conf = netconf(
+        **kubernetes_ipam(
+            pyabouts_cluster,
+            range="10.68.0.0/24",
+            network_name=f"lean-{uuid.uuid4().hex[:6]}",
+            run_dir=str(tmp_path),
+        )
+    )
+    probe = (
+        "import json, sys; from plugin.handler import handle_request;"
+        "env = {'CNI_COMMAND': 'ADD', 'CNI_CONTAINERID': 'c1', 'CNI_IFNAME': 'net1',"
+        " 'CNI_NETNS': '/var/run/netns/unused', 'CNI_PATH': '/usr/lib/cni'};"
+        "reply = handle_request(env, sys.stdin.buffer.read());"
+        "print(json.dumps([reply.exit_code, json.loads(reply.stdout), sorted(sys.modules)]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        input=json.dumps(conf),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    exit_code, result, loaded = json.loads(done.stdout)
+    assert (exit_code, result["ips"][0]["address"]) == (0, "10.68.0.1/24")
+    assert "kubernetes" not in loaded
