@@ -147,3 +147,18 @@ def test_insecure_skip_tls_verify_connects_without_a_ca(
     user = {"token": pyabouts_token(pyabouts_cluster)}
     path = kubeconfig(tmp_path / "kc", pyabouts_cluster, user, {"insecure-skip-tls-verify": True})
     write_and_read_back(store_of(path))
+
+
+@pytest.mark.parametrize(("name", "connects"), [("kubernetes.default", True), ("elsewhere", False)])
+def test_tls_server_name_is_the_name_the_certificate_must_carry(
+    pyabouts_cluster: ControlPlane, tmp_path: Path, name: str, connects: bool
+) -> None:
+    ca = base64.b64encode(pyabouts_cluster.ca_cert.read_bytes()).decode()
+    trust = {"certificate-authority-data": ca, "tls-server-name": name}
+    user = {"token": pyabouts_token(pyabouts_cluster)}
+    store = store_of(kubeconfig(tmp_path / "kc", pyabouts_cluster, user, trust))
+    if connects:
+        write_and_read_back(store)
+    else:
+        with pytest.raises(StoreUnavailableError, match="SSLError"):
+            write_and_read_back(store)
