@@ -1,8 +1,8 @@
 """The Kubernetes API as the IPPool store uses it: JSON over HTTPS, through urllib3.
 
 Not the `kubernetes` client: importing it takes ~0.2 s, which every plugin process serving a
-call in-process would pay, and its generic (de)serialisation costs the agent about a millisecond
-a call. The store needs four verbs on one resource. Where the credentials come from is
+call in-process would pay, and it runs every body through its generic model (de)serialisation.
+The store needs four verbs on one resource. Where the credentials come from is
 ipam.stores.kubeconfig; the `kubernetes` library still loads what only it can (exec plugins,
 auth providers, the in-cluster service account) and serves the controllers.
 """
