@@ -726,6 +726,12 @@ class ControlPlane:
             raise KubectlError(proc.args, proc.returncode, proc.stdout, proc.stderr)
         return proc.stdout
 
+    def service_account_token(self, namespace: str, name: str, *, duration: str = "24h") -> str:
+        """A bound token of ServiceAccount ``namespace/name``, which must exist."""
+        return self.kubectl(
+            "create", "token", name, "-n", namespace, f"--duration={duration}"
+        ).strip()
+
     def service_account_kubeconfig(
         self, namespace: str, name: str, path: Path | None = None, *, duration: str = "24h"
     ) -> Path:
@@ -733,9 +739,7 @@ class ControlPlane:
 
         The ServiceAccount must exist (nothing creates ``default`` ones here).
         """
-        token = self.kubectl(
-            "create", "token", name, "-n", namespace, f"--duration={duration}"
-        ).strip()
+        token = self.service_account_token(namespace, name, duration=duration)
         path = path or self.state_dir / f"kubeconfig-sa-{namespace}-{name}"
         return write_kubeconfig(
             path,

@@ -33,7 +33,7 @@ def read_kubeconfig(path: str) -> ApiCredentials:
         if _DELEGATED_USER_KEYS & user.keys():
             return _through_kubernetes_client(path)
         return _credentials(Path(path).parent, context, cluster, user)
-    except (OSError, ValueError, TypeError, KeyError, binascii.Error) as exc:
+    except (OSError, ValueError, TypeError) as exc:  # binascii.Error is a ValueError
         raise CniError(INVALID_CONFIG, f"kubeconfig {path}: {_describe(exc)}") from exc
 
 
@@ -165,8 +165,6 @@ def _read_optional(path: str | None) -> str | None:
 
 
 def _describe(exc: Exception) -> str:
-    if isinstance(exc, KeyError):
-        return f"missing key {exc}"
     if isinstance(exc, binascii.Error):
         return f"bad base64 data ({exc})"
     return str(exc)

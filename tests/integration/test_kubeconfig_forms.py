@@ -14,19 +14,13 @@ from pathlib import Path
 import pytest
 
 from deploy.local.controlplane import ControlPlane
-from ipam.config import IpamConf
 from ipam.errors import StoreRefusedError, StoreUnavailableError
 from ipam.pool import Block, BlockKey, Owner, PoolId
 from ipam.stores.kubernetes import KubernetesStore
+from tests.integration.test_store_contract import kubernetes_store
+from tests.kubeconfig_files import write_kubeconfig_document
 
 pytestmark = pytest.mark.integration
-
-
-def store_of(kubeconfig: Path) -> KubernetesStore:
-    ipam = IpamConf.model_validate(
-        {"type": "pyabouts", "kubernetes": {"kubeconfig": str(kubeconfig)}}
-    )
-    return KubernetesStore.from_config(ipam, timeout=5)
 
 
 def write_and_read_back(store: KubernetesStore) -> None:
@@ -44,44 +38,30 @@ def kubeconfig(
     cluster: ControlPlane,
     user: Mapping[str, object],
     trust: Mapping[str, object] | None = None,
-) -> Path:
-    """A kubeconfig of one context, written as JSON (which is YAML too); `trust`: the cluster's
-    TLS keys (default: the local CA, embedded)."""
+) -> str:
+    """A kubeconfig of the local cluster as `user`; `trust`: the cluster's TLS keys (default:
+    the local CA, embedded)."""
     if trust is None:
         trust = {
             "certificate-authority-data": base64.b64encode(cluster.ca_cert.read_bytes()).decode()
         }
-    server = {"server": cluster.server, **trust}
-    document = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "local", "cluster": server}],
-        "users": [{"name": "someone", "user": user}],
-        "contexts": [
-            {
-                "name": "here",
-                "context": {"cluster": "local", "user": "someone", "namespace": "kube-system"},
-            }
-        ],
-        "current-context": "here",
-    }
-    path.write_text(json.dumps(document))
-    return path
+    return str(write_kubeconfig_document(path, user, {"server": cluster.server, **trust}))
 
 
 def pyabouts_token(cluster: ControlPlane) -> str:
-    return cluster.kubectl("create", "token", "pyabouts", "-n", "kube-system").strip()
+    return cluster.service_account_token("kube-system", "pyabouts")
 
 
 def test_a_bearer_token(pyabouts_cluster: ControlPlane, tmp_path: Path) -> None:
     path = kubeconfig(
         tmp_path / "kc", pyabouts_cluster, {"token": pyabouts_token(pyabouts_cluster)}
     )
-    write_and_read_back(store_of(path))
+    write_and_read_back(kubernetes_store(path))
 
 
 def test_a_client_certificate_embedded(pyabouts_cluster: ControlPlane) -> None:
-    write_and_read_back(store_of(pyabouts_cluster.kubeconfig))  # the admin's: data keys
+    admin = str(pyabouts_cluster.kubeconfig)  # the admin's: client-certificate-data
+    write_and_read_back(kubernetes_store(admin))
 
 
 def test_files_named_relative_to_the_kubeconfig(
@@ -95,7 +75,7 @@ def test_files_named_relative_to_the_kubeconfig(
     path = kubeconfig(
         tmp_path / "kc", pyabouts_cluster, user, {"certificate-authority": "pki/ca.crt"}
     )
-    write_and_read_back(store_of(path))
+    write_and_read_back(kubernetes_store(path))
 
 
 def test_a_token_file_is_read_on_every_request(
@@ -105,7 +85,7 @@ def test_a_token_file_is_read_on_every_request(
     # agent's) must send the file's current token, not the one it started with.
     token_file = tmp_path / "token"
     token_file.write_text("not-a-token\n")
-    store = store_of(kubeconfig(tmp_path / "kc", pyabouts_cluster, {"tokenFile": "token"}))
+    store = kubernetes_store(kubeconfig(tmp_path / "kc", pyabouts_cluster, {"tokenFile": "token"}))
     with pytest.raises(StoreRefusedError, match="Unauthorized"):
         write_and_read_back(store)
     token_file.write_text(pyabouts_token(pyabouts_cluster) + "\n")
@@ -128,15 +108,15 @@ def test_an_exec_plugin_goes_through_the_kubernetes_client(
             "interactiveMode": "Never",
         }
     }
-    write_and_read_back(store_of(kubeconfig(tmp_path / "kc", pyabouts_cluster, user)))
+    write_and_read_back(kubernetes_store(kubeconfig(tmp_path / "kc", pyabouts_cluster, user)))
 
 
-def test_a_server_certificate_no_named_ca_signed_is_refused(
+def test_a_server_certificate_no_trusted_ca_signed_is_refused(
     pyabouts_cluster: ControlPlane, tmp_path: Path
 ) -> None:
     # No certificate-authority: the system's CAs, which did not sign the local apiserver's.
     user = {"token": pyabouts_token(pyabouts_cluster)}
-    store = store_of(kubeconfig(tmp_path / "kc", pyabouts_cluster, user, trust={}))
+    store = kubernetes_store(kubeconfig(tmp_path / "kc", pyabouts_cluster, user, trust={}))
     with pytest.raises(StoreUnavailableError, match="SSLError"):
         write_and_read_back(store)
 
@@ -146,7 +126,7 @@ def test_insecure_skip_tls_verify_connects_without_a_ca(
 ) -> None:
     user = {"token": pyabouts_token(pyabouts_cluster)}
     path = kubeconfig(tmp_path / "kc", pyabouts_cluster, user, {"insecure-skip-tls-verify": True})
-    write_and_read_back(store_of(path))
+    write_and_read_back(kubernetes_store(path))
 
 
 @pytest.mark.parametrize(("name", "connects"), [("kubernetes.default", True), ("elsewhere", False)])
@@ -156,7 +136,7 @@ def test_tls_server_name_is_the_name_the_certificate_must_carry(
     ca = base64.b64encode(pyabouts_cluster.ca_cert.read_bytes()).decode()
     trust = {"certificate-authority-data": ca, "tls-server-name": name}
     user = {"token": pyabouts_token(pyabouts_cluster)}
-    store = store_of(kubeconfig(tmp_path / "kc", pyabouts_cluster, user, trust))
+    store = kubernetes_store(kubeconfig(tmp_path / "kc", pyabouts_cluster, user, trust))
     if connects:
         write_and_read_back(store)
     else:

@@ -2,7 +2,6 @@
 (That each form reaches a real apiserver is tests/integration/test_kubeconfig_forms.py.)"""
 
 import base64
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,19 +9,12 @@ import pytest
 
 from ipam.errors import INVALID_CONFIG, CniError
 from ipam.stores.kubeconfig import read_kubeconfig
+from tests.kubeconfig_files import write_kubeconfig_document
 
 
 def write(path: Path, user: dict[str, Any], **cluster: Any) -> Path:
-    document = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "c", "cluster": {"server": "https://10.0.0.1:6443", **cluster}}],
-        "users": [{"name": "u", "user": user}],
-        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u", "namespace": "ipam"}}],
-        "current-context": "x",
-    }
-    path.write_text(json.dumps(document))
-    return path
+    keys = {"server": "https://10.0.0.1:6443", **cluster}
+    return write_kubeconfig_document(path, user, keys, namespace="ipam")
 
 
 def refusal(path: Path) -> str:
