@@ -1,6 +1,6 @@
 """The etcd datastore: one key per block, written with transactions comparing mod revisions.
 
-Key: /pyabouts/v1/pools/<family>/<network_name>/<scope>/<block base, fixed-width hex>, so the
+Key: /pyabouts/v1/pools/<family>/<network_name>/<block base, fixed-width hex>, so the
 blocks of a span are one range read. Several blocks are written in one transaction, all or none.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
@@ -21,6 +21,7 @@ from ipam.errors import INVALID_CONFIG, CniError, StoreRefusedError, StoreUnavai
 from ipam.pool import Block, BlockKey, PoolId
 from ipam.store import WriteOutcome
 from ipam.stores.codec import block_document, block_from_document
+from ipam.stores.etcd_settings import CA_KEY, CERT_KEY, KEY_KEY, EtcdSettings, invalid_config
 
 T = TypeVar("T")
 
@@ -37,8 +38,7 @@ _ERRORS = (grpc.RpcError, etcd_exceptions.Etcd3Exception)
 def pool_prefix(pool: PoolId) -> str:
     # quote() never yields a lone "%", so it stands for the empty name unambiguously.
     network = quote(pool.network, safe="") or "%"
-    scope = quote(pool.scope, safe="") or "%"
-    return f"{KEY_PREFIX}/{pool.family}/{network}/{scope}/"
+    return f"{KEY_PREFIX}/{pool.family}/{network}/"
 
 
 def block_key(key: BlockKey) -> str:
@@ -48,43 +48,11 @@ def block_key(key: BlockKey) -> str:
 
 def parse_block_key(text: str) -> BlockKey:
     """The inverse of block_key."""
-    family, network, scope, base = text.removeprefix(f"{KEY_PREFIX}/").split("/")
+    family, network, base = text.removeprefix(f"{KEY_PREFIX}/").split("/")
     pool = PoolId(
-        network="" if network == "%" else unquote(network),
-        family=4 if family == "4" else 6,
-        scope="" if scope == "%" else unquote(scope),
+        network="" if network == "%" else unquote(network), family=4 if family == "4" else 6
     )
     return BlockKey(pool, int(base, 16))
-
-
-@dataclass(frozen=True, slots=True)
-class EtcdSettings:
-    endpoints: tuple[tuple[str, int], ...]
-    timeout: float
-    username: str | None = None
-    password: str | None = None
-    ca_cert: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    secure: bool = False
-
-    @classmethod
-    def from_config(cls, ipam: IpamConf, *, timeout: float) -> EtcdSettings:
-        if not ipam.etcd_host:
-            raise CniError(INVALID_CONFIG, "invalid network config: ipam.etcd_host is required")
-        return cls(
-            endpoints=tuple(parse_endpoints(ipam.etcd_host)),
-            timeout=timeout,
-            username=ipam.etcd_username or None,
-            password=ipam.etcd_password or None,
-            ca_cert=ipam.etcd_ca_cert_file or None,
-            cert=ipam.etcd_cert_file or None,
-            key=ipam.etcd_key_file or None,
-            secure=bool(ipam.etcd_ca_cert_file) or "https://" in ipam.etcd_host,
-        )
-
-    def describe(self) -> str:
-        return ",".join(f"{host}:{port}" for host, port in self.endpoints)
 
 
 class EtcdStore:
@@ -93,6 +61,7 @@ class EtcdStore:
     def __init__(self, settings: EtcdSettings) -> None:
         self._settings = settings
         self._client: Any = None
+        self._endpoint = settings.endpoints[0]  # the one dialled last, for messages
         self._next_endpoint = 0
 
     @classmethod
@@ -138,56 +107,73 @@ class EtcdStore:
             self._client = None
 
     def _call(self, operation: Callable[[Any], T]) -> T:
-        """Run `operation` on a connected client, moving to the next endpoint when one is down."""
-        attempts = len(self._settings.endpoints)
-        for attempt in range(attempts):
+        """Run `operation` on a connected client, moving to the next endpoint when one fails.
+
+        A refusal (credentials) holds for every endpoint and is raised at once. Otherwise, when
+        every endpoint failed, a certain misconfiguration is raised rather than an outage.
+        """
+        failures: list[CniError] = []
+        for _ in self._settings.endpoints:
             try:
                 return operation(self._connected())
             except _ERRORS as exc:
                 # etcd3 marks a failed endpoint unusable for the client: start afresh next time.
                 self.close()
-                error = _store_error(exc, self._settings.describe())
-                if isinstance(error, StoreRefusedError) or attempt == attempts - 1:
+                error = store_error(exc, self._endpoint, self._settings)
+                if isinstance(error, StoreRefusedError):
                     raise error from exc
-        raise AssertionError("unreachable: the loop returns or raises")
+                error.__cause__ = exc
+                failures.append(error)
+        raise next((f for f in failures if not isinstance(f, StoreUnavailableError)), failures[-1])
 
     def _connected(self) -> Any:
         if self._client is None:
             settings = self._settings
-            host, port = settings.endpoints[self._next_endpoint % len(settings.endpoints)]
+            self._endpoint = settings.endpoints[self._next_endpoint % len(settings.endpoints)]
             self._next_endpoint += 1
-            creds = None
-            if settings.secure:
-                try:
-                    creds = etcd3.MultiEndpointEtcd3Client.get_secure_creds(
-                        settings.ca_cert, settings.key, settings.cert
-                    )
-                except OSError as exc:
-                    raise CniError(INVALID_CONFIG, f"etcd TLS files: {exc}") from exc
+            host, port = self._endpoint
+            creds = channel_credentials(settings) if settings.secure else None
             endpoint = etcd3.Endpoint(host, port, secure=settings.secure, creds=creds)
-            self._client = etcd3.MultiEndpointEtcd3Client(
-                endpoints=[endpoint],
-                timeout=settings.timeout,
-                user=settings.username,
-                password=settings.password,
-            )
+            try:
+                # With credentials, this already authenticates: the first call to etcd.
+                self._client = etcd3.MultiEndpointEtcd3Client(
+                    endpoints=[endpoint],
+                    timeout=settings.timeout,
+                    user=settings.username,
+                    password=settings.password,
+                )
+            except BaseException:
+                endpoint.close()
+                raise
         return self._client
 
 
-def parse_endpoints(etcd_host: str) -> list[tuple[str, int]]:
-    """`etcd_host`: "host:port" (an http(s):// scheme is allowed), several comma-separated."""
-    endpoints = []
-    for item in etcd_host.split(","):
-        text = item.strip().removeprefix("http://").removeprefix("https://").rstrip("/")
-        if not text:
-            continue
-        host, sep, port = text.rpartition(":")
-        if not sep or not port.isdigit():
-            host, port = text, "2379"
-        endpoints.append((host.strip("[]"), int(port)))
-    if not endpoints:
-        raise CniError(INVALID_CONFIG, f"invalid network config: ipam.etcd_host={etcd_host!r}")
-    return endpoints
+def channel_credentials(settings: EtcdSettings) -> grpc.ChannelCredentials:
+    """TLS credentials from the configured files, read afresh for each client (they rotate).
+
+    Without etcd_ca_cert_file, root_certificates is None: grpc then verifies etcd's certificate
+    against its default trusted roots; nothing here ever skips the verification.
+    """
+    return grpc.ssl_channel_credentials(
+        root_certificates=read_pem_file(CA_KEY, settings.ca_cert),
+        private_key=read_pem_file(KEY_KEY, settings.key),
+        certificate_chain=read_pem_file(CERT_KEY, settings.cert),
+    )
+
+
+def read_pem_file(key: str, path: str | None) -> bytes | None:
+    """The file `key` names, or code 7 naming the key and the path, never the content (a
+    private key is secret)."""
+    if path is None:
+        return None
+    try:
+        content = Path(path).read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise invalid_config(f"ipam.{key}={path!r}: cannot read it ({reason})") from exc
+    if b"-----BEGIN " not in content:
+        raise invalid_config(f"ipam.{key}={path!r}: not a PEM file (no '-----BEGIN' line)")
+    return content
 
 
 def _decode(found: list[tuple[bytes, Any]]) -> list[Block]:
@@ -199,9 +185,81 @@ def _decode(found: list[tuple[bytes, Any]]) -> list[Block]:
     ]
 
 
-def _store_error(exc: Exception, endpoints: str) -> CniError:
-    code = exc.code() if isinstance(exc, grpc.RpcError) else None
-    if code in _REFUSALS:
-        details = exc.details() if isinstance(exc, grpc.RpcError) else ""
-        return StoreRefusedError(f"etcd at {endpoints} refused the request: {details}")
-    return StoreUnavailableError(f"etcd at {endpoints} is unreachable: {type(exc).__name__} {exc}")
+def store_error(exc: Exception, endpoint: tuple[str, int], settings: EtcdSettings) -> CniError:
+    """The CniError for a failed call to etcd at `endpoint`: refused (102), a TLS failure said
+    plainly (see tls_failure), or unreachable (11)."""
+    where = f"etcd at {endpoint[0]}:{endpoint[1]}"
+    rpc = exc if isinstance(exc, grpc.RpcError) else exc.__context__  # etcd3 wraps grpc's
+    if not isinstance(rpc, grpc.RpcError):
+        return StoreUnavailableError(f"{where} is unreachable: {type(exc).__name__} {exc}")
+    details = rpc.details() or ""
+    if rpc.code() in _REFUSALS:
+        return StoreRefusedError(f"{where} refused the request: {details}")
+    if rpc.code() == grpc.StatusCode.UNAVAILABLE:
+        tls = tls_failure(details, where, endpoint[0], settings)
+        if tls is not None:
+            return tls
+    return StoreUnavailableError(f"{where} is unreachable: {_last_error(details)}")
+
+
+def tls_failure(details: str, where: str, host: str, settings: EtcdSettings) -> CniError | None:
+    """What a failed connection's grpc `details` say about TLS, as the error to report, or None.
+
+    grpc says it only in text. Codes: 7 when the configuration (or etcd's certificate) must
+    change, whatever the timing; 102 when etcd refused our certificate; 11 when the handshake
+    broke off for a reason that may pass.
+    """
+    if not settings.secure:
+        if "Socket closed" not in details:
+            return None
+        return StoreUnavailableError(
+            f"{where} closed the connection ({_last_error(details)}): if etcd serves TLS there, "
+            f"use https:// endpoints (and {CA_KEY})"
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        reason = details.split("CERTIFICATE_VERIFY_FAILED", 1)[1].removesuffix(": OK").strip(": ")
+        return CniError(
+            INVALID_CONFIG,
+            f"{where}: TLS handshake failed: etcd's server certificate is not trusted "
+            f"(certificate verify failed: {reason or 'no reason given'}) - {_trust_hint(settings)}",
+        )
+    if "Hostname Verification" in details or "Peer name" in details:
+        return CniError(
+            INVALID_CONFIG,
+            f"{where}: TLS handshake failed: etcd's server certificate is not valid for {host!r}: "
+            f"name etcd in ipam.etcd_host as its certificate does (its subjectAltName)",
+        )
+    if "security handshaker" in details:
+        return CniError(
+            INVALID_CONFIG,
+            f"{where}: TLS cannot be set up with the configured files: {CERT_KEY} must be a "
+            f"certificate, {KEY_KEY} its own private key, and {CA_KEY} a CA certificate",
+        )
+    if "Unwrap failed" in details:  # TLS 1.3: etcd's alert comes after the handshake
+        return StoreRefusedError(
+            f"{where} closed the TLS connection after the handshake: most likely it refused "
+            + (
+                f"the client certificate ({CERT_KEY}): is it signed by a CA etcd trusts?"
+                if settings.cert
+                else f"a client without a certificate: set {CERT_KEY} and {KEY_KEY}"
+            )
+        )
+    if "andshake" in details:  # "Tls handshake failed", "Handshake read failed": may pass
+        return StoreUnavailableError(
+            f"{where}: TLS handshake failed ({_last_error(details)}): does etcd serve TLS there?"
+        )
+    return None
+
+
+def _trust_hint(settings: EtcdSettings) -> str:
+    if settings.ca_cert:
+        return f"is {CA_KEY} the CA that signed etcd's certificate?"
+    return (
+        f"no {CA_KEY} is set, so it was checked against the system's trusted roots: "
+        f"set {CA_KEY} to the CA that signed etcd's certificate"
+    )
+
+
+def _last_error(details: str) -> str:
+    """grpc's `details` without its preamble ("failed to connect to all addresses; ...")."""
+    return details.rsplit("last error: ", 1)[-1]

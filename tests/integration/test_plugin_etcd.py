@@ -45,6 +45,7 @@ def stored_allocations(server: EtcdServer, network: str) -> dict[str, dict[str, 
         for value, _ in client.get_prefix(f"/pyabouts/v1/pools/4/{network}/"):
             doc = json.loads(value)
             for offset, owner in doc["allocations"].items():
+                assert owner.pop("node")  # the node that allocated: this host's, or its agent's
                 found[f"{doc['cidr']}+{offset}"] = owner
         return found
     finally:
@@ -63,8 +64,18 @@ def test_every_command_through_the_executable(pyabouts_exe: str, etcd_server: Et
         "10.40.0.2/30",
     ]
     assert stored_allocations(etcd_server, network) == {
-        "10.40.0.0/24+1": {"containerID": "c1", "ifname": "net1", "podRef": "default/pod-c1"},
-        "10.40.0.0/24+2": {"containerID": "c2", "ifname": "net1", "podRef": "default/pod-c2"},
+        "10.40.0.0/24+1": {
+            "containerID": "c1",
+            "ifname": "net1",
+            "podRef": "default/pod-c1",
+            "cniNetwork": "net",
+        },
+        "10.40.0.0/24+2": {
+            "containerID": "c2",
+            "ifname": "net1",
+            "podRef": "default/pod-c2",
+            "cniNetwork": "net",
+        },
     }
     assert cni(pyabouts_exe, "CHECK", conf, "c1").ok
 
@@ -98,11 +109,33 @@ def test_tls_and_auth(pyabouts_exe: str, etcd_tls_auth_server: EtcdServer) -> No
 
     no_client_cert = netconf(**(conf["ipam"] | {"etcd_cert_file": "", "etcd_key_file": ""}))
     failed = cni(pyabouts_exe, "ADD", no_client_cert)
-    assert failed.returncode == 1
-    assert failed.result["code"] in (11, 102)
+    assert (failed.returncode, failed.result["code"]) == (1, 102)
+    assert "set etcd_cert_file and etcd_key_file" in failed.result["msg"]
 
     missing_ca = netconf(**(conf["ipam"] | {"etcd_ca_cert_file": "/nonexistent/ca.pem"}))
-    assert cni(pyabouts_exe, "ADD", missing_ca).result["code"] == 7
+    no_ca_file = cni(pyabouts_exe, "ADD", missing_ca).result
+    assert no_ca_file["code"] == 7
+    assert "ipam.etcd_ca_cert_file='/nonexistent/ca.pem'" in no_ca_file["msg"]
+
+
+def test_tls_mistakes_fail_closed_and_say_why(
+    pyabouts_exe: str, etcd_tls_auth_server: EtcdServer
+) -> None:
+    server = etcd_tls_auth_server
+    ipam = etcd_ipam(server, range="10.41.1.0/24", network_name="tls-mistakes")
+
+    # https:// without a CA: etcd's private CA is not among the system's roots.
+    system_roots = ipam | {"etcd_host": f"https://{server.endpoint}", "etcd_ca_cert_file": ""}
+    untrusted = cni(pyabouts_exe, "ADD", netconf(**system_roots)).result
+    assert untrusted["code"] == 7
+    assert "etcd's server certificate is not trusted" in untrusted["msg"]
+
+    key_alone = cni(pyabouts_exe, "ADD", netconf(**(ipam | {"etcd_cert_file": ""}))).result
+    assert key_alone["code"] == 7
+    assert "ipam.etcd_cert_file" in key_alone["msg"] and "ipam.etcd_key_file" in key_alone["msg"]
+
+    mixed = ipam | {"etcd_host": f"https://{server.endpoint},http://127.0.0.1:1"}
+    assert "mixes http:// and https://" in cni(pyabouts_exe, "ADD", netconf(**mixed)).result["msg"]
 
 
 def closed_port() -> int:

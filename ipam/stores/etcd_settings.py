@@ -1,0 +1,149 @@
+"""How to reach etcd, from the `ipam` keys: endpoints, TLS and credentials, checked without I/O.
+
+Pure on purpose: the plugin, the node agent (from its own settings) and the reconciler all build
+EtcdSettings through `from_config`, and every mistake is code 7, naming the keys to fix, before
+anything is dialled. TLS fails closed: `https://` without `etcd_ca_cert_file` verifies etcd's
+certificate against the system's trusted roots, never skips the check. Reading the TLS files and
+connecting are ipam.stores.etcd's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ipam.config import IpamConf
+from ipam.errors import INVALID_CONFIG, CniError
+
+DEFAULT_PORT = 2379
+SCHEMES = ("http", "https")
+# The TLS keys, in the order messages name them.
+CA_KEY, CERT_KEY, KEY_KEY = "etcd_ca_cert_file", "etcd_cert_file", "etcd_key_file"
+ALLOW_PLAINTEXT_KEY = "etcd_allow_plaintext_password"
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdSettings:
+    endpoints: tuple[tuple[str, int], ...]
+    timeout: float
+    username: str | None = None
+    password: str | None = None
+    ca_cert: str | None = None  # None with TLS: the system's trusted roots (grpc's default)
+    cert: str | None = None
+    key: str | None = None
+    secure: bool = False
+
+    @classmethod
+    def from_config(cls, ipam: IpamConf, *, timeout: float) -> EtcdSettings:
+        """The settings `ipam` asks for; CniError(INVALID_CONFIG) saying what to fix if wrong."""
+        if not ipam.etcd_host:
+            raise invalid_config("ipam.etcd_host is required")
+        tls_files = _tls_files(ipam)
+        secure = uses_tls(ipam.etcd_host, tls_files)
+        _check_pair(CERT_KEY, ipam.etcd_cert_file, KEY_KEY, ipam.etcd_key_file)
+        _check_pair("etcd_username", ipam.etcd_username, "etcd_password", ipam.etcd_password)
+        _check_password_is_protected(ipam, secure)
+        return cls(
+            endpoints=tuple(parse_endpoints(ipam.etcd_host)),
+            timeout=timeout,
+            username=ipam.etcd_username or None,
+            password=ipam.etcd_password or None,
+            ca_cert=tls_files.get(CA_KEY),
+            cert=tls_files.get(CERT_KEY),
+            key=tls_files.get(KEY_KEY),
+            secure=secure,
+        )
+
+    def describe(self) -> str:
+        return ",".join(f"{host}:{port}" for host, port in self.endpoints)
+
+
+def uses_tls(etcd_host: str, tls_files: dict[str, str]) -> bool:
+    """Whether to speak TLS: https:// endpoints, or any TLS file with endpoints that name no
+    scheme (whereabouts' way). http:// with TLS files is a contradiction, refused."""
+    scheme = endpoint_scheme(etcd_host)
+    if scheme == "http" and tls_files:
+        raise invalid_config(
+            f"ipam.etcd_host={etcd_host!r} uses http:// (no TLS) but {', '.join(tls_files)} "
+            f"{'is' if len(tls_files) == 1 else 'are'} set: use https:// for TLS, or drop the "
+            f"TLS files"
+        )
+    return scheme == "https" or bool(tls_files)
+
+
+def endpoint_scheme(etcd_host: str) -> str | None:
+    """The scheme the endpoints name, "http" or "https", or None if none names one. One TLS
+    setting holds for every endpoint, so http:// and https:// cannot be mixed."""
+    schemes = {_scheme_of(item, etcd_host) for item in _items(etcd_host)} - {None}
+    if len(schemes) > 1:
+        raise invalid_config(
+            f"ipam.etcd_host={etcd_host!r} mixes http:// and https:// endpoints: one TLS setting "
+            f"applies to all of them, so give them all the same scheme"
+        )
+    return schemes.pop() if schemes else None
+
+
+def parse_endpoints(etcd_host: str) -> list[tuple[str, int]]:
+    """`etcd_host`: "host:port" (an http(s):// scheme is allowed), several comma-separated."""
+    endpoints = []
+    for item in _items(etcd_host):
+        text = item.split("://", 1)[-1].rstrip("/")
+        if not text:
+            continue
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit():
+            host, port = text, str(DEFAULT_PORT)
+        endpoints.append((host.strip("[]"), int(port)))
+    if not endpoints:
+        raise invalid_config(f"ipam.etcd_host={etcd_host!r}: no endpoint (host:port) in it")
+    return endpoints
+
+
+def _items(etcd_host: str) -> list[str]:
+    return [item.strip() for item in etcd_host.split(",") if item.strip()]
+
+
+def _scheme_of(item: str, etcd_host: str) -> str | None:
+    if "://" not in item:
+        return None
+    scheme = item.split("://", 1)[0].lower()
+    if scheme not in SCHEMES:
+        raise invalid_config(
+            f"ipam.etcd_host={etcd_host!r}: {scheme}:// is not an etcd client scheme; "
+            f"use host:port, http://host:port or https://host:port"
+        )
+    return scheme
+
+
+def _tls_files(ipam: IpamConf) -> dict[str, str]:
+    """The TLS keys that are set, with their paths."""
+    files = {
+        CA_KEY: ipam.etcd_ca_cert_file,
+        CERT_KEY: ipam.etcd_cert_file,
+        KEY_KEY: ipam.etcd_key_file,
+    }
+    return {key: path for key, path in files.items() if path}
+
+
+def _check_password_is_protected(ipam: IpamConf, secure: bool) -> None:
+    """A password goes over TLS, unless the config explicitly accepts plaintext."""
+    if ipam.etcd_password and not secure and not ipam.etcd_allow_plaintext_password:
+        raise invalid_config(
+            f"ipam.etcd_password would be sent to etcd in plaintext: ipam.etcd_host="
+            f"{ipam.etcd_host!r} uses no TLS. Use https:// (with {CA_KEY} unless etcd's "
+            f"certificate is signed by a system-trusted CA), or set "
+            f"ipam.{ALLOW_PLAINTEXT_KEY}: true to accept a plaintext password"
+        )
+
+
+def _check_pair(first: str, first_value: str | None, second: str, second_value: str | None) -> None:
+    """Keys that only mean something together: both set, or neither."""
+    if bool(first_value) != bool(second_value):
+        given, missing = (first, second) if first_value else (second, first)
+        raise invalid_config(
+            f"ipam.{first} and ipam.{second} go together: ipam.{given} is set but "
+            f"ipam.{missing} is not; set both or neither"
+        )
+
+
+def invalid_config(problem: str) -> CniError:
+    return CniError(INVALID_CONFIG, f"invalid network config: {problem}")
