@@ -2,8 +2,11 @@
 
 Everything here shells out to iproute2 (``ip``), ``ping`` and the Python interpreter running the
 tests. It needs root. Traffic only ever flows between namespaces created by the caller; nothing
-sends packets from the host namespace. Use addresses from 198.51.100.0/24, 203.0.113.0/24 or
-2001:db8::/32 for anything that carries packets.
+sends packets from the host namespace. Use addresses from 198.51.100.0/24, 198.18.0.0/15 or
+2001:db8::/32 for anything that carries packets. Never 203.0.113.0/24: on these machines the
+package mirrors resolve into it, and a host route or bridge address there takes their route
+away. ``refuse_overlapping_routes`` checks a range that will get host routes (a ptp pod network)
+against the routes the host already has.
 
 Typical use::
 
@@ -17,6 +20,7 @@ Typical use::
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -27,7 +31,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,9 +42,19 @@ NETNS_RUN_DIR = "/var/run/netns"
 _IFNAME_MAX = 15
 _NAME_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# The package mirrors resolve into this range on these machines (see the environment notes):
+# nothing may put it on the host side, although the host reaches it through its default route.
+PACKAGE_MIRRORS = ipaddress.ip_network("203.0.113.0/24")
+RESOLV_CONF = Path("/etc/resolv.conf")
+
 
 class HarnessError(RuntimeError):
     """A harness step (not the code under test) failed."""
+
+
+class RouteOverlapError(HarnessError):
+    """A test network overlaps a route the host already has: it would shadow it or be shadowed."""
 
 
 @dataclass(frozen=True)
@@ -218,6 +232,139 @@ def wait_for_addresses(
                 f"(all: {addresses_in(pod, ifname)})"
             )
         time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------------------------
+# the host's routes, which test networks must leave alone
+
+
+@dataclass(frozen=True)
+class HostRoute:
+    """One route of the host namespace, from any table (``ip -j route show table all``)."""
+
+    destination: IPNetwork
+    kind: str = "unicast"  # "local" (the host's own addresses), "broadcast", "blackhole", ...
+    device: str = ""  # empty for routes without one (blackhole, unreachable)
+    table: str = "main"
+
+    def __str__(self) -> str:
+        """As ``ip route`` prints it: "192.0.2.0/24 dev eth0", "local 192.0.2.2/32 dev eth0 ..."."""
+        words = [] if self.kind == "unicast" else [self.kind]
+        words.append(str(self.destination))
+        if self.device:
+            words += ["dev", self.device]
+        if self.table != "main":
+            words += ["table", self.table]
+        return " ".join(words)
+
+
+def parse_routes(entries: Iterable[Mapping[str, Any]], version: int) -> list[HostRoute]:
+    """HostRoutes from the JSON of ``ip -j -4|-6 route show table all``.
+
+    ``ip`` writes host routes without a prefix length ("198.18.0.2") and the default route as
+    "default"; both come back as networks (198.18.0.2/32, 0.0.0.0/0).
+    """
+    default = "0.0.0.0/0" if version == 4 else "::/0"
+    routes = []
+    for entry in entries:
+        dst = str(entry.get("dst", "default"))
+        destination = ipaddress.ip_network(default if dst == "default" else dst, strict=False)
+        kind = str(entry.get("type", "unicast"))
+        device, table = str(entry.get("dev", "")), str(entry.get("table", "main"))
+        routes.append(HostRoute(destination, kind, device, table))
+    return routes
+
+
+def host_routes(version: int) -> list[HostRoute]:
+    """Every route of the host namespace of that IP version, from all tables (main, local, ...)."""
+    return parse_routes(_ip_json([f"-{version}", "route", "show", "table", "all"]), version)
+
+
+def pod_veths(links: Iterable[Mapping[str, Any]]) -> set[str]:
+    """Names of the veths whose other end lives in another namespace: the host ends of pods'
+    links, such as ptp makes. ``links`` is the JSON of ``ip -j -d link show``."""
+    return {
+        str(link["ifname"])
+        for link in links
+        if link.get("linkinfo", {}).get("info_kind") == "veth" and "link_netnsid" in link
+    }
+
+
+def _is_pod_route(route: HostRoute, pods: set[str]) -> bool:
+    # ptp gives each pod a host route to its address, and its gateway address as a local one.
+    single_address = route.destination.prefixlen == route.destination.max_prefixlen
+    return single_address and route.device in pods
+
+
+def routes_in_the_way(
+    network: IPNetwork, routes: Iterable[HostRoute], links: Iterable[Mapping[str, Any]]
+) -> list[HostRoute]:
+    """The routes among ``routes`` that a pod network on ``network`` would overlap.
+
+    Not counted: default routes (they overlap everything), routes of a device that is no longer
+    in ``links`` (they went with it), and routes to pods (a single address on a pod's veth, see
+    ``pod_veths``), which another node of the pod harness sharing the range has made.
+    """
+    links = list(links)
+    devices = {str(link["ifname"]) for link in links}
+    pods = pod_veths(links)
+    return [
+        route
+        for route in routes
+        if route.destination.version == network.version
+        and route.destination.prefixlen > 0
+        and route.destination.overlaps(network)
+        and (not route.device or route.device in devices)
+        and not _is_pod_route(route, pods)
+    ]
+
+
+def nameservers(resolv_conf: Path = RESOLV_CONF) -> list[IPNetwork]:
+    """The DNS servers the host uses, each as a one-address network."""
+    if not resolv_conf.is_file():
+        return []
+    found: list[IPNetwork] = []
+    for line in resolv_conf.read_text().splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "nameserver":
+            with contextlib.suppress(ValueError):  # a malformed line: not the check's business
+                found.append(ipaddress.ip_network(words[1]))
+    return found
+
+
+def destinations_kept_clear() -> dict[IPNetwork, str]:
+    """Destinations the host reaches through its default route, which therefore no route of its
+    own names, but which a test network there would take away: network -> why it matters."""
+    kept = {server: "the host's DNS server" for server in nameservers()}
+    kept[PACKAGE_MIRRORS] = "the package mirrors' addresses on these machines"
+    return kept
+
+
+def refuse_overlapping_routes(network: str, what: str = "pod network") -> None:
+    """Raise RouteOverlapError, naming what is in the way, when ``network`` overlaps a route the
+    host has (see ``routes_in_the_way`` for what does not count) or a destination it reaches
+    through its default route (``destinations_kept_clear``).
+
+    Call it before putting ``network`` on the host side (ptp's host routes, a bridge address):
+    a more specific route there would take traffic away from the host's own (the package
+    mirrors, the machine's LAN), and a range holding the host's own addresses would never reach
+    its pods.
+    """
+    wanted = ipaddress.ip_network(network)
+    routes = host_routes(wanted.version)
+    # Links after routes: a device deleted in between (another test's pod going away) took its
+    # routes along, and a device made in between has no routes in the list yet.
+    links = _ip_json(["-d", "link", "show"])
+    in_the_way = [f"the host route {route}" for route in routes_in_the_way(wanted, routes, links)]
+    in_the_way += [
+        f"{kept} ({why})"
+        for kept, why in destinations_kept_clear().items()
+        if kept.version == wanted.version and kept.overlaps(wanted)
+    ]
+    if in_the_way:
+        raise RouteOverlapError(
+            f"{what} {wanted} overlaps {' and '.join(in_the_way)}: pick another range"
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,8 +7,18 @@ build_binaries.sh) is called with the runtime's CNI environment; it reads the po
 the cluster-default network (ptp + host-local) and each attachment to its NAD's plugins (macvlan
 with pyabouts as IPAM), and writes the pod's network-status annotation.
 
-Addresses: eth0 comes from 203.0.113.0/25 (ptp adds host routes, so it stays in a documentation
-range); NADs should use 198.51.100.0/24 or other 203.0.113.0 space.
+Addresses: eth0 comes from DEFAULT_SUBNET, 198.19.0.0/25, unless a node is given another range.
+ptp puts that range on the host side (the gateway address on every pod's veth and a /32 route to
+each pod), so it must not overlap a route the host has: a node refuses such a range
+(RouteOverlapError, naming the route) before it sets anything up. Never 203.0.113.0/24: the
+package mirrors resolve into it on these machines, and host-local hands out every address of its
+range sooner or later. NADs (macvlan inside the pods, nothing on the host) use 198.51.100.0/24.
+
+The rule for the check: every route the host has counts, from every table (the local table holds
+the host's own addresses), except default routes and routes to pods, i.e. a single address on a
+veth whose other end is in another namespace, which is what ptp makes. So several nodes may share
+a range at once (tests on two xdist workers, each with its own node and host-local data dir): a
+pod address may then be in use twice, which nothing here minds, as no packet goes over eth0.
 """
 
 from __future__ import annotations
@@ -27,7 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from deploy.local.controlplane import ControlPlane
-from deploy.local.netns import CNI_REFERENCE_DIR, CniCall, Pod, pod_namespace, run_cni
+from deploy.local.netns import (
+    CNI_REFERENCE_DIR,
+    CniCall,
+    Pod,
+    pod_namespace,
+    refuse_overlapping_routes,
+    run_cni,
+)
 from deploy.local.pod_objects import PodRuntimeError, create_pod, delete_pod, network_status
 
 MULTUS_VERSION = "v4.2.3"
@@ -35,7 +52,9 @@ CACHE_BIN = Path(os.environ.get("PYABOUTS_CACHE", Path.home() / ".cache" / "pyab
 MULTUS_BINARY = CACHE_BIN / f"multus-{MULTUS_VERSION}"
 NAD_CRD = CACHE_BIN / f"multus-{MULTUS_VERSION}-nad-crd.yaml"
 NETWORKS = "k8s.v1.cni.cncf.io/networks"
-DEFAULT_SUBNET = "203.0.113.0/25"
+# eth0's range, on the host side through ptp. Inside 198.18.0.0/15 but clear of 198.18.0.0/24,
+# which the environment notes' kubelet cluster puts on its cni0 bridge.
+DEFAULT_SUBNET = "198.19.0.0/25"
 # Multus thin reads the pod with a short deadline and fails the ADD with this when it passes.
 MULTUS_GAVE_UP = "error waiting for pod"
 SANDBOX_RETRIES = 4  # kubelet itself never stops retrying a sandbox
@@ -83,9 +102,18 @@ class RunningPod:
 
 class Node:
     """One node's CNI set-up: a bin dir (multus, the reference plugins, pyabouts) and Multus's
-    config, with the admin kubeconfig so that Multus can read NADs and annotate pods."""
+    config, with the admin kubeconfig so that Multus can read NADs and annotate pods. Its pods'
+    eth0 come from `subnet` (ptp + host-local), which must overlap no route of the host."""
 
-    def __init__(self, cluster: ControlPlane, workdir: Path, pyabouts: str, name: str) -> None:
+    def __init__(
+        self,
+        cluster: ControlPlane,
+        workdir: Path,
+        pyabouts: str,
+        name: str,
+        subnet: str = DEFAULT_SUBNET,
+    ) -> None:
+        refuse_overlapping_routes(subnet)  # before anything is set up
         if not MULTUS_BINARY.is_file():
             raise PodRuntimeError(
                 f"{MULTUS_BINARY} is missing: run bash deploy/local/build_binaries.sh multus"
@@ -112,7 +140,7 @@ class Node:
                     "type": "ptp",
                     "ipam": {
                         "type": "host-local",
-                        "subnet": DEFAULT_SUBNET,
+                        "subnet": subnet,
                         "dataDir": str(workdir / "host-local"),
                         "routes": [{"dst": "0.0.0.0/0"}],
                     },
@@ -203,9 +231,13 @@ class Node:
 
 @contextlib.contextmanager
 def running_node(
-    cluster: ControlPlane, workdir: Path, pyabouts: str, name: str = "node-a"
+    cluster: ControlPlane,
+    workdir: Path,
+    pyabouts: str,
+    name: str = "node-a",
+    subnet: str = DEFAULT_SUBNET,
 ) -> Iterator[Node]:
-    node = Node(cluster, workdir, pyabouts, name)
+    node = Node(cluster, workdir, pyabouts, name, subnet)
     try:
         yield node
     finally:

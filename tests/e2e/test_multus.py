@@ -2,6 +2,7 @@
 pod annotations from the local apiserver and delegates to macvlan (+ tuning) with pyabouts as the
 IPAM, in network namespaces; the reconciler reclaims what a crashed pod leaves behind."""
 
+import ipaddress
 import json
 import subprocess
 import sys
@@ -14,7 +15,14 @@ import pytest
 
 from deploy.local.controlplane import ControlPlane
 from deploy.local.netns import addresses_in, exec_in, http_get, ping, serve_http
-from deploy.local.pod_runtime import Node, RunningPod, create_nad, macvlan_nad, unique
+from deploy.local.pod_runtime import (
+    DEFAULT_SUBNET,
+    Node,
+    RunningPod,
+    create_nad,
+    macvlan_nad,
+    unique,
+)
 from tests.e2e.conftest import NAMESPACE
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -66,6 +74,8 @@ def test_a_nad_by_name_gives_net1_a_pool_address_listed_in_network_status(
     assert address(pod) == "198.51.100.1/24"
     [default, attached] = node.network_status(pod)
     assert default["default"] is True and default["interface"] == "eth0"
+    [eth0] = default["ips"]  # from the node's pod network (ptp + host-local)
+    assert ipaddress.ip_address(eth0) in ipaddress.ip_network(DEFAULT_SUBNET)
     assert (attached["name"], attached["interface"], attached["ips"]) == (
         f"{NAMESPACE}/{blue}",
         "net1",
@@ -140,13 +150,13 @@ def test_a_conflist_with_ips_and_mac_capabilities_honours_both(node: Node, maste
 
 def test_two_attachments_come_from_their_own_pools(node: Node, master: str) -> None:
     first = nad(node.cluster, master, "198.51.100.0/25")
-    second = nad(node.cluster, master, "203.0.113.128/25")
+    second = nad(node.cluster, master, "198.51.100.128/25")
     pod = node.run_pod(NAMESPACE, unique("two"), f"{first},{second}")
-    assert (address(pod, "net1"), address(pod, "net2")) == ("198.51.100.1/25", "203.0.113.129/25")
+    assert (address(pod, "net1"), address(pod, "net2")) == ("198.51.100.1/25", "198.51.100.129/25")
     listed = {(e["name"], e["interface"], tuple(e["ips"])) for e in node.network_status(pod)}
     assert {
         (f"{NAMESPACE}/{first}", "net1", ("198.51.100.1",)),
-        (f"{NAMESPACE}/{second}", "net2", ("203.0.113.129",)),
+        (f"{NAMESPACE}/{second}", "net2", ("198.51.100.129",)),
     } <= listed
 
 
@@ -183,8 +193,8 @@ def test_deleted_pods_free_their_addresses_and_a_crashed_pod_is_reclaimed(
 def test_a_burst_of_50_pods_with_two_attachments_each(
     node: Node, master: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    first = nad(node.cluster, master, "198.51.100.0/24")
-    second = nad(node.cluster, master, "203.0.113.128/25")
+    first = nad(node.cluster, master, "198.51.100.0/25")
+    second = nad(node.cluster, master, "198.51.100.128/25")
     names = [unique(f"burst{n:02d}") for n in range(50)]
     # Pod objects first, as after scheduling; then the ADDs 10 at a time: Multus thin gives up
     # on a pod it cannot read within 2.5 s, which 50 at once on two cores can exceed.

@@ -1,20 +1,25 @@
-"""The netns harness against real parts only: macvlan + Debian's host-local IPAM, no pyabouts."""
+"""The netns harness against real parts only: macvlan, ptp + Debian's host-local IPAM, no pyabouts;
+and its refusal of host-side ranges that overlap the host's own routes."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from deploy.local.controlplane import ControlPlane
 from deploy.local.netns import (
     CNI_REFERENCE_DIR,
     HarnessError,
     Pod,
+    RouteOverlapError,
     addresses_in,
     host_link_exists,
+    host_routes,
     http_get,
     link_exists,
     macvlan_master,
@@ -23,14 +28,17 @@ from deploy.local.netns import (
     ping,
     plugin_bin_dir,
     pod_namespace,
+    refuse_overlapping_routes,
     run_cni,
     serve_http,
     wait_for_addresses,
 )
+from deploy.local.pod_runtime import DEFAULT_SUBNET, Node
 
 pytestmark = pytest.mark.integration
 
 MACVLAN = f"{CNI_REFERENCE_DIR}/macvlan"
+PTP = f"{CNI_REFERENCE_DIR}/ptp"
 HOST_LOCAL = f"{CNI_REFERENCE_DIR}/host-local"
 IFNAME = "net1"
 
@@ -145,9 +153,9 @@ def test_plugin_bin_dir_puts_pyabouts_first_on_cni_path(tmp_path: Path) -> None:
     assert plugin_bin_dir(tmp_path, HOST_LOCAL) == cni_path  # idempotent
 
     with macvlan_master("hp") as master, pod_namespace("harness-p") as pod:
-        conf = macvlan_conf(master, "203.0.113.0/24", tmp_path / "data", ipam_type="pyabouts")
+        conf = macvlan_conf(master, "198.51.100.0/24", tmp_path / "data", ipam_type="pyabouts")
         [cidr] = add(pod, conf, "ctr-p", cni_path)
-        assert ipaddress.ip_interface(cidr) in ipaddress.ip_network("203.0.113.0/24")
+        assert ipaddress.ip_interface(cidr) in ipaddress.ip_network("198.51.100.0/24")
         delete(pod, conf, "ctr-p", cni_path)
         assert not link_exists(pod, IFNAME)
 
@@ -226,3 +234,95 @@ def test_cleanup_happens_when_the_test_body_fails() -> None:
     assert not host_link_exists(master[:-1] + "p")  # the veth peer
     assert name not in netns_names()
     assert not os.path.exists(f"/var/run/netns/{name}")
+
+
+# ---- host-side ranges: what the pod harness (ptp's host routes) may use
+
+
+def test_the_default_pod_subnet_overlaps_no_route_of_this_host() -> None:
+    refuse_overlapping_routes(DEFAULT_SUBNET)
+
+
+def _own_address() -> tuple[ipaddress.IPv4Network, str]:
+    """The host's address on the device of its default route (192.0.2.2 on eth0 here)."""
+    routes = host_routes(4)
+    devices = [r.device for r in routes if r.destination.prefixlen == 0 and r.table == "main"]
+    if not devices:
+        pytest.skip("this host has no IPv4 default route")
+    [own, *_] = [r for r in routes if r.kind == "local" and r.device == devices[0]]
+    assert isinstance(own.destination, ipaddress.IPv4Network)
+    return own.destination, devices[0]
+
+
+def test_a_pod_network_on_the_hosts_own_network_is_refused(tmp_path: Path) -> None:
+    own, device = _own_address()
+    around = own.supernet(new_prefix=28)  # the LAN's route and the host's own address
+    with pytest.raises(RouteOverlapError) as refused:
+        refuse_overlapping_routes(str(around))
+    message = str(refused.value)
+    assert message.startswith(f"pod network {around} overlaps the host route")
+    assert f"local {own} dev {device} table local" in message
+    assert message.endswith(": pick another range")
+    # A node refuses it before it sets anything up (the control plane is never started here).
+    with pytest.raises(RouteOverlapError, match=f"pod network {around} overlaps"):
+        Node(ControlPlane(tmp_path / "cp"), tmp_path / "node", "true", "n", subnet=str(around))
+    assert not (tmp_path / "node").exists()
+
+
+def test_the_package_mirrors_range_is_refused_though_only_the_default_route_leads_there() -> None:
+    with pytest.raises(RouteOverlapError, match=r"203\.0\.113\.0/24 \(the package mirrors"):
+        refuse_overlapping_routes("203.0.113.0/25")
+
+
+@pytest.mark.parametrize(
+    ("routed", "inside", "beside"),
+    [
+        ("198.19.250.0/24", "198.19.250.128/25", "198.19.251.0/24"),
+        ("2001:db8:fa::/64", "2001:db8:fa::/112", "2001:db8:fb::/64"),
+    ],
+    ids=["v4", "v6"],
+)
+def test_a_range_routed_to_a_veth_is_refused_until_the_veth_goes(
+    routed: str, inside: str, beside: str
+) -> None:
+    with macvlan_master("hr") as veth:  # a veth pair, both ends on the host
+        family = "-6" if ":" in routed else "-4"
+        subprocess.run(["ip", family, "route", "add", routed, "dev", veth], check=True)
+        with pytest.raises(RouteOverlapError) as refused:
+            refuse_overlapping_routes(inside)
+        assert str(refused.value) == (
+            f"pod network {inside} overlaps the host route {routed} dev {veth}: pick another range"
+        )
+        refuse_overlapping_routes(beside)  # the free range next to it
+    refuse_overlapping_routes(inside)  # the route went with its device
+
+
+def test_routes_to_the_pods_of_a_node_sharing_the_range_do_not_count(tmp_path: Path) -> None:
+    # What another node of the pod harness does (the other xdist worker): ptp + host-local.
+    subnet = "198.19.252.0/28"
+    conf = {
+        "cniVersion": "0.4.0",
+        "name": "harness-ptp",
+        "type": "ptp",
+        "ipam": {"type": "host-local", "subnet": subnet, "dataDir": str(tmp_path / "data")},
+    }
+
+    def ptp(command: str, pod: Pod) -> Any:
+        call = run_cni(
+            PTP,
+            command,
+            conf,
+            container_id="ctr-r",
+            netns=pod.netns_path,
+            ifname="eth0",
+            cni_path=CNI_REFERENCE_DIR,
+        )
+        return call.expect_success()
+
+    with pod_namespace("harness-r") as pod:
+        result = ptp("ADD", pod)
+        pod_ip = ipaddress.ip_interface(result["ips"][0]["address"]).ip
+        routed = {r.destination: r.device for r in host_routes(4)}
+        assert routed[ipaddress.ip_network(pod_ip)].startswith("veth")  # ptp's route to the pod
+        refuse_overlapping_routes(subnet)
+        ptp("DEL", pod)
