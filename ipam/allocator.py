@@ -129,14 +129,28 @@ def find_addresses(
 
 
 def collect_garbage(
-    view: PoolView, ranges: Sequence[AddressRange], valid: Collection[tuple[str, str]]
+    view: PoolView,
+    ranges: Sequence[AddressRange],
+    valid: Collection[tuple[str, str]],
+    *,
+    node: str,
+    cni_network: str,
 ) -> list[int]:
-    """Free every address in the ranges whose (containerID, ifname) is not in `valid`."""
+    """Free every address in the ranges that `node` allocated for `cni_network` and whose
+    (containerID, ifname) is not in `valid`.
+
+    A runtime's valid list names only the attachments of its own node and network
+    configuration: another node's entries, another configuration's sharing the pool, and
+    entries that record no node (stored before nodes were) are never its to free. Those are
+    the reconciler's.
+    """
     stale = [
         (rng, a)
         for rng in ranges
         for a, o in _entries_in(view, rng)
-        if (o.container_id, o.ifname) not in valid
+        if o.node == node
+        and o.cni_network == cni_network
+        and (o.container_id, o.ifname) not in valid
     ]
     for rng, address in stale:
         view.unassign(rng.pool, address)

@@ -21,21 +21,23 @@ def allocate(
     requested: Sequence[netaddr.IPAddress],
     *,
     deadline: float,
-    node: str = "",
+    spread_nodes: bool = False,
 ) -> list[int]:
     """One address per range for `owner` (its existing ones if it has them).
 
-    A `node` (the node agent's) spreads nodes over the ranges' blocks (allocator.block_start).
-    Without one (a plugin process), the first try takes the lowest free address, as whereabouts
-    does; a try after a conflict starts in a block this attachment's retry picks, so processes
-    that collided on one block spread over the range's blocks instead of colliding again.
+    With `spread_nodes` (the node agent), each node starts in a block of its own, picked by
+    owner.node (allocator.block_start). Otherwise (a plugin process), the first try takes the
+    lowest free address, as whereabouts does; a try after a conflict starts in a block this
+    attachment's retry picks, so processes that collided on one block spread over the range's
+    blocks instead of colliding again.
     """
     allocator.check_requested(ranges, requested)  # before any I/O: a bad request reads nothing
     tries = itertools.count()
 
     def decide(view: PoolView) -> list[int]:
         attempt = next(tries)
-        spread_key = node or (f"{owner.container_id}/{owner.ifname}/{attempt}" if attempt else "")
+        retry_key = f"{owner.container_id}/{owner.ifname}/{attempt}" if attempt else ""
+        spread_key = owner.node if spread_nodes else retry_key
         return allocator.assign_addresses(view, ranges, owner, requested, spread_key)
 
     return transactions.run(ranges, decide, deadline=deadline)
@@ -78,12 +80,17 @@ def release_stale(
     ranges: Sequence[AddressRange],
     valid: Collection[tuple[str, str]],
     *,
+    node: str,
+    cni_network: str,
     deadline: float,
 ) -> list[int]:
-    """Free every address whose (containerID, ifname) is not in `valid` (CNI GC)."""
+    """CNI GC: free what `node` allocated for `cni_network` whose (containerID, ifname) is not
+    in `valid` (see allocator.collect_garbage)."""
     return transactions.run(
         ranges,
-        lambda view: allocator.collect_garbage(view, ranges, valid),
+        lambda view: allocator.collect_garbage(
+            view, ranges, valid, node=node, cni_network=cni_network
+        ),
         deadline=deadline,
     )
 

@@ -4,8 +4,9 @@ A pool is the address space of one `network_name` and IP family. It is stored in
 runs of BLOCK_SIZE addresses, one stored object each, created when the first address in them is
 given. Two ranges that overlap share the blocks of the addresses they share, so an address is
 never given twice across overlapping ranges of one network (whereabouts' overlapping-range
-protection) without any extra reservation object. With `enable_overlapping_ranges: false` a
-range gets a pool of its own (`PoolId.scope`), as in whereabouts.
+protection) without any extra reservation object. Identical ranges are one pool whatever
+`enable_overlapping_ranges` says, as whereabouts keys its IPPool by range; pyabouts keeps the
+overlap check for different ranges too (see ipam.config).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ BLOCK_SIZE = 1 << BLOCK_BITS  # 256 entries keep a stored block near 30 KiB
 class PoolId:
     network: str  # network_name ("" is whereabouts' default)
     family: Family
-    scope: str = ""  # "" when ranges of the network share addresses, else the range's CIDR
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -40,12 +40,15 @@ class BlockKey:
 
 @dataclass(frozen=True, slots=True)
 class Owner:
-    """Who holds an address: one interface of one sandbox, and the pod it belongs to."""
+    """Who holds an address: one interface of one sandbox, the pod it belongs to, and the node
+    and network configuration it was made by (what CNI GC is scoped to)."""
 
     container_id: str
     ifname: str
     pod: str = ""  # "namespace/name" when the runtime said (K8S_POD_*), else ""
     pod_uid: str = ""  # K8S_POD_UID: tells a re-created pod of the same name from the old one
+    node: str = ""  # the node that allocated it; "" in entries stored before nodes were recorded
+    cni_network: str = ""  # the network configuration's `name` it was allocated for
 
     @property
     def attachment(self) -> tuple[str, str]:

@@ -48,7 +48,7 @@ def node_queue(run_dir: str, pools: Iterable[PoolId], *, deadline: float) -> Ite
 
 
 def _open_lock(directory: Path, pool: PoolId) -> int | None:
-    name = hashlib.sha256(f"{pool.network}\0{pool.family}\0{pool.scope}".encode()).hexdigest()
+    name = hashlib.sha256(f"{pool.network}\0{pool.family}".encode()).hexdigest()
     try:
         directory.mkdir(parents=True, exist_ok=True)
         return os.open(directory / f"{name[:32]}.lock", os.O_RDWR | os.O_CREAT, 0o600)

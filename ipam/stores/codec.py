@@ -22,14 +22,17 @@ def block_document(block: Block) -> dict[str, Any]:
         if not block.key.base <= address <= block.last:
             raise ValueError(f"address {address} is not in block {block_cidr(block.key)}")
         entry = {"containerID": owner.container_id, "ifname": owner.ifname}
-        if owner.pod:
-            entry["podRef"] = owner.pod
-        if owner.pod_uid:
-            entry["podUID"] = owner.pod_uid
+        for key, value in (
+            ("podRef", owner.pod),
+            ("podUID", owner.pod_uid),
+            ("node", owner.node),
+            ("cniNetwork", owner.cni_network),
+        ):
+            if value:
+                entry[key] = value
         allocations[str(address - block.key.base)] = entry
     return {
         "network": block.key.pool.network,
-        "scope": block.key.pool.scope,
         "cidr": block_cidr(block.key),
         "range": block.range_text,
         "capacity": block.capacity,
@@ -56,6 +59,8 @@ def block_from_document(key: BlockKey, document: dict[str, Any], revision: str) 
             ifname=entry["ifname"],
             pod=str(entry.get("podRef", "")),
             pod_uid=str(entry.get("podUID", "")),
+            node=str(entry.get("node", "")),
+            cni_network=str(entry.get("cniNetwork", "")),
         )
     return Block(
         key,

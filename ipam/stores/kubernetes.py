@@ -37,17 +37,14 @@ _LABEL_SAFE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 
 def pool_label(pool: PoolId) -> str:
     """A label value naming the pool: a digest, since network names are free text."""
-    text = f"{pool.network}\0{pool.family}\0{pool.scope}"
+    text = f"{pool.network}\0{pool.family}"
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def object_name(key: BlockKey) -> str:
     """e.g. "blue-10.50.0.0-24"; a digest stands in for names that are not DNS-safe."""
     pool = key.pool
-    if _LABEL_SAFE.match(pool.network) and not pool.scope:
-        prefix = pool.network
-    else:
-        prefix = f"net-{pool_label(pool)[:10]}"
+    prefix = pool.network if _LABEL_SAFE.match(pool.network) else f"net-{pool_label(pool)[:10]}"
     address = netaddr.IPAddress(key.base, pool.family)
     text = str(address) if pool.family == 4 else address.format(netaddr.ipv6_verbose)
     prefixlen = block_cidr(key).split("/")[1]
@@ -214,11 +211,7 @@ class KubernetesStore:
 def _block_of(item: dict[str, Any]) -> Block:
     spec = item.get("spec", {})
     network = netaddr.IPNetwork(spec["cidr"])
-    pool = PoolId(
-        network=str(spec.get("network", "")),
-        family=4 if network.version == 4 else 6,
-        scope=str(spec.get("scope", "")),
-    )
+    pool = PoolId(network=str(spec.get("network", "")), family=4 if network.version == 4 else 6)
     key = BlockKey(pool, int(network.first))
     return block_from_document(key, spec, str(item["metadata"]["resourceVersion"]))
 

@@ -28,11 +28,14 @@ def ippools(cluster: ControlPlane, network: str, namespace: str = "kube-system")
 
 def test_every_field_round_trips_through_the_apiserver(pyabouts_cluster: ControlPlane) -> None:
     network = f"rt-{uuid.uuid4().hex[:6]}"
-    pool = PoolId(network, 6, "2001:db8::/64")
+    pool = PoolId(network, 6)
     key = BlockKey.of(pool, int("20010db8000000000000ffffffffff00", 16))
     written = Block(
         key,
-        {key.base + 1: Owner("c1", "net1", "ns/p1", "uid-1"), key.base + 255: Owner("c2", "eth0")},
+        {
+            key.base + 1: Owner("c1", "net1", "ns/p1", "uid-1", "node-a", "macvlan-net"),
+            key.base + 255: Owner("c2", "eth0"),
+        },
         range_text="2001:db8::/64",
         capacity=256,
     )
@@ -45,12 +48,18 @@ def test_every_field_round_trips_through_the_apiserver(pyabouts_cluster: Control
     )
     assert stored["spec"] == {
         "network": network,
-        "scope": "2001:db8::/64",
         "cidr": "2001:db8::ffff:ffff:ff00/120",
         "range": "2001:db8::/64",
         "capacity": 256,
         "allocations": {
-            "1": {"containerID": "c1", "ifname": "net1", "podRef": "ns/p1", "podUID": "uid-1"},
+            "1": {
+                "containerID": "c1",
+                "ifname": "net1",
+                "podRef": "ns/p1",
+                "podUID": "uid-1",
+                "node": "node-a",
+                "cniNetwork": "macvlan-net",
+            },
             "255": {"containerID": "c2", "ifname": "eth0"},
         },
     }
@@ -81,7 +90,7 @@ def test_kubectl_shows_range_usage_and_explains_the_fields(
         "251",
     ]
     explained = pyabouts_cluster.kubectl("explain", "ippools.spec")
-    for field in ("allocations", "capacity", "cidr", "network", "range", "scope"):
+    for field in ("allocations", "capacity", "cidr", "network", "range"):
         assert field in explained
     assert "offset in the block" in pyabouts_cluster.kubectl("explain", "ippools.spec.allocations")
 

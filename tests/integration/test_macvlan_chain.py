@@ -186,6 +186,7 @@ def stored_allocations(etcd: Any, network_name: str) -> dict[str, dict[str, str]
             continue
         base = ipaddress.ip_network(block["cidr"]).network_address
         for offset, owner in block["allocations"].items():
+            assert owner.pop("node")  # the node that allocated: this host's, or its agent's
             found[str(base + int(offset))] = owner
     return found
 
@@ -195,6 +196,7 @@ def expected_owner(attachment: Attachment) -> dict[str, str]:
         "containerID": attachment.container_id,
         "ifname": IFNAME,
         "podRef": f"{POD_NAMESPACE}/{attachment.pod_name}",
+        "cniNetwork": "macvlan-conf",
     }
 
 

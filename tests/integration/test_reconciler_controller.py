@@ -92,7 +92,7 @@ def test_the_controller_frees_a_deleted_pods_address_within_seconds(recon: Recon
     with controllers(recon, 1, *args) as [controller]:
         wait_for(lambda: controller.get("/readyz")[0] == 200, 60, "ready after its first pass")
         assert controller.get("/healthz") == (200, "ok")
-        pool = {"network": recon.network, "family": "4", "scope": ""}
+        pool = {"network": recon.network, "family": "4"}
         assert controller.metric("pyabouts_pool_addresses", **pool, state="used") == 2
         assert controller.metric("pyabouts_pool_addresses", **pool, state="total") == 254
 

@@ -149,10 +149,10 @@ def test_reading_everything_returns_every_pool_with_its_identity_and_revisions(
 ) -> None:
     # The unnamed network is shared by the whole store: a block of its own, at random.
     base = f"172.{uuid.uuid4().int % 16 + 16}.{uuid.uuid4().int % 256}.0"
-    others = [PoolId("", 4), PoolId(pool.network, 4, "172.16.0.0/12"), PoolId(pool.network, 6)]
+    others = [PoolId("", 4), PoolId(pool.network + "-other", 4), PoolId(pool.network, 6)]
     for p in [pool, *others]:
         written = block(p, base)
-        written.entries[ip(base) + 4] = Owner("c", "net1", "ns/p", "uid-4")
+        written.entries[ip(base) + 4] = Owner("c", "net1", "ns/p", "uid-4", "node-a", "net")
         assert store.write_blocks([written]).conflicts == []
     found = {b.key: b for b in store.read_all_blocks()}
     for p in [pool, *others]:
@@ -162,14 +162,10 @@ def test_reading_everything_returns_every_pool_with_its_identity_and_revisions(
         assert found[key].revision == wanted.revision
 
 
-def test_pools_differing_in_network_family_or_scope_are_independent(
+def test_pools_differing_in_network_or_family_are_independent(
     store: PoolStore, pool: PoolId
 ) -> None:
-    others = [
-        PoolId(pool.network + "-other", 4),
-        PoolId(pool.network, 4, "10.0.0.0/24"),
-        PoolId(pool.network, 6),
-    ]
+    others = [PoolId(pool.network + "-other", 4), PoolId(pool.network, 6)]
     assert store.write_blocks([block(pool, "10.0.0.0", "10.0.0.1")]).conflicts == []
     for other in others:
         assert store.read_blocks(other, 0, 2**128 - 1) == []

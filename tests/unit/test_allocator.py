@@ -11,12 +11,11 @@ def make(
     text: str,
     *,
     network: str = "",
-    scope: str = "",
     start: str | None = None,
     end: str | None = None,
     exclude: list[str] | None = None,
 ) -> AddressRange:
-    pool = PoolId(network, 6 if ":" in text else 4, scope)
+    pool = PoolId(network, 6 if ":" in text else 4)
     return build_range(text, range_start=start, range_end=end, exclude=exclude or [], pool=pool)
 
 
@@ -24,8 +23,21 @@ def ip(text: str) -> int:
     return int(netaddr.IPAddress(text))
 
 
-def pod(n: int, ifname: str = "net1", container: str | None = None) -> Owner:
-    return Owner(container_id=container or f"c{n}", ifname=ifname, pod=f"default/pod-{n}")
+def pod(
+    n: int,
+    ifname: str = "net1",
+    container: str | None = None,
+    *,
+    node: str = "node-a",
+    cni_network: str = "net",
+) -> Owner:
+    return Owner(
+        container_id=container or f"c{n}",
+        ifname=ifname,
+        pod=f"default/pod-{n}",
+        node=node,
+        cni_network=cni_network,
+    )
 
 
 def assign(view: PoolView, rng: AddressRange, owner: Owner, *requested: str) -> int:
@@ -158,13 +170,6 @@ def test_network_name_makes_independent_pools() -> None:
     assert assign(view, a, pod(1)) == assign(view, b, pod(2)) == ip("10.0.0.1")
 
 
-def test_without_overlap_protection_each_range_is_its_own_pool() -> None:
-    wide = make("10.0.0.0/24", scope="10.0.0.0/24")
-    narrow = make("10.0.0.0/28", scope="10.0.0.0/28")
-    view = PoolView([])
-    assert assign(view, wide, pod(1)) == assign(view, narrow, pod(2)) == ip("10.0.0.1")
-
-
 def test_a_requested_free_address_is_reserved() -> None:
     rng, view = make("10.0.0.0/24"), PoolView([])
     assert assign(view, rng, pod(1), "10.0.0.50/24") == ip("10.0.0.50")
@@ -201,9 +206,23 @@ def test_garbage_collection_frees_only_attachments_not_listed() -> None:
     rng, view = make("10.0.0.0/24"), PoolView([])
     for i in range(4):
         assign(view, rng, pod(i))
-    freed = allocator.collect_garbage(view, [rng], {("c0", "net1"), ("c2", "net1")})
+    valid = {("c0", "net1"), ("c2", "net1")}
+    freed = allocator.collect_garbage(view, [rng], valid, node="node-a", cni_network="net")
     assert freed == [ip("10.0.0.2"), ip("10.0.0.4")]
     assert allocator.count_free(view, rng) == 254 - 2
+
+
+def test_garbage_collection_never_frees_another_nodes_or_networks_or_unrecorded_entries() -> None:
+    rng, view = make("10.0.0.0/24"), PoolView([])
+    mine = assign(view, rng, pod(1))
+    theirs = assign(view, rng, pod(2, node="node-b"))
+    other_network = assign(view, rng, pod(3, cni_network="other"))
+    unrecorded = assign(view, rng, pod(4, node="", cni_network=""))  # stored before nodes were
+    freed = allocator.collect_garbage(view, [rng], set(), node="node-a", cni_network="net")
+    assert freed == [mine]
+    assert all(view.owner(rng.pool, a) for a in (theirs, other_network, unrecorded))
+    # A node that made nothing frees nothing, even with an empty list.
+    assert allocator.collect_garbage(view, [rng], set(), node="node-c", cni_network="net") == []
 
 
 def test_find_addresses_lists_per_range() -> None:
