@@ -13,9 +13,8 @@ from pathlib import Path
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.config.config_exception import ConfigException
-from pydantic import ValidationError
 
-from ipam.config import IpamConf, describe_validation_error, read_flat_file
+from ipam.config import IpamConf, flat_file_settings, read_flat_file, read_own_flat_file
 from ipam.errors import INVALID_CONFIG, CniError
 from ipam.store import PoolStore
 from ipam.stores import open_store
@@ -38,14 +37,10 @@ class Connections:
 
 
 def read_settings(config_path: str | None) -> IpamConf:
-    """The flat file's keys as an IpamConf; defaults (IPPools, in-cluster) when there is none."""
-    path, flat = read_flat_file(config_path)
-    if config_path and path != config_path:
-        raise CniError(INVALID_CONFIG, f"config {config_path}: no such file")
-    try:
-        return IpamConf.model_validate({**flat, "type": "pyabouts"})
-    except ValidationError as exc:
-        raise CniError(INVALID_CONFIG, describe_validation_error(exc)) from exc
+    """The flat file's keys as an IpamConf (`config_path`, else the plugin's search order);
+    defaults (IPPools, in-cluster) when there is none."""
+    flat = read_own_flat_file(config_path) if config_path else read_flat_file(None)
+    return flat_file_settings(flat)
 
 
 def connect(settings: IpamConf, kubeconfig: str | None = None) -> Connections:

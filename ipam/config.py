@@ -9,6 +9,7 @@ fills what the inline config leaves empty; it is searched at `configuration_path
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -90,6 +91,9 @@ class IpamConf(_Model):
     exclude: list[str] = Field(default_factory=list)
     ip_ranges: list[RangeConf] = Field(default_factory=list, alias="ipRanges")
     network_name: str = ""
+    # Accepted for whereabouts' NADs. pyabouts never gives an address twice within a
+    # network_name, flag or not: identical ranges must share their pool, and overlapping ranges
+    # sharing blocks costs nothing (ipam.pool). Independent pools come from network_name.
     enable_overlapping_ranges: bool = True
     gateway: str | None = None
     routes: list[Route] = Field(default_factory=list)
@@ -106,6 +110,9 @@ class IpamConf(_Model):
     etcd_key_file: str | None = None
     etcd_cert_file: str | None = None
     etcd_ca_cert_file: str | None = None
+    # pyabouts' own: etcd_password over a connection without TLS is refused unless this says
+    # the plaintext password is accepted (ipam.stores.etcd_settings).
+    etcd_allow_plaintext_password: bool = False
     node_slice_size: str | None = None
     # pyabouts' own: node-local runtime state (the per-pool queue locks).
     run_dir: str = "/run/pyabouts"
@@ -165,18 +172,33 @@ class PluginConfig:
         return self.netconf.ipam
 
 
-def load_config(raw: dict[str, Any]) -> PluginConfig:
-    """Merge the flat file into the inline `ipam`, validate everything, and parse the ranges."""
+@dataclass(frozen=True, slots=True)
+class FlatFile:
+    """A flat file that was read: where, and its keys."""
+
+    path: str
+    keys: dict[str, Any]
+
+
+def load_config(raw: dict[str, Any], flat: FlatFile | None = None) -> PluginConfig:
+    """Merge the flat file into the inline `ipam`, validate everything, and parse the ranges.
+
+    Which flat file applies is the caller's to say: the plugin process reads the one
+    `configuration_path` names (read_flat_file), the node agent uses its own.
+    """
     inline = raw.get("ipam")
     if not isinstance(inline, dict):
         raise CniError(INVALID_CONFIG, "network config has no 'ipam' object")
-    flat_path, flat = read_flat_file(inline.get("configuration_path"))
-    merged = {**raw, "ipam": fill_empty(inline, flat)}
+    from_file = flat.keys if flat else {}
+    merged = {**raw, "ipam": fill_empty(inline, from_file)}
     try:
         netconf = NetConf.model_validate(merged)
     except ValidationError as exc:
-        raise CniError(INVALID_CONFIG, describe_validation_error(exc)) from exc
-    return PluginConfig(netconf=netconf, ranges=_build_ranges(netconf.ipam), flat_file=flat_path)
+        hidden = {key for key in from_file if inline.get(key) in (None, "", [], {})}
+        raise CniError(INVALID_CONFIG, describe_validation_error(exc, hidden)) from exc
+    return PluginConfig(
+        netconf=netconf, ranges=_build_ranges(netconf.ipam), flat_file=flat.path if flat else None
+    )
 
 
 def requested_addresses(netconf: NetConf, cni_args_ip: str | None) -> list[netaddr.IPAddress]:
@@ -213,22 +235,25 @@ def fill_empty(inline: dict[str, Any], defaults: dict[str, Any]) -> dict[str, An
     return merged
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line per problem, naming the key and the value that was given."""
+def describe_validation_error(exc: ValidationError, from_file: Collection[str] = ()) -> str:
+    """One line per problem, naming the key and the value that was given; a value that came
+    from the flat file (an `ipam` key in `from_file`) is not repeated: the file may be secret."""
     problems = []
     for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"]) or "config"
+        loc = error["loc"]
+        where = ".".join(str(part) for part in loc) or "config"
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "missing":
             problems.append(f"{where}: is required")
+        elif len(loc) > 1 and loc[0] == "ipam" and loc[1] in from_file:
+            problems.append(f"{where} (from the flat file): {message}")
         else:
             problems.append(f"{where}={error['input']!r}: {message}")
     return "invalid network config: " + "; ".join(problems)
 
 
-def read_flat_file(configuration_path: object) -> tuple[str | None, dict[str, Any]]:
-    """The first flat file found (`configuration_path`, then the standard places): its path and
-    keys, or (None, {}) when there is none."""
+def read_flat_file(configuration_path: object) -> FlatFile | None:
+    """The first flat file found (`configuration_path`, then the standard places), or None."""
     candidates = [configuration_path] if isinstance(configuration_path, str) else []
     for candidate in [*candidates, *FLAT_FILE_PATHS]:
         path = Path(candidate)
@@ -237,11 +262,30 @@ def read_flat_file(configuration_path: object) -> tuple[str | None, dict[str, An
         try:
             flat = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
+            # json's messages give the position, never the text: the file may be secret.
             raise CniError(INVALID_CONFIG, f"flat file {path}: {exc}") from exc
         if not isinstance(flat, dict):
             raise CniError(INVALID_CONFIG, f"flat file {path}: must hold a JSON object")
-        return str(path), flat
-    return None, {}
+        return FlatFile(str(path), flat)
+    return None
+
+
+def read_own_flat_file(path: str) -> FlatFile:
+    """The flat file a long-running process is given (--config); CniError 7 when missing."""
+    flat = read_flat_file(path)
+    if flat is None or flat.path != path:
+        raise CniError(INVALID_CONFIG, f"config {path}: no such file")
+    return flat
+
+
+def flat_file_settings(flat: FlatFile | None) -> IpamConf:
+    """A flat file's keys as settings of their own (the reconciler's, the agent's datastore);
+    the defaults (IPPools) when there is none."""
+    keys = flat.keys if flat else {}
+    try:
+        return IpamConf.model_validate({**keys, "type": PLUGIN_TYPE})
+    except ValidationError as exc:
+        raise CniError(INVALID_CONFIG, describe_validation_error(exc, keys)) from exc
 
 
 def _build_ranges(ipam: IpamConf) -> tuple[AddressRange, ...]:
@@ -263,9 +307,11 @@ def _build_ranges(ipam: IpamConf) -> tuple[AddressRange, ...]:
     for where, entry in entries:
         try:
             network = parse_network(entry.range.split("-", 1)[-1]).cidr
-            scope = "" if ipam.enable_overlapping_ranges else str(network)
             family: Family = 4 if network.version == 4 else 6
-            pool = PoolId(network=ipam.network_name, family=family, scope=scope)
+            # One pool per network_name and family, whatever enable_overlapping_ranges says:
+            # two NADs on one range must share it (whereabouts keys its IPPool by range), and
+            # a NAD cannot know whether another one on an overlapping range sets the flag.
+            pool = PoolId(network=ipam.network_name, family=family)
             ranges.append(
                 build_range(
                     entry.range,

@@ -1,7 +1,9 @@
 """The node agent's Backend: warm store clients, a pool cache, and coalesced writes.
 
-One store client per distinct datastore configuration, kept between requests: the cost a plugin
-process pays on every call (imports, TLS, kubeconfig, the first read of the pool) is paid once.
+One store client, with the agent's own credentials (plugin.agent_datastore), kept between
+requests: the cost a plugin process pays on every call (imports, TLS, kubeconfig, the first read
+of the pool) is paid once. Only an agent told to trust requests' datastore settings keeps one
+client per distinct setting instead.
 Every write is still a compare-and-swap on the datastore, so the cache can make a write
 conflict, never succeed wrongly; other nodes' agents and in-process plugins stay safe to mix.
 """
@@ -12,15 +14,17 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ipam.coalescing import CoalescingTransactions
-from ipam.config import IpamConf
+from ipam.config import FlatFile, IpamConf, read_flat_file
 from ipam.pool import Block, PoolId
 from ipam.store import PoolStore, WriteOutcome
 from ipam.stores import open_store
 from ipam.stores.cached import CachedStore
+from plugin.agent_datastore import AgentDatastore
 from plugin.agent_metrics import AgentMetrics
 from plugin.backend import REQUEST_TIMEOUT_SECONDS
 
@@ -36,6 +40,7 @@ STORE_FIELDS = frozenset(
         "etcd_key_file",
         "etcd_cert_file",
         "etcd_ca_cert_file",
+        "etcd_allow_plaintext_password",
         "kubernetes",
     }
 )
@@ -77,14 +82,23 @@ class _Client:
 
 
 class WarmBackend:
-    configures_logging = False  # the agent's own logging, not each request's log_file
+    """`datastore`: what the agent serves; None trusts each request's datastore settings."""
 
-    def __init__(self, metrics: AgentMetrics, node: str) -> None:
+    configures_logging = False  # the agent's own logging, not each request's log_file
+    spreads_nodes = True
+
+    def __init__(self, metrics: AgentMetrics, node: str, datastore: AgentDatastore | None) -> None:
         self.node = node
+        self._datastore = datastore
         self._metrics = metrics
         self._lock = threading.Lock()
         self._clients: dict[str, _Client] = {}
         self._retired: list[_Client] = []  # replaced clients, closed at the next replacement
+
+    def flat_file(self, ipam: Mapping[str, Any]) -> FlatFile | None:
+        if self._datastore is None:
+            return read_flat_file(ipam.get("configuration_path"))
+        return self._datastore.flat_file  # never a file a request names
 
     @contextlib.contextmanager
     def transactions(
@@ -106,14 +120,23 @@ class WarmBackend:
             client.cache.close()
 
     def _client(self, ipam: IpamConf) -> _Client:
-        key = ipam.model_dump_json(include=set(STORE_FIELDS))
+        own = self._datastore
+        if own is not None:
+            own.check_request(ipam)
+            return self._client_for("own", own.open_store)
+        return self._client_for(
+            ipam.model_dump_json(include=set(STORE_FIELDS)),
+            lambda *, timeout: open_store(ipam, timeout=timeout),
+        )
+
+    def _client_for(self, key: str, opener: Callable[..., PoolStore]) -> _Client:
         with self._lock:
             client = self._clients.get(key)
             if client is not None and time.monotonic() - client.opened < CLIENT_MAX_AGE_SECONDS:
                 return client
             stale, self._retired = self._retired, [client] if client else []
             # Opening is cheap and lazy (no connection yet); under the lock, so one per key.
-            store = open_store(ipam, timeout=REQUEST_TIMEOUT_SECONDS)
+            store = opener(timeout=REQUEST_TIMEOUT_SECONDS)
             cache = CachedStore(MeteredStore(store, self._metrics), max_age=POOL_MAX_AGE_SECONDS)
             transactions = CoalescingTransactions(
                 cache, self._metrics.batch_size.observe, forget=cache.forget
@@ -122,5 +145,5 @@ class WarmBackend:
             self._clients[key] = client
         for old in stale:
             old.cache.close()
-        log.info("store client for %s opened", ipam.datastore)
+        log.info("store client opened")
         return client

@@ -4,13 +4,14 @@ the node agent's warm, coalescing ones (plugin.agent_backend)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Protocol, TypeVar
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
-    from ipam.config import IpamConf
+    from ipam.config import FlatFile, IpamConf
     from ipam.pool import PoolId, PoolView
     from ipam.ranges import AddressRange
     from ipam.transaction import Transactions
@@ -24,9 +25,15 @@ class Backend(Protocol):
     #: Whether a request's log_file and log_level configure the process's logging (a plugin
     #: process serves one request; the agent keeps its own logging).
     configures_logging: bool
-    #: The node this backend serves, to spread nodes over a range's blocks; "" for the plugin
-    #: process, which gives the lowest free address as whereabouts does.
+    #: The node this backend serves: recorded in every allocation (CNI GC is scoped to it).
     node: str
+    #: Whether each node starts its search in a block of its own (the agent), or at the lowest
+    #: free address as whereabouts does (a plugin process).
+    spreads_nodes: bool
+
+    def flat_file(self, ipam: Mapping[str, Any]) -> FlatFile | None:
+        """The flat file that fills what the request's `ipam` leaves empty, if any."""
+        ...
 
     def transactions(
         self, ipam: IpamConf, pools: Sequence[PoolId], *, writes_by: float | None
@@ -44,10 +51,19 @@ class OneShotBackend:
     """
 
     configures_logging = True
-    node = ""
+    spreads_nodes = False
 
     def __init__(self, agent_unreachable: str | None = None) -> None:
         self.agent_unreachable = agent_unreachable
+        # The runtime's environment rarely names the node; the host name is what kubelet
+        # registers by default.
+        self.node = os.environ.get("NODE_NAME") or os.uname().nodename
+
+    def flat_file(self, ipam: Mapping[str, Any]) -> FlatFile | None:
+        """The one `configuration_path` names, else the standard places (as whereabouts)."""
+        from ipam.config import read_flat_file  # noqa: PLC0415 - loaded with the config anyway
+
+        return read_flat_file(ipam.get("configuration_path"))
 
     @contextlib.contextmanager
     def transactions(

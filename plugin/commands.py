@@ -33,7 +33,8 @@ def run_command(
     backend: Backend,
 ) -> dict[str, Any] | None:
     """Serve one CNI command; the result to print, or None when the command prints nothing."""
-    config = load_config(raw)
+    inline = raw.get("ipam")
+    config = load_config(raw, backend.flat_file(inline) if isinstance(inline, dict) else None)
     if backend.configures_logging:
         configure_logging(config.ipam.log_file, config.ipam.log_level)
     deadline = time.monotonic() + DEADLINE_SECONDS
@@ -41,13 +42,13 @@ def run_command(
     writes_by = None if command in ("CHECK", "STATUS") else deadline
     with backend.transactions(config.ipam, pools, writes_by=writes_by) as transactions:
         if command == "ADD":
-            return _add(transactions, config, env, cni_args, deadline, node=backend.node)
+            return _add(transactions, config, env, cni_args, deadline, backend=backend)
         if command == "DEL":
             _delete(transactions, config, env, deadline)
         elif command == "CHECK":
             _check(transactions, config, env, raw, deadline)
         elif command == "GC":
-            _collect_garbage(transactions, config, raw, deadline)
+            _collect_garbage(transactions, config, raw, deadline, node=backend.node)
         elif command == "STATUS":
             _status(transactions, config, deadline)
     return None
@@ -60,7 +61,7 @@ def _add(
     cni_args: Mapping[str, str],
     deadline: float,
     *,
-    node: str,
+    backend: Backend,
 ) -> dict[str, Any]:
     container_id, ifname = require_env(env, "CNI_CONTAINERID", "CNI_IFNAME")
     requested = requested_addresses(config.netconf, cni_args.get("IP"))
@@ -68,10 +69,20 @@ def _add(
     if cni_args.get("K8S_POD_NAME"):
         pod = f"{cni_args.get('K8S_POD_NAMESPACE', '')}/{cni_args['K8S_POD_NAME']}"
     owner = Owner(
-        container_id=container_id, ifname=ifname, pod=pod, pod_uid=cni_args.get("K8S_POD_UID", "")
+        container_id=container_id,
+        ifname=ifname,
+        pod=pod,
+        pod_uid=cni_args.get("K8S_POD_UID", ""),
+        node=backend.node,
+        cni_network=config.netconf.name,
     )
     addresses = operations.allocate(
-        transactions, config.ranges, owner, requested, deadline=deadline, node=node
+        transactions,
+        config.ranges,
+        owner,
+        requested,
+        deadline=deadline,
+        spread_nodes=backend.spreads_nodes,
     )
     ipam = config.ipam
     gateway = parse_address(ipam.gateway) if ipam.gateway else None
@@ -138,11 +149,19 @@ def _check(
 
 
 def _collect_garbage(
-    transactions: Transactions, config: PluginConfig, raw: dict[str, Any], deadline: float
+    transactions: Transactions,
+    config: PluginConfig,
+    raw: dict[str, Any],
+    deadline: float,
+    *,
+    node: str,
 ) -> None:
     valid = _valid_attachments(raw)
-    freed = operations.release_stale(transactions, config.ranges, valid, deadline=deadline)
-    log.info("GC: freed %d address(es) of attachments no longer valid", len(freed))
+    network = config.netconf.name
+    freed = operations.release_stale(
+        transactions, config.ranges, valid, node=node, cni_network=network, deadline=deadline
+    )
+    log.info("GC on %s for %r: freed %d address(es) no longer valid", node, network, len(freed))
 
 
 def _status(transactions: Transactions, config: PluginConfig, deadline: float) -> None:

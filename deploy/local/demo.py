@@ -92,6 +92,16 @@ def address_of(pod: RunningPod, ifname: str = "net1") -> str:
     return str(links[0]["addr_info"][0]["local"])
 
 
+def write_agent_config(cluster: ControlPlane, directory: Path) -> Path:
+    """The agent's own flat file: IPPools as ServiceAccount kube-system/pyabouts (what the
+    DaemonSet runs as), whatever kubeconfig a NAD names."""
+    directory.mkdir(parents=True, exist_ok=True)
+    kubeconfig = cluster.service_account_kubeconfig("kube-system", "pyabouts")
+    config = directory / "agent.conf"
+    config.write_text(json.dumps({"kubernetes": {"kubeconfig": str(kubeconfig)}}))
+    return config
+
+
 def run_demo() -> None:
     refuse_leftovers()
     started = time.monotonic()
@@ -110,7 +120,8 @@ def run_demo() -> None:
         show_kubectl(cluster, "get", "crd")
 
         step("the node agent (pyabouts-agent) and the thin plugin that hands it each CNI call")
-        agent = stack.enter_context(running_agent(workdir / "agent"))
+        agent_config = write_agent_config(cluster, workdir / "agent")
+        agent = stack.enter_context(running_agent(workdir / "agent", config=agent_config))
         thin = install_thin_plugin(workdir / "bin", socket_path=str(agent.socket))
         detail(f"agent on {agent.socket} (metrics on {agent.listen}); plugin {thin}")
         master = stack.enter_context(macvlan_master(PREFIX))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from kubernetes.client import Configuration
 
 DEFAULT_NAMESPACE = "kube-system"
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 # User keys that need the kubernetes client's loader.
 _DELEGATED_USER_KEYS = frozenset({"exec", "auth-provider", "username", "password"})
 
@@ -35,6 +36,30 @@ def read_kubeconfig(path: str) -> ApiCredentials:
         return _credentials(Path(path).parent, context, cluster, user)
     except (OSError, ValueError, TypeError) as exc:  # binascii.Error is a ValueError
         raise CniError(INVALID_CONFIG, f"kubeconfig {path}: {_describe(exc)}") from exc
+
+
+def in_cluster_credentials(
+    environ: Mapping[str, str], directory: Path = SERVICE_ACCOUNT_DIR
+) -> ApiCredentials:
+    """The pod's own service account: the API behind KUBERNETES_SERVICE_HOST/PORT, trusted by
+    the cluster's CA, the token read per request (kubelet rotates it in place), and the pod's
+    namespace for the IPPools (the reconciler's too)."""
+    host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT")
+    if not host or not port:
+        raise CniError(
+            INVALID_CONFIG,
+            "not running in a cluster (KUBERNETES_SERVICE_HOST/PORT unset): give a kubeconfig",
+        )
+    try:
+        namespace = (directory / "namespace").read_text().strip()
+        return ApiCredentials(
+            server=f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}",
+            namespace=namespace or DEFAULT_NAMESPACE,
+            ca_pem=(directory / "ca.crt").read_text(),
+            authorization=_bearer(directory, {"tokenFile": "token"}),
+        )
+    except OSError as exc:
+        raise CniError(INVALID_CONFIG, f"in-cluster service account: {exc}") from exc
 
 
 def credentials_from_configuration(configuration: Configuration, namespace: str) -> ApiCredentials:
@@ -86,7 +111,10 @@ def _parse(text: str) -> dict[str, Any]:
     try:
         document = yaml.load(text, Loader=loader)  # a safe loader (C if built)
     except yaml.YAMLError as exc:
-        raise ValueError(f"not YAML: {exc}") from exc
+        # Its message quotes the offending text: say where only, the file may be secret.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ValueError(f"not YAML{where}") from None
     if not isinstance(document, dict):
         raise ValueError("not a kubeconfig (no mapping at the top)")
     return document

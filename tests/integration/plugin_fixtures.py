@@ -2,8 +2,10 @@
 
 Every test that takes `pyabouts_exe` runs twice: with the in-process plugin (the `pyabouts`
 console script, a whole pyabouts per call) and with the thin plugin that `pyabouts-install`
-writes, talking to a real `pyabouts-agent`. Tests that simulate several nodes ask
-`node_agents` for one agent per node (none in in-process mode).
+writes, talking to a real `pyabouts-agent`. In agent mode the thin plugin is installed without
+the in-process fallback, so a call no agent served fails the test. Tests that simulate several
+nodes ask `node_agents` for one agent per node (none in in-process mode), each with the node's
+flat file as its own datastore settings (it ignores what requests name).
 """
 
 import contextlib
@@ -19,6 +21,7 @@ from deploy.local.controlplane import ControlPlane
 from deploy.local.install import install_pyabouts
 from plugin.install import install_thin_plugin
 from tests.integration.etcd_fixtures import EtcdServer
+from tests.integration.plugin_processes import FLAT_FILE_NAME
 
 #: Starts an agent in a directory and returns it; None in in-process mode.
 NodeAgents = Callable[[Path], AgentProcess] | None
@@ -41,18 +44,23 @@ def pyabouts_exe(plugin_mode: str, tmp_path_factory: pytest.TempPathFactory) -> 
         yield str(exe)
         return
     directory = tmp_path_factory.mktemp("agent")
+    # It serves the stores of many tests, so it follows each request's datastore settings.
     with running_agent(directory) as agent:
-        yield str(install_thin_plugin(directory / "bin", socket_path=str(agent.socket)))
+        thin = install_thin_plugin(directory / "bin", socket_path=str(agent.socket), fallback=False)
+        yield str(thin)
 
 
 @pytest.fixture
 def node_agents(plugin_mode: str) -> Iterator[NodeAgents]:
-    """In agent mode, a starter of per-node agents, each stopped after the test."""
+    """In agent mode, a starter of per-node agents, each stopped after the test; each serves
+    the datastore of its node's flat file (make_nodes writes it first)."""
     if plugin_mode == "in-process":
         yield None
         return
     with contextlib.ExitStack() as stack:
-        yield lambda directory: stack.enter_context(running_agent(directory))
+        yield lambda directory: stack.enter_context(
+            running_agent(directory, config=directory / FLAT_FILE_NAME)
+        )
 
 
 def etcd_ipam(server: EtcdServer, **ipam: Any) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from typing import Any
 
 from deploy.local.agent_process import AgentProcess
 
+FLAT_FILE_NAME = "pyabouts.conf"
+
 
 @dataclass(frozen=True)
 class Node:
@@ -26,6 +28,11 @@ class Node:
     @property
     def log(self) -> Path:
         return self.flat_file.parent / "pyabouts.log"
+
+    @property
+    def name(self) -> str:
+        """What its calls record as their node: its agent's --node-name, or NODE_NAME."""
+        return self.flat_file.parent.name
 
 
 def make_nodes(
@@ -38,7 +45,7 @@ def make_nodes(
     node-local queue's locks) of their own, and each its own agent when `agents` starts them."""
     nodes = []
     for n in range(count):
-        flat = tmp_path / f"node-{n}" / "pyabouts.conf"
+        flat = tmp_path / f"node-{n}" / FLAT_FILE_NAME
         flat.parent.mkdir(parents=True, exist_ok=True)
         log = flat.parent / "pyabouts.log"
         node = {"log_file": str(log), "log_level": "verbose", "run_dir": str(flat.parent / "run")}
@@ -48,13 +55,21 @@ def make_nodes(
 
 
 def start_plugins(
-    exe: str, command: str, ipam: dict[str, Any], nodes: Sequence[Node], containers: Sequence[str]
+    exe: str,
+    command: str,
+    ipam: dict[str, Any],
+    nodes: Sequence[Node],
+    containers: Sequence[str],
+    *,
+    pods: Sequence[str] = (),
 ) -> list[subprocess.Popen[bytes]]:
     """Start one plugin process per container, round-robin over the nodes, and hand each its
-    config at once (so they all really run at the same time); do not wait for them."""
+    config at once (so they all really run at the same time); do not wait for them. Container
+    i belongs to pod `pods[i]` (default: a pod named as the container)."""
     started = []
     for i, container in enumerate(containers):
         node = nodes[i % len(nodes)]
+        pod = pods[i] if pods else container
         conf = {
             "cniVersion": "1.0.0",
             "name": "burst",
@@ -67,7 +82,8 @@ def start_plugins(
             "CNI_IFNAME": "net1",
             "CNI_NETNS": f"/var/run/netns/{container}",
             "CNI_PATH": "/usr/lib/cni",
-            "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=burst;K8S_POD_NAME={container}",
+            "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=burst;K8S_POD_NAME={pod}",
+            "NODE_NAME": node.name,  # in-process calls record it, as the agent its --node-name
         }
         if node.agent is not None:
             env["PYABOUTS_AGENT_SOCKET"] = str(node.agent.socket)

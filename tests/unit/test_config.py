@@ -4,8 +4,16 @@ from typing import Any
 
 import pytest
 
-from ipam.config import NetConf, fill_empty, load_config, requested_addresses
+from ipam.config import (
+    NetConf,
+    PluginConfig,
+    fill_empty,
+    load_config,
+    read_flat_file,
+    requested_addresses,
+)
 from ipam.errors import INVALID_CONFIG, CniError
+from ipam.pool import PoolId
 
 WHEREABOUTS_KEYS: dict[str, Any] = {
     "type": "pyabouts",
@@ -42,9 +50,16 @@ def netconf(**ipam: Any) -> dict[str, Any]:
     return {"cniVersion": "1.0.0", "name": "net", "type": "macvlan", "ipam": ipam}
 
 
+def load(raw: dict[str, Any]) -> PluginConfig:
+    """load_config with the flat file a plugin process reads (configuration_path, then the
+    standard places)."""
+    inline = raw.get("ipam")
+    return load_config(raw, read_flat_file(inline.get("configuration_path") if inline else None))
+
+
 def error_of(raw: dict[str, Any]) -> CniError:
     with pytest.raises(CniError) as excinfo:
-        load_config(raw)
+        load(raw)
     return excinfo.value
 
 
@@ -56,8 +71,7 @@ def test_every_whereabouts_key_is_accepted_with_its_meaning() -> None:
     assert ipam.kubernetes.kubeconfig == "/etc/cni/net.d/pyabouts.d/pyabouts.kubeconfig"
     assert ipam.datastore == "etcd"
     assert [r.text for r in config.ranges] == ["192.0.2.0/24", "2001:db8::/64"]
-    assert [r.pool.scope for r in config.ranges] == ["192.0.2.0/24", "2001:db8::/64"]
-    assert all(r.pool.network == "blue" for r in config.ranges)
+    assert [r.pool for r in config.ranges] == [PoolId("blue", 4), PoolId("blue", 6)]
     assert config.ranges[0].size == 91 - 16 - 1  # .10-.100 less the /28 (.16-.31) and .50
     assert ipam.routes[1].gw == "192.0.2.254"
     assert ipam.addresses[0].address == "203.0.113.5/24"
@@ -117,7 +131,7 @@ def test_the_flat_file_fills_only_what_the_inline_config_leaves_empty(tmp_path: 
             }
         )
     )
-    config = load_config(
+    config = load(
         netconf(
             type="pyabouts",
             range="192.0.2.0/24",
@@ -139,15 +153,13 @@ def test_the_flat_file_is_searched_in_order(
     first, second = tmp_path / "a.conf", tmp_path / "b.conf"
     second.write_text(json.dumps({"network_name": "second"}))
     monkeypatch.setattr("ipam.config.FLAT_FILE_PATHS", (str(first), str(second)))
-    config = load_config(netconf(type="pyabouts", range="192.0.2.0/24"))
+    config = load(netconf(type="pyabouts", range="192.0.2.0/24"))
     assert config.ipam.network_name == "second"
     first.write_text(json.dumps({"network_name": "first"}))
-    assert load_config(netconf(type="pyabouts", range="192.0.2.0/24")).ipam.network_name == "first"
+    assert load(netconf(type="pyabouts", range="192.0.2.0/24")).ipam.network_name == "first"
     explicit = tmp_path / "explicit.conf"
     explicit.write_text(json.dumps({"network_name": "explicit"}))
-    config = load_config(
-        netconf(type="pyabouts", range="192.0.2.0/24", configuration_path=str(explicit))
-    )
+    config = load(netconf(type="pyabouts", range="192.0.2.0/24", configuration_path=str(explicit)))
     assert config.ipam.network_name == "explicit"
 
 
@@ -155,7 +167,7 @@ def test_no_flat_file_is_fine_when_the_inline_config_is_complete(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("ipam.config.FLAT_FILE_PATHS", (str(tmp_path / "none.conf"),))
-    config = load_config(netconf(type="pyabouts", range="192.0.2.0/24"))
+    config = load(netconf(type="pyabouts", range="192.0.2.0/24"))
     assert config.flat_file is None
 
 
@@ -165,6 +177,29 @@ def test_a_broken_flat_file_is_code_7(tmp_path: Path) -> None:
     error = error_of(netconf(type="pyabouts", range="192.0.2.0/24", configuration_path=str(flat)))
     assert error.code == INVALID_CONFIG
     assert str(flat) in error.msg
+
+
+def test_values_from_the_flat_file_are_not_repeated_in_errors(tmp_path: Path) -> None:
+    flat = tmp_path / "pyabouts.conf"
+    flat.write_text(json.dumps({"datastore": "s3cr3t-token", "log_level": "loud"}))
+    error = error_of(
+        netconf(type="pyabouts", range="192.0.2.0/24", configuration_path=str(flat), log_level="x")
+    )
+    assert error.code == INVALID_CONFIG
+    assert "ipam.datastore (from the flat file)" in error.msg
+    assert "s3cr3t-token" not in error.msg
+    assert "ipam.log_level='x'" in error.msg  # inline values are the caller's own: named
+
+
+def test_identical_ranges_share_one_pool_whatever_enable_overlapping_ranges_says() -> None:
+    pools = {
+        load_config(netconf(type="pyabouts", range=text, enable_overlapping_ranges=flag))
+        .ranges[0]
+        .pool
+        for text in ("192.0.2.0/24", "192.0.2.0/26")
+        for flag in (True, False)
+    }
+    assert pools == {PoolId("", 4)}
 
 
 def test_fill_empty_merges_objects_recursively() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from ipam.errors import INVALID_CONFIG, CniError
-from ipam.stores.kubeconfig import read_kubeconfig
+from ipam.stores.kubeconfig import in_cluster_credentials, read_kubeconfig
 from tests.kubeconfig_files import write_kubeconfig_document
 
 
@@ -70,6 +70,36 @@ def test_what_is_not_a_usable_kubeconfig_is_code_7(tmp_path: Path, text: str, sa
     path = tmp_path / "kc"
     path.write_text(text)
     assert said in refusal(path)
+
+
+def test_a_file_that_is_not_yaml_is_refused_without_quoting_it(tmp_path: Path) -> None:
+    path = tmp_path / "shadow"
+    path.write_text("root:$y$j9T$s3cr3t:19000:0:99999:7:::\nbin: *: [\n")
+    said = refusal(path)
+    assert "not YAML (line 2" in said
+    assert "s3cr3t" not in said and "bin" not in said
+
+
+def test_in_cluster_credentials_are_the_pods_service_account(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("first\n")
+    (tmp_path / "ca.crt").write_text("CA PEM")
+    (tmp_path / "namespace").write_text("pyabouts-system\n")
+    environ = {"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "443"}
+    credentials = in_cluster_credentials(environ, tmp_path)
+    assert (credentials.server, credentials.namespace) == (
+        "https://[fd00::1]:443",
+        "pyabouts-system",
+    )
+    assert credentials.ca_pem == "CA PEM"
+    (tmp_path / "token").write_text("rotated\n")  # kubelet rewrites it in place
+    assert credentials.authorization() == "Bearer rotated"
+
+
+def test_outside_a_cluster_in_cluster_credentials_are_code_7(tmp_path: Path) -> None:
+    with pytest.raises(CniError) as refused:
+        in_cluster_credentials({}, tmp_path)
+    assert refused.value.code == INVALID_CONFIG
+    assert "KUBERNETES_SERVICE_HOST" in refused.value.msg
 
 
 def test_bad_base64_is_code_7(tmp_path: Path) -> None:
