@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from controller.leaks import DEFAULT_PENDING_GRACE, Policy
+from controller.listen import listen_argument
 from controller.reconciler import PassSummary
 
 if TYPE_CHECKING:
@@ -52,8 +53,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--listen",
+        type=listen_argument,
         default=":8080",
-        help="controller: address of /metrics, /healthz and /readyz",
+        help="controller: host:port, [ipv6]:port or :port of /metrics, /healthz and /readyz",
     )
     parser.add_argument(
         "--no-leader-election",

@@ -23,6 +23,7 @@ REQUESTED_IP_UNAVAILABLE = 101
 STORE_REFUSED = 102  # the datastore answered, but refused (auth, permission, bad request)
 INTERNAL_ERROR = 103  # a bug in pyabouts; the message names the exception
 CORRUPT_BLOCK = 104  # a stored block is not in pyabouts' format (edited by hand?)
+PEER_NOT_ALLOWED = 105  # the node agent refused a client running as a uid it does not serve
 
 
 class CniError(Exception):

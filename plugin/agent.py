@@ -1,28 +1,40 @@
 """`pyabouts-agent`: the node-local server the thin plugin hands its CNI requests to.
 
 It serves each request with the same plugin.handler.handle_request as the in-process plugin,
-on a WarmBackend, in a thread of its own. An answer is sent only once handle_request has
-returned, that is after the datastore acknowledged the write; a client that goes away first
-changes nothing (ADD is idempotent, and the runtime answers a failed ADD with DEL).
+on a WarmBackend, on one of a fixed number of worker threads. An answer is sent only once
+handle_request has returned, that is after the datastore acknowledged the write; a client that
+goes away first changes nothing (ADD is idempotent, and the runtime answers a failed ADD with
+DEL). A client that is not root, slow, too big or one too many is answered with a CNI error
+at once (see Limits and docs/errors.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import socket
 import socketserver
+import stat
+import struct
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from controller.endpoints import record_pool_usage, serve_endpoints
-from ipam.errors import DECODE_FAILURE
+from controller.listen import listen_argument
+from controller.workers import BoundedWorkers
+from ipam.errors import DECODE_FAILURE, PEER_NOT_ALLOWED, TRY_AGAIN_LATER, CniError
 from plugin.agent_backend import WarmBackend
+from plugin.agent_datastore import agent_datastore
 from plugin.agent_metrics import AgentMetrics
 from plugin.handler import Reply, handle_request
 from plugin.logs import LEVELS
@@ -31,11 +43,62 @@ from plugin.thin_client import AGENT_SOCKET, MAGIC
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 4 << 20  # a network config is kilobytes; refuse what cannot be one
-READ_TIMEOUT_SECONDS = 30.0  # a client that sends nothing for this long is gone
+REQUEST_DEADLINE_SECONDS = 10.0  # to send a whole request (the thin client sends it at once)
+MAX_REQUESTS = 64  # served at once: plenty to coalesce, and never a thread per connection
+MAX_WAITING = 1024  # accepted requests queued for a worker; beyond, code 11 at once
+ALLOWED_UIDS = frozenset({0})  # the container runtime runs CNI plugins as root
+COMMANDS = frozenset({"ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION"})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Who may ask the agent, and how much one client and all of them together may take."""
+
+    allowed_uids: frozenset[int] = ALLOWED_UIDS
+    request_deadline: float = REQUEST_DEADLINE_SECONDS
+    max_requests: int = MAX_REQUESTS
+    max_waiting: int = MAX_WAITING
 
 
 class RequestError(ValueError):
-    pass
+    """A request the agent will not serve: answered with CNI error `code`, counted as `reason`
+    in pyabouts_agent_rejected_total."""
+
+    code = DECODE_FAILURE
+    reason = "malformed"
+
+
+class RequestTooLargeError(RequestError):
+    reason = "too-large"
+
+
+class RequestTooSlowError(RequestError):
+    code = TRY_AGAIN_LATER  # a client stalled on a loaded node may well succeed next time
+    reason = "deadline"
+
+
+def read_request(sock: socket.socket, seconds: float) -> bytes:
+    """All that the client sends until it closes its write end, which must happen within
+    `seconds` in all, however the bytes trickle in, and within MAX_REQUEST_BYTES."""
+    deadline = time.monotonic() + seconds
+    too_slow = RequestTooSlowError(f"the request did not arrive whole within {seconds:g} s")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise too_slow
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            raise too_slow from None
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > MAX_REQUEST_BYTES:
+            raise RequestTooLargeError(f"request over {MAX_REQUEST_BYTES} bytes")
+        chunks.append(chunk)
 
 
 def decode_request(data: bytes) -> tuple[dict[str, str], bytes]:
@@ -60,6 +123,19 @@ def encode_reply(reply: Reply) -> bytes:
     return b"%d\0" % reply.exit_code + reply.stdout
 
 
+def command_label(command: str) -> str:
+    """`command` as a metric label: a CNI command, else "unknown", so that clients cannot add
+    label values (each one a time series kept for ever)."""
+    return command if command in COMMANDS else "unknown"
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process that connected `sock` (as it was at connect())."""
+    credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", credentials)
+    return int(uid)
+
+
 def _error_code(reply: Reply) -> str:
     if reply.exit_code == 0:
         return "ok"
@@ -69,18 +145,28 @@ def _error_code(reply: Reply) -> str:
         return "unknown"
 
 
-class AgentServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = False  # server_close() waits for requests in flight
-    block_on_close = True
-    request_queue_size = 1024  # a node starting hundreds of pods at once
+class AgentServer(socketserver.UnixStreamServer):
+    """Accepts connections in serve()'s thread, refuses peers whose uid is not allowed, and
+    hands the rest to a fixed pool of workers through a bounded queue (answering code 11 at
+    once when that is full), so a flood of connections costs a refusal each, not a thread."""
 
-    def __init__(self, socket_path: Path, backend: WarmBackend, metrics: AgentMetrics) -> None:
+    request_queue_size = 1024  # the listen backlog: a node starting hundreds of pods at once
+
+    def __init__(
+        self,
+        socket_path: Path,
+        backend: WarmBackend,
+        metrics: AgentMetrics,
+        limits: Limits | None = None,
+    ) -> None:
         self.backend = backend
         self.metrics = metrics
+        self.limits = limits or Limits()
         self.serving = threading.Event()
+        self._workers = BoundedWorkers(self.limits.max_requests, self.limits.max_waiting, "request")
         _claim_socket_path(socket_path)
         super().__init__(str(socket_path), _RequestHandler)
-        socket_path.chmod(0o600)  # only root (the runtime) may ask for addresses
+        socket_path.chmod(0o600)  # the agent's user (root) alone may even connect
         self.socket_path = socket_path
 
     def serve(self) -> None:
@@ -91,9 +177,11 @@ class AgentServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             self.serving.clear()
 
     def close(self) -> None:
-        """Stop taking requests, let those in flight finish, remove the socket."""
+        """Stop taking requests, let those in flight finish (those still queued are answered
+        code 11), remove the socket."""
         self.socket_path.unlink(missing_ok=True)
         self.server_close()
+        self._workers.stop()
         self.backend.close()
 
     def alive(self) -> bool:
@@ -105,6 +193,56 @@ class AgentServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def refresh_pool_usage(self) -> None:
         record_pool_usage(self.metrics.pool_addresses, self.backend.cached_blocks())
 
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Serve only the allowed uids (root: the runtime); refuse anyone else at once."""
+        uid = peer_uid(request)
+        if uid in self.limits.allowed_uids:
+            return True
+        allowed = ", ".join(map(str, sorted(self.limits.allowed_uids)))
+        log.warning("refused a client running as uid %d (allowed: %s)", uid, allowed)
+        message = f"pyabouts-agent serves uid {allowed} only; this client runs as uid {uid}"
+        self._refuse(request, "peer", PEER_NOT_ALLOWED, message)
+        return False  # socketserver closes it
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Queue the request for a worker; when all are busy and the queue is full, code 11."""
+        self.metrics.waiting.inc()
+        serve = partial(self._serve_one, request, client_address)
+        if not self._workers.try_submit(serve, partial(self._drop, request)):
+            self.metrics.waiting.dec()
+            limits = self.limits
+            busy = f"{limits.max_requests} requests in flight and {limits.max_waiting} waiting"
+            self._refuse_and_close(request, "busy", f"pyabouts-agent is busy ({busy})")
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.exception("serving a request failed")
+
+    def _serve_one(self, request: socket.socket, client_address: Any) -> None:
+        self.metrics.waiting.dec()
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+
+    def _drop(self, request: socket.socket) -> None:
+        """A request still queued when the agent stops: the runtime will try again."""
+        self.metrics.waiting.dec()
+        self._refuse_and_close(request, "stopping", "pyabouts-agent stopped before serving it")
+
+    def _refuse_and_close(self, request: socket.socket, reason: str, message: str) -> None:
+        self._refuse(request, reason, TRY_AGAIN_LATER, message)
+        self.shutdown_request(request)
+
+    def _refuse(self, request: socket.socket, reason: str, code: int, message: str) -> None:
+        """Answer CNI error `code` without reading the request or waiting for the client: the
+        reply is far smaller than a fresh connection's buffer."""
+        self.metrics.rejected.labels(reason).inc()
+        request.setblocking(False)
+        with contextlib.suppress(OSError):
+            request.send(encode_reply(_refusal(code, message)))
+
 
 class _RequestHandler(socketserver.BaseRequestHandler):
     server: AgentServer
@@ -115,16 +253,11 @@ class _RequestHandler(socketserver.BaseRequestHandler):
         metrics.in_flight.inc()
         command = "unknown"
         try:
-            data = self._read_request()
-            if not data:  # a connect-and-close probe (readiness checks): nothing to answer
+            answer = self._answer()
+            if answer is None:  # a connect-and-close probe (readiness checks): nothing to answer
                 return
-            try:
-                env, stdin = decode_request(data)
-            except RequestError as exc:
-                reply = _refusal(str(exc))
-            else:
-                command = env.get("CNI_COMMAND", "unknown")
-                reply = handle_request(env, stdin, self.server.backend)
+            command, reply = answer
+            self.request.settimeout(self.server.limits.request_deadline)
             self.request.sendall(encode_reply(reply))
             metrics.requests.labels(command, _error_code(reply)).inc()
         except OSError as exc:  # the client went away: it will hear nothing, and retry
@@ -134,26 +267,30 @@ class _RequestHandler(socketserver.BaseRequestHandler):
             metrics.in_flight.dec()
             metrics.latency.labels(command).observe(time.monotonic() - started)
 
-    def _read_request(self) -> bytes:
-        sock: socket.socket = self.request
-        sock.settimeout(READ_TIMEOUT_SECONDS)
-        chunks, size = [], 0
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > MAX_REQUEST_BYTES:
-                raise OSError(f"request over {MAX_REQUEST_BYTES} bytes")
-        return b"".join(chunks)
+    def _answer(self) -> tuple[str, Reply] | None:
+        """The request's command (as a metric label) and its reply; None when the client sent
+        nothing at all."""
+        try:
+            data = read_request(self.request, self.server.limits.request_deadline)
+            if not data:
+                return None
+            env, stdin = decode_request(data)
+        except RequestError as exc:
+            log.warning("refused a request: %s", exc)
+            self.server.metrics.rejected.labels(exc.reason).inc()
+            return "unknown", _refusal(exc.code, str(exc))
+        command = command_label(env.get("CNI_COMMAND", ""))
+        return command, handle_request(env, stdin, self.server.backend)
 
 
-def _refusal(message: str) -> Reply:
-    error = {"cniVersion": "1.0.0", "code": DECODE_FAILURE, "msg": message}
+def _refusal(code: int, message: str) -> Reply:
+    error = {"cniVersion": "1.0.0", "code": code, "msg": message}
     return Reply(1, json.dumps(error).encode())
 
 
 def _claim_socket_path(path: Path) -> None:
     """Make `path` free to bind: refuse if another agent answers there, remove a stale one."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _make_private(path.parent)
     if not path.exists():
         return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -167,6 +304,70 @@ def _claim_socket_path(path: Path) -> None:
     raise SystemExit(f"pyabouts-agent: another agent is serving {path}")
 
 
+def _make_private(directory: Path) -> None:
+    """Make the socket's directory root's alone (0700), whoever created it and how; but not a
+    shared one such as /tmp (sticky), which others need."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if directory.stat().st_mode & stat.S_ISVTX:
+        log.warning("%s is shared (sticky): left as it is; give the socket a directory", directory)
+        return
+    directory.chmod(0o700)
+
+
+def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-uid",
+        type=int,
+        action="append",
+        metavar="UID",
+        help="a uid whose processes may call the agent (repeatable; default: 0, the runtime); "
+        "the socket's file modes let only the agent's own user connect at all",
+    )
+    parser.add_argument(
+        "--max-requests",
+        type=_int_at_least(1),
+        default=MAX_REQUESTS,
+        help=f"requests served at once (default: {MAX_REQUESTS})",
+    )
+    parser.add_argument(
+        "--max-waiting",
+        type=_int_at_least(0),
+        default=MAX_WAITING,
+        help=f"requests queued beyond those; more get code 11 (default: {MAX_WAITING})",
+    )
+    parser.add_argument(
+        "--request-deadline",
+        type=_seconds,
+        default=REQUEST_DEADLINE_SECONDS,
+        help=f"seconds a client has to send its whole request (default: "
+        f"{REQUEST_DEADLINE_SECONDS:g})",
+    )
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    return Limits(
+        allowed_uids=frozenset(args.allow_uid) if args.allow_uid else ALLOWED_UIDS,
+        request_deadline=args.request_deadline,
+        max_requests=args.max_requests,
+        max_waiting=args.max_waiting,
+    )
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"{text} is below {minimum}")
+        return int(text)
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    if not float(text) > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return float(text)
+
+
 def _import_request_path() -> None:
     """Import now what requests would import on first use, so the first pod pays nothing."""
     import ipam.stores.etcd  # noqa: PLC0415
@@ -176,15 +377,39 @@ def _import_request_path() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pyabouts-agent", description=__doc__)
-    parser.add_argument("--socket", type=Path, default=Path(AGENT_SOCKET))
     parser.add_argument(
-        "--listen", default=":9646", help="host:port of /metrics, /healthz, /readyz"
+        "--socket",
+        type=Path,
+        default=Path(AGENT_SOCKET),
+        help="its directory is made 0700: give it one of its own",
     )
+    parser.add_argument(
+        "--listen",
+        type=listen_argument,
+        default=":9646",
+        help="host:port, [ipv6]:port or :port of /metrics, /healthz, /readyz",
+    )
+    _add_limit_flags(parser)
     parser.add_argument("--log-level", default="info", choices=sorted(LEVELS))
     parser.add_argument(
         "--node-name",
         default=os.environ.get("NODE_NAME") or socket.gethostname(),
-        help="spreads nodes over a range's blocks (default: $NODE_NAME, else the host name)",
+        help="recorded in each allocation (CNI GC is scoped to it), and spreads nodes over a "
+        "range's blocks (default: $NODE_NAME, else the host name)",
+    )
+    parser.add_argument(
+        "--config",
+        help="the agent's own flat file: its datastore settings (datastore, etcd_*, "
+        "kubernetes.kubeconfig), and what requests leave empty; default: IPPools through "
+        "--kubeconfig, else the pod's service account",
+    )
+    parser.add_argument("--kubeconfig", help="for IPPools (default: the --config file's)")
+    parser.add_argument(
+        "--trust-request-datastore",
+        action="store_true",
+        help="use the datastore settings, kubeconfig and flat file each request names, as the "
+        "in-process plugin does: for tests and single-user hosts only, never where others write "
+        "NetworkAttachmentDefinitions",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -192,8 +417,16 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
     )
     _import_request_path()
+    datastore = None
+    if not args.trust_request_datastore:
+        try:
+            datastore = agent_datastore(args.config, args.kubeconfig)
+        except CniError as exc:
+            raise SystemExit(f"pyabouts-agent: {exc.msg}") from None
+        log.info("serving %s", datastore.describe())
     metrics = AgentMetrics()
-    server = AgentServer(args.socket, WarmBackend(metrics, args.node_name), metrics)
+    backend = WarmBackend(metrics, args.node_name, datastore)
+    server = AgentServer(args.socket, backend, metrics, _limits(args))
     serve_endpoints(args.listen, metrics.registry, server, before_scrape=server.refresh_pool_usage)
 
     def stop(signum: int, frame: FrameType | None) -> None:

@@ -29,6 +29,19 @@ class AgentMetrics:
         self.in_flight = Gauge(
             "pyabouts_agent_requests_in_flight", "Requests being served.", registry=self.registry
         )
+        self.waiting = Gauge(
+            "pyabouts_agent_requests_waiting",
+            "Requests accepted and queued for a worker (all --max-requests busy).",
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "pyabouts_agent_rejected",
+            "Connections and requests answered with an error before being served, by reason: "
+            "peer (its uid is not allowed), busy (every worker busy, the queue full), stopping, "
+            "malformed, too-large, deadline (not sent whole in time).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.batch_size = Histogram(
             "pyabouts_agent_batch_size",
             "Decisions stored together in one optimistic write.",

@@ -52,8 +52,11 @@ def main() -> None:
     chunks = []
     try:
         sock.settimeout(REPLY_TIMEOUT)
-        sock.sendall(b"".join(request))
-        sock.shutdown(_socket.SHUT_WR)
+        try:
+            sock.sendall(b"".join(request))
+            sock.shutdown(_socket.SHUT_WR)
+        except OSError:
+            pass  # the agent answered without reading it (refused, busy): read its answer
         while chunk := sock.recv(65536):
             chunks.append(chunk)
     except OSError:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from deploy.local.etcd_process import free_ports
@@ -19,8 +19,20 @@ READY_TIMEOUT_SECONDS = 60.0
 
 
 class AgentProcess:
-    def __init__(self, directory: Path, name: str = "agent") -> None:
+    """`config`: the agent's own flat file (its datastore and credentials); without one it
+    trusts each request's datastore settings (--trust-request-datastore), as a test that serves
+    several stores through one agent needs."""
+
+    def __init__(
+        self,
+        directory: Path,
+        name: str = "agent",
+        config: Path | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.directory = directory
+        self.config = config
+        self.extra_args = list(extra_args)  # more flags for pyabouts-agent
         self.node_name = directory.name  # simulated nodes differ by directory: node-0, ...
         self.socket = directory / f"{name}.sock"
         self.log = directory / f"{name}.log"
@@ -44,6 +56,9 @@ class AgentProcess:
                     f"127.0.0.1:{self.metrics_port}",
                     "--node-name",
                     self.node_name,
+                    *(["--config", str(self.config)] if self.config else []),
+                    *([] if self.config else ["--trust-request-datastore"]),
+                    *self.extra_args,
                 ],
                 stdout=log,
                 stderr=log,
@@ -119,8 +134,13 @@ class AgentProcess:
 
 
 @contextlib.contextmanager
-def running_agent(directory: Path, name: str = "agent") -> Iterator[AgentProcess]:
-    agent = AgentProcess(directory, name).start()
+def running_agent(
+    directory: Path,
+    name: str = "agent",
+    config: Path | None = None,
+    extra_args: Sequence[str] = (),
+) -> Iterator[AgentProcess]:
+    agent = AgentProcess(directory, name, config, extra_args).start()
     try:
         yield agent
     finally:

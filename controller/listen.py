@@ -1,0 +1,29 @@
+"""The --listen address of /metrics, /healthz and /readyz. Standard library only, so that
+command lines parse it without loading the servers."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """The (host, port) of a --listen value: "host:port", "[ipv6]:port", or ":port" for every
+    IPv4 address ("[::]:port" is every address, IPv4 too)."""
+    host, colon, port = listen.rpartition(":")
+    if not colon or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise ValueError(f"--listen {listen!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = str(ipaddress.IPv6Address(host[1:-1]))
+    elif ":" in host:
+        raise ValueError(f"--listen {listen!r}: put an IPv6 address in brackets, [::1]:{port}")
+    return host or "0.0.0.0", int(port)
+
+
+def listen_argument(listen: str) -> str:
+    """argparse type of --listen: the value as given, once parse_listen accepts it."""
+    try:
+        parse_listen(listen)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return listen

@@ -1,0 +1,497 @@
+"""A real `pyabouts-agent` against clients that are broken or hostile: garbage, a truncated
+frame, 10 MiB, silence, a trickle, a uid it does not serve, more connections than it serves at
+once, 500 idle HTTP connections and fuzzed frames. Each is answered with a CNI error or a closed
+connection (the tests say which), and meanwhile real ADDs through the thin plugin are served.
+
+The agents here have their own datastore (`--config`), so a request, fuzzed or not, cannot make
+them connect anywhere but the test's etcd on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import select
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deploy.local.agent_process import AgentProcess, running_agent
+from plugin.install import install_thin_plugin
+from plugin.thin_client import MAGIC
+from tests.integration.etcd_fixtures import EtcdServer
+from tests.integration.plugin_fixtures import etcd_ipam
+from tests.integration.plugin_processes import Node, make_nodes, metric, run_plugins
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+DEADLINE = 2.0  # the agents' --request-deadline here, so that slow clients are cut off soon
+WAIT = 30.0  # seconds a test waits for any one answer at most (a bound, not a speed check)
+NOBODY = 65534
+CLOSED = None  # what read_reply gives for a connection closed without a reply
+
+
+# -- the wire format, from the client's side -----------------------------------------------
+
+
+def frame(env: dict[str, str], conf: dict[str, Any]) -> bytes:
+    entries = b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items())
+    return MAGIC + entries + b"\0" + json.dumps(conf).encode()
+
+
+def add_env(container: str) -> dict[str, str]:
+    return {
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": container,
+        "CNI_IFNAME": "net1",
+        "CNI_NETNS": f"/var/run/netns/{container}",
+        "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=hostile;K8S_POD_NAME={container}",
+    }
+
+
+def conf_of(ipam: dict[str, Any]) -> dict[str, Any]:
+    return {"cniVersion": "1.0.0", "name": "hostile", "type": "macvlan", "ipam": ipam}
+
+
+def read_reply(sock: socket.socket, seconds: float = WAIT) -> bytes | None:
+    """What the agent sends until it closes (a reset after its reply included); CLOSED when
+    it closed without a byte. Fails the test if the agent neither answers nor closes in time."""
+    deadline = time.monotonic() + seconds
+    chunks: list[bytes] = []
+    while True:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            chunk = b""
+        except TimeoutError:
+            pytest.fail(f"no answer and no close in {seconds:g} s")
+        if not chunk:
+            return b"".join(chunks) or CLOSED
+        chunks.append(chunk)
+
+
+def parse_reply(raw: bytes) -> tuple[int, Any]:
+    """(exit code, JSON) of a reply, asserting it is `<digits>\\0<json>`."""
+    code, nul, body = raw.partition(b"\0")
+    assert nul and code.isdigit(), raw[:200]
+    return int(code), json.loads(body) if body else None
+
+
+def assert_cni_error(raw: bytes | None, code: int, *, says: str = "") -> dict[str, Any]:
+    assert raw is not CLOSED, "closed without a reply"
+    exit_code, error = parse_reply(raw)
+    assert exit_code == 1 and isinstance(error, dict)
+    assert error["code"] == code and isinstance(error["msg"], str), error
+    assert says in error["msg"]
+    return error
+
+
+def ask(path: Path, request: bytes) -> bytes | None:
+    """Send `request` whole, as the thin plugin does, and read the reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(path))
+        try:
+            sock.sendall(request)
+            sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # answered (refused) without being read: the answer is there to read
+        return read_reply(sock)
+
+
+# -- the bad clients ------------------------------------------------------------------------
+
+
+def send_garbage(path: Path) -> bytes | None:
+    return ask(path, b"\x00\xffGET / HTTP/1.1\r\n\r\n" * 50)
+
+
+def send_truncated_frame(path: Path) -> bytes | None:
+    whole = frame(add_env("truncated"), {})
+    return ask(path, whole[: len(MAGIC) + 20])  # MAGIC and half an environment
+
+
+def send_an_unknown_command(path: Path) -> bytes | None:
+    return ask(path, frame(add_env("evil") | {"CNI_COMMAND": "EVIL-LABEL"}, {}))
+
+
+def send_ten_mebibytes(path: Path) -> bytes | None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(path))
+
+        def flood() -> None:
+            chunk = MAGIC + b"x" * (1 << 20)
+            try:
+                for _ in range(10):
+                    sock.sendall(chunk)
+            except OSError:
+                pass  # the agent stopped reading: expected
+
+        sender = threading.Thread(target=flood, daemon=True)
+        sender.start()
+        reply = read_reply(sock)
+        sender.join(WAIT)
+        return reply
+
+
+def send_nothing(path: Path) -> bytes | None:
+    """Connect and stay silent, write end open, past the deadline."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(path))
+        return read_reply(sock, DEADLINE + WAIT)
+
+
+def trickle(path: Path) -> bytes | None:
+    """A byte every half second, each well within any per-read timeout, for longer than the
+    deadline; stops when the agent answers or closes."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(path))
+        sock.sendall(MAGIC)
+        until = time.monotonic() + DEADLINE + WAIT
+        while time.monotonic() < until and not select.select([sock], [], [], 0.5)[0]:
+            try:
+                sock.sendall(b"x")
+            except OSError:
+                break
+        return read_reply(sock)
+
+
+def idle_http_connections(port: int, count: int) -> list[socket.socket]:
+    return [socket.create_connection(("127.0.0.1", port), timeout=WAIT) for _ in range(count)]
+
+
+def all_closed_by_the_server(conns: list[socket.socket]) -> bool:
+    return all(read_reply(conn, WAIT) is CLOSED for conn in conns)
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def agent_config(etcd_server: EtcdServer, tmp_path: Path) -> Path:
+    """The agents' own flat file: their datastore, whatever requests name."""
+    path = tmp_path / "agent.conf"
+    path.write_text(json.dumps({"datastore": "etcd", "etcd_host": etcd_server.endpoint}))
+    return path
+
+
+@pytest.fixture
+def start_agent(agent_config: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Starts agents on the test's etcd, with extra flags; each stopped after the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda directory, *flags: stack.enter_context(
+            running_agent(directory, config=agent_config, extra_args=flags)
+        )
+
+
+@pytest.fixture
+def thin_plugin(tmp_path: Path) -> str:
+    """The thin plugin without in-process fallback: every call must be the agent's."""
+    exe = install_thin_plugin(tmp_path / "bin", socket_path="/nonexistent", fallback=False)
+    return str(exe)
+
+
+def network() -> str:
+    return f"hostile-{uuid.uuid4().hex[:6]}"
+
+
+def adds_through(
+    thin_plugin: str, node: Node, ipam: dict[str, Any], pods: list[str]
+) -> list[tuple[int, Any]]:
+    return run_plugins(thin_plugin, "ADD", ipam, [node], pods, in_flight=10)
+
+
+# -- the tests --------------------------------------------------------------------------------
+
+
+def test_bad_clients_are_answered_or_dropped_while_real_adds_are_served(
+    start_agent: Callable[..., AgentProcess],
+    thin_plugin: str,
+    etcd_server: EtcdServer,
+    tmp_path: Path,
+) -> None:
+    agent = start_agent(tmp_path / "node-0", "--request-deadline", str(DEADLINE))
+    store = {"datastore": "etcd", "etcd_host": etcd_server.endpoint}
+    [node] = make_nodes(tmp_path, 1, store, lambda directory: agent)
+    ipam = etcd_ipam(etcd_server, range="10.77.0.0/24", network_name=network())
+    idle = idle_http_connections(agent.metrics_port, 500)
+    bad_clients = [
+        send_garbage,
+        send_truncated_frame,
+        send_an_unknown_command,
+        send_ten_mebibytes,
+        send_nothing,
+        trickle,
+    ]
+    try:
+        with ThreadPoolExecutor(len(bad_clients)) as pool:
+            answers: dict[str, Future[bytes | None]] = {
+                client.__name__: pool.submit(client, agent.socket) for client in bad_clients
+            }
+            # While they are at it, and 500 HTTP connections are open and idle:
+            assert agent.endpoint("/healthz") == "ok"
+            assert "pyabouts_agent_requests_in_flight" in agent.metrics()
+            pods = [f"pod-{i:02d}" for i in range(20)]
+            outcomes = adds_through(thin_plugin, node, ipam, pods)
+            assert [code for code, _ in outcomes] == [0] * 20, outcomes
+            given = {result["ips"][0]["address"] for _, result in outcomes}
+            assert len(given) == 20
+            replies = {name: future.result(timeout=2 * WAIT) for name, future in answers.items()}
+
+        assert_cni_error(replies["send_garbage"], 6, says="not a pyabouts request")
+        assert_cni_error(replies["send_truncated_frame"], 6, says="inside its environment")
+        assert_cni_error(replies["send_an_unknown_command"], 4, says="EVIL-LABEL")
+        assert_cni_error(replies["send_ten_mebibytes"], 6, says="request over")
+        assert_cni_error(replies["send_nothing"], 11, says="did not arrive whole")
+        assert_cni_error(replies["trickle"], 11, says="did not arrive whole")
+        assert all_closed_by_the_server(idle)  # dropped once idle long enough
+    finally:
+        for conn in idle:
+            conn.close()
+
+    assert agent.endpoint("/healthz") == "ok"
+    [(code, _)] = adds_through(thin_plugin, node, ipam, ["after"])
+    assert code == 0
+    for reason, count in {"malformed": 2, "too-large": 1, "deadline": 2}.items():
+        assert metric(agent, "pyabouts_agent_rejected_total", reason=reason) == count, reason
+    exposed = agent.metrics()
+    assert "EVIL" not in exposed  # a client cannot mint a label value
+    assert metric(agent, "pyabouts_agent_requests_total", command="unknown", result="4") == 1
+    assert metric(agent, "pyabouts_agent_requests_total", command="ADD", result="ok") == 21
+
+
+def test_a_uid_not_allowed_is_refused_with_code_105_logged_and_counted(
+    start_agent: Callable[..., AgentProcess], tmp_path: Path
+) -> None:
+    """Root itself is refused by an agent that serves only uid 4242."""
+    agent = start_agent(tmp_path / "node-0", "--allow-uid", "4242", "--allow-uid", "4243")
+    before = metric(agent, "pyabouts_agent_rejected_total", reason="peer")  # readiness probes
+    reply = ask(agent.socket, frame(add_env("root"), {}))
+    assert_cni_error(reply, 105, says="serves uid 4242, 4243 only; this client runs as uid 0")
+    assert metric(agent, "pyabouts_agent_rejected_total", reason="peer") == before + 1
+    assert "refused a client running as uid 0" in agent.log.read_text()
+    assert agent.endpoint("/healthz") == "ok"
+
+
+def test_the_socket_directory_is_made_private_and_other_uids_are_refused_behind_it(
+    start_agent: Callable[..., AgentProcess],
+    thin_plugin: str,
+    etcd_server: EtcdServer,
+) -> None:
+    """The directory is 0700 once the agent runs, whoever made it and how; and a process of
+    another uid that gets past the file modes (loosened here on purpose) is refused all the same.
+    In a directory of /tmp: nobody cannot enter pytest's tmp_path."""
+    top = Path(tempfile.mkdtemp(prefix="pyabouts-uid-"))
+    try:
+        directory = top / "node-0"
+        directory.mkdir()
+        for path in (top, directory):
+            path.chmod(0o755)
+        agent = start_agent(directory)
+        assert directory.stat().st_mode & 0o777 == 0o700
+        assert agent.socket.stat().st_mode & 0o777 == 0o600
+
+        request = frame(add_env("nobody"), conf_of(etcd_ipam(etcd_server, range="10.79.0.0/24")))
+        assert as_nobody(agent.socket, request) == "PermissionError"  # the directory's mode
+
+        directory.chmod(0o711)
+        agent.socket.chmod(0o666)
+        reply = as_nobody(agent.socket, request).encode("latin-1")
+        assert_cni_error(reply, 105, says=f"this client runs as uid {NOBODY}")
+        assert metric(agent, "pyabouts_agent_rejected_total", reason="peer") == 1
+
+        [node] = make_nodes(top, 1, {"datastore": "etcd", "etcd_host": etcd_server.endpoint})
+        node = Node(node.flat_file, agent)
+        ipam = etcd_ipam(etcd_server, range="10.79.0.0/24", network_name=network())
+        [(code, _)] = adds_through(thin_plugin, node, ipam, ["root"])
+        assert code == 0  # root still served
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+NOBODY_CLIENT = """
+import socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    sock.connect(sys.argv[1])
+except OSError as exc:
+    sys.stdout.write(type(exc).__name__)
+    sys.exit(0)
+try:
+    sock.sendall(sys.stdin.buffer.read())
+    sock.shutdown(socket.SHUT_WR)
+except OSError:
+    pass  # answered without being read
+sock.settimeout(30)
+try:
+    while chunk := sock.recv(65536):
+        sys.stdout.buffer.write(chunk)
+except ConnectionResetError:
+    pass
+"""
+
+
+def as_nobody(path: Path, request: bytes) -> str:
+    """What a process of uid nobody gets sending `request` to `path`: the reply (latin-1), or
+    the name of the error connect() raised. The system python: nobody cannot read /root."""
+    done = subprocess.run(
+        ["/usr/bin/python3", "-I", "-c", NOBODY_CLIENT, str(path)],
+        input=request,
+        capture_output=True,
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=[],
+        timeout=WAIT,
+        check=True,
+    )
+    return done.stdout.decode("latin-1")
+
+
+def test_beyond_the_workers_and_the_queue_a_request_gets_code_11_at_once(
+    start_agent: Callable[..., AgentProcess],
+    thin_plugin: str,
+    etcd_server: EtcdServer,
+    tmp_path: Path,
+) -> None:
+    agent = start_agent(
+        tmp_path / "node-0",
+        *("--max-requests", "1", "--max-waiting", "1", "--request-deadline", str(DEADLINE)),
+    )
+    # Silent clients, taken in order: the first holds the only worker, the second the only
+    # place in the queue (unless the agent's readiness probe still holds one: then it is
+    # refused too), and the third is refused at once.
+    silent = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(3)]
+    try:
+        for conn in silent:
+            conn.connect(str(agent.socket))
+        assert_cni_error(read_reply(silent[2]), 11, says="is busy")
+        replies = [read_reply(conn) for conn in silent[:2]]
+    finally:
+        for conn in silent:
+            conn.close()
+    assert_cni_error(replies[0], 11, says="did not arrive whole")  # cut off at its deadline
+    assert_cni_error(replies[1], 11)  # the same after the first, or busy
+    assert metric(agent, "pyabouts_agent_rejected_total", reason="busy") in (1, 2)
+
+    [node] = make_nodes(tmp_path, 1, {"datastore": "etcd", "etcd_host": etcd_server.endpoint})
+    ipam = etcd_ipam(etcd_server, range="10.80.0.0/24", network_name=network())
+    [(code, _)] = adds_through(thin_plugin, Node(node.flat_file, agent), ipam, ["after"])
+    assert code == 0
+
+
+def test_on_sigterm_a_request_in_flight_is_served_and_a_queued_one_gets_code_11(
+    start_agent: Callable[..., AgentProcess], etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    agent = start_agent(tmp_path / "node-0", *("--max-requests", "1", "--max-waiting", "2"))
+    ipam = etcd_ipam(etcd_server, range="10.81.0.0/24", network_name=network())
+    request = frame(add_env("in-flight"), conf_of(ipam))
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as in_flight,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as queued,
+    ):
+        in_flight.connect(str(agent.socket))
+        in_flight.sendall(request[:30])  # to be read by the only worker, until it ends
+        queued.connect(str(agent.socket))
+        assert eventually(lambda: one_in_flight_and_one_waiting(agent))
+        stopping = threading.Thread(target=agent.stop)  # SIGTERM, then waits for the exit
+        stopping.start()
+        assert_cni_error(read_reply(queued), 11, says="stopped before serving it")
+        in_flight.sendall(request[30:])
+        in_flight.shutdown(socket.SHUT_WR)
+        reply = read_reply(in_flight)
+        stopping.join(WAIT)
+    assert reply is not CLOSED
+    code, result = parse_reply(reply)
+    assert code == 0 and result["ips"][0]["address"] == "10.81.0.1/24"
+
+
+def one_in_flight_and_one_waiting(agent: AgentProcess) -> bool:
+    """The agent reads the first connection and has queued the second (and has finished with
+    its readiness probe, a connection too)."""
+    probed = metric(agent, "pyabouts_agent_request_seconds_count") >= 1
+    in_flight = metric(agent, "pyabouts_agent_requests_in_flight")
+    return probed and in_flight == 1 and metric(agent, "pyabouts_agent_requests_waiting") == 1
+
+
+def eventually(condition: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+# -- fuzzing the wire format -------------------------------------------------------------------
+
+FUZZ_IPAM = {"type": "pyabouts", "datastore": "etcd", "range": "10.82.0.0/24"}
+VALID_FRAME = frame(add_env("fuzz"), conf_of(FUZZ_IPAM | {"network_name": "hostile-fuzz"}))
+
+
+@st.composite
+def mutated_frames(draw: st.DrawFn) -> bytes:
+    """A valid ADD frame with a few bytes flipped, inserted, deleted or cut off."""
+    data = bytearray(VALID_FRAME)
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(data)))
+        kind = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
+        if kind == "flip":
+            data[at : at + 1] = draw(st.binary(min_size=1, max_size=1))
+        elif kind == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=16))
+        elif kind == "delete":
+            del data[at : at + draw(st.integers(1, 16))]
+        else:
+            del data[at:]
+    return bytes(data)
+
+
+def assert_well_formed(raw: bytes | None) -> None:
+    """A closed connection, a CNI error, or (for a mutation that is still a valid request) a
+    success with a JSON object or nothing to print."""
+    if raw is CLOSED:
+        return
+    code, body = parse_reply(raw)
+    if code == 0:
+        assert body is None or isinstance(body, dict)
+        return
+    assert code == 1 and isinstance(body, dict), body
+    assert isinstance(body["code"], int) and isinstance(body["msg"], str), body
+
+
+def test_fuzzed_frames_get_a_well_formed_answer_and_the_agent_serves_on(
+    start_agent: Callable[..., AgentProcess],
+    thin_plugin: str,
+    etcd_server: EtcdServer,
+    tmp_path: Path,
+) -> None:
+    agent = start_agent(tmp_path / "node-0")
+    assert parse_reply(ask(agent.socket, VALID_FRAME) or b"")[0] == 0  # unmutated: served
+
+    @settings(
+        max_examples=200,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(st.one_of(st.binary(max_size=2048), mutated_frames()))
+    def answered(request: bytes) -> None:
+        assert_well_formed(ask(agent.socket, request))
+
+    answered()
+    assert agent.endpoint("/healthz") == "ok"
+    [node] = make_nodes(tmp_path, 1, {"datastore": "etcd", "etcd_host": etcd_server.endpoint})
+    ipam = etcd_ipam(etcd_server, range="10.83.0.0/24", network_name=network())
+    [(code, result)] = adds_through(thin_plugin, Node(node.flat_file, agent), ipam, ["after"])
+    assert code == 0, result

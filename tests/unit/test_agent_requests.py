@@ -1,0 +1,107 @@
+"""How the agent reads a request off its socket: a whole-request deadline, a size limit, the
+peer's uid, and metric labels clients cannot mint. (tests/integration/
+test_agent_hostile_clients.py runs the same against a real agent.)"""
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from ipam.errors import DECODE_FAILURE, TRY_AGAIN_LATER
+from plugin.agent import (
+    MAX_REQUEST_BYTES,
+    RequestTooLargeError,
+    RequestTooSlowError,
+    command_label,
+    peer_uid,
+    read_request,
+)
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    server, client = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with server, client:
+        yield server, client
+
+
+def in_background(target: Callable[[], None]) -> threading.Thread:
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_whole_request_is_read_until_the_client_closes_its_write_end(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    server, client = pair
+    client.sendall(b"pyabouts/1\nCNI_COMMAND=ADD\0\0{}")
+    client.shutdown(socket.SHUT_WR)
+    assert read_request(server, 5.0) == b"pyabouts/1\nCNI_COMMAND=ADD\0\0{}"
+
+
+def test_a_request_trickled_in_is_cut_off_at_the_deadline_not_per_read(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    server, client = pair
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(0.2):  # a byte well within any per-read timeout
+            client.send(b"x")
+
+    in_background(trickle)
+    started = time.monotonic()
+    with pytest.raises(RequestTooSlowError) as refused:
+        read_request(server, 1.0)
+    stop.set()
+    assert time.monotonic() - started < 30  # bounded, and long before the bytes would end
+    assert refused.value.code == TRY_AGAIN_LATER and refused.value.reason == "deadline"
+
+
+def test_a_silent_client_is_cut_off_at_the_deadline(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    server, _ = pair
+    with pytest.raises(RequestTooSlowError):
+        read_request(server, 0.3)
+
+
+def test_a_request_over_the_limit_is_refused_before_it_ends(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    server, client = pair
+
+    def flood() -> None:
+        chunk = b"x" * 65536
+        try:
+            for _ in range(MAX_REQUEST_BYTES // len(chunk) * 3):
+                client.sendall(chunk)
+        except OSError:
+            pass  # the reader stopped reading and closed
+
+    in_background(flood)
+    with pytest.raises(RequestTooLargeError) as refused:
+        read_request(server, 30.0)
+    server.shutdown(socket.SHUT_RDWR)
+    assert refused.value.code == DECODE_FAILURE and refused.value.reason == "too-large"
+
+
+def test_the_peer_uid_is_the_connecting_process_uid(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    server, _ = pair
+    assert peer_uid(server) == os.getuid()
+
+
+@pytest.mark.parametrize("command", ["ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION"])
+def test_cni_commands_are_their_own_labels(command: str) -> None:
+    assert command_label(command) == command
+
+
+@pytest.mark.parametrize("command", ["", "add", "EVIL", "ADD ", "x" * 1000, "ADD\0"])
+def test_anything_else_is_one_label(command: str) -> None:
+    assert command_label(command) == "unknown"
