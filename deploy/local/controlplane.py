@@ -521,6 +521,28 @@ class ControlPlane:
         self._start_apiserver(new_port=False)
         self._write_state()
 
+    def kill(self, name: str) -> None:
+        """SIGKILL "etcd" or "kube-apiserver", as on a crash; start_again() brings it back."""
+        process = self._component(name)
+        assert process.pid is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGKILL)
+        process.stop()  # reaps it
+
+    def start_again(self, name: str) -> None:
+        """Start a killed component on its old port (etcd: and its data); wait until ready."""
+        if name == "kube-apiserver":
+            self._start_apiserver(new_port=False)
+            return
+        self._component(name).start(die_with_parent=self.die_with_parent)
+        self._wait_etcd()
+
+    def _component(self, name: str) -> _Process:
+        process = {"etcd": self._etcd, "kube-apiserver": self._apiserver}[name]
+        if process is None:
+            raise ControlPlaneError(f"{name} was never started")
+        return process
+
     def running(self) -> bool:
         return all(p is not None and p.alive() for p in (self._etcd, self._apiserver))
 

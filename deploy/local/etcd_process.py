@@ -28,11 +28,30 @@ STOP_TIMEOUT_SECONDS = 10.0
 _PR_SET_PDEATHSIG = 1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EtcdServer:
+    """A running etcd of ours; kill() and start_again() play a crash and its restart."""
+
     endpoint: str  # host:port, as pyabouts' etcd_host takes it
     data_dir: Path
-    pid: int
+    process: subprocess.Popen[bytes]
+    argv: list[str]
+    name: str
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def kill(self) -> None:
+        """SIGKILL, as on a crash: nothing is flushed or closed."""
+        self.process.kill()
+        self.process.wait()
+
+    def start_again(self) -> None:
+        """Start it on the same ports and data (after kill()); return once it is healthy."""
+        self.process = _spawn(self.argv, self.data_dir)
+        if not _wait_until_ready(self.process, self.endpoint, self.name):
+            raise RuntimeError(f"etcd did not start again; see {self.data_dir.with_suffix('.log')}")
 
 
 @contextlib.contextmanager
@@ -42,7 +61,8 @@ def running_etcd(workdir: Path, binary: Path = ETCD_BINARY) -> Iterator[EtcdServ
         data_dir = workdir / f"etcd-{attempt}"
         name = f"bench-{uuid.uuid4().hex[:12]}"
         client_port, peer_port = free_ports(2)
-        process = _start(binary, data_dir, name, client_port, peer_port)
+        argv = _argv(binary, data_dir, name, client_port, peer_port)
+        process = _spawn(argv, data_dir)
         endpoint = f"127.0.0.1:{client_port}"
         try:
             ready = _wait_until_ready(process, endpoint, name)
@@ -54,10 +74,11 @@ def running_etcd(workdir: Path, binary: Path = ETCD_BINARY) -> Iterator[EtcdServ
         _stop(process)
     else:
         raise RuntimeError(f"etcd did not start in {START_ATTEMPTS} attempts; see {workdir}/*.log")
+    server = EtcdServer(endpoint, data_dir, process, argv, name)
     try:
-        yield EtcdServer(endpoint=endpoint, data_dir=data_dir, pid=process.pid)
+        yield server
     finally:
-        _stop(process)
+        _stop(server.process)
 
 
 def etcd_version(binary: Path = ETCD_BINARY) -> str:
@@ -78,12 +99,10 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def _start(
-    binary: Path, data_dir: Path, name: str, client_port: int, peer_port: int
-) -> subprocess.Popen[bytes]:
+def _argv(binary: Path, data_dir: Path, name: str, client_port: int, peer_port: int) -> list[str]:
     client = f"http://127.0.0.1:{client_port}"
     peer = f"http://127.0.0.1:{peer_port}"
-    argv = [
+    return [
         str(binary),
         f"--name={name}",
         f"--data-dir={data_dir}",
@@ -94,8 +113,11 @@ def _start(
         f"--initial-cluster={name}={peer}",
         "--log-level=warn",
     ]
+
+
+def _spawn(argv: list[str], data_dir: Path) -> subprocess.Popen[bytes]:
     data_dir.parent.mkdir(parents=True, exist_ok=True)
-    with data_dir.with_suffix(".log").open("wb") as log:
+    with data_dir.with_suffix(".log").open("ab") as log:
         return subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
