@@ -33,12 +33,13 @@ from controller.endpoints import record_pool_usage, serve_endpoints
 from controller.listen import listen_argument
 from controller.workers import BoundedWorkers
 from ipam.errors import DECODE_FAILURE, PEER_NOT_ALLOWED, TRY_AGAIN_LATER, CniError
+from plugin import wire
 from plugin.agent_backend import WarmBackend
 from plugin.agent_datastore import agent_datastore
 from plugin.agent_metrics import AgentMetrics
 from plugin.handler import Reply, handle_request
 from plugin.logs import LEVELS
-from plugin.thin_client import AGENT_SOCKET, MAGIC
+from plugin.thin_client import AGENT_SOCKET
 
 log = logging.getLogger(__name__)
 
@@ -101,26 +102,8 @@ def read_request(sock: socket.socket, seconds: float) -> bytes:
         chunks.append(chunk)
 
 
-def decode_request(data: bytes) -> tuple[dict[str, str], bytes]:
-    """The environment and config bytes of one request (see plugin.thin_client)."""
-    if not data.startswith(MAGIC):
-        raise RequestError("not a pyabouts request")
-    body = data[len(MAGIC) :]
-    env: dict[str, str] = {}
-    while True:
-        entry, nul, body = body.partition(b"\0")
-        if not nul:
-            raise RequestError("request ended inside its environment")
-        if not entry:
-            return env, body
-        key, equals, value = entry.partition(b"=")
-        if not equals:
-            raise RequestError(f"environment entry without '=': {entry[:40]!r}")
-        env[os.fsdecode(key)] = os.fsdecode(value)
-
-
 def encode_reply(reply: Reply) -> bytes:
-    return b"%d\0" % reply.exit_code + reply.stdout
+    return wire.encode_reply(reply.exit_code, reply.stdout)
 
 
 def command_label(command: str) -> str:
@@ -274,13 +257,20 @@ class _RequestHandler(socketserver.BaseRequestHandler):
             data = read_request(self.request, self.server.limits.request_deadline)
             if not data:
                 return None
-            env, stdin = decode_request(data)
+            env, stdin = _decode_request(data)
         except RequestError as exc:
             log.warning("refused a request: %s", exc)
             self.server.metrics.rejected.labels(exc.reason).inc()
             return "unknown", _refusal(exc.code, str(exc))
         command = command_label(env.get("CNI_COMMAND", ""))
         return command, handle_request(env, stdin, self.server.backend)
+
+
+def _decode_request(data: bytes) -> tuple[dict[str, str], bytes]:
+    try:
+        return wire.decode_request(data)
+    except wire.WireError as exc:
+        raise RequestError(str(exc)) from None
 
 
 def _refusal(code: int, message: str) -> Reply:

@@ -1,8 +1,9 @@
 """`pyabouts-install`: put the thin `pyabouts` plugin into a CNI bin directory.
 
 The executable is plugin/thin_client.py's source behind a `#!<python3> -IS` line (isolated, no
-site: no pip wrapper, no `site` import), with the agent's socket path and, for the fallback, the
-paths where this installation's packages live. Written to a temporary file and renamed, so a
+site: no pip wrapper, no `site` import), with plugin/wire.py's text where it imports the wire
+format, the agent's socket path and, for the fallback, the paths where this installation's
+packages live. Written to a temporary file and renamed, so a
 runtime executing the old plugin never sees half a file.
 """
 
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 import plugin
-from plugin import thin_client
+from plugin import thin_client, wire
 from plugin.cni import render_version
 
 DEFAULT_SOCKET = thin_client.AGENT_SOCKET
@@ -25,12 +26,18 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 _SOCKET_LINE = f'AGENT_SOCKET = "{DEFAULT_SOCKET}"\n'
 _FALLBACK_LINE = "FALLBACK_PATH: list[str] = []\n"
 _VERSION_LINE = 'VERSION_REPLY = b""'
+_WIRE_IMPORT_LINE = (
+    "from plugin.wire import WireError, decode_reply, encode_request  # installed: wire.py's text\n"
+)
 
 
 def thin_plugin_source(python: str, socket_path: str, fallback_path: list[str]) -> str:
     source = Path(thin_client.__file__).read_text()
-    if not all(line in source for line in (_SOCKET_LINE, _FALLBACK_LINE, _VERSION_LINE)):
+    lines = (_SOCKET_LINE, _FALLBACK_LINE, _VERSION_LINE, _WIRE_IMPORT_LINE)
+    if not all(line in source for line in lines):
         raise RuntimeError("plugin/thin_client.py lost the lines the installer sets")
+    # The installed file imports nothing of the package: it carries the wire format's text.
+    source = source.replace(_WIRE_IMPORT_LINE, Path(wire.__file__).read_text())
     source = source.replace(_SOCKET_LINE, f"AGENT_SOCKET = {socket_path!r}\n")
     source = source.replace(_FALLBACK_LINE, f"FALLBACK_PATH: list[str] = {fallback_path!r}\n")
     version = json.dumps(render_version()).encode()

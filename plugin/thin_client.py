@@ -1,22 +1,19 @@
 """The thin `pyabouts` plugin: hand the CNI request to the node agent, print its answer.
 
 This file is also the installed executable: plugin.install copies its source behind a
-`#!python3 -IS` line, setting AGENT_SOCKET and FALLBACK_PATH. So on the hot path it imports
+`#!python3 -IS` line, setting AGENT_SOCKET and FALLBACK_PATH, and puts the text of plugin.wire
+(the wire format the agent speaks) where this file imports it. So on the hot path it imports
 nothing but `_socket`, beside the built-in `posix` and `sys` that the interpreter has already
 loaded (any host python3 can run it, and interpreter start stays near the bare 7 ms; `os` would
 add five modules and `from __future__` one), and nothing of the package until the agent is
 missing.
-
-Wire format, both ways over one unix-socket connection, each side closing its write end when
-done: the request is MAGIC, then the CNI_* environment as NUL-terminated KEY=VALUE entries, an
-empty entry, and the config bytes; the reply is the exit code in ASCII digits, a NUL, and the
-bytes to print. A reply without its NUL means the agent died mid-request: CNI code 11, never a
-guess at success.
 """
 
 import _socket
 import posix
 import sys
+
+from plugin.wire import WireError, decode_reply, encode_request  # installed: wire.py's text
 
 TYPE_CHECKING = False  # typing costs 12 ms of import: its names are for the type checker only
 if TYPE_CHECKING:
@@ -25,7 +22,6 @@ if TYPE_CHECKING:
 AGENT_SOCKET = "/run/pyabouts/agent.sock"
 FALLBACK_PATH: list[str] = []
 VERSION_REPLY = b""  # plugin.cni.render_version(), set by the installer: VERSION needs no agent
-MAGIC = b"pyabouts/1\n"
 REPLY_TIMEOUT = 90.0  # seconds; the agent answers within its 60 s command deadline
 TRY_AGAIN_LATER = 11
 
@@ -40,9 +36,7 @@ def main() -> None:
         environ.get(b"PYABOUTS_AGENT_SOCKET", b"").decode(errors="surrogateescape") or AGENT_SOCKET
     )
     stdin = sys.stdin.buffer.read()
-    request = [MAGIC]
-    request += [k + b"=" + v + b"\0" for k, v in environ.items() if k.startswith(b"CNI_")]
-    request += [b"\0", stdin]
+    request = encode_request([(k, v) for k, v in environ.items() if k.startswith(b"CNI_")], stdin)
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.connect(socket_path)
@@ -53,7 +47,7 @@ def main() -> None:
     try:
         sock.settimeout(REPLY_TIMEOUT)
         try:
-            sock.sendall(b"".join(request))
+            sock.sendall(request)
             sock.shutdown(_socket.SHUT_WR)
         except OSError:
             pass  # the agent answered without reading it (refused, busy): read its answer
@@ -63,12 +57,13 @@ def main() -> None:
         pass  # reset or timed out: judged by what arrived
     finally:
         sock.close()
-    code, nul, out = b"".join(chunks).partition(b"\0")
-    if not nul or not code.isdigit():
+    try:
+        code, out = decode_reply(b"".join(chunks))
+    except WireError:
         _fail(stdin, f"the pyabouts agent at {socket_path} ended the connection before answering")
     sys.stdout.buffer.write(out)
     sys.stdout.buffer.flush()
-    sys.exit(int(code))
+    sys.exit(code)
 
 
 def _serve_without_agent(socket_path: str, why: OSError, stdin: bytes) -> "NoReturn":

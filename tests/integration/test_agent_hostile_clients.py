@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from deploy.local.agent_process import AgentProcess, running_agent
 from plugin.install import install_thin_plugin
-from plugin.thin_client import MAGIC
+from plugin.wire import MAGIC
 from tests.integration.etcd_fixtures import EtcdServer
 from tests.integration.plugin_fixtures import etcd_ipam
 from tests.integration.plugin_processes import Node, make_nodes, metric, run_plugins

@@ -12,13 +12,16 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from plugin.agent import decode_request, encode_reply
+from plugin import wire
+from plugin.agent import encode_reply
 from plugin.cni import render_version
 from plugin.handler import Reply
 from plugin.install import install_thin_plugin
+from plugin.wire import decode_request
 
 CONF = json.dumps({"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "pyabouts"}}).encode()
 HOT_PATH_MODULES = {"_socket"}  # beside what the bare interpreter loads (posix, sys, io...)
@@ -89,6 +92,18 @@ def test_the_hot_path_imports_nothing_but_socket_and_os(
     agent.close()
     assert added <= HOT_PATH_MODULES, added
     assert "_socket" in added  # the check sees what the client imports
+
+
+def test_the_installed_plugin_carries_the_wire_format_the_agent_speaks(installed: Path) -> None:
+    text = installed.read_text()
+    assert Path(wire.__file__).read_text() in text  # the module's own text, byte for byte
+    assert "from plugin.wire" not in text  # the hot path imports nothing of the package
+    namespace: dict[str, Any] = {"__name__": "installed"}  # not "__main__": load, do not run
+    exec(compile(text, str(installed), "exec"), namespace)
+    environ = [(b"CNI_COMMAND", b"ADD"), (b"CNI_ARGS", b"A=1;B=\xff")]
+    assert namespace["encode_request"](environ, CONF) == wire.encode_request(environ, CONF)
+    reply = wire.encode_reply(1, b'{"code": 11}')
+    assert namespace["decode_reply"](reply) == wire.decode_reply(reply) == (1, b'{"code": 11}')
 
 
 def test_version_is_answered_without_an_agent(installed: Path) -> None:
