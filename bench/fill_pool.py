@@ -22,7 +22,7 @@ from bench.kube import running_cluster
 from deploy.local.etcd_process import running_etcd
 from ipam import operations
 from ipam.config import IpamConf
-from ipam.errors import RANGE_EXHAUSTED, CniError
+from ipam.errors import RANGE_EXHAUSTED, CniError, RangeExhaustedError
 from ipam.pool import Owner, PoolId
 from ipam.ranges import AddressRange, build_range, parse_network
 from ipam.store import PoolStore
@@ -116,8 +116,10 @@ def next_allocation_error(store: PoolStore, rng: AddressRange) -> str:
             [],
             deadline=time.monotonic() + 60,
         )
+    except RangeExhaustedError as error:
+        return f"code {RANGE_EXHAUSTED}: {error}"
     except CniError as error:
-        return f"code {error.code}: {error.msg}" if error.code == RANGE_EXHAUSTED else repr(error)
+        return repr(error)
     return "not exhausted: another address was given"
 
 

@@ -12,7 +12,7 @@ from collections.abc import Collection, Iterator, Sequence
 
 import netaddr
 
-from ipam.errors import RANGE_EXHAUSTED, REQUESTED_IP_UNAVAILABLE, CniError
+from ipam.errors import RangeExhaustedError, RequestedAddressUnavailableError
 from ipam.pool import BLOCK_SIZE, BlockKey, Owner, PoolId, PoolView, container_identity
 from ipam.ranges import AddressRange
 
@@ -58,8 +58,7 @@ def assign_address(
     if wanted is not None:
         holder = view.owner(pool, wanted)
         if holder is not None and holder.attachment != owner.attachment:
-            raise CniError(
-                REQUESTED_IP_UNAVAILABLE,
+            raise RequestedAddressUnavailableError(
                 f"requested address {_text(rng, wanted)} is already allocated to "
                 f"{holder.attachment[0]} {holder.ifname}",
             )
@@ -73,8 +72,7 @@ def assign_address(
         start = block_start(rng, spread_key) if spread_key else rng.first
         free = _first_free(view, rng, start)
         if free is None:
-            raise CniError(
-                RANGE_EXHAUSTED,
+            raise RangeExhaustedError(
                 f"range {rng.text} is exhausted: all {rng.size} addresses are allocated"
                 + (f" (network_name {rng.pool.network!r})" if rng.pool.network else ""),
             )
@@ -90,16 +88,14 @@ def check_requested(ranges: Sequence[AddressRange], requested: Sequence[netaddr.
         matching = [r for r in ranges if r.can_give(address)]
         if not matching:
             configured = ", ".join(r.text for r in ranges)
-            raise CniError(
-                REQUESTED_IP_UNAVAILABLE,
+            raise RequestedAddressUnavailableError(
                 f"requested address {address} is not a usable address of "
                 f"any configured range ({configured})",
             )
     for rng in ranges:
         inside = [a for a in requested if rng.can_give(a)]
         if len(inside) > 1:
-            raise CniError(
-                REQUESTED_IP_UNAVAILABLE,
+            raise RequestedAddressUnavailableError(
                 f"more than one requested address falls in range {rng.text}",
             )
 

@@ -26,6 +26,19 @@ CORRUPT_BLOCK = 104  # a stored block is not in pyabouts' format (edited by hand
 PEER_NOT_ALLOWED = 105  # the node agent refused a client running as a uid it does not serve
 
 
+class AllocationError(Exception):
+    """The allocator cannot do what was asked: an outcome of the pool's state, not a fault.
+    The plugin's edge gives each kind its CNI code (plugin.handler)."""
+
+
+class RangeExhaustedError(AllocationError):
+    """No address of a range is free."""
+
+
+class RequestedAddressUnavailableError(AllocationError):
+    """A requested address is taken, or no configured range can give it."""
+
+
 class CniError(Exception):
     """An error that is printed as CNI error JSON: a code, a message and optional details."""
 

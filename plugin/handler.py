@@ -12,7 +12,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ipam.errors import INTERNAL_ERROR, INVALID_ENVIRONMENT, CniError
+from ipam.errors import (
+    INTERNAL_ERROR,
+    INVALID_ENVIRONMENT,
+    RANGE_EXHAUSTED,
+    REQUESTED_IP_UNAVAILABLE,
+    AllocationError,
+    CniError,
+    RangeExhaustedError,
+    RequestedAddressUnavailableError,
+)
 from plugin.cni import (
     COMMAND_SINCE,
     LATEST_VERSION,
@@ -25,6 +34,12 @@ from plugin.cni import (
 
 if TYPE_CHECKING:
     from plugin.backend import Backend
+
+
+ALLOCATION_CODES: dict[type[AllocationError], int] = {
+    RangeExhaustedError: RANGE_EXHAUSTED,
+    RequestedAddressUnavailableError: REQUESTED_IP_UNAVAILABLE,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +72,8 @@ def handle_request(env: Mapping[str, str], stdin: bytes, backend: Backend | None
         return _success(run_command(command, env, cni_args, raw, backend or OneShotBackend()))
     except CniError as error:
         return _failure(version, error)
+    except AllocationError as refused:
+        return _failure(version, CniError(ALLOCATION_CODES[type(refused)], str(refused)))
     except Exception as exc:  # a bug: still CNI error JSON, never a traceback on stdout
         _log_bug(exc)
         bug = CniError(INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}")

@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 
 from ipam import allocator
 from ipam.coalescing import CoalescingTransactions, decide_each
-from ipam.errors import RANGE_EXHAUSTED, REQUESTED_IP_UNAVAILABLE, CniError
+from ipam.errors import (
+    RANGE_EXHAUSTED,
+    AllocationError,
+    CniError,
+    RangeExhaustedError,
+    RequestedAddressUnavailableError,
+)
 from ipam.pool import Block, BlockKey, Owner, PoolId, PoolView
 from ipam.ranges import build_range
 from ipam.store import WriteOutcome
@@ -61,7 +67,7 @@ def test_a_failed_decision_leaves_nothing_and_the_others_stand() -> None:
 
     def take_two_then_fail(v: PoolView) -> None:
         allocator.assign_addresses(v, [SMALL], owner(90), [])
-        raise CniError(REQUESTED_IP_UNAVAILABLE, "no")
+        raise RequestedAddressUnavailableError("no")
 
     outcomes = decide_each(
         view,
@@ -73,7 +79,7 @@ def test_a_failed_decision_leaves_nothing_and_the_others_stand() -> None:
     )
     assert outcomes[0] == ([taken], True)
     assert outcomes[2] == ([taken + 1], True)  # the failed one's address went to the next one
-    assert isinstance(getattr(outcomes[1][0], "error", None), CniError)
+    assert isinstance(getattr(outcomes[1][0], "error", None), RequestedAddressUnavailableError)
     assert outcomes[1][1] is False
     assert snapshot(view) == {taken: owner(1), taken + 1: owner(2)}
 
@@ -92,7 +98,7 @@ def run_threads(count: int, work: Callable[[int], object]) -> list[object]:
     def one(n: int) -> None:
         try:
             results[n] = work(n)
-        except CniError as error:
+        except (CniError, AllocationError) as error:
             results[n] = error
 
     threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
@@ -117,9 +123,9 @@ def test_concurrent_requests_share_writes_and_exhaustion_fails_only_the_late() -
 
     results = run_threads(20, allocate)
     given_out = [r[0] for r in results if isinstance(r, list)]
-    refused = [r for r in results if isinstance(r, CniError)]
+    refused = [r for r in results if isinstance(r, RangeExhaustedError)]
     assert len(given_out) == len(set(given_out)) == 6  # a /29 gives six addresses
-    assert [e.code for e in refused] == [RANGE_EXHAUSTED] * 14
+    assert len(refused) == 14
     assert store.writes < 6 and sum(batches) == 20
     stored = {a for b in store.read_blocks(POOL, SMALL.first, SMALL.last) for a in b.entries}
     assert stored == set(given_out)
