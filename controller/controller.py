@@ -24,13 +24,13 @@ from kubernetes.leaderelection import electionconfig, leaderelection
 from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
 from controller.connect import Connections
-from controller.endpoints import Health, serve_endpoints
 from controller.leaks import PodState, Policy
 from controller.metrics import ReconcilerMetrics
 from controller.pods import PodReader
 from controller.reconciler import reconcile
 from controller.watching import PodEvent, PodWatch, Relisted
 from ipam.errors import CniError
+from serving.endpoints import Health, serve_endpoints
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from controller.leaks import DEFAULT_PENDING_GRACE, Policy
-from controller.listen import listen_argument
 from controller.reconciler import PassSummary
+from serving.listen import listen_argument
 
 if TYPE_CHECKING:
     from controller.connect import Connections

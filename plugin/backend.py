@@ -1,5 +1,5 @@
 """Where commands get their transactions: a store opened for one call (the plugin process), or
-the node agent's warm, coalescing ones (plugin.agent_backend)."""
+the node agent's warm, coalescing ones (plugin.agent.backend)."""
 
 from __future__ import annotations
 

@@ -117,7 +117,7 @@ runtime = "runc"'
     # An editable install leaves the project's own modules uncompiled, and with
     # PYTHONDONTWRITEBYTECODE set (as in some CI shells) every plugin process would compile them
     # again: ~0.1 s of CPU per call. Python ignores a .pyc whose source changed since.
-    "$venv/bin/python" -m compileall -q -j 0 "$repo/ipam" "$repo/plugin" "$repo/controller" \
+    "$venv/bin/python" -m compileall -q -j 0 "$repo/ipam" "$repo/plugin" "$repo/controller" "$repo/serving" \
         "$repo/deploy/local" "$repo/bench" >/dev/null
 
     # --- upstream Go binaries (kube-apiserver) --------------------------------------------

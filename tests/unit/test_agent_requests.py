@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from ipam.errors import DECODE_FAILURE, TRY_AGAIN_LATER
-from plugin.agent import (
+from plugin.agent.server import (
     MAX_REQUEST_BYTES,
     RequestTooLargeError,
     RequestTooSlowError,

@@ -1,4 +1,4 @@
-"""controller.endpoints: --listen forms, and an HTTP server that idle, slow or numerous clients
+"""serving.endpoints: --listen forms, and an HTTP server that idle, slow or numerous clients
 cannot take from a scraper. Servers listen on loopback ports the kernel picks."""
 
 import argparse
@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry
 
-from controller import endpoints
-from controller.endpoints import EndpointServer, serve_endpoints
-from controller.listen import listen_argument, parse_listen
+from serving import endpoints
+from serving.endpoints import EndpointServer, serve_endpoints
+from serving.listen import listen_argument, parse_listen
 
 WAIT = 15.0  # seconds any test waits for an answer or a closed connection at most
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from plugin import wire
-from plugin.agent import encode_reply
+from plugin.agent.server import encode_reply
 from plugin.cni import render_version
 from plugin.handler import Reply
 from plugin.install import install_thin_plugin

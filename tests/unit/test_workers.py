@@ -1,11 +1,11 @@
-"""controller.workers.BoundedWorkers: parallel, bounded, and what stop() does to the queue."""
+"""serving.workers.BoundedWorkers: parallel, bounded, and what stop() does to the queue."""
 
 import threading
 from functools import partial
 
 import pytest
 
-from controller.workers import BoundedWorkers
+from serving.workers import BoundedWorkers
 
 WAIT = 10.0  # seconds any test waits for a thread at most
 

@@ -1,6 +1,6 @@
 """The node agent's Backend: warm store clients, a pool cache, and coalesced writes.
 
-One store client, with the agent's own credentials (plugin.agent_datastore), kept between
+One store client, with the agent's own credentials (plugin.agent.datastore), kept between
 requests: the cost a plugin process pays on every call (imports, TLS, kubeconfig, the first read
 of the pool) is paid once. Only an agent told to trust requests' datastore settings keeps one
 client per distinct setting instead.
@@ -24,8 +24,8 @@ from ipam.pool import Block, PoolId
 from ipam.store import PoolStore, WriteOutcome
 from ipam.stores import open_store
 from ipam.stores.cached import CachedStore
-from plugin.agent_datastore import AgentDatastore
-from plugin.agent_metrics import AgentMetrics
+from plugin.agent.datastore import AgentDatastore
+from plugin.agent.metrics import AgentMetrics
 from plugin.backend import REQUEST_TIMEOUT_SECONDS
 
 log = logging.getLogger(__name__)

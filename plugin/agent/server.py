@@ -29,17 +29,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from controller.endpoints import record_pool_usage, serve_endpoints
-from controller.listen import listen_argument
-from controller.workers import BoundedWorkers
 from ipam.errors import DECODE_FAILURE, PEER_NOT_ALLOWED, TRY_AGAIN_LATER, CniError
 from plugin import wire
-from plugin.agent_backend import WarmBackend
-from plugin.agent_datastore import agent_datastore
-from plugin.agent_metrics import AgentMetrics
+from plugin.agent.backend import WarmBackend
+from plugin.agent.datastore import agent_datastore
+from plugin.agent.metrics import AgentMetrics
 from plugin.handler import Reply, handle_request
 from plugin.logs import LEVELS
 from plugin.thin_client import AGENT_SOCKET
+from serving.endpoints import record_pool_usage, serve_endpoints
+from serving.listen import listen_argument
+from serving.workers import BoundedWorkers
 
 log = logging.getLogger(__name__)
 
