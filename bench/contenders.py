@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.local.agent_process import AgentProcess
-from plugin.install import install_thin_plugin
+from pyabouts.plugin.install import install_thin_plugin
 
 CNI_VERSION = "1.0.0"
 CONFLICT_LOG_MARK = "conflict on "  # what pyabouts logs (at verbose) before a retry
@@ -109,8 +109,8 @@ class Pyabouts(Contender):
     ) -> None:
         probe = ImportProbe(
             python=python,
-            entry_modules=("plugin.main", "plugin.handler"),
-            add_path_module="plugin.commands",
+            entry_modules=("pyabouts.plugin.main", "pyabouts.plugin.handler"),
+            add_path_module="pyabouts.plugin.commands",
             store_module=store_module,
         )
         super().__init__(name, executable, workdir, cluster_unique=True, import_probe=probe)
@@ -157,7 +157,7 @@ class PyaboutsEtcd(Pyabouts):
         name: str = "pyabouts-etcd",
     ) -> None:
         super().__init__(
-            name, executable, python, workdir, pool=pool, store_module="ipam.stores.etcd"
+            name, executable, python, workdir, pool=pool, store_module="pyabouts.ipam.stores.etcd"
         )
         self.etcd_endpoint = etcd_endpoint
 
@@ -185,7 +185,7 @@ class PyaboutsKubernetes(Pyabouts):
             python,
             workdir,
             pool=pool,
-            store_module="ipam.stores.kubernetes",
+            store_module="pyabouts.ipam.stores.kubernetes",
         )
         self.kubeconfig = kubeconfig
         self.request_counter = request_counter

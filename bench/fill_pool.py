@@ -20,16 +20,16 @@ from pathlib import Path
 
 from bench.kube import running_cluster
 from deploy.local.etcd_process import running_etcd
-from ipam import operations
-from ipam.config import IpamConf
-from ipam.errors import RANGE_EXHAUSTED, CniError, RangeExhaustedError
-from ipam.pool import Owner, PoolId
-from ipam.ranges import AddressRange, build_range, parse_network
-from ipam.store import PoolStore
-from ipam.stores.cached import CachedStore
-from ipam.stores.etcd import KEY_PREFIX, EtcdStore
-from ipam.stores.kubernetes import KubernetesStore
-from ipam.transaction import DirectTransactions
+from pyabouts.ipam import operations
+from pyabouts.ipam.config import IpamConf
+from pyabouts.ipam.errors import RANGE_EXHAUSTED, CniError, RangeExhaustedError
+from pyabouts.ipam.pool import Owner, PoolId
+from pyabouts.ipam.ranges import AddressRange, build_range, parse_network
+from pyabouts.ipam.store import PoolStore
+from pyabouts.ipam.stores.cached import CachedStore
+from pyabouts.ipam.stores.etcd import KEY_PREFIX, EtcdStore
+from pyabouts.ipam.stores.kubernetes import KubernetesStore
+from pyabouts.ipam.transaction import DirectTransactions
 
 NETWORK = "fill"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from deploy.local.controlplane import KUBE_VERSION, ControlPlane, start_control_plane
 from deploy.local.install import install_pyabouts
-from ipam.stores.kubernetes import GROUP as API_GROUP
+from pyabouts.ipam.stores.kubernetes import GROUP as API_GROUP
 
 PLUGIN_NAMESPACE = "kube-system"
 PLUGIN_SERVICE_ACCOUNT = "pyabouts"

@@ -28,16 +28,16 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from bench.kube import running_cluster
-from controller.leaks import Policy
-from controller.pods import PodReader
-from controller.reconciler import reconcile
 from deploy.local.etcd_process import running_etcd
-from ipam.config import IpamConf
-from ipam.pool import BLOCK_SIZE, Block, BlockKey, Owner, PoolId
-from ipam.store import PoolStore
-from ipam.stores.etcd import EtcdStore
-from ipam.stores.kubeconfig import load_kubeconfig
-from ipam.stores.kubernetes import KubernetesStore
+from pyabouts.controller.leaks import Policy
+from pyabouts.controller.pods import PodReader
+from pyabouts.controller.reconciler import reconcile
+from pyabouts.ipam.config import IpamConf
+from pyabouts.ipam.pool import BLOCK_SIZE, Block, BlockKey, Owner, PoolId
+from pyabouts.ipam.store import PoolStore
+from pyabouts.ipam.stores.etcd import EtcdStore
+from pyabouts.ipam.stores.kubeconfig import load_kubeconfig
+from pyabouts.ipam.stores.kubernetes import KubernetesStore
 
 NAMESPACE = "scale"
 FIRST_ADDRESS = 10 << 24  # 10.0.0.0: room for 16M allocations

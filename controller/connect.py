@@ -14,12 +14,12 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.config.config_exception import ConfigException
 
-from ipam.config import IpamConf, flat_file_settings, read_flat_file, read_own_flat_file
-from ipam.errors import INVALID_CONFIG, CniError
-from ipam.store import PoolStore
-from ipam.stores import open_store
-from ipam.stores.kubeconfig import DEFAULT_NAMESPACE, load_kubeconfig
-from ipam.stores.kubernetes import KubernetesStore
+from pyabouts.ipam.config import IpamConf, flat_file_settings, read_flat_file, read_own_flat_file
+from pyabouts.ipam.errors import INVALID_CONFIG, CniError
+from pyabouts.ipam.store import PoolStore
+from pyabouts.ipam.stores import open_store
+from pyabouts.ipam.stores.kubeconfig import DEFAULT_NAMESPACE, load_kubeconfig
+from pyabouts.ipam.stores.kubernetes import KubernetesStore
 
 IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 STORE_TIMEOUT = 30.0  # seconds for one datastore request

@@ -23,14 +23,14 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.leaderelection import electionconfig, leaderelection
 from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
-from controller.connect import Connections
-from controller.leaks import PodState, Policy
-from controller.metrics import ReconcilerMetrics
-from controller.pods import PodReader
-from controller.reconciler import reconcile
-from controller.watching import PodEvent, PodWatch, Relisted
-from ipam.errors import CniError
-from serving.endpoints import Health, serve_endpoints
+from pyabouts.controller.connect import Connections
+from pyabouts.controller.leaks import PodState, Policy
+from pyabouts.controller.metrics import ReconcilerMetrics
+from pyabouts.controller.pods import PodReader
+from pyabouts.controller.reconciler import reconcile
+from pyabouts.controller.watching import PodEvent, PodWatch, Relisted
+from pyabouts.ipam.errors import CniError
+from pyabouts.serving.endpoints import Health, serve_endpoints
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from enum import StrEnum
 
 import netaddr
 
-from ipam.pool import Block, BlockKey, Owner
+from pyabouts.ipam.pool import Block, BlockKey, Owner
 
 
 class Reason(StrEnum):

@@ -16,12 +16,12 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from controller.leaks import DEFAULT_PENDING_GRACE, Policy
-from controller.reconciler import PassSummary
-from serving.listen import listen_argument
+from pyabouts.controller.leaks import DEFAULT_PENDING_GRACE, Policy
+from pyabouts.controller.reconciler import PassSummary
+from pyabouts.serving.listen import listen_argument
 
 if TYPE_CHECKING:
-    from controller.connect import Connections
+    from pyabouts.controller.connect import Connections
 
 log = logging.getLogger("pyabouts.reconciler")
 
@@ -79,8 +79,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # Heavy imports (kubernetes, pydantic) after argument parsing, so --help stays quick.
-    from controller.connect import connect, read_settings  # noqa: PLC0415
-    from ipam.errors import CniError  # noqa: PLC0415
+    from pyabouts.controller.connect import connect, read_settings  # noqa: PLC0415
+    from pyabouts.ipam.errors import CniError  # noqa: PLC0415
 
     policy = Policy(free_finished=not args.keep_finished, pending_grace=args.pending_grace)
     try:
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(2)
     try:
         if args.watch:
-            from controller.controller import run_controller  # noqa: PLC0415
+            from pyabouts.controller.controller import run_controller  # noqa: PLC0415
 
             run_controller(connections, policy, args)
         else:
@@ -104,9 +104,9 @@ def run_once(connections: Connections, policy: Policy, *, dry_run: bool) -> int:
     import urllib3  # noqa: PLC0415
     from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
 
-    from controller.pods import PodReader  # noqa: PLC0415
-    from controller.reconciler import reconcile  # noqa: PLC0415
-    from ipam.errors import CniError  # noqa: PLC0415
+    from pyabouts.controller.pods import PodReader  # noqa: PLC0415
+    from pyabouts.controller.reconciler import reconcile  # noqa: PLC0415
+    from pyabouts.ipam.errors import CniError  # noqa: PLC0415
 
     reader = PodReader(connections.api_client)
     try:

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from controller.reconciler import PassSummary
-from ipam.pool import Block
-from serving.endpoints import pool_usage_gauge, record_pool_usage
+from pyabouts.controller.reconciler import PassSummary
+from pyabouts.ipam.pool import Block
+from pyabouts.serving.endpoints import pool_usage_gauge, record_pool_usage
 
 
 class ReconcilerMetrics:

@@ -16,7 +16,7 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from controller.leaks import PodState
+from pyabouts.controller.leaks import PodState
 
 NETWORK_STATUS = "k8s.v1.cni.cncf.io/network-status"
 LIST_PAGE = 500

@@ -12,10 +12,10 @@ import functools
 import itertools
 from collections.abc import Sequence
 
-from controller.leaks import Leak
-from ipam.pool import BLOCK_SIZE, PoolView
-from ipam.store import PoolStore
-from ipam.transaction import Span, run_span_transaction
+from pyabouts.controller.leaks import Leak
+from pyabouts.ipam.pool import BLOCK_SIZE, PoolView
+from pyabouts.ipam.store import PoolStore
+from pyabouts.ipam.transaction import Span, run_span_transaction
 
 
 def free_leaks(store: PoolStore, leaks: Sequence[Leak], *, deadline: float) -> list[Leak]:

@@ -14,10 +14,10 @@ from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from controller.leaks import Leak, PodState, Policy, find_leaks
-from controller.reclaim import free_leaks
-from ipam.pool import Block
-from ipam.store import PoolStore
+from pyabouts.controller.leaks import Leak, PodState, Policy, find_leaks
+from pyabouts.controller.reclaim import free_leaks
+from pyabouts.ipam.pool import Block
+from pyabouts.ipam.store import PoolStore
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import urllib3
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from controller.leaks import PodState
-from controller.pods import PodListing, PodReader, pod_state
+from pyabouts.controller.leaks import PodState
+from pyabouts.controller.pods import PodListing, PodReader, pod_state
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from collections.abc import Collection, Iterator, Sequence
 
 import netaddr
 
-from ipam.errors import RangeExhaustedError, RequestedAddressUnavailableError
-from ipam.pool import BLOCK_SIZE, BlockKey, Owner, PoolId, PoolView, container_identity
-from ipam.ranges import AddressRange
+from pyabouts.ipam.errors import RangeExhaustedError, RequestedAddressUnavailableError
+from pyabouts.ipam.pool import BLOCK_SIZE, BlockKey, Owner, PoolId, PoolView, container_identity
+from pyabouts.ipam.ranges import AddressRange
 
 
 def assign_addresses(

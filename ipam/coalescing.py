@@ -21,11 +21,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
-from ipam.errors import StoreUnavailableError
-from ipam.pool import PoolId, PoolView
-from ipam.ranges import AddressRange
-from ipam.store import PoolStore
-from ipam.transaction import Span, describe_blocks, run_span_transaction
+from pyabouts.ipam.errors import StoreUnavailableError
+from pyabouts.ipam.pool import PoolId, PoolView
+from pyabouts.ipam.ranges import AddressRange
+from pyabouts.ipam.store import PoolStore
+from pyabouts.ipam.transaction import Span, describe_blocks, run_span_transaction
 
 T = TypeVar("T")
 

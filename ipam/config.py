@@ -17,9 +17,9 @@ from typing import Any, Literal
 import netaddr
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ipam.errors import INVALID_CONFIG, CniError
-from ipam.pool import Family, PoolId
-from ipam.ranges import AddressRange, RangeError, build_range, parse_address, parse_network
+from pyabouts.ipam.errors import INVALID_CONFIG, CniError
+from pyabouts.ipam.pool import Family, PoolId
+from pyabouts.ipam.ranges import AddressRange, RangeError, build_range, parse_address, parse_network
 
 PLUGIN_TYPE = "pyabouts"
 FLAT_FILE_PATHS = (

@@ -8,10 +8,10 @@ from collections.abc import Collection, Sequence
 
 import netaddr
 
-from ipam import allocator
-from ipam.pool import Owner, PoolView
-from ipam.ranges import AddressRange
-from ipam.transaction import Transactions
+from pyabouts.ipam import allocator
+from pyabouts.ipam.pool import Owner, PoolView
+from pyabouts.ipam.ranges import AddressRange
+from pyabouts.ipam.transaction import Transactions
 
 
 def allocate(

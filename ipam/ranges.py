@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import netaddr
 
-from ipam.pool import Family, PoolId
+from pyabouts.ipam.pool import Family, PoolId
 
 
 class RangeError(ValueError):

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ipam.pool import Block, BlockKey, PoolId
+from pyabouts.ipam.pool import Block, BlockKey, PoolId
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
-    from ipam.config import FlatFile, IpamConf
-    from ipam.pool import PoolId, PoolView
-    from ipam.ranges import AddressRange
-    from ipam.transaction import Transactions
+    from pyabouts.ipam.config import FlatFile, IpamConf
+    from pyabouts.ipam.pool import PoolId, PoolView
+    from pyabouts.ipam.ranges import AddressRange
+    from pyabouts.ipam.transaction import Transactions
 
 T = TypeVar("T")
 
@@ -61,7 +61,7 @@ class OneShotBackend:
 
     def flat_file(self, ipam: Mapping[str, Any]) -> FlatFile | None:
         """The one `configuration_path` names, else the standard places (as whereabouts)."""
-        from ipam.config import read_flat_file  # noqa: PLC0415 - loaded with the config anyway
+        from pyabouts.ipam.config import read_flat_file  # noqa: PLC0415 - loaded with the config anyway
 
         return read_flat_file(ipam.get("configuration_path"))
 
@@ -70,7 +70,7 @@ class OneShotBackend:
         self, ipam: IpamConf, pools: Sequence[PoolId], *, writes_by: float | None
     ) -> Iterator[Transactions]:
         if self.agent_unreachable and ipam.agent_fallback == "fail":
-            from ipam.errors import TRY_AGAIN_LATER, CniError  # noqa: PLC0415
+            from pyabouts.ipam.errors import TRY_AGAIN_LATER, CniError  # noqa: PLC0415
 
             reason = f"{self.agent_unreachable}, and ipam.agent_fallback is 'fail'"
             raise CniError(TRY_AGAIN_LATER, reason)
@@ -104,9 +104,9 @@ class _FirstUseTransactions:
         return self._opened.run(ranges, decide, deadline=deadline)
 
     def _open(self) -> Transactions:
-        from ipam.stores import open_store  # noqa: PLC0415 - heavy store clients, load on use
-        from ipam.transaction import DirectTransactions  # noqa: PLC0415
-        from plugin.node_queue import node_queue  # noqa: PLC0415
+        from pyabouts.ipam.stores import open_store  # noqa: PLC0415 - heavy store clients, load on use
+        from pyabouts.ipam.transaction import DirectTransactions  # noqa: PLC0415
+        from pyabouts.plugin.node_queue import node_queue  # noqa: PLC0415
 
         store = open_store(self._ipam, timeout=REQUEST_TIMEOUT_SECONDS)
         self._stack.callback(store.close)

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ipam.errors import DECODE_FAILURE, INCOMPATIBLE_VERSION, INVALID_ENVIRONMENT, CniError
+from pyabouts.ipam.errors import DECODE_FAILURE, INCOMPATIBLE_VERSION, INVALID_ENVIRONMENT, CniError
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = SUPPORTED_VERSIONS[-1]

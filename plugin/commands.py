@@ -9,15 +9,15 @@ from typing import Any
 
 import netaddr
 
-from ipam import operations
-from ipam.config import PluginConfig, load_config, requested_addresses
-from ipam.errors import INVALID_CONFIG, NOT_AVAILABLE, UNKNOWN_CONTAINER, CniError
-from ipam.pool import Owner
-from ipam.ranges import RangeError, parse_address
-from ipam.transaction import Transactions
-from plugin.backend import Backend
-from plugin.cni import IpConfig, render_result, require_env
-from plugin.logs import configure_logging
+from pyabouts.ipam import operations
+from pyabouts.ipam.config import PluginConfig, load_config, requested_addresses
+from pyabouts.ipam.errors import INVALID_CONFIG, NOT_AVAILABLE, UNKNOWN_CONTAINER, CniError
+from pyabouts.ipam.pool import Owner
+from pyabouts.ipam.ranges import RangeError, parse_address
+from pyabouts.ipam.transaction import Transactions
+from pyabouts.plugin.backend import Backend
+from pyabouts.plugin.cni import IpConfig, render_result, require_env
+from pyabouts.plugin.logs import configure_logging
 
 log = logging.getLogger(__name__)
 

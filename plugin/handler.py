@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ipam.errors import (
+from pyabouts.ipam.errors import (
     INTERNAL_ERROR,
     INVALID_ENVIRONMENT,
     RANGE_EXHAUSTED,
@@ -22,7 +22,7 @@ from ipam.errors import (
     RangeExhaustedError,
     RequestedAddressUnavailableError,
 )
-from plugin.cni import (
+from pyabouts.plugin.cni import (
     COMMAND_SINCE,
     LATEST_VERSION,
     check_version,
@@ -33,7 +33,7 @@ from plugin.cni import (
 )
 
 if TYPE_CHECKING:
-    from plugin.backend import Backend
+    from pyabouts.plugin.backend import Backend
 
 
 ALLOCATION_CODES: dict[type[AllocationError], int] = {
@@ -66,8 +66,8 @@ def handle_request(env: Mapping[str, str], stdin: bytes, backend: Backend | None
         check_version(command, version)
         cni_args = parse_cni_args(env.get("CNI_ARGS", ""))
 
-        from plugin.backend import OneShotBackend  # noqa: PLC0415 - heavy imports, load on use
-        from plugin.commands import run_command  # noqa: PLC0415
+        from pyabouts.plugin.backend import OneShotBackend  # noqa: PLC0415 - heavy imports, load on use
+        from pyabouts.plugin.commands import run_command  # noqa: PLC0415
 
         return _success(run_command(command, env, cni_args, raw, backend or OneShotBackend()))
     except CniError as error:

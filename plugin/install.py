@@ -17,9 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import plugin
-from plugin import thin_client, wire
-from plugin.cni import render_version
+from pyabouts import plugin
+from pyabouts.plugin import thin_client, wire
+from pyabouts.plugin.cni import render_version
 
 DEFAULT_SOCKET = thin_client.AGENT_SOCKET
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -27,7 +27,7 @@ _SOCKET_LINE = f'AGENT_SOCKET = "{DEFAULT_SOCKET}"\n'
 _FALLBACK_LINE = "FALLBACK_PATH: list[str] = []\n"
 _VERSION_LINE = 'VERSION_REPLY = b""'
 _WIRE_IMPORT_LINE = (
-    "from plugin.wire import WireError, decode_reply, encode_request  # installed: wire.py's text\n"
+    "from pyabouts.plugin.wire import WireError, decode_reply, encode_request  # wire.py's text\n"
 )
 
 
@@ -46,8 +46,13 @@ def thin_plugin_source(python: str, socket_path: str, fallback_path: list[str]) 
 
 
 def this_installation() -> list[str]:
-    """Where `import plugin` and its dependencies resolve in this interpreter."""
-    root = str(Path(plugin.__file__).resolve().parent.parent)
+    """Where `import pyabouts.plugin` and its dependencies resolve in this interpreter.
+
+    The directory that holds `pyabouts/` as imported, symlinks kept (pyabouts/plugin/ links to
+    the repo's plugin/ in a development install, and the repo root has no pyabouts/ of its own
+    to resolve to).
+    """
+    root = str(Path(plugin.__file__).absolute().parents[2])
     return list(dict.fromkeys([root, *site.getsitepackages()]))
 
 

@@ -7,7 +7,7 @@ import sys
 
 
 def main() -> None:
-    from plugin.handler import handle_request  # noqa: PLC0415 - keep interpreter start minimal
+    from pyabouts.plugin.handler import handle_request  # noqa: PLC0415 - keep interpreter start minimal
 
     reply = handle_request(os.environ, sys.stdin.buffer.read())
     sys.stdout.buffer.write(reply.stdout)

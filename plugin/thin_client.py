@@ -13,7 +13,7 @@ import _socket
 import posix
 import sys
 
-from plugin.wire import WireError, decode_reply, encode_request  # installed: wire.py's text
+from pyabouts.plugin.wire import WireError, decode_reply, encode_request  # wire.py's text
 
 TYPE_CHECKING = False  # typing costs 12 ms of import: its names are for the type checker only
 if TYPE_CHECKING:
@@ -72,8 +72,8 @@ def _serve_without_agent(socket_path: str, why: OSError, stdin: bytes) -> "NoRet
 
     sys.path[:0] = FALLBACK_PATH
     try:
-        from plugin.backend import OneShotBackend  # noqa: PLC0415 - only without an agent
-        from plugin.handler import handle_request  # noqa: PLC0415
+        from pyabouts.plugin.backend import OneShotBackend  # noqa: PLC0415 - only without an agent
+        from pyabouts.plugin.handler import handle_request  # noqa: PLC0415
     except ImportError as exc:
         _fail(stdin, f"no pyabouts agent at {socket_path} ({why}), and no pyabouts here ({exc})")
     reason = f"no pyabouts agent at {socket_path} ({why.strerror or why})"

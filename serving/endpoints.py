@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
-from ipam.pool import Block
-from serving.listen import parse_listen
-from serving.workers import BoundedWorkers
+from pyabouts.ipam.pool import Block
+from pyabouts.serving.listen import parse_listen
+from pyabouts.serving.workers import BoundedWorkers
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer

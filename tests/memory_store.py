@@ -9,8 +9,8 @@ import itertools
 import threading
 from collections.abc import Sequence
 
-from ipam.pool import Block, BlockKey, PoolId
-from ipam.store import WriteOutcome
+from pyabouts.ipam.pool import Block, BlockKey, PoolId
+from pyabouts.ipam.store import WriteOutcome
 
 
 class MemoryStore:

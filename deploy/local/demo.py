@@ -35,7 +35,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from controller.pods import NETWORK_STATUS
 from deploy.local.agent_process import running_agent
 from deploy.local.controlplane import ControlPlane, ControlPlaneError, start_control_plane
 from deploy.local.install import install_pyabouts
@@ -48,7 +47,8 @@ from deploy.local.pod_runtime import (
     macvlan_nad,
     running_node,
 )
-from plugin.install import install_thin_plugin
+from pyabouts.controller.pods import NETWORK_STATUS
+from pyabouts.plugin.install import install_thin_plugin
 
 PREFIX = "pyademo"  # network namespaces and links
 TMP_PREFIX = "pyabouts-demo-"

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from controller.pods import NETWORK_STATUS
 from deploy.local.controlplane import ControlPlane
+from pyabouts.controller.pods import NETWORK_STATUS
 
 
 class PodRuntimeError(RuntimeError):

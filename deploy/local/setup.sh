@@ -107,7 +107,8 @@ runtime = "runc"'
     fi
     if [[ ! -f "$stamp" || "$repo/pyproject.toml" -nt "$stamp" ]]; then
         log "pip install -e '${repo}[dev]'"
-        # compat: a plain path entry; the default editable finder costs ~60 ms on every call.
+        # compat: a plain path entry (the repo root, where pyabouts/ links the package
+        # directories); the default editable finder costs ~60 ms on every call.
         "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "${repo}[dev]" \
             --config-settings editable_mode=compat
         touch "$stamp"

@@ -5,16 +5,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ipam.config import IpamConf
-    from ipam.store import PoolStore
+    from pyabouts.ipam.config import IpamConf
+    from pyabouts.ipam.store import PoolStore
 
 
 def open_store(ipam: IpamConf, *, timeout: float) -> PoolStore:
     """The store the config names; `timeout` bounds each request to it, in seconds."""
     if ipam.datastore == "etcd":
-        from ipam.stores.etcd import EtcdStore  # noqa: PLC0415 - heavy (grpc), load on use
+        from pyabouts.ipam.stores.etcd import EtcdStore  # noqa: PLC0415 - heavy (grpc), load on use
 
         return EtcdStore.from_config(ipam, timeout=timeout)
-    from ipam.stores.kubernetes import KubernetesStore  # noqa: PLC0415 - heavy, load on use
+    from pyabouts.ipam.stores.kubernetes import KubernetesStore  # noqa: PLC0415 - heavy, load on use
 
     return KubernetesStore.from_config(ipam, timeout=timeout)

@@ -12,8 +12,8 @@ import threading
 import time
 from collections.abc import Sequence
 
-from ipam.pool import BLOCK_SIZE, Block, BlockKey, PoolId
-from ipam.store import PoolStore, WriteOutcome
+from pyabouts.ipam.pool import BLOCK_SIZE, Block, BlockKey, PoolId
+from pyabouts.ipam.store import PoolStore, WriteOutcome
 
 _WHOLE_SPACE = (0, (1 << 128) - 1)
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import netaddr
 
-from ipam.errors import CORRUPT_BLOCK, CniError
-from ipam.pool import BLOCK_BITS, Block, BlockKey, Owner
+from pyabouts.ipam.errors import CORRUPT_BLOCK, CniError
+from pyabouts.ipam.pool import BLOCK_BITS, Block, BlockKey, Owner
 
 
 def block_cidr(key: BlockKey) -> str:

@@ -16,12 +16,18 @@ import etcd3
 import grpc
 from etcd3 import exceptions as etcd_exceptions
 
-from ipam.config import IpamConf
-from ipam.errors import INVALID_CONFIG, CniError, StoreRefusedError, StoreUnavailableError
-from ipam.pool import Block, BlockKey, PoolId
-from ipam.store import WriteOutcome
-from ipam.stores.codec import block_document, block_from_document
-from ipam.stores.etcd_settings import CA_KEY, CERT_KEY, KEY_KEY, EtcdSettings, invalid_config
+from pyabouts.ipam.config import IpamConf
+from pyabouts.ipam.errors import INVALID_CONFIG, CniError, StoreRefusedError, StoreUnavailableError
+from pyabouts.ipam.pool import Block, BlockKey, PoolId
+from pyabouts.ipam.store import WriteOutcome
+from pyabouts.ipam.stores.codec import block_document, block_from_document
+from pyabouts.ipam.stores.etcd_settings import (
+    CA_KEY,
+    CERT_KEY,
+    KEY_KEY,
+    EtcdSettings,
+    invalid_config,
+)
 
 T = TypeVar("T")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ipam.config import IpamConf
-from ipam.errors import INVALID_CONFIG, CniError
+from pyabouts.ipam.config import IpamConf
+from pyabouts.ipam.errors import INVALID_CONFIG, CniError
 
 DEFAULT_PORT = 2379
 SCHEMES = ("http", "https")

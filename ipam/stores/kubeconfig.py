@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ipam.errors import INVALID_CONFIG, CniError
-from ipam.stores.kube_api import ApiCredentials
+from pyabouts.ipam.errors import INVALID_CONFIG, CniError
+from pyabouts.ipam.stores.kube_api import ApiCredentials
 
 if TYPE_CHECKING:
     from kubernetes.client import Configuration

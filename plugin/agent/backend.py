@@ -18,15 +18,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ipam.coalescing import CoalescingTransactions
-from ipam.config import FlatFile, IpamConf, read_flat_file
-from ipam.pool import Block, PoolId
-from ipam.store import PoolStore, WriteOutcome
-from ipam.stores import open_store
-from ipam.stores.cached import CachedStore
-from plugin.agent.datastore import AgentDatastore
-from plugin.agent.metrics import AgentMetrics
-from plugin.backend import REQUEST_TIMEOUT_SECONDS
+from pyabouts.ipam.coalescing import CoalescingTransactions
+from pyabouts.ipam.config import FlatFile, IpamConf, read_flat_file
+from pyabouts.ipam.pool import Block, PoolId
+from pyabouts.ipam.store import PoolStore, WriteOutcome
+from pyabouts.ipam.stores import open_store
+from pyabouts.ipam.stores.cached import CachedStore
+from pyabouts.plugin.agent.datastore import AgentDatastore
+from pyabouts.plugin.agent.metrics import AgentMetrics
+from pyabouts.plugin.backend import REQUEST_TIMEOUT_SECONDS
 
 log = logging.getLogger(__name__)
 

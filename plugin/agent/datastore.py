@@ -17,14 +17,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ipam.config import FlatFile, IpamConf, flat_file_settings, read_own_flat_file
-from ipam.errors import INVALID_CONFIG, CniError
-from ipam.store import PoolStore
-from ipam.stores import open_store
-from ipam.stores.etcd_settings import EtcdSettings
-from ipam.stores.kube_api import ApiCredentials
-from ipam.stores.kubeconfig import in_cluster_credentials, read_kubeconfig
-from ipam.stores.kubernetes import KubernetesStore
+from pyabouts.ipam.config import FlatFile, IpamConf, flat_file_settings, read_own_flat_file
+from pyabouts.ipam.errors import INVALID_CONFIG, CniError
+from pyabouts.ipam.store import PoolStore
+from pyabouts.ipam.stores import open_store
+from pyabouts.ipam.stores.etcd_settings import EtcdSettings
+from pyabouts.ipam.stores.kube_api import ApiCredentials
+from pyabouts.ipam.stores.kubeconfig import in_cluster_credentials, read_kubeconfig
+from pyabouts.ipam.stores.kubernetes import KubernetesStore
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,17 +29,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from ipam.errors import DECODE_FAILURE, PEER_NOT_ALLOWED, TRY_AGAIN_LATER, CniError
-from plugin import wire
-from plugin.agent.backend import WarmBackend
-from plugin.agent.datastore import agent_datastore
-from plugin.agent.metrics import AgentMetrics
-from plugin.handler import Reply, handle_request
-from plugin.logs import LEVELS
-from plugin.thin_client import AGENT_SOCKET
-from serving.endpoints import record_pool_usage, serve_endpoints
-from serving.listen import listen_argument
-from serving.workers import BoundedWorkers
+from pyabouts.ipam.errors import DECODE_FAILURE, PEER_NOT_ALLOWED, TRY_AGAIN_LATER, CniError
+from pyabouts.plugin import wire
+from pyabouts.plugin.agent.backend import WarmBackend
+from pyabouts.plugin.agent.datastore import agent_datastore
+from pyabouts.plugin.agent.metrics import AgentMetrics
+from pyabouts.plugin.handler import Reply, handle_request
+from pyabouts.plugin.logs import LEVELS
+from pyabouts.plugin.thin_client import AGENT_SOCKET
+from pyabouts.serving.endpoints import record_pool_usage, serve_endpoints
+from pyabouts.serving.listen import listen_argument
+from pyabouts.serving.workers import BoundedWorkers
 
 log = logging.getLogger(__name__)
 
@@ -360,9 +360,9 @@ def _seconds(text: str) -> float:
 
 def _import_request_path() -> None:
     """Import now what requests would import on first use, so the first pod pays nothing."""
-    import ipam.stores.etcd  # noqa: PLC0415
-    import ipam.stores.kubernetes  # noqa: F401, PLC0415
-    import plugin.commands  # noqa: F401, PLC0415
+    import pyabouts.ipam.stores.etcd  # noqa: PLC0415
+    import pyabouts.ipam.stores.kubernetes  # noqa: PLC0415
+    import pyabouts.plugin.commands  # noqa: F401, PLC0415
 
 
 def main(argv: list[str] | None = None) -> None:

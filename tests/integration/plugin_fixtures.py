@@ -19,7 +19,7 @@ import pytest
 from deploy.local.agent_process import AgentProcess, running_agent
 from deploy.local.controlplane import ControlPlane
 from deploy.local.install import install_pyabouts
-from plugin.install import install_thin_plugin
+from pyabouts.plugin.install import install_thin_plugin
 from tests.integration.etcd_fixtures import EtcdServer
 from tests.integration.plugin_processes import FLAT_FILE_NAME
 

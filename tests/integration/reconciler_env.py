@@ -18,8 +18,8 @@ import pytest
 from deploy.local.controlplane import ControlPlane
 from deploy.local.netns import CniCall
 from deploy.local.pod_objects import create_namespace
-from ipam.pool import Owner
-from ipam.store import PoolStore
+from pyabouts.ipam.pool import Owner
+from pyabouts.ipam.store import PoolStore
 from tests.integration.test_plugin_etcd import cni, netconf
 from tests.integration.test_store_contract import etcd_store, kubernetes_store
 

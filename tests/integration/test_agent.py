@@ -18,11 +18,11 @@ import pytest
 
 from deploy.local.agent_process import AgentProcess, running_agent
 from deploy.local.controlplane import ControlPlane
-from ipam.allocator import block_start
-from ipam.pool import PoolId
-from ipam.ranges import build_range
-from plugin.install import install_thin_plugin
-from plugin.thin_client import AGENT_SOCKET
+from pyabouts.ipam.allocator import block_start
+from pyabouts.ipam.pool import PoolId
+from pyabouts.ipam.ranges import build_range
+from pyabouts.plugin.install import install_thin_plugin
+from pyabouts.plugin.thin_client import AGENT_SOCKET
 from tests.integration.etcd_fixtures import EtcdServer
 from tests.integration.plugin_processes import (
     Node,

@@ -28,8 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deploy.local.agent_process import AgentProcess, running_agent
-from plugin.install import install_thin_plugin
-from plugin.wire import MAGIC
+from pyabouts.plugin.install import install_thin_plugin
+from pyabouts.plugin.wire import MAGIC
 from tests.integration.etcd_fixtures import EtcdServer
 from tests.integration.plugin_fixtures import etcd_ipam
 from tests.integration.plugin_processes import Node, make_nodes, metric, run_plugins

@@ -19,8 +19,8 @@ import pytest
 from deploy.local.agent_process import AgentProcess, running_agent
 from deploy.local.controlplane import ControlPlane
 from deploy.local.netns import CniCall, run_cni
-from ipam.errors import INVALID_CONFIG
-from plugin.install import install_thin_plugin
+from pyabouts.ipam.errors import INVALID_CONFIG
+from pyabouts.plugin.install import install_thin_plugin
 from tests.integration.etcd_fixtures import EtcdServer
 from tests.integration.plugin_fixtures import etcd_ipam
 from tests.integration.test_concurrency_kubernetes import stored

@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 
 from deploy.local.pki import make_ca
-from ipam.config import IpamConf
-from ipam.errors import INVALID_CONFIG, STORE_REFUSED, TRY_AGAIN_LATER, CniError
-from ipam.pool import PoolId
-from ipam.stores.etcd import EtcdStore
+from pyabouts.ipam.config import IpamConf
+from pyabouts.ipam.errors import INVALID_CONFIG, STORE_REFUSED, TRY_AGAIN_LATER, CniError
+from pyabouts.ipam.pool import PoolId
+from pyabouts.ipam.stores.etcd import EtcdStore
 from tests.integration.etcd_fixtures import EtcdServer
 
 pytestmark = pytest.mark.integration

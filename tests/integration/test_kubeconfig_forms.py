@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from deploy.local.controlplane import ControlPlane
-from ipam.errors import StoreRefusedError, StoreUnavailableError
-from ipam.pool import Block, BlockKey, Owner, PoolId
-from ipam.stores.kubernetes import KubernetesStore
+from pyabouts.ipam.errors import StoreRefusedError, StoreUnavailableError
+from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
+from pyabouts.ipam.stores.kubernetes import KubernetesStore
 from tests.integration.test_store_contract import kubernetes_store
 from tests.kubeconfig_files import write_kubeconfig_document
 

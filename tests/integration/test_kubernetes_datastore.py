@@ -12,8 +12,8 @@ import pytest
 
 from deploy.local.controlplane import ControlPlane
 from deploy.local.netns import CniCall
-from ipam.pool import Block, BlockKey, Owner, PoolId
-from ipam.stores.kubernetes import object_name
+from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
+from pyabouts.ipam.stores.kubernetes import object_name
 from tests.integration.plugin_fixtures import kubernetes_ipam
 from tests.integration.test_plugin_etcd import closed_port, cni, netconf
 from tests.integration.test_store_contract import kubernetes_store
@@ -294,7 +294,7 @@ def test_an_add_in_process_does_not_import_the_kubernetes_client(
         )
     )
     probe = (
-        "import json, sys; from plugin.handler import handle_request;"
+        "import json, sys; from pyabouts.plugin.handler import handle_request;"
         "env = {'CNI_COMMAND': 'ADD', 'CNI_CONTAINERID': 'c1', 'CNI_IFNAME': 'net1',"
         " 'CNI_NETNS': '/var/run/netns/unused', 'CNI_PATH': '/usr/lib/cni'};"
         "reply = handle_request(env, sys.stdin.buffer.read());"

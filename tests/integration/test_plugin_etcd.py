@@ -177,7 +177,7 @@ def test_a_dead_endpoint_is_skipped_for_the_next(
 def test_version_and_early_errors_import_nothing_heavy(pyabouts_exe: str) -> None:
     probe = (
         "import os, sys; sys.stdin = open(os.devnull);"
-        "from plugin.handler import handle_request;"
+        "from pyabouts.plugin.handler import handle_request;"
         "reply = handle_request({'CNI_COMMAND': 'VERSION'}, b'');"
         "handle_request({'CNI_COMMAND': 'ADD'}, b'nonsense');"
         "print(' '.join(sorted(sys.modules)))"
@@ -185,7 +185,7 @@ def test_version_and_early_errors_import_nothing_heavy(pyabouts_exe: str) -> Non
     loaded = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout.split()
-    heavy = {"pydantic", "netaddr", "etcd3", "grpc", "ipam.config", "logging"}
+    heavy = {"pydantic", "netaddr", "etcd3", "grpc", "pyabouts.ipam.config", "logging"}
     assert heavy.isdisjoint(loaded), heavy & set(loaded)
     version = subprocess.run(
         [pyabouts_exe],

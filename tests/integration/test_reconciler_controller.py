@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from controller.connect import connect, read_settings
-from controller.pods import PodReader
-from controller.watching import PodEvent, PodWatch, Relisted
 from deploy.local.controlplane import free_port
 from deploy.local.pod_objects import create_pod, delete_pod
+from pyabouts.controller.connect import connect, read_settings
+from pyabouts.controller.pods import PodReader
+from pyabouts.controller.watching import PodEvent, PodWatch, Relisted
 from tests.integration.reconciler_env import NAMESPACE, ReconcilerEnv, pod_name
 
 pytestmark = pytest.mark.integration

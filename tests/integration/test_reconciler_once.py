@@ -9,10 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from controller.connect import connect, read_settings
-from controller.leaks import Policy
-from controller.pods import PodReader
-from controller.reconciler import PassSummary, reconcile
 from deploy.local.controlplane import ControlPlane
 from deploy.local.pod_objects import (
     create_pod,
@@ -21,7 +17,11 @@ from deploy.local.pod_objects import (
     set_network_status,
     set_status,
 )
-from ipam.pool import Owner
+from pyabouts.controller.connect import connect, read_settings
+from pyabouts.controller.leaks import Policy
+from pyabouts.controller.pods import PodReader
+from pyabouts.controller.reconciler import PassSummary, reconcile
+from pyabouts.ipam.pool import Owner
 from tests.integration.reconciler_env import NAMESPACE, RECONCILER_SA, ReconcilerEnv, pod_name
 from tests.integration.test_kubernetes_datastore import can
 

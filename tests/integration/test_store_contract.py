@@ -9,16 +9,16 @@ from collections.abc import Iterator
 import netaddr
 import pytest
 
-from ipam import operations
-from ipam.coalescing import CoalescingTransactions
-from ipam.config import IpamConf
-from ipam.pool import Block, BlockKey, Owner, PoolId
-from ipam.ranges import build_range
-from ipam.store import PoolStore
-from ipam.stores.cached import CachedStore
-from ipam.stores.etcd import EtcdStore
-from ipam.stores.kubernetes import KubernetesStore
-from ipam.transaction import DirectTransactions, Transactions
+from pyabouts.ipam import operations
+from pyabouts.ipam.coalescing import CoalescingTransactions
+from pyabouts.ipam.config import IpamConf
+from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
+from pyabouts.ipam.ranges import build_range
+from pyabouts.ipam.store import PoolStore
+from pyabouts.ipam.stores.cached import CachedStore
+from pyabouts.ipam.stores.etcd import EtcdStore
+from pyabouts.ipam.stores.kubernetes import KubernetesStore
+from pyabouts.ipam.transaction import DirectTransactions, Transactions
 from tests.integration.etcd_fixtures import EtcdServer
 from tests.memory_store import MemoryStore
 

@@ -9,7 +9,7 @@ from tests.memory_store import MemoryStore
 def memory_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[MemoryStore]:
     """The plugin's commands, served from an in-memory store instead of the configured one."""
     store = MemoryStore()
-    monkeypatch.setattr("ipam.stores.open_store", lambda ipam, timeout: store)
+    monkeypatch.setattr("pyabouts.ipam.stores.open_store", lambda ipam, timeout: store)
     yield store
 
 
@@ -18,5 +18,5 @@ def monkeypatch_store() -> Iterator[MemoryStore]:
     """One store for many generated requests (hypothesis runs them in one test function)."""
     store = MemoryStore()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("ipam.stores.open_store", lambda ipam, timeout: store)
+        patch.setattr("pyabouts.ipam.stores.open_store", lambda ipam, timeout: store)
         yield store

@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from ipam.errors import DECODE_FAILURE, TRY_AGAIN_LATER
-from plugin.agent.server import (
+from pyabouts.ipam.errors import DECODE_FAILURE, TRY_AGAIN_LATER
+from pyabouts.plugin.agent.server import (
     MAX_REQUEST_BYTES,
     RequestTooLargeError,
     RequestTooSlowError,

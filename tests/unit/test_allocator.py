@@ -3,10 +3,10 @@ import re
 import netaddr
 import pytest
 
-from ipam import allocator
-from ipam.errors import RangeExhaustedError, RequestedAddressUnavailableError
-from ipam.pool import BLOCK_SIZE, Owner, PoolId, PoolView
-from ipam.ranges import AddressRange, build_range, parse_address
+from pyabouts.ipam import allocator
+from pyabouts.ipam.errors import RangeExhaustedError, RequestedAddressUnavailableError
+from pyabouts.ipam.pool import BLOCK_SIZE, Owner, PoolId, PoolView
+from pyabouts.ipam.ranges import AddressRange, build_range, parse_address
 
 
 def make(

@@ -3,13 +3,13 @@ import time
 import netaddr
 import pytest
 
-from ipam import operations
-from ipam.errors import CORRUPT_BLOCK, CniError
-from ipam.pool import BlockKey, Owner, PoolId
-from ipam.ranges import build_range
-from ipam.stores.cached import CachedStore
-from ipam.stores.codec import block_from_document
-from ipam.transaction import DirectTransactions
+from pyabouts.ipam import operations
+from pyabouts.ipam.errors import CORRUPT_BLOCK, CniError
+from pyabouts.ipam.pool import BlockKey, Owner, PoolId
+from pyabouts.ipam.ranges import build_range
+from pyabouts.ipam.stores.cached import CachedStore
+from pyabouts.ipam.stores.codec import block_from_document
+from pyabouts.ipam.transaction import DirectTransactions
 from tests.memory_store import MemoryStore
 
 POOL = PoolId("cached", 4)
@@ -36,7 +36,8 @@ def test_a_lone_writer_reads_the_pool_once() -> None:
 def test_two_cached_writers_on_one_pool_never_give_an_address_twice(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("ipam.transaction.BACKOFF_MAX", 0.001)  # conflicts are certain here
+    # Conflicts are certain here.
+    monkeypatch.setattr("pyabouts.ipam.transaction.BACKOFF_MAX", 0.001)
     backing = MemoryStore()
     node_a, node_b = CachedStore(backing), CachedStore(backing)
     got = []
@@ -80,7 +81,7 @@ def test_a_pool_older_than_max_age_is_read_whole_again(monkeypatch: pytest.Monke
     """Another process gave pod 7 an address in a block this cache never writes: once the
     pool is older than max_age, ADD for pod 7 finds it instead of giving a second one."""
     clock = [100.0]
-    monkeypatch.setattr("ipam.stores.cached.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("pyabouts.ipam.stores.cached.time.monotonic", lambda: clock[0])
     backing = MemoryStore()
     cached = CachedStore(backing, max_age=2.0)
     allocate(cached, 1)

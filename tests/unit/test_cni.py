@@ -1,7 +1,7 @@
 import pytest
 
-from ipam.errors import INCOMPATIBLE_VERSION, INVALID_ENVIRONMENT, CniError
-from plugin.cni import IpConfig, check_version, parse_cni_args, render_result
+from pyabouts.ipam.errors import INCOMPATIBLE_VERSION, INVALID_ENVIRONMENT, CniError
+from pyabouts.plugin.cni import IpConfig, check_version, parse_cni_args, render_result
 
 KUBELET_ARGS = (
     "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;"

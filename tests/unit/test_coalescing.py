@@ -8,19 +8,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ipam import allocator
-from ipam.coalescing import CoalescingTransactions, decide_each
-from ipam.errors import (
+from pyabouts.ipam import allocator
+from pyabouts.ipam.coalescing import CoalescingTransactions, decide_each
+from pyabouts.ipam.errors import (
     RANGE_EXHAUSTED,
     AllocationError,
     CniError,
     RangeExhaustedError,
     RequestedAddressUnavailableError,
 )
-from ipam.pool import Block, BlockKey, Owner, PoolId, PoolView
-from ipam.ranges import build_range
-from ipam.store import WriteOutcome
-from ipam.stores.cached import CachedStore
+from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId, PoolView
+from pyabouts.ipam.ranges import build_range
+from pyabouts.ipam.store import WriteOutcome
+from pyabouts.ipam.stores.cached import CachedStore
 from tests.memory_store import MemoryStore
 
 POOL = PoolId("batch", 4)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import ipam
+from pyabouts import ipam
 
 CHECK = """
 import importlib, json, pkgutil, sys
@@ -27,8 +27,8 @@ def hook(event, args):
     if io and asker().startswith(CORE):
         events.append([event, repr(args)[:100], asker()])
 sys.addaudithook(hook)
-import ipam
-modules = [m.name for m in pkgutil.walk_packages(ipam.__path__, "ipam.")]
+from pyabouts import ipam
+modules = [m.name for m in pkgutil.walk_packages(ipam.__path__, "pyabouts.ipam.")]
 for name in modules:
     importlib.import_module(name)
 print(json.dumps({"modules": modules, "events": events}))
@@ -41,5 +41,6 @@ def test_importing_the_core_and_its_stores_does_no_io_of_its_own() -> None:
         [sys.executable, "-c", CHECK, core], capture_output=True, text=True, check=True
     )
     found = json.loads(done.stdout)
-    assert {"ipam.allocator", "ipam.config", "ipam.stores.etcd"} <= set(found["modules"])
+    expected = {"pyabouts.ipam.allocator", "pyabouts.ipam.config", "pyabouts.ipam.stores.etcd"}
+    assert expected <= set(found["modules"])
     assert found["events"] == []

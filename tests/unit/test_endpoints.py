@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry
 
-from serving import endpoints
-from serving.endpoints import EndpointServer, serve_endpoints
-from serving.listen import listen_argument, parse_listen
+from pyabouts.serving import endpoints
+from pyabouts.serving.endpoints import EndpointServer, serve_endpoints
+from pyabouts.serving.listen import listen_argument, parse_listen
 
 WAIT = 15.0  # seconds any test waits for an answer or a closed connection at most
 

@@ -7,10 +7,10 @@ from typing import Any
 import grpc
 import pytest
 
-from ipam.config import IpamConf
-from ipam.errors import INVALID_CONFIG, STORE_REFUSED, TRY_AGAIN_LATER, CniError
-from ipam.stores.etcd import read_pem_file, store_error, tls_failure
-from ipam.stores.etcd_settings import EtcdSettings, parse_endpoints
+from pyabouts.ipam.config import IpamConf
+from pyabouts.ipam.errors import INVALID_CONFIG, STORE_REFUSED, TRY_AGAIN_LATER, CniError
+from pyabouts.ipam.stores.etcd import read_pem_file, store_error, tls_failure
+from pyabouts.ipam.stores.etcd_settings import EtcdSettings, parse_endpoints
 
 # What grpc 1.85 said, word for word, against a TLS etcd 3.4 with client-certificate auth.
 _PREFIX = "failed to connect to all addresses; last error: "

@@ -11,7 +11,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from plugin.handler import handle_request
+from pyabouts.plugin.handler import handle_request
 from tests.memory_store import MemoryStore
 
 ADDRESSES = st.sampled_from(

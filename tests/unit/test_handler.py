@@ -4,10 +4,10 @@ from typing import Any
 
 import pytest
 
-from ipam.errors import StoreUnavailableError
-from ipam.pool import Block, BlockKey, PoolId
-from ipam.store import WriteOutcome
-from plugin.handler import handle_request
+from pyabouts.ipam.errors import StoreUnavailableError
+from pyabouts.ipam.pool import Block, BlockKey, PoolId
+from pyabouts.ipam.store import WriteOutcome
+from pyabouts.plugin.handler import handle_request
 from tests.memory_store import MemoryStore
 
 POD_ARGS = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"
@@ -209,7 +209,7 @@ def test_a_bug_still_comes_back_as_cni_error_json(monkeypatch: pytest.MonkeyPatc
     def broken(ipam: object, timeout: float) -> object:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("ipam.stores.open_store", broken)
+    monkeypatch.setattr("pyabouts.ipam.stores.open_store", broken)
     code, error = call("ADD", conf())
     assert (code, error["code"]) == (1, 103)
     assert "RuntimeError: boom" in error["msg"]
@@ -224,8 +224,8 @@ class ContendedStore(MemoryStore):
 
 def test_endless_conflicts_give_try_again_later(monkeypatch: pytest.MonkeyPatch) -> None:
     store = ContendedStore()
-    monkeypatch.setattr("ipam.stores.open_store", lambda ipam, timeout: store)
-    monkeypatch.setattr("plugin.commands.DEADLINE_SECONDS", 0.3)
+    monkeypatch.setattr("pyabouts.ipam.stores.open_store", lambda ipam, timeout: store)
+    monkeypatch.setattr("pyabouts.plugin.commands.DEADLINE_SECONDS", 0.3)
     code, error = call("ADD", conf())
     assert (code, error["code"]) == (1, 11)
 
@@ -271,7 +271,7 @@ class FlakyStore(MemoryStore):
 
 def test_a_passing_outage_is_retried_within_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     store = FlakyStore(failures=2)
-    monkeypatch.setattr("ipam.stores.open_store", lambda ipam, timeout: store)
+    monkeypatch.setattr("pyabouts.ipam.stores.open_store", lambda ipam, timeout: store)
     code, result = call("ADD", conf())
     assert (code, result["ips"][0]["address"]) == (0, "192.0.2.1/29")
 
@@ -280,8 +280,8 @@ def test_a_lasting_outage_is_try_again_later_naming_the_store(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     store = FlakyStore(failures=10**9)
-    monkeypatch.setattr("ipam.stores.open_store", lambda ipam, timeout: store)
-    monkeypatch.setattr("ipam.transaction.OUTAGE_GRACE", 0.3)  # shorter than the deadline
+    monkeypatch.setattr("pyabouts.ipam.stores.open_store", lambda ipam, timeout: store)
+    monkeypatch.setattr("pyabouts.ipam.transaction.OUTAGE_GRACE", 0.3)  # shorter than the deadline
     code, error = call("ADD", conf())
     assert (code, error["code"]) == (1, 11)
     assert "127.0.0.1:1 is unreachable" in error["msg"]

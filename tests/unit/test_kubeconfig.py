@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from ipam.errors import INVALID_CONFIG, CniError
-from ipam.stores.kubeconfig import in_cluster_credentials, read_kubeconfig
+from pyabouts.ipam.errors import INVALID_CONFIG, CniError
+from pyabouts.ipam.stores.kubeconfig import in_cluster_credentials, read_kubeconfig
 from tests.kubeconfig_files import write_kubeconfig_document
 
 

@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 import netaddr
 import pytest
 
-from controller.leaks import PodState, Policy, Reason, find_leaks, judge
-from controller.pods import network_status_ips, pod_state
-from ipam.pool import Block, BlockKey, Owner, PoolId
+from pyabouts.controller.leaks import PodState, Policy, Reason, find_leaks, judge
+from pyabouts.controller.pods import network_status_ips, pod_state
+from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
 
 NOW = 1_000_000.0
 IP = "198.51.100.7"

@@ -3,11 +3,11 @@
 import time
 from collections.abc import Sequence
 
-from ipam import operations
-from ipam.pool import Block, BlockKey, Owner, PoolId
-from ipam.ranges import build_range
-from ipam.store import WriteOutcome
-from ipam.transaction import DirectTransactions
+from pyabouts.ipam import operations
+from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
+from pyabouts.ipam.ranges import build_range
+from pyabouts.ipam.store import WriteOutcome
+from pyabouts.ipam.transaction import DirectTransactions
 from tests.memory_store import MemoryStore
 
 POOL = PoolId("spread", 4)

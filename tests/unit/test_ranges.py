@@ -1,8 +1,8 @@
 import netaddr
 import pytest
 
-from ipam.pool import PoolId
-from ipam.ranges import AddressRange, RangeError, build_range
+from pyabouts.ipam.pool import PoolId
+from pyabouts.ipam.ranges import AddressRange, RangeError, build_range
 
 V4 = PoolId("", 4)
 V6 = PoolId("", 6)

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from plugin import wire
-from plugin.agent.server import encode_reply
-from plugin.cni import render_version
-from plugin.handler import Reply
-from plugin.install import install_thin_plugin
-from plugin.wire import decode_request
+from pyabouts.plugin import wire
+from pyabouts.plugin.agent.server import encode_reply
+from pyabouts.plugin.cni import render_version
+from pyabouts.plugin.handler import Reply
+from pyabouts.plugin.install import install_thin_plugin
+from pyabouts.plugin.wire import decode_request
 
 CONF = json.dumps({"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "pyabouts"}}).encode()
 HOT_PATH_MODULES = {"_socket"}  # beside what the bare interpreter loads (posix, sys, io...)
@@ -97,7 +97,7 @@ def test_the_hot_path_imports_nothing_but_socket_and_os(
 def test_the_installed_plugin_carries_the_wire_format_the_agent_speaks(installed: Path) -> None:
     text = installed.read_text()
     assert Path(wire.__file__).read_text() in text  # the module's own text, byte for byte
-    assert "from plugin.wire" not in text  # the hot path imports nothing of the package
+    assert "from pyabouts.plugin.wire" not in text  # the hot path imports nothing of the package
     namespace: dict[str, Any] = {"__name__": "installed"}  # not "__main__": load, do not run
     exec(compile(text, str(installed), "exec"), namespace)
     environ = [(b"CNI_COMMAND", b"ADD"), (b"CNI_ARGS", b"A=1;B=\xff")]
@@ -109,3 +109,10 @@ def test_the_installed_plugin_carries_the_wire_format_the_agent_speaks(installed
 def test_version_is_answered_without_an_agent(installed: Path) -> None:
     done = run(installed, {"CNI_COMMAND": "VERSION"})
     assert done.returncode == 0 and json.loads(done.stdout) == render_version()
+
+
+def test_without_an_agent_the_baked_paths_import_the_package(installed: Path) -> None:
+    # FALLBACK_PATH (plugin.install.this_installation) leads `python3 -IS` to pyabouts: the
+    # invalid config is pyabouts' own answer (code 7), not "no pyabouts here" (code 11).
+    done = run(installed, {k: v for k, v in ENV.items() if k != "CNI_ARGS"})
+    assert json.loads(done.stdout)["code"] == 7, done.stdout

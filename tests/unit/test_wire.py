@@ -4,7 +4,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from plugin.wire import MAGIC, WireError, decode_reply, decode_request, encode_reply, encode_request
+from pyabouts.plugin.wire import (
+    MAGIC,
+    WireError,
+    decode_reply,
+    decode_request,
+    encode_reply,
+    encode_request,
+)
 
 keys = st.binary(min_size=1, max_size=20).filter(lambda k: b"=" not in k and b"\0" not in k)
 values = st.binary(max_size=40).filter(lambda v: b"\0" not in v)

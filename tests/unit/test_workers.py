@@ -5,7 +5,7 @@ from functools import partial
 
 import pytest
 
-from serving.workers import BoundedWorkers
+from pyabouts.serving.workers import BoundedWorkers
 
 WAIT = 10.0  # seconds any test waits for a thread at most
 
