@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from ipam.errors import StoreUnavailableError
-from ipam.pool import Block, BlockKey, PoolId, PoolView
-from ipam.ranges import AddressRange
-from ipam.store import PoolStore
+from pyabouts.ipam.errors import StoreUnavailableError
+from pyabouts.ipam.pool import Block, BlockKey, PoolId, PoolView
+from pyabouts.ipam.ranges import AddressRange
+from pyabouts.ipam.store import PoolStore
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ipam.pool import PoolId
+from pyabouts.ipam.pool import PoolId
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from urllib.parse import urlencode
 
 import urllib3
 
-from ipam.errors import StoreUnavailableError
+from pyabouts.ipam.errors import StoreUnavailableError
 
 CONNECTIONS_KEPT = 16  # idle connections kept for the agent's concurrent requests
 

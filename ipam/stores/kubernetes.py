@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import netaddr
 
-from ipam.config import IpamConf
-from ipam.errors import INVALID_CONFIG, CniError, StoreRefusedError, StoreUnavailableError
-from ipam.pool import Block, BlockKey, PoolId
-from ipam.store import WriteOutcome
-from ipam.stores.codec import block_cidr, block_document, block_from_document
-from ipam.stores.kube_api import ApiCredentials, ApiStatusError, KubeApi
-from ipam.stores.kubeconfig import credentials_from_configuration, read_kubeconfig
+from pyabouts.ipam.config import IpamConf
+from pyabouts.ipam.errors import INVALID_CONFIG, CniError, StoreRefusedError, StoreUnavailableError
+from pyabouts.ipam.pool import Block, BlockKey, PoolId
+from pyabouts.ipam.store import WriteOutcome
+from pyabouts.ipam.stores.codec import block_cidr, block_document, block_from_document
+from pyabouts.ipam.stores.kube_api import ApiCredentials, ApiStatusError, KubeApi
+from pyabouts.ipam.stores.kubeconfig import credentials_from_configuration, read_kubeconfig
 
 if TYPE_CHECKING:
     from kubernetes.client import Configuration
