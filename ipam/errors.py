@@ -59,6 +59,11 @@ class StoreUnavailableError(CniError):
         super().__init__(TRY_AGAIN_LATER, msg, details)
 
 
+class StoreBusyError(StoreUnavailableError):
+    """The store is up but busy: it accepted a request and did not answer in time, or it asked
+    us to slow down (429). Retried until the deadline, not as an outage."""
+
+
 class StoreRefusedError(CniError):
     """The datastore answered but refused the request (credentials, permissions)."""
 

@@ -2,6 +2,13 @@
 
 No lock is taken anywhere. Writers of different pools never touch the same stored object, and
 writers of one pool retry with jittered exponential backoff until a deadline.
+
+A store that fails is retried too, in one of two ways. One that is busy (StoreBusyError: it
+took the request but did not answer in time, or said to slow down) is up, and a burst is what
+makes it slow: it is retried until the deadline, like a conflict. One that cannot be reached
+(any other StoreUnavailableError: connection refused, say) is retried for OUTAGE_GRACE, so that
+an apiserver restart passes but a store that is down is reported (code 11) well within the
+runtime's patience.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from pyabouts.ipam.errors import StoreUnavailableError
+from pyabouts.ipam.errors import StoreBusyError, StoreUnavailableError
 from pyabouts.ipam.pool import Block, BlockKey, PoolId, PoolView
 from pyabouts.ipam.ranges import AddressRange
 from pyabouts.ipam.store import PoolStore
@@ -68,7 +75,7 @@ def run_transaction(
     `decide` may raise (a CniError, say); then nothing is written. It must be idempotent over
     stored state: it runs again after a conflict, on state that may include its earlier work.
     `deadline` is a time.monotonic() value; when it passes, StoreUnavailableError (try again
-    later). An unreachable store is retried for OUTAGE_GRACE at most, within the deadline.
+    later). A busy store is retried until then, an unreachable one for OUTAGE_GRACE at most.
     """
     return run_span_transaction(
         store,
@@ -110,11 +117,16 @@ def run_span_transaction(
                 before_write(changed)
             conflicts = store.write_blocks(changed).conflicts
         except StoreUnavailableError as exc:
-            # A timed-out or refused connection: the write may or may not have happened, and
-            # deciding again on a fresh read is right either way.
+            # A write that timed out may or may not have happened: deciding again on a fresh
+            # read is right either way.
             attempt += 1
-            outage_since = outage_since or time.monotonic()
-            _back_off(attempt, min(deadline, outage_since + OUTAGE_GRACE), exc, "store unavailable")
+            if isinstance(exc, StoreBusyError):
+                outage_since = None  # it answers, if slowly: not an outage
+                _back_off(attempt, deadline, exc, f"store busy ({exc.msg})")
+            else:
+                outage_since = outage_since or time.monotonic()
+                give_up = min(deadline, outage_since + OUTAGE_GRACE)
+                _back_off(attempt, give_up, exc, f"store unavailable ({exc.msg})")
             continue
         outage_since = None
         if not conflicts:

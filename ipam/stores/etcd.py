@@ -17,7 +17,13 @@ import grpc
 from etcd3 import exceptions as etcd_exceptions
 
 from pyabouts.ipam.config import IpamConf
-from pyabouts.ipam.errors import INVALID_CONFIG, CniError, StoreRefusedError, StoreUnavailableError
+from pyabouts.ipam.errors import (
+    INVALID_CONFIG,
+    CniError,
+    StoreBusyError,
+    StoreRefusedError,
+    StoreUnavailableError,
+)
 from pyabouts.ipam.pool import Block, BlockKey, PoolId
 from pyabouts.ipam.store import WriteOutcome
 from pyabouts.ipam.stores.codec import block_document, block_from_document
@@ -38,6 +44,8 @@ _REFUSALS = {
     grpc.StatusCode.INVALID_ARGUMENT,  # etcd answers a wrong password this way
     grpc.StatusCode.FAILED_PRECONDITION,
 }
+# Answers of an etcd that took the call but is overloaded: up, so retried until the deadline.
+_BUSY = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 _ERRORS = (grpc.RpcError, etcd_exceptions.Etcd3Exception)
 
 
@@ -193,7 +201,7 @@ def _decode(found: list[tuple[bytes, Any]]) -> list[Block]:
 
 def store_error(exc: Exception, endpoint: tuple[str, int], settings: EtcdSettings) -> CniError:
     """The CniError for a failed call to etcd at `endpoint`: refused (102), a TLS failure said
-    plainly (see tls_failure), or unreachable (11)."""
+    plainly (see tls_failure), busy (11, retried until the deadline) or unreachable (11)."""
     where = f"etcd at {endpoint[0]}:{endpoint[1]}"
     rpc = exc if isinstance(exc, grpc.RpcError) else exc.__context__  # etcd3 wraps grpc's
     if not isinstance(rpc, grpc.RpcError):
@@ -201,6 +209,8 @@ def store_error(exc: Exception, endpoint: tuple[str, int], settings: EtcdSetting
     details = rpc.details() or ""
     if rpc.code() in _REFUSALS:
         return StoreRefusedError(f"{where} refused the request: {details}")
+    if rpc.code() in _BUSY:
+        return StoreBusyError(f"{where} is busy: {_last_error(details) or rpc.code().name}")
     if rpc.code() == grpc.StatusCode.UNAVAILABLE:
         tls = tls_failure(details, where, endpoint[0], settings)
         if tls is not None:

@@ -20,9 +20,11 @@ from urllib.parse import urlencode
 
 import urllib3
 
-from pyabouts.ipam.errors import StoreUnavailableError
+from pyabouts.ipam.errors import StoreBusyError, StoreUnavailableError
 
 CONNECTIONS_KEPT = 16  # idle connections kept for the agent's concurrent requests
+# Status reasons of an apiserver that is up but overloaded (metav1.StatusReason).
+_BUSY_REASONS = frozenset({"TooManyRequests", "Timeout", "ServerTimeout"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +44,18 @@ class ApiCredentials:
 
 
 class ApiStatusError(Exception):
-    """The API answered with an error status."""
+    """The API answered with an error status; `reason` is its Status object's (e.g. Timeout)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, reason: str = "") -> None:
         super().__init__(f"{status}: {message}")
         self.status = status
         self.message = message
+        self.reason = reason
+
+    @property
+    def busy(self) -> bool:
+        """Whether the server said it is overloaded or timed out: it is up, try again soon."""
+        return self.status in (429, 504) or self.reason in _BUSY_REASONS
 
 
 class KubeApi:
@@ -98,6 +106,11 @@ class KubeApi:
         try:
             response = self._http.request(method, url, body=data, headers=headers)
             answer = json.loads(response.data) if response.data else {}
+        except urllib3.exceptions.ReadTimeoutError as exc:
+            # It accepted the connection but did not answer in time: up, and busy.
+            raise StoreBusyError(
+                f"Kubernetes API at {self._server} did not answer in time: {type(exc).__name__}"
+            ) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise StoreUnavailableError(
                 f"Kubernetes API at {self._server} is unreachable: {type(exc).__name__}"
@@ -107,14 +120,20 @@ class KubeApi:
                 f"Kubernetes API at {self._server} answered {response.status} with no JSON"
             ) from exc
         if response.status >= 300:
-            message = answer.get("message") if isinstance(answer, dict) else None
-            raise ApiStatusError(response.status, str(message or response.reason))
+            raise _status_error(response.status, response.reason, answer)
         if not isinstance(answer, dict):
             raise StoreUnavailableError(f"Kubernetes API at {self._server} answered a non-object")
         return answer
 
     def close(self) -> None:
         self._http.clear()
+
+
+def _status_error(status: int, fallback: str | None, answer: object) -> ApiStatusError:
+    """The error of a non-2xx answer, with the message and reason of its Status object."""
+    fields = answer if isinstance(answer, dict) else {}
+    message = str(fields.get("message") or fallback or "")
+    return ApiStatusError(status, message, str(fields.get("reason") or ""))
 
 
 def _ssl_context(credentials: ApiCredentials) -> ssl.SSLContext:

@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 import netaddr
 
 from pyabouts.ipam.config import IpamConf
-from pyabouts.ipam.errors import INVALID_CONFIG, CniError, StoreRefusedError, StoreUnavailableError
+from pyabouts.ipam.errors import (
+    INVALID_CONFIG,
+    CniError,
+    StoreBusyError,
+    StoreRefusedError,
+    StoreUnavailableError,
+)
 from pyabouts.ipam.pool import Block, BlockKey, PoolId
 from pyabouts.ipam.store import WriteOutcome
 from pyabouts.ipam.stores.codec import block_cidr, block_document, block_from_document
@@ -203,7 +209,9 @@ class KubernetesStore:
             return StoreRefusedError(f"{where}: Unauthorized: the kubeconfig's credentials")
         if status == 403:
             return StoreRefusedError(f"{where}: Forbidden: {exc.message}")
-        if status == 429 or status >= 500:
+        if exc.busy:  # up, but overloaded: retried until the deadline
+            return StoreBusyError(f"{where} answered {status}: {exc.message}")
+        if status >= 500:
             return StoreUnavailableError(f"{where} answered {status}: {exc.message}")
         return StoreRefusedError(f"{where} refused the request ({status}): {exc.message}")
 

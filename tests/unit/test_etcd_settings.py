@@ -8,7 +8,14 @@ import grpc
 import pytest
 
 from pyabouts.ipam.config import IpamConf
-from pyabouts.ipam.errors import INVALID_CONFIG, STORE_REFUSED, TRY_AGAIN_LATER, CniError
+from pyabouts.ipam.errors import (
+    INVALID_CONFIG,
+    STORE_REFUSED,
+    TRY_AGAIN_LATER,
+    CniError,
+    StoreBusyError,
+    StoreUnavailableError,
+)
 from pyabouts.ipam.stores.etcd import read_pem_file, store_error, tls_failure
 from pyabouts.ipam.stores.etcd_settings import EtcdSettings, parse_endpoints
 
@@ -288,6 +295,15 @@ def test_store_errors_name_the_endpoint_and_keep_grpcs_last_error() -> None:
     )
     assert refused.code == STORE_REFUSED
     assert "authentication failed" in refused.msg
+
+
+def test_a_call_etcd_took_but_did_not_answer_in_time_is_busy_not_down() -> None:
+    endpoint, plain = ("127.0.0.1", 23791), settings(etcd_host="127.0.0.1:23791")
+    for code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        busy = store_error(FakeRpcError(code, "Deadline Exceeded"), endpoint, plain)
+        assert isinstance(busy, StoreBusyError) and busy.code == TRY_AGAIN_LATER, code
+    down = store_error(FakeRpcError(grpc.StatusCode.UNAVAILABLE, REFUSED_PORT), endpoint, plain)
+    assert isinstance(down, StoreUnavailableError) and not isinstance(down, StoreBusyError)
 
 
 def test_an_etcd3_error_is_read_through_to_the_grpc_error_it_wraps() -> None:

@@ -1,0 +1,107 @@
+"""How the transaction loop retries a failing store: a busy one until the deadline, an
+unreachable one for OUTAGE_GRACE. On a fake clock: each failed request "takes" REQUEST seconds."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyabouts.ipam.errors import StoreBusyError, StoreUnavailableError
+from pyabouts.ipam.pool import Block, PoolId, PoolView
+from pyabouts.ipam.transaction import (
+    OUTAGE_GRACE,
+    Span,
+    run_span_transaction,
+)
+from tests.memory_store import MemoryStore
+
+POOL = PoolId("blue", 4)
+SPANS = [Span(POOL, 0, 255)]
+REQUEST = 5.0  # seconds a request that times out takes (the plugin's request timeout)
+DEADLINE = 60.0
+
+
+class FakeClock:
+    """time.monotonic and time.sleep for ipam.transaction, with no real waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr("pyabouts.ipam.transaction.time", fake)
+    return fake
+
+
+class FailingStore(MemoryStore):
+    """Fails its first reads with the errors `failures` makes, each after REQUEST seconds."""
+
+    def __init__(self, clock: FakeClock, failures: list[StoreUnavailableError]) -> None:
+        super().__init__()
+        self.clock = clock
+        self.failures = failures
+        self.reads = 0
+
+    def read_blocks(self, pool: PoolId, first: int, last: int) -> list[Block]:
+        self.reads += 1
+        if self.failures:
+            self.clock.now += REQUEST
+            raise self.failures.pop(0)
+        return super().read_blocks(pool, first, last)
+
+
+def busy() -> StoreBusyError:
+    return StoreBusyError("Kubernetes API at https://api:6443 did not answer in time")
+
+
+def refused() -> StoreUnavailableError:
+    return StoreUnavailableError("Kubernetes API at https://api:6443 is unreachable")
+
+
+def count_blocks(view: PoolView) -> int:
+    return len(view.changed_blocks())  # a decision that writes nothing
+
+
+def test_a_busy_store_is_retried_past_the_outage_grace(clock: FakeClock) -> None:
+    slow_answers = int(OUTAGE_GRACE / REQUEST) + 4  # 35 s of timeouts: an outage would be over
+    store = FailingStore(clock, [busy() for _ in range(slow_answers)])
+    run_span_transaction(store, SPANS, count_blocks, deadline=DEADLINE)
+    assert store.reads == slow_answers + 1
+    assert clock.now > OUTAGE_GRACE + REQUEST
+
+
+def test_a_busy_store_is_retried_until_the_deadline_then_try_again_later(
+    clock: FakeClock,
+) -> None:
+    store = FailingStore(clock, [busy() for _ in range(100)])
+    with pytest.raises(StoreBusyError) as raised:
+        run_span_transaction(store, SPANS, count_blocks, deadline=DEADLINE)
+    assert raised.value.code == 11
+    assert "did not answer in time" in raised.value.msg
+    assert DEADLINE - REQUEST <= clock.now <= DEADLINE + REQUEST
+
+
+def test_an_unreachable_store_is_given_up_after_the_outage_grace(clock: FakeClock) -> None:
+    store = FailingStore(clock, [refused() for _ in range(100)])
+    with pytest.raises(StoreUnavailableError) as raised:
+        run_span_transaction(store, SPANS, count_blocks, deadline=DEADLINE)
+    assert not isinstance(raised.value, StoreBusyError)
+    assert (raised.value.code, raised.value.msg) == (11, refused().msg)
+    # The grace runs from the first failure's end, so the last request may end past it.
+    assert clock.now <= REQUEST + OUTAGE_GRACE + REQUEST < DEADLINE
+
+
+def test_a_busy_answer_ends_an_outage(clock: FakeClock) -> None:
+    # Unreachable, then answering slowly (an apiserver coming back), then unreachable again:
+    # the outage clock starts again, so 30 s of refusals in all are not one 15 s outage.
+    failures = [refused(), refused(), refused(), busy(), refused(), refused(), refused()]
+    store = FailingStore(clock, list(failures))
+    run_span_transaction(store, SPANS, count_blocks, deadline=DEADLINE)
+    assert store.reads == len(failures) + 1
