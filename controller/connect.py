@@ -14,10 +14,11 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.config.config_exception import ConfigException
 
-from pyabouts.ipam.config import IpamConf, flat_file_settings, read_flat_file, read_own_flat_file
+from pyabouts.ipam.config import IpamConf, flat_file_settings
 from pyabouts.ipam.errors import INVALID_CONFIG, CniError
 from pyabouts.ipam.store import PoolStore
 from pyabouts.ipam.stores import open_store
+from pyabouts.ipam.stores.flat_file import read_flat_file, read_own_flat_file
 from pyabouts.ipam.stores.kubeconfig import DEFAULT_NAMESPACE, load_kubeconfig
 from pyabouts.ipam.stores.kubernetes import KubernetesStore
 

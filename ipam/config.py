@@ -8,10 +8,8 @@ fills what the inline config leaves empty; it is searched at `configuration_path
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import netaddr
@@ -22,10 +20,6 @@ from pyabouts.ipam.pool import Family, PoolId
 from pyabouts.ipam.ranges import AddressRange, RangeError, build_range, parse_address, parse_network
 
 PLUGIN_TYPE = "pyabouts"
-FLAT_FILE_PATHS = (
-    "/etc/kubernetes/cni/net.d/pyabouts.d/pyabouts.conf",
-    "/etc/cni/net.d/pyabouts.d/pyabouts.conf",
-)
 LOG_LEVELS = ("debug", "verbose", "info", "warning", "error", "panic")
 
 
@@ -183,8 +177,9 @@ class FlatFile:
 def load_config(raw: dict[str, Any], flat: FlatFile | None = None) -> PluginConfig:
     """Merge the flat file into the inline `ipam`, validate everything, and parse the ranges.
 
-    Which flat file applies is the caller's to say: the plugin process reads the one
-    `configuration_path` names (read_flat_file), the node agent uses its own.
+    Which flat file applies is the caller's to say, and the caller reads it: the plugin process
+    the one `configuration_path` names (ipam.stores.flat_file.read_flat_file), the node agent
+    its own.
     """
     inline = raw.get("ipam")
     if not isinstance(inline, dict):
@@ -250,32 +245,6 @@ def describe_validation_error(exc: ValidationError, from_file: Collection[str] =
         else:
             problems.append(f"{where}={error['input']!r}: {message}")
     return "invalid network config: " + "; ".join(problems)
-
-
-def read_flat_file(configuration_path: object) -> FlatFile | None:
-    """The first flat file found (`configuration_path`, then the standard places), or None."""
-    candidates = [configuration_path] if isinstance(configuration_path, str) else []
-    for candidate in [*candidates, *FLAT_FILE_PATHS]:
-        path = Path(candidate)
-        if not path.is_file():
-            continue
-        try:
-            flat = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            # json's messages give the position, never the text: the file may be secret.
-            raise CniError(INVALID_CONFIG, f"flat file {path}: {exc}") from exc
-        if not isinstance(flat, dict):
-            raise CniError(INVALID_CONFIG, f"flat file {path}: must hold a JSON object")
-        return FlatFile(str(path), flat)
-    return None
-
-
-def read_own_flat_file(path: str) -> FlatFile:
-    """The flat file a long-running process is given (--config); CniError 7 when missing."""
-    flat = read_flat_file(path)
-    if flat is None or flat.path != path:
-        raise CniError(INVALID_CONFIG, f"config {path}: no such file")
-    return flat
 
 
 def flat_file_settings(flat: FlatFile | None) -> IpamConf:

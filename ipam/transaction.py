@@ -34,6 +34,18 @@ BACKOFF_MAX = 0.4
 OUTAGE_GRACE = 15.0  # seconds a store may stay unreachable (an apiserver restart takes ~5)
 
 
+@dataclass(frozen=True, slots=True)
+class Clock:
+    """How the retry loop reads the time and waits: the real clock, or a test's fake one (the
+    loop's timing is then tested without a real sleep)."""
+
+    now: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+
+
+REAL_CLOCK = Clock()
+
+
 class Transactions(Protocol):
     """Runs decisions as optimistic transactions: one at a time (DirectTransactions) or several
     in one write (ipam.coalescing.CoalescingTransactions, in the node agent)."""
@@ -50,8 +62,9 @@ class Transactions(Protocol):
 class DirectTransactions:
     """Each decision in a transaction of its own, on `store`."""
 
-    def __init__(self, store: PoolStore) -> None:
+    def __init__(self, store: PoolStore, clock: Clock = REAL_CLOCK) -> None:
         self.store = store
+        self.clock = clock
 
     def run(
         self,
@@ -60,7 +73,7 @@ class DirectTransactions:
         *,
         deadline: float,
     ) -> T:
-        return run_transaction(self.store, ranges, decide, deadline=deadline)
+        return run_transaction(self.store, ranges, decide, deadline=deadline, clock=self.clock)
 
 
 def run_transaction(
@@ -69,13 +82,15 @@ def run_transaction(
     decide: Callable[[PoolView], T],
     *,
     deadline: float,
+    clock: Clock = REAL_CLOCK,
 ) -> T:
     """Let `decide` change a fresh view of `ranges`, and store what it changed, until it sticks.
 
     `decide` may raise (a CniError, say); then nothing is written. It must be idempotent over
     stored state: it runs again after a conflict, on state that may include its earlier work.
-    `deadline` is a time.monotonic() value; when it passes, StoreUnavailableError (try again
-    later). A busy store is retried until then, an unreachable one for OUTAGE_GRACE at most.
+    `deadline` is a `clock.now()` value (time.monotonic() by default); when it passes,
+    StoreUnavailableError (try again later). A busy store is retried until then, an unreachable
+    one for OUTAGE_GRACE at most.
     """
     return run_span_transaction(
         store,
@@ -83,6 +98,7 @@ def run_transaction(
         decide,
         deadline=deadline,
         before_write=lambda changed: describe_blocks(changed, ranges),
+        clock=clock,
     )
 
 
@@ -102,6 +118,7 @@ def run_span_transaction(
     *,
     deadline: float,
     before_write: Callable[[list[Block]], None] | None = None,
+    clock: Clock = REAL_CLOCK,
 ) -> T:
     """run_transaction over the blocks of `spans`; `before_write` may annotate changed blocks."""
     attempt = 0
@@ -122,11 +139,11 @@ def run_span_transaction(
             attempt += 1
             if isinstance(exc, StoreBusyError):
                 outage_since = None  # it answers, if slowly: not an outage
-                _back_off(attempt, deadline, exc, f"store busy ({exc.msg})")
+                _back_off(clock, attempt, deadline, exc, f"store busy ({exc.msg})")
             else:
-                outage_since = outage_since or time.monotonic()
+                outage_since = outage_since or clock.now()
                 give_up = min(deadline, outage_since + OUTAGE_GRACE)
-                _back_off(attempt, give_up, exc, f"store unavailable ({exc.msg})")
+                _back_off(clock, attempt, give_up, exc, f"store unavailable ({exc.msg})")
             continue
         outage_since = None
         if not conflicts:
@@ -137,16 +154,18 @@ def run_span_transaction(
             f"gave up after {attempt} conflicting writes: the pool is too busy, try again",
             details=details,
         )
-        _back_off(attempt, deadline, busy, f"conflict on {len(conflicts)} block(s)")
+        _back_off(clock, attempt, deadline, busy, f"conflict on {len(conflicts)} block(s)")
 
 
-def _back_off(attempt: int, deadline: float, error: StoreUnavailableError, why: str) -> None:
+def _back_off(
+    clock: Clock, attempt: int, deadline: float, error: StoreUnavailableError, why: str
+) -> None:
     """Sleep before the next attempt, or raise `error` when the deadline would pass first."""
     delay = random.uniform(0, min(BACKOFF_MAX, BACKOFF_FIRST * 2**attempt))
-    if deadline - time.monotonic() <= delay:
+    if deadline - clock.now() <= delay:
         raise error
     log.info("%s, retry %d in %.0f ms", why, attempt, delay * 1e3)
-    time.sleep(delay)
+    clock.sleep(delay)
 
 
 def describe_blocks(blocks: Sequence[Block], ranges: Sequence[AddressRange]) -> None:

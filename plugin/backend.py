@@ -61,7 +61,7 @@ class OneShotBackend:
 
     def flat_file(self, ipam: Mapping[str, Any]) -> FlatFile | None:
         """The one `configuration_path` names, else the standard places (as whereabouts)."""
-        from pyabouts.ipam.config import read_flat_file  # noqa: PLC0415 - loaded with the config anyway
+        from pyabouts.ipam.stores.flat_file import read_flat_file  # noqa: PLC0415 - with the config
 
         return read_flat_file(ipam.get("configuration_path"))
 

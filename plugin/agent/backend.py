@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyabouts.ipam.coalescing import CoalescingTransactions
-from pyabouts.ipam.config import FlatFile, IpamConf, read_flat_file
+from pyabouts.ipam.config import FlatFile, IpamConf
 from pyabouts.ipam.pool import Block, PoolId
 from pyabouts.ipam.store import PoolStore, WriteOutcome
 from pyabouts.ipam.stores import open_store
 from pyabouts.ipam.stores.cached import CachedStore
+from pyabouts.ipam.stores.flat_file import read_flat_file
 from pyabouts.plugin.agent.datastore import AgentDatastore
 from pyabouts.plugin.agent.metrics import AgentMetrics
 from pyabouts.plugin.backend import REQUEST_TIMEOUT_SECONDS

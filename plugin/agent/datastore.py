@@ -17,11 +17,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from pyabouts.ipam.config import FlatFile, IpamConf, flat_file_settings, read_own_flat_file
+from pyabouts.ipam.config import FlatFile, IpamConf, flat_file_settings
 from pyabouts.ipam.errors import INVALID_CONFIG, CniError
 from pyabouts.ipam.store import PoolStore
 from pyabouts.ipam.stores import open_store
 from pyabouts.ipam.stores.etcd_settings import EtcdSettings
+from pyabouts.ipam.stores.flat_file import read_own_flat_file
 from pyabouts.ipam.stores.kube_api import ApiCredentials
 from pyabouts.ipam.stores.kubeconfig import in_cluster_credentials, read_kubeconfig
 from pyabouts.ipam.stores.kubernetes import KubernetesStore

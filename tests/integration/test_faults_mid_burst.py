@@ -27,8 +27,9 @@ from deploy.local.agent_process import running_agent
 from deploy.local.controlplane import ControlPlane, start_control_plane
 from deploy.local.etcd_process import running_etcd
 from deploy.local.install import install_pyabouts
-from pyabouts.ipam.config import flat_file_settings, read_own_flat_file
+from pyabouts.ipam.config import flat_file_settings
 from pyabouts.ipam.stores import open_store
+from pyabouts.ipam.stores.flat_file import read_own_flat_file
 from pyabouts.plugin.install import install_thin_plugin
 from tests.integration.plugin_processes import (
     FLAT_FILE_NAME,

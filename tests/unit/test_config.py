@@ -9,11 +9,11 @@ from pyabouts.ipam.config import (
     PluginConfig,
     fill_empty,
     load_config,
-    read_flat_file,
     requested_addresses,
 )
 from pyabouts.ipam.errors import INVALID_CONFIG, CniError
 from pyabouts.ipam.pool import PoolId
+from pyabouts.ipam.stores.flat_file import read_flat_file
 
 WHEREABOUTS_KEYS: dict[str, Any] = {
     "type": "pyabouts",
@@ -152,7 +152,7 @@ def test_the_flat_file_is_searched_in_order(
 ) -> None:
     first, second = tmp_path / "a.conf", tmp_path / "b.conf"
     second.write_text(json.dumps({"network_name": "second"}))
-    monkeypatch.setattr("pyabouts.ipam.config.FLAT_FILE_PATHS", (str(first), str(second)))
+    monkeypatch.setattr("pyabouts.ipam.stores.flat_file.FLAT_FILE_PATHS", (str(first), str(second)))
     config = load(netconf(type="pyabouts", range="192.0.2.0/24"))
     assert config.ipam.network_name == "second"
     first.write_text(json.dumps({"network_name": "first"}))
@@ -166,7 +166,9 @@ def test_the_flat_file_is_searched_in_order(
 def test_no_flat_file_is_fine_when_the_inline_config_is_complete(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("pyabouts.ipam.config.FLAT_FILE_PATHS", (str(tmp_path / "none.conf"),))
+    monkeypatch.setattr(
+        "pyabouts.ipam.stores.flat_file.FLAT_FILE_PATHS", (str(tmp_path / "none.conf"),)
+    )
     config = load(netconf(type="pyabouts", range="192.0.2.0/24"))
     assert config.flat_file is None
 

@@ -3,12 +3,17 @@ unreachable one for OUTAGE_GRACE. On a fake clock: each failed request "takes" R
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from pyabouts.ipam.errors import StoreBusyError, StoreUnavailableError
-from pyabouts.ipam.pool import Block, PoolId, PoolView
+from pyabouts.ipam.pool import Block, Owner, PoolId, PoolView
+from pyabouts.ipam.store import WriteOutcome
 from pyabouts.ipam.transaction import (
+    BACKOFF_MAX,
     OUTAGE_GRACE,
+    Clock,
     Span,
     run_span_transaction,
 )
@@ -21,23 +26,23 @@ DEADLINE = 60.0
 
 
 class FakeClock:
-    """time.monotonic and time.sleep for ipam.transaction, with no real waiting."""
+    """A clock for the retry loop that only moves when it sleeps or a request "takes" time."""
 
     def __init__(self) -> None:
         self.now = 0.0
-
-    def monotonic(self) -> float:
-        return self.now
+        self.slept = 0
 
     def sleep(self, seconds: float) -> None:
         self.now += seconds
+        self.slept += 1
+
+    def as_clock(self) -> Clock:
+        return Clock(now=lambda: self.now, sleep=self.sleep)
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    fake = FakeClock()
-    monkeypatch.setattr("pyabouts.ipam.transaction.time", fake)
-    return fake
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 class FailingStore(MemoryStore):
@@ -72,7 +77,7 @@ def count_blocks(view: PoolView) -> int:
 def test_a_busy_store_is_retried_past_the_outage_grace(clock: FakeClock) -> None:
     slow_answers = int(OUTAGE_GRACE / REQUEST) + 4  # 35 s of timeouts: an outage would be over
     store = FailingStore(clock, [busy() for _ in range(slow_answers)])
-    run_span_transaction(store, SPANS, count_blocks, deadline=DEADLINE)
+    run_span_transaction(store, SPANS, count_blocks, deadline=DEADLINE, clock=clock.as_clock())
     assert store.reads == slow_answers + 1
     assert clock.now > OUTAGE_GRACE + REQUEST
 
@@ -82,7 +87,7 @@ def test_a_busy_store_is_retried_until_the_deadline_then_try_again_later(
 ) -> None:
     store = FailingStore(clock, [busy() for _ in range(100)])
     with pytest.raises(StoreBusyError) as raised:
-        run_span_transaction(store, SPANS, count_blocks, deadline=DEADLINE)
+        run_span_transaction(store, SPANS, count_blocks, deadline=DEADLINE, clock=clock.as_clock())
     assert raised.value.code == 11
     assert "did not answer in time" in raised.value.msg
     assert DEADLINE - REQUEST <= clock.now <= DEADLINE + REQUEST
@@ -91,7 +96,7 @@ def test_a_busy_store_is_retried_until_the_deadline_then_try_again_later(
 def test_an_unreachable_store_is_given_up_after_the_outage_grace(clock: FakeClock) -> None:
     store = FailingStore(clock, [refused() for _ in range(100)])
     with pytest.raises(StoreUnavailableError) as raised:
-        run_span_transaction(store, SPANS, count_blocks, deadline=DEADLINE)
+        run_span_transaction(store, SPANS, count_blocks, deadline=DEADLINE, clock=clock.as_clock())
     assert not isinstance(raised.value, StoreBusyError)
     assert (raised.value.code, raised.value.msg) == (11, refused().msg)
     # The grace runs from the first failure's end, so the last request may end past it.
@@ -103,5 +108,31 @@ def test_a_busy_answer_ends_an_outage(clock: FakeClock) -> None:
     # the outage clock starts again, so 30 s of refusals in all are not one 15 s outage.
     failures = [refused(), refused(), refused(), busy(), refused(), refused(), refused()]
     store = FailingStore(clock, list(failures))
-    run_span_transaction(store, SPANS, count_blocks, deadline=DEADLINE)
+    run_span_transaction(store, SPANS, count_blocks, deadline=DEADLINE, clock=clock.as_clock())
     assert store.reads == len(failures) + 1
+
+
+class AlwaysConflicting(MemoryStore):
+    """Every write loses its race, as if another writer always came first."""
+
+    def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
+        self.conflicts += 1
+        return WriteOutcome(conflicts=[block.key for block in blocks])
+
+
+def take_an_address(view: PoolView) -> None:
+    view.assign(POOL, 7, Owner(container_id="c1", ifname="eth0"))
+
+
+def test_conflicts_back_off_until_the_deadline_then_try_again_later(clock: FakeClock) -> None:
+    store = AlwaysConflicting()
+    with pytest.raises(StoreUnavailableError) as raised:
+        run_span_transaction(
+            store, SPANS, take_an_address, deadline=DEADLINE, clock=clock.as_clock()
+        )
+    assert raised.value.code == 11 and "conflicting writes" in raised.value.msg
+    # Backing off, not spinning: at most BACKOFF_MAX apart once the backoff has grown, and the
+    # whole deadline used on the fake clock alone.
+    assert store.conflicts == clock.slept + 1
+    assert DEADLINE - BACKOFF_MAX <= clock.now <= DEADLINE
+    assert store.conflicts >= DEADLINE / BACKOFF_MAX
