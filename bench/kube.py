@@ -102,3 +102,9 @@ def requests_by_verb_and_code(metrics: str, group: str) -> Counter[str]:
                 float(match["value"])
             )
     return counts
+
+
+def conflicting_writes(requests: Counter[str]) -> int:
+    """Of requests counted by "<VERB> <code>", the writes the apiserver refused as conflicting
+    (409: a create of an object that exists, a replace on a resourceVersion that is gone)."""
+    return sum(n for request, n in requests.items() if request.endswith(" 409"))

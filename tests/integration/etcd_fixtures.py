@@ -33,12 +33,15 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from testcontainers.core.container import DockerContainer
 
 from deploy.local.commands import run_command
 from deploy.local.pki import CLIENT_USAGE, SERVER_USAGE, issue_certificate, make_ca
+
+if TYPE_CHECKING:  # imported where a container is made: unit tests load this module too
+    from testcontainers.core.container import DockerContainer
 
 DEFAULT_ETCD_IMAGE = "localhost/pyabouts-etcd:3.4"
 ETCD_CLIENT_PORT = 2379
@@ -142,6 +145,8 @@ def _wait_healthy(
 def _etcd_container(args: Sequence[str]) -> DockerContainer:
     # The data dir is a tmpfs: on a disk busy with a test session, etcd's fsyncs can stall for
     # seconds, past the plugin's request timeout. These stores live for one session anyway.
+    from testcontainers.core.container import DockerContainer  # noqa: PLC0415 - see above
+
     return (
         DockerContainer(etcd_image())
         .with_command(["--data-dir", ETCD_DATA_DIR, *args])

@@ -23,11 +23,14 @@ ServiceAccounts you need, and use unique names, since every test of a worker sha
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import base64
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import pytest
 
 from deploy.local.controlplane import ControlPlane, ControlPlaneError, start_control_plane
+from tests.kubeconfig_files import write_kubeconfig_document
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +49,43 @@ def kube_apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Control
         yield cp
     finally:
         cp.stop()
+
+
+def kubeconfig(
+    path: Path,
+    cluster: ControlPlane,
+    user: Mapping[str, object],
+    trust: Mapping[str, object] | None = None,
+) -> str:
+    """A kubeconfig of the local cluster as `user`; `trust`: the cluster's TLS keys (default:
+    the local CA, embedded)."""
+    if trust is None:
+        trust = {
+            "certificate-authority-data": base64.b64encode(cluster.ca_cert.read_bytes()).decode()
+        }
+    return str(write_kubeconfig_document(path, user, {"server": cluster.server, **trust}))
+
+
+def pyabouts_token(cluster: ControlPlane) -> str:
+    """A token of the plugin's ServiceAccount (what a node's kubeconfig holds)."""
+    return cluster.service_account_token("kube-system", "pyabouts")
+
+
+def can(
+    cluster: ControlPlane,
+    verb: str,
+    resource: str,
+    namespace: str = "kube-system",
+    service_account: str = "pyabouts",
+) -> bool:
+    """Whether kube-system's `service_account` may, as the real RBAC objects say."""
+    answer = cluster.kubectl_run(
+        "auth",
+        "can-i",
+        verb,
+        resource,
+        "-n",
+        namespace,
+        f"--as=system:serviceaccount:kube-system:{service_account}",
+    )
+    return answer.stdout.strip() == "yes"

@@ -9,6 +9,7 @@ flat file as its own datastore settings (it ignores what requests name).
 """
 
 import contextlib
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -92,3 +93,15 @@ def kubernetes_ipam(cluster: ControlPlane, **ipam: Any) -> dict[str, Any]:
     """An `ipam` section that points pyabouts at the local apiserver."""
     settings = {"type": "pyabouts", "kubernetes": {"kubeconfig": str(cluster.kubeconfig)}}
     return settings | ipam
+
+
+def kubernetes_datastore(cluster: ControlPlane) -> dict[str, Any]:
+    """Flat-file settings that point pyabouts at the local apiserver as its admin."""
+    return {"datastore": "kubernetes", "kubernetes": {"kubeconfig": str(cluster.kubeconfig)}}
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound, then let go)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.local.agent_process import AgentProcess
+from deploy.local.netns import CniCall, run_cni
 
 FLAT_FILE_NAME = "pyabouts.conf"
 
@@ -165,11 +166,6 @@ def served_log(node: Node) -> str:
     return log.read_text() if log.exists() else ""
 
 
-def conflicts_logged(nodes: Sequence[Node]) -> int:
-    """How many times a write lost a race and was retried, from the nodes' logs."""
-    return sum(served_log(n).count("conflict on") for n in nodes)
-
-
 def metric(agent: AgentProcess, name: str, **labels: str) -> float:
     """The sum of the samples of `name` whose labels include `labels`."""
     total = 0.0
@@ -186,3 +182,35 @@ def metric(agent: AgentProcess, name: str, **labels: str) -> float:
 def conflicts_counted(nodes: Sequence[Node]) -> float:
     """The blocks the nodes' agents found changed when writing, from their /metrics."""
     return sum(metric(n.agent, "pyabouts_agent_conflicts_total") for n in nodes if n.agent)
+
+
+def netconf(version: str = "1.1.0", **ipam: Any) -> dict[str, Any]:
+    """A macvlan network config around `ipam`."""
+    return {"cniVersion": version, "name": "net", "type": "macvlan", "ipam": ipam}
+
+
+def cni(
+    exe: str, command: str, conf: dict[str, Any], container: str = "c1", args: str = ""
+) -> CniCall:
+    """One call of the plugin `exe`, as the runtime makes it for `container`."""
+    return run_cni(
+        exe,
+        command,
+        conf,
+        container_id=container,
+        netns="/var/run/netns/unused",
+        ifname="net1",
+        cni_path="/usr/lib/cni",
+        cni_args=args or f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod-{container}",
+    )
+
+
+def addresses_of(outcomes: list[tuple[int, Any]], containers: list[str]) -> dict[str, str]:
+    """address -> containerID for every ADD that succeeded; fails on a duplicate."""
+    given: dict[str, str] = {}
+    for (code, result), container in zip(outcomes, containers, strict=True):
+        if code == 0:
+            address = result["ips"][0]["address"].split("/")[0]
+            assert address not in given, f"{address} given to {given[address]} and {container}"
+            given[address] = container
+    return given

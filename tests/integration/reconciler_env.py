@@ -20,8 +20,8 @@ from deploy.local.netns import CniCall
 from deploy.local.pod_objects import create_namespace
 from pyabouts.ipam.pool import Owner
 from pyabouts.ipam.store import PoolStore
-from tests.integration.test_plugin_etcd import cni, netconf
-from tests.integration.test_store_contract import etcd_store, kubernetes_store
+from tests.integration.plugin_processes import cni, netconf
+from tests.integration.stored_state import etcd_store, kubernetes_store
 
 NAMESPACE = "recon"
 RECONCILER_SA = "pyabouts-reconciler"

@@ -24,16 +24,17 @@ from pyabouts.ipam.ranges import build_range
 from pyabouts.plugin.install import install_thin_plugin
 from pyabouts.plugin.thin_client import AGENT_SOCKET
 from tests.integration.etcd_fixtures import EtcdServer
+from tests.integration.plugin_fixtures import kubernetes_datastore
 from tests.integration.plugin_processes import (
     Node,
+    addresses_of,
     finish,
     make_nodes,
     metric,
     run_plugins,
     start_plugins,
 )
-from tests.integration.test_concurrency_kubernetes import addresses_of, datastore, stored
-from tests.integration.test_plugin_etcd import stored_allocations
+from tests.integration.stored_state import stored, stored_allocations
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -66,7 +67,7 @@ def test_killing_the_agent_mid_run_loses_nothing_and_a_restart_resumes_from_the_
     ipam = {"range": "10.73.0.0/24", "network_name": network}
     agent = AgentProcess(tmp_path / "node-0").start()
     try:
-        [node] = nodes_with(tmp_path, datastore(pyabouts_cluster), [agent])
+        [node] = nodes_with(tmp_path, kubernetes_datastore(pyabouts_cluster), [agent])
         pods = [f"pod-{i:03d}" for i in range(150)]
         started = start_plugins(thin_plugin, "ADD", ipam, [node], pods)
         while sum(proc.poll() is not None for proc in started) < 30:

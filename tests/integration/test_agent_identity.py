@@ -22,10 +22,9 @@ from deploy.local.netns import CniCall, run_cni
 from pyabouts.ipam.errors import INVALID_CONFIG
 from pyabouts.plugin.install import install_thin_plugin
 from tests.integration.etcd_fixtures import EtcdServer
+from tests.integration.kube_fixtures import kubeconfig, pyabouts_token
 from tests.integration.plugin_fixtures import etcd_ipam
-from tests.integration.test_concurrency_kubernetes import stored
-from tests.integration.test_kubeconfig_forms import kubeconfig, pyabouts_token
-from tests.integration.test_plugin_etcd import stored_allocations
+from tests.integration.stored_state import stored, stored_allocations
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ import pytest
 from tests.integration.etcd_fixtures import EtcdServer
 from tests.integration.plugin_fixtures import NodeAgents
 from tests.integration.plugin_processes import make_nodes, run_plugins, served_log
-from tests.integration.test_plugin_etcd import stored_allocations
+from tests.integration.stored_state import stored_allocations
 
 # Hundreds of interpreters at once: never beside each other on the two cores, and given time.
 pytestmark = [

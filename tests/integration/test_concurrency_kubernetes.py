@@ -1,7 +1,6 @@
 """Many `pyabouts` processes at once on IPPools in a real kube-apiserver: contention, processes
 killed mid-write, and the apiserver restarted mid-run."""
 
-import json
 import signal
 import time
 import uuid
@@ -12,16 +11,17 @@ from typing import Any
 import pytest
 
 from deploy.local.controlplane import ControlPlane
-from tests.integration.plugin_fixtures import NodeAgents
+from tests.integration.plugin_fixtures import NodeAgents, kubernetes_datastore
 from tests.integration.plugin_processes import (
+    addresses_of,
     conflicts_counted,
-    conflicts_logged,
     finish,
     make_nodes,
     run_as_the_runtime_would,
     run_plugins,
     start_plugins,
 )
+from tests.integration.stored_state import conflicts_at_the_apiserver, stored
 
 # Hundreds of interpreters at once: never beside each other on the two cores, and given time.
 pytestmark = [
@@ -29,35 +29,6 @@ pytestmark = [
     pytest.mark.xdist_group("processes"),
     pytest.mark.timeout(1800),
 ]
-
-
-def stored(cluster: ControlPlane, network: str) -> dict[str, str]:
-    """address -> containerID as the IPPools hold them; checks each object's status on the way."""
-    listed = json.loads(cluster.kubectl("get", "ippools", "-n", "kube-system", "-o", "json"))
-    held: dict[str, str] = {}
-    for item in listed["items"]:
-        spec = item["spec"]
-        if spec["network"] != network:
-            continue
-        allocations = spec["allocations"]
-        assert item["status"]["allocated"] == len(allocations)  # status is never stale
-        assert item["status"]["free"] == spec["capacity"] - len(allocations)
-        prefix = spec["cidr"].split("/")[0].rsplit(".", 1)[0]
-        base = int(spec["cidr"].split("/")[0].rsplit(".", 1)[1])
-        for offset, owner in allocations.items():
-            held[f"{prefix}.{base + int(offset)}"] = owner["containerID"]
-    return held
-
-
-def addresses_of(outcomes: list[tuple[int, Any]], containers: list[str]) -> dict[str, str]:
-    """address -> containerID for every ADD that succeeded; fails on a duplicate."""
-    given: dict[str, str] = {}
-    for (code, result), container in zip(outcomes, containers, strict=True):
-        if code == 0:
-            address = result["ips"][0]["address"].split("/")[0]
-            assert address not in given, f"{address} given to {given[address]} and {container}"
-            given[address] = container
-    return given
 
 
 def assert_pool_matches(
@@ -72,10 +43,6 @@ def assert_pool_matches(
         assert held[address] == container
 
 
-def datastore(cluster: ControlPlane) -> dict[str, Any]:
-    return {"datastore": "kubernetes", "kubernetes": {"kubeconfig": str(cluster.kubeconfig)}}
-
-
 # Each in-process plugin call spends ~0.5 s of CPU starting up; 400 interpreters at once on this
 # machine's two cores starve each other past the deadline (the node agent is the answer to that).
 # 50 in flight is the concurrency the speed benchmark uses. Even so, a call may answer 11 ("try
@@ -88,15 +55,18 @@ def test_400_concurrent_from_8_nodes_into_a_23(
 ) -> None:
     network = f"burst-{uuid.uuid4().hex[:6]}"
     ipam = {"range": "10.70.0.0/23", "network_name": network}
-    nodes = make_nodes(tmp_path, 8, datastore(pyabouts_cluster), node_agents)
+    nodes = make_nodes(tmp_path, 8, kubernetes_datastore(pyabouts_cluster), node_agents)
     pods = [f"pod-{i:03d}" for i in range(400)]
+    conflicts_before = conflicts_at_the_apiserver(pyabouts_cluster)
 
     added, _ = run_as_the_runtime_would(pyabouts_exe, "ADD", ipam, nodes, pods, in_flight=IN_FLIGHT)
     assert [code for code, _ in added] == [0] * 400, [r for c, r in added if c][:3]
     given = addresses_of(added, pods)
     assert len(given) == 400
     assert stored(pyabouts_cluster, network) == given
-    assert conflicts_logged(nodes) > 0  # the pool really was contended; retries resolved it
+    # The pool really was contended (the apiserver refused writes as conflicting), and retries
+    # resolved it.
+    assert conflicts_at_the_apiserver(pyabouts_cluster) > conflicts_before
     if node_agents is not None:  # and the agents' metrics say so too
         assert conflicts_counted(nodes) > 0
 
@@ -117,8 +87,9 @@ def test_a_burst_on_one_node_never_fails_from_contention(
     other, and now and then one lost every race until its deadline (code 11)."""
     network = f"one-node-{uuid.uuid4().hex[:6]}"
     ipam = {"range": "10.73.0.0/23", "network_name": network}
-    nodes = make_nodes(tmp_path, 1, datastore(pyabouts_cluster), node_agents)
+    nodes = make_nodes(tmp_path, 1, kubernetes_datastore(pyabouts_cluster), node_agents)
     pods = [f"pod-{i:03d}" for i in range(300)]
+    conflicts_before = conflicts_at_the_apiserver(pyabouts_cluster)
 
     added = run_plugins(pyabouts_exe, "ADD", ipam, nodes, pods, in_flight=IN_FLIGHT)
     assert [r for c, r in added if c] == []  # no retries: none may fail
@@ -128,7 +99,7 @@ def test_a_burst_on_one_node_never_fails_from_contention(
     assert [r for c, r in deleted if c] == []
     assert stored(pyabouts_cluster, network) == {}
     if node_agents is None:  # the node's processes took turns: not one write lost a race
-        assert conflicts_logged(nodes) == 0
+        assert conflicts_at_the_apiserver(pyabouts_cluster) == conflicts_before
 
 
 def test_killed_plugins_leave_no_duplicate_and_no_stranger(
@@ -136,7 +107,7 @@ def test_killed_plugins_leave_no_duplicate_and_no_stranger(
 ) -> None:
     network = f"kill-{uuid.uuid4().hex[:6]}"
     ipam = {"range": "10.71.0.0/24", "network_name": network}
-    nodes = make_nodes(tmp_path, 4, datastore(pyabouts_cluster), node_agents)
+    nodes = make_nodes(tmp_path, 4, kubernetes_datastore(pyabouts_cluster), node_agents)
     pods = [f"pod-{i:03d}" for i in range(120)]
 
     started = start_plugins(pyabouts_exe, "ADD", ipam, nodes, pods)
@@ -163,7 +134,7 @@ def test_an_apiserver_restart_mid_run_leaves_a_consistent_pool(
 ) -> None:
     network = f"restart-{uuid.uuid4().hex[:6]}"
     ipam = {"range": "10.72.0.0/24", "network_name": network}
-    nodes = make_nodes(tmp_path, 4, datastore(pyabouts_cluster), node_agents)
+    nodes = make_nodes(tmp_path, 4, kubernetes_datastore(pyabouts_cluster), node_agents)
     pods = [f"pod-{i:03d}" for i in range(120)]
 
     started = start_plugins(pyabouts_exe, "ADD", ipam, nodes, pods)

@@ -16,7 +16,7 @@ from deploy.local.controlplane import ControlPlane
 from deploy.local.netns import CniCall, run_cni
 from tests.integration.plugin_fixtures import NodeAgents, kubernetes_ipam
 from tests.integration.plugin_processes import Node, make_nodes
-from tests.integration.test_concurrency_kubernetes import stored
+from tests.integration.stored_state import stored
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,6 @@ import base64
 import json
 import shutil
 import uuid
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,8 @@ from deploy.local.controlplane import ControlPlane
 from pyabouts.ipam.errors import StoreRefusedError, StoreUnavailableError
 from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
 from pyabouts.ipam.stores.kubernetes import KubernetesStore
-from tests.integration.test_store_contract import kubernetes_store
-from tests.kubeconfig_files import write_kubeconfig_document
+from tests.integration.kube_fixtures import kubeconfig, pyabouts_token
+from tests.integration.stored_state import kubernetes_store
 
 pytestmark = pytest.mark.integration
 
@@ -31,25 +30,6 @@ def write_and_read_back(store: KubernetesStore) -> None:
     assert store.write_blocks([block]).conflicts == []
     [read] = store.read_blocks(pool, key.base, key.base + 255)
     assert read.entries == block.entries
-
-
-def kubeconfig(
-    path: Path,
-    cluster: ControlPlane,
-    user: Mapping[str, object],
-    trust: Mapping[str, object] | None = None,
-) -> str:
-    """A kubeconfig of the local cluster as `user`; `trust`: the cluster's TLS keys (default:
-    the local CA, embedded)."""
-    if trust is None:
-        trust = {
-            "certificate-authority-data": base64.b64encode(cluster.ca_cert.read_bytes()).decode()
-        }
-    return str(write_kubeconfig_document(path, user, {"server": cluster.server, **trust}))
-
-
-def pyabouts_token(cluster: ControlPlane) -> str:
-    return cluster.service_account_token("kube-system", "pyabouts")
 
 
 def test_a_bearer_token(pyabouts_cluster: ControlPlane, tmp_path: Path) -> None:

@@ -14,9 +14,10 @@ from deploy.local.controlplane import ControlPlane
 from deploy.local.netns import CniCall
 from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
 from pyabouts.ipam.stores.kubernetes import object_name
-from tests.integration.plugin_fixtures import kubernetes_ipam
-from tests.integration.test_plugin_etcd import closed_port, cni, netconf
-from tests.integration.test_store_contract import kubernetes_store
+from tests.integration.kube_fixtures import can
+from tests.integration.plugin_fixtures import closed_port, kubernetes_ipam
+from tests.integration.plugin_processes import cni, netconf
+from tests.integration.stored_state import kubernetes_store
 
 pytestmark = pytest.mark.integration
 
@@ -225,26 +226,6 @@ def test_a_forbidden_answer_says_so_and_writes_nothing(
     assert (call.returncode, call.result["code"]) == (1, 102)
     assert "Forbidden" in call.result["msg"]
     assert ippools(pyabouts_cluster, network) == []
-
-
-def can(
-    cluster: ControlPlane,
-    verb: str,
-    resource: str,
-    namespace: str = "kube-system",
-    service_account: str = "pyabouts",
-) -> bool:
-    """Whether kube-system's `service_account` may, as the real RBAC objects say."""
-    answer = cluster.kubectl_run(
-        "auth",
-        "can-i",
-        verb,
-        resource,
-        "-n",
-        namespace,
-        f"--as=system:serviceaccount:kube-system:{service_account}",
-    )
-    return answer.stdout.strip() == "yes"
 
 
 def test_the_plugin_rbac_allows_exactly_what_the_commands_need(

@@ -1,55 +1,19 @@
 """The `pyabouts` executable against real etcd: every command, TLS and auth, and failures."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
 import uuid
-from typing import Any
 
-import etcd3
 import pytest
 
-from deploy.local.netns import CniCall, run_cni
 from tests.integration.etcd_fixtures import EtcdServer
-from tests.integration.plugin_fixtures import etcd_ipam
+from tests.integration.plugin_fixtures import closed_port, etcd_ipam
+from tests.integration.plugin_processes import cni, netconf
+from tests.integration.stored_state import stored_allocations
 
 pytestmark = pytest.mark.integration
-
-
-def netconf(version: str = "1.1.0", **ipam: Any) -> dict[str, Any]:
-    return {"cniVersion": version, "name": "net", "type": "macvlan", "ipam": ipam}
-
-
-def cni(
-    exe: str, command: str, conf: dict[str, Any], container: str = "c1", args: str = ""
-) -> CniCall:
-    return run_cni(
-        exe,
-        command,
-        conf,
-        container_id=container,
-        netns="/var/run/netns/unused",
-        ifname="net1",
-        cni_path="/usr/lib/cni",
-        cni_args=args or f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod-{container}",
-    )
-
-
-def stored_allocations(server: EtcdServer, network: str) -> dict[str, dict[str, str]]:
-    """Every allocation of `network` as etcd holds it: offset-in-block keyed by block cidr."""
-    client = etcd3.client(host=server.host, port=server.port)
-    try:
-        found: dict[str, dict[str, str]] = {}
-        for value, _ in client.get_prefix(f"/pyabouts/v1/pools/4/{network}/"):
-            doc = json.loads(value)
-            for offset, owner in doc["allocations"].items():
-                assert owner.pop("node")  # the node that allocated: this host's, or its agent's
-                found[f"{doc['cidr']}+{offset}"] = owner
-        return found
-    finally:
-        client.close()
 
 
 def test_every_command_through_the_executable(pyabouts_exe: str, etcd_server: EtcdServer) -> None:
@@ -136,12 +100,6 @@ def test_tls_mistakes_fail_closed_and_say_why(
 
     mixed = ipam | {"etcd_host": f"https://{server.endpoint},http://127.0.0.1:1"}
     assert "mixes http:// and https://" in cni(pyabouts_exe, "ADD", netconf(**mixed)).result["msg"]
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_an_unreachable_etcd_is_try_again_later_within_a_bounded_time(pyabouts_exe: str) -> None:

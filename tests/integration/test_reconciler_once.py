@@ -22,8 +22,8 @@ from pyabouts.controller.leaks import Policy
 from pyabouts.controller.pods import PodReader
 from pyabouts.controller.reconciler import PassSummary, reconcile
 from pyabouts.ipam.pool import Owner
+from tests.integration.kube_fixtures import can
 from tests.integration.reconciler_env import NAMESPACE, RECONCILER_SA, ReconcilerEnv, pod_name
-from tests.integration.test_kubernetes_datastore import can
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,6 @@ import pytest
 
 from pyabouts.ipam import operations
 from pyabouts.ipam.coalescing import CoalescingTransactions
-from pyabouts.ipam.config import IpamConf
 from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
 from pyabouts.ipam.ranges import build_range
 from pyabouts.ipam.store import PoolStore
@@ -19,31 +18,10 @@ from pyabouts.ipam.stores.cached import CachedStore
 from pyabouts.ipam.stores.etcd import EtcdStore
 from pyabouts.ipam.stores.kubernetes import KubernetesStore
 from pyabouts.ipam.transaction import DirectTransactions, Transactions
-from tests.integration.etcd_fixtures import EtcdServer
+from tests.integration.stored_state import etcd_store, kubernetes_store
 from tests.memory_store import MemoryStore
 
 pytestmark = pytest.mark.integration
-
-
-def etcd_store(server: EtcdServer) -> EtcdStore:
-    ipam = IpamConf(
-        type="pyabouts",
-        datastore="etcd",
-        etcd_host=server.endpoint,
-        etcd_username=server.username,
-        etcd_password=server.password,
-        etcd_ca_cert_file=server.ca_cert,
-        etcd_cert_file=server.cert,
-        etcd_key_file=server.key,
-    )
-    return EtcdStore.from_config(ipam, timeout=5)
-
-
-def kubernetes_store(kubeconfig: str) -> KubernetesStore:
-    ipam = IpamConf.model_validate(
-        {"type": "pyabouts", "datastore": "kubernetes", "kubernetes": {"kubeconfig": kubeconfig}}
-    )
-    return KubernetesStore.from_config(ipam, timeout=5)
 
 
 @pytest.fixture(params=["memory", "etcd", "etcd-tls-auth", "kubernetes"])

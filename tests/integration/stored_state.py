@@ -1,0 +1,69 @@
+"""What the real stores hold, read back for the tests' assertions, and the stores opened
+directly: etcd keys, IPPool objects, and the apiserver's own count of conflicting writes."""
+
+from __future__ import annotations
+
+import json
+
+import etcd3
+
+from bench.kube import conflicting_writes, requests_by_verb_and_code
+from deploy.local.controlplane import ControlPlane
+from pyabouts.ipam.config import IpamConf
+from pyabouts.ipam.stores.etcd import EtcdStore
+from pyabouts.ipam.stores.kubernetes import GROUP, KubernetesStore
+from tests.integration.etcd_fixtures import EtcdServer
+from tests.integration.plugin_fixtures import etcd_ipam
+
+STORE_TIMEOUT = 5.0  # seconds per request, as the plugin's
+
+
+def etcd_store(server: EtcdServer) -> EtcdStore:
+    """pyabouts' etcd store on `server`, with its TLS and credentials."""
+    return EtcdStore.from_config(IpamConf.model_validate(etcd_ipam(server)), timeout=STORE_TIMEOUT)
+
+
+def kubernetes_store(kubeconfig: str) -> KubernetesStore:
+    """pyabouts' IPPool store, reaching the apiserver as `kubeconfig` says."""
+    ipam = {"type": "pyabouts", "datastore": "kubernetes", "kubernetes": {"kubeconfig": kubeconfig}}
+    return KubernetesStore.from_config(IpamConf.model_validate(ipam), timeout=STORE_TIMEOUT)
+
+
+def stored_allocations(server: EtcdServer, network: str) -> dict[str, dict[str, str]]:
+    """Every allocation of `network` as etcd holds it: offset-in-block keyed by block cidr."""
+    client = etcd3.client(host=server.host, port=server.port)
+    try:
+        found: dict[str, dict[str, str]] = {}
+        for value, _ in client.get_prefix(f"/pyabouts/v1/pools/4/{network}/"):
+            doc = json.loads(value)
+            for offset, owner in doc["allocations"].items():
+                assert owner.pop("node")  # the node that allocated: this host's, or its agent's
+                found[f"{doc['cidr']}+{offset}"] = owner
+        return found
+    finally:
+        client.close()
+
+
+def stored(cluster: ControlPlane, network: str) -> dict[str, str]:
+    """address -> containerID as the IPPools hold them; checks each object's status on the way."""
+    listed = json.loads(cluster.kubectl("get", "ippools", "-n", "kube-system", "-o", "json"))
+    held: dict[str, str] = {}
+    for item in listed["items"]:
+        spec = item["spec"]
+        if spec["network"] != network:
+            continue
+        allocations = spec["allocations"]
+        assert item["status"]["allocated"] == len(allocations)  # status is never stale
+        assert item["status"]["free"] == spec["capacity"] - len(allocations)
+        prefix = spec["cidr"].split("/")[0].rsplit(".", 1)[0]
+        base = int(spec["cidr"].split("/")[0].rsplit(".", 1)[1])
+        for offset, owner in allocations.items():
+            held[f"{prefix}.{base + int(offset)}"] = owner["containerID"]
+    return held
+
+
+def conflicts_at_the_apiserver(cluster: ControlPlane) -> int:
+    """The writes to IPPools the apiserver refused as conflicting so far, from its /metrics."""
+    status, body = cluster.request("GET", "/metrics")
+    assert status == 200 and isinstance(body, str), status
+    return conflicting_writes(requests_by_verb_and_code(body, GROUP))
