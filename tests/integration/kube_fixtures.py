@@ -24,6 +24,7 @@ ServiceAccounts you need, and use unique names, since every test of a worker sha
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -89,3 +90,23 @@ def can(
         f"--as=system:serviceaccount:kube-system:{service_account}",
     )
     return answer.stdout.strip() == "yes"
+
+
+def exec_kubeconfig(path: Path, cluster: ControlPlane, *, run_first: str = "") -> str:
+    """A kubeconfig whose user is an exec plugin (a shell command) that prints a token of the
+    plugin's ServiceAccount, after running `run_first` if given."""
+    credential = {
+        "apiVersion": "client.authentication.k8s.io/v1beta1",
+        "kind": "ExecCredential",
+        "status": {"token": pyabouts_token(cluster)},
+    }
+    script = f"echo '{json.dumps(credential)}'"
+    user = {
+        "exec": {
+            "apiVersion": "client.authentication.k8s.io/v1beta1",
+            "command": "/bin/sh",
+            "args": ["-c", f"{run_first}; {script}" if run_first else script],
+            "interactiveMode": "Never",
+        }
+    }
+    return kubeconfig(path, cluster, user)

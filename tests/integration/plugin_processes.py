@@ -190,7 +190,14 @@ def netconf(version: str = "1.1.0", **ipam: Any) -> dict[str, Any]:
 
 
 def cni(
-    exe: str, command: str, conf: dict[str, Any], container: str = "c1", args: str = ""
+    exe: str,
+    command: str,
+    conf: dict[str, Any],
+    container: str = "c1",
+    args: str = "",
+    *,
+    extra_env: dict[str, str] | None = None,
+    timeout: float = 60.0,
 ) -> CniCall:
     """One call of the plugin `exe`, as the runtime makes it for `container`."""
     return run_cni(
@@ -202,6 +209,8 @@ def cni(
         ifname="net1",
         cni_path="/usr/lib/cni",
         cni_args=args or f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod-{container}",
+        extra_env=extra_env,
+        timeout=timeout,
     )
 
 

@@ -18,12 +18,13 @@ import pytest
 
 from deploy.local.agent_process import AgentProcess, running_agent
 from deploy.local.controlplane import ControlPlane
-from deploy.local.netns import CniCall, run_cni
+from deploy.local.netns import CniCall
 from pyabouts.ipam.errors import INVALID_CONFIG
 from pyabouts.plugin.install import install_thin_plugin
 from tests.integration.etcd_fixtures import EtcdServer
-from tests.integration.kube_fixtures import kubeconfig, pyabouts_token
+from tests.integration.kube_fixtures import exec_kubeconfig
 from tests.integration.plugin_fixtures import etcd_ipam
+from tests.integration.plugin_processes import cni, netconf
 from tests.integration.stored_state import stored, stored_allocations
 
 pytestmark = pytest.mark.integration
@@ -34,18 +35,8 @@ def add(agent: AgentProcess, ipam: dict[str, Any], container: str) -> CniCall:
     thin = install_thin_plugin(
         agent.directory / "bin", socket_path=str(agent.socket), fallback=False
     )
-    conf = {"cniVersion": "1.0.0", "name": "net", "type": "macvlan", "ipam": ipam}
-    return run_cni(
-        str(thin),
-        "ADD",
-        conf,
-        container_id=container,
-        netns=f"/var/run/netns/{container}",
-        ifname="net1",
-        cni_path="/usr/lib/cni",
-        cni_args=f"IgnoreUnknown=1;K8S_POD_NAMESPACE=identity;K8S_POD_NAME={container}",
-        timeout=30,  # a request that made the agent open one of the FIFOs would hang
-    )
+    # A short timeout: a request that made the agent open one of the FIFOs would hang.
+    return cni(str(thin), "ADD", netconf("1.0.0", **ipam), container, timeout=30)
 
 
 def agent_config(directory: Path, settings: dict[str, Any]) -> Path:
@@ -55,23 +46,10 @@ def agent_config(directory: Path, settings: dict[str, Any]) -> Path:
     return config
 
 
-def exec_kubeconfig(path: Path, cluster: ControlPlane, marker: Path) -> str:
+def marking_kubeconfig(path: Path, cluster: ControlPlane, marker: Path) -> str:
     """A kubeconfig whose exec plugin leaves `marker` behind when it runs, and then gives a
     token that works: followed, it would succeed, so only the marker tells."""
-    credential = {
-        "apiVersion": "client.authentication.k8s.io/v1beta1",
-        "kind": "ExecCredential",
-        "status": {"token": pyabouts_token(cluster)},
-    }
-    user = {
-        "exec": {
-            "apiVersion": "client.authentication.k8s.io/v1beta1",
-            "command": "/bin/sh",
-            "args": ["-c", f"touch {marker}; echo '{json.dumps(credential)}'"],
-            "interactiveMode": "Never",
-        }
-    }
-    return kubeconfig(path, cluster, user)
+    return exec_kubeconfig(path, cluster, run_first=f"touch {marker}")
 
 
 def fifo(path: Path) -> str:
@@ -120,7 +98,7 @@ def test_a_requests_kubeconfig_certificates_and_flat_file_are_never_followed(
         "type": "pyabouts",
         "range": "10.92.0.0/24",
         "network_name": network,
-        "kubernetes": {"kubeconfig": exec_kubeconfig(tmp_path / "kc", pyabouts_cluster, marker)},
+        "kubernetes": {"kubeconfig": marking_kubeconfig(tmp_path / "kc", pyabouts_cluster, marker)},
         "configuration_path": str(hostile_flat),
     }
     first = add(kubernetes_agent, ipam, "exec").expect_success()
@@ -154,7 +132,7 @@ def test_an_agent_that_trusts_requests_does_run_their_exec_plugin(
         "type": "pyabouts",
         "range": "10.93.0.0/24",
         "network_name": f"trusting-{uuid.uuid4().hex[:6]}",
-        "kubernetes": {"kubeconfig": exec_kubeconfig(tmp_path / "kc", pyabouts_cluster, marker)},
+        "kubernetes": {"kubeconfig": marking_kubeconfig(tmp_path / "kc", pyabouts_cluster, marker)},
     }
     with running_agent(tmp_path / "node") as trusting:  # no config: trusts requests
         add(trusting, ipam, "trusted").expect_success()

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from deploy.local.controlplane import ControlPlane
-from deploy.local.netns import CniCall, run_cni
+from deploy.local.netns import CniCall
 from tests.integration.plugin_fixtures import NodeAgents, kubernetes_ipam
-from tests.integration.plugin_processes import Node, make_nodes
+from tests.integration.plugin_processes import Node, cni, make_nodes
 from tests.integration.stored_state import stored
 
 pytestmark = pytest.mark.integration
@@ -28,17 +28,7 @@ def call(
     env = {"NODE_NAME": node.name}
     if node.agent is not None:
         env["PYABOUTS_AGENT_SOCKET"] = str(node.agent.socket)
-    return run_cni(
-        exe,
-        command,
-        conf,
-        container_id=container,
-        netns=f"/var/run/netns/{container}",
-        ifname="net1",
-        cni_path="/usr/lib/cni",
-        cni_args=f"IgnoreUnknown=1;K8S_POD_NAMESPACE=gc;K8S_POD_NAME={container}",
-        extra_env=env,
-    )
+    return cni(exe, command, conf, container, extra_env=env)
 
 
 def nad(name: str, ipam: dict[str, Any], node: Node) -> dict[str, Any]:
@@ -66,6 +56,10 @@ def test_gc_on_a_node_frees_only_its_own_stale_entries_of_that_network(
     node_a, node_b, idle = three_nodes
     network = f"gc-{uuid.uuid4().hex[:6]}"
     ipam = kubernetes_ipam(pyabouts_cluster, range="10.90.0.0/24", network_name=network)
+
+    def holders() -> list[str]:
+        return sorted(stored(pyabouts_cluster, network).values())
+
     blue = nad("blue", ipam, node_a)
     for container in ("a1", "a2", "a3"):
         call(pyabouts_exe, node_a, "ADD", blue, container).expect_success()
@@ -74,49 +68,18 @@ def test_gc_on_a_node_frees_only_its_own_stale_entries_of_that_network(
     red = nad("red", ipam, node_a)  # another NAD sharing the pool (same network_name)
     for container in ("r1", "r2"):
         call(pyabouts_exe, node_a, "ADD", red, container).expect_success()
-    assert sorted(stored(pyabouts_cluster, network).values()) == [
-        "a1",
-        "a2",
-        "a3",
-        "b1",
-        "b2",
-        "b3",
-        "r1",
-        "r2",
-    ]
+    assert holders() == ["a1", "a2", "a3", "b1", "b2", "b3", "r1", "r2"]
 
     gc(pyabouts_exe, node_a, blue, ["a1", "a3"])  # a2 is gone from node A's runtime
-    assert sorted(stored(pyabouts_cluster, network).values()) == [
-        "a1",
-        "a3",
-        "b1",
-        "b2",
-        "b3",
-        "r1",
-        "r2",
-    ]
+    assert holders() == ["a1", "a3", "b1", "b2", "b3", "r1", "r2"]
 
     gc(pyabouts_exe, node_a, red, ["r2"])  # red's own list frees red's stale entry only
-    assert sorted(stored(pyabouts_cluster, network).values()) == [
-        "a1",
-        "a3",
-        "b1",
-        "b2",
-        "b3",
-        "r2",
-    ]
+    assert holders() == ["a1", "a3", "b1", "b2", "b3", "r2"]
 
     # A runtime that GCs at start-up with an empty list, on a node that made nothing.
     gc(pyabouts_exe, idle, nad("blue", ipam, idle), [])
     gc(pyabouts_exe, idle, nad("red", ipam, idle), [])
-    assert sorted(stored(pyabouts_cluster, network).values()) == [
-        "a1",
-        "a3",
-        "b1",
-        "b2",
-        "b3",
-        "r2",
-    ]
+    assert holders() == ["a1", "a3", "b1", "b2", "b3", "r2"]
 
     # The addresses node B holds were never freed, so node A's next ADDs never get them.
     held_by_b = {a for a, c in stored(pyabouts_cluster, network).items() if c.startswith("b")}

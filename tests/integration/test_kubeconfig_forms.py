@@ -5,7 +5,6 @@ verified against the CA it names."""
 from __future__ import annotations
 
 import base64
-import json
 import shutil
 import uuid
 from pathlib import Path
@@ -16,7 +15,7 @@ from deploy.local.controlplane import ControlPlane
 from pyabouts.ipam.errors import StoreRefusedError, StoreUnavailableError
 from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
 from pyabouts.ipam.stores.kubernetes import KubernetesStore
-from tests.integration.kube_fixtures import kubeconfig, pyabouts_token
+from tests.integration.kube_fixtures import exec_kubeconfig, kubeconfig, pyabouts_token
 from tests.integration.stored_state import kubernetes_store
 
 pytestmark = pytest.mark.integration
@@ -75,20 +74,7 @@ def test_a_token_file_is_read_on_every_request(
 def test_an_exec_plugin_goes_through_the_kubernetes_client(
     pyabouts_cluster: ControlPlane, tmp_path: Path
 ) -> None:
-    credential = {
-        "apiVersion": "client.authentication.k8s.io/v1beta1",
-        "kind": "ExecCredential",
-        "status": {"token": pyabouts_token(pyabouts_cluster)},
-    }
-    user = {
-        "exec": {
-            "apiVersion": "client.authentication.k8s.io/v1beta1",
-            "command": "/bin/sh",
-            "args": ["-c", f"echo '{json.dumps(credential)}'"],
-            "interactiveMode": "Never",
-        }
-    }
-    write_and_read_back(kubernetes_store(kubeconfig(tmp_path / "kc", pyabouts_cluster, user)))
+    write_and_read_back(kubernetes_store(exec_kubeconfig(tmp_path / "kc", pyabouts_cluster)))
 
 
 def test_a_server_certificate_no_trusted_ca_signed_is_refused(
