@@ -5,7 +5,7 @@ figures; it asserts nothing. Modules:
 
 - `process`: spawn one program, time it, and read its peak RSS, under GNU time
   (`/usr/bin/time`), so the benchmark's own RSS does not leak into the plugin's figure;
-- a private etcd on free loopback ports, for the run only (`deploy/local/etcd_process.py`);
+- a private etcd on free loopback ports, for the run only (`deploy/local/etcd_server.py`);
 - `kube`: a private kube-apiserver (deploy.local.controlplane) with pyabouts' CRDs and RBAC,
   and its request counters from `/metrics`;
 - `contenders`: the plugins under test, and how each is called for a phase on a simulated node;

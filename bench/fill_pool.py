@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.kube import running_cluster
-from deploy.local.etcd_process import running_etcd
+from deploy.local.etcd_server import running_etcd
 from pyabouts.ipam import operations
 from pyabouts.ipam.config import IpamConf
 from pyabouts.ipam.errors import RANGE_EXHAUSTED, CniError, RangeExhaustedError

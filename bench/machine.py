@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from bench.results import Machine
-from deploy.local.etcd_process import etcd_version
+from deploy.local.etcd_server import etcd_version
 
 CNI_PLUGINS_PACKAGE = "containernetworking-plugins"
 

@@ -28,7 +28,7 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from bench.kube import running_cluster
-from deploy.local.etcd_process import running_etcd
+from deploy.local.etcd_server import running_etcd
 from pyabouts.controller.leaks import Policy
 from pyabouts.controller.pods import PodReader
 from pyabouts.controller.reconciler import reconcile

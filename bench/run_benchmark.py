@@ -59,7 +59,7 @@ from bench.results import (
 )
 from deploy.local.agent_process import AgentProcess, running_agent
 from deploy.local.controlplane import KUBE_VERSION
-from deploy.local.etcd_process import running_etcd
+from deploy.local.etcd_server import running_etcd
 
 HOST_LOCAL_NAME = "host-local"
 WHEREABOUTS_NAME = "whereabouts"

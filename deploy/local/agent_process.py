@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from deploy.local.etcd_process import free_ports
+from deploy.local.ports import free_ports
 
 READY_TIMEOUT_SECONDS = 60.0
 

@@ -9,6 +9,10 @@ Debian's etcd binary (``deploy/local/setup.sh`` does both, ``deploy/local/testen
 environment). Elsewhere, ``PYABOUTS_ETCD_IMAGE`` can name any etcd 3.4+ image whose entrypoint
 is the etcd binary.
 
+The fixtures describe the server with the local tooling's one etcd type,
+:class:`deploy.local.etcd_server.EtcdServer` (endpoint, TLS files, user; no process of ours:
+the container is stopped at the session's end).
+
 A server that does not come up makes the fixture raise (an error in the test run), never skip:
 a missing etcd must not look like a green run.
 
@@ -22,14 +26,11 @@ Registered from ``tests/conftest.py``. Fixtures (session-scoped, one server per 
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
 import ssl
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +39,14 @@ from typing import TYPE_CHECKING
 import pytest
 
 from deploy.local.commands import run_command
+from deploy.local.etcd_server import EtcdServer, etcd_health
 from deploy.local.pki import CLIENT_USAGE, SERVER_USAGE, issue_certificate, make_ca
 
 if TYPE_CHECKING:  # imported where a container is made: unit tests load this module too
     from testcontainers.core.container import DockerContainer
+
+#: EtcdServer is re-exported: the tests take it from here, with the fixtures that make one.
+__all__ = ["EtcdServer", "etcd_image", "etcd_server", "etcd_tls_auth_server"]
 
 DEFAULT_ETCD_IMAGE = "localhost/pyabouts-etcd:3.4"
 ETCD_CLIENT_PORT = 2379
@@ -55,38 +60,6 @@ PYABOUTS_USER = "pyabouts"
 PYABOUTS_ROLE = "pyabouts-rw"
 
 _CERTS_IN_CONTAINER = "/etc/etcd-certs"
-
-
-@dataclass(frozen=True)
-class EtcdServer:
-    """How to reach a running etcd server.
-
-    ``endpoint`` is ``"127.0.0.1:PORT"`` (no scheme). The TLS fields are file paths on the host
-    (all ``None`` for a plain server); ``username``/``password`` are ``None`` without auth.
-    """
-
-    endpoint: str
-    ca_cert: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    username: str | None = None
-    password: str | None = None
-
-    @property
-    def host(self) -> str:
-        return self.endpoint.rsplit(":", 1)[0]
-
-    @property
-    def port(self) -> int:
-        return int(self.endpoint.rsplit(":", 1)[1])
-
-    @property
-    def tls(self) -> bool:
-        return self.ca_cert is not None
-
-    @property
-    def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://{self.endpoint}"
 
 
 def etcd_image() -> str:
@@ -128,13 +101,12 @@ def _wait_healthy(
                 + _container_logs(container)
             )
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2, context=context) as resp:
-                body = json.loads(resp.read())
-            if body.get("health") == "true":
-                return
-            last_error = f"/health said {body}"
+            answer = etcd_health(url, context)
         except (OSError, ValueError) as exc:  # URLError, connection reset, bad JSON
-            last_error = repr(exc)
+            answer = repr(exc)
+        if answer is None:
+            return
+        last_error = answer
         time.sleep(0.1)
     raise RuntimeError(
         f"etcd at {url} not healthy after {STARTUP_TIMEOUT_S:.0f} s ({last_error}); logs:\n"

@@ -25,7 +25,7 @@ import pytest
 
 from deploy.local.agent_process import running_agent
 from deploy.local.controlplane import ControlPlane, start_control_plane
-from deploy.local.etcd_process import running_etcd
+from deploy.local.etcd_server import running_etcd
 from deploy.local.install import install_pyabouts
 from pyabouts.ipam.config import flat_file_settings
 from pyabouts.ipam.stores import open_store

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from deploy.local.controlplane import free_port
 from deploy.local.pod_objects import create_pod, delete_pod
+from deploy.local.ports import free_port
 from pyabouts.controller.connect import connect, read_settings
 from pyabouts.controller.pods import PodReader
 from pyabouts.controller.watching import PodEvent, PodWatch, Relisted
