@@ -8,7 +8,9 @@ server (resourceVersion conflicts, RBAC, custom resources), and no registry here
 controller-manager, scheduler or kubelet: namespaces never finish deleting, pods stay Pending,
 new namespaces get no ``default`` ServiceAccount.
 
-From the command line (from the repository root)::
+It is composed of the parts beside it: certificates (``pki.py``), etcd (``etcd_server.py``),
+kube-apiserver as a supervised process (``supervision.py``), kubeconfigs (``kubeconfigs.py``).
+From the command line (``controlplane_cli.py``; from the repository root)::
 
     .venv/bin/python -m deploy.local.controlplane up       # starts it in the background
     eval "$(.venv/bin/python -m deploy.local.controlplane env)"
@@ -33,50 +35,43 @@ CA, a serving certificate for 127.0.0.1/localhost, an admin client certificate i
 
 from __future__ import annotations
 
-import argparse
-import base64
 import contextlib
-import ctypes
 import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploy.local.commands import LocalToolError, run_command
-from deploy.local.pki import CLIENT_USAGE, SERVER_USAGE, issue_certificate, make_ca
+from deploy.local.commands import LocalToolError
+from deploy.local.etcd_server import EtcdServer, default_etcd_binary, start_etcd
+from deploy.local.kubeconfigs import write_kubeconfig
+from deploy.local.pki import Certificates, make_certificates
+from deploy.local.ports import free_port
+from deploy.local.supervision import ProcessError, SupervisedProcess, start_on_free_ports
 
 KUBE_VERSION = "v1.34.3"
 SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/24"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 KUBECTL = "/usr/bin/kubectl"
-DEFAULT_ETCD = "/usr/bin/etcd"
 MEMORY_DIR = Path("/dev/shm")
-CONTEXT_NAME = "pyabouts-local"
-CONTEXT_NAMESPACE = "kube-system"
 
 # /readyz waits for post-start hooks (RBAC bootstrap roles, priority classes) that take a few
 # seconds on an idle machine and minutes on two cores busy with hundreds of plugin processes.
 READY_TIMEOUT_S = 240.0
-ETCD_READY_TIMEOUT_S = 20.0
-STOP_TIMEOUT_S = 15.0
 KUBECTL_TIMEOUT_S = 60.0
-CERT_DAYS = 365
-#: Attempts at a start when a freshly chosen port turns out to be taken (a race with another
-#: instance or an outgoing connection between choosing the port and binding it).
-START_ATTEMPTS = 3
-LOG_TAIL_CHARS = 4000
+
+# A real control plane runs on its own machines. Here it shares two cores with the simulated
+# nodes, whose hundreds of plugin processes would otherwise starve it until Multus gives up on a
+# pod it cannot read within seconds. A higher CPU priority gives it back its own machine's share.
+CONTROL_PLANE_NICE = -10
 
 STATE_FILE = "state.json"
 
@@ -98,6 +93,15 @@ class KubectlError(ControlPlaneError):
         )
 
 
+@contextlib.contextmanager
+def _as_control_plane_error() -> Iterator[None]:
+    """A server that does not start or stop is the control plane's failure, for its callers."""
+    try:
+        yield
+    except ProcessError as exc:
+        raise ControlPlaneError(str(exc)) from exc
+
+
 def cache_dir() -> Path:
     """``$PYABOUTS_CACHE`` or ``~/.cache/pyabouts`` (the same as build_binaries.sh)."""
     env = os.environ.get("PYABOUTS_CACHE")
@@ -110,280 +114,14 @@ def default_apiserver_binary() -> Path:
     return Path(env) if env else cache_dir() / "bin" / f"kube-apiserver-{KUBE_VERSION}"
 
 
-def default_etcd_binary() -> Path:
-    env = os.environ.get("PYABOUTS_ETCD_BINARY")
-    return Path(env) if env else Path(DEFAULT_ETCD)
-
-
 def default_state_dir() -> Path:
     return cache_dir() / "run" / "controlplane"
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _failed_checks(body: str) -> str:
     """The checks a /readyz answer marks failed ("[-]name failed: ..."), else its last line."""
     failed = [line.strip() for line in body.splitlines() if line.lstrip().startswith("[-]")]
     return "; ".join(failed) or body.strip()[-300:]
-
-
-def _tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - chars))
-            return f.read().decode(errors="replace")
-    except OSError as exc:
-        return f"<no log: {exc}>"
-
-
-# A real control plane runs on its own machines. Here it shares two cores with the simulated
-# nodes, whose hundreds of plugin processes would otherwise starve it until Multus gives up on a
-# pod it cannot read within seconds. A higher CPU priority gives it back its own machine's share.
-CONTROL_PLANE_NICE = -10
-
-
-def _prepare_child(*, die_with_parent: bool) -> Callable[[], None]:
-    """The preexec_fn of a control-plane server: its CPU priority, and its death with us."""
-
-    def prepare() -> None:
-        with contextlib.suppress(PermissionError):  # not root: keep the default priority
-            os.nice(CONTROL_PLANE_NICE)
-        if die_with_parent:
-            _set_parent_death_signal()
-
-    return prepare
-
-
-def _set_parent_death_signal() -> None:
-    """preexec_fn: SIGKILL the child when the process (thread) that started it dies.
-
-    Keeps a crashed or killed pytest worker from leaking an apiserver and an etcd. SIGKILL, not
-    SIGTERM: on SIGTERM kube-apiserver shuts down gracefully, which hangs for good once etcd
-    (signalled at the same moment) is gone; nobody is left to care about a graceful exit.
-    """
-    pr_set_pdeathsig = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-
-
-# --------------------------------------------------------------------------- certificates
-
-
-@dataclass(frozen=True)
-class Certificates:
-    """Paths of the PEM files the control plane uses (all inside ``<state>/pki``)."""
-
-    ca_cert: Path
-    ca_key: Path
-    serving_cert: Path
-    serving_key: Path
-    admin_cert: Path
-    admin_key: Path
-    sa_key: Path
-    sa_pub: Path
-
-    @classmethod
-    def in_dir(cls, pki: Path) -> Certificates:
-        return cls(
-            ca_cert=pki / "ca.crt",
-            ca_key=pki / "ca.key",
-            serving_cert=pki / "apiserver.crt",
-            serving_key=pki / "apiserver.key",
-            admin_cert=pki / "admin.crt",
-            admin_key=pki / "admin.key",
-            sa_key=pki / "sa.key",
-            sa_pub=pki / "sa.pub",
-        )
-
-    def all_present(self) -> bool:
-        return all(Path(p).is_file() for p in vars(self).values())
-
-
-def make_certificates(pki: Path) -> Certificates:
-    """Create the CA, serving, admin and service-account keys with openssl (reused if present)."""
-    certs = Certificates.in_dir(pki)
-    if certs.all_present():
-        return certs
-    pki.mkdir(parents=True, exist_ok=True)
-    pki.chmod(0o700)
-    make_ca(pki, "pyabouts-local-ca", CERT_DAYS)
-    issue_certificate(
-        pki,
-        "apiserver",
-        "/CN=kube-apiserver",
-        "subjectAltName = IP:127.0.0.1, IP:10.96.0.1, DNS:localhost, DNS:kubernetes, "
-        "DNS:kubernetes.default, DNS:kubernetes.default.svc\n"
-        "basicConstraints = critical, CA:FALSE\n" + SERVER_USAGE,
-        CERT_DAYS,
-    )
-    issue_certificate(
-        pki,
-        "admin",
-        "/O=system:masters/CN=kubernetes-admin",
-        "basicConstraints = critical, CA:FALSE\n" + CLIENT_USAGE,
-        CERT_DAYS,
-    )
-    run_command(
-        [
-            *("openssl", "genpkey", "-algorithm", "RSA"),
-            *("-pkeyopt", "rsa_keygen_bits:2048", "-out", "sa.key"),
-        ],
-        cwd=pki,
-    )
-    run_command(["openssl", "pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub"], cwd=pki)
-    for key in pki.glob("*.key"):
-        key.chmod(0o600)
-    return certs
-
-
-def _b64(path: Path) -> str:
-    return base64.b64encode(path.read_bytes()).decode()
-
-
-def write_kubeconfig(
-    path: Path,
-    *,
-    server: str,
-    ca_cert: Path,
-    client_cert: Path | None = None,
-    client_key: Path | None = None,
-    token: str | None = None,
-    user: str = "admin",
-    namespace: str = CONTEXT_NAMESPACE,
-) -> Path:
-    """Write a self-contained kubeconfig (certificates embedded) with one context."""
-    if token is not None:
-        creds = f"    token: {token}\n"
-    elif client_cert is not None and client_key is not None:
-        creds = (
-            f"    client-certificate-data: {_b64(client_cert)}\n"
-            f"    client-key-data: {_b64(client_key)}\n"
-        )
-    else:
-        raise ValueError("a kubeconfig needs a token or a client certificate and key")
-    text = (
-        "apiVersion: v1\n"
-        "kind: Config\n"
-        "clusters:\n"
-        f"- name: {CONTEXT_NAME}\n"
-        "  cluster:\n"
-        f"    server: {server}\n"
-        f"    certificate-authority-data: {_b64(ca_cert)}\n"
-        "users:\n"
-        f"- name: {user}\n"
-        "  user:\n"
-        f"{creds}"
-        "contexts:\n"
-        f"- name: {CONTEXT_NAME}\n"
-        "  context:\n"
-        f"    cluster: {CONTEXT_NAME}\n"
-        f"    user: {user}\n"
-        f"    namespace: {namespace}\n"
-        f"current-context: {CONTEXT_NAME}\n"
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o600)
-    tmp.replace(path)
-    return path
-
-
-# --------------------------------------------------------------------------- processes
-
-
-@dataclass
-class _Process:
-    """A server process: our child (``popen``) or, from the CLI, a recorded pid."""
-
-    name: str
-    argv: list[str]
-    log: Path
-    popen: subprocess.Popen[bytes] | None = None
-    pid: int | None = None
-
-    def start(self, *, die_with_parent: bool) -> None:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as log:
-            log.write(f"\n==== {time.strftime('%F %T')} starting: {' '.join(self.argv)}\n".encode())
-            log.flush()
-            self.popen = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # Own session: a Ctrl-C in the shell that ran `up` does not reach the servers.
-                start_new_session=True,
-                preexec_fn=_prepare_child(die_with_parent=die_with_parent),  # noqa: PLW1509
-            )
-        self.pid = self.popen.pid
-
-    def alive(self) -> bool:
-        if self.popen is not None:
-            return self.popen.poll() is None
-        if self.pid is None:
-            return False
-        return _pid_runs(self.pid, self.argv[0])
-
-    def exit_code(self) -> int | None:
-        return None if self.popen is None else self.popen.poll()
-
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """SIGTERM, then SIGKILL after ``timeout``; a no-op when it is not running."""
-        if self.pid is None or not self.alive():
-            self._reap()
-            return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                if not self.alive():
-                    self._reap()
-                    return
-                time.sleep(0.05)
-        raise ControlPlaneError(f"{self.name} (pid {self.pid}) survived SIGKILL")
-
-    def _reap(self) -> None:
-        if self.popen is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout=1)
-
-
-def _pid_runs(pid: int, exe: str) -> bool:
-    """True if ``pid`` is a live (not zombie) process whose argv[0] is ``exe``.
-
-    The check on argv[0] keeps ``down`` from signalling an unrelated process that reuses a
-    pid recorded long ago.
-    """
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    state = stat.rsplit(")", 1)[-1].split()[0] if ")" in stat else "?"
-    if state in ("Z", "X"):
-        return False
-    return cmdline.split(b"\0", 1)[0].decode(errors="replace") == exe
-
-
-def _port_in_use(log: Path) -> bool:
-    text = _tail(log).lower()
-    return "address already in use" in text or "bind: address" in text
-
-
-# --------------------------------------------------------------------------- control plane
 
 
 @dataclass
@@ -405,11 +143,9 @@ class ControlPlane:
     #: the control plane (e.g. the main thread), or turn it off.
     die_with_parent: bool = True
 
-    etcd_port: int = 0
-    etcd_peer_port: int = 0
     apiserver_port: int = 0
-    _etcd: _Process | None = field(default=None, repr=False)
-    _apiserver: _Process | None = field(default=None, repr=False)
+    etcd: EtcdServer | None = field(default=None, repr=False)
+    _apiserver: SupervisedProcess | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.state_dir = self.state_dir.resolve()
@@ -427,7 +163,7 @@ class ControlPlane:
 
     @property
     def etcd_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.etcd_port}"
+        return f"http://127.0.0.1:{0 if self.etcd is None else self.etcd.port}"
 
     @property
     def ca_cert(self) -> Path:
@@ -484,8 +220,15 @@ class ControlPlane:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         make_certificates(self.state_dir / "pki")
         try:
-            self._start_etcd()
-            self._start_apiserver(new_port=True)
+            with _as_control_plane_error():
+                self.etcd = start_etcd(
+                    self.etcd_data_dir,
+                    self.etcd_log,
+                    binary=self.etcd_binary,
+                    die_with_parent=self.die_with_parent,
+                    nice=CONTROL_PLANE_NICE,
+                )
+                self._apiserver = start_on_free_ports(self._new_apiserver)
             write_kubeconfig(
                 self.kubeconfig,
                 server=self.server,
@@ -502,12 +245,10 @@ class ControlPlane:
     def stop(self) -> None:
         """Stop kube-apiserver, then etcd (SIGTERM, then SIGKILL). Safe to call twice."""
         errors: list[str] = []
-        for proc in (self._apiserver, self._etcd):
-            if proc is None:
-                continue
+        for proc in self.processes().values():
             try:
                 proc.stop()
-            except ControlPlaneError as exc:
+            except ProcessError as exc:
                 errors.append(str(exc))
         if errors:
             raise ControlPlaneError("; ".join(errors))
@@ -515,41 +256,41 @@ class ControlPlane:
 
     def restart_apiserver(self) -> None:
         """Stop kube-apiserver and start it again on the same port and etcd; wait for ready."""
-        if self._apiserver is None:
-            raise ControlPlaneError("kube-apiserver was never started")
-        self._apiserver.stop()
-        self._start_apiserver(new_port=False)
+        with _as_control_plane_error():
+            self._component("kube-apiserver").restart()
         self._write_state()
 
     def kill(self, name: str) -> None:
         """SIGKILL "etcd" or "kube-apiserver", as on a crash; start_again() brings it back."""
-        process = self._component(name)
-        assert process.pid is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGKILL)
-        process.stop()  # reaps it
+        with _as_control_plane_error():
+            self._component(name).kill()
 
     def start_again(self, name: str) -> None:
         """Start a killed component on its old port (etcd: and its data); wait until ready."""
-        if name == "kube-apiserver":
-            self._start_apiserver(new_port=False)
-            return
-        self._component(name).start(die_with_parent=self.die_with_parent)
-        self._wait_etcd()
+        with _as_control_plane_error():
+            self._component(name).start()
 
-    def _component(self, name: str) -> _Process:
-        process = {"etcd": self._etcd, "kube-apiserver": self._apiserver}[name]
+    def _component(self, name: str) -> SupervisedProcess:
+        process = self.processes().get(name)
         if process is None:
             raise ControlPlaneError(f"{name} was never started")
         return process
 
+    def processes(self) -> dict[str, SupervisedProcess]:
+        """Its servers that were started (or adopted from the state file), in stopping order."""
+        found = {"kube-apiserver": self._apiserver}
+        found["etcd"] = None if self.etcd is None else self.etcd.process
+        return {name: proc for name, proc in found.items() if proc is not None}
+
     def running(self) -> bool:
-        return all(p is not None and p.alive() for p in (self._etcd, self._apiserver))
+        processes = self.processes()
+        return len(processes) == 2 and all(p.alive() for p in processes.values())
 
     def pids(self) -> dict[str, int | None]:
+        processes = self.processes()
         return {
-            "etcd": None if self._etcd is None else self._etcd.pid,
-            "kube-apiserver": None if self._apiserver is None else self._apiserver.pid,
+            name: None if name not in processes else processes[name].pid
+            for name in ("etcd", "kube-apiserver")
         }
 
     def __enter__(self) -> ControlPlane:
@@ -557,59 +298,6 @@ class ControlPlane:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    def _start_etcd(self) -> None:
-        for attempt in range(1, START_ATTEMPTS + 1):
-            shutil.rmtree(self.etcd_data_dir, ignore_errors=True)
-            self.etcd_port, self.etcd_peer_port = free_port(), free_port()
-            peer = f"http://127.0.0.1:{self.etcd_peer_port}"
-            self._etcd = _Process(
-                name="etcd",
-                argv=[
-                    str(self.etcd_binary),
-                    *("--name", "pyabouts-local"),
-                    *("--data-dir", str(self.etcd_data_dir)),
-                    *("--listen-client-urls", self.etcd_endpoint),
-                    *("--advertise-client-urls", self.etcd_endpoint),
-                    *("--listen-peer-urls", peer),
-                    *("--initial-advertise-peer-urls", peer),
-                    *("--initial-cluster", f"pyabouts-local={peer}"),
-                    *("--log-outputs", "stderr"),
-                ],
-                log=self.etcd_log,
-            )
-            self._etcd.start(die_with_parent=self.die_with_parent)
-            try:
-                self._wait_etcd()
-                return
-            except ControlPlaneError:
-                self._etcd.stop()
-                if attempt == START_ATTEMPTS or not _port_in_use(self.etcd_log):
-                    raise
-
-    def _wait_etcd(self) -> None:
-        assert self._etcd is not None
-        deadline = time.monotonic() + ETCD_READY_TIMEOUT_S
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            if not self._etcd.alive():
-                raise ControlPlaneError(
-                    f"etcd exited ({self._etcd.exit_code()}) before it became healthy; "
-                    f"log tail ({self.etcd_log}):\n{_tail(self.etcd_log)}"
-                )
-            try:
-                with urllib.request.urlopen(f"{self.etcd_endpoint}/health", timeout=2) as resp:
-                    body = json.loads(resp.read())
-                if body.get("health") == "true":
-                    return
-                last = f"/health said {body}"
-            except (OSError, ValueError) as exc:
-                last = repr(exc)
-            time.sleep(0.05)
-        raise ControlPlaneError(
-            f"etcd at {self.etcd_endpoint} not healthy after {ETCD_READY_TIMEOUT_S:.0f} s "
-            f"({last}); log tail ({self.etcd_log}):\n{_tail(self.etcd_log)}"
-        )
 
     def _apiserver_argv(self) -> list[str]:
         c = self.certs
@@ -633,48 +321,46 @@ class ControlPlane:
             *self.extra_apiserver_args,
         ]
 
-    def _start_apiserver(self, *, new_port: bool) -> None:
-        attempts = START_ATTEMPTS if new_port else 1
-        for attempt in range(1, attempts + 1):
-            if new_port:
-                self.apiserver_port = free_port()
-            self._apiserver = _Process(
-                name="kube-apiserver", argv=self._apiserver_argv(), log=self.apiserver_log
-            )
-            self._apiserver.start(die_with_parent=self.die_with_parent)
+    def _new_apiserver(self) -> SupervisedProcess:
+        """kube-apiserver on a newly chosen port (not started)."""
+        self.apiserver_port = free_port()
+        return self._apiserver_process(self._apiserver_argv())
+
+    def _apiserver_process(self, argv: list[str], pid: int | None = None) -> SupervisedProcess:
+        return SupervisedProcess(
+            name="kube-apiserver",
+            argv=argv,
+            log=self.apiserver_log,
+            ready=self._apiserver_not_ready,
+            ready_timeout=READY_TIMEOUT_S,
+            nice=CONTROL_PLANE_NICE,
+            die_with_parent=self.die_with_parent,
+            pid=pid,
+        )
+
+    def _apiserver_not_ready(self) -> str | None:
+        """None once /readyz says ``ok`` and the kube-system namespace exists; else why not."""
+        for path, want in (("/readyz", "ok"), ("/api/v1/namespaces/kube-system", None)):
             try:
-                self.wait_ready()
-                return
-            except ControlPlaneError:
-                self._apiserver.stop()
-                if attempt == attempts or not _port_in_use(self.apiserver_log):
-                    raise
+                status, body = self._get(path, timeout=5)
+            except OSError as exc:  # ssl.SSLError included
+                return f"{self.server}{path}: {exc!r}"
+            if status != 200 or (want is not None and body.strip() != want):
+                return f"{self.server}{path}: HTTP {status}: {_failed_checks(body)}"
+        return None
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
         """Poll /readyz until it answers ``ok``, then wait for the kube-system namespace."""
-        deadline = time.monotonic() + timeout
-        last = "no answer yet"
-        for path, want in (("/readyz", "ok"), ("/api/v1/namespaces/kube-system", None)):
-            while True:
-                if self._apiserver is not None and not self._apiserver.alive():
-                    raise ControlPlaneError(
-                        f"kube-apiserver exited ({self._apiserver.exit_code()}) before it was "
-                        f"ready; log tail ({self.apiserver_log}):\n{_tail(self.apiserver_log)}"
-                    )
-                try:
-                    status, body = self._get(path, timeout=5)
-                    if status == 200 and (want is None or body.strip() == want):
-                        break
-                    last = f"{path}: HTTP {status}: {_failed_checks(body)}"
-                except (OSError, ssl.SSLError) as exc:
-                    last = f"{path}: {exc!r}"
-                if time.monotonic() > deadline:
-                    raise ControlPlaneError(
-                        f"kube-apiserver at {self.server} not ready after {timeout:.0f} s "
-                        f"({last}); log tail ({self.apiserver_log}):\n"
-                        f"{_tail(self.apiserver_log)}"
-                    )
-                time.sleep(0.1)
+        with _as_control_plane_error():
+            self._component("kube-apiserver").wait_ready(timeout)
+
+    def readyz(self) -> str:
+        """What ``/readyz`` answers now, on one line (for a status display)."""
+        try:
+            status, body = self._get("/readyz", timeout=5)
+        except OSError as exc:  # ssl.SSLError included
+            return f"{self.server}/readyz: {exc}"
+        return f"{self.server}/readyz: HTTP {status} {body.strip()[:200]}"
 
     # ---- talking to it
 
@@ -775,21 +461,17 @@ class ControlPlane:
     # ---- state file (for the CLI)
 
     def _write_state(self) -> None:
+        processes = self.processes()
         state = {
             "version": KUBE_VERSION,
             "server": self.server,
             "etcd_endpoint": self.etcd_endpoint,
-            "etcd_port": self.etcd_port,
-            "etcd_peer_port": self.etcd_peer_port,
             "apiserver_port": self.apiserver_port,
             "kubeconfig": str(self.kubeconfig),
             "apiserver_binary": str(self.apiserver_binary),
             "etcd_binary": str(self.etcd_binary),
             "pids": self.pids(),
-            "argv": {
-                "etcd": None if self._etcd is None else self._etcd.argv,
-                "kube-apiserver": None if self._apiserver is None else self._apiserver.argv,
-            },
+            "argv": {name: proc.argv for name, proc in processes.items()},
         }
         tmp = self.state_dir / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n")
@@ -808,18 +490,25 @@ class ControlPlane:
             apiserver_binary=Path(state["apiserver_binary"]),
             etcd_binary=Path(state["etcd_binary"]),
             die_with_parent=False,
-            etcd_port=int(state["etcd_port"]),
-            etcd_peer_port=int(state["etcd_peer_port"]),
             apiserver_port=int(state["apiserver_port"]),
         )
         pids, argvs = state.get("pids", {}), state.get("argv", {})
-        for name, log in (("etcd", cp.etcd_log), ("kube-apiserver", cp.apiserver_log)):
-            if pids.get(name) and argvs.get(name):
-                proc = _Process(name=name, argv=list(argvs[name]), log=log, pid=int(pids[name]))
-                if name == "etcd":
-                    cp._etcd = proc
-                else:
-                    cp._apiserver = proc
+        etcd_endpoint = str(state["etcd_endpoint"]).removeprefix("http://")
+        if pids.get("etcd") and argvs.get("etcd"):
+            etcd = SupervisedProcess(
+                name="etcd",
+                argv=list(argvs["etcd"]),
+                log=cp.etcd_log,
+                die_with_parent=False,
+                pid=int(pids["etcd"]),
+            )
+            cp.etcd = EtcdServer(endpoint=etcd_endpoint, process=etcd)
+        else:
+            cp.etcd = EtcdServer(endpoint=etcd_endpoint)
+        if pids.get("kube-apiserver") and argvs.get("kube-apiserver"):
+            cp._apiserver = cp._apiserver_process(
+                list(argvs["kube-apiserver"]), pid=int(pids["kube-apiserver"])
+            )
         return cp
 
 
@@ -847,103 +536,7 @@ def start_control_plane(
     return cp
 
 
-# --------------------------------------------------------------------------- CLI
+if __name__ == "__main__":  # python -m deploy.local.controlplane up|down|status|env
+    from deploy.local.controlplane_cli import main
 
-
-def _export_line(kubeconfig: Path) -> str:
-    return f"export KUBECONFIG={kubeconfig}"
-
-
-def _cmd_up(state_dir: Path) -> int:
-    if (state_dir / STATE_FILE).is_file():
-        old = ControlPlane.load(state_dir)
-        if old.running():
-            print(f"[controlplane] already running: {old.server}", file=sys.stderr)
-            print(_export_line(old.kubeconfig))
-            return 0
-        old.stop()  # whatever half of it is left
-    t0 = time.monotonic()
-    cp = start_control_plane(state_dir, die_with_parent=False)
-    pids = ", ".join(f"{k} {v}" for k, v in cp.pids().items())
-    print(
-        f"[controlplane] kube-apiserver {KUBE_VERSION} ready at {cp.server} in "
-        f"{time.monotonic() - t0:.1f} s (etcd {cp.etcd_endpoint}; pids: {pids}; "
-        f"logs: {cp.logs_dir})",
-        file=sys.stderr,
-    )
-    print(_export_line(cp.kubeconfig))
-    return 0
-
-
-def _cmd_down(state_dir: Path) -> int:
-    if not state_dir.exists():
-        print(f"[controlplane] nothing in {state_dir}", file=sys.stderr)
-        return 0
-    if not (state_dir / STATE_FILE).is_file():
-        if any(state_dir.iterdir()) and not (state_dir / "pki").is_dir():
-            print(
-                f"[controlplane] {state_dir} holds no control plane state; not removing it",
-                file=sys.stderr,
-            )
-            return 1
-    else:
-        ControlPlane.load(state_dir).stop()
-    shutil.rmtree(state_dir)
-    print(f"[controlplane] stopped; removed {state_dir}", file=sys.stderr)
-    return 0
-
-
-def _cmd_status(state_dir: Path) -> int:
-    try:
-        cp = ControlPlane.load(state_dir)
-    except ControlPlaneError:
-        print(f"not running (no state in {state_dir})")
-        return 1
-    ok = True
-    for name, proc in (("etcd", cp._etcd), ("kube-apiserver", cp._apiserver)):
-        alive = proc is not None and proc.alive()
-        ok = ok and alive
-        pid = None if proc is None else proc.pid
-        print(f"{name}: {'running' if alive else 'not running'} (pid {pid})")
-    try:
-        status, body = cp._get("/readyz", timeout=5)
-        ready = status == 200 and body.strip() == "ok"
-        print(f"{cp.server}/readyz: HTTP {status} {body.strip()[:200]}")
-    except (OSError, ssl.SSLError) as exc:
-        ready = False
-        print(f"{cp.server}/readyz: {exc}")
-    print(f"etcd: {cp.etcd_endpoint}")
-    print(f"kubeconfig: {cp.kubeconfig}")
-    return 0 if ok and ready else 1
-
-
-def _cmd_env(state_dir: Path) -> int:
-    cp = ControlPlane.load(state_dir)
-    print(_export_line(cp.kubeconfig))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m deploy.local.controlplane",
-        description="A local etcd + kube-apiserver on 127.0.0.1 (see the module docstring).",
-    )
-    parser.add_argument("command", choices=["up", "down", "status", "env"])
-    parser.add_argument(
-        "--dir",
-        type=Path,
-        default=default_state_dir(),
-        help="state directory (default: %(default)s)",
-    )
-    args = parser.parse_args(argv)
-    state_dir: Path = args.dir.expanduser().resolve()
-    commands = {"up": _cmd_up, "down": _cmd_down, "status": _cmd_status, "env": _cmd_env}
-    try:
-        return commands[args.command](state_dir)
-    except ControlPlaneError as exc:
-        print(f"[controlplane] error: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
     sys.exit(main())
