@@ -1,5 +1,5 @@
 """Kubeconfigs of one context for the tests of ipam.stores.kubeconfig, in whatever shape a test
-needs (deploy.local.controlplane.write_kubeconfig writes only the two the local tooling uses)."""
+needs (deploy.local.kubeconfigs.write_kubeconfig writes only the two the local tooling uses)."""
 
 import json
 from collections.abc import Mapping
