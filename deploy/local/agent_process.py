@@ -23,8 +23,9 @@ class AgentProcess:
     trusts each request's datastore settings (--trust-request-datastore), as a test that serves
     several stores through one agent needs.
 
-    It runs as a :class:`~deploy.local.supervision.SupervisedProcess` that does not die with
-    its parent: the benchmark starts agents from worker threads, whose end would kill them."""
+    It runs as a :class:`~deploy.local.supervision.SupervisedProcess`. Unlike the control
+    plane's servers it does not die with its parent, as before this class used it; turning that
+    on would tie each agent to the thread that started it (PR_SET_PDEATHSIG)."""
 
     def __init__(
         self,
