@@ -4,6 +4,8 @@
 #
 #   bash deploy/local/build_binaries.sh                    # kube-apiserver only (the default)
 #   bash deploy/local/build_binaries.sh kube-apiserver multus whereabouts
+#   bash deploy/local/build_binaries.sh kubernetes   # kube-apiserver, kubelet, kube-scheduler,
+#                                                    # kube-controller-manager, kube-proxy
 #
 # Each binary is cached outside the repo, keyed by version:
 #   ${PYABOUTS_CACHE:-~/.cache/pyabouts}/bin/<name>-<version>
@@ -52,10 +54,11 @@ cached() {
     return 1
 }
 
-# with_lock NAME VERSION FUNC: run FUNC under an exclusive lock for this binary, so that two
+# with_lock NAME VERSION FUNC [ARGS...]: run FUNC ARGS under an exclusive lock for this binary, so that two
 # setups started at once build it only once (the second one finds it cached afterwards).
 with_lock() {
     local name="$1" version="$2" func="$3"
+    shift 3
     mkdir -p "$BIN_DIR" "$BUILD_DIR"
     local lock="${BUILD_DIR}/.${name}-${version}.lock"
     exec {lock_fd}>"$lock"
@@ -64,7 +67,7 @@ with_lock() {
         flock "$lock_fd"
     fi
     if ! cached "$name" "$version"; then
-        "$func"
+        "$func" "$@"
     fi
     exec {lock_fd}>&-
 }
@@ -84,20 +87,26 @@ go_build_wrapper() {
     log "built $out in $((SECONDS - t0)) s ($(du -h "$out" | cut -f1))"
 }
 
-# --- kube-apiserver ----------------------------------------------------------------------
+# --- Kubernetes: kube-apiserver, kubelet, kube-scheduler, kube-controller-manager, kube-proxy
 # k8s.io/kubernetes replaces its k8s.io/* staging modules with local paths, so a wrapper
-# module must replace each of them with the published v0.X.Y version.
-build_kube_apiserver() {
-    local version="$KUBE_VERSION"
+# module must replace each of them with the published v0.X.Y version. One wrapper module
+# imports every command, so they share its module download and Go's build cache.
+KUBE_COMMANDS=(kube-apiserver kubelet kube-scheduler kube-controller-manager kube-proxy)
+
+# prepare_kube_module DIR: write the wrapper module into DIR and tidy it (under a lock of its
+# own: the commands' builds may run at once, and only one may rewrite go.mod).
+prepare_kube_module() {
+    local dir="$1" version="$KUBE_VERSION"
     local staging_version="v0.${version#v1.}"
-    local dir="${BUILD_DIR}/kube-apiserver-${version}"
-    local out="${BIN_DIR}/kube-apiserver-${version}"
     local go
     go="$(find_go)"
-    local t0=$SECONDS
-    log "building kube-apiserver $version in $dir"
     mkdir -p "$dir"
-
+    exec {module_lock_fd}>"${dir}.lock"
+    flock "$module_lock_fd"
+    if [[ -f "${dir}/.prepared" ]]; then
+        exec {module_lock_fd}>&-
+        return 0
+    fi
     log "go mod download k8s.io/kubernetes@$version"
     # Start from scratch: a go.mod left by an interrupted run must not get in the way.
     rm -f "${dir}/go.mod" "${dir}/go.sum"
@@ -108,10 +117,8 @@ build_kube_apiserver() {
 
     local replaces
     replaces="$(sed -n 's#^[[:space:]]*\(k8s\.io/[A-Za-z0-9._-]*\) => \./staging/src/k8s\.io/.*$#\1#p' "$gomod")"
-    local n
-    n="$(wc -l <<<"$replaces")"
     [[ -n "$replaces" ]] || die "no staging replace lines in $gomod"
-    log "$n staging modules replaced with $staging_version"
+    log "$(wc -l <<<"$replaces") staging modules replaced with $staging_version"
 
     {
         echo "module local/kas"
@@ -127,22 +134,45 @@ build_kube_apiserver() {
         done <<<"$replaces"
         echo ")"
     } >"${dir}/go.mod"
-    cat >"${dir}/tools.go" <<'EOF'
-//go:build tools
+    {
+        echo "//go:build tools"
+        echo
+        echo "package tools"
+        echo
+        echo "import ("
+        local c
+        for c in "${KUBE_COMMANDS[@]}"; do
+            echo "	_ \"k8s.io/kubernetes/cmd/${c}\""
+        done
+        echo ")"
+    } >"${dir}/tools.go"
+    log "go mod tidy -e in $dir"
+    (cd "$dir" && "$go" mod tidy -e)
+    touch "${dir}/.prepared"
+    exec {module_lock_fd}>&-
+}
 
-package tools
-
-import _ "k8s.io/kubernetes/cmd/kube-apiserver"
-EOF
-
+# build_kube_command NAME: one of KUBE_COMMANDS, with the version stamped in (without the
+# ldflags the binaries report v0.0.0-master, and kubectl and kubelet complain).
+build_kube_command() {
+    local name="$1" version="$KUBE_VERSION"
+    local dir="${BUILD_DIR}/kubernetes-${version}"
+    local out="${BIN_DIR}/${name}-${version}"
+    local go
+    go="$(find_go)"
+    local t0=$SECONDS
+    log "building $name $version in $dir"
+    prepare_kube_module "$dir"
     local minor="${version#v1.}"
     minor="${minor%%.*}"
     local ldflags="-X k8s.io/component-base/version.gitVersion=${version}"
     ldflags+=" -X k8s.io/component-base/version.gitMajor=1"
     ldflags+=" -X k8s.io/component-base/version.gitMinor=${minor}"
     ldflags+=" -X k8s.io/component-base/version.gitTreeState=clean"
-    go_build_wrapper "$dir" "$out" k8s.io/kubernetes/cmd/kube-apiserver "$ldflags"
-    log "kube-apiserver $version ready in $((SECONDS - t0)) s: $out"
+    log "go build $name (minutes on 2 cores)"
+    (cd "$dir" && "$go" build -ldflags "$ldflags" -o "${out}.tmp" "k8s.io/kubernetes/cmd/${name}")
+    mv -f "${out}.tmp" "$out"
+    log "$name $version ready in $((SECONDS - t0)) s: $out ($(du -h "$out" | cut -f1))"
 }
 
 # --- Multus thin plugin --------------------------------------------------------------------
@@ -256,8 +286,10 @@ main() {
     local t
     for t in "${targets[@]}"; do
         case "$t" in
-        kube-apiserver) cached kube-apiserver "$KUBE_VERSION" ||
-            with_lock kube-apiserver "$KUBE_VERSION" build_kube_apiserver ;;
+        kube-apiserver | kubelet | kube-scheduler | kube-controller-manager | kube-proxy)
+            cached "$t" "$KUBE_VERSION" || with_lock "$t" "$KUBE_VERSION" build_kube_command "$t"
+            ;;
+        kubernetes) main "${KUBE_COMMANDS[@]}" ;;
         multus)
             cached multus "$MULTUS_VERSION" || with_lock multus "$MULTUS_VERSION" build_multus
             extract_multus_crd
@@ -267,12 +299,12 @@ main() {
                 with_lock whereabouts "$WHEREABOUTS_VERSION" build_whereabouts
             extract_whereabouts_manifests
             ;;
-        all) main kube-apiserver multus whereabouts ;;
+        all) main kubernetes multus whereabouts ;;
         -h | --help)
-            sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
             return 0
             ;;
-        *) die "unknown binary '$t' (known: kube-apiserver multus whereabouts all)" ;;
+        *) die "unknown binary '$t' (known: ${KUBE_COMMANDS[*]} kubernetes multus whereabouts all)" ;;
         esac
     done
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Prepare this machine for pyabouts' tests: Debian packages, podman's Docker-compatible
 # API (for testcontainers), a local etcd image built from Debian's etcd binary, the
-# project virtualenv in $REPO/.venv, and kube-apiserver built from its Go module (cached in
-# ~/.cache/pyabouts/bin by deploy/local/build_binaries.sh).
+# project virtualenv in $REPO/.venv, and the Kubernetes binaries (kube-apiserver, kubelet,
+# kube-scheduler, kube-controller-manager, kube-proxy) and Multus built from their Go modules
+# (cached in ~/.cache/pyabouts/bin by deploy/local/build_binaries.sh).
 #
 # Idempotent and quick when everything is already in place. Run it as
 #   bash deploy/local/setup.sh
@@ -24,8 +25,9 @@ _pyabouts_setup_main() {
     log() { echo "[setup] $*"; }
 
     # --- Debian packages ------------------------------------------------------------------
+    # containerd, conntrack, iptables and gcc (the pause image) for the local cluster.
     local pkgs=(etcd-server etcd-client containernetworking-plugins podman runc iputils-ping
-        openssl curl iproute2 python3-venv time)
+        openssl curl iproute2 python3-venv time containerd conntrack iptables gcc libc6-dev)
     local missing=() p
     for p in "${pkgs[@]}"; do
         if [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" != "install ok installed" ]]; then
@@ -121,9 +123,9 @@ runtime = "runc"'
     "$venv/bin/python" -m compileall -q -j 0 "$repo/ipam" "$repo/plugin" "$repo/controller" "$repo/serving" \
         "$repo/deploy/local" "$repo/bench" >/dev/null
 
-    # --- upstream Go binaries (kube-apiserver) --------------------------------------------
-    # Cached in ~/.cache/pyabouts/bin: a no-op after the first build (4-10 minutes).
-    bash "$repo/deploy/local/build_binaries.sh" kube-apiserver multus
+    # --- upstream Go binaries (Kubernetes, Multus) ----------------------------------------
+    # Cached in ~/.cache/pyabouts/bin: a no-op after the first build (about 15 minutes).
+    bash "$repo/deploy/local/build_binaries.sh" kubernetes multus
 
     log "done in $((SECONDS - t0)) s"
 }
