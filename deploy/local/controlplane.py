@@ -28,7 +28,9 @@ As a library (tests, benchmarks)::
     cp.stop()                           # idempotent
 
 Everything listens on 127.0.0.1 only, on free ports chosen per instance, so several control
-planes (one per pytest-xdist worker) run side by side. Certificates are made with openssl: a
+planes (one per pytest-xdist worker) run side by side. The local cluster's (``cluster.py``)
+listens on its pod bridge's address instead (``address``) and serves a kubelet
+(``serves_nodes``). Certificates are made with openssl: a
 CA, a serving certificate for 127.0.0.1/localhost, an admin client certificate in the group
 ``system:masters`` and a service-account key pair.
 """
@@ -74,6 +76,7 @@ KUBECTL_TIMEOUT_S = 60.0
 CONTROL_PLANE_NICE = -10
 
 STATE_FILE = "state.json"
+LOOPBACK = "127.0.0.1"
 
 
 class ControlPlaneError(LocalToolError):
@@ -142,6 +145,12 @@ class ControlPlane:
     #: started them: call start() and restart_apiserver() from a thread that lives as long as
     #: the control plane (e.g. the main thread), or turn it off.
     die_with_parent: bool = True
+    #: Where kube-apiserver listens and what it advertises (the ``kubernetes`` Service's
+    #: endpoint): loopback alone, or a node's pod-bridge address that pods can reach too.
+    address: str = LOOPBACK
+    #: Serve a node (kubelet): Node authorization, ServiceAccount admission, and a client
+    #: certificate for the kubelet's API (logs, exec).
+    serves_nodes: bool = False
 
     apiserver_port: int = 0
     etcd: EtcdServer | None = field(default=None, repr=False)
@@ -159,7 +168,7 @@ class ControlPlane:
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.apiserver_port}"
+        return f"https://{self.address}:{self.apiserver_port}"
 
     @property
     def etcd_endpoint(self) -> str:
@@ -218,7 +227,8 @@ class ControlPlane:
                 "(Debian package etcd-server)"
             )
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        make_certificates(self.state_dir / "pki")
+        serving_ips = () if self.address == LOOPBACK else (self.address,)
+        make_certificates(self.state_dir / "pki", serving_ips)
         try:
             with _as_control_plane_error():
                 self.etcd = start_etcd(
@@ -304,8 +314,8 @@ class ControlPlane:
         return [
             str(self.apiserver_binary),
             f"--etcd-servers={self.etcd_endpoint}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={self.address}",
+            f"--advertise-address={self.address}",
             f"--secure-port={self.apiserver_port}",
             f"--tls-cert-file={c.serving_cert}",
             f"--tls-private-key-file={c.serving_key}",
@@ -314,11 +324,24 @@ class ControlPlane:
             f"--service-account-key-file={c.sa_pub}",
             f"--service-account-signing-key-file={c.sa_key}",
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
-            "--authorization-mode=RBAC",
-            "--disable-admission-plugins=ServiceAccount",
+            *(self._node_serving_args() if self.serves_nodes else self._no_node_args()),
             # Only used when the TLS files above are missing; keeps it out of /var/run.
             f"--cert-dir={self.state_dir / 'pki' / 'generated'}",
             *self.extra_apiserver_args,
+        ]
+
+    @staticmethod
+    def _no_node_args() -> list[str]:
+        # Without a controller-manager nobody would create the ServiceAccounts it requires.
+        return ["--authorization-mode=RBAC", "--disable-admission-plugins=ServiceAccount"]
+
+    def _node_serving_args(self) -> list[str]:
+        return [
+            "--authorization-mode=Node,RBAC",
+            # The node's name does not resolve here; its InternalIP (the bridge) does.
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
+            f"--kubelet-client-certificate={self.admin_cert}",
+            f"--kubelet-client-key={self.admin_key}",
         ]
 
     def _new_apiserver(self) -> SupervisedProcess:
@@ -467,6 +490,8 @@ class ControlPlane:
             "server": self.server,
             "etcd_endpoint": self.etcd_endpoint,
             "apiserver_port": self.apiserver_port,
+            "address": self.address,
+            "serves_nodes": self.serves_nodes,
             "kubeconfig": str(self.kubeconfig),
             "apiserver_binary": str(self.apiserver_binary),
             "etcd_binary": str(self.etcd_binary),
@@ -491,6 +516,8 @@ class ControlPlane:
             etcd_binary=Path(state["etcd_binary"]),
             die_with_parent=False,
             apiserver_port=int(state["apiserver_port"]),
+            address=str(state.get("address", LOOPBACK)),
+            serves_nodes=bool(state.get("serves_nodes", False)),
         )
         pids, argvs = state.get("pids", {}), state.get("argv", {})
         etcd_endpoint = str(state["etcd_endpoint"]).removeprefix("http://")
@@ -519,6 +546,8 @@ def start_control_plane(
     etcd_binary: Path | None = None,
     extra_apiserver_args: Sequence[str] = (),
     die_with_parent: bool = True,
+    address: str = LOOPBACK,
+    serves_nodes: bool = False,
 ) -> ControlPlane:
     """Start etcd and kube-apiserver with their state in ``state_dir``; wait until ready.
 
@@ -531,6 +560,8 @@ def start_control_plane(
         etcd_binary=etcd_binary or default_etcd_binary(),
         extra_apiserver_args=tuple(extra_apiserver_args),
         die_with_parent=die_with_parent,
+        address=address,
+        serves_nodes=serves_nodes,
     )
     cp.start()
     return cp

@@ -83,8 +83,11 @@ class Certificates:
         return all(Path(p).is_file() for p in vars(self).values())
 
 
-def make_certificates(pki: Path) -> Certificates:
-    """Create the CA, serving, admin and service-account keys with openssl (reused if present)."""
+def make_certificates(pki: Path, serving_ips: tuple[str, ...] = ()) -> Certificates:
+    """Create the CA, serving, admin and service-account keys with openssl (reused if present).
+
+    ``serving_ips`` are addresses the apiserver serves on besides 127.0.0.1 (a node's bridge).
+    """
     certs = Certificates.in_dir(pki)
     if certs.all_present():
         return certs
@@ -95,7 +98,8 @@ def make_certificates(pki: Path) -> Certificates:
         pki,
         "apiserver",
         "/CN=kube-apiserver",
-        "subjectAltName = IP:127.0.0.1, IP:10.96.0.1, DNS:localhost, DNS:kubernetes, "
+        f"subjectAltName = {''.join(f'IP:{ip}, ' for ip in serving_ips)}"
+        "IP:127.0.0.1, IP:10.96.0.1, DNS:localhost, DNS:kubernetes, "
         "DNS:kubernetes.default, DNS:kubernetes.default.svc\n"
         "basicConstraints = critical, CA:FALSE\n" + SERVER_USAGE,
         CONTROL_PLANE_CERT_DAYS,
