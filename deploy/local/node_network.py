@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,4 +158,7 @@ def undo_pod_network(changes: HostChanges) -> None:
     # The bridge is ours even when an earlier, killed run made it: its address is the one
     # nothing else on this host may use.
     if link_exists(BRIDGE):
+        # Veths of pods whose DEL never ran: deleting the bridge would leave them unattached.
+        for port in sorted(Path("/sys/class/net", BRIDGE, "brif").glob("*")):
+            subprocess.run(["ip", "link", "del", port.name], capture_output=True, check=False)
         run_command(["ip", "link", "del", BRIDGE])

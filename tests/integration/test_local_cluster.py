@@ -1,8 +1,9 @@
 """``deploy/local/cluster.sh``: a real cluster comes up, runs a pod, and goes without a trace.
 
-One test, in order: ``up`` (every component running, the node Ready), a pod of the pause image
-Running on the bridge, ``up`` again changing nothing, ``down``, then every kind of leftover
-checked: processes, mounts, network namespaces, links, iptables rules and chains, files.
+In order: ``up`` (every component running, the node Ready), a pod of the pause image Running
+on the bridge, ``up`` again changing nothing, ``down``, then every kind of leftover checked:
+processes, mounts, network namespaces, links, iptables rules and chains, files. Then the same
+checks after a ``down`` that follows a node killed under a running pod.
 It is the whole cluster of this host (kubelet's and containerd's places are fixed), so it runs
 in the "processes" group, never beside the heavy bursts; a component that fails to start fails
 it.
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from deploy.local import node_leftovers as leftovers
-from deploy.local.cluster import NODE_COMPONENTS
+from deploy.local.cluster import NODE_COMPONENTS, Cluster
 from deploy.local.controlplane import ControlPlane
 from deploy.local.node_components import NODE_DIRS, kube_binary
 from deploy.local.node_network import BRIDGE, POD_CIDR, cached_results, link_exists
@@ -136,6 +137,26 @@ def test_up_pod_idempotent_up_and_down_without_leftovers(state_dir: Path) -> Non
     assert down.returncode == 0, down.stderr
     print(f"down in {time.monotonic() - t2:.1f} s")
 
+    assert_nothing_left(state_dir, files_before, veths_before)
+
+
+def test_down_after_the_node_was_killed_leaves_nothing(state_dir: Path) -> None:
+    """kubelet and containerd SIGKILLed under a running pod: no pod DEL ever runs, and down
+    still finds and removes what the pod held (its namespace, veth, mounts, shim)."""
+    files_before, veths_before = files_two_deep(), masterless_veths()
+    up = cluster_sh(state_dir, "up")
+    assert up.returncode == 0, up.stderr
+    run_pod(ControlPlane.load(state_dir / "controlplane"))
+    cluster = Cluster.load(state_dir)
+    assert cluster is not None
+    for name in ("kubelet", "containerd"):
+        cluster.processes[name].kill()
+    down = cluster_sh(state_dir, "down")
+    assert down.returncode == 0, down.stderr
+    assert_nothing_left(state_dir, files_before, veths_before)
+
+
+def assert_nothing_left(state_dir: Path, files_before: set[str], veths_before: set[str]) -> None:
     binaries = [kube_binary(n).name for n in ("kube-apiserver", *NODE_COMPONENTS[1:])]
     etcd_data = ControlPlane(state_dir / "controlplane").etcd_data_dir
     assert leftovers.processes_matching(binaries, [str(state_dir)]) == []
