@@ -12,6 +12,7 @@ it.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import subprocess
 import time
@@ -43,10 +44,14 @@ spec:
   - {name: pause, image: localhost/pause:3.10, imagePullPolicy: Never}
 """
 #: Where a cluster could leave files (two levels deep is where a stray one shows). Podman's
-#: runtime places change while other tests run beside this one, and /run/netns is checked by
-#: name below.
+#: runtime places and /var/lib/cni change while other tests run beside this one: /run/netns
+#: and the cluster's CNI results are checked by name below. /dev/shm is not listed (other
+#: tests' etcds keep their data there): the cluster's own etcd data directory is checked.
 WATCHED_DIRS = (Path("/etc"), Path("/opt"), Path("/var/lib"), Path("/var/log"), Path("/run"))
-NOISY_DIRS = ("/run/netns", "/run/containers", "/run/libpod", "/run/podman", "/run/user")
+NOISY_DIRS = (
+    *("/run/netns", "/run/containers", "/run/libpod", "/run/podman", "/run/user"),
+    "/var/lib/cni",  # other tests' host-local and cached results; this cluster's are checked
+)
 
 
 def cluster_sh(state_dir: Path, command: str) -> subprocess.CompletedProcess[str]:
@@ -62,7 +67,7 @@ def cluster_sh(state_dir: Path, command: str) -> subprocess.CompletedProcess[str
 
 
 def files_two_deep() -> set[str]:
-    found: set[str] = {str(p) for p in Path("/dev/shm").iterdir()}
+    found: set[str] = set()
     for top in WATCHED_DIRS:
         for entry in top.iterdir():
             found.add(str(entry))
@@ -71,11 +76,22 @@ def files_two_deep() -> set[str]:
     return found
 
 
-def masterless_veths() -> set[str]:
-    out = subprocess.run(
-        ["ip", "-o", "link", "show", "type", "veth"], capture_output=True, text=True, check=True
-    ).stdout
-    return {line.split(":")[1].strip() for line in out.splitlines() if " master " not in line}
+def veths_into_unnamed_namespaces() -> set[str]:
+    """Host-side veths whose peer lives in a network namespace with no name in /run/netns:
+    what a pod's link would be if its namespace outlived the runtime's bookkeeping. The pod
+    harnesses of tests running beside this one name their namespaces (ptp's veths lead there)
+    or keep both ends of a veth on the host (macvlan masters), so theirs never count."""
+
+    def ip_json(*args: str) -> list[dict[str, object]]:
+        done = subprocess.run(["ip", "-j", *args], capture_output=True, text=True, check=True)
+        return list(json.loads(done.stdout or "[]"))
+
+    named = {entry.get("nsid") for entry in ip_json("netns", "list-id") if "name" in entry}
+    return {
+        str(link["ifname"])
+        for link in ip_json("-d", "link", "show", "type", "veth")
+        if "link_netnsid" in link and link["link_netnsid"] not in named
+    }
 
 
 def run_pod(cp: ControlPlane) -> str:
@@ -107,7 +123,7 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_up_pod_idempotent_up_and_down_without_leftovers(state_dir: Path) -> None:
-    files_before, veths_before = files_two_deep(), masterless_veths()
+    files_before, veths_before = files_two_deep(), veths_into_unnamed_namespaces()
     t0 = time.monotonic()
     up = cluster_sh(state_dir, "up")
     assert up.returncode == 0, up.stderr
@@ -143,7 +159,7 @@ def test_up_pod_idempotent_up_and_down_without_leftovers(state_dir: Path) -> Non
 def test_down_after_the_node_was_killed_leaves_nothing(state_dir: Path) -> None:
     """kubelet and containerd SIGKILLed under a running pod: no pod DEL ever runs, and down
     still finds and removes what the pod held (its namespace, veth, mounts, shim)."""
-    files_before, veths_before = files_two_deep(), masterless_veths()
+    files_before, veths_before = files_two_deep(), veths_into_unnamed_namespaces()
     up = cluster_sh(state_dir, "up")
     assert up.returncode == 0, up.stderr
     run_pod(ControlPlane.load(state_dir / "controlplane"))
@@ -162,11 +178,12 @@ def assert_nothing_left(state_dir: Path, files_before: set[str], veths_before: s
     assert leftovers.processes_matching(binaries, [str(state_dir)]) == []
     assert leftovers.processes_matching(["containerd", "containerd-shim-runc-v2", "pause"]) == []
     assert leftovers.processes_matching(["etcd"], [str(etcd_data)]) == []
+    assert not etcd_data.exists()
     assert leftovers.mounts_under([*NODE_DIRS, state_dir]) == []
     assert leftovers.pod_netns_mounts() == []
     assert leftovers.pod_netns() == []
     assert not link_exists(BRIDGE)
-    assert masterless_veths() - veths_before == set()
+    assert veths_into_unnamed_namespaces() - veths_before == set()
     assert leftovers.kube_chains() == []
     assert leftovers.rules_mentioning([BRIDGE, POD_CIDR.rsplit(".", 1)[0] + "."]) == []
     assert sorted(files_two_deep() - files_before) == []
