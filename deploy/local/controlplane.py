@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.local.commands import LocalToolError
-from deploy.local.etcd_server import EtcdServer, default_etcd_binary, start_etcd
+from deploy.local.etcd_server import EtcdServer, default_etcd_binary, memory_dir, start_etcd
 from deploy.local.kubeconfigs import write_kubeconfig
 from deploy.local.pki import Certificates, make_certificates
 from deploy.local.ports import free_port
@@ -63,7 +63,6 @@ KUBE_VERSION = "v1.34.3"
 SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/24"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 KUBECTL = "/usr/bin/kubectl"
-MEMORY_DIR = Path("/dev/shm")
 
 # /readyz waits for post-start hooks (RBAC bootstrap roles, priority classes) that take a few
 # seconds on an idle machine and minutes on two cores busy with hundreds of plugin processes.
@@ -200,11 +199,12 @@ class ControlPlane:
 
     @property
     def etcd_data_dir(self) -> Path:
-        """In memory where the machine has /dev/shm: a disk busy with a test session can stall
-        etcd's fsyncs for seconds, and the data starts empty on every start anyway."""
-        if MEMORY_DIR.is_dir() and os.access(MEMORY_DIR, os.W_OK):
+        """In memory where the machine has /dev/shm (see memory_dir()); the data starts empty
+        on every start anyway."""
+        memory = memory_dir()
+        if memory is not None:
             tag = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:16]
-            return MEMORY_DIR / f"pyabouts-etcd-{tag}"
+            return memory / f"pyabouts-etcd-{tag}"
         return self.state_dir / "etcd-data"
 
     # ---- lifecycle

@@ -15,6 +15,11 @@ SERVER_USAGE = (
 CLIENT_USAGE = (
     "keyUsage = critical, digitalSignature, keyEncipherment\nextendedKeyUsage = clientAuth\n"
 )
+#: A server that calls itself as a client with its own certificate (etcd's HTTP gateway does).
+SERVER_AND_CLIENT_USAGE = (
+    "keyUsage = critical, digitalSignature, keyEncipherment\n"
+    "extendedKeyUsage = serverAuth, clientAuth\n"
+)
 
 
 def make_ca(directory: Path, common_name: str, days: int) -> None:

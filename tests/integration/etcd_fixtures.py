@@ -1,17 +1,14 @@
-"""pytest fixtures that run a real etcd server in a container.
+"""pytest fixtures that run a real etcd server.
 
 pyabouts keeps its IP allocations in etcd, and what matters there (revisions, compare-and-swap
 transactions, TLS, client certificates, users and role permissions on a key prefix) is exactly
-what a fake would get subtly wrong. So these fixtures start Debian's etcd 3.4 for real, in a
-container started through testcontainers. On our machines there is no Docker engine:
-testcontainers talks to podman's Docker-compatible API, and the image is built locally from
-Debian's etcd binary (``deploy/local/setup.sh`` does both, ``deploy/local/testenv.sh`` sets the
-environment). Elsewhere, ``PYABOUTS_ETCD_IMAGE`` can name any etcd 3.4+ image whose entrypoint
-is the etcd binary.
-
-The fixtures describe the server with the local tooling's one etcd type,
-:class:`deploy.local.etcd_server.EtcdServer` (endpoint, TLS files, user; no process of ours:
-the container is stopped at the session's end).
+what a fake would get subtly wrong. So these fixtures start Debian's etcd 3.4 for real, as a
+process on free 127.0.0.1 ports, with the local tooling's one launcher,
+:func:`deploy.local.etcd_server.start_etcd` (``deploy/local/setup.sh`` installs the binary;
+``$PYABOUTS_ETCD_BINARY`` may name another). Its data lives in ``/dev/shm`` where there is one:
+on a disk busy with a test session, etcd's fsyncs can stall for seconds, past the plugin's
+request timeout. The server is described with the one etcd type,
+:class:`deploy.local.etcd_server.EtcdServer`, and stopped at the session's end.
 
 A server that does not come up makes the fixture raise (an error in the test run), never skip:
 a missing etcd must not look like a green run.
@@ -26,32 +23,23 @@ Registered from ``tests/conftest.py``. Fixtures (session-scoped, one server per 
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
-import ssl
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
 from deploy.local.commands import run_command
-from deploy.local.etcd_server import EtcdServer, etcd_health
-from deploy.local.pki import CLIENT_USAGE, SERVER_USAGE, issue_certificate, make_ca
-
-if TYPE_CHECKING:  # imported where a container is made: unit tests load this module too
-    from testcontainers.core.container import DockerContainer
+from deploy.local.etcd_server import EtcdServer, EtcdTls, memory_dir, start_etcd
+from deploy.local.pki import CLIENT_USAGE, SERVER_AND_CLIENT_USAGE, issue_certificate, make_ca
 
 #: EtcdServer is re-exported: the tests take it from here, with the fixtures that make one.
-__all__ = ["EtcdServer", "etcd_image", "etcd_server", "etcd_tls_auth_server"]
+__all__ = ["EtcdServer", "etcd_server", "etcd_tls_auth_server"]
 
-DEFAULT_ETCD_IMAGE = "localhost/pyabouts-etcd:3.4"
-ETCD_CLIENT_PORT = 2379
-ETCD_DATA_DIR = "/var/lib/etcd-test"
-STARTUP_TIMEOUT_S = 30.0
 ETCDCTL_TIMEOUT_S = 30.0
 
 #: The key prefix the non-root user of ``etcd_tls_auth_server`` may read and write.
@@ -59,88 +47,35 @@ PYABOUTS_PREFIX = "/pyabouts/"
 PYABOUTS_USER = "pyabouts"
 PYABOUTS_ROLE = "pyabouts-rw"
 
-_CERTS_IN_CONTAINER = "/etc/etcd-certs"
+
+# --------------------------------------------------------------------------- servers
 
 
-def etcd_image() -> str:
-    return os.environ.get("PYABOUTS_ETCD_IMAGE") or DEFAULT_ETCD_IMAGE
-
-
-# --------------------------------------------------------------------------- containers
-
-
-def _container_logs(container: DockerContainer) -> str:
+@contextmanager
+def _session_etcd(
+    tmp_path_factory: pytest.TempPathFactory, name: str, tls: EtcdTls | None = None
+) -> Iterator[EtcdServer]:
+    """An etcd started with start_etcd, its log under the session's temporary directory and its
+    data in memory; stopped, and its data removed, on the way out."""
+    logs = tmp_path_factory.mktemp(name)
+    data = Path(tempfile.mkdtemp(prefix=f"pyabouts-test-{name}-", dir=memory_dir() or logs))
     try:
-        out, err = container.get_logs()
-    except Exception as exc:  # the container may be gone already
-        return f"<no logs: {exc}>"
-    text = (out + err).decode(errors="replace")
-    return text[-4000:]
-
-
-def _start(container: DockerContainer) -> str:
-    """Start the container; return the ``127.0.0.1:PORT`` its client port is published on."""
-    container.start()
-    host = container.get_container_host_ip()
-    port = container.get_exposed_port(ETCD_CLIENT_PORT)
-    return f"{host}:{port}"
-
-
-def _wait_healthy(
-    container: DockerContainer, url: str, context: ssl.SSLContext | None = None
-) -> None:
-    """Poll etcd's ``/health`` until it reports healthy; raise if it never does."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    last_error = "no answer yet"
-    while time.monotonic() < deadline:
-        status = container.get_wrapped_container()
-        status.reload()
-        if status.status not in ("created", "running"):
-            raise RuntimeError(
-                f"etcd container exited ({status.status}) before it became healthy; logs:\n"
-                + _container_logs(container)
-            )
+        server = start_etcd(data / "data", logs / "etcd.log", tls=tls)
         try:
-            answer = etcd_health(url, context)
-        except (OSError, ValueError) as exc:  # URLError, connection reset, bad JSON
-            answer = repr(exc)
-        if answer is None:
-            return
-        last_error = answer
-        time.sleep(0.1)
-    raise RuntimeError(
-        f"etcd at {url} not healthy after {STARTUP_TIMEOUT_S:.0f} s ({last_error}); logs:\n"
-        + _container_logs(container)
-    )
-
-
-def _etcd_container(args: Sequence[str]) -> DockerContainer:
-    # The data dir is a tmpfs: on a disk busy with a test session, etcd's fsyncs can stall for
-    # seconds, past the plugin's request timeout. These stores live for one session anyway.
-    from testcontainers.core.container import DockerContainer  # noqa: PLC0415 - see above
-
-    return (
-        DockerContainer(etcd_image())
-        .with_command(["--data-dir", ETCD_DATA_DIR, *args])
-        .with_exposed_ports(ETCD_CLIENT_PORT)
-        .with_tmpfs_mount(ETCD_DATA_DIR, "size=512m")
-    )
+            yield server
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- certificates
 
 
-@dataclass(frozen=True)
-class _Certs:
-    ca_cert: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-
-def _make_certs(directory: Path) -> _Certs:
+def _make_certs(directory: Path) -> EtcdTls:
     """A CA, a server certificate for 127.0.0.1/localhost and a client certificate (openssl).
+
+    The server's certificate is good for client auth too: see :class:`EtcdTls`.
 
     The client certificate's CN is deliberately not an etcd user: with ``--client-cert-auth``
     etcd takes the CN as the user name when a request carries no password token, so a CN of
@@ -152,11 +87,11 @@ def _make_certs(directory: Path) -> _Certs:
         directory,
         "server",
         "/CN=localhost",
-        "subjectAltName = IP:127.0.0.1, DNS:localhost\n" + SERVER_USAGE,
+        "subjectAltName = IP:127.0.0.1, DNS:localhost\n" + SERVER_AND_CLIENT_USAGE,
         days=3,
     )
     issue_certificate(directory, "client", "/CN=pyabouts-test-client", CLIENT_USAGE, days=3)
-    return _Certs(
+    return EtcdTls(
         ca_cert=directory / "ca.crt",
         server_cert=directory / "server.crt",
         server_key=directory / "server.key",
@@ -188,60 +123,22 @@ def _etcdctl(server: EtcdServer, *args: str, user: str | None = None) -> str:
 
 
 @pytest.fixture(scope="session")
-def etcd_server() -> Iterator[EtcdServer]:
-    """A plain etcd (HTTP, no auth) in a container, for the whole session."""
-    container = _etcd_container(
-        [
-            "--listen-client-urls",
-            f"http://0.0.0.0:{ETCD_CLIENT_PORT}",
-            "--advertise-client-urls",
-            f"http://127.0.0.1:{ETCD_CLIENT_PORT}",
-        ]
-    )
-    try:
-        server = EtcdServer(endpoint=_start(container))
-        _wait_healthy(container, server.url)
+def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """A plain etcd (HTTP, no auth) as a process of ours, for the whole session."""
+    with _session_etcd(tmp_path_factory, "etcd") as server:
         yield server
-    finally:
-        container.stop()
 
 
 @pytest.fixture(scope="session")
 def etcd_tls_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    """etcd with TLS, client-certificate auth and user auth, for the whole session.
+    """etcd with TLS, client-certificate auth and user auth, as a process of ours, for the whole
+    session.
 
     The returned credentials are those of the non-root user ``pyabouts``, who holds a role that
     may read and write keys under ``/pyabouts/`` only, plus the client certificate's paths.
     """
-    certs = _make_certs(tmp_path_factory.mktemp("etcd-tls"))
-    c = _CERTS_IN_CONTAINER
-    container = _etcd_container(
-        [
-            "--listen-client-urls",
-            f"https://0.0.0.0:{ETCD_CLIENT_PORT}",
-            "--advertise-client-urls",
-            f"https://127.0.0.1:{ETCD_CLIENT_PORT}",
-            "--cert-file",
-            f"{c}/server.crt",
-            "--key-file",
-            f"{c}/server.key",
-            "--client-cert-auth",
-            "--trusted-ca-file",
-            f"{c}/ca.crt",
-        ]
-    ).with_volume_mapping(certs.ca_cert.parent, c, mode="ro")
-    try:
-        endpoint = _start(container)
-        admin = EtcdServer(
-            endpoint=endpoint,
-            ca_cert=str(certs.ca_cert),
-            cert=str(certs.client_cert),
-            key=str(certs.client_key),
-        )
-        context = ssl.create_default_context(cafile=admin.ca_cert)
-        context.load_cert_chain(str(certs.client_cert), str(certs.client_key))
-        _wait_healthy(container, admin.url, context)
-
+    tls = _make_certs(tmp_path_factory.mktemp("etcd-tls"))
+    with _session_etcd(tmp_path_factory, "etcd-tls-auth", tls) as admin:
         root_password = secrets.token_urlsafe(16)
         password = secrets.token_urlsafe(16)
         _etcdctl(admin, "user", "add", f"root:{root_password}")
@@ -262,13 +159,4 @@ def etcd_tls_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E
         # Auth is on now: root's password must work (etcdctl 3.4 has no `auth status`).
         _etcdctl(admin, "user", "get", PYABOUTS_USER, user=f"root:{root_password}")
 
-        yield EtcdServer(
-            endpoint=endpoint,
-            ca_cert=admin.ca_cert,
-            cert=admin.cert,
-            key=admin.key,
-            username=PYABOUTS_USER,
-            password=password,
-        )
-    finally:
-        container.stop()
+        yield replace(admin, username=PYABOUTS_USER, password=password)

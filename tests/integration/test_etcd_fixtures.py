@@ -48,6 +48,7 @@ def _unique_key(prefix: str = "/pyabouts/") -> str:
 def test_etcd_server_put_get(etcd_server: EtcdServer) -> None:
     assert etcd_server.endpoint.startswith("127.0.0.1:")
     assert etcd_server.ca_cert is None and etcd_server.username is None
+    assert etcd_server.process is not None and etcd_server.process.alive()  # start_etcd's
     key = _unique_key()
     with _client(etcd_server) as client:
         client.put(key, "v1")
@@ -61,6 +62,7 @@ def test_etcd_tls_auth_server_put_get(etcd_tls_auth_server: EtcdServer) -> None:
     assert server.endpoint.startswith("127.0.0.1:")
     assert server.ca_cert and server.cert and server.key
     assert server.username == "pyabouts" and server.password
+    assert server.process is not None and server.process.alive()  # start_etcd's
     key = _unique_key()
     with _client(server) as client:
         client.put(key, "v1")

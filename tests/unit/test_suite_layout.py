@@ -1,5 +1,6 @@
 """How the suite itself is put together: tests import helpers, never other tests, and the unit
-tests run without the container tooling the integration fixtures use."""
+tests and the shared fixtures load without container tooling (the fixtures' servers are host
+processes)."""
 
 import ast
 import json
