@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Prepare this machine for pyabouts' tests: Debian packages, podman's Docker-compatible
-# API (for testcontainers), a local etcd image built from Debian's etcd binary, the
-# project virtualenv in $REPO/.venv, and the Kubernetes binaries (kube-apiserver, kubelet,
-# kube-scheduler, kube-controller-manager, kube-proxy) and Multus built from their Go modules
-# (cached in ~/.cache/pyabouts/bin by deploy/local/build_binaries.sh).
+# Prepare this machine for pyabouts' tests: Debian packages, the project virtualenv in
+# $REPO/.venv, and the Kubernetes binaries (kube-apiserver, kubelet, kube-scheduler,
+# kube-controller-manager, kube-proxy) and Multus built from their Go modules (cached in
+# ~/.cache/pyabouts/bin by deploy/local/build_binaries.sh).
 #
 # Idempotent and quick when everything is already in place. Run it as
 #   bash deploy/local/setup.sh
@@ -15,11 +14,6 @@ _pyabouts_setup_main() {
 
     local repo
     repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-    # Always this name (PYABOUTS_ETCD_IMAGE may name a public image elsewhere).
-    local image=localhost/pyabouts-etcd:3.4
-    local sock_path=/run/podman/podman.sock
-    local sock="unix://${sock_path}"
-    local podman_log=/tmp/pyabouts-podman-service.log
     local t0=$SECONDS
 
     log() { echo "[setup] $*"; }
@@ -54,50 +48,6 @@ runtime = "runc"'
         log "writing $conf"
         mkdir -p /etc/containers
         printf '%s\n' "$want_conf" >"$conf"
-    fi
-
-    # --- podman API service ---------------------------------------------------------------
-    if curl -fsS --max-time 2 --unix-socket "$sock_path" http://d/_ping >/dev/null 2>&1; then
-        log "podman API answers on $sock"
-    else
-        log "starting podman API on $sock (log: $podman_log)"
-        mkdir -p "$(dirname "$sock_path")"
-        rm -f "$sock_path"
-        # setsid: keep the service alive when the caller's process group is killed.
-        nohup setsid podman system service --time=0 "$sock" </dev/null >"$podman_log" 2>&1 &
-        local i
-        for ((i = 0; i < 100; i++)); do
-            if curl -fsS --max-time 2 --unix-socket "$sock_path" http://d/_ping >/dev/null 2>&1; then
-                break
-            fi
-            sleep 0.1
-        done
-        if ((i == 100)); then
-            log "podman API did not answer within 10 s; last lines of $podman_log:"
-            tail -n 20 "$podman_log" >&2 || true
-            return 1
-        fi
-    fi
-
-    # --- etcd image from Debian's binary --------------------------------------------------
-    if podman image exists "$image"; then
-        log "image $image present"
-    else
-        log "building image $image from /usr/bin/etcd"
-        (
-            rootfs="$(mktemp -d /tmp/pyabouts-etcd-rootfs.XXXXXX)"
-            trap 'rm -rf "$rootfs"' EXIT
-            mkdir -p "$rootfs/tree/tmp"
-            chmod 1777 "$rootfs/tree/tmp"
-            cp --parents -L /usr/bin/etcd "$rootfs/tree/"
-            # Every absolute path that ldd prints (linux-vdso has none), at the same path.
-            while read -r lib; do
-                cp --parents -L "$lib" "$rootfs/tree/"
-            done < <(ldd /usr/bin/etcd | grep -o '/[^ ]*' | sort -u)
-            tar -C "$rootfs/tree" -cf "$rootfs/rootfs.tar" .
-            podman import --quiet --change 'ENTRYPOINT ["/usr/bin/etcd"]' \
-                "$rootfs/rootfs.tar" "$image" >/dev/null
-        )
     fi
 
     # --- virtualenv -----------------------------------------------------------------------
