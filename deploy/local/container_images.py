@@ -6,7 +6,10 @@ input gives the same bytes. Archives are cached in ``~/.cache/pyabouts/images/``
 hash of their input, so an image is rebuilt only when its input changes.
 
 The pause image (``localhost/pause:3.10``, containerd's ``sandbox_image``) is ``pause/pause.c``
-compiled with ``gcc -static``.
+compiled with ``gcc -static``. The test image (``localhost/pyabouts-test:1``, for the pods of
+the seed scenarios: ``sh``, ``ping``, ``nc``, ``ip``) is Debian's ``busybox-static`` with its
+applets as links (its ``wget`` segfaults here: use ``nc``). The project's image, built with
+podman, is ``project_image.py``'s.
 """
 
 from __future__ import annotations
@@ -16,14 +19,17 @@ import io
 import json
 import tarfile
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from deploy.local.commands import run_command
+from deploy.local.commands import LocalToolError, run_command
 from deploy.local.controlplane import cache_dir
 
 PAUSE_IMAGE = "localhost/pause:3.10"
 PAUSE_SOURCE = Path(__file__).parent / "pause" / "pause.c"
 GCC_FLAGS = ("-static", "-Os", "-s")
+TEST_IMAGE = "localhost/pyabouts-test:1"
+BUSYBOX = Path("/bin/busybox")
 #: Part of every cache key: bump it when the archive layout below changes.
 ARCHIVE_FORMAT = "docker-archive-1"
 
@@ -32,10 +38,27 @@ def images_dir() -> Path:
     return cache_dir() / "images"
 
 
-def _tar_bytes(files: dict[str, tuple[bytes, int]]) -> bytes:
-    """A tar of ``name -> (content, mode)``, owned by root, dated 0."""
+def _tar_bytes(
+    files: dict[str, tuple[bytes, int]],
+    links: dict[str, str] | None = None,
+    dirs: dict[str, int] | None = None,
+) -> bytes:
+    """A tar of ``name -> (content, mode)`` files, ``name -> target`` symbolic links and
+    ``name -> mode`` directories, owned by root, dated 0."""
+    entries: list[tarfile.TarInfo] = []
+    for name, mode in (dirs or {}).items():
+        info = tarfile.TarInfo(name)
+        info.type, info.mode = tarfile.DIRTYPE, mode
+        entries.append(info)
+    for name, target in (links or {}).items():
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname, info.mode = tarfile.SYMTYPE, target, 0o777
+        entries.append(info)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for info in sorted(entries, key=lambda entry: entry.name):
+            info.mtime = 0
+            tar.addfile(info)
         for name, (content, mode) in sorted(files.items()):
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(content), mode, 0
@@ -43,9 +66,16 @@ def _tar_bytes(files: dict[str, tuple[bytes, int]]) -> bytes:
     return buffer.getvalue()
 
 
-def docker_archive(tag: str, files: dict[str, tuple[bytes, int]], entrypoint: list[str]) -> bytes:
-    """A one-layer image holding ``files``, as a docker archive tagged ``tag``."""
-    layer = _tar_bytes(files)
+def docker_archive(
+    tag: str,
+    files: dict[str, tuple[bytes, int]],
+    entrypoint: list[str],
+    links: dict[str, str] | None = None,
+    dirs: dict[str, int] | None = None,
+) -> bytes:
+    """A one-layer image holding ``files`` (and ``links``, ``dirs``), as a docker archive
+    tagged ``tag``."""
+    layer = _tar_bytes(files, links, dirs)
     layer_id = hashlib.sha256(layer).hexdigest()
     config = json.dumps(
         {
@@ -67,19 +97,13 @@ def docker_archive(tag: str, files: dict[str, tuple[bytes, int]], entrypoint: li
     )
 
 
-def pause_archive() -> Path:
-    """The pause image's archive, built with gcc unless one for this source is cached."""
-    source = PAUSE_SOURCE.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join([source, " ".join(GCC_FLAGS).encode(), ARCHIVE_FORMAT.encode()])
-    ).hexdigest()[:16]
-    archive = images_dir() / f"pause-3.10-{key}.tar"
+def _cached_archive(name: str, inputs: Sequence[bytes], make: Callable[[], bytes]) -> Path:
+    """``images_dir()/<name>-<hash of inputs>.tar``, written by ``make`` unless it is there."""
+    key = hashlib.sha256(b"\0".join([*inputs, ARCHIVE_FORMAT.encode()])).hexdigest()[:16]
+    archive = images_dir() / f"{name}-{key}.tar"
     if archive.is_file():
         return archive
-    with tempfile.TemporaryDirectory() as tmp:
-        binary = Path(tmp) / "pause"
-        run_command(["gcc", *GCC_FLAGS, "-o", str(binary), str(PAUSE_SOURCE)])
-        data = docker_archive(PAUSE_IMAGE, {"pause": (binary.read_bytes(), 0o755)}, ["/pause"])
+    data = make()
     archive.parent.mkdir(parents=True, exist_ok=True)
     partial = archive.with_name(archive.name + ".tmp")
     partial.write_bytes(data)
@@ -87,7 +111,66 @@ def pause_archive() -> Path:
     return archive
 
 
+def pause_archive() -> Path:
+    """The pause image's archive, built with gcc unless one for this source is cached."""
+
+    def make() -> bytes:
+        with tempfile.TemporaryDirectory() as tmp:
+            binary = Path(tmp) / "pause"
+            run_command(["gcc", *GCC_FLAGS, "-o", str(binary), str(PAUSE_SOURCE)])
+            return docker_archive(PAUSE_IMAGE, {"pause": (binary.read_bytes(), 0o755)}, ["/pause"])
+
+    return _cached_archive(
+        "pause-3.10", [PAUSE_SOURCE.read_bytes(), " ".join(GCC_FLAGS).encode()], make
+    )
+
+
+def busybox_archive() -> Path:
+    """The test image's archive: the host's busybox-static and a link for each applet."""
+    busybox = BUSYBOX.read_bytes()
+
+    def make() -> bytes:
+        applets = run_command([str(BUSYBOX), "--list-full"]).split()
+        links = {applet: "/bin/busybox" for applet in applets if applet != "bin/busybox"}
+        dirs = {d: 0o755 for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc")}
+        return docker_archive(
+            TEST_IMAGE,
+            {"bin/busybox": (busybox, 0o755)},
+            # `kubectl run --image ... -- sleep 3600` runs `busybox sleep 3600`.
+            ["/bin/busybox"],
+            links=links,
+            dirs={**dirs, "tmp": 0o1777},
+        )
+
+    return _cached_archive("pyabouts-test-1", [busybox], make)
+
+
+def _archive_image(archive: Path) -> tuple[str, str]:
+    """(first tag, config digest) of a docker archive, from its manifest.json."""
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile("manifest.json")
+        if member is None:
+            raise LocalToolError(f"{archive} has no manifest.json")
+        manifest = json.load(member)[0]
+    return manifest["RepoTags"][0], "sha256:" + manifest["Config"].removesuffix(".json")
+
+
+def _containerd_config(ctr: list[str], tag: str) -> str | None:
+    """The config digest of the image containerd holds under ``tag``, or None."""
+    listed = run_command([*ctr, "images", "ls", f"name=={tag}"]).splitlines()[1:]
+    if not listed:
+        return None
+    manifest = json.loads(run_command([*ctr, "content", "get", listed[0].split()[2]]))
+    return str(manifest["config"]["digest"])
+
+
 def import_image(archive: Path, containerd_socket: Path) -> None:
-    """Load an archive into containerd's ``k8s.io`` namespace, where the kubelet's images are."""
+    """Load an archive into containerd's ``k8s.io`` namespace, where the kubelet's images are,
+    unless the image is there already (the same config under the same tag)."""
     ctr = ["ctr", "--address", str(containerd_socket), "-n", "k8s.io"]
-    run_command([*ctr, "images", "import", str(archive)], timeout=120)
+    tag, config = _archive_image(archive)
+    if _containerd_config(ctr, tag) != config:
+        # Not unpacked: the kubelet's runtime unpacks an image when a container first uses it,
+        # so a cluster whose pods never use the project's image (250 MB) does not pay for
+        # unpacking it (10 s) at every start, nor for removing it at every down.
+        run_command([*ctr, "images", "import", "--no-unpack", str(archive)], timeout=300)

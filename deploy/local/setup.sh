@@ -19,9 +19,11 @@ _pyabouts_setup_main() {
     log() { echo "[setup] $*"; }
 
     # --- Debian packages ------------------------------------------------------------------
-    # containerd, conntrack, iptables and gcc (the pause image) for the local cluster.
+    # containerd, conntrack, iptables and gcc (the pause image) for the local cluster;
+    # debootstrap (the project image's base) and busybox-static (the test image) for its images.
     local pkgs=(etcd-server etcd-client containernetworking-plugins podman runc iputils-ping
-        openssl curl iproute2 python3-venv time containerd conntrack iptables gcc libc6-dev)
+        openssl curl iproute2 python3-venv time containerd conntrack iptables gcc libc6-dev
+        debootstrap busybox-static)
     local missing=() p
     for p in "${pkgs[@]}"; do
         if [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" != "install ok installed" ]]; then

@@ -1,0 +1,117 @@
+"""The images built here: the project's (``Containerfile``, on the debootstrap base) and the
+busybox test image.
+
+The project image's entry points answer, its virtualenv holds the package and not the build's
+tools, the node plugin answers VERSION, and a second build with the same inputs is a cache hit
+(no ``podman build``, the same image). The first build of a fresh machine takes a few minutes
+(debootstrap, then the wheels); later ones find the image by its inputs' label.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tarfile
+import time
+
+import pytest
+
+from deploy.local.container_images import TEST_IMAGE, busybox_archive
+from deploy.local.project_image import BuiltImage, debian_base, project_image, project_version
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.xdist_group("processes"),
+    pytest.mark.timeout(1800),
+]
+
+LIST_THE_VENV = """
+import importlib, json, pathlib, pkgutil, shutil, sys, sysconfig
+import pyabouts
+site = pathlib.Path(sysconfig.get_paths()["purelib"])
+modules = [m.name for m in pkgutil.walk_packages(pyabouts.__path__, "pyabouts.")]
+for name in modules:
+    importlib.import_module(name)  # all that the image leaves out (kubernetes.aio) is unused
+print(json.dumps({
+    "modules": len(modules),
+    "prefix": sys.prefix,
+    "top": sorted(p.name for p in site.iterdir() if p.is_dir() and "." not in p.name),
+    "tools": [t for t in ("pip", "gcc", "cc") if shutil.which(t)],
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def image() -> BuiltImage:
+    t0 = time.monotonic()
+    built = project_image()
+    print(f"project image {'found' if built.cached else 'built'} in {time.monotonic() - t0:.1f} s")
+    return built
+
+
+def podman_run(
+    image: str, *argv: str, env: dict[str, str] | None = None, stdin: str = "", cap: str = ""
+) -> subprocess.CompletedProcess[str]:
+    flags = [f"--env={key}={value}" for key, value in (env or {}).items()]
+    # podman leaves NET_RAW out by default; containerd, which runs the pods, grants it.
+    flags += [f"--cap-add={cap}"] if cap else []
+    return subprocess.run(
+        ["podman", "run", "--rm", "-i", "--network=none", *flags, image, *argv],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_project_image_is_tagged_with_the_package_version(image: BuiltImage) -> None:
+    assert image.name == f"localhost/pyabouts:{project_version()}"
+
+
+@pytest.mark.parametrize("command", ["pyabouts-agent", "pyabouts-reconciler", "pyabouts-install"])
+def test_every_entry_point_answers(image: BuiltImage, command: str) -> None:
+    done = podman_run(image.name, command, "--help")
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout
+
+
+def test_the_node_plugin_answers_version(image: BuiltImage) -> None:
+    done = podman_run(image.name, "pyabouts", env={"CNI_COMMAND": "VERSION"}, stdin="{}")
+    assert done.returncode == 0, done.stderr
+    reply = json.loads(done.stdout)
+    assert "1.1.0" in reply["supportedVersions"]
+    assert reply["cniVersion"]
+
+
+def test_the_virtualenv_holds_the_package_whole_and_no_build_tools(image: BuiltImage) -> None:
+    done = podman_run(image.name, "python", "-c", LIST_THE_VENV)
+    assert done.returncode == 0, done.stderr
+    venv = json.loads(done.stdout)
+    assert venv["prefix"] == "/opt/pyabouts"
+    assert venv["modules"] > 30
+    assert "pyabouts" in venv["top"]
+    assert not {"pip", "setuptools", "ipam", "plugin", "controller"} & set(venv["top"])
+    assert venv["tools"] == []
+
+
+def test_a_second_build_with_the_same_inputs_is_a_cache_hit(image: BuiltImage) -> None:
+    t0 = time.monotonic()
+    again = project_image()
+    assert again.cached
+    assert again.image_id == image.image_id
+    assert debian_base().cached
+    assert time.monotonic() - t0 < 10
+
+
+def test_the_test_image_runs_busybox_applets() -> None:
+    archive = busybox_archive()
+    assert busybox_archive() == archive  # cached by its input
+    with tarfile.open(archive) as outer:
+        assert "manifest.json" in outer.getnames()
+    subprocess.run(["podman", "load", "-q", "-i", str(archive)], check=True, timeout=120)
+    script = "nc --help 2>&1 | head -1; ping -c1 127.0.0.1"
+    done = podman_run(TEST_IMAGE, "sh", "-c", script, cap="NET_RAW")
+    assert done.returncode == 0, done.stderr
+    assert "BusyBox" in done.stdout
+    assert "1 packets received" in done.stdout
