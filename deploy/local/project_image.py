@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -222,7 +223,8 @@ def saved_archive(image: BuiltImage) -> Path:
     repository, tag = image.name.rsplit(":", 1)
     archive = images_dir() / f"{repository.rsplit('/', 1)[-1]}-{tag}-{image.image_id[:12]}.tar"
     if not archive.is_file():
-        partial = archive.with_name(archive.name + ".tmp")
+        # A name of its own: two saves at once must not take each other's file away.
+        partial = archive.with_name(f"{archive.name}.{os.getpid()}.tmp")
         partial.unlink(missing_ok=True)
         run_command(
             ["podman", "save", "--format", "docker-archive", "-o", str(partial), image.name],

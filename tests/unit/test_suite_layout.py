@@ -53,3 +53,34 @@ def test_the_unit_suite_and_the_shared_fixtures_load_without_testcontainers() ->
         check=True,
     )
     assert json.loads(done.stdout) == []
+
+
+GROUPED_MODULE = """
+import os
+import pytest
+
+pytestmark = pytest.mark.xdist_group("processes")
+
+
+@pytest.mark.parametrize("n", range(3))
+def test_record_the_worker(n: int) -> None:
+    with open("workers", "a") as workers:
+        workers.write(os.environ["PYTEST_XDIST_WORKER"] + "\\n")
+"""
+
+
+def test_the_processes_group_runs_on_one_worker(tmp_path: Path) -> None:
+    """The heavy tests are kept apart by tests/run.sh's --dist loadgroup; if a pytest or
+    pytest-xdist upgrade loses the grouping, they starve each other on two cores."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    for name in ("test_first.py", "test_second.py"):
+        (tmp_path / name).write_text(GROUPED_MODULE)
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup"],
+        cwd=tmp_path,
+        capture_output=True,
+        check=True,
+    )
+    workers = (tmp_path / "workers").read_text().split()
+    assert len(workers) == 6
+    assert len(set(workers)) == 1, workers
