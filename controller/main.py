@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -73,6 +74,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    # As a container's PID 1 a process gets no default action for SIGTERM: without a handler,
+    # the pod would wait out its whole grace period and be killed. Nothing needs finishing (a
+    # pass's frees are single writes, and another replica takes the Lease once it expires).
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
@@ -97,6 +102,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(run_once(connections, policy, dry_run=args.dry_run))
     finally:
         connections.close()
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    log.info("signal %d: exiting", signum)
+    sys.exit(0)
 
 
 def run_once(connections: Connections, policy: Policy, *, dry_run: bool) -> int:

@@ -1,10 +1,15 @@
-"""`pyabouts-install`: put the thin `pyabouts` plugin into a CNI bin directory.
+"""`pyabouts-install`: put the thin `pyabouts` plugin into a CNI bin directory, and the node's
+flat file and kubeconfig into its CNI config directory (plugin/node_config.py).
 
 The executable is plugin/thin_client.py's source behind a `#!<python3> -IS` line (isolated, no
 site: no pip wrapper, no `site` import), with plugin/wire.py's text where it imports the wire
 format, the agent's socket path and, for the fallback, the paths where this installation's
 packages live. Written to a temporary file and renamed, so a
 runtime executing the old plugin never sees half a file.
+
+In the agent's DaemonSet it runs as a sidecar (`--keep-current`): it installs, then keeps the
+kubeconfig in step with the rotating service account token until it is stopped. `--uninstall`
+removes what it wrote.
 """
 
 from __future__ import annotations
@@ -12,14 +17,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import site
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from types import FrameType
 
 from pyabouts import plugin
+from pyabouts.ipam.errors import CniError
+from pyabouts.ipam.stores.kubeconfig import SERVICE_ACCOUNT_DIR
 from pyabouts.plugin import thin_client, wire
 from pyabouts.plugin.cni import render_version
+from pyabouts.plugin.node_config import (
+    NodeConfig,
+    daemonset_deleted,
+    keep_node_config_current,
+    write_file_atomically,
+)
 
 DEFAULT_SOCKET = thin_client.AGENT_SOCKET
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -91,18 +107,23 @@ def install_thin_plugin(
 ) -> Path:
     """Write the thin plugin to `bin_dir`/`name`; `fallback` bakes in this installation's
     paths so that it can serve in-process when no agent answers."""
-    bin_dir.mkdir(parents=True, exist_ok=True)
     target = bin_dir / name
     text = thin_plugin_source(
         python or default_python(fallback=fallback),
         socket_path,
         this_installation() if fallback else [],
     )
-    partial = bin_dir / f".{name}.{os.getpid()}.tmp"
-    partial.write_text(text)
-    partial.chmod(0o755)
-    partial.replace(target)
+    write_file_atomically(target, text, 0o755)
     return target
+
+
+def uninstall(bin_dir: Path, node_config: NodeConfig | None) -> None:
+    """Remove the plugin from `bin_dir` and the node's files; print what went."""
+    plugin_file = bin_dir / "pyabouts"
+    removed = [plugin_file] if plugin_file.exists() else []
+    plugin_file.unlink(missing_ok=True)
+    removed += node_config.remove() if node_config else []
+    print("removed " + (", ".join(map(str, removed)) or "nothing: nothing was installed"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,14 +139,75 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="the node has no pyabouts package: without an agent, fail with code 11",
     )
+    parser.add_argument(
+        "--node-config-dir",
+        type=Path,
+        help="also write the flat file and a kubeconfig of this pod's service account here",
+    )
+    parser.add_argument(
+        "--host-node-config-dir",
+        type=Path,
+        help="--node-config-dir as the node sees it (default: the same path)",
+    )
+    parser.add_argument(
+        "--keep-current",
+        action="store_true",
+        help="stay, and rewrite the kubeconfig when the token rotates, until SIGTERM",
+    )
+    parser.add_argument(
+        "--service-account-dir", type=Path, default=SERVICE_ACCOUNT_DIR, help="(%(default)s)"
+    )
+    parser.add_argument("--interval", type=float, default=10.0, help="seconds between checks")
+    parser.add_argument("--uninstall", action="store_true", help="remove what an install wrote")
+    parser.add_argument(
+        "--uninstall-with",
+        metavar="DAEMONSET",
+        help="with --keep-current: when stopped, uninstall if this DaemonSet was deleted",
+    )
     args = parser.parse_args(argv)
+    node_config = (
+        NodeConfig(args.node_config_dir, args.host_node_config_dir or args.node_config_dir)
+        if args.node_config_dir
+        else None
+    )
+    if args.uninstall:
+        uninstall(args.cni_bin_dir, node_config)
+        return
     target = install_thin_plugin(
         args.cni_bin_dir,
         socket_path=args.agent_socket,
         python=args.python,
         fallback=not args.no_fallback,
     )
-    print(f"installed {target} (agent socket {args.agent_socket})")
+    print(f"installed {target} (agent socket {args.agent_socket})", flush=True)
+    if node_config is None:
+        return
+    if not args.keep_current:
+        try:
+            node_config.write(os.environ, args.service_account_dir)
+        except CniError as exc:
+            sys.exit(f"pyabouts-install: {exc.msg}")
+        print(f"wrote {node_config.kubeconfig} and {node_config.flat_file}")
+        return
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()  # the files stay: the plugin and the node keep working through an update
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    keep_node_config_current(
+        node_config,
+        os.environ,
+        interval=args.interval,
+        stop=stop,
+        account_dir=args.service_account_dir,
+    )
+    if args.uninstall_with and daemonset_deleted(
+        args.uninstall_with, os.environ, args.service_account_dir
+    ):
+        print(f"daemonset {args.uninstall_with} was deleted: uninstalling", flush=True)
+        uninstall(args.cni_bin_dir, node_config)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,57 @@
-"""Install pyabouts into a cluster the way a user does: `kubectl apply -k deploy/`."""
+"""Install pyabouts into a cluster the way a user does: `kubectl apply -k deploy/`.
+
+On the local cluster (deploy/local/cluster.py) the install is deploy/ with the image built here
+(``localhost/pyabouts:<version>``): a kustomize overlay written into the cluster's state
+directory, since kustomize refuses an overlay inside its base and wants a relative path to it.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from deploy.local.controlplane import ControlPlane
+from deploy.local.project_image import PROJECT_REPOSITORY, project_version
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = "crd/ippools.pyabouts.io"
+NAMESPACE = "kube-system"
+AGENT = "daemonset/pyabouts-agent"
+RECONCILER = "deployment/pyabouts-reconciler"
+ROLLOUT_TIMEOUT = "180s"
 
 
 def install_pyabouts(control_plane: ControlPlane) -> None:
     """Apply the CRDs and RBAC of deploy/, and wait until the IPPool CRD is served."""
     control_plane.kubectl("apply", "-k", str(REPO / "deploy"))
     control_plane.kubectl("wait", "--for=condition=Established", CRD, "--timeout=60s")
+
+
+def local_overlay(directory: Path, tag: str | None = None) -> Path:
+    """`directory`, holding a kustomization of deploy/ with the image ``localhost/pyabouts:<tag>``
+    (default: the package's version)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    base = os.path.relpath(REPO / "deploy", directory)
+    image = (
+        f"{{name: pyabouts, newName: {PROJECT_REPOSITORY}, newTag: '{tag or project_version()}'}}"
+    )
+    (directory / "kustomization.yaml").write_text(
+        "# Written by deploy/local/install.py: deploy/ with the image built here.\n"
+        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+        "kind: Kustomization\n"
+        f"resources:\n  - {base}\n"
+        "images:\n"
+        f"  - {image}\n"
+    )
+    return directory
+
+
+def install_on_cluster(control_plane: ControlPlane, overlay: Path) -> None:
+    """`kubectl apply -k overlay`, then wait until the agent runs on every node and the
+    reconciler's replicas are available."""
+    control_plane.kubectl("apply", "-k", str(overlay))
+    control_plane.kubectl("wait", "--for=condition=Established", CRD, "--timeout=60s")
+    for workload in (AGENT, RECONCILER):
+        control_plane.kubectl(
+            "rollout", "status", workload, "-n", NAMESPACE, f"--timeout={ROLLOUT_TIMEOUT}"
+        )

@@ -1,0 +1,174 @@
+"""What the installer writes for the node besides the plugin: a flat file and a kubeconfig.
+
+The kubeconfig carries the node agent's service account token, so the node can reach IPPools
+with the agent's identity when a plugin runs in-process, or a NAD ported from whereabouts names
+a kubeconfig: ``pyabouts.d/pyabouts.kubeconfig``, mode 0600 (it is a credential), next to the
+flat file ``pyabouts.d/pyabouts.conf`` that names it. The pod's token rotates (kubelet rewrites
+the projected file); the host's copy is a copy, so :func:`keep_node_config_current` rewrites it
+when the token or the CA changes. Every write is a rename, so a reader never sees half a file.
+
+The files stay when the pod stops for a rolling update or a drain (the node keeps working);
+:func:`daemonset_deleted` tells those apart from an uninstall, after which they go.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from pyabouts.ipam.errors import CniError
+from pyabouts.ipam.stores.kube_api import ApiStatusError, KubeApi
+from pyabouts.ipam.stores.kubeconfig import SERVICE_ACCOUNT_DIR, in_cluster_credentials
+
+KUBECONFIG_NAME = "pyabouts.kubeconfig"
+FLAT_FILE_NAME = "pyabouts.conf"
+USER = "pyabouts-node"
+
+
+def write_file_atomically(path: Path, text: str, mode: int) -> bool:
+    """Write `text` to `path` by renaming a temporary file over it, created with `mode` (never
+    wider for a moment); False, and nothing written, when the file already holds `text`."""
+    try:
+        if path.read_text() == text and (path.stat().st_mode & 0o7777) == mode:
+            return False
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(descriptor, mode)  # the umask may have narrowed it
+        os.write(descriptor, text.encode())
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    partial.replace(path)
+    return True
+
+
+def service_account_kubeconfig(environ: Mapping[str, str], account_dir: Path) -> str:
+    """A kubeconfig of the pod's service account: the API behind KUBERNETES_SERVICE_HOST/PORT,
+    its CA, the token as it is now and the pod's namespace (where the IPPools live)."""
+    credentials = in_cluster_credentials(environ, account_dir)
+    token = (account_dir / "token").read_text().strip()
+    document = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "cluster",
+                "cluster": {
+                    "server": credentials.server,
+                    "certificate-authority-data": base64.b64encode(
+                        (credentials.ca_pem or "").encode()
+                    ).decode(),
+                },
+            }
+        ],
+        "users": [{"name": USER, "user": {"token": token}}],
+        "contexts": [
+            {
+                "name": USER,
+                "context": {"cluster": "cluster", "user": USER, "namespace": credentials.namespace},
+            }
+        ],
+        "current-context": USER,
+    }
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Where the node's files go: `directory` as this process sees it, `host_directory` as the
+    node's runtime does (the flat file names the kubeconfig by the host's path)."""
+
+    directory: Path
+    host_directory: Path
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.directory / KUBECONFIG_NAME
+
+    @property
+    def flat_file(self) -> Path:
+        return self.directory / FLAT_FILE_NAME
+
+    def flat_file_text(self) -> str:
+        settings = {
+            "datastore": "kubernetes",
+            "kubernetes": {"kubeconfig": str(self.host_directory / KUBECONFIG_NAME)},
+        }
+        return json.dumps(settings, indent=2) + "\n"
+
+    def write(self, environ: Mapping[str, str], account_dir: Path = SERVICE_ACCOUNT_DIR) -> bool:
+        """Write both files if they differ from what they should hold; True if one changed.
+        The kubeconfig goes first: the flat file never names one that is not there."""
+        changed = write_file_atomically(
+            self.kubeconfig, service_account_kubeconfig(environ, account_dir), 0o600
+        )
+        return write_file_atomically(self.flat_file, self.flat_file_text(), 0o644) or changed
+
+    def remove(self) -> list[Path]:
+        """Delete both files (and the directory, once empty); the paths removed."""
+        removed = []
+        for path in (self.flat_file, self.kubeconfig):
+            if path.exists():
+                path.unlink()
+                removed.append(path)
+        if self.directory.is_dir() and not any(self.directory.iterdir()):
+            self.directory.rmdir()
+            removed.append(self.directory)
+        return removed
+
+
+def keep_node_config_current(
+    config: NodeConfig,
+    environ: Mapping[str, str],
+    *,
+    interval: float,
+    stop: threading.Event,
+    account_dir: Path = SERVICE_ACCOUNT_DIR,
+) -> None:
+    """Write the files now, then again whenever the token, the CA or the files themselves
+    change, every `interval` seconds, until `stop` is set. A failed write (the token between
+    kubelet's renames) is tried again at the next tick."""
+    while True:
+        try:
+            if config.write(environ, account_dir):
+                print(f"wrote {config.kubeconfig} and {config.flat_file}", flush=True)
+        except (OSError, CniError) as exc:
+            print(f"node config not written, trying again: {exc}", flush=True)
+        if stop.wait(interval):
+            return
+
+
+def daemonset_deleted(
+    name: str, environ: Mapping[str, str], account_dir: Path = SERVICE_ACCOUNT_DIR
+) -> bool:
+    """Whether DaemonSet `name` (in this pod's namespace) is gone or going, as it is when
+    `kubectl delete -k` uninstalls: not found, being deleted, or this pod's account no longer
+    allowed or known (that delete removes the RBAC and the ServiceAccount too). When the API
+    cannot be asked, False: the files stay rather than break a node that still needs them."""
+    try:
+        credentials = in_cluster_credentials(environ, account_dir)
+    except CniError:
+        return False
+    api = KubeApi(credentials, timeout=5.0)
+    try:
+        found = api.request(
+            "GET", f"/apis/apps/v1/namespaces/{credentials.namespace}/daemonsets/{name}"
+        )
+    except ApiStatusError as exc:
+        return exc.status in (401, 403, 404)
+    except CniError:  # unreachable, or busy
+        return False
+    finally:
+        api.close()
+    return bool(found.get("metadata", {}).get("deletionTimestamp"))

@@ -1,0 +1,310 @@
+"""pyabouts installed into the real local cluster the way users install it: `kubectl apply -k` of
+deploy/ (with the image built here), nothing done by hand on the node.
+
+The agent DaemonSet's pod runs in the host's network with its own ServiceAccount; its sidecar
+installs the node plugin and writes the node's flat file and kubeconfig; the CNI calls below are
+made on the host with the installed plugin, as kubelet's runtime makes them. The reconciler runs
+as the Deployment (holding its Lease) and as the CronJob's Job. The cluster is the whole host's
+(kubelet's places are fixed), so the module runs in the "processes" group.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deploy.local.cluster import Cluster, down, up
+from deploy.local.controlplane import ControlPlane
+from deploy.local.install import NAMESPACE, install_on_cluster, local_overlay
+from deploy.local.netns import CniCall, run_cni
+from deploy.local.node_network import CNI_BIN_DIR, CNI_CONF_DIR
+from tests.integration.stored_state import stored
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.xdist_group("processes"),
+    pytest.mark.timeout(900),
+]
+
+PLUGIN = CNI_BIN_DIR / "pyabouts"
+NODE_CONFIG = CNI_CONF_DIR / "pyabouts.d"
+AGENT_SA = "system:serviceaccount:kube-system:pyabouts"
+RECONCILER_SA = "system:serviceaccount:kube-system:pyabouts-reconciler"
+INSTALLER = "pyabouts.plugin.install"
+RECLAIM_TIMEOUT_S = 30.0  # the controller reacts to a deletion within seconds
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cluster")
+
+
+@pytest.fixture(scope="module")
+def overlay(state_dir: Path) -> Path:
+    return local_overlay(state_dir / "install")
+
+
+@pytest.fixture(scope="module")
+def cluster(state_dir: Path, overlay: Path) -> Iterator[ControlPlane]:
+    """The local cluster with pyabouts installed; uninstalled and taken down afterwards."""
+    running: Cluster = up(state_dir)
+    assert running.control_plane is not None
+    control_plane = running.control_plane
+    try:
+        install_on_cluster(control_plane, overlay)
+        yield control_plane
+    finally:
+        control_plane.kubectl_run("delete", "-k", str(overlay), "--wait=true", "--timeout=120s")
+        # Should the uninstall test have failed, the node is still cleaned up.
+        uninstall = [f"--cni-bin-dir={CNI_BIN_DIR}", f"--node-config-dir={NODE_CONFIG}"]
+        subprocess.run([sys.executable, "-m", INSTALLER, "--uninstall", *uninstall], check=True)
+        down(state_dir)
+
+
+def kube_json(cluster: ControlPlane, *args: str) -> Any:
+    return json.loads(cluster.kubectl(*args, "-o", "json"))
+
+
+def pods_of(cluster: ControlPlane, app: str) -> list[dict[str, Any]]:
+    selector = f"app.kubernetes.io/name={app}"
+    return list(kube_json(cluster, "get", "pods", "-n", NAMESPACE, "-l", selector)["items"])
+
+
+def network_conf(network: str, **ipam: Any) -> dict[str, Any]:
+    """A NAD's config as Multus hands it to the plugin; it names a kubeconfig nobody wrote,
+    which the agent never follows (it uses its own ServiceAccount)."""
+    return {
+        "cniVersion": "1.0.0",
+        "name": network,
+        "type": "macvlan",
+        "ipam": {
+            "type": "pyabouts",
+            "range": "10.77.0.0/28",
+            "network_name": network,
+            "kubernetes": {"kubeconfig": "/etc/cni/net.d/whereabouts.d/not-there.kubeconfig"},
+        }
+        | ipam,
+    }
+
+
+def plugin_call(command: str, network: str, container: str, pod: str, uid: str = "") -> CniCall:
+    """The installed plugin, run on the host as the runtime runs it for `pod` ("ns/name")."""
+    namespace, name = pod.split("/")
+    cni_args = f"K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"
+    return run_cni(
+        str(PLUGIN),
+        command,
+        network_conf(network),
+        container_id=container,
+        netns=f"/var/run/netns/{container}",
+        ifname="net1",
+        cni_path=str(CNI_BIN_DIR),
+        cni_args=cni_args + (f";K8S_POD_UID={uid}" if uid else ""),
+    )
+
+
+def add(network: str, container: str, pod: str, uid: str = "") -> str:
+    result = plugin_call("ADD", network, container, pod, uid).expect_success()
+    return str(result["ips"][0]["address"].split("/")[0])
+
+
+def lease_holder(cluster: ControlPlane) -> str | None:
+    found = cluster.kubectl_run(
+        "get",
+        "lease",
+        "-n",
+        NAMESPACE,
+        "pyabouts-reconciler",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    )
+    return found.stdout.strip() or None
+
+
+def wait_until_freed(cluster: ControlPlane, network: str, address: str) -> float:
+    """Seconds until the IPPools no longer hold `address`; fails after RECLAIM_TIMEOUT_S."""
+    t0 = time.monotonic()
+    while address in stored(cluster, network):
+        assert time.monotonic() - t0 < RECLAIM_TIMEOUT_S, f"{address} still held"
+        time.sleep(0.25)
+    return time.monotonic() - t0
+
+
+def test_the_agent_runs_in_the_hosts_network_as_root_without_capabilities(
+    cluster: ControlPlane,
+) -> None:
+    (pod,) = pods_of(cluster, "pyabouts-agent")
+    assert pod["status"]["phase"] == "Running"
+    ready = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
+    assert ready["Ready"] == "True"
+    assert pod["spec"]["hostNetwork"] is True
+    assert pod["status"]["podIP"] == pod["status"]["hostIP"]
+    assert pod["spec"]["serviceAccountName"] == "pyabouts"
+    for container in [*pod["spec"]["containers"], *pod["spec"]["initContainers"]]:
+        context = container["securityContext"]
+        assert context["capabilities"] == {"drop": ["ALL"]}
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["readOnlyRootFilesystem"] is True
+    log = cluster.kubectl("logs", "-n", NAMESPACE, pod["metadata"]["name"], "-c", "agent")
+    assert "serving datastore 'kubernetes' (IPPools in namespace kube-system" in log
+
+
+def test_the_installer_wrote_the_plugin_and_a_private_kubeconfig_of_the_agents_account(
+    cluster: ControlPlane,
+) -> None:
+    assert PLUGIN.stat().st_mode & 0o777 == 0o755
+    assert PLUGIN.read_text().startswith("#!/usr/bin/python3 -IS\n")
+    kubeconfig = NODE_CONFIG / "pyabouts.kubeconfig"
+    assert kubeconfig.stat().st_mode & 0o777 == 0o600
+    flat = json.loads((NODE_CONFIG / "pyabouts.conf").read_text())
+    assert flat == {"datastore": "kubernetes", "kubernetes": {"kubeconfig": str(kubeconfig)}}
+    # The node reaches the API with it through the `kubernetes` Service, as the agent.
+    who = cluster.kubectl(
+        "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}", kubeconfig=kubeconfig
+    )
+    assert who == AGENT_SA
+    # The sidecar keeps it there: removed, it is back within the sidecar's interval.
+    kubeconfig.unlink()
+    deadline = time.monotonic() + 30
+    while not kubeconfig.exists():
+        assert time.monotonic() < deadline, "the kubeconfig was not written again"
+        time.sleep(0.5)
+    assert kubeconfig.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_installed_plugin_is_served_by_the_agent_with_its_own_identity(
+    cluster: ControlPlane,
+) -> None:
+    (agent,) = pods_of(cluster, "pyabouts-agent")
+    pod = f"{NAMESPACE}/{agent['metadata']['name']}"  # one that exists: nothing reclaims it
+    network = f"install-{uuid.uuid4().hex[:6]}"
+    address = add(network, "c-served", pod)
+    assert stored(cluster, network) == {address: "c-served"}
+    plugin_call("DEL", network, "c-served", pod).expect_success()
+    assert stored(cluster, network) == {}
+
+
+def test_the_controller_holds_its_lease_and_frees_a_force_deleted_pods_address(
+    cluster: ControlPlane,
+) -> None:
+    replicas = {p["metadata"]["name"] for p in pods_of(cluster, "pyabouts-reconciler")}
+    assert len(replicas) == 2
+    deadline = time.monotonic() + 30
+    while (holder := lease_holder(cluster)) not in replicas:
+        assert time.monotonic() < deadline, f"Lease held by {holder!r}, not by {replicas}"
+        time.sleep(0.5)
+
+    network = f"reclaim-{uuid.uuid4().hex[:6]}"
+    victim = ("pod/victim", "-n", "default")
+    cluster.kubectl("run", "victim", "-n", "default", "--image=localhost/pause:3.10")
+    cluster.kubectl("wait", "--for=condition=Ready", *victim, "--timeout=60s")
+    uid = kube_json(cluster, "get", *victim)["metadata"]["uid"]
+    address = add(network, "c-victim", "default/victim", uid)
+    cluster.kubectl("delete", *victim, "--force", "--grace-period=0")
+    seconds = wait_until_freed(cluster, network, address)
+    print(f"force-deleted pod's address freed by the controller in {seconds:.1f} s")
+
+
+def test_the_cronjobs_job_runs_to_completion_and_frees_a_leak(cluster: ControlPlane) -> None:
+    deployment = "deployment/pyabouts-reconciler"
+    cluster.kubectl("scale", deployment, "-n", NAMESPACE, "--replicas=0")  # only the Job acts
+    cluster.kubectl(
+        "wait",
+        "--for=delete",
+        "pod",
+        "-n",
+        NAMESPACE,
+        "-l",
+        "app.kubernetes.io/name=pyabouts-reconciler",
+        "--timeout=90s",
+    )
+    try:
+        network = f"leak-{uuid.uuid4().hex[:6]}"
+        address = add(network, "c-leaked", "default/never-existed")
+        job = f"pass-{uuid.uuid4().hex[:6]}"
+        cluster.kubectl("create", "job", job, "-n", NAMESPACE, "--from=cronjob/pyabouts-reconciler")
+        cluster.kubectl(
+            "wait", "--for=condition=Complete", f"job/{job}", "-n", NAMESPACE, "--timeout=120s"
+        )
+        assert stored(cluster, network) == {}, address
+        log = cluster.kubectl("logs", "-n", NAMESPACE, f"job/{job}")
+        assert address in log
+    finally:
+        cluster.kubectl("scale", deployment, "-n", NAMESPACE, "--replicas=2")
+        cluster.kubectl("rollout", "status", deployment, "-n", NAMESPACE, "--timeout=120s")
+
+
+def permissions(cluster: ControlPlane, user: str, namespace: str) -> set[tuple[str, str]]:
+    """(resource, verb) pairs `user` may use in `namespace`, from `kubectl auth can-i --list`
+    by impersonation; the resource names a rule is limited to are kept with the resource."""
+    table = cluster.kubectl("auth", "can-i", "--list", "-n", namespace, f"--as={user}")
+    found = set()
+    for line in table.splitlines()[1:]:  # Resources, Non-Resource URLs, Resource Names, Verbs
+        resource = line.split("[", 1)[0].strip()
+        urls, names, verbs = re.findall(r"\[[^\]]*\]", line)
+        subject = resource or urls
+        if names != "[]":
+            subject = f"{subject}{names}"
+        for verb in verbs.strip("[]").split():
+            found.add((subject, verb))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("user", "needed"),
+    [
+        (
+            AGENT_SA,
+            {("ippools.pyabouts.io", v) for v in ("get", "list", "watch", "create", "update")}
+            | {("daemonsets.apps[pyabouts-agent]", "get")},  # does the uninstall apply?
+        ),
+        (
+            RECONCILER_SA,
+            {("pods", v) for v in ("get", "list", "watch")}
+            | {("ippools.pyabouts.io", v) for v in ("get", "list", "update")}
+            | {("leases.coordination.k8s.io", v) for v in ("get", "create", "update")},
+        ),
+    ],
+    ids=["agent", "reconciler"],
+)
+def test_each_service_account_may_do_exactly_what_its_component_needs(
+    cluster: ControlPlane, user: str, needed: set[tuple[str, str]]
+) -> None:
+    """Beyond what every authenticated user may (an account of no role is the baseline)."""
+    nobody = f"system:serviceaccount:kube-system:nobody-{uuid.uuid4().hex[:6]}"
+    for namespace in (NAMESPACE, "default"):
+        baseline = permissions(cluster, nobody, namespace)
+        extra = permissions(cluster, user, namespace) - baseline
+        expected = {
+            (resource, verb)
+            for resource, verb in needed
+            if namespace == NAMESPACE or not resource.startswith(("leases", "daemonsets"))
+        }
+        assert extra == expected, namespace
+
+
+def test_kubectl_delete_removes_the_plugin_and_the_nodes_files(
+    cluster: ControlPlane, overlay: Path
+) -> None:
+    """The uninstall users run; then installed again, as the other tests found it."""
+    assert PLUGIN.exists() and NODE_CONFIG.exists()
+    t0 = time.monotonic()
+    cluster.kubectl("delete", "-k", str(overlay), "--wait=true", "--timeout=120s")
+    while pods_of(cluster, "pyabouts-reconciler"):
+        # Stopped by SIGTERM as their container's PID 1, not killed after their 30 s grace.
+        assert time.monotonic() - t0 < 25, "the reconciler's pods outlived SIGTERM"
+        time.sleep(0.5)
+    while pods_of(cluster, "pyabouts-agent") or PLUGIN.exists() or NODE_CONFIG.exists():
+        assert time.monotonic() - t0 < 120, "still installed on the node"
+        time.sleep(0.5)
+    install_on_cluster(cluster, overlay)
+    assert PLUGIN.exists() and (NODE_CONFIG / "pyabouts.kubeconfig").exists()
