@@ -72,6 +72,24 @@ with_lock() {
     exec {lock_fd}>&-
 }
 
+# write_tools_go DIR PACKAGE...: a tools.go in the wrapper module DIR that imports each
+# PACKAGE, so that `go mod tidy` keeps what they need.
+write_tools_go() {
+    local dir="$1" pkg
+    shift
+    {
+        echo "//go:build tools"
+        echo
+        echo "package tools"
+        echo
+        echo "import ("
+        for pkg in "$@"; do
+            echo "	_ \"${pkg}\""
+        done
+        echo ")"
+    } >"${dir}/tools.go"
+}
+
 # go_build_wrapper DIR OUT PKG [LDFLAGS]: tidy the wrapper module in DIR, build PKG into OUT
 # (through a temporary file, so an interrupted build never leaves a half-written binary).
 go_build_wrapper() {
@@ -134,18 +152,7 @@ prepare_kube_module() {
         done <<<"$replaces"
         echo ")"
     } >"${dir}/go.mod"
-    {
-        echo "//go:build tools"
-        echo
-        echo "package tools"
-        echo
-        echo "import ("
-        local c
-        for c in "${KUBE_COMMANDS[@]}"; do
-            echo "	_ \"k8s.io/kubernetes/cmd/${c}\""
-        done
-        echo ")"
-    } >"${dir}/tools.go"
+    write_tools_go "$dir" "${KUBE_COMMANDS[@]/#/k8s.io/kubernetes/cmd/}"
     log "go mod tidy -e in $dir"
     (cd "$dir" && "$go" mod tidy -e)
     touch "${dir}/.prepared"
@@ -175,32 +182,54 @@ build_kube_command() {
     log "$name $version ready in $((SECONDS - t0)) s: $out ($(du -h "$out" | cut -f1))"
 }
 
-# --- Multus thin plugin --------------------------------------------------------------------
+# --- Multus ---------------------------------------------------------------------------------
+# The thin plugin (`multus`, which the harness runs as a node's runtime would) and what the
+# Multus image built here holds for its own DaemonSets: the thin DaemonSet's entrypoint, its
+# installer and the passthru plugin that installs, the thick DaemonSet's daemon and shim.
+# Cached as multus-<version> (the plugin) and multus-<command>-<version>. One wrapper module imports them all, so they share its build cache.
 # `go install ...@v4.2.3` fails here (the proxy refuses the module's version list).
+MULTUS_MODULE="gopkg.in/k8snetworkplumbingwg/multus-cni.v4"
+MULTUS_COMMANDS=(multus thin_entrypoint install_multus passthru-cni multus-daemon multus-shim)
+
+multus_binary() {
+    if [[ "$1" == multus ]]; then echo multus; else echo "multus-$1"; fi
+}
+
 build_multus() {
     local version="$MULTUS_VERSION"
     local dir="${BUILD_DIR}/multus-${version}"
-    local out="${BIN_DIR}/multus-${version}"
-    local mod="gopkg.in/k8snetworkplumbingwg/multus-cni.v4"
     local t0=$SECONDS
-    log "building multus (thin plugin) $version in $dir"
+    log "building multus $version (${MULTUS_COMMANDS[*]}) in $dir"
     mkdir -p "$dir"
     cat >"${dir}/go.mod" <<EOF
 module local/multus
 
 go 1.24
 
-require ${mod} ${version}
+require ${MULTUS_MODULE} ${version}
 EOF
-    cat >"${dir}/tools.go" <<EOF
-//go:build tools
+    write_tools_go "$dir" "${MULTUS_COMMANDS[@]/#/${MULTUS_MODULE}/cmd/}"
+    local c go out
+    go="$(find_go)"
+    log "go mod tidy -e in $dir"
+    (cd "$dir" && "$go" mod tidy -e)
+    for c in "${MULTUS_COMMANDS[@]}"; do
+        out="${BIN_DIR}/$(multus_binary "$c")-${version}"
+        [[ -x "$out" ]] && continue
+        log "go build $c"
+        # Static: the same binaries run on the host and in the Multus image.
+        (cd "$dir" && CGO_ENABLED=0 "$go" build -o "${out}.tmp" "${MULTUS_MODULE}/cmd/${c}")
+        mv -f "${out}.tmp" "$out"
+    done
+    log "multus $version ready in $((SECONDS - t0)) s"
+}
 
-package tools
-
-import _ "${mod}/cmd/multus"
-EOF
-    go_build_wrapper "$dir" "$out" "${mod}/cmd/multus"
-    log "multus $version ready in $((SECONDS - t0)) s: $out"
+multus_cached() {
+    local c
+    for c in "${MULTUS_COMMANDS[@]}"; do
+        [[ -x "${BIN_DIR}/$(multus_binary "$c")-${MULTUS_VERSION}" ]] || return 1
+    done
+    log "multus $MULTUS_VERSION cached: ${BIN_DIR}/multus-*${MULTUS_VERSION}"
 }
 
 # Where Go keeps the source of module $2, as required by the wrapper module in BUILD_DIR/$1.
@@ -225,6 +254,26 @@ extract_multus_crd() {
     grep -q '^kind: CustomResourceDefinition$' "${out}.tmp" || die "no CRD first in $source"
     mv -f "${out}.tmp" "$out"
     log "NetworkAttachmentDefinition CRD: $out"
+}
+
+# Multus' own DaemonSet manifests (thin, and the thick one of the kind lab) and its LICENSE,
+# unchanged, next to the binaries, for the local cluster's Multus image and install:
+#   ${BIN_DIR}/multus-<version>-daemonset.yml, -daemonset-thick.yml, -LICENSE
+extract_multus_manifests() {
+    local version="$MULTUS_VERSION"
+    local prefix="${BIN_DIR}/multus-${version}"
+    [[ -f "${prefix}-daemonset.yml" && -f "${prefix}-daemonset-thick.yml" && -f "${prefix}-LICENSE" ]] && return 0
+    local moddir
+    moddir="$(module_dir "multus-${version}" "$MULTUS_MODULE")"
+    cp "${moddir}/deployments/multus-daemonset.yml" "${prefix}-daemonset.yml.tmp"
+    cp "${moddir}/deployments/multus-daemonset-thick.yml" "${prefix}-daemonset-thick.yml.tmp"
+    cp "${moddir}/LICENSE" "${prefix}-LICENSE.tmp"
+    local f
+    for f in daemonset.yml daemonset-thick.yml LICENSE; do
+        chmod 0644 "${prefix}-${f}.tmp"
+        mv -f "${prefix}-${f}.tmp" "${prefix}-${f}"
+    done
+    log "Multus manifests: ${prefix}-daemonset.yml, ${prefix}-daemonset-thick.yml"
 }
 
 # --- whereabouts (for comparison runs) -----------------------------------------------------
@@ -291,8 +340,9 @@ main() {
             ;;
         kubernetes) main "${KUBE_COMMANDS[@]}" ;;
         multus)
-            cached multus "$MULTUS_VERSION" || with_lock multus "$MULTUS_VERSION" build_multus
+            multus_cached || with_lock multus-commands "$MULTUS_VERSION" build_multus
             extract_multus_crd
+            extract_multus_manifests
             ;;
         whereabouts)
             cached whereabouts "$WHEREABOUTS_VERSION" ||

@@ -35,6 +35,7 @@ from deploy.local.controlplane import (
     ControlPlane,
     start_control_plane,
 )
+from deploy.local.multus_install import multus_archive
 from deploy.local.node_network import (
     BRIDGE,
     BRIDGE_ADDRESS,
@@ -221,7 +222,7 @@ def up(state_dir: Path) -> Cluster:
         )
     t0 = time.monotonic()
     # Built (or found cached) before anything starts: the first build takes minutes.
-    images = [pause_archive(), busybox_archive(), saved_archive(project_image())]
+    images = [pause_archive(), busybox_archive(), multus_archive(), saved_archive(project_image())]
     _say(f"images ready in {time.monotonic() - t0:.1f} s")
     state_dir.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(state_dir)

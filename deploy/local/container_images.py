@@ -97,7 +97,7 @@ def docker_archive(
     )
 
 
-def _cached_archive(name: str, inputs: Sequence[bytes], make: Callable[[], bytes]) -> Path:
+def cached_archive(name: str, inputs: Sequence[bytes], make: Callable[[], bytes]) -> Path:
     """``images_dir()/<name>-<hash of inputs>.tar``, written by ``make`` unless it is there."""
     key = hashlib.sha256(b"\0".join([*inputs, ARCHIVE_FORMAT.encode()])).hexdigest()[:16]
     archive = images_dir() / f"{name}-{key}.tar"
@@ -120,7 +120,7 @@ def pause_archive() -> Path:
             run_command(["gcc", *GCC_FLAGS, "-o", str(binary), str(PAUSE_SOURCE)])
             return docker_archive(PAUSE_IMAGE, {"pause": (binary.read_bytes(), 0o755)}, ["/pause"])
 
-    return _cached_archive(
+    return cached_archive(
         "pause-3.10", [PAUSE_SOURCE.read_bytes(), " ".join(GCC_FLAGS).encode()], make
     )
 
@@ -142,7 +142,7 @@ def busybox_archive() -> Path:
             dirs={**dirs, "tmp": 0o1777},
         )
 
-    return _cached_archive("pyabouts-test-1", [busybox], make)
+    return cached_archive("pyabouts-test-1", [busybox], make)
 
 
 def _archive_image(archive: Path) -> tuple[str, str]:

@@ -41,6 +41,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import ssl
 import subprocess
@@ -67,7 +68,7 @@ KUBECTL = "/usr/bin/kubectl"
 # /readyz waits for post-start hooks (RBAC bootstrap roles, priority classes) that take a few
 # seconds on an idle machine and minutes on two cores busy with hundreds of plugin processes.
 READY_TIMEOUT_S = 240.0
-KUBECTL_TIMEOUT_S = 60.0
+KUBECTL_TIMEOUT_S = 60.0  # unless the command's own --timeout is longer
 
 # A real control plane runs on its own machines. Here it shares two cores with the simulated
 # nodes, whose hundreds of plugin processes would otherwise starve it until Multus gives up on a
@@ -338,6 +339,8 @@ class ControlPlane:
     def _node_serving_args(self) -> list[str]:
         return [
             "--authorization-mode=Node,RBAC",
+            # As kubeadm's and kind's: node DaemonSets (Multus') run privileged containers.
+            "--allow-privileged=true",
             # The node's name does not resolve here; its InternalIP (the bridge) does.
             "--kubelet-preferred-address-types=InternalIP,Hostname",
             f"--kubelet-client-certificate={self.admin_cert}",
@@ -445,7 +448,7 @@ class ControlPlane:
             input=input,
             capture_output=True,
             text=True,
-            timeout=KUBECTL_TIMEOUT_S,
+            timeout=_kubectl_timeout(args),
             env=env,
             check=False,
         )
@@ -571,3 +574,14 @@ if __name__ == "__main__":  # python -m deploy.local.controlplane up|down|status
     from deploy.local.controlplane_cli import main
 
     sys.exit(main())
+
+
+def _kubectl_timeout(args: tuple[str, ...]) -> float:
+    """How long to let kubectl run: its own ``--timeout=`` (wait, rollout status, delete) with
+    a margin, else KUBECTL_TIMEOUT_S."""
+    for arg in args:
+        match = re.fullmatch(r"--timeout=(\d+)(s|m)", arg)
+        if match:
+            seconds = int(match[1]) * (60 if match[2] == "m" else 1)
+            return max(KUBECTL_TIMEOUT_S, seconds + 30.0)
+    return KUBECTL_TIMEOUT_S

@@ -47,6 +47,8 @@ class HostChanges:
     directories: list[str] = field(default_factory=list)
     #: sysctl name -> the value it had before.
     sysctls: dict[str, str] = field(default_factory=dict)
+    #: / was made a shared mount (it was private).
+    root_shared: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,6 +60,7 @@ class HostChanges:
             files=[str(f) for f in data.get("files", [])],
             directories=[str(d) for d in data.get("directories", [])],
             sysctls={str(k): str(v) for k, v in data.get("sysctls", {}).items()},
+            root_shared=bool(data.get("root_shared", False)),
         )
 
 
@@ -103,8 +106,13 @@ def _make_dirs(path: Path, changes: HostChanges) -> None:
 
 
 def set_up_pod_network(host_local_dir: Path) -> HostChanges:
-    """The bridge with its address, the sysctls, the plugins and the conflist."""
+    """The bridge with its address, the sysctls, the plugins and the conflist; and / a shared
+    mount, as on systemd hosts: Multus' DaemonSets mount /opt/cni/bin with Bidirectional
+    propagation, which the runtime refuses on a private mount."""
     changes = HostChanges()
+    if run_command(["findmnt", "-no", "PROPAGATION", "/"]).strip() == "private":
+        run_command(["mount", "--make-shared", "/"])
+        changes.root_shared = True
     if not link_exists(BRIDGE):
         run_command(["ip", "link", "add", BRIDGE, "type", "bridge"])
         changes.bridge = True
@@ -155,6 +163,8 @@ def undo_pod_network(changes: HostChanges) -> None:
             path.rmdir()
     for name, value in changes.sysctls.items():
         _sysctl_path(name).write_text(value + "\n")
+    if changes.root_shared:
+        run_command(["mount", "--make-private", "/"])
     # The bridge is ours even when an earlier, killed run made it: its address is the one
     # nothing else on this host may use.
     if link_exists(BRIDGE):

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,24 +20,24 @@ from typing import Any
 
 import pytest
 
-from deploy.local.cluster import Cluster, down, up
 from deploy.local.controlplane import ControlPlane
-from deploy.local.install import NAMESPACE, install_on_cluster, local_overlay
+from deploy.local.install import NAMESPACE, install_on_cluster
 from deploy.local.netns import CniCall, run_cni
-from deploy.local.node_network import CNI_BIN_DIR, CNI_CONF_DIR
+from deploy.local.node_network import CNI_BIN_DIR
+from tests.e2e.local_cluster import (
+    CLUSTER_MODULE_MARKS,
+    NODE_CONFIG,
+    PLUGIN,
+    cluster_with_pyabouts,
+    install_overlay,
+    kube_json,
+)
 from tests.integration.stored_state import stored
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.xdist_group("processes"),
-    pytest.mark.timeout(900),
-]
+pytestmark = CLUSTER_MODULE_MARKS
 
-PLUGIN = CNI_BIN_DIR / "pyabouts"
-NODE_CONFIG = CNI_CONF_DIR / "pyabouts.d"
 AGENT_SA = "system:serviceaccount:kube-system:pyabouts"
 RECONCILER_SA = "system:serviceaccount:kube-system:pyabouts-reconciler"
-INSTALLER = "pyabouts.plugin.install"
 RECLAIM_TIMEOUT_S = 30.0  # the controller reacts to a deletion within seconds
 
 
@@ -50,28 +48,13 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def overlay(state_dir: Path) -> Path:
-    return local_overlay(state_dir / "install")
+    return install_overlay(state_dir)
 
 
 @pytest.fixture(scope="module")
-def cluster(state_dir: Path, overlay: Path) -> Iterator[ControlPlane]:
-    """The local cluster with pyabouts installed; uninstalled and taken down afterwards."""
-    running: Cluster = up(state_dir)
-    assert running.control_plane is not None
-    control_plane = running.control_plane
-    try:
-        install_on_cluster(control_plane, overlay)
+def cluster(state_dir: Path) -> Iterator[ControlPlane]:
+    with cluster_with_pyabouts(state_dir) as control_plane:
         yield control_plane
-    finally:
-        control_plane.kubectl_run("delete", "-k", str(overlay), "--wait=true", "--timeout=120s")
-        # Should the uninstall test have failed, the node is still cleaned up.
-        uninstall = [f"--cni-bin-dir={CNI_BIN_DIR}", f"--node-config-dir={NODE_CONFIG}"]
-        subprocess.run([sys.executable, "-m", INSTALLER, "--uninstall", *uninstall], check=True)
-        down(state_dir)
-
-
-def kube_json(cluster: ControlPlane, *args: str) -> Any:
-    return json.loads(cluster.kubectl(*args, "-o", "json"))
 
 
 def pods_of(cluster: ControlPlane, app: str) -> list[dict[str, Any]]:
