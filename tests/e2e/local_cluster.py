@@ -45,6 +45,12 @@ def cluster_with_pyabouts(state_dir: Path) -> Iterator[ControlPlane]:
         yield control_plane
     finally:
         control_plane.kubectl_run("delete", "-k", str(overlay), "--wait=true", "--timeout=120s")
+        # The agent's sidecar is gone (it would write the files again until stopped); then
+        # whatever it left is removed.
+        control_plane.kubectl_run(
+            *("wait", "--for=delete", "pod", "-n", "kube-system", "--timeout=120s"),
+            "-l=app.kubernetes.io/name=pyabouts-agent",
+        )
         uninstall = [f"--cni-bin-dir={CNI_BIN_DIR}", f"--node-config-dir={NODE_CONFIG}"]
         subprocess.run([sys.executable, "-m", INSTALLER, "--uninstall", *uninstall], check=True)
         down(state_dir)

@@ -10,14 +10,19 @@ the "processes" group.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from deploy.local.cluster import Cluster
+from deploy.local.commands import run_command
 from deploy.local.controlplane import ControlPlane
 from deploy.local.multus_install import install_multus, multus_overlay, uninstall_multus
 from deploy.local.netns import macvlan_master
+from deploy.local.node_components import CONTAINERD_SOCKET
 from tests.e2e.local_cluster import CLUSTER_MODULE_MARKS, cluster_with_pyabouts, kube_json
 from tests.integration.stored_state import stored
 
@@ -26,22 +31,30 @@ pytestmark = CLUSTER_MODULE_MARKS
 NAMESPACE = "default"
 TEST_IMAGE = "localhost/pyabouts-test:1"
 NETWORK_STATUS = "k8s.v1.cni.cncf.io/network-status"
+AGENT = "daemonset/pyabouts-agent"
+#: Multus thin keeps each sandbox's delegates here until their DEL (its CNIDir).
+MULTUS_CACHE = Path("/var/lib/cni/multus")
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cluster")
+
+
+@pytest.fixture(scope="module")
+def cluster(state_dir: Path) -> Iterator[ControlPlane]:
     """The cluster with pyabouts and Multus; the pods go before Multus and pyabouts do (their
     DELs run through both), then Multus, then pyabouts and the cluster."""
-    state_dir = tmp_path_factory.mktemp("cluster")
     with cluster_with_pyabouts(state_dir) as control_plane:
         overlay = multus_overlay(state_dir / "multus")
         install_multus(control_plane, overlay)
         try:
             yield control_plane
         finally:
-            control_plane.kubectl_run(
-                "delete", "pods", "--all", "-n", NAMESPACE, "--wait=true", "--timeout=120s"
-            )
+            for kind in ("deployments", "pods"):
+                control_plane.kubectl_run(
+                    "delete", kind, "--all", "-n", NAMESPACE, "--wait=true", "--timeout=120s"
+                )
             uninstall_multus(control_plane, overlay)
 
 
@@ -224,3 +237,122 @@ def test_deleting_a_pod_frees_its_address(cluster: ControlPlane, master: str) ->
     cluster.kubectl("delete", "pod", "brief", "-n", NAMESPACE, "--wait=true", "--timeout=60s")
     # Multus ran the DEL through pyabouts when kubelet tore the sandbox down.
     assert stored(cluster, "short-lived") == {}
+
+
+def pod_addresses(cluster: ControlPlane, selector: str) -> dict[str, str]:
+    """net1's address of each pod matching `selector`, from its network-status annotation."""
+    listed = kube_json(cluster, "get", "pods", "-n", NAMESPACE, "-l", selector)["items"]
+    found = {}
+    for item in listed:
+        status = json.loads(item["metadata"]["annotations"][NETWORK_STATUS])
+        (net1,) = [entry for entry in status if entry["interface"] == "net1"]
+        found[item["metadata"]["name"]] = net1["ips"][0]
+    return found
+
+
+def agent_pods(cluster: ControlPlane) -> set[str]:
+    selector = "app.kubernetes.io/name=pyabouts-agent"
+    listed = kube_json(cluster, "get", "pods", "-n", "kube-system", "-l", selector)["items"]
+    return {item["metadata"]["name"] for item in listed}
+
+
+def deployment(name: str, networks: str, replicas: int) -> dict[str, Any]:
+    one = pod(name, networks)
+    template = {
+        "metadata": {"labels": {"app": name}, "annotations": one["metadata"]["annotations"]},
+        "spec": one["spec"],
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": template,
+        },
+    }
+
+
+def test_a_force_deleted_pod_on_a_stopped_kubelet_is_reclaimed_and_its_address_reused(
+    cluster: ControlPlane, master: str, state_dir: Path
+) -> None:
+    """kubelet is down, so no DEL runs for the force-deleted pod: the reconciler frees its
+    address, the next pod gets it, and the sandbox's late DEL (kubelet back) leaves it be."""
+    apply(cluster, macvlan_nad("reclaim", master, "198.19.1.64/26"), pod("orphan", "reclaim"))
+    wait_ready(cluster, "orphan")
+    address = ip(address_of(cluster, "orphan"))
+    orphan_sandbox = stored(cluster, "reclaim")[address]
+    node = Cluster.load(state_dir)
+    assert node is not None
+    kubelet = node.processes["kubelet"]
+    kubelet.stop()
+    try:
+        cluster.kubectl("delete", "pod", "orphan", "-n", NAMESPACE, "--force", "--grace-period=0")
+        deadline = time.monotonic() + 30
+        while address in stored(cluster, "reclaim"):
+            assert time.monotonic() < deadline, "the reconciler did not free the address"
+            time.sleep(0.25)
+    finally:
+        kubelet.start()
+        node.save()  # its new pid, for `down`
+    apply(cluster, pod("successor", "reclaim"))
+    wait_ready(cluster, "successor")
+    assert ip(address_of(cluster, "successor")) == address
+    # kubelet, back, tears the orphan's sandbox down: Multus' DEL reaches pyabouts (its cache
+    # of that sandbox goes), and frees nothing of the successor's.
+    deadline = time.monotonic() + 60
+    while (MULTUS_CACHE / orphan_sandbox).exists():
+        assert time.monotonic() < deadline, "the orphan's sandbox was never torn down"
+        time.sleep(0.5)
+    held = stored(cluster, "reclaim")
+    assert list(held) == [address] and held[address] != orphan_sandbox
+
+
+def test_a_rolling_update_of_the_agent_while_pods_are_created_loses_nothing(
+    cluster: ControlPlane, master: str
+) -> None:
+    """The agent's pod is replaced (a new image tag) while 20 pods start: some ADDs find no
+    agent and kubelet retries them, but every pod ends Running with an address of its own, and
+    the pool holds exactly theirs."""
+    spec = kube_json(cluster, "get", AGENT, "-n", "kube-system")["spec"]["template"]["spec"]
+    current = spec["containers"][0]["image"]
+    updated = f"{current}-update"
+    ctr = ["ctr", "--address", str(CONTAINERD_SOCKET), "-n", "k8s.io"]
+    run_command([*ctr, "images", "tag", "--force", current, updated])
+    before = agent_pods(cluster)
+    apply(cluster, macvlan_nad("rolling", master, "198.19.1.128/26"))
+    apply(cluster, deployment("rolling", "rolling", 20))
+    cluster.kubectl(
+        "set", "image", AGENT, "-n", "kube-system", f"agent={updated}", f"install={updated}"
+    )
+    try:
+        cluster.kubectl("rollout", "status", AGENT, "-n", "kube-system", "--timeout=180s")
+        cluster.kubectl(
+            "rollout", "status", "deployment/rolling", "-n", NAMESPACE, "--timeout=300s"
+        )
+        assert agent_pods(cluster).isdisjoint(before)  # replaced
+        retried = cluster.kubectl(
+            "get",
+            "events",
+            "-n",
+            NAMESPACE,
+            "--field-selector=reason=FailedCreatePodSandBox",
+            "-o",
+            "name",
+        )
+        print(f"sandboxes kubelet had to retry during the update: {len(retried.split())}")
+        addresses = pod_addresses(cluster, "app=rolling")
+        assert len(addresses) == 20
+        assert len(set(addresses.values())) == 20, addresses
+        assert set(stored(cluster, "rolling")) == set(addresses.values())
+        cluster.kubectl("scale", "deployment/rolling", "-n", NAMESPACE, "--replicas=0")
+        cluster.kubectl(
+            "wait", "--for=delete", "pod", "-l", "app=rolling", "-n", NAMESPACE, "--timeout=120s"
+        )
+        assert stored(cluster, "rolling") == {}
+    finally:
+        cluster.kubectl(
+            "set", "image", AGENT, "-n", "kube-system", f"agent={current}", f"install={current}"
+        )
+        cluster.kubectl("rollout", "status", AGENT, "-n", "kube-system", "--timeout=180s")
