@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 import tempfile
 from collections.abc import Callable, Sequence
@@ -105,9 +106,12 @@ def cached_archive(name: str, inputs: Sequence[bytes], make: Callable[[], bytes]
         return archive
     data = make()
     archive.parent.mkdir(parents=True, exist_ok=True)
-    partial = archive.with_name(archive.name + ".tmp")
+    partial = archive.with_name(f"{archive.name}.{os.getpid()}.tmp")
     partial.write_bytes(data)
     partial.replace(archive)
+    for earlier in archive.parent.glob(f"{name}-*.tar"):  # of no use any more
+        if earlier != archive:
+            earlier.unlink(missing_ok=True)
     return archive
 
 

@@ -8,9 +8,12 @@ directory, since kustomize refuses an overlay inside its base and wants a relati
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from deploy.local.controlplane import ControlPlane
+from deploy.local.node_network import CNI_BIN_DIR, CNI_CONF_DIR
 from deploy.local.project_image import PROJECT_REPOSITORY, project_version
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,6 +22,8 @@ NAMESPACE = "kube-system"
 AGENT = "daemonset/pyabouts-agent"
 RECONCILER = "deployment/pyabouts-reconciler"
 ROLLOUT_TIMEOUT = "180s"
+PLUGIN = CNI_BIN_DIR / "pyabouts"
+NODE_CONFIG = CNI_CONF_DIR / "pyabouts.d"
 
 
 def install_pyabouts(control_plane: ControlPlane) -> None:
@@ -55,3 +60,20 @@ def install_on_cluster(control_plane: ControlPlane, overlay: Path) -> None:
         control_plane.kubectl(
             "rollout", "status", workload, "-n", NAMESPACE, f"--timeout={ROLLOUT_TIMEOUT}"
         )
+
+
+def uninstall_from_cluster(control_plane: ControlPlane, overlay: Path) -> None:
+    """`kubectl delete -k overlay`; once the agent's pod is gone (its sidecar removes what it
+    wrote on the node), whatever is still there is removed with `pyabouts-install --uninstall`,
+    as the README tells users to when the sidecar could not."""
+    control_plane.kubectl_run("delete", "-k", str(overlay), "--wait=true", "--timeout=120s")
+    control_plane.kubectl_run(  # (an error when there was no pod to wait for)
+        *("wait", "--for=delete", "pod", "-n", NAMESPACE, "--timeout=120s"),
+        "-l=app.kubernetes.io/name=pyabouts-agent",
+    )
+    uninstall = [f"--cni-bin-dir={CNI_BIN_DIR}", f"--node-config-dir={NODE_CONFIG}", "--uninstall"]
+    subprocess.run(
+        [sys.executable, "-m", "pyabouts.plugin.install", *uninstall],
+        check=True,
+        capture_output=True,
+    )

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +15,7 @@ import pytest
 
 from deploy.local.cluster import down, up
 from deploy.local.controlplane import ControlPlane
-from deploy.local.install import install_on_cluster, local_overlay
-from deploy.local.node_network import CNI_BIN_DIR, CNI_CONF_DIR
+from deploy.local.install import install_on_cluster, local_overlay, uninstall_from_cluster
 
 #: The marks of a module that uses it: the whole host's cluster, never beside the heavy bursts.
 CLUSTER_MODULE_MARKS = [
@@ -26,16 +23,12 @@ CLUSTER_MODULE_MARKS = [
     pytest.mark.xdist_group("processes"),
     pytest.mark.timeout(900),
 ]
-PLUGIN = CNI_BIN_DIR / "pyabouts"
-NODE_CONFIG = CNI_CONF_DIR / "pyabouts.d"
-INSTALLER = "pyabouts.plugin.install"
 
 
 @contextlib.contextmanager
 def cluster_with_pyabouts(state_dir: Path) -> Iterator[ControlPlane]:
     """The cluster up in `state_dir` and pyabouts installed (its overlay in
-    `state_dir`/install); afterwards uninstalled, the node's files removed should the uninstall
-    have failed, and the cluster down."""
+    `state_dir`/install); afterwards uninstalled and the cluster down."""
     running = up(state_dir)
     assert running.control_plane is not None
     control_plane = running.control_plane
@@ -44,15 +37,7 @@ def cluster_with_pyabouts(state_dir: Path) -> Iterator[ControlPlane]:
         install_on_cluster(control_plane, overlay)
         yield control_plane
     finally:
-        control_plane.kubectl_run("delete", "-k", str(overlay), "--wait=true", "--timeout=120s")
-        # The agent's sidecar is gone (it would write the files again until stopped); then
-        # whatever it left is removed.
-        control_plane.kubectl_run(
-            *("wait", "--for=delete", "pod", "-n", "kube-system", "--timeout=120s"),
-            "-l=app.kubernetes.io/name=pyabouts-agent",
-        )
-        uninstall = [f"--cni-bin-dir={CNI_BIN_DIR}", f"--node-config-dir={NODE_CONFIG}"]
-        subprocess.run([sys.executable, "-m", INSTALLER, "--uninstall", *uninstall], check=True)
+        uninstall_from_cluster(control_plane, overlay)
         down(state_dir)
 
 

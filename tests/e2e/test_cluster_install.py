@@ -21,13 +21,11 @@ from typing import Any
 import pytest
 
 from deploy.local.controlplane import ControlPlane
-from deploy.local.install import NAMESPACE, install_on_cluster
+from deploy.local.install import NAMESPACE, NODE_CONFIG, PLUGIN, install_on_cluster
 from deploy.local.netns import CniCall, run_cni
 from deploy.local.node_network import CNI_BIN_DIR
 from tests.e2e.local_cluster import (
     CLUSTER_MODULE_MARKS,
-    NODE_CONFIG,
-    PLUGIN,
     cluster_with_pyabouts,
     install_overlay,
     kube_json,

@@ -251,10 +251,16 @@ def test_the_agent_daemonset_applies_and_agrees_with_the_thin_plugin(
     [install] = pod["initContainers"]
     assert agent["command"][:3] == ["pyabouts-agent", "--socket", AGENT_SOCKET]
     assert f"--agent-socket={AGENT_SOCKET}" in install["command"]
-    mounts = {m["name"]: m["mountPath"] for m in agent["volumeMounts"]}
     volumes = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
-    assert volumes[next(n for n, p in mounts.items() if p == "/run/pyabouts")] == "/run/pyabouts"
-    assert {p for p in mounts.values()} >= {"/etc/cni/net.d", "/etc/kubernetes/cni/net.d"}
+    # The agent sees the host's socket directory and nothing else of the node: it never
+    # follows a path a NAD names.
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in agent["volumeMounts"]}
+    assert mounts == {"/run/pyabouts": "/run/pyabouts"}
+    # The installer writes the node's files where the host has them, so that the flat file
+    # names the kubeconfig by the host's path.
+    installs = {m["mountPath"]: volumes[m["name"]] for m in install["volumeMounts"]}
+    assert installs["/etc/cni/net.d"] == "/etc/cni/net.d"
+    assert "--node-config-dir=/etc/cni/net.d/pyabouts.d" in install["command"]
     assert {
         "name": "NODE_NAME",
         "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}},

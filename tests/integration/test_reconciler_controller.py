@@ -6,6 +6,7 @@ import contextlib
 import re
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
@@ -13,6 +14,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import IO
 
 import pytest
 
@@ -31,6 +33,7 @@ class RunningController:
     process: subprocess.Popen[str]
     port: int
     identity: str
+    log: IO[str]  # its stderr: a file, never a pipe (a full pipe would block its logging)
 
     def get(self, path: str) -> tuple[int, str]:
         try:
@@ -41,6 +44,15 @@ class RunningController:
             return exc.code, exc.read().decode()
         except OSError as exc:
             return 0, str(exc)
+
+    def wait_ready(self, what: str, timeout: float = 60) -> None:
+        """Until /readyz answers 200; on a timeout, the failure says what the process said."""
+        try:
+            wait_for(lambda: self.get("/readyz")[0] == 200, timeout, what)
+        except AssertionError as exc:
+            self.log.seek(0)
+            tail = "\n".join(self.log.read().splitlines()[-30:])
+            raise AssertionError(f"{exc}; exit {self.process.poll()}, stderr:\n{tail}") from None
 
     def metric(self, name: str, **labels: str) -> float | None:
         """The value of one sample in /metrics, or None when it is absent."""
@@ -64,24 +76,22 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
 
 @contextlib.contextmanager
 def controllers(recon: ReconcilerEnv, count: int, *extra: str) -> Iterator[list[RunningController]]:
-    started = []
-    try:
-        for n in range(count):
-            port, identity = free_port(), f"replica-{n}-{uuid.uuid4().hex[:4]}"
-            argv = recon.reconciler_argv(
-                "--watch", "--listen", f"127.0.0.1:{port}", "--identity", identity, *extra
-            )
-            process = subprocess.Popen(
-                argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-            )
-            started.append(RunningController(process, port, identity))
-        yield started
-    finally:
-        for controller in started:
-            controller.process.kill()
-            controller.process.wait(timeout=30)
-            assert controller.process.stderr is not None
-            controller.process.stderr.close()
+    started: list[RunningController] = []
+    with contextlib.ExitStack() as logs:
+        try:
+            for n in range(count):
+                port, identity = free_port(), f"replica-{n}-{uuid.uuid4().hex[:4]}"
+                argv = recon.reconciler_argv(
+                    "--watch", "--listen", f"127.0.0.1:{port}", "--identity", identity, *extra
+                )
+                log = logs.enter_context(tempfile.TemporaryFile("w+"))
+                process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, text=True)
+                started.append(RunningController(process, port, identity, log))
+            yield started
+        finally:
+            for controller in started:
+                controller.process.kill()
+                controller.process.wait(timeout=30)
 
 
 def test_the_controller_frees_a_deleted_pods_address_within_seconds(recon: ReconcilerEnv) -> None:
@@ -90,7 +100,7 @@ def test_the_controller_frees_a_deleted_pods_address_within_seconds(recon: Recon
     address = recon.add(doomed, create_pod(recon.cluster, NAMESPACE, doomed))
     args = ("--no-leader-election", "--resync", "600")  # no full pass but the first
     with controllers(recon, 1, *args) as [controller]:
-        wait_for(lambda: controller.get("/readyz")[0] == 200, 60, "ready after its first pass")
+        controller.wait_ready("ready after its first pass")
         assert controller.get("/healthz") == (200, "ok")
         pool = {"network": recon.network, "family": "4"}
         assert controller.metric("pyabouts_pool_addresses", **pool, state="used") == 2
@@ -108,7 +118,7 @@ def test_the_controller_frees_a_deleted_pods_address_within_seconds(recon: Recon
 @pytest.mark.parametrize("recon", ["etcd"], indirect=True)
 def test_the_periodic_full_pass_frees_what_no_watch_event_points_at(recon: ReconcilerEnv) -> None:
     with controllers(recon, 1, "--no-leader-election", "--resync", "2") as [controller]:
-        wait_for(lambda: controller.get("/readyz")[0] == 200, 60, "ready after its first pass")
+        controller.wait_ready("ready after its first pass")
         # An ADD for a pod that never existed: no pod event will ever name it.
         address = recon.add(pod_name("never-existed"), "no-such-uid")
         wait_for(lambda: address not in recon.held(), 20, f"{address} freed by a full pass")
@@ -157,8 +167,8 @@ def test_a_follower_takes_over_when_the_leader_is_killed(recon: ReconcilerEnv) -
         wait_for(lambda: holder() != "", 60, "one replica holds the Lease")
         [leader] = [r for r in replicas if r.identity == holder()]
         [follower] = [r for r in replicas if r is not leader]
-        wait_for(lambda: leader.get("/readyz")[0] == 200, 60, "the leader made its first pass")
-        wait_for(lambda: follower.get("/readyz")[0] == 200, 60, "standing by is ready")
+        leader.wait_ready("the leader made its first pass")
+        follower.wait_ready("standing by is ready")
         assert (
             leader.metric("pyabouts_reconciler_leader"),
             follower.metric("pyabouts_reconciler_leader"),

@@ -20,3 +20,10 @@ def monkeypatch_store() -> Iterator[MemoryStore]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("pyabouts.ipam.stores.open_store", lambda ipam, timeout: store)
         yield store
+
+
+@pytest.fixture(autouse=True)
+def no_host_flat_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host's own flat files (the local cluster's installer writes one) are not the unit
+    tests' input: the standard places are searched, and found empty."""
+    monkeypatch.setattr("pyabouts.ipam.stores.flat_file.FLAT_FILE_PATHS", ())
