@@ -1,21 +1,21 @@
-"""The pyabouts demo: pods get addresses from pyabouts through Multus on a local Kubernetes API.
+"""The pyabouts demo: the Multus quickstart on a real single-node cluster, with pyabouts as IPAM.
 
 Run it through ``bash deploy/local/demo.sh`` (which prepares the machine first), or as
 ``.venv/bin/python -m deploy.local.demo [run|down]`` from the repository root, as root.
 
-The story, printing what a person would check at each step: start etcd + kube-apiserver on
-loopback; install pyabouts with ``kubectl apply -k deploy/`` and the NetworkAttachmentDefinition
-CRD; start the node's pyabouts-agent and install the thin plugin that hands it each call; create
-a NAD (macvlan with pyabouts as IPAM); start two pods annotated with it through the real Multus
-thin plugin, as kubelet would; show their interfaces, the network-status annotation
-and ``kubectl get ippools``; serve a page from one pod and fetch it from the other over net1;
-crash a pod (deleted, no DEL) and let ``pyabouts-reconciler`` reclaim its address, which the
-next pod gets; show what the agent served; then tear everything down.
+The story, each step as a user types it, with what they would check: the local cluster
+(deploy/local/cluster.py: etcd, kube-apiserver, controller-manager, scheduler, containerd,
+kubelet, kube-proxy); pyabouts installed with ``kubectl apply -k`` (deploy/, the image built
+here); Multus from its own thin DaemonSet manifest; a NetworkAttachmentDefinition (macvlan with
+pyabouts as IPAM); two annotated pods, their ``net1``, the network-status annotation and
+``kubectl get ippools``; HTTP and ping between them over net1; a pod force-deleted while its
+kubelet is down, whose address the reconciler's controller frees and the next pod gets; a run
+of the reconciler's CronJob as a Job; then everything uninstalled and the cluster taken down.
 
-Everything it creates carries a name prefix (namespaces and links ``pyademo*``, the temp dir
-``pyabouts-demo-*``) and is removed on exit, also on Ctrl-C or an error. ``down`` removes the
-leftovers of a run that was killed outright. Traffic flows only between the demo's own
-namespaces, on 198.51.100.0/24.
+A cluster that was already running (``cluster.sh up``) is used and left running. Everything the
+demo adds carries its name (pods ``pyademo-*``, links ``pyademo*``) and is removed on exit, also
+on Ctrl-C or an error; ``down`` removes what a run that was killed outright left. Traffic flows
+only between the demo's pods, on 198.51.100.0/24.
 """
 
 from __future__ import annotations
@@ -25,39 +25,48 @@ import contextlib
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from deploy.local.agent_process import running_agent
-from deploy.local.controlplane import ControlPlane, ControlPlaneError, start_control_plane
-from deploy.local.install import install_pyabouts
-from deploy.local.netns import exec_in, http_get, macvlan_master, netns_names, ping, serve_http
-from deploy.local.pod_objects import PodRuntimeError
-from deploy.local.pod_runtime import (
-    RunningPod,
-    create_nad,
-    install_nad_crd,
+from deploy.local.cluster import Cluster, default_state_dir, up
+from deploy.local.cluster import down as cluster_down
+from deploy.local.cluster_objects import (
+    NETWORK_STATUS,
+    address_of,
+    apply,
+    exec_in,
     macvlan_nad,
-    running_node,
+    pod,
+    wait_ready,
 )
-from pyabouts.controller.pods import NETWORK_STATUS
-from pyabouts.plugin.install import install_thin_plugin
+from deploy.local.commands import LocalToolError
+from deploy.local.controlplane import ControlPlane
+from deploy.local.install import (
+    NODE_CONFIG,
+    PLUGIN,
+    install_on_cluster,
+    local_overlay,
+    uninstall_from_cluster,
+)
+from deploy.local.multus_install import (
+    MULTUS_CONFIG,
+    install_multus,
+    multus_overlay,
+    uninstall_multus,
+)
+from deploy.local.netns import macvlan_master
 
-PREFIX = "pyademo"  # network namespaces and links
-TMP_PREFIX = "pyabouts-demo-"
+PREFIX = "pyademo"  # pods, links
 NAMESPACE = "default"
 NAD_NAME = "macvlan-conf"
 RANGE = "198.51.100.0/24"
 HTTP_PORT = 8080
-DESCRIPTION = "Pods get addresses from pyabouts through Multus on a local Kubernetes API."
-BIN = Path(sys.executable).parent
+DESCRIPTION = "The Multus quickstart on a real single-node cluster, with pyabouts as IPAM."
 
 
 class DemoError(RuntimeError):
@@ -82,125 +91,185 @@ def show_kubectl(cluster: ControlPlane, *args: str) -> str:
     return out
 
 
-def show_in_pod(pod: RunningPod, *argv: str) -> None:
-    print(f"    [{pod.name}] $ {shlex.join(argv)}")
-    detail(exec_in(pod.sandbox, list(argv)).stdout)
-
-
-def address_of(pod: RunningPod, ifname: str = "net1") -> str:
-    links = json.loads(exec_in(pod.sandbox, ["ip", "-j", "-4", "addr", "show", ifname]).stdout)
-    return str(links[0]["addr_info"][0]["local"])
-
-
-def write_agent_config(cluster: ControlPlane, directory: Path) -> Path:
-    """The agent's own flat file: IPPools as ServiceAccount kube-system/pyabouts (what the
-    DaemonSet runs as), whatever kubeconfig a NAD names."""
-    directory.mkdir(parents=True, exist_ok=True)
-    kubeconfig = cluster.service_account_kubeconfig("kube-system", "pyabouts")
-    config = directory / "agent.conf"
-    config.write_text(json.dumps({"kubernetes": {"kubeconfig": str(kubeconfig)}}))
-    return config
+def show_in_pod(cluster: ControlPlane, name: str, *argv: str) -> str:
+    print(f"    $ kubectl exec {name} -- {shlex.join(argv)}")
+    out = exec_in(cluster, NAMESPACE, name, *argv)
+    detail(out)
+    return out
 
 
 def run_demo() -> None:
-    refuse_leftovers()
     started = time.monotonic()
+    state_dir = default_state_dir()
     with contextlib.ExitStack() as stack:
-        workdir = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
-        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        node = use_cluster(state_dir, stack)
+        cluster = node.control_plane
+        assert cluster is not None
+        install(cluster, state_dir, stack)
 
-        step("a local Kubernetes control plane: etcd + kube-apiserver v1.34.3 on 127.0.0.1")
-        cluster = start_control_plane(workdir / "controlplane")
-        stack.callback(cluster.stop)
-        detail(f"API server {cluster.server}; kubeconfig {cluster.kubeconfig}")
-
-        step("installing pyabouts as a user does (kubectl apply -k deploy/), and Multus's NAD CRD")
-        install_pyabouts(cluster)
-        install_nad_crd(cluster)
-        show_kubectl(cluster, "get", "crd")
-
-        step("the node agent (pyabouts-agent) and the thin plugin that hands it each CNI call")
-        agent_config = write_agent_config(cluster, workdir / "agent")
-        agent = stack.enter_context(running_agent(workdir / "agent", config=agent_config))
-        thin = install_thin_plugin(workdir / "bin", socket_path=str(agent.socket))
-        detail(f"agent on {agent.socket} (metrics on {agent.listen}); plugin {thin}")
         master = stack.enter_context(macvlan_master(PREFIX))
-        node = stack.enter_context(running_node(cluster, workdir / "node", str(thin)))
-        step(f"a NetworkAttachmentDefinition: macvlan on {master} with pyabouts as its IPAM")
-        ipam = {"range": RANGE, "kubernetes": {"kubeconfig": str(cluster.kubeconfig)}}
-        config = macvlan_nad(master, ipam)
-        detail(json.dumps(config, indent=2))
-        create_nad(cluster, NAMESPACE, NAD_NAME, config)
+        step(f"a NetworkAttachmentDefinition: macvlan on {master}, pyabouts as its IPAM")
+        stack.callback(delete_demo_objects, cluster)
+        definition = macvlan_nad(NAMESPACE, NAD_NAME, master, RANGE)
+        detail(json.dumps(json.loads(definition["spec"]["config"]), indent=2))
+        apply(cluster, definition)
         show_kubectl(cluster, "get", "network-attachment-definitions", "-n", NAMESPACE)
 
-        step(f"two pods annotated k8s.v1.cni.cncf.io/networks: {NAD_NAME}, set up by Multus")
-        server = node.run_pod(NAMESPACE, f"{PREFIX}-server", NAD_NAME)
-        client = node.run_pod(NAMESPACE, f"{PREFIX}-client", NAD_NAME)
-        for pod in (server, client):
-            show_in_pod(pod, "ip", "-br", "addr")
-        show_network_status(cluster, client)
+        server, client = f"{PREFIX}-server", f"{PREFIX}-client"
+        step(f"two pods annotated k8s.v1.cni.cncf.io/networks: {NAD_NAME}")
+        page = f"echo hello from {server} over net1 > /tmp/index.html"
+        apply(
+            cluster,
+            pod(NAMESPACE, server, NAD_NAME, f"{page} && httpd -f -p {HTTP_PORT} -h /tmp"),
+            pod(NAMESPACE, client, NAD_NAME),
+        )
+        detail(f"$ kubectl wait --for=condition=Ready pod/{server} pod/{client}")
+        wait_ready(cluster, NAMESPACE, server, client)
+        show_in_pod(cluster, client, "ip", "-4", "addr", "show", "net1")
+        jsonpath = "jsonpath={.metadata.annotations." + NETWORK_STATUS.replace(".", "\\.") + "}"
+        show_kubectl(cluster, "get", "pod", client, "-n", NAMESPACE, "-o", jsonpath)
         show_kubectl(cluster, "get", "ippools", "-n", "kube-system")
 
         step("the client fetches a page from the server over net1, and they ping")
-        talk(server, client)
+        client_ip = talk(cluster, server, client)
 
-        step("a leak: the client pod is force-deleted and its node never says DEL")
-        node.crash_pod(client)
-        show_kubectl(cluster, "get", "ippools", "-n", "kube-system")
-        reclaim(cluster)
-        show_kubectl(cluster, "get", "ippools", "-n", "kube-system")
+        step("a leak: kubelet stops, the client pod is force-deleted, so no DEL can run")
+        reclaim_with_kubelet_down(node, cluster, client, client_ip)
+
+        step("the reconciler's CronJob, run now as a Job (every 5 minutes otherwise)")
+        run_reconciler_job(cluster)
 
         step("the next pod gets the reclaimed address")
-        following = node.run_pod(NAMESPACE, f"{PREFIX}-next", NAD_NAME)
-        detail(f"{following.name} net1: {address_of(following)}")
+        following = f"{PREFIX}-next"
+        apply(cluster, pod(NAMESPACE, following, NAD_NAME))
+        wait_ready(cluster, NAMESPACE, following)
+        given = address_of(cluster, NAMESPACE, following).split("/")[0]
+        detail(f"{following} net1: {given}, the address freed above (the lowest free one)")
+        if given != client_ip:
+            raise DemoError(f"{following} got {given}, not the reclaimed {client_ip}")
 
-        step("what the agent served (its Prometheus metrics)")
-        for line in agent.metrics().splitlines():
-            if line.startswith(("pyabouts_agent_requests_total", "pyabouts_pool_addresses")):
-                detail(line)
-
-        step("cleaning up: DEL through Multus, pods, namespaces, veth pair, agent, control plane")
+        step("cleaning up: the demo's pods (their DELs run), Multus, pyabouts, the cluster")
     remaining = leftovers()
     if remaining:
         raise DemoError("left behind: " + ", ".join(remaining))
     detail(f"nothing left behind; the demo took {time.monotonic() - started:.0f} s")
 
 
-def show_network_status(cluster: ControlPlane, pod: RunningPod) -> None:
-    jsonpath = "jsonpath={.metadata.annotations." + NETWORK_STATUS.replace(".", "\\.") + "}"
-    show_kubectl(cluster, "get", "pod", pod.name, "-n", pod.namespace, "-o", jsonpath)
+def use_cluster(state_dir: Path, stack: contextlib.ExitStack) -> Cluster:
+    """The local cluster: the one running, else one brought up now (and down at the end)."""
+    step(f"the local cluster (bash deploy/local/cluster.sh up; state in {state_dir})")
+    running = Cluster.load(state_dir)
+    if running is not None and running.running() and running.node_ready() == "True":
+        detail("already running: used, and left running afterwards")
+        node = running
+    else:
+        node = up(state_dir)
+        stack.callback(cluster_down, state_dir)
+    assert node.control_plane is not None
+    detail(f"export KUBECONFIG={node.control_plane.kubeconfig}")
+    show_kubectl(node.control_plane, "get", "nodes", "-o", "wide")
+    return node
 
 
-def talk(server: RunningPod, client: RunningPod) -> None:
-    server_ip, client_ip = address_of(server), address_of(client)
-    page = f"hello from {server.name} at {server_ip}, address by pyabouts\n"
-    with serve_http(server.sandbox, server_ip, HTTP_PORT, page) as url:
-        print(f"    [{client.name}] $ GET {url}")
-        detail(http_get(client.sandbox, url))
-    for src, dst in ((client, server_ip), (server, client_ip)):
-        if not ping(src.sandbox, dst):
-            raise DemoError(f"{src.name} cannot ping {dst}")
-        detail(f"{src.name} -> {dst}: ping ok")
+def install(cluster: ControlPlane, state_dir: Path, stack: contextlib.ExitStack) -> None:
+    """pyabouts and Multus, as users install them; uninstalled at the end."""
+    step("pyabouts, as users install it: kubectl apply -k deploy/ (the image built here)")
+    overlay = local_overlay(state_dir / "demo-install")
+    stack.callback(uninstall_from_cluster, cluster, overlay)
+    detail(f"$ kubectl apply -k {overlay}   # deploy/ with image localhost/pyabouts")
+    install_on_cluster(cluster, overlay)
+    show_kubectl(cluster, "get", "pods", "-n", "kube-system", "-o", "wide")
+    detail(f"the agent's sidecar wrote {PLUGIN} and {NODE_CONFIG}/")
+
+    step("Multus, from its own thin DaemonSet manifest (only the image renamed)")
+    multus = multus_overlay(state_dir / "demo-multus")
+    stack.callback(uninstall_multus, cluster, multus)
+    detail(f"$ kubectl apply -k {multus}   # deployments/multus-daemonset.yml of v4.2.3")
+    install_multus(cluster, multus)
+    delegate = json.loads(MULTUS_CONFIG.read_text())["plugins"][0]["delegates"][0]["name"]
+    detail(f"{MULTUS_CONFIG} written: the cluster network ({delegate}) stays eth0")
 
 
-def reclaim(cluster: ControlPlane) -> None:
-    argv = [str(BIN / "pyabouts-reconciler"), "--kubeconfig", str(cluster.kubeconfig)]
-    print("    $ pyabouts-reconciler   # one pass, as its CronJob runs it")
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-    if done.returncode != 0:
-        raise DemoError(f"the reconciler failed: {done.stderr.strip()}")
-    summary = json.loads(done.stdout)
-    detail(summary["summary"])
-    for freed in summary["addresses"]:
-        detail(f"freed {freed['ip']} of {freed['pod']} ({freed['reason']})")
+def talk(cluster: ControlPlane, server: str, client: str) -> str:
+    """HTTP from `client` to `server` over net1, and a ping each way; the client's address."""
+    server_ip = address_of(cluster, NAMESPACE, server).split("/")[0]
+    client_ip = address_of(cluster, NAMESPACE, client).split("/")[0]
+    request = f"printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {server_ip} {HTTP_PORT}"
+    answer = show_in_pod(cluster, client, "sh", "-c", request)
+    if "hello from" not in answer:
+        raise DemoError(f"{client} got no page from {server_ip}")
+    for name, there in ((client, server_ip), (server, client_ip)):
+        show_in_pod(cluster, name, "ping", "-c", "1", "-W", "5", there)
+    return client_ip
+
+
+def reclaim_with_kubelet_down(node: Cluster, cluster: ControlPlane, name: str, ip: str) -> None:
+    kubelet = node.processes["kubelet"]
+    detail("(kubelet stopped: the node is down as far as its pods are concerned)")
+    kubelet.stop()
+    try:
+        show_kubectl(cluster, "delete", "pod", name, "-n", NAMESPACE, "--force", "--grace-period=0")
+        t0 = time.monotonic()
+        while held_by(cluster, f"{NAMESPACE}/{name}"):
+            if time.monotonic() - t0 > 60:
+                raise DemoError(f"{ip} was not freed")
+            time.sleep(0.2)
+        detail(f"pyabouts-reconciler's controller freed {ip} in {time.monotonic() - t0:.1f} s")
+    finally:
+        kubelet.start()
+        node.save()
+        detail("(kubelet started again)")
+    leader = cluster.kubectl(
+        *("get", "lease", "pyabouts-reconciler", "-n", "kube-system"),
+        *("-o", "jsonpath={.spec.holderIdentity}"),
+    )
+    deadline = time.monotonic() + 30
+    while (logs := cluster.kubectl_run("logs", "-n", "kube-system", leader)).returncode:
+        if time.monotonic() > deadline:  # kubelet serves logs once it is back
+            raise DemoError(f"no logs of {leader}: {logs.stderr.strip()}")
+        time.sleep(0.5)
+    print(f"    $ kubectl logs -n kube-system {leader}   # the controller holding the Lease")
+    detail("\n".join(line for line in logs.stdout.splitlines() if ip in line))
+
+
+def held_by(cluster: ControlPlane, pod_ref: str) -> bool:
+    """Whether an IPPool holds an address for pod `pod_ref` ("namespace/name")."""
+    pools = json.loads(cluster.kubectl("get", "ippools", "-n", "kube-system", "-o", "json"))
+    return any(
+        owner.get("podRef") == pod_ref
+        for pool in pools["items"]
+        for owner in pool["spec"]["allocations"].values()
+    )
+
+
+def run_reconciler_job(cluster: ControlPlane) -> None:
+    job = f"{PREFIX}-pass"
+    show_kubectl(
+        cluster, "create", "job", job, "-n", "kube-system", "--from=cronjob/pyabouts-reconciler"
+    )
+    try:
+        cluster.kubectl(
+            "wait", "--for=condition=Complete", f"job/{job}", "-n", "kube-system", "--timeout=120s"
+        )
+        out = cluster.kubectl("logs", "-n", "kube-system", f"job/{job}")
+        # Its log holds its stderr's lines and, on stdout, the pass's JSON summary.
+        start = out.index("{") if out.startswith("{") else out.index("\n{") + 1
+        summary, _ = json.JSONDecoder().raw_decode(out[start:])
+        detail(f"the Job's pass: {summary['summary']}")
+    finally:
+        cluster.kubectl_run("delete", "job", job, "-n", "kube-system", "--wait=false")
+
+
+def delete_demo_objects(cluster: ControlPlane) -> None:
+    pods = cluster.kubectl("get", "pods", "-n", NAMESPACE, "-o", "name").split()
+    mine = [p for p in pods if p.startswith(f"pod/{PREFIX}-")]
+    if mine:
+        cluster.kubectl("delete", *mine, "-n", NAMESPACE, "--wait=true", "--timeout=120s")
+    cluster.kubectl_run("delete", "network-attachment-definition", NAD_NAME, "-n", NAMESPACE)
 
 
 # --------------------------------------------------------------------------------------------
 # leftovers of interrupted runs
-
-
-def demo_netns() -> list[str]:
-    return [name for name in netns_names() if name.startswith(PREFIX)]
 
 
 def demo_links() -> list[str]:
@@ -210,43 +279,33 @@ def demo_links() -> list[str]:
     ]
 
 
-def demo_dirs() -> list[Path]:
-    return sorted(Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*"))
-
-
 def leftovers() -> list[str]:
-    return [
-        *(f"netns {name}" for name in demo_netns()),
-        *(f"link {name}" for name in demo_links()),
-        *(f"dir {path}" for path in demo_dirs()),
-    ]
-
-
-def refuse_leftovers() -> None:
-    found = leftovers()
-    if found:
-        raise DemoError(
-            "found leftovers of an earlier run (" + ", ".join(found) + "): "
-            "remove them with `bash deploy/local/demo.sh down`"
-        )
+    on_node = [path for path in (PLUGIN, NODE_CONFIG, MULTUS_CONFIG) if path.exists()]
+    return [*(f"link {name}" for name in demo_links()), *map(str, on_node)]
 
 
 def down() -> None:
-    """Remove what an interrupted run left behind, found by its name prefixes."""
+    """Remove what an interrupted run left behind: the demo's links, what it installed, and the
+    cluster (as `cluster.sh down` does)."""
+    state_dir = default_state_dir()
     found = leftovers()
-    for path in demo_dirs():
-        with contextlib.suppress(ControlPlaneError, OSError, ValueError):
-            ControlPlane.load(path / "controlplane").stop()
-            print(f"stopped the control plane of {path}")
-        shutil.rmtree(path, ignore_errors=True)
-        print(f"removed {path}")
-    for name in demo_netns():
-        subprocess.run(["ip", "netns", "del", name], check=False)
-        print(f"deleted netns {name}")
+    running = Cluster.load(state_dir)
+    if running is not None and running.control_plane is not None and running.running():
+        for remove, overlay in (
+            (uninstall_multus, state_dir / "demo-multus"),
+            (uninstall_from_cluster, state_dir / "demo-install"),
+        ):
+            if overlay.is_dir():
+                with contextlib.suppress(LocalToolError):
+                    remove(running.control_plane, overlay)
+                    print(f"removed what {overlay} installed")
+    if running is not None:
+        cluster_down(state_dir)
+        print("cluster down")
     for name in demo_links():
         subprocess.run(["ip", "link", "del", name], check=False, capture_output=True)
         print(f"deleted link {name}")
-    print("nothing to clean up" if not found else "clean")
+    print("nothing to clean up" if not found and running is None else "clean")
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             down()
         else:
             run_demo()
-    except (DemoError, PodRuntimeError, ControlPlaneError) as exc:
+    except (DemoError, LocalToolError) as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
