@@ -43,12 +43,11 @@ def write_file_atomically(path: Path, text: str, mode: int) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
+    with os.fdopen(descriptor, "w") as file:
         os.fchmod(descriptor, mode)  # the umask may have narrowed it
-        os.write(descriptor, text.encode())
+        file.write(text)
+        file.flush()
         os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
     partial.replace(path)
     return True
 
