@@ -86,6 +86,7 @@ def macvlan_conf(cluster: ControlPlane, master: str) -> str:
         pod(NAMESPACE, "samplepod", "macvlan-conf"),
         # seed 000: a server on net1 (busybox httpd; the quickstart's serves a directory)
         pod(
+            NAMESPACE,
             "server",
             "macvlan-conf",
             "echo served-over-net1 > /tmp/index.html && httpd -f -p 8080 -h /tmp",
