@@ -1,7 +1,12 @@
-"""`pyabouts-install`: put the thin `pyabouts` plugin into a CNI bin directory, and the node's
+"""`pyabouts-install`: put the node's `pyabouts` plugin into a CNI bin directory, and the node's
 flat file and kubeconfig into its CNI config directory (plugin/node_config.py).
 
-The executable is plugin/thin_client.py's source behind a `#!<python3> -IS` line (isolated, no
+The plugin is one of two. With `--shim`, the static Go shim of plugin/shim/ (built into the
+image): it needs nothing on the node and only hands calls to the agent. Without, the thin
+Python plugin, for hosts where pyabouts is pip-installed: it hands calls to the agent too, and
+serves them in-process when no agent answers.
+
+The thin plugin is plugin/thin_client.py's source behind a `#!<python3> -IS` line (isolated, no
 site: no pip wrapper, no `site` import), with plugin/wire.py's text where it imports the wire
 format, the agent's socket path and, for the fallback, the paths where this installation's
 packages live. Written to a temporary file and renamed, so a
@@ -38,6 +43,9 @@ from pyabouts.plugin.node_config import (
 )
 
 DEFAULT_SOCKET = thin_client.AGENT_SOCKET
+#: plugin/shim/main.go's socketSlot: the marker, then the socket path padded with NULs.
+SHIM_SLOT_MARKER = b"PYABOUTS-AGENT-SOCKET-SLOT:"
+SHIM_SLOT_SIZE = 512
 SYSTEM_PYTHON = "/usr/bin/python3"
 _SOCKET_LINE = f'AGENT_SOCKET = "{DEFAULT_SOCKET}"\n'
 _FALLBACK_LINE = "FALLBACK_PATH: list[str] = []\n"
@@ -117,6 +125,27 @@ def install_thin_plugin(
     return target
 
 
+def shim_with_socket(binary: bytes, socket_path: str) -> bytes:
+    """The shim `binary` with `socket_path` written into its socket slot."""
+    path = socket_path.encode()
+    if not path or b"\0" in path or len(path) >= SHIM_SLOT_SIZE:
+        raise ValueError(f"the agent socket {socket_path!r} does not fit the shim's slot")
+    start = binary.find(SHIM_SLOT_MARKER) + len(SHIM_SLOT_MARKER)
+    unique = start >= len(SHIM_SLOT_MARKER) and binary.find(SHIM_SLOT_MARKER, start) < 0
+    if not unique or len(binary) < start + SHIM_SLOT_SIZE:
+        raise ValueError("not a pyabouts shim: its socket slot is missing or not unique")
+    return binary[:start] + path.ljust(SHIM_SLOT_SIZE, b"\0") + binary[start + SHIM_SLOT_SIZE :]
+
+
+def install_shim(
+    bin_dir: Path, shim: Path, *, socket_path: str = DEFAULT_SOCKET, name: str = "pyabouts"
+) -> Path:
+    """Write the static `shim`, set to call the agent at `socket_path`, to `bin_dir`/`name`."""
+    target = bin_dir / name
+    write_file_atomically(target, shim_with_socket(shim.read_bytes(), socket_path), 0o755)
+    return target
+
+
 def uninstall(bin_dir: Path, node_config: NodeConfig | None) -> None:
     """Remove the plugin from `bin_dir` and the node's files; print what went."""
     plugin_file = bin_dir / "pyabouts"
@@ -130,6 +159,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pyabouts-install", description=__doc__)
     parser.add_argument("--cni-bin-dir", type=Path, default=Path("/opt/cni/bin"))
     parser.add_argument("--agent-socket", default=DEFAULT_SOCKET)
+    parser.add_argument(
+        "--shim",
+        type=Path,
+        help="install this static shim (plugin/shim/, in the image) instead of the thin plugin",
+    )
     parser.add_argument(
         "--python",
         help="the node's interpreter (default: this one; /usr/bin/python3 with --no-fallback)",
@@ -173,12 +207,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.uninstall:
         uninstall(args.cni_bin_dir, node_config)
         return
-    target = install_thin_plugin(
-        args.cni_bin_dir,
-        socket_path=args.agent_socket,
-        python=args.python,
-        fallback=not args.no_fallback,
-    )
+    try:
+        target = (
+            install_shim(args.cni_bin_dir, args.shim, socket_path=args.agent_socket)
+            if args.shim
+            else install_thin_plugin(
+                args.cni_bin_dir,
+                socket_path=args.agent_socket,
+                python=args.python,
+                fallback=not args.no_fallback,
+            )
+        )
+    except (OSError, ValueError) as exc:
+        sys.exit(f"pyabouts-install: {exc}")
     print(f"installed {target} (agent socket {args.agent_socket})", flush=True)
     if node_config is None:
         return

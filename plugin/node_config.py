@@ -32,20 +32,21 @@ FLAT_FILE_NAME = "pyabouts.conf"
 USER = "pyabouts-node"
 
 
-def write_file_atomically(path: Path, text: str, mode: int) -> bool:
-    """Write `text` to `path` by renaming a temporary file over it, created with `mode` (never
-    wider for a moment); False, and nothing written, when the file already holds `text`."""
+def write_file_atomically(path: Path, content: str | bytes, mode: int) -> bool:
+    """Write `content` to `path` by renaming a temporary file over it, created with `mode` (never
+    wider for a moment); False, and nothing written, when the file already holds `content`."""
+    data = content.encode() if isinstance(content, str) else content
     try:
-        if path.read_text() == text and (path.stat().st_mode & 0o7777) == mode:
+        if path.read_bytes() == data and (path.stat().st_mode & 0o7777) == mode:
             return False
     except OSError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(descriptor, "w") as file:
+    with os.fdopen(descriptor, "wb") as file:
         os.fchmod(descriptor, mode)  # the umask may have narrowed it
-        file.write(text)
+        file.write(data)
         file.flush()
         os.fsync(descriptor)
     partial.replace(path)

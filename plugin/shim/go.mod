@@ -1,0 +1,3 @@
+module pyabouts.dev/shim
+
+go 1.19

@@ -1,0 +1,182 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// agent listens on a socket in dir and answers each connection with answer(request).
+func agent(t *testing.T, path string, answer func(net.Conn, []byte)) {
+	t.Helper()
+	listener, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { listener.Close() })
+	go func() {
+		for {
+			conn, err := listener.Accept()
+			if err != nil {
+				return
+			}
+			request, _ := io.ReadAll(conn)
+			answer(conn, request)
+			conn.Close()
+		}
+	}()
+}
+
+func TestCallSendsTheRequestAndReturnsTheReply(t *testing.T) {
+	socket := filepath.Join(t.TempDir(), "agent.sock")
+	var seen []byte
+	agent(t, socket, func(conn net.Conn, request []byte) {
+		seen = request
+		conn.Write([]byte("0\x00{\"cniVersion\":\"1.0.0\"}"))
+	})
+	code, out, err := call(socket, []string{"CNI_COMMAND=ADD"}, []byte("{}"))
+	if err != nil || code != 0 || string(out) != `{"cniVersion":"1.0.0"}` {
+		t.Fatalf("got %d %q %v", code, out, err)
+	}
+	if string(seen) != "pyabouts/1\nCNI_COMMAND=ADD\x00\x00{}" {
+		t.Fatalf("the agent read %q", seen)
+	}
+}
+
+func TestCallReportsAnAgentThatDiesMidRequest(t *testing.T) {
+	socket := filepath.Join(t.TempDir(), "agent.sock")
+	for _, partial := range []string{"", "0", "1"} {
+		partial := partial
+		agent(t, socket, func(conn net.Conn, _ []byte) { conn.Write([]byte(partial)) })
+		_, out, err := call(socket, nil, []byte("{}"))
+		if err == nil || out != nil || !strings.Contains(err.Error(), "ended the connection before answering") || !strings.Contains(err.Error(), socket) {
+			t.Fatalf("after %q: got %q %v", partial, out, err)
+		}
+		os.Remove(socket)
+	}
+}
+
+func TestCallPrintsNothingOfAReplyCutShortByTheTimeout(t *testing.T) {
+	defer func(saved time.Duration) { replyTimeout = saved }(replyTimeout)
+	replyTimeout = 200 * time.Millisecond
+	socket := filepath.Join(t.TempDir(), "agent.sock")
+	agent(t, socket, func(conn net.Conn, _ []byte) {
+		conn.Write([]byte("0\x00{\"cniVersion\":")) // and then nothing more, for too long
+		time.Sleep(time.Second)
+	})
+	_, out, err := call(socket, nil, []byte("{}"))
+	if err == nil || out != nil || err.Error() != "the pyabouts agent at "+socket+" did not answer whole (i/o timeout)" {
+		t.Fatalf("got %q %v", out, err)
+	}
+}
+
+func TestCallNamesTheSocketWhenNoAgentListens(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "a.sock")
+	_, _, err := call(missing, nil, nil)
+	if err == nil || err.Error() != "no pyabouts agent at "+missing+": no such file or directory" {
+		t.Fatalf("got %v", err)
+	}
+}
+
+func TestCallNamesTheSocketOfADeadAgent(t *testing.T) {
+	socket := filepath.Join(t.TempDir(), "dead.sock")
+	listener, err := net.Listen("unix", socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	listener.(*net.UnixListener).SetUnlinkOnClose(false)
+	listener.Close() // the file stays, nobody listens: a dead agent's socket
+	_, _, err = call(socket, nil, nil)
+	if err == nil || err.Error() != "no pyabouts agent at "+socket+": connection refused" {
+		t.Fatalf("got %v", err)
+	}
+}
+
+func TestAgentSocket(t *testing.T) {
+	t.Setenv("PYABOUTS_AGENT_SOCKET", "")
+	if got := agentSocket(); got != "/run/pyabouts/agent.sock" {
+		t.Fatalf("got %q", got)
+	}
+	t.Setenv("PYABOUTS_AGENT_SOCKET", "/elsewhere.sock")
+	if got := agentSocket(); got != "/elsewhere.sock" {
+		t.Fatalf("got %q", got)
+	}
+}
+
+func TestCniEnvironKeepsOnlyCniEntries(t *testing.T) {
+	got := cniEnviron([]string{"PATH=/bin", "CNI_COMMAND=DEL", "XCNI_A=b", "CNI_ARGS="})
+	if strings.Join(got, ",") != "CNI_COMMAND=DEL,CNI_ARGS=" {
+		t.Fatalf("got %q", got)
+	}
+}
+
+// runMain runs this test binary as the shim (TestMain hands over to main) with env and stdin.
+func runMain(t *testing.T, stdin string, env ...string) (string, int) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append([]string{"PYABOUTS_SHIM_TEST_MAIN=1"}, env...)
+	cmd.Stdin = strings.NewReader(stdin)
+	var out bytes.Buffer
+	cmd.Stdout = &out
+	err := cmd.Run()
+	code := 0
+	if exitErr, ok := err.(*exec.ExitError); ok {
+		code = exitErr.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return out.String(), code
+}
+
+func TestMain(m *testing.M) {
+	if os.Getenv("PYABOUTS_SHIM_TEST_MAIN") == "1" {
+		main()
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+func TestMainAnswersVersionWithoutAnAgent(t *testing.T) {
+	out, code := runMain(t, "", "CNI_COMMAND=VERSION", "PYABOUTS_AGENT_SOCKET=/nonexistent")
+	var version map[string]any
+	if code != 0 || json.Unmarshal([]byte(out), &version) != nil || version["cniVersion"] != "1.1.0" {
+		t.Fatalf("got %d %q", code, out)
+	}
+}
+
+func TestMainPrintsCode11InTheCallersVersionWithoutAnAgent(t *testing.T) {
+	out, code := runMain(t, `{"cniVersion":"0.4.0","name":"n"}`, "CNI_COMMAND=ADD", "PYABOUTS_AGENT_SOCKET=/nonexistent.sock")
+	var failure struct {
+		CNIVersion string `json:"cniVersion"`
+		Code       int    `json:"code"`
+		Msg        string `json:"msg"`
+	}
+	if err := json.Unmarshal([]byte(out), &failure); err != nil || code != 1 {
+		t.Fatalf("got %d %q", code, out)
+	}
+	if failure.CNIVersion != "0.4.0" || failure.Code != 11 || !strings.Contains(failure.Msg, "no pyabouts agent at /nonexistent.sock") {
+		t.Fatalf("got %+v", failure)
+	}
+}
+
+func TestMainPassesTheAgentsExitCodeAndStdout(t *testing.T) {
+	socket := filepath.Join(t.TempDir(), "agent.sock")
+	agent(t, socket, func(conn net.Conn, request []byte) {
+		if !bytes.Contains(request, []byte("CNI_COMMAND=DEL\x00")) || bytes.Contains(request, []byte("HOME=")) {
+			conn.Write([]byte("99\x00unexpected request"))
+			return
+		}
+		conn.Write([]byte("3\x00{\"code\":3}"))
+	})
+	out, code := runMain(t, "{}", "CNI_COMMAND=DEL", "HOME=/root", "PYABOUTS_AGENT_SOCKET="+socket)
+	if code != 3 || out != `{"code":3}` {
+		t.Fatalf("got %d %q", code, out)
+	}
+}
