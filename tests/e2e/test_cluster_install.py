@@ -24,6 +24,7 @@ from deploy.local.controlplane import ControlPlane
 from deploy.local.install import NAMESPACE, NODE_CONFIG, PLUGIN, install_on_cluster
 from deploy.local.netns import CniCall, run_cni
 from deploy.local.node_network import CNI_BIN_DIR
+from pyabouts.plugin.install import SHIM_SLOT_MARKER
 from tests.e2e.local_cluster import (
     CLUSTER_MODULE_MARKS,
     cluster_with_pyabouts,
@@ -143,7 +144,10 @@ def test_the_installer_wrote_the_plugin_and_a_private_kubeconfig_of_the_agents_a
     cluster: ControlPlane,
 ) -> None:
     assert PLUGIN.stat().st_mode & 0o777 == 0o755
-    assert PLUGIN.read_text().startswith("#!/usr/bin/python3 -IS\n")
+    # The image's static shim, with the agent's socket written into its slot: no Python needed.
+    plugin = PLUGIN.read_bytes()
+    assert plugin.startswith(b"\x7fELF")
+    assert SHIM_SLOT_MARKER + b"/run/pyabouts/agent.sock\0" in plugin
     kubeconfig = NODE_CONFIG / "pyabouts.kubeconfig"
     assert kubeconfig.stat().st_mode & 0o777 == 0o600
     flat = json.loads((NODE_CONFIG / "pyabouts.conf").read_text())

@@ -1,9 +1,9 @@
 """Fixtures and config helpers for tests that run the `pyabouts` executable on real stores.
 
 Every test that takes `pyabouts_exe` runs twice: with the in-process plugin (the `pyabouts`
-console script, a whole pyabouts per call) and with the thin plugin that `pyabouts-install`
-writes, talking to a real `pyabouts-agent`. In agent mode the thin plugin is installed without
-the in-process fallback, so a call no agent served fails the test. Tests that simulate several
+console script, a whole pyabouts per call) and with the node shim (plugin/shim/, Go) as
+`pyabouts-install --shim` installs it, talking to a real `pyabouts-agent`. The shim has no
+in-process fallback, so a call no agent served fails the test. Tests that simulate several
 nodes ask `node_agents` for one agent per node (none in in-process mode), each with the node's
 flat file as its own datastore settings (it ignores what requests name).
 """
@@ -20,7 +20,8 @@ import pytest
 from deploy.local.agent_process import AgentProcess, running_agent
 from deploy.local.controlplane import ControlPlane
 from deploy.local.install import install_pyabouts
-from pyabouts.plugin.install import install_thin_plugin
+from deploy.local.node_shim import built_shim
+from pyabouts.plugin.install import install_shim
 from tests.integration.etcd_fixtures import EtcdServer
 from tests.integration.plugin_processes import FLAT_FILE_NAME
 
@@ -35,7 +36,7 @@ def plugin_mode(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="session")
 def pyabouts_exe(plugin_mode: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The plugin as kubelet runs it: the console script, or the thin plugin with its agent."""
+    """The plugin as kubelet runs it: the console script, or the shim with its agent."""
     if plugin_mode == "in-process":
         exe = Path(sys.executable).parent / "pyabouts"
         if not exe.is_file():
@@ -47,8 +48,7 @@ def pyabouts_exe(plugin_mode: str, tmp_path_factory: pytest.TempPathFactory) -> 
     directory = tmp_path_factory.mktemp("agent")
     # It serves the stores of many tests, so it follows each request's datastore settings.
     with running_agent(directory) as agent:
-        thin = install_thin_plugin(directory / "bin", socket_path=str(agent.socket), fallback=False)
-        yield str(thin)
+        yield str(install_shim(directory / "bin", built_shim(), socket_path=str(agent.socket)))
 
 
 @pytest.fixture

@@ -18,10 +18,11 @@ import pytest
 
 from deploy.local.agent_process import AgentProcess, running_agent
 from deploy.local.controlplane import ControlPlane
+from deploy.local.node_shim import built_shim
 from pyabouts.ipam.allocator import block_start
 from pyabouts.ipam.pool import PoolId
 from pyabouts.ipam.ranges import build_range
-from pyabouts.plugin.install import install_thin_plugin
+from pyabouts.plugin.install import install_shim, install_thin_plugin
 from pyabouts.plugin.thin_client import AGENT_SOCKET
 from tests.integration.etcd_fixtures import EtcdServer
 from tests.integration.plugin_fixtures import kubernetes_datastore
@@ -40,8 +41,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
 @pytest.fixture
+def shim(tmp_path: Path) -> str:
+    """The node shim, as the DaemonSet installs it; each node's calls name their agent in
+    PYABOUTS_AGENT_SOCKET."""
+    return str(install_shim(tmp_path / "bin", built_shim(), socket_path=str(tmp_path / "no.sock")))
+
+
+@pytest.fixture
 def thin_plugin(tmp_path: Path) -> str:
-    """The thin plugin; each node's calls name their agent in PYABOUTS_AGENT_SOCKET."""
+    """The thin Python plugin with its in-process fallback, as on a pip-installed host."""
     return str(install_thin_plugin(tmp_path / "bin", socket_path=str(tmp_path / "no-agent.sock")))
 
 
@@ -111,7 +119,7 @@ def test_killing_the_agent_mid_run_loses_nothing_and_a_restart_resumes_from_the_
 
 
 def test_two_agents_racing_on_one_pool_never_give_an_address_twice(
-    thin_plugin: str, etcd_server: EtcdServer, two_agents: list[AgentProcess], tmp_path: Path
+    shim: str, etcd_server: EtcdServer, two_agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     network = f"agentrace-{uuid.uuid4().hex[:6]}"
     ipam = {"range": "10.74.0.0/24", "range_end": "10.74.0.100", "network_name": network}
@@ -119,7 +127,7 @@ def test_two_agents_racing_on_one_pool_never_give_an_address_twice(
     nodes = nodes_with(tmp_path, store, two_agents)
     pods = [f"pod-{i:03d}" for i in range(150)]
 
-    outcomes = finish(start_plugins(thin_plugin, "ADD", ipam, nodes, pods))
+    outcomes = finish(start_plugins(shim, "ADD", ipam, nodes, pods))
     codes = Counter(0 if code == 0 else result["code"] for code, result in outcomes)
     assert codes == {0: 100, 100: 50}  # exactly the pool's 100 addresses, then "exhausted"
     given = addresses_of(outcomes, pods)
@@ -133,7 +141,7 @@ def test_two_agents_racing_on_one_pool_never_give_an_address_twice(
 
 
 def test_each_agent_starts_in_the_block_its_node_name_picks(
-    thin_plugin: str, etcd_server: EtcdServer, two_agents: list[AgentProcess], tmp_path: Path
+    shim: str, etcd_server: EtcdServer, two_agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     """The agents of different nodes write different blocks, so they rarely conflict: each
     starts where allocator.block_start puts its node (node-0 and node-1 pick blocks 1 and 3 of
@@ -147,7 +155,7 @@ def test_each_agent_starts_in_the_block_its_node_name_picks(
         tmp_path, {"datastore": "etcd", "etcd_host": etcd_server.endpoint}, two_agents
     )
 
-    outcomes = run_plugins(thin_plugin, "ADD", ipam, nodes, ["first", "second"], in_flight=1)
+    outcomes = run_plugins(shim, "ADD", ipam, nodes, ["first", "second"], in_flight=1)
     given = {
         container: address
         for address, container in addresses_of(outcomes, ["first", "second"]).items()
@@ -158,7 +166,7 @@ def test_each_agent_starts_in_the_block_its_node_name_picks(
 
 
 def test_the_agent_reports_health_usage_and_refuses_garbage(
-    thin_plugin: str, etcd_server: EtcdServer, tmp_path: Path
+    shim: str, etcd_server: EtcdServer, tmp_path: Path
 ) -> None:
     network = f"agentmetrics-{uuid.uuid4().hex[:6]}"
     ipam = {"range": "10.75.0.0/24", "network_name": network}
@@ -166,8 +174,8 @@ def test_the_agent_reports_health_usage_and_refuses_garbage(
     with running_agent(tmp_path / "node-0") as agent:
         nodes = nodes_with(tmp_path, store, [agent])
         pods = [f"pod-{i}" for i in range(12)]
-        assert [c for c, _ in run_plugins(thin_plugin, "ADD", ipam, nodes, pods)] == [0] * 12
-        assert [c for c, _ in run_plugins(thin_plugin, "DEL", ipam, nodes, pods[:2])] == [0, 0]
+        assert [c for c, _ in run_plugins(shim, "ADD", ipam, nodes, pods)] == [0] * 12
+        assert [c for c, _ in run_plugins(shim, "DEL", ipam, nodes, pods[:2])] == [0, 0]
 
         pool = {"network": network, "family": "4"}
         assert metric(agent, "pyabouts_pool_addresses", **pool, state="used") == 10
@@ -184,7 +192,7 @@ def test_the_agent_reports_health_usage_and_refuses_garbage(
         code, _, body = reply.partition(b"\0")
         assert code == b"1" and json.loads(body)["code"] == 6
         assert agent.endpoint("/healthz") == "ok" and agent.endpoint("/readyz") == "ok"
-        again = run_plugins(thin_plugin, "ADD", ipam, nodes, ["after-garbage"])
+        again = run_plugins(shim, "ADD", ipam, nodes, ["after-garbage"])
         assert again[0][0] == 0  # still serving
 
 
@@ -206,10 +214,12 @@ def test_without_an_agent_the_plugin_serves_in_process_or_fails_as_configured(
     assert set(stored_allocations(etcd_server, network)) == {"10.76.0.0/24+1"}  # nothing more
 
 
+@pytest.mark.parametrize("client", ["shim", "thin_plugin"])
 def test_a_client_whose_agent_dies_mid_request_gets_code_11(
-    thin_plugin: str, tmp_path: Path
+    client: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """A listener that takes the request and closes without answering, as a killed agent."""
+    plugin = request.getfixturevalue(client)
     path = tmp_path / "dying.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
@@ -225,7 +235,7 @@ def test_a_client_whose_agent_dies_mid_request_gets_code_11(
     env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c", "CNI_IFNAME": "eth0"}
     env |= {"PYABOUTS_AGENT_SOCKET": str(path)}
     done = subprocess.run(
-        [thin_plugin], input=json.dumps(conf).encode(), env=env, capture_output=True, check=False
+        [plugin], input=json.dumps(conf).encode(), env=env, capture_output=True, check=False
     )
     listener.close()
     assert done.returncode == 1
@@ -235,11 +245,11 @@ def test_a_client_whose_agent_dies_mid_request_gets_code_11(
     assert done.stderr == b""
 
 
-def test_the_agent_daemonset_applies_and_agrees_with_the_thin_plugin(
+def test_the_agent_daemonset_applies_and_agrees_with_the_node_shim(
     pyabouts_cluster: ControlPlane,
 ) -> None:
     """deploy/ (applied to the real apiserver for the session) runs an agent on every node,
-    as the plugin's ServiceAccount, on the socket the thin plugin calls by default."""
+    as the plugin's ServiceAccount, on the socket the node's plugin calls by default."""
     daemonset = json.loads(
         pyabouts_cluster.kubectl(
             "get", "daemonset", "pyabouts-agent", "-n", "kube-system", "-o", "json"
@@ -251,6 +261,7 @@ def test_the_agent_daemonset_applies_and_agrees_with_the_thin_plugin(
     [install] = pod["initContainers"]
     assert agent["command"][:3] == ["pyabouts-agent", "--socket", AGENT_SOCKET]
     assert f"--agent-socket={AGENT_SOCKET}" in install["command"]
+    assert "--shim=/opt/pyabouts/libexec/pyabouts-shim" in install["command"]  # no Python on nodes
     volumes = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
     # The agent sees the host's socket directory and nothing else of the node: it never
     # follows a path a NAD names.

@@ -1,7 +1,7 @@
 """A real `pyabouts-agent` against clients that are broken or hostile: garbage, a truncated
 frame, 10 MiB, silence, a trickle, a uid it does not serve, more connections than it serves at
 once, 500 idle HTTP connections and fuzzed frames. Each is answered with a CNI error or a closed
-connection (the tests say which), and meanwhile real ADDs through the thin plugin are served.
+connection (the tests say which), and meanwhile real ADDs through the node shim are served.
 
 The agents here have their own datastore (`--config`), so a request, fuzzed or not, cannot make
 them connect anywhere but the test's etcd on loopback."""
@@ -28,7 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deploy.local.agent_process import AgentProcess, running_agent
-from pyabouts.plugin.install import install_thin_plugin
+from deploy.local.node_shim import built_shim
+from pyabouts.plugin.install import install_shim
 from pyabouts.plugin.wire import MAGIC
 from tests.integration.etcd_fixtures import EtcdServer
 from tests.integration.plugin_fixtures import etcd_ipam
@@ -99,7 +100,7 @@ def assert_cni_error(raw: bytes | None, code: int, *, says: str = "") -> dict[st
 
 
 def ask(path: Path, request: bytes) -> bytes | None:
-    """Send `request` whole, as the thin plugin does, and read the reply."""
+    """Send `request` whole, as the node's plugin does, and read the reply."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(str(path))
         try:
@@ -196,9 +197,9 @@ def start_agent(agent_config: Path) -> Iterator[Callable[..., AgentProcess]]:
 
 
 @pytest.fixture
-def thin_plugin(tmp_path: Path) -> str:
-    """The thin plugin without in-process fallback: every call must be the agent's."""
-    exe = install_thin_plugin(tmp_path / "bin", socket_path="/nonexistent", fallback=False)
+def shim(tmp_path: Path) -> str:
+    """The node shim: every call must be the agent's."""
+    exe = install_shim(tmp_path / "bin", built_shim(), socket_path="/nonexistent")
     return str(exe)
 
 
@@ -207,9 +208,9 @@ def network() -> str:
 
 
 def adds_through(
-    thin_plugin: str, node: Node, ipam: dict[str, Any], pods: list[str]
+    shim: str, node: Node, ipam: dict[str, Any], pods: list[str]
 ) -> list[tuple[int, Any]]:
-    return run_plugins(thin_plugin, "ADD", ipam, [node], pods, in_flight=10)
+    return run_plugins(shim, "ADD", ipam, [node], pods, in_flight=10)
 
 
 # -- the tests --------------------------------------------------------------------------------
@@ -217,7 +218,7 @@ def adds_through(
 
 def test_bad_clients_are_answered_or_dropped_while_real_adds_are_served(
     start_agent: Callable[..., AgentProcess],
-    thin_plugin: str,
+    shim: str,
     etcd_server: EtcdServer,
     tmp_path: Path,
 ) -> None:
@@ -243,7 +244,7 @@ def test_bad_clients_are_answered_or_dropped_while_real_adds_are_served(
             assert agent.endpoint("/healthz") == "ok"
             assert "pyabouts_agent_requests_in_flight" in agent.metrics()
             pods = [f"pod-{i:02d}" for i in range(20)]
-            outcomes = adds_through(thin_plugin, node, ipam, pods)
+            outcomes = adds_through(shim, node, ipam, pods)
             assert [code for code, _ in outcomes] == [0] * 20, outcomes
             given = {result["ips"][0]["address"] for _, result in outcomes}
             assert len(given) == 20
@@ -261,7 +262,7 @@ def test_bad_clients_are_answered_or_dropped_while_real_adds_are_served(
             conn.close()
 
     assert agent.endpoint("/healthz") == "ok"
-    [(code, _)] = adds_through(thin_plugin, node, ipam, ["after"])
+    [(code, _)] = adds_through(shim, node, ipam, ["after"])
     assert code == 0
     for reason, count in {"malformed": 2, "too-large": 1, "deadline": 2}.items():
         assert metric(agent, "pyabouts_agent_rejected_total", reason=reason) == count, reason
@@ -286,7 +287,7 @@ def test_a_uid_not_allowed_is_refused_with_code_105_logged_and_counted(
 
 def test_the_socket_directory_is_made_private_and_other_uids_are_refused_behind_it(
     start_agent: Callable[..., AgentProcess],
-    thin_plugin: str,
+    shim: str,
     etcd_server: EtcdServer,
 ) -> None:
     """The directory is 0700 once the agent runs, whoever made it and how; and a process of
@@ -314,7 +315,7 @@ def test_the_socket_directory_is_made_private_and_other_uids_are_refused_behind_
         [node] = make_nodes(top, 1, {"datastore": "etcd", "etcd_host": etcd_server.endpoint})
         node = Node(node.flat_file, agent)
         ipam = etcd_ipam(etcd_server, range="10.79.0.0/24", network_name=network())
-        [(code, _)] = adds_through(thin_plugin, node, ipam, ["root"])
+        [(code, _)] = adds_through(shim, node, ipam, ["root"])
         assert code == 0  # root still served
     finally:
         shutil.rmtree(top, ignore_errors=True)
@@ -360,7 +361,7 @@ def as_nobody(path: Path, request: bytes) -> str:
 
 def test_beyond_the_workers_and_the_queue_a_request_gets_code_11_at_once(
     start_agent: Callable[..., AgentProcess],
-    thin_plugin: str,
+    shim: str,
     etcd_server: EtcdServer,
     tmp_path: Path,
 ) -> None:
@@ -390,7 +391,7 @@ def test_beyond_the_workers_and_the_queue_a_request_gets_code_11_at_once(
 
     [node] = make_nodes(tmp_path, 1, {"datastore": "etcd", "etcd_host": etcd_server.endpoint})
     ipam = etcd_ipam(etcd_server, range="10.80.0.0/24", network_name=network())
-    [(code, _)] = adds_through(thin_plugin, Node(node.flat_file, agent), ipam, ["after"])
+    [(code, _)] = adds_through(shim, Node(node.flat_file, agent), ipam, ["after"])
     assert code == 0
 
 
@@ -476,7 +477,7 @@ def assert_well_formed(raw: bytes | None) -> None:
 
 def test_fuzzed_frames_get_a_well_formed_answer_and_the_agent_serves_on(
     start_agent: Callable[..., AgentProcess],
-    thin_plugin: str,
+    shim: str,
     etcd_server: EtcdServer,
     tmp_path: Path,
 ) -> None:
@@ -497,5 +498,5 @@ def test_fuzzed_frames_get_a_well_formed_answer_and_the_agent_serves_on(
     assert agent.endpoint("/healthz") == "ok"
     [node] = make_nodes(tmp_path, 1, {"datastore": "etcd", "etcd_host": etcd_server.endpoint})
     ipam = etcd_ipam(etcd_server, range="10.83.0.0/24", network_name=network())
-    [(code, result)] = adds_through(thin_plugin, Node(node.flat_file, agent), ipam, ["after"])
+    [(code, result)] = adds_through(shim, Node(node.flat_file, agent), ipam, ["after"])
     assert code == 0, result

@@ -19,8 +19,9 @@ import pytest
 from deploy.local.agent_process import AgentProcess, running_agent
 from deploy.local.controlplane import ControlPlane
 from deploy.local.netns import CniCall
+from deploy.local.node_shim import built_shim
 from pyabouts.ipam.errors import INVALID_CONFIG
-from pyabouts.plugin.install import install_thin_plugin
+from pyabouts.plugin.install import install_shim
 from tests.integration.etcd_fixtures import EtcdServer
 from tests.integration.kube_fixtures import exec_kubeconfig
 from tests.integration.plugin_fixtures import etcd_ipam
@@ -31,12 +32,10 @@ pytestmark = pytest.mark.integration
 
 
 def add(agent: AgentProcess, ipam: dict[str, Any], container: str) -> CniCall:
-    """An ADD through the thin plugin (no in-process fallback) to `agent`."""
-    thin = install_thin_plugin(
-        agent.directory / "bin", socket_path=str(agent.socket), fallback=False
-    )
+    """An ADD through the node shim to `agent`."""
+    shim = install_shim(agent.directory / "bin", built_shim(), socket_path=str(agent.socket))
     # A short timeout: a request that made the agent open one of the FIFOs would hang.
-    return cni(str(thin), "ADD", netconf("1.0.0", **ipam), container, timeout=30)
+    return cni(str(shim), "ADD", netconf("1.0.0", **ipam), container, timeout=30)
 
 
 def agent_config(directory: Path, settings: dict[str, Any]) -> Path:

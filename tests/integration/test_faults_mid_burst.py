@@ -1,6 +1,6 @@
 """Faults in the middle of a burst lose nothing.
 
-300 ADDs from three nodes (one real agent each, the thin plugin without an in-process fallback)
+300 ADDs from three nodes (one real agent each, called through the node shim)
 while one agent, kube-apiserver, the apiserver's etcd or the etcd datastore is killed with
 SIGKILL and started again, with ADDs still unanswered at that moment. Then every pod is retried
 as kubelet would (the failed sandbox torn down with DEL, a new one set up with ADD) until it
@@ -27,10 +27,11 @@ from deploy.local.agent_process import running_agent
 from deploy.local.controlplane import ControlPlane, start_control_plane
 from deploy.local.etcd_server import running_etcd
 from deploy.local.install import install_pyabouts
+from deploy.local.node_shim import built_shim
 from pyabouts.ipam.config import flat_file_settings
 from pyabouts.ipam.stores import open_store
 from pyabouts.ipam.stores.flat_file import read_own_flat_file
-from pyabouts.plugin.install import install_thin_plugin
+from pyabouts.plugin.install import install_shim
 from tests.integration.plugin_processes import (
     FLAT_FILE_NAME,
     Node,
@@ -162,9 +163,9 @@ def agents_burst(
             datastore,
             lambda d: stack.enter_context(running_agent(d, config=d / FLAT_FILE_NAME)),
         )
-        thin = install_thin_plugin(tmp_path / "bin", socket_path="/nonexistent", fallback=False)
+        shim = install_shim(tmp_path / "bin", built_shim(), socket_path="/nonexistent")
         ipam = {"range": cidr, "network_name": f"fault-{uuid.uuid4().hex[:6]}"}
-        yield Burst(str(thin), nodes, ipam, kubeconfig)
+        yield Burst(str(shim), nodes, ipam, kubeconfig)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import pytest
 
 from deploy.local.container_images import TEST_IMAGE, busybox_archive
 from deploy.local.project_image import BuiltImage, debian_base, project_image, project_version
+from pyabouts.plugin.cni import render_version
 
 pytestmark = [
     pytest.mark.integration,
@@ -82,6 +83,21 @@ def test_the_node_plugin_answers_version(image: BuiltImage) -> None:
     reply = json.loads(done.stdout)
     assert "1.1.0" in reply["supportedVersions"]
     assert reply["cniVersion"]
+
+
+def test_the_installer_puts_the_images_static_shim_on_the_node(image: BuiltImage) -> None:
+    script = (
+        "pyabouts-install --shim=/opt/pyabouts/libexec/pyabouts-shim --cni-bin-dir=/tmp/bin"
+        " && CNI_COMMAND=VERSION /tmp/bin/pyabouts && echo"
+        " && CNI_COMMAND=ADD /tmp/bin/pyabouts"
+    )
+    done = podman_run(image.name, "sh", "-c", script, stdin='{"cniVersion": "0.4.0"}')
+    installed, version, no_agent = done.stdout.splitlines()
+    assert installed.startswith("installed /tmp/bin/pyabouts")
+    assert json.loads(version) == render_version()
+    error = json.loads(no_agent)  # no agent in this container: try again later
+    assert done.returncode == 1 and error["code"] == 11 and error["cniVersion"] == "0.4.0"
+    assert error["msg"] == "no pyabouts agent at /run/pyabouts/agent.sock: no such file or directory"
 
 
 def test_the_virtualenv_holds_the_package_whole_and_no_build_tools(image: BuiltImage) -> None:
