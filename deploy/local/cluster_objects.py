@@ -5,6 +5,7 @@ and the demo alike."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from deploy.local.container_images import TEST_IMAGE
@@ -30,14 +31,22 @@ def nad(namespace: str, name: str, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def macvlan_nad(namespace: str, name: str, master: str, cidr: str) -> dict[str, Any]:
-    """The quickstart's NAD: macvlan in bridge mode on `master`, pyabouts as its IPAM."""
+def macvlan_nad(
+    namespace: str, name: str, master: str, cidr: str, *, ipam: str = "pyabouts"
+) -> dict[str, Any]:
+    """The quickstart's NAD: macvlan in bridge mode on `master`, with pyabouts (or the reference
+    plugins' host-local, the baseline of the scale figures) as its IPAM."""
+    settings: dict[str, Any] = (
+        {"type": "pyabouts", "range": cidr, "network_name": name}
+        if ipam == "pyabouts"
+        else {"type": ipam, "ranges": [[{"subnet": cidr}]]}
+    )
     config = {
         "cniVersion": "0.3.1",
         "type": "macvlan",
         "master": master,
         "mode": "bridge",
-        "ipam": {"type": "pyabouts", "range": cidr, "network_name": name},
+        "ipam": settings,
     }
     return nad(namespace, name, config)
 
@@ -94,3 +103,32 @@ def network_status(cluster: ControlPlane, namespace: str, name: str) -> list[dic
     """The pod's network-status annotation, as Multus wrote it."""
     found = json.loads(cluster.kubectl("get", "pod", name, "-n", namespace, "-o", "json"))
     return list(json.loads(found["metadata"]["annotations"][NETWORK_STATUS]))
+
+
+def scale_and_wait(cluster: ControlPlane, namespace: str, name: str, replicas: int) -> float:
+    """Scale deployment `name` to `replicas` and wait until its rollout is complete (every pod
+    Ready, or every pod gone at 0); the seconds that took."""
+    started = time.monotonic()
+    cluster.kubectl("scale", f"deployment/{name}", "-n", namespace, f"--replicas={replicas}")
+    cluster.kubectl("rollout", "status", f"deployment/{name}", "-n", namespace, "--timeout=600s")
+    if replicas == 0:
+        selector = f"app={name}"
+        cluster.kubectl(
+            "wait", "--for=delete", "pod", "-l", selector, "-n", namespace, "--timeout=300s"
+        )
+    return time.monotonic() - started
+
+
+def pod_addresses(
+    cluster: ControlPlane, namespace: str, selector: str, interface: str = "net1"
+) -> dict[str, str]:
+    """`interface`'s address of each pod matching `selector`, from its network-status."""
+    listed = json.loads(
+        cluster.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json")
+    )["items"]
+    found = {}
+    for item in listed:
+        status = json.loads(item["metadata"]["annotations"][NETWORK_STATUS])
+        (entry,) = [e for e in status if e["interface"] == interface]
+        found[item["metadata"]["name"]] = entry["ips"][0]
+    return found

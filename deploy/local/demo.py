@@ -54,7 +54,7 @@ from deploy.local.install import (
     uninstall_from_cluster,
 )
 from deploy.local.multus_install import (
-    MULTUS_CONFIG,
+    THIN,
     install_multus,
     multus_overlay,
     uninstall_multus,
@@ -186,8 +186,8 @@ def install(cluster: ControlPlane, state_dir: Path, stack: contextlib.ExitStack)
     stack.callback(uninstall_multus, cluster, multus)
     detail(f"$ kubectl apply -k {multus}   # deployments/multus-daemonset.yml of v4.2.3")
     install_multus(cluster, multus)
-    delegate = json.loads(MULTUS_CONFIG.read_text())["plugins"][0]["delegates"][0]["name"]
-    detail(f"{MULTUS_CONFIG} written: the cluster network ({delegate}) stays eth0")
+    delegate = json.loads(THIN.config.read_text())["plugins"][0]["delegates"][0]["name"]
+    detail(f"{THIN.config} written: the cluster network ({delegate}) stays eth0")
 
 
 def talk(cluster: ControlPlane, server: str, client: str) -> str:
@@ -280,7 +280,7 @@ def demo_links() -> list[str]:
 
 
 def leftovers() -> list[str]:
-    on_node = [path for path in (PLUGIN, NODE_CONFIG, MULTUS_CONFIG) if path.exists()]
+    on_node = [path for path in (PLUGIN, NODE_CONFIG, THIN.config) if path.exists()]
     return [*(f"link {name}" for name in demo_links()), *map(str, on_node)]
 
 

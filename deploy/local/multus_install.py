@@ -1,13 +1,15 @@
-"""Multus on the local cluster as its users install it: its own DaemonSet manifest, applied with
-kubectl, with only the image names changed.
+"""Multus on the local cluster as its users install it: its own DaemonSet manifest, thin or
+thick, applied with kubectl, with only the image names changed.
 
-The image, ``localhost/multus-cni:<version>``, holds what upstream's image holds for the thin
-DaemonSet (the ``multus`` and ``passthru`` plugins, ``/thin_entrypoint``, ``/install_multus``),
-built from the Multus Go module by build_binaries.sh; the binaries are static but for the
-``multus`` plugin, which runs on the host. The manifest is the module's
-``deployments/multus-daemonset.yml``, copied unchanged next to the binaries; the overlay that
-renames its image is written into the cluster's state directory (upstream files are never part
-of the repo).
+The image, ``localhost/multus-cni:<version>``, holds what upstream's images hold for both
+DaemonSets: for the thin one the ``multus`` and ``passthru`` plugins, ``/thin_entrypoint`` and
+``/install_multus``; for the thick one ``multus-daemon`` (which runs every delegate, chrooted
+into the host's root, inside its own container and its 50Mi/100m limits) and ``multus-shim``
+(the node's plugin, which hands calls to the daemon). All built from the Multus Go module by
+build_binaries.sh; static but for the ``multus`` plugin, which runs on the host. The manifests
+are the module's ``deployments/multus-daemonset.yml`` and ``multus-daemonset-thick.yml``,
+copied unchanged next to the binaries; the overlay that renames the image is written into the
+cluster's state directory (upstream files are never part of the repo).
 
 Multus' DaemonSet leaves on the node what it wrote there (its config, its kubeconfig, its
 plugins): :func:`uninstall_multus` deletes the DaemonSet and then those.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.local.commands import LocalToolError
@@ -27,21 +30,46 @@ from deploy.local.pod_runtime import CACHE_BIN, MULTUS_BINARY, MULTUS_VERSION
 
 UPSTREAM_IMAGE = "ghcr.io/k8snetworkplumbingwg/multus-cni"
 MULTUS_IMAGE = f"localhost/multus-cni:{MULTUS_VERSION}"
-THIN_MANIFEST = CACHE_BIN / f"multus-{MULTUS_VERSION}-daemonset.yml"
 LICENSE = CACHE_BIN / f"multus-{MULTUS_VERSION}-LICENSE"
 DAEMONSET = "daemonset/kube-multus-ds"
 NAMESPACE = "kube-system"
-#: What the thin DaemonSet writes on the node and leaves there when it is deleted.
-#: Its entrypoint writes this (a conflist, as the cluster's own network is one).
-MULTUS_CONFIG = CNI_CONF_DIR / "00-multus.conflist"
 CONFIG_TIMEOUT_S = 30.0
-LEFT_ON_THE_NODE = (
-    MULTUS_CONFIG,
-    CNI_CONF_DIR / "multus.d",
-    CNI_BIN_DIR / "multus",
-    CNI_BIN_DIR / "passthru",
-    Path("/var/lib/cni/multus"),
+#: Part of the image archive's key: bump it when what multus_archive puts in changes.
+IMAGE_RECIPE = b"thin and thick binaries, root in /etc/passwd and /etc/group, /var/run"
+#: Where both keep each sandbox's delegates until their DEL (Multus' CNIDir).
+MULTUS_CACHE = Path("/var/lib/cni/multus")
+
+
+@dataclass(frozen=True)
+class MultusMode:
+    """One of Multus' two DaemonSets: its manifest, the config it writes on the node (from then
+    on kubelet's CNI calls go through Multus) and what it leaves there when deleted."""
+
+    name: str
+    manifest: Path
+    config: Path
+    left_on_the_node: tuple[Path, ...]
+
+
+THIN = MultusMode(
+    "thin",
+    CACHE_BIN / f"multus-{MULTUS_VERSION}-daemonset.yml",
+    CNI_CONF_DIR / "00-multus.conflist",  # a conflist, as the cluster's own network is one
+    (CNI_CONF_DIR / "multus.d", CNI_BIN_DIR / "multus", CNI_BIN_DIR / "passthru", MULTUS_CACHE),
 )
+THICK = MultusMode(
+    "thick",
+    CACHE_BIN / f"multus-{MULTUS_VERSION}-daemonset-thick.yml",
+    CNI_CONF_DIR / "00-multus.conf",
+    (
+        CNI_BIN_DIR / "multus-shim",
+        MULTUS_CACHE,
+        Path("/run/multus"),  # the daemon's socket
+        Path("/etc/cni/multus"),  # its hostPath volumes, made by the runtime
+        Path("/run/k8s.cni.cncf.io"),
+    ),
+)
+MODES = {mode.name: mode for mode in (THIN, THICK)}
 
 
 def multus_archive() -> Path:
@@ -51,6 +79,8 @@ def multus_archive() -> Path:
         "thin_entrypoint": CACHE_BIN / f"multus-thin_entrypoint-{MULTUS_VERSION}",
         "install_multus": CACHE_BIN / f"multus-install_multus-{MULTUS_VERSION}",
         "passthru": CACHE_BIN / f"multus-passthru-cni-{MULTUS_VERSION}",
+        "multus-daemon": CACHE_BIN / f"multus-multus-daemon-{MULTUS_VERSION}",
+        "multus-shim": CACHE_BIN / f"multus-multus-shim-{MULTUS_VERSION}",
     }
     contents = {name: path.read_bytes() for name, path in binaries.items()}
     license_text = LICENSE.read_bytes()
@@ -60,44 +90,57 @@ def multus_archive() -> Path:
         files["usr/src/multus-cni/LICENSE"] = (license_text, 0o644)
         files["thin_entrypoint"] = (contents["thin_entrypoint"], 0o755)
         files["install_multus"] = (contents["install_multus"], 0o755)
+        # multus-daemon checks that it runs as root by name (os/user reads /etc/passwd): what
+        # upstream's Debian-based image has and these images need.
+        files["etc/passwd"] = (b"root:x:0:0:root:/root:/sbin/nologin\n", 0o644)
+        files["etc/group"] = (b"root:x:0:\n", 0o644)
         dirs = {
-            d: 0o755 for d in ("usr", "usr/src", "usr/src/multus-cni", "usr/src/multus-cni/bin")
+            d: 0o755
+            for d in ("etc", "usr", "usr/src", "usr/src/multus-cni", "usr/src/multus-cni/bin")
         }
+        # The thick daemon opens the pods' network namespaces by the paths kubelet names,
+        # /var/run/netns/..., with the host's /run/netns mounted at /run/netns.
         return docker_archive(
-            MULTUS_IMAGE, files, ["/thin_entrypoint"], dirs={**dirs, "tmp": 0o1777}
+            MULTUS_IMAGE,
+            files,
+            ["/thin_entrypoint"],
+            links={"var/run": "../run"},
+            dirs={**dirs, "tmp": 0o1777, "var": 0o755, "run": 0o755},
         )
 
-    return cached_archive(f"multus-cni-{MULTUS_VERSION}", [*contents.values(), license_text], make)
+    inputs = [*contents.values(), license_text, IMAGE_RECIPE]
+    return cached_archive(f"multus-cni-{MULTUS_VERSION}", inputs, make)
 
 
-def multus_overlay(directory: Path) -> Path:
-    """`directory`, holding the upstream thin manifest and a kustomization renaming its image."""
+def multus_overlay(directory: Path, mode: MultusMode = THIN) -> Path:
+    """`directory`, holding the upstream manifest of `mode` and a kustomization renaming its
+    image."""
     directory.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(THIN_MANIFEST, directory / "multus-daemonset.yml")
+    shutil.copyfile(mode.manifest, directory / mode.manifest.name)
     name, tag = MULTUS_IMAGE.rsplit(":", 1)
     (directory / "kustomization.yaml").write_text(
         "# Written by deploy/local/multus_install.py: Multus' own manifest, the image built here.\n"
         "apiVersion: kustomize.config.k8s.io/v1beta1\n"
         "kind: Kustomization\n"
-        "resources:\n  - multus-daemonset.yml\n"
+        f"resources:\n  - {mode.manifest.name}\n"
         f"images:\n  - {{name: {UPSTREAM_IMAGE}, newName: {name}, newTag: '{tag}'}}\n"
     )
     return directory
 
 
-def install_multus(control_plane: ControlPlane, overlay: Path) -> None:
+def install_multus(control_plane: ControlPlane, overlay: Path, mode: MultusMode = THIN) -> None:
     """`kubectl apply -k overlay`; returns once Multus runs on the node and has written its
-    config (from then on kubelet's CNI calls go through it)."""
+    config."""
     control_plane.kubectl("apply", "-k", str(overlay))
     control_plane.kubectl("rollout", "status", DAEMONSET, "-n", NAMESPACE, "--timeout=180s")
     deadline = time.monotonic() + CONFIG_TIMEOUT_S
-    while not MULTUS_CONFIG.is_file():
+    while not mode.config.is_file():
         if time.monotonic() > deadline:
-            raise LocalToolError(f"Multus runs but wrote no {MULTUS_CONFIG}")
+            raise LocalToolError(f"Multus runs but wrote no {mode.config}")
         time.sleep(0.2)
 
 
-def uninstall_multus(control_plane: ControlPlane, overlay: Path) -> None:
+def uninstall_multus(control_plane: ControlPlane, overlay: Path, mode: MultusMode = THIN) -> None:
     """Delete the DaemonSet (and its CRD, RBAC, ConfigMap), then what it left on the node."""
     control_plane.kubectl("delete", "-k", str(overlay), "--wait=true", "--timeout=120s")
     # (an error when no pod is left to wait for)
@@ -106,8 +149,9 @@ def uninstall_multus(control_plane: ControlPlane, overlay: Path) -> None:
     )
     # (and the temporary copies its installer leaves when a copy fails)
     for path in [
-        *LEFT_ON_THE_NODE,
-        *CNI_BIN_DIR.glob("multus.temp*"),
+        mode.config,
+        *mode.left_on_the_node,
+        *CNI_BIN_DIR.glob("multus*.temp*"),
         *CNI_BIN_DIR.glob("passthru.temp*"),
     ]:
         if path.is_dir():

@@ -97,7 +97,9 @@ def test_the_installer_puts_the_images_static_shim_on_the_node(image: BuiltImage
     assert json.loads(version) == render_version()
     error = json.loads(no_agent)  # no agent in this container: try again later
     assert done.returncode == 1 and error["code"] == 11 and error["cniVersion"] == "0.4.0"
-    assert error["msg"] == "no pyabouts agent at /run/pyabouts/agent.sock: no such file or directory"
+    assert (
+        error["msg"] == "no pyabouts agent at /run/pyabouts/agent.sock: no such file or directory"
+    )
 
 
 def test_the_virtualenv_holds_the_package_whole_and_no_build_tools(image: BuiltImage) -> None:
