@@ -19,7 +19,7 @@ from typing import Any
 
 from bench.kube import conflicting_writes
 from deploy.local.agent_process import AgentProcess
-from pyabouts.plugin.install import install_thin_plugin
+from pyabouts.plugin.install import install_shim, install_thin_plugin
 
 CNI_VERSION = "1.0.0"
 
@@ -198,7 +198,9 @@ class PyaboutsKubernetes(Pyabouts):
 
 
 class PyaboutsAgent(PyaboutsKubernetes):
-    """The thin pyabouts plugin, each simulated node with its own pyabouts-agent (IPPools).
+    """pyabouts through a node's client of the agent, each simulated node with its own
+    pyabouts-agent (IPPools): the node shim (`shim`, what the DaemonSet installs) or the thin
+    Python plugin.
 
     Agents are per node, not per phase: on a real node the agent outlives any one burst. Their
     memory is the node's standing cost, reported apart from the plugin process's.
@@ -213,10 +215,16 @@ class PyaboutsAgent(PyaboutsKubernetes):
         pool: PoolBounds,
         agents: Callable[[Path], AgentProcess],
         name: str = "pyabouts-agent",
+        shim: Path | None = None,
     ) -> None:
-        thin = install_thin_plugin(workdir / name / "bin", socket_path=str(workdir / "none.sock"))
+        bin_dir, no_agent = workdir / name / "bin", str(workdir / "none.sock")
+        client = (
+            install_shim(bin_dir, shim, socket_path=no_agent)
+            if shim
+            else install_thin_plugin(bin_dir, socket_path=no_agent)
+        )
         super().__init__(
-            thin,
+            client,
             Path(sys.executable),
             workdir,
             kubeconfig=kubeconfig,

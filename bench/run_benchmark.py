@@ -1,5 +1,6 @@
-"""Race pyabouts (thin plugin + node agents, and in-process) against whereabouts v0.9.4 and
-Debian's host-local, in one run, on the same local kube-apiserver.
+"""Race pyabouts (through the node shim and through the thin plugin, each with node agents, and
+in-process) against whereabouts v0.9.4 and Debian's host-local, in one run, on the same local
+kube-apiserver.
 
     .venv/bin/python -m bench.run_benchmark [--calls N] [--concurrency C] [--nodes M]
         [--sequential-calls S] [--out DIR] [--contenders pyabouts-agent,...]
@@ -60,6 +61,7 @@ from bench.results import (
 from deploy.local.agent_process import AgentProcess, running_agent
 from deploy.local.controlplane import KUBE_VERSION
 from deploy.local.etcd_server import running_etcd
+from deploy.local.node_shim import built_shim
 
 HOST_LOCAL_NAME = "host-local"
 WHEREABOUTS_NAME = "whereabouts"
@@ -68,14 +70,23 @@ HOST_LOCAL = Path("/usr/lib/cni/host-local")
 CACHE_BIN = Path(os.environ.get("PYABOUTS_CACHE", Path.home() / ".cache" / "pyabouts")) / "bin"
 WHEREABOUTS_VERSION = "v0.9.4"
 WHEREABOUTS = CACHE_BIN / f"whereabouts-{WHEREABOUTS_VERSION}"
+PYABOUTS_SHIM = "pyabouts-shim"
 PYABOUTS_AGENT = "pyabouts-agent"
 PYABOUTS_KUBERNETES = "pyabouts-kubernetes"
 PYABOUTS_ETCD = "pyabouts-etcd"
 # The order they run in; pyabouts-etcd only when asked for.
-CONTENDERS = (PYABOUTS_AGENT, PYABOUTS_KUBERNETES, PYABOUTS_ETCD, WHEREABOUTS_NAME, HOST_LOCAL_NAME)
-DEFAULT_CONTENDERS = (PYABOUTS_AGENT, PYABOUTS_KUBERNETES, WHEREABOUTS_NAME, HOST_LOCAL_NAME)
-KUBERNETES_CONTENDERS = {PYABOUTS_AGENT, PYABOUTS_KUBERNETES, WHEREABOUTS_NAME}
+CONTENDERS = (
+    PYABOUTS_SHIM,
+    PYABOUTS_AGENT,
+    PYABOUTS_KUBERNETES,
+    PYABOUTS_ETCD,
+    WHEREABOUTS_NAME,
+    HOST_LOCAL_NAME,
+)
+DEFAULT_CONTENDERS = tuple(name for name in CONTENDERS if name != PYABOUTS_ETCD)
+KUBERNETES_CONTENDERS = {PYABOUTS_SHIM, PYABOUTS_AGENT, PYABOUTS_KUBERNETES, WHEREABOUTS_NAME}
 POOL_BASES = {
+    PYABOUTS_SHIM: "10.75.0.0",
     PYABOUTS_AGENT: "10.76.0.0",
     PYABOUTS_ETCD: "10.77.0.0",
     HOST_LOCAL_NAME: "10.78.0.0",
@@ -241,13 +252,15 @@ def _contender(name: str, servers: Servers, args: argparse.Namespace) -> Contend
             request_counter=cluster.whereabouts_requests,
             pool=pool,
         )
-    if name == PYABOUTS_AGENT:
+    if name in (PYABOUTS_SHIM, PYABOUTS_AGENT):
         return PyaboutsAgent(
             workdir,
             kubeconfig=cluster.plugin_kubeconfig,
             request_counter=cluster.group_requests,
             pool=pool,
             agents=servers.start_agent,
+            name=name,
+            shim=built_shim() if name == PYABOUTS_SHIM else None,
         )
     return PyaboutsKubernetes(
         args.pyabouts,
