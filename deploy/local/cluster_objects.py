@@ -32,7 +32,13 @@ def nad(namespace: str, name: str, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def macvlan_nad(
-    namespace: str, name: str, master: str, cidr: str, *, ipam: str = "pyabouts"
+    namespace: str,
+    name: str,
+    master: str,
+    cidr: str,
+    *,
+    ipam: str = "pyabouts",
+    gateway: str | None = None,
 ) -> dict[str, Any]:
     """The quickstart's NAD: macvlan in bridge mode on `master`, with pyabouts (or the reference
     plugins' host-local, the baseline of the scale figures) as its IPAM."""
@@ -41,6 +47,8 @@ def macvlan_nad(
         if ipam == "pyabouts"
         else {"type": ipam, "ranges": [[{"subnet": cidr}]]}
     )
+    if gateway:
+        settings["gateway"] = gateway
     config = {
         "cniVersion": "0.3.1",
         "type": "macvlan",

@@ -48,6 +48,7 @@ from deploy.local.multus_install import (
 from deploy.local.netns import macvlan_master
 from deploy.local.node_components import CONTAINERD_SOCKET
 from tests.e2e.local_cluster import CLUSTER_MODULE_MARKS, cluster_with_pyabouts, kube_json
+from tests.e2e.multus_limits import MULTUS_CANNOT_REPLACE_THE_DEFAULT_ROUTE
 from tests.integration.stored_state import stored
 
 pytestmark = CLUSTER_MODULE_MARKS
@@ -316,6 +317,8 @@ def test_a_rolling_update_of_the_agent_while_pods_are_created_loses_nothing(
 SCALE = {"thin": 50, "thick": 20}
 #: host-local keeps its reservations here, a directory per network, left after the DELs.
 HOST_LOCAL_DATA = Path("/var/lib/cni/networks")
+DAEMONSET = "daemonset/kube-multus-ds"
+RESOURCE_LIMITS = "/spec/template/spec/containers/0/resources/limits"
 
 
 def multus_restarts(cluster: ControlPlane) -> list[tuple[int, str]]:
@@ -326,14 +329,11 @@ def multus_restarts(cluster: ControlPlane) -> list[tuple[int, str]]:
     return [(c["restartCount"], e.get("reason", "-")) for c, e in zip(statuses, ended, strict=True)]
 
 
-def test_a_deployment_scaled_up_with_two_pyabouts_networks_per_pod_beside_host_local(
-    cluster: ControlPlane, master: str, multus_mode: MultusMode
-) -> None:
-    """Every pod Ready with an address of its own on each network, the pools holding exactly
-    theirs and nothing once scaled to 0, and Multus never restarted (in thick mode the shim runs
-    in its container); the time from scale-up to all Ready is printed beside the same
-    Deployment on host-local NADs, a figure and not an assert."""
-    replicas = SCALE[multus_mode.name]
+def scale_round(cluster: ControlPlane, master: str, replicas: int, label: str) -> None:
+    """One Deployment on two pyabouts NADs, then one on two host-local NADs, each scaled from 0
+    to `replicas` and back: every pod Ready with an address of its own on each network, the
+    pools holding exactly theirs and nothing at 0, Multus not restarted while pyabouts served.
+    The times to all Ready are printed side by side (a figure, not an assert)."""
     ranges = {
         "pyabouts": ("198.19.2.0/25", "198.19.2.128/25"),
         "host-local": ("198.19.3.0/25", "198.19.3.128/25"),
@@ -363,11 +363,48 @@ def test_a_deployment_scaled_up_with_two_pyabouts_networks_per_pod_beside_host_l
     finally:
         for directory in HOST_LOCAL_DATA.glob("scale-host-local-*"):
             shutil.rmtree(directory)
-    print(f"Multus restarts (count, last termination) before and after the scale-up: {restarts}")
+    print(f"\nMultus restarts (count, last termination) before and after each: {restarts}")
     print(
-        f"Multus {multus_mode.name}, 0 -> {replicas} pods x 2 networks, all Ready in: "
+        f"Multus {label}, 0 -> {replicas} pods x 2 networks, all Ready in: "
         f"pyabouts {seconds['pyabouts']:.1f} s, host-local {seconds['host-local']:.1f} s "
         f"({seconds['pyabouts'] / seconds['host-local']:.2f}x)"
     )
     before, after = restarts["pyabouts"]
     assert after == before, f"Multus restarted while pyabouts served: {after}"
+
+
+def raise_multus_limits(cluster: ControlPlane) -> None:
+    """What Multus thick's users do (its issue #1346): 256Mi of memory, no CPU limit."""
+    limits = {"op": "replace", "path": RESOURCE_LIMITS, "value": {"memory": "256Mi"}}
+    cluster.kubectl(
+        "patch", DAEMONSET, "-n", "kube-system", "--type=json", f"-p={json.dumps([limits])}"
+    )
+    cluster.kubectl("rollout", "status", DAEMONSET, "-n", "kube-system", "--timeout=180s")
+
+
+def test_a_deployment_scaled_up_with_two_pyabouts_networks_per_pod_beside_host_local(
+    cluster: ControlPlane, master: str, multus_mode: MultusMode
+) -> None:
+    """In thick mode the shim runs inside the Multus daemon's container: first at its upstream
+    limits, then with the limits raised as its users do, at 50 pods."""
+    scale_round(cluster, master, SCALE[multus_mode.name], f"{multus_mode.name}, as installed")
+    if multus_mode == THICK:
+        raise_multus_limits(cluster)
+        scale_round(cluster, master, 50, "thick, limits raised to 256Mi and no CPU limit")
+
+
+@MULTUS_CANNOT_REPLACE_THE_DEFAULT_ROUTE
+def test_the_requested_gateway_becomes_the_pods_default_route(
+    cluster: ControlPlane, master: str
+) -> None:
+    """On a real cluster eth0 has a default route: the Multus limit as users see it."""
+    gateway = "198.19.1.193"
+    request = [{"name": "routed", "interface": "my-intf", "default-route": [gateway]}]
+    apply(
+        cluster,
+        macvlan_nad(NAMESPACE, "routed", master, "198.19.1.192/26", gateway=gateway),
+        pod(NAMESPACE, "routed", json.dumps(request)),
+    )
+    wait_ready(cluster, NAMESPACE, "routed")
+    route = exec_in(cluster, NAMESPACE, "routed", "ip", "-4", "route", "show", "default")
+    assert route.split()[:5] == ["default", "via", gateway, "dev", "my-intf"], route

@@ -24,6 +24,7 @@ from deploy.local.pod_runtime import (
     unique,
 )
 from tests.e2e.conftest import NAMESPACE
+from tests.e2e.multus_limits import MULTUS_CANNOT_REPLACE_THE_DEFAULT_ROUTE
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -212,12 +213,7 @@ def test_a_burst_of_50_pods_with_two_attachments_each(
         print(f"\n50 pods x 2 pyabouts attachments through Multus: {wall:.1f} s wall")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Multus v4.2.3 cannot replace the default route: its DeleteDefaultGW looks for "
-    "routes whose Dst is nil, which netlink v1.3.1 never returns (upstream multus-cni PR #1552, "
-    "open); adding the requested one then fails with EEXIST, which Multus ignores",
-)
+@MULTUS_CANNOT_REPLACE_THE_DEFAULT_ROUTE
 def test_the_requested_gateway_becomes_the_pods_default_route(node: Node, master: str) -> None:
     net = nad(node.cluster, master, "198.51.100.0/24", gateway="198.51.100.1")
     gateway = ["198.51.100.1"]
