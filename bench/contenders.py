@@ -70,6 +70,8 @@ class Contender(ABC):
         self.workdir = workdir / name
         self.cluster_unique = cluster_unique  # False: nodes allocate independently
         self.import_probe = import_probe
+        #: The CPU time its datastore's server (kube-apiserver) used so far, where it has one.
+        self.server_cpu: Callable[[], float] | None = None
         self.workdir.mkdir(parents=True, exist_ok=True)
 
     @abstractmethod
@@ -87,6 +89,13 @@ class Contender(ABC):
     def daemon_rss_mib(self) -> float | None:
         """The peak RSS of the node daemons it needs (an agent), if any."""
         return None
+
+    def daemon_cpu_seconds(self) -> float | None:
+        """The CPU time its node daemons (the agents of all nodes) used so far, if any."""
+        return None
+
+    def server_cpu_seconds(self) -> float | None:
+        return None if self.server_cpu is None else self.server_cpu()
 
     def node_dir(self, phase: Phase, node: int) -> Path:
         path = self.workdir / phase.run_id / f"node-{node}"
@@ -246,6 +255,9 @@ class PyaboutsAgent(PyaboutsKubernetes):
     def daemon_rss_mib(self) -> float | None:
         peaks = [a.peak_rss_mib() for a in self._agents.values()]
         return max(peaks) if peaks else None
+
+    def daemon_cpu_seconds(self) -> float:
+        return sum(agent.cpu_seconds() for agent in self._agents.values())
 
 
 class Whereabouts(Contender):

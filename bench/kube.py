@@ -51,6 +51,10 @@ class KubeCluster:
             counts += requests_by_verb_and_code(body, group)
         return counts
 
+    def apiserver_cpu_seconds(self) -> float:
+        """kube-apiserver's CPU time so far (not its etcd's)."""
+        return self.control_plane.processes()["kube-apiserver"].cpu_seconds()
+
     def whereabouts_requests(self) -> Counter[str]:
         """whereabouts' requests: its IPPools and reservations, and the Lease it takes."""
         return self.group_requests(WHEREABOUTS_GROUP, LEASE_GROUP)

@@ -39,6 +39,7 @@ class CallOutcome:
 
     seconds: float
     max_rss_kib: int
+    cpu_seconds: float  # the process's, with GNU time's (see bench.process)
     failure: str | None  # None: success; else the CNI code, "timeout", "exit-N" or "no-ips"
     message: str
     address: str | None  # ADD: the first address given, without its prefix length
@@ -167,9 +168,11 @@ def measure_command(
     (conflicts, API requests) is the difference between before and after."""
     conflicts_before = contender.count_conflicts(phase)
     requests_before = contender.api_requests()
+    cpu_before = contender.daemon_cpu_seconds(), contender.server_cpu_seconds()
     outcomes, wall_s = _run_all(contender, command, attachments, concurrency, spawner)
     conflicts_after = contender.count_conflicts(phase)
     requests_after = contender.api_requests()
+    cpu_after = contender.daemon_cpu_seconds(), contender.server_cpu_seconds()
     figures = summarize(
         contender.name,
         phase,
@@ -179,7 +182,16 @@ def measure_command(
         wall_s=wall_s,
         conflicts=_difference(conflicts_after, conflicts_before),
     )
-    figures = replace(figures, daemon_rss_mib=contender.daemon_rss_mib())
+    daemon_cpu, server_cpu = (
+        _per_call_ms(_difference_s(after, before), len(attachments))
+        for after, before in zip(cpu_after, cpu_before, strict=True)
+    )
+    figures = replace(
+        figures,
+        daemon_rss_mib=contender.daemon_rss_mib(),
+        daemon_cpu_ms=daemon_cpu,
+        server_cpu_ms=server_cpu,
+    )
     if requests_before is None or requests_after is None:
         return figures
     return with_api_requests(figures, requests_after - requests_before)
@@ -228,6 +240,7 @@ def summarize(
         per_second=ok / wall_s if wall_s > 0 else 0.0,
         rss_max_mib=_mib(max(rss, default=0)),
         rss_p50_mib=_mib(statistics.median(rss) if rss else 0),
+        plugin_cpu_ms=_per_call_ms(sum(o.cpu_seconds for o in outcomes), len(outcomes)),
     )
 
 
@@ -301,7 +314,9 @@ def interpret(command: str, finished: Finished) -> CallOutcome:
     """Success or the CNI error, from the exit code and the JSON on stdout."""
 
     def outcome(failure: str | None, message: str = "", address: str | None = None) -> CallOutcome:
-        return CallOutcome(finished.seconds, finished.max_rss_kib, failure, message, address)
+        return CallOutcome(
+            finished.seconds, finished.max_rss_kib, finished.cpu_seconds, failure, message, address
+        )
 
     text = finished.stdout.decode(errors="replace")
     if finished.timed_out:
@@ -348,6 +363,14 @@ def _difference(after: int | None, before: int | None) -> int | None:
 
 def _plain_env() -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", "")}
+
+
+def _difference_s(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else after - before
+
+
+def _per_call_ms(total_s: float | None, calls: int) -> float | None:
+    return None if total_s is None or not calls else total_s / calls * 1e3
 
 
 def _ms(seconds: float) -> float:

@@ -1,5 +1,7 @@
 """Run one program as a CNI runtime runs a plugin: env and stdin in, stdout out, timed.
 
+A program's CPU time is what wait4 reports for GNU time, which has reaped the program: theirs
+together, to the microsecond (`floor` gives GNU time's own share, measured on /bin/true).
 A program's peak RSS comes from wait4's ru_maxrss. On Linux exec keeps the peak RSS of the
 address space it replaces, so a child spawned straight from this (25+ MiB) Python process would
 report at least that much. So every program is started under Debian's GNU time
@@ -23,7 +25,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 DEFAULT_TIMEOUT_SECONDS = 60.0
@@ -43,6 +45,16 @@ class Finished:
     seconds: float
     max_rss_kib: int
     timed_out: bool
+    cpu_seconds: float = 0.0  # user + system of GNU time and the program
+
+
+@dataclass(frozen=True, slots=True)
+class Floor:
+    """What a program that does nothing (/bin/true) costs when started this way."""
+
+    wall_ms: float
+    cpu_ms: float
+    max_rss_mib: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,22 +87,25 @@ class Spawner:
             started = time.perf_counter()
             child = _spawn(command, env, stderr_path)
             stdout = _communicate(child, stdin, started + timeout)
-            time_exit = _reap(child)
+            time_exit, cpu_seconds = _reap(child)
             seconds = time.perf_counter() - started
             fields = report.read_text().split()
         finally:
             report.unlink(missing_ok=True)
         if stdout is None:
-            return Finished(-signal.SIGKILL, b"", seconds, 0, timed_out=True)
-        return _finished(stdout, seconds, time_exit, fields)
+            return Finished(-signal.SIGKILL, b"", seconds, 0, True, cpu_seconds)
+        return replace(_finished(stdout, seconds, time_exit, fields), cpu_seconds=cpu_seconds)
 
-    def floor(self, scratch_log: Path) -> tuple[float, float]:
-        """What a program that does nothing (/bin/true) costs this way: (median ms, max MiB)."""
+    def floor(self, scratch_log: Path) -> Floor:
+        """What a program that does nothing (/bin/true) costs this way (medians; peak RSS)."""
         runs = [
             self.run(["/bin/true"], {}, b"", stderr_path=scratch_log) for _ in range(FLOOR_RUNS)
         ]
-        median_ms = statistics.median(r.seconds for r in runs) * 1e3
-        return median_ms, max(r.max_rss_kib for r in runs) / 1024
+        return Floor(
+            wall_ms=statistics.median(r.seconds for r in runs) * 1e3,
+            cpu_ms=statistics.median(r.cpu_seconds for r in runs) * 1e3,
+            max_rss_mib=max(r.max_rss_kib for r in runs) / 1024,
+        )
 
     def _new_report_path(self) -> Path:
         fd, name = tempfile.mkstemp(prefix="time-", suffix=".txt", dir=self.scratch)
@@ -188,9 +203,11 @@ def _read_stdout(child: subprocess.Popen[bytes], deadline: float) -> bytes | Non
             chunks.append(chunk)
 
 
-def _reap(child: subprocess.Popen[bytes]) -> int:
-    """Wait for the child (GNU time); its exit code."""
-    child.wait()
+def _reap(child: subprocess.Popen[bytes]) -> tuple[int, float]:
+    """Wait for the child (GNU time); its exit code, and the CPU time of it and of the program
+    it reaped (wait4's rusage counts both)."""
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
     if child.stdout is not None:
         child.stdout.close()
-    return child.returncode
+    return child.returncode, usage.ru_utime + usage.ru_stime

@@ -39,7 +39,7 @@ def format_settings(settings: Settings) -> str:
         f"sequential_calls={settings.sequential_calls} startup_runs={settings.startup_runs}; "
         "plugins started "
         f"{settings.spawner}; /bin/true that way: {settings.time_floor_ms:.1f} ms, "
-        f"{settings.rss_floor_mib:.1f} MiB"
+        f"{settings.cpu_floor_ms:.2f} ms of CPU, {settings.rss_floor_mib:.1f} MiB"
     )
 
 
@@ -53,7 +53,8 @@ def format_report(result: BenchmarkResult, cluster_unique: dict[str, bool]) -> s
         format_startup(result.startup),
         "",
         "ADD / DEL PHASES (latency per call in ms, wall in s, RSS of one plugin process in MiB, "
-        "API/call: datastore API requests per call, agent RSS: peak of a node's agent in MiB)",
+        "API/call: datastore API requests per call, agent RSS: peak of a node's agent in MiB; "
+        "CPU ms per call of the plugin process, the agents and kube-apiserver)",
         format_phases(result.phases),
         *_per_node_notes(cluster_unique),
         *_api_request_lines(result.phases),
@@ -113,6 +114,9 @@ def format_phases(rows: Sequence[PhaseFigures]) -> str:
         "RSS p50",
         "API/call",
         "agent RSS",
+        "CPU plugin",
+        "CPU agent",
+        "CPU apiserver",
     ]
     body = [
         [
@@ -135,6 +139,9 @@ def format_phases(rows: Sequence[PhaseFigures]) -> str:
             _num(p.rss_p50_mib),
             _num(p.api_requests_per_call, 2),
             _num(p.daemon_rss_mib),
+            _num(p.plugin_cpu_ms, 2),
+            _num(p.daemon_cpu_ms, 2),
+            _num(p.server_cpu_ms, 2),
         ]
         for p in rows
     ]

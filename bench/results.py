@@ -33,6 +33,7 @@ class Settings:
     spawner: str  # how plugins were started (see bench.process)
     rss_floor_mib: float  # the peak RSS reported for /bin/true: nothing below it is measurable
     time_floor_ms: float  # the median time of /bin/true: what starting it this way costs
+    cpu_floor_ms: float = 0.0  # the median CPU of GNU time and /bin/true, in every plugin's
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,12 @@ class PhaseFigures:
     api_requests_per_call: float | None = None  # all of them divided by the calls
     # Only for a contender with a node daemon (the agent): its peak RSS so far, in MiB.
     daemon_rss_mib: float | None = None
+    # CPU time per call, in ms: the plugin process (with GNU time's share, cpu_floor_ms), the
+    # node daemons (the agents, all nodes') and the datastore's server (kube-apiserver), over
+    # the phase's wall time; None where there is none.
+    plugin_cpu_ms: float | None = None
+    daemon_cpu_ms: float | None = None
+    server_cpu_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

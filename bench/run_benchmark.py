@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def measure_settings(args: argparse.Namespace, spawner: Spawner, workdir: Path) -> Settings:
-    time_floor_ms, rss_floor_mib = spawner.floor(workdir / "floor-stderr.log")
+    floor = spawner.floor(workdir / "floor-stderr.log")
     return Settings(
         calls=args.calls,
         concurrency=args.concurrency,
@@ -174,8 +174,9 @@ def measure_settings(args: argparse.Namespace, spawner: Spawner, workdir: Path) 
         sequential_calls=args.sequential_calls,
         pool_size=args.calls,
         spawner=spawner.description,
-        rss_floor_mib=rss_floor_mib,
-        time_floor_ms=time_floor_ms,
+        rss_floor_mib=floor.max_rss_mib,
+        time_floor_ms=floor.wall_ms,
+        cpu_floor_ms=floor.cpu_ms,
     )
 
 
@@ -235,6 +236,13 @@ def start_contenders(
 
 
 def _contender(name: str, servers: Servers, args: argparse.Namespace) -> Contender:
+    contender = _new_contender(name, servers, args)
+    if name in KUBERNETES_CONTENDERS:
+        contender.server_cpu = servers.cluster().apiserver_cpu_seconds
+    return contender
+
+
+def _new_contender(name: str, servers: Servers, args: argparse.Namespace) -> Contender:
     pool = pool_of(POOL_BASES[name], args.calls)
     workdir = servers.workdir
     if name == HOST_LOCAL_NAME:

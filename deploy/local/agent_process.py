@@ -79,6 +79,10 @@ class AgentProcess:
                     return int(line.split()[1]) / 1024
         return 0.0
 
+    def cpu_seconds(self) -> float:
+        """The agent's CPU time so far (user + system, all its threads)."""
+        return self.process.cpu_seconds()
+
     def metrics(self) -> str:
         return self.endpoint("/metrics")
 

@@ -70,6 +70,14 @@ def log_tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
         return f"<no log: {exc}>"
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """The CPU time (user + system) process ``pid`` has used so far, its threads included."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    user_ticks, system_ticks = int(fields[11]), int(fields[12])  # utime, stime (stat(5))
+    return (user_ticks + system_ticks) / os.sysconf("SC_CLK_TCK")
+
+
 def pid_runs(pid: int, exe: str) -> bool:
     """True if ``pid`` is a live (not zombie) process whose argv[0] is ``exe``.
 
@@ -197,6 +205,15 @@ class SupervisedProcess:
 
     def exit_code(self) -> int | None:
         return None if self.popen is None else self.popen.poll()
+
+    def cpu_seconds(self) -> float:
+        """The CPU time it has used so far; 0 when it does not run."""
+        if self.pid is None or not self.alive():
+            return 0.0
+        try:
+            return process_cpu_seconds(self.pid)
+        except OSError:
+            return 0.0
 
     def status(self) -> str:
         return f"{'running' if self.alive() else 'not running'} (pid {self.pid})"
