@@ -69,7 +69,6 @@ THICK = MultusMode(
         Path("/run/k8s.cni.cncf.io"),
     ),
 )
-MODES = {mode.name: mode for mode in (THIN, THICK)}
 
 
 def multus_archive() -> Path:

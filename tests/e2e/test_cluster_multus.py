@@ -37,6 +37,7 @@ from deploy.local.cluster_objects import (
 from deploy.local.commands import run_command
 from deploy.local.controlplane import ControlPlane
 from deploy.local.multus_install import (
+    DAEMONSET,
     MULTUS_CACHE,
     THICK,
     THIN,
@@ -317,7 +318,6 @@ def test_a_rolling_update_of_the_agent_while_pods_are_created_loses_nothing(
 SCALE = {"thin": 50, "thick": 20}
 #: host-local keeps its reservations here, a directory per network, left after the DELs.
 HOST_LOCAL_DATA = Path("/var/lib/cni/networks")
-DAEMONSET = "daemonset/kube-multus-ds"
 RESOURCE_LIMITS = "/spec/template/spec/containers/0/resources/limits"
 
 
