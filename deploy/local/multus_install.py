@@ -63,6 +63,7 @@ THICK = MultusMode(
     CNI_CONF_DIR / "00-multus.conf",
     (
         CNI_BIN_DIR / "multus-shim",
+        CNI_BIN_DIR / "passthru",  # its installer copies it in thick mode too
         MULTUS_CACHE,
         Path("/run/multus"),  # the daemon's socket
         Path("/etc/cni/multus"),  # its hostPath volumes, made by the runtime
