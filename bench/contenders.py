@@ -29,9 +29,28 @@ class Phase:
     """One measured phase. `run_id` is unique per phase and run, so every phase starts with empty
     pools and fresh per-node state."""
 
-    name: str  # "sequential" or "concurrent"
+    name: str  # "sequential", "spaced", "concurrent" or "pods"
     run_id: str
     nodes: int
+    # Several networks: each pod is attached to all of them (as Multus does, one after the
+    # other), each network with a pool of its own of `network_pool_size` addresses.
+    networks: int = 1
+    network_pool_size: int = 0
+
+    def pool(self, contender_pool: PoolBounds, network: int) -> PoolBounds:
+        """The pool of `network`: the contender's own, or with several networks the network's,
+        in the /24s after the contender's pool (at most 254 addresses each)."""
+        if self.networks == 1:
+            return contender_pool
+        if self.network_pool_size > 254:
+            raise ValueError(f"{self.network_pool_size} addresses do not fit a /24")
+        after = int(ipaddress.ip_network(contender_pool.cidr).broadcast_address) + 1
+        first_24 = -(-after // 256)  # the first /24 wholly after the contender's pool
+        base = ipaddress.IPv4Address((first_24 + network) * 256)
+        return pool_of(str(base), self.network_pool_size)
+
+    def network_name(self, network: int) -> str:
+        return f"bench-{self.run_id}" + (f"-{network}" if self.networks > 1 else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +94,9 @@ class Contender(ABC):
         self.workdir.mkdir(parents=True, exist_ok=True)
 
     @abstractmethod
-    def prepare_node(self, phase: Phase, node: int) -> NodeSetup:
-        """Create the node's files for `phase` and say how to call the plugin there."""
+    def prepare_node(self, phase: Phase, node: int, network: int = 0) -> NodeSetup:
+        """Create the node's files for `network` of `phase` and say how to call the plugin
+        there."""
 
     def count_conflicts(self, phase: Phase) -> int | None:
         """Write conflicts the plugin reported so far in `phase`; None if it does not say."""
@@ -97,8 +117,8 @@ class Contender(ABC):
     def server_cpu_seconds(self) -> float | None:
         return None if self.server_cpu is None else self.server_cpu()
 
-    def node_dir(self, phase: Phase, node: int) -> Path:
-        path = self.workdir / phase.run_id / f"node-{node}"
+    def node_dir(self, phase: Phase, node: int, network: int = 0) -> Path:
+        path = self.workdir / phase.run_id / f"node-{node}" / f"network-{network}"
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -129,22 +149,26 @@ class Pyabouts(Contender):
     def datastore_settings(self) -> dict[str, Any]:
         """The flat file's keys: which datastore, and how to reach it."""
 
-    def prepare_node(self, phase: Phase, node: int) -> NodeSetup:
-        node_dir = self.node_dir(phase, node)
+    def prepare_node(self, phase: Phase, node: int, network: int = 0) -> NodeSetup:
+        node_dir = self.node_dir(phase, node, network)
         flat_file = node_dir / "pyabouts.conf"
         # Each simulated node has its own run_dir: the node-local queue is per node.
-        node_settings = {"run_dir": str(node_dir / "run")}
+        node_settings = {"run_dir": str(node_dir.parent / "run")}
         flat_file.write_text(json.dumps(self.datastore_settings() | node_settings))
+        pool = phase.pool(self.pool, network)
         ipam = {
             "type": "pyabouts",
-            "range": self.pool.cidr,
-            "range_start": self.pool.first,
-            "range_end": self.pool.last,
-            "network_name": f"bench-{phase.run_id}",
+            "range": pool.cidr,
+            "range_start": pool.first,
+            "range_end": pool.last,
+            "network_name": phase.network_name(network),
             "configuration_path": str(flat_file),
             "log_file": str(node_dir / "pyabouts.log"),
         }
-        return NodeSetup(netconf=delegating_netconf(ipam), stderr_path=node_dir / "stderr.log")
+        return NodeSetup(
+            netconf=delegating_netconf(ipam, phase.network_name(network)),
+            stderr_path=node_dir / "stderr.log",
+        )
 
 
 class PyaboutsEtcd(Pyabouts):
@@ -245,8 +269,8 @@ class PyaboutsAgent(PyaboutsKubernetes):
         self._start_agent = agents
         self._agents: dict[int, AgentProcess] = {}
 
-    def prepare_node(self, phase: Phase, node: int) -> NodeSetup:
-        setup = super().prepare_node(phase, node)
+    def prepare_node(self, phase: Phase, node: int, network: int = 0) -> NodeSetup:
+        setup = super().prepare_node(phase, node, network)
         agent = self._agents.get(node)
         if agent is None:
             agent = self._agents[node] = self._start_agent(self.workdir / f"agent-{node}")
@@ -279,22 +303,26 @@ class Whereabouts(Contender):
         self.request_counter = request_counter
         self.pool = pool
 
-    def prepare_node(self, phase: Phase, node: int) -> NodeSetup:
-        node_dir = self.node_dir(phase, node)
+    def prepare_node(self, phase: Phase, node: int, network: int = 0) -> NodeSetup:
+        node_dir = self.node_dir(phase, node, network)
         flat_file = node_dir / "whereabouts.conf"
         settings = {"datastore": "kubernetes", "kubernetes": {"kubeconfig": str(self.kubeconfig)}}
         flat_file.write_text(json.dumps(settings))
+        pool = phase.pool(self.pool, network)
         ipam = {
             "type": "whereabouts",
-            "range": self.pool.cidr,
-            "range_start": self.pool.first,
-            "range_end": self.pool.last,
-            "network_name": f"bench-{phase.run_id}",
+            "range": pool.cidr,
+            "range_start": pool.first,
+            "range_end": pool.last,
+            "network_name": phase.network_name(network),
             "configuration_path": str(flat_file),
             "log_file": str(node_dir / "whereabouts.log"),
             "log_level": "error",
         }
-        return NodeSetup(netconf=delegating_netconf(ipam), stderr_path=node_dir / "stderr.log")
+        return NodeSetup(
+            netconf=delegating_netconf(ipam, phase.network_name(network)),
+            stderr_path=node_dir / "stderr.log",
+        )
 
     def api_requests(self) -> Counter[str]:
         return self.request_counter()
@@ -318,20 +346,24 @@ class HostLocal(Contender):
         super().__init__(name, executable, workdir, cluster_unique=False)
         self.pool = pool
 
-    def prepare_node(self, phase: Phase, node: int) -> NodeSetup:
-        node_dir = self.node_dir(phase, node)
-        subnet = {"subnet": self.pool.cidr, "rangeStart": self.pool.first}
+    def prepare_node(self, phase: Phase, node: int, network: int = 0) -> NodeSetup:
+        node_dir = self.node_dir(phase, node, network)
+        pool = phase.pool(self.pool, network)
+        subnet = {"subnet": pool.cidr, "rangeStart": pool.first}
         ipam = {
             "type": "host-local",
-            "ranges": [[subnet | {"rangeEnd": self.pool.last}]],
+            "ranges": [[subnet | {"rangeEnd": pool.last}]],
             "dataDir": str(node_dir / "data"),
         }
-        return NodeSetup(netconf=delegating_netconf(ipam), stderr_path=node_dir / "stderr.log")
+        return NodeSetup(
+            netconf=delegating_netconf(ipam, phase.network_name(network)),
+            stderr_path=node_dir / "stderr.log",
+        )
 
 
-def delegating_netconf(ipam: dict[str, Any]) -> bytes:
+def delegating_netconf(ipam: dict[str, Any], name: str) -> bytes:
     """The whole network config, as macvlan passes it to its IPAM plugin."""
-    netconf = {"cniVersion": CNI_VERSION, "name": "bench", "type": "macvlan", "ipam": ipam}
+    netconf = {"cniVersion": CNI_VERSION, "name": name, "type": "macvlan", "ipam": ipam}
     return json.dumps(netconf).encode()
 
 

@@ -47,11 +47,21 @@ class CallOutcome:
 
 @dataclass(frozen=True, slots=True)
 class Attachment:
-    """One pod interface: the container it belongs to and the node that serves it."""
+    """One pod interface: the container it belongs to, its name in the pod, and how the node
+    that serves it calls the plugin for its network."""
 
     container_id: str
     pod: str
     node: NodeSetup
+    ifname: str = IFNAME
+
+
+@dataclass(frozen=True, slots=True)
+class PodOutcome:
+    """A pod's calls, one per network in order, and how long they took together."""
+
+    calls: list[CallOutcome]
+    seconds: float
 
 
 # --- start-up -------------------------------------------------------------------------------
@@ -138,20 +148,41 @@ def _python_wall_ms(
 
 
 def measure_phase(
-    contender: Contender, phase: Phase, calls: int, concurrency: int, spawner: Spawner
+    contender: Contender,
+    phase: Phase,
+    pods: int,
+    concurrency: int,
+    spawner: Spawner,
+    *,
+    gap_s: float = 0.0,
+    commands: Sequence[str] = ("ADD", "DEL"),
 ) -> list[PhaseFigures]:
-    """`calls` ADDs, spread round-robin over the phase's nodes, then a DEL for each of them, at
-    most `concurrency` at a time; figures for the ADDs and for the DELs."""
-    nodes = [contender.prepare_node(phase, node) for node in range(phase.nodes)]
+    """For each of `pods` pods, spread round-robin over the phase's nodes, an ADD on each of the
+    phase's networks (one after the other, as Multus calls its delegates), then the same for
+    DEL; at most `concurrency` pods at a time, and with one at a time `gap_s` seconds of rest
+    before each ADD. Figures for each of `commands`."""
+    nodes = [
+        [contender.prepare_node(phase, node, network) for network in range(phase.networks)]
+        for node in range(phase.nodes)
+    ]
     attachments = [
-        Attachment(f"{phase.run_id}-{i:05d}", f"pod-{i}", nodes[i % len(nodes)])
-        for i in range(calls)
+        [
+            Attachment(f"{phase.run_id}-{i:05d}", f"pod-{i}", setup, f"net{network + 1}")
+            for network, setup in enumerate(nodes[i % len(nodes)])
+        ]
+        for i in range(pods)
     ]
     return [
         measure_command(
-            contender, phase, command, attachments, concurrency=concurrency, spawner=spawner
+            contender,
+            phase,
+            command,
+            attachments,
+            concurrency=concurrency,
+            spawner=spawner,
+            gap_s=gap_s if command == "ADD" else 0.0,
         )
-        for command in ("ADD", "DEL")
+        for command in commands
     ]
 
 
@@ -159,17 +190,20 @@ def measure_command(
     contender: Contender,
     phase: Phase,
     command: str,
-    attachments: Sequence[Attachment],
+    pods: Sequence[Sequence[Attachment]],
     *,
     concurrency: int,
     spawner: Spawner,
+    gap_s: float = 0.0,
 ) -> PhaseFigures:
-    """One command for every attachment; what the plugin and its datastore counted meanwhile
-    (conflicts, API requests) is the difference between before and after."""
+    """One command for every attachment of every pod; what the plugin and its datastore counted
+    meanwhile (conflicts, API requests) is the difference between before and after."""
     conflicts_before = contender.count_conflicts(phase)
     requests_before = contender.api_requests()
     cpu_before = contender.daemon_cpu_seconds(), contender.server_cpu_seconds()
-    outcomes, wall_s = _run_all(contender, command, attachments, concurrency, spawner)
+    outcomes, wall_s = _run_all(
+        contender, command, pods, concurrency=concurrency, spawner=spawner, gap_s=gap_s
+    )
     conflicts_after = contender.count_conflicts(phase)
     requests_after = contender.api_requests()
     cpu_after = contender.daemon_cpu_seconds(), contender.server_cpu_seconds()
@@ -182,8 +216,9 @@ def measure_command(
         wall_s=wall_s,
         conflicts=_difference(conflicts_after, conflicts_before),
     )
+    calls = sum(len(pod.calls) for pod in outcomes)
     daemon_cpu, server_cpu = (
-        _per_call_ms(_difference_s(after, before), len(attachments))
+        _per_call_ms(_difference_s(after, before), calls)
         for after, before in zip(cpu_after, cpu_before, strict=True)
     )
     figures = replace(
@@ -211,17 +246,18 @@ def summarize(
     contender: str,
     phase: Phase,
     command: str,
-    outcomes: Sequence[CallOutcome],
+    pods: Sequence[PodOutcome],
     *,
     concurrency: int,
     wall_s: float,
     conflicts: int | None,
 ) -> PhaseFigures:
+    outcomes = [call for pod in pods for call in pod.calls]
     seconds = [o.seconds for o in outcomes]
     rss = [o.max_rss_kib for o in outcomes]
     failed = [o for o in outcomes if o.failure is not None]
     ok = len(outcomes) - len(failed)
-    return PhaseFigures(
+    figures = PhaseFigures(
         contender=contender,
         phase=phase.name,
         command=command,
@@ -241,6 +277,15 @@ def summarize(
         rss_max_mib=_mib(max(rss, default=0)),
         rss_p50_mib=_mib(statistics.median(rss) if rss else 0),
         plugin_cpu_ms=_per_call_ms(sum(o.cpu_seconds for o in outcomes), len(outcomes)),
+        networks=phase.networks,
+    )
+    if phase.networks == 1:
+        return figures
+    pod_seconds = [pod.seconds for pod in pods]
+    return replace(
+        figures,
+        pod_p50_s=percentile(pod_seconds, 50),
+        pod_max_s=max(pod_seconds, default=0.0),
     )
 
 
@@ -264,15 +309,30 @@ def percentile(values: Sequence[float], q: float) -> float:
 def _run_all(
     contender: Contender,
     command: str,
-    attachments: Sequence[Attachment],
+    pods: Sequence[Sequence[Attachment]],
+    *,
     concurrency: int,
     spawner: Spawner,
-) -> tuple[list[CallOutcome], float]:
-    def call(attachment: Attachment) -> CallOutcome:
-        return call_plugin(contender, command, attachment, spawner)
+    gap_s: float,
+) -> tuple[list[PodOutcome], float]:
+    """Every pod's calls, and the wall time they took (the rests between pods not counted)."""
+    if gap_s and concurrency > 1:
+        raise ValueError("a rest between pods needs one pod at a time")
 
+    def run_pod(attachments: Sequence[Attachment]) -> PodOutcome:
+        started = time.perf_counter()
+        calls = [call_plugin(contender, command, a, spawner) for a in attachments]
+        return PodOutcome(calls, time.perf_counter() - started)
+
+    def rest_then_run_pod(attachments: Sequence[Attachment]) -> PodOutcome:
+        time.sleep(gap_s)
+        return run_pod(attachments)
+
+    if gap_s:
+        outcomes = [rest_then_run_pod(pod) for pod in pods]
+        return outcomes, sum(pod.seconds for pod in outcomes)
     started = time.perf_counter()
-    outcomes = _map_with_threads(call, attachments, concurrency)
+    outcomes = _map_with_threads(run_pod, pods, concurrency)
     return outcomes, time.perf_counter() - started
 
 
@@ -294,7 +354,7 @@ def call_plugin(
         "CNI_COMMAND": command,
         "CNI_CONTAINERID": attachment.container_id,
         "CNI_NETNS": CNI_NETNS,
-        "CNI_IFNAME": IFNAME,
+        "CNI_IFNAME": attachment.ifname,
         "CNI_PATH": CNI_PATH,
         "CNI_ARGS": (
             f"IgnoreUnknown=1;K8S_POD_NAMESPACE={POD_NAMESPACE};K8S_POD_NAME={attachment.pod}"

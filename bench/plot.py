@@ -112,8 +112,10 @@ def _title(result: BenchmarkResult) -> str:
     s, m = result.settings, result.machine
     return (
         f"pyabouts benchmark {result.started_at[:16]}Z: sequential, {s.sequential_calls} ADDs "
-        f"then DELs on one node;\nconcurrent, {s.calls} ADDs into {s.pool_size} addresses then "
-        f"the DELs, {s.concurrency} at a time over {s.nodes} nodes\n"
+        f"then DELs on one node; spaced, {s.spaced_calls} ADDs {s.spaced_gap_s:.1f} s apart;\n"
+        f"concurrent, {s.calls} ADDs into {s.pool_size} addresses then the DELs, "
+        f"{s.concurrency} at a time over {s.nodes} nodes; pods, {s.pods} pods x "
+        f"{s.pod_networks} networks at once\n"
         f"{m.nproc} CPUs ({m.cpu_model}), load average {m.load_average} at the start, "
         f"{result.load_average_end} at the end"
     )

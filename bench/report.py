@@ -36,7 +36,10 @@ def format_settings(settings: Settings) -> str:
     return (
         f"settings: calls={settings.calls} concurrency={settings.concurrency} "
         f"nodes={settings.nodes} pool={settings.pool_size} addresses "
-        f"sequential_calls={settings.sequential_calls} startup_runs={settings.startup_runs}; "
+        f"sequential_calls={settings.sequential_calls} "
+        f"spaced_calls={settings.spaced_calls} ({settings.spaced_gap_s:.1f} s apart) "
+        f"pods={settings.pods}x{settings.pod_networks} networks "
+        f"startup_runs={settings.startup_runs}; "
         "plugins started "
         f"{settings.spawner}; /bin/true that way: {settings.time_floor_ms:.1f} ms, "
         f"{settings.cpu_floor_ms:.2f} ms of CPU, {settings.rss_floor_mib:.1f} MiB"
@@ -57,6 +60,7 @@ def format_report(result: BenchmarkResult, cluster_unique: dict[str, bool]) -> s
         "CPU ms per call of the plugin process, the agents and kube-apiserver)",
         format_phases(result.phases),
         *_per_node_notes(cluster_unique),
+        *_pod_lines(result.phases),
         *_api_request_lines(result.phases),
         "",
         *_ratio_sections(result.ratios),
@@ -199,6 +203,17 @@ def _api_request_lines(phases: Sequence[PhaseFigures]) -> list[str]:
         if p.api_requests is not None
     ]
     return ["API requests by verb and HTTP code (409: a write conflict)", *lines] if lines else []
+
+
+def _pod_lines(phases: Sequence[PhaseFigures]) -> list[str]:
+    lines = [
+        f"  {p.contender} {p.phase} {p.command}: {p.calls // p.networks} pods x {p.networks} "
+        f"networks; a pod's calls took p50 {p.pod_p50_s:.1f} s, at most {p.pod_max_s:.1f} s"
+        for p in phases
+        if p.pod_p50_s is not None and p.pod_max_s is not None
+    ]
+    title = "PODS (a pod's calls one after the other; kubelet allows 4 minutes)"
+    return [title, *lines] if lines else []
 
 
 def _ratio_sections(ratios: Sequence[Ratio]) -> list[str]:

@@ -34,6 +34,15 @@ class Settings:
     rss_floor_mib: float  # the peak RSS reported for /bin/true: nothing below it is measurable
     time_floor_ms: float  # the median time of /bin/true: what starting it this way costs
     cpu_floor_ms: float = 0.0  # the median CPU of GNU time and /bin/true, in every plugin's
+    # The spaced phase: ADDs one at a time, each after a rest longer than the agent's pool cache
+    # age, so that each reads the store as a cold call does.
+    spaced_calls: int = 0
+    spaced_gap_s: float = 0.0
+    # The pods phase: pods x networks ADDs, `pod_concurrency` pods at a time, each pod's ADDs
+    # one after the other; each network a pool of its own of `pods` addresses.
+    pods: int = 0
+    pod_networks: int = 0
+    pod_concurrency: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +92,11 @@ class PhaseFigures:
     plugin_cpu_ms: float | None = None
     daemon_cpu_ms: float | None = None
     server_cpu_ms: float | None = None
+    # Pods on several networks: how long a pod's calls took together (kubelet gives a pod's
+    # network set-up 4 minutes); None with one network, where it is the call's own time.
+    networks: int = 1
+    pod_p50_s: float | None = None
+    pod_max_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,14 +3,19 @@ in-process) against whereabouts v0.9.4 and Debian's host-local, in one run, on t
 kube-apiserver.
 
     .venv/bin/python -m bench.run_benchmark [--calls N] [--concurrency C] [--nodes M]
-        [--sequential-calls S] [--out DIR] [--contenders pyabouts-agent,...]
+        [--sequential-calls S] [--spaced-calls K] [--pods P] [--pod-networks W] [--out DIR]
+        [--contenders pyabouts-agent,...] [--pod-contenders pyabouts-shim,...]
 
 Starts what the chosen contenders need (one local kube-apiserver with pyabouts' and
 whereabouts' CRDs and RBAC; a private etcd for pyabouts-etcd), then for each contender measures
-start-up (VERSION, imports), S sequential ADDs then DELs on one node (uncontended latency), and
-N ADDs then N DELs into a pool of exactly N addresses at concurrency C from M simulated nodes.
-Prints tables and ratios against whereabouts and host-local, and writes JSON and a PNG plot to
-DIR. It reports; it asserts nothing.
+start-up (VERSION, imports); S sequential ADDs then DELs on one node (uncontended latency); K
+ADDs one at a time, each after a rest longer than the agent's pool cache age (an uncontended
+call that reads the store cold), then their DELs; N ADDs then N DELs into a pool of exactly N
+addresses at concurrency C from M simulated nodes; and, for the pod contenders, P pods on W
+networks each (W pools of P addresses), all pods at once from M nodes, each pod's W ADDs one
+after the other as Multus calls its delegates (whereabouts issue #313: 128 pods x 16 networks
+passing kubelet's 4-minute limit). Prints tables and ratios against whereabouts and host-local,
+and writes JSON and a PNG plot to DIR. It reports; it asserts nothing.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ from deploy.local.agent_process import AgentProcess, running_agent
 from deploy.local.controlplane import KUBE_VERSION
 from deploy.local.etcd_server import running_etcd
 from deploy.local.node_shim import built_shim
+from pyabouts.plugin.agent.backend import POOL_MAX_AGE_SECONDS
 
 HOST_LOCAL_NAME = "host-local"
 WHEREABOUTS_NAME = "whereabouts"
@@ -84,6 +90,11 @@ CONTENDERS = (
     HOST_LOCAL_NAME,
 )
 DEFAULT_CONTENDERS = tuple(name for name in CONTENDERS if name != PYABOUTS_ETCD)
+# The pods phase costs minutes for whereabouts: by default it runs for the plugin pyabouts
+# installs on nodes and the two baselines.
+DEFAULT_POD_CONTENDERS = (PYABOUTS_SHIM, WHEREABOUTS_NAME, HOST_LOCAL_NAME)
+# Longer than the agent's pool cache age: each spaced call reads the store as a cold call does.
+SPACED_GAP_S = POOL_MAX_AGE_SECONDS + 0.5
 KUBERNETES_CONTENDERS = {PYABOUTS_SHIM, PYABOUTS_AGENT, PYABOUTS_KUBERNETES, WHEREABOUTS_NAME}
 POOL_BASES = {
     PYABOUTS_SHIM: "10.75.0.0",
@@ -108,6 +119,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--sequential-calls", type=_positive, default=100, help="uncontended ADDs, one node (S)"
     )
     parser.add_argument(
+        "--spaced-calls", type=_positive, default=15, help="ADDs each after a rest (K)"
+    )
+    parser.add_argument("--pods", type=_positive, default=128, help="pods of the pods phase (P)")
+    parser.add_argument(
+        "--pod-networks", type=_positive, default=16, help="networks of each pod (W)"
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path("bench/results"), help="JSON and PNG go here"
     )
     parser.add_argument("--startup-runs", type=_positive, default=20, help="VERSION calls")
@@ -125,7 +143,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=list(DEFAULT_CONTENDERS),
         help=f"comma-separated, from {','.join(CONTENDERS)} (default: all but pyabouts-etcd)",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--pod-contenders",
+        type=_contender_list,
+        default=list(DEFAULT_POD_CONTENDERS),
+        help="those of the contenders that run the pods phase "
+        f"(default: {','.join(DEFAULT_POD_CONTENDERS)})",
+    )
+    args = parser.parse_args(argv)
+    if args.pods > 254:
+        parser.error(f"--pods {args.pods}: each network's pool is at most a /24 (254)")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(format_settings(settings), flush=True)
             with contextlib.ExitStack() as servers:  # stopped on the way out, Ctrl-C included
                 contenders = start_contenders(servers, workdir, args)
-                startup, phases = run_all_phases(contenders, settings, spawner)
+                pod_contenders = [c for c in contenders if c.name in args.pod_contenders]
+                startup, phases = run_all_phases(contenders, pod_contenders, settings, spawner)
     except KeyboardInterrupt:
         progress("interrupted; servers stopped and work dir removed")
         return 130
@@ -177,6 +206,11 @@ def measure_settings(args: argparse.Namespace, spawner: Spawner, workdir: Path) 
         rss_floor_mib=floor.max_rss_mib,
         time_floor_ms=floor.wall_ms,
         cpu_floor_ms=floor.cpu_ms,
+        spaced_calls=args.spaced_calls,
+        spaced_gap_s=SPACED_GAP_S,
+        pods=args.pods,
+        pod_networks=args.pod_networks,
+        pod_concurrency=args.pods,
     )
 
 
@@ -281,7 +315,10 @@ def _new_contender(name: str, servers: Servers, args: argparse.Namespace) -> Con
 
 
 def run_all_phases(
-    contenders: Sequence[Contender], settings: Settings, spawner: Spawner
+    contenders: Sequence[Contender],
+    pod_contenders: Sequence[Contender],
+    settings: Settings,
+    spawner: Spawner,
 ) -> tuple[list[StartupFigures], list[PhaseFigures]]:
     startup = []
     for contender in contenders:
@@ -294,21 +331,48 @@ def run_all_phases(
         measure_phase(contender, warmup, 2, 1, spawner)
     phases: list[PhaseFigures] = []
     plan = (
-        ("sequential", settings.sequential_calls, 1, 1),
-        ("concurrent", settings.calls, settings.concurrency, settings.nodes),
+        ("sequential", settings.sequential_calls, 1, 1, 0.0),
+        ("spaced", settings.spaced_calls, 1, 1, settings.spaced_gap_s),
+        ("concurrent", settings.calls, settings.concurrency, settings.nodes, 0.0),
     )
-    for name, calls, concurrency, nodes in plan:
+    for name, calls, concurrency, nodes, gap_s in plan:
         for contender in contenders:
-            phase = Phase(name=name, run_id=f"{name}-{uuid.uuid4().hex[:8]}", nodes=nodes)
+            phase = Phase(name=name, run_id=_run_id(name), nodes=nodes)
+            rest = f", {gap_s:.1f} s apart" if gap_s else ""
             progress(
-                f"{contender.name}: {name}: {calls} ADDs then DELs, "
+                f"{contender.name}: {name}: {calls} ADDs{rest} then DELs, "
                 f"concurrency {concurrency}, {nodes} node(s)"
             )
-            figures = measure_phase(contender, phase, calls, concurrency, spawner)
-            for f in figures:
-                progress(f"  {f.command}: {f.ok}/{f.calls} ok in {f.wall_s:.1f} s")
-            phases += figures
+            figures = measure_phase(contender, phase, calls, concurrency, spawner, gap_s=gap_s)
+            phases += _progress_figures(figures)
+    for contender in pod_contenders:
+        phase = Phase(
+            name="pods",
+            run_id=_run_id("pods"),
+            nodes=settings.nodes,
+            networks=settings.pod_networks,
+            network_pool_size=settings.pods,
+        )
+        progress(
+            f"{contender.name}: pods: {settings.pods} pods x {settings.pod_networks} networks "
+            f"(ADDs), {settings.pod_concurrency} pods at once, {settings.nodes} nodes"
+        )
+        figures = measure_phase(
+            contender, phase, settings.pods, settings.pod_concurrency, spawner, commands=("ADD",)
+        )
+        phases += _progress_figures(figures)
     return startup, phases
+
+
+def _run_id(phase: str) -> str:
+    return f"{phase}-{uuid.uuid4().hex[:8]}"
+
+
+def _progress_figures(figures: list[PhaseFigures]) -> list[PhaseFigures]:
+    for f in figures:
+        pods = f"; a pod's calls p50 {f.pod_p50_s:.1f} s" if f.pod_p50_s is not None else ""
+        progress(f"  {f.command}: {f.ok}/{f.calls} ok in {f.wall_s:.1f} s{pods}")
+    return figures
 
 
 def progress(message: str) -> None:
