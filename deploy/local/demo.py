@@ -9,8 +9,10 @@ kubelet, kube-proxy); pyabouts installed with ``kubectl apply -k`` (deploy/, the
 here); Multus from its own thin DaemonSet manifest; a NetworkAttachmentDefinition (macvlan with
 pyabouts as IPAM); two annotated pods, their ``net1``, the network-status annotation and
 ``kubectl get ippools``; HTTP and ping between them over net1; a pod force-deleted while its
-kubelet is down, whose address the reconciler's controller frees and the next pod gets; a run
-of the reconciler's CronJob as a Job; then everything uninstalled and the cluster taken down.
+kubelet is down, whose address the reconciler's controller frees; with the controller scaled to
+zero (a cluster that runs only the CronJob), a pod of a node gone for good, whose address a
+run of the reconciler's CronJob as a Job frees; the next pod gets the lowest freed address; then
+everything uninstalled and the cluster taken down.
 
 A cluster that was already running (``cluster.sh up``) is used and left running. Everything the
 demo adds carries its name (pods ``pyademo-*``, links ``pyademo*``) and is removed on exit, also
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import os
 import shlex
@@ -29,9 +32,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from deploy.local.cluster import Cluster, default_state_dir, up
 from deploy.local.cluster import down as cluster_down
@@ -59,7 +63,7 @@ from deploy.local.multus_install import (
     multus_overlay,
     uninstall_multus,
 )
-from deploy.local.netns import macvlan_master
+from deploy.local.netns import macvlan_master, run_cni
 
 PREFIX = "pyademo"  # pods, links
 NAMESPACE = "default"
@@ -133,20 +137,17 @@ def run_demo() -> None:
         step("the client fetches a page from the server over net1, and they ping")
         client_ip = talk(cluster, server, client)
 
-        step("a leak: kubelet stops, the client pod is force-deleted, so no DEL can run")
-        reclaim_with_kubelet_down(node, cluster, client, client_ip)
+        freed = reclaim_leaks(node, cluster, definition, client, client_ip)
 
-        step("the reconciler's CronJob, run now as a Job (every 5 minutes otherwise)")
-        run_reconciler_job(cluster)
-
-        step("the next pod gets the reclaimed address")
+        step("the next pod gets the lowest reclaimed address")
         following = f"{PREFIX}-next"
         apply(cluster, pod(NAMESPACE, following, NAD_NAME))
         wait_ready(cluster, NAMESPACE, following)
         given = address_of(cluster, NAMESPACE, following).split("/")[0]
-        detail(f"{following} net1: {given}, the address freed above (the lowest free one)")
-        if given != client_ip:
-            raise DemoError(f"{following} got {given}, not the reclaimed {client_ip}")
+        lowest = min(freed, key=ipaddress.ip_address)
+        detail(f"{following} net1: {given}, freed above (the lowest free address)")
+        if given != lowest:
+            raise DemoError(f"{following} got {given}, not the reclaimed {lowest}")
 
         step("cleaning up: the demo's pods (their DELs run), Multus, pyabouts, the cluster")
     remaining = leftovers()
@@ -203,22 +204,59 @@ def talk(cluster: ControlPlane, server: str, client: str) -> str:
     return client_ip
 
 
-def reclaim_with_kubelet_down(node: Cluster, cluster: ControlPlane, name: str, ip: str) -> None:
+def reclaim_leaks(
+    node: Cluster, cluster: ControlPlane, definition: dict[str, Any], client: str, client_ip: str
+) -> list[str]:
+    """Two leaks and the reconciler freeing them: the controller, then the CronJob's Job alone.
+    Returns the freed addresses."""
+    step("a leak: kubelet stops, the client pod is force-deleted, so no DEL can run")
+    with kubelet_down(node):
+        force_delete(cluster, client)
+        seconds = wait_freed(cluster, client, client_ip)
+        detail(f"pyabouts-reconciler's controller freed {client_ip} in {seconds:.1f} s")
+    show_controller_log(cluster, client_ip)
+
+    step("where only the CronJob runs (the controller scaled to zero): a node gone for good")
+    with controller_scaled_to_zero(cluster):
+        lost = f"{PREFIX}-lost"
+        lost_ip = leak_on_a_lost_node(cluster, definition, lost)
+        step("the reconciler's CronJob, run now as a Job (every 5 minutes otherwise)")
+        run_reconciler_job(cluster, lost_ip)
+        if held_by(cluster, f"{NAMESPACE}/{lost}"):
+            raise DemoError(f"the CronJob's Job did not free {lost_ip}")
+    return [client_ip, lost_ip]
+
+
+@contextlib.contextmanager
+def kubelet_down(node: Cluster) -> Iterator[None]:
+    """kubelet stopped: the node is down as far as its pods are concerned, so no DEL runs."""
     kubelet = node.processes["kubelet"]
-    detail("(kubelet stopped: the node is down as far as its pods are concerned)")
+    detail("(kubelet stopped)")
     kubelet.stop()
     try:
-        show_kubectl(cluster, "delete", "pod", name, "-n", NAMESPACE, "--force", "--grace-period=0")
-        t0 = time.monotonic()
-        while held_by(cluster, f"{NAMESPACE}/{name}"):
-            if time.monotonic() - t0 > 60:
-                raise DemoError(f"{ip} was not freed")
-            time.sleep(0.2)
-        detail(f"pyabouts-reconciler's controller freed {ip} in {time.monotonic() - t0:.1f} s")
+        yield
     finally:
         kubelet.start()
         node.save()
         detail("(kubelet started again)")
+
+
+def force_delete(cluster: ControlPlane, name: str) -> None:
+    show_kubectl(cluster, "delete", "pod", name, "-n", NAMESPACE, "--force", "--grace-period=0")
+
+
+def wait_freed(cluster: ControlPlane, name: str, ip: str) -> float:
+    """Seconds until no IPPool holds an address for pod `name`."""
+    t0 = time.monotonic()
+    while held_by(cluster, f"{NAMESPACE}/{name}"):
+        if time.monotonic() - t0 > 60:
+            raise DemoError(f"{ip} was not freed")
+        time.sleep(0.2)
+    return time.monotonic() - t0
+
+
+def show_controller_log(cluster: ControlPlane, ip: str) -> None:
+    """The lines about `ip` in the log of the controller replica holding the Lease."""
     leader = cluster.kubectl(
         *("get", "lease", "pyabouts-reconciler", "-n", "kube-system"),
         *("-o", "jsonpath={.spec.holderIdentity}"),
@@ -232,6 +270,57 @@ def reclaim_with_kubelet_down(node: Cluster, cluster: ControlPlane, name: str, i
     detail("\n".join(line for line in logs.stdout.splitlines() if ip in line))
 
 
+@contextlib.contextmanager
+def controller_scaled_to_zero(cluster: ControlPlane) -> Iterator[None]:
+    deployment = "deployment/pyabouts-reconciler"
+    replicas = cluster.kubectl(
+        "get", deployment, "-n", "kube-system", "-o", "jsonpath={.spec.replicas}"
+    )
+    show_kubectl(cluster, "scale", deployment, "-n", "kube-system", "--replicas=0")
+    selector = "app.kubernetes.io/name=pyabouts-reconciler"
+    cluster.kubectl(
+        *("wait", "--for=delete", "pod", "-n", "kube-system", "-l", selector, "--timeout=90s")
+    )
+    try:
+        yield
+    finally:
+        show_kubectl(cluster, "scale", deployment, "-n", "kube-system", f"--replicas={replicas}")
+
+
+def leak_on_a_lost_node(cluster: ControlPlane, definition: dict[str, Any], name: str) -> str:
+    """An address held for pod `name` of a node that is gone for good (a VM deleted with its
+    pods, say): no kubelet will ever run that pod's DEL. This cluster has one node, whose kubelet
+    must run the Job, so the lost node is played: a pod bound to a node that does not exist, the
+    node's plugin called for it by hand as that node's kubelet would, then the pod force-deleted.
+    Returns the address."""
+    gone = f"{PREFIX}-gone-node"
+    manifest = pod(NAMESPACE, name, NAD_NAME)
+    manifest["spec"]["nodeName"] = gone  # never runs: no kubelet serves that node
+    apply(cluster, manifest)
+    uid = cluster.kubectl("get", "pod", name, "-n", NAMESPACE, "-o", "jsonpath={.metadata.uid}")
+    config = {"name": NAD_NAME, **json.loads(definition["spec"]["config"])}
+    print(f"    $ CNI_COMMAND=ADD ... {PLUGIN}   # as {gone}'s kubelet, for {NAMESPACE}/{name}")
+    call = run_cni(
+        str(PLUGIN),
+        "ADD",
+        config,
+        container_id=f"{name}-sandbox",
+        netns=f"/var/run/netns/{name}",  # IPAM only: the plugin never enters it
+        ifname="net1",
+        cni_path=str(PLUGIN.parent),
+        cni_args=f"K8S_POD_NAMESPACE={NAMESPACE};K8S_POD_NAME={name};K8S_POD_UID={uid}",
+    )
+    if call.returncode:
+        raise DemoError(f"the plugin's ADD for {name} failed: {call.stdout or call.stderr}")
+    ip = str(call.result["ips"][0]["address"].split("/")[0])
+    detail(f"{NAMESPACE}/{name} holds {ip}; then {gone} is lost and its pod force-deleted")
+    force_delete(cluster, name)
+    if not held_by(cluster, f"{NAMESPACE}/{name}"):
+        raise DemoError(f"{ip} was freed with no reconciler running")
+    detail(f"{ip} is still held by {NAMESPACE}/{name}, a pod that is gone")
+    return ip
+
+
 def held_by(cluster: ControlPlane, pod_ref: str) -> bool:
     """Whether an IPPool holds an address for pod `pod_ref` ("namespace/name")."""
     pools = json.loads(cluster.kubectl("get", "ippools", "-n", "kube-system", "-o", "json"))
@@ -242,7 +331,8 @@ def held_by(cluster: ControlPlane, pod_ref: str) -> bool:
     )
 
 
-def run_reconciler_job(cluster: ControlPlane) -> None:
+def run_reconciler_job(cluster: ControlPlane, ip: str) -> None:
+    """A Job made from the CronJob: it runs one pass to completion; its log names `ip` freed."""
     job = f"{PREFIX}-pass"
     show_kubectl(
         cluster, "create", "job", job, "-n", "kube-system", "--from=cronjob/pyabouts-reconciler"
@@ -256,6 +346,9 @@ def run_reconciler_job(cluster: ControlPlane) -> None:
         start = out.index("{") if out.startswith("{") else out.index("\n{") + 1
         summary, _ = json.JSONDecoder().raw_decode(out[start:])
         detail(f"the Job's pass: {summary['summary']}")
+        detail("\n".join(line for line in out[:start].splitlines() if ip in line))
+        if ip not in out:
+            raise DemoError(f"the Job's log does not name {ip}")
     finally:
         cluster.kubectl_run("delete", "job", job, "-n", "kube-system", "--wait=false")
 
