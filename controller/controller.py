@@ -95,7 +95,12 @@ class Controller:
     def _pass(self, kind: str, refs: set[str] | None) -> None:
         try:
             if refs is None:
-                summary = reconcile(self._store, lambda: self._reader.list_all().pods, self._policy)
+                summary = reconcile(
+                    self._store,
+                    lambda: self._reader.list_all().pods,
+                    self._policy,
+                    list_nodes=self._reader.node_names,
+                )
             else:
                 summary = reconcile(
                     self._store, lambda: self._read_pods(refs), self._policy, only_pods=refs

@@ -121,7 +121,11 @@ def run_once(connections: Connections, policy: Policy, *, dry_run: bool) -> int:
     reader = PodReader(connections.api_client)
     try:
         summary = reconcile(
-            connections.store, lambda: reader.list_all().pods, policy, dry_run=dry_run
+            connections.store,
+            lambda: reader.list_all().pods,
+            policy,
+            dry_run=dry_run,
+            list_nodes=reader.node_names,
         )
     except CniError as error:
         log.error("reconcile failed: %s", error.msg)
@@ -154,6 +158,9 @@ def summary_document(summary: PassSummary) -> dict[str, Any]:
                 "reason": leak.reason.value,
             }
             for leak in listed
+        ],
+        "nodeSlicesFreed": [
+            {"network": s.network, "slice": s.slice, "node": s.node} for s in summary.slices_freed
         ],
         "summary": summary.describe(),
     }

@@ -21,6 +21,11 @@ class ReconcilerMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.slices_freed = Counter(
+            "pyabouts_reconciler_node_slices_freed",
+            "Node slices given back: their node was gone and no address of them was given.",
+            registry=self.registry,
+        )
         self.errors = Counter(
             "pyabouts_reconciler_errors", "Passes that failed.", registry=self.registry
         )
@@ -46,6 +51,7 @@ class ReconcilerMetrics:
         self.passes.labels(kind).inc()
         for reason, count in summary.by_reason().items():
             self.reclaimed.labels(reason).inc(count)
+        self.slices_freed.inc(len(summary.slices_freed))
         self.last_pass.set(time.time())
         if kind == "full":
             self.record_pools(summary.blocks)

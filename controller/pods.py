@@ -8,7 +8,7 @@ from etcd, never a cache, which the reconciler's safety argument relies on.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -78,23 +78,38 @@ class PodReader:
 
     def list_all(self) -> PodListing:
         pods: dict[str, PodState] = {}
+        version = ""
+        for page in self._pages(self._api.list_pod_for_all_namespaces):
+            for item in page.get("items") or []:
+                state = pod_state(item)
+                pods[state.ref] = state
+            version = str((page.get("metadata") or {}).get("resourceVersion", ""))
+        return PodListing(pods, version)
+
+    def node_names(self) -> set[str]:
+        """The names of the cluster's nodes (for node slices: a node gone gives its back)."""
+        return {
+            str((item.get("metadata") or {}).get("name", ""))
+            for page in self._pages(self._api.list_node)
+            for item in page.get("items") or []
+        }
+
+    def _pages(self, list_call: Callable[..., Any]) -> Iterator[dict[str, Any]]:
+        """A list, page by page; the last page's metadata carries the list's resourceVersion."""
         token: str | None = None
         while True:
             page = self._json(
-                self._api.list_pod_for_all_namespaces(
+                list_call(
                     limit=LIST_PAGE,
                     _continue=token,
                     _preload_content=False,
                     _request_timeout=REQUEST_TIMEOUT,
                 )
             )
-            for item in page.get("items") or []:
-                state = pod_state(item)
-                pods[state.ref] = state
+            yield page
             token = (page.get("metadata") or {}).get("continue") or None
             if token is None:
-                version = str((page.get("metadata") or {}).get("resourceVersion", ""))
-                return PodListing(pods, version)
+                return
 
     def read(self, ref: str) -> PodState | None:
         """The pod "namespace/name", or None if there is none."""

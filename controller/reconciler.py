@@ -15,6 +15,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pyabouts.controller.leaks import Leak, PodState, Policy, find_leaks
+from pyabouts.controller.node_slices import FreedSlice, free_slices_of_gone_nodes, has_slices
 from pyabouts.controller.reclaim import free_leaks
 from pyabouts.ipam.pool import Block
 from pyabouts.ipam.store import PoolStore
@@ -35,6 +36,7 @@ class PassSummary:
     dry_run: bool
     seconds: float
     blocks: list[Block] = field(default_factory=list, repr=False)  # the snapshot, for metrics
+    slices_freed: list[FreedSlice] = field(default_factory=list)  # node slices of gone nodes
 
     def by_reason(self) -> dict[str, int]:
         return dict(Counter(leak.reason.value for leak in self.freed))
@@ -45,9 +47,10 @@ class PassSummary:
         reasons = Counter(leak.reason.value for leak in done)
         why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "none"
         kept = "" if self.dry_run else f"; {len(self.leaks) - len(self.freed)} changed meanwhile"
+        slices = f"; node slices freed: {len(self.slices_freed)}" if self.slices_freed else ""
         return (
             f"checked {self.allocations} allocation(s) against {self.pods} pod(s) in "
-            f"{self.seconds:.2f} s: {verb} {len(done)} ({why}){kept}"
+            f"{self.seconds:.2f} s: {verb} {len(done)} ({why}){kept}{slices}"
         )
 
 
@@ -58,9 +61,12 @@ def reconcile(
     *,
     dry_run: bool = False,
     only_pods: Collection[str] | None = None,
+    list_nodes: Callable[[], Collection[str]] | None = None,
     clock: Callable[[], float] = time.time,
 ) -> PassSummary:
-    """One pass over the whole store, or only the allocations of the pods in `only_pods`."""
+    """One pass over the whole store, or only the allocations of the pods in `only_pods`.
+    A whole pass with `list_nodes` also gives back the node slices of nodes that are gone
+    (controller.node_slices), after freeing the addresses of their pods."""
     started = time.monotonic()
     blocks = store.read_all_blocks()  # first the snapshot, then the pods: see the module doc
     pods = list_pods()
@@ -69,6 +75,11 @@ def reconcile(
     for leak in leaks:
         log.info("%s %s", "would free" if dry_run else "freeing", leak.describe())
     freed = [] if dry_run else free_leaks(store, leaks, deadline=time.monotonic() + FREE_DEADLINE)
+    slices_freed = []
+    if list_nodes is not None and only_pods is None and not dry_run and has_slices(blocks):
+        slices_freed = free_slices_of_gone_nodes(
+            store, blocks, set(list_nodes()), deadline=time.monotonic() + FREE_DEADLINE
+        )
     summary = PassSummary(
         allocations=sum(1 for b in judged for o in b.entries.values() if o.pod),
         pods=len(pods),
@@ -77,6 +88,7 @@ def reconcile(
         dry_run=dry_run,
         seconds=time.monotonic() - started,
         blocks=blocks,
+        slices_freed=slices_freed,
     )
     log.info("reconcile: %s", summary.describe())
     return summary

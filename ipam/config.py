@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pyabouts.ipam.errors import INVALID_CONFIG, CniError
 from pyabouts.ipam.pool import Family, PoolId
 from pyabouts.ipam.ranges import AddressRange, RangeError, build_range, parse_address, parse_network
+from pyabouts.ipam.slices import SlicedRange, parse_slice_size
 
 PLUGIN_TYPE = "pyabouts"
 LOG_LEVELS = ("debug", "verbose", "info", "warning", "error", "panic")
@@ -160,6 +161,8 @@ class PluginConfig:
     netconf: NetConf
     ranges: tuple[AddressRange, ...]
     flat_file: str | None  # the flat file that filled gaps, if any
+    # With node_slice_size: the ranges it cuts, and how; else empty.
+    slices: tuple[SlicedRange, ...] = ()
 
     @property
     def ipam(self) -> IpamConf:
@@ -191,8 +194,12 @@ def load_config(raw: dict[str, Any], flat: FlatFile | None = None) -> PluginConf
     except ValidationError as exc:
         hidden = {key for key in from_file if inline.get(key) in (None, "", [], {})}
         raise CniError(INVALID_CONFIG, describe_validation_error(exc, hidden)) from exc
+    ranges = _build_ranges(netconf.ipam)
     return PluginConfig(
-        netconf=netconf, ranges=_build_ranges(netconf.ipam), flat_file=flat.path if flat else None
+        netconf=netconf,
+        ranges=ranges,
+        flat_file=flat.path if flat else None,
+        slices=_slice_ranges(netconf.ipam, ranges),
     )
 
 
@@ -293,3 +300,19 @@ def _build_ranges(ipam: IpamConf) -> tuple[AddressRange, ...]:
         except RangeError as exc:
             raise CniError(INVALID_CONFIG, f"invalid network config: {where}: {exc}") from exc
     return tuple(ranges)
+
+
+def _slice_ranges(ipam: IpamConf, ranges: tuple[AddressRange, ...]) -> tuple[SlicedRange, ...]:
+    """The ranges `node_slice_size` cuts: each one it fits (an IPv4 size leaves a dual-stack
+    config's IPv6 range whole, and the other way round); refused when it fits none."""
+    if not ipam.node_slice_size:
+        return ()
+    cut, refusals = [], []
+    for rng in ranges:
+        try:
+            cut.append(SlicedRange(rng, parse_slice_size(ipam.node_slice_size, rng)))
+        except RangeError as exc:
+            refusals.append(str(exc))
+    if not cut:
+        raise CniError(INVALID_CONFIG, f"invalid network config: ipam.{refusals[0]}")
+    return tuple(cut)

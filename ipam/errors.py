@@ -24,6 +24,7 @@ STORE_REFUSED = 102  # the datastore answered, but refused (auth, permission, ba
 INTERNAL_ERROR = 103  # a bug in pyabouts; the message names the exception
 CORRUPT_BLOCK = 104  # a stored block is not in pyabouts' format (edited by hand?)
 PEER_NOT_ALLOWED = 105  # the node agent refused a client running as a uid it does not serve
+NO_FREE_SLICE = 106  # node_slice_size: every slice of a range is held by other nodes
 
 
 class AllocationError(Exception):
@@ -37,6 +38,10 @@ class RangeExhaustedError(AllocationError):
 
 class RequestedAddressUnavailableError(AllocationError):
     """A requested address is taken, or no configured range can give it."""
+
+
+class NoFreeSliceError(AllocationError):
+    """node_slice_size: the node holds no slice of a range, and every slice is held."""
 
 
 class CniError(Exception):

@@ -8,9 +8,10 @@ from collections.abc import Collection, Sequence
 
 import netaddr
 
-from pyabouts.ipam import allocator
+from pyabouts.ipam import allocator, slices
 from pyabouts.ipam.pool import Owner, PoolView
 from pyabouts.ipam.ranges import AddressRange
+from pyabouts.ipam.slices import SlicedRange
 from pyabouts.ipam.transaction import Transactions
 
 
@@ -22,8 +23,13 @@ def allocate(
     *,
     deadline: float,
     spread_nodes: bool = False,
+    sliced: Sequence[SlicedRange] = (),
 ) -> list[int]:
     """One address per range for `owner` (its existing ones if it has them).
+
+    With `sliced` (node_slice_size: those of `ranges` it cuts, and how), from the slice of each
+    of them that owner.node holds, taking the first free one where it holds none yet: the slice
+    registries are read and written in the same transaction as the addresses.
 
     With `spread_nodes` (the node agent), each node starts in a block of its own, picked by
     owner.node (allocator.block_start). Otherwise (a plugin process), the first try takes the
@@ -38,9 +44,15 @@ def allocate(
         attempt = next(tries)
         retry_key = f"{owner.container_id}/{owner.ifname}/{attempt}" if attempt else ""
         spread_key = owner.node if spread_nodes else retry_key
-        return allocator.assign_addresses(view, ranges, owner, requested, spread_key)
+        mine = [
+            slices.node_range(view, cut, owner) if (cut := cuts.get(rng)) else rng for rng in ranges
+        ]
+        return allocator.assign_addresses(view, mine, owner, requested, spread_key)
 
-    return transactions.run(ranges, decide, deadline=deadline)
+    cuts = {cut.range: cut for cut in sliced}
+
+    registries = [s.registry_range() for s in sliced]
+    return transactions.run([*registries, *ranges], decide, deadline=deadline)
 
 
 def release(

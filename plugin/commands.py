@@ -83,6 +83,7 @@ def _add(
         requested,
         deadline=deadline,
         spread_nodes=backend.spreads_nodes,
+        sliced=config.slices,
     )
     ipam = config.ipam
     gateway = parse_address(ipam.gateway) if ipam.gateway else None

@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 from pyabouts.ipam.errors import (
     INTERNAL_ERROR,
     INVALID_ENVIRONMENT,
+    NO_FREE_SLICE,
     RANGE_EXHAUSTED,
     REQUESTED_IP_UNAVAILABLE,
     AllocationError,
     CniError,
+    NoFreeSliceError,
     RangeExhaustedError,
     RequestedAddressUnavailableError,
 )
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 ALLOCATION_CODES: dict[type[AllocationError], int] = {
     RangeExhaustedError: RANGE_EXHAUSTED,
     RequestedAddressUnavailableError: REQUESTED_IP_UNAVAILABLE,
+    NoFreeSliceError: NO_FREE_SLICE,
 }
 
 

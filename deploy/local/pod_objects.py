@@ -1,4 +1,4 @@
-"""Pod objects on the local apiserver, as the scheduler and kubelet would leave them.
+"""Pod and Node objects on the local apiserver, as the scheduler and kubelet would leave them.
 
 There is no scheduler or kubelet: a Pod object is created with `spec.nodeName` set, its status is
 patched through the status subresource, and a graceful deletion stays Terminating until a
@@ -90,3 +90,13 @@ def lost_node_condition() -> dict[str, Any]:
         "reason": "DeletionByTaintManager",
         "message": "Taint manager: deleting due to NoExecute taint",
     }
+
+
+def create_node(cluster: ControlPlane, name: str) -> None:
+    """A Node object, as a kubelet registers it (none runs for it: it never turns Ready)."""
+    body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}
+    _expect(cluster.request("POST", "/api/v1/nodes", body), 201, 409)
+
+
+def delete_node(cluster: ControlPlane, name: str) -> None:
+    _expect(cluster.request("DELETE", f"/api/v1/nodes/{name}"), 200, 404)

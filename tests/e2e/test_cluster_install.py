@@ -78,14 +78,17 @@ def network_conf(network: str, **ipam: Any) -> dict[str, Any]:
     }
 
 
-def plugin_call(command: str, network: str, container: str, pod: str, uid: str = "") -> CniCall:
-    """The installed plugin, run on the host as the runtime runs it for `pod` ("ns/name")."""
+def plugin_call(
+    command: str, network: str, container: str, pod: str, uid: str = "", **ipam: Any
+) -> CniCall:
+    """The installed plugin, run on the host as the runtime runs it for `pod` ("ns/name"), with
+    `ipam` over network_conf's."""
     namespace, name = pod.split("/")
     cni_args = f"K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"
     return run_cni(
         str(PLUGIN),
         command,
-        network_conf(network),
+        network_conf(network, **ipam),
         container_id=container,
         netns=f"/var/run/netns/{container}",
         ifname="net1",
@@ -178,6 +181,26 @@ def test_the_installed_plugin_is_served_by_the_agent_with_its_own_identity(
     assert stored(cluster, network) == {}
 
 
+def test_a_node_slice_is_taken_in_the_name_the_daemonset_gives_the_agent(
+    cluster: ControlPlane,
+) -> None:
+    (agent,) = pods_of(cluster, "pyabouts-agent")
+    node = agent["spec"]["nodeName"]  # NODE_NAME, from the downward API: never /etc/hostname
+    pod = f"{NAMESPACE}/{agent['metadata']['name']}"
+    network = f"sliced-{uuid.uuid4().hex[:6]}"
+    sliced = {"range": "10.77.1.0/24", "node_slice_size": "/26"}
+    result = plugin_call("ADD", network, "c-sliced", pod, **sliced).expect_success()
+    assert result["ips"][0]["address"] == "10.77.1.1/24"
+    pools = kube_json(cluster, "get", "ippools", "-n", NAMESPACE)["items"]
+    (registry,) = [p for p in pools if p["spec"]["network"].startswith(f"{network}#node-slices")]
+    assert registry["spec"]["range"] == "10.77.1.0/24 in /26 slices"
+    assert registry["spec"]["allocations"] == {
+        "0": {"containerID": "10.77.1.0/26", "ifname": "slice", "node": node}
+    }
+    plugin_call("DEL", network, "c-sliced", pod, **sliced).expect_success()
+    assert stored(cluster, network) == {}
+
+
 def test_the_controller_holds_its_lease_and_frees_a_force_deleted_pods_address(
     cluster: ControlPlane,
 ) -> None:
@@ -255,6 +278,7 @@ def permissions(cluster: ControlPlane, user: str, namespace: str) -> set[tuple[s
         (
             RECONCILER_SA,
             {("pods", v) for v in ("get", "list", "watch")}
+            | {("nodes", "list")}  # node slices of gone nodes
             | {("ippools.pyabouts.io", v) for v in ("get", "list", "update")}
             | {("leases.coordination.k8s.io", v) for v in ("get", "create", "update")},
         ),

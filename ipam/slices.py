@@ -1,0 +1,181 @@
+"""Node slices (`node_slice_size`): a range cut into aligned slices, each node allocating only
+from the slice it holds.
+
+Which node holds which slice is stored like any allocation, in a pool of its own (the range's
+slice registry): entry i is slice i of the range, held by a node. So a slice is taken with the
+same compare-and-swap as an address, on either datastore, and `kubectl get ippools` lists the
+registry beside the addresses. Addresses stay in the range's own pool: slices cut where a node
+looks, never who may hold what, so an address is unique across nodes whatever the slices say.
+
+Pure decisions over a PoolView, like ipam.allocator; the caller runs them as transactions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import netaddr
+
+from pyabouts.ipam.errors import NoFreeSliceError
+from pyabouts.ipam.pool import Owner, PoolId, PoolView
+from pyabouts.ipam.ranges import AddressRange, RangeError
+
+#: After a network_name in the name of a slice registry's pool (then the range and the size).
+REGISTRY_MARK = "#node-slices"
+#: The interface name slice entries carry: one slice per node and registry.
+SLICE_IFNAME = "slice"
+
+
+def parse_slice_size(text: str, rng: AddressRange) -> int:
+    """The prefix length of `node_slice_size` ("/26" or "26") for `rng`: no shorter than the
+    range's own and no longer than its family allows."""
+    digits = text.strip().removeprefix("/")
+    if not digits.isdigit():
+        raise RangeError(f"node_slice_size {text!r} is not a prefix length such as '/26'")
+    prefixlen = int(digits)
+    longest = 32 if rng.family == 4 else 128
+    if not rng.prefixlen <= prefixlen <= longest:
+        raise RangeError(
+            f"node_slice_size {text!r} does not cut {rng.network}: "
+            f"it must be between /{rng.prefixlen} and /{longest}"
+        )
+    return prefixlen
+
+
+@dataclass(frozen=True, slots=True)
+class SlicedRange:
+    """A configured range and how it is cut into slices of /`prefixlen`."""
+
+    range: AddressRange
+    prefixlen: int
+
+    @property
+    def slice_bits(self) -> int:
+        return (32 if self.range.family == 4 else 128) - self.prefixlen
+
+    @property
+    def registry(self) -> PoolId:
+        """The pool whose entry i says which node holds slice i: one per network_name, range
+        and slice size, e.g. network "blue#node-slices 10.94.0.0/24 /26"."""
+        network = f"{self.range.pool.network}{REGISTRY_MARK} {self.range.network} /{self.prefixlen}"
+        return PoolId(network=network, family=self.range.family)
+
+    @property
+    def registry_text(self) -> str:
+        """How the registry names itself to people (its blocks' `range`)."""
+        return f"{self.range.network} in /{self.prefixlen} slices"
+
+    def slice_network(self, index: int) -> netaddr.IPNetwork:
+        base = int(self.range.network.first) + (index << self.slice_bits)
+        return netaddr.IPNetwork(f"{netaddr.IPAddress(base, self.range.family)}/{self.prefixlen}")
+
+    def usable_slices(self) -> Iterator[tuple[int, int]]:
+        """Inclusive spans of the indexes of slices holding at least one address the range may
+        give (a slice wholly excluded, or outside range_start/range_end, is never handed out)."""
+        base = int(self.range.network.first)
+        spans: list[tuple[int, int]] = []
+        for first, last in self.range.spans:
+            lo, hi = (first - base) >> self.slice_bits, (last - base) >> self.slice_bits
+            if spans and lo <= spans[-1][1] + 1:
+                spans[-1] = (spans[-1][0], max(spans[-1][1], hi))
+            else:
+                spans.append((lo, hi))
+        yield from spans
+
+    def registry_range(self) -> AddressRange:
+        """The registry as a range of slice indexes, to read and write it transactionally."""
+        return AddressRange(
+            text=self.registry_text,
+            network=self.range.network,
+            spans=tuple(self.usable_slices()),
+            pool=self.registry,
+        )
+
+    def within(self, index: int) -> AddressRange:
+        """The range cut down to slice `index`: what its node allocates from. Same pool."""
+        network = self.slice_network(index)
+        first, last = int(network.first), int(network.last)
+        spans = tuple(
+            (max(lo, first), min(hi, last))
+            for lo, hi in self.range.spans
+            if lo <= last and hi >= first
+        )
+        return AddressRange(
+            text=f"{network} (node slice of {self.range.text})",
+            network=self.range.network,
+            spans=spans,
+            pool=self.range.pool,
+        )
+
+
+def slice_holder(sliced: SlicedRange, index: int, node: str) -> Owner:
+    """The registry entry of slice `index` held by `node`: it names the slice, so the entry
+    reads on its own (`kubectl get ippool -o yaml`), and the reconciler knows what to check."""
+    return Owner(container_id=str(sliced.slice_network(index)), ifname=SLICE_IFNAME, node=node)
+
+
+def held_slice(view: PoolView, sliced: SlicedRange, node: str) -> int | None:
+    """The index of the slice `node` holds in `sliced`, if any (a registry has one entry per
+    node holding a slice, so looking through it is cheap)."""
+    registry = sliced.registry_range()
+    for index, owner in view.entries(sliced.registry, registry.first, registry.last):
+        if owner.node == node and owner.ifname == SLICE_IFNAME:
+            return index
+    return None
+
+
+def take_slice(view: PoolView, sliced: SlicedRange, node: str) -> int:
+    """The slice `node` holds, or else the first free one, which it now holds."""
+    held = held_slice(view, sliced, node)
+    if held is not None:
+        return held
+    registry = sliced.registry_range()
+    for first, last in registry.spans:
+        free = view.first_free(sliced.registry, first, last)
+        if free is not None:
+            view.assign(sliced.registry, free, slice_holder(sliced, free, node))
+            return free
+    entries = view.entries(sliced.registry, registry.first, registry.last)
+    holders = sorted({owner.node for _, owner in entries})
+    raise NoFreeSliceError(
+        f"no free node slice for node {node!r} in range {sliced.range.text}: all "
+        f"{registry.size} slices of /{sliced.prefixlen} are held (by {', '.join(holders)})"
+    )
+
+
+def node_range(view: PoolView, sliced: SlicedRange, owner: Owner) -> AddressRange:
+    """The range cut down to the slice owner.node holds (taken now if it holds none), with
+    what `owner` holds in the range outside that slice let go. Such a hold comes from a write
+    that half succeeded (the address stored, the slice lost to another node's race for it) or
+    from a pod of that name on another node before: either way not this node's to give."""
+    mine = sliced.within(take_slice(view, sliced, owner.node))
+    pool = sliced.range.pool
+    for address in view.held_by(pool, owner.attachment):
+        if sliced.range.contains(address) and not mine.contains(address):
+            view.unassign(pool, address)
+    return mine
+
+
+def give_back_slice(view: PoolView, registry: PoolId, index: int, holder: Owner) -> bool:
+    """Free registry entry `index` if `holder` still holds it and no address of its slice is
+    given; True if freed. The slice's addresses are read in the same view, so an address given
+    meanwhile keeps the slice taken."""
+    if view.owner(registry, index) != holder:
+        return False
+    addresses = slice_span(registry, holder)
+    if any(True for _ in view.entries(*addresses)):
+        return False
+    view.unassign(registry, index)
+    return True
+
+
+def slice_span(registry: PoolId, holder: Owner) -> tuple[PoolId, int, int]:
+    """The addresses of the slice a registry entry names: (the range's pool, first, last)."""
+    network = netaddr.IPNetwork(holder.container_id)
+    pool = PoolId(registry.network.rsplit(REGISTRY_MARK, 1)[0], registry.family)
+    return pool, int(network.first), int(network.last)
+
+
+def is_registry(pool: PoolId) -> bool:
+    return REGISTRY_MARK in pool.network

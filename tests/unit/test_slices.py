@@ -1,0 +1,265 @@
+"""Node slices: cutting a range, taking and giving back slices, and the config key."""
+
+import re
+import time
+
+import netaddr
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pyabouts.ipam import allocator, operations
+from pyabouts.ipam.config import load_config
+from pyabouts.ipam.errors import INVALID_CONFIG, CniError, NoFreeSliceError
+from pyabouts.ipam.pool import Owner, PoolId, PoolView
+from pyabouts.ipam.ranges import AddressRange, RangeError, build_range
+from pyabouts.ipam.slices import (
+    SlicedRange,
+    give_back_slice,
+    held_slice,
+    node_range,
+    parse_slice_size,
+    slice_span,
+    take_slice,
+)
+from pyabouts.ipam.transaction import DirectTransactions
+from tests.memory_store import MemoryStore
+
+
+def make(text: str, *, exclude: list[str] | None = None, start: str | None = None) -> AddressRange:
+    pool = PoolId("net", 6 if ":" in text else 4)
+    return build_range(text, range_start=start, range_end=None, exclude=exclude or [], pool=pool)
+
+
+def sliced(
+    text: str, size: str, *, exclude: list[str] | None = None, start: str | None = None
+) -> SlicedRange:
+    rng = make(text, exclude=exclude, start=start)
+    return SlicedRange(rng, parse_slice_size(size, rng))
+
+
+def ip(text: str) -> int:
+    return int(netaddr.IPAddress(text))
+
+
+def addresses(rng: AddressRange) -> set[int]:
+    return {a for lo, hi in rng.spans for a in range(lo, hi + 1)}
+
+
+def pod(n: int, node: str) -> Owner:
+    return Owner(container_id=f"c{n}", ifname="net1", pod=f"default/pod-{n}", node=node)
+
+
+@pytest.mark.parametrize("text", ["/26", "26", " /26 "])
+def test_a_slice_size_is_a_prefix_length_with_or_without_its_slash(text: str) -> None:
+    assert parse_slice_size(text, make("10.0.0.0/24")) == 26
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [("abc", "not a prefix length"), ("/23", "between /24 and /32"), ("/33", "between")],
+)
+def test_a_slice_size_that_cannot_cut_the_range_is_refused(text: str, why: str) -> None:
+    with pytest.raises(RangeError, match=why):
+        parse_slice_size(text, make("10.0.0.0/24"))
+
+
+def test_a_range_is_cut_into_aligned_slices_without_its_network_and_broadcast() -> None:
+    cut = sliced("10.0.0.0/24", "/26")
+    assert list(cut.usable_slices()) == [(0, 3)]
+    assert [str(cut.slice_network(i)) for i in range(4)] == [
+        "10.0.0.0/26",
+        "10.0.0.64/26",
+        "10.0.0.128/26",
+        "10.0.0.192/26",
+    ]
+    first, last = cut.within(0), cut.within(3)
+    assert first.spans == (
+        (int(netaddr.IPAddress("10.0.0.1")), int(netaddr.IPAddress("10.0.0.63"))),
+    )
+    assert last.last == int(netaddr.IPAddress("10.0.0.254"))
+    # A slice's addresses are in the range's own pool, with the range's prefix length.
+    assert first.pool == cut.range.pool
+    assert first.format(first.first) == "10.0.0.1/24"
+
+
+def test_each_node_takes_the_first_free_slice_and_keeps_it() -> None:
+    cut, view = sliced("10.0.0.0/24", "/26"), PoolView([])
+    assert [take_slice(view, cut, n) for n in ("a", "b", "c")] == [0, 1, 2]
+    assert take_slice(view, cut, "b") == 1
+    assert held_slice(view, cut, "d") is None
+    assert take_slice(view, cut, "d") == 3
+    with pytest.raises(NoFreeSliceError) as refused:
+        take_slice(view, cut, "e")
+    message = str(refused.value)
+    for part in ("'e'", "10.0.0.0/24", "4 slices of /26", "a, b, c, d"):
+        assert part in message, message
+
+
+def test_a_slice_wholly_excluded_or_before_range_start_is_never_handed_out() -> None:
+    cut = sliced("10.0.0.0/24", "/26", exclude=["10.0.0.64/26"], start="10.0.0.130")
+    assert list(cut.usable_slices()) == [(2, 3)]
+    view = PoolView([])
+    assert [take_slice(view, cut, n) for n in ("a", "b")] == [2, 3]
+    # Inside a slice the exclusions and bounds still hold.
+    assert cut.within(2).first == int(netaddr.IPAddress("10.0.0.130"))
+
+
+def test_exclusions_inside_a_slice_are_honoured_by_the_allocator() -> None:
+    cut, view = sliced("10.0.0.0/24", "/26", exclude=["10.0.0.65", "10.0.0.66/31"]), PoolView([])
+    assert take_slice(view, cut, "a") == 0
+    assert take_slice(view, cut, "b") == 1
+    mine = cut.within(1)
+    got = [allocator.assign_addresses(view, [mine], pod(n, "b"), [])[0] for n in range(3)]
+    # The slice's own first address is given; the excluded .65, .66 and .67 are not.
+    assert [str(netaddr.IPAddress(a)) for a in got] == ["10.0.0.64", "10.0.0.68", "10.0.0.69"]
+
+
+def test_ipv6_ranges_are_sliced_too() -> None:
+    cut, view = sliced("2001:db8::/64", "/80"), PoolView([])
+    assert take_slice(view, cut, "a") == 0
+    assert take_slice(view, cut, "b") == 1
+    assert str(cut.slice_network(1)) == "2001:db8:0:0:1::/80"
+    got = allocator.assign_addresses(view, [cut.within(1)], pod(1, "b"), [])[0]
+    # A slice's first address is given: only the range's own network address is not.
+    assert str(netaddr.IPAddress(got, 6)) == "2001:db8:0:0:1::"
+
+
+def test_a_slice_goes_back_only_when_its_node_holds_it_and_no_address_of_it_is_given() -> None:
+    cut, view = sliced("10.0.0.0/24", "/26"), PoolView([])
+    take_slice(view, cut, "a")
+    take_slice(view, cut, "b")
+    (entry,) = [o for i, o in view.entries(cut.registry, 0, 3) if i == 1]
+    assert (entry.container_id, entry.node) == ("10.0.0.64/26", "b")  # it names its slice
+    assert slice_span(cut.registry, entry) == (cut.range.pool, ip("10.0.0.64"), ip("10.0.0.127"))
+    address = allocator.assign_addresses(view, [cut.within(1)], pod(1, "b"), [])[0]
+    (held_by_a,) = [o for i, o in view.entries(cut.registry, 0, 3) if i == 0]
+    assert not give_back_slice(view, cut.registry, 1, held_by_a)  # not a's
+    assert not give_back_slice(view, cut.registry, 1, entry)  # pod-1 holds an address in it
+    allocator.release_addresses(view, [cut.range], "c1", "net1")
+    assert view.owner(cut.range.pool, address) is None
+    assert give_back_slice(view, cut.registry, 1, entry)
+    assert held_slice(view, cut, "b") is None
+    assert take_slice(view, cut, "c") == 1  # the first free slice again
+
+
+@given(
+    prefix=st.integers(min_value=20, max_value=28),
+    extra=st.integers(min_value=0, max_value=6),
+    excluded=st.lists(st.integers(min_value=0, max_value=4095), max_size=8),
+)
+def test_the_slices_partition_the_ranges_usable_addresses(
+    prefix: int, extra: int, excluded: list[int]
+) -> None:
+    base = int(netaddr.IPAddress("10.8.0.0"))
+    size = 1 << (32 - prefix)
+    exclude = [str(netaddr.IPAddress(base + e % size)) for e in excluded]
+    rng = (
+        make(f"10.8.0.0/{prefix}", exclude=exclude)
+        if len(exclude) < size - 2
+        else make("10.8.0.0/20")
+    )
+    cut = SlicedRange(rng, min(prefix + extra, 30))
+    seen: set[int] = set()
+    for first, last in cut.usable_slices():
+        for index in range(first, last + 1):
+            mine = addresses(cut.within(index))
+            network = cut.slice_network(index)
+            assert all(a in network for a in map(netaddr.IPAddress, mine))
+            assert not mine & seen
+            seen |= mine
+    assert seen == addresses(rng)
+
+
+def test_node_slice_size_is_checked_when_the_config_is_loaded() -> None:
+    raw = {"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "pyabouts", "range": "10.0.0.0/24"}}
+    assert load_config(raw).slices == ()
+    raw["ipam"]["node_slice_size"] = "/26"  # type: ignore[index]
+    (cut,) = load_config(raw).slices
+    assert cut.prefixlen == 26
+    raw["ipam"]["node_slice_size"] = "/20"  # type: ignore[index]
+    with pytest.raises(CniError) as refused:
+        load_config(raw)
+    assert refused.value.code == INVALID_CONFIG
+    assert "node_slice_size" in refused.value.msg
+
+
+def test_an_allocation_takes_the_nodes_slice_and_its_address_in_one_transaction() -> None:
+    store = MemoryStore()
+    cut = sliced("10.0.0.0/24", "/26")
+
+    def add(n: int, node: str) -> int:
+        owner = Owner(f"c{n}", "net1", f"ns/p{n}", node=node)
+        deadline = time.monotonic() + 5
+        transactions = DirectTransactions(store)
+        [address] = operations.allocate(
+            transactions, [cut.range], owner, [], deadline=deadline, sliced=[cut]
+        )
+        return address
+
+    got = [add(1, "a"), add(2, "b"), add(3, "a")]
+    assert got == [ip("10.0.0.1"), ip("10.0.0.64"), ip("10.0.0.2")]
+    registry = {
+        o.node: o.container_id
+        for b in store.blocks.values()
+        for o in b.entries.values()
+        if b.key.pool == cut.registry
+    }
+    assert registry == {"a": "10.0.0.0/26", "b": "10.0.0.64/26"}
+    # The registry's stored blocks say what they are, for people reading them.
+    (block,) = [b for b in store.blocks.values() if b.key.pool == cut.registry]
+    assert (block.range_text, block.capacity) == ("10.0.0.0/24 in /26 slices", 4)
+
+
+def test_a_slice_size_cuts_the_ranges_it_fits_and_is_refused_when_it_fits_none() -> None:
+    dual = {
+        "cniVersion": "1.0.0",
+        "name": "n",
+        "ipam": {
+            "type": "pyabouts",
+            "range": "10.0.0.0/24",
+            "ipRanges": [{"range": "fd00::/64"}],
+            "node_slice_size": "/26",
+        },
+    }
+    config = load_config(dual)
+    assert [(c.range.text, c.prefixlen) for c in config.slices] == [("10.0.0.0/24", 26)]
+    dual["ipam"]["node_slice_size"] = "/80"  # type: ignore[index]
+    assert [(c.range.text, c.prefixlen) for c in load_config(dual).slices] == [("fd00::/64", 80)]
+    store = MemoryStore()
+    owner = Owner("c1", "net1", "ns/p1", node="a")
+    got = operations.allocate(
+        DirectTransactions(store),
+        load_config(dual).ranges,
+        owner,
+        [],
+        deadline=time.monotonic() + 5,
+        sliced=load_config(dual).slices,
+    )
+    assert got == [ip("10.0.0.1"), int(netaddr.IPAddress("fd00::1"))]  # v6 sliced, v4 whole
+    dual["ipam"]["node_slice_size"] = "/20"  # type: ignore[index]
+    with pytest.raises(CniError, match=re.escape("node_slice_size '/20' does not cut 10.0.0.0/24")):
+        load_config(dual)
+
+
+def test_an_address_held_outside_the_nodes_slice_is_let_go_when_the_pod_allocates() -> None:
+    # A half-written first ADD: pod-1's address stored in slice 0, which node b then lost to
+    # node a. Deciding again on node b, pod-1 gets an address of b's slice and lets .1 go.
+    cut, view = sliced("10.0.0.0/24", "/26"), PoolView([])
+    take_slice(view, cut, "a")
+    owner = pod(1, "b")
+    view.assign(cut.range.pool, ip("10.0.0.1"), owner)
+    mine = node_range(view, cut, owner)
+    assert (mine.first, mine.last) == (ip("10.0.0.64"), ip("10.0.0.127"))
+    assert view.owner(cut.range.pool, ip("10.0.0.1")) is None
+    assert allocator.assign_addresses(view, [mine], owner, [])[0] == ip("10.0.0.64")
+
+
+def test_each_range_and_slice_size_of_a_network_has_a_registry_of_its_own() -> None:
+    registries = {
+        sliced("10.0.0.0/24", "/26").registry,
+        sliced("10.0.1.0/24", "/26").registry,
+        sliced("10.0.0.0/24", "/27").registry,
+    }
+    assert len(registries) == 3
+    assert sliced("10.0.0.0/24", "/26").registry == PoolId("net#node-slices 10.0.0.0/24 /26", 4)
