@@ -53,3 +53,19 @@ def debian_package_version(package: str) -> str:
     except OSError:
         return "unknown"
     return out.stdout.strip() or "unknown"
+
+
+def code_commit() -> str:
+    """The checkout's commit, "-dirty" when it has changes; "-" when it is not a git checkout."""
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except OSError:
+        return "-"
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "-"

@@ -65,7 +65,8 @@ def format_report(result: BenchmarkResult, cluster_unique: dict[str, bool]) -> s
         "",
         *_ratio_sections(result.ratios),
         *_failure_samples(result.phases),
-        f"total time: {result.duration_s:.1f} s; load average at the end {result.load_average_end}",
+        f"total time: {result.duration_s:.1f} s; load average at the end "
+        f"{result.load_average_end}; code {result.commit}",
     ]
     return "\n".join(sections)
 

@@ -121,6 +121,8 @@ class BenchmarkResult:
     startup: list[StartupFigures]
     phases: list[PhaseFigures]
     ratios: list[Ratio]
+    # The code measured: `git describe --always --dirty` of the checkout ("-" outside one).
+    commit: str = "-"
 
 
 PHASE_RATIO_FIGURES = ("p50_ms", "p99_ms", "wall_s", "per_second", "rss_max_mib")

@@ -44,7 +44,7 @@ from bench.contenders import (
     pool_of,
 )
 from bench.kube import KubeCluster, install_whereabouts, running_cluster
-from bench.machine import describe_machine, load_average
+from bench.machine import code_commit, describe_machine, load_average
 from bench.measure import measure_phase, measure_startup
 from bench.plot import LATEST_PNG, write_plot
 from bench.process import Spawner, require_gnu_time
@@ -188,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         startup=startup,
         phases=phases,
         ratios=compute_ratios(startup, phases, baselines=BASELINES),
+        commit=code_commit(),
     )
     report(result, contenders, args.out)
     return 0
