@@ -77,8 +77,12 @@ class DemoError(RuntimeError):
     """A step of the demo failed; the message says which and why."""
 
 
+_STARTED = time.monotonic()
+
+
 def step(text: str) -> None:
-    print(f"\n==> {text}", flush=True)
+    """A step's header, with the seconds since the demo started (what each step costs)."""
+    print(f"\n==> [{time.monotonic() - _STARTED:4.0f} s] {text}", flush=True)
 
 
 def detail(text: str) -> None:
