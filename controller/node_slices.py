@@ -13,7 +13,7 @@ import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from pyabouts.ipam.pool import Block, Owner, PoolView
+from pyabouts.ipam.pool import Block
 from pyabouts.ipam.slices import give_back_slice, is_registry, slice_span
 from pyabouts.ipam.store import PoolStore
 from pyabouts.ipam.transaction import Span, run_span_transaction
@@ -49,13 +49,11 @@ def free_slices_of_gone_nodes(
                 continue
             pool, first, last = slice_span(block.key.pool, holder)
             spans = [Span(block.key.pool, index, index), Span(pool, first, last)]
-            decide = functools.partial(_give_back, block=block, index=index, holder=holder)
+            decide = functools.partial(
+                give_back_slice, registry=block.key.pool, index=index, holder=holder
+            )
             if run_span_transaction(store, spans, decide, deadline=deadline):
                 gone = FreedSlice(pool.network, holder.container_id, holder.node)
                 log.info("freed %s", gone.describe())
                 freed.append(gone)
     return freed
-
-
-def _give_back(view: PoolView, *, block: Block, index: int, holder: Owner) -> bool:
-    return give_back_slice(view, block.key.pool, index, holder)

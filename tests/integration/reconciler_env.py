@@ -65,18 +65,32 @@ class ReconcilerEnv:
         }
 
     def reconciler_argv(self, *extra: str) -> list[str]:
-        exe = str(Path(sys.executable).parent / "pyabouts-reconciler")
-        return [exe, "--config", str(self.flat_file), "--kubeconfig", str(self.kubeconfig), *extra]
+        return reconciler_argv(self.flat_file, self.kubeconfig, *extra)
 
     def reconcile(self, *extra: str) -> dict[str, Any]:
         """One pass of the executable; its summary, narrowed to this test's network."""
-        done = subprocess.run(
-            self.reconciler_argv(*extra), capture_output=True, text=True, timeout=120, check=False
-        )
-        assert done.returncode == 0, done.stderr
-        summary: dict[str, Any] = json.loads(done.stdout)
+        summary = reconcile_once(self.flat_file, self.kubeconfig, *extra)
         summary["addresses"] = [a for a in summary["addresses"] if a["network"] == self.network]
         return summary
+
+
+def reconciler_argv(flat_file: Path, kubeconfig: Path, *extra: str) -> list[str]:
+    exe = str(Path(sys.executable).parent / "pyabouts-reconciler")
+    return [exe, "--config", str(flat_file), "--kubeconfig", str(kubeconfig), *extra]
+
+
+def reconcile_once(flat_file: Path, kubeconfig: Path, *extra: str) -> dict[str, Any]:
+    """One pass of `pyabouts-reconciler` (the CronJob's), as `kubeconfig`; its JSON summary."""
+    done = subprocess.run(
+        reconciler_argv(flat_file, kubeconfig, *extra),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    summary: dict[str, Any] = json.loads(done.stdout)
+    return summary
 
 
 @pytest.fixture(scope="session")

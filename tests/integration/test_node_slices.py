@@ -5,8 +5,6 @@ and then its slice, which the next node takes."""
 
 import contextlib
 import json
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +28,7 @@ from pyabouts.ipam.slices import REGISTRY_MARK
 from pyabouts.plugin.install import install_shim
 from tests.integration.plugin_fixtures import kubernetes_datastore, kubernetes_ipam
 from tests.integration.plugin_processes import Node, make_nodes, run_plugins
-from tests.integration.reconciler_env import RECONCILER_SA
+from tests.integration.reconciler_env import reconcile_once
 from tests.integration.stored_state import kubernetes_store
 
 pytestmark = pytest.mark.integration
@@ -88,7 +86,11 @@ def addresses_by_node(outcomes: list[tuple[int, Any]], nodes: list[Node]) -> dic
 
 
 def test_each_node_allocates_only_from_its_slice_and_a_gone_nodes_slice_is_reused(
-    pyabouts_cluster: ControlPlane, nodes: list[Node], shim: str, tmp_path: Path
+    pyabouts_cluster: ControlPlane,
+    reconciler_kubeconfig: Path,
+    nodes: list[Node],
+    shim: str,
+    tmp_path: Path,
 ) -> None:
     network = f"slices-{uuid.uuid4().hex[:6]}"
     ipam = kubernetes_ipam(
@@ -130,7 +132,9 @@ def test_each_node_allocates_only_from_its_slice_and_a_gone_nodes_slice_is_reuse
     delete_node(pyabouts_cluster, "node-1")
     for container in containers[1::3]:
         delete_pod(pyabouts_cluster, NAMESPACE, container)
-    summary = reconcile_once(pyabouts_cluster, tmp_path)
+    flat = tmp_path / "reconciler.conf"
+    flat.write_text(json.dumps(kubernetes_datastore(pyabouts_cluster)))
+    summary = reconcile_once(flat, reconciler_kubeconfig)
     mine = [a for a in summary["addresses"] if a["network"] == network]
     assert sorted(a["ip"] for a in mine) == sorted(given["node-1"])
     assert {a["reason"] for a in mine} == {"pod-gone"}
@@ -143,50 +147,3 @@ def test_each_node_allocates_only_from_its_slice_and_a_gone_nodes_slice_is_reuse
     assert again[0] == 0, again
     assert netaddr.IPAddress(again[1]["ips"][0]["address"].split("/")[0]) in gone_slice
     assert slices_held(pyabouts_cluster, network)["node-4"] == gone_slice
-
-
-def reconcile_once(cluster: ControlPlane, tmp_path: Path) -> dict[str, Any]:
-    """One pass of `pyabouts-reconciler` as its ServiceAccount (it lists the Nodes)."""
-    flat = tmp_path / "reconciler.conf"
-    flat.write_text(json.dumps(kubernetes_datastore(cluster)))
-    kubeconfig = cluster.service_account_kubeconfig("kube-system", RECONCILER_SA)
-    exe = str(Path(sys.executable).parent / "pyabouts-reconciler")
-    done = subprocess.run(
-        [exe, "--config", str(flat), "--kubeconfig", str(kubeconfig)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    summary: dict[str, Any] = json.loads(done.stdout)
-    return summary
-
-
-def test_ipv6_slices_honour_exclude_and_the_in_process_plugin_uses_its_nodes_slice(
-    pyabouts_cluster: ControlPlane, nodes: list[Node], shim: str
-) -> None:
-    network = f"slices6-{uuid.uuid4().hex[:6]}"
-    ipam = kubernetes_ipam(
-        pyabouts_cluster,
-        range="fd00:94::/64",
-        node_slice_size="80",
-        exclude=["fd00:94::/80"],  # the first slice, whole: never handed out
-        network_name=network,
-    )
-    (by_agent,) = run_plugins(shim, "ADD", ipam, [nodes[0]], [f"{network}-a"])
-    (other,) = run_plugins(shim, "ADD", ipam, [nodes[1]], [f"{network}-b"])
-    # No agent on the call: the plugin serves it in-process, as node-0 (NODE_NAME).
-    in_process = str(Path(sys.executable).parent / "pyabouts")
-    alone = Node(nodes[0].flat_file, agent=None)
-    (by_plugin,) = run_plugins(in_process, "ADD", ipam, [alone], [f"{network}-c"])
-    held = slices_held(pyabouts_cluster, network)
-    assert held == {
-        "node-0": netaddr.IPNetwork("fd00:94:0:0:1::/80"),
-        "node-1": netaddr.IPNetwork("fd00:94:0:0:2::/80"),
-    }
-    for (code, result), node in ((by_agent, "node-0"), (other, "node-1"), (by_plugin, "node-0")):
-        assert code == 0, result
-        address = result["ips"][0]["address"]
-        assert address.endswith("/64")  # the pod's prefix is the range's, not the slice's
-        assert netaddr.IPAddress(address.split("/")[0]) in held[node]
