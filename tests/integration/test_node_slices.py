@@ -5,6 +5,7 @@ and then its slice, which the next node takes."""
 
 import contextlib
 import json
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,3 +148,32 @@ def test_each_node_allocates_only_from_its_slice_and_a_gone_nodes_slice_is_reuse
     assert again[0] == 0, again
     assert netaddr.IPAddress(again[1]["ips"][0]["address"].split("/")[0]) in gone_slice
     assert slices_held(pyabouts_cluster, network)["node-4"] == gone_slice
+
+
+def test_ipv6_slices_honour_exclude_and_the_in_process_plugin_uses_its_nodes_slice(
+    pyabouts_cluster: ControlPlane, nodes: list[Node], shim: str
+) -> None:
+    network = f"slices6-{uuid.uuid4().hex[:6]}"
+    ipam = kubernetes_ipam(
+        pyabouts_cluster,
+        range="fd00:94::/64",
+        node_slice_size="80",
+        exclude=["fd00:94::/80"],  # the first slice, whole: never handed out
+        network_name=network,
+    )
+    (by_agent,) = run_plugins(shim, "ADD", ipam, [nodes[0]], [f"{network}-a"])
+    (other,) = run_plugins(shim, "ADD", ipam, [nodes[1]], [f"{network}-b"])
+    # No agent on the call: the plugin serves it in-process, as node-0 (NODE_NAME).
+    in_process = str(Path(sys.executable).parent / "pyabouts")
+    alone = Node(nodes[0].flat_file, agent=None)
+    (by_plugin,) = run_plugins(in_process, "ADD", ipam, [alone], [f"{network}-c"])
+    held = slices_held(pyabouts_cluster, network)
+    assert held == {
+        "node-0": netaddr.IPNetwork("fd00:94:0:0:1::/80"),
+        "node-1": netaddr.IPNetwork("fd00:94:0:0:2::/80"),
+    }
+    for (code, result), node in ((by_agent, "node-0"), (other, "node-1"), (by_plugin, "node-0")):
+        assert code == 0, result
+        address = result["ips"][0]["address"]
+        assert address.endswith("/64")  # the pod's prefix is the range's, not the slice's
+        assert netaddr.IPAddress(address.split("/")[0]) in held[node]
