@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploy.local import whereabouts_install
 from deploy.local.controlplane import KUBE_VERSION, ControlPlane, start_control_plane
 from deploy.local.install import install_pyabouts
 from pyabouts.ipam.stores.kubernetes import GROUP as API_GROUP
@@ -23,7 +24,7 @@ from pyabouts.ipam.stores.kubernetes import GROUP as API_GROUP
 PLUGIN_NAMESPACE = "kube-system"
 PLUGIN_SERVICE_ACCOUNT = "pyabouts"
 REQUEST_METRIC = "apiserver_request_total"
-WHEREABOUTS_GROUP = "whereabouts.cni.cncf.io"
+WHEREABOUTS_GROUP = whereabouts_install.GROUP
 LEASE_GROUP = "coordination.k8s.io"
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)\{(?P<labels>.*)\}\s+(?P<value>\S+)")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -61,22 +62,8 @@ class KubeCluster:
 
 
 def install_whereabouts(cluster: KubeCluster, binary: Path) -> Path:
-    """Apply the CRDs and RBAC that deploy/local/build_binaries.sh extracted beside `binary`;
-    the kubeconfig of its ServiceAccount, as a node would have."""
-    manifests = binary.with_name(f"{binary.name}-install.yaml")
-    if not manifests.is_file():
-        raise RuntimeError(
-            f"{manifests} is missing: bash deploy/local/build_binaries.sh whereabouts"
-        )
-    cluster.control_plane.kubectl("apply", "-f", str(manifests))
-    for crd in ("ippools", "overlappingrangeipreservations"):
-        cluster.control_plane.kubectl(
-            "wait",
-            "--for=condition=Established",
-            f"crd/{crd}.{WHEREABOUTS_GROUP}",
-            "--timeout=60s",
-        )
-    return cluster.control_plane.service_account_kubeconfig(PLUGIN_NAMESPACE, "whereabouts")
+    """whereabouts' CRDs and RBAC (deploy.local.whereabouts_install); its node kubeconfig."""
+    return whereabouts_install.install_whereabouts(cluster.control_plane, binary)
 
 
 @contextlib.contextmanager

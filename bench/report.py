@@ -17,6 +17,7 @@ from bench.results import (
     StartupFigures,
     to_json,
 )
+from pyabouts.controller.text_tables import format_table
 
 LATEST = "latest.json"
 
@@ -165,21 +166,6 @@ def format_ratios(ratios: Sequence[Ratio], figures: Sequence[str]) -> str:
     return format_table(["ratio", "row", *figures], body)
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Columns as wide as their widest cell; text left-aligned, everything else right-aligned."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
-    left = [all(not _is_number(row[i]) for row in rows) for i in range(len(headers))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            cell.ljust(width) if is_left else cell.rjust(width)
-            for cell, width, is_left in zip(cells, widths, left, strict=True)
-        ).rstrip()
-
-    rule = "  ".join("-" * width for width in widths)
-    return "\n".join([line(headers), rule, *(line(row) for row in rows)])
-
-
 def write_json(result: BenchmarkResult, out_dir: Path) -> Path:
     """Write the result as <out_dir>/<result_stem>.json and as <out_dir>/latest.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -266,7 +252,3 @@ def _num(value: float | None, decimals: int = 1) -> str:
 
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}x"
-
-
-def _is_number(cell: str) -> bool:
-    return cell == "-" or cell.rstrip("x").replace(".", "", 1).isdigit()

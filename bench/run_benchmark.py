@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import signal
 import sys
 import tempfile
@@ -63,6 +62,7 @@ from bench.results import (
     StartupFigures,
     compute_ratios,
 )
+from deploy.local import whereabouts_install
 from deploy.local.agent_process import AgentProcess, running_agent
 from deploy.local.controlplane import KUBE_VERSION
 from deploy.local.etcd_server import running_etcd
@@ -73,9 +73,8 @@ HOST_LOCAL_NAME = "host-local"
 WHEREABOUTS_NAME = "whereabouts"
 BASELINES = (WHEREABOUTS_NAME, HOST_LOCAL_NAME)  # every figure is also shown as a ratio to these
 HOST_LOCAL = Path("/usr/lib/cni/host-local")
-CACHE_BIN = Path(os.environ.get("PYABOUTS_CACHE", Path.home() / ".cache" / "pyabouts")) / "bin"
-WHEREABOUTS_VERSION = "v0.9.4"
-WHEREABOUTS = CACHE_BIN / f"whereabouts-{WHEREABOUTS_VERSION}"
+WHEREABOUTS_VERSION = whereabouts_install.VERSION
+WHEREABOUTS = whereabouts_install.BINARY
 PYABOUTS_SHIM = "pyabouts-shim"
 PYABOUTS_AGENT = "pyabouts-agent"
 PYABOUTS_KUBERNETES = "pyabouts-kubernetes"

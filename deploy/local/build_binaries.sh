@@ -3,7 +3,7 @@
 # Go modules (no registry ships them as binaries; see shared/notes/environment.md).
 #
 #   bash deploy/local/build_binaries.sh                    # kube-apiserver only (the default)
-#   bash deploy/local/build_binaries.sh kube-apiserver multus whereabouts
+#   bash deploy/local/build_binaries.sh kube-apiserver multus whereabouts   # + its node-slice controller
 #   bash deploy/local/build_binaries.sh kubernetes   # kube-apiserver, kubelet, kube-scheduler,
 #                                                    # kube-controller-manager, kube-proxy
 #
@@ -305,6 +305,28 @@ EOF
     log "whereabouts $version ready in $((SECONDS - t0)) s: $out"
 }
 
+# Its node-slice controller (cmd/nodeslicecontroller): what cuts a range into the
+# NodeSlicePools that node_slice_size reads, for the migration tests of node-slice pools. A
+# wrapper module of its own, as it imports packages the plugin does not.
+build_whereabouts_node_slice_controller() {
+    local version="$WHEREABOUTS_VERSION"
+    local dir="${BUILD_DIR}/whereabouts-node-slice-controller-${version}"
+    local out="${BIN_DIR}/whereabouts-node-slice-controller-${version}"
+    local mod="github.com/k8snetworkplumbingwg/whereabouts"
+    mkdir -p "$dir"
+    cat >"${dir}/go.mod" <<EOF
+module local/whereabouts-node-slice-controller
+
+go 1.25.5
+
+require ${mod} ${version}
+
+replace github.com/gogo/protobuf => github.com/gogo/protobuf v1.3.2
+EOF
+    write_tools_go "$dir" "${mod}/cmd/nodeslicecontroller"
+    go_build_wrapper "$dir" "$out" "${mod}/cmd/nodeslicecontroller"
+}
+
 # Its CRDs and RBAC (ServiceAccount, ClusterRole and binding; not its DaemonSet), from the
 # module's doc/crds/, next to the binary, for runs that call it as a node would:
 #   ${BIN_DIR}/whereabouts-<version>-install.yaml
@@ -347,6 +369,9 @@ main() {
         whereabouts)
             cached whereabouts "$WHEREABOUTS_VERSION" ||
                 with_lock whereabouts "$WHEREABOUTS_VERSION" build_whereabouts
+            cached whereabouts-node-slice-controller "$WHEREABOUTS_VERSION" ||
+                with_lock whereabouts-node-slice-controller "$WHEREABOUTS_VERSION" \
+                    build_whereabouts_node_slice_controller
             extract_whereabouts_manifests
             ;;
         all) main kubernetes multus whereabouts ;;

@@ -75,9 +75,10 @@ runtime = "runc"'
     "$venv/bin/python" -m compileall -q -j 0 "$repo/ipam" "$repo/plugin" "$repo/controller" "$repo/serving" \
         "$repo/deploy/local" "$repo/bench" >/dev/null
 
-    # --- upstream Go binaries (Kubernetes, Multus) ----------------------------------------
+    # --- upstream Go binaries (Kubernetes, Multus, whereabouts) ---------------------------
     # Cached in ~/.cache/pyabouts/bin: a no-op after the first build (about 15 minutes).
-    bash "$repo/deploy/local/build_binaries.sh" kubernetes multus
+    # whereabouts: the migration tests migrate what the real one allocated.
+    bash "$repo/deploy/local/build_binaries.sh" kubernetes multus whereabouts
 
     log "done in $((SECONDS - t0)) s"
 }
