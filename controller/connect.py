@@ -44,13 +44,17 @@ def read_settings(config_path: str | None) -> IpamConf:
     return flat_file_settings(flat)
 
 
-def connect(settings: IpamConf, kubeconfig: str | None = None) -> Connections:
-    """The store and API client `settings` name; `kubeconfig` overrides the flat file's."""
+def connect(
+    settings: IpamConf, kubeconfig: str | None = None, namespace: str | None = None
+) -> Connections:
+    """The store and API client `settings` name; `kubeconfig` overrides the flat file's, and
+    `namespace` (of the IPPools) the kubeconfig's."""
     path = kubeconfig or settings.kubernetes.kubeconfig
     if path:
-        configuration, namespace = load_kubeconfig(path)
+        configuration, namespace_in_use = load_kubeconfig(path)
     else:
-        configuration, namespace = _in_cluster()
+        configuration, namespace_in_use = _in_cluster()
+    namespace = namespace or namespace_in_use
     configuration.retries = 3  # the reconciler is no hot path: let urllib3 ride out a blip
     if settings.datastore == "etcd":
         store = open_store(settings, timeout=STORE_TIMEOUT)

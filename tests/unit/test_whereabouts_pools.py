@@ -1,0 +1,135 @@
+"""Reading whereabouts' IPPools and NodeSlicePools as whereabouts v0.9.4 writes them: names
+made of network_name, node and range; allocations keyed by offset."""
+
+import netaddr
+import pytest
+
+from pyabouts.controller.whereabouts_pools import (
+    NodeSlicePool,
+    WhereaboutsPool,
+    WhereaboutsPoolError,
+    holdings_of,
+    normalize_range,
+    pool_identity,
+)
+from pyabouts.ipam.pool import Owner, PoolId
+from pyabouts.ipam.slices import SLICE_IFNAME
+
+WEB = {"id": "c0ffee", "podref": "default/web-0", "ifname": "net1"}
+
+
+def pool(
+    name: str, rng: str, allocations: dict[str, dict[str, str]] | None = None
+) -> WhereaboutsPool:
+    return WhereaboutsPool("kube-system", name, rng, allocations or {})
+
+
+def slices(name: str, holders: dict[str, str], rng: str = "10.9.0.0/24") -> NodeSlicePool:
+    return NodeSlicePool("kube-system", name, rng, "/26", holders)
+
+
+def test_a_range_is_written_into_names_as_whereabouts_does() -> None:
+    assert normalize_range("10.1.0.0/24") == "10.1.0.0-24"
+    assert normalize_range("fd00:1::/64") == "fd00-1---64"
+
+
+def test_plain_pools_name_their_network_before_the_range() -> None:
+    assert pool_identity(pool("10.1.0.0-24", "10.1.0.0/24"), []) == ("", "", None)
+    assert pool_identity(pool("blue-net-10.1.0.0-24", "10.1.0.0/24"), []) == ("blue-net", "", None)
+    with pytest.raises(ValueError, match="does not end in its range"):
+        pool_identity(pool("blue-10.2.0.0-24", "10.1.0.0/24"), [])
+
+
+def test_offsets_count_from_the_range_and_owners_keep_pod_interface_and_container() -> None:
+    read = holdings_of([pool("blue-10.1.0.0-24", "10.1.0.0/24", {"5": WEB})], [])
+    (holding,) = read.holdings
+    assert holding.pool == PoolId("blue", 4)
+    assert holding.text == "10.1.0.5"
+    assert holding.owner == Owner(container_id="c0ffee", ifname="net1", pod="default/web-0")
+    assert holding.source == "IPPool kube-system/blue-10.1.0.0-24"
+
+
+def test_ipv6_offsets_beyond_64_bits_are_read_whole() -> None:
+    """whereabouts' own offsets stop at 64 bits; an offset is read as the number it is."""
+    offset = str((1 << 64) + 7)
+    read = holdings_of([pool("fd00-1---48", "fd00:1::/48", {offset: WEB})], [])
+    (holding,) = read.holdings
+    assert holding.pool == PoolId("", 6)
+    assert netaddr.IPAddress(holding.text) == netaddr.IPAddress("fd00:1:0:1::7")
+
+
+def test_allocations_that_cannot_be_read_refuse_the_whole_read_naming_each() -> None:
+    bad = [
+        pool("a-10.1.0.0-24", "10.1.0.0/24", {"x": WEB}),
+        pool("b-10.2.0.0-24", "10.2.0.0/24", {"300": WEB}),
+        pool("no-range-here", "10.3.0.0/24", {"1": WEB}),
+    ]
+    with pytest.raises(WhereaboutsPoolError) as refused:
+        holdings_of([*bad, pool("ok-10.4.0.0-24", "10.4.0.0/24", {"1": WEB})], [])
+    problems = refused.value.problems
+    assert len(problems) == 3
+    assert "a-10.1.0.0-24" in problems[0] and "'x' is not an offset" in problems[0]
+    assert "offset 300 is outside 10.2.0.0/24" in problems[1]
+    assert "no-range-here" in problems[2]
+
+
+def test_an_empty_pool_holds_nothing_so_its_name_does_not_matter() -> None:
+    read = holdings_of([pool("whatever", "10.3.0.0/24")], [])
+    assert read.holdings == [] and read.objects == 1
+
+
+def test_node_slice_pools_name_network_and_node_and_carry_the_slices() -> None:
+    node_slices = slices("red", {"10.9.0.64/26": "node-a-1", "10.9.0.0/26": "node-b"})
+    pools = [
+        pool("red-node-a-1-10.9.0.64-26", "10.9.0.64/26", {"1": WEB}),
+        pool("red-node-b-10.9.0.0-26", "10.9.0.0/26"),
+    ]
+    read = holdings_of(pools, [node_slices])
+    address, *slice_holdings = read.holdings
+    assert (address.text, address.pool, address.owner.node) == (
+        "10.9.0.65",
+        PoolId("red", 4),
+        "node-a-1",
+    )
+    assert address.range.text == "10.9.0.0/24"  # the whole range describes its block
+    assert sorted((h.text, h.owner.node, h.address) for h in slice_holdings) == [
+        ("10.9.0.0/26", "node-b", 0),
+        ("10.9.0.64/26", "node-a-1", 1),
+    ]
+    for holding in slice_holdings:
+        assert holding.owner.ifname == SLICE_IFNAME
+        assert holding.pool.network == "red#node-slices 10.9.0.0/24 /26"
+        assert holding.source == "NodeSlicePool kube-system/red"
+
+
+def test_without_a_network_name_a_slice_pool_is_named_by_its_node() -> None:
+    """The NodeSlicePool is then named after the NAD's config name, and says nothing."""
+    node_slices = slices("my-nad", {"10.9.0.128/26": "node-c"})
+    read = holdings_of([pool("node-c-10.9.0.128-26", "10.9.0.128/26", {"2": WEB})], [node_slices])
+    address, held_slice = read.holdings
+    assert address.pool == PoolId("", 4) and address.owner.node == "node-c"
+    assert held_slice.pool.network == "#node-slices 10.9.0.0/24 /26"
+
+
+def test_a_gone_nodes_slice_pool_reads_by_its_network_or_refuses_when_ambiguous() -> None:
+    """A deleted node no longer holds its slice: a named network still reads; without one,
+    "<node>-<slice>" could as well be the plain pool of a network named like the node."""
+    node_slices = slices("red", {})
+    named = pool("red-gone-10.9.0.64-26", "10.9.0.64/26", {"1": WEB})
+    assert pool_identity(named, [node_slices]) == ("red", "gone", node_slices)
+    unnamed = pool("gone-10.9.0.64-26", "10.9.0.64/26", {"1": WEB})
+    with pytest.raises(WhereaboutsPoolError, match="which no node holds now"):
+        holdings_of([unnamed], [node_slices])
+
+
+def test_a_node_slice_pool_whose_network_no_ippool_names_is_left_out_with_a_note() -> None:
+    read = holdings_of([], [slices("red", {"10.9.0.0/26": "node-a"})])
+    assert read.holdings == []
+    (note,) = read.notes
+    assert "NodeSlicePool kube-system/red" in note and "afresh" in note
+
+
+def test_a_plain_pool_whose_range_is_not_a_slice_stays_plain() -> None:
+    other = slices("red", {"10.9.0.0/26": "node-a"})
+    plain = pool("green-10.9.0.0-25", "10.9.0.0/25", {"1": WEB})
+    assert pool_identity(plain, [other]) == ("green", "", None)
