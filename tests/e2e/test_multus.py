@@ -43,7 +43,9 @@ def nad(cluster: ControlPlane, master: str, cidr: str, **ipam: Any) -> str:
 
 def pool_usage(cluster: ControlPlane, network: str) -> dict[str, int]:
     """What `kubectl get ippools` says of the pool: allocated and free, summed over its blocks."""
-    listed = json.loads(cluster.kubectl("get", "ippools", "-n", "kube-system", "-o", "json"))
+    listed = json.loads(
+        cluster.kubectl("get", "ippools.pyabouts.io", "-n", "kube-system", "-o", "json")
+    )
     mine = [i for i in listed["items"] if i["spec"]["network"] == network]
     return {
         "allocated": sum(i["status"]["allocated"] for i in mine),
@@ -53,7 +55,9 @@ def pool_usage(cluster: ControlPlane, network: str) -> dict[str, int]:
 
 def pool_holders(cluster: ControlPlane, network: str) -> dict[str, str]:
     """Offset in block -> podRef, for the pool's first block."""
-    listed = json.loads(cluster.kubectl("get", "ippools", "-n", "kube-system", "-o", "json"))
+    listed = json.loads(
+        cluster.kubectl("get", "ippools.pyabouts.io", "-n", "kube-system", "-o", "json")
+    )
     return {
         offset: owner.get("podRef", "")
         for item in listed["items"]
@@ -83,7 +87,7 @@ def test_a_nad_by_name_gives_net1_a_pool_address_listed_in_network_status(
         ["198.51.100.1"],
     )
     assert pool_usage(node.cluster, blue) == {"allocated": 1, "free": 253}
-    table = node.cluster.kubectl("get", "ippools", "-n", "kube-system")
+    table = node.cluster.kubectl("get", "ippools.pyabouts.io", "-n", "kube-system")
     assert any(blue in line and " 1 " in line for line in table.splitlines()), table
 
 

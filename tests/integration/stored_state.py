@@ -46,7 +46,9 @@ def stored_allocations(server: EtcdServer, network: str) -> dict[str, dict[str, 
 
 def stored(cluster: ControlPlane, network: str) -> dict[str, str]:
     """address -> containerID as the IPPools hold them; checks each object's status on the way."""
-    listed = json.loads(cluster.kubectl("get", "ippools", "-n", "kube-system", "-o", "json"))
+    listed = json.loads(
+        cluster.kubectl("get", "ippools.pyabouts.io", "-n", "kube-system", "-o", "json")
+    )
     held: dict[str, str] = {}
     for item in listed["items"]:
         spec = item["spec"]

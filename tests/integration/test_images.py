@@ -13,11 +13,18 @@ import json
 import subprocess
 import tarfile
 import time
+import tomllib
 
 import pytest
 
 from deploy.local.container_images import TEST_IMAGE, busybox_archive
-from deploy.local.project_image import BuiltImage, debian_base, project_image, project_version
+from deploy.local.project_image import (
+    REPO_ROOT,
+    BuiltImage,
+    debian_base,
+    project_image,
+    project_version,
+)
 from pyabouts.plugin.cni import render_version
 
 pytestmark = [
@@ -70,7 +77,14 @@ def test_the_project_image_is_tagged_with_the_package_version(image: BuiltImage)
     assert image.name == f"localhost/pyabouts:{project_version()}"
 
 
-@pytest.mark.parametrize("command", ["pyabouts-agent", "pyabouts-reconciler", "pyabouts-install"])
+def console_scripts() -> list[str]:
+    """The package's commands but the node plugin (which speaks CNI, not --help)."""
+    with (REPO_ROOT / "pyproject.toml").open("rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    return sorted(name for name in scripts if name != "pyabouts")
+
+
+@pytest.mark.parametrize("command", console_scripts())
 def test_every_entry_point_answers(image: BuiltImage, command: str) -> None:
     done = podman_run(image.name, command, "--help")
     assert done.returncode == 0, done.stderr

@@ -23,7 +23,9 @@ pytestmark = pytest.mark.integration
 
 
 def ippools(cluster: ControlPlane, network: str, namespace: str = "kube-system") -> list[Any]:
-    listed = json.loads(cluster.kubectl("get", "ippools", "-n", namespace, "-o", "json"))
+    listed = json.loads(
+        cluster.kubectl("get", "ippools.pyabouts.io", "-n", namespace, "-o", "json")
+    )
     return [i for i in listed["items"] if i["spec"]["network"] == network]
 
 
@@ -90,10 +92,14 @@ def test_kubectl_shows_range_usage_and_explains_the_fields(
         "3",
         "251",
     ]
-    explained = pyabouts_cluster.kubectl("explain", "ippools.spec")
+    explained = pyabouts_cluster.kubectl(
+        "explain", "ippools.spec", "--api-version=pyabouts.io/v1alpha1"
+    )
     for field in ("allocations", "capacity", "cidr", "network", "range"):
         assert field in explained
-    assert "offset in the block" in pyabouts_cluster.kubectl("explain", "ippools.spec.allocations")
+    assert "offset in the block" in pyabouts_cluster.kubectl(
+        "explain", "ippools.spec.allocations", "--api-version=pyabouts.io/v1alpha1"
+    )
 
 
 def test_every_command_through_the_executable(
