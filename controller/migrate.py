@@ -22,13 +22,15 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from pyabouts.controller.connect import connect, read_settings
+from pyabouts.controller.pods import PodReader
 from pyabouts.controller.text_tables import format_table
 from pyabouts.controller.whereabouts_pools import (
     Read,
@@ -95,7 +97,11 @@ def run(args: argparse.Namespace) -> int:
         return _fail(error.msg)
     try:
         read = holdings_of(*read_whereabouts(connections.api_client))
-        results = store_holdings(connections.store, read.holdings, dry_run=args.dry_run)
+        # Listed after the pools were read: a pod missing here is gone (see bring_over).
+        live_pods = set(PodReader(connections.api_client).list_all().pods)
+        results = store_holdings(
+            connections.store, read.holdings, dry_run=args.dry_run, live_pods=live_pods
+        )
     except WhereaboutsPoolError as error:
         return _fail(
             "cannot read whereabouts' pools, nothing changed:\n  " + "\n  ".join(error.problems)
@@ -120,7 +126,11 @@ def user_kubeconfig() -> str | None:
 
 
 def store_holdings(
-    store: PoolStore, holdings: Sequence[Holding], *, dry_run: bool
+    store: PoolStore,
+    holdings: Sequence[Holding],
+    *,
+    dry_run: bool,
+    live_pods: Collection[str] | None = None,
 ) -> list[tuple[Holding, Result]]:
     """Bring `holdings` over in one transaction (a dry run only reads)."""
     bounds: dict[PoolId, tuple[int, int]] = {}
@@ -132,7 +142,7 @@ def store_holdings(
     return run_span_transaction(
         store,
         spans,
-        lambda view: bring_over(view, holdings, dry_run=dry_run),
+        lambda view: bring_over(view, holdings, dry_run=dry_run, live_pods=live_pods),
         deadline=time.monotonic() + DEADLINE,
         before_write=lambda changed: describe_blocks(changed, ranges),
     )
@@ -166,14 +176,15 @@ def _network(holding: Holding) -> str:
 def _print_results(
     read: Read, results: Sequence[tuple[Holding, Result]], *, dry_run: bool, output: str
 ) -> None:
-    added = sum(1 for _, r in results if r is Result.ADDED)
-    present = len(results) - added
+    counts = Counter(result for _, result in results)
+    added, present, gone = (counts[r] for r in (Result.ADDED, Result.PRESENT, Result.POD_GONE))
     if output == "json":
         document = {
             "dryRun": dry_run,
             "objectsRead": read.objects,
             "added": added,
             "present": present,
+            "podGone": gone,
             "holdings": [
                 {"result": result.value, **holding_document(holding)} for holding, result in results
             ],
@@ -193,7 +204,8 @@ def _print_results(
     if rows:
         print(format_table(headers, rows))
     summary = (
-        f"{read.objects} whereabouts object(s) read: {added} {verb}, {present} already present"
+        f"{read.objects} whereabouts object(s) read: {added} {verb}, {present} already present, "
+        f"{gone} left out (pod gone)"
     )
     print(summary + (" (dry run: nothing written)" if dry_run else ""))
     for note in read.notes:

@@ -79,7 +79,7 @@ class PodReader:
     def list_all(self) -> PodListing:
         pods: dict[str, PodState] = {}
         version = ""
-        for page in self._pages(self._api.list_pod_for_all_namespaces):
+        for page in list_pages(self._api.list_pod_for_all_namespaces):
             for item in page.get("items") or []:
                 state = pod_state(item)
                 pods[state.ref] = state
@@ -90,32 +90,15 @@ class PodReader:
         """The names of the cluster's nodes (for node slices: a node gone gives its back)."""
         return {
             str((item.get("metadata") or {}).get("name", ""))
-            for page in self._pages(self._api.list_node)
+            for page in list_pages(self._api.list_node)
             for item in page.get("items") or []
         }
-
-    def _pages(self, list_call: Callable[..., Any]) -> Iterator[dict[str, Any]]:
-        """A list, page by page; the last page's metadata carries the list's resourceVersion."""
-        token: str | None = None
-        while True:
-            page = self._json(
-                list_call(
-                    limit=LIST_PAGE,
-                    _continue=token,
-                    _preload_content=False,
-                    _request_timeout=REQUEST_TIMEOUT,
-                )
-            )
-            yield page
-            token = (page.get("metadata") or {}).get("continue") or None
-            if token is None:
-                return
 
     def read(self, ref: str) -> PodState | None:
         """The pod "namespace/name", or None if there is none."""
         namespace, _, name = ref.partition("/")
         try:
-            pod = self._json(
+            pod = _json(
                 self._api.read_namespaced_pod(
                     name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
                 )
@@ -126,10 +109,28 @@ class PodReader:
             raise
         return pod_state(pod)
 
-    @staticmethod
-    def _json(response: Any) -> dict[str, Any]:
-        body: dict[str, Any] = json.loads(response.data)
-        return body
+
+def list_pages(list_call: Callable[..., Any]) -> Iterator[dict[str, Any]]:
+    """A list, page by page; the last page's metadata carries the list's resourceVersion."""
+    token: str | None = None
+    while True:
+        page = _json(
+            list_call(
+                limit=LIST_PAGE,
+                _continue=token,
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+        )
+        yield page
+        token = (page.get("metadata") or {}).get("continue") or None
+        if token is None:
+            return
+
+
+def _json(response: Any) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(response.data)
+    return body
 
 
 def _epoch(timestamp: object) -> float:

@@ -12,14 +12,16 @@ stored nowhere but in these names, so it is read back from them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import netaddr
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
+from pyabouts.controller.pods import list_pages
 from pyabouts.ipam.migration import Holding
 from pyabouts.ipam.pool import Family, Owner, PoolId
 from pyabouts.ipam.ranges import RangeError, build_range
@@ -27,7 +29,6 @@ from pyabouts.ipam.slices import SlicedRange, parse_slice_size, slice_holder
 
 GROUP = "whereabouts.cni.cncf.io"
 VERSION = "v1alpha1"
-PAGE = 250
 
 
 class WhereaboutsPoolError(Exception):
@@ -268,18 +269,9 @@ def _family(text: str) -> Family:
 
 
 def _list(api: k8s.CustomObjectsApi, plural: str) -> Iterator[dict[str, Any]]:
-    token: str | None = None
-    while True:
-        kwargs: dict[str, Any] = {"limit": PAGE}
-        if token:
-            kwargs["_continue"] = token
-        page = cast(
-            dict[str, Any], api.list_cluster_custom_object(GROUP, VERSION, plural, **kwargs)
-        )
-        yield from page.get("items", [])
-        token = page.get("metadata", {}).get("continue")
-        if not token:
-            return
+    call = functools.partial(api.list_cluster_custom_object, GROUP, VERSION, plural)
+    for page in list_pages(call):
+        yield from page.get("items") or []
 
 
 def _ippool(item: Mapping[str, Any]) -> WhereaboutsPool:

@@ -7,13 +7,13 @@ pod's interface), and nothing else is given an address that is held.
 
 A holding that pyabouts already stores for the same pod interface (an earlier run, or an ADD
 since) is left as it is. One that pyabouts stores for somebody else is a conflict: then nothing
-is changed at all, and every conflict is named.
+is changed at all, and every conflict is named. One whose pod is gone is left out.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import netaddr
@@ -51,6 +51,7 @@ class Holding:
 class Result(enum.StrEnum):
     ADDED = "added"  # stored now (or, in a dry run, would be)
     PRESENT = "present"  # pyabouts already stores it for the same holder
+    POD_GONE = "pod-gone"  # held for a pod that no longer exists: a leak, not brought over
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +72,18 @@ class MigrationConflictError(Exception):
 
 
 def bring_over(
-    view: PoolView, holdings: Sequence[Holding], *, dry_run: bool
+    view: PoolView,
+    holdings: Sequence[Holding],
+    *,
+    dry_run: bool,
+    live_pods: Collection[str] | None = None,
 ) -> list[tuple[Holding, Result]]:
     """Store each holding in `view` (unless `dry_run`), and say which were there already.
+
+    With `live_pods` ("namespace/name", listed after the holdings were read), an address held
+    for a pod not among them is left out: its pod is gone, and the holding a leak (the other
+    IPAM missed its DEL, or was frozen when it came). pyabouts may since have given the
+    address to somebody else, which is then no conflict.
 
     Raises MigrationConflictError, having changed nothing, when any holding conflicts.
     """
@@ -81,6 +91,10 @@ def bring_over(
     conflicts: list[Conflict] = []
     first_seen: dict[tuple[PoolId, int], Holding] = {}
     for holding in holdings:
+        pod = holding.owner.pod
+        if live_pods is not None and holding.sliced is None and pod and pod not in live_pods:
+            results.append((holding, Result.POD_GONE))
+            continue
         earlier = first_seen.setdefault((holding.pool, holding.address), holding)
         if earlier is not holding and not _same_holder(earlier.owner, holding):
             conflicts.append(Conflict(holding, earlier.owner, earlier.source))

@@ -25,12 +25,19 @@ import pytest
 from deploy.local import whereabouts_install
 from deploy.local.controlplane import ControlPlane
 from deploy.local.netns import CniCall
-from deploy.local.pod_objects import create_namespace, create_node, delete_node
+from deploy.local.pod_objects import (
+    create_namespace,
+    create_node,
+    create_pod,
+    delete_node,
+    delete_pod,
+)
 from deploy.local.pod_runtime import create_nad, install_nad_crd
 from pyabouts.ipam.pool import Owner
 from pyabouts.ipam.slices import REGISTRY_MARK
 from tests.integration.plugin_fixtures import kubernetes_datastore
 from tests.integration.plugin_processes import cni
+from tests.integration.reconciler_env import reconcile_once
 from tests.integration.stored_state import kubernetes_store
 
 pytestmark = pytest.mark.integration
@@ -123,7 +130,7 @@ def mine(document: dict[str, Any], networks: set[str], ranges: list[str]) -> lis
 
 
 def pyabouts_add(
-    cluster: ControlPlane, ipam: dict[str, Any], pod: str, *, node: str = ""
+    cluster: ControlPlane, ipam: dict[str, Any], pod: str, *, node: str = "", uid: str = ""
 ) -> list[str]:
     """pyabouts' ADD for `pod`'s net1 from a new sandbox (the pod re-created on the switch)."""
     conf = {
@@ -137,7 +144,7 @@ def pyabouts_add(
         "ADD",
         conf,
         f"pa-{pod}-{uuid.uuid4().hex[:6]}",
-        pod_args(pod, uid=str(uuid.uuid4())),
+        pod_args(pod, uid=uid or str(uuid.uuid4())),
         extra_env={"NODE_NAME": node} if node else None,
     )
     return [ip["address"].split("/")[0] for ip in call.expect_success()["ips"]]
@@ -163,13 +170,14 @@ def unique_ranges() -> tuple[str, str]:
 
 
 def test_a_dual_stack_network_moves_over_without_re_addressing_a_pod(
-    whereabouts: Whereabouts, flat_file: Path
+    whereabouts: Whereabouts, flat_file: Path, reconciler_kubeconfig: Path
 ) -> None:
     cluster = whereabouts.cluster
     v4, v6 = unique_ranges()
     # No network_name: whereabouts names these pools after the ranges alone.
     ipam: dict[str, Any] = {"ipRanges": [{"range": v4}, {"range": v6}]}
-    pods = [f"web-{i}" for i in range(5)]
+    pods = [f"web-{uuid.uuid4().hex[:6]}-{i}" for i in range(5)]
+    uids = {pod: create_pod(cluster, NAMESPACE, pod) for pod in pods}
     given = {pod: whereabouts.add(ipam, pod) for pod in pods}
     whereabouts.delete(ipam, pods[-1])  # freed in whereabouts: nothing to bring over
     kept = {pod: given[pod] for pod in pods[:-1]}
@@ -190,15 +198,31 @@ def test_a_dual_stack_network_moves_over_without_re_addressing_a_pod(
     assert sorted(h["address"] for h in again) == sorted(h["address"] for h in moved)
     assert {h["result"] for h in again} == {"present"}
 
+    # A pod deleted after the migration, its DEL gone to whereabouts: pyabouts' reconciler
+    # frees what was brought over for it, and keeps what live pods hold.
+    gone, *alive = kept
+    delete_pod(cluster, NAMESPACE, gone)
+    reconcile_once(flat_file, reconciler_kubeconfig)
+    left = stored(cluster, "")
+    assert not set(kept[gone]) & set(left)
+    assert all(left[a].pod == f"{NAMESPACE}/{pod}" for pod in alive for a in kept[pod])
+
     # The NAD now says pyabouts: the same pods get the same addresses, new pods others.
     pyabouts_ipam = {"ipRanges": [{"range": v4}, {"range": v6}]}
-    for pod, addresses in kept.items():
-        assert pyabouts_add(cluster, pyabouts_ipam, pod) == addresses
-    held = {a for addrs in kept.values() for a in addrs}
+    for pod in alive:
+        assert pyabouts_add(cluster, pyabouts_ipam, pod, uid=uids[pod]) == kept[pod]
+    held = {a for pod in alive for a in kept[pod]}
     for i in range(3):
         fresh = pyabouts_add(cluster, pyabouts_ipam, f"new-{i}")
         assert not set(fresh) & held, fresh
         held |= set(fresh)
+    # The runbook's check after the switch: the gone pod's addresses, given again by now, are
+    # left out as whereabouts' leaks, not taken for conflicts.
+    final = {h["pod"]: h["result"] for h in mine(migrate_json(flat_file), {""}, [v4, v6])}
+    assert final == {f"{NAMESPACE}/{gone}": "pod-gone"} | {
+        f"{NAMESPACE}/{pod}": "present" for pod in alive
+    }
+    assert set(kept[gone]) <= set(stored(cluster, ""))  # given to new pods meanwhile
 
 
 def test_it_refuses_when_pyabouts_gives_an_address_to_somebody_else(
@@ -207,6 +231,8 @@ def test_it_refuses_when_pyabouts_gives_an_address_to_somebody_else(
     network = f"wb-{uuid.uuid4().hex[:6]}"
     v4, _ = unique_ranges()
     ipam = {"range": v4, "network_name": network}
+    for pod in ("first", "second", "third"):
+        create_pod(pyabouts_cluster, NAMESPACE, pod)
     whereabouts.add(ipam, "first")
     migrate_json(flat_file)
     # pyabouts serves a pod before whereabouts was stopped, and whereabouts, knowing nothing of
@@ -386,6 +412,7 @@ def test_node_slices_move_over_with_their_nodes(
         pods = {f"{node}-pod-{i}": node for node in nodes for i in range(3)}
         given = {}
         for pod, node in pods.items():
+            create_pod(pyabouts_cluster, NAMESPACE, pod, node=node)
             (address,) = whereabouts.add(ipam, pod, node=node)
             assert netaddr.IPAddress(address) in netaddr.IPNetwork(slices[node])
             given[pod] = address

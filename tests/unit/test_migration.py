@@ -74,6 +74,20 @@ def test_conflicts_change_nothing_and_are_all_named() -> None:
     assert view.owner(POOL, BASE + 3) is None
 
 
+def test_a_gone_pods_holding_is_left_out_even_where_pyabouts_gave_its_address_again() -> None:
+    view = PoolView([])
+    view.assign(POOL, BASE + 1, Owner(container_id="x", ifname="net1", pod="default/new"))
+    holdings = [holding(1, "gone"), holding(2, "alive"), holding(3, "also-gone")]
+    results = bring_over(view, holdings, dry_run=False, live_pods={"default/alive"})
+    assert [(h.owner.pod, r) for h, r in results] == [
+        ("default/gone", Result.POD_GONE),
+        ("default/alive", Result.ADDED),
+        ("default/also-gone", Result.POD_GONE),
+    ]
+    assert view.owner(POOL, BASE + 3) is None
+    assert view.owner(POOL, BASE + 1) == Owner(container_id="x", ifname="net1", pod="default/new")
+
+
 def test_a_node_keeps_its_slice_and_one_holding_another_is_a_conflict() -> None:
     sliced = SlicedRange(RANGE, 26)
     view = PoolView([])
