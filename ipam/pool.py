@@ -49,6 +49,9 @@ class Owner:
     pod_uid: str = ""  # K8S_POD_UID: tells a re-created pod of the same name from the old one
     node: str = ""  # the node that allocated it; "" in entries stored before nodes were recorded
     cni_network: str = ""  # the network configuration's `name` it was allocated for
+    # When it was given (Unix seconds; 0: not recorded). Not part of who holds it: an ADD that
+    # finds its own entry leaves it, time and all.
+    allocated_at: int = field(default=0, compare=False)
 
     @property
     def attachment(self) -> tuple[str, str]:
@@ -60,8 +63,9 @@ class Owner:
 class Block:
     """One stored block: address -> owner, and the store's version of it (None: not stored).
 
-    `range_text` and `capacity` are for people reading the store: the configured range that
-    last wrote the block, and how many of the block's addresses that range may give.
+    `range_text`, `capacity` and `range_size` are for people reading the store: the configured
+    range that last wrote the block, how many of the block's addresses that range may give, and
+    how many it may give in all (0: not recorded).
     Change `entries` only through put() and pop(), which keep the owner index current.
     """
 
@@ -70,6 +74,7 @@ class Block:
     revision: str | None = None
     range_text: str = ""
     capacity: int = 0
+    range_size: int = 0
     _holders: dict[tuple[str, str], set[int]] | None = field(
         default=None, init=False, compare=False, repr=False
     )
@@ -79,7 +84,14 @@ class Block:
         return self.key.base + BLOCK_SIZE - 1
 
     def copy(self) -> Block:
-        return Block(self.key, dict(self.entries), self.revision, self.range_text, self.capacity)
+        return Block(
+            self.key,
+            dict(self.entries),
+            self.revision,
+            self.range_text,
+            self.capacity,
+            self.range_size,
+        )
 
     def held_by(self, identity: tuple[str, str]) -> set[int]:
         """Addresses of this block held under `identity` (see _identities); built on first use."""

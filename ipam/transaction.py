@@ -169,14 +169,16 @@ def _back_off(
 
 
 def describe_blocks(blocks: Sequence[Block], ranges: Sequence[AddressRange]) -> None:
-    """Record on each block the range that writes it and how much of the block it may give."""
+    """Record on each block the range that writes it, how much of the block it may give, and
+    how much in all."""
     for block in blocks:
         counts = [
-            (rng.count_within(block.key.base, block.last), rng.text)
+            (rng.count_within(block.key.base, block.last), rng.text, rng.size)
             for rng in ranges
             if rng.pool == block.key.pool
         ]
-        block.capacity, block.range_text = max(counts, default=(block.capacity, block.range_text))
+        kept = (block.capacity, block.range_text, block.range_size)
+        block.capacity, block.range_text, block.range_size = max(counts, default=kept)
 
 
 def _read(store: PoolStore, spans: Sequence[Span]) -> list[Block]:

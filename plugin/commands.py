@@ -75,6 +75,7 @@ def _add(
         pod_uid=cni_args.get("K8S_POD_UID", ""),
         node=backend.node,
         cni_network=config.netconf.name,
+        allocated_at=int(time.time()),
     )
     addresses = operations.allocate(
         transactions,

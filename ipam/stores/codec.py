@@ -17,11 +17,11 @@ def block_cidr(key: BlockKey) -> str:
 
 def block_document(block: Block) -> dict[str, Any]:
     """The block as stored: where it is, the range that writes it, and who holds what."""
-    allocations: dict[str, dict[str, str]] = {}
+    allocations: dict[str, dict[str, str | int]] = {}
     for address, owner in sorted(block.entries.items()):
         if not block.key.base <= address <= block.last:
             raise ValueError(f"address {address} is not in block {block_cidr(block.key)}")
-        entry = {"containerID": owner.container_id, "ifname": owner.ifname}
+        entry: dict[str, str | int] = {"containerID": owner.container_id, "ifname": owner.ifname}
         for key, value in (
             ("podRef", owner.pod),
             ("podUID", owner.pod_uid),
@@ -30,12 +30,16 @@ def block_document(block: Block) -> dict[str, Any]:
         ):
             if value:
                 entry[key] = value
+        if owner.allocated_at:
+            entry["allocated"] = owner.allocated_at
         allocations[str(address - block.key.base)] = entry
     return {
         "network": block.key.pool.network,
         "cidr": block_cidr(block.key),
         "range": block.range_text,
         "capacity": block.capacity,
+        # A string: an IPv6 range's size does not fit the 64-bit integers of JSON parsers.
+        **({"rangeSize": str(block.range_size)} if block.range_size else {}),
         "allocations": allocations,
     }
 
@@ -61,6 +65,7 @@ def block_from_document(key: BlockKey, document: dict[str, Any], revision: str) 
             pod_uid=str(entry.get("podUID", "")),
             node=str(entry.get("node", "")),
             cni_network=str(entry.get("cniNetwork", "")),
+            allocated_at=_whole_number(entry.get("allocated", 0)),
         )
     return Block(
         key,
@@ -68,7 +73,17 @@ def block_from_document(key: BlockKey, document: dict[str, Any], revision: str) 
         revision,
         range_text=str(document.get("range", "")),
         capacity=int(document.get("capacity", 0)),
+        range_size=_whole_number(_decimal(document.get("rangeSize"))),
     )
+
+
+def _decimal(value: object) -> int:
+    return int(value) if isinstance(value, str) and value.isdigit() else 0
+
+
+def _whole_number(value: object) -> int:
+    """A count or a time as stored; 0 (not recorded) for anything else, as these only inform."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _corrupt(key: BlockKey, reason: str) -> CniError:

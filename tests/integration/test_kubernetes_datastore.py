@@ -36,17 +36,20 @@ def test_every_field_round_trips_through_the_apiserver(pyabouts_cluster: Control
     written = Block(
         key,
         {
-            key.base + 1: Owner("c1", "net1", "ns/p1", "uid-1", "node-a", "macvlan-net"),
+            key.base + 1: Owner(
+                "c1", "net1", "ns/p1", "uid-1", "node-a", "macvlan-net", 1764770000
+            ),
             key.base + 255: Owner("c2", "eth0"),
         },
         range_text="2001:db8::/64",
         capacity=256,
+        range_size=(1 << 64) - 2,  # beyond a 64-bit integer
     )
     store = kubernetes_store(str(pyabouts_cluster.kubeconfig))
     assert store.write_blocks([written]).conflicts == []
     stored = json.loads(
         pyabouts_cluster.kubectl(
-            "get", "ippool", object_name(key), "-n", "kube-system", "-o", "json"
+            "get", "ippools.pyabouts.io", object_name(key), "-n", "kube-system", "-o", "json"
         )
     )
     assert stored["spec"] == {
@@ -54,6 +57,7 @@ def test_every_field_round_trips_through_the_apiserver(pyabouts_cluster: Control
         "cidr": "2001:db8::ffff:ffff:ff00/120",
         "range": "2001:db8::/64",
         "capacity": 256,
+        "rangeSize": "18446744073709551614",
         "allocations": {
             "1": {
                 "containerID": "c1",
@@ -62,6 +66,7 @@ def test_every_field_round_trips_through_the_apiserver(pyabouts_cluster: Control
                 "podUID": "uid-1",
                 "node": "node-a",
                 "cniNetwork": "macvlan-net",
+                "allocated": 1764770000,
             },
             "255": {"containerID": "c2", "ifname": "eth0"},
         },
@@ -70,6 +75,8 @@ def test_every_field_round_trips_through_the_apiserver(pyabouts_cluster: Control
     assert stored["metadata"]["labels"]["pyabouts.io/family"] == "6"
     [read] = store.read_blocks(pool, key.base, key.base + 255)
     assert (read.entries, read.range_text, read.capacity) == (written.entries, "2001:db8::/64", 256)
+    assert read.range_size == written.range_size
+    assert read.entries[key.base + 1].allocated_at == 1764770000  # not part of Owner's equality
     store.close()
 
 
