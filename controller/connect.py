@@ -7,6 +7,7 @@ service account, as a CronJob or Deployment does.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from pyabouts.ipam.stores.kubeconfig import DEFAULT_NAMESPACE, load_kubeconfig
 from pyabouts.ipam.stores.kubernetes import KubernetesStore
 
 IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+USER_KUBECONFIG = Path("~/.kube/config")
 STORE_TIMEOUT = 30.0  # seconds for one datastore request
 
 
@@ -61,6 +63,23 @@ def connect(
     else:
         store = KubernetesStore.from_configuration(configuration, namespace, timeout=STORE_TIMEOUT)
     return Connections(store, k8s.ApiClient(configuration), namespace)
+
+
+def connect_operator(
+    config_path: str | None, kubeconfig: str | None, namespace: str
+) -> Connections:
+    """connect() for the tools an operator runs by hand (the migration, the kubectl plugin):
+    the kubeconfig given, else the flat file's, else the one kubectl would use; the IPPools in
+    `namespace`."""
+    settings = read_settings(config_path)
+    kubeconfig = kubeconfig or settings.kubernetes.kubeconfig or user_kubeconfig()
+    return connect(settings, kubeconfig, namespace)
+
+
+def user_kubeconfig() -> str | None:
+    """The kubeconfig kubectl would use, when there is one."""
+    path = Path(os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or USER_KUBECONFIG)
+    return str(path.expanduser()) if path.expanduser().is_file() else None
 
 
 def _in_cluster() -> tuple[k8s.Configuration, str]:

@@ -19,17 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Collection, Sequence
-from pathlib import Path
 
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from pyabouts.controller.connect import connect, read_settings
+from pyabouts.controller.connect import connect_operator
 from pyabouts.controller.pods import PodReader
 from pyabouts.controller.text_tables import format_table
 from pyabouts.controller.whereabouts_pools import (
@@ -57,7 +55,6 @@ log = logging.getLogger("pyabouts.migrate")
 DEADLINE = 120.0  # seconds for the transaction, conflicts with running nodes included
 EXIT_REFUSED = 1
 EXIT_FAILED = 2
-USER_KUBECONFIG = Path("~/.kube/config")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -90,9 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run(args: argparse.Namespace) -> int:
     """One migration; the exit code. Errors are one line on stderr."""
     try:
-        settings = read_settings(args.config)
-        kubeconfig = args.kubeconfig or settings.kubernetes.kubeconfig or user_kubeconfig()
-        connections = connect(settings, kubeconfig, args.namespace)
+        connections = connect_operator(args.config, args.kubeconfig, args.namespace)
     except CniError as error:
         return _fail(error.msg)
     try:
@@ -117,12 +112,6 @@ def run(args: argparse.Namespace) -> int:
         connections.close()
     _print_results(read, results, dry_run=args.dry_run, output=args.output)
     return 0
-
-
-def user_kubeconfig() -> str | None:
-    """The kubeconfig kubectl would use, when there is one: an operator runs this by hand."""
-    path = Path(os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or USER_KUBECONFIG)
-    return str(path.expanduser()) if path.expanduser().is_file() else None
 
 
 def store_holdings(

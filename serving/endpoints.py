@@ -11,7 +11,6 @@ import socket
 import socketserver
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from functools import partial
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 from pyabouts.ipam.pool import Block
+from pyabouts.ipam.pool_report import pool_usage
 from pyabouts.serving.listen import parse_listen
 from pyabouts.serving.workers import BoundedWorkers
 
@@ -39,7 +39,8 @@ BUSY_REPLY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
 def pool_usage_gauge(registry: CollectorRegistry) -> Gauge:
     return Gauge(
         "pyabouts_pool_addresses",
-        "Addresses of each pool's stored blocks: total (that its ranges may give), used, free.",
+        "Addresses of each pool: total (that its ranges may give, over the whole of each range), "
+        "used, free.",
         ["network", "family", "state"],
         registry=registry,
     )
@@ -47,18 +48,12 @@ def pool_usage_gauge(registry: CollectorRegistry) -> Gauge:
 
 def record_pool_usage(gauge: Gauge, blocks: Sequence[Block]) -> None:
     """Set `gauge` (pool_usage_gauge) to the usage of the pools of `blocks`, and only those."""
-    totals: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-    for block in blocks:
-        pool = block.key.pool
-        counts = totals[(pool.network, str(pool.family))]
-        counts[0] += block.capacity
-        counts[1] += len(block.entries)
     gauge.clear()
-    for (network, family), (total, used) in totals.items():
-        labels = {"network": network, "family": family}
-        gauge.labels(**labels, state="total").set(total)
-        gauge.labels(**labels, state="used").set(used)
-        gauge.labels(**labels, state="free").set(max(0, total - used))
+    for usage in pool_usage(blocks):
+        labels = {"network": usage.pool.network, "family": str(usage.pool.family)}
+        gauge.labels(**labels, state="total").set(usage.total)
+        gauge.labels(**labels, state="used").set(usage.used)
+        gauge.labels(**labels, state="free").set(usage.free)
 
 
 class Liveness(Protocol):

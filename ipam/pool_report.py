@@ -1,0 +1,108 @@
+"""What operators ask of the stored blocks: each pool's usage, who holds an address, what a pod
+holds. Pure functions of the blocks a store read (no I/O), for `kubectl pyabouts` and the
+pool metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import netaddr
+
+from pyabouts.ipam.pool import Block, Owner, PoolId
+from pyabouts.ipam.ranges import RangeError, build_range
+from pyabouts.ipam.slices import REGISTRY_MARK, is_registry
+
+
+@dataclass(slots=True)
+class PoolUsage:
+    """One pool (a network_name and family) over all its stored blocks."""
+
+    pool: PoolId
+    ranges: dict[str, int] = field(default_factory=dict)  # range text -> addresses it may give
+    used: int = 0
+    blocks: int = 0
+    slices_held: int = 0  # node slices held, over the pool's slice registries
+    slices_total: int = 0
+    slice_sizes: set[str] = field(default_factory=set)  # "/26"
+
+    @property
+    def total(self) -> int:
+        """What the pool's ranges may give, over the whole of each range (blocks never stored
+        included). Overlapping ranges of one network_name are counted once each."""
+        return sum(self.ranges.values())
+
+    @property
+    def free(self) -> int:
+        return max(0, self.total - self.used)
+
+
+@dataclass(frozen=True, slots=True)
+class Holding:
+    """An address held in a pool, and by whom."""
+
+    pool: PoolId
+    address: int
+    owner: Owner
+
+    @property
+    def text(self) -> str:
+        return str(netaddr.IPAddress(self.address, self.pool.family))
+
+
+def pool_usage(blocks: Iterable[Block]) -> list[PoolUsage]:
+    """One PoolUsage per pool, in (network, family) order; slice registries count towards the
+    pool whose range they cut, not as pools of their own."""
+    usage: dict[PoolId, PoolUsage] = {}
+    for block in blocks:
+        pool = block.key.pool
+        if is_registry(pool):
+            base, _, cut = pool.network.partition(REGISTRY_MARK)
+            row = usage.setdefault(PoolId(base, pool.family), PoolUsage(PoolId(base, pool.family)))
+            row.slices_held += len(block.entries)
+            row.slices_total = max(row.slices_total, block.range_size)
+            row.slice_sizes.add(cut.split()[-1])
+            continue
+        row = usage.setdefault(pool, PoolUsage(pool))
+        row.used += len(block.entries)
+        row.blocks += 1
+        if block.range_text:
+            size = block.range_size or _size_of(block.range_text, pool)
+            row.ranges[block.range_text] = max(row.ranges.get(block.range_text, 0), size)
+    return [usage[pool] for pool in sorted(usage)]
+
+
+def holdings_at(blocks: Iterable[Block], address: netaddr.IPAddress) -> list[Holding]:
+    """Every pool's entry for `address` (one per network_name that gives it)."""
+    wanted = int(address)
+    return [
+        Holding(block.key.pool, wanted, owner)
+        for block in blocks
+        if block.key.pool.family == address.version
+        and not is_registry(block.key.pool)
+        and (owner := block.entries.get(wanted)) is not None
+    ]
+
+
+def holdings_of_pod(blocks: Iterable[Block], pod: str) -> list[Holding]:
+    """Every address held for the pod "namespace/name", in every pool."""
+    return sorted(
+        (h for h in _holdings(blocks) if h.owner.pod == pod),
+        key=lambda h: (h.pool, h.address),
+    )
+
+
+def _holdings(blocks: Iterable[Block]) -> Iterator[Holding]:
+    for block in blocks:
+        if not is_registry(block.key.pool):
+            for address, owner in block.entries.items():
+                yield Holding(block.key.pool, address, owner)
+
+
+def _size_of(text: str, pool: PoolId) -> int:
+    """What a range may give as its text says, for blocks stored before they recorded it
+    (its range_start, range_end and exclusions are not in the text, so this may count more)."""
+    try:
+        return build_range(text, range_start=None, range_end=None, exclude=[], pool=pool).size
+    except RangeError:
+        return 0
