@@ -118,9 +118,10 @@ def _fail(message: str, code: int) -> int:
 
 
 def show_pools(connections: Connections, args: argparse.Namespace) -> tuple[Any, str]:
-    rows = pool_usage(connections.store.read_all_blocks())
+    rows = pool_usage(connections.store.read_all_blocks(), now=int(time.time()))
     documents = [_pool_document(row) for row in rows]
-    headers = ["NETWORK", "FAMILY", "RANGE", "TOTAL", "USED", "FREE", "BLOCKS", "SLICES"]
+    headers = ["NETWORK", "FAMILY", "RANGE", "TOTAL", "USED", "COOLING", "FREE", "BLOCKS"]
+    headers += ["SLICES"]
     table = format_table(
         headers,
         [
@@ -130,6 +131,7 @@ def show_pools(connections: Connections, args: argparse.Namespace) -> tuple[Any,
                 ",".join(d["ranges"]) or "-",
                 str(d["total"]),
                 str(d["used"]),
+                str(d["cooling"]),
                 str(d["free"]),
                 str(d["blocks"]),
                 _slices_cell(d),
@@ -147,6 +149,7 @@ def _pool_document(row: PoolUsage) -> Document:
         "ranges": sorted(row.ranges),
         "total": row.total,
         "used": row.used,
+        "cooling": row.cooling,
         "free": row.free,
         "blocks": row.blocks,
     }
@@ -189,7 +192,7 @@ def _holdings_output(connections: Connections, found: Sequence[Holding]) -> tupl
     pods = _pod_lookup(connections)
     documents = [_holding_document(h, pods(h)) for h in found]
     headers = ["ADDRESS", "NETWORK", "POD", "POD UID", "IFNAME", "CONTAINER", "NODE"]
-    headers += ["ALLOCATED", "POD EXISTS"]
+    headers += ["ALLOCATED", "POD EXISTS", "STATE"]
     rows = [
         [
             d["address"],
@@ -197,10 +200,11 @@ def _holdings_output(connections: Connections, found: Sequence[Holding]) -> tupl
             d["pod"] or "-",
             d["podUID"] or "-",
             d["ifname"],
-            d["containerID"][:12],
+            d["containerID"][:12] or "-",
             d["node"] or "-",
             d["allocated"] or "-",
             d["podExists"],
+            f"resting until {d['coolingUntil']}" if d["coolingUntil"] else "held",
         ]
         for d in documents
     ]
@@ -230,11 +234,6 @@ def _pod_lookup(connections: Connections) -> Callable[[Holding], str]:
 
 def _holding_document(holding: Holding, pod_exists: str) -> Document:
     owner = holding.owner
-    allocated = (
-        datetime.fromtimestamp(owner.allocated_at, UTC).isoformat().replace("+00:00", "Z")
-        if owner.allocated_at
-        else ""
-    )
     return {
         "address": holding.text,
         "network": holding.pool.network,
@@ -245,9 +244,17 @@ def _holding_document(holding: Holding, pod_exists: str) -> Document:
         "containerID": owner.container_id,
         "node": owner.node,
         "cniNetwork": owner.cni_network,
-        "allocated": allocated,
+        "allocated": _time(owner.allocated_at),
+        "coolingUntil": _time(owner.cooling_until),
         "podExists": pod_exists,
     }
+
+
+def _time(seconds: int) -> str:
+    """Unix seconds in RFC 3339 (UTC), as kubectl shows times; "" for 0 (not recorded)."""
+    if not seconds:
+        return ""
+    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
 
 
 def _address(text: str) -> netaddr.IPAddress:
@@ -277,7 +284,8 @@ def release(connections: Connections, args: argparse.Namespace) -> tuple[Any, st
         )
     (holding,) = found
     pod_exists = _pod_lookup(connections)(holding)
-    if pod_exists == "yes" and not args.force:
+    # A resting entry (release_cooldown) holds nothing for its pod: freeing it only ends the rest.
+    if pod_exists == "yes" and not holding.owner.cooling and not args.force:
         raise RefusedError(
             f"{address} is held by pod {holding.owner.pod} ({holding.owner.ifname}), which still "
             "exists: delete the pod, or release it anyway with --force"

@@ -89,6 +89,8 @@ def judge(
     """Why the allocation of `ip` to `owner` is a leak, given its pod as listed; None: keep it."""
     if not owner.pod:
         return None  # not a pod's (no K8S_POD_NAME): nothing to judge it by; CNI GC covers it
+    if owner.cooling:
+        return None  # released already, and resting (release_cooldown): nobody holds it
     if pod is None:
         return Reason.POD_GONE
     if owner.pod_uid and owner.pod_uid != pod.uid:

@@ -7,6 +7,8 @@ already stored, which is what makes retries after a conflict (or a half-written 
 
 from __future__ import annotations
 
+import dataclasses
+import time
 import zlib
 from collections.abc import Collection, Iterator, Sequence
 
@@ -23,13 +25,17 @@ def assign_addresses(
     owner: Owner,
     requested: Sequence[netaddr.IPAddress],
     spread_key: str = "",
+    *,
+    now: int = 0,
 ) -> list[int]:
     """One address per range, in order, for `owner`; see `assign_address`."""
     check_requested(ranges, requested)
     chosen: list[int] = []
     for rng in ranges:
         chosen.append(
-            assign_address(view, rng, owner, requested, taken=chosen, spread_key=spread_key)
+            assign_address(
+                view, rng, owner, requested, taken=chosen, spread_key=spread_key, now=now
+            )
         )
     return chosen
 
@@ -42,14 +48,18 @@ def assign_address(
     *,
     taken: Collection[int] = (),
     spread_key: str = "",
+    now: int = 0,
 ) -> int:
     """The address `owner` gets in `rng`.
 
     A requested address inside the range wins; otherwise the address this pod interface already
-    holds (ADD is idempotent, and the containerID is updated); otherwise the lowest free one,
-    or, with a `spread_key` (a node agent's node name), the lowest free one from the block that
-    key picks on (see block_start). `taken` holds what this request already got from earlier ranges,
-    which may overlap this one.
+    holds (ADD is idempotent, and the containerID is updated), or had and released less than a
+    cooldown ago; otherwise the lowest free one, or, with a `spread_key` (a node agent's node
+    name), the lowest free one from the block that key picks on (see block_start). `taken`
+    holds what this request already got from earlier ranges, which may overlap this one.
+
+    An address cooling down after its release is not free: only once its cooldown has passed
+    (by `now`, Unix seconds) and the range has no other free address is it given again.
     """
     pool = rng.pool
     held = sorted(a for a in view.held_by(pool, owner.attachment) if rng.contains(a))
@@ -58,10 +68,16 @@ def assign_address(
     if wanted is not None:
         holder = view.owner(pool, wanted)
         if holder is not None and holder.attachment != owner.attachment:
-            raise RequestedAddressUnavailableError(
-                f"requested address {_text(rng, wanted)} is already allocated to "
-                f"{holder.attachment[0]} {holder.ifname}",
-            )
+            if holder.cooling and holder.cooling_until > now:
+                raise RequestedAddressUnavailableError(
+                    f"requested address {_text(rng, wanted)} was released and rests until "
+                    f"{_clock(holder.cooling_until)} (release_cooldown)",
+                )
+            if not holder.cooling:
+                raise RequestedAddressUnavailableError(
+                    f"requested address {_text(rng, wanted)} is already allocated to "
+                    f"{holder.attachment[0]} {holder.ifname}",
+                )
         for address in held:
             if address != wanted:
                 view.unassign(pool, address)
@@ -71,10 +87,13 @@ def assign_address(
     else:
         start = block_start(rng, spread_key) if spread_key else rng.first
         free = _first_free(view, rng, start)
+        if free is None and _end_cooldowns(view, rng, now):
+            free = _first_free(view, rng, start)
         if free is None:
             raise RangeExhaustedError(
                 f"range {rng.text} is exhausted: all {rng.size} addresses are allocated"
-                + (f" (network_name {rng.pool.network!r})" if rng.pool.network else ""),
+                + (f" (network_name {rng.pool.network!r})" if rng.pool.network else "")
+                + _resting(view, rng),
             )
         chosen = free
     if view.owner(pool, chosen) != owner:
@@ -101,17 +120,36 @@ def check_requested(ranges: Sequence[AddressRange], requested: Sequence[netaddr.
 
 
 def release_addresses(
-    view: PoolView, ranges: Sequence[AddressRange], container_id: str, ifname: str
+    view: PoolView,
+    ranges: Sequence[AddressRange],
+    container_id: str,
+    ifname: str,
+    *,
+    now: int = 0,
 ) -> list[int]:
-    """Free what (container_id, ifname) holds in the ranges; a newer sandbox's hold is kept."""
+    """Free what (container_id, ifname) holds in the ranges; a newer sandbox's hold is kept.
+    An address given with a cooldown rests from `now` (see release)."""
     freed = [
         (rng, a)
         for rng, a in _held_by(view, ranges, container_id, ifname)
         if view.owner(rng.pool, a) is not None
     ]
     for rng, address in freed:
-        view.unassign(rng.pool, address)
+        release(view, rng.pool, address, now=now)
     return [a for _, a in freed]
+
+
+def release(view: PoolView, pool: PoolId, address: int, *, now: int) -> None:
+    """Free `address`: at once, or, when it was given with a cooldown, by leaving a resting
+    entry that keeps it from everybody but its former pod interface until `now` + cooldown."""
+    owner = view.owner(pool, address)
+    if owner is None or owner.cooling:
+        return
+    if owner.cooldown and now:
+        resting = dataclasses.replace(owner, container_id="", cooling_until=now + owner.cooldown)
+        view.assign(pool, address, resting)
+    else:
+        view.unassign(pool, address)
 
 
 def find_addresses(
@@ -131,6 +169,7 @@ def collect_garbage(
     *,
     node: str,
     cni_network: str,
+    now: int = 0,
 ) -> list[int]:
     """Free every address in the ranges that `node` allocated for `cni_network` and whose
     (containerID, ifname) is not in `valid`.
@@ -146,16 +185,38 @@ def collect_garbage(
         for a, o in _entries_in(view, rng)
         if o.node == node
         and o.cni_network == cni_network
+        and not o.cooling
         and (o.container_id, o.ifname) not in valid
     ]
     for rng, address in stale:
-        view.unassign(rng.pool, address)
+        release(view, rng.pool, address, now=now)
     return sorted({a for _, a in stale})
 
 
-def count_free(view: PoolView, rng: AddressRange) -> int:
-    """How many addresses the range can still give."""
-    return rng.size - sum(1 for _ in _entries_in(view, rng))
+def count_free(view: PoolView, rng: AddressRange, *, now: int = 0) -> int:
+    """How many addresses the range can still give (a cooldown that has passed, by `now`, no
+    longer keeps its address)."""
+    kept = sum(1 for _, o in _entries_in(view, rng) if not o.cooling or o.cooling_until > now)
+    return rng.size - kept
+
+
+def _end_cooldowns(view: PoolView, rng: AddressRange, now: int) -> bool:
+    """Free the addresses of `rng` whose cooldown has passed by `now`; whether there were any."""
+    done = [a for a, o in _entries_in(view, rng) if o.cooling and o.cooling_until <= now]
+    for address in done:
+        view.unassign(rng.pool, address)
+    return bool(done)
+
+
+def _resting(view: PoolView, rng: AddressRange) -> str:
+    ends = [o.cooling_until for _, o in _entries_in(view, rng) if o.cooling]
+    if not ends:
+        return ""
+    return f"; {len(ends)} of them rest after their release, the first until {_clock(min(ends))}"
+
+
+def _clock(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def _entries_in(view: PoolView, rng: AddressRange) -> Iterator[tuple[int, Owner]]:

@@ -109,6 +109,9 @@ class IpamConf(_Model):
     # the plaintext password is accepted (ipam.stores.etcd_settings).
     etcd_allow_plaintext_password: bool = False
     node_slice_size: str | None = None
+    # pyabouts' own: seconds a released address rests before another pod may get it, so that
+    # ARP/NDP caches and connection tracking elsewhere forget it first (docs: README).
+    release_cooldown: int = Field(default=0, ge=0, le=86400)
     # pyabouts' own: node-local runtime state (the per-pool queue locks).
     run_dir: str = "/run/pyabouts"
     # When the thin plugin finds no node agent: serve the request in its own process, or fail

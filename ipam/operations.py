@@ -24,6 +24,7 @@ def allocate(
     deadline: float,
     spread_nodes: bool = False,
     sliced: Sequence[SlicedRange] = (),
+    now: int = 0,
 ) -> list[int]:
     """One address per range for `owner` (its existing ones if it has them).
 
@@ -47,7 +48,7 @@ def allocate(
         mine = [
             slices.node_range(view, cut, owner) if (cut := cuts.get(rng)) else rng for rng in ranges
         ]
-        return allocator.assign_addresses(view, mine, owner, requested, spread_key)
+        return allocator.assign_addresses(view, mine, owner, requested, spread_key, now=now)
 
     cuts = {cut.range: cut for cut in sliced}
 
@@ -62,11 +63,13 @@ def release(
     ifname: str,
     *,
     deadline: float,
+    now: int = 0,
 ) -> list[int]:
-    """Free what (container_id, ifname) holds; nothing held is not an error."""
+    """Free what (container_id, ifname) holds; nothing held is not an error. An address given
+    with a cooldown rests from `now` (Unix seconds)."""
     return transactions.run(
         ranges,
-        lambda view: allocator.release_addresses(view, ranges, container_id, ifname),
+        lambda view: allocator.release_addresses(view, ranges, container_id, ifname, now=now),
         deadline=deadline,
     )
 
@@ -95,24 +98,25 @@ def release_stale(
     node: str,
     cni_network: str,
     deadline: float,
+    now: int = 0,
 ) -> list[int]:
     """CNI GC: free what `node` allocated for `cni_network` whose (containerID, ifname) is not
     in `valid` (see allocator.collect_garbage)."""
     return transactions.run(
         ranges,
         lambda view: allocator.collect_garbage(
-            view, ranges, valid, node=node, cni_network=cni_network
+            view, ranges, valid, node=node, cni_network=cni_network, now=now
         ),
         deadline=deadline,
     )
 
 
 def free_counts(
-    transactions: Transactions, ranges: Sequence[AddressRange], *, deadline: float
+    transactions: Transactions, ranges: Sequence[AddressRange], *, deadline: float, now: int = 0
 ) -> list[int]:
     """Per range, how many addresses it can still give."""
     return transactions.run(
         ranges,
-        lambda view: [allocator.count_free(view, r) for r in ranges],
+        lambda view: [allocator.count_free(view, r, now=now) for r in ranges],
         deadline=deadline,
     )

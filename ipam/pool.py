@@ -52,6 +52,16 @@ class Owner:
     # When it was given (Unix seconds; 0: not recorded). Not part of who holds it: an ADD that
     # finds its own entry leaves it, time and all.
     allocated_at: int = field(default=0, compare=False)
+    # The config's release_cooldown when it was given (seconds): how long the address rests
+    # once released, whoever releases it (DEL, GC or the reconciler).
+    cooldown: int = field(default=0, compare=False)
+    # Non-zero on an address released and resting until then (Unix seconds): nobody holds it
+    # (container_id is ""), and only the pod interface that had it may take it before then.
+    cooling_until: int = 0
+
+    @property
+    def cooling(self) -> bool:
+        return self.cooling_until > 0
 
     @property
     def attachment(self) -> tuple[str, str]:

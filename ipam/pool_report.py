@@ -21,6 +21,7 @@ class PoolUsage:
     pool: PoolId
     ranges: dict[str, int] = field(default_factory=dict)  # range text -> addresses it may give
     used: int = 0
+    cooling: int = 0  # released, and resting (release_cooldown) until a time still to come
     blocks: int = 0
     slices_held: int = 0  # node slices held, over the pool's slice registries
     slices_total: int = 0
@@ -34,7 +35,7 @@ class PoolUsage:
 
     @property
     def free(self) -> int:
-        return max(0, self.total - self.used)
+        return max(0, self.total - self.used - self.cooling)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +51,10 @@ class Holding:
         return str(netaddr.IPAddress(self.address, self.pool.family))
 
 
-def pool_usage(blocks: Iterable[Block]) -> list[PoolUsage]:
+def pool_usage(blocks: Iterable[Block], *, now: int = 0) -> list[PoolUsage]:
     """One PoolUsage per pool, in (network, family) order; slice registries count towards the
-    pool whose range they cut, not as pools of their own."""
+    pool whose range they cut, not as pools of their own. An address whose rest after its
+    release ended by `now` (Unix seconds) counts as free."""
     usage: dict[PoolId, PoolUsage] = {}
     for block in blocks:
         pool = block.key.pool
@@ -64,7 +66,9 @@ def pool_usage(blocks: Iterable[Block]) -> list[PoolUsage]:
             row.slice_sizes.add(cut.split()[-1])
             continue
         row = usage.setdefault(pool, PoolUsage(pool))
-        row.used += len(block.entries)
+        resting = [o for o in block.entries.values() if o.cooling]
+        row.cooling += sum(1 for o in resting if o.cooling_until > now)
+        row.used += len(block.entries) - len(resting)
         row.blocks += 1
         if block.range_text:
             size = block.range_size or _size_of(block.range_text, pool)

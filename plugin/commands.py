@@ -76,6 +76,7 @@ def _add(
         node=backend.node,
         cni_network=config.netconf.name,
         allocated_at=int(time.time()),
+        cooldown=config.ipam.release_cooldown,
     )
     addresses = operations.allocate(
         transactions,
@@ -85,6 +86,7 @@ def _add(
         deadline=deadline,
         spread_nodes=backend.spreads_nodes,
         sliced=config.slices,
+        now=owner.allocated_at,
     )
     ipam = config.ipam
     gateway = parse_address(ipam.gateway) if ipam.gateway else None
@@ -113,7 +115,9 @@ def _delete(
     transactions: Transactions, config: PluginConfig, env: Mapping[str, str], deadline: float
 ) -> None:
     container_id, ifname = require_env(env, "CNI_CONTAINERID", "CNI_IFNAME")
-    freed = operations.release(transactions, config.ranges, container_id, ifname, deadline=deadline)
+    freed = operations.release(
+        transactions, config.ranges, container_id, ifname, deadline=deadline, now=int(time.time())
+    )
     log.info("DEL %s %s: freed %d address(es)", container_id, ifname, len(freed))
 
 
@@ -161,13 +165,21 @@ def _collect_garbage(
     valid = _valid_attachments(raw)
     network = config.netconf.name
     freed = operations.release_stale(
-        transactions, config.ranges, valid, node=node, cni_network=network, deadline=deadline
+        transactions,
+        config.ranges,
+        valid,
+        node=node,
+        cni_network=network,
+        deadline=deadline,
+        now=int(time.time()),
     )
     log.info("GC on %s for %r: freed %d address(es) no longer valid", node, network, len(freed))
 
 
 def _status(transactions: Transactions, config: PluginConfig, deadline: float) -> None:
-    free = operations.free_counts(transactions, config.ranges, deadline=deadline)
+    free = operations.free_counts(
+        transactions, config.ranges, deadline=deadline, now=int(time.time())
+    )
     exhausted = [rng.text for rng, count in zip(config.ranges, free, strict=True) if count == 0]
     if exhausted:
         raise CniError(

@@ -40,7 +40,7 @@ def pool_usage_gauge(registry: CollectorRegistry) -> Gauge:
     return Gauge(
         "pyabouts_pool_addresses",
         "Addresses of each pool: total (that its ranges may give, over the whole of each range), "
-        "used, free.",
+        "used, cooling (released and resting: release_cooldown), free.",
         ["network", "family", "state"],
         registry=registry,
     )
@@ -49,10 +49,11 @@ def pool_usage_gauge(registry: CollectorRegistry) -> Gauge:
 def record_pool_usage(gauge: Gauge, blocks: Sequence[Block]) -> None:
     """Set `gauge` (pool_usage_gauge) to the usage of the pools of `blocks`, and only those."""
     gauge.clear()
-    for usage in pool_usage(blocks):
+    for usage in pool_usage(blocks, now=int(time.time())):
         labels = {"network": usage.pool.network, "family": str(usage.pool.family)}
         gauge.labels(**labels, state="total").set(usage.total)
         gauge.labels(**labels, state="used").set(usage.used)
+        gauge.labels(**labels, state="cooling").set(usage.cooling)
         gauge.labels(**labels, state="free").set(usage.free)
 
 

@@ -30,8 +30,13 @@ def block_document(block: Block) -> dict[str, Any]:
         ):
             if value:
                 entry[key] = value
-        if owner.allocated_at:
-            entry["allocated"] = owner.allocated_at
+        for key, number in (
+            ("allocated", owner.allocated_at),
+            ("cooldown", owner.cooldown),
+            ("coolingUntil", owner.cooling_until),
+        ):
+            if number:
+                entry[key] = number
         allocations[str(address - block.key.base)] = entry
     return {
         "network": block.key.pool.network,
@@ -66,6 +71,8 @@ def block_from_document(key: BlockKey, document: dict[str, Any], revision: str) 
             node=str(entry.get("node", "")),
             cni_network=str(entry.get("cniNetwork", "")),
             allocated_at=_whole_number(entry.get("allocated", 0)),
+            cooldown=_whole_number(entry.get("cooldown", 0)),
+            cooling_until=_whole_number(entry.get("coolingUntil", 0)),
         )
     return Block(
         key,

@@ -110,4 +110,19 @@ def test_the_pool_metric_counts_whole_ranges_and_no_slice_registry_as_a_pool() -
         for metric in registry.collect()
         for s in metric.samples
     }
-    assert samples == {("blue", "total"): 1022, ("blue", "used"): 1, ("blue", "free"): 1021}
+    assert samples == {
+        ("blue", "total"): 1022,
+        ("blue", "used"): 1,
+        ("blue", "cooling"): 0,
+        ("blue", "free"): 1021,
+    }
+
+
+def test_resting_addresses_count_as_cooling_until_their_rest_ends() -> None:
+    block = Block(BlockKey.of(BLUE, address("10.9.0.0")))
+    block.range_text, block.range_size = "10.9.0.0/24", 254
+    block.put(address("10.9.0.1"), Owner("c1", "net1", "ns/a"))
+    block.put(address("10.9.0.2"), Owner("", "net1", "ns/b", cooling_until=2000))
+    block.put(address("10.9.0.3"), Owner("", "net1", "ns/c", cooling_until=1000))
+    (usage,) = pool_usage([block], now=1500)
+    assert (usage.used, usage.cooling, usage.free) == (1, 1, 252)
