@@ -21,6 +21,12 @@ class ReconcilerMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.leaks_found = Counter(
+            "pyabouts_reconciler_leaks_found",
+            "Leaked addresses found, by reason (freed, or changed meanwhile and kept).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.slices_freed = Counter(
             "pyabouts_reconciler_node_slices_freed",
             "Node slices given back: their node was gone and no address of them was given.",
@@ -51,6 +57,8 @@ class ReconcilerMetrics:
         self.passes.labels(kind).inc()
         for reason, count in summary.by_reason().items():
             self.reclaimed.labels(reason).inc(count)
+        for leak in summary.leaks:
+            self.leaks_found.labels(leak.reason.value).inc()
         self.slices_freed.inc(len(summary.slices_freed))
         self.last_pass.set(time.time())
         if kind == "full":

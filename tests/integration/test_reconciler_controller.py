@@ -111,6 +111,8 @@ def test_the_controller_frees_a_deleted_pods_address_within_seconds(recon: Recon
         assert set(recon.held()) == {kept}
         reclaimed = controller.metric("pyabouts_reconciler_reclaimed_total", reason="pod-gone")
         assert reclaimed is not None and reclaimed >= 1
+        found = controller.metric("pyabouts_reconciler_leaks_found_total", reason="pod-gone")
+        assert found is not None and found >= reclaimed
         assert controller.metric("pyabouts_reconciler_passes_total", kind="targeted") >= 1  # type: ignore[operator]
     print(f"freed {seconds:.1f} s after the deletion")
 
