@@ -10,26 +10,30 @@ from __future__ import annotations
 
 import functools
 import itertools
+import time
 from collections.abc import Sequence
 
 from pyabouts.controller.leaks import Leak
+from pyabouts.ipam import allocator
 from pyabouts.ipam.pool import BLOCK_SIZE, PoolView
 from pyabouts.ipam.store import PoolStore
 from pyabouts.ipam.transaction import Span, run_span_transaction
 
 
 def free_leaks(store: PoolStore, leaks: Sequence[Leak], *, deadline: float) -> list[Leak]:
-    """Free `leaks` that are unchanged in the store; the ones actually freed."""
+    """Free `leaks` that are unchanged in the store; the ones actually freed. An address given
+    with a release_cooldown rests from now, as after a DEL."""
     freed: list[Leak] = []
+    now = int(time.time())
     for key, group in itertools.groupby(sorted(leaks, key=lambda k: k.key), key=lambda k: k.key):
         span = Span(key.pool, key.base, key.base + BLOCK_SIZE - 1)
-        decide = functools.partial(_unassign_unchanged, leaks=list(group))
+        decide = functools.partial(_release_unchanged, leaks=list(group), now=now)
         freed += run_span_transaction(store, [span], decide, deadline=deadline)
     return freed
 
 
-def _unassign_unchanged(view: PoolView, leaks: list[Leak]) -> list[Leak]:
+def _release_unchanged(view: PoolView, leaks: list[Leak], now: int) -> list[Leak]:
     unchanged = [leak for leak in leaks if view.owner(leak.key.pool, leak.address) == leak.owner]
     for leak in unchanged:
-        view.unassign(leak.key.pool, leak.address)
+        allocator.release(view, leak.key.pool, leak.address, now=now)
     return unchanged

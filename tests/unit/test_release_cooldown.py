@@ -3,16 +3,19 @@ ends, while the pod interface that had it takes it straight back; every way of r
 (DEL, GC, the reconciler) leaves it resting, and the config key is checked."""
 
 import dataclasses
+import time
 
 import netaddr
 import pytest
 
-from pyabouts.controller.leaks import Policy, judge
+from pyabouts.controller.leaks import Leak, Policy, Reason, judge
+from pyabouts.controller.reclaim import free_leaks
 from pyabouts.ipam import allocator
 from pyabouts.ipam.config import load_config
 from pyabouts.ipam.errors import CniError, RangeExhaustedError, RequestedAddressUnavailableError
 from pyabouts.ipam.pool import Owner, PoolId, PoolView
 from pyabouts.ipam.ranges import build_range
+from tests.memory_store import MemoryStore
 
 POOL = PoolId("rest", 4)
 SMALL = build_range("10.5.0.0/29", range_start=None, range_end=None, exclude=[], pool=POOL)
@@ -127,3 +130,18 @@ def test_the_config_key_is_checked(value: object) -> None:
     }
     with pytest.raises(CniError, match="release_cooldown"):
         load_config(conf)
+
+
+def test_a_leak_the_reconciler_frees_rests_too() -> None:
+    """It reads no NAD: the entry carries the cooldown its config had."""
+    store = MemoryStore()
+    view, given = full_range()
+    store.write_blocks(view.changed_blocks())
+    (block,) = store.read_blocks(POOL, SMALL.first, SMALL.last)
+    leak = Leak(block.key, given[5], block.entries[given[5]], Reason.POD_GONE)
+    before = int(time.time())
+    assert free_leaks(store, [leak], deadline=time.monotonic() + 10) == [leak]
+    (block,) = store.read_blocks(POOL, SMALL.first, SMALL.last)
+    resting = block.entries[given[5]]
+    assert resting.cooling and resting.container_id == ""
+    assert before + COOLDOWN <= resting.cooling_until <= int(time.time()) + COOLDOWN
