@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -50,7 +51,11 @@ def free_slices_of_gone_nodes(
             pool, first, last = slice_span(block.key.pool, holder)
             spans = [Span(block.key.pool, index, index), Span(pool, first, last)]
             decide = functools.partial(
-                give_back_slice, registry=block.key.pool, index=index, holder=holder
+                give_back_slice,
+                registry=block.key.pool,
+                index=index,
+                holder=holder,
+                now=int(time.time()),
             )
             if run_span_transaction(store, spans, decide, deadline=deadline):
                 gone = FreedSlice(pool.network, holder.container_id, holder.node)

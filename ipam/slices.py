@@ -157,15 +157,21 @@ def node_range(view: PoolView, sliced: SlicedRange, owner: Owner) -> AddressRang
     return mine
 
 
-def give_back_slice(view: PoolView, registry: PoolId, index: int, holder: Owner) -> bool:
+def give_back_slice(
+    view: PoolView, registry: PoolId, index: int, holder: Owner, *, now: int = 0
+) -> bool:
     """Free registry entry `index` if `holder` still holds it and no address of its slice is
-    given; True if freed. The slice's addresses are read in the same view, so an address given
-    meanwhile keeps the slice taken."""
+    given or resting after its release (release_cooldown) beyond `now`; True if freed. The
+    slice's addresses are read in the same view, so an address given meanwhile keeps the slice
+    taken. Rests that have ended go with the slice."""
     if view.owner(registry, index) != holder:
         return False
-    addresses = slice_span(registry, holder)
-    if any(True for _ in view.entries(*addresses)):
+    pool, first, last = slice_span(registry, holder)
+    entries = list(view.entries(pool, first, last))
+    if any(not owner.cooling or owner.cooling_until > now for _, owner in entries):
         return False
+    for address, _ in entries:
+        view.unassign(pool, address)
     view.unassign(registry, index)
     return True
 

@@ -1,5 +1,6 @@
 """Node slices: cutting a range, taking and giving back slices, and the config key."""
 
+import dataclasses
 import re
 import time
 
@@ -263,3 +264,16 @@ def test_each_range_and_slice_size_of_a_network_has_a_registry_of_its_own() -> N
     }
     assert len(registries) == 3
     assert sliced("10.0.0.0/24", "/26").registry == PoolId("net#node-slices 10.0.0.0/24 /26", 4)
+
+
+def test_a_slice_whose_addresses_rest_goes_back_once_their_rest_has_ended() -> None:
+    """release_cooldown: a resting address keeps its slice until its rest ends."""
+    cut, view = sliced("10.0.0.0/24", "/26"), PoolView([])
+    take_slice(view, cut, "b")
+    (entry,) = [o for _, o in view.entries(cut.registry, 0, 3)]
+    resting = dataclasses.replace(pod(1, "b"), cooldown=30)
+    address = allocator.assign_addresses(view, [cut.within(0)], resting, [], now=1000)[0]
+    allocator.release_addresses(view, [cut.range], "c1", "net1", now=1000)
+    assert not give_back_slice(view, cut.registry, 0, entry, now=1029)
+    assert give_back_slice(view, cut.registry, 0, entry, now=1030)
+    assert view.owner(cut.range.pool, address) is None  # the ended rest went with it
