@@ -100,10 +100,15 @@ class Controller:
                     lambda: self._reader.list_all().pods,
                     self._policy,
                     list_nodes=self._reader.node_names,
+                    list_statefulsets=self._reader.statefulsets,
                 )
             else:
                 summary = reconcile(
-                    self._store, lambda: self._read_pods(refs), self._policy, only_pods=refs
+                    self._store,
+                    lambda: self._read_pods(refs),
+                    self._policy,
+                    only_pods=refs,
+                    list_statefulsets=self._reader.statefulsets,
                 )
         except (CniError, ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
             log.error("%s pass failed: %s", kind, exc)

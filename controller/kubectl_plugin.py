@@ -120,7 +120,8 @@ def _fail(message: str, code: int) -> int:
 def show_pools(connections: Connections, args: argparse.Namespace) -> tuple[Any, str]:
     rows = pool_usage(connections.store.read_all_blocks(), now=int(time.time()))
     documents = [_pool_document(row) for row in rows]
-    headers = ["NETWORK", "FAMILY", "RANGE", "TOTAL", "USED", "COOLING", "FREE", "BLOCKS"]
+    headers = ["NETWORK", "FAMILY", "RANGE", "TOTAL", "USED", "RESERVED", "COOLING", "FREE"]
+    headers += ["BLOCKS"]
     headers += ["SLICES"]
     table = format_table(
         headers,
@@ -131,6 +132,7 @@ def show_pools(connections: Connections, args: argparse.Namespace) -> tuple[Any,
                 ",".join(d["ranges"]) or "-",
                 str(d["total"]),
                 str(d["used"]),
+                str(d["reserved"]),
                 str(d["cooling"]),
                 str(d["free"]),
                 str(d["blocks"]),
@@ -149,6 +151,7 @@ def _pool_document(row: PoolUsage) -> Document:
         "ranges": sorted(row.ranges),
         "total": row.total,
         "used": row.used,
+        "reserved": row.reserved,
         "cooling": row.cooling,
         "free": row.free,
         "blocks": row.blocks,
@@ -204,7 +207,7 @@ def _holdings_output(connections: Connections, found: Sequence[Holding]) -> tupl
             d["node"] or "-",
             d["allocated"] or "-",
             d["podExists"],
-            f"resting until {d['coolingUntil']}" if d["coolingUntil"] else "held",
+            _state(d),
         ]
         for d in documents
     ]
@@ -246,8 +249,15 @@ def _holding_document(holding: Holding, pod_exists: str) -> Document:
         "cniNetwork": owner.cni_network,
         "allocated": _time(owner.allocated_at),
         "coolingUntil": _time(owner.cooling_until),
+        "reserved": owner.reserved,
         "podExists": pod_exists,
     }
+
+
+def _state(document: Document) -> str:
+    if document["coolingUntil"]:
+        return f"resting until {document['coolingUntil']}"
+    return "reserved" if document["reserved"] else "held"
 
 
 def _time(seconds: int) -> str:
@@ -284,8 +294,8 @@ def release(connections: Connections, args: argparse.Namespace) -> tuple[Any, st
         )
     (holding,) = found
     pod_exists = _pod_lookup(connections)(holding)
-    # A resting entry (release_cooldown) holds nothing for its pod: freeing it only ends the rest.
-    if pod_exists == "yes" and not holding.owner.cooling and not args.force:
+    # A resting or reserved entry holds nothing for a sandbox: no pod uses it now.
+    if pod_exists == "yes" and holding.owner.in_use and not args.force:
         raise RefusedError(
             f"{address} is held by pod {holding.owner.pod} ({holding.owner.ifname}), which still "
             "exists: delete the pod, or release it anyway with --force"

@@ -22,6 +22,19 @@ class Reason(StrEnum):
     POD_REPLACED = "pod-replaced"  # another pod (another UID) of that name, not using it
     POD_FINISHED = "pod-finished"  # Succeeded or Failed: its sandbox is torn down
     NODE_LOST = "node-lost"  # deleted by the taint manager from an unreachable node
+    # sticky, and no StatefulSet covers the pod's name (none of that name, or scaled below it)
+    NOT_IN_STATEFULSET = "not-in-statefulset"
+
+
+#: "namespace/name" of each StatefulSet -> the ordinals its replicas have now.
+StatefulSets = Mapping[str, range]
+
+
+def in_statefulset(pod: str, statefulsets: StatefulSets) -> bool:
+    """Whether "namespace/name" is the name of a pod a StatefulSet has now ("<set>-<ordinal>"
+    with the ordinal among its replicas')."""
+    stem, _, ordinal = pod.rpartition("-")
+    return ordinal.isdigit() and int(ordinal) in statefulsets.get(stem, range(0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,25 +85,51 @@ class Leak:
 
 
 def find_leaks(
-    blocks: Iterable[Block], pods: Mapping[str, PodState], *, now: float, policy: Policy
+    blocks: Iterable[Block],
+    pods: Mapping[str, PodState],
+    *,
+    now: float,
+    policy: Policy,
+    statefulsets: StatefulSets | None = None,
 ) -> Iterator[Leak]:
-    """The allocations in `blocks` that no live pod uses, in block and address order."""
+    """The allocations in `blocks` that no live pod uses, in block and address order.
+    `statefulsets` is needed when an allocation is sticky (see judge)."""
     for block in blocks:
         for address, owner in sorted(block.entries.items()):
             ip = str(netaddr.IPAddress(address, block.key.pool.family))
-            reason = judge(owner, ip, pods.get(owner.pod), now=now, policy=policy)
+            pod = pods.get(owner.pod)
+            reason = judge(owner, ip, pod, now=now, policy=policy, statefulsets=statefulsets)
             if reason is not None:
                 yield Leak(block.key, address, owner, reason)
 
 
 def judge(
-    owner: Owner, ip: str, pod: PodState | None, *, now: float, policy: Policy
+    owner: Owner,
+    ip: str,
+    pod: PodState | None,
+    *,
+    now: float,
+    policy: Policy,
+    statefulsets: StatefulSets | None = None,
 ) -> Reason | None:
-    """Why the allocation of `ip` to `owner` is a leak, given its pod as listed; None: keep it."""
+    """Why the allocation of `ip` to `owner` is a leak, given its pod as listed; None: keep it.
+
+    A sticky allocation (sticky_statefulsets) of a pod that a StatefulSet has now is kept
+    whatever became of the pod: the StatefulSet makes a pod of that name again, and its ADD
+    takes the address back. One reserved after its pod's DEL is kept while a pod of that name
+    exists, and freed once no StatefulSet covers the name.
+    """
     if not owner.pod:
         return None  # not a pod's (no K8S_POD_NAME): nothing to judge it by; CNI GC covers it
     if owner.cooling:
         return None  # released already, and resting (release_cooldown): nobody holds it
+    if owner.sticky:
+        if statefulsets is None:
+            raise ValueError("a sticky allocation is judged by the StatefulSets: list them")
+        if in_statefulset(owner.pod, statefulsets):
+            return None
+        if owner.reserved:
+            return None if pod is not None else Reason.NOT_IN_STATEFULSET
     if pod is None:
         return Reason.POD_GONE
     if owner.pod_uid and owner.pod_uid != pod.uid:

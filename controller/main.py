@@ -126,6 +126,7 @@ def run_once(connections: Connections, policy: Policy, *, dry_run: bool) -> int:
             policy,
             dry_run=dry_run,
             list_nodes=reader.node_names,
+            list_statefulsets=reader.statefulsets,
         )
     except CniError as error:
         log.error("reconcile failed: %s", error.msg)

@@ -75,6 +75,7 @@ class PodReader:
 
     def __init__(self, api_client: k8s.ApiClient) -> None:
         self._api = k8s.CoreV1Api(api_client)
+        self._apps = k8s.AppsV1Api(api_client)
 
     def list_all(self) -> PodListing:
         pods: dict[str, PodState] = {}
@@ -85,6 +86,19 @@ class PodReader:
                 pods[state.ref] = state
             version = str((page.get("metadata") or {}).get("resourceVersion", ""))
         return PodListing(pods, version)
+
+    def statefulsets(self) -> dict[str, range]:
+        """ "namespace/name" of each StatefulSet -> the ordinals of its replicas now."""
+        found: dict[str, range] = {}
+        for page in list_pages(self._apps.list_stateful_set_for_all_namespaces):
+            for item in page.get("items") or []:
+                meta, spec = item.get("metadata") or {}, item.get("spec") or {}
+                start = int((spec.get("ordinals") or {}).get("start", 0))
+                replicas = int(spec.get("replicas", 1))
+                found[f"{meta.get('namespace')}/{meta.get('name')}"] = range(
+                    start, start + replicas
+                )
+        return found
 
     def node_names(self) -> set[str]:
         """The names of the cluster's nodes (for node slices: a node gone gives its back)."""

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pyabouts.controller.leaks import Leak, PodState, Policy, find_leaks
+from pyabouts.controller.leaks import Leak, PodState, Policy, StatefulSets, find_leaks
 from pyabouts.controller.node_slices import FreedSlice, free_slices_of_gone_nodes, has_slices
 from pyabouts.controller.reclaim import free_leaks
 from pyabouts.ipam.pool import Block
@@ -62,6 +62,7 @@ def reconcile(
     dry_run: bool = False,
     only_pods: Collection[str] | None = None,
     list_nodes: Callable[[], Collection[str]] | None = None,
+    list_statefulsets: Callable[[], StatefulSets] | None = None,
     clock: Callable[[], float] = time.time,
 ) -> PassSummary:
     """One pass over the whole store, or only the allocations of the pods in `only_pods`.
@@ -71,7 +72,10 @@ def reconcile(
     blocks = store.read_all_blocks()  # first the snapshot, then the pods: see the module doc
     pods = list_pods()
     judged = _restricted(blocks, only_pods)
-    leaks = list(find_leaks(judged, pods, now=clock(), policy=policy))
+    sticky = any(o.sticky for b in judged for o in b.entries.values())
+    # Listed after the pods: a StatefulSet scaled down meanwhile frees its ordinals next time.
+    statefulsets = list_statefulsets() if sticky and list_statefulsets is not None else None
+    leaks = list(find_leaks(judged, pods, now=clock(), policy=policy, statefulsets=statefulsets))
     for leak in leaks:
         log.info("%s %s", "would free" if dry_run else "freeing", leak.describe())
     freed = [] if dry_run else free_leaks(store, leaks, deadline=time.monotonic() + FREE_DEADLINE)

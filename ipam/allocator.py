@@ -68,6 +68,11 @@ def assign_address(
     if wanted is not None:
         holder = view.owner(pool, wanted)
         if holder is not None and holder.attachment != owner.attachment:
+            if holder.reserved:
+                raise RequestedAddressUnavailableError(
+                    f"requested address {_text(rng, wanted)} is reserved for the StatefulSet "
+                    f"pod {holder.attachment[0]} {holder.ifname}",
+                )
             if holder.cooling and holder.cooling_until > now:
                 raise RequestedAddressUnavailableError(
                     f"requested address {_text(rng, wanted)} was released and rests until "
@@ -135,18 +140,29 @@ def release_addresses(
         if view.owner(rng.pool, a) is not None
     ]
     for rng, address in freed:
-        release(view, rng.pool, address, now=now)
+        release(view, rng.pool, address, now=now, reserve=True)
     return [a for _, a in freed]
 
 
-def release(view: PoolView, pool: PoolId, address: int, *, now: int) -> None:
+def release(view: PoolView, pool: PoolId, address: int, *, now: int, reserve: bool = False) -> None:
     """Free `address`: at once, or, when it was given with a cooldown, by leaving a resting
-    entry that keeps it from everybody but its former pod interface until `now` + cooldown."""
+    entry that keeps it from everybody but its former pod interface until `now` + cooldown.
+
+    With `reserve` (a DEL, or GC: the runtime is done with the sandbox), an address given
+    sticky stays reserved for its pod's name instead; the reconciler, which knows the
+    StatefulSets, releases it without `reserve` once none needs that name.
+    """
     owner = view.owner(pool, address)
     if owner is None or owner.cooling:
         return
+    if reserve and owner.sticky:
+        if not owner.reserved:
+            view.assign(pool, address, dataclasses.replace(owner, container_id="", reserved=True))
+        return
     if owner.cooldown and now:
-        resting = dataclasses.replace(owner, container_id="", cooling_until=now + owner.cooldown)
+        resting = dataclasses.replace(
+            owner, container_id="", reserved=False, cooling_until=now + owner.cooldown
+        )
         view.assign(pool, address, resting)
     else:
         view.unassign(pool, address)
@@ -185,11 +201,11 @@ def collect_garbage(
         for a, o in _entries_in(view, rng)
         if o.node == node
         and o.cni_network == cni_network
-        and not o.cooling
+        and o.in_use
         and (o.container_id, o.ifname) not in valid
     ]
     for rng, address in stale:
-        release(view, rng.pool, address, now=now)
+        release(view, rng.pool, address, now=now, reserve=True)
     return sorted({a for _, a in stale})
 
 

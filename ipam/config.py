@@ -112,6 +112,8 @@ class IpamConf(_Model):
     # pyabouts' own: seconds a released address rests before another pod may get it, so that
     # ARP/NDP caches and connection tracking elsewhere forget it first (docs: README).
     release_cooldown: int = Field(default=0, ge=0, le=86400)
+    # pyabouts' own: a StatefulSet's pod keeps its address across re-creation (docs: README).
+    sticky_statefulsets: bool = False
     # pyabouts' own: node-local runtime state (the per-pool queue locks).
     run_dir: str = "/run/pyabouts"
     # When the thin plugin finds no node agent: serve the request in its own process, or fail

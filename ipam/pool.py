@@ -55,13 +55,24 @@ class Owner:
     # The config's release_cooldown when it was given (seconds): how long the address rests
     # once released, whoever releases it (DEL, GC or the reconciler).
     cooldown: int = field(default=0, compare=False)
+    # The config's sticky_statefulsets when it was given: a DEL keeps the address reserved for
+    # the pod's name, and the reconciler frees it when no StatefulSet needs that name.
+    sticky: bool = field(default=False, compare=False)
     # Non-zero on an address released and resting until then (Unix seconds): nobody holds it
     # (container_id is ""), and only the pod interface that had it may take it before then.
     cooling_until: int = 0
+    # True on an address its pod released while sticky: no sandbox holds it (container_id is
+    # ""), and only a pod of the same name and interface may take it.
+    reserved: bool = False
 
     @property
     def cooling(self) -> bool:
         return self.cooling_until > 0
+
+    @property
+    def in_use(self) -> bool:
+        """Held by a sandbox: neither resting after its release nor reserved for its pod."""
+        return not (self.cooling or self.reserved)
 
     @property
     def attachment(self) -> tuple[str, str]:

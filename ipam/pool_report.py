@@ -22,6 +22,7 @@ class PoolUsage:
     ranges: dict[str, int] = field(default_factory=dict)  # range text -> addresses it may give
     used: int = 0
     cooling: int = 0  # released, and resting (release_cooldown) until a time still to come
+    reserved: int = 0  # released by a sticky pod's DEL, kept for its name (sticky_statefulsets)
     blocks: int = 0
     slices_held: int = 0  # node slices held, over the pool's slice registries
     slices_total: int = 0
@@ -35,7 +36,7 @@ class PoolUsage:
 
     @property
     def free(self) -> int:
-        return max(0, self.total - self.used - self.cooling)
+        return max(0, self.total - self.used - self.cooling - self.reserved)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,8 @@ def pool_usage(blocks: Iterable[Block], *, now: int = 0) -> list[PoolUsage]:
         row = usage.setdefault(pool, PoolUsage(pool))
         resting = [o for o in block.entries.values() if o.cooling]
         row.cooling += sum(1 for o in resting if o.cooling_until > now)
-        row.used += len(block.entries) - len(resting)
+        row.reserved += sum(1 for o in block.entries.values() if o.reserved)
+        row.used += sum(1 for o in block.entries.values() if o.in_use)
         row.blocks += 1
         if block.range_text:
             size = block.range_size or _size_of(block.range_text, pool)

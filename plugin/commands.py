@@ -77,6 +77,7 @@ def _add(
         cni_network=config.netconf.name,
         allocated_at=int(time.time()),
         cooldown=config.ipam.release_cooldown,
+        sticky=config.ipam.sticky_statefulsets,
     )
     addresses = operations.allocate(
         transactions,

@@ -40,7 +40,8 @@ def pool_usage_gauge(registry: CollectorRegistry) -> Gauge:
     return Gauge(
         "pyabouts_pool_addresses",
         "Addresses of each pool: total (that its ranges may give, over the whole of each range), "
-        "used, cooling (released and resting: release_cooldown), free.",
+        "used, reserved (for a StatefulSet's pod: sticky_statefulsets), cooling (released and "
+        "resting: release_cooldown), free.",
         ["network", "family", "state"],
         registry=registry,
     )
@@ -53,6 +54,7 @@ def record_pool_usage(gauge: Gauge, blocks: Sequence[Block]) -> None:
         labels = {"network": usage.pool.network, "family": str(usage.pool.family)}
         gauge.labels(**labels, state="total").set(usage.total)
         gauge.labels(**labels, state="used").set(usage.used)
+        gauge.labels(**labels, state="reserved").set(usage.reserved)
         gauge.labels(**labels, state="cooling").set(usage.cooling)
         gauge.labels(**labels, state="free").set(usage.free)
 

@@ -17,11 +17,14 @@ def block_cidr(key: BlockKey) -> str:
 
 def block_document(block: Block) -> dict[str, Any]:
     """The block as stored: where it is, the range that writes it, and who holds what."""
-    allocations: dict[str, dict[str, str | int]] = {}
+    allocations: dict[str, dict[str, str | int | bool]] = {}
     for address, owner in sorted(block.entries.items()):
         if not block.key.base <= address <= block.last:
             raise ValueError(f"address {address} is not in block {block_cidr(block.key)}")
-        entry: dict[str, str | int] = {"containerID": owner.container_id, "ifname": owner.ifname}
+        entry: dict[str, str | int | bool] = {
+            "containerID": owner.container_id,
+            "ifname": owner.ifname,
+        }
         for key, value in (
             ("podRef", owner.pod),
             ("podUID", owner.pod_uid),
@@ -37,6 +40,9 @@ def block_document(block: Block) -> dict[str, Any]:
         ):
             if number:
                 entry[key] = number
+        for key, flag in (("sticky", owner.sticky), ("reserved", owner.reserved)):
+            if flag:
+                entry[key] = True
         allocations[str(address - block.key.base)] = entry
     return {
         "network": block.key.pool.network,
@@ -73,6 +79,8 @@ def block_from_document(key: BlockKey, document: dict[str, Any], revision: str) 
             allocated_at=_whole_number(entry.get("allocated", 0)),
             cooldown=_whole_number(entry.get("cooldown", 0)),
             cooling_until=_whole_number(entry.get("coolingUntil", 0)),
+            sticky=entry.get("sticky") is True,
+            reserved=entry.get("reserved") is True,
         )
     return Block(
         key,

@@ -279,6 +279,7 @@ def permissions(cluster: ControlPlane, user: str, namespace: str) -> set[tuple[s
             RECONCILER_SA,
             {("pods", v) for v in ("get", "list", "watch")}
             | {("nodes", "list")}  # node slices of gone nodes
+            | {("statefulsets.apps", "list")}  # sticky_statefulsets
             | {("ippools.pyabouts.io", v) for v in ("get", "list", "update")}
             | {("leases.coordination.k8s.io", v) for v in ("get", "create", "update")},
         ),

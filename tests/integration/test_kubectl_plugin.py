@@ -119,6 +119,7 @@ def test_pools_counts_the_whole_range_not_only_stored_blocks(operated: Operated)
         "ranges": [CIDR],
         "total": 254,
         "used": 3,
+        "reserved": 0,
         "cooling": 0,
         "free": 251,
         "blocks": 1,
@@ -131,10 +132,11 @@ def test_pools_counts_the_whole_range_not_only_stored_blocks(operated: Operated)
     assert from_yaml == row
     table = operated.kubectl_pyabouts("pools").stdout.splitlines()
     assert table[0].split() == [
-        "NETWORK", "FAMILY", "RANGE", "TOTAL", "USED", "COOLING", "FREE", "BLOCKS", "SLICES"
+        "NETWORK", "FAMILY", "RANGE", "TOTAL", "USED", "RESERVED", "COOLING", "FREE", "BLOCKS",
+        "SLICES",
     ]  # fmt: skip
     (line,) = [line.split() for line in table if line.startswith(operated.network)]
-    assert line == [operated.network, "IPv4", CIDR, "254", "3", "0", "251", "1", "-"]
+    assert line == [operated.network, "IPv4", CIDR, "254", "3", "0", "0", "251", "1", "-"]
 
 
 def test_who_names_the_holder_and_whether_its_pod_is_there(operated: Operated) -> None:

@@ -193,6 +193,8 @@ def test_the_reconciler_rbac_allows_exactly_what_it_needs(pyabouts_cluster: Cont
         assert may(verb, "ippools.pyabouts.io"), verb
     for verb in ("get", "create", "update"):
         assert may(verb, "leases.coordination.k8s.io"), verb
+    assert may("list", "nodes") and may("list", "statefulsets.apps", NAMESPACE)
+    assert not may("update", "statefulsets.apps", NAMESPACE)
     assert not may("create", "leases.coordination.k8s.io", NAMESPACE)
     assert not may("delete", "pods", NAMESPACE)
     assert not may("update", "pods", NAMESPACE)

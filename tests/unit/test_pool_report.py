@@ -113,6 +113,7 @@ def test_the_pool_metric_counts_whole_ranges_and_no_slice_registry_as_a_pool() -
     assert samples == {
         ("blue", "total"): 1022,
         ("blue", "used"): 1,
+        ("blue", "reserved"): 0,
         ("blue", "cooling"): 0,
         ("blue", "free"): 1021,
     }
