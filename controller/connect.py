@@ -69,10 +69,10 @@ def connect_operator(
     config_path: str | None, kubeconfig: str | None, namespace: str
 ) -> Connections:
     """connect() for the tools an operator runs by hand (the migration, the kubectl plugin):
-    the kubeconfig given, else the flat file's, else the one kubectl would use; the IPPools in
-    `namespace`."""
+    the kubeconfig given, else the one kubectl would use, else the flat file's (on a node,
+    the agent's own: the operator's credentials go first); the IPPools in `namespace`."""
     settings = read_settings(config_path)
-    kubeconfig = kubeconfig or settings.kubernetes.kubeconfig or user_kubeconfig()
+    kubeconfig = kubeconfig or user_kubeconfig() or settings.kubernetes.kubeconfig
     return connect(settings, kubeconfig, namespace)
 
 

@@ -7,9 +7,10 @@ on PATH; the same program runs standalone).
     kubectl pyabouts release ADDRESS [--network NAME] [--force] [--dry-run]
 
 Each takes -o table (default), json or yaml; --kubeconfig (else $KUBECONFIG, else
-~/.kube/config, else in-cluster); -n, the namespace of pyabouts' IPPools (kube-system); and
---config FLAT_FILE for the datastore the nodes use (etcd, say). Errors are one line on stderr
-with exit code 1 (refused, or nothing there) or 2 (could not read or write).
+~/.kube/config, else the flat file's, else in-cluster); -n, the namespace of pyabouts'
+IPPools (kube-system); and --config FLAT_FILE for the datastore the nodes use (etcd, say).
+Errors are one line on stderr with exit code 1 (refused, or nothing there) or 2 (could not
+read or write).
 """
 
 from __future__ import annotations
@@ -256,7 +257,8 @@ def _holding_document(holding: Holding, pod_exists: str) -> Document:
 
 def _state(document: Document) -> str:
     if document["coolingUntil"]:
-        return f"resting until {document['coolingUntil']}"
+        ended = document["coolingUntil"] <= _time(int(time.time()))  # RFC 3339 sorts as text
+        return f"{'rested' if ended else 'resting'} until {document['coolingUntil']}"
     return "reserved" if document["reserved"] else "held"
 
 

@@ -24,6 +24,8 @@ class Reason(StrEnum):
     NODE_LOST = "node-lost"  # deleted by the taint manager from an unreachable node
     # sticky, and no StatefulSet covers the pod's name (none of that name, or scaled below it)
     NOT_IN_STATEFULSET = "not-in-statefulset"
+    # released with a cooldown that has ended: the entry goes, so rests do not pile up
+    REST_ENDED = "rest-ended"
 
 
 #: "namespace/name" of each StatefulSet -> the ordinals its replicas have now.
@@ -119,10 +121,10 @@ def judge(
     takes the address back. One reserved after its pod's DEL is kept while a pod of that name
     exists, and freed once no StatefulSet covers the name.
     """
+    if owner.cooling:  # released already (release_cooldown): nobody holds it
+        return Reason.REST_ENDED if owner.cooling_until <= now else None
     if not owner.pod:
         return None  # not a pod's (no K8S_POD_NAME): nothing to judge it by; CNI GC covers it
-    if owner.cooling:
-        return None  # released already, and resting (release_cooldown): nobody holds it
     if owner.sticky:
         if statefulsets is None:
             raise ValueError("a sticky allocation is judged by the StatefulSets: list them")

@@ -6,9 +6,11 @@ switches its NADs from whereabouts to pyabouts without re-addressing a pod.
 
 Reads every whereabouts IPPool and NodeSlicePool (whereabouts.cni.cncf.io/v1alpha1) and stores
 each allocation, with its pod, interface and container ID, and each node's slice, in the
-datastore the flat file names (pyabouts' IPPools by default), in one compare-and-swap
-transaction. Running it again changes nothing. When pyabouts already gives one of the
-addresses to somebody else, it changes nothing and names each such address.
+datastore the flat file names (pyabouts' IPPools by default): decided on one read, written
+with compare-and-swap (etcd: all at once; IPPools: one object at a time, so a run cut short
+may leave part written, which running it again completes). Running it again changes nothing
+else. When pyabouts already gives one of the addresses to somebody else, it writes nothing
+and names each such address.
 
 Exit codes: 0 done (or nothing to do), 1 refused (conflicts), 2 could not read or write.
 The switch-over runbook is docs/migration.md.
@@ -65,7 +67,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--kubeconfig",
-        help="default: the flat file's, else $KUBECONFIG, else ~/.kube/config, else in-cluster",
+        help="default: $KUBECONFIG, else ~/.kube/config, else the flat file's, else in-cluster",
     )
     parser.add_argument(
         "-n",

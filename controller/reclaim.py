@@ -35,5 +35,8 @@ def free_leaks(store: PoolStore, leaks: Sequence[Leak], *, deadline: float) -> l
 def _release_unchanged(view: PoolView, leaks: list[Leak], now: int) -> list[Leak]:
     unchanged = [leak for leak in leaks if view.owner(leak.key.pool, leak.address) == leak.owner]
     for leak in unchanged:
-        allocator.release(view, leak.key.pool, leak.address, now=now)
+        if leak.owner.cooling:  # a rest that has ended (Reason.REST_ENDED)
+            view.unassign(leak.key.pool, leak.address)
+        else:
+            allocator.release(view, leak.key.pool, leak.address, now=now)
     return unchanged

@@ -85,7 +85,7 @@ def reconcile(
             store, blocks, set(list_nodes()), deadline=time.monotonic() + FREE_DEADLINE
         )
     summary = PassSummary(
-        allocations=sum(1 for b in judged for o in b.entries.values() if o.pod),
+        allocations=sum(1 for b in judged for o in b.entries.values() if o.pod and o.in_use),
         pods=len(pods),
         leaks=leaks,
         freed=freed,

@@ -85,15 +85,15 @@ def assign_address(
                 )
         for address in held:
             if address != wanted:
-                view.unassign(pool, address)
+                release(view, pool, address, now=now)  # a resting one rests on
         chosen = wanted
     elif held:
         chosen = held[0]
     else:
         start = block_start(rng, spread_key) if spread_key else rng.first
         free = _first_free(view, rng, start)
-        if free is None and _end_cooldowns(view, rng, now):
-            free = _first_free(view, rng, start)
+        if free is None:
+            free = _rest_ended(view, rng, now)
         if free is None:
             raise RangeExhaustedError(
                 f"range {rng.text} is exhausted: all {rng.size} addresses are allocated"
@@ -216,12 +216,14 @@ def count_free(view: PoolView, rng: AddressRange, *, now: int = 0) -> int:
     return rng.size - kept
 
 
-def _end_cooldowns(view: PoolView, rng: AddressRange, now: int) -> bool:
-    """Free the addresses of `rng` whose cooldown has passed by `now`; whether there were any."""
-    done = [a for a, o in _entries_in(view, rng) if o.cooling and o.cooling_until <= now]
-    for address in done:
-        view.unassign(rng.pool, address)
-    return bool(done)
+def _rest_ended(view: PoolView, rng: AddressRange, now: int) -> int | None:
+    """The lowest address of `rng` whose rest has ended by `now`, now free; only that one, so
+    that an ADD rewrites one block, not every block holding an ended rest."""
+    for address, owner in _entries_in(view, rng):
+        if owner.cooling and owner.cooling_until <= now:
+            view.unassign(rng.pool, address)
+            return address
+    return None
 
 
 def _resting(view: PoolView, rng: AddressRange) -> str:

@@ -100,6 +100,8 @@ def bring_over(
             conflicts.append(Conflict(holding, earlier.owner, earlier.source))
             continue
         stored = view.owner(holding.pool, holding.address)
+        if stored is not None and _gives_way(stored, holding):
+            stored = None
         if stored is None:
             elsewhere = _slice_held_elsewhere(view, holding)
             if elsewhere is not None:
@@ -125,7 +127,15 @@ def _same_holder(stored: Owner, holding: Holding) -> bool:
     slice, the same node."""
     if holding.sliced is not None:
         return stored.ifname == SLICE_IFNAME and stored.node == holding.owner.node
-    return stored.attachment == holding.owner.attachment
+    return stored.in_use and stored.attachment == holding.owner.attachment
+
+
+def _gives_way(stored: Owner, holding: Holding) -> bool:
+    """Whether a stored entry that no sandbox holds yields to `holding`: a rest after a release
+    does, and so does a reservation for the same pod interface (its pod holds it live)."""
+    if holding.sliced is not None or stored.in_use:
+        return False
+    return stored.cooling or stored.attachment == holding.owner.attachment
 
 
 def _slice_held_elsewhere(view: PoolView, holding: Holding) -> Owner | None:

@@ -46,7 +46,8 @@ def allocate(
         retry_key = f"{owner.container_id}/{owner.ifname}/{attempt}" if attempt else ""
         spread_key = owner.node if spread_nodes else retry_key
         mine = [
-            slices.node_range(view, cut, owner) if (cut := cuts.get(rng)) else rng for rng in ranges
+            slices.node_range(view, cut, owner, now=now) if (cut := cuts.get(rng)) else rng
+            for rng in ranges
         ]
         return allocator.assign_addresses(view, mine, owner, requested, spread_key, now=now)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import netaddr
 
+from pyabouts.ipam.allocator import release
 from pyabouts.ipam.errors import NoFreeSliceError
 from pyabouts.ipam.pool import Owner, PoolId, PoolView
 from pyabouts.ipam.ranges import AddressRange, RangeError
@@ -144,16 +145,17 @@ def take_slice(view: PoolView, sliced: SlicedRange, node: str) -> int:
     )
 
 
-def node_range(view: PoolView, sliced: SlicedRange, owner: Owner) -> AddressRange:
+def node_range(view: PoolView, sliced: SlicedRange, owner: Owner, *, now: int = 0) -> AddressRange:
     """The range cut down to the slice owner.node holds (taken now if it holds none), with
-    what `owner` holds in the range outside that slice let go. Such a hold comes from a write
-    that half succeeded (the address stored, the slice lost to another node's race for it) or
-    from a pod of that name on another node before: either way not this node's to give."""
+    what `owner` holds in the range outside that slice released (its cooldown applies; one
+    resting already rests on). Such a hold comes from a write that half succeeded (the address
+    stored, the slice lost to another node's race for it) or from a pod of that name on another
+    node before: either way not this node's to give."""
     mine = sliced.within(take_slice(view, sliced, owner.node))
     pool = sliced.range.pool
     for address in view.held_by(pool, owner.attachment):
         if sliced.range.contains(address) and not mine.contains(address):
-            view.unassign(pool, address)
+            release(view, pool, address, now=now)
     return mine
 
 

@@ -154,7 +154,8 @@ class KubernetesStore:
 
     def _object(self, block: Block) -> dict[str, Any]:
         document = block_document(block)
-        allocated = len(block.entries)
+        # Resting and reserved addresses are not allocated, nor free to give.
+        allocated = sum(1 for owner in block.entries.values() if owner.in_use)
         metadata: dict[str, Any] = {
             "name": object_name(block.key),
             "namespace": self._namespace,
@@ -171,7 +172,10 @@ class KubernetesStore:
             "kind": "IPPool",
             "metadata": metadata,
             "spec": document,
-            "status": {"allocated": allocated, "free": max(0, block.capacity - allocated)},
+            "status": {
+                "allocated": allocated,
+                "free": max(0, block.capacity - len(block.entries)),
+            },
         }
 
     def _call(

@@ -102,9 +102,11 @@ def flat_file(pyabouts_cluster: ControlPlane, tmp_path: Path) -> Path:
 
 
 def migrate(flat_file: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """pyabouts-migrate as an operator runs it: the admin's kubeconfig, the nodes' flat file."""
     exe = str(Path(sys.executable).parent / "pyabouts-migrate")
+    admin = json.loads(flat_file.read_text())["kubernetes"]["kubeconfig"]
     return subprocess.run(
-        [exe, "--config", str(flat_file), *extra],
+        [exe, "--config", str(flat_file), "--kubeconfig", admin, *extra],
         capture_output=True,
         text=True,
         timeout=120,

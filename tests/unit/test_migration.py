@@ -128,3 +128,24 @@ def test_after_bringing_over_each_pod_keeps_its_address_and_new_pods_get_others(
         address = assign(view, RANGE, f"new-{i}")
         assert address not in taken
         taken.add(address)
+
+
+def test_a_rest_or_the_pods_own_reservation_gives_way_to_a_live_holding() -> None:
+    """whereabouts says the pod uses it: pyabouts' entry must say so too, or the address would
+    be given again once the rest ends."""
+    view = PoolView([])
+    resting = Owner(container_id="", ifname="net1", pod="default/a", cooling_until=10)
+    view.assign(POOL, BASE + 1, resting)
+    reserved = Owner(container_id="", ifname="net1", pod="default/b", reserved=True)
+    view.assign(POOL, BASE + 2, reserved)
+    results = bring_over(view, [holding(1, "a"), holding(2, "b")], dry_run=False)
+    assert [r for _, r in results] == [Result.ADDED, Result.ADDED]
+    assert view.owner(POOL, BASE + 1) == holding(1, "a").owner
+    assert view.owner(POOL, BASE + 2) == holding(2, "b").owner
+
+
+def test_a_reservation_for_another_pod_is_a_conflict() -> None:
+    view = PoolView([])
+    view.assign(POOL, BASE + 1, Owner("", "net1", "default/db-0", reserved=True))
+    with pytest.raises(MigrationConflictError):
+        bring_over(view, [holding(1, "a")], dry_run=False)

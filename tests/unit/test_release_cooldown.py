@@ -15,6 +15,7 @@ from pyabouts.ipam.config import load_config
 from pyabouts.ipam.errors import CniError, RangeExhaustedError, RequestedAddressUnavailableError
 from pyabouts.ipam.pool import Owner, PoolId, PoolView
 from pyabouts.ipam.ranges import build_range
+from pyabouts.ipam.slices import SlicedRange, node_range
 from tests.memory_store import MemoryStore
 
 POOL = PoolId("rest", 4)
@@ -145,3 +146,47 @@ def test_a_leak_the_reconciler_frees_rests_too() -> None:
     resting = block.entries[given[5]]
     assert resting.cooling and resting.container_id == ""
     assert before + COOLDOWN <= resting.cooling_until <= int(time.time()) + COOLDOWN
+
+
+def test_only_the_rest_an_add_needs_is_ended() -> None:
+    """Ending every ended rest of a range at once would rewrite every block holding one."""
+    view, given = full_range()
+    release(view, 1)
+    release(view, 3)
+    later = T0 + COOLDOWN
+    assert allocator.assign_address(view, SMALL, owner(8), [], now=later) == given[1]
+    still = view.owner(POOL, given[3])
+    assert still is not None and still.cooling  # left as it was
+
+
+def test_a_pod_moving_to_a_requested_address_leaves_its_old_one_resting() -> None:
+    view, given = full_range()
+    release(view, 0)
+    allocator.release_addresses(view, [SMALL], "c5", "net1", now=T0)  # frees given[5]
+    moved = allocator.assign_address(
+        view, SMALL, owner(0, "c0-new"), [netaddr.IPAddress(given[5], 4)], now=T0 + COOLDOWN
+    )
+    assert moved == given[5]
+    assert rests_until(view, given[0]) == T0 + COOLDOWN  # not dropped, not restarted
+
+
+def test_a_pod_that_moves_to_another_nodes_slice_leaves_its_old_address_resting() -> None:
+    sliced = SlicedRange(SMALL, 30)
+    view = PoolView([])
+    on_a = dataclasses.replace(owner(0), node="node-a")
+    first = allocator.assign_address(view, node_range(view, sliced, on_a, now=T0), on_a, [])
+    allocator.release_addresses(view, [SMALL], "c0", "net1", now=T0)
+    on_b = dataclasses.replace(owner(0, "c0-b"), node="node-b")
+    mine = node_range(view, sliced, on_b, now=T0 + 1)
+    assert not mine.contains(first)
+    assert rests_until(view, first) == T0 + COOLDOWN  # node-a's next pod does not get it yet
+
+
+def test_the_reconciler_clears_rests_that_have_ended_and_only_those() -> None:
+    view, given = full_range()
+    release(view, 2)
+    resting = view.owner(POOL, given[2])
+    assert resting is not None
+    policy = Policy(free_finished=True, pending_grace=300)
+    assert judge(resting, "ip", None, now=T0 + COOLDOWN - 1, policy=policy) is None
+    assert judge(resting, "ip", None, now=T0 + COOLDOWN, policy=policy) is Reason.REST_ENDED
