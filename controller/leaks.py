@@ -8,6 +8,7 @@ judged here (see controller.reclaim), so an allocation created or reused meanwhi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -34,9 +35,11 @@ StatefulSets = Mapping[str, range]
 
 def in_statefulset(pod: str, statefulsets: StatefulSets) -> bool:
     """Whether "namespace/name" is the name of a pod a StatefulSet has now ("<set>-<ordinal>"
-    with the ordinal among its replicas')."""
+    with the ordinal among its replicas', written as Kubernetes writes it: no leading zero)."""
     stem, _, ordinal = pod.rpartition("-")
-    return ordinal.isdigit() and int(ordinal) in statefulsets.get(stem, range(0))
+    if not re.fullmatch(r"0|[1-9][0-9]*", ordinal):
+        return False
+    return int(ordinal) in statefulsets.get(stem, range(0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +108,18 @@ def find_leaks(
                 yield Leak(block.key, address, owner, reason)
 
 
+def _reserved(owner: Owner, pod: PodState | None, *, now: float, policy: Policy) -> Reason | None:
+    """A reservation no StatefulSet covers: kept while the pod may still take its address
+    back (the same pod, not finished nor being deleted, whose sandbox comes back; or a pod of
+    that name created again and still setting up, within the grace); else it ends."""
+    if pod is None or pod.deleting or pod.phase in ("Succeeded", "Failed"):
+        return Reason.NOT_IN_STATEFULSET
+    if not owner.pod_uid or owner.pod_uid == pod.uid:
+        return None
+    setting_up = pod.phase == "Pending" and now - pod.created < policy.pending_grace
+    return None if setting_up else Reason.NOT_IN_STATEFULSET
+
+
 def judge(
     owner: Owner,
     ip: str,
@@ -118,20 +133,19 @@ def judge(
 
     A sticky allocation (sticky_statefulsets) of a pod that a StatefulSet has now is kept
     whatever became of the pod: the StatefulSet makes a pod of that name again, and its ADD
-    takes the address back. One reserved after its pod's DEL is kept while a pod of that name
-    exists, and freed once no StatefulSet covers the name.
+    takes the address back. Without `statefulsets` (they could not be listed) every sticky
+    allocation is kept: better late than a duplicate. One reserved after its pod's DEL that no
+    StatefulSet covers is kept only while its pod may still take it back (see _reserved).
     """
     if owner.cooling:  # released already (release_cooldown): nobody holds it
         return Reason.REST_ENDED if owner.cooling_until <= now else None
     if not owner.pod:
         return None  # not a pod's (no K8S_POD_NAME): nothing to judge it by; CNI GC covers it
     if owner.sticky:
-        if statefulsets is None:
-            raise ValueError("a sticky allocation is judged by the StatefulSets: list them")
-        if in_statefulset(owner.pod, statefulsets):
+        if statefulsets is None or in_statefulset(owner.pod, statefulsets):
             return None
         if owner.reserved:
-            return None if pod is not None else Reason.NOT_IN_STATEFULSET
+            return _reserved(owner, pod, now=now, policy=policy)
     if pod is None:
         return Reason.POD_GONE
     if owner.pod_uid and owner.pod_uid != pod.uid:

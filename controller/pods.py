@@ -8,15 +8,19 @@ from etcd, never a cache, which the reconciler's safety argument relies on.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import urllib3
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from pyabouts.controller.leaks import PodState
+
+log = logging.getLogger(__name__)
 
 NETWORK_STATUS = "k8s.v1.cni.cncf.io/network-status"
 LIST_PAGE = 500
@@ -87,17 +91,22 @@ class PodReader:
             version = str((page.get("metadata") or {}).get("resourceVersion", ""))
         return PodListing(pods, version)
 
-    def statefulsets(self) -> dict[str, range]:
-        """ "namespace/name" of each StatefulSet -> the ordinals of its replicas now."""
+    def statefulsets(self) -> dict[str, range] | None:
+        """The ordinals each StatefulSet ("namespace/name") has now, none for one being
+        deleted. None when they cannot be listed (RBAC not updated, say): every sticky address
+        is then kept for now."""
         found: dict[str, range] = {}
-        for page in list_pages(self._apps.list_stateful_set_for_all_namespaces):
-            for item in page.get("items") or []:
-                meta, spec = item.get("metadata") or {}, item.get("spec") or {}
-                start = int((spec.get("ordinals") or {}).get("start", 0))
-                replicas = int(spec.get("replicas", 1))
-                found[f"{meta.get('namespace')}/{meta.get('name')}"] = range(
-                    start, start + replicas
-                )
+        try:
+            for page in list_pages(self._apps.list_stateful_set_for_all_namespaces):
+                for item in page.get("items") or []:
+                    meta, spec = item.get("metadata") or {}, item.get("spec") or {}
+                    start = int((spec.get("ordinals") or {}).get("start", 0))
+                    replicas = 0 if meta.get("deletionTimestamp") else int(spec.get("replicas", 1))
+                    name = f"{meta.get('namespace')}/{meta.get('name')}"
+                    found[name] = range(start, start + replicas)
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            log.warning("cannot list StatefulSets, keeping every sticky address: %s", exc)
+            return None
         return found
 
     def node_names(self) -> set[str]:

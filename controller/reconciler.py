@@ -62,7 +62,7 @@ def reconcile(
     dry_run: bool = False,
     only_pods: Collection[str] | None = None,
     list_nodes: Callable[[], Collection[str]] | None = None,
-    list_statefulsets: Callable[[], StatefulSets] | None = None,
+    list_statefulsets: Callable[[], StatefulSets | None] | None = None,
     clock: Callable[[], float] = time.time,
 ) -> PassSummary:
     """One pass over the whole store, or only the allocations of the pods in `only_pods`.

@@ -155,7 +155,7 @@ def release(view: PoolView, pool: PoolId, address: int, *, now: int, reserve: bo
     owner = view.owner(pool, address)
     if owner is None or owner.cooling:
         return
-    if reserve and owner.sticky:
+    if reserve and owner.sticky and owner.pod:  # only a pod's name can take it back
         if not owner.reserved:
             view.assign(pool, address, dataclasses.replace(owner, container_id="", reserved=True))
         return

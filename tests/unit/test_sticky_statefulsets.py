@@ -7,7 +7,7 @@ import dataclasses
 import netaddr
 import pytest
 
-from pyabouts.controller.leaks import Policy, Reason, in_statefulset, judge
+from pyabouts.controller.leaks import PodState, Policy, Reason, in_statefulset, judge
 from pyabouts.ipam import allocator
 from pyabouts.ipam.errors import RequestedAddressUnavailableError
 from pyabouts.ipam.pool import Owner, PoolId, PoolView
@@ -61,7 +61,7 @@ def test_gc_reserves_too_and_an_address_given_without_sticky_is_freed() -> None:
 @pytest.mark.parametrize(
     ("name", "covered"),
     [("db/web-0", True), ("db/web-2", True), ("db/web-3", False), ("db/web", False),
-     ("db/webx-1", False), ("other/web-1", False)],
+     ("db/webx-1", False), ("other/web-1", False), ("db/web-01", False), ("db/web-\u00b2", False)],
 )  # fmt: skip
 def test_a_name_is_a_statefulsets_while_its_ordinal_is_among_the_replicas(
     name: str, covered: bool
@@ -87,8 +87,45 @@ def test_the_reconciler_keeps_what_a_statefulset_covers_and_frees_the_rest() -> 
     assert judge(pod("web-2"), "ip", gone, now=0, policy=POLICY, statefulsets=scaled) is (
         Reason.POD_GONE
     )
-    with pytest.raises(ValueError, match="list them"):
-        judge(reserved, "ip", gone, now=0, policy=POLICY)
+    # StatefulSets that could not be listed keep every sticky address, for now.
+    assert judge(reserved, "ip", gone, now=0, policy=POLICY) is None
+    assert judge(pod("web-2"), "ip", gone, now=0, policy=POLICY) is None
+
+
+def state(
+    phase: str, uid: str = "uid-1", *, created: float = 0, deleting: bool = False
+) -> PodState:
+    return PodState("db", "job-1", uid, phase, created, deleting, False, None)
+
+
+@pytest.mark.parametrize(
+    ("listed", "kept"),
+    [
+        (state("Running"), True),  # the same pod: its sandbox comes back, and takes it
+        (state("Succeeded"), False),  # finished: no sandbox comes back
+        (state("Failed"), False),
+        (state("Running", deleting=True), False),
+        (state("Pending", uid="uid-2", created=100), True),  # re-created, setting up
+        (state("Pending", uid="uid-2", created=100 - 301), False),  # past the grace
+        (state("Running", uid="uid-2", created=100), False),  # re-created, up without it
+    ],
+)
+def test_a_reservation_no_statefulset_covers_lasts_while_its_pod_may_take_it_back(
+    listed: PodState, kept: bool
+) -> None:
+    reserved = dataclasses.replace(pod("job-1", container=""), reserved=True, pod_uid="uid-1")
+    reason = judge(reserved, "ip", listed, now=100, policy=POLICY, statefulsets=SETS)
+    assert (reason is None) is kept
+    assert reason in (None, Reason.NOT_IN_STATEFULSET)
+
+
+def test_an_address_without_a_pod_name_is_never_reserved() -> None:
+    """Nothing could take it back, nor tell when to free it."""
+    view = PoolView([])
+    podless = dataclasses.replace(pod("x"), pod="")
+    given = allocator.assign_address(view, RANGE, podless, [])
+    allocator.release_addresses(view, [RANGE], "c-x", "net1")
+    assert view.owner(POOL, given) is None
 
 
 def test_the_reconcilers_release_ends_a_reservation_into_the_cooldown() -> None:
