@@ -4,6 +4,8 @@ directly: etcd keys, IPPool objects, and the apiserver's own count of conflictin
 from __future__ import annotations
 
 import json
+import time
+from typing import Any
 
 import etcd3
 
@@ -37,11 +39,19 @@ def stored_allocations(server: EtcdServer, network: str) -> dict[str, dict[str, 
         for value, _ in client.get_prefix(f"/pyabouts/v1/pools/4/{network}/"):
             doc = json.loads(value)
             for offset, owner in doc["allocations"].items():
-                assert owner.pop("node")  # the node that allocated: this host's, or its agent's
-                found[f"{doc['cidr']}+{offset}"] = owner
+                found[f"{doc['cidr']}+{offset}"] = without_node_and_time(owner)
         return found
     finally:
         client.close()
+
+
+def without_node_and_time(owner: dict[str, Any]) -> dict[str, Any]:
+    """A stored entry without the node and the time that ADD recorded, each checked first: the
+    node that allocated (this host's, or its agent's), and a time of this run."""
+    assert owner.pop("node")
+    given = owner.pop("allocated")
+    assert isinstance(given, int) and abs(given - time.time()) < 3600, given
+    return owner
 
 
 def stored(cluster: ControlPlane, network: str) -> dict[str, str]:

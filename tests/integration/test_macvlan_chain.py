@@ -37,6 +37,7 @@ from deploy.local.netns import (
     wait_for_addresses,
 )
 from tests.integration.etcd_fixtures import EtcdServer
+from tests.integration.stored_state import without_node_and_time
 
 pytestmark = pytest.mark.integration
 
@@ -186,8 +187,7 @@ def stored_allocations(etcd: Any, network_name: str) -> dict[str, dict[str, str]
             continue
         base = ipaddress.ip_network(block["cidr"]).network_address
         for offset, owner in block["allocations"].items():
-            assert owner.pop("node")  # the node that allocated: this host's, or its agent's
-            found[str(base + int(offset))] = owner
+            found[str(base + int(offset))] = without_node_and_time(owner)
     return found
 
 
