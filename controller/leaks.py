@@ -98,7 +98,7 @@ def find_leaks(
     statefulsets: StatefulSets | None = None,
 ) -> Iterator[Leak]:
     """The allocations in `blocks` that no live pod uses, in block and address order.
-    `statefulsets` is needed when an allocation is sticky (see judge)."""
+    `statefulsets` judges sticky allocations; without it they are kept (see judge)."""
     for block in blocks:
         for address, owner in sorted(block.entries.items()):
             ip = str(netaddr.IPAddress(address, block.key.pool.family))
