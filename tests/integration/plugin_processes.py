@@ -17,6 +17,7 @@ from typing import Any
 
 from deploy.local.agent_process import AgentProcess
 from deploy.local.netns import CniCall, run_cni
+from pyabouts.plugin.commands import DEADLINE_SECONDS
 
 FLAT_FILE_NAME = "pyabouts.conf"
 
@@ -197,9 +198,12 @@ def cni(
     args: str = "",
     *,
     extra_env: dict[str, str] | None = None,
-    timeout: float = 60.0,
+    timeout: float = DEADLINE_SECONDS + 30,
 ) -> CniCall:
-    """One call of the plugin `exe`, as the runtime makes it for `container`."""
+    """One call of the plugin `exe`, as the runtime makes it for `container`.
+
+    Waited for past the plugin's own deadline: a slow store then shows as the plugin's CNI
+    error, not as a call the harness killed."""
     return run_cni(
         exe,
         command,
