@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import netaddr
 import pytest
 
 from deploy.local.controlplane import ControlPlane
@@ -21,7 +20,7 @@ from deploy.local.pod_objects import create_namespace
 from pyabouts.ipam.pool import Owner
 from pyabouts.ipam.store import PoolStore
 from tests.integration.plugin_processes import cni, netconf
-from tests.integration.stored_state import etcd_store, kubernetes_store
+from tests.integration.stored_state import etcd_store, kubernetes_store, owners_in
 
 NAMESPACE = "recon"
 RECONCILER_SA = "pyabouts-reconciler"
@@ -57,12 +56,7 @@ class ReconcilerEnv:
 
     def held(self) -> dict[str, Owner]:
         """This test's allocations: address -> owner, as the store holds them."""
-        return {
-            str(netaddr.IPAddress(address, block.key.pool.family)): owner
-            for block in self.store.read_all_blocks()
-            if block.key.pool.network == self.network
-            for address, owner in block.entries.items()
-        }
+        return owners_in(self.store, self.network)
 
     def reconciler_argv(self, *extra: str) -> list[str]:
         return reconciler_argv(self.flat_file, self.kubeconfig, *extra)

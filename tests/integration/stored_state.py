@@ -8,10 +8,13 @@ import time
 from typing import Any
 
 import etcd3
+import netaddr
 
 from bench.kube import conflicting_writes, requests_by_verb_and_code
 from deploy.local.controlplane import ControlPlane
 from pyabouts.ipam.config import IpamConf
+from pyabouts.ipam.pool import Owner
+from pyabouts.ipam.store import PoolStore
 from pyabouts.ipam.stores.etcd import EtcdStore
 from pyabouts.ipam.stores.kubernetes import GROUP, KubernetesStore
 from tests.integration.etcd_fixtures import EtcdServer
@@ -29,6 +32,25 @@ def kubernetes_store(kubeconfig: str) -> KubernetesStore:
     """pyabouts' IPPool store, reaching the apiserver as `kubeconfig` says."""
     ipam = {"type": "pyabouts", "datastore": "kubernetes", "kubernetes": {"kubeconfig": kubeconfig}}
     return KubernetesStore.from_config(IpamConf.model_validate(ipam), timeout=STORE_TIMEOUT)
+
+
+def owners_in(store: PoolStore, network: str) -> dict[str, Owner]:
+    """address -> owner of every entry of `network` that `store` holds (both families)."""
+    return {
+        str(netaddr.IPAddress(address, block.key.pool.family)): owner
+        for block in store.read_all_blocks()
+        if block.key.pool.network == network
+        for address, owner in block.entries.items()
+    }
+
+
+def owners_on(cluster: ControlPlane, network: str) -> dict[str, Owner]:
+    """owners_in the IPPools of `cluster` (the server is shared: one network's only)."""
+    store = kubernetes_store(str(cluster.kubeconfig))
+    try:
+        return owners_in(store, network)
+    finally:
+        store.close()
 
 
 def stored_allocations(server: EtcdServer, network: str) -> dict[str, dict[str, str]]:

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import netaddr
 import pytest
 
 from deploy.local.agent_process import running_agent
@@ -39,10 +38,12 @@ from tests.integration.plugin_processes import (
     make_nodes,
     start_plugins,
 )
+from tests.integration.stored_state import owners_in
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.xdist_group("processes"),  # hundreds of processes: never beside the others
+    pytest.mark.xdist_group("processes"),
+    pytest.mark.machine_wide,  # hundreds of processes at once
     pytest.mark.timeout(900),
 ]
 
@@ -68,12 +69,8 @@ class Burst:
         settings = flat_file_settings(read_own_flat_file(str(self.nodes[0].flat_file)))
         store = open_store(settings, timeout=30)
         try:
-            return {
-                str(netaddr.IPAddress(address, block.key.pool.family)): (o.pod, o.container_id)
-                for block in store.read_all_blocks()
-                if block.key.pool.network == self.network
-                for address, o in block.entries.items()
-            }
+            owners = owners_in(store, self.network)
+            return {address: (o.pod, o.container_id) for address, o in owners.items()}
         finally:
             store.close()
 

@@ -33,12 +33,11 @@ from deploy.local.pod_objects import (
     delete_pod,
 )
 from deploy.local.pod_runtime import create_nad, install_nad_crd
-from pyabouts.ipam.pool import Owner
 from pyabouts.ipam.slices import REGISTRY_MARK
 from tests.integration.plugin_fixtures import kubernetes_datastore
 from tests.integration.plugin_processes import cni
 from tests.integration.reconciler_env import reconcile_once
-from tests.integration.stored_state import kubernetes_store
+from tests.integration.stored_state import owners_on
 
 pytestmark = pytest.mark.integration
 
@@ -152,20 +151,6 @@ def pyabouts_add(
     return [ip["address"].split("/")[0] for ip in call.expect_success()["ips"]]
 
 
-def stored(cluster: ControlPlane, network: str) -> dict[str, Owner]:
-    """address -> owner in pyabouts' pools of `network` (IPv4 and IPv6)."""
-    store = kubernetes_store(str(cluster.kubeconfig))
-    try:
-        return {
-            str(netaddr.IPAddress(address, block.key.pool.family)): owner
-            for block in store.read_all_blocks()
-            if block.key.pool.network == network
-            for address, owner in block.entries.items()
-        }
-    finally:
-        store.close()
-
-
 def unique_ranges() -> tuple[str, str]:
     n = random.randrange(256)
     return f"10.97.{n}.0/24", f"fd97:{n:x}:{random.randrange(1 << 16):x}::/64"
@@ -187,7 +172,7 @@ def test_a_dual_stack_network_moves_over_without_re_addressing_a_pod(
     dry = migrate_json(flat_file, "--dry-run")
     assert dry["dryRun"] is True
     assert len(mine(dry, {""}, [v4, v6])) == 8
-    assert not set(stored(cluster, "")) & {a for addrs in kept.values() for a in addrs}
+    assert not set(owners_on(cluster, "")) & {a for addrs in kept.values() for a in addrs}
 
     done = migrate_json(flat_file)
     moved = mine(done, {""}, [v4, v6])
@@ -205,7 +190,7 @@ def test_a_dual_stack_network_moves_over_without_re_addressing_a_pod(
     gone, *alive = kept
     delete_pod(cluster, NAMESPACE, gone)
     reconcile_once(flat_file, reconciler_kubeconfig)
-    left = stored(cluster, "")
+    left = owners_on(cluster, "")
     assert not set(kept[gone]) & set(left)
     assert all(left[a].pod == f"{NAMESPACE}/{pod}" for pod in alive for a in kept[pod])
 
@@ -224,7 +209,7 @@ def test_a_dual_stack_network_moves_over_without_re_addressing_a_pod(
     assert final == {f"{NAMESPACE}/{gone}": "pod-gone"} | {
         f"{NAMESPACE}/{pod}": "present" for pod in alive
     }
-    assert set(kept[gone]) <= set(stored(cluster, ""))  # given to new pods meanwhile
+    assert set(kept[gone]) <= set(owners_on(cluster, ""))  # given to new pods meanwhile
 
 
 def test_it_refuses_when_pyabouts_gives_an_address_to_somebody_else(
@@ -243,7 +228,7 @@ def test_it_refuses_when_pyabouts_gives_an_address_to_somebody_else(
     (again,) = whereabouts.add(ipam, "second")
     assert again == taken
     (third,) = whereabouts.add(ipam, "third")  # no conflict, but not brought over either
-    before = stored(pyabouts_cluster, network)
+    before = owners_on(pyabouts_cluster, network)
     try:
         refused = migrate(flat_file, "-o", "json")
         assert refused.returncode == 1, refused.stderr
@@ -254,14 +239,14 @@ def test_it_refuses_when_pyabouts_gives_an_address_to_somebody_else(
         assert document["refused"] is True
         (conflict,) = [c for c in document["conflicts"] if c["network"] == network]
         assert conflict["heldBy"]["pod"] == f"{NAMESPACE}/served-by-pyabouts"
-        assert stored(pyabouts_cluster, network) == before  # nothing changed
+        assert owners_on(pyabouts_cluster, network) == before  # nothing changed
         assert third not in before
     finally:
         # The remedy the runbook gives: free one of the two holders, then migrate again. (The
         # apiserver is shared: a conflict left behind would refuse every later migration.)
         whereabouts.delete(ipam, "second")
     migrate_json(flat_file)
-    assert stored(pyabouts_cluster, network)[third].pod == f"{NAMESPACE}/third"
+    assert owners_on(pyabouts_cluster, network)[third].pod == f"{NAMESPACE}/third"
 
 
 def runbook_freeze(role: str) -> list[str]:
@@ -430,7 +415,7 @@ def test_node_slices_move_over_with_their_nodes(
         registry = {
             owner.node: owner.container_id
             for network_name in {f"{network}{REGISTRY_MARK} {whole} /26"}
-            for owner in stored(pyabouts_cluster, network_name).values()
+            for owner in owners_on(pyabouts_cluster, network_name).values()
         }
         assert registry == {node: slices[node] for node in nodes}
         table = migrate(flat_file)  # again, as a person reads it

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import netaddr
 import pytest
 
 from deploy.local.controlplane import ControlPlane
@@ -20,7 +19,7 @@ from deploy.local.pod_objects import create_namespace, create_pod, delete_pod
 from tests.integration.plugin_fixtures import kubernetes_datastore
 from tests.integration.plugin_processes import cni, netconf
 from tests.integration.reconciler_env import reconcile_once
-from tests.integration.stored_state import kubernetes_store
+from tests.integration.stored_state import owners_on
 
 pytestmark = pytest.mark.integration
 
@@ -90,16 +89,7 @@ def statefulset(pyabouts_cluster: ControlPlane) -> Iterator[str]:
 
 def held(cluster: ControlPlane, network: str) -> dict[str, str]:
     """address -> pod of `network`'s entries (reserved ones included)."""
-    store = kubernetes_store(str(cluster.kubeconfig))
-    try:
-        return {
-            str(netaddr.IPAddress(address, 4)): o.pod
-            for block in store.read_all_blocks()
-            if block.key.pool.network == network
-            for address, o in block.entries.items()
-        }
-    finally:
-        store.close()
+    return {address: owner.pod for address, owner in owners_on(cluster, network).items()}
 
 
 def test_a_statefulsets_pods_keep_their_addresses_until_it_no_longer_has_them(
