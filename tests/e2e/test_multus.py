@@ -194,7 +194,8 @@ def test_deleted_pods_free_their_addresses_and_a_crashed_pod_is_reclaimed(
     assert address(again) == "198.51.100.2/24"  # the reclaimed address serves the next pod
 
 
-@pytest.mark.xdist_group("processes")  # a hundred plugin processes: not beside the others
+@pytest.mark.xdist_group("processes")
+@pytest.mark.machine_wide  # a hundred plugin processes at once
 def test_a_burst_of_50_pods_with_two_attachments_each(
     node: Node, master: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

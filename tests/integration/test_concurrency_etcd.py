@@ -15,6 +15,7 @@ from tests.integration.stored_state import stored_allocations
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.xdist_group("processes"),
+    pytest.mark.machine_wide,  # hundreds of plugin processes at once
     pytest.mark.timeout(1800),
 ]
 

@@ -27,6 +27,7 @@ from tests.integration.stored_state import conflicts_at_the_apiserver, stored
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.xdist_group("processes"),
+    pytest.mark.machine_wide,  # hundreds of plugin processes at once
     pytest.mark.timeout(1800),
 ]
 

@@ -135,7 +135,8 @@ def test_a_dry_run_reports_the_leaks_and_frees_nothing(recon: ReconcilerEnv) -> 
     assert set(recon.held()) == {address}
 
 
-@pytest.mark.xdist_group("processes")  # hundreds of plugin processes: not beside the others
+@pytest.mark.xdist_group("processes")
+@pytest.mark.machine_wide  # hundreds of plugin processes at once
 def test_200_adds_while_the_reconciler_loops_lose_no_live_address(recon: ReconcilerEnv) -> None:
     """Each pod is created just before its ADD, as after scheduling, while passes run back to
     back; leaks seeded beforehand show that the passes really free what they should."""
