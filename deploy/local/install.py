@@ -7,11 +7,14 @@ directory, since kustomize refuses an overlay inside its base and wants a relati
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+from deploy.local.cluster import down, up
 from deploy.local.controlplane import ControlPlane
 from deploy.local.node_network import CNI_BIN_DIR, CNI_CONF_DIR
 from deploy.local.project_image import PROJECT_REPOSITORY, project_version
@@ -77,3 +80,24 @@ def uninstall_from_cluster(control_plane: ControlPlane, overlay: Path) -> None:
         check=True,
         capture_output=True,
     )
+
+
+@contextlib.contextmanager
+def cluster_with_pyabouts(state_dir: Path) -> Iterator[ControlPlane]:
+    """The local cluster up in `state_dir` and pyabouts installed (its overlay in
+    `state_dir`/install); afterwards uninstalled and the cluster down."""
+    running = up(state_dir)
+    assert running.control_plane is not None
+    control_plane = running.control_plane
+    overlay = install_overlay(state_dir)
+    try:
+        install_on_cluster(control_plane, overlay)
+        yield control_plane
+    finally:
+        uninstall_from_cluster(control_plane, overlay)
+        down(state_dir)
+
+
+def install_overlay(state_dir: Path) -> Path:
+    """The overlay cluster_with_pyabouts installs from, in the cluster's state directory."""
+    return local_overlay(state_dir / "install")

@@ -21,16 +21,18 @@ from typing import Any
 import pytest
 
 from deploy.local.controlplane import ControlPlane
-from deploy.local.install import NAMESPACE, NODE_CONFIG, PLUGIN, install_on_cluster
+from deploy.local.install import (
+    NAMESPACE,
+    NODE_CONFIG,
+    PLUGIN,
+    cluster_with_pyabouts,
+    install_on_cluster,
+    install_overlay,
+)
 from deploy.local.netns import CniCall, run_cni
 from deploy.local.node_network import CNI_BIN_DIR
 from pyabouts.plugin.install import SHIM_SLOT_MARKER
-from tests.e2e.local_cluster import (
-    CLUSTER_MODULE_MARKS,
-    cluster_with_pyabouts,
-    install_overlay,
-    kube_json,
-)
+from tests.e2e.local_cluster import CLUSTER_MODULE_MARKS, kube_json
 from tests.integration.stored_state import stored
 
 pytestmark = CLUSTER_MODULE_MARKS

@@ -13,9 +13,8 @@ the "processes" group.
 from __future__ import annotations
 
 import json
-import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -31,13 +30,12 @@ from deploy.local.cluster_objects import (
     network_status,
     pod,
     pod_addresses,
-    scale_and_wait,
     wait_ready,
 )
 from deploy.local.commands import run_command
 from deploy.local.controlplane import ControlPlane
+from deploy.local.install import cluster_with_pyabouts
 from deploy.local.multus_install import (
-    DAEMONSET,
     MULTUS_CACHE,
     THICK,
     THIN,
@@ -46,9 +44,10 @@ from deploy.local.multus_install import (
     multus_overlay,
     uninstall_multus,
 )
+from deploy.local.multus_scale import networks_of, scale_round, set_multus_limits
 from deploy.local.netns import macvlan_master
 from deploy.local.node_components import CONTAINERD_SOCKET
-from tests.e2e.local_cluster import CLUSTER_MODULE_MARKS, cluster_with_pyabouts, kube_json
+from tests.e2e.local_cluster import CLUSTER_MODULE_MARKS, kube_json
 from tests.e2e.multus_limits import MULTUS_CANNOT_REPLACE_THE_DEFAULT_ROUTE
 from tests.integration.stored_state import stored
 
@@ -316,72 +315,49 @@ def test_a_rolling_update_of_the_agent_while_pods_are_created_loses_nothing(
 #: The scale test's pods: Multus thick's upstream limits (50Mi, 100m CPU) are for about 20 (at
 #: 50 even host-local fails there, as Multus #1346 reports); thin runs delegates outside them.
 SCALE = {"thin": 50, "thick": 20}
-#: host-local keeps its reservations here, a directory per network, left after the DELs.
-HOST_LOCAL_DATA = Path("/var/lib/cni/networks")
-RESOURCE_LIMITS = "/spec/template/spec/containers/0/resources/limits"
+#: What Multus thick's users do (its issue #1346): 256Mi of memory, no CPU limit.
+RAISED_LIMITS = {"memory": "256Mi"}
 
 
-def multus_restarts(cluster: ControlPlane) -> list[tuple[int, str]]:
-    """Each Multus container's restart count and why it last ended (OOMKilled, ...)."""
-    listed = kube_json(cluster, "get", "pods", "-n", "kube-system", "-l", "app=multus")["items"]
-    statuses = [c for item in listed for c in item["status"]["containerStatuses"]]
-    ended = [c.get("lastState", {}).get("terminated", {}) for c in statuses]
-    return [(c["restartCount"], e.get("reason", "-")) for c, e in zip(statuses, ended, strict=True)]
-
-
-def scale_round(cluster: ControlPlane, master: str, replicas: int, label: str) -> None:
-    """One Deployment on two pyabouts NADs, then one on two host-local NADs, each scaled from 0
+def scale_round_beside_host_local(
+    cluster: ControlPlane, master: str, replicas: int, label: str
+) -> None:
+    """A Deployment on two pyabouts NADs, then one on two host-local NADs, each scaled from 0
     to `replicas` and back: every pod Ready with an address of its own on each network, the
     pools holding exactly theirs and nothing at 0; whether Multus restarted is printed.
     The times to all Ready are printed side by side (a figure, not an assert)."""
-    ranges = {
-        "pyabouts": ("198.19.2.0/25", "198.19.2.128/25"),
-        "host-local": ("198.19.3.0/25", "198.19.3.128/25"),
+
+    def pools_hold_exactly(addresses: Mapping[str, Mapping[str, str]]) -> None:
+        for network, held in addresses.items():
+            assert set(stored(cluster, network)) == set(held.values())
+
+    rounds = {
+        ipam: scale_round(
+            cluster,
+            NAMESPACE,
+            master,
+            ipam,
+            replicas,
+            at_full_scale=pools_hold_exactly if ipam == "pyabouts" else None,
+        )
+        for ipam in ("pyabouts", "host-local")
     }
-    seconds = {}
-    restarts = {}
-    try:
-        for ipam, cidrs in ranges.items():
-            name = f"scale-{ipam}"
-            networks = (f"{name}-a", f"{name}-b")
-            nads = [
-                macvlan_nad(NAMESPACE, n, master, c, ipam=ipam)
-                for n, c in zip(networks, cidrs, strict=True)
-            ]
-            apply(cluster, *nads, deployment(NAMESPACE, name, ",".join(networks), 0))
-            before = multus_restarts(cluster)
-            seconds[ipam] = scale_and_wait(cluster, NAMESPACE, name, replicas)
-            restarts[ipam] = (before, multus_restarts(cluster))
-            for interface, network in zip(("net1", "net2"), networks, strict=True):
-                addresses = pod_addresses(cluster, NAMESPACE, f"app={name}", interface)
-                assert len(set(addresses.values())) == len(addresses) == replicas, addresses
-                if ipam == "pyabouts":
-                    assert set(stored(cluster, network)) == set(addresses.values())
-            scale_and_wait(cluster, NAMESPACE, name, 0)
-            if ipam == "pyabouts":
-                assert [stored(cluster, network) for network in networks] == [{}, {}]
-    finally:
-        for directory in HOST_LOCAL_DATA.glob("scale-host-local-*"):
-            shutil.rmtree(directory)
+    for figures in rounds.values():
+        assert [len(held) for held in figures.addresses.values()] == [replicas, replicas]
+        assert figures.duplicates == 0, figures.addresses
+    assert [stored(cluster, network) for network in networks_of("pyabouts")] == [{}, {}]
+    mine, baseline = rounds["pyabouts"], rounds["host-local"]
+    restarts = {ipam: (f.restarts_before, f.restarts_after) for ipam, f in rounds.items()}
     print(f"\nMultus restarts (count, last termination) before and after each: {restarts}")
     print(
         f"Multus {label}, 0 -> {replicas} pods x 2 networks, all Ready in: "
-        f"pyabouts {seconds['pyabouts']:.1f} s, host-local {seconds['host-local']:.1f} s "
-        f"({seconds['pyabouts'] / seconds['host-local']:.2f}x)"
+        f"pyabouts {mine.up_seconds:.1f} s, host-local {baseline.up_seconds:.1f} s "
+        f"({mine.up_seconds / baseline.up_seconds:.2f}x)"
     )
     # A figure, not an assert: at 50Mi the daemon's own memory under 20 sandboxes at once decides
     # (a clean-clone run saw one OOM kill while pyabouts served; three runs before saw none).
-    before, after = restarts["pyabouts"]
-    print(f"Multus restarted while pyabouts served: {after != before} ({before} -> {after})")
-
-
-def raise_multus_limits(cluster: ControlPlane) -> None:
-    """What Multus thick's users do (its issue #1346): 256Mi of memory, no CPU limit."""
-    limits = {"op": "replace", "path": RESOURCE_LIMITS, "value": {"memory": "256Mi"}}
-    cluster.kubectl(
-        "patch", DAEMONSET, "-n", "kube-system", "--type=json", f"-p={json.dumps([limits])}"
-    )
-    cluster.kubectl("rollout", "status", DAEMONSET, "-n", "kube-system", "--timeout=180s")
+    # The benchmark's Multus run (bench/multus_scale.py) records it over several rounds.
+    print(f"Multus restarted while pyabouts served: {mine.multus_restarted}")
 
 
 def test_a_deployment_scaled_up_with_two_pyabouts_networks_per_pod_beside_host_local(
@@ -389,10 +365,13 @@ def test_a_deployment_scaled_up_with_two_pyabouts_networks_per_pod_beside_host_l
 ) -> None:
     """In thick mode the shim runs inside the Multus daemon's container: first at its upstream
     limits, then with the limits raised as its users do, at 50 pods."""
-    scale_round(cluster, master, SCALE[multus_mode.name], f"{multus_mode.name}, as installed")
+    mode = multus_mode.name
+    scale_round_beside_host_local(cluster, master, SCALE[mode], f"{mode}, as installed")
     if multus_mode == THICK:
-        raise_multus_limits(cluster)
-        scale_round(cluster, master, 50, "thick, limits raised to 256Mi and no CPU limit")
+        set_multus_limits(cluster, RAISED_LIMITS)
+        scale_round_beside_host_local(
+            cluster, master, 50, "thick, limits raised to 256Mi and no CPU limit"
+        )
 
 
 @MULTUS_CANNOT_REPLACE_THE_DEFAULT_ROUTE

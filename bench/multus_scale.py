@@ -1,0 +1,187 @@
+"""Multus thick on a real kubelet: a Deployment on two networks scaled 0 -> N, pyabouts against
+host-local, with the Multus daemon at its upstream limits and then with them raised.
+
+    bash bench/run.sh multus [--rounds 3] [--at-limits 20] [--raised 50] [--out bench/results]
+
+In thick mode every delegate runs inside the Multus daemon's container: pyabouts' node shim
+(which hands the call to the node agent), host-local and macvlan alike. Its upstream limits are
+50Mi of memory and 100m of CPU; its users raise them (Multus #1346), here to 256Mi and no CPU
+limit. Per round and IPAM: the seconds until every pod is Ready, whether the daemon restarted
+(OOM-killed) meanwhile, and duplicates. The IPAMs take turns first, round by round, so that
+neither always runs on a cluster the other just warmed. It reports and never asserts; the JSON
+(multus-thick-<time>.json) records the commit, the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.machine import code_commit, describe_machine, load_average
+from bench.report import format_machine
+from deploy.local.controlplane import KUBE_VERSION, ControlPlane
+from deploy.local.install import cluster_with_pyabouts
+from deploy.local.multus_install import THICK, install_multus, multus_overlay, uninstall_multus
+from deploy.local.multus_scale import ScaleFigures, scale_round, set_multus_limits
+from deploy.local.netns import macvlan_master
+from pyabouts.controller.text_tables import format_table
+
+IPAMS = ("pyabouts", "host-local")
+BASELINE = "host-local"
+NAMESPACE = "default"
+UPSTREAM_LIMITS = "50Mi memory, 100m CPU (upstream manifest, unchanged)"
+RAISED_LIMITS = {"memory": "256Mi"}  # and no CPU limit
+#: The targets of the node-binary issue: pyabouts' time to all Ready over host-local's.
+TARGETS = {"upstream": 1.5, "raised": 1.2}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bash bench/run.sh multus", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per limits (default: 3)")
+    parser.add_argument("--at-limits", type=int, default=20, help="pods at upstream limits")
+    parser.add_argument("--raised", type=int, default=50, help="pods with the limits raised")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    machine = describe_machine(kube_apiserver=KUBE_VERSION)
+    print(format_machine(machine), flush=True)
+    started_at = datetime.now(UTC)
+    started = time.perf_counter()
+    phases = []
+    with thick_cluster() as (cluster, master):
+        for name, limits, replicas in (
+            ("upstream", UPSTREAM_LIMITS, args.at_limits),
+            ("raised", "256Mi memory, no CPU limit", args.raised),
+        ):
+            if name == "raised":
+                set_multus_limits(cluster, RAISED_LIMITS)
+            rounds = [run_round(cluster, master, n, replicas, name) for n in range(args.rounds)]
+            phases.append(summarise(name, limits, replicas, [f for r in rounds for f in r]))
+    document = {
+        "benchmark": "multus-thick",
+        "started_at": started_at.isoformat(),
+        "duration_s": round(time.perf_counter() - started, 1),
+        "commit": code_commit(),
+        "machine": asdict(machine),
+        "load_average_end": load_average(),
+        "settings": {"rounds": args.rounds, "namespace": NAMESPACE, "networks_per_pod": 2},
+        "phases": phases,
+    }
+    print(format_phases(phases))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = started_at.strftime("%Y%m%dT%H%M%SZ")
+    path = args.out / f"multus-thick-{stamp}.json"
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"results: {path}")
+    return 0
+
+
+@contextlib.contextmanager
+def thick_cluster() -> Iterator[tuple[ControlPlane, str]]:
+    """The local cluster with pyabouts and Multus thick (its upstream manifest), and a macvlan
+    master; all taken down on the way out."""
+    with tempfile.TemporaryDirectory(prefix="pyabouts-bench-multus-") as tmp:
+        state_dir = Path(tmp)
+        with cluster_with_pyabouts(state_dir) as cluster, macvlan_master("benchm") as master:
+            overlay = multus_overlay(state_dir / "multus", THICK)
+            install_multus(cluster, overlay, THICK)
+            try:
+                yield cluster, master
+            finally:
+                cluster.kubectl_run(
+                    "delete", "deployments", "--all", "-n", NAMESPACE, "--timeout=120s"
+                )
+                uninstall_multus(cluster, overlay, THICK)
+
+
+def run_round(
+    cluster: ControlPlane, master: str, number: int, replicas: int, phase: str
+) -> list[ScaleFigures]:
+    order = IPAMS if number % 2 == 0 else IPAMS[::-1]
+    figures = []
+    for ipam in order:
+        done = scale_round(cluster, NAMESPACE, master, ipam, replicas)
+        restarted = "Multus restarted" if done.multus_restarted else "no Multus restart"
+        print(
+            f"{phase} round {number + 1}: {ipam} 0 -> {replicas} pods Ready in "
+            f"{done.up_seconds:.1f} s ({restarted}, {done.duplicates} duplicates)",
+            flush=True,
+        )
+        figures.append(done)
+    return figures
+
+
+def summarise(
+    name: str, limits: str, replicas: int, figures: Sequence[ScaleFigures]
+) -> dict[str, Any]:
+    by_ipam: dict[str, dict[str, Any]] = {}
+    for ipam in IPAMS:
+        rounds = [f for f in figures if f.ipam == ipam]
+        by_ipam[ipam] = {
+            "up_seconds": [round(f.up_seconds, 2) for f in rounds],
+            "up_seconds_median": round(statistics.median(f.up_seconds for f in rounds), 2),
+            "down_seconds": [round(f.down_seconds, 2) for f in rounds],
+            "rounds_with_multus_restart": sum(f.multus_restarted for f in rounds),
+            "multus_restarts": [[list(r) for r in f.restarts_after] for f in rounds],
+            "duplicates": sum(f.duplicates for f in rounds),
+        }
+    mine, base = by_ipam["pyabouts"], by_ipam[BASELINE]
+    ratio = mine["up_seconds_median"] / base["up_seconds_median"]
+    return {
+        "name": name,
+        "limits": limits,
+        "replicas": replicas,
+        "by_ipam": by_ipam,
+        "ratio_to_host_local": round(ratio, 3),
+        "target_ratio": TARGETS[name],
+        "met": ratio <= TARGETS[name]
+        and mine["duplicates"] == 0
+        and (name != "upstream" or mine["rounds_with_multus_restart"] == 0),
+    }
+
+
+def format_phases(phases: Sequence[dict[str, Any]]) -> str:
+    rows = []
+    for phase in phases:
+        for ipam, figures in phase["by_ipam"].items():
+            rows.append(
+                [
+                    phase["name"],
+                    str(phase["replicas"]),
+                    ipam,
+                    " / ".join(f"{s:.1f}" for s in figures["up_seconds"]),
+                    f"{figures['up_seconds_median']:.1f}",
+                    f"{figures['rounds_with_multus_restart']} of {len(figures['up_seconds'])}",
+                    str(figures["duplicates"]),
+                    f"{phase['ratio_to_host_local']:.2f} (target {phase['target_ratio']})"
+                    if ipam == "pyabouts"
+                    else "-",
+                ]
+            )
+    headers = [
+        "limits",
+        "pods",
+        "IPAM",
+        "all Ready (s), per round",
+        "median",
+        "rounds with a Multus restart",
+        "dups",
+        "ratio to host-local",
+    ]
+    return format_table(headers, rows)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
