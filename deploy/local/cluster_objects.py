@@ -113,12 +113,16 @@ def network_status(cluster: ControlPlane, namespace: str, name: str) -> list[dic
     return list(json.loads(found["metadata"]["annotations"][NETWORK_STATUS]))
 
 
-def scale_and_wait(cluster: ControlPlane, namespace: str, name: str, replicas: int) -> float:
+def scale_and_wait(
+    cluster: ControlPlane, namespace: str, name: str, replicas: int, *, timeout_s: int = 600
+) -> float:
     """Scale deployment `name` to `replicas` and wait until its rollout is complete (every pod
-    Ready, or every pod gone at 0); the seconds that took."""
+    Ready, or every pod gone at 0); the seconds that took. KubectlError after `timeout_s`."""
     started = time.monotonic()
     cluster.kubectl("scale", f"deployment/{name}", "-n", namespace, f"--replicas={replicas}")
-    cluster.kubectl("rollout", "status", f"deployment/{name}", "-n", namespace, "--timeout=600s")
+    cluster.kubectl(
+        "rollout", "status", f"deployment/{name}", "-n", namespace, f"--timeout={timeout_s}s"
+    )
     if replicas == 0:
         selector = f"app={name}"
         cluster.kubectl(
@@ -130,13 +134,17 @@ def scale_and_wait(cluster: ControlPlane, namespace: str, name: str, replicas: i
 def pod_addresses(
     cluster: ControlPlane, namespace: str, selector: str, interface: str = "net1"
 ) -> dict[str, str]:
-    """`interface`'s address of each pod matching `selector`, from its network-status."""
+    """`interface`'s address of each pod matching `selector`, from its network-status (pods
+    without one, whose sandbox Multus has not set up, are left out)."""
     listed = json.loads(
         cluster.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json")
     )["items"]
     found = {}
     for item in listed:
-        status = json.loads(item["metadata"]["annotations"][NETWORK_STATUS])
+        annotations = item["metadata"].get("annotations", {})
+        if NETWORK_STATUS not in annotations:  # not (yet) set up by Multus
+            continue
+        status = json.loads(annotations[NETWORK_STATUS])
         (entry,) = [e for e in status if e["interface"] == interface]
         found[item["metadata"]["name"]] = entry["ips"][0]
     return found

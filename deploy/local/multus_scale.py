@@ -9,6 +9,7 @@ served is part of the figures.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Callable, Mapping
@@ -22,7 +23,7 @@ from deploy.local.cluster_objects import (
     pod_addresses,
     scale_and_wait,
 )
-from deploy.local.controlplane import ControlPlane
+from deploy.local.controlplane import ControlPlane, KubectlError
 from deploy.local.multus_install import DAEMONSET
 from deploy.local.multus_install import NAMESPACE as MULTUS_NAMESPACE
 
@@ -43,7 +44,8 @@ class ScaleFigures:
 
     ipam: str
     replicas: int
-    up_seconds: float  # until every pod was Ready
+    up_seconds: float | None  # until every pod was Ready; None: not within the round's time
+    ready: int  # pods Ready at the end of the scale-up (all of them, or when its time ran out)
     down_seconds: float  # until every pod was gone
     #: Each Multus container's (restart count, why it last ended), before and after the round.
     restarts_before: tuple[tuple[int, str], ...]
@@ -99,9 +101,12 @@ def scale_round(
     replicas: int,
     *,
     at_full_scale: AtFullScale | None = None,
+    ready_timeout_s: int = 600,
 ) -> ScaleFigures:
     """A Deployment on two macvlan NADs of `ipam` (on `master`), scaled from 0 to `replicas`
-    (timed until all are Ready; each pod's addresses read then) and back to 0."""
+    (timed until all are Ready, for `ready_timeout_s` at most; each pod's addresses read then)
+    and back to 0. A round whose pods were not all Ready in time restarts the Multus daemon
+    after it (a daemon OOM-killed over and over waits minutes in back-off)."""
     name = f"scale-{ipam}"
     networks = networks_of(ipam)
     nads = [
@@ -111,16 +116,32 @@ def scale_round(
     apply(cluster, *nads, deployment(namespace, name, ",".join(networks), 0))
     before = multus_restarts(cluster)
     try:
-        up = scale_and_wait(cluster, namespace, name, replicas)
+        up: float | None = None
+        with contextlib.suppress(KubectlError):  # not all Ready in time: a figure too
+            up = scale_and_wait(cluster, namespace, name, replicas, timeout_s=ready_timeout_s)
+        ready = ready_pods(cluster, namespace, name)
         addresses = {
             network: pod_addresses(cluster, namespace, f"app={name}", interface)
             for network, interface in zip(networks, INTERFACES, strict=True)
         }
         after = multus_restarts(cluster)
-        if at_full_scale is not None:
+        if at_full_scale is not None and up is not None:
             at_full_scale(addresses)
         down = scale_and_wait(cluster, namespace, name, 0)
     finally:
         for network in networks:
             shutil.rmtree(HOST_LOCAL_DATA / network, ignore_errors=True)
-    return ScaleFigures(ipam, replicas, up, down, before, after, addresses)
+    if up is None:
+        restart_multus(cluster)  # out of its crash-loop back-off, for the next round
+    return ScaleFigures(ipam, replicas, up, ready, down, before, after, addresses)
+
+
+def ready_pods(cluster: ControlPlane, namespace: str, name: str) -> int:
+    found = json.loads(cluster.kubectl("get", f"deployment/{name}", "-n", namespace, "-o", "json"))
+    return int(found.get("status", {}).get("readyReplicas") or 0)
+
+
+def restart_multus(cluster: ControlPlane) -> None:
+    """A fresh Multus daemon, as one that was OOM-killed in a row waits minutes to start again."""
+    cluster.kubectl("delete", "pod", "-n", MULTUS_NAMESPACE, "-l", "app=multus", "--wait=true")
+    cluster.kubectl("rollout", "status", DAEMONSET, "-n", MULTUS_NAMESPACE, "--timeout=180s")

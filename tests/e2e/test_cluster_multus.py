@@ -343,16 +343,18 @@ def scale_round_beside_host_local(
         for ipam in ("pyabouts", "host-local")
     }
     for figures in rounds.values():
+        assert figures.up_seconds is not None, f"{figures.ready} of {replicas} pods Ready"
         assert [len(held) for held in figures.addresses.values()] == [replicas, replicas]
         assert figures.duplicates == 0, figures.addresses
     assert [stored(cluster, network) for network in networks_of("pyabouts")] == [{}, {}]
     mine, baseline = rounds["pyabouts"], rounds["host-local"]
     restarts = {ipam: (f.restarts_before, f.restarts_after) for ipam, f in rounds.items()}
     print(f"\nMultus restarts (count, last termination) before and after each: {restarts}")
+    seconds = (mine.up_seconds or 0.0, baseline.up_seconds or 0.0)  # (both set: asserted)
     print(
         f"Multus {label}, 0 -> {replicas} pods x 2 networks, all Ready in: "
-        f"pyabouts {mine.up_seconds:.1f} s, host-local {baseline.up_seconds:.1f} s "
-        f"({mine.up_seconds / baseline.up_seconds:.2f}x)"
+        f"pyabouts {seconds[0]:.1f} s, host-local {seconds[1]:.1f} s "
+        f"({seconds[0] / seconds[1]:.2f}x)"
     )
     # A figure, not an assert: at 50Mi the daemon's own memory under 20 sandboxes at once decides
     # (a clean-clone run saw one OOM kill while pyabouts served; three runs before saw none).

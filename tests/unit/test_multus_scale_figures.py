@@ -12,14 +12,15 @@ OOM = ((1, "OOMKilled"),)
 
 def round_of(
     ipam: str,
-    up: float,
+    up: float | None,
     *,
     after: tuple[tuple[int, str], ...] = CALM,
     net2: dict[str, str] | None = None,
 ) -> ScaleFigures:
     net1 = {"p0": "198.19.2.1/25", "p1": "198.19.2.2/25"}
     net2 = net2 if net2 is not None else {"p0": "198.19.2.129/25", "p1": "198.19.2.130/25"}
-    return ScaleFigures(ipam, 2, up, 1.0, CALM, after, {"a": net1, "b": net2})
+    ready = 2 if up is not None else 1
+    return ScaleFigures(ipam, 2, up, ready, 1.0, CALM, after, {"a": net1, "b": net2})
 
 
 def test_an_address_given_twice_on_a_network_is_a_duplicate_and_a_restart_is_seen() -> None:
@@ -57,3 +58,9 @@ def test_the_verdict_takes_medians_and_counts_restarts_at_upstream_limits_only()
     assert not summarise("raised", "256Mi", 2, restarted)["met"]  # 1.5 > 1.2
     quick = [round_of("pyabouts", 11.0, after=OOM), round_of("host-local", 10.0)]
     assert summarise("raised", "256Mi", 2, quick)["met"]
+    # A round not all Ready in time is left out of the median and misses the target.
+    stuck = [*figures, round_of("pyabouts", None)]
+    summary = summarise("upstream", "50Mi", 2, stuck)
+    assert summary["by_ipam"]["pyabouts"]["rounds_not_all_ready"] == 1
+    assert summary["by_ipam"]["pyabouts"]["ready"][-1] == 1
+    assert summary["ratio_to_host_local"] == 1.5 and not summary["met"]
