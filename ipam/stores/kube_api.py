@@ -58,6 +58,12 @@ class ApiStatusError(Exception):
         return self.status in (429, 504) or self.reason in _BUSY_REASONS
 
 
+#: The object as PartialObjectMetadata: a write's answer without the object's body, which the
+#: server then need not encode, nor the client decode (a block is some 40 KB of JSON). A server
+#: that cannot (none since Kubernetes 1.15) answers with the next type, the whole object.
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1, application/json"
+
+
 class KubeApi:
     """JSON requests to one API server; thread-safe, connections kept alive."""
 
@@ -89,10 +95,12 @@ class KubeApi:
         *,
         query: dict[str, str | int | None] | None = None,
         body: dict[str, Any] | None = None,
+        metadata_only: bool = False,
     ) -> dict[str, Any]:
-        """The decoded JSON answer; ApiStatusError on an error status, StoreUnavailableError
-        when the server cannot be reached or answers nonsense."""
-        headers = {"Accept": "application/json"}
+        """The decoded JSON answer (with `metadata_only`, of an object: its metadata alone);
+        ApiStatusError on an error status, StoreUnavailableError when the server cannot be
+        reached or answers nonsense."""
+        headers = {"Accept": METADATA_ONLY if metadata_only else "application/json"}
         authorization = self._credentials.authorization()
         if authorization:
             headers["Authorization"] = authorization

@@ -143,11 +143,12 @@ class KubernetesStore:
         """The new resourceVersion, or None on a conflict."""
         body = self._object(block)
         try:
+            # Only the new resourceVersion is needed from the answer.
             if block.revision is None:
-                stored = self._call("POST", self._collection, body=body)
+                stored = self._call("POST", self._collection, body=body, metadata_only=True)
             else:
                 path = f"{self._collection}/{body['metadata']['name']}"
-                stored = self._call("PUT", path, body=body, replacing=True)
+                stored = self._call("PUT", path, body=body, replacing=True, metadata_only=True)
         except _Conflict:
             return None
         return str(stored["metadata"]["resourceVersion"])
@@ -187,11 +188,14 @@ class KubernetesStore:
         body: dict[str, Any] | None = None,
         replacing: bool = False,
         absent_ok: bool = False,
+        metadata_only: bool = False,
     ) -> dict[str, Any]:
         """Call the API; with `replacing`, a 404 means the object went away: a conflict; with
         `absent_ok`, it is _Absent (a block nobody created yet)."""
         try:
-            return self._api.request(method, path, query=query, body=body)
+            return self._api.request(
+                method, path, query=query, body=body, metadata_only=metadata_only
+            )
         except ApiStatusError as exc:
             if replacing and exc.status == 404:
                 raise _Conflict from exc

@@ -13,7 +13,9 @@ import pytest
 from deploy.local.controlplane import ControlPlane
 from deploy.local.netns import CniCall
 from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
-from pyabouts.ipam.stores.kubernetes import object_name
+from pyabouts.ipam.stores.kube_api import KubeApi
+from pyabouts.ipam.stores.kubeconfig import read_kubeconfig
+from pyabouts.ipam.stores.kubernetes import GROUP, VERSION, object_name
 from tests.integration.kube_fixtures import can
 from tests.integration.plugin_fixtures import closed_port, kubernetes_ipam
 from tests.integration.plugin_processes import cni, netconf
@@ -304,3 +306,37 @@ def test_an_add_in_process_does_not_import_the_kubernetes_client(
     exit_code, result, loaded = json.loads(done.stdout)
     assert (exit_code, result["ips"][0]["address"]) == (0, "10.68.0.1/24")
     assert "kubernetes" not in loaded
+
+
+def test_a_writes_answer_is_the_objects_metadata_and_its_revision_holds(
+    pyabouts_cluster: ControlPlane,
+) -> None:
+    """Writes ask for PartialObjectMetadata (the apiserver does not send the block back): the
+    resourceVersion it answers is the stored one, and the next write on it succeeds."""
+    network = f"meta-{uuid.uuid4().hex[:6]}"
+    key = BlockKey.of(PoolId(network, 4), int.from_bytes(bytes([10, 93, 0, 0]), "big"))
+    store = kubernetes_store(str(pyabouts_cluster.kubeconfig))
+    try:
+        first = store.write_blocks([Block(key, {key.base + 1: Owner("c1", "net1")})])
+        revision = first.revisions[key]
+        stored = json.loads(
+            pyabouts_cluster.kubectl(
+                "get", "ippools.pyabouts.io", object_name(key), "-n", "kube-system", "-o", "json"
+            )
+        )
+        assert stored["metadata"]["resourceVersion"] == revision
+        entries = {key.base + 1: Owner("c1", "net1"), key.base + 2: Owner("c2", "net1")}
+        assert store.write_blocks([Block(key, entries, revision)]).conflicts == []
+        [read] = store.read_blocks(key.pool, key.base, key.base + 255)
+        assert read.entries == entries
+    finally:
+        store.close()
+    api = KubeApi(read_kubeconfig(str(pyabouts_cluster.kubeconfig)), timeout=5)
+    try:
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/kube-system/ippools/{object_name(key)}"
+        stored["metadata"]["resourceVersion"] = read.revision  # the block as first written
+        answer = api.request("PUT", path, body=stored, metadata_only=True)
+    finally:
+        api.close()
+    assert answer["kind"] == "PartialObjectMetadata" and "spec" not in answer
+    assert answer["metadata"]["resourceVersion"] != read.revision
