@@ -149,11 +149,9 @@ def summarise(
         rounds = [f for f in figures if f.ipam == ipam]
         done = [f.up_seconds for f in rounds if f.up_seconds is not None]
         by_ipam[ipam] = {
-            "up_seconds": [
-                None if s is None else round(s, 2) for s in (f.up_seconds for f in rounds)
-            ],
+            "up_seconds": [_rounded(f.up_seconds) for f in rounds],
             "ready": [f.ready for f in rounds],
-            "up_seconds_median": round(statistics.median(done), 2) if done else None,
+            "up_seconds_median": _rounded(statistics.median(done)) if done else None,
             "rounds_not_all_ready": len(rounds) - len(done),
             "down_seconds": [round(f.down_seconds, 2) for f in rounds],
             "rounds_with_multus_restart": sum(f.multus_restarted for f in rounds),
@@ -191,10 +189,10 @@ def format_phases(phases: Sequence[dict[str, Any]]) -> str:
                         _seconds(s, r)
                         for s, r in zip(figures["up_seconds"], figures["ready"], strict=True)
                     ),
-                    _seconds(figures["up_seconds_median"], 0),
+                    _number(figures["up_seconds_median"], 1),
                     f"{figures['rounds_with_multus_restart']} of {len(figures['up_seconds'])}",
                     str(figures["duplicates"]),
-                    f"{_ratio(phase['ratio_to_host_local'])} (target {phase['target_ratio']})"
+                    f"{_number(phase['ratio_to_host_local'], 2)} (target {phase['target_ratio']})"
                     if ipam == "pyabouts"
                     else "-",
                 ]
@@ -212,12 +210,17 @@ def format_phases(phases: Sequence[dict[str, Any]]) -> str:
     return format_table(headers, rows)
 
 
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 2)
+
+
 def _seconds(value: float | None, ready: int) -> str:
+    """A round's time to all Ready, or how many pods were Ready when its time ran out."""
     return f"{value:.1f}" if value is not None else f"({ready} Ready)"
 
 
-def _ratio(value: float | None) -> str:
-    return f"{value:.2f}" if value is not None else "-"
+def _number(value: float | None, decimals: int) -> str:
+    return f"{value:.{decimals}f}" if value is not None else "-"
 
 
 if __name__ == "__main__":
