@@ -54,7 +54,7 @@ class MultusMode:
 THIN = MultusMode(
     "thin",
     CACHE_BIN / f"multus-{MULTUS_VERSION}-daemonset.yml",
-    CNI_CONF_DIR / "00-multus.conflist",  # a conflist, as the cluster's own network is one
+    CNI_CONF_DIR / "00-multus.conflist",  # its installer writes one for a cniVersion 1.0.0 network
     (CNI_CONF_DIR / "multus.d", CNI_BIN_DIR / "multus", CNI_BIN_DIR / "passthru", MULTUS_CACHE),
 )
 THICK = MultusMode(

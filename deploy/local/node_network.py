@@ -2,17 +2,23 @@
 
 Pods get ``eth0`` on the bridge ``cni0`` (198.18.0.1/24, a test range: see
 shared/notes/environment.md, never 203.0.113.0/24) from the reference ``bridge`` and
-``host-local`` plugins, through a conflist in /etc/cni/net.d, where containerd looks. The bridge
-is made before kube-apiserver starts, because kube-apiserver listens on its address (pods reach
-it there and through the ``kubernetes`` Service).
+``host-local`` plugins, through a network config in /etc/cni/net.d, where containerd looks. The
+bridge is made before kube-apiserver starts, because kube-apiserver listens on its address (pods
+reach it there and through the ``kubernetes`` Service).
 
-Everything put outside the state directory (the bridge, the conflist, plugins copied into
+The config is a single plugin's ``.conf``, not a ``.conflist``: Multus v4.2.3 in thick mode
+passes a conflist cluster network to its DEL with each plugin cut down to the keys it knows
+(Multus #1449, fixed after that release by #1521), so host-local's DEL lost its ``dataDir``
+and ranges and gave nothing back; after some 250 sandboxes the /24 was full.
+
+Everything put outside the state directory (the bridge, the config, plugins copied into
 /opt/cni/bin, directories made for them, sysctls changed) is recorded in a
 :class:`HostChanges`, which the state file keeps, and :func:`undo_pod_network` takes back.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import shutil
 import subprocess
@@ -28,8 +34,8 @@ POD_CIDR = "198.18.0.0/24"
 NETWORK_NAME = "pyabouts-cluster"
 CNI_CONF_DIR = Path("/etc/cni/net.d")
 CNI_BIN_DIR = Path("/opt/cni/bin")
-#: Sorts before podman's 87-podman-bridge.conflist: containerd takes the first conflist.
-CONFLIST = CNI_CONF_DIR / f"10-{NETWORK_NAME}.conflist"
+#: Sorts before podman's 87-podman-bridge.conflist: containerd takes the first config.
+NETWORK_CONF = CNI_CONF_DIR / f"10-{NETWORK_NAME}.conf"
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
 #: libcni's cache of ADD results (containerd's), one file per pod interface until its DEL.
 CNI_RESULTS_DIR = Path("/var/lib/cni/results")
@@ -72,29 +78,37 @@ def link_exists(name: str) -> bool:
     return Path("/sys/class/net", name).exists()
 
 
-def conflist(host_local_dir: Path) -> dict[str, Any]:
+def network_conf(host_local_dir: Path) -> dict[str, Any]:
     """bridge + host-local; no masquerading or port mapping, whose iptables chains would
     outlive a pod's DEL if it were ever missed."""
     return {
         "cniVersion": "1.0.0",
         "name": NETWORK_NAME,
-        "plugins": [
-            {
-                "type": "bridge",
-                "bridge": BRIDGE,
-                "isGateway": True,
-                "ipMasq": False,
-                "hairpinMode": True,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{"subnet": POD_CIDR, "gateway": BRIDGE_ADDRESS}]],
-                    "routes": [{"dst": "0.0.0.0/0"}],
-                    # Its leases in the state directory, not /var/lib/cni/networks.
-                    "dataDir": str(host_local_dir),
-                },
-            }
-        ],
+        "type": "bridge",
+        "bridge": BRIDGE,
+        "isGateway": True,
+        "ipMasq": False,
+        "hairpinMode": True,
+        "ipam": {
+            "type": "host-local",
+            "ranges": [[{"subnet": POD_CIDR, "gateway": BRIDGE_ADDRESS}]],
+            "routes": [{"dst": "0.0.0.0/0"}],
+            # Its leases in the state directory, not /var/lib/cni/networks.
+            "dataDir": str(host_local_dir),
+        },
     }
+
+
+def pod_network_leases(host_local_dir: Path) -> set[str]:
+    """The pod network's addresses host-local holds: a file named by each (beside its lock and
+    last_reserved_ip files)."""
+    held = set()
+    for lease in (host_local_dir / NETWORK_NAME).glob("*"):
+        try:
+            held.add(str(ipaddress.ip_address(lease.name)))
+        except ValueError:
+            continue
+    return held
 
 
 def _make_dirs(path: Path, changes: HostChanges) -> None:
@@ -106,7 +120,7 @@ def _make_dirs(path: Path, changes: HostChanges) -> None:
 
 
 def set_up_pod_network(host_local_dir: Path) -> HostChanges:
-    """The bridge with its address, the sysctls, the plugins and the conflist; and / a shared
+    """The bridge with its address, the sysctls, the plugins and the config; and / a shared
     mount, as on systemd hosts: Multus' DaemonSets mount /opt/cni/bin with Bidirectional
     propagation, which the runtime refuses on a private mount."""
     changes = HostChanges()
@@ -136,8 +150,8 @@ def set_up_pod_network(host_local_dir: Path) -> HostChanges:
             changes.files.append(str(target))
     _make_dirs(CNI_CONF_DIR, changes)
     host_local_dir.mkdir(parents=True, exist_ok=True)
-    CONFLIST.write_text(json.dumps(conflist(host_local_dir), indent=2) + "\n")
-    changes.files.append(str(CONFLIST))
+    NETWORK_CONF.write_text(json.dumps(network_conf(host_local_dir), indent=2) + "\n")
+    changes.files.append(str(NETWORK_CONF))
     return changes
 
 

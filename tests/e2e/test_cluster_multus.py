@@ -47,6 +47,7 @@ from deploy.local.multus_install import (
 from deploy.local.multus_scale import networks_of, scale_round, set_multus_limits
 from deploy.local.netns import macvlan_master
 from deploy.local.node_components import CONTAINERD_SOCKET
+from deploy.local.node_network import pod_network_leases
 from tests.e2e.local_cluster import CLUSTER_MODULE_MARKS, kube_json
 from tests.e2e.multus_limits import MULTUS_CANNOT_REPLACE_THE_DEFAULT_ROUTE
 from tests.integration.stored_state import stored
@@ -315,12 +316,14 @@ def test_a_rolling_update_of_the_agent_while_pods_are_created_loses_nothing(
 #: The scale test's pods: Multus thick's upstream limits (50Mi, 100m CPU) are for about 20 (at
 #: 50 even host-local fails there, as Multus #1346 reports); thin runs delegates outside them.
 SCALE = {"thin": 50, "thick": 20}
+#: Scaled down, the last sandboxes' DELs may still be running.
+LEASES_FREED_TIMEOUT_S = 30.0
 #: What Multus thick's users do (its issue #1346): 256Mi of memory, no CPU limit.
 RAISED_LIMITS = {"memory": "256Mi"}
 
 
 def scale_round_beside_host_local(
-    cluster: ControlPlane, master: str, replicas: int, label: str
+    cluster: ControlPlane, master: str, replicas: int, label: str, leases: Path
 ) -> None:
     """A Deployment on two pyabouts NADs, then one on two host-local NADs, each scaled from 0
     to `replicas` and back: every pod Ready with an address of its own on each network, the
@@ -330,6 +333,8 @@ def scale_round_beside_host_local(
     def pools_hold_exactly(addresses: Mapping[str, Mapping[str, str]]) -> None:
         for network, held in addresses.items():
             assert set(stored(cluster, network)) == set(held.values())
+        # Each pod's eth0 holds an address of the cluster's own network meanwhile.
+        assert len(pod_network_leases(leases)) >= replicas
 
     rounds = {
         ipam: scale_round(
@@ -363,17 +368,25 @@ def scale_round_beside_host_local(
 
 
 def test_a_deployment_scaled_up_with_two_pyabouts_networks_per_pod_beside_host_local(
-    cluster: ControlPlane, master: str, multus_mode: MultusMode
+    cluster: ControlPlane, master: str, multus_mode: MultusMode, state_dir: Path
 ) -> None:
     """In thick mode the shim runs inside the Multus daemon's container: first at its upstream
-    limits, then with the limits raised as its users do, at 50 pods."""
+    limits, then with the limits raised as its users do, at 50 pods. Every sandbox's DEL gives
+    its eth0 address back to the cluster's own network (Multus thick cut a conflist cluster
+    network's config down on DEL, Multus #1449: the /24 was full after some 250 sandboxes)."""
     mode = multus_mode.name
-    scale_round_beside_host_local(cluster, master, SCALE[mode], f"{mode}, as installed")
+    leases = state_dir / "host-local"
+    before = pod_network_leases(leases)
+    scale_round_beside_host_local(cluster, master, SCALE[mode], f"{mode}, as installed", leases)
     if multus_mode == THICK:
         set_multus_limits(cluster, RAISED_LIMITS)
         scale_round_beside_host_local(
-            cluster, master, 50, "thick, limits raised to 256Mi and no CPU limit"
+            cluster, master, 50, "thick, limits raised to 256Mi and no CPU limit", leases
         )
+    deadline = time.monotonic() + LEASES_FREED_TIMEOUT_S
+    while not pod_network_leases(leases) <= before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert pod_network_leases(leases) <= before
 
 
 @MULTUS_CANNOT_REPLACE_THE_DEFAULT_ROUTE
