@@ -68,9 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     phases: list[dict[str, Any]] = []
     with thick_cluster() as (cluster, master):
         # Raised limits first: the rounds at the upstream limits are those that can leave the
-        # daemon crash-looping. (Runs here also found the cluster's own pod network, host-local
-        # on a /24, full after some 250 sandboxes in thick mode; so each phase is written as
-        # soon as it is measured.)
+        # daemon crash-looping. Each phase is written as soon as it is measured, so that a run
+        # stopped early keeps what it measured.
         for name, limits, replicas, setting in (
             ("raised", "256Mi memory, no CPU limit", args.raised, RAISED_LIMITS),
             ("upstream", UPSTREAM_LIMITS, args.at_limits, UPSTREAM_LIMIT_VALUES),
