@@ -135,6 +135,7 @@ class Pyabouts(Contender):
         *,
         pool: PoolBounds,
         store_module: str,
+        node_slice_size: str | None = None,
     ) -> None:
         probe = ImportProbe(
             python=python,
@@ -144,6 +145,7 @@ class Pyabouts(Contender):
         )
         super().__init__(name, executable, workdir, cluster_unique=True, import_probe=probe)
         self.pool = pool
+        self.node_slice_size = node_slice_size  # each node allocating in a slice of its own
 
     @abstractmethod
     def datastore_settings(self) -> dict[str, Any]:
@@ -165,6 +167,8 @@ class Pyabouts(Contender):
             "configuration_path": str(flat_file),
             "log_file": str(node_dir / "pyabouts.log"),
         }
+        if self.node_slice_size:
+            ipam["node_slice_size"] = self.node_slice_size
         return NodeSetup(
             netconf=delegating_netconf(ipam, phase.network_name(network)),
             stderr_path=node_dir / "stderr.log",
@@ -207,6 +211,7 @@ class PyaboutsKubernetes(Pyabouts):
         request_counter: Callable[[], Counter[str]],
         pool: PoolBounds,
         name: str = "pyabouts-kubernetes",
+        node_slice_size: str | None = None,
     ) -> None:
         super().__init__(
             name,
@@ -215,6 +220,7 @@ class PyaboutsKubernetes(Pyabouts):
             workdir,
             pool=pool,
             store_module="pyabouts.ipam.stores.kubernetes",
+            node_slice_size=node_slice_size,
         )
         self.kubeconfig = kubeconfig
         self.request_counter = request_counter
@@ -249,6 +255,7 @@ class PyaboutsAgent(PyaboutsKubernetes):
         agents: Callable[[Path], AgentProcess],
         name: str = "pyabouts-agent",
         shim: Path | None = None,
+        node_slice_size: str | None = None,
     ) -> None:
         bin_dir, no_agent = workdir / name / "bin", str(workdir / "none.sock")
         client = (
@@ -264,6 +271,7 @@ class PyaboutsAgent(PyaboutsKubernetes):
             request_counter=request_counter,
             pool=pool,
             name=name,
+            node_slice_size=node_slice_size,
         )
         self.import_probe = None  # its imports are _socket, os and sys: VERSION shows them
         self._start_agent = agents
@@ -375,6 +383,16 @@ class PoolBounds:
     first: str
     last: str
     size: int
+
+
+def sliced_pool_of(base: str, nodes: int, slice_prefix: int) -> PoolBounds:
+    """A range at `base` cut into aligned /`slice_prefix` slices, ending with the `nodes`-th: one
+    slice per node (the network's own address, in the first slice, is not handed out)."""
+    slice_size = 1 << (32 - slice_prefix)
+    prefix = 32 - max(nodes * slice_size - 1, 1).bit_length()
+    network = ipaddress.ip_network(f"{base}/{prefix}", strict=False)
+    first, last = network.network_address + 1, network.network_address + nodes * slice_size - 1
+    return PoolBounds(str(network), str(first), str(last), nodes * slice_size - 1)
 
 
 def pool_of(base: str, size: int) -> PoolBounds:

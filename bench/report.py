@@ -37,7 +37,8 @@ def format_settings(settings: Settings) -> str:
     return (
         f"settings: calls={settings.calls} concurrency={settings.concurrency} "
         f"nodes={settings.nodes} pool={settings.pool_size} addresses "
-        f"sequential_calls={settings.sequential_calls} "
+        + (f"(with node slices: {settings.sliced_pool}) " if settings.sliced_pool else "")
+        + f"sequential_calls={settings.sequential_calls} "
         f"spaced_calls={settings.spaced_calls} ({settings.spaced_gap_s:.1f} s apart) "
         f"pods={settings.pods}x{settings.pod_networks} networks "
         f"startup_runs={settings.startup_runs}; "

@@ -43,6 +43,8 @@ class Settings:
     pods: int = 0
     pod_networks: int = 0
     pod_concurrency: int = 0
+    # pyabouts-shim-slices' range, when it ran: a slice per node, so more addresses than calls.
+    sliced_pool: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,7 @@
 """Race pyabouts (through the node shim and through the thin plugin, each with node agents, and
 in-process) against whereabouts v0.9.4 and Debian's host-local, in one run, on the same local
-kube-apiserver.
+kube-apiserver. The shim runs twice: on one pool all nodes share, and with node slices (a /24
+per node, so no two nodes write the same IPPool; its range then holds a /24 per node).
 
     .venv/bin/python -m bench.run_benchmark [--calls N] [--concurrency C] [--nodes M]
         [--sequential-calls S] [--spaced-calls K] [--pods P] [--pod-networks W] [--out DIR]
@@ -41,6 +42,7 @@ from bench.contenders import (
     PyaboutsKubernetes,
     Whereabouts,
     pool_of,
+    sliced_pool_of,
 )
 from bench.kube import KubeCluster, install_whereabouts, running_cluster
 from bench.machine import code_commit, describe_machine, load_average
@@ -76,12 +78,17 @@ HOST_LOCAL = Path("/usr/lib/cni/host-local")
 WHEREABOUTS_VERSION = whereabouts_install.VERSION
 WHEREABOUTS = whereabouts_install.BINARY
 PYABOUTS_SHIM = "pyabouts-shim"
+#: The same with node slices: each node allocates in a /24 of its own (Kubernetes' default pod
+#: CIDR per node), at least one IPPool block, so no two nodes ever write the same object.
+PYABOUTS_SHIM_SLICES = "pyabouts-shim-slices"
+SLICE_PREFIX = 24
 PYABOUTS_AGENT = "pyabouts-agent"
 PYABOUTS_KUBERNETES = "pyabouts-kubernetes"
 PYABOUTS_ETCD = "pyabouts-etcd"
 # The order they run in; pyabouts-etcd only when asked for.
 CONTENDERS = (
     PYABOUTS_SHIM,
+    PYABOUTS_SHIM_SLICES,
     PYABOUTS_AGENT,
     PYABOUTS_KUBERNETES,
     PYABOUTS_ETCD,
@@ -94,9 +101,16 @@ DEFAULT_CONTENDERS = tuple(name for name in CONTENDERS if name != PYABOUTS_ETCD)
 DEFAULT_POD_CONTENDERS = (PYABOUTS_SHIM, WHEREABOUTS_NAME, HOST_LOCAL_NAME)
 # Longer than the agent's pool cache age: each spaced call reads the store as a cold call does.
 SPACED_GAP_S = POOL_MAX_AGE_SECONDS + 0.5
-KUBERNETES_CONTENDERS = {PYABOUTS_SHIM, PYABOUTS_AGENT, PYABOUTS_KUBERNETES, WHEREABOUTS_NAME}
+KUBERNETES_CONTENDERS = {
+    PYABOUTS_SHIM,
+    PYABOUTS_SHIM_SLICES,
+    PYABOUTS_AGENT,
+    PYABOUTS_KUBERNETES,
+    WHEREABOUTS_NAME,
+}
 POOL_BASES = {
     PYABOUTS_SHIM: "10.75.0.0",
+    PYABOUTS_SHIM_SLICES: "10.81.0.0",
     PYABOUTS_AGENT: "10.76.0.0",
     PYABOUTS_ETCD: "10.77.0.0",
     HOST_LOCAL_NAME: "10.78.0.0",
@@ -152,6 +166,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.pods > 254:
         parser.error(f"--pods {args.pods}: each network's pool is at most a /24 (254)")
+    if PYABOUTS_SHIM_SLICES in args.pod_contenders:
+        parser.error(f"{PYABOUTS_SHIM_SLICES}: the pods phase's pools are too small to slice")
+    per_node = -(-args.calls // args.nodes)
+    if PYABOUTS_SHIM_SLICES in args.contenders and per_node >= 1 << (32 - SLICE_PREFIX):
+        parser.error(f"{PYABOUTS_SHIM_SLICES}: {per_node} ADDs per node overflow a /{SLICE_PREFIX}")
     return args
 
 
@@ -211,6 +230,15 @@ def measure_settings(args: argparse.Namespace, spawner: Spawner, workdir: Path) 
         pods=args.pods,
         pod_networks=args.pod_networks,
         pod_concurrency=args.pods,
+        sliced_pool=_sliced_pool(args) if PYABOUTS_SHIM_SLICES in args.contenders else "",
+    )
+
+
+def _sliced_pool(args: argparse.Namespace) -> str:
+    pool = sliced_pool_of(POOL_BASES[PYABOUTS_SHIM_SLICES], args.nodes, SLICE_PREFIX)
+    return (
+        f"{pool.cidr} from {pool.first} to {pool.last}, {pool.size} addresses, "
+        f"a /{SLICE_PREFIX} per node"
     )
 
 
@@ -277,7 +305,11 @@ def _contender(name: str, servers: Servers, args: argparse.Namespace) -> Contend
 
 
 def _new_contender(name: str, servers: Servers, args: argparse.Namespace) -> Contender:
-    pool = pool_of(POOL_BASES[name], args.calls)
+    pool = (
+        sliced_pool_of(POOL_BASES[name], args.nodes, SLICE_PREFIX)
+        if name == PYABOUTS_SHIM_SLICES
+        else pool_of(POOL_BASES[name], args.calls)
+    )
     workdir = servers.workdir
     if name == HOST_LOCAL_NAME:
         return HostLocal(args.host_local, workdir, pool=pool)
@@ -294,7 +326,7 @@ def _new_contender(name: str, servers: Servers, args: argparse.Namespace) -> Con
             request_counter=cluster.whereabouts_requests,
             pool=pool,
         )
-    if name in (PYABOUTS_SHIM, PYABOUTS_AGENT):
+    if name in (PYABOUTS_SHIM, PYABOUTS_SHIM_SLICES, PYABOUTS_AGENT):
         return PyaboutsAgent(
             workdir,
             kubeconfig=cluster.plugin_kubeconfig,
@@ -302,7 +334,8 @@ def _new_contender(name: str, servers: Servers, args: argparse.Namespace) -> Con
             pool=pool,
             agents=servers.start_agent,
             name=name,
-            shim=built_shim() if name == PYABOUTS_SHIM else None,
+            shim=None if name == PYABOUTS_AGENT else built_shim(),
+            node_slice_size=f"/{SLICE_PREFIX}" if name == PYABOUTS_SHIM_SLICES else None,
         )
     return PyaboutsKubernetes(
         args.pyabouts,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.contenders import HostLocal, Phase, pool_of
+from bench.contenders import HostLocal, Phase, pool_of, sliced_pool_of
 from bench.measure import Attachment, measure_command, measure_phase
 from bench.process import Spawner
 
@@ -32,6 +32,20 @@ def test_each_network_of_a_phase_has_its_own_pool_after_the_contenders() -> None
     assert Phase("sequential", "run", nodes=1).pool(own, 0) == own
     with pytest.raises(ValueError, match="do not fit"):
         Phase("pods", "run", nodes=1, networks=2, network_pool_size=255).pool(own, 1)
+
+
+def test_a_sliced_pool_ends_with_the_last_nodes_slice() -> None:
+    # Ten nodes, a /24 each: the /20 holding them, from its first host to the tenth /24's end.
+    pool = sliced_pool_of("10.81.0.0", 10, 24)
+    assert (pool.cidr, pool.first, pool.last, pool.size) == (
+        "10.81.0.0/20",
+        "10.81.0.1",
+        "10.81.9.255",
+        2559,
+    )
+    assert sliced_pool_of("10.81.0.0", 16, 24).cidr == "10.81.0.0/20"  # exactly full
+    assert sliced_pool_of("10.81.0.0", 17, 24).cidr == "10.81.0.0/19"
+    assert sliced_pool_of("10.81.0.0", 1, 25).cidr == "10.81.0.0/25"
 
 
 def test_pods_on_several_networks_get_an_address_of_each_networks_pool(
