@@ -37,6 +37,7 @@ from bench.contenders import (
     Contender,
     HostLocal,
     Phase,
+    PoolBounds,
     PyaboutsAgent,
     PyaboutsEtcd,
     PyaboutsKubernetes,
@@ -235,7 +236,7 @@ def measure_settings(args: argparse.Namespace, spawner: Spawner, workdir: Path) 
 
 
 def _sliced_pool(args: argparse.Namespace) -> str:
-    pool = sliced_pool_of(POOL_BASES[PYABOUTS_SHIM_SLICES], args.nodes, SLICE_PREFIX)
+    pool = _contender_pool(PYABOUTS_SHIM_SLICES, args)
     return (
         f"{pool.cidr} from {pool.first} to {pool.last}, {pool.size} addresses, "
         f"a /{SLICE_PREFIX} per node"
@@ -304,12 +305,14 @@ def _contender(name: str, servers: Servers, args: argparse.Namespace) -> Contend
     return contender
 
 
+def _contender_pool(name: str, args: argparse.Namespace) -> PoolBounds:
+    if name == PYABOUTS_SHIM_SLICES:
+        return sliced_pool_of(POOL_BASES[name], args.nodes, SLICE_PREFIX)
+    return pool_of(POOL_BASES[name], args.calls)
+
+
 def _new_contender(name: str, servers: Servers, args: argparse.Namespace) -> Contender:
-    pool = (
-        sliced_pool_of(POOL_BASES[name], args.nodes, SLICE_PREFIX)
-        if name == PYABOUTS_SHIM_SLICES
-        else pool_of(POOL_BASES[name], args.calls)
-    )
+    pool = _contender_pool(name, args)
     workdir = servers.workdir
     if name == HOST_LOCAL_NAME:
         return HostLocal(args.host_local, workdir, pool=pool)

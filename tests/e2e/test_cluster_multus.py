@@ -375,7 +375,9 @@ def test_a_deployment_scaled_up_with_two_pyabouts_networks_per_pod_beside_host_l
     its eth0 address back to the cluster's own network (Multus thick cut a conflist cluster
     network's config down on DEL, Multus #1449: the /24 was full after some 250 sandboxes)."""
     mode = multus_mode.name
-    leases = state_dir / "host-local"
+    node = Cluster.load(state_dir)
+    assert node is not None
+    leases = node.layout().host_local_dir
     before = pod_network_leases(leases)
     scale_round_beside_host_local(cluster, master, SCALE[mode], f"{mode}, as installed", leases)
     if multus_mode == THICK:
