@@ -72,7 +72,7 @@ class Owner:
     @property
     def in_use(self) -> bool:
         """Held by a sandbox: neither resting after its release nor reserved for its pod."""
-        return not (self.cooling or self.reserved)
+        return not (self.cooling_until or self.reserved)
 
     @property
     def attachment(self) -> tuple[str, str]:
@@ -96,7 +96,9 @@ class Block:
     range_text: str = ""
     capacity: int = 0
     range_size: int = 0
-    _holders: dict[tuple[str, str], set[int]] | None = field(
+    # identity -> the addresses it holds here; tuples, so that copy() shares them and a block
+    # copied to be changed (every write) keeps its index rather than building it again.
+    _holders: dict[tuple[str, str], tuple[int, ...]] | None = field(
         default=None, init=False, compare=False, repr=False
     )
 
@@ -105,7 +107,7 @@ class Block:
         return self.key.base + BLOCK_SIZE - 1
 
     def copy(self) -> Block:
-        return Block(
+        copied = Block(
             self.key,
             dict(self.entries),
             self.revision,
@@ -113,14 +115,17 @@ class Block:
             self.capacity,
             self.range_size,
         )
+        if self._holders is not None:
+            copied._holders = dict(self._holders)
+        return copied
 
-    def held_by(self, identity: tuple[str, str]) -> set[int]:
+    def held_by(self, identity: tuple[str, str]) -> tuple[int, ...]:
         """Addresses of this block held under `identity` (see _identities); built on first use."""
         if self._holders is None:
             self._holders = {}
             for address, owner in self.entries.items():
                 self._index(address, owner)
-        return self._holders.get(identity, set())
+        return self._holders.get(identity, ())
 
     def put(self, address: int, owner: Owner) -> None:
         self.pop(address)
@@ -132,13 +137,17 @@ class Block:
         owner = self.entries.pop(address, None)
         if owner is not None and self._holders is not None:
             for identity in _identities(owner):
-                self._holders.get(identity, set()).discard(address)
+                rest = tuple(a for a in self._holders.get(identity, ()) if a != address)
+                if rest:
+                    self._holders[identity] = rest
+                else:
+                    self._holders.pop(identity, None)
         return owner
 
     def _index(self, address: int, owner: Owner) -> None:
         assert self._holders is not None
         for identity in _identities(owner):
-            self._holders.setdefault(identity, set()).add(address)
+            self._holders[identity] = (*self._holders.get(identity, ()), address)
 
 
 class PoolView:
@@ -209,7 +218,7 @@ class PoolView:
         """Addresses held under `identity`: an Owner.attachment or a container_identity()."""
         held: set[int] = set()
         for base in self._bases.get(pool, ()):
-            held |= self._blocks[BlockKey(pool, base)].held_by(identity)
+            held.update(self._blocks[BlockKey(pool, base)].held_by(identity))
         return held
 
     def entries(self, pool: PoolId, first: int, last: int) -> Iterator[tuple[int, Owner]]:
