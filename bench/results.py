@@ -35,7 +35,8 @@ class Settings:
     time_floor_ms: float  # the median time of /bin/true: what starting it this way costs
     cpu_floor_ms: float = 0.0  # the median CPU of GNU time and /bin/true, in every plugin's
     # The spaced phase: ADDs one at a time, each after a rest longer than the agent's pool cache
-    # age, so that each reads the store as a cold call does.
+    # age (2 s): a pod coming to a quiet node. Without the agent's IPPool watch each one reads
+    # the pool whole; with it, only if another node wrote it meanwhile.
     spaced_calls: int = 0
     spaced_gap_s: float = 0.0
     # The pods phase: pods x networks ADDs, `pod_concurrency` pods at a time, each pod's ADDs

@@ -10,8 +10,9 @@ per node, so no two nodes write the same IPPool; its range then holds a /24 per 
 Starts what the chosen contenders need (one local kube-apiserver with pyabouts' and
 whereabouts' CRDs and RBAC; a private etcd for pyabouts-etcd), then for each contender measures
 start-up (VERSION, imports); S sequential ADDs then DELs on one node (uncontended latency); K
-ADDs one at a time, each after a rest longer than the agent's pool cache age (an uncontended
-call that reads the store cold), then their DELs; N ADDs then N DELs into a pool of exactly N
+ADDs one at a time, each after a rest longer than the agent's pool cache age (a pod coming to a
+quiet node: a LIST of the pool, unless the agent's IPPool watch says nobody wrote it), then their
+DELs; N ADDs then N DELs into a pool of exactly N
 addresses at concurrency C from M simulated nodes; and, for the pod contenders, P pods on W
 networks each (W pools of P addresses), all pods at once from M nodes, each pod's W ADDs one
 after the other as Multus calls its delegates (whereabouts issue #313: 128 pods x 16 networks
@@ -100,7 +101,7 @@ DEFAULT_CONTENDERS = tuple(name for name in CONTENDERS if name != PYABOUTS_ETCD)
 # The pods phase costs minutes for whereabouts: by default it runs for the plugin pyabouts
 # installs on nodes and the two baselines.
 DEFAULT_POD_CONTENDERS = (PYABOUTS_SHIM, WHEREABOUTS_NAME, HOST_LOCAL_NAME)
-# Longer than the agent's pool cache age: each spaced call reads the store as a cold call does.
+# Longer than the agent's pool cache age: each spaced call finds its pool as old as that.
 SPACED_GAP_S = POOL_MAX_AGE_SECONDS + 0.5
 KUBERNETES_CONTENDERS = {
     PYABOUTS_SHIM,

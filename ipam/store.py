@@ -6,9 +6,10 @@ interface is deliberately small; everything that decides lives in the allocator.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from pyabouts.ipam.pool import Block, BlockKey, PoolId
 
@@ -49,3 +50,35 @@ class PoolStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class ChangeSink(Protocol):
+    """What a BlockFeed reports to: a long-lived cache (ipam.stores.cached.CachedStore)."""
+
+    def feed_listed(self, revisions: Mapping[tuple[str, str], str]) -> None:
+        """Every stored block now, as (pool tag, block tag) -> revision: the feed is live."""
+        ...
+
+    def feed_changed(self, pool_tag: str, block_tag: str, revision: str, *, deleted: bool) -> None:
+        """One block was written (or deleted) since; `revision` is the store's at that time."""
+        ...
+
+    def feed_lost(self) -> None:
+        """The feed stopped: changes may go unreported until the next feed_listed."""
+        ...
+
+
+@runtime_checkable
+class BlockFeed(Protocol):
+    """What a store may offer a long-lived process, besides PoolStore: the revision of every
+    stored block as it changes (a Kubernetes watch), so that a cache knows which of its blocks
+    somebody else wrote without reading them. Tags name pools and blocks as the feed does."""
+
+    def pool_tag(self, pool: PoolId) -> str: ...
+
+    def block_tag(self, key: BlockKey) -> str: ...
+
+    def follow_changes(self, sink: ChangeSink, stop: threading.Event) -> None:
+        """Report every stored block to sink.feed_listed, then each change to sink.feed_changed,
+        until `stop` is set (then return) or the feed breaks (then raise)."""
+        ...

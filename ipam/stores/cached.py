@@ -4,18 +4,37 @@ Every write still goes to the backing store as a compare-and-swap, so the cache 
 write fail (a conflict), never succeed wrongly: after a conflict, the blocks that conflicted are
 read afresh (one block each: a GET on Kubernetes, not a LIST of the pool) on the next read.
 Meant for the node agent and bulk drivers; a one-shot plugin process reads its pools directly.
+
+Fed by a BlockFeed (ipam.store), the cache also learns which blocks somebody else wrote, as they
+are written: a pool as old as max_age is then read again only where it changed, and one nobody
+else wrote costs no read at all however long it rested.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from pyabouts.ipam.pool import BLOCK_SIZE, Block, BlockKey, PoolId
-from pyabouts.ipam.store import PoolStore, WriteOutcome
+from pyabouts.ipam.store import BlockFeed, PoolStore, WriteOutcome
 
 _WHOLE_SPACE = (0, (1 << 128) - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Changes:
+    blocks: set[BlockKey]
+    new: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """A block's revision as the feed last reported it."""
+
+    revision: str
+    deleted: bool = False
 
 
 class CachedStore:
@@ -25,25 +44,57 @@ class CachedStore:
     A compare-and-swap only guards the blocks a decision writes. A decision that depends on a
     block it does not write (this pod already holds an address elsewhere in the pool, written
     by another process) could act on a stale copy of it; `max_age` bounds how stale: a pool
-    read longer ago than that is read whole again.
+    read longer ago than that is read whole again. With a live feed, such a pool is compared
+    with the revisions the feed reported instead: nothing is read when none of its blocks
+    changed, one GET when one did, the whole pool when several did or the feed knows a block
+    of it that is not cached. Every `max_age_fed` it is read whole all the same.
     """
 
-    def __init__(self, backing: PoolStore, *, max_age: float | None = None) -> None:
+    def __init__(
+        self,
+        backing: PoolStore,
+        *,
+        max_age: float | None = None,
+        feed: BlockFeed | None = None,
+        max_age_fed: float | None = None,
+    ) -> None:
+        """`feed`: the tags of the BlockFeed that will report to this cache (its follower calls
+        feed_listed, feed_changed, feed_lost); while it is live, `max_age_fed` applies instead
+        of `max_age`, a bound in case the feed silently stopped."""
         self._backing = backing
         self._max_age = max_age
-        self._read_at: dict[PoolId, float] = {}
+        self._read_at: dict[PoolId, float] = {}  # when it was last read whole
+        self._checked_at: dict[PoolId, float] = {}  # when it was last compared with the feed
         self._pools: dict[PoolId, dict[BlockKey, Block]] = {}
         self._stale: dict[PoolId, set[BlockKey]] = {}  # blocks somebody else wrote meanwhile
         self._lock = threading.Lock()
         self.reads = 0  # backing reads, for figures
+        self._feed = feed
+        self._max_age_fed = max_age_fed
+        # pool tag -> block tag -> as the feed last reported it; None while the feed is not live.
+        self._fed: dict[str, dict[str, _Stored]] | None = None
+        self._tags: dict[BlockKey, str] = {}
 
     def read_blocks(self, pool: PoolId, first: int, last: int) -> list[Block]:
+        now = time.monotonic()
         with self._lock:
             blocks = self._pools.get(pool)
             stale = self._stale.pop(pool, set())
             read_at = self._read_at.get(pool, 0.0)
-        if self._max_age is not None and time.monotonic() - read_at > self._max_age:
-            blocks = None
+            checked_at = self._checked_at.get(pool, read_at)
+            changed = None if blocks is None else self._changed_since_read(pool, blocks)
+        if blocks is not None:
+            if changed is None or (self._max_age_fed and now - read_at > self._max_age_fed):
+                if self._max_age is not None and now - checked_at > self._max_age:
+                    blocks = None  # no feed, or a feed not heard for long: read it whole
+            elif self._max_age is not None and now - checked_at > self._max_age:
+                # As old as a pool may be, and the feed says which of its blocks changed since.
+                with self._lock:
+                    self._checked_at[pool] = now
+                if changed.new or len(changed.blocks) > 1:
+                    blocks = None  # one LIST rather than a GET each
+                else:
+                    stale |= changed.blocks
         if blocks is not None and stale:
             blocks = self._refresh(pool, blocks, stale)
         if blocks is None:
@@ -54,7 +105,7 @@ class CachedStore:
                 self.reads += 1
                 self._pools[pool] = blocks
                 self._stale.pop(pool, None)
-                self._read_at[pool] = began
+                self._read_at[pool] = self._checked_at[pool] = began
         low = BlockKey.of(pool, first).base
         # The blocks themselves, not copies: PoolView never changes what it is given.
         return [b for key, b in sorted(blocks.items()) if low <= key.base <= last]
@@ -106,6 +157,42 @@ class CachedStore:
                     self._stale.setdefault(key.pool, set()).add(key)
         return outcome
 
+    def feed_listed(self, revisions: Mapping[tuple[str, str], str]) -> None:
+        fed: dict[str, dict[str, _Stored]] = {}
+        for (pool_tag, block_tag), revision in revisions.items():
+            fed.setdefault(pool_tag, {})[block_tag] = _Stored(revision)
+        with self._lock:
+            self._fed = fed
+
+    def feed_changed(self, pool_tag: str, block_tag: str, revision: str, *, deleted: bool) -> None:
+        with self._lock:
+            if self._fed is not None:
+                self._fed.setdefault(pool_tag, {})[block_tag] = _Stored(revision, deleted)
+
+    def feed_lost(self) -> None:
+        with self._lock:
+            self._fed = None  # max_age again, from when each pool was read
+
+    def _changed_since_read(self, pool: PoolId, blocks: dict[BlockKey, Block]) -> _Changes | None:
+        """What the feed saw change in `pool` since its blocks were read: the cached blocks
+        written or deleted since (or that it does not know: deleted before it listed them, or
+        created here and not reported yet), and whether it knows a block that is not cached
+        (somebody else created it). None while the feed is not live. Under the lock."""
+        if self._fed is None or self._feed is None:
+            return None
+        fed = self._fed.get(self._feed.pool_tag(pool), {})
+        changed = set()
+        for key, block in blocks.items():
+            tag = self._tags.get(key)
+            if tag is None:
+                tag = self._tags[key] = self._feed.block_tag(key)
+            stored = fed.get(tag)
+            if stored is None or _newer(stored.revision, block.revision):
+                changed.add(key)
+        cached = {self._tags[key] for key in blocks}
+        new = any(not stored.deleted and tag not in cached for tag, stored in fed.items())
+        return _Changes(changed, new)
+
     def forget(self, pool: PoolId) -> None:
         """Read `pool` afresh next time (someone else is known to have written it)."""
         with self._lock:
@@ -114,3 +201,13 @@ class CachedStore:
 
     def close(self) -> None:
         self._backing.close()
+
+
+def _newer(revision: str, than: str | None) -> bool:
+    """Whether `revision` is later than `than`: as numbers where both are (etcd's and so
+    Kubernetes' are), so that a report older than what was read since changes nothing."""
+    if than is None:
+        return True
+    if revision.isdigit() and than.isdigit():
+        return int(revision) > int(than)
+    return revision != than

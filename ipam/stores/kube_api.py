@@ -13,7 +13,7 @@ import json
 import os
 import ssl
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -62,6 +62,8 @@ class ApiStatusError(Exception):
 #: server then need not encode, nor the client decode (a block is some 40 KB of JSON). A server
 #: that cannot (none since Kubernetes 1.15) answers with the next type, the whole object.
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1, application/json"
+#: The same for a list: names, labels and resourceVersions, not some 40 KB per object.
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1, application/json"
 
 
 class KubeApi:
@@ -70,6 +72,7 @@ class KubeApi:
     def __init__(self, credentials: ApiCredentials, *, timeout: float, retries: int = 0) -> None:
         self._credentials = credentials
         self._server = credentials.server.rstrip("/")
+        self._connect_timeout = timeout
         options: dict[str, Any] = {
             "ssl_context": _ssl_context(credentials),
             "timeout": urllib3.Timeout(total=timeout),
@@ -95,15 +98,12 @@ class KubeApi:
         *,
         query: dict[str, str | int | None] | None = None,
         body: dict[str, Any] | None = None,
-        metadata_only: bool = False,
+        accept: str = "application/json",
     ) -> dict[str, Any]:
-        """The decoded JSON answer (with `metadata_only`, of an object: its metadata alone);
-        ApiStatusError on an error status, StoreUnavailableError when the server cannot be
-        reached or answers nonsense."""
-        headers = {"Accept": METADATA_ONLY if metadata_only else "application/json"}
-        authorization = self._credentials.authorization()
-        if authorization:
-            headers["Authorization"] = authorization
+        """The decoded JSON answer (`accept` METADATA_ONLY or METADATA_LIST: its metadata
+        alone); ApiStatusError on an error status, StoreUnavailableError when the server cannot
+        be reached or answers nonsense."""
+        headers = self._headers(accept)
         data = None
         if body is not None:
             headers["Content-Type"] = "application/json"
@@ -133,8 +133,56 @@ class KubeApi:
             raise StoreUnavailableError(f"Kubernetes API at {self._server} answered a non-object")
         return answer
 
+    def watch(
+        self, path: str, query: dict[str, str | int | None], *, accept: str, idle_timeout: float
+    ) -> Iterator[dict[str, Any]]:
+        """The events of a watch of `path` from `query`'s resourceVersion, decoded, until the
+        server ends it (timeoutSeconds); ApiStatusError on an error status, StoreUnavailableError
+        when the connection fails or stays silent for `idle_timeout` seconds."""
+        url = f"{self._server}{path}?" + urlencode(
+            {"watch": "true", **{k: v for k, v in query.items() if v is not None}}
+        )
+        try:
+            response = self._http.request(
+                "GET",
+                url,
+                headers=self._headers(accept),
+                preload_content=False,
+                timeout=urllib3.Timeout(connect=self._connect_timeout, read=idle_timeout),
+            )
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise StoreUnavailableError(
+                f"Kubernetes API at {self._server} is unreachable: {type(exc).__name__}"
+            ) from exc
+        try:
+            if response.status >= 300:
+                raise _status_error(response.status, response.reason, _json_or_none(response.data))
+            for line in response:  # one JSON event per line
+                if line.strip():
+                    yield json.loads(line)
+        except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            raise StoreUnavailableError(
+                f"watch of {path} at {self._server} broke: {type(exc).__name__}"
+            ) from exc
+        finally:
+            response.close()  # never back to the pool: a watch's connection is spent
+
     def close(self) -> None:
         self._http.clear()
+
+    def _headers(self, accept: str) -> dict[str, str]:
+        headers = {"Accept": accept}
+        authorization = self._credentials.authorization()
+        if authorization:
+            headers["Authorization"] = authorization
+        return headers
+
+
+def _json_or_none(data: bytes) -> object:
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
 
 
 def _status_error(status: int, fallback: str | None, answer: object) -> ApiStatusError:

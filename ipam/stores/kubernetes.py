@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,9 +24,15 @@ from pyabouts.ipam.errors import (
     StoreUnavailableError,
 )
 from pyabouts.ipam.pool import Block, BlockKey, PoolId
-from pyabouts.ipam.store import WriteOutcome
+from pyabouts.ipam.store import ChangeSink, WriteOutcome
 from pyabouts.ipam.stores.codec import block_cidr, block_document, block_from_document
-from pyabouts.ipam.stores.kube_api import ApiCredentials, ApiStatusError, KubeApi
+from pyabouts.ipam.stores.kube_api import (
+    METADATA_LIST,
+    METADATA_ONLY,
+    ApiCredentials,
+    ApiStatusError,
+    KubeApi,
+)
 from pyabouts.ipam.stores.kubeconfig import credentials_from_configuration, read_kubeconfig
 
 if TYPE_CHECKING:
@@ -38,6 +45,11 @@ POOL_LABEL = "pyabouts.io/pool"
 NETWORK_LABEL = "pyabouts.io/network"
 FAMILY_LABEL = "pyabouts.io/family"
 LIST_PAGE = 500  # IPPools per list request: each is at most ~30 KiB
+# A watch ends after this long (the server closes it; the feed watches again from where it
+# was); and a connection silent for longer than WATCH_IDLE_SECONDS is taken for dead: the
+# server sends a bookmark about every minute on a quiet watch.
+WATCH_SECONDS = 300
+WATCH_IDLE_SECONDS = 150.0
 _LABEL_SAFE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 
 
@@ -139,16 +151,57 @@ class KubernetesStore:
     def close(self) -> None:
         self._api.close()
 
+    # -- BlockFeed: a watch of the IPPools' metadata ----------------------------------------
+
+    def pool_tag(self, pool: PoolId) -> str:
+        return pool_label(pool)
+
+    def block_tag(self, key: BlockKey) -> str:
+        return object_name(key)
+
+    def follow_changes(self, sink: ChangeSink, stop: threading.Event) -> None:
+        """List the IPPools' metadata, then watch it from there (names, labels and
+        resourceVersions only: a block's content is read when the cache needs it), watching
+        again from the last event each time the server ends a watch."""
+        revisions: dict[tuple[str, str], str] = {}
+        token = ""
+        while True:
+            query = {"limit": LIST_PAGE, "continue": token or None}
+            listed = self._call("GET", self._collection, query=query, accept=METADATA_LIST)
+            for item in listed.get("items") or []:
+                tagged = _tagged(item.get("metadata") or {})
+                if tagged:
+                    revisions[tagged[0], tagged[1]] = tagged[2]
+            token = (listed.get("metadata") or {}).get("continue") or ""
+            if not token:
+                break
+        # A paged list is one snapshot: every page carries its resourceVersion.
+        since = str(listed["metadata"]["resourceVersion"])
+        sink.feed_listed(revisions)
+        while not stop.is_set():
+            query = {
+                "resourceVersion": since,
+                "allowWatchBookmarks": "true",
+                "timeoutSeconds": WATCH_SECONDS,
+            }
+            events = self._api.watch(
+                self._collection, query, accept=METADATA_ONLY, idle_timeout=WATCH_IDLE_SECONDS
+            )
+            for event in events:
+                since = _report(event, sink) or since
+                if stop.is_set():
+                    return
+
     def _write(self, block: Block) -> str | None:
         """The new resourceVersion, or None on a conflict."""
         body = self._object(block)
         try:
             # Only the new resourceVersion is needed from the answer.
             if block.revision is None:
-                stored = self._call("POST", self._collection, body=body, metadata_only=True)
+                stored = self._call("POST", self._collection, body=body, accept=METADATA_ONLY)
             else:
                 path = f"{self._collection}/{body['metadata']['name']}"
-                stored = self._call("PUT", path, body=body, replacing=True, metadata_only=True)
+                stored = self._call("PUT", path, body=body, replacing=True, accept=METADATA_ONLY)
         except _Conflict:
             return None
         return str(stored["metadata"]["resourceVersion"])
@@ -188,14 +241,12 @@ class KubernetesStore:
         body: dict[str, Any] | None = None,
         replacing: bool = False,
         absent_ok: bool = False,
-        metadata_only: bool = False,
+        accept: str = "application/json",
     ) -> dict[str, Any]:
         """Call the API; with `replacing`, a 404 means the object went away: a conflict; with
         `absent_ok`, it is _Absent (a block nobody created yet)."""
         try:
-            return self._api.request(
-                method, path, query=query, body=body, metadata_only=metadata_only
-            )
+            return self._api.request(method, path, query=query, body=body, accept=accept)
         except ApiStatusError as exc:
             if replacing and exc.status == 404:
                 raise _Conflict from exc
@@ -230,6 +281,29 @@ def _block_of(item: dict[str, Any]) -> Block:
     pool = PoolId(network=str(spec.get("network", "")), family=4 if network.version == 4 else 6)
     key = BlockKey(pool, int(network.first))
     return block_from_document(key, spec, str(item["metadata"]["resourceVersion"]))
+
+
+def _tagged(metadata: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(pool tag, block tag, resourceVersion) of an IPPool's metadata; None for one that is
+    not a block (no pool label)."""
+    pool = (metadata.get("labels") or {}).get(POOL_LABEL)
+    name, revision = metadata.get("name"), metadata.get("resourceVersion")
+    if not (pool and isinstance(pool, str) and isinstance(name, str) and isinstance(revision, str)):
+        return None
+    return pool, name, revision
+
+
+def _report(event: dict[str, Any], sink: ChangeSink) -> str | None:
+    """Tell `sink` what a watch event says; the resourceVersion to watch on from, if any.
+    An ERROR event (410 Gone: too old to watch from) ends the feed: it lists again."""
+    kind, item = event.get("type"), event.get("object") or {}
+    if kind == "ERROR":
+        raise StoreUnavailableError(f"IPPool watch ended: {item.get('message', item)}")
+    tagged = _tagged(item.get("metadata") or {})
+    if kind in ("ADDED", "MODIFIED", "DELETED") and tagged:
+        sink.feed_changed(*tagged, deleted=kind == "DELETED")
+    revision = (item.get("metadata") or {}).get("resourceVersion")
+    return revision if isinstance(revision, str) else None
 
 
 class _Conflict(Exception):  # noqa: N818 - an outcome, not an error

@@ -21,11 +21,12 @@ from typing import Any
 from pyabouts.ipam.coalescing import CoalescingTransactions
 from pyabouts.ipam.config import FlatFile, IpamConf
 from pyabouts.ipam.pool import Block, PoolId
-from pyabouts.ipam.store import PoolStore, WriteOutcome
+from pyabouts.ipam.store import BlockFeed, PoolStore, WriteOutcome
 from pyabouts.ipam.stores import open_store
 from pyabouts.ipam.stores.cached import CachedStore
 from pyabouts.ipam.stores.flat_file import read_flat_file
 from pyabouts.plugin.agent.datastore import AgentDatastore
+from pyabouts.plugin.agent.feed_follower import FeedFollower
 from pyabouts.plugin.agent.metrics import AgentMetrics
 from pyabouts.plugin.backend import REQUEST_TIMEOUT_SECONDS
 
@@ -49,6 +50,10 @@ CLIENT_MAX_AGE_SECONDS = 600.0  # then a fresh client: kubeconfig tokens and cer
 # A pool read longer ago than this is read whole again (see CachedStore): a pod re-created on
 # another node, or served in-process while this agent was unreachable, is seen within it.
 POOL_MAX_AGE_SECONDS = 2.0
+# While the store's feed (the IPPool watch) is live, a pool that old is compared with what the
+# feed reported instead, and only blocks others wrote are read (see CachedStore); it is read
+# whole this often all the same, in case the watch silently stopped delivering.
+POOL_MAX_AGE_FED_SECONDS = 60.0
 
 
 class MeteredStore:
@@ -79,7 +84,13 @@ class MeteredStore:
 class _Client:
     cache: CachedStore
     transactions: CoalescingTransactions
+    follower: FeedFollower | None
     opened: float = field(default_factory=time.monotonic)
+
+    def close(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
+        self.cache.close()
 
 
 class WarmBackend:
@@ -118,7 +129,7 @@ class WarmBackend:
             self._clients.clear()
             self._retired.clear()
         for client in clients:
-            client.cache.close()
+            client.close()
 
     def _client(self, ipam: IpamConf) -> _Client:
         own = self._datastore
@@ -138,13 +149,22 @@ class WarmBackend:
             stale, self._retired = self._retired, [client] if client else []
             # Opening is cheap and lazy (no connection yet); under the lock, so one per key.
             store = opener(timeout=REQUEST_TIMEOUT_SECONDS)
-            cache = CachedStore(MeteredStore(store, self._metrics), max_age=POOL_MAX_AGE_SECONDS)
+            feed = store if isinstance(store, BlockFeed) else None
+            cache = CachedStore(
+                MeteredStore(store, self._metrics),
+                max_age=POOL_MAX_AGE_SECONDS,
+                feed=feed,
+                max_age_fed=POOL_MAX_AGE_FED_SECONDS,
+            )
             transactions = CoalescingTransactions(
                 cache, self._metrics.batch_size.observe, forget=cache.forget
             )
-            client = _Client(cache, transactions)
+            follower = FeedFollower(feed, cache, self._metrics) if feed else None
+            client = _Client(cache, transactions, follower)
             self._clients[key] = client
+        if follower is not None:
+            follower.start()
         for old in stale:
-            old.cache.close()
+            old.close()
         log.info("store client opened")
         return client

@@ -59,4 +59,15 @@ class AgentMetrics:
             "Blocks a write found changed by somebody else (then read afresh and decided again).",
             registry=self.registry,
         )
+        self.feed_live = Gauge(
+            "pyabouts_agent_block_feed_live",
+            "1 while the watch of the IPPools tells the agent which blocks others write (then an "
+            "idle pool is not read again before use), 0 while it is down or not offered (etcd).",
+            registry=self.registry,
+        )
+        self.feed_breaks = Counter(
+            "pyabouts_agent_block_feed_breaks",
+            "Times the watch of the IPPools broke and was started again.",
+            registry=self.registry,
+        )
         self.pool_addresses = pool_usage_gauge(self.registry)

@@ -118,6 +118,42 @@ def test_killing_the_agent_mid_run_loses_nothing_and_a_restart_resumes_from_the_
         agent.stop()
 
 
+def test_an_agent_following_the_ippool_watch_reads_no_idle_pool_and_sees_writes_at_once(
+    shim: str, pyabouts_cluster: ControlPlane, two_agents: list[AgentProcess], tmp_path: Path
+) -> None:
+    """Past its pool cache's max age (2 s) an agent whose watch of the IPPools is live serves
+    the next ADD without reading the pool (one API request: the write) when nobody else wrote
+    it, and reads only the block another node wrote, before it decides, not after a conflict."""
+    network = f"agentfeed-{uuid.uuid4().hex[:6]}"
+    ipam = {"range": "10.72.0.0/24", "network_name": network}
+    near, far = nodes_with(tmp_path, kubernetes_datastore(pyabouts_cluster), two_agents)
+    agent = near.agent
+    assert agent is not None
+
+    def add(node: Node, pod: str) -> None:
+        [(code, result)] = run_plugins(shim, "ADD", ipam, [node], [pod])
+        assert code == 0, result
+
+    add(near, "first")
+    deadline = time.monotonic() + 30
+    while metric(agent, "pyabouts_agent_block_feed_live") != 1:
+        assert time.monotonic() < deadline, "the agent's IPPool watch never became live"
+        time.sleep(0.1)
+    reads = metric(agent, "pyabouts_agent_store_reads_total")
+    time.sleep(2.5)  # past the max age of a pool nobody reported changed
+    add(near, "after-a-rest")
+    assert metric(agent, "pyabouts_agent_store_reads_total") == reads
+
+    add(far, "other-node")  # the same block (a /24 is one), written by the other agent
+    time.sleep(2.5)
+    add(near, "after-the-other")
+    assert metric(agent, "pyabouts_agent_conflicts_total") == 0
+    assert metric(agent, "pyabouts_agent_store_reads_total") == reads + 1  # a GET of that block
+    assert metric(agent, "pyabouts_agent_block_feed_breaks_total") == 0
+    held = stored(pyabouts_cluster, network)
+    assert sorted(held.values()) == ["after-a-rest", "after-the-other", "first", "other-node"]
+
+
 def test_two_agents_racing_on_one_pool_never_give_an_address_twice(
     shim: str, etcd_server: EtcdServer, two_agents: list[AgentProcess], tmp_path: Path
 ) -> None:

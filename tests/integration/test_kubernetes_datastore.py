@@ -13,7 +13,7 @@ import pytest
 from deploy.local.controlplane import ControlPlane
 from deploy.local.netns import CniCall
 from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
-from pyabouts.ipam.stores.kube_api import KubeApi
+from pyabouts.ipam.stores.kube_api import METADATA_ONLY, KubeApi
 from pyabouts.ipam.stores.kubeconfig import read_kubeconfig
 from pyabouts.ipam.stores.kubernetes import GROUP, VERSION, object_name
 from tests.integration.kube_fixtures import can
@@ -335,7 +335,7 @@ def test_a_writes_answer_is_the_objects_metadata_and_its_revision_holds(
     try:
         path = f"/apis/{GROUP}/{VERSION}/namespaces/kube-system/ippools/{object_name(key)}"
         stored["metadata"]["resourceVersion"] = read.revision  # the block as first written
-        answer = api.request("PUT", path, body=stored, metadata_only=True)
+        answer = api.request("PUT", path, body=stored, accept=METADATA_ONLY)
     finally:
         api.close()
     assert answer["kind"] == "PartialObjectMetadata" and "spec" not in answer

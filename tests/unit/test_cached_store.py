@@ -5,7 +5,7 @@ import pytest
 
 from pyabouts.ipam import operations
 from pyabouts.ipam.errors import CORRUPT_BLOCK, CniError
-from pyabouts.ipam.pool import BlockKey, Owner, PoolId
+from pyabouts.ipam.pool import BLOCK_SIZE, Block, BlockKey, Owner, PoolId
 from pyabouts.ipam.ranges import build_range
 from pyabouts.ipam.stores.cached import CachedStore
 from pyabouts.ipam.stores.codec import block_from_document
@@ -92,4 +92,148 @@ def test_a_pool_older_than_max_age_is_read_whole_again(monkeypatch: pytest.Monke
     )
     clock[0] += 2.5
     assert allocate(cached, 7) == theirs
+    assert cached.reads == 2
+
+
+# -- fed by a BlockFeed: the cache knows which blocks others wrote -----------------------------
+
+
+class Tags:
+    """A feed's names for pools and blocks (the IPPool watch uses labels and object names)."""
+
+    def pool_tag(self, pool: PoolId) -> str:
+        return f"{pool.network}/{pool.family}"
+
+    def block_tag(self, key: BlockKey) -> str:
+        return str(key.base)
+
+    def follow_changes(self, sink: object, stop: object) -> None:
+        raise NotImplementedError  # the tests report to the cache themselves
+
+
+def report_all(cache: CachedStore, backing: MemoryStore) -> None:
+    """What a feed's listing of `backing` would report."""
+    tags = Tags()
+    cache.feed_listed(
+        {
+            (tags.pool_tag(k.pool), tags.block_tag(k)): str(b.revision)
+            for k, b in backing.blocks.items()
+        }
+    )
+
+
+def report(cache: CachedStore, backing: MemoryStore, key: BlockKey, deleted: bool = False) -> None:
+    revision = str(backing.blocks[key].revision)
+    cache.feed_changed(Tags().pool_tag(key.pool), Tags().block_tag(key), revision, deleted=deleted)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    now = [100.0]
+    monkeypatch.setattr("pyabouts.ipam.stores.cached.time.monotonic", lambda: now[0])
+    return now
+
+
+def fed_cache(backing: MemoryStore) -> CachedStore:
+    return CachedStore(backing, max_age=2.0, feed=Tags(), max_age_fed=60.0)
+
+
+def fed_with_one_block(backing: MemoryStore) -> tuple[CachedStore, BlockKey]:
+    """A fed cache that gave pod 1 an address in a new block, and the feed's report of it."""
+    cached = fed_cache(backing)
+    report_all(cached, backing)
+    allocate(cached, 1)
+    [key] = backing.blocks
+    report(cached, backing, key)
+    return cached, key
+
+
+def test_a_fed_pool_nobody_else_wrote_is_not_read_again_past_max_age(clock: list[float]) -> None:
+    backing = MemoryStore()
+    cached, _ = fed_with_one_block(backing)  # its own write, as the watch reports it
+    clock[0] += 30.0
+    allocate(cached, 2)
+    assert cached.reads == 1  # the first one only
+    clock[0] += 61.0  # past max_age_fed: a feed that silently stopped is not trusted for ever
+    allocate(cached, 3)
+    assert cached.reads == 2
+
+
+class SpanRecordingStore(MemoryStore):
+    """Records the address span of each read: a whole pool (a LIST) or one block (a GET)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spans: list[int] = []
+
+    def read_blocks(self, pool: PoolId, first: int, last: int) -> list[Block]:
+        self.spans.append(last - first + 1)
+        return super().read_blocks(pool, first, last)
+
+
+def test_past_max_age_a_block_another_node_wrote_is_read_again_alone_before_deciding(
+    clock: list[float],
+) -> None:
+    backing = SpanRecordingStore()
+    cached, key = fed_with_one_block(backing)
+    other = CachedStore(backing)
+    allocate(other, 2)  # the same block, written by another node
+    report(cached, backing, key)
+    clock[0] += 2.5
+    assert allocate(cached, 3) == int(netaddr.IPAddress("10.0.0.3"))
+    assert backing.conflicts == 0  # read before deciding, not after a conflict
+    assert backing.spans[2:] == [BLOCK_SIZE]  # after each one's first LIST: that block alone
+
+
+def test_a_block_another_writer_created_is_seen_past_max_age_as_without_a_feed(
+    clock: list[float],
+) -> None:
+    """The max_age case above, with a feed: pod 7's address in a block this cache never read
+    is found once the pool is as old as max_age."""
+    backing = MemoryStore()
+    cached = fed_cache(backing)
+    report_all(cached, backing)
+    allocate(cached, 1)
+    far = build_range("10.0.3.0/24", range_start=None, range_end=None, exclude=[], pool=POOL)
+    [theirs] = operations.allocate(
+        DirectTransactions(CachedStore(backing)),
+        [far],
+        Owner("c7", "net1", "ns/p7"),
+        [],
+        deadline=1e9,
+    )
+    for key in backing.blocks:
+        report(cached, backing, key)
+    clock[0] += 2.5
+    assert allocate(cached, 7) == theirs
+
+
+def test_a_report_older_than_the_cached_block_reads_nothing(clock: list[float]) -> None:
+    backing = MemoryStore()
+    cached, _ = fed_with_one_block(backing)
+    allocate(cached, 2)  # the watch has not reported this write yet: it knows an older one
+    clock[0] += 2.5
+    allocate(cached, 3)
+    assert cached.reads == 1
+
+
+def test_a_cached_block_the_feed_saw_deleted_is_dropped(clock: list[float]) -> None:
+    backing = MemoryStore()
+    cached, key = fed_with_one_block(backing)
+    revision = str(int(str(backing.blocks[key].revision)) + 100)
+    del backing.blocks[key]  # emptied and deleted by somebody else
+    cached.feed_changed(Tags().pool_tag(POOL), Tags().block_tag(key), revision, deleted=True)
+    clock[0] += 2.5
+    assert allocate(cached, 1) == int(netaddr.IPAddress("10.0.0.1"))  # stored again, not assumed
+    assert backing.blocks[key].entries
+
+
+def test_once_the_feed_is_lost_max_age_applies_again(clock: list[float]) -> None:
+    backing = MemoryStore()
+    cached = fed_cache(backing)
+    report_all(cached, backing)
+    allocate(cached, 1)
+    cached.feed_lost()
+    clock[0] += 2.5
+    allocate(cached, 2)
     assert cached.reads == 2

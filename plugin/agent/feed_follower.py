@@ -1,0 +1,70 @@
+"""Keeps a store's BlockFeed (ipam.store) reporting to the agent's pool cache, on a thread of its
+own: started again after it breaks, with growing pauses, while the cache falls back to reading
+pools older than its max_age; until stopped."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+
+from pyabouts.ipam.store import BlockFeed, ChangeSink
+from pyabouts.plugin.agent.metrics import AgentMetrics
+
+log = logging.getLogger(__name__)
+
+FIRST_PAUSE_SECONDS = 0.5  # before following again after a break; doubled each time
+MAX_PAUSE_SECONDS = 30.0
+STEADY_SECONDS = 60.0  # a feed that ran this long before it broke starts from the first pause
+
+
+class FeedFollower:
+    def __init__(self, feed: BlockFeed, sink: ChangeSink, metrics: AgentMetrics) -> None:
+        self._feed = feed
+        self._sink = _MeteredSink(sink, metrics)
+        self._metrics = metrics
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="block-feed", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop following: at the feed's next event or idle timeout at the latest (the thread
+        is a daemon, and what it reports then changes nothing that matters)."""
+        self._stop.set()
+
+    def _follow(self) -> None:
+        pause = FIRST_PAUSE_SECONDS
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                self._feed.follow_changes(self._sink, self._stop)
+            except Exception as exc:  # a broken feed is never fatal: pools are read instead
+                log.warning("the IPPool watch broke (%s); following it again in %g s", exc, pause)
+                self._metrics.feed_breaks.inc()
+            self._sink.feed_lost()
+            if time.monotonic() - began > STEADY_SECONDS:
+                pause = FIRST_PAUSE_SECONDS
+            self._stop.wait(pause)
+            pause = min(2 * pause, MAX_PAUSE_SECONDS)
+
+
+class _MeteredSink:
+    """The cache, with the feed's state on the agent's gauge."""
+
+    def __init__(self, sink: ChangeSink, metrics: AgentMetrics) -> None:
+        self._sink = sink
+        self._live = metrics.feed_live
+
+    def feed_listed(self, revisions: Mapping[tuple[str, str], str]) -> None:
+        self._sink.feed_listed(revisions)
+        self._live.set(1)
+
+    def feed_changed(self, pool_tag: str, block_tag: str, revision: str, *, deleted: bool) -> None:
+        self._sink.feed_changed(pool_tag, block_tag, revision, deleted=deleted)
+
+    def feed_lost(self) -> None:
+        self._live.set(0)
+        self._sink.feed_lost()
