@@ -13,7 +13,7 @@ import json
 import os
 import ssl
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -135,7 +135,7 @@ class KubeApi:
 
     def watch(
         self, path: str, query: dict[str, str | int | None], *, accept: str, idle_timeout: float
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Generator[dict[str, Any], None, None]:
         """The events of a watch of `path` from `query`'s resourceVersion, decoded, until the
         server ends it (timeoutSeconds); ApiStatusError on an error status, StoreUnavailableError
         when the connection fails or stays silent for `idle_timeout` seconds."""
@@ -165,7 +165,8 @@ class KubeApi:
                 f"watch of {path} at {self._server} broke: {type(exc).__name__}"
             ) from exc
         finally:
-            response.close()  # never back to the pool: a watch's connection is spent
+            # Closed, not handed back: the pool opens a connection when it next lacks one.
+            response.close()
 
     def close(self) -> None:
         self._http.clear()

@@ -7,6 +7,7 @@ other lock is taken: writers of different pools never touch the same object.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import threading
@@ -187,10 +188,11 @@ class KubernetesStore:
             events = self._api.watch(
                 self._collection, query, accept=METADATA_ONLY, idle_timeout=WATCH_IDLE_SECONDS
             )
-            for event in events:
-                since = _report(event, sink) or since
-                if stop.is_set():
-                    return
+            with contextlib.closing(events):  # its connection goes back when we stop early
+                for event in events:
+                    since = _report(event, sink) or since
+                    if stop.is_set():
+                        return
 
     def _write(self, block: Block) -> str | None:
         """The new resourceVersion, or None on a conflict."""
