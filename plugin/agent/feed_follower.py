@@ -42,6 +42,8 @@ class FeedFollower:
             try:
                 self._feed.follow_changes(self._sink, self._stop)
             except Exception as exc:  # a broken feed is never fatal: pools are read instead
+                if self._stop.is_set():
+                    break  # stopped while the watch waited: what broke it is of no interest
                 log.warning("the IPPool watch broke (%s); following it again in %g s", exc, pause)
                 self._metrics.feed_breaks.inc()
             self._sink.feed_lost()
