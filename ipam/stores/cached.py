@@ -82,19 +82,19 @@ class CachedStore:
             stale = self._stale.pop(pool, set())
             read_at = self._read_at.get(pool, 0.0)
             checked_at = self._checked_at.get(pool, read_at)
-            changed = None if blocks is None else self._changed_since_read(pool, blocks)
-        if blocks is not None:
+            # As old as a pool may be: read it whole, or what the feed says changed since.
+            max_age = self._max_age
+            due = blocks is not None and max_age is not None and now - checked_at > max_age
+            changed = self._changed_since_read(pool, blocks) if blocks is not None and due else None
+            if changed is not None:
+                self._checked_at[pool] = now
+        if due:
             if changed is None or (self._max_age_fed and now - read_at > self._max_age_fed):
-                if self._max_age is not None and now - checked_at > self._max_age:
-                    blocks = None  # no feed, or a feed not heard for long: read it whole
-            elif self._max_age is not None and now - checked_at > self._max_age:
-                # As old as a pool may be, and the feed says which of its blocks changed since.
-                with self._lock:
-                    self._checked_at[pool] = now
-                if changed.new or len(changed.blocks) > 1:
-                    blocks = None  # one LIST rather than a GET each
-                else:
-                    stale |= changed.blocks
+                blocks = None  # no feed, or one not to be trusted for ever: read it whole
+            elif changed.new or len(changed.blocks) > 1:
+                blocks = None  # one LIST rather than a GET each
+            else:
+                stale |= changed.blocks
         if blocks is not None and stale:
             blocks = self._refresh(pool, blocks, stale)
         if blocks is None:
