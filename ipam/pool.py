@@ -72,7 +72,7 @@ class Owner:
     @property
     def in_use(self) -> bool:
         """Held by a sandbox: neither resting after its release nor reserved for its pod."""
-        return not (self.cooling_until or self.reserved)
+        return not (self.cooling_until > 0 or self.reserved)
 
     @property
     def attachment(self) -> tuple[str, str]:
@@ -121,17 +121,20 @@ class Block:
 
     def held_by(self, identity: tuple[str, str]) -> tuple[int, ...]:
         """Addresses of this block held under `identity` (see _identities); built on first use."""
-        if self._holders is None:
-            self._holders = {}
+        holders = self._holders
+        if holders is None:
+            # Built aside and published whole: other threads may read this (cached) block.
+            holders = {}
             for address, owner in self.entries.items():
-                self._index(address, owner)
-        return self._holders.get(identity, ())
+                _add_holder(holders, address, owner)
+            self._holders = holders
+        return holders.get(identity, ())
 
     def put(self, address: int, owner: Owner) -> None:
         self.pop(address)
         self.entries[address] = owner
         if self._holders is not None:
-            self._index(address, owner)
+            _add_holder(self._holders, address, owner)
 
     def pop(self, address: int) -> Owner | None:
         owner = self.entries.pop(address, None)
@@ -143,11 +146,6 @@ class Block:
                 else:
                     self._holders.pop(identity, None)
         return owner
-
-    def _index(self, address: int, owner: Owner) -> None:
-        assert self._holders is not None
-        for identity in _identities(owner):
-            self._holders[identity] = (*self._holders.get(identity, ()), address)
 
 
 class PoolView:
@@ -264,6 +262,13 @@ class PoolView:
 def container_identity(container_id: str, ifname: str) -> tuple[str, str]:
     """The identity DEL, CHECK and GC go by: one interface of one sandbox."""
     return (f"id:{container_id}", ifname)
+
+
+def _add_holder(
+    holders: dict[tuple[str, str], tuple[int, ...]], address: int, owner: Owner
+) -> None:
+    for identity in _identities(owner):
+        holders[identity] = (*holders.get(identity, ()), address)
 
 
 def _identities(owner: Owner) -> tuple[tuple[str, str], tuple[str, str]]:

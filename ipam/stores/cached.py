@@ -86,8 +86,6 @@ class CachedStore:
             max_age = self._max_age
             due = blocks is not None and max_age is not None and now - checked_at > max_age
             changed = self._changed_since_read(pool, blocks) if blocks is not None and due else None
-            if changed is not None:
-                self._checked_at[pool] = now
         if due:
             if changed is None or (self._max_age_fed and now - read_at > self._max_age_fed):
                 blocks = None  # no feed, or one not to be trusted for ever: read it whole
@@ -95,8 +93,14 @@ class CachedStore:
                 blocks = None  # one LIST rather than a GET each
             else:
                 stale |= changed.blocks
+        # A pool counts as checked only once what the check asked for was read and kept: a read
+        # that failed, or was overtaken, leaves it due, so the next read checks again.
         if blocks is not None and stale:
-            blocks = self._refresh(pool, blocks, stale)
+            blocks = self._refresh(pool, blocks, stale, checked=now if due else None)
+        elif blocks is not None and due:
+            with self._lock:
+                if self._pools.get(pool) is blocks:
+                    self._checked_at[pool] = now
         if blocks is None:
             began = time.monotonic()
             loaded = self._backing.read_blocks(pool, *_WHOLE_SPACE)
@@ -111,7 +115,12 @@ class CachedStore:
         return [b for key, b in sorted(blocks.items()) if low <= key.base <= last]
 
     def _refresh(
-        self, pool: PoolId, blocks: dict[BlockKey, Block], stale: set[BlockKey]
+        self,
+        pool: PoolId,
+        blocks: dict[BlockKey, Block],
+        stale: set[BlockKey],
+        *,
+        checked: float | None,
     ) -> dict[BlockKey, Block]:
         fresh = dict(blocks)
         try:
@@ -126,6 +135,8 @@ class CachedStore:
             self.reads += len(stale)
             if self._pools.get(pool) is blocks:  # nobody replaced it meanwhile
                 self._pools[pool] = fresh
+                if checked is not None:
+                    self._checked_at[pool] = checked
         return fresh
 
     def cached_blocks(self) -> list[Block]:
@@ -171,7 +182,7 @@ class CachedStore:
 
     def feed_lost(self) -> None:
         with self._lock:
-            self._fed = None  # max_age again, from when each pool was read
+            self._fed = None  # max_age again, from when each pool was last read or checked
 
     def _changed_since_read(self, pool: PoolId, blocks: dict[BlockKey, Block]) -> _Changes | None:
         """What the feed saw change in `pool` since its blocks were read: the cached blocks
@@ -187,7 +198,7 @@ class CachedStore:
             if tag is None:
                 tag = self._tags[key] = self._feed.block_tag(key)
             stored = fed.get(tag)
-            if stored is None or _newer(stored.revision, block.revision):
+            if stored is None or stored.deleted or _newer(stored.revision, block.revision):
                 changed.add(key)
         cached = {self._tags[key] for key in blocks}
         new = any(not stored.deleted and tag not in cached for tag, stored in fed.items())

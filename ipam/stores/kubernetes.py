@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import re
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -185,14 +186,19 @@ class KubernetesStore:
                 "allowWatchBookmarks": "true",
                 "timeoutSeconds": WATCH_SECONDS,
             }
+            opened, heard = time.monotonic(), False
             events = self._api.watch(
                 self._collection, query, accept=METADATA_ONLY, idle_timeout=WATCH_IDLE_SECONDS
             )
-            with contextlib.closing(events):  # its connection goes back when we stop early
+            with contextlib.closing(events):  # closed at once when we stop early
                 for event in events:
+                    heard = True
                     since = _report(event, sink) or since
                     if stop.is_set():
                         return
+            if not heard and time.monotonic() - opened < WATCH_SECONDS / 2:
+                # Ended early with nothing said (a proxy in the way?): not again at once.
+                raise StoreUnavailableError("the IPPool watch ended at once, with no event")
 
     def _write(self, block: Block) -> str | None:
         """The new resourceVersion, or None on a conflict."""

@@ -147,6 +147,8 @@ class WarmBackend:
             if client is not None and time.monotonic() - client.opened < CLIENT_MAX_AGE_SECONDS:
                 return client
             stale, self._retired = self._retired, [client] if client else []
+            if client is not None and client.follower is not None:
+                client.follower.stop()  # its cache serves what is in flight; the new one follows
             # Opening is cheap and lazy (no connection yet); under the lock, so one per key.
             store = opener(timeout=REQUEST_TIMEOUT_SECONDS)
             feed = store if isinstance(store, BlockFeed) else None

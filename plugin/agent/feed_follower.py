@@ -22,17 +22,18 @@ STEADY_SECONDS = 60.0  # a feed that ran this long before it broke starts from t
 class FeedFollower:
     def __init__(self, feed: BlockFeed, sink: ChangeSink, metrics: AgentMetrics) -> None:
         self._feed = feed
-        self._sink = _MeteredSink(sink, metrics)
-        self._metrics = metrics
         self._stop = threading.Event()
+        self._sink = _MeteredSink(sink, metrics, self._stop)
+        self._metrics = metrics
         self._thread = threading.Thread(target=self._follow, name="block-feed", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop following: at the feed's next event or idle timeout at the latest (the thread
-        is a daemon, and what it reports then changes nothing that matters)."""
+        """Stop following, and leave the agent's gauge to the follower that replaces this one.
+        The thread ends at the feed's next event (a bookmark comes about every minute) or idle
+        timeout; it is a daemon, and what its cache hears meanwhile harms nobody."""
         self._stop.set()
 
     def _follow(self) -> None:
@@ -42,31 +43,35 @@ class FeedFollower:
             try:
                 self._feed.follow_changes(self._sink, self._stop)
             except Exception as exc:  # a broken feed is never fatal: pools are read instead
-                if self._stop.is_set():
-                    break  # stopped while the watch waited: what broke it is of no interest
-                log.warning("the IPPool watch broke (%s); following it again in %g s", exc, pause)
-                self._metrics.feed_breaks.inc()
+                if not self._stop.is_set():  # else stopped while it waited: nothing to tell
+                    if time.monotonic() - began > STEADY_SECONDS:
+                        pause = FIRST_PAUSE_SECONDS
+                    log.warning(
+                        "the IPPool watch broke (%s); following it again in %g s", exc, pause
+                    )
+                    self._metrics.feed_breaks.inc()
             self._sink.feed_lost()
-            if time.monotonic() - began > STEADY_SECONDS:
-                pause = FIRST_PAUSE_SECONDS
             self._stop.wait(pause)
             pause = min(2 * pause, MAX_PAUSE_SECONDS)
 
 
 class _MeteredSink:
-    """The cache, with the feed's state on the agent's gauge."""
+    """The cache, with the feed's state on the agent's gauge while its follower is current."""
 
-    def __init__(self, sink: ChangeSink, metrics: AgentMetrics) -> None:
+    def __init__(self, sink: ChangeSink, metrics: AgentMetrics, stopped: threading.Event) -> None:
         self._sink = sink
         self._live = metrics.feed_live
+        self._stopped = stopped
 
     def feed_listed(self, revisions: Mapping[tuple[str, str], str]) -> None:
         self._sink.feed_listed(revisions)
-        self._live.set(1)
+        if not self._stopped.is_set():
+            self._live.set(1)
 
     def feed_changed(self, pool_tag: str, block_tag: str, revision: str, *, deleted: bool) -> None:
         self._sink.feed_changed(pool_tag, block_tag, revision, deleted=deleted)
 
     def feed_lost(self) -> None:
-        self._live.set(0)
+        if not self._stopped.is_set():
+            self._live.set(0)
         self._sink.feed_lost()

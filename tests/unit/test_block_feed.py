@@ -15,7 +15,7 @@ from pyabouts.ipam.errors import StoreUnavailableError
 from pyabouts.ipam.pool import BlockKey, PoolId
 from pyabouts.ipam.stores.kubernetes import POOL_LABEL, KubernetesStore, object_name, pool_label
 from pyabouts.plugin.agent import feed_follower
-from pyabouts.plugin.agent.feed_follower import FeedFollower
+from pyabouts.plugin.agent.feed_follower import FeedFollower, _MeteredSink
 from pyabouts.plugin.agent.metrics import AgentMetrics
 
 POOL = PoolId("blue", 4)
@@ -99,8 +99,24 @@ def test_the_follower_follows_again_after_a_break_and_reports_it_lost_meanwhile(
     follower = FeedFollower(KubernetesStore(api, "ns"), sink, metrics)  # type: ignore[arg-type]
     follower.start()
     deadline = time.monotonic() + 10
-    while metrics.feed_breaks._value.get() < 2:  # the counter's value
+    while sink.lost < 2:  # each break is counted, then reported lost
         assert time.monotonic() < deadline
         time.sleep(0.01)
     follower.stop()
-    assert sink.lost >= 2 and sink.listed == {}
+    assert metrics.feed_breaks._value.get() >= 2 and sink.listed == {}  # the counter's value
+
+
+def test_a_stopped_followers_reports_leave_the_gauge_to_the_current_one() -> None:
+    """A retired client's follower ends at its watch's next event and reports its feed lost:
+    the agent's gauge keeps saying what the current follower's feed is."""
+    metrics = AgentMetrics()
+    retired_stop, current_stop = threading.Event(), threading.Event()
+    retired = _MeteredSink(Sink(), metrics, retired_stop)
+    current = _MeteredSink(Sink(), metrics, current_stop)
+    retired.feed_listed({})
+    current.feed_listed({})
+    retired_stop.set()
+    retired.feed_lost()
+    assert metrics.feed_live._value.get() == 1
+    current.feed_lost()
+    assert metrics.feed_live._value.get() == 0

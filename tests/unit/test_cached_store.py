@@ -4,7 +4,7 @@ import netaddr
 import pytest
 
 from pyabouts.ipam import operations
-from pyabouts.ipam.errors import CORRUPT_BLOCK, CniError
+from pyabouts.ipam.errors import CORRUPT_BLOCK, CniError, StoreUnavailableError
 from pyabouts.ipam.pool import BLOCK_SIZE, Block, BlockKey, Owner, PoolId
 from pyabouts.ipam.ranges import build_range
 from pyabouts.ipam.stores.cached import CachedStore
@@ -14,6 +14,7 @@ from tests.memory_store import MemoryStore
 
 POOL = PoolId("cached", 4)
 RANGE = build_range("10.0.0.0/22", range_start=None, range_end=None, exclude=[], pool=POOL)
+WHOLE = (1 << 32) - 1  # every address of the family
 
 
 def allocate(store: CachedStore, n: int) -> int:
@@ -160,14 +161,19 @@ def test_a_fed_pool_nobody_else_wrote_is_not_read_again_past_max_age(clock: list
 
 
 class SpanRecordingStore(MemoryStore):
-    """Records the address span of each read: a whole pool (a LIST) or one block (a GET)."""
+    """Records the address span of each read: a whole pool (a LIST) or one block (a GET); fails
+    the next read when told to."""
 
     def __init__(self) -> None:
         super().__init__()
         self.spans: list[int] = []
+        self.fail_next_read = False
 
     def read_blocks(self, pool: PoolId, first: int, last: int) -> list[Block]:
         self.spans.append(last - first + 1)
+        if self.fail_next_read:
+            self.fail_next_read = False
+            raise StoreUnavailableError("the apiserver went away")
         return super().read_blocks(pool, first, last)
 
 
@@ -185,15 +191,9 @@ def test_past_max_age_a_block_another_node_wrote_is_read_again_alone_before_deci
     assert backing.spans[2:] == [BLOCK_SIZE]  # after each one's first LIST: that block alone
 
 
-def test_a_block_another_writer_created_is_seen_past_max_age_as_without_a_feed(
-    clock: list[float],
-) -> None:
-    """The max_age case above, with a feed: pod 7's address in a block this cache never read
-    is found once the pool is as old as max_age."""
-    backing = MemoryStore()
-    cached = fed_cache(backing)
-    report_all(cached, backing)
-    allocate(cached, 1)
+def pod_7_given_elsewhere(cached: CachedStore, backing: MemoryStore) -> int:
+    """Another node gives pod 7 an address in a block `cached` never read; the feed reports
+    it. Its address."""
     far = build_range("10.0.3.0/24", range_start=None, range_end=None, exclude=[], pool=POOL)
     [theirs] = operations.allocate(
         DirectTransactions(CachedStore(backing)),
@@ -204,6 +204,17 @@ def test_a_block_another_writer_created_is_seen_past_max_age_as_without_a_feed(
     )
     for key in backing.blocks:
         report(cached, backing, key)
+    return theirs
+
+
+def test_a_block_another_writer_created_is_seen_past_max_age_as_without_a_feed(
+    clock: list[float],
+) -> None:
+    """The max_age case above, with a feed: pod 7's address in a block this cache never read
+    is found once the pool is as old as max_age."""
+    backing = MemoryStore()
+    cached, _ = fed_with_one_block(backing)
+    theirs = pod_7_given_elsewhere(cached, backing)
     clock[0] += 2.5
     assert allocate(cached, 7) == theirs
 
@@ -237,3 +248,20 @@ def test_once_the_feed_is_lost_max_age_applies_again(clock: list[float]) -> None
     clock[0] += 2.5
     allocate(cached, 2)
     assert cached.reads == 2
+
+
+def test_a_whole_read_that_fails_leaves_the_pool_due_so_the_retry_reads_it(
+    clock: list[float],
+) -> None:
+    """The feed said another node made a block of the pool; the LIST for it failed. The
+    transaction's retry must read the pool again, not decide on the copy the feed said was
+    out of date (pod 7 would get a second address)."""
+    backing = SpanRecordingStore()
+    cached, _ = fed_with_one_block(backing)
+    theirs = pod_7_given_elsewhere(cached, backing)
+    clock[0] += 2.5
+    backing.fail_next_read = True
+    with pytest.raises(StoreUnavailableError):
+        cached.read_blocks(POOL, 0, WHOLE)
+    blocks = cached.read_blocks(POOL, 0, WHOLE)
+    assert theirs in {address for block in blocks for address in block.entries}
