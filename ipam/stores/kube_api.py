@@ -108,11 +108,10 @@ class KubeApi:
         if body is not None:
             headers["Content-Type"] = "application/json"
             data = json.dumps(body, separators=(",", ":")).encode()
-        url = self._server + path
-        if query:
-            url += "?" + urlencode({k: v for k, v in query.items() if v is not None})
         try:
-            response = self._http.request(method, url, body=data, headers=headers)
+            response = self._http.request(
+                method, self._url(path, query), body=data, headers=headers
+            )
             answer = json.loads(response.data) if response.data else {}
         except urllib3.exceptions.ReadTimeoutError as exc:
             # It accepted the connection but did not answer in time: up, and busy.
@@ -120,9 +119,7 @@ class KubeApi:
                 f"Kubernetes API at {self._server} did not answer in time: {type(exc).__name__}"
             ) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise StoreUnavailableError(
-                f"Kubernetes API at {self._server} is unreachable: {type(exc).__name__}"
-            ) from exc
+            raise self._unreachable(exc) from exc
         except ValueError as exc:
             raise StoreUnavailableError(
                 f"Kubernetes API at {self._server} answered {response.status} with no JSON"
@@ -139,21 +136,16 @@ class KubeApi:
         """The events of a watch of `path` from `query`'s resourceVersion, decoded, until the
         server ends it (timeoutSeconds); ApiStatusError on an error status, StoreUnavailableError
         when the connection fails or stays silent for `idle_timeout` seconds."""
-        url = f"{self._server}{path}?" + urlencode(
-            {"watch": "true", **{k: v for k, v in query.items() if v is not None}}
-        )
         try:
             response = self._http.request(
                 "GET",
-                url,
+                self._url(path, {"watch": "true", **query}),
                 headers=self._headers(accept),
                 preload_content=False,
                 timeout=urllib3.Timeout(connect=self._connect_timeout, read=idle_timeout),
             )
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise StoreUnavailableError(
-                f"Kubernetes API at {self._server} is unreachable: {type(exc).__name__}"
-            ) from exc
+            raise self._unreachable(exc) from exc
         try:
             if response.status >= 300:
                 raise _status_error(response.status, response.reason, _json_or_none(response.data))
@@ -170,6 +162,15 @@ class KubeApi:
 
     def close(self) -> None:
         self._http.clear()
+
+    def _url(self, path: str, query: dict[str, str | int | None] | None) -> str:
+        given = {k: v for k, v in (query or {}).items() if v is not None}
+        return self._server + path + ("?" + urlencode(given) if given else "")
+
+    def _unreachable(self, exc: Exception) -> StoreUnavailableError:
+        return StoreUnavailableError(
+            f"Kubernetes API at {self._server} is unreachable: {type(exc).__name__}"
+        )
 
     def _headers(self, accept: str) -> dict[str, str]:
         headers = {"Accept": accept}

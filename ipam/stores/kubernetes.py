@@ -12,7 +12,7 @@ import hashlib
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import netaddr
@@ -128,15 +128,26 @@ class KubernetesStore:
 
     def _list(self, label_selector: str | None = None) -> list[Block]:
         """The IPPools of the namespace (that match `label_selector`) as blocks, in pages."""
-        blocks = []
+        blocks = [
+            _block_of(item)
+            for page in self._pages(label_selector=label_selector)
+            for item in page.get("items") or []
+        ]
+        return sorted(blocks, key=lambda b: b.key)
+
+    def _pages(
+        self, *, label_selector: str | None = None, accept: str = "application/json"
+    ) -> Iterator[dict[str, Any]]:
+        """Each page of a list of the IPPools; a paged list is one snapshot, and every page
+        carries its resourceVersion."""
         token = ""
         while True:
             query = {"limit": LIST_PAGE, "continue": token or None, "labelSelector": label_selector}
-            listed = self._call("GET", self._collection, query=query)
-            blocks += [_block_of(item) for item in listed.get("items") or []]
-            token = (listed.get("metadata") or {}).get("continue") or ""
+            page = self._call("GET", self._collection, query=query, accept=accept)
+            yield page
+            token = (page.get("metadata") or {}).get("continue") or ""
             if not token:
-                return sorted(blocks, key=lambda b: b.key)
+                return
 
     def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
         # One object at a time (the API has no multi-object transaction); the allocator's
@@ -166,22 +177,16 @@ class KubernetesStore:
         resourceVersions only: a block's content is read when the cache needs it), watching
         again from the last event each time the server ends a watch."""
         revisions: dict[tuple[str, str], str] = {}
-        token = ""
-        while True:
-            query = {"limit": LIST_PAGE, "continue": token or None}
-            listed = self._call("GET", self._collection, query=query, accept=METADATA_LIST)
-            for item in listed.get("items") or []:
+        since = ""
+        for page in self._pages(accept=METADATA_LIST):
+            since = str(page["metadata"]["resourceVersion"])
+            for item in page.get("items") or []:
                 tagged = _tagged(item.get("metadata") or {})
                 if tagged:
                     revisions[tagged[0], tagged[1]] = tagged[2]
-            token = (listed.get("metadata") or {}).get("continue") or ""
-            if not token:
-                break
-        # A paged list is one snapshot: every page carries its resourceVersion.
-        since = str(listed["metadata"]["resourceVersion"])
         sink.feed_listed(revisions)
         while not stop.is_set():
-            query = {
+            query: dict[str, str | int | None] = {
                 "resourceVersion": since,
                 "allowWatchBookmarks": "true",
                 "timeoutSeconds": WATCH_SECONDS,
