@@ -3,6 +3,7 @@
 #   bash bench/run.sh [--calls N] [--concurrency C] [--nodes M] [--out DIR]   # the plugins
 #   bash bench/run.sh reconciler [--sizes 1000,5000,10000] [--datastores ...]  # the reconciler
 #   bash bench/run.sh multus [--rounds 3] [--at-limits 20] [--raised 50]        # Multus thick
+#   bash bench/run.sh writes [--writes 400] [--entries 0,64,128,255]            # one write's cost
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -10,6 +11,10 @@ bash deploy/local/setup.sh
 if [[ "${1:-}" == reconciler ]]; then
     shift
     exec "$repo/.venv/bin/python" -m bench.reconcile_scale "$@"
+fi
+if [[ "${1:-}" == writes ]]; then
+    shift
+    exec "$repo/.venv/bin/python" -m bench.write_cost "$@"
 fi
 if [[ "${1:-}" == multus ]]; then
     shift

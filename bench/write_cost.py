@@ -1,0 +1,345 @@
+"""What one write costs the control plane: kube-apiserver's and etcd's CPU per update of an
+IPPool block, by how many addresses the block holds, against the cheapest update there is (a
+Lease's holder) measured in the same run.
+
+    bash bench/run.sh writes [--writes 400] [--entries 0,64,128,255] [--out DIR]
+
+Every ADD or DEL the agent serves ends in such an update (one per batch of them), so this is
+the floor under the plugin's cost per call that no work in the agent can lower. The pyabouts
+rows are pyabouts' own KubernetesStore writing a block of N owners like the plugin's (a 64-hex
+container ID, pod, pod UID, node, network, time); one owner changes per write, so every write
+is stored. Two more rows per N write the same owners in shapes pyabouts does not store: one
+string per address, and one string for the whole table; they show what a terser stored form
+would save. It reports; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+from bench.kube import running_cluster
+from bench.machine import code_commit, describe_machine, load_average
+from bench.report import format_machine
+from deploy.local.controlplane import KUBE_VERSION, ControlPlane
+from pyabouts.ipam.pool import BLOCK_SIZE, Block, BlockKey, Owner, PoolId
+from pyabouts.ipam.stores.codec import block_document
+from pyabouts.ipam.stores.kube_api import METADATA_ONLY, ApiStatusError, KubeApi
+from pyabouts.ipam.stores.kubeconfig import read_kubeconfig
+from pyabouts.ipam.stores.kubernetes import KubernetesStore, object_name
+
+FIRST_ADDRESS = 10 << 24  # 10.0.0.0
+NAMESPACE = "pyabouts-write-cost"
+NAME = "write-cost"
+SHAPES = ("pyabouts", "string per address", "one string")
+# The stored form is pyabouts' own; the others exist only to be measured.
+OWN_SHAPE = SHAPES[0]
+
+
+@dataclass(frozen=True)
+class WriteFigures:
+    """One kind of update, repeated `writes` times on one object."""
+
+    shape: str  # "lease", or how the block's owners are written (SHAPES)
+    entries: int  # addresses held in the block
+    spec_bytes: int  # the stored spec's JSON
+    writes: int
+    apiserver_ms: float  # CPU per write
+    etcd_ms: float
+    wall_ms: float
+    ratio_to_lease: float | None = None  # (apiserver + etcd) CPU over the Lease's
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--writes", type=int, default=400, help="updates per row")
+    parser.add_argument("--entries", default="0,64,128,255", help="addresses held, per row")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+    sizes = [int(n) for n in args.entries.split(",")]
+    if not all(0 <= n <= BLOCK_SIZE for n in sizes):
+        parser.error(f"--entries: a block holds 0 to {BLOCK_SIZE} addresses")
+    machine = describe_machine(kube_apiserver=KUBE_VERSION)
+    print(format_machine(machine), flush=True)
+    started_at = datetime.now(UTC)
+    with (
+        tempfile.TemporaryDirectory(prefix="pyabouts-bench-writes-") as tmp,
+        running_cluster(Path(tmp)) as cluster,
+    ):
+        figures = measure_all(cluster.control_plane, sizes, args.writes)
+    print(format_figures(figures))
+    document = {
+        "benchmark": "write-cost",
+        "started_at": started_at.isoformat(),
+        "commit": code_commit(),
+        "machine": asdict(machine),
+        "load_average_end": load_average(),
+        "settings": {"writes": args.writes, "entries": sizes},
+        "rows": [asdict(f) for f in figures],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"write-cost-{started_at.strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"results: {path}")
+    return 0
+
+
+def measure_all(
+    control_plane: ControlPlane, sizes: Sequence[int], writes: int, namespace: str = NAMESPACE
+) -> list[WriteFigures]:
+    """The Lease first, then each shape at each size, in `namespace` (created if need be), each
+    object deleted once measured; ratios against the Lease."""
+    api = KubeApi(read_kubeconfig(str(control_plane.kubeconfig)), timeout=30)
+    try:
+        _ensure_namespace(api, namespace)
+        store = KubernetesStore(api, namespace)
+        processes = control_plane.processes()
+        apiserver, etcd = processes["kube-apiserver"], processes["etcd"]
+
+        def cpu() -> tuple[float, float]:
+            return apiserver.cpu_seconds(), etcd.cpu_seconds()
+
+        # A fresh apiserver is still settling (its caches, the first requests of a kind): the
+        # rows measured first would cost too much, so updates of both kinds first, uncounted.
+        for warm_up in (
+            LeaseWriter(api, namespace, "warm-up"),
+            OwnBlockWriter(api, store, namespace, 0),
+        ):
+            measure(cpu, warm_up, writes, quiet=True)
+        writers: list[Writer] = [LeaseWriter(api, namespace)]
+        for size in sizes:
+            writers.append(OwnBlockWriter(api, store, namespace, size))
+            writers += [ShapedBlockWriter(api, namespace, size, shape) for shape in SHAPES[1:]]
+        rows = [measure(cpu, writer, writes) for writer in writers]
+    finally:
+        api.close()
+    floor = rows[0].apiserver_ms + rows[0].etcd_ms
+    if not floor:  # too few writes to register on the CPU clock (ticks of 10 ms)
+        return rows
+    return [replace(r, ratio_to_lease=(r.apiserver_ms + r.etcd_ms) / floor) for r in rows]
+
+
+def measure(
+    cpu: Callable[[], tuple[float, float]], writer: Writer, writes: int, *, quiet: bool = False
+) -> WriteFigures:
+    writer.create()
+    try:
+        time.sleep(0.5)  # the create's own work (watch cache, etcd) settles outside the count
+        (api0, etcd0), started = cpu(), time.perf_counter()
+        spec_bytes = 0
+        for n in range(writes):
+            spec_bytes = writer.update(n)
+        wall = time.perf_counter() - started
+        api1, etcd1 = cpu()
+    finally:
+        writer.delete()
+    row = WriteFigures(
+        shape=writer.shape,
+        entries=writer.entries,
+        spec_bytes=spec_bytes,
+        writes=writes,
+        apiserver_ms=(api1 - api0) * 1000 / writes,
+        etcd_ms=(etcd1 - etcd0) * 1000 / writes,
+        wall_ms=wall * 1000 / writes,
+    )
+    if not quiet:
+        print(f"  {format_row(row)}", flush=True)
+    return row
+
+
+class Writer(ABC):
+    """One object, created, then updated so that each update changes it (an update that
+    changes nothing is not stored, and costs less), then deleted."""
+
+    shape: str
+    entries: int
+
+    def __init__(self, api: KubeApi, collection: str, name: str) -> None:
+        self._api = api
+        self._collection = collection
+        self._name = name
+
+    @abstractmethod
+    def create(self) -> None: ...
+
+    @abstractmethod
+    def update(self, n: int) -> int:
+        """Write update number `n`; the size of the spec written, in bytes."""
+
+    def delete(self) -> None:
+        self._api.request("DELETE", f"{self._collection}/{self._name}")
+
+
+class LeaseWriter(Writer):
+    """The cheapest update: a Lease's holder, as leader election writes it."""
+
+    shape, entries = "lease", 0
+
+    def __init__(self, api: KubeApi, namespace: str, name: str = NAME) -> None:
+        super().__init__(api, f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases", name)
+        self._lease: dict[str, Any] = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": name},
+            "spec": {"holderIdentity": "0"},
+        }
+
+    def create(self) -> None:
+        self._lease = self._api.request("POST", self._collection, body=self._lease)
+
+    def update(self, n: int) -> int:
+        self._lease["spec"]["holderIdentity"] = str(n + 1)
+        path = f"{self._collection}/{self._name}"
+        self._lease = self._api.request("PUT", path, body=self._lease)
+        return _size(self._lease["spec"])
+
+
+class OwnBlockWriter(Writer):
+    """pyabouts' block, through KubernetesStore.write_blocks: the request the agent sends."""
+
+    shape = OWN_SHAPE
+
+    def __init__(self, api: KubeApi, store: KubernetesStore, namespace: str, entries: int) -> None:
+        self._block = full_block(entries)
+        super().__init__(api, _ippools(namespace), object_name(self._block.key))
+        self._store = store
+        self.entries = entries
+
+    def create(self) -> None:
+        self._write()
+
+    def update(self, n: int) -> int:
+        change_one(self._block, n)
+        self._write()
+        return _size(block_document(self._block))
+
+    def _write(self) -> None:
+        outcome = self._store.write_blocks([self._block])
+        if outcome.conflicts:
+            raise RuntimeError(f"{self._name} was changed by somebody else")
+        self._block.revision = outcome.revisions[self._block.key]
+
+
+class ShapedBlockWriter(Writer):
+    """The same owners as OwnBlockWriter's, written raw in another `shape` of SHAPES."""
+
+    def __init__(self, api: KubeApi, namespace: str, entries: int, shape: str) -> None:
+        super().__init__(api, _ippools(namespace), f"shape-{SHAPES.index(shape)}-{entries}")
+        self.entries = entries
+        self.shape = shape
+        self._block = full_block(entries)
+        self._revision = ""
+
+    def create(self) -> None:
+        self._revision = self._put("POST", self._collection, self._body())
+
+    def update(self, n: int) -> int:
+        change_one(self._block, n)
+        body = self._body()
+        body["metadata"]["resourceVersion"] = self._revision
+        self._revision = self._put("PUT", f"{self._collection}/{self._name}", body)
+        return _size(body["spec"])
+
+    def _put(self, method: str, path: str, body: dict[str, Any]) -> str:
+        stored = self._api.request(method, path, body=body, accept=METADATA_ONLY)
+        return str(stored["metadata"]["resourceVersion"])
+
+    def _body(self) -> dict[str, Any]:
+        spec = block_document(self._block)
+        spec["allocations"] = reshaped(spec["allocations"], self.shape)
+        return {
+            "apiVersion": "pyabouts.io/v1alpha1",
+            "kind": "IPPool",
+            "metadata": {"name": self._name},
+            "spec": spec,
+        }
+
+
+def reshaped(allocations: dict[str, dict[str, Any]], shape: str) -> dict[str, str]:
+    """pyabouts' allocations ({offset: {field: value}}) in `shape`: each entry's values joined
+    by spaces, keyed by offset; or all of them, a line per address, under one key."""
+    lines = {
+        offset: " ".join(str(v) for v in entry.values()) for offset, entry in allocations.items()
+    }
+    if shape == "string per address":
+        return lines
+    if shape == "one string":
+        return {"table": "\n".join(f"{offset} {line}" for offset, line in lines.items())}
+    raise ValueError(f"not a shape to reshape into: {shape!r}")
+
+
+def change_one(block: Block, n: int) -> None:
+    """Update `n` of `block`: an owner leaves and another takes its place; in an empty block the
+    capacity changes (an update that changes nothing is not stored, so it would cost less)."""
+    if block.entries:
+        block.put(FIRST_ADDRESS + n % len(block.entries), owner(BLOCK_SIZE + n))
+    else:
+        block.capacity = BLOCK_SIZE - 1 - n % 2
+
+
+def full_block(entries: int) -> Block:
+    """A block of its own pool (one per size), holding `entries` owners from its start."""
+    key = BlockKey(PoolId(f"write-cost-{entries}", 4), FIRST_ADDRESS)
+    block = Block(key, capacity=BLOCK_SIZE, range_text="10.0.0.0/24")
+    for n in range(entries):
+        block.put(FIRST_ADDRESS + n, owner(n))
+    return block
+
+
+def owner(n: int) -> Owner:
+    """An owner as the plugin records one for a pod's attachment."""
+    return Owner(
+        container_id=f"{n:064x}",
+        ifname="net1",
+        pod=f"default/pod-{n}",
+        pod_uid=f"0c2f7b0e-8a1e-4f43-9a53-{n:012x}",
+        node="node-1",
+        cni_network="write-cost",
+        allocated_at=1_764_800_000 + n,
+    )
+
+
+def _size(document: dict[str, Any]) -> int:
+    """Its size as the store sends it: compact JSON."""
+    return len(json.dumps(document, separators=(",", ":")))
+
+
+def _ippools(namespace: str) -> str:
+    return f"/apis/pyabouts.io/v1alpha1/namespaces/{namespace}/ippools"
+
+
+def _ensure_namespace(api: KubeApi, namespace: str) -> None:
+    try:
+        api.request("POST", "/api/v1/namespaces", body={"metadata": {"name": namespace}})
+    except ApiStatusError as exc:
+        if exc.status != HTTPStatus.CONFLICT:  # 409: it exists
+            raise
+
+
+def format_row(row: WriteFigures) -> str:
+    ratio = "" if row.ratio_to_lease is None else f"  {row.ratio_to_lease:5.2f}x"
+    return (
+        f"{row.shape:20s} {row.entries:4d} entries {row.spec_bytes:7d} B  apiserver "
+        f"{row.apiserver_ms:6.2f} ms  etcd {row.etcd_ms:5.2f} ms  wall {row.wall_ms:6.2f} ms{ratio}"
+    )
+
+
+def format_figures(rows: Sequence[WriteFigures]) -> str:
+    lines = [
+        "CPU per write (kube-apiserver, etcd), and (apiserver + etcd) over a Lease update's:",
+        *(f"  {format_row(r)}" for r in rows),
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
