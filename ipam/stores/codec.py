@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
+import operator
 from typing import Any
 
 import netaddr
@@ -17,33 +21,40 @@ def block_cidr(key: BlockKey) -> str:
 
 def block_document(block: Block) -> dict[str, Any]:
     """The block as stored: where it is, the range that writes it, and who holds what."""
-    allocations: dict[str, dict[str, str | int | bool]] = {}
-    for address, owner in sorted(block.entries.items()):
-        if not block.key.base <= address <= block.last:
-            raise ValueError(f"address {address} is not in block {block_cidr(block.key)}")
-        entry: dict[str, str | int | bool] = {
-            "containerID": owner.container_id,
-            "ifname": owner.ifname,
-        }
-        for key, value in (
-            ("podRef", owner.pod),
-            ("podUID", owner.pod_uid),
-            ("node", owner.node),
-            ("cniNetwork", owner.cni_network),
-        ):
-            if value:
-                entry[key] = value
-        for key, number in (
-            ("allocated", owner.allocated_at),
-            ("cooldown", owner.cooldown),
-            ("coolingUntil", owner.cooling_until),
-        ):
-            if number:
-                entry[key] = number
-        for key, flag in (("sticky", owner.sticky), ("reserved", owner.reserved)):
-            if flag:
-                entry[key] = True
-        allocations[str(address - block.key.base)] = entry
+    return {
+        **_block_head(block),
+        "allocations": {
+            str(address - block.key.base): _owner_entry(owner)
+            for address, owner in _sorted_entries(block)
+        },
+    }
+
+
+def block_json(block: Block) -> str:
+    """block_document(block) as compact JSON text, what the stores write.
+
+    A write sends its whole block, and between two writes of a block nearly all of its owners
+    are the same objects: each owner's entry is encoded once and kept, which took a quarter of
+    the agent's CPU per write of a block holding a hundred addresses or more."""
+    base = block.key.base
+    entries = ",".join(
+        f'"{address - base}":{_owner_json(_owner_fields(owner))}'
+        for address, owner in _sorted_entries(block)
+    )
+    return json_with_member(_block_head(block), "allocations", f"{{{entries}}}")
+
+
+def json_with_member(document: dict[str, Any], key: str, member_json: str) -> str:
+    """The compact JSON of `document` with one more member, `key`, given as JSON text."""
+    head = compact_json(document)
+    return f"{head[:-1]}{',' if document else ''}{json.dumps(key)}:{member_json}}}"
+
+
+def compact_json(document: object) -> str:
+    return json.dumps(document, separators=(",", ":"))
+
+
+def _block_head(block: Block) -> dict[str, Any]:
     return {
         "network": block.key.pool.network,
         "cidr": block_cidr(block.key),
@@ -51,8 +62,51 @@ def block_document(block: Block) -> dict[str, Any]:
         "capacity": block.capacity,
         # A string: an IPv6 range's size does not fit the 64-bit integers of JSON parsers.
         **({"rangeSize": str(block.range_size)} if block.range_size else {}),
-        "allocations": allocations,
     }
+
+
+def _sorted_entries(block: Block) -> list[tuple[int, Owner]]:
+    entries = sorted(block.entries.items())
+    if entries and not (block.key.base <= entries[0][0] and entries[-1][0] <= block.last):
+        outside = next(a for a, _ in entries if not block.key.base <= a <= block.last)
+        raise ValueError(f"address {outside} is not in block {block_cidr(block.key)}")
+    return entries
+
+
+def _owner_entry(owner: Owner) -> dict[str, str | int | bool]:
+    entry: dict[str, str | int | bool] = {
+        "containerID": owner.container_id,
+        "ifname": owner.ifname,
+    }
+    for key, value in (
+        ("podRef", owner.pod),
+        ("podUID", owner.pod_uid),
+        ("node", owner.node),
+        ("cniNetwork", owner.cni_network),
+    ):
+        if value:
+            entry[key] = value
+    for key, number in (
+        ("allocated", owner.allocated_at),
+        ("cooldown", owner.cooldown),
+        ("coolingUntil", owner.cooling_until),
+    ):
+        if number:
+            entry[key] = number
+    for key, flag in (("sticky", owner.sticky), ("reserved", owner.reserved)):
+        if flag:
+            entry[key] = True
+    return entry
+
+
+# Every field, in order: an Owner's equality leaves out some (the time, say), which its JSON
+# must not.
+_owner_fields = operator.attrgetter(*(f.name for f in dataclasses.fields(Owner)))
+
+
+@functools.lru_cache(maxsize=8192)  # some 3 MiB: the entries of 32 full blocks
+def _owner_json(fields: tuple[Any, ...]) -> str:
+    return compact_json(_owner_entry(Owner(*fields)))
 
 
 def block_from_document(key: BlockKey, document: dict[str, Any], revision: str) -> Block:

@@ -26,7 +26,7 @@ from pyabouts.ipam.errors import (
 )
 from pyabouts.ipam.pool import Block, BlockKey, PoolId
 from pyabouts.ipam.store import WriteOutcome
-from pyabouts.ipam.stores.codec import block_document, block_from_document
+from pyabouts.ipam.stores.codec import block_from_document, block_json
 from pyabouts.ipam.stores.etcd_settings import (
     CA_KEY,
     CERT_KEY,
@@ -99,10 +99,7 @@ class EtcdStore:
                 else txn.mod(block_key(b.key)) == int(b.revision)
                 for b in blocks
             ]
-            puts = [
-                txn.put(block_key(b.key), json.dumps(block_document(b), separators=(",", ":")))
-                for b in blocks
-            ]
+            puts = [txn.put(block_key(b.key), block_json(b)) for b in blocks]
             succeeded, responses = client.transaction(compare=compare, success=puts, failure=[])
             if not succeeded:
                 return WriteOutcome(conflicts=[b.key for b in blocks])

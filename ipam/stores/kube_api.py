@@ -21,6 +21,7 @@ from urllib.parse import urlencode
 import urllib3
 
 from pyabouts.ipam.errors import StoreBusyError, StoreUnavailableError
+from pyabouts.ipam.stores.codec import compact_json
 
 CONNECTIONS_KEPT = 16  # idle connections kept for the agent's concurrent requests
 # Status reasons of an apiserver that is up but overloaded (metav1.StatusReason).
@@ -97,17 +98,17 @@ class KubeApi:
         path: str,
         *,
         query: dict[str, str | int | None] | None = None,
-        body: dict[str, Any] | None = None,
+        body: dict[str, Any] | str | None = None,
         accept: str = "application/json",
     ) -> dict[str, Any]:
         """The decoded JSON answer (`accept` METADATA_ONLY or METADATA_LIST: its metadata
         alone); ApiStatusError on an error status, StoreUnavailableError when the server cannot
-        be reached or answers nonsense."""
+        be reached or answers nonsense. `body`: an object, or one already encoded (JSON text)."""
         headers = self._headers(accept)
         data = None
         if body is not None:
             headers["Content-Type"] = "application/json"
-            data = json.dumps(body, separators=(",", ":")).encode()
+            data = (body if isinstance(body, str) else compact_json(body)).encode()
         try:
             response = self._http.request(
                 method, self._url(path, query), body=data, headers=headers

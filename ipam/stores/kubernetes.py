@@ -27,7 +27,12 @@ from pyabouts.ipam.errors import (
 )
 from pyabouts.ipam.pool import Block, BlockKey, PoolId
 from pyabouts.ipam.store import ChangeSink, WriteOutcome
-from pyabouts.ipam.stores.codec import block_cidr, block_document, block_from_document
+from pyabouts.ipam.stores.codec import (
+    block_cidr,
+    block_from_document,
+    block_json,
+    json_with_member,
+)
 from pyabouts.ipam.stores.kube_api import (
     METADATA_LIST,
     METADATA_ONLY,
@@ -207,20 +212,20 @@ class KubernetesStore:
 
     def _write(self, block: Block) -> str | None:
         """The new resourceVersion, or None on a conflict."""
-        body = self._object(block)
+        body = self._object_json(block)
         try:
             # Only the new resourceVersion is needed from the answer.
             if block.revision is None:
                 stored = self._call("POST", self._collection, body=body, accept=METADATA_ONLY)
             else:
-                path = f"{self._collection}/{body['metadata']['name']}"
+                path = f"{self._collection}/{object_name(block.key)}"
                 stored = self._call("PUT", path, body=body, replacing=True, accept=METADATA_ONLY)
         except _Conflict:
             return None
         return str(stored["metadata"]["resourceVersion"])
 
-    def _object(self, block: Block) -> dict[str, Any]:
-        document = block_document(block)
+    def _object_json(self, block: Block) -> str:
+        """The IPPool of `block` as JSON text; its spec is block_json's."""
         # Resting and reserved addresses are not allocated, nor free to give.
         allocated = sum(1 for owner in block.entries.values() if owner.in_use)
         metadata: dict[str, Any] = {
@@ -234,16 +239,16 @@ class KubernetesStore:
         }
         if block.revision is not None:
             metadata["resourceVersion"] = block.revision
-        return {
+        envelope = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "IPPool",
             "metadata": metadata,
-            "spec": document,
             "status": {
                 "allocated": allocated,
                 "free": max(0, block.capacity - len(block.entries)),
             },
         }
+        return json_with_member(envelope, "spec", block_json(block))
 
     def _call(
         self,
@@ -251,7 +256,7 @@ class KubernetesStore:
         path: str,
         *,
         query: dict[str, str | int | None] | None = None,
-        body: dict[str, Any] | None = None,
+        body: dict[str, Any] | str | None = None,
         replacing: bool = False,
         absent_ok: bool = False,
         accept: str = "application/json",
