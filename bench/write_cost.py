@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
+import timeit
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -32,10 +34,10 @@ from bench.machine import code_commit, describe_machine, load_average
 from bench.report import format_machine
 from deploy.local.controlplane import KUBE_VERSION, ControlPlane
 from pyabouts.ipam.pool import BLOCK_SIZE, Block, BlockKey, Owner, PoolId
-from pyabouts.ipam.stores.codec import block_document
+from pyabouts.ipam.stores.codec import block_document, block_json, compact_json
 from pyabouts.ipam.stores.kube_api import METADATA_ONLY, ApiStatusError, KubeApi
 from pyabouts.ipam.stores.kubeconfig import read_kubeconfig
-from pyabouts.ipam.stores.kubernetes import KubernetesStore, object_name
+from pyabouts.ipam.stores.kubernetes import KubernetesStore, ippool_envelope, object_name
 
 FIRST_ADDRESS = 10 << 24  # 10.0.0.0
 NAMESPACE = "pyabouts-write-cost"
@@ -47,27 +49,41 @@ OWN_SHAPE = SHAPES[0]
 
 @dataclass(frozen=True)
 class WriteFigures:
-    """One kind of update, repeated `writes` times on one object."""
+    """One kind of update, `writes` times on one object in each of `rounds` rounds; per write,
+    the median over the rounds, and the spread of apiserver + etcd CPU."""
 
     shape: str  # "lease", or how the block's owners are written (SHAPES)
     entries: int  # addresses held in the block
     spec_bytes: int  # the stored spec's JSON
     writes: int
+    rounds: int
     apiserver_ms: float  # CPU per write
     etcd_ms: float
     wall_ms: float
+    cpu_ms_min: float  # apiserver + etcd, the cheapest and the dearest round
+    cpu_ms_max: float
     ratio_to_lease: float | None = None  # (apiserver + etcd) CPU over the Lease's
+    # pyabouts' rows: the agent's encoding of the block for one write, as the stores do it (each
+    # owner's entry kept from the write before) and with every entry encoded afresh.
+    encode_ms: float | None = None
+    encode_afresh_ms: float | None = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--writes", type=int, default=400, help="updates per row")
+    parser.add_argument("--writes", type=int, default=400, help="updates per row and round")
+    parser.add_argument("--rounds", type=int, default=3, help="each row this often, interleaved")
     parser.add_argument("--entries", default="0,64,128,255", help="addresses held, per row")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
-    sizes = [int(n) for n in args.entries.split(",")]
+    try:
+        sizes = [int(n) for n in args.entries.split(",")]
+    except ValueError:
+        parser.error(f"--entries: comma-separated whole numbers, not {args.entries!r}")
     if not all(0 <= n <= BLOCK_SIZE for n in sizes):
         parser.error(f"--entries: a block holds 0 to {BLOCK_SIZE} addresses")
+    if args.writes < 1 or args.rounds < 1:
+        parser.error("--writes and --rounds: at least 1")
     machine = describe_machine(kube_apiserver=KUBE_VERSION)
     print(format_machine(machine), flush=True)
     started_at = datetime.now(UTC)
@@ -75,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="pyabouts-bench-writes-") as tmp,
         running_cluster(Path(tmp)) as cluster,
     ):
-        figures = measure_all(cluster.control_plane, sizes, args.writes)
+        figures = measure_all(cluster.control_plane, sizes, args.writes, args.rounds)
     print(format_figures(figures))
     document = {
         "benchmark": "write-cost",
@@ -83,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "commit": code_commit(),
         "machine": asdict(machine),
         "load_average_end": load_average(),
-        "settings": {"writes": args.writes, "entries": sizes},
+        "settings": {"writes": args.writes, "rounds": args.rounds, "entries": sizes},
         "rows": [asdict(f) for f in figures],
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -94,10 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def measure_all(
-    control_plane: ControlPlane, sizes: Sequence[int], writes: int, namespace: str = NAMESPACE
+    control_plane: ControlPlane,
+    sizes: Sequence[int],
+    writes: int,
+    rounds: int = 1,
+    namespace: str = NAMESPACE,
 ) -> list[WriteFigures]:
-    """The Lease first, then each shape at each size, in `namespace` (created if need be), each
-    object deleted once measured; ratios against the Lease."""
+    """The Lease, then each shape at each size, round after round, in `namespace` (created if
+    need be), each object deleted once measured; ratios against the Lease."""
     api = KubeApi(read_kubeconfig(str(control_plane.kubeconfig)), timeout=30)
     try:
         _ensure_namespace(api, namespace)
@@ -108,57 +128,96 @@ def measure_all(
         def cpu() -> tuple[float, float]:
             return apiserver.cpu_seconds(), etcd.cpu_seconds()
 
+        def writers() -> list[Writer]:
+            made: list[Writer] = [LeaseWriter(api, namespace)]
+            for size in sizes:
+                made.append(OwnBlockWriter(api, store, namespace, size))
+                made += [ShapedBlockWriter(api, namespace, size, shape) for shape in SHAPES[1:]]
+            return made
+
         # A fresh apiserver is still settling (its caches, the first requests of a kind): the
         # rows measured first would cost too much, so updates of both kinds first, uncounted.
         for warm_up in (
             LeaseWriter(api, namespace, "warm-up"),
             OwnBlockWriter(api, store, namespace, 0),
         ):
-            measure(cpu, warm_up, writes, quiet=True)
-        writers: list[Writer] = [LeaseWriter(api, namespace)]
-        for size in sizes:
-            writers.append(OwnBlockWriter(api, store, namespace, size))
-            writers += [ShapedBlockWriter(api, namespace, size, shape) for shape in SHAPES[1:]]
-        rows = [measure(cpu, writer, writes) for writer in writers]
+            measure(cpu, warm_up, writes)
+        measured = []
+        for n in range(rounds):
+            measured.append([measure(cpu, w, writes) for w in writers()])
+            print(f"  round {n + 1} of {rounds} measured", flush=True)
     finally:
         api.close()
+    rows = [summarise(list(per_round)) for per_round in zip(*measured, strict=True)]
     floor = rows[0].apiserver_ms + rows[0].etcd_ms
-    if not floor:  # too few writes to register on the CPU clock (ticks of 10 ms)
-        return rows
-    return [replace(r, ratio_to_lease=(r.apiserver_ms + r.etcd_ms) / floor) for r in rows]
+    if floor:  # else too few writes to register on the CPU clock (ticks of 10 ms)
+        rows = [replace(r, ratio_to_lease=(r.apiserver_ms + r.etcd_ms) / floor) for r in rows]
+    return rows
 
 
-def measure(
-    cpu: Callable[[], tuple[float, float]], writer: Writer, writes: int, *, quiet: bool = False
-) -> WriteFigures:
+@dataclass(frozen=True)
+class RoundFigures:
+    shape: str
+    entries: int
+    spec_bytes: int
+    writes: int
+    apiserver_ms: float
+    etcd_ms: float
+    wall_ms: float
+    encode_ms: float | None
+    encode_afresh_ms: float | None
+
+
+def measure(cpu: Callable[[], tuple[float, float]], writer: Writer, writes: int) -> RoundFigures:
     writer.create()
     try:
         time.sleep(0.5)  # the create's own work (watch cache, etcd) settles outside the count
         (api0, etcd0), started = cpu(), time.perf_counter()
-        spec_bytes = 0
         for n in range(writes):
-            spec_bytes = writer.update(n)
+            writer.update(n)
         wall = time.perf_counter() - started
         api1, etcd1 = cpu()
     finally:
         writer.delete()
-    row = WriteFigures(
+    encoding = writer.encoding_ms()
+    return RoundFigures(
         shape=writer.shape,
         entries=writer.entries,
-        spec_bytes=spec_bytes,
+        spec_bytes=writer.spec_bytes(),
         writes=writes,
         apiserver_ms=(api1 - api0) * 1000 / writes,
         etcd_ms=(etcd1 - etcd0) * 1000 / writes,
         wall_ms=wall * 1000 / writes,
+        encode_ms=encoding[0] if encoding else None,
+        encode_afresh_ms=encoding[1] if encoding else None,
     )
-    if not quiet:
-        print(f"  {format_row(row)}", flush=True)
-    return row
+
+
+def summarise(rounds: list[RoundFigures]) -> WriteFigures:
+    first = rounds[0]
+    cpu = [r.apiserver_ms + r.etcd_ms for r in rounds]
+    encodes = [r.encode_ms for r in rounds if r.encode_ms is not None]
+    afresh = [r.encode_afresh_ms for r in rounds if r.encode_afresh_ms is not None]
+    return WriteFigures(
+        shape=first.shape,
+        entries=first.entries,
+        spec_bytes=first.spec_bytes,
+        writes=first.writes,
+        rounds=len(rounds),
+        apiserver_ms=statistics.median(r.apiserver_ms for r in rounds),
+        etcd_ms=statistics.median(r.etcd_ms for r in rounds),
+        wall_ms=statistics.median(r.wall_ms for r in rounds),
+        cpu_ms_min=min(cpu),
+        cpu_ms_max=max(cpu),
+        encode_ms=statistics.median(encodes) if encodes else None,
+        encode_afresh_ms=statistics.median(afresh) if afresh else None,
+    )
 
 
 class Writer(ABC):
     """One object, created, then updated so that each update changes it (an update that
-    changes nothing is not stored, and costs less), then deleted."""
+    changes nothing is not stored, and costs less: a write that kept its resourceVersion
+    stops the run), then deleted."""
 
     shape: str
     entries: int
@@ -167,16 +226,29 @@ class Writer(ABC):
         self._api = api
         self._collection = collection
         self._name = name
+        self._revision = ""
 
     @abstractmethod
     def create(self) -> None: ...
 
     @abstractmethod
-    def update(self, n: int) -> int:
-        """Write update number `n`; the size of the spec written, in bytes."""
+    def update(self, n: int) -> None:
+        """Write update number `n`."""
+
+    @abstractmethod
+    def spec_bytes(self) -> int:
+        """The size of the spec it last wrote."""
+
+    def encoding_ms(self) -> tuple[float, float] | None:
+        return None
 
     def delete(self) -> None:
         self._api.request("DELETE", f"{self._collection}/{self._name}")
+
+    def _stored(self, revision: str) -> None:
+        if revision == self._revision:
+            raise RuntimeError(f"an update of {self._name} was not stored (no new version)")
+        self._revision = revision
 
 
 class LeaseWriter(Writer):
@@ -195,12 +267,16 @@ class LeaseWriter(Writer):
 
     def create(self) -> None:
         self._lease = self._api.request("POST", self._collection, body=self._lease)
+        self._stored(self._lease["metadata"]["resourceVersion"])
 
-    def update(self, n: int) -> int:
+    def update(self, n: int) -> None:
         self._lease["spec"]["holderIdentity"] = str(n + 1)
         path = f"{self._collection}/{self._name}"
         self._lease = self._api.request("PUT", path, body=self._lease)
-        return _size(self._lease["spec"])
+        self._stored(self._lease["metadata"]["resourceVersion"])
+
+    def spec_bytes(self) -> int:
+        return len(compact_json(self._lease["spec"]))
 
 
 class OwnBlockWriter(Writer):
@@ -217,51 +293,63 @@ class OwnBlockWriter(Writer):
     def create(self) -> None:
         self._write()
 
-    def update(self, n: int) -> int:
+    def update(self, n: int) -> None:
         change_one(self._block, n)
         self._write()
-        return _size(block_document(self._block))
+
+    def spec_bytes(self) -> int:
+        return len(block_json(self._block))
+
+    def encoding_ms(self) -> tuple[float, float]:
+        """One encoding of the block as the stores write it, after a write of it, and with
+        every entry encoded afresh (the minimum of 5 timings of 20 each)."""
+
+        def timed(encode: Callable[[], object]) -> float:
+            return min(timeit.repeat(encode, number=20, repeat=5)) / 20 * 1000
+
+        return timed(lambda: block_json(self._block)), timed(
+            lambda: compact_json(block_document(self._block))
+        )
 
     def _write(self) -> None:
         outcome = self._store.write_blocks([self._block])
         if outcome.conflicts:
             raise RuntimeError(f"{self._name} was changed by somebody else")
         self._block.revision = outcome.revisions[self._block.key]
+        self._stored(self._block.revision)
 
 
 class ShapedBlockWriter(Writer):
-    """The same owners as OwnBlockWriter's, written raw in another `shape` of SHAPES."""
+    """The same owners as OwnBlockWriter's, in the same IPPool (labels, status), written raw
+    with its allocations in another `shape` of SHAPES."""
 
     def __init__(self, api: KubeApi, namespace: str, entries: int, shape: str) -> None:
-        super().__init__(api, _ippools(namespace), f"shape-{SHAPES.index(shape)}-{entries}")
+        self._block = full_block(entries)
+        self._envelope = ippool_envelope(self._block, namespace)
+        name = f"shape-{SHAPES.index(shape)}-{entries}"
+        self._envelope["metadata"]["name"] = name
+        super().__init__(api, _ippools(namespace), name)
         self.entries = entries
         self.shape = shape
-        self._block = full_block(entries)
-        self._revision = ""
+        self._spec: dict[str, Any] = {}
 
     def create(self) -> None:
-        self._revision = self._put("POST", self._collection, self._body())
+        self._put("POST", self._collection)
 
-    def update(self, n: int) -> int:
+    def update(self, n: int) -> None:
         change_one(self._block, n)
-        body = self._body()
-        body["metadata"]["resourceVersion"] = self._revision
-        self._revision = self._put("PUT", f"{self._collection}/{self._name}", body)
-        return _size(body["spec"])
+        self._envelope["metadata"]["resourceVersion"] = self._revision
+        self._put("PUT", f"{self._collection}/{self._name}")
 
-    def _put(self, method: str, path: str, body: dict[str, Any]) -> str:
+    def spec_bytes(self) -> int:
+        return len(compact_json(self._spec))
+
+    def _put(self, method: str, path: str) -> None:
+        self._spec = block_document(self._block)
+        self._spec["allocations"] = reshaped(self._spec["allocations"], self.shape)
+        body = {**self._envelope, "spec": self._spec}
         stored = self._api.request(method, path, body=body, accept=METADATA_ONLY)
-        return str(stored["metadata"]["resourceVersion"])
-
-    def _body(self) -> dict[str, Any]:
-        spec = block_document(self._block)
-        spec["allocations"] = reshaped(spec["allocations"], self.shape)
-        return {
-            "apiVersion": "pyabouts.io/v1alpha1",
-            "kind": "IPPool",
-            "metadata": {"name": self._name},
-            "spec": spec,
-        }
+        self._stored(str(stored["metadata"]["resourceVersion"]))
 
 
 def reshaped(allocations: dict[str, dict[str, Any]], shape: str) -> dict[str, str]:
@@ -308,11 +396,6 @@ def owner(n: int) -> Owner:
     )
 
 
-def _size(document: dict[str, Any]) -> int:
-    """Its size as the store sends it: compact JSON."""
-    return len(json.dumps(document, separators=(",", ":")))
-
-
 def _ippools(namespace: str) -> str:
     return f"/apis/pyabouts.io/v1alpha1/namespaces/{namespace}/ippools"
 
@@ -327,15 +410,22 @@ def _ensure_namespace(api: KubeApi, namespace: str) -> None:
 
 def format_row(row: WriteFigures) -> str:
     ratio = "" if row.ratio_to_lease is None else f"  {row.ratio_to_lease:5.2f}x"
+    encoding = (
+        ""
+        if row.encode_ms is None or row.encode_afresh_ms is None
+        else f"  encoding {row.encode_ms:.3f} ms (afresh {row.encode_afresh_ms:.3f})"
+    )
     return (
         f"{row.shape:20s} {row.entries:4d} entries {row.spec_bytes:7d} B  apiserver "
-        f"{row.apiserver_ms:6.2f} ms  etcd {row.etcd_ms:5.2f} ms  wall {row.wall_ms:6.2f} ms{ratio}"
+        f"{row.apiserver_ms:6.2f} ms  etcd {row.etcd_ms:5.2f} ms (both {row.cpu_ms_min:.2f}-"
+        f"{row.cpu_ms_max:.2f})  wall {row.wall_ms:6.2f} ms{ratio}{encoding}"
     )
 
 
 def format_figures(rows: Sequence[WriteFigures]) -> str:
     lines = [
-        "CPU per write (kube-apiserver, etcd), and (apiserver + etcd) over a Lease update's:",
+        "CPU per write, medians of the rounds (kube-apiserver, etcd, the rounds' spread of the "
+        "two), and (apiserver + etcd) over a Lease update's:",
         *(f"  {format_row(r)}" for r in rows),
     ]
     return "\n".join(lines)

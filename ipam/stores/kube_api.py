@@ -21,7 +21,6 @@ from urllib.parse import urlencode
 import urllib3
 
 from pyabouts.ipam.errors import StoreBusyError, StoreUnavailableError
-from pyabouts.ipam.stores.codec import compact_json
 
 CONNECTIONS_KEPT = 16  # idle connections kept for the agent's concurrent requests
 # Status reasons of an apiserver that is up but overloaded (metav1.StatusReason).
@@ -108,7 +107,8 @@ class KubeApi:
         data = None
         if body is not None:
             headers["Content-Type"] = "application/json"
-            data = (body if isinstance(body, str) else compact_json(body)).encode()
+            text = body if isinstance(body, str) else json.dumps(body, separators=(",", ":"))
+            data = text.encode()
         try:
             response = self._http.request(
                 method, self._url(path, query), body=data, headers=headers

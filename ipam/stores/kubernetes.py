@@ -226,29 +226,7 @@ class KubernetesStore:
 
     def _object_json(self, block: Block) -> str:
         """The IPPool of `block` as JSON text; its spec is block_json's."""
-        # Resting and reserved addresses are not allocated, nor free to give.
-        allocated = sum(1 for owner in block.entries.values() if owner.in_use)
-        metadata: dict[str, Any] = {
-            "name": object_name(block.key),
-            "namespace": self._namespace,
-            "labels": {
-                POOL_LABEL: pool_label(block.key.pool),
-                FAMILY_LABEL: str(block.key.pool.family),
-                NETWORK_LABEL: _label_value(block.key.pool.network),
-            },
-        }
-        if block.revision is not None:
-            metadata["resourceVersion"] = block.revision
-        envelope = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "IPPool",
-            "metadata": metadata,
-            "status": {
-                "allocated": allocated,
-                "free": max(0, block.capacity - len(block.entries)),
-            },
-        }
-        return json_with_member(envelope, "spec", block_json(block))
+        return json_with_member(ippool_envelope(block, self._namespace), "spec", block_json(block))
 
     def _call(
         self,
@@ -291,6 +269,33 @@ class KubernetesStore:
         if status >= 500:
             return StoreUnavailableError(f"{where} answered {status}: {exc.message}")
         return StoreRefusedError(f"{where} refused the request ({status}): {exc.message}")
+
+
+def ippool_envelope(block: Block, namespace: str) -> dict[str, Any]:
+    """The IPPool of `block` but its spec: metadata (name, labels, resourceVersion), status."""
+    # Resting and reserved addresses are not allocated, nor free to give.
+    allocated = sum(1 for owner in block.entries.values() if owner.in_use)
+    metadata: dict[str, Any] = {
+        "name": object_name(block.key),
+        "namespace": namespace,
+        "labels": {
+            POOL_LABEL: pool_label(block.key.pool),
+            FAMILY_LABEL: str(block.key.pool.family),
+            NETWORK_LABEL: _label_value(block.key.pool.network),
+        },
+    }
+    if block.revision is not None:
+        metadata["resourceVersion"] = block.revision
+    envelope = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "IPPool",
+        "metadata": metadata,
+        "status": {
+            "allocated": allocated,
+            "free": max(0, block.capacity - len(block.entries)),
+        },
+    }
+    return envelope
 
 
 def _block_of(item: dict[str, Any]) -> Block:
