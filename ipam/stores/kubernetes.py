@@ -286,7 +286,7 @@ def ippool_envelope(block: Block, namespace: str) -> dict[str, Any]:
     }
     if block.revision is not None:
         metadata["resourceVersion"] = block.revision
-    envelope = {
+    return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "IPPool",
         "metadata": metadata,
@@ -295,7 +295,6 @@ def ippool_envelope(block: Block, namespace: str) -> dict[str, Any]:
             "free": max(0, block.capacity - len(block.entries)),
         },
     }
-    return envelope
 
 
 def _block_of(item: dict[str, Any]) -> Block:
