@@ -2,7 +2,7 @@
 IPPool block, by how many addresses the block holds, against the cheapest update there is (a
 Lease's holder) measured in the same run.
 
-    bash bench/run.sh writes [--writes 400] [--entries 0,64,128,255] [--out DIR]
+    bash bench/run.sh writes [--writes 400] [--rounds 3] [--entries 0,64,128,255] [--out DIR]
 
 Every ADD or DEL the agent serves ends in such an update (one per batch of them), so this is
 the floor under the plugin's cost per call that no work in the agent can lower. The pyabouts
@@ -37,7 +37,12 @@ from pyabouts.ipam.pool import BLOCK_SIZE, Block, BlockKey, Owner, PoolId
 from pyabouts.ipam.stores.codec import block_document, block_json, compact_json
 from pyabouts.ipam.stores.kube_api import METADATA_ONLY, ApiStatusError, KubeApi
 from pyabouts.ipam.stores.kubeconfig import read_kubeconfig
-from pyabouts.ipam.stores.kubernetes import KubernetesStore, ippool_envelope, object_name
+from pyabouts.ipam.stores.kubernetes import (
+    KubernetesStore,
+    ippool_envelope,
+    ippools_path,
+    object_name,
+)
 
 FIRST_ADDRESS = 10 << 24  # 10.0.0.0
 NAMESPACE = "pyabouts-write-cost"
@@ -286,7 +291,7 @@ class OwnBlockWriter(Writer):
 
     def __init__(self, api: KubeApi, store: KubernetesStore, namespace: str, entries: int) -> None:
         self._block = full_block(entries)
-        super().__init__(api, _ippools(namespace), object_name(self._block.key))
+        super().__init__(api, ippools_path(namespace), object_name(self._block.key))
         self._store = store
         self.entries = entries
 
@@ -328,7 +333,7 @@ class ShapedBlockWriter(Writer):
         self._envelope = ippool_envelope(self._block, namespace)
         name = f"shape-{SHAPES.index(shape)}-{entries}"
         self._envelope["metadata"]["name"] = name
-        super().__init__(api, _ippools(namespace), name)
+        super().__init__(api, ippools_path(namespace), name)
         self.entries = entries
         self.shape = shape
         self._spec: dict[str, Any] = {}
@@ -394,10 +399,6 @@ def owner(n: int) -> Owner:
         cni_network="write-cost",
         allocated_at=1_764_800_000 + n,
     )
-
-
-def _ippools(namespace: str) -> str:
-    return f"/apis/pyabouts.io/v1alpha1/namespaces/{namespace}/ippools"
 
 
 def _ensure_namespace(api: KubeApi, namespace: str) -> None:

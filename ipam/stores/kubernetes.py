@@ -82,7 +82,7 @@ class KubernetesStore:
     def __init__(self, api: KubeApi, namespace: str) -> None:
         self._api = api
         self._namespace = namespace
-        self._collection = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
+        self._collection = ippools_path(namespace)
 
     @classmethod
     def from_config(cls, ipam: IpamConf, *, timeout: float) -> KubernetesStore:
@@ -269,6 +269,11 @@ class KubernetesStore:
         if status >= 500:
             return StoreUnavailableError(f"{where} answered {status}: {exc.message}")
         return StoreRefusedError(f"{where} refused the request ({status}): {exc.message}")
+
+
+def ippools_path(namespace: str) -> str:
+    """The API path of the IPPools of `namespace`."""
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
 
 
 def ippool_envelope(block: Block, namespace: str) -> dict[str, Any]:

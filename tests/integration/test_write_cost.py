@@ -9,6 +9,7 @@ from bench.write_cost import NAMESPACE, SHAPES, measure_all
 from deploy.local.controlplane import ControlPlane
 from pyabouts.ipam.stores.kube_api import KubeApi
 from pyabouts.ipam.stores.kubeconfig import read_kubeconfig
+from pyabouts.ipam.stores.kubernetes import ippools_path
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +48,7 @@ def test_each_row_is_that_many_stored_updates_per_round_and_nothing_is_left(
 
     api = KubeApi(read_kubeconfig(str(pyabouts_cluster.kubeconfig)), timeout=10)
     try:
-        left = api.request("GET", f"/apis/pyabouts.io/v1alpha1/namespaces/{NAMESPACE}/ippools")
+        left = api.request("GET", ippools_path(NAMESPACE))
     finally:
         api.close()
     assert left["items"] == []
