@@ -1,4 +1,4 @@
-"""The Kubernetes API as the IPPool store uses it: JSON over HTTPS, through urllib3.
+"""The Kubernetes API as the IPPool store uses it: JSON over HTTPS (ipam.stores.http_connections).
 
 Not the `kubernetes` client: importing it takes ~0.2 s, which every plugin process serving a
 call in-process would pay, and it runs every body through its generic model (de)serialisation.
@@ -9,6 +9,7 @@ auth providers, the in-cluster service account) and serves the controllers.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import ssl
@@ -18,10 +19,16 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
-import urllib3
+from pyabouts.ipam.errors import INVALID_CONFIG, CniError, StoreBusyError, StoreUnavailableError
+from pyabouts.ipam.stores.http_connections import (
+    AnswerTimeoutError,
+    Connections,
+    Endpoint,
+    Request,
+)
 
-from pyabouts.ipam.errors import StoreBusyError, StoreUnavailableError
-
+#: Who writes, as the apiserver records it (an IPPool's managedFields, audit logs).
+USER_AGENT = "pyabouts"
 CONNECTIONS_KEPT = 16  # idle connections kept for the agent's concurrent requests
 # Status reasons of an apiserver that is up but overloaded (metav1.StatusReason).
 _BUSY_REASONS = frozenset({"TooManyRequests", "Timeout", "ServerTimeout"})
@@ -70,22 +77,21 @@ class KubeApi:
     """JSON requests to one API server; thread-safe, connections kept alive."""
 
     def __init__(self, credentials: ApiCredentials, *, timeout: float, retries: int = 0) -> None:
+        """`retries`: how many more times to try connecting when a connection cannot be made.
+        CniError 7 for a server or proxy URL it cannot use."""
         self._credentials = credentials
         self._server = credentials.server.rstrip("/")
-        self._connect_timeout = timeout
-        options: dict[str, Any] = {
-            "ssl_context": _ssl_context(credentials),
-            "timeout": urllib3.Timeout(total=timeout),
-            "retries": urllib3.Retry(retries, redirect=0) if retries else False,
-            "maxsize": CONNECTIONS_KEPT,
-        }
-        if credentials.tls_server_name:
-            options["server_hostname"] = credentials.tls_server_name
-        self._http: urllib3.PoolManager = (
-            urllib3.ProxyManager(credentials.proxy, **options)
-            if credentials.proxy
-            else urllib3.PoolManager(**options)
-        )
+        self._timeout = timeout
+        try:
+            endpoint = Endpoint.parse(
+                self._server,
+                context=_ssl_context(credentials) if self._server.startswith("https:") else None,
+                server_hostname=credentials.tls_server_name,
+                proxy=credentials.proxy,
+            )
+        except ValueError as exc:
+            raise CniError(INVALID_CONFIG, f"Kubernetes API: {exc}") from exc
+        self._http = Connections(endpoint, kept=CONNECTIONS_KEPT, connect_retries=retries)
 
     @property
     def server(self) -> str:
@@ -110,16 +116,16 @@ class KubeApi:
             text = body if isinstance(body, str) else json.dumps(body, separators=(",", ":"))
             data = text.encode()
         try:
-            response = self._http.request(
-                method, self._url(path, query), body=data, headers=headers
+            response = self._http.exchange(
+                Request(method, _target(path, query), data, headers, self._timeout)
             )
             answer = json.loads(response.data) if response.data else {}
-        except urllib3.exceptions.ReadTimeoutError as exc:
+        except AnswerTimeoutError as exc:
             # It accepted the connection but did not answer in time: up, and busy.
             raise StoreBusyError(
                 f"Kubernetes API at {self._server} did not answer in time: {type(exc).__name__}"
             ) from exc
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+        except (http.client.HTTPException, OSError) as exc:
             raise self._unreachable(exc) from exc
         except ValueError as exc:
             raise StoreUnavailableError(
@@ -138,47 +144,46 @@ class KubeApi:
         server ends it (timeoutSeconds); ApiStatusError on an error status, StoreUnavailableError
         when the connection fails or stays silent for `idle_timeout` seconds."""
         try:
-            response = self._http.request(
-                "GET",
-                self._url(path, {"watch": "true", **query}),
+            status, reason, lines, close = self._http.stream(
+                _target(path, {"watch": "true", **query}),
                 headers=self._headers(accept),
-                preload_content=False,
-                timeout=urllib3.Timeout(connect=self._connect_timeout, read=idle_timeout),
+                connect_timeout=self._timeout,
+                idle_timeout=idle_timeout,
             )
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+        except (http.client.HTTPException, OSError) as exc:
             raise self._unreachable(exc) from exc
         try:
-            if response.status >= 300:
-                raise _status_error(response.status, response.reason, _json_or_none(response.data))
-            for line in response:  # one JSON event per line
+            if status >= 300:
+                raise _status_error(status, reason, _json_or_none(b"".join(lines)))
+            for line in lines:  # one JSON event per line
                 if line.strip():
                     yield json.loads(line)
-        except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+        except (http.client.HTTPException, OSError, ValueError) as exc:
             raise StoreUnavailableError(
                 f"watch of {path} at {self._server} broke: {type(exc).__name__}"
             ) from exc
         finally:
-            # Closed, not handed back: the pool opens a connection when it next lacks one.
-            response.close()
+            close()  # never kept: a watch's connection is done with when the watch is
 
     def close(self) -> None:
         self._http.clear()
 
-    def _url(self, path: str, query: dict[str, str | int | None] | None) -> str:
-        given = {k: v for k, v in (query or {}).items() if v is not None}
-        return self._server + path + ("?" + urlencode(given) if given else "")
-
     def _unreachable(self, exc: Exception) -> StoreUnavailableError:
         return StoreUnavailableError(
-            f"Kubernetes API at {self._server} is unreachable: {type(exc).__name__}"
+            f"Kubernetes API at {self._server} is unreachable: {type(exc).__name__}: {exc}"
         )
 
     def _headers(self, accept: str) -> dict[str, str]:
-        headers = {"Accept": accept}
+        headers = {"Accept": accept, "User-Agent": USER_AGENT}
         authorization = self._credentials.authorization()
         if authorization:
             headers["Authorization"] = authorization
         return headers
+
+
+def _target(path: str, query: dict[str, str | int | None] | None) -> str:
+    given = {k: v for k, v in (query or {}).items() if v is not None}
+    return path + ("?" + urlencode(given) if given else "")
 
 
 def _json_or_none(data: bytes) -> object:

@@ -17,6 +17,7 @@ from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
 from pyabouts.ipam.stores.kubernetes import KubernetesStore
 from tests.integration.kube_fixtures import exec_kubeconfig, kubeconfig, pyabouts_token
 from tests.integration.stored_state import kubernetes_store
+from tests.local_http import ProxyLog, connect_proxy
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +84,7 @@ def test_a_server_certificate_no_trusted_ca_signed_is_refused(
     # No certificate-authority: the system's CAs, which did not sign the local apiserver's.
     user = {"token": pyabouts_token(pyabouts_cluster)}
     store = kubernetes_store(kubeconfig(tmp_path / "kc", pyabouts_cluster, user, trust={}))
-    with pytest.raises(StoreUnavailableError, match="SSLError"):
+    with pytest.raises(StoreUnavailableError, match="SSLCertVerificationError"):
         write_and_read_back(store)
 
 
@@ -106,5 +107,20 @@ def test_tls_server_name_is_the_name_the_certificate_must_carry(
     if connects:
         write_and_read_back(store)
     else:
-        with pytest.raises(StoreUnavailableError, match="SSLError"):
+        with pytest.raises(StoreUnavailableError, match="SSLCertVerificationError"):
             write_and_read_back(store)
+
+
+def test_a_proxy_url_tunnels_to_the_apiserver_with_tls_end_to_end(
+    pyabouts_cluster: ControlPlane, tmp_path: Path
+) -> None:
+    ca = base64.b64encode(pyabouts_cluster.ca_cert.read_bytes()).decode()
+    log = ProxyLog()
+    with connect_proxy(log) as proxy:
+        trust = {"certificate-authority-data": ca, "proxy-url": proxy}
+        user = {"token": pyabouts_token(pyabouts_cluster)}
+        write_and_read_back(
+            kubernetes_store(kubeconfig(tmp_path / "kc", pyabouts_cluster, user, trust))
+        )
+    server = pyabouts_cluster.server.removeprefix("https://")
+    assert log.tunnels and {target for target, _ in log.tunnels} == {server}

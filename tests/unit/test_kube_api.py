@@ -1,70 +1,70 @@
-"""What the IPPool store makes of a failing Kubernetes API: busy (retried until the deadline) or
-unreachable (retried for the outage grace), on a stand-in for urllib3's connection pool."""
+"""What the IPPool store makes of a failing Kubernetes API, over real sockets on loopback: busy
+(retried until the deadline) or unreachable (retried for the outage grace); and what the HTTP
+client under it keeps: connections alive between requests, a path prefix, a CONNECT proxy."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from typing import Any
+import contextlib
+from collections.abc import Iterator
 
 import pytest
-import urllib3
 
-from pyabouts.ipam.errors import StoreBusyError, StoreRefusedError, StoreUnavailableError
+from pyabouts.ipam.errors import (
+    INVALID_CONFIG,
+    CniError,
+    StoreBusyError,
+    StoreRefusedError,
+    StoreUnavailableError,
+)
 from pyabouts.ipam.pool import PoolId
-from pyabouts.ipam.stores.kube_api import ApiCredentials, KubeApi
+from pyabouts.ipam.stores import http_connections
+from pyabouts.ipam.stores.kube_api import USER_AGENT, ApiCredentials, KubeApi
 from pyabouts.ipam.stores.kubernetes import KubernetesStore
+from tests.local_http import (
+    ProxyLog,
+    Scripted,
+    closed_port,
+    connect_proxy,
+    scripted_server,
+    silent_server,
+)
 
-SERVER = "https://127.0.0.1:6443"
 POOL = PoolId("blue", 4)
+LIST = {"kind": "IPPoolList", "metadata": {"resourceVersion": "7"}, "items": []}
 
 
-@dataclass
-class Answer:
-    status: int
-    data: bytes
-    reason: str = ""
+def api_at(server: str, *, timeout: float = 5.0, proxy: str | None = None) -> KubeApi:
+    credentials = ApiCredentials(server=server, namespace="kube-system", proxy=proxy)
+    return KubeApi(credentials, timeout=timeout)
 
 
-class StandIn:
-    """Answers every request with `outcome`: an Answer, or an exception to raise."""
-
-    def __init__(self, outcome: Answer | Exception) -> None:
-        self.outcome = outcome
-
-    def request(self, method: str, url: str, **_: Any) -> Answer:
-        if isinstance(self.outcome, Exception):
-            raise self.outcome
-        return self.outcome
-
-    def clear(self) -> None:
-        pass
-
-
-def store_answering(outcome: Answer | Exception) -> KubernetesStore:
-    api = KubeApi(ApiCredentials(server=SERVER, namespace="kube-system", insecure=True), timeout=5)
-    api._http = StandIn(outcome)  # type: ignore[assignment]
-    return KubernetesStore(api, "kube-system")
-
-
-def status(code: int, reason: str, message: str = "no") -> Answer:
+def status(code: int, reason: str, message: str = "no") -> Scripted:
     body = {"kind": "Status", "status": "Failure", "reason": reason, "message": message}
-    return Answer(code, json.dumps(body).encode())
+    return Scripted(status=code, body=body)
 
 
-def read_error(outcome: Answer | Exception) -> Exception:
-    with pytest.raises(Exception) as raised:
-        store_answering(outcome).read_blocks(POOL, 0, 511)
-    return raised.value
+@contextlib.contextmanager
+def store_answering(script: Scripted) -> Iterator[tuple[KubernetesStore, str]]:
+    with scripted_server(script) as server:
+        yield KubernetesStore(api_at(server), "kube-system"), server
 
 
-def test_an_answer_that_does_not_come_in_time_is_busy() -> None:
-    timeout = urllib3.exceptions.ReadTimeoutError(None, SERVER, "Read timed out.")  # type: ignore[arg-type]
-    error = read_error(timeout)
-    assert isinstance(error, StoreBusyError)
-    assert (error.code, error.msg) == (
+def read_error(script: Scripted) -> tuple[Exception, str]:
+    with store_answering(script) as (store, server), pytest.raises(Exception) as raised:
+        store.read_blocks(POOL, 0, 511)
+    return raised.value, server
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])  # https: not even a TLS handshake
+def test_an_answer_that_does_not_come_in_time_is_busy(scheme: str) -> None:
+    with silent_server() as plain:
+        server = plain.replace("http:", f"{scheme}:")
+        store = KubernetesStore(api_at(server, timeout=0.2), "kube-system")
+        with pytest.raises(StoreBusyError) as raised:
+            store.read_blocks(POOL, 0, 511)
+    assert (raised.value.code, raised.value.msg) == (
         11,
-        f"Kubernetes API at {SERVER} did not answer in time: ReadTimeoutError",
+        f"Kubernetes API at {server} did not answer in time: AnswerTimeoutError",
     )
 
 
@@ -76,26 +76,91 @@ def test_an_answer_that_does_not_come_in_time_is_busy() -> None:
         status(500, "ServerTimeout", "the server cannot complete the request in time"),
     ],
 )
-def test_an_apiserver_that_says_it_is_overloaded_is_busy(answer: Answer) -> None:
-    error = read_error(answer)
+def test_an_apiserver_that_says_it_is_overloaded_is_busy(answer: Scripted) -> None:
+    error, server = read_error(answer)
     assert isinstance(error, StoreBusyError)
-    assert error.msg.startswith(f"Kubernetes API at {SERVER} answered {answer.status}: ")
+    assert error.msg.startswith(f"Kubernetes API at {server} answered {answer.status}: ")
 
 
 def test_a_refused_connection_is_unreachable_not_busy() -> None:
-    refused = urllib3.exceptions.NewConnectionError(None, "Connection refused")  # type: ignore[arg-type]
-    error = read_error(refused)
-    assert isinstance(error, StoreUnavailableError)
-    assert not isinstance(error, StoreBusyError)
-    assert "is unreachable: NewConnectionError" in error.msg
+    store = KubernetesStore(api_at(f"http://127.0.0.1:{closed_port()}"), "kube-system")
+    with pytest.raises(StoreUnavailableError) as raised:
+        store.read_blocks(POOL, 0, 511)
+    assert not isinstance(raised.value, StoreBusyError)
+    assert "is unreachable: ConnectionRefusedError" in raised.value.msg
 
 
 def test_a_server_error_that_is_not_overload_is_unavailable_not_busy() -> None:
-    error = read_error(status(503, "ServiceUnavailable", "etcd is down"))
+    error, _ = read_error(status(503, "ServiceUnavailable", "etcd is down"))
     assert isinstance(error, StoreUnavailableError)
     assert not isinstance(error, StoreBusyError)
 
 
 def test_a_refusal_is_neither() -> None:
-    error = read_error(status(403, "Forbidden", "ippools is forbidden"))
+    error, _ = read_error(status(403, "Forbidden", "ippools is forbidden"))
     assert isinstance(error, StoreRefusedError)
+
+
+def test_one_connection_serves_request_after_request() -> None:
+    script = Scripted(body=LIST)
+    with scripted_server(script) as server:
+        api = api_at(server)
+        for _ in range(3):
+            assert api.request("GET", "/apis/x") == LIST
+    assert len({port for _, _, port in script.seen}) == 1
+    assert script.user_agents == [USER_AGENT] * 3  # the manager in an IPPool's managedFields
+
+
+@pytest.mark.parametrize("seen_before_sending", [True, False])
+def test_a_connection_the_server_closed_while_idle_is_replaced(
+    monkeypatch: pytest.MonkeyPatch, seen_before_sending: bool
+) -> None:
+    """Seen closed when taken from the pool; or, closed just after that look, found closed only
+    by the request, which is then sent again once on a new connection."""
+    if not seen_before_sending:
+        monkeypatch.setattr(http_connections, "_dropped", lambda _: False)
+    script = Scripted(body=LIST, close_after_answer=True)
+    with scripted_server(script) as server:
+        api = api_at(server)
+        assert api.request("GET", "/apis/x") == LIST
+        assert api.request("PUT", "/apis/y", body={"a": 1}) == LIST
+    assert [(method, path) for method, path, _ in script.seen] == [
+        ("GET", "/apis/x"),
+        ("PUT", "/apis/y"),
+    ]
+    assert len({port for _, _, port in script.seen}) == 2
+
+
+def test_a_server_url_with_a_path_prefixes_every_request() -> None:
+    script = Scripted(body=LIST)
+    with scripted_server(script) as server:
+        api_at(server + "/k8s/clusters/c-1/").request("GET", "/apis/x", query={"limit": 5})
+    assert [path for _, path, _ in script.seen] == ["/k8s/clusters/c-1/apis/x?limit=5"]
+
+
+def test_requests_go_through_the_proxy_with_its_credentials() -> None:
+    script, log = Scripted(body=LIST), ProxyLog()
+    only_u = connect_proxy(log, lambda given: given == "u:p w")
+    with scripted_server(script) as server, only_u as proxy:
+        proxied = proxy.replace("http://", "http://u:p%20w@")
+        assert api_at(server, proxy=proxied).request("GET", "/apis/x") == LIST
+    assert log.tunnels == [(server.removeprefix("http://"), "u:p w")]
+    assert len(script.seen) == 1
+
+
+def test_a_proxy_that_refuses_the_tunnel_leaves_the_api_unreachable() -> None:
+    refusing = connect_proxy(ProxyLog(), lambda _: False)
+    with scripted_server(Scripted()) as server, refusing as proxy:
+        store = KubernetesStore(api_at(server, proxy=proxy), "kube-system")
+        with pytest.raises(StoreUnavailableError, match="Tunnel connection failed: 407"):
+            store.read_blocks(POOL, 0, 511)
+
+
+@pytest.mark.parametrize(
+    ("server", "proxy"),
+    [("ftp://api:6443", None), ("https://api:6443", "socks5://proxy:1080")],
+)
+def test_a_url_it_cannot_use_is_a_configuration_error(server: str, proxy: str | None) -> None:
+    with pytest.raises(CniError) as raised:
+        api_at(server, proxy=proxy)
+    assert raised.value.code == INVALID_CONFIG

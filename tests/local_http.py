@@ -1,0 +1,171 @@
+"""Small real servers on loopback for the HTTP client's tests: an HTTP/1.1 server answering what
+a test scripts (and counting the connections it was asked on), and a CONNECT proxy."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.server
+import json
+import select
+import socket
+import socketserver
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Scripted:
+    """What the server answers (status and JSON body, or a callable deciding per request), and
+    what it saw: each request's method, path and the client port it came from."""
+
+    status: int = 200
+    body: Any = field(default_factory=dict)
+    seen: list[tuple[str, str, int]] = field(default_factory=list)
+    user_agents: list[str] = field(default_factory=list)
+    close_after_answer: bool = False  # then it drops the connection (an idle timeout, say)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # kept alive unless told otherwise
+    server: _Server
+
+    def do_GET(self) -> None:
+        self._answer()
+
+    def do_PUT(self) -> None:
+        self._answer()
+
+    def do_POST(self) -> None:
+        self._answer()
+
+    def _answer(self) -> None:
+        script = self.server.script
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        script.seen.append((self.command, self.path, self.client_address[1]))
+        script.user_agents.append(self.headers.get("User-Agent", ""))
+        data = json.dumps(script.body).encode()
+        self.send_response(script.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()
+        if script.close_after_answer:
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, script: Scripted) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.script = script
+
+
+@contextlib.contextmanager
+def scripted_server(script: Scripted) -> Iterator[str]:
+    """An http:// URL answered as `script` says, until the block ends."""
+    server = _Server(script)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[str]:
+    """An http:// URL whose server takes connections (the kernel's backlog) and never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class ProxyLog:
+    """The CONNECT requests a proxy served: target and the credentials it was given."""
+
+    tunnels: list[tuple[str, str]] = field(default_factory=list)
+
+
+class _ProxyHandler(socketserver.StreamRequestHandler):
+    server: _ProxyServer
+
+    def handle(self) -> None:
+        request = self.rfile.readline().decode().split()
+        headers = {}
+        while (line := self.rfile.readline().decode()) not in ("\r\n", "\n", ""):
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if len(request) < 2 or request[0] != "CONNECT":
+            self.wfile.write(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+            return
+        credentials = headers.get("proxy-authorization", "")
+        given = base64.b64decode(credentials.removeprefix("Basic ")).decode() if credentials else ""
+        self.server.log.tunnels.append((request[1], given))
+        if not self.server.allows(given):
+            self.wfile.write(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+            return
+        host, _, port = request[1].rpartition(":")
+        with socket.create_connection((host.strip("[]"), int(port))) as upstream:
+            self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            self.wfile.flush()
+            _relay(self.connection, upstream)
+
+
+def _relay(one: socket.socket, other: socket.socket) -> None:
+    peers = {one: other, other: one}
+    while True:
+        readable, _, _ = select.select(list(peers), [], [], 30)
+        if not readable:
+            return
+        for sock in readable:
+            data = sock.recv(65536)
+            if not data:
+                return
+            peers[sock].sendall(data)
+
+
+class _ProxyServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, log: ProxyLog, allows: Callable[[str], bool]) -> None:
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.log = log
+        self.allows = allows
+
+
+@contextlib.contextmanager
+def connect_proxy(log: ProxyLog, allows: Callable[[str], bool] = lambda _: True) -> Iterator[str]:
+    """An http:// proxy URL that tunnels CONNECT requests `allows` (given "user:password")."""
+    server = _ProxyServer(log, allows)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
