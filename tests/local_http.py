@@ -26,6 +26,7 @@ class Scripted:
     seen: list[tuple[str, str, int]] = field(default_factory=list)
     user_agents: list[str] = field(default_factory=list)
     close_after_answer: bool = False  # then it drops the connection (an idle timeout, say)
+    closed: threading.Event = field(default_factory=threading.Event)  # set once it has
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -58,6 +59,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
+            script.closed.set()
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -72,16 +74,58 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 @contextlib.contextmanager
-def scripted_server(script: Scripted) -> Iterator[str]:
-    """An http:// URL answered as `script` says, until the block ends."""
-    server = _Server(script)
+def _serving(
+    server: socketserver.TCPServer, before_stop: Callable[[], None] = lambda: None
+) -> Iterator[str]:
+    """`server`'s http:// URL, served on a thread of its own until the block ends."""
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
+        before_stop()
         server.shutdown()
         server.server_close()
+
+
+def scripted_server(script: Scripted) -> contextlib.AbstractContextManager[str]:
+    """An http:// URL answered as `script` says, until the block ends."""
+    return _serving(_Server(script))
+
+
+class _StreamHandler(http.server.BaseHTTPRequestHandler):
+    """Answers a GET with the server's lines, a chunk each, then says nothing until stopped."""
+
+    protocol_version = "HTTP/1.1"
+    server: _StreamServer
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for line in self.server.lines:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+            self.wfile.flush()
+        self.server.stopping.wait()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _StreamServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, lines: list[bytes]) -> None:
+        super().__init__(("127.0.0.1", 0), _StreamHandler)
+        self.lines = lines
+        self.stopping = threading.Event()
+
+
+def streaming_server(lines: list[bytes]) -> contextlib.AbstractContextManager[str]:
+    """An http:// URL that answers a GET as a watch does: `lines` in chunks, then silence."""
+    server = _StreamServer(lines)
+    return _serving(server, before_stop=server.stopping.set)
 
 
 @contextlib.contextmanager
@@ -158,14 +202,8 @@ class _ProxyServer(socketserver.ThreadingTCPServer):
         self.allows = allows
 
 
-@contextlib.contextmanager
-def connect_proxy(log: ProxyLog, allows: Callable[[str], bool] = lambda _: True) -> Iterator[str]:
+def connect_proxy(
+    log: ProxyLog, allows: Callable[[str], bool] = lambda _: True
+) -> contextlib.AbstractContextManager[str]:
     """An http:// proxy URL that tunnels CONNECT requests `allows` (given "user:password")."""
-    server = _ProxyServer(log, allows)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    return _serving(_ProxyServer(log, allows))

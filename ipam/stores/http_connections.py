@@ -1,27 +1,33 @@
 """Kept-alive HTTP/1.1 connections to one server, on the standard library's http.client.
 
-Not urllib3: every ADD waits for one IPPool update, and over loopback to a kube-apiserver an
-update through urllib3's PoolManager took some 0.6 ms longer than through http.client on a
-kept-alive connection, with 0.55 ms of client CPU against 0.3 (README, "Where the time goes").
-Importing it cost the in-process plugin another ~50 ms. What urllib3 gave the store (a pool of
-kept-alive connections, a CONNECT proxy, a TLS server name) is the little below.
+Not urllib3: every ADD waits for one IPPool update, and an agent serving ADDs through urllib3
+answered each 0.5 ms later and spent 0.6 ms more CPU on it (README, "The Kubernetes datastore");
+importing it cost the in-process plugin another ~50 ms. What urllib3 gave the store (a pool of
+kept-alive connections, a CONNECT proxy, a TLS server name) is the little below. Not kept from
+it: https:// and socks proxies, and an IPv6 server behind a proxy before Python 3.12 (whose
+http.client writes the CONNECT line without the brackets): each is refused as it is configured.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import select
 import ssl
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-# Raised when a kept-alive connection turns out closed by the server before it answered: the
-# request is sent again once, on a new connection (the server read none of it, or refuses the
-# second copy as a conflict, which the store's compare-and-swap already handles).
+# What a kept-alive connection the server had closed raises: on sending, or on waiting for the
+# answer's first line. Either way no answer came, and the request is sent once more on a new
+# connection: always if it broke while being sent (a server that closed the connection reads
+# none of it), else only if it is idempotent (the server may have carried it out).
 _STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 
 
 class AnswerTimeoutError(TimeoutError):
@@ -33,11 +39,10 @@ class AnswerTimeoutError(TimeoutError):
 class Endpoint:
     """Where requests go: the server (scheme, host, port, path prefix) and how to reach it."""
 
-    scheme: str  # "https" or "http"
     host: str
     port: int
     prefix: str  # a path the server's URL carries (a proxying front end's), or ""
-    context: ssl.SSLContext | None  # for https
+    context: ssl.SSLContext | None  # None: plain http://
     server_hostname: str | None = None  # the name its certificate must carry, if not `host`
     proxy: tuple[str, int, dict[str, str]] | None = None  # http proxy: host, port, headers
 
@@ -46,21 +51,22 @@ class Endpoint:
         cls,
         server: str,
         *,
-        context: ssl.SSLContext | None,
+        tls: Callable[[], ssl.SSLContext],
         server_hostname: str | None = None,
         proxy: str | None = None,
     ) -> Endpoint:
-        """ValueError for a URL it cannot use (a scheme other than http(s), a proxy other than
-        http://)."""
-        url = urlsplit(server)
+        """`tls` makes the context of an https:// server. ValueError for a URL it cannot use (a
+        scheme other than http(s), a proxy other than http://)."""
+        url = urlsplit(server)  # the scheme lowercased: HTTPS:// is https://
         if url.scheme not in ("https", "http") or not url.hostname:
             raise ValueError(f"server {server!r} is not an http(s):// URL")
+        if proxy and ":" in url.hostname and sys.version_info < (3, 12):
+            raise ValueError("an IPv6 server behind a proxy needs Python 3.12 or later")
         return cls(
-            scheme=url.scheme,
             host=url.hostname,
             port=url.port or (443 if url.scheme == "https" else 80),
             prefix=url.path.rstrip("/"),
-            context=context if url.scheme == "https" else None,
+            context=tls() if url.scheme == "https" else None,
             server_hostname=server_hostname,
             proxy=_http_proxy(proxy) if proxy else None,
         )
@@ -69,7 +75,8 @@ class Endpoint:
 def _http_proxy(proxy: str) -> tuple[str, int, dict[str, str]]:
     url = urlsplit(proxy)
     if url.scheme != "http" or not url.hostname:
-        raise ValueError(f"proxy-url {proxy!r}: only http:// proxies are supported")
+        where = f"{url.scheme}://{url.hostname or ''}"  # not its credentials: errors are logged
+        raise ValueError(f"proxy-url {where}...: only http:// proxies are supported")
     headers = {}
     if url.username is not None:
         secret = f"{unquote(url.username)}:{unquote(url.password or '')}".encode()
@@ -83,7 +90,7 @@ class Request:
     target: str  # path and query
     body: bytes | None
     headers: dict[str, str]
-    timeout: float  # for connecting, and for each read of the answer
+    timeout: float  # seconds: for connecting, then for each read of the answer, of what is left
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,21 +132,22 @@ class Connections:
         self._kept = kept
         self._connect_retries = connect_retries
         self._idle: list[http.client.HTTPConnection] = []
+        self._closed = False
         self._lock = threading.Lock()
 
     def exchange(self, request: Request) -> Answer:
         """Send `request` and read its whole answer. AnswerTimeoutError when the server took the
         request and did not answer in time; another OSError or http.client.HTTPException when no
         connection could be made (refused, TLS, the proxy) or the exchange broke."""
+        deadline = time.monotonic() + request.timeout
         reused = self._take()
-        connection = reused or self._connected(request.timeout)
+        connection = reused or self._connected(deadline)
         try:
-            return self._exchange_on(connection, request)
-        except _STALE:
-            if reused is None:
-                raise
-        # The server had closed the kept-alive connection: once more on a new one.
-        return self._exchange_on(self._connected(request.timeout), request)
+            response = self._send(connection, request, deadline, reused=reused is not None)
+        except _StaleConnectionError:
+            connection = self._connected(deadline)  # the server had closed the idle connection
+            response = self._send(connection, request, deadline, reused=False)
+        return self._read(connection, response)
 
     def stream(
         self, target: str, *, headers: dict[str, str], connect_timeout: float, idle_timeout: float
@@ -147,39 +155,52 @@ class Connections:
         """GET `target` on a connection of its own and leave its answer to be read: the status,
         the reason, its lines (AnswerTimeoutError after `idle_timeout` seconds without one),
         and what closes it."""
-        connection = self._connected(connect_timeout)
-        try:
+        connection = self._connected(time.monotonic() + connect_timeout)
+        with _closed_on_failure(connection):
             connection.sock.settimeout(idle_timeout)
             connection.request("GET", self.endpoint.prefix + target, headers=headers)
             response = connection.getresponse()
-        except BaseException:
-            connection.close()
-            raise
         return response.status, response.reason, _lines(response), connection.close
 
     def clear(self) -> None:
+        """Close the idle connections, and from now on each one as its request ends."""
         with self._lock:
-            idle, self._idle = self._idle, []
+            idle, self._idle, self._closed = self._idle, [], True
         for connection in idle:
             connection.close()
 
-    def _exchange_on(self, connection: http.client.HTTPConnection, request: Request) -> Answer:
+    def _send(
+        self,
+        connection: http.client.HTTPConnection,
+        request: Request,
+        deadline: float,
+        *,
+        reused: bool,
+    ) -> http.client.HTTPResponse:
+        """Send `request` and read its answer's status line and headers. _StaleConnectionError
+        when a reused connection turns out closed and the request may be sent again."""
+        unsent = True
         try:
-            connection.sock.settimeout(request.timeout)
-            connection.request(
-                request.method,
-                self.endpoint.prefix + request.target,
-                body=request.body,
-                headers=request.headers,
-            )
-            response = connection.getresponse()
-            answer = Answer(response.status, response.reason, response.read())
-        except TimeoutError as exc:
-            connection.close()
-            raise AnswerTimeoutError(str(exc) or "timed out") from exc
-        except BaseException:
-            connection.close()
+            with _closed_on_failure(connection):
+                connection.sock.settimeout(_left(deadline))
+                connection.request(
+                    request.method,
+                    self.endpoint.prefix + request.target,
+                    body=request.body,
+                    headers=request.headers,
+                )
+                unsent = False
+                return connection.getresponse()
+        except _STALE as exc:
+            if reused and (unsent or request.method in _IDEMPOTENT):
+                raise _StaleConnectionError from exc
             raise
+
+    def _read(
+        self, connection: http.client.HTTPConnection, response: http.client.HTTPResponse
+    ) -> Answer:
+        with _closed_on_failure(connection):
+            answer = Answer(response.status, response.reason, response.read())
         if response.will_close:
             connection.close()
         else:
@@ -199,15 +220,15 @@ class Connections:
 
     def _give_back(self, connection: http.client.HTTPConnection) -> None:
         with self._lock:
-            if len(self._idle) < self._kept:
+            if not self._closed and len(self._idle) < self._kept:
                 self._idle.append(connection)
                 return
         connection.close()
 
-    def _connected(self, timeout: float) -> http.client.HTTPConnection:
+    def _connected(self, deadline: float) -> http.client.HTTPConnection:
         attempts = self._connect_retries + 1
         for attempt in range(attempts):
-            connection = self._new_connection(timeout)
+            connection = self._new_connection(_left(deadline))
             try:
                 connection.connect()
             except (OSError, http.client.HTTPException):
@@ -235,6 +256,33 @@ class Connections:
         if end.proxy:
             connection.set_tunnel(end.host, end.port, headers=end.proxy[2])
         return connection
+
+
+class _StaleConnectionError(Exception):
+    """The request found its kept-alive connection closed, got no answer, and may be sent
+    again."""
+
+
+@contextlib.contextmanager
+def _closed_on_failure(connection: http.client.HTTPConnection) -> Iterator[None]:
+    """Close `connection` if the block fails: half an exchange leaves it unusable. A timeout
+    once connected is the server's: AnswerTimeoutError."""
+    try:
+        yield
+    except TimeoutError as exc:
+        connection.close()
+        raise AnswerTimeoutError(str(exc) or "timed out") from exc
+    except BaseException:
+        connection.close()
+        raise
+
+
+def _left(deadline: float) -> float:
+    """The seconds left before `deadline`; TimeoutError once none are."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("no time left")
+    return left
 
 
 def _lines(response: http.client.HTTPResponse) -> Iterator[bytes]:

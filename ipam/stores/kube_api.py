@@ -85,7 +85,7 @@ class KubeApi:
         try:
             endpoint = Endpoint.parse(
                 self._server,
-                context=_ssl_context(credentials) if self._server.startswith("https:") else None,
+                tls=lambda: _ssl_context(credentials),
                 server_hostname=credentials.tls_server_name,
                 proxy=credentials.proxy,
             )
@@ -119,14 +119,15 @@ class KubeApi:
             response = self._http.exchange(
                 Request(method, _target(path, query), data, headers, self._timeout)
             )
-            answer = json.loads(response.data) if response.data else {}
         except AnswerTimeoutError as exc:
             # It accepted the connection but did not answer in time: up, and busy.
             raise StoreBusyError(
                 f"Kubernetes API at {self._server} did not answer in time: {type(exc).__name__}"
             ) from exc
-        except (http.client.HTTPException, OSError) as exc:
-            raise self._unreachable(exc) from exc
+        except (http.client.HTTPException, OSError, ValueError) as exc:
+            raise self._unreachable(exc) from exc  # ValueError: a header it cannot send, say
+        try:
+            answer = json.loads(response.data) if response.data else {}
         except ValueError as exc:
             raise StoreUnavailableError(
                 f"Kubernetes API at {self._server} answered {response.status} with no JSON"

@@ -100,8 +100,8 @@ class KubernetesStore:
     def from_credentials(
         cls, credentials: ApiCredentials, *, timeout: float, retries: int = 0
     ) -> KubernetesStore:
-        """`retries`: urllib3's, for a connection that fails; 0 where run_transaction retries
-        under its deadline."""
+        """`retries`: more tries at connecting when a connection cannot be made; 0 where
+        run_transaction retries under its deadline."""
         return cls(KubeApi(credentials, timeout=timeout, retries=retries), credentials.namespace)
 
     @classmethod

@@ -5,7 +5,12 @@ client under it keeps: connections alive between requests, a path prefix, a CONN
 from __future__ import annotations
 
 import contextlib
+import json
+import ssl
+import sys
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -27,6 +32,7 @@ from tests.local_http import (
     connect_proxy,
     scripted_server,
     silent_server,
+    streaming_server,
 )
 
 POOL = PoolId("blue", 4)
@@ -111,24 +117,85 @@ def test_one_connection_serves_request_after_request() -> None:
     assert script.user_agents == [USER_AGENT] * 3  # the manager in an IPPool's managedFields
 
 
+def counting_sends(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The method of each request the client sends (or tries to), counted as it sends."""
+    sent: list[str] = []
+    send = http_connections.Connections._send
+
+    def counted(self: Any, connection: Any, request: Any, deadline: float, **kw: Any) -> Any:
+        sent.append(request.method)
+        return send(self, connection, request, deadline, **kw)
+
+    monkeypatch.setattr(http_connections.Connections, "_send", counted)
+    return sent
+
+
+def closed_by_now(script: Scripted) -> None:
+    """Once the server has closed the connection, and its FIN has had time to come."""
+    assert script.closed.wait(5)
+    time.sleep(0.05)
+
+
 @pytest.mark.parametrize("seen_before_sending", [True, False])
 def test_a_connection_the_server_closed_while_idle_is_replaced(
     monkeypatch: pytest.MonkeyPatch, seen_before_sending: bool
 ) -> None:
-    """Seen closed when taken from the pool; or, closed just after that look, found closed only
-    by the request, which is then sent again once on a new connection."""
+    """Seen closed when taken from the pool, and not used; or, closed just after that look,
+    found closed only by the request, which is then sent once more on a new connection."""
     if not seen_before_sending:
         monkeypatch.setattr(http_connections, "_dropped", lambda _: False)
+    sent = counting_sends(monkeypatch)
     script = Scripted(body=LIST, close_after_answer=True)
     with scripted_server(script) as server:
         api = api_at(server)
         assert api.request("GET", "/apis/x") == LIST
+        closed_by_now(script)
         assert api.request("PUT", "/apis/y", body={"a": 1}) == LIST
     assert [(method, path) for method, path, _ in script.seen] == [
         ("GET", "/apis/x"),
         ("PUT", "/apis/y"),
     ]
     assert len({port for _, _, port in script.seen}) == 2
+    assert sent == (["GET", "PUT"] if seen_before_sending else ["GET", "PUT", "PUT"])
+
+
+def test_a_create_the_closed_connection_may_have_delivered_is_not_sent_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A POST is not idempotent: sent whole, it is not sent again for want of an answer (the
+    store's transaction tries again, and a create that did land then conflicts). One that broke
+    while being sent (its body refused after its headers) is, as the server read none of it."""
+    monkeypatch.setattr(http_connections, "_dropped", lambda _: False)
+    sent = counting_sends(monkeypatch)
+    script = Scripted(body=LIST, close_after_answer=True)
+    with scripted_server(script) as server:
+        api = api_at(server)
+        api.request("GET", "/apis/x")
+        closed_by_now(script)
+        with pytest.raises(StoreUnavailableError, match="unreachable: RemoteDisconnected"):
+            api.request("POST", "/apis/y")  # no body: all of it goes in one send
+    assert sent == ["GET", "POST"]
+    assert [method for method, _, _ in script.seen] == ["GET"]
+
+
+def test_a_closed_client_keeps_no_connection() -> None:
+    script = Scripted(body=LIST)
+    with scripted_server(script) as server:
+        api = api_at(server)
+        api.request("GET", "/apis/x")
+        api.close()
+        api.request("GET", "/apis/x")
+        api.request("GET", "/apis/x")
+    assert len({port for _, _, port in script.seen}) == 3
+
+
+def test_a_watch_yields_each_event_as_it_comes_and_breaks_when_it_falls_silent() -> None:
+    events = [{"type": "ADDED", "object": {"n": i}} for i in range(3)]
+    with streaming_server([json.dumps(e).encode() + b"\n" for e in events]) as server:
+        watch = api_at(server).watch("/apis/x", {}, accept="application/json", idle_timeout=0.3)
+        assert [next(watch) for _ in events] == events
+        with pytest.raises(StoreUnavailableError, match="broke: AnswerTimeoutError"):
+            next(watch)
 
 
 def test_a_server_url_with_a_path_prefixes_every_request() -> None:
@@ -158,9 +225,31 @@ def test_a_proxy_that_refuses_the_tunnel_leaves_the_api_unreachable() -> None:
 
 @pytest.mark.parametrize(
     ("server", "proxy"),
-    [("ftp://api:6443", None), ("https://api:6443", "socks5://proxy:1080")],
+    [
+        ("ftp://api:6443", None),
+        ("https://api:6443", "socks5://proxy:1080"),
+        ("https://api:6443", "https://user:secret@proxy:3128"),
+    ],
 )
 def test_a_url_it_cannot_use_is_a_configuration_error(server: str, proxy: str | None) -> None:
     with pytest.raises(CniError) as raised:
         api_at(server, proxy=proxy)
     assert raised.value.code == INVALID_CONFIG
+    assert "secret" not in raised.value.msg  # it is logged
+
+
+def test_an_ipv6_server_behind_a_proxy_is_refused_where_python_cannot_tunnel_to_it() -> None:
+    """Python 3.11's http.client writes CONNECT fd00::1:6443, which proxies misread."""
+    server, proxy = "https://[fd00::1]:6443", "http://proxy:3128"
+    if sys.version_info < (3, 12):
+        with pytest.raises(CniError, match=r"IPv6 server behind a proxy needs Python 3\.12"):
+            api_at(server, proxy=proxy)
+    else:
+        assert api_at(server, proxy=proxy).server == server
+
+
+def test_the_scheme_is_read_whatever_its_case() -> None:
+    """HTTPS:// is https://: TLS, never the token in clear text."""
+    context = ssl.create_default_context()
+    endpoint = http_connections.Endpoint.parse("HTTPS://api:6443", tls=lambda: context)
+    assert endpoint.context is context
