@@ -57,7 +57,9 @@ def connect(
     else:
         configuration, namespace_in_use = _in_cluster()
     namespace = namespace or namespace_in_use
-    configuration.retries = 3  # the reconciler is no hot path: let urllib3 ride out a blip
+    # The reconciler is no hot path: its API client (urllib3) retries a failed request, the
+    # store a failed connection.
+    configuration.retries = 3
     if settings.datastore == "etcd":
         store = open_store(settings, timeout=STORE_TIMEOUT)
     else:

@@ -160,7 +160,12 @@ class Connections:
             connection.sock.settimeout(idle_timeout)
             connection.request("GET", self.endpoint.prefix + target, headers=headers)
             response = connection.getresponse()
-        return response.status, response.reason, _lines(response), connection.close
+
+        def close() -> None:
+            response.close()  # holds the socket itself when the server said Connection: close
+            connection.close()
+
+        return response.status, response.reason, _lines(response), close
 
     def clear(self) -> None:
         """Close the idle connections, and from now on each one as its request ends."""
@@ -233,8 +238,8 @@ class Connections:
                 connection.connect()
             except (OSError, http.client.HTTPException):
                 connection.close()
-                if attempt + 1 == attempts:
-                    raise
+                if attempt + 1 == attempts or time.monotonic() >= deadline:
+                    raise  # this error, not a bare "no time left" for the next try
             else:
                 return connection
         raise AssertionError("unreachable")  # the loop returns or raises
@@ -278,10 +283,11 @@ def _closed_on_failure(connection: http.client.HTTPConnection) -> Iterator[None]
 
 
 def _left(deadline: float) -> float:
-    """The seconds left before `deadline`; TimeoutError once none are."""
+    """The seconds left before `deadline`; AnswerTimeoutError once none are (the server took
+    them: connecting always starts with time left)."""
     left = deadline - time.monotonic()
     if left <= 0:
-        raise TimeoutError("no time left")
+        raise AnswerTimeoutError("no time left")
     return left
 
 

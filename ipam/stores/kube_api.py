@@ -125,7 +125,7 @@ class KubeApi:
                 f"Kubernetes API at {self._server} did not answer in time: {type(exc).__name__}"
             ) from exc
         except (http.client.HTTPException, OSError, ValueError) as exc:
-            raise self._unreachable(exc) from exc  # ValueError: a header it cannot send, say
+            raise self._unreachable(exc) from exc
         try:
             answer = json.loads(response.data) if response.data else {}
         except ValueError as exc:
@@ -151,7 +151,7 @@ class KubeApi:
                 connect_timeout=self._timeout,
                 idle_timeout=idle_timeout,
             )
-        except (http.client.HTTPException, OSError) as exc:
+        except (http.client.HTTPException, OSError, ValueError) as exc:
             raise self._unreachable(exc) from exc
         try:
             if status >= 300:
@@ -170,8 +170,11 @@ class KubeApi:
         self._http.clear()
 
     def _unreachable(self, exc: Exception) -> StoreUnavailableError:
+        # A ValueError is a request it could not write (a header value with a line break, say):
+        # its text would quote the header, a token perhaps.
+        detail = "" if isinstance(exc, ValueError) else f": {exc}"
         return StoreUnavailableError(
-            f"Kubernetes API at {self._server} is unreachable: {type(exc).__name__}: {exc}"
+            f"Kubernetes API at {self._server} is unreachable: {type(exc).__name__}{detail}"
         )
 
     def _headers(self, accept: str) -> dict[str, str]:

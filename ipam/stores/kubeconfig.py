@@ -172,7 +172,7 @@ def _pem(base: Path, section: dict[str, Any], key: str) -> str | None:
 def _bearer(base: Path, user: dict[str, Any]) -> Callable[[], str | None]:
     token = user.get("token")
     if token:
-        header = f"Bearer {token}"
+        header = f"Bearer {str(token).strip()}"  # `token: |` in YAML ends in a line break
         return lambda: header
     token_file = user.get("tokenFile")
     if token_file:

@@ -5,6 +5,7 @@ client under it keeps: connections alive between requests, a path prefix, a CONN
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import ssl
 import sys
@@ -65,7 +66,7 @@ def read_error(script: Scripted) -> tuple[Exception, str]:
 def test_an_answer_that_does_not_come_in_time_is_busy(scheme: str) -> None:
     with silent_server() as plain:
         server = plain.replace("http:", f"{scheme}:")
-        store = KubernetesStore(api_at(server, timeout=0.2), "kube-system")
+        store = KubernetesStore(api_at(server, timeout=1.0), "kube-system")
         with pytest.raises(StoreBusyError) as raised:
             store.read_blocks(POOL, 0, 511)
     assert (raised.value.code, raised.value.msg) == (
@@ -163,8 +164,7 @@ def test_a_create_the_closed_connection_may_have_delivered_is_not_sent_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A POST is not idempotent: sent whole, it is not sent again for want of an answer (the
-    store's transaction tries again, and a create that did land then conflicts). One that broke
-    while being sent (its body refused after its headers) is, as the server read none of it."""
+    store's transaction tries again, and a create that did land then conflicts)."""
     monkeypatch.setattr(http_connections, "_dropped", lambda _: False)
     sent = counting_sends(monkeypatch)
     script = Scripted(body=LIST, close_after_answer=True)
@@ -176,6 +176,44 @@ def test_a_create_the_closed_connection_may_have_delivered_is_not_sent_again(
             api.request("POST", "/apis/y")  # no body: all of it goes in one send
     assert sent == ["GET", "POST"]
     assert [method for method, _, _ in script.seen] == ["GET"]
+
+
+def test_a_create_that_broke_while_being_sent_is_sent_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server had closed the connection and read none of it: safe to send again."""
+    monkeypatch.setattr(http_connections, "_dropped", lambda _: False)
+    sent = counting_sends(monkeypatch)
+    script = Scripted(body=LIST, close_after_answer=True)
+    request = http.client.HTTPConnection.request
+    broken: list[bool] = []
+
+    def breaking(self: http.client.HTTPConnection, method: str, *args: Any, **kw: Any) -> None:
+        if method == "POST" and not broken:
+            broken.append(True)
+            raise BrokenPipeError(32, "Broken pipe")
+        request(self, method, *args, **kw)
+
+    monkeypatch.setattr(http.client.HTTPConnection, "request", breaking)
+    with scripted_server(script) as server:
+        api = api_at(server)
+        api.request("GET", "/apis/x")
+        closed_by_now(script)
+        assert api.request("POST", "/apis/y", body={"a": 1}) == LIST
+    assert sent == ["GET", "POST", "POST"]
+    assert [method for method, _, _ in script.seen] == ["GET", "POST"]
+
+
+def test_a_request_it_cannot_write_does_not_quote_its_headers() -> None:
+    script = Scripted(body=LIST)
+    with scripted_server(script) as server, pytest.raises(StoreUnavailableError) as raised:
+        credentials = ApiCredentials(
+            server=server, namespace="kube-system", authorization=lambda: "Bearer s\n"
+        )
+        KubeApi(credentials, timeout=1).request("GET", "/apis/x")
+    assert not script.seen
+    assert "Bearer" not in raised.value.msg
+    assert raised.value.msg.endswith("is unreachable: ValueError")
 
 
 def test_a_closed_client_keeps_no_connection() -> None:
@@ -192,7 +230,7 @@ def test_a_closed_client_keeps_no_connection() -> None:
 def test_a_watch_yields_each_event_as_it_comes_and_breaks_when_it_falls_silent() -> None:
     events = [{"type": "ADDED", "object": {"n": i}} for i in range(3)]
     with streaming_server([json.dumps(e).encode() + b"\n" for e in events]) as server:
-        watch = api_at(server).watch("/apis/x", {}, accept="application/json", idle_timeout=0.3)
+        watch = api_at(server).watch("/apis/x", {}, accept="application/json", idle_timeout=2)
         assert [next(watch) for _ in events] == events
         with pytest.raises(StoreUnavailableError, match="broke: AnswerTimeoutError"):
             next(watch)
@@ -250,6 +288,5 @@ def test_an_ipv6_server_behind_a_proxy_is_refused_where_python_cannot_tunnel_to_
 
 def test_the_scheme_is_read_whatever_its_case() -> None:
     """HTTPS:// is https://: TLS, never the token in clear text."""
-    context = ssl.create_default_context()
-    endpoint = http_connections.Endpoint.parse("HTTPS://api:6443", tls=lambda: context)
-    assert endpoint.context is context
+    api = api_at("HTTPS://api:6443")
+    assert isinstance(api._http.endpoint.context, ssl.SSLContext)

@@ -110,3 +110,9 @@ def test_bad_base64_is_code_7(tmp_path: Path) -> None:
 def test_a_cluster_without_a_server_is_code_7(tmp_path: Path) -> None:
     path = write(tmp_path / "kc", {"token": "t"}, server="")
     assert "no server" in refusal(path)
+
+
+def test_an_inline_token_written_as_a_yaml_block_loses_its_line_break(tmp_path: Path) -> None:
+    """`token: |` ends the token in a line break, which no header may carry."""
+    got = read_kubeconfig(str(write(tmp_path / "kc", {"token": "abc\n"})))
+    assert got.authorization() == "Bearer abc"
