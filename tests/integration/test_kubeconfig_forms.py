@@ -8,12 +8,14 @@ import base64
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from deploy.local.controlplane import ControlPlane
 from pyabouts.ipam.errors import StoreRefusedError, StoreUnavailableError
 from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
+from pyabouts.ipam.stores import http_connections
 from pyabouts.ipam.stores.kubernetes import KubernetesStore
 from tests.integration.kube_fixtures import exec_kubeconfig, kubeconfig, pyabouts_token
 from tests.integration.stored_state import kubernetes_store
@@ -124,3 +126,21 @@ def test_a_proxy_url_tunnels_to_the_apiserver_with_tls_end_to_end(
         )
     server = pyabouts_cluster.server.removeprefix("https://")
     assert log.tunnels and {target for target, _ in log.tunnels} == {server}
+
+
+def test_requests_share_one_kept_alive_tls_connection(
+    pyabouts_cluster: ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the agent's speed rests on: no TLS handshake per request to the real apiserver."""
+    opened: list[object] = []
+    connect = http_connections.Connections._connected
+
+    def counted(self: http_connections.Connections, deadline: float) -> Any:
+        opened.append(connection := connect(self, deadline))
+        return connection
+
+    monkeypatch.setattr(http_connections.Connections, "_connected", counted)
+    store = kubernetes_store(str(pyabouts_cluster.kubeconfig))
+    for _ in range(3):
+        write_and_read_back(store)
+    assert len(opened) == 1
