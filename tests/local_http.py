@@ -1,5 +1,6 @@
 """Small real servers on loopback for the HTTP client's tests: an HTTP/1.1 server answering what
-a test scripts (and counting the connections it was asked on), and a CONNECT proxy."""
+a test scripts (and counting the connections it was asked on), one streaming a watch's lines, one
+that never answers, and a CONNECT proxy."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from typing import Any
 
 @dataclass
 class Scripted:
-    """What the server answers (status and JSON body, or a callable deciding per request), and
-    what it saw: each request's method, path and the client port it came from."""
+    """What the server answers (a status and a JSON body), and what it saw: each request's
+    method, path and the client port it came from, and its User-Agent."""
 
     status: int = 200
     body: Any = field(default_factory=dict)
@@ -29,8 +30,14 @@ class Scripted:
     closed: threading.Event = field(default_factory=threading.Event)  # set once it has
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class _QuietHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # kept alive unless told otherwise
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # not one line on stderr per request
+
+
+class _Handler(_QuietHandler):
     server: _Server
 
     def do_GET(self) -> None:
@@ -61,9 +68,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
             script.closed.set()
 
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
 
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
@@ -93,10 +97,9 @@ def scripted_server(script: Scripted) -> contextlib.AbstractContextManager[str]:
     return _serving(_Server(script))
 
 
-class _StreamHandler(http.server.BaseHTTPRequestHandler):
+class _StreamHandler(_QuietHandler):
     """Answers a GET with the server's lines, a chunk each, then says nothing until stopped."""
 
-    protocol_version = "HTTP/1.1"
     server: _StreamServer
 
     def do_GET(self) -> None:
@@ -108,9 +111,6 @@ class _StreamHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
             self.wfile.flush()
         self.server.stopping.wait()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 class _StreamServer(http.server.ThreadingHTTPServer):
