@@ -64,6 +64,7 @@ from deploy.local.multus_install import (
     uninstall_multus,
 )
 from deploy.local.netns import macvlan_master, run_cni
+from pyabouts.ipam.stores.kubernetes import block_of_ippool
 
 PREFIX = "pyademo"  # pods, links
 NAMESPACE = "default"
@@ -329,9 +330,9 @@ def held_by(cluster: ControlPlane, pod_ref: str) -> bool:
     """Whether an IPPool holds an address for pod `pod_ref` ("namespace/name")."""
     pools = json.loads(cluster.kubectl("get", "ippools", "-n", "kube-system", "-o", "json"))
     return any(
-        owner.get("podRef") == pod_ref
+        owner.pod == pod_ref
         for pool in pools["items"]
-        for owner in pool["spec"]["allocations"].values()
+        for owner in block_of_ippool(pool).entries.values()
     )
 
 

@@ -1,4 +1,11 @@
-"""The stored form of a block: JSON a person can read with etcdctl or kubectl."""
+"""The stored form of a block: JSON a person can read with etcdctl or kubectl.
+
+A block's owners are one string, a table of a line per given address under a header line that
+names the columns: far cheaper for kube-apiserver and etcd to take than an object per address
+(see "The Kubernetes datastore" in the README), and still read at a glance with
+`kubectl get ippool -o yaml`. Blocks stored in the earlier form, an object of owner objects
+keyed by offset, are read as well; the next write of a block stores it as a table.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +13,24 @@ import dataclasses
 import json
 import operator
 from typing import Any
+from urllib.parse import quote, unquote
 
 import netaddr
 
 from pyabouts.ipam.errors import CORRUPT_BLOCK, CniError
 from pyabouts.ipam.pool import BLOCK_BITS, Block, BlockKey, Owner
+
+# The table's first line. A reader refuses a table under any other header, so that a later
+# form (a column more) is never read as this one.
+TABLE_HEADER = (
+    "offset containerID ifname podRef podUID node cniNetwork allocated cooldown coolingUntil flags"
+)
+_COLUMNS = len(TABLE_HEADER.split(" "))
+_EMPTY = "-"  # an empty text column, and no flags
+# Besides letters, digits and "_.-~", what a value may hold unescaped: what names, pod
+# references and slice records (a CIDR) are made of. Anything else is percent-encoded, so a
+# value never holds a space, a line break or a quote.
+_SAFE = "/:@+=,"
 
 
 def block_cidr(key: BlockKey) -> str:
@@ -20,27 +40,15 @@ def block_cidr(key: BlockKey) -> str:
 
 def block_document(block: Block) -> dict[str, Any]:
     """The block as stored: where it is, the range that writes it, and who holds what."""
-    return {
-        **_block_head(block),
-        "allocations": {
-            str(address - block.key.base): _owner_entry(owner)
-            for address, owner in _sorted_entries(block)
-        },
-    }
+    base = block.key.base
+    lines = [TABLE_HEADER]
+    lines += [f"{address - base} {_owner_line(owner)}" for address, owner in _sorted_entries(block)]
+    return {**_block_head(block), "allocations": "\n".join(lines)}
 
 
 def block_json(block: Block) -> str:
-    """block_document(block) as compact JSON text, what the stores write.
-
-    A write sends its whole block, and between two writes of a block nearly all of its owners
-    are the same: each owner's entry is encoded once and kept. Encoding afresh was a quarter of
-    the agent's profile samples over sequential ADDs and DELs on blocks of up to 250 addresses.
-    """
-    base = block.key.base
-    entries = ",".join(
-        f'"{address - base}":{_owner_json(owner)}' for address, owner in _sorted_entries(block)
-    )
-    return json_with_member(_block_head(block), "allocations", f"{{{entries}}}")
+    """block_document(block) as compact JSON text, what the stores write."""
+    return compact_json(block_document(block))
 
 
 def json_with_member(document: dict[str, Any], key: str, member_json: str) -> str:
@@ -74,55 +82,147 @@ def _sorted_entries(block: Block) -> list[tuple[int, Owner]]:
     return entries
 
 
-def _owner_entry(owner: Owner) -> dict[str, str | int | bool]:
-    entry: dict[str, str | int | bool] = {
-        "containerID": owner.container_id,
-        "ifname": owner.ifname,
-    }
-    for key, value in (
-        ("podRef", owner.pod),
-        ("podUID", owner.pod_uid),
-        ("node", owner.node),
-        ("cniNetwork", owner.cni_network),
-    ):
-        if value:
-            entry[key] = value
-    for key, number in (
-        ("allocated", owner.allocated_at),
-        ("cooldown", owner.cooldown),
-        ("coolingUntil", owner.cooling_until),
-    ):
-        if number:
-            entry[key] = number
-    for key, flag in (("sticky", owner.sticky), ("reserved", owner.reserved)):
-        if flag:
-            entry[key] = True
-    return entry
-
-
-def _owner_json(owner: Owner) -> str:
-    # Keyed on every field: an Owner's equality leaves some out (the time, say), its JSON not.
+def _owner_line(owner: Owner) -> str:
+    """The owner's columns after the offset. A write sends its whole block, and between two
+    writes of a block nearly all of its owners are the same: each owner's line is kept."""
+    # Keyed on every field: an Owner's equality leaves some out (the time, say), its line not.
     key = _owner_fields(owner)
-    encoded = _ENCODED_OWNERS.get(key)
-    if encoded is None:
-        if len(_ENCODED_OWNERS) >= _MAX_ENCODED_OWNERS:
-            _ENCODED_OWNERS.clear()  # rare: a writer cycling through more blocks than it keeps
-        encoded = _ENCODED_OWNERS[key] = compact_json(_owner_entry(owner))
-    return encoded
+    line = _OWNER_LINES.get(key)
+    if line is None:
+        if len(_OWNER_LINES) >= _MAX_OWNER_LINES:
+            _OWNER_LINES.clear()  # rare: a writer cycling through more blocks than it keeps
+        line = _OWNER_LINES[key] = _line_of(owner)
+    return line
+
+
+def _line_of(owner: Owner) -> str:
+    texts = (owner.container_id, owner.ifname, owner.pod, owner.pod_uid, owner.node)
+    flags = ",".join(name for name in ("sticky", "reserved") if getattr(owner, name))
+    return " ".join(
+        [
+            *map(_text_column, (*texts, owner.cni_network)),
+            str(owner.allocated_at),
+            str(owner.cooldown),
+            str(owner.cooling_until),
+            flags or _EMPTY,
+        ]
+    )
 
 
 _owner_fields = operator.attrgetter(*(f.name for f in dataclasses.fields(Owner)))
-# The entries of 16 full blocks, some 2 to 3 MiB: more than a node's agent writes in turn.
-_MAX_ENCODED_OWNERS = 4096
-_ENCODED_OWNERS: dict[tuple[Any, ...], str] = {}
+# The entries of 16 full blocks: more than a node's agent writes in turn.
+_MAX_OWNER_LINES = 4096
+_OWNER_LINES: dict[tuple[Any, ...], str] = {}
+
+
+def _text_column(value: str) -> str:
+    if not value:
+        return _EMPTY
+    return "%2D" if value == _EMPTY else quote(value, safe=_SAFE)
 
 
 def block_from_document(key: BlockKey, document: dict[str, Any], revision: str) -> Block:
-    """The block a stored document describes; CniError 104 naming the entry when it is not in
-    pyabouts' format (the datastores do not check entries: see crds/)."""
+    """The block a stored document describes, in either form; CniError 104 naming the entry
+    when it is not in pyabouts' format (the datastores do not check entries: see crds/)."""
     allocations = document.get("allocations", {})
-    if not isinstance(allocations, dict):
-        raise _corrupt(key, "allocations is not an object")
+    if isinstance(allocations, str):
+        entries = _entries_of_table(key, allocations)
+    elif isinstance(allocations, dict):
+        entries = _entries_of_objects(key, allocations)
+    else:
+        raise _corrupt(key, "allocations is neither a table nor an object")
+    return Block(
+        key,
+        entries,
+        revision,
+        range_text=str(document.get("range", "")),
+        capacity=int(document.get("capacity", 0)),
+        range_size=_whole_number(_decimal(document.get("rangeSize"))),
+    )
+
+
+def _entries_of_table(key: BlockKey, table: str) -> dict[int, Owner]:
+    lines = table.split("\n")
+    if lines[0] != TABLE_HEADER:
+        raise _corrupt(key, f"the allocations table's header is not pyabouts': {lines[0]!r}")
+    entries = {}
+    for line in lines[1:]:
+        offset, _, columns = line.partition(" ")
+        try:
+            address = key.base + _offset(offset)
+            owner = _owner_read(columns)
+        except ValueError as exc:
+            raise _corrupt(key, f"allocation line {line!r}: {exc}") from None
+        if address in entries:
+            raise _corrupt(key, f"offset {offset} is given twice")
+        entries[address] = owner
+    return entries
+
+
+def _owner_read(columns: str) -> Owner:
+    """The owner a line's columns after its offset describe. Blocks are read again and again
+    (after a conflict, by the reconciler) with nearly the same lines: each one's owner is kept."""
+    owner = _OWNERS_READ.get(columns)
+    if owner is None:
+        if len(_OWNERS_READ) >= _MAX_OWNER_LINES:
+            _OWNERS_READ.clear()
+        owner = _OWNERS_READ[columns] = _owner_of(columns)
+    return owner
+
+
+def _owner_of(columns: str) -> Owner:
+    values = columns.split(" ")
+    if len(values) != _COLUMNS - 1:
+        raise ValueError(f"not {_COLUMNS} columns")
+    cid, ifname, pod, uid, node, network, allocated, cooldown, cooling, flags = values
+    return Owner(
+        container_id=_text(cid),
+        ifname=_text(ifname),
+        pod=_text(pod),
+        pod_uid=_text(uid),
+        node=_text(node),
+        cni_network=_text(network),
+        allocated_at=_count(allocated),
+        cooldown=_count(cooldown),
+        cooling_until=_count(cooling),
+        **_flags(flags),
+    )
+
+
+_OWNERS_READ: dict[str, Owner] = {}
+
+
+def _offset(column: str) -> int:
+    offset = _count(column)
+    if offset >= 1 << BLOCK_BITS:
+        raise ValueError(f"{column} is not an offset in the block")
+    return offset
+
+
+def _count(column: str) -> int:
+    if not (column.isascii() and column.isdigit()):
+        raise ValueError(f"{column!r} is not a whole number")
+    return int(column)
+
+
+def _text(column: str) -> str:
+    if column == _EMPTY:
+        return ""
+    if "%" not in column:
+        return column
+    # Strict: a table pyabouts wrote holds UTF-8 between its escapes.
+    return unquote(column, errors="strict")
+
+
+def _flags(column: str) -> dict[str, bool]:
+    names = [] if column == _EMPTY else column.split(",")
+    if unknown := set(names) - {"sticky", "reserved"}:
+        raise ValueError(f"unknown flags {sorted(unknown)}")
+    return {name: True for name in names}
+
+
+def _entries_of_objects(key: BlockKey, allocations: dict[str, Any]) -> dict[int, Owner]:
+    """The entries of the earlier form: {offset: {containerID, ifname, podRef, ...}}."""
     entries = {}
     for offset, entry in allocations.items():
         if not (str(offset).isdigit() and int(offset) < 1 << BLOCK_BITS):
@@ -144,14 +244,7 @@ def block_from_document(key: BlockKey, document: dict[str, Any], revision: str) 
             sticky=entry.get("sticky") is True,
             reserved=entry.get("reserved") is True,
         )
-    return Block(
-        key,
-        entries,
-        revision,
-        range_text=str(document.get("range", "")),
-        capacity=int(document.get("capacity", 0)),
-        range_size=_whole_number(_decimal(document.get("rangeSize"))),
-    )
+    return entries
 
 
 def _decimal(value: object) -> int:

@@ -128,13 +128,13 @@ class KubernetesStore:
             item = self._call("GET", f"{self._collection}/{object_name(key)}", absent_ok=True)
         except _Absent:
             return []
-        block = _block_of(item)
+        block = block_of_ippool(item)
         return [block] if block.key == key else []
 
     def _list(self, label_selector: str | None = None) -> list[Block]:
         """The IPPools of the namespace (that match `label_selector`) as blocks, in pages."""
         blocks = [
-            _block_of(item)
+            block_of_ippool(item)
             for page in self._pages(label_selector=label_selector)
             for item in page.get("items") or []
         ]
@@ -302,7 +302,8 @@ def ippool_envelope(block: Block, namespace: str) -> dict[str, Any]:
     }
 
 
-def _block_of(item: dict[str, Any]) -> Block:
+def block_of_ippool(item: dict[str, Any]) -> Block:
+    """The block an IPPool object holds, as listed or read (CniError 104 when malformed)."""
     spec = item.get("spec", {})
     network = netaddr.IPNetwork(spec["cidr"])
     pool = PoolId(network=str(spec.get("network", "")), family=4 if network.version == 4 else 6)

@@ -33,7 +33,7 @@ from deploy.local.netns import CniCall, run_cni
 from deploy.local.node_network import CNI_BIN_DIR
 from pyabouts.plugin.install import SHIM_SLOT_MARKER
 from tests.e2e.local_cluster import CLUSTER_MODULE_MARKS, kube_json
-from tests.integration.stored_state import stored
+from tests.integration.stored_state import stored, table_entries
 
 pytestmark = CLUSTER_MODULE_MARKS
 
@@ -196,7 +196,7 @@ def test_a_node_slice_is_taken_in_the_name_the_daemonset_gives_the_agent(
     pools = kube_json(cluster, "get", "ippools", "-n", NAMESPACE)["items"]
     (registry,) = [p for p in pools if p["spec"]["network"].startswith(f"{network}#node-slices")]
     assert registry["spec"]["range"] == "10.77.1.0/24 in /26 slices"
-    assert registry["spec"]["allocations"] == {
+    assert table_entries(registry["spec"]["allocations"]) == {
         "0": {"containerID": "10.77.1.0/26", "ifname": "slice", "node": node}
     }
     plugin_call("DEL", network, "c-sliced", pod, **sliced).expect_success()

@@ -25,6 +25,7 @@ from deploy.local.pod_runtime import (
 )
 from tests.e2e.conftest import NAMESPACE
 from tests.e2e.multus_limits import MULTUS_CANNOT_REPLACE_THE_DEFAULT_ROUTE
+from tests.integration.stored_state import table_entries
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -62,7 +63,7 @@ def pool_holders(cluster: ControlPlane, network: str) -> dict[str, str]:
         offset: owner.get("podRef", "")
         for item in listed["items"]
         if item["spec"]["network"] == network
-        for offset, owner in item["spec"]["allocations"].items()
+        for offset, owner in table_entries(item["spec"]["allocations"]).items()
     }
 
 

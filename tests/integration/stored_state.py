@@ -60,19 +60,40 @@ def stored_allocations(server: EtcdServer, network: str) -> dict[str, dict[str, 
         found: dict[str, dict[str, str]] = {}
         for value, _ in client.get_prefix(f"/pyabouts/v1/pools/4/{network}/"):
             doc = json.loads(value)
-            for offset, owner in doc["allocations"].items():
+            for offset, owner in table_entries(doc["allocations"]).items():
                 found[f"{doc['cidr']}+{offset}"] = without_node_and_time(owner)
         return found
     finally:
         client.close()
 
 
+def table_entries(allocations: str) -> dict[str, dict[str, str]]:
+    """A stored allocations table read by its header line, as a person reads it (not by the
+    plugin's reader): offset -> {column: value}, leaving out empty ("-") values, and times and
+    cooldowns of 0 (none)."""
+    header, *lines = allocations.split("\n")
+    columns = header.split(" ")
+    assert columns[0] == "offset", header
+    entries = {}
+    for line in lines:
+        offset, *values = line.split(" ")
+        entries[offset] = {
+            column: value
+            for column, value in zip(columns[1:], values, strict=True)
+            if value != "-" and not (column in _TIMES and value == "0")
+        }
+    return entries
+
+
+_TIMES = {"allocated", "cooldown", "coolingUntil"}
+
+
 def without_node_and_time(owner: dict[str, Any]) -> dict[str, Any]:
     """A stored entry without the node and the time that ADD recorded, each checked first: the
     node that allocated (this host's, or its agent's), and a time of this run."""
     assert owner.pop("node")
-    given = owner.pop("allocated")
-    assert isinstance(given, int) and abs(given - time.time()) < 3600, given
+    given = int(owner.pop("allocated"))
+    assert abs(given - time.time()) < 3600, given
     return owner
 
 
@@ -86,7 +107,7 @@ def stored(cluster: ControlPlane, network: str) -> dict[str, str]:
         spec = item["spec"]
         if spec["network"] != network:
             continue
-        allocations = spec["allocations"]
+        allocations = table_entries(spec["allocations"])
         assert item["status"]["allocated"] == len(allocations)  # status is never stale
         assert item["status"]["free"] == spec["capacity"] - len(allocations)
         prefix = spec["cidr"].split("/")[0].rsplit(".", 1)[0]

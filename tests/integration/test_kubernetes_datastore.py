@@ -15,11 +15,11 @@ from deploy.local.netns import CniCall
 from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
 from pyabouts.ipam.stores.kube_api import METADATA_ONLY, KubeApi
 from pyabouts.ipam.stores.kubeconfig import read_kubeconfig
-from pyabouts.ipam.stores.kubernetes import GROUP, VERSION, object_name
+from pyabouts.ipam.stores.kubernetes import GROUP, VERSION, ippool_envelope, object_name
 from tests.integration.kube_fixtures import can
 from tests.integration.plugin_fixtures import closed_port, kubernetes_ipam
 from tests.integration.plugin_processes import cni, netconf
-from tests.integration.stored_state import kubernetes_store
+from tests.integration.stored_state import kubernetes_store, table_entries
 
 pytestmark = pytest.mark.integration
 
@@ -60,18 +60,10 @@ def test_every_field_round_trips_through_the_apiserver(pyabouts_cluster: Control
         "range": "2001:db8::/64",
         "capacity": 256,
         "rangeSize": "18446744073709551614",
-        "allocations": {
-            "1": {
-                "containerID": "c1",
-                "ifname": "net1",
-                "podRef": "ns/p1",
-                "podUID": "uid-1",
-                "node": "node-a",
-                "cniNetwork": "macvlan-net",
-                "allocated": 1764770000,
-            },
-            "255": {"containerID": "c2", "ifname": "eth0"},
-        },
+        "allocations": "offset containerID ifname podRef podUID node cniNetwork allocated"
+        " cooldown coolingUntil flags\n"
+        "1 c1 net1 ns/p1 uid-1 node-a macvlan-net 1764770000 0 0 -\n"
+        "255 c2 eth0 - - - - 0 0 0 -",
     }
     assert stored["status"] == {"allocated": 2, "free": 254}
     assert stored["metadata"]["labels"]["pyabouts.io/family"] == "6"
@@ -80,6 +72,49 @@ def test_every_field_round_trips_through_the_apiserver(pyabouts_cluster: Control
     assert read.range_size == written.range_size
     assert read.entries[key.base + 1].allocated_at == 1764770000  # not part of Owner's equality
     store.close()
+
+
+def test_a_block_stored_in_the_earlier_form_keeps_its_owners_and_is_rewritten_as_a_table(
+    pyabouts_exe: str, pyabouts_cluster: ControlPlane
+) -> None:
+    """Blocks written before the table (an object per address) survive the upgrade: the CRD
+    prunes nothing of them on read, the plugin allocates around their owners, and its write
+    stores the block as a table with them in it."""
+    network = f"earlier-{uuid.uuid4().hex[:6]}"
+    key = BlockKey.of(PoolId(network, 4), 0x0A3E0000)  # 10.62.0.0
+    earlier = ippool_envelope(Block(key, {}, capacity=254), "kube-system")
+    earlier["spec"] = {
+        "network": network,
+        "cidr": "10.62.0.0/24",
+        "range": "10.62.0.0/24",
+        "capacity": 254,
+        "allocations": {
+            "1": {"containerID": "c1", "ifname": "net1", "podRef": "ns/p1", "allocated": 17647},
+            "2": {"containerID": "", "ifname": "net1", "podRef": "ns/p2", "coolingUntil": 9},
+        },
+    }
+    status, answer = pyabouts_cluster.request(
+        "POST", f"/apis/{GROUP}/{VERSION}/namespaces/kube-system/ippools", earlier
+    )
+    assert status == 201, answer
+    assert [p["spec"]["allocations"] for p in ippools(pyabouts_cluster, network)] == [
+        earlier["spec"]["allocations"]
+    ]
+
+    conf = netconf(**kubernetes_ipam(pyabouts_cluster, range="10.62.0.0/24", network_name=network))
+    added = cni(pyabouts_exe, "ADD", conf, "c3").expect_success()
+    assert added["ips"][0]["address"] == "10.62.0.3/24"  # .1 held, .2 resting
+    [pool] = ippools(pyabouts_cluster, network)
+    entries = table_entries(pool["spec"]["allocations"])
+    assert entries["1"] == {
+        "containerID": "c1",
+        "ifname": "net1",
+        "podRef": "ns/p1",
+        "allocated": "17647",
+    }
+    assert entries["2"] == {"ifname": "net1", "podRef": "ns/p2", "coolingUntil": "9"}
+    assert (list(entries), entries["3"]["containerID"]) == (["1", "2", "3"], "c3")
+    assert pool["status"] == {"allocated": 2, "free": 251}
 
 
 def test_kubectl_shows_range_usage_and_explains_the_fields(
@@ -106,7 +141,7 @@ def test_kubectl_shows_range_usage_and_explains_the_fields(
     )
     for field in ("allocations", "capacity", "cidr", "network", "range"):
         assert field in explained
-    assert "offset in the block" in pyabouts_cluster.kubectl(
+    assert "one line per address" in pyabouts_cluster.kubectl(
         "explain", "ippools.spec.allocations", "--api-version=pyabouts.io/v1alpha1"
     )
 
@@ -133,13 +168,13 @@ def test_every_command_through_the_executable(
     assert cni(pyabouts_exe, "GC", gc).ok
     assert cni(pyabouts_exe, "STATUS", conf).ok
     [pool] = ippools(pyabouts_cluster, network)
-    assert list(pool["spec"]["allocations"]) == ["2"]
+    assert list(table_entries(pool["spec"]["allocations"])) == ["2"]
     assert pool["status"] == {"allocated": 1, "free": 1}
 
     assert cni(pyabouts_exe, "DEL", conf, "c2").ok
     assert cni(pyabouts_exe, "DEL", conf, "c2").ok
     [pool] = ippools(pyabouts_cluster, network)
-    assert pool["spec"]["allocations"] == {}
+    assert table_entries(pool["spec"]["allocations"]) == {}
     assert pool["status"] == {"allocated": 0, "free": 2}
 
 

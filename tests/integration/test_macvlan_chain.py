@@ -37,7 +37,7 @@ from deploy.local.netns import (
     wait_for_addresses,
 )
 from tests.integration.etcd_fixtures import EtcdServer
-from tests.integration.stored_state import without_node_and_time
+from tests.integration.stored_state import table_entries, without_node_and_time
 
 pytestmark = pytest.mark.integration
 
@@ -186,7 +186,7 @@ def stored_allocations(etcd: Any, network_name: str) -> dict[str, dict[str, str]
         if block["network"] != network_name:
             continue
         base = ipaddress.ip_network(block["cidr"]).network_address
-        for offset, owner in block["allocations"].items():
+        for offset, owner in table_entries(block["allocations"]).items():
             found[str(base + int(offset))] = without_node_and_time(owner)
     return found
 

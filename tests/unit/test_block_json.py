@@ -1,6 +1,7 @@
 """The stored form as the stores write it (codec.block_json): exactly the JSON of
-block_document, read back as the same block, whatever its owners and whichever of their
-encodings are kept from earlier writes."""
+block_document, a table of owners read back as the same block, whatever its owners hold and
+whichever of their lines are kept from earlier writes; and the earlier form, an object per
+address, still read."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pyabouts.ipam.errors import CORRUPT_BLOCK, CniError
 from pyabouts.ipam.pool import BLOCK_SIZE, Block, BlockKey, Owner, PoolId
 from pyabouts.ipam.stores import codec
 from pyabouts.ipam.stores.codec import (
@@ -73,12 +75,8 @@ def test_owners_equal_but_for_their_time_cooldown_or_stickiness_are_each_written
     assert len(set(variants)) == 1
     for owner in [*variants, first]:
         block = Block(KEY, {KEY.base + 1: owner})
-        stored = json.loads(block_json(block))["allocations"]["1"]
-        assert (stored["allocated"], stored["cooldown"], stored.get("sticky", False)) == (
-            owner.allocated_at,
-            owner.cooldown,
-            owner.sticky,
-        )
+        read = block_from_document(KEY, json.loads(block_json(block)), "1").entries[KEY.base + 1]
+        assert _all_fields(read) == _all_fields(owner)
 
 
 def test_an_address_outside_the_block_is_refused() -> None:
@@ -99,15 +97,91 @@ def test_a_member_given_as_json_text_joins_the_document(document: dict[str, str]
     assert joined == {**document, key: {"a": [1]}}
 
 
-def test_the_kept_encodings_stay_bounded_and_right_past_their_bound() -> None:
-    owners = [Owner(f"c{n}", "net1") for n in range(codec._MAX_ENCODED_OWNERS + 10)]
+def test_the_kept_lines_and_owners_stay_bounded_and_right_past_their_bound() -> None:
+    owners = [Owner(f"c{n}", "net1") for n in range(codec._MAX_OWNER_LINES + 10)]
     for n, owner in enumerate(owners):
         block = Block(KEY, {KEY.base + n % BLOCK_SIZE: owner})
-        assert json.loads(block_json(block))["allocations"] == {
-            str(n % BLOCK_SIZE): {"containerID": f"c{n}", "ifname": "net1"}
-        }
-        assert len(codec._ENCODED_OWNERS) <= codec._MAX_ENCODED_OWNERS
+        written = json.loads(block_json(block))
+        assert written["allocations"] == "\n".join(
+            [codec.TABLE_HEADER, f"{n % BLOCK_SIZE} c{n} net1 - - - - 0 0 0 -"]
+        )
+        assert block_from_document(KEY, written, "1").entries == block.entries
+        assert len(codec._OWNER_LINES) <= codec._MAX_OWNER_LINES
+        assert len(codec._OWNERS_READ) <= codec._MAX_OWNER_LINES
 
 
 def _all_fields(owner: Owner) -> tuple[object, ...]:
     return (owner, owner.allocated_at, owner.cooldown, owner.sticky)
+
+
+def test_the_table_is_a_line_per_address_under_its_header_and_escapes_what_would_break_it() -> None:
+    owners = {
+        KEY.base + 2: Owner("c2", "net1", "ns/web-0", "u-1", "node-a", "macvlan", 1700000000),
+        KEY.base + 7: Owner("", "net1", "ns/web-1", cooldown=30, cooling_until=1700000030),
+        KEY.base + 9: Owner("c 9", "-", "ns/p%1\n", sticky=True, reserved=True),
+    }
+    table = block_document(Block(KEY, owners))["allocations"]
+    assert table.split("\n") == [
+        "offset containerID ifname podRef podUID node cniNetwork allocated cooldown coolingUntil"
+        " flags",
+        "2 c2 net1 ns/web-0 u-1 node-a macvlan 1700000000 0 0 -",
+        "7 - net1 ns/web-1 - - - 0 30 1700000030 -",
+        "9 c%209 %2D ns/p%251%0A - - - 0 0 0 sticky,reserved",
+    ]
+
+
+def test_a_block_of_the_earlier_form_is_read_as_it_was_written() -> None:
+    document = {
+        "cidr": "2001:db8::/120",
+        "capacity": 200,
+        "allocations": {
+            "1": {
+                "containerID": "c1",
+                "ifname": "net1",
+                "podRef": "ns/p",
+                "podUID": "u",
+                "node": "n",
+                "cniNetwork": "macvlan",
+                "allocated": 100,
+                "cooldown": 5,
+                "sticky": True,
+            },
+            "255": {"containerID": "", "ifname": "eth0", "coolingUntil": 9, "reserved": True},
+        },
+    }
+    block = block_from_document(KEY, document, "3")
+    assert {a: _all_fields(o) for a, o in block.entries.items()} == {
+        KEY.base + 1: _all_fields(Owner("c1", "net1", "ns/p", "u", "n", "macvlan", 100, 5, True)),
+        KEY.base + 255: _all_fields(Owner("", "eth0", cooling_until=9, reserved=True)),
+    }
+    assert (block.revision, block.capacity) == ("3", 200)
+    rewritten = block_from_document(KEY, json.loads(block_json(block)), "4")
+    assert {a: _all_fields(o) for a, o in rewritten.entries.items()} == {
+        a: _all_fields(o) for a, o in block.entries.items()
+    }
+
+
+@pytest.mark.parametrize(
+    ("table", "reason"),
+    [
+        ("offset containerID ifname", "header is not pyabouts'"),
+        ("", "header is not pyabouts'"),
+        (f"{codec.TABLE_HEADER}\n1 c net1 - - - - 0 0 0", "not 11 columns"),
+        (f"{codec.TABLE_HEADER}\n256 c net1 - - - - 0 0 0 -", "not an offset"),
+        (f"{codec.TABLE_HEADER}\n1 c net1 - - - - soon 0 0 -", "'soon' is not a whole number"),
+        (f"{codec.TABLE_HEADER}\n1 c net1 - - - - \u00b2 0 0 -", "is not a whole number"),
+        (f"{codec.TABLE_HEADER}\n1 c net1 - - - - 0 0 0 pinned", "unknown flags"),
+        (f"{codec.TABLE_HEADER}\n1 c%FF net1 - - - - 0 0 0 -", "can't decode"),
+        (f"{codec.TABLE_HEADER}\n1 c net1 - - - - 0 0 0 -\n1 d net1 - - - - 0 0 0 -", "twice"),
+        (f"{codec.TABLE_HEADER}\n", "'' is not a whole number"),
+    ],
+)
+def test_a_table_not_as_pyabouts_writes_it_is_a_corrupt_block(table: str, reason: str) -> None:
+    with pytest.raises(CniError, match=reason) as caught:
+        block_from_document(KEY, {"allocations": table}, "1")
+    assert caught.value.code == CORRUPT_BLOCK
+
+
+def test_allocations_neither_a_table_nor_an_object_is_a_corrupt_block() -> None:
+    with pytest.raises(CniError, match="neither a table nor an object"):
+        block_from_document(KEY, {"allocations": ["1"]}, "1")

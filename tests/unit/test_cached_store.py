@@ -64,7 +64,7 @@ def test_after_a_conflict_the_pool_is_read_afresh() -> None:
 @pytest.mark.parametrize(
     ("allocations", "reason"),
     [
-        ([], "allocations is not an object"),
+        ([], "neither a table nor an object"),
         ({"300": {"containerID": "c", "ifname": "e"}}, "is not an offset"),
         ({"1": {"containerID": "c"}}, "lacks containerID or ifname"),
         ({"1": "c"}, "lacks containerID or ifname"),
