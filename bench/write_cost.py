@@ -8,9 +8,10 @@ Every ADD or DEL the agent serves ends in such an update (one per batch of them)
 the floor under the plugin's cost per call that no work in the agent can lower. The pyabouts
 rows are pyabouts' own KubernetesStore writing a block of N owners like the plugin's (a 64-hex
 container ID, pod, pod UID, node, network, time); one owner changes per write, so every write
-is stored (the owners as a table, one string). One more row per N writes the same owners in the
-form pyabouts stored before, an object per address, to show what the table saves. It reports;
-it asserts nothing.
+is stored (the owners as a table, one string). One more row per N writes the same owners as
+pyabouts stored them before, an object per address, to an IPPool CRD of another group that
+declares them as pyabouts' CRD did then (an atomic map), to show what the table saves. It
+reports; it asserts nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from bench.kube import running_cluster
 from bench.machine import code_commit, describe_machine, load_average
 from bench.report import format_machine
@@ -38,6 +41,8 @@ from pyabouts.ipam.stores.codec import block_document, block_json, compact_json
 from pyabouts.ipam.stores.kube_api import METADATA_ONLY, ApiStatusError, KubeApi
 from pyabouts.ipam.stores.kubeconfig import read_kubeconfig
 from pyabouts.ipam.stores.kubernetes import (
+    GROUP,
+    VERSION,
     KubernetesStore,
     ippool_envelope,
     ippools_path,
@@ -48,6 +53,8 @@ FIRST_ADDRESS = 10 << 24  # 10.0.0.0
 NAMESPACE = "pyabouts-write-cost"
 NAME = "write-cost"
 SHAPES = ("pyabouts", "object per address")
+EARLIER_GROUP = "earlier.pyabouts.io"
+CRD_FILE = Path(__file__).resolve().parent.parent / "crds" / "ippools.pyabouts.io.yaml"
 # The stored form is pyabouts' own; the other, its earlier one, is only measured.
 OWN_SHAPE = SHAPES[0]
 
@@ -125,6 +132,7 @@ def measure_all(
     api = KubeApi(read_kubeconfig(str(control_plane.kubeconfig)), timeout=30)
     try:
         _ensure_namespace(api, namespace)
+        install_earlier_crd(control_plane)
         store = KubernetesStore(api, namespace)
         processes = control_plane.processes()
         apiserver, etcd = processes["kube-apiserver"], processes["etcd"]
@@ -314,17 +322,19 @@ class OwnBlockWriter(Writer):
 
 
 class EarlierFormWriter(Writer):
-    """The same owners as OwnBlockWriter's, in the same IPPool (labels, status), written raw
-    with its allocations in the form pyabouts stored before: an object per address."""
+    """The same owners as OwnBlockWriter's, in an IPPool with the same labels and status,
+    written raw as pyabouts stored them before (an object per address), under the earlier
+    CRD (install_earlier_crd)."""
 
     shape = SHAPES[1]
 
     def __init__(self, api: KubeApi, namespace: str, entries: int) -> None:
         self._block = full_block(entries)
         self._envelope = ippool_envelope(self._block, namespace)
+        self._envelope["apiVersion"] = f"{EARLIER_GROUP}/{VERSION}"
         name = f"earlier-form-{entries}"
         self._envelope["metadata"]["name"] = name
-        super().__init__(api, ippools_path(namespace), name)
+        super().__init__(api, ippools_path(namespace).replace(GROUP, EARLIER_GROUP), name)
         self.entries = entries
         self._spec: dict[str, Any] = {}
 
@@ -361,6 +371,25 @@ def earlier_form(block: Block) -> dict[str, dict[str, str | int]]:
         }
         for address, o in sorted(block.entries.items())
     }
+
+
+def install_earlier_crd(control_plane: ControlPlane) -> None:
+    """pyabouts' IPPool CRD as it was before the table, under EARLIER_GROUP: allocations an
+    object, declared an atomic map (its entries' fields not tracked one by one)."""
+    crd = yaml.safe_load(CRD_FILE.read_text())
+    crd["metadata"]["name"] = f"{crd['spec']['names']['plural']}.{EARLIER_GROUP}"
+    crd["spec"]["group"] = EARLIER_GROUP
+    [version] = crd["spec"]["versions"]
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    spec["properties"]["allocations"] = {
+        "type": "object",
+        "x-kubernetes-map-type": "atomic",
+        "x-kubernetes-preserve-unknown-fields": True,
+    }
+    control_plane.kubectl("apply", "-f", "-", input=json.dumps(crd))
+    control_plane.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", f"crd/{crd['metadata']['name']}"
+    )
 
 
 def change_one(block: Block, n: int) -> None:
