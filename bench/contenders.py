@@ -242,7 +242,10 @@ class PyaboutsAgent(PyaboutsKubernetes):
     Python plugin.
 
     Agents are per node, not per phase: on a real node the agent outlives any one burst. Their
-    memory is the node's standing cost, reported apart from the plugin process's.
+    memory is the node's standing cost, reported apart from the plugin process's. Each serves
+    the contender's datastore from a flat file of its own (`agents` writes it from the
+    settings given), as the DaemonSet's agents do, so its store client is opened when it
+    starts, not by a phase's first call.
     """
 
     def __init__(
@@ -252,7 +255,7 @@ class PyaboutsAgent(PyaboutsKubernetes):
         kubeconfig: Path,
         request_counter: Callable[[], Counter[str]],
         pool: PoolBounds,
-        agents: Callable[[Path], AgentProcess],
+        agents: Callable[[Path, dict[str, Any]], AgentProcess],
         name: str = "pyabouts-agent",
         shim: Path | None = None,
         node_slice_size: str | None = None,
@@ -281,7 +284,8 @@ class PyaboutsAgent(PyaboutsKubernetes):
         setup = super().prepare_node(phase, node, network)
         agent = self._agents.get(node)
         if agent is None:
-            agent = self._agents[node] = self._start_agent(self.workdir / f"agent-{node}")
+            directory = self.workdir / f"agent-{node}"
+            agent = self._agents[node] = self._start_agent(directory, self.datastore_settings())
         return replace(setup, extra_env={"PYABOUTS_AGENT_SOCKET": str(agent.socket)})
 
     def daemon_rss_mib(self) -> float | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import signal
 import sys
 import tempfile
@@ -33,6 +34,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from bench.contenders import (
     Contender,
@@ -286,8 +288,12 @@ class Servers:
         progress(f"etcd ready at {etcd.endpoint}")
         return etcd.endpoint
 
-    def start_agent(self, directory: Path) -> AgentProcess:
-        return self._stack.enter_context(running_agent(directory))
+    def start_agent(self, directory: Path, datastore: dict[str, Any]) -> AgentProcess:
+        """A node's agent serving `datastore` (flat-file keys) from a flat file of its own."""
+        directory.mkdir(parents=True, exist_ok=True)
+        config = directory / "agent.conf"
+        config.write_text(json.dumps(datastore))
+        return self._stack.enter_context(running_agent(directory, config=config))
 
 
 def start_contenders(

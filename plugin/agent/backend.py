@@ -118,6 +118,14 @@ class WarmBackend:
     ) -> Iterator[CoalescingTransactions]:
         yield self._client(ipam).transactions
 
+    def open_own_client(self) -> None:
+        """Open the client of the agent's own datastore now, rather than at the first request:
+        its credentials and TLS context are ready and its IPPool watch is running before the
+        node's first pod comes. No-op when requests name their datastore (trusted)."""
+        own = self._datastore
+        if own is not None:
+            self._client_for("own", own.open_store)
+
     def cached_blocks(self) -> list[Block]:
         with self._lock:
             clients = list(self._clients.values())

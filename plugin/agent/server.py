@@ -416,6 +416,10 @@ def main(argv: list[str] | None = None) -> None:
         log.info("serving %s", datastore.describe())
     metrics = AgentMetrics()
     backend = WarmBackend(metrics, args.node_name, datastore)
+    try:
+        backend.open_own_client()
+    except CniError as exc:
+        raise SystemExit(f"pyabouts-agent: {exc.msg}") from None
     server = AgentServer(args.socket, backend, metrics, _limits(args))
     serve_endpoints(args.listen, metrics.registry, server, before_scrape=server.refresh_pool_usage)
 
