@@ -9,6 +9,7 @@ apiserver, real etcd.
 import json
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from pyabouts.plugin.install import install_shim
 from tests.integration.etcd_fixtures import EtcdServer
 from tests.integration.kube_fixtures import exec_kubeconfig
 from tests.integration.plugin_fixtures import etcd_ipam
-from tests.integration.plugin_processes import cni, netconf
+from tests.integration.plugin_processes import cni, metric, netconf
 from tests.integration.stored_state import stored, stored_allocations
 
 pytestmark = pytest.mark.integration
@@ -80,6 +81,18 @@ def kubernetes_agent(pyabouts_cluster: ControlPlane, tmp_path: Path) -> Iterator
     config = agent_config(tmp_path / "node", {"kubernetes": {"kubeconfig": str(own)}})
     with running_agent(tmp_path / "node", config=config) as agent:
         yield agent
+
+
+def test_an_agent_with_its_own_datastore_watches_the_ippools_before_any_request(
+    kubernetes_agent: AgentProcess,
+) -> None:
+    """Its store client is opened at start, so the node's first pod finds it warm: the watch
+    that tells it which blocks others wrote is live with no request served yet."""
+    deadline = time.monotonic() + 20
+    while metric(kubernetes_agent, "pyabouts_agent_block_feed_live") != 1:
+        assert time.monotonic() < deadline, "the IPPool watch never went live"
+        time.sleep(0.2)
+    assert metric(kubernetes_agent, "pyabouts_agent_requests_total") == 0
 
 
 def test_a_requests_kubeconfig_certificates_and_flat_file_are_never_followed(
