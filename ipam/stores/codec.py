@@ -97,13 +97,12 @@ def _owner_line(owner: Owner) -> str:
 
 def _line_of(owner: Owner) -> str:
     texts = (owner.container_id, owner.ifname, owner.pod, owner.pod_uid, owner.node)
+    counts = (owner.allocated_at, owner.cooldown, owner.cooling_until)
     flags = ",".join(name for name in ("sticky", "reserved") if getattr(owner, name))
     return " ".join(
         [
             *map(_text_column, (*texts, owner.cni_network)),
-            str(owner.allocated_at),
-            str(owner.cooldown),
-            str(owner.cooling_until),
+            *map(_count_column, counts),
             flags or _EMPTY,
         ]
     )
@@ -118,7 +117,16 @@ _OWNER_LINES: dict[tuple[Any, ...], str] = {}
 def _text_column(value: str) -> str:
     if not value:
         return _EMPTY
-    return "%2D" if value == _EMPTY else quote(value, safe=_SAFE)
+    # surrogatepass: a value decoded with surrogateescape (the agent's environment strings)
+    # is stored and read back as it came, as JSON's escapes kept it in the earlier form.
+    return "%2D" if value == _EMPTY else quote(value, safe=_SAFE, errors="surrogatepass")
+
+
+def _count_column(value: int) -> str:
+    # Refused here rather than stored: a block holding one would be refused by every reader.
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{value!r} is not a count or a time to store")
+    return str(value)
 
 
 def block_from_document(key: BlockKey, document: dict[str, Any], revision: str) -> Block:
@@ -210,8 +218,8 @@ def _text(column: str) -> str:
         return ""
     if "%" not in column:
         return column
-    # Strict: a table pyabouts wrote holds UTF-8 between its escapes.
-    return unquote(column, errors="strict")
+    # Strict but for surrogates (see _text_column): a table pyabouts wrote holds UTF-8.
+    return unquote(column, errors="surrogatepass")
 
 
 def _flags(column: str) -> dict[str, bool]:

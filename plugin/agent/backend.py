@@ -120,8 +120,9 @@ class WarmBackend:
 
     def open_own_client(self) -> None:
         """Open the client of the agent's own datastore now, rather than at the first request:
-        its credentials and TLS context are ready and its IPPool watch is running before the
-        node's first pod comes. No-op when requests name their datastore (trusted)."""
+        with IPPools, its TLS context is ready and its IPPool watch running before the node's
+        first pod comes (an etcd client connects at its first request). No-op when requests
+        name their datastore (trusted)."""
         own = self._datastore
         if own is not None:
             self._client_for("own", own.open_store)

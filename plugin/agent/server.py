@@ -420,6 +420,8 @@ def main(argv: list[str] | None = None) -> None:
         backend.open_own_client()
     except CniError as exc:
         raise SystemExit(f"pyabouts-agent: {exc.msg}") from None
+    except (OSError, ValueError) as exc:  # a CA or client key that TLS cannot load, say
+        raise SystemExit(f"pyabouts-agent: cannot open its datastore client: {exc}") from None
     server = AgentServer(args.socket, backend, metrics, _limits(args))
     serve_endpoints(args.listen, metrics.registry, server, before_scrape=server.refresh_pool_usage)
 

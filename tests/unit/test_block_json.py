@@ -130,6 +130,26 @@ def test_the_table_is_a_line_per_address_under_its_header_and_escapes_what_would
     ]
 
 
+def test_surrogates_as_an_environment_decodes_them_are_stored_and_read_back() -> None:
+    # The agent decodes CNI_ARGS with surrogateescape: an undecodable byte is a lone surrogate.
+    owner = Owner("c\udcff", "net1", "ns/p\ud800")
+    block = Block(KEY, {KEY.base + 1: owner})
+    assert block_from_document(KEY, json.loads(block_json(block)), "1").entries == block.entries
+
+
+@pytest.mark.parametrize(
+    "owner",
+    [
+        Owner("c", "e", allocated_at=-1),
+        Owner("c", "e", cooldown=True),
+        Owner("c", "e", cooling_until=1.5),  # type: ignore[arg-type]
+    ],
+)
+def test_a_count_no_reader_would_take_is_refused_rather_than_stored(owner: Owner) -> None:
+    with pytest.raises(ValueError, match="is not a count or a time"):
+        block_json(Block(KEY, {KEY.base + 1: owner}))
+
+
 def test_a_block_of_the_earlier_form_is_read_as_it_was_written() -> None:
     document = {
         "cidr": "2001:db8::/120",
