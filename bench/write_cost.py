@@ -17,13 +17,14 @@ reports; it asserts nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
 import time
 import timeit
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -41,7 +42,6 @@ from pyabouts.ipam.stores.codec import block_document, block_json, compact_json
 from pyabouts.ipam.stores.kube_api import METADATA_ONLY, ApiStatusError, KubeApi
 from pyabouts.ipam.stores.kubeconfig import read_kubeconfig
 from pyabouts.ipam.stores.kubernetes import (
-    GROUP,
     VERSION,
     KubernetesStore,
     ippool_envelope,
@@ -54,6 +54,8 @@ NAMESPACE = "pyabouts-write-cost"
 NAME = "write-cost"
 SHAPES = ("pyabouts", "object per address")
 EARLIER_GROUP = "earlier.pyabouts.io"
+# Its own names, so that neither `kubectl get ippools` nor `pypool` finds two kinds meanwhile.
+EARLIER_KIND, EARLIER_PLURAL = "EarlierIPPool", "earlierippools"
 CRD_FILE = Path(__file__).resolve().parent.parent / "crds" / "ippools.pyabouts.io.yaml"
 # The stored form is pyabouts' own; the other, its earlier one, is only measured.
 OWN_SHAPE = SHAPES[0]
@@ -130,9 +132,8 @@ def measure_all(
     """The Lease, then each shape at each size, round after round, in `namespace` (created if
     need be), each object deleted once measured; ratios against the Lease."""
     api = KubeApi(read_kubeconfig(str(control_plane.kubeconfig)), timeout=30)
-    try:
+    with contextlib.closing(api), installed_earlier_crd(control_plane):
         _ensure_namespace(api, namespace)
-        install_earlier_crd(control_plane)
         store = KubernetesStore(api, namespace)
         processes = control_plane.processes()
         apiserver, etcd = processes["kube-apiserver"], processes["etcd"]
@@ -158,8 +159,6 @@ def measure_all(
         for n in range(rounds):
             measured.append([measure(cpu, w, writes) for w in writers()])
             print(f"  round {n + 1} of {rounds} measured", flush=True)
-    finally:
-        api.close()
     rows = [summarise(list(per_round)) for per_round in zip(*measured, strict=True)]
     floor = rows[0].apiserver_ms + rows[0].etcd_ms
     if floor:  # else too few writes to register on the CPU clock (ticks of 10 ms)
@@ -324,7 +323,7 @@ class OwnBlockWriter(Writer):
 class EarlierFormWriter(Writer):
     """The same owners as OwnBlockWriter's, in an IPPool with the same labels and status,
     written raw as pyabouts stored them before (an object per address), under the earlier
-    CRD (install_earlier_crd)."""
+    CRD (installed_earlier_crd)."""
 
     shape = SHAPES[1]
 
@@ -332,9 +331,11 @@ class EarlierFormWriter(Writer):
         self._block = full_block(entries)
         self._envelope = ippool_envelope(self._block, namespace)
         self._envelope["apiVersion"] = f"{EARLIER_GROUP}/{VERSION}"
+        self._envelope["kind"] = EARLIER_KIND
         name = f"earlier-form-{entries}"
         self._envelope["metadata"]["name"] = name
-        super().__init__(api, ippools_path(namespace).replace(GROUP, EARLIER_GROUP), name)
+        collection = f"/apis/{EARLIER_GROUP}/{VERSION}/namespaces/{namespace}/{EARLIER_PLURAL}"
+        super().__init__(api, collection, name)
         self.entries = entries
         self._spec: dict[str, Any] = {}
 
@@ -373,12 +374,20 @@ def earlier_form(block: Block) -> dict[str, dict[str, str | int]]:
     }
 
 
-def install_earlier_crd(control_plane: ControlPlane) -> None:
-    """pyabouts' IPPool CRD as it was before the table, under EARLIER_GROUP: allocations an
-    object, declared an atomic map (its entries' fields not tracked one by one)."""
+@contextlib.contextmanager
+def installed_earlier_crd(control_plane: ControlPlane) -> Iterator[str]:
+    """pyabouts' IPPool CRD as it was before the table, under EARLIER_GROUP and names of its
+    own: allocations an object, declared an atomic map (its entries' fields not tracked one by
+    one). Yields its name; deleted on the way out."""
     crd = yaml.safe_load(CRD_FILE.read_text())
-    crd["metadata"]["name"] = f"{crd['spec']['names']['plural']}.{EARLIER_GROUP}"
     crd["spec"]["group"] = EARLIER_GROUP
+    crd["spec"]["names"] = {
+        "kind": EARLIER_KIND,
+        "listKind": f"{EARLIER_KIND}List",
+        "plural": EARLIER_PLURAL,
+        "singular": EARLIER_PLURAL[:-1],
+    }
+    name = crd["metadata"]["name"] = f"{EARLIER_PLURAL}.{EARLIER_GROUP}"
     [version] = crd["spec"]["versions"]
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     spec["properties"]["allocations"] = {
@@ -387,9 +396,11 @@ def install_earlier_crd(control_plane: ControlPlane) -> None:
         "x-kubernetes-preserve-unknown-fields": True,
     }
     control_plane.kubectl("apply", "-f", "-", input=json.dumps(crd))
-    control_plane.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", f"crd/{crd['metadata']['name']}"
-    )
+    try:
+        control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{name}")
+        yield name
+    finally:
+        control_plane.kubectl("delete", f"crd/{name}", "--wait=true", "--timeout=60s")
 
 
 def change_one(block: Block, n: int) -> None:

@@ -5,11 +5,11 @@ through its own store, and it leaves nothing behind."""
 import pytest
 
 from bench.kube import KubeCluster
-from bench.write_cost import NAMESPACE, SHAPES, measure_all
+from bench.write_cost import EARLIER_GROUP, EARLIER_PLURAL, NAMESPACE, SHAPES, measure_all
 from deploy.local.controlplane import ControlPlane
 from pyabouts.ipam.stores.kube_api import KubeApi
 from pyabouts.ipam.stores.kubeconfig import read_kubeconfig
-from pyabouts.ipam.stores.kubernetes import ippools_path
+from pyabouts.ipam.stores.kubernetes import GROUP, ippools_path
 
 pytestmark = pytest.mark.integration
 
@@ -21,9 +21,10 @@ def test_each_row_is_that_many_stored_updates_per_round_and_nothing_is_left(
     pyabouts_cluster: ControlPlane,
 ) -> None:
     cluster = KubeCluster(pyabouts_cluster, pyabouts_cluster.kubeconfig)
-    before = cluster.group_requests()
+    groups = (GROUP, EARLIER_GROUP)  # pyabouts' IPPools, and those of its earlier CRD
+    before = cluster.group_requests(*groups)
     rows = measure_all(pyabouts_cluster, [0, 3], WRITES, ROUNDS)
-    requests = cluster.group_requests() - before
+    requests = cluster.group_requests(*groups) - before
 
     assert [(r.shape, r.entries, r.rounds) for r in rows] == [
         ("lease", 0, ROUNDS),
@@ -52,3 +53,5 @@ def test_each_row_is_that_many_stored_updates_per_round_and_nothing_is_left(
     finally:
         api.close()
     assert left["items"] == []
+    earlier_crd = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{EARLIER_PLURAL}"
+    assert pyabouts_cluster.request("GET", f"{earlier_crd}.{EARLIER_GROUP}")[0] == 404
