@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import operator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
 import netaddr
@@ -31,6 +32,10 @@ _EMPTY = "-"  # an empty text column, and no flags
 # references and slice records (a CIDR) are made of. Anything else is percent-encoded, so a
 # value never holds a space, a line break or a quote.
 _SAFE = "/:@+=,"
+
+K = TypeVar("K")
+V = TypeVar("V")
+A = TypeVar("A")
 
 
 def block_cidr(key: BlockKey) -> str:
@@ -86,13 +91,18 @@ def _owner_line(owner: Owner) -> str:
     """The owner's columns after the offset. A write sends its whole block, and between two
     writes of a block nearly all of its owners are the same: each owner's line is kept."""
     # Keyed on every field: an Owner's equality leaves some out (the time, say), its line not.
-    key = _owner_fields(owner)
-    line = _OWNER_LINES.get(key)
-    if line is None:
-        if len(_OWNER_LINES) >= _MAX_OWNER_LINES:
-            _OWNER_LINES.clear()  # rare: a writer cycling through more blocks than it keeps
-        line = _OWNER_LINES[key] = _line_of(owner)
-    return line
+    return _kept(_OWNER_LINES, _owner_fields(owner), _line_of, owner)
+
+
+def _kept(cache: dict[K, V], key: K, make: Callable[[A], V], source: A) -> V:
+    """cache[key], made first from `source` if need be. Bounded: emptied when full, which is
+    rare (a process cycling through more blocks than it keeps)."""
+    value = cache.get(key)
+    if value is None:
+        if len(cache) >= _MAX_KEPT:
+            cache.clear()
+        value = cache[key] = make(source)
+    return value
 
 
 def _line_of(owner: Owner) -> str:
@@ -109,8 +119,8 @@ def _line_of(owner: Owner) -> str:
 
 
 _owner_fields = operator.attrgetter(*(f.name for f in dataclasses.fields(Owner)))
-# The entries of 16 full blocks: more than a node's agent writes in turn.
-_MAX_OWNER_LINES = 4096
+# The entries of 16 full blocks: more than a node's agent writes or reads in turn.
+_MAX_KEPT = 4096
 _OWNER_LINES: dict[tuple[Any, ...], str] = {}
 
 
@@ -170,12 +180,7 @@ def _entries_of_table(key: BlockKey, table: str) -> dict[int, Owner]:
 def _owner_read(columns: str) -> Owner:
     """The owner a line's columns after its offset describe. Blocks are read again and again
     (after a conflict, by the reconciler) with nearly the same lines: each one's owner is kept."""
-    owner = _OWNERS_READ.get(columns)
-    if owner is None:
-        if len(_OWNERS_READ) >= _MAX_OWNER_LINES:
-            _OWNERS_READ.clear()
-        owner = _OWNERS_READ[columns] = _owner_of(columns)
-    return owner
+    return _kept(_OWNERS_READ, columns, _owner_of, columns)
 
 
 def _owner_of(columns: str) -> Owner:

@@ -98,7 +98,7 @@ def test_a_member_given_as_json_text_joins_the_document(document: dict[str, str]
 
 
 def test_the_kept_lines_and_owners_stay_bounded_and_right_past_their_bound() -> None:
-    owners = [Owner(f"c{n}", "net1") for n in range(codec._MAX_OWNER_LINES + 10)]
+    owners = [Owner(f"c{n}", "net1") for n in range(codec._MAX_KEPT + 10)]
     for n, owner in enumerate(owners):
         block = Block(KEY, {KEY.base + n % BLOCK_SIZE: owner})
         written = json.loads(block_json(block))
@@ -106,8 +106,8 @@ def test_the_kept_lines_and_owners_stay_bounded_and_right_past_their_bound() -> 
             [codec.TABLE_HEADER, f"{n % BLOCK_SIZE} c{n} net1 - - - - 0 0 0 -"]
         )
         assert block_from_document(KEY, written, "1").entries == block.entries
-        assert len(codec._OWNER_LINES) <= codec._MAX_OWNER_LINES
-        assert len(codec._OWNERS_READ) <= codec._MAX_OWNER_LINES
+        assert len(codec._OWNER_LINES) <= codec._MAX_KEPT
+        assert len(codec._OWNERS_READ) <= codec._MAX_KEPT
 
 
 def _all_fields(owner: Owner) -> tuple[object, ...]:
