@@ -69,7 +69,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--renew-deadline", type=int, default=10, help="seconds")
     parser.add_argument("--retry-period", type=int, default=2, help="seconds")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.watch and args.dry_run:
+        # The controller frees as it goes: a dry run it ignored would free what was only to
+        # be reported.
+        parser.error("--dry-run is for one pass; the controller (--watch) always frees")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -139,7 +144,7 @@ def run_once(connections: Connections, policy: Policy, *, dry_run: bool) -> int:
 
 
 def summary_document(summary: PassSummary) -> dict[str, Any]:
-    """The exit summary: counts, and every address freed (or that would be) with its reason."""
+    """The exit summary: counts, and every address and node slice freed (or that would be)."""
     listed = summary.leaks if summary.dry_run else summary.freed
     return {
         "dryRun": summary.dry_run,

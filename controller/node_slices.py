@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
-from pyabouts.ipam.pool import Block
+from pyabouts.controller.leaks import Leak
+from pyabouts.controller.reclaim import release_unchanged
+from pyabouts.ipam.pool import Block, Owner, PoolId, PoolView
 from pyabouts.ipam.slices import give_back_slice, is_registry, slice_span
 from pyabouts.ipam.store import PoolStore
 from pyabouts.ipam.transaction import Span, run_span_transaction
@@ -42,23 +44,47 @@ def free_slices_of_gone_nodes(
     """Give back the slices in `blocks` (a snapshot) held by nodes not in `nodes` whose
     addresses are all free; the ones given back."""
     freed = []
-    for block in blocks:
-        if not is_registry(block.key.pool):
-            continue
-        for index, holder in sorted(block.entries.items()):
-            if holder.node in nodes:
-                continue
-            pool, first, last = slice_span(block.key.pool, holder)
-            spans = [Span(block.key.pool, index, index), Span(pool, first, last)]
-            decide = functools.partial(
-                give_back_slice,
-                registry=block.key.pool,
-                index=index,
-                holder=holder,
-                now=int(time.time()),
-            )
-            if run_span_transaction(store, spans, decide, deadline=deadline):
-                gone = FreedSlice(pool.network, holder.container_id, holder.node)
-                log.info("freed %s", gone.describe())
-                freed.append(gone)
+    now = int(time.time())
+    for registry, index, holder in _held_by_gone_nodes(blocks, nodes):
+        pool, first, last = slice_span(registry, holder)
+        spans = [Span(registry, index, index), Span(pool, first, last)]
+        decide = functools.partial(
+            give_back_slice, registry=registry, index=index, holder=holder, now=now
+        )
+        if run_span_transaction(store, spans, decide, deadline=deadline):
+            gone = _freed(registry, holder)
+            log.info("freed %s", gone.describe())
+            freed.append(gone)
     return freed
+
+
+def slices_a_pass_would_free(
+    blocks: Sequence[Block], nodes: Collection[str], leaks: Sequence[Leak]
+) -> list[FreedSlice]:
+    """For a dry run: the slices a pass over `blocks` (a snapshot) would give back once it had
+    freed `leaks`, decided as the pass decides, on a view of the snapshot that is never
+    written."""
+    view = PoolView(blocks)
+    now = int(time.time())
+    release_unchanged(view, leaks, now)
+    return [
+        _freed(registry, holder)
+        for registry, index, holder in _held_by_gone_nodes(blocks, nodes)
+        if give_back_slice(view, registry=registry, index=index, holder=holder, now=now)
+    ]
+
+
+def _held_by_gone_nodes(
+    blocks: Sequence[Block], nodes: Collection[str]
+) -> Iterator[tuple[PoolId, int, Owner]]:
+    """(registry, entry, holder) of each slice in `blocks` whose node is not in `nodes`."""
+    for block in blocks:
+        if is_registry(block.key.pool):
+            for index, holder in sorted(block.entries.items()):
+                if holder.node not in nodes:
+                    yield block.key.pool, index, holder
+
+
+def _freed(registry: PoolId, holder: Owner) -> FreedSlice:
+    pool = slice_span(registry, holder)[0]
+    return FreedSlice(pool.network, holder.container_id, holder.node)

@@ -27,12 +27,13 @@ def free_leaks(store: PoolStore, leaks: Sequence[Leak], *, deadline: float) -> l
     now = int(time.time())
     for key, group in itertools.groupby(sorted(leaks, key=lambda k: k.key), key=lambda k: k.key):
         span = Span(key.pool, key.base, key.base + BLOCK_SIZE - 1)
-        decide = functools.partial(_release_unchanged, leaks=list(group), now=now)
+        decide = functools.partial(release_unchanged, leaks=list(group), now=now)
         freed += run_span_transaction(store, [span], decide, deadline=deadline)
     return freed
 
 
-def _release_unchanged(view: PoolView, leaks: list[Leak], now: int) -> list[Leak]:
+def release_unchanged(view: PoolView, leaks: Sequence[Leak], now: int) -> list[Leak]:
+    """Free, in `view`, the `leaks` whose entry is still the owner judged; those."""
     unchanged = [leak for leak in leaks if view.owner(leak.key.pool, leak.address) == leak.owner]
     for leak in unchanged:
         if leak.owner.cooling:  # a rest that has ended (Reason.REST_ENDED)

@@ -15,7 +15,12 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pyabouts.controller.leaks import Leak, PodState, Policy, StatefulSets, find_leaks
-from pyabouts.controller.node_slices import FreedSlice, free_slices_of_gone_nodes, has_slices
+from pyabouts.controller.node_slices import (
+    FreedSlice,
+    free_slices_of_gone_nodes,
+    has_slices,
+    slices_a_pass_would_free,
+)
 from pyabouts.controller.reclaim import free_leaks
 from pyabouts.ipam.pool import Block
 from pyabouts.ipam.store import PoolStore
@@ -36,7 +41,8 @@ class PassSummary:
     dry_run: bool
     seconds: float
     blocks: list[Block] = field(default_factory=list, repr=False)  # the snapshot, for metrics
-    slices_freed: list[FreedSlice] = field(default_factory=list)  # node slices of gone nodes
+    # Node slices of gone nodes given back (that would be, in a dry run).
+    slices_freed: list[FreedSlice] = field(default_factory=list)
 
     def by_reason(self) -> dict[str, int]:
         return dict(Counter(leak.reason.value for leak in self.freed))
@@ -47,7 +53,7 @@ class PassSummary:
         reasons = Counter(leak.reason.value for leak in done)
         why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "none"
         kept = "" if self.dry_run else f"; {len(self.leaks) - len(self.freed)} changed meanwhile"
-        slices = f"; node slices freed: {len(self.slices_freed)}" if self.slices_freed else ""
+        slices = f"; node slices {verb}: {len(self.slices_freed)}" if self.slices_freed else ""
         return (
             f"checked {self.allocations} allocation(s) against {self.pods} pod(s) in "
             f"{self.seconds:.2f} s: {verb} {len(done)} ({why}){kept}{slices}"
@@ -80,10 +86,13 @@ def reconcile(
         log.info("%s %s", "would free" if dry_run else "freeing", leak.describe())
     freed = [] if dry_run else free_leaks(store, leaks, deadline=time.monotonic() + FREE_DEADLINE)
     slices_freed = []
-    if list_nodes is not None and only_pods is None and not dry_run and has_slices(blocks):
-        slices_freed = free_slices_of_gone_nodes(
-            store, blocks, set(list_nodes()), deadline=time.monotonic() + FREE_DEADLINE
-        )
+    if list_nodes is not None and only_pods is None and has_slices(blocks):
+        nodes = set(list_nodes())
+        if dry_run:
+            slices_freed = slices_a_pass_would_free(blocks, nodes, leaks)
+        else:
+            deadline = time.monotonic() + FREE_DEADLINE
+            slices_freed = free_slices_of_gone_nodes(store, blocks, nodes, deadline=deadline)
     summary = PassSummary(
         allocations=sum(1 for b in judged for o in b.entries.values() if o.pod and o.in_use),
         pods=len(pods),

@@ -1,7 +1,7 @@
 """Node slices (`node_slice_size`) on the real apiserver: nodes served by their agents through
 the node shim each take a slice of the range with compare-and-swap and allocate only from it;
 a node too many gets a clear error; the reconciler frees the addresses of a deleted node's pods
-and then its slice, which the next node takes."""
+and then its slice, which the next node takes (a dry run first names them, freeing nothing)."""
 
 import contextlib
 import json
@@ -135,6 +135,16 @@ def test_each_node_allocates_only_from_its_slice_and_a_gone_nodes_slice_is_reuse
         delete_pod(pyabouts_cluster, NAMESPACE, container)
     flat = tmp_path / "reconciler.conf"
     flat.write_text(json.dumps(kubernetes_datastore(pyabouts_cluster)))
+    # A dry run names the addresses and the slice the pass would free, and frees none of them.
+    would = reconcile_once(flat, reconciler_kubeconfig, "--dry-run")
+    assert would["dryRun"] and would["freed"] == 0
+    assert sorted(a["ip"] for a in would["addresses"] if a["network"] == network) == sorted(
+        given["node-1"]
+    )
+    assert [s for s in would["nodeSlicesFreed"] if s["network"] == network] == [
+        {"network": network, "slice": str(gone_slice), "node": "node-1"}
+    ]
+    assert slices_held(pyabouts_cluster, network)["node-1"] == gone_slice
     summary = reconcile_once(flat, reconciler_kubeconfig)
     mine = [a for a in summary["addresses"] if a["network"] == network]
     assert sorted(a["ip"] for a in mine) == sorted(given["node-1"])
