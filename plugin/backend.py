@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
-    from pyabouts.ipam.config import FlatFile, IpamConf
+    from pyabouts.ipam.config import IpamConf, PluginConfig
     from pyabouts.ipam.pool import PoolId, PoolView
     from pyabouts.ipam.ranges import AddressRange
     from pyabouts.ipam.transaction import Transactions
@@ -31,8 +31,9 @@ class Backend(Protocol):
     #: free address as whereabouts does (a plugin process).
     spreads_nodes: bool
 
-    def flat_file(self, ipam: Mapping[str, Any]) -> FlatFile | None:
-        """The flat file that fills what the request's `ipam` leaves empty, if any."""
+    def config(self, raw: dict[str, Any], netconf: bytes) -> PluginConfig:
+        """The request's configuration, validated: `raw`, the network config decoded from
+        `netconf` (stdin), with what its `ipam` leaves empty taken from the flat file."""
         ...
 
     def transactions(
@@ -41,6 +42,18 @@ class Backend(Protocol):
         """Transactions on the store `ipam` names, for a command over `pools`; `writes_by` (a
         deadline) when the command may write them."""
         ...
+
+
+def config_with_named_flat_file(raw: dict[str, Any]) -> PluginConfig:
+    """`raw` validated, with the flat file its `configuration_path` names, else the one in the
+    standard places (as whereabouts)."""
+    from pyabouts.ipam.config import load_config  # noqa: PLC0415 - heavy, loaded on use
+    from pyabouts.ipam.stores.flat_file import read_flat_file  # noqa: PLC0415
+
+    inline = raw.get("ipam")
+    return load_config(
+        raw, read_flat_file(inline.get("configuration_path")) if isinstance(inline, dict) else None
+    )
 
 
 class OneShotBackend:
@@ -59,11 +72,8 @@ class OneShotBackend:
         # registers by default.
         self.node = os.environ.get("NODE_NAME") or os.uname().nodename
 
-    def flat_file(self, ipam: Mapping[str, Any]) -> FlatFile | None:
-        """The one `configuration_path` names, else the standard places (as whereabouts)."""
-        from pyabouts.ipam.stores.flat_file import read_flat_file  # noqa: PLC0415 - with the config
-
-        return read_flat_file(ipam.get("configuration_path"))
+    def config(self, raw: dict[str, Any], netconf: bytes) -> PluginConfig:
+        return config_with_named_flat_file(raw)
 
     @contextlib.contextmanager
     def transactions(

@@ -10,7 +10,7 @@ from typing import Any
 import netaddr
 
 from pyabouts.ipam import operations
-from pyabouts.ipam.config import PluginConfig, load_config, requested_addresses
+from pyabouts.ipam.config import PluginConfig, requested_addresses
 from pyabouts.ipam.errors import INVALID_CONFIG, NOT_AVAILABLE, UNKNOWN_CONTAINER, CniError
 from pyabouts.ipam.pool import Owner
 from pyabouts.ipam.ranges import RangeError, parse_address
@@ -30,11 +30,13 @@ def run_command(
     env: Mapping[str, str],
     cni_args: Mapping[str, str],
     raw: dict[str, Any],
+    *,
+    netconf: bytes,
     backend: Backend,
 ) -> dict[str, Any] | None:
-    """Serve one CNI command; the result to print, or None when the command prints nothing."""
-    inline = raw.get("ipam")
-    config = load_config(raw, backend.flat_file(inline) if isinstance(inline, dict) else None)
+    """Serve one CNI command on `raw`, the network config decoded from `netconf`; the result to
+    print, or None when the command prints nothing."""
+    config = backend.config(raw, netconf)
     if backend.configures_logging:
         configure_logging(config.ipam.log_file, config.ipam.log_level)
     deadline = time.monotonic() + DEADLINE_SECONDS

@@ -72,7 +72,8 @@ def handle_request(env: Mapping[str, str], stdin: bytes, backend: Backend | None
         from pyabouts.plugin.backend import OneShotBackend  # noqa: PLC0415 - heavy imports, load on use
         from pyabouts.plugin.commands import run_command  # noqa: PLC0415
 
-        return _success(run_command(command, env, cni_args, raw, backend or OneShotBackend()))
+        served_by = backend or OneShotBackend()
+        return _success(run_command(command, env, cni_args, raw, netconf=stdin, backend=served_by))
     except CniError as error:
         return _failure(version, error)
     except AllocationError as refused:

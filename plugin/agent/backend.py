@@ -11,24 +11,25 @@ conflict, never succeed wrongly; other nodes' agents and in-process plugins stay
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pyabouts.ipam.coalescing import CoalescingTransactions
-from pyabouts.ipam.config import FlatFile, IpamConf
+from pyabouts.ipam.config import IpamConf, PluginConfig, load_config
 from pyabouts.ipam.pool import Block, PoolId
 from pyabouts.ipam.store import BlockFeed, PoolStore, WriteOutcome
 from pyabouts.ipam.stores import open_store
 from pyabouts.ipam.stores.cached import CachedStore
-from pyabouts.ipam.stores.flat_file import read_flat_file
 from pyabouts.plugin.agent.datastore import AgentDatastore
 from pyabouts.plugin.agent.feed_follower import FeedFollower
 from pyabouts.plugin.agent.metrics import AgentMetrics
-from pyabouts.plugin.backend import REQUEST_TIMEOUT_SECONDS
+from pyabouts.plugin.backend import REQUEST_TIMEOUT_SECONDS, config_with_named_flat_file
+from pyabouts.plugin.cni import decode_netconf
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ POOL_MAX_AGE_SECONDS = 2.0
 # feed reported instead, and only blocks others wrote are read (see CachedStore); it is read
 # whole this often all the same, in case the watch silently stopped delivering.
 POOL_MAX_AGE_FED_SECONDS = 60.0
+# Validated network configs kept, by their bytes; one larger than CACHED_NETCONF_BYTES (per-pod
+# runtimeConfig, say) is validated on each call: the cache stays within a few MiB.
+CONFIGS_KEPT = 128
+CACHED_NETCONF_BYTES = 16384
 
 
 class MeteredStore:
@@ -106,11 +111,21 @@ class WarmBackend:
         self._lock = threading.Lock()
         self._clients: dict[str, _Client] = {}
         self._retired: list[_Client] = []  # replaced clients, closed at the next replacement
+        # A node's pods use a few networks, each sending the same config on every call:
+        # validated once each (exceptions are not kept: a bad config is refused every time).
+        self._own_config = functools.lru_cache(maxsize=CONFIGS_KEPT)(self._validated)
 
-    def flat_file(self, ipam: Mapping[str, Any]) -> FlatFile | None:
+    def config(self, raw: dict[str, Any], netconf: bytes) -> PluginConfig:
         if self._datastore is None:
-            return read_flat_file(ipam.get("configuration_path"))
-        return self._datastore.flat_file  # never a file a request names
+            return config_with_named_flat_file(raw)
+        if len(netconf) > CACHED_NETCONF_BYTES:
+            return load_config(raw, self._datastore.flat_file)
+        return self._own_config(netconf)
+
+    def _validated(self, netconf: bytes) -> PluginConfig:
+        """A network config with the agent's own flat file (never a file a request names)."""
+        assert self._datastore is not None  # only called for the agent's own datastore
+        return load_config(decode_netconf(netconf), self._datastore.flat_file)
 
     @contextlib.contextmanager
     def transactions(
