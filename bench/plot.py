@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from bench.results import BenchmarkResult, PhaseFigures
+from bench.results import ROUND, BenchmarkResult, PhaseFigures
 
 LATEST_PNG = "latest.png"
 GROUP_WIDTH = 0.8  # of one phase's slot on the x axis, shared by the contenders' bars
@@ -104,8 +104,8 @@ def _label(axes: Axes, x: float, y: float, text: str) -> None:
 
 
 def _rows(phases: Sequence[PhaseFigures]) -> list[tuple[str, str]]:
-    """(phase, command) pairs in the order they ran."""
-    return list(dict.fromkeys((p.phase, p.command) for p in phases))
+    """(phase, command) pairs in the order they ran; a phase's later rounds are in the JSON."""
+    return list(dict.fromkeys((p.phase, p.command) for p in phases if ROUND not in p.phase))
 
 
 def _title(result: BenchmarkResult) -> str:

@@ -5,8 +5,10 @@ seconds (per phase), memory in MiB."""
 from __future__ import annotations
 
 import dataclasses
+from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from statistics import median
 from typing import Any
 
 
@@ -46,6 +48,10 @@ class Settings:
     pod_concurrency: int = 0
     # pyabouts-shim-slices' range, when it ran: a slice per node, so more addresses than calls.
     sliced_pool: str = ""
+    # How many times the concurrent phase ran for the `repeated` contenders, in turn (the
+    # phases "concurrent", "concurrent-round-2", ...): their ratios have a median over rounds.
+    rounds: int = 1
+    repeated: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,11 +138,35 @@ PHASE_RATIO_FIGURES = ("p50_ms", "p99_ms", "wall_s", "per_second", "rss_max_mib"
 STARTUP_RATIO_FIGURES = ("version_p50_ms", "version_max_rss_mib")
 
 
+ROUND = "-round-"
+
+
+def round_phase(phase: str, number: int) -> str:
+    """The name of the `number`th run of `phase` (the first keeps the phase's own name)."""
+    return phase if number == 1 else f"{phase}{ROUND}{number}"
+
+
 def compute_ratios(
     startup: list[StartupFigures], phases: list[PhaseFigures], baselines: Sequence[str]
 ) -> list[Ratio]:
-    """Every other contender's main figures divided by each baseline's."""
-    return [r for baseline in baselines for r in _ratios_to(startup, phases, baseline)]
+    """Every other contender's main figures divided by each baseline's; for a phase run in
+    rounds, also the median of the rounds' ratios (row "<phase> <command>, median of N")."""
+    ratios = [r for baseline in baselines for r in _ratios_to(startup, phases, baseline)]
+    return ratios + _medians_over_rounds(ratios)
+
+
+def _medians_over_rounds(ratios: Sequence[Ratio]) -> list[Ratio]:
+    rounds: defaultdict[tuple[str, str, str, str], list[float]] = defaultdict(list)
+    for r in ratios:
+        phase, _, command = r.row.rpartition(" ")
+        if r.value is not None and r.row != "startup":
+            key = (r.contender, r.baseline, f"{phase.split(ROUND)[0]} {command}", r.figure)
+            rounds[key].append(r.value)
+    return [
+        Ratio(contender, baseline, f"{row}, median of {len(values)}", figure, median(values))
+        for (contender, baseline, row, figure), values in rounds.items()
+        if len(values) > 1
+    ]
 
 
 def _ratios_to(

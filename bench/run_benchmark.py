@@ -67,6 +67,7 @@ from bench.results import (
     Settings,
     StartupFigures,
     compute_ratios,
+    round_phase,
 )
 from deploy.local import whereabouts_install
 from deploy.local.agent_process import AgentProcess, running_agent
@@ -103,6 +104,10 @@ DEFAULT_CONTENDERS = tuple(name for name in CONTENDERS if name != PYABOUTS_ETCD)
 # The pods phase costs minutes for whereabouts: by default it runs for the plugin pyabouts
 # installs on nodes and the two baselines.
 DEFAULT_POD_CONTENDERS = (PYABOUTS_SHIM, WHEREABOUTS_NAME, HOST_LOCAL_NAME)
+# The concurrent phase runs again (rounds 2, 3, ...) for the contenders quick to run it, in
+# turn, so that each ratio between them also has a median over rounds: on these two shared
+# cores one phase's wall time varies by tens of percent from one minute to the next.
+REPEATED_CONTENDERS = (PYABOUTS_SHIM, PYABOUTS_SHIM_SLICES, HOST_LOCAL_NAME)
 # Longer than the agent's pool cache age: each spaced call finds its pool as old as that.
 SPACED_GAP_S = POOL_MAX_AGE_SECONDS + 0.5
 KUBERNETES_CONTENDERS = {
@@ -141,6 +146,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--pods", type=_positive, default=128, help="pods of the pods phase (P)")
     parser.add_argument(
         "--pod-networks", type=_positive, default=16, help="networks of each pod (W)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=_positive,
+        default=5,
+        help=f"runs of the concurrent phase for {', '.join(REPEATED_CONTENDERS)} (R)",
     )
     parser.add_argument(
         "--out", type=Path, default=Path("bench/results"), help="JSON and PNG go here"
@@ -235,6 +246,8 @@ def measure_settings(args: argparse.Namespace, spawner: Spawner, workdir: Path) 
         pod_networks=args.pod_networks,
         pod_concurrency=args.pods,
         sliced_pool=_sliced_pool(args) if PYABOUTS_SHIM_SLICES in args.contenders else "",
+        rounds=args.rounds,
+        repeated=[name for name in REPEATED_CONTENDERS if name in args.contenders],
     )
 
 
@@ -378,8 +391,15 @@ def run_all_phases(
         ("spaced", settings.spaced_calls, 1, 1, settings.spaced_gap_s),
         ("concurrent", settings.calls, settings.concurrency, settings.nodes, 0.0),
     )
-    for name, calls, concurrency, nodes, gap_s in plan:
+    rounds = [
+        (round_phase("concurrent", n), settings.calls, settings.concurrency, settings.nodes, 0.0)
+        for n in range(2, settings.rounds + 1)
+    ]
+    again = {name for name, *_ in rounds}
+    for name, calls, concurrency, nodes, gap_s in (*plan, *rounds):
         for contender in contenders:
+            if name in again and contender.name not in settings.repeated:
+                continue
             phase = Phase(name=name, run_id=_run_id(name), nodes=nodes)
             rest = f", {gap_s:.1f} s apart" if gap_s else ""
             progress(
