@@ -44,12 +44,11 @@ def free_slices_of_gone_nodes(
     """Give back the slices in `blocks` (a snapshot) held by nodes not in `nodes` whose
     addresses are all free; the ones given back."""
     freed = []
-    now = int(time.time())
     for registry, index, holder in _held_by_gone_nodes(blocks, nodes):
         pool, first, last = slice_span(registry, holder)
         spans = [Span(registry, index, index), Span(pool, first, last)]
         decide = functools.partial(
-            give_back_slice, registry=registry, index=index, holder=holder, now=now
+            give_back_slice, registry=registry, index=index, holder=holder, now=int(time.time())
         )
         if run_span_transaction(store, spans, decide, deadline=deadline):
             gone = _freed(registry, holder)
@@ -67,11 +66,14 @@ def slices_a_pass_would_free(
     view = PoolView(blocks)
     now = int(time.time())
     release_unchanged(view, leaks, now)
-    return [
+    would = [
         _freed(registry, holder)
         for registry, index, holder in _held_by_gone_nodes(blocks, nodes)
         if give_back_slice(view, registry=registry, index=index, holder=holder, now=now)
     ]
+    for gone in would:
+        log.info("would free %s", gone.describe())
+    return would
 
 
 def _held_by_gone_nodes(

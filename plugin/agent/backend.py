@@ -30,6 +30,7 @@ from pyabouts.plugin.agent.feed_follower import FeedFollower
 from pyabouts.plugin.agent.metrics import AgentMetrics
 from pyabouts.plugin.backend import REQUEST_TIMEOUT_SECONDS, config_with_named_flat_file
 from pyabouts.plugin.cni import decode_netconf
+from pyabouts.plugin.commands import VALID_ATTACHMENTS
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,13 @@ POOL_MAX_AGE_SECONDS = 2.0
 # feed reported instead, and only blocks others wrote are read (see CachedStore); it is read
 # whole this often all the same, in case the watch silently stopped delivering.
 POOL_MAX_AGE_FED_SECONDS = 60.0
-# Validated network configs kept, by their bytes; one larger than CACHED_NETCONF_BYTES (per-pod
-# runtimeConfig, say) is validated on each call: the cache stays within a few MiB.
-CONFIGS_KEPT = 128
-CACHED_NETCONF_BYTES = 16384
+# Validated network configs kept, by their bytes. Only those a network sends unchanged on every
+# call: not one larger than CACHED_NETCONF_BYTES, nor one with a key the runtime fills per call
+# (a DEL's or CHECK's prevResult, a GC's attachments), each validated afresh. Kept small, since
+# whoever writes a NAD chooses its size: validated, a config is several times its bytes.
+CONFIGS_KEPT = 64
+CACHED_NETCONF_BYTES = 8192
+PER_CALL_KEYS = ("prevResult", VALID_ATTACHMENTS)
 
 
 class MeteredStore:
@@ -118,7 +122,7 @@ class WarmBackend:
     def config(self, raw: dict[str, Any], netconf: bytes) -> PluginConfig:
         if self._datastore is None:
             return config_with_named_flat_file(raw)
-        if len(netconf) > CACHED_NETCONF_BYTES:
+        if len(netconf) > CACHED_NETCONF_BYTES or any(key in raw for key in PER_CALL_KEYS):
             return load_config(raw, self._datastore.flat_file)
         return self._own_config(netconf)
 
