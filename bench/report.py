@@ -41,7 +41,12 @@ def format_settings(settings: Settings) -> str:
         + f"sequential_calls={settings.sequential_calls} "
         f"spaced_calls={settings.spaced_calls} ({settings.spaced_gap_s:.1f} s apart) "
         f"pods={settings.pods}x{settings.pod_networks} networks "
-        f"startup_runs={settings.startup_runs}; "
+        + (
+            f"rounds={settings.rounds} ({', '.join(settings.repeated)}) "
+            if settings.rounds > 1
+            else ""
+        )
+        + f"startup_runs={settings.startup_runs}; "
         "plugins started "
         f"{settings.spawner}; /bin/true that way: {settings.time_floor_ms:.1f} ms, "
         f"{settings.cpu_floor_ms:.2f} ms of CPU, {settings.rss_floor_mib:.1f} MiB"

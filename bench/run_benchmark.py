@@ -4,8 +4,8 @@ kube-apiserver. The shim runs twice: on one pool all nodes share, and with node 
 per node, so no two nodes write the same IPPool; its range then holds a /24 per node).
 
     .venv/bin/python -m bench.run_benchmark [--calls N] [--concurrency C] [--nodes M]
-        [--sequential-calls S] [--spaced-calls K] [--pods P] [--pod-networks W] [--out DIR]
-        [--contenders pyabouts-agent,...] [--pod-contenders pyabouts-shim,...]
+        [--sequential-calls S] [--spaced-calls K] [--pods P] [--pod-networks W] [--rounds R]
+        [--out DIR] [--contenders pyabouts-agent,...] [--pod-contenders pyabouts-shim,...]
 
 Starts what the chosen contenders need (one local kube-apiserver with pyabouts' and
 whereabouts' CRDs and RBAC; a private etcd for pyabouts-etcd), then for each contender measures
@@ -13,7 +13,9 @@ start-up (VERSION, imports); S sequential ADDs then DELs on one node (uncontende
 ADDs one at a time, each after a rest longer than the agent's pool cache age (a pod coming to a
 quiet node: a LIST of the pool, unless the agent's IPPool watch says nobody wrote it), then their
 DELs; N ADDs then N DELs into a pool of exactly N
-addresses at concurrency C from M simulated nodes; and, for the pod contenders, P pods on W
+addresses at concurrency C from M simulated nodes (R times in all for pyabouts-shim,
+pyabouts-shim-slices and host-local, in turn: their ratios also as a median over the rounds);
+and, for the pod contenders, P pods on W
 networks each (W pools of P addresses), all pods at once from M nodes, each pod's W ADDs one
 after the other as Multus calls its delegates (whereabouts issue #313: 128 pods x 16 networks
 passing kubelet's 4-minute limit). Prints tables and ratios against whereabouts and host-local,
