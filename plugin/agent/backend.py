@@ -115,7 +115,7 @@ class WarmBackend:
         self._lock = threading.Lock()
         self._clients: dict[str, _Client] = {}
         self._retired: list[_Client] = []  # replaced clients, closed at the next replacement
-        # A node's pods use a few networks, each sending the same config on every call:
+        # A node's pods use a few networks, each sending the same config on every ADD:
         # validated once each (exceptions are not kept: a bad config is refused every time).
         self._own_config = functools.lru_cache(maxsize=CONFIGS_KEPT)(self._validated)
 
