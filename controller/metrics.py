@@ -59,8 +59,7 @@ class ReconcilerMetrics:
             self.reclaimed.labels(reason).inc(count)
         for leak in summary.leaks:
             self.leaks_found.labels(leak.reason.value).inc()
-        if not summary.dry_run:
-            self.slices_freed.inc(len(summary.slices_freed))
+        self.slices_freed.inc(len(summary.slices_freed))
         self.last_pass.set(time.time())
         if kind == "full":
             self.record_pools(summary.blocks)

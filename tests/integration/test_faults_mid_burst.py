@@ -129,8 +129,8 @@ def burst_through_a_fault(burst: Burst, fault: Callable[[], None]) -> None:
     while unanswered is None:
         time.sleep(0.005)
         strike_once_enough_are_answered()
-    assert unanswered > 0, "the fault came after every ADD had its answer"
     outcomes = dict(enumerate(finish(started)))
+    assert unanswered > 0, "the fault came after every ADD had its answer"
     failed_by_fault = [i for i, (code, _) in outcomes.items() if code != 0]
 
     # As kubelet: a sandbox whose ADD failed is torn down (DEL), and a new one is set up; a
