@@ -91,7 +91,7 @@ def assign_address(
         chosen = held[0]
     else:
         start = block_start(rng, spread_key) if spread_key else rng.first
-        free = _first_free(view, rng, start)
+        free = first_free_from(view, rng, start)
         if free is None:
             free = _rest_ended(view, rng, now)
         if free is None:
@@ -270,7 +270,7 @@ def block_start(rng: AddressRange, key: str) -> int:
     return max(rng.first, first_block + index * BLOCK_SIZE)
 
 
-def _first_free(view: PoolView, rng: AddressRange, start: int) -> int | None:
+def first_free_from(view: PoolView, rng: AddressRange, start: int) -> int | None:
     """The lowest free address at or after `start`, else the lowest before it."""
     after = [(max(first, start), last) for first, last in rng.spans if last >= start]
     before = [(first, min(last, start - 1)) for first, last in rng.spans if first < start]

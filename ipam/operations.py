@@ -29,7 +29,8 @@ def allocate(
     """One address per range for `owner` (its existing ones if it has them).
 
     With `sliced` (node_slice_size: those of `ranges` it cuts, and how), from the slice of each
-    of them that owner.node holds, taking the first free one where it holds none yet: the slice
+    of them that owner.node holds, taking a free one where it holds none yet (the first from the
+    one its name picks, slices.preferred_slice): the slice
     registries are read and written in the same transaction as the addresses.
 
     With `spread_nodes` (the node agent), each node starts in a block of its own, picked by

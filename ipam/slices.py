@@ -12,12 +12,13 @@ Pure decisions over a PoolView, like ipam.allocator; the caller runs them as tra
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import netaddr
 
-from pyabouts.ipam.allocator import release
+from pyabouts.ipam.allocator import first_free_from, release
 from pyabouts.ipam.errors import NoFreeSliceError
 from pyabouts.ipam.pool import Owner, PoolId, PoolView
 from pyabouts.ipam.ranges import AddressRange, RangeError
@@ -127,22 +128,35 @@ def held_slice(view: PoolView, sliced: SlicedRange, node: str) -> int | None:
 
 
 def take_slice(view: PoolView, sliced: SlicedRange, node: str) -> int:
-    """The slice `node` holds, or else the first free one, which it now holds."""
+    """The slice `node` holds, or else the first free one from the slice its name picks (see
+    preferred_slice), which it now holds."""
     held = held_slice(view, sliced, node)
     if held is not None:
         return held
     registry = sliced.registry_range()
-    for first, last in registry.spans:
-        free = view.first_free(sliced.registry, first, last)
-        if free is not None:
-            view.assign(sliced.registry, free, slice_holder(sliced, free, node))
-            return free
+    free = first_free_from(view, registry, preferred_slice(registry, node))
+    if free is not None:
+        view.assign(sliced.registry, free, slice_holder(sliced, free, node))
+        return free
     entries = view.entries(sliced.registry, registry.first, registry.last)
     holders = sorted({owner.node for _, owner in entries})
     raise NoFreeSliceError(
         f"no free node slice for node {node!r} in range {sliced.range.text}: all "
         f"{registry.size} slices of /{sliced.prefixlen} are held (by {', '.join(holders)})"
     )
+
+
+def preferred_slice(registry: AddressRange, node: str) -> int:
+    """Where `node`'s search for a free slice starts: a usable slice picked by a stable hash of
+    its name. Nodes that take their first slice at once (a Deployment scaled over them) then
+    mostly want different slices: all of them write the one registry, but each creates the
+    block of its own slice, and one that loses the registry's race finds its slice still free."""
+    index = zlib.crc32(node.encode()) % registry.size
+    for first, last in registry.spans:
+        if index <= last - first:
+            return first + index
+        index -= last - first + 1
+    raise AssertionError("an index below the registry's size lies in one of its spans")
 
 
 def node_range(view: PoolView, sliced: SlicedRange, owner: Owner, *, now: int = 0) -> AddressRange:

@@ -31,6 +31,9 @@ from deploy.local.install import (
 )
 from deploy.local.netns import CniCall, run_cni
 from deploy.local.node_network import CNI_BIN_DIR
+from pyabouts.ipam.pool import PoolId
+from pyabouts.ipam.ranges import build_range
+from pyabouts.ipam.slices import SlicedRange, preferred_slice
 from pyabouts.plugin.install import SHIM_SLOT_MARKER
 from tests.e2e.local_cluster import CLUSTER_MODULE_MARKS, kube_json
 from tests.integration.stored_state import stored, table_entries
@@ -192,12 +195,19 @@ def test_a_node_slice_is_taken_in_the_name_the_daemonset_gives_the_agent(
     network = f"sliced-{uuid.uuid4().hex[:6]}"
     sliced = {"range": "10.77.1.0/24", "node_slice_size": "/26"}
     result = plugin_call("ADD", network, "c-sliced", pod, **sliced).expect_success()
-    assert result["ips"][0]["address"] == "10.77.1.1/24"
+    # The slice the node's name picks, and its first address (.1 in the range's first slice).
+    rng = build_range(
+        "10.77.1.0/24", range_start=None, range_end=None, exclude=[], pool=PoolId(network, 4)
+    )
+    cut = SlicedRange(rng, 26)
+    index = preferred_slice(cut.registry_range(), node)
+    mine = cut.within(index)
+    assert result["ips"][0]["address"] == mine.format(mine.first)
     pools = kube_json(cluster, "get", "ippools", "-n", NAMESPACE)["items"]
     (registry,) = [p for p in pools if p["spec"]["network"].startswith(f"{network}#node-slices")]
     assert registry["spec"]["range"] == "10.77.1.0/24 in /26 slices"
     assert table_entries(registry["spec"]["allocations"]) == {
-        "0": {"containerID": "10.77.1.0/26", "ifname": "slice", "node": node}
+        str(index): {"containerID": str(cut.slice_network(index)), "ifname": "slice", "node": node}
     }
     plugin_call("DEL", network, "c-sliced", pod, **sliced).expect_success()
     assert stored(cluster, network) == {}

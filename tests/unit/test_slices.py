@@ -20,6 +20,7 @@ from pyabouts.ipam.slices import (
     held_slice,
     node_range,
     parse_slice_size,
+    preferred_slice,
     slice_span,
     take_slice,
 )
@@ -84,12 +85,16 @@ def test_a_range_is_cut_into_aligned_slices_without_its_network_and_broadcast() 
     assert first.format(first.first) == "10.0.0.1/24"
 
 
-def test_each_node_takes_the_first_free_slice_and_keeps_it() -> None:
+def test_each_node_takes_the_first_free_slice_from_the_one_its_name_picks_and_keeps_it() -> None:
     cut, view = sliced("10.0.0.0/24", "/26"), PoolView([])
-    assert [take_slice(view, cut, n) for n in ("a", "b", "c")] == [0, 1, 2]
+    # The slices the names pick: nodes taking their first slice at once mostly want others.
+    picks = {n: preferred_slice(cut.registry_range(), n) for n in ("a", "b", "c", "d")}
+    assert picks == {"a": 3, "b": 1, "c": 3, "d": 0}
+    # c finds 3 held (by a) and takes the next free one, d finds 0 held and goes on to 2.
+    assert [take_slice(view, cut, n) for n in ("a", "b", "c")] == [3, 1, 0]
     assert take_slice(view, cut, "b") == 1
     assert held_slice(view, cut, "d") is None
-    assert take_slice(view, cut, "d") == 3
+    assert take_slice(view, cut, "d") == 2
     with pytest.raises(NoFreeSliceError) as refused:
         take_slice(view, cut, "e")
     message = str(refused.value)
@@ -101,14 +106,14 @@ def test_a_slice_wholly_excluded_or_before_range_start_is_never_handed_out() -> 
     cut = sliced("10.0.0.0/24", "/26", exclude=["10.0.0.64/26"], start="10.0.0.130")
     assert list(cut.usable_slices()) == [(2, 3)]
     view = PoolView([])
-    assert [take_slice(view, cut, n) for n in ("a", "b")] == [2, 3]
+    # Both names pick slice 3 of the two usable ones; b, second, goes on to the other one.
+    assert [take_slice(view, cut, n) for n in ("a", "b")] == [3, 2]
     # Inside a slice the exclusions and bounds still hold.
     assert cut.within(2).first == int(netaddr.IPAddress("10.0.0.130"))
 
 
 def test_exclusions_inside_a_slice_are_honoured_by_the_allocator() -> None:
     cut, view = sliced("10.0.0.0/24", "/26", exclude=["10.0.0.65", "10.0.0.66/31"]), PoolView([])
-    assert take_slice(view, cut, "a") == 0
     assert take_slice(view, cut, "b") == 1
     mine = cut.within(1)
     got = [allocator.assign_addresses(view, [mine], pod(n, "b"), [])[0] for n in range(3)]
@@ -118,30 +123,30 @@ def test_exclusions_inside_a_slice_are_honoured_by_the_allocator() -> None:
 
 def test_ipv6_ranges_are_sliced_too() -> None:
     cut, view = sliced("2001:db8::/64", "/80"), PoolView([])
-    assert take_slice(view, cut, "a") == 0
-    assert take_slice(view, cut, "b") == 1
-    assert str(cut.slice_network(1)) == "2001:db8:0:0:1::/80"
-    got = allocator.assign_addresses(view, [cut.within(1)], pod(1, "b"), [])[0]
+    assert take_slice(view, cut, "b") == 0xEFF9  # of 65536 slices, the one its name picks
+    assert str(cut.slice_network(0xEFF9)) == "2001:db8:0:0:eff9::/80"
+    got = allocator.assign_addresses(view, [cut.within(0xEFF9)], pod(1, "b"), [])[0]
     # A slice's first address is given: only the range's own network address is not.
-    assert str(netaddr.IPAddress(got, 6)) == "2001:db8:0:0:1::"
+    assert str(netaddr.IPAddress(got, 6)) == "2001:db8:0:0:eff9::"
 
 
 def test_a_slice_goes_back_only_when_its_node_holds_it_and_no_address_of_it_is_given() -> None:
     cut, view = sliced("10.0.0.0/24", "/26"), PoolView([])
-    take_slice(view, cut, "a")
+    take_slice(view, cut, "d")
     take_slice(view, cut, "b")
     (entry,) = [o for i, o in view.entries(cut.registry, 0, 3) if i == 1]
     assert (entry.container_id, entry.node) == ("10.0.0.64/26", "b")  # it names its slice
     assert slice_span(cut.registry, entry) == (cut.range.pool, ip("10.0.0.64"), ip("10.0.0.127"))
     address = allocator.assign_addresses(view, [cut.within(1)], pod(1, "b"), [])[0]
-    (held_by_a,) = [o for i, o in view.entries(cut.registry, 0, 3) if i == 0]
-    assert not give_back_slice(view, cut.registry, 1, held_by_a)  # not a's
+    (held_by_d,) = [o for i, o in view.entries(cut.registry, 0, 3) if i == 0]
+    assert not give_back_slice(view, cut.registry, 1, held_by_d)  # not d's
     assert not give_back_slice(view, cut.registry, 1, entry)  # pod-1 holds an address in it
     allocator.release_addresses(view, [cut.range], "c1", "net1")
     assert view.owner(cut.range.pool, address) is None
     assert give_back_slice(view, cut.registry, 1, entry)
     assert held_slice(view, cut, "b") is None
-    assert take_slice(view, cut, "c") == 1  # the first free slice again
+    assert preferred_slice(cut.registry_range(), "y") == 1
+    assert take_slice(view, cut, "y") == 1  # free again, it is the slice y's name picks
 
 
 @given(
@@ -172,6 +177,21 @@ def test_the_slices_partition_the_ranges_usable_addresses(
     assert seen == addresses(rng)
 
 
+@given(
+    start=st.integers(min_value=0, max_value=255),
+    excluded=st.lists(st.integers(min_value=0, max_value=255), max_size=6),
+    node=st.text(min_size=1, max_size=20),
+)
+def test_the_slice_a_name_picks_is_always_one_that_can_be_handed_out(
+    start: int, excluded: list[int], node: str
+) -> None:
+    exclude = [f"10.8.0.{e}/30" for e in excluded]
+    cut = sliced("10.8.0.0/24", "/28", exclude=exclude, start=f"10.8.0.{start}")
+    registry = cut.registry_range()
+    if registry.size:  # every slice excluded: nothing to pick
+        assert registry.contains(preferred_slice(registry, node))
+
+
 def test_node_slice_size_is_checked_when_the_config_is_loaded() -> None:
     raw = {"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "pyabouts", "range": "10.0.0.0/24"}}
     assert load_config(raw).slices == ()
@@ -198,7 +218,7 @@ def test_an_allocation_takes_the_nodes_slice_and_its_address_in_one_transaction(
         )
         return address
 
-    got = [add(1, "a"), add(2, "b"), add(3, "a")]
+    got = [add(1, "d"), add(2, "b"), add(3, "d")]  # d's name picks slice 0, b's slice 1
     assert got == [ip("10.0.0.1"), ip("10.0.0.64"), ip("10.0.0.2")]
     registry = {
         o.node: o.container_id
@@ -206,7 +226,7 @@ def test_an_allocation_takes_the_nodes_slice_and_its_address_in_one_transaction(
         for o in b.entries.values()
         if b.key.pool == cut.registry
     }
-    assert registry == {"a": "10.0.0.0/26", "b": "10.0.0.64/26"}
+    assert registry == {"d": "10.0.0.0/26", "b": "10.0.0.64/26"}
     # The registry's stored blocks say what they are, for people reading them.
     (block,) = [b for b in store.blocks.values() if b.key.pool == cut.registry]
     assert (block.range_text, block.capacity) == ("10.0.0.0/24 in /26 slices", 4)
@@ -237,7 +257,8 @@ def test_a_slice_size_cuts_the_ranges_it_fits_and_is_refused_when_it_fits_none()
         deadline=time.monotonic() + 5,
         sliced=load_config(dual).slices,
     )
-    assert got == [ip("10.0.0.1"), int(netaddr.IPAddress("fd00::1"))]  # v6 sliced, v4 whole
+    # v6 sliced (the first address of the slice node a's name picks), v4 whole
+    assert got == [ip("10.0.0.1"), int(netaddr.IPAddress("fd00::be43:0:0:0"))]
     dual["ipam"]["node_slice_size"] = "/20"  # type: ignore[index]
     with pytest.raises(CniError, match=re.escape("node_slice_size '/20' does not cut 10.0.0.0/24")):
         load_config(dual)
@@ -245,9 +266,9 @@ def test_a_slice_size_cuts_the_ranges_it_fits_and_is_refused_when_it_fits_none()
 
 def test_an_address_held_outside_the_nodes_slice_is_let_go_when_the_pod_allocates() -> None:
     # A half-written first ADD: pod-1's address stored in slice 0, which node b then lost to
-    # node a. Deciding again on node b, pod-1 gets an address of b's slice and lets .1 go.
+    # node d. Deciding again on node b, pod-1 gets an address of b's slice and lets .1 go.
     cut, view = sliced("10.0.0.0/24", "/26"), PoolView([])
-    take_slice(view, cut, "a")
+    assert take_slice(view, cut, "d") == 0
     owner = pod(1, "b")
     view.assign(cut.range.pool, ip("10.0.0.1"), owner)
     mine = node_range(view, cut, owner)
@@ -269,9 +290,9 @@ def test_each_range_and_slice_size_of_a_network_has_a_registry_of_its_own() -> N
 def test_a_slice_whose_addresses_rest_goes_back_once_their_rest_has_ended() -> None:
     """release_cooldown: a resting address keeps its slice until its rest ends."""
     cut, view = sliced("10.0.0.0/24", "/26"), PoolView([])
-    take_slice(view, cut, "b")
+    take_slice(view, cut, "d")
     (entry,) = [o for _, o in view.entries(cut.registry, 0, 3)]
-    resting = dataclasses.replace(pod(1, "b"), cooldown=30)
+    resting = dataclasses.replace(pod(1, "d"), cooldown=30)
     address = allocator.assign_addresses(view, [cut.within(0)], resting, [], now=1000)[0]
     allocator.release_addresses(view, [cut.range], "c1", "net1", now=1000)
     assert not give_back_slice(view, cut.registry, 0, entry, now=1029)
