@@ -54,6 +54,8 @@ def allocate(
 
     cuts = {cut.range: cut for cut in sliced}
 
+    # The registries first: a store that writes block by block then stores no address of a
+    # slice whose registry entry another node took first.
     registries = [s.registry_range() for s in sliced]
     return transactions.run([*registries, *ranges], decide, deadline=deadline)
 

@@ -23,6 +23,7 @@ from typing import Protocol, TypeVar
 from pyabouts.ipam.errors import StoreBusyError, StoreUnavailableError
 from pyabouts.ipam.pool import Block, BlockKey, PoolId, PoolView
 from pyabouts.ipam.ranges import AddressRange
+from pyabouts.ipam.slices import is_registry
 from pyabouts.ipam.store import PoolStore
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,9 @@ T = TypeVar("T")
 
 BACKOFF_FIRST = 0.005  # seconds; doubles per conflict up to BACKOFF_MAX, with full jitter
 BACKOFF_MAX = 0.4
+# A lost race for a node slice registry: another node took its slice, and each node takes one
+# per range once, so the race ends by itself; a long wait would only delay a node's first pod.
+CLAIM_BACKOFF_MAX = 0.02
 OUTAGE_GRACE = 15.0  # seconds a store may stay unreachable (an apiserver restart takes ~5)
 
 
@@ -127,7 +131,7 @@ def run_span_transaction(
         try:
             view = PoolView(_read(store, spans))
             result = decide(view)
-            changed = view.changed_blocks()
+            changed = _in_span_order(view.changed_blocks(), spans)
             if not changed:
                 return result
             if before_write is not None:
@@ -154,14 +158,22 @@ def run_span_transaction(
             f"gave up after {attempt} conflicting writes: the pool is too busy, try again",
             details=details,
         )
-        _back_off(clock, attempt, deadline, busy, f"conflict on {len(conflicts)} block(s)")
+        claims = all(is_registry(key.pool) for key in conflicts)
+        cap = CLAIM_BACKOFF_MAX if claims else BACKOFF_MAX
+        _back_off(clock, attempt, deadline, busy, f"conflict on {len(conflicts)} block(s)", cap=cap)
 
 
 def _back_off(
-    clock: Clock, attempt: int, deadline: float, error: StoreUnavailableError, why: str
+    clock: Clock,
+    attempt: int,
+    deadline: float,
+    error: StoreUnavailableError,
+    why: str,
+    *,
+    cap: float = BACKOFF_MAX,
 ) -> None:
     """Sleep before the next attempt, or raise `error` when the deadline would pass first."""
-    delay = random.uniform(0, min(BACKOFF_MAX, BACKOFF_FIRST * 2**attempt))
+    delay = random.uniform(0, min(cap, BACKOFF_FIRST * 2**attempt))
     if deadline - clock.now() <= delay:
         raise error
     log.info("%s, retry %d in %.0f ms", why, attempt, delay * 1e3)
@@ -179,6 +191,16 @@ def describe_blocks(blocks: Sequence[Block], ranges: Sequence[AddressRange]) -> 
         ]
         kept = (block.capacity, block.range_text, block.range_size)
         block.capacity, block.range_text, block.range_size = max(counts, default=kept)
+
+
+def _in_span_order(blocks: list[Block], spans: Sequence[Span]) -> list[Block]:
+    """`blocks` in the order of the spans of their pools: a caller lists first what must stick
+    before the rest is written (a node slice registry), as a store that writes block by block
+    stops at the first conflict."""
+    rank: dict[PoolId, int] = {}
+    for span in spans:
+        rank.setdefault(span.pool, len(rank))
+    return sorted(blocks, key=lambda block: rank.get(block.key.pool, len(rank)))
 
 
 def _read(store: PoolStore, spans: Sequence[Span]) -> list[Block]:

@@ -155,15 +155,17 @@ class KubernetesStore:
                 return
 
     def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
-        # One object at a time (the API has no multi-object transaction); the allocator's
-        # decisions are idempotent, so a retry after a partial write completes it.
+        # One object at a time (the API has no multi-object transaction), in the order given,
+        # until one conflicts: what follows was decided on a stale view (a node slice's address
+        # after a registry entry another node took first) and is decided again before it is
+        # written. The allocator's decisions are idempotent: the retry completes a partial write.
         outcome = WriteOutcome()
         for block in blocks:
             revision = self._write(block)
             if revision is None:
                 outcome.conflicts.append(block.key)
-            else:
-                outcome.revisions[block.key] = revision
+                break
+            outcome.revisions[block.key] = revision
         return outcome
 
     def close(self) -> None:

@@ -105,6 +105,16 @@ def test_a_write_of_several_blocks_reports_the_stale_one(store: PoolStore, pool:
     assert set(read.entries) == {ip("10.0.0.1")}
 
 
+def test_no_block_after_a_stale_one_is_written(store: PoolStore, pool: PoolId) -> None:
+    # Node slices rely on it: an address in a slice is never stored when the slice's registry
+    # entry, written first, lost its race.
+    store.write_blocks([block(pool, "10.0.0.0", "10.0.0.1")])
+    stale = block(pool, "10.0.0.0", "10.0.0.9")  # revision None, but the block exists
+    after = block(pool, "10.0.1.0", "10.0.1.1")
+    assert stale.key in store.write_blocks([stale, after]).conflicts
+    assert store.read_blocks(pool, ip("10.0.1.0"), ip("10.0.1.255")) == []
+
+
 def test_reads_return_exactly_the_blocks_overlapping_the_span(
     store: PoolStore, pool: PoolId
 ) -> None:

@@ -12,6 +12,7 @@ from pyabouts.ipam.pool import Block, Owner, PoolId, PoolView
 from pyabouts.ipam.store import WriteOutcome
 from pyabouts.ipam.transaction import (
     BACKOFF_MAX,
+    CLAIM_BACKOFF_MAX,
     OUTAGE_GRACE,
     Clock,
     Span,
@@ -136,3 +137,60 @@ def test_conflicts_back_off_until_the_deadline_then_try_again_later(clock: FakeC
     assert store.conflicts == clock.slept + 1
     assert DEADLINE - BACKOFF_MAX <= clock.now <= DEADLINE
     assert store.conflicts >= DEADLINE / BACKOFF_MAX
+
+
+REGISTRY = PoolId("blue#node-slices 10.0.0.0/24 /26", 4)
+
+
+class RecordingWrites(MemoryStore):
+    """Records the pools of each write's blocks, in the order the write gives them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.orders: list[list[PoolId]] = []
+
+    def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
+        self.orders.append([block.key.pool for block in blocks])
+        return super().write_blocks(blocks)
+
+
+def test_blocks_are_written_in_the_order_of_their_spans(clock: FakeClock) -> None:
+    # A node slice's registry entry goes first, so that a store writing block by block stores
+    # no address of a slice another node took first (it stops at the first conflict).
+    def take_slice_and_address(view: PoolView) -> None:
+        take_an_address(view)
+        view.assign(REGISTRY, 0, Owner(container_id="10.0.0.0/26", ifname="slice"))
+
+    store = RecordingWrites()
+    spans = [Span(REGISTRY, 0, 3), *SPANS]
+    run_span_transaction(
+        store, spans, take_slice_and_address, deadline=DEADLINE, clock=clock.as_clock()
+    )
+    assert store.orders == [[REGISTRY, POOL]]  # sorted by key, POOL's block would come first
+
+
+def test_a_lost_race_for_a_slice_registry_is_tried_again_soon(clock: FakeClock) -> None:
+    class RegistryConflicts(MemoryStore):
+        """Other nodes take their slices first, ten times over."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lost = 0
+
+        def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
+            if self.lost < 10:
+                self.lost += 1
+                return WriteOutcome(conflicts=[blocks[0].key])
+            return super().write_blocks(blocks)
+
+    def take_slice(view: PoolView) -> None:
+        view.assign(REGISTRY, 0, Owner(container_id="10.0.0.0/26", ifname="slice"))
+
+    waits: list[float] = []
+    timed = Clock(now=lambda: clock.now, sleep=waits.append)
+    store = RegistryConflicts()
+    run_span_transaction(store, [Span(REGISTRY, 0, 3)], take_slice, deadline=DEADLINE, clock=timed)
+    # Each lost race is another node's slice taken, and a node takes one per range: the race
+    # ends by itself, so its waits stay short where an address block's grow to BACKOFF_MAX.
+    assert len(waits) == 10
+    assert max(waits) <= CLAIM_BACKOFF_MAX < BACKOFF_MAX
