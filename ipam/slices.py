@@ -149,8 +149,8 @@ def take_slice(view: PoolView, sliced: SlicedRange, node: str) -> int:
 def preferred_slice(registry: AddressRange, node: str) -> int:
     """Where `node`'s search for a free slice starts: a usable slice picked by a stable hash of
     its name. Nodes that take their first slice at once (a Deployment scaled over them) then
-    mostly want different slices: all of them write the one registry, but each creates the
-    block of its own slice, and one that loses the registry's race finds its slice still free."""
+    mostly want different slices: all of them write the one registry, but one that loses the
+    registry's race mostly finds the slice it wanted still free, and takes it on its next try."""
     index = zlib.crc32(node.encode()) % registry.size
     for first, last in registry.spans:
         if index <= last - first:
