@@ -46,7 +46,9 @@ def free_slices_of_gone_nodes(
     freed = []
     for registry, index, holder in _held_by_gone_nodes(blocks, nodes):
         pool, first, last = slice_span(registry, holder)
-        spans = [Span(registry, index, index), Span(pool, first, last)]
+        # The addresses first: a store writing block by block stops at the first conflict, so
+        # the registry entry goes only once its ended rests are gone, and a retry completes it.
+        spans = [Span(pool, first, last), Span(registry, index, index)]
         decide = functools.partial(
             give_back_slice, registry=registry, index=index, holder=holder, now=int(time.time())
         )

@@ -149,8 +149,9 @@ def take_slice(view: PoolView, sliced: SlicedRange, node: str) -> int:
 def preferred_slice(registry: AddressRange, node: str) -> int:
     """Where `node`'s search for a free slice starts: a usable slice picked by a stable hash of
     its name. Nodes that take their first slice at once (a Deployment scaled over them) then
-    mostly want different slices: all of them write the one registry, but one that loses the
-    registry's race mostly finds the slice it wanted still free, and takes it on its next try."""
+    mostly want different slices and so different address blocks. Their claims still race on
+    the registry's block (one per 256 slices); the registry entry is written first, so a lost
+    race stores nothing, and the next try mostly finds the slice it wanted still free."""
     index = zlib.crc32(node.encode()) % registry.size
     for first, last in registry.spans:
         if index <= last - first:
@@ -162,9 +163,10 @@ def preferred_slice(registry: AddressRange, node: str) -> int:
 def node_range(view: PoolView, sliced: SlicedRange, owner: Owner, *, now: int = 0) -> AddressRange:
     """The range cut down to the slice owner.node holds (taken now if it holds none), with
     what `owner` holds in the range outside that slice released (its cooldown applies; one
-    resting already rests on). Such a hold comes from a write that half succeeded (the address
-    stored, the slice lost to another node's race for it) or from a pod of that name on another
-    node before: either way not this node's to give."""
+    resting already rests on). Such a hold comes from a pod of that name on another node before,
+    or from a write that half succeeded (the address stored, the slice lost to another node's
+    race for it), which an agent that writes the registry first no longer makes but an older one
+    did: either way not this node's to give."""
     mine = sliced.within(take_slice(view, sliced, owner.node))
     pool = sliced.range.pool
     for address in view.held_by(pool, owner.attachment):

@@ -34,6 +34,7 @@ BACKOFF_FIRST = 0.005  # seconds; doubles per conflict up to BACKOFF_MAX, with f
 BACKOFF_MAX = 0.4
 # A lost race for a node slice registry: another node took its slice, and each node takes one
 # per range once, so the race ends by itself; a long wait would only delay a node's first pod.
+# (A busy apiserver's 429s still back off to BACKOFF_MAX: a StoreBusyError, not a conflict.)
 CLAIM_BACKOFF_MAX = 0.02
 OUTAGE_GRACE = 15.0  # seconds a store may stay unreachable (an apiserver restart takes ~5)
 
@@ -158,8 +159,9 @@ def run_span_transaction(
             f"gave up after {attempt} conflicting writes: the pool is too busy, try again",
             details=details,
         )
-        claims = all(is_registry(key.pool) for key in conflicts)
-        cap = CLAIM_BACKOFF_MAX if claims else BACKOFF_MAX
+        # The write's first conflicting block: Kubernetes stops there, and etcd, which writes all
+        # or none, names every block of the write, the registries first (_in_span_order).
+        cap = CLAIM_BACKOFF_MAX if is_registry(conflicts[0].pool) else BACKOFF_MAX
         _back_off(clock, attempt, deadline, busy, f"conflict on {len(conflicts)} block(s)", cap=cap)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pyabouts.ipam.pool import Block, BlockKey, PoolId
 from pyabouts.ipam.store import WriteOutcome
@@ -57,3 +57,27 @@ class MemoryStore:
         """Everything stored, for tests that check a request changed nothing."""
         with self._lock:
             return {k: dict(b.entries) for k, b in self.blocks.items()}
+
+
+class BlockByBlockStore(MemoryStore):
+    """Writes as the Kubernetes store does, one block at a time until one conflicts. Before a
+    write it first runs what `meanwhile` holds: another writer landing between a read and it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.meanwhile: list[Callable[[], object]] = []
+        self.stored: list[list[PoolId]] = []  # per write asked for, the pools of what it stored
+
+    def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
+        while self.meanwhile:
+            self.meanwhile.pop()()
+        outcome, stored = WriteOutcome(), []
+        for block in blocks:
+            one = super().write_blocks([block])
+            if one.conflicts:
+                outcome.conflicts.extend(one.conflicts)
+                break
+            outcome.revisions.update(one.revisions)
+            stored.append(block.key.pool)
+        self.stored.append(stored)
+        return outcome

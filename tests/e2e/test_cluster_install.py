@@ -193,19 +193,20 @@ def test_a_node_slice_is_taken_in_the_name_the_daemonset_gives_the_agent(
     node = agent["spec"]["nodeName"]  # NODE_NAME, from the downward API: never /etc/hostname
     pod = f"{NAMESPACE}/{agent['metadata']['name']}"
     network = f"sliced-{uuid.uuid4().hex[:6]}"
-    sliced = {"range": "10.77.1.0/24", "node_slice_size": "/26"}
+    sliced = {"range": "10.77.1.0/24", "node_slice_size": "/27"}
     result = plugin_call("ADD", network, "c-sliced", pod, **sliced).expect_success()
-    # The slice the node's name picks, and its first address (.1 in the range's first slice).
+    # The slice the node's name picks (the local cluster's node picks the fifth of the eight),
+    # and its first address (.1 in the range's first slice).
     rng = build_range(
         "10.77.1.0/24", range_start=None, range_end=None, exclude=[], pool=PoolId(network, 4)
     )
-    cut = SlicedRange(rng, 26)
+    cut = SlicedRange(rng, 27)
     index = preferred_slice(cut.registry_range(), node)
     mine = cut.within(index)
     assert result["ips"][0]["address"] == mine.format(mine.first)
     pools = kube_json(cluster, "get", "ippools", "-n", NAMESPACE)["items"]
     (registry,) = [p for p in pools if p["spec"]["network"].startswith(f"{network}#node-slices")]
-    assert registry["spec"]["range"] == "10.77.1.0/24 in /26 slices"
+    assert registry["spec"]["range"] == "10.77.1.0/24 in /27 slices"
     assert table_entries(registry["spec"]["allocations"]) == {
         str(index): {"containerID": str(cut.slice_network(index)), "ifname": "slice", "node": node}
     }

@@ -25,7 +25,7 @@ from pyabouts.ipam.slices import (
     take_slice,
 )
 from pyabouts.ipam.transaction import DirectTransactions
-from tests.memory_store import MemoryStore
+from tests.memory_store import BlockByBlockStore, MemoryStore
 
 
 def make(text: str, *, exclude: list[str] | None = None, start: str | None = None) -> AddressRange:
@@ -297,3 +297,29 @@ def test_a_slice_whose_addresses_rest_goes_back_once_their_rest_has_ended() -> N
     assert not give_back_slice(view, cut.registry, 0, entry, now=1029)
     assert give_back_slice(view, cut.registry, 0, entry, now=1030)
     assert view.owner(cut.range.pool, address) is None  # the ended rest went with it
+
+
+def test_a_node_that_loses_its_slices_race_stores_nothing_of_it() -> None:
+    # Node a decides on its slice and address; node b takes another slice before a writes. a's
+    # registry write then conflicts, and as it goes first, a's address is not stored: it would
+    # otherwise sit in a slice the registry does not give a, for b or any node to take.
+    store, cut = BlockByBlockStore(), sliced("10.0.0.0/22", "/24")  # a block per slice
+    registry = cut.registry_range()
+    assert preferred_slice(registry, "a") != preferred_slice(registry, "b")
+
+    def add(n: int, node: str) -> int:
+        owner = Owner(f"c{n}", "net1", f"ns/p{n}", node=node)
+        deadline = time.monotonic() + 5
+        transactions = DirectTransactions(store)
+        [address] = operations.allocate(
+            transactions, [cut.range], owner, [], deadline=deadline, sliced=[cut]
+        )
+        return address
+
+    store.meanwhile.append(lambda: add(2, "b"))
+    got = add(1, "a")
+    b_write, a_first, *a_again = store.stored
+    assert b_write == [cut.registry, cut.range.pool]
+    assert a_first == []  # its registry entry lost the race: nothing of it written
+    assert a_again == [[cut.registry, cut.range.pool]]
+    assert cut.within(preferred_slice(registry, "a")).contains(got)
