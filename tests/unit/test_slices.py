@@ -24,6 +24,7 @@ from pyabouts.ipam.slices import (
     slice_span,
     take_slice,
 )
+from pyabouts.ipam.store import PoolStore
 from pyabouts.ipam.transaction import DirectTransactions
 from tests.memory_store import BlockByBlockStore, MemoryStore
 
@@ -50,6 +51,17 @@ def addresses(rng: AddressRange) -> set[int]:
 
 def pod(n: int, node: str) -> Owner:
     return Owner(container_id=f"c{n}", ifname="net1", pod=f"default/pod-{n}", node=node)
+
+
+def add(store: PoolStore, cut: SlicedRange, n: int, node: str) -> int:
+    """Pod n's ADD on `node`, from the slice it holds of `cut`, as one transaction on `store`."""
+    owner = Owner(f"c{n}", "net1", f"ns/p{n}", node=node)
+    transactions = DirectTransactions(store)
+    deadline = time.monotonic() + 5
+    [address] = operations.allocate(
+        transactions, [cut.range], owner, [], deadline=deadline, sliced=[cut]
+    )
+    return address
 
 
 @pytest.mark.parametrize("text", ["/26", "26", " /26 "])
@@ -207,17 +219,8 @@ def test_node_slice_size_is_checked_when_the_config_is_loaded() -> None:
 def test_an_allocation_takes_the_nodes_slice_and_its_address_in_one_transaction() -> None:
     store = MemoryStore()
     cut = sliced("10.0.0.0/24", "/26")
-
-    def add(n: int, node: str) -> int:
-        owner = Owner(f"c{n}", "net1", f"ns/p{n}", node=node)
-        deadline = time.monotonic() + 5
-        transactions = DirectTransactions(store)
-        [address] = operations.allocate(
-            transactions, [cut.range], owner, [], deadline=deadline, sliced=[cut]
-        )
-        return address
-
-    got = [add(1, "d"), add(2, "b"), add(3, "d")]  # d's name picks slice 0, b's slice 1
+    # d's name picks slice 0, b's slice 1
+    got = [add(store, cut, 1, "d"), add(store, cut, 2, "b"), add(store, cut, 3, "d")]
     assert got == [ip("10.0.0.1"), ip("10.0.0.64"), ip("10.0.0.2")]
     registry = {
         o.node: o.container_id
@@ -307,17 +310,8 @@ def test_a_node_that_loses_its_slices_race_stores_nothing_of_it() -> None:
     registry = cut.registry_range()
     assert preferred_slice(registry, "a") != preferred_slice(registry, "b")
 
-    def add(n: int, node: str) -> int:
-        owner = Owner(f"c{n}", "net1", f"ns/p{n}", node=node)
-        deadline = time.monotonic() + 5
-        transactions = DirectTransactions(store)
-        [address] = operations.allocate(
-            transactions, [cut.range], owner, [], deadline=deadline, sliced=[cut]
-        )
-        return address
-
-    store.meanwhile.append(lambda: add(2, "b"))
-    got = add(1, "a")
+    store.meanwhile.append(lambda: add(store, cut, 2, "b"))
+    got = add(store, cut, 1, "a")
     b_write, a_first, *a_again = store.stored
     assert b_write == [cut.registry, cut.range.pool]
     assert a_first == []  # its registry entry lost the race: nothing of it written
