@@ -52,6 +52,18 @@ class KubeCluster:
             counts += requests_by_verb_and_code(body, group)
         return counts
 
+    def plugin_kubeconfig_in(self, namespace: str) -> Path:
+        """The plugin's kubeconfig with its IPPools in `namespace`, created here. Each contender
+        gets one of its own, so a contender's agents watch only its writes, as on a cluster
+        that runs one of them, and not the other contenders' that share this server."""
+        self.control_plane.kubectl("create", "namespace", namespace)
+        return self.control_plane.service_account_kubeconfig(
+            PLUGIN_NAMESPACE,
+            PLUGIN_SERVICE_ACCOUNT,
+            self.plugin_kubeconfig.with_name(f"kubeconfig-pyabouts-in-{namespace}"),
+            context_namespace=namespace,
+        )
+
     def apiserver_cpu_seconds(self) -> float:
         """kube-apiserver's CPU time so far (not its etcd's)."""
         return self.control_plane.processes()["kube-apiserver"].cpu_seconds()

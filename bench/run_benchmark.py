@@ -288,7 +288,8 @@ class Servers:
             self._cluster = self._stack.enter_context(running_cluster(self.workdir / "cp"))
             progress(
                 f"kube-apiserver ready at {self._cluster.control_plane.server} in "
-                f"{time.perf_counter() - begun:.1f} s; pyabouts runs as kube-system/pyabouts"
+                f"{time.perf_counter() - begun:.1f} s; pyabouts runs as kube-system/pyabouts, "
+                "each contender with its IPPools in a namespace named after it"
             )
         return self._cluster
 
@@ -354,7 +355,7 @@ def _new_contender(name: str, servers: Servers, args: argparse.Namespace) -> Con
     if name in (PYABOUTS_SHIM, PYABOUTS_SHIM_SLICES, PYABOUTS_AGENT):
         return PyaboutsAgent(
             workdir,
-            kubeconfig=cluster.plugin_kubeconfig,
+            kubeconfig=cluster.plugin_kubeconfig_in(name),
             request_counter=cluster.group_requests,
             pool=pool,
             agents=servers.start_agent,
@@ -366,7 +367,7 @@ def _new_contender(name: str, servers: Servers, args: argparse.Namespace) -> Con
         args.pyabouts,
         Path(sys.executable),
         workdir,
-        kubeconfig=cluster.plugin_kubeconfig,
+        kubeconfig=cluster.plugin_kubeconfig_in(name),
         request_counter=cluster.group_requests,
         pool=pool,
     )

@@ -467,9 +467,16 @@ class ControlPlane:
         ).strip()
 
     def service_account_kubeconfig(
-        self, namespace: str, name: str, path: Path | None = None, *, duration: str = "24h"
+        self,
+        namespace: str,
+        name: str,
+        path: Path | None = None,
+        *,
+        duration: str = "24h",
+        context_namespace: str | None = None,
     ) -> Path:
-        """A kubeconfig that authenticates as ServiceAccount ``namespace/name`` (a bound token).
+        """A kubeconfig that authenticates as ServiceAccount ``namespace/name`` (a bound token),
+        its context in ``context_namespace`` (default: the ServiceAccount's).
 
         The ServiceAccount must exist (nothing creates ``default`` ones here).
         """
@@ -481,7 +488,7 @@ class ControlPlane:
             ca_cert=self.ca_cert,
             token=token,
             user=f"system:serviceaccount:{namespace}:{name}",
-            namespace=namespace,
+            namespace=context_namespace or namespace,
         )
 
     # ---- state file (for the CLI)
