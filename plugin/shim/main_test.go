@@ -50,6 +50,27 @@ func TestCallSendsTheRequestAndReturnsTheReply(t *testing.T) {
 	}
 }
 
+func TestCallReadsALongReplyThatArrivesInPiecesWhole(t *testing.T) {
+	socket := filepath.Join(t.TempDir(), "agent.sock")
+	long := strings.Repeat("x", 100_000) // many times the first read's buffer
+	agent(t, socket, func(conn net.Conn, _ []byte) {
+		reply := "0\x00" + long
+		for len(reply) > 0 {
+			piece := 7_000
+			if piece > len(reply) {
+				piece = len(reply)
+			}
+			conn.Write([]byte(reply[:piece]))
+			reply = reply[piece:]
+			time.Sleep(time.Millisecond)
+		}
+	})
+	code, out, err := call(socket, nil, []byte("{}"))
+	if err != nil || code != 0 || string(out) != long {
+		t.Fatalf("got %d, %d bytes, %v", code, len(out), err)
+	}
+}
+
 func TestCallReportsAnAgentThatDiesMidRequest(t *testing.T) {
 	socket := filepath.Join(t.TempDir(), "agent.sock")
 	for _, partial := range []string{"", "0", "1"} {
