@@ -398,11 +398,12 @@ def run_all_phases(
         (round_phase("concurrent", n), settings.calls, settings.concurrency, settings.nodes, 0.0)
         for n in range(2, settings.rounds + 1)
     ]
-    again = {name for name, *_ in rounds}
+    repeated = [c for c in contenders if c.name in settings.repeated]
+    # Each round after the first starts with the next contender, so that none always runs
+    # right after the same one (and what that one leaves the server and etcd to finish).
+    orders = {name: _rotated(repeated, n) for n, (name, *_) in enumerate(rounds, start=1)}
     for name, calls, concurrency, nodes, gap_s in (*plan, *rounds):
-        for contender in contenders:
-            if name in again and contender.name not in settings.repeated:
-                continue
+        for contender in orders.get(name, contenders):
             phase = Phase(name=name, run_id=_run_id(name), nodes=nodes)
             rest = f", {gap_s:.1f} s apart" if gap_s else ""
             progress(
@@ -428,6 +429,12 @@ def run_all_phases(
         )
         phases += _progress_figures(figures)
     return startup, phases
+
+
+def _rotated(items: Sequence[Contender], by: int) -> list[Contender]:
+    """`items` in turn, starting `by` places on."""
+    start = by % len(items) if items else 0
+    return [*items[start:], *items[:start]]
 
 
 def _run_id(phase: str) -> str:

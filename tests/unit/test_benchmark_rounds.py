@@ -1,7 +1,13 @@
 """The benchmark's rounds: the concurrent phase run again for the quick contenders, and each
 ratio between them given as the median over the rounds as well as round by round."""
 
-from bench.results import PhaseFigures, compute_ratios, round_phase
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from bench import run_benchmark
+from bench.results import PhaseFigures, Settings, compute_ratios, round_phase
 
 
 def phase(contender: str, name: str, wall_s: float) -> PhaseFigures:
@@ -46,3 +52,34 @@ def test_the_median_of_the_rounds_ratios_is_a_row_of_its_own() -> None:
     # Against a baseline that ran once there is one ratio, and no median.
     assert wall[shim, "whereabouts", "concurrent ADD"] == 0.03
     assert not [row for (_, base, row) in wall if base == "whereabouts" and "median" in row]
+
+
+def test_each_round_after_the_first_starts_with_the_next_repeated_contender(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Rounds in one fixed order would always run a contender right after the same one, on a
+    # server still finishing that one's writes.
+    ran: list[tuple[str, str]] = []
+
+    def measure(contender: Any, phase: Any, *args: Any, **kwargs: Any) -> list[PhaseFigures]:
+        ran.append((phase.name, contender.name))
+        return []
+
+    monkeypatch.setattr(run_benchmark, "measure_startup", lambda *args: None)
+    monkeypatch.setattr(run_benchmark, "measure_phase", measure)
+    names = ["pyabouts-shim", "pyabouts-shim-slices", "whereabouts", "host-local"]
+    contenders = [SimpleNamespace(name=name) for name in names]
+    settings = Settings(
+        calls=10, concurrency=2, nodes=2, startup_runs=1, sequential_calls=1, pool_size=10,
+        spawner="-", rss_floor_mib=0.0, time_floor_ms=0.0, rounds=4,
+        repeated=["pyabouts-shim", "pyabouts-shim-slices", "host-local"],
+    )  # fmt: skip
+    run_benchmark.run_all_phases(contenders, [], settings, spawner=None)  # type: ignore[arg-type]
+
+    def order(phase: str) -> list[str]:
+        return [name for ran_phase, name in ran if ran_phase == phase]
+
+    assert order("concurrent") == names
+    assert order("concurrent-round-2") == ["pyabouts-shim-slices", "host-local", "pyabouts-shim"]
+    assert order("concurrent-round-3") == ["host-local", "pyabouts-shim", "pyabouts-shim-slices"]
+    assert order("concurrent-round-4") == ["pyabouts-shim", "pyabouts-shim-slices", "host-local"]
