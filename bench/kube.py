@@ -10,6 +10,7 @@ many requests the plugin made to the `pyabouts.io` group.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -56,7 +57,8 @@ class KubeCluster:
         """The plugin's kubeconfig with its IPPools in `namespace`, created here. Each contender
         gets one of its own, so a contender's agents watch only its writes, as on a cluster
         that runs one of them, and not the other contenders' that share this server."""
-        self.control_plane.kubectl("create", "namespace", namespace)
+        manifest = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
+        self.control_plane.kubectl("apply", "-f", "-", input=json.dumps(manifest))
         return self.control_plane.service_account_kubeconfig(
             PLUGIN_NAMESPACE,
             PLUGIN_SERVICE_ACCOUNT,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import signal
 import sys
@@ -398,10 +399,14 @@ def run_all_phases(
         (round_phase("concurrent", n), settings.calls, settings.concurrency, settings.nodes, 0.0)
         for n in range(2, settings.rounds + 1)
     ]
-    repeated = [c for c in contenders if c.name in settings.repeated]
-    # Each round after the first starts with the next contender, so that none always runs
-    # right after the same one (and what that one leaves the server and etcd to finish).
-    orders = {name: _rotated(repeated, n) for n, (name, *_) in enumerate(rounds, start=1)}
+    # Each round after the first in the next order of the repeated contenders (their
+    # permutations in turn), so that none always runs right after the same one, on a server
+    # and an etcd still finishing what that one left them.
+    permutations = itertools.cycle(
+        itertools.permutations(c for c in contenders if c.name in settings.repeated)
+    )
+    next(permutations)  # the first round's order is the plan's
+    orders = {name: list(next(permutations)) for name, *_ in rounds}
     for name, calls, concurrency, nodes, gap_s in (*plan, *rounds):
         for contender in orders.get(name, contenders):
             phase = Phase(name=name, run_id=_run_id(name), nodes=nodes)
@@ -429,12 +434,6 @@ def run_all_phases(
         )
         phases += _progress_figures(figures)
     return startup, phases
-
-
-def _rotated(items: Sequence[Contender], by: int) -> list[Contender]:
-    """`items` in turn, starting `by` places on."""
-    start = by % len(items) if items else 0
-    return [*items[start:], *items[:start]]
 
 
 def _run_id(phase: str) -> str:

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Build the node shim into $1 (or, with --which-go, print the Go toolchain it uses): static (CGO_ENABLED=0, no libc), reproducible paths
 # (-trimpath), without symbol tables (-s -w). Used by deploy/local/setup.sh for the tests and
-# by the Containerfile's build stage; any Go from 1.19 (Debian 12's golang-go) builds it.
+# by the Containerfile's build stage; any Go from 1.19 (Debian 12's golang-go) builds it, for
+# Linux only (its socket calls are Linux's).
 set -eu
 out="$1"
 go="${GO:-}"

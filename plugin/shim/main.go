@@ -141,8 +141,8 @@ func untilDeadline(fd, opt int, deadline time.Time) error {
 	if left <= 0 {
 		return errTimeout
 	}
-	// A zero timeout means none: the last microsecond rounds up.
-	tv := syscall.NsecToTimeval(int64(left + time.Microsecond))
+	// Rounded up to the microsecond, so never the zero that means no timeout.
+	tv := syscall.NsecToTimeval(int64(left))
 	return syscall.SetsockoptTimeval(fd, syscall.SOL_SOCKET, opt, &tv)
 }
 
@@ -179,6 +179,10 @@ func readAll(fd int, deadline time.Time) ([]byte, error) {
 			continue
 		case err == syscall.EAGAIN: // SO_RCVTIMEO ran out
 			return nil, errTimeout
+		case err == syscall.ECONNRESET:
+			// The agent answered without reading all of the request (a refusal) and closed:
+			// the end of its answer, which decodeReply checks is whole.
+			return reply, nil
 		case err != nil:
 			return nil, err
 		case n == 0:

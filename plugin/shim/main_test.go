@@ -71,6 +71,60 @@ func TestCallReadsALongReplyThatArrivesInPiecesWhole(t *testing.T) {
 	}
 }
 
+func TestCallPrintsTheAnswerOfAnAgentThatDidNotReadTheRequest(t *testing.T) {
+	// A refusal (too large, busy, not root) is answered without reading the request, and the
+	// close with the request unread resets the connection: the answer is what counts.
+	socket := filepath.Join(t.TempDir(), "agent.sock")
+	listener, err := net.Listen("unix", socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { listener.Close() })
+	go func() {
+		conn, err := listener.Accept()
+		if err != nil {
+			return
+		}
+		conn.Read(make([]byte, 1)) // the request has begun; the rest stays unread
+		conn.Write([]byte("1\x00{\"code\":6}"))
+		conn.Close()
+	}()
+	// Small enough to be written whole before the agent closes: the reset then meets the read.
+	code, out, err := call(socket, nil, bytes.Repeat([]byte("x"), 1024))
+	if err != nil || code != 1 || string(out) != `{"code":6}` {
+		t.Fatalf("got %d %q %v", code, out, err)
+	}
+}
+
+func TestCallTimesOutOnAnAgentThatNeverReads(t *testing.T) {
+	defer func(saved time.Duration) { replyTimeout = saved }(replyTimeout)
+	replyTimeout = 200 * time.Millisecond
+	socket := filepath.Join(t.TempDir(), "agent.sock")
+	listener, err := net.Listen("unix", socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		if conn, err := listener.Accept(); err == nil {
+			accepted <- conn // held open, never read
+		}
+	}()
+	t.Cleanup(func() {
+		listener.Close()
+		select {
+		case conn := <-accepted:
+			conn.Close()
+		default:
+		}
+	})
+	// Far more than the socket's buffers: the write blocks until its deadline.
+	_, out, err := call(socket, nil, bytes.Repeat([]byte("x"), 8<<20))
+	if err == nil || out != nil || err.Error() != "the pyabouts agent at "+socket+" did not answer whole (i/o timeout)" {
+		t.Fatalf("got %q %v", out, err)
+	}
+}
+
 func TestCallReportsAnAgentThatDiesMidRequest(t *testing.T) {
 	socket := filepath.Join(t.TempDir(), "agent.sock")
 	for _, partial := range []string{"", "0", "1"} {
