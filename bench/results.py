@@ -48,8 +48,9 @@ class Settings:
     pod_concurrency: int = 0
     # pyabouts-shim-slices' range, when it ran: a slice per node, so more addresses than calls.
     sliced_pool: str = ""
-    # How many times the concurrent phase ran for the `repeated` contenders, in turn (the
-    # phases "concurrent", "concurrent-round-2", ...): their ratios have a median over rounds.
+    # How many times the concurrent phase ran for the `repeated` contenders, in turn, each
+    # round in another of their orders (the phases "concurrent", "concurrent-round-2", ...):
+    # their ratios have a median over rounds.
     rounds: int = 1
     repeated: list[str] = field(default_factory=list)
 

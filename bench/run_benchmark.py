@@ -14,7 +14,8 @@ ADDs one at a time, each after a rest longer than the agent's pool cache age (a 
 quiet node: a LIST of the pool, unless the agent's IPPool watch says nobody wrote it), then their
 DELs; N ADDs then N DELs into a pool of exactly N
 addresses at concurrency C from M simulated nodes (R times in all for pyabouts-shim,
-pyabouts-shim-slices and host-local, in turn: their ratios also as a median over the rounds);
+pyabouts-shim-slices and host-local, in turn, each round after the first in the next of their
+orders: their ratios also as a median over the rounds);
 and, for the pod contenders, P pods on W
 networks each (W pools of P addresses), all pods at once from M nodes, each pod's W ADDs one
 after the other as Multus calls its delegates (whereabouts issue #313: 128 pods x 16 networks
@@ -108,7 +109,8 @@ DEFAULT_CONTENDERS = tuple(name for name in CONTENDERS if name != PYABOUTS_ETCD)
 # installs on nodes and the two baselines.
 DEFAULT_POD_CONTENDERS = (PYABOUTS_SHIM, WHEREABOUTS_NAME, HOST_LOCAL_NAME)
 # The concurrent phase runs again (rounds 2, 3, ...) for the contenders quick to run it, in
-# turn, so that each ratio between them also has a median over rounds: on these two shared
+# turn (each round in another of their orders), so that each ratio between them also has a
+# median over rounds: on these two shared
 # cores one phase's wall time varies by tens of percent from one minute to the next.
 REPEATED_CONTENDERS = (PYABOUTS_SHIM, PYABOUTS_SHIM_SLICES, HOST_LOCAL_NAME)
 # Longer than the agent's pool cache age: each spaced call finds its pool as old as that.
