@@ -54,7 +54,7 @@ class KubeCluster:
         return counts
 
     def plugin_kubeconfig_in(self, namespace: str) -> Path:
-        """The plugin's kubeconfig with its IPPools in `namespace`, created here. Each contender
+        """The plugin's kubeconfig with its IPPools in `namespace` (applied here). Each contender
         gets one of its own, so a contender's agents watch only its writes, as on a cluster
         that runs one of them, and not the other contenders' that share this server."""
         manifest = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
