@@ -43,10 +43,11 @@ class PoolStore(Protocol):
         """Store each block if its stored revision is still `block.revision` (None: absent).
 
         Blocks changed by somebody else meanwhile are not written: they are the outcome's
-        conflicts. A store that can write several blocks atomically (etcd) writes all or none;
-        one that cannot (Kubernetes) writes them one by one in the order given and stops at the
-        first conflict, so no block after a stale one is written. The allocator's decisions are
-        idempotent, so a write that stored only some is completed by the retry.
+        conflicts, and only they (a cache reads those again, not the whole write). A store that
+        can write several blocks atomically (etcd) writes all or none; one that cannot
+        (Kubernetes) writes them one by one in the order given and stops at the first conflict,
+        so no block after a stale one is written. The allocator's decisions are idempotent, so
+        a write that stored only some is completed by the retry.
         """
         ...
 

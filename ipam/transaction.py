@@ -159,8 +159,8 @@ def run_span_transaction(
             f"gave up after {attempt} conflicting writes: the pool is too busy, try again",
             details=details,
         )
-        # The write's first conflicting block: Kubernetes stops there, and etcd, which writes all
-        # or none, names every block of the write, the registries first (_in_span_order).
+        # The write's first conflicting block, in the write's order (_in_span_order: registries
+        # first): Kubernetes stops there, and etcd, which writes all or none, names each stale one.
         cap = CLAIM_BACKOFF_MAX if is_registry(conflicts[0].pool) else BACKOFF_MAX
         _back_off(clock, attempt, deadline, busy, f"conflict on {len(conflicts)} block(s)", cap=cap)
 

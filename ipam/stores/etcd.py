@@ -1,7 +1,8 @@
 """The etcd datastore: one key per block, written with transactions comparing mod revisions.
 
 Key: /pyabouts/v1/pools/<family>/<network_name>/<block base, fixed-width hex>, so the
-blocks of a span are one range read. Several blocks are written in one transaction, all or none.
+blocks of a span are one range read. Several blocks are written in one transaction, all or none;
+one that fails names the blocks somebody else changed, as read in the same transaction.
 """
 
 from __future__ import annotations
@@ -100,9 +101,11 @@ class EtcdStore:
                 for b in blocks
             ]
             puts = [txn.put(block_key(b.key), block_json(b)) for b in blocks]
-            succeeded, responses = client.transaction(compare=compare, success=puts, failure=[])
+            # On a failed compare, the blocks as stored at that revision: which of them changed.
+            gets = [txn.get(block_key(b.key)) for b in blocks]
+            succeeded, responses = client.transaction(compare=compare, success=puts, failure=gets)
             if not succeeded:
-                return WriteOutcome(conflicts=[b.key for b in blocks])
+                return WriteOutcome(conflicts=_stale_blocks(blocks, responses))
             return WriteOutcome(
                 revisions={
                     b.key: str(r.response_put.header.revision)
@@ -276,3 +279,14 @@ def _trust_hint(settings: EtcdSettings) -> str:
 def _last_error(details: str) -> str:
     """grpc's `details` without its preamble ("failed to connect to all addresses; ...")."""
     return details.rsplit("last error: ", 1)[-1]
+
+
+def _stale_blocks(blocks: Sequence[Block], stored: Sequence[Any]) -> list[BlockKey]:
+    """The blocks whose stored revision is not theirs, from the failure branch's reads (one
+    list of (value, metadata) per block: empty when the key is absent)."""
+    stale = [
+        block.key
+        for block, found in zip(blocks, stored, strict=True)
+        if (str(found[0][1].mod_revision) if found else None) != block.revision
+    ]
+    return stale or [b.key for b in blocks]  # a failed compare changed one: never expected

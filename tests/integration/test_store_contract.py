@@ -100,9 +100,22 @@ def test_a_write_of_several_blocks_reports_the_stale_one(store: PoolStore, pool:
     store.write_blocks([block(pool, "10.0.0.0", "10.0.0.1")])
     stale = block(pool, "10.0.0.0", "10.0.0.9")  # revision None, but the block exists
     fresh = block(pool, "10.0.1.0", "10.0.1.1")
-    assert stale.key in store.write_blocks([fresh, stale]).conflicts
+    assert store.write_blocks([fresh, stale]).conflicts == [stale.key]  # only the stale one
     [read] = store.read_blocks(pool, ip("10.0.0.0"), ip("10.0.0.255"))
     assert set(read.entries) == {ip("10.0.0.1")}
+
+
+def test_a_failed_write_names_the_block_changed_since_its_read_not_the_current_one(
+    store: PoolStore, pool: PoolId
+) -> None:
+    # A cache reads again what a failed write names: a current block named too costs a read.
+    store.write_blocks([block(pool, "10.0.0.0", "10.0.0.1"), block(pool, "10.0.1.0", "10.0.1.1")])
+    low, high = store.read_blocks(pool, ip("10.0.0.0"), ip("10.0.1.255"))
+    changed = block(pool, "10.0.0.0", "10.0.0.2", revision=low.revision)
+    assert store.write_blocks([changed]).conflicts == []  # since `low` was read
+    stale = block(pool, "10.0.0.0", "10.0.0.3", revision=low.revision)
+    current = block(pool, "10.0.1.0", "10.0.1.3", revision=high.revision)
+    assert store.write_blocks([current, stale]).conflicts == [stale.key]
 
 
 def test_no_block_after_a_stale_one_is_written(store: PoolStore, pool: PoolId) -> None:
@@ -111,7 +124,7 @@ def test_no_block_after_a_stale_one_is_written(store: PoolStore, pool: PoolId) -
     store.write_blocks([block(pool, "10.0.0.0", "10.0.0.1")])
     stale = block(pool, "10.0.0.0", "10.0.0.9")  # revision None, but the block exists
     after = block(pool, "10.0.1.0", "10.0.1.1")
-    assert stale.key in store.write_blocks([stale, after]).conflicts
+    assert store.write_blocks([stale, after]).conflicts == [stale.key]
     assert store.read_blocks(pool, ip("10.0.1.0"), ip("10.0.1.255")) == []
 
 
