@@ -2,8 +2,9 @@
 backstop, under a leader Lease so that several replicas are safe.
 
 The pod watch runs in its own thread and feeds a queue. The control loop takes what the watch
-says: a deleted (or finished, or lost) pod gets a targeted pass over that pod's allocations;
-a relisting (after "410 Gone") or the resync timer gets a full pass.
+says: a deleted (or finished) pod gets a targeted pass over that pod's allocations, and so does a
+pod the taint manager deleted, once it is still there past the end of its grace period (see
+leaks.judge); a relisting (after "410 Gone") or the resync timer gets a full pass.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class Controller:
         self.health = Health(stale_after=max(60.0, 3 * resync))
         self.stop = threading.Event()
         self.leading = threading.Event()
+        # Pods the taint manager deleted -> when a pass may find them lost (epoch seconds).
+        self._lost_at: dict[str, float] = {}
 
     def run(self) -> None:
         """Watch and reconcile until `stop` is set."""
@@ -57,17 +60,23 @@ class Controller:
         next_full = time.monotonic() + self._resync
         while not self.stop.is_set():
             self.health.beat()
+            wait = min(5.0, next_full - time.monotonic(), self._until_lost())
             try:
-                event = self._events.get(timeout=max(0.1, min(5.0, next_full - time.monotonic())))
+                event = self._events.get(timeout=max(0.1, wait))
             except queue.Empty:
                 event = None
             if isinstance(event, Relisted) or time.monotonic() >= next_full:
+                self._lost_at.clear()  # the full pass judges them all
                 self._pass("full", None)
                 next_full = time.monotonic() + self._resync
                 self.health.beat(ready=True)
                 continue
-            if event is not None and _may_have_leaked(event):
-                self._pass("targeted", self._gather({event.pod.ref}))
+            if event is not None:
+                self._note_lost(event)
+                if _may_have_leaked(event):
+                    self._pass("targeted", self._gather({event.pod.ref}))
+            if due := self._due_lost():
+                self._pass("targeted", due)
 
     def _feed(self) -> None:
         try:
@@ -76,6 +85,25 @@ class Controller:
         except Exception:  # a bug: stop, so that the process exits and is restarted
             log.exception("pod watch failed")
             self.stop.set()
+
+    def _note_lost(self, event: PodEvent) -> None:
+        """Remember when a pod the taint manager deleted may be found lost, if it still is."""
+        lost_at = None if event.kind == "DELETED" else event.pod.lost_since(self._policy)
+        if lost_at is not None:
+            self._lost_at[event.pod.ref] = lost_at
+        else:
+            self._lost_at.pop(event.pod.ref, None)
+
+    def _until_lost(self) -> float:
+        """Seconds until the next pod the taint manager deleted may be found lost."""
+        return min(self._lost_at.values(), default=float("inf")) - time.time()
+
+    def _due_lost(self) -> set[str]:
+        now = time.time()
+        due = {ref for ref, at in self._lost_at.items() if at <= now}
+        for ref in due:
+            del self._lost_at[ref]
+        return due
 
     def _gather(self, refs: set[str]) -> set[str]:
         """`refs` and the pods of any other deletion that comes within SETTLE_SECONDS."""
@@ -88,6 +116,7 @@ class Controller:
             if isinstance(event, Relisted):
                 self._events.put(event)  # a full pass follows, which covers these too
                 break
+            self._note_lost(event)
             if _may_have_leaked(event):
                 refs.add(event.pod.ref)
         return refs
@@ -126,7 +155,7 @@ def _may_have_leaked(event: PodEvent | Relisted) -> bool:
     if isinstance(event, Relisted):
         return False
     pod = event.pod
-    return event.kind == "DELETED" or pod.phase in ("Succeeded", "Failed") or pod.disrupted
+    return event.kind == "DELETED" or pod.phase in ("Succeeded", "Failed")
 
 
 def run_controller(connections: Connections, policy: Policy, args: argparse.Namespace) -> None:

@@ -22,7 +22,9 @@ class Reason(StrEnum):
     POD_GONE = "pod-gone"  # no pod of that namespace/name exists
     POD_REPLACED = "pod-replaced"  # another pod (another UID) of that name, not using it
     POD_FINISHED = "pod-finished"  # Succeeded or Failed: its sandbox is torn down
-    NODE_LOST = "node-lost"  # deleted by the taint manager from an unreachable node
+    # deleted by the taint manager (a node lost, or a NoExecute taint), and still there well
+    # after its grace period ended: no kubelet is left to run its DEL
+    NODE_LOST = "node-lost"
     # sticky, and no StatefulSet covers the pod's name (none of that name, or scaled below it)
     NOT_IN_STATEFULSET = "not-in-statefulset"
     # released with a cooldown that has ended: the entry goes, so rests do not pile up
@@ -51,7 +53,8 @@ class PodState:
     uid: str
     phase: str  # Pending, Running, Succeeded, Failed, Unknown
     created: float  # metadata.creationTimestamp, epoch seconds
-    deleting: bool  # metadata.deletionTimestamp is set
+    # metadata.deletionTimestamp, epoch seconds: when its grace period ends (None: not deleted)
+    deleting_by: float | None
     disrupted: bool  # a DisruptionTarget condition from the taint manager
     network_ips: frozenset[str] | None  # the network-status annotation's IPs; None: none yet
 
@@ -59,8 +62,21 @@ class PodState:
     def ref(self) -> str:
         return f"{self.namespace}/{self.name}"
 
+    @property
+    def deleting(self) -> bool:
+        return self.deleting_by is not None
+
+    def lost_since(self, policy: Policy) -> float | None:
+        """When its address may be freed as NODE_LOST (epoch seconds); None: not a lost pod."""
+        if not self.disrupted or self.deleting_by is None:
+            return None
+        return self.deleting_by + policy.node_lost_grace
+
 
 DEFAULT_PENDING_GRACE = 300.0  # seconds
+# A kubelet that is alive kills a pod's containers when its grace period ends, runs its DEL and
+# removes it within seconds; one still there this long after is on a node that is gone.
+DEFAULT_NODE_LOST_GRACE = 60.0  # seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +84,8 @@ class Policy:
     free_finished: bool = True  # free the addresses of Succeeded and Failed pods
     # How long a re-created Pending pod without network-status is waited for.
     pending_grace: float = DEFAULT_PENDING_GRACE
+    # How long past its deletion's deadline a pod the taint manager deleted keeps its address.
+    node_lost_grace: float = DEFAULT_NODE_LOST_GRACE
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +177,9 @@ def judge(
         return Reason.POD_REPLACED
     if policy.free_finished and pod.phase in ("Succeeded", "Failed"):
         return Reason.POD_FINISHED
-    if pod.disrupted and pod.deleting:
+    # The taint manager also evicts the pods of a healthy node (a NoExecute taint they do not
+    # tolerate): those run until their grace period ends, and their kubelet runs their DEL.
+    lost_since = pod.lost_since(policy)
+    if lost_since is not None and now >= lost_since:
         return Reason.NODE_LOST
     return None

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from pyabouts.controller.leaks import DEFAULT_PENDING_GRACE, Policy
+from pyabouts.controller.leaks import DEFAULT_NODE_LOST_GRACE, DEFAULT_PENDING_GRACE, Policy
 from pyabouts.controller.reconciler import PassSummary
 from pyabouts.serving.listen import listen_argument
 
@@ -47,6 +47,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=float,
         default=DEFAULT_PENDING_GRACE,
         help="seconds a re-created Pending pod without network-status is waited for",
+    )
+    parser.add_argument(
+        "--node-lost-grace",
+        type=float,
+        default=DEFAULT_NODE_LOST_GRACE,
+        help="seconds past the end of its grace period that a pod the taint manager deleted "
+        "keeps its address (a live kubelet runs its DEL by then)",
     )
     parser.add_argument("--watch", action="store_true", help="run as the controller")
     parser.add_argument(
@@ -92,7 +99,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pyabouts.controller.connect import connect, read_settings  # noqa: PLC0415
     from pyabouts.ipam.errors import CniError  # noqa: PLC0415
 
-    policy = Policy(free_finished=not args.keep_finished, pending_grace=args.pending_grace)
+    policy = Policy(
+        free_finished=not args.keep_finished,
+        pending_grace=args.pending_grace,
+        node_lost_grace=args.node_lost_grace,
+    )
     try:
         connections = connect(read_settings(args.config), args.kubeconfig)
     except CniError as error:

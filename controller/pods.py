@@ -38,7 +38,7 @@ def pod_state(pod: Mapping[str, Any]) -> PodState:
         uid=str(meta.get("uid", "")),
         phase=str(status.get("phase") or "Pending"),
         created=_epoch(meta.get("creationTimestamp")),
-        deleting=bool(meta.get("deletionTimestamp")),
+        deleting_by=_epoch(meta["deletionTimestamp"]) if meta.get("deletionTimestamp") else None,
         disrupted=any(
             c.get("type") == "DisruptionTarget"
             and c.get("status") == "True"

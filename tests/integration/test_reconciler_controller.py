@@ -18,7 +18,7 @@ from typing import IO
 
 import pytest
 
-from deploy.local.pod_objects import create_pod, delete_pod
+from deploy.local.pod_objects import create_pod, delete_pod, lost_node_condition, set_status
 from deploy.local.ports import free_port
 from pyabouts.controller.connect import connect, read_settings
 from pyabouts.controller.pods import PodReader
@@ -114,6 +114,27 @@ def test_the_controller_frees_a_deleted_pods_address_within_seconds(recon: Recon
         found = controller.metric("pyabouts_reconciler_leaks_found_total", reason="pod-gone")
         assert found is not None and found >= reclaimed
         assert controller.metric("pyabouts_reconciler_passes_total", kind="targeted") >= 1  # type: ignore[operator]
+    print(f"freed {seconds:.1f} s after the deletion")
+
+
+def test_the_controller_frees_a_lost_nodes_pod_once_past_its_grace_not_before(
+    recon: ReconcilerEnv,
+) -> None:
+    name = pod_name("lost")
+    address = recon.add(name, create_pod(recon.cluster, NAMESPACE, name, node="node-down"))
+    set_status(recon.cluster, NAMESPACE, name, {"phase": "Running"})
+    args = ("--no-leader-election", "--resync", "600", "--node-lost-grace", "3")
+    with controllers(recon, 1, *args) as [controller]:
+        controller.wait_ready("ready after its first pass")
+        # The taint manager marks the pod and deletes it: a watch event, and then none more.
+        set_status(recon.cluster, NAMESPACE, name, {"conditions": [lost_node_condition()]})
+        delete_pod(recon.cluster, NAMESPACE, name, grace_seconds=2)
+        deleted = time.monotonic()
+        seconds = wait_for(lambda: address not in recon.held(), 20, f"{address} freed")
+        # Not before its grace period (2 s) and the reconciler's (3 s) had ended.
+        assert time.monotonic() - deleted >= 5 - 1  # a second for the clocks' rounding
+        lost = controller.metric("pyabouts_reconciler_reclaimed_total", reason="node-lost")
+        assert lost == 1
     print(f"freed {seconds:.1f} s after the deletion")
 
 

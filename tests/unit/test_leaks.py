@@ -19,7 +19,7 @@ RUNNING = PodState(
     uid="uid-1",
     phase="Running",
     created=NOW - 3600,
-    deleting=False,
+    deleting_by=None,
     disrupted=False,
     network_ips=frozenset({IP}),
 )
@@ -49,10 +49,17 @@ def test_a_finished_pod_gives_its_address_back_unless_configured_not_to(phase: s
     assert verdict(finished, policy=Policy(free_finished=False)) is None
 
 
-def test_a_pod_deleted_by_the_taint_manager_from_a_lost_node_leaked_its_address() -> None:
-    assert verdict(replace(RUNNING, disrupted=True, deleting=True)) is Reason.NODE_LOST
+def test_a_pod_the_taint_manager_deleted_leaked_its_address_once_well_past_its_grace() -> None:
+    grace = POLICY.node_lost_grace
+    evicted = replace(RUNNING, disrupted=True)
+    # Its node is gone: no kubelet removed it after its grace period ended.
+    assert verdict(replace(evicted, deleting_by=NOW - grace)) is Reason.NODE_LOST
+    # Within its grace period, or just past it, it may be a healthy node's pod that a NoExecute
+    # taint evicted: still running, and its kubelet runs its DEL.
+    assert verdict(replace(evicted, deleting_by=NOW + 30)) is None
+    assert verdict(replace(evicted, deleting_by=NOW - grace + 1)) is None
     # Being deleted alone is a graceful deletion: its DEL is still coming.
-    assert verdict(replace(RUNNING, deleting=True)) is None
+    assert verdict(replace(RUNNING, deleting_by=NOW - 3600)) is None
 
 
 def test_a_recreated_pod_that_uses_the_address_keeps_it() -> None:
@@ -116,6 +123,7 @@ def test_a_pod_object_reduces_to_what_the_judgement_needs() -> None:
         True,
         True,
     )
+    assert state.deleting_by == datetime(2026, 12, 1, 11, tzinfo=UTC).timestamp()
     assert state.network_ips == frozenset({"198.51.100.7", "2001:db8::7"})
     assert state.created == datetime(2026, 12, 1, 10, tzinfo=UTC).timestamp()
 

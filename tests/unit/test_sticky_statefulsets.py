@@ -95,7 +95,7 @@ def test_the_reconciler_keeps_what_a_statefulset_covers_and_frees_the_rest() -> 
 def state(
     phase: str, uid: str = "uid-1", *, created: float = 0, deleting: bool = False
 ) -> PodState:
-    return PodState("db", "job-1", uid, phase, created, deleting, False, None)
+    return PodState("db", "job-1", uid, phase, created, 0.0 if deleting else None, False, None)
 
 
 @pytest.mark.parametrize(
