@@ -231,7 +231,7 @@ def _pod_lookup(connections: Connections) -> Callable[[Holding], str]:
         if pod is None:
             return "no"
         uid = holding.owner.pod_uid
-        return "re-created" if uid and pod.uid != uid else "yes"
+        return "re-created" if uid and not pod.has_uid(uid) else "yes"
 
     return exists
 

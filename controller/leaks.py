@@ -57,10 +57,18 @@ class PodState:
     deleting_by: float | None
     disrupted: bool  # a DisruptionTarget condition from the taint manager
     network_ips: frozenset[str] | None  # the network-status annotation's IPs; None: none yet
+    # A static pod's mirror in the API: the UID its kubelet gave the runtime (K8S_POD_UID, what
+    # allocations record), from its `kubernetes.io/config.mirror` annotation; "" for others.
+    mirror_of: str = ""
 
     @property
     def ref(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def has_uid(self, uid: str) -> bool:
+        """Whether `uid` (an allocation's K8S_POD_UID) is this pod's: its own, or for a static
+        pod the one its kubelet knows it by, as the API's mirror pod has a UID of its own."""
+        return uid in (self.uid, self.mirror_of) if uid else False
 
     @property
     def deleting(self) -> bool:
@@ -132,7 +140,7 @@ def _reserved(owner: Owner, pod: PodState | None, *, now: float, policy: Policy)
     that name created again and still setting up, within the grace); else it ends."""
     if pod is None or pod.deleting or pod.phase in ("Succeeded", "Failed"):
         return Reason.NOT_IN_STATEFULSET
-    if not owner.pod_uid or owner.pod_uid == pod.uid:
+    if not owner.pod_uid or pod.has_uid(owner.pod_uid):
         return None
     setting_up = pod.phase == "Pending" and now - pod.created < policy.pending_grace
     return None if setting_up else Reason.NOT_IN_STATEFULSET
@@ -166,7 +174,7 @@ def judge(
             return _reserved(owner, pod, now=now, policy=policy)
     if pod is None:
         return Reason.POD_GONE
-    if owner.pod_uid and owner.pod_uid != pod.uid:
+    if owner.pod_uid and not pod.has_uid(owner.pod_uid):
         # A pod of the same name was created again (a StatefulSet's, say). Its ADD takes this
         # address back (ADD is idempotent on the pod name) and records its own UID; until then,
         # keep the address while the new pod may still be setting up its network.

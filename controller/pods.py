@@ -23,6 +23,7 @@ from pyabouts.controller.leaks import PodState
 log = logging.getLogger(__name__)
 
 NETWORK_STATUS = "k8s.v1.cni.cncf.io/network-status"
+MIRROR_OF = "kubernetes.io/config.mirror"  # on a static pod's mirror: the kubelet's UID of it
 LIST_PAGE = 500
 REQUEST_TIMEOUT = 30.0
 
@@ -32,6 +33,7 @@ def pod_state(pod: Mapping[str, Any]) -> PodState:
     meta = pod.get("metadata") or {}
     status = pod.get("status") or {}
     conditions = status.get("conditions") or []
+    annotations = meta.get("annotations") or {}
     return PodState(
         namespace=str(meta.get("namespace", "")),
         name=str(meta.get("name", "")),
@@ -46,7 +48,8 @@ def pod_state(pod: Mapping[str, Any]) -> PodState:
             for c in conditions
             if isinstance(c, dict)
         ),
-        network_ips=network_status_ips((meta.get("annotations") or {}).get(NETWORK_STATUS)),
+        network_ips=network_status_ips(annotations.get(NETWORK_STATUS)),
+        mirror_of=str(annotations.get(MIRROR_OF) or ""),
     )
 
 

@@ -73,6 +73,21 @@ def test_a_pod_of_a_lost_node_is_reclaimed_once_past_its_grace(recon: Reconciler
     assert freed(recon.reconcile("--node-lost-grace", "1"), "node-lost") == [address]
 
 
+def test_a_static_pods_address_is_kept_though_its_mirror_pod_has_another_uid(
+    recon: ReconcilerEnv,
+) -> None:
+    # The kubelet runs a static pod under a UID of its own (the runtime's K8S_POD_UID) and
+    # shows it in the API as a mirror pod, which gets another UID and names the kubelet's.
+    name, kubelet_uid = pod_name("static"), "static-pod-config-hash"
+    mirror = {"kubernetes.io/config.mirror": kubelet_uid}
+    api_uid = create_pod(recon.cluster, NAMESPACE, name, annotations=mirror)
+    assert api_uid != kubelet_uid
+    set_status(recon.cluster, NAMESPACE, name, {"phase": "Running"})
+    address = recon.add(name, kubelet_uid)
+    assert recon.reconcile()["addresses"] == []
+    assert set(recon.held()) == {address}
+
+
 @pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
 def test_finished_pods_are_reclaimed_unless_configured_to_keep_them(
     recon: ReconcilerEnv, phase: str

@@ -62,6 +62,15 @@ def test_a_pod_the_taint_manager_deleted_leaked_its_address_once_well_past_its_g
     assert verdict(replace(RUNNING, deleting_by=NOW - 3600)) is None
 
 
+def test_a_static_pods_address_is_kept_though_its_mirror_in_the_api_has_another_uid() -> None:
+    # The runtime hears the UID its kubelet gave the static pod (recorded as K8S_POD_UID); the
+    # API shows a mirror pod with a UID of its own, naming the kubelet's in an annotation.
+    mirror = replace(RUNNING, uid="mirror-uid", mirror_of="uid-1", network_ips=None)
+    assert verdict(mirror) is None
+    assert verdict(replace(mirror, mirror_of="")) is Reason.POD_REPLACED
+    assert verdict(replace(mirror, mirror_of="uid-2")) is Reason.POD_REPLACED
+
+
 def test_a_recreated_pod_that_uses_the_address_keeps_it() -> None:
     assert verdict(replace(RUNNING, uid="uid-2")) is None
 
@@ -104,8 +113,9 @@ def test_a_pod_object_reduces_to_what_the_judgement_needs() -> None:
             "creationTimestamp": "2026-12-01T10:00:00Z",
             "deletionTimestamp": "2026-12-01T11:00:00Z",
             "annotations": {
+                "kubernetes.io/config.mirror": "static-uid",
                 "k8s.v1.cni.cncf.io/network-status": '[{"name": "default/blue", '
-                '"interface": "net1", "ips": ["198.51.100.7", "2001:db8::7"]}]'
+                '"interface": "net1", "ips": ["198.51.100.7", "2001:db8::7"]}]',
             },
         },
         "status": {
@@ -124,6 +134,8 @@ def test_a_pod_object_reduces_to_what_the_judgement_needs() -> None:
         True,
     )
     assert state.deleting_by == datetime(2026, 12, 1, 11, tzinfo=UTC).timestamp()
+    assert state.mirror_of == "static-uid"
+    assert state.has_uid("static-uid") and state.has_uid("uid-1") and not state.has_uid("")
     assert state.network_ips == frozenset({"198.51.100.7", "2001:db8::7"})
     assert state.created == datetime(2026, 12, 1, 10, tzinfo=UTC).timestamp()
 
