@@ -38,6 +38,7 @@ from pyabouts.plugin.cni import render_version
 from pyabouts.plugin.node_config import (
     NodeConfig,
     daemonset_deleted,
+    daemonset_uid,
     keep_node_config_current,
     write_file_atomically,
 )
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    own_daemonset = _own_daemonset(args.uninstall_with, args.service_account_dir)
     keep_node_config_current(
         node_config,
         os.environ,
@@ -244,11 +246,25 @@ def main(argv: list[str] | None = None) -> None:
         stop=stop,
         account_dir=args.service_account_dir,
     )
-    if args.uninstall_with and daemonset_deleted(
-        args.uninstall_with, os.environ, args.service_account_dir
+    if own_daemonset and daemonset_deleted(
+        args.uninstall_with, own_daemonset, os.environ, args.service_account_dir
     ):
         print(f"daemonset {args.uninstall_with} was deleted: uninstalling", flush=True)
         uninstall(args.cni_bin_dir, node_config)
+
+
+def _own_daemonset(name: str | None, account_dir: Path) -> str | None:
+    """The UID of `name` (--uninstall-with) now, to tell its deletion by when stopped."""
+    if not name:
+        return None
+    uid = daemonset_uid(name, os.environ, account_dir)
+    if uid is None:
+        print(
+            f"daemonset {name} cannot be read (not found, not allowed or unreachable): "
+            "what this pod installed stays when it stops",
+            flush=True,
+        )
+    return uid
 
 
 if __name__ == "__main__":

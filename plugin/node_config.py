@@ -8,7 +8,9 @@ the projected file); the host's copy is a copy, so :func:`keep_node_config_curre
 when the token or the CA changes. Every write is a rename, so a reader never sees half a file.
 
 The files stay when the pod stops for a rolling update or a drain (the node keeps working);
-:func:`daemonset_deleted` tells those apart from an uninstall, after which they go.
+:func:`daemonset_deleted` tells those apart from an uninstall, after which they go. It judges
+the DaemonSet :func:`daemonset_uid` read when the pod started: a name that did not resolve then
+(a kustomize namePrefix renames the DaemonSet, not the flag) never reads as deleted later.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -149,26 +152,48 @@ def keep_node_config_current(
             return
 
 
-def daemonset_deleted(
+def daemonset_uid(
     name: str, environ: Mapping[str, str], account_dir: Path = SERVICE_ACCOUNT_DIR
+) -> str | None:
+    """The UID of DaemonSet `name` in this pod's namespace; None when it cannot be read (not
+    found, not allowed, the API unreachable), with nothing then to tell its deletion by."""
+    found = _daemonset(name, environ, account_dir)
+    return str(found["metadata"]["uid"]) if isinstance(found, dict) else None
+
+
+def daemonset_deleted(
+    name: str, uid: str, environ: Mapping[str, str], account_dir: Path = SERVICE_ACCOUNT_DIR
 ) -> bool:
-    """Whether DaemonSet `name` (in this pod's namespace) is gone or going, as it is when
-    `kubectl delete -k` uninstalls: not found, being deleted, or this pod's account no longer
-    allowed or known (that delete removes the RBAC and the ServiceAccount too). When the API
-    cannot be asked, False: the files stay rather than break a node that still needs them."""
+    """Whether DaemonSet `name`, which had `uid` when this pod started, is gone or going, as it
+    is when `kubectl delete -k` uninstalls: not found, being deleted, another one of that name,
+    or this pod's account no longer allowed or known (that delete removes the RBAC and the
+    ServiceAccount too; they worked when `uid` was read). When the API cannot be asked, False:
+    the files stay rather than break a node that still needs them."""
+    found = _daemonset(name, environ, account_dir)
+    if found is None:
+        return False
+    if isinstance(found, ApiStatusError):
+        return found.status in (401, 403, 404)
+    metadata = found.get("metadata", {})
+    return bool(metadata.get("deletionTimestamp")) or metadata.get("uid") != uid
+
+
+def _daemonset(
+    name: str, environ: Mapping[str, str], account_dir: Path
+) -> dict[str, Any] | ApiStatusError | None:
+    """DaemonSet `name` as the API answers it, its error status, or None if unreachable."""
     try:
         credentials = in_cluster_credentials(environ, account_dir)
     except CniError:
-        return False
+        return None
     api = KubeApi(credentials, timeout=5.0)
     try:
-        found = api.request(
+        return api.request(
             "GET", f"/apis/apps/v1/namespaces/{credentials.namespace}/daemonsets/{name}"
         )
     except ApiStatusError as exc:
-        return exc.status in (401, 403, 404)
+        return exc
     except CniError:  # unreachable, or busy
-        return False
+        return None
     finally:
         api.close()
-    return bool(found.get("metadata", {}).get("deletionTimestamp"))

@@ -1,0 +1,100 @@
+"""The installer sidecar's check, on the real apiserver, of whether its DaemonSet was deleted:
+it uninstalls only then, never through a rolling update, and never for a DaemonSet whose name
+did not resolve when it started (a kustomize namePrefix renames the DaemonSet and not the
+sidecar's --uninstall-with, nor the Role's resourceNames). The test's own namespace holds an
+account with a Role like deploy/'s: get on the one DaemonSet it names."""
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from deploy.local.controlplane import ControlPlane
+from pyabouts.plugin.node_config import daemonset_deleted, daemonset_uid
+
+pytestmark = pytest.mark.integration
+
+NAME = "pyabouts-agent"
+NAMESPACE = "uninstall-check"
+RBAC = """
+apiVersion: v1
+kind: Namespace
+metadata: {{name: {NAMESPACE}}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: agent, namespace: {NAMESPACE}}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: agent-uninstall, namespace: {NAMESPACE}}}
+rules: [{{apiGroups: [apps], resources: [daemonsets], resourceNames: [{NAME}], verbs: [get]}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: agent-uninstall, namespace: {NAMESPACE}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: agent-uninstall}}
+subjects: [{{kind: ServiceAccount, name: agent, namespace: {NAMESPACE}}}]
+"""
+DAEMONSET = """
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {{name: {NAME}, namespace: {NAMESPACE}}}
+spec:
+  selector: {{matchLabels: {{app: uninstall-check}}}}
+  template:
+    metadata: {{labels: {{app: uninstall-check}}}}
+    spec: {{containers: [{{name: agent, image: pause}}]}}
+"""
+
+
+@pytest.fixture
+def pod_environment(
+    pyabouts_cluster: ControlPlane, tmp_path: Path
+) -> Iterator[tuple[dict[str, str], Path]]:
+    """The sidecar's view: the in-cluster environment and its account's files."""
+    namespace = f"{NAMESPACE}-{uuid.uuid4().hex[:6]}"
+    pyabouts_cluster.kubectl("apply", "-f", "-", input=RBAC.format(NAMESPACE=namespace, NAME=NAME))
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    account.joinpath("token").write_text(pyabouts_cluster.service_account_token(namespace, "agent"))
+    account.joinpath("ca.crt").write_text(pyabouts_cluster.ca_cert.read_text())
+    account.joinpath("namespace").write_text(namespace)
+    server = urlsplit(pyabouts_cluster.server)
+    environ = {
+        "KUBERNETES_SERVICE_HOST": str(server.hostname),
+        "KUBERNETES_SERVICE_PORT": str(server.port),
+    }
+    yield environ, account
+    pyabouts_cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+
+
+def test_only_a_deleted_or_replaced_daemonset_reads_as_deleted(
+    pyabouts_cluster: ControlPlane, pod_environment: tuple[dict[str, str], Path]
+) -> None:
+    environ, account = pod_environment
+    assert daemonset_uid(NAME, environ, account) is None  # not there yet: not found
+    daemonset = DAEMONSET.format(NAMESPACE=account.joinpath("namespace").read_text(), NAME=NAME)
+    pyabouts_cluster.kubectl("apply", "-f", "-", input=daemonset)
+    uid = daemonset_uid(NAME, environ, account)
+    assert uid is not None
+    assert not daemonset_deleted(NAME, uid, environ, account)  # a rolling update, a drain
+
+    pyabouts_cluster.kubectl("delete", "-f", "-", input=daemonset)
+    assert daemonset_deleted(NAME, uid, environ, account)
+
+    pyabouts_cluster.kubectl("apply", "-f", "-", input=daemonset)  # another one of that name
+    assert daemonset_deleted(NAME, uid, environ, account)
+    assert not daemonset_deleted(NAME, str(daemonset_uid(NAME, environ, account)), environ, account)
+
+
+def test_a_daemonset_it_cannot_read_at_start_gives_nothing_to_uninstall_by(
+    pod_environment: tuple[dict[str, str], Path],
+) -> None:
+    environ, account = pod_environment
+    # Renamed by an overlay: the Role still names the old name, so the read is forbidden.
+    assert daemonset_uid("prod-pyabouts-agent", environ, account) is None
+    unreachable = {**environ, "KUBERNETES_SERVICE_PORT": "1"}
+    assert daemonset_uid(NAME, unreachable, account) is None
