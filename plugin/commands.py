@@ -33,13 +33,15 @@ def run_command(
     *,
     netconf: bytes,
     backend: Backend,
+    deadline: float | None = None,
 ) -> dict[str, Any] | None:
     """Serve one CNI command on `raw`, the network config decoded from `netconf`; the result to
-    print, or None when the command prints nothing."""
+    print, or None when the command prints nothing. `deadline` (time.monotonic()) defaults to
+    DEADLINE_SECONDS from now."""
     config = backend.config(raw, netconf)
     if backend.configures_logging:
         configure_logging(config.ipam.log_file, config.ipam.log_level)
-    deadline = time.monotonic() + DEADLINE_SECONDS
+    deadline = time.monotonic() + DEADLINE_SECONDS if deadline is None else deadline
     pools = [rng.pool for rng in config.ranges]
     writes_by = None if command in ("CHECK", "STATUS") else deadline
     with backend.transactions(config.ipam, pools, writes_by=writes_by) as transactions:

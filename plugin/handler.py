@@ -51,8 +51,15 @@ class Reply:
     stdout: bytes
 
 
-def handle_request(env: Mapping[str, str], stdin: bytes, backend: Backend | None = None) -> Reply:
-    """Serve one request; `backend` gives the commands their stores (default: one per call)."""
+def handle_request(
+    env: Mapping[str, str],
+    stdin: bytes,
+    backend: Backend | None = None,
+    *,
+    deadline: float | None = None,
+) -> Reply:
+    """Serve one request; `backend` gives the commands their stores (default: one per call),
+    `deadline` (time.monotonic()) bounds the command (default: commands.DEADLINE_SECONDS)."""
     command = env.get("CNI_COMMAND", "")
     version = LATEST_VERSION
     try:
@@ -73,7 +80,10 @@ def handle_request(env: Mapping[str, str], stdin: bytes, backend: Backend | None
         from pyabouts.plugin.commands import run_command  # noqa: PLC0415
 
         served_by = backend or OneShotBackend()
-        return _success(run_command(command, env, cni_args, raw, netconf=stdin, backend=served_by))
+        result = run_command(
+            command, env, cni_args, raw, netconf=stdin, backend=served_by, deadline=deadline
+        )
+        return _success(result)
     except CniError as error:
         return _failure(version, error)
     except AllocationError as refused:

@@ -38,7 +38,8 @@ class AgentMetrics:
             "pyabouts_agent_rejected",
             "Connections and requests answered with an error before being served, by reason: "
             "peer (its uid is not allowed), busy (every worker busy, the queue full), stopping, "
-            "malformed, too-large, deadline (not sent whole in time).",
+            "malformed, too-large, deadline (not sent whole in time), late (queued for a worker "
+            "past the command's deadline).",
             ["reason"],
             registry=self.registry,
         )

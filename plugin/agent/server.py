@@ -34,6 +34,7 @@ from pyabouts.plugin import wire
 from pyabouts.plugin.agent.backend import WarmBackend
 from pyabouts.plugin.agent.datastore import agent_datastore
 from pyabouts.plugin.agent.metrics import AgentMetrics
+from pyabouts.plugin.commands import DEADLINE_SECONDS
 from pyabouts.plugin.handler import Reply, handle_request
 from pyabouts.plugin.logs import LEVELS
 from pyabouts.plugin.thin_client import AGENT_SOCKET
@@ -59,6 +60,7 @@ class Limits:
     request_deadline: float = REQUEST_DEADLINE_SECONDS
     max_requests: int = MAX_REQUESTS
     max_waiting: int = MAX_WAITING
+    command_deadline: float = DEADLINE_SECONDS  # from accept: time queued for a worker counts
 
 
 class RequestError(ValueError):
@@ -188,9 +190,11 @@ class AgentServer(socketserver.UnixStreamServer):
         return False  # socketserver closes it
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Queue the request for a worker; when all are busy and the queue is full, code 11."""
+        """Queue the request for a worker; when all are busy and the queue is full, code 11.
+        Its command's deadline runs from now: the time it waits for a worker counts."""
         self.metrics.waiting.inc()
-        serve = partial(self._serve_one, request, client_address)
+        deadline = time.monotonic() + self.limits.command_deadline
+        serve = partial(self._serve_one, request, client_address, deadline)
         if not self._workers.try_submit(serve, partial(self._drop, request)):
             self.metrics.waiting.dec()
             limits = self.limits
@@ -200,10 +204,17 @@ class AgentServer(socketserver.UnixStreamServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("serving a request failed")
 
-    def _serve_one(self, request: socket.socket, client_address: Any) -> None:
+    def _serve_one(self, request: socket.socket, client_address: Any, deadline: float) -> None:
         self.metrics.waiting.dec()
+        if time.monotonic() >= deadline:
+            # Queued past its whole deadline: its client may have given up, and the runtime
+            # sent its DEL already; an ADD served now could hold an address for nobody.
+            waited = f"{self.limits.command_deadline:g} s"
+            message = f"pyabouts-agent was busy: the request waited {waited} for a worker"
+            self._refuse_and_close(request, "late", message)
+            return
         try:
-            self.finish_request(request, client_address)
+            _RequestHandler(request, client_address, self, deadline)
         except Exception:
             self.handle_error(request, client_address)
         finally:
@@ -229,6 +240,13 @@ class AgentServer(socketserver.UnixStreamServer):
 
 class _RequestHandler(socketserver.BaseRequestHandler):
     server: AgentServer
+
+    def __init__(
+        self, request: Any, client_address: Any, server: AgentServer, deadline: float | None = None
+    ) -> None:
+        # The command's, from when the request was accepted (socketserver's own call: now).
+        self.deadline = deadline or time.monotonic() + server.limits.command_deadline
+        super().__init__(request, client_address, server)
 
     def handle(self) -> None:
         started = time.monotonic()
@@ -263,7 +281,7 @@ class _RequestHandler(socketserver.BaseRequestHandler):
             self.server.metrics.rejected.labels(exc.reason).inc()
             return "unknown", _refusal(exc.code, str(exc))
         command = command_label(env.get("CNI_COMMAND", ""))
-        return command, handle_request(env, stdin, self.server.backend)
+        return command, handle_request(env, stdin, self.server.backend, deadline=self.deadline)
 
 
 def _decode_request(data: bytes) -> tuple[dict[str, str], bytes]:
@@ -332,6 +350,13 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
         help=f"seconds a client has to send its whole request (default: "
         f"{REQUEST_DEADLINE_SECONDS:g})",
     )
+    parser.add_argument(
+        "--command-deadline",
+        type=_seconds,
+        default=DEADLINE_SECONDS,
+        help="seconds a request has, from when it is accepted, to be served (retries and time "
+        f"queued for a worker included; then code 11) (default: {DEADLINE_SECONDS:g})",
+    )
 
 
 def _limits(args: argparse.Namespace) -> Limits:
@@ -340,6 +365,7 @@ def _limits(args: argparse.Namespace) -> Limits:
         request_deadline=args.request_deadline,
         max_requests=args.max_requests,
         max_waiting=args.max_waiting,
+        command_deadline=args.command_deadline,
     )
 
 

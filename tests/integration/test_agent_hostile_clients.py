@@ -34,6 +34,7 @@ from pyabouts.plugin.wire import MAGIC
 from tests.integration.etcd_fixtures import EtcdServer
 from tests.integration.plugin_fixtures import etcd_ipam
 from tests.integration.plugin_processes import Node, make_nodes, metric, run_plugins
+from tests.integration.stored_state import etcd_store, owners_in
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -395,6 +396,43 @@ def test_beyond_the_workers_and_the_queue_a_request_gets_code_11_at_once(
 
     [node] = make_nodes(tmp_path, 1, {"datastore": "etcd", "etcd_host": etcd_server.endpoint})
     ipam = etcd_ipam(etcd_server, range="10.80.0.0/24", network_name=network())
+    [(code, _)] = adds_through(shim, Node(node.flat_file, agent), ipam, ["after"])
+    assert code == 0
+
+
+def test_a_request_queued_past_its_command_deadline_is_refused_not_served(
+    start_agent: Callable[..., AgentProcess],
+    shim: str,
+    etcd_server: EtcdServer,
+    tmp_path: Path,
+) -> None:
+    # Its caller may have given up and the runtime sent its DEL: an ADD served now would hold
+    # an address for nobody. One worker, held by a silent client until its request deadline.
+    command_deadline = DEADLINE / 2
+    agent = start_agent(
+        tmp_path / "node-0",
+        *("--max-requests", "1", "--request-deadline", str(DEADLINE)),
+        *("--command-deadline", str(command_deadline)),
+    )
+    [node] = make_nodes(tmp_path, 1, {"datastore": "etcd", "etcd_host": etcd_server.endpoint})
+    ipam = etcd_ipam(etcd_server, range="10.81.0.0/24", network_name=network())
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        silent.connect(str(agent.socket))
+        time.sleep(0.2)  # the worker has taken it, and waits for its bytes
+        [(code, late)] = adds_through(shim, Node(node.flat_file, agent), ipam, ["queued"])
+        assert_cni_error(read_reply(silent), 11, says="did not arrive whole")
+    finally:
+        silent.close()
+    assert code == 1 and late["code"] == 11, late
+    assert "waited" in late["msg"] and "for a worker" in late["msg"], late
+    assert metric(agent, "pyabouts_agent_rejected_total", reason="late") == 1
+    store = etcd_store(etcd_server)
+    try:
+        assert owners_in(store, ipam["network_name"]) == {}  # nothing was allocated
+    finally:
+        store.close()
+
     [(code, _)] = adds_through(shim, Node(node.flat_file, agent), ipam, ["after"])
     assert code == 0
 
