@@ -24,6 +24,7 @@ FALLBACK_PATH: list[str] = []
 VERSION_REPLY = b""  # plugin.cni.render_version(), set by the installer: VERSION needs no agent
 REPLY_TIMEOUT = 90.0  # seconds; the agent answers within its 60 s command deadline
 TRY_AGAIN_LATER = 11
+NOT_AVAILABLE = 50  # what STATUS answers when the plugin cannot serve ADD (CNI 1.1)
 
 
 def main() -> None:
@@ -38,6 +39,8 @@ def main() -> None:
     stdin = sys.stdin.buffer.read()
     request = encode_request([(k, v) for k, v in environ.items() if k.startswith(b"CNI_")], stdin)
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    # Before connecting: an agent whose backlog is full refuses at once (EAGAIN), never blocks.
+    sock.settimeout(REPLY_TIMEOUT)
     try:
         sock.connect(socket_path)
     except OSError as exc:
@@ -45,16 +48,19 @@ def main() -> None:
         _serve_without_agent(socket_path, exc, stdin)
     chunks = []
     try:
-        sock.settimeout(REPLY_TIMEOUT)
         try:
             sock.sendall(request)
             sock.shutdown(_socket.SHUT_WR)
+        except _socket.timeout:
+            raise
         except OSError:
             pass  # the agent answered without reading it (refused, busy): read its answer
         while chunk := sock.recv(65536):
             chunks.append(chunk)
+    except _socket.timeout:  # what arrived may be cut short: none of it is printed
+        _fail(stdin, f"the pyabouts agent at {socket_path} did not answer whole (timed out)")
     except OSError:
-        pass  # reset or timed out: judged by what arrived
+        pass  # reset after an answer that did not wait for the whole request: judged by it
     finally:
         sock.close()
     try:
@@ -90,7 +96,9 @@ def _fail(stdin: bytes, message: str) -> "NoReturn":
         version = json.loads(stdin).get("cniVersion") or "1.0.0"
     except (ValueError, AttributeError):
         version = "1.0.0"
-    error = {"cniVersion": version, "code": TRY_AGAIN_LATER, "msg": message}
+    status = posix.environ.get(b"CNI_COMMAND") == b"STATUS"
+    error = {"cniVersion": version, "code": NOT_AVAILABLE if status else TRY_AGAIN_LATER}
+    error["msg"] = message
     sys.stdout.write(json.dumps(error))
     sys.stdout.flush()
     sys.exit(1)

@@ -33,6 +33,7 @@ const (
 	slotMarker    = "PYABOUTS-AGENT-SOCKET-SLOT:"
 	defaultSocket = "/run/pyabouts/agent.sock"
 	tryAgainLater = 11
+	notAvailable  = 50 // STATUS: the plugin cannot serve ADD now (CNI 1.1)
 	// plugin/cni.py's render_version(); tests/integration/test_shim.py compares them.
 	versionReply = `{"cniVersion": "1.1.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}`
 )
@@ -193,7 +194,8 @@ func readAll(fd int, deadline time.Time) ([]byte, error) {
 }
 
 // fail prints a CNI error with code 11 (try again later) and exits 1: the outcome is unknown,
-// so the runtime retries the call.
+// so the runtime retries the call. To STATUS it answers 50, as the spec asks of a plugin that
+// cannot serve ADD.
 func fail(stdin []byte, message string) {
 	var netconf struct {
 		CNIVersion string `json:"cniVersion"`
@@ -201,7 +203,11 @@ func fail(stdin []byte, message string) {
 	if json.Unmarshal(stdin, &netconf) != nil || netconf.CNIVersion == "" {
 		netconf.CNIVersion = "1.0.0"
 	}
-	out, _ := json.Marshal(map[string]any{"cniVersion": netconf.CNIVersion, "code": tryAgainLater, "msg": message})
+	code := tryAgainLater
+	if os.Getenv("CNI_COMMAND") == "STATUS" {
+		code = notAvailable
+	}
+	out, _ := json.Marshal(map[string]any{"cniVersion": netconf.CNIVersion, "code": code, "msg": message})
 	os.Stdout.Write(out)
 	os.Exit(1)
 }

@@ -241,6 +241,20 @@ func TestMainPrintsCode11InTheCallersVersionWithoutAnAgent(t *testing.T) {
 	}
 }
 
+func TestMainAnswersStatusWithCode50WithoutAnAgent(t *testing.T) {
+	out, code := runMain(t, `{"cniVersion":"1.1.0","name":"n"}`, "CNI_COMMAND=STATUS", "PYABOUTS_AGENT_SOCKET=/nonexistent.sock")
+	var failure struct {
+		Code int    `json:"code"`
+		Msg  string `json:"msg"`
+	}
+	if err := json.Unmarshal([]byte(out), &failure); err != nil || code != 1 {
+		t.Fatalf("got %d %q", code, out)
+	}
+	if failure.Code != 50 || !strings.Contains(failure.Msg, "no pyabouts agent at /nonexistent.sock") {
+		t.Fatalf("got %+v", failure)
+	}
+}
+
 func TestMainPassesTheAgentsExitCodeAndStdout(t *testing.T) {
 	socket := filepath.Join(t.TempDir(), "agent.sock")
 	agent(t, socket, func(conn net.Conn, request []byte) {

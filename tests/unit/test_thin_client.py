@@ -106,6 +106,35 @@ def test_the_installed_plugin_carries_the_wire_format_the_agent_speaks(installed
     assert namespace["decode_reply"](reply) == wire.decode_reply(reply) == (1, b'{"code": 11}')
 
 
+def test_a_reply_cut_short_by_the_timeout_is_not_printed(installed: Path, tmp_path: Path) -> None:
+    # An agent that sent its exit code and part of a result, then stalled past the timeout.
+    text = installed.read_text()
+    installed.write_text(text.replace("REPLY_TIMEOUT = 90.0", "REPLY_TIMEOUT = 1.0"))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "agent.sock"))
+    listener.listen(1)
+    stalled: list[socket.socket] = []
+
+    def answer_half() -> None:
+        conn, _ = listener.accept()
+        stalled.append(conn)
+        while conn.recv(65536):
+            pass
+        conn.sendall(b'0\0{"cniVersion": "1.0.0", "ips": [{"addr')
+
+    server = threading.Thread(target=answer_half, daemon=True)
+    server.start()
+    try:
+        done = run(installed, ENV)
+    finally:
+        server.join(timeout=10)
+        for conn in [*stalled, listener]:
+            conn.close()
+    assert done.returncode == 1
+    error = json.loads(done.stdout)
+    assert error["code"] == 11 and "did not answer whole (timed out)" in error["msg"], error
+
+
 def test_version_is_answered_without_an_agent(installed: Path) -> None:
     done = run(installed, {"CNI_COMMAND": "VERSION"})
     assert done.returncode == 0 and json.loads(done.stdout) == render_version()
