@@ -77,6 +77,17 @@ class _Failed:
     error: Exception
 
 
+def _answer_expired(batch: list[_Request]) -> None:
+    """Answer the requests of `batch` whose deadline passed, and take them out of it (in
+    place): they are not decided again. One whose decision a store that writes block by block
+    stored in part is told it failed, and the runtime's DEL frees what it got."""
+    now = time.monotonic()
+    for request in batch:
+        if request.deadline <= now:
+            request.finish(error=StoreUnavailableError("timed out waiting for the pool"))
+    batch[:] = [request for request in batch if not request.done]
+
+
 class CoalescingTransactions:
     """Transactions on `store` in which concurrent callers over the same ranges share writes.
 
@@ -129,6 +140,7 @@ class CoalescingTransactions:
         def decide(view: PoolView) -> list[tuple[Any, bool]]:
             if joining is not None:
                 self._take_waiting(joining, batch)
+                _answer_expired(batch)
             return decide_each(view, [r.decide for r in batch])
 
         try:
@@ -136,7 +148,9 @@ class CoalescingTransactions:
                 self.store,
                 spans,
                 decide,
-                deadline=min(r.deadline for r in batch),
+                # The latest, as requests join: each one leaves the batch at its own deadline
+                # (at the next attempt), so one near its end cuts nobody else's time short.
+                deadline=lambda: max((r.deadline for r in batch), default=0.0),
                 before_write=lambda changed: describe_blocks(changed, batch[0].ranges),
             )
         except Exception as exc:  # the store failed the whole batch: everyone hears it
@@ -165,7 +179,24 @@ class CoalescingTransactions:
 
     def _lead(self, spans: tuple[Span, ...], queue: _Queue) -> None:
         batch: list[_Request] = []
-        self._take_waiting(queue, batch)
+        outcomes: list[tuple[Any, bool]] = []
+        try:
+            self._take_waiting(queue, batch)
+            if batch:
+                outcomes = self._decide_batch(spans, batch, queue)
+        finally:  # whatever escaped, the queue gets a leader and every request an answer
+            self._hand_off(spans, queue)
+            lost = _Failed(StoreUnavailableError("the batch failed: try again"))
+            for i, request in enumerate(batch):
+                outcome = outcomes[i][0] if i < len(outcomes) else lost
+                if isinstance(outcome, _Failed):
+                    request.finish(error=outcome.error)
+                else:
+                    request.finish(outcome)
+
+    def _decide_batch(
+        self, spans: tuple[Span, ...], batch: list[_Request], queue: _Queue
+    ) -> list[tuple[Any, bool]]:
         outcomes = self._decide(spans, batch, joining=queue)
         if self._on_batch is not None:
             self._on_batch(len(batch))
@@ -176,6 +207,10 @@ class CoalescingTransactions:
             again = self._decide(spans, [batch[i] for i in unchecked])
             for i, outcome in zip(unchecked, again, strict=True):
                 outcomes[i] = outcome
+        return outcomes
+
+    def _hand_off(self, spans: tuple[Span, ...], queue: _Queue) -> None:
+        """The lead to the oldest waiting request, or the queue's end."""
         with self._lock:
             if queue.waiting:
                 successor = queue.waiting[0]
@@ -184,8 +219,3 @@ class CoalescingTransactions:
             else:
                 queue.leading = False
                 del self._queues[spans]
-        for request, (outcome, _) in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, _Failed):
-                request.finish(error=outcome.error)
-            else:
-                request.finish(outcome)

@@ -121,11 +121,13 @@ def run_span_transaction(
     spans: Sequence[Span],
     decide: Callable[[PoolView], T],
     *,
-    deadline: float,
+    deadline: float | Callable[[], float],
     before_write: Callable[[list[Block]], None] | None = None,
     clock: Clock = REAL_CLOCK,
 ) -> T:
-    """run_transaction over the blocks of `spans`; `before_write` may annotate changed blocks."""
+    """run_transaction over the blocks of `spans`; `before_write` may annotate changed blocks.
+    A callable `deadline` is asked again before each retry (a batch that requests join)."""
+    deadline_now = deadline if callable(deadline) else lambda: deadline
     attempt = 0
     outage_since: float | None = None
     while True:
@@ -144,10 +146,10 @@ def run_span_transaction(
             attempt += 1
             if isinstance(exc, StoreBusyError):
                 outage_since = None  # it answers, if slowly: not an outage
-                _back_off(clock, attempt, deadline, exc, f"store busy ({exc.msg})")
+                _back_off(clock, attempt, deadline_now(), exc, f"store busy ({exc.msg})")
             else:
                 outage_since = outage_since or clock.now()
-                give_up = min(deadline, outage_since + OUTAGE_GRACE)
+                give_up = min(deadline_now(), outage_since + OUTAGE_GRACE)
                 _back_off(clock, attempt, give_up, exc, f"store unavailable ({exc.msg})")
             continue
         outage_since = None
@@ -162,7 +164,8 @@ def run_span_transaction(
         # The write's first conflicting block, in the write's order (_in_span_order: registries
         # first): Kubernetes stops there, and etcd, which writes all or none, names each stale one.
         cap = CLAIM_BACKOFF_MAX if is_registry(conflicts[0].pool) else BACKOFF_MAX
-        _back_off(clock, attempt, deadline, busy, f"conflict on {len(conflicts)} block(s)", cap=cap)
+        why = f"conflict on {len(conflicts)} block(s)"
+        _back_off(clock, attempt, deadline_now(), busy, why, cap=cap)
 
 
 def _back_off(

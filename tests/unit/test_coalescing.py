@@ -181,6 +181,66 @@ def test_requests_that_come_during_a_conflicting_write_join_its_retry() -> None:
     assert (store.lost, store.writes, batches) == (1, 1, [4])  # one retry stored all four
 
 
+class ConflictsUntil(MemoryStore):
+    """A store whose writes all lose to another writer until `until` (time.monotonic())."""
+
+    def __init__(self, until: float) -> None:
+        super().__init__()
+        self.until = until
+        self.writing = threading.Event()
+
+    def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
+        self.writing.set()
+        if time.monotonic() < self.until:
+            return WriteOutcome(conflicts=[b.key for b in blocks])
+        return super().write_blocks(blocks)
+
+
+def test_a_request_whose_deadline_ends_in_a_retried_batch_leaves_it_and_the_rest_go_on() -> None:
+    # The batch retries its conflicting write past the first request's deadline: that request
+    # is told it timed out, and the others, with time left, get their addresses.
+    started = time.monotonic()
+    store = ConflictsUntil(started + 1.0)
+    transactions = CoalescingTransactions(store)
+
+    def allocate(n: int) -> object:
+        if n:  # joins the first one's batch at its next attempt
+            store.writing.wait(5)
+        return transactions.run(
+            [SMALL],
+            lambda v: allocator.assign_addresses(v, [SMALL], owner(n), []),
+            deadline=started + (0.5 if n == 0 else 30),
+        )
+
+    first, second = run_threads(2, allocate)
+    assert isinstance(first, CniError) and first.msg == "timed out waiting for the pool", first
+    assert second == [SMALL.first]
+    assert time.monotonic() - started >= 1.0  # the second one was stored after the first left
+
+
+def test_a_bug_in_a_batch_answers_its_requests_and_leaves_the_queue_working() -> None:
+    calls: list[int] = []
+
+    def on_batch(size: int) -> None:
+        calls.append(size)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+
+    transactions = CoalescingTransactions(MemoryStore(), on_batch=on_batch)
+
+    def allocate(n: int) -> list[int]:
+        return transactions.run(
+            [SMALL],
+            lambda v: allocator.assign_addresses(v, [SMALL], owner(n), []),
+            deadline=time.monotonic() + 5,
+        )
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        allocate(0)
+    assert allocate(1) == [SMALL.first + 1]  # the first was stored before the bug struck
+    assert calls == [1, 1]
+
+
 def test_a_store_failure_reaches_every_request_of_the_batch() -> None:
     class DownStore(MemoryStore):
         def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
