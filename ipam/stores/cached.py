@@ -67,6 +67,7 @@ class CachedStore:
         self._checked_at: dict[PoolId, float] = {}  # when it was last compared with the feed
         self._pools: dict[PoolId, dict[BlockKey, Block]] = {}
         self._stale: dict[PoolId, set[BlockKey]] = {}  # blocks somebody else wrote meanwhile
+        self._kept_at: dict[BlockKey, float] = {}  # when each cached block was last kept
         self._lock = threading.Lock()
         self.reads = 0  # backing reads, for figures
         self._feed = feed
@@ -104,10 +105,11 @@ class CachedStore:
         if blocks is None:
             began = time.monotonic()
             loaded = self._backing.read_blocks(pool, *_WHOLE_SPACE)
-            blocks = {b.key: b for b in loaded}
             with self._lock:
                 self.reads += 1
-                self._pools[pool] = blocks
+                # Merged, not stored over: a write or read of this pool that ended while this
+                # one was on its way may have kept a newer copy of a block.
+                blocks = self._merge(pool, {b.key: b for b in loaded}, whole_since=began)
                 self._stale.pop(pool, None)
                 self._read_at[pool] = self._checked_at[pool] = began
         low = BlockKey.of(pool, first).base
@@ -137,6 +139,8 @@ class CachedStore:
                 self._pools[pool] = fresh
                 if checked is not None:
                     self._checked_at[pool] = checked
+            elif pool in self._pools:  # replaced: the blocks read again still count
+                fresh = self._merge(pool, {key: fresh[key] for key in stale if key in fresh})
         return fresh
 
     def cached_blocks(self) -> list[Block]:
@@ -158,15 +162,35 @@ class CachedStore:
         with self._lock:
             for block in blocks:
                 revision = outcome.revisions.get(block.key)
-                cached = self._pools.get(block.key.pool)
-                if revision is not None and cached is not None:
+                if revision is not None and block.key.pool in self._pools:
                     block.revision = revision
-                    # A new dict, not a change in place: readers iterate the one they got.
-                    self._pools[block.key.pool] = {**cached, block.key: block}
+                    self._merge(block.key.pool, {block.key: block})
             for key in outcome.conflicts:
                 if key.pool in self._pools:
                     self._stale.setdefault(key.pool, set()).add(key)
         return outcome
+
+    def _merge(
+        self, pool: PoolId, blocks: dict[BlockKey, Block], *, whole_since: float | None = None
+    ) -> dict[BlockKey, Block]:
+        """Keep `blocks` in `pool`'s cache, each unless a later revision of it is there; the
+        pool's blocks now. `whole_since`: `blocks` are the whole pool as read from then, so a
+        cached block they lack is gone (deleted), unless it was kept since (written meanwhile).
+        A new dict, not a change in place: readers iterate the one they got. Under the lock."""
+        cached = self._pools.get(pool, {})
+        merged = {
+            key: block
+            for key, block in cached.items()
+            if whole_since is None or key in blocks or self._kept_at.get(key, 0.0) >= whole_since
+        }
+        now = time.monotonic()
+        for key, block in blocks.items():
+            kept = merged.get(key)
+            if kept is None or _newer(block.revision or "", kept.revision):
+                merged[key] = block
+                self._kept_at[key] = now
+        self._pools[pool] = merged
+        return merged
 
     def feed_listed(self, revisions: Mapping[tuple[str, str], str]) -> None:
         fed: dict[str, dict[str, _Stored]] = {}

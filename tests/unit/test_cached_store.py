@@ -1,4 +1,5 @@
 import time
+from collections.abc import Callable
 
 import netaddr
 import pytest
@@ -94,6 +95,62 @@ def test_a_pool_older_than_max_age_is_read_whole_again(monkeypatch: pytest.Monke
     clock[0] += 2.5
     assert allocate(cached, 7) == theirs
     assert cached.reads == 2
+
+
+class ReadsAnOldCopy(MemoryStore):
+    """Answers one whole read with what it held at hold(), after running `during`: a read that
+    began before writes that ended while it was on its way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.old: list[Block] | None = None
+        self.during: list[Callable[[], object]] = []
+
+    def hold(self) -> None:
+        self.old = self.read_all_blocks()
+
+    def read_blocks(self, pool: PoolId, first: int, last: int) -> list[Block]:
+        if self.old is None:
+            return super().read_blocks(pool, first, last)
+        old, self.old = self.old, None
+        for run in self.during:
+            run()
+        return [b for b in old if b.key.pool == pool]
+
+
+def test_a_whole_read_that_ended_after_writes_keeps_what_they_wrote(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [100.0]
+    monkeypatch.setattr("pyabouts.ipam.stores.cached.time.monotonic", lambda: clock[0])
+    backing = ReadsAnOldCopy()
+    cached = CachedStore(backing, max_age=2.0)
+    first = allocate(cached, 1)
+    backing.hold()
+    second = allocate(cached, 2)  # a newer revision of the block than the old copy has
+    far = build_range("10.0.3.0/24", range_start=None, range_end=None, exclude=[], pool=POOL)
+    owner = Owner("c9", "net1", "ns/p9")
+    backing.during.append(  # a block this cache creates while the read is on its way
+        lambda: operations.allocate(DirectTransactions(cached), [far], owner, [], deadline=1e9)
+    )
+    clock[0] += 2.5  # the next read is a whole one, answered with the old copy
+    third = allocate(cached, 3)
+    assert (first, second, third) == (first, first + 1, first + 2)
+    assert backing.conflicts == 0  # decided on what it wrote, not on the old copy
+    assert [b.key.base for b in cached.cached_blocks()] == [RANGE.first - 1, far.first - 1]
+
+
+def test_a_whole_read_drops_a_cached_block_somebody_deleted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [100.0]
+    monkeypatch.setattr("pyabouts.ipam.stores.cached.time.monotonic", lambda: clock[0])
+    backing = MemoryStore()
+    cached = CachedStore(backing, max_age=2.0)
+    allocate(cached, 1)
+    backing.blocks.clear()  # deleted by hand
+    clock[0] += 2.5
+    assert allocate(cached, 2) == int(netaddr.IPAddress("10.0.0.1"))  # not taken by a ghost
 
 
 # -- fed by a BlockFeed: the cache knows which blocks others wrote -----------------------------
