@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,8 +37,9 @@ USER = "pyabouts-node"
 
 
 def write_file_atomically(path: Path, content: str | bytes, mode: int) -> bool:
-    """Write `content` to `path` by renaming a temporary file over it, created with `mode` (never
-    wider for a moment); False, and nothing written, when the file already holds `content`."""
+    """Write `content` to `path` by renaming a temporary file over it, created 0600 (readable by
+    nobody else for a moment) and then given `mode`; False, and nothing written, when the file
+    already holds `content`."""
     data = content.encode() if isinstance(content, str) else content
     try:
         if path.read_bytes() == data and (path.stat().st_mode & 0o7777) == mode:
@@ -45,15 +47,30 @@ def write_file_atomically(path: Path, content: str | bytes, mode: int) -> bool:
     except OSError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(descriptor, "wb") as file:
-        os.fchmod(descriptor, mode)  # the umask may have narrowed it
-        file.write(data)
-        file.flush()
-        os.fsync(descriptor)
-    partial.replace(path)
+    # A name of its own (O_EXCL, never a link followed): two installers on one node (the pid
+    # of each is 1 in its container) must not write into each other's file.
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    partial = Path(name)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            os.fchmod(descriptor, mode)
+            file.write(data)
+            file.flush()
+            os.fsync(descriptor)
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    _sync_directory(path.parent)  # the rename itself survives a crash of the node
     return True
+
+
+def _sync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def service_account_kubeconfig(environ: Mapping[str, str], account_dir: Path) -> str:

@@ -4,6 +4,7 @@ written once, kept in step with a rotating token, and removed by an uninstall.""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from pyabouts.ipam.errors import CniError
 from pyabouts.ipam.stores.flat_file import read_own_flat_file
 from pyabouts.ipam.stores.kubeconfig import read_kubeconfig
 from pyabouts.plugin.install import main as install_main
-from pyabouts.plugin.node_config import NodeConfig, keep_node_config_current
+from pyabouts.plugin.node_config import NodeConfig, keep_node_config_current, write_file_atomically
 
 CA = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 ENVIRON = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
@@ -126,3 +127,18 @@ def test_install_then_uninstall_leaves_nothing(
     install_main([*common, "--uninstall"])
     assert sorted(p.name for p in bin_dir.iterdir()) == ["macvlan"]
     assert list(conf_dir.iterdir()) == []
+
+
+def test_a_write_goes_through_no_file_or_link_someone_put_in_its_way(tmp_path: Path) -> None:
+    # The temporary file's name is its own (O_EXCL): a link at a name that could be guessed
+    # (the pid's, 1 in every container) is neither followed nor written.
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    target = tmp_path / "net.d" / "pyabouts.conf"
+    target.parent.mkdir()
+    (target.parent / f".{target.name}.{os.getpid()}.tmp").symlink_to(victim)
+    assert write_file_atomically(target, "written", 0o600)
+    assert victim.read_text() == "untouched"
+    assert target.read_text() == "written" and (target.stat().st_mode & 0o777) == 0o600
+    leftovers = {p.name for p in target.parent.iterdir()} - {target.name}
+    assert leftovers == {f".{target.name}.{os.getpid()}.tmp"}  # the link alone, no temp file
