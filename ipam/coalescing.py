@@ -91,20 +91,21 @@ def _answer_expired(batch: list[_Request]) -> None:
 class CoalescingTransactions:
     """Transactions on `store` in which concurrent callers over the same ranges share writes.
 
-    On a cache (`forget` given: read a pool afresh), a decision that wrote nothing rests on
-    blocks no compare-and-swap checked: "exhausted" or "already holds .5" may come from a stale
-    copy. Those decisions are taken again on a fresh read before they are answered.
+    On a cache (`recheck` given: check a pool against the store before its next use, see
+    CachedStore.recheck), a decision that wrote nothing rests on blocks no compare-and-swap
+    checked: "exhausted" or "already holds .5" may come from a stale copy. Those decisions are
+    taken again on a checked view before they are answered.
     """
 
     def __init__(
         self,
         store: PoolStore,
         on_batch: Callable[[int], None] | None = None,
-        forget: Callable[[PoolId], None] | None = None,
+        recheck: Callable[[PoolId], None] | None = None,
     ) -> None:
         self.store = store
         self._on_batch = on_batch
-        self._forget = forget
+        self._recheck = recheck
         self._lock = threading.Lock()
         self._queues: dict[tuple[Span, ...], _Queue] = {}
 
@@ -201,9 +202,9 @@ class CoalescingTransactions:
         if self._on_batch is not None:
             self._on_batch(len(batch))
         unchecked = [i for i, (_, changed) in enumerate(outcomes) if not changed]
-        if unchecked and self._forget is not None:
+        if unchecked and self._recheck is not None:
             for span in spans:
-                self._forget(span.pool)
+                self._recheck(span.pool)
             again = self._decide(spans, [batch[i] for i in unchecked])
             for i, outcome in zip(unchecked, again, strict=True):
                 outcomes[i] = outcome

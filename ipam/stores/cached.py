@@ -228,6 +228,17 @@ class CachedStore:
         new = any(not stored.deleted and tag not in cached for tag, stored in fed.items())
         return _Changes(changed, new)
 
+    def recheck(self, pool: PoolId) -> None:
+        """Check `pool` against the store before its next use (a decision on it wrote nothing,
+        so no compare-and-swap checked what it read): with a live feed, only the blocks it
+        reports written since they were read are read again, none when nobody else wrote; else
+        the pool is read whole."""
+        with self._lock:
+            if self._fed is not None and self._max_age is not None and pool in self._pools:
+                self._checked_at[pool] = float("-inf")  # due now: compared with the feed
+                return
+        self.forget(pool)
+
     def forget(self, pool: PoolId) -> None:
         """Read `pool` afresh next time (someone else is known to have written it)."""
         with self._lock:

@@ -187,7 +187,7 @@ class WarmBackend:
                 max_age_fed=POOL_MAX_AGE_FED_SECONDS,
             )
             transactions = CoalescingTransactions(
-                cache, self._metrics.batch_size.observe, forget=cache.forget
+                cache, self._metrics.batch_size.observe, recheck=cache.recheck
             )
             follower = FeedFollower(feed, cache, self._metrics) if feed else None
             client = _Client(cache, transactions, follower)

@@ -5,6 +5,7 @@ import netaddr
 import pytest
 
 from pyabouts.ipam import operations
+from pyabouts.ipam.coalescing import CoalescingTransactions
 from pyabouts.ipam.errors import CORRUPT_BLOCK, CniError, StoreUnavailableError
 from pyabouts.ipam.pool import BLOCK_SIZE, Block, BlockKey, Owner, PoolId
 from pyabouts.ipam.ranges import build_range
@@ -322,3 +323,26 @@ def test_a_whole_read_that_fails_leaves_the_pool_due_so_the_retry_reads_it(
         cached.read_blocks(POOL, 0, WHOLE)
     blocks = cached.read_blocks(POOL, 0, WHOLE)
     assert theirs in {address for block in blocks for address in block.entries}
+
+
+def test_a_decision_that_wrote_nothing_is_checked_against_the_feed_not_by_a_whole_read(
+    clock: list[float],
+) -> None:
+    # A repeated DEL finds nothing to free. With the feed live, checking that answer reads only
+    # what the feed says others wrote: nothing here, then the one block another node wrote.
+    backing = SpanRecordingStore()
+    cached, key = fed_with_one_block(backing)
+    transactions = CoalescingTransactions(cached, recheck=cached.recheck)
+
+    def delete(container: str) -> list[int]:
+        release = operations.release
+        return release(transactions, [RANGE], container, "net1", deadline=time.monotonic() + 5)
+
+    reads = len(backing.spans)
+    assert delete("c-gone") == []
+    assert len(backing.spans) == reads  # nobody else wrote: nothing read again
+    theirs = allocate(CachedStore(backing), 2)  # another node, in the same block
+    report(cached, backing, key)
+    reads = len(backing.spans)
+    assert delete("c2") == [theirs]  # their entry, as the store holds it
+    assert backing.spans[reads:] == [BLOCK_SIZE]  # that block alone, read once

@@ -276,7 +276,7 @@ def test_an_answer_that_wrote_nothing_is_checked_on_a_fresh_read() -> None:
     pool is read afresh and the address freed meanwhile is given."""
     backing = MemoryStore()
     cache = CachedStore(backing)
-    transactions = CoalescingTransactions(cache, forget=cache.forget)
+    transactions = CoalescingTransactions(cache, recheck=cache.recheck)
 
     def allocate(n: int) -> list[int]:
         return transactions.run(
