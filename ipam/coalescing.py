@@ -37,6 +37,7 @@ class _Request:
     ranges: Sequence[AddressRange]
     decide: Callable[[PoolView], Any]
     deadline: float
+    watch_checked: bool = False  # see Transactions.run
     wake: threading.Event = field(default_factory=threading.Event)
     lead: bool = False  # set, with wake, when this request is to lead the next batch
     done: bool = False
@@ -77,6 +78,10 @@ class _Failed:
     error: Exception
 
 
+class _LeaderGone(Exception):  # noqa: N818 - an outcome, not an error
+    """The request that leads a batch reached its deadline, and was answered."""
+
+
 def _answer_expired(batch: list[_Request]) -> None:
     """Answer the requests of `batch` whose deadline passed, and take them out of it (in
     place): they are not decided again. One whose decision a store that writes block by block
@@ -91,17 +96,18 @@ def _answer_expired(batch: list[_Request]) -> None:
 class CoalescingTransactions:
     """Transactions on `store` in which concurrent callers over the same ranges share writes.
 
-    On a cache (`recheck` given: check a pool against the store before its next use, see
-    CachedStore.recheck), a decision that wrote nothing rests on blocks no compare-and-swap
-    checked: "exhausted" or "already holds .5" may come from a stale copy. Those decisions are
-    taken again on a checked view before they are answered.
+    On a cache (`recheck` given: check a pool against the store before its next use, afresh or
+    by its watch, see CachedStore.recheck), a decision that wrote nothing rests on blocks no
+    compare-and-swap checked: "exhausted" or "already holds .5" may come from a stale copy.
+    Those decisions are taken again on a checked view before they are answered: a fresh read,
+    unless every one of them is `watch_checked` (Transactions.run).
     """
 
     def __init__(
         self,
         store: PoolStore,
         on_batch: Callable[[int], None] | None = None,
-        recheck: Callable[[PoolId], None] | None = None,
+        recheck: Callable[[PoolId, bool], None] | None = None,
     ) -> None:
         self.store = store
         self._on_batch = on_batch
@@ -115,9 +121,10 @@ class CoalescingTransactions:
         decide: Callable[[PoolView], T],
         *,
         deadline: float,
+        watch_checked: bool = False,
     ) -> T:
         spans = tuple(Span(rng.pool, rng.first, rng.last) for rng in ranges)
-        request = _Request(ranges, decide, deadline)
+        request = _Request(ranges, decide, deadline, watch_checked)
         with self._lock:
             queue = self._queues.setdefault(spans, _Queue())
             queue.waiting.append(request)
@@ -126,22 +133,29 @@ class CoalescingTransactions:
         if not request.lead:
             self._wait_turn(queue, request)
         if not request.done:
-            self._lead(spans, queue)
+            self._lead(spans, queue, request)
         if request.error is not None:
             raise request.error
         return cast(T, request.value)
 
     def _decide(
-        self, spans: tuple[Span, ...], batch: list[_Request], joining: _Queue | None = None
+        self,
+        spans: tuple[Span, ...],
+        batch: list[_Request],
+        joining: _Queue | None = None,
+        leader: _Request | None = None,
     ) -> list[tuple[Any, bool]]:
         """Decide `batch` in one transaction. With `joining`, the requests that wait in it at
         each attempt join `batch` first: those that came while the view was read, or while a
-        conflicting write backed off, are stored by this write rather than by one more."""
+        conflicting write backed off, are stored by this write rather than by one more; and
+        those whose deadline passed leave it, answered (_LeaderGone when `leader` is one)."""
 
         def decide(view: PoolView) -> list[tuple[Any, bool]]:
             if joining is not None:
                 self._take_waiting(joining, batch)
                 _answer_expired(batch)
+                if leader is not None and leader.done:
+                    raise _LeaderGone  # its caller is answered: it leads no longer
             return decide_each(view, [r.decide for r in batch])
 
         try:
@@ -154,6 +168,8 @@ class CoalescingTransactions:
                 deadline=lambda: max((r.deadline for r in batch), default=0.0),
                 before_write=lambda changed: describe_blocks(changed, batch[0].ranges),
             )
+        except _LeaderGone:
+            raise
         except Exception as exc:  # the store failed the whole batch: everyone hears it
             return [(_Failed(exc), True)] * len(batch)
 
@@ -166,7 +182,8 @@ class CoalescingTransactions:
     def _wait_turn(self, queue: _Queue, request: _Request) -> None:
         """Until the request is answered or made leader. One never taken into a batch by its
         deadline is withdrawn (try again later); one in a batch waits for the batch, which
-        ends by the earliest deadline in it."""
+        answers it at its next attempt once its deadline passed (or puts it back in line, first,
+        when the batch's leader leaves so)."""
         if request.wake.wait(max(0.0, request.deadline - time.monotonic())):
             return
         with self._lock:
@@ -178,13 +195,17 @@ class CoalescingTransactions:
                 return
         request.wake.wait()
 
-    def _lead(self, spans: tuple[Span, ...], queue: _Queue) -> None:
+    def _lead(self, spans: tuple[Span, ...], queue: _Queue, leader: _Request) -> None:
         batch: list[_Request] = []
         outcomes: list[tuple[Any, bool]] = []
         try:
             self._take_waiting(queue, batch)
             if batch:
-                outcomes = self._decide_batch(spans, batch, queue)
+                outcomes = self._decide_batch(spans, batch, queue, leader)
+        except _LeaderGone:  # the rest go on under the next leader, first in line
+            with self._lock:
+                queue.waiting[:0] = batch
+            batch = []
         finally:  # whatever escaped, the queue gets a leader and every request an answer
             self._hand_off(spans, queue)
             lost = _Failed(StoreUnavailableError("the batch failed: try again"))
@@ -196,15 +217,16 @@ class CoalescingTransactions:
                     request.finish(outcome)
 
     def _decide_batch(
-        self, spans: tuple[Span, ...], batch: list[_Request], queue: _Queue
+        self, spans: tuple[Span, ...], batch: list[_Request], queue: _Queue, leader: _Request
     ) -> list[tuple[Any, bool]]:
-        outcomes = self._decide(spans, batch, joining=queue)
+        outcomes = self._decide(spans, batch, joining=queue, leader=leader)
         if self._on_batch is not None:
             self._on_batch(len(batch))
         unchecked = [i for i, (_, changed) in enumerate(outcomes) if not changed]
         if unchecked and self._recheck is not None:
+            fresh = not all(batch[i].watch_checked for i in unchecked)
             for span in spans:
-                self._recheck(span.pool)
+                self._recheck(span.pool, fresh)
             again = self._decide(spans, [batch[i] for i in unchecked])
             for i, outcome in zip(unchecked, again, strict=True):
                 outcomes[i] = outcome

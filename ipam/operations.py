@@ -75,6 +75,7 @@ def release(
         ranges,
         lambda view: allocator.release_addresses(view, ranges, container_id, ifname, now=now),
         deadline=deadline,
+        watch_checked=True,  # "nothing held" a moment late leaves a leak for GC, never a clash
     )
 
 
@@ -112,6 +113,7 @@ def release_stale(
             view, ranges, valid, node=node, cni_network=cni_network, now=now
         ),
         deadline=deadline,
+        watch_checked=True,
     )
 
 
@@ -123,4 +125,5 @@ def free_counts(
         ranges,
         lambda view: [allocator.count_free(view, r, now=now) for r in ranges],
         deadline=deadline,
+        watch_checked=True,
     )

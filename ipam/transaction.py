@@ -61,7 +61,13 @@ class Transactions(Protocol):
         decide: Callable[[PoolView], T],
         *,
         deadline: float,
-    ) -> T: ...
+        watch_checked: bool = False,
+    ) -> T:
+        """Run `decide` until its changes are stored; its value. `watch_checked`: an answer
+        that wrote nothing may rest on a cache as the store's watch checked it (behind the
+        store by the watch's lag at most), for answers that lag cannot make wrong (nothing to
+        free, free counts); else a cache reads what it rests on afresh first."""
+        ...
 
 
 class DirectTransactions:
@@ -77,6 +83,7 @@ class DirectTransactions:
         decide: Callable[[PoolView], T],
         *,
         deadline: float,
+        watch_checked: bool = False,  # every read here is afresh
     ) -> T:
         return run_transaction(self.store, ranges, decide, deadline=deadline, clock=self.clock)
 

@@ -108,10 +108,11 @@ class _FirstUseTransactions:
         decide: Callable[[PoolView], T],
         *,
         deadline: float,
+        watch_checked: bool = False,
     ) -> T:
         if self._opened is None:
             self._opened = self._open()
-        return self._opened.run(ranges, decide, deadline=deadline)
+        return self._opened.run(ranges, decide, deadline=deadline, watch_checked=watch_checked)
 
     def _open(self) -> Transactions:
         from pyabouts.ipam.stores import open_store  # noqa: PLC0415 - heavy store clients, load on use

@@ -133,14 +133,19 @@ class CachedStore:
         except Exception:
             self.forget(pool)
             raise
+        read_again = {key: fresh[key] for key in stale if key in fresh}
         with self._lock:
             self.reads += len(stale)
             if self._pools.get(pool) is blocks:  # nobody replaced it meanwhile
                 self._pools[pool] = fresh
+                self._kept_at.update(dict.fromkeys(read_again, time.monotonic()))
                 if checked is not None:
                     self._checked_at[pool] = checked
-            elif pool in self._pools:  # replaced: the blocks read again still count
-                fresh = self._merge(pool, {key: fresh[key] for key in stale if key in fresh})
+            elif pool in self._pools:  # replaced: what was read again still counts
+                fresh = self._merge(pool, read_again)
+                for key in stale - read_again.keys():  # found deleted
+                    fresh.pop(key, None)  # not seen by any reader yet: under the lock since
+                    self._kept_at.pop(key, None)
         return fresh
 
     def cached_blocks(self) -> list[Block]:
@@ -183,6 +188,8 @@ class CachedStore:
             for key, block in cached.items()
             if whole_since is None or key in blocks or self._kept_at.get(key, 0.0) >= whole_since
         }
+        for key in cached.keys() - merged.keys():
+            self._kept_at.pop(key, None)  # gone from the store
         now = time.monotonic()
         for key, block in blocks.items():
             kept = merged.get(key)
@@ -228,13 +235,14 @@ class CachedStore:
         new = any(not stored.deleted and tag not in cached for tag, stored in fed.items())
         return _Changes(changed, new)
 
-    def recheck(self, pool: PoolId) -> None:
+    def recheck(self, pool: PoolId, fresh: bool = True) -> None:
         """Check `pool` against the store before its next use (a decision on it wrote nothing,
-        so no compare-and-swap checked what it read): with a live feed, only the blocks it
-        reports written since they were read are read again, none when nobody else wrote; else
-        the pool is read whole."""
+        so no compare-and-swap checked what it read): read whole, or unless `fresh`, with a
+        live feed, only the blocks it reports written since they were read (none when nobody
+        else wrote), which is the store's state but for what the feed has not reported yet."""
         with self._lock:
-            if self._fed is not None and self._max_age is not None and pool in self._pools:
+            fed = self._fed is not None and self._max_age is not None and pool in self._pools
+            if fed and not fresh:
                 self._checked_at[pool] = float("-inf")  # due now: compared with the feed
                 return
         self.forget(pool)
@@ -242,7 +250,8 @@ class CachedStore:
     def forget(self, pool: PoolId) -> None:
         """Read `pool` afresh next time (someone else is known to have written it)."""
         with self._lock:
-            self._pools.pop(pool, None)
+            for key in self._pools.pop(pool, {}):
+                self._kept_at.pop(key, None)
             self._stale.pop(pool, None)
 
     def close(self) -> None:

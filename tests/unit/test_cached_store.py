@@ -325,11 +325,13 @@ def test_a_whole_read_that_fails_leaves_the_pool_due_so_the_retry_reads_it(
     assert theirs in {address for block in blocks for address in block.entries}
 
 
-def test_a_decision_that_wrote_nothing_is_checked_against_the_feed_not_by_a_whole_read(
+def test_a_del_that_freed_nothing_is_checked_against_the_feed_and_an_add_by_a_fresh_read(
     clock: list[float],
 ) -> None:
     # A repeated DEL finds nothing to free. With the feed live, checking that answer reads only
     # what the feed says others wrote: nothing here, then the one block another node wrote.
+    # An ADD that finds its address is checked on a fresh read: the feed may lag a moment
+    # behind a reconciler that freed it and a node that gave it again.
     backing = SpanRecordingStore()
     cached, key = fed_with_one_block(backing)
     transactions = CoalescingTransactions(cached, recheck=cached.recheck)
@@ -346,3 +348,9 @@ def test_a_decision_that_wrote_nothing_is_checked_against_the_feed_not_by_a_whol
     reads = len(backing.spans)
     assert delete("c2") == [theirs]  # their entry, as the store holds it
     assert backing.spans[reads:] == [BLOCK_SIZE]  # that block alone, read once
+
+    reads = len(backing.spans)
+    owner = Owner("c1", "net1", "ns/p1")
+    again = operations.allocate(transactions, [RANGE], owner, [], deadline=time.monotonic() + 5)
+    assert again == [int(netaddr.IPAddress("10.0.0.1"))]  # pod 1's, found
+    assert backing.spans[reads:] == [1 << 128]  # the pool, read whole (the whole space)
