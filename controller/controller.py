@@ -65,16 +65,19 @@ class Controller:
                 event = self._events.get(timeout=max(0.1, wait))
             except queue.Empty:
                 event = None
+            if isinstance(event, Relisted):  # the listing is what is, events may be lost
+                self._lost_at = {}
+                for pod in event.listing.pods.values():
+                    self._note_lost(pod)
+            elif event is not None:
+                self._note_lost(event.pod, deleted=event.kind == "DELETED")
             if isinstance(event, Relisted) or time.monotonic() >= next_full:
-                self._lost_at.clear()  # the full pass judges them all
                 self._pass("full", None)
                 next_full = time.monotonic() + self._resync
                 self.health.beat(ready=True)
                 continue
-            if event is not None:
-                self._note_lost(event)
-                if _may_have_leaked(event):
-                    self._pass("targeted", self._gather({event.pod.ref}))
+            if event is not None and _may_have_leaked(event):
+                self._pass("targeted", self._gather({event.pod.ref}))
             if due := self._due_lost():
                 self._pass("targeted", due)
 
@@ -86,13 +89,13 @@ class Controller:
             log.exception("pod watch failed")
             self.stop.set()
 
-    def _note_lost(self, event: PodEvent) -> None:
+    def _note_lost(self, pod: PodState, *, deleted: bool = False) -> None:
         """Remember when a pod the taint manager deleted may be found lost, if it still is."""
-        lost_at = None if event.kind == "DELETED" else event.pod.lost_since(self._policy)
+        lost_at = None if deleted else pod.lost_since(self._policy)
         if lost_at is not None:
-            self._lost_at[event.pod.ref] = lost_at
+            self._lost_at[pod.ref] = lost_at
         else:
-            self._lost_at.pop(event.pod.ref, None)
+            self._lost_at.pop(pod.ref, None)
 
     def _until_lost(self) -> float:
         """Seconds until the next pod the taint manager deleted may be found lost."""
@@ -116,7 +119,7 @@ class Controller:
             if isinstance(event, Relisted):
                 self._events.put(event)  # a full pass follows, which covers these too
                 break
-            self._note_lost(event)
+            self._note_lost(event.pod, deleted=event.kind == "DELETED")
             if _may_have_leaked(event):
                 refs.add(event.pod.ref)
         return refs

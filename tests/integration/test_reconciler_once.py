@@ -60,17 +60,20 @@ def test_a_force_deleted_pod_is_reclaimed(recon: ReconcilerEnv) -> None:
 
 
 def test_a_pod_of_a_lost_node_is_reclaimed_once_past_its_grace(recon: ReconcilerEnv) -> None:
-    name = pod_name("lost")
-    address = recon.add(name, create_pod(recon.cluster, NAMESPACE, name, node="node-down"))
-    set_status(recon.cluster, NAMESPACE, name, {"phase": "Running"})
-    # The taint manager marks the pod and deletes it; the kubelet that would confirm is gone.
-    set_status(recon.cluster, NAMESPACE, name, {"conditions": [lost_node_condition()]})
-    delete_pod(recon.cluster, NAMESPACE, name, grace_seconds=2)
+    evicted = {}
+    for name, grace in ((pod_name("lost"), 1), (pod_name("stopping"), 60)):
+        address = recon.add(name, create_pod(recon.cluster, NAMESPACE, name, node="node-down"))
+        set_status(recon.cluster, NAMESPACE, name, {"phase": "Running"})
+        # The taint manager marks the pod and deletes it; no kubelet confirms.
+        set_status(recon.cluster, NAMESPACE, name, {"conditions": [lost_node_condition()]})
+        delete_pod(recon.cluster, NAMESPACE, name, grace_seconds=grace)
+        evicted[grace] = address
+    time.sleep(2.5)  # the first one's grace period (1 s, its deadline in whole seconds) ended
+    summary = recon.reconcile("--node-lost-grace", "0")
+    assert freed(summary, "node-lost") == [evicted[1]]
     # Within its grace period it may be a healthy node's pod, evicted by a NoExecute taint,
     # running until its kubelet stops it and runs its DEL: kept.
-    assert recon.reconcile("--node-lost-grace", "1")["addresses"] == []
-    time.sleep(3.5)  # its grace period (2 s) and the reconciler's (1 s) have ended
-    assert freed(recon.reconcile("--node-lost-grace", "1"), "node-lost") == [address]
+    assert evicted[60] in recon.held()
 
 
 def test_a_static_pods_address_is_kept_though_its_mirror_pod_has_another_uid(
