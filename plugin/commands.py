@@ -11,7 +11,13 @@ import netaddr
 
 from pyabouts.ipam import operations
 from pyabouts.ipam.config import PluginConfig, requested_addresses
-from pyabouts.ipam.errors import INVALID_CONFIG, NOT_AVAILABLE, UNKNOWN_CONTAINER, CniError
+from pyabouts.ipam.errors import (
+    INVALID_CONFIG,
+    NOT_AVAILABLE,
+    TRY_AGAIN_LATER,
+    UNKNOWN_CONTAINER,
+    CniError,
+)
 from pyabouts.ipam.pool import Owner
 from pyabouts.ipam.ranges import RangeError, parse_address
 from pyabouts.ipam.transaction import Transactions
@@ -44,17 +50,24 @@ def run_command(
     deadline = time.monotonic() + DEADLINE_SECONDS if deadline is None else deadline
     pools = [rng.pool for rng in config.ranges]
     writes_by = None if command in ("CHECK", "STATUS") else deadline
-    with backend.transactions(config.ipam, pools, writes_by=writes_by) as transactions:
-        if command == "ADD":
-            return _add(transactions, config, env, cni_args, deadline, backend=backend)
-        if command == "DEL":
-            _delete(transactions, config, env, deadline)
-        elif command == "CHECK":
-            _check(transactions, config, env, raw, deadline)
-        elif command == "GC":
-            _collect_garbage(transactions, config, raw, deadline, node=backend.node)
-        elif command == "STATUS":
-            _status(transactions, config, deadline)
+    try:
+        with backend.transactions(config.ipam, pools, writes_by=writes_by) as transactions:
+            if command == "ADD":
+                return _add(transactions, config, env, cni_args, deadline, backend=backend)
+            if command == "DEL":
+                _delete(transactions, config, env, deadline)
+            elif command == "CHECK":
+                _check(transactions, config, env, raw, deadline)
+            elif command == "GC":
+                _collect_garbage(transactions, config, raw, deadline, node=backend.node)
+            elif command == "STATUS":
+                _status(transactions, config, deadline)
+    except CniError as error:
+        if command == "STATUS" and error.code == TRY_AGAIN_LATER:
+            # The datastore (or the agent) out of reach: ADD cannot be served, as CNI 1.1's
+            # STATUS says with code 50.
+            raise CniError(NOT_AVAILABLE, error.msg, error.details) from error
+        raise
     return None
 
 

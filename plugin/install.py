@@ -37,8 +37,7 @@ from pyabouts.plugin import thin_client, wire
 from pyabouts.plugin.cni import render_version
 from pyabouts.plugin.node_config import (
     NodeConfig,
-    daemonset_deleted,
-    daemonset_uid,
+    OwnDaemonSet,
     keep_node_config_current,
     write_file_atomically,
 )
@@ -238,33 +237,22 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    own_daemonset = _own_daemonset(args.uninstall_with, args.service_account_dir)
+    own = (
+        OwnDaemonSet(args.uninstall_with, os.environ, args.service_account_dir)
+        if args.uninstall_with
+        else None
+    )
     keep_node_config_current(
         node_config,
         os.environ,
         interval=args.interval,
         stop=stop,
         account_dir=args.service_account_dir,
+        on_tick=own.read if own else None,
     )
-    if own_daemonset and daemonset_deleted(
-        args.uninstall_with, own_daemonset, os.environ, args.service_account_dir
-    ):
+    if own and own.deleted():
         print(f"daemonset {args.uninstall_with} was deleted: uninstalling", flush=True)
         uninstall(args.cni_bin_dir, node_config)
-
-
-def _own_daemonset(name: str | None, account_dir: Path) -> str | None:
-    """The UID of `name` (--uninstall-with) now, to tell its deletion by when stopped."""
-    if not name:
-        return None
-    uid = daemonset_uid(name, os.environ, account_dir)
-    if uid is None:
-        print(
-            f"daemonset {name} cannot be read (not found, not allowed or unreachable): "
-            "what this pod installed stays when it stops",
-            flush=True,
-        )
-    return uid
 
 
 if __name__ == "__main__":

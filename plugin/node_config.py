@@ -9,7 +9,7 @@ when the token or the CA changes. Every write is a rename, so a reader never see
 
 The files stay when the pod stops for a rolling update or a drain (the node keeps working);
 :func:`daemonset_deleted` tells those apart from an uninstall, after which they go. It judges
-the DaemonSet :func:`daemonset_uid` read when the pod started: a name that did not resolve then
+the DaemonSet :class:`OwnDaemonSet` read when the pod started: a name that did not resolve then
 (a kustomize namePrefix renames the DaemonSet, not the flag) never reads as deleted later.
 """
 
@@ -20,7 +20,7 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,11 +155,14 @@ def keep_node_config_current(
     interval: float,
     stop: threading.Event,
     account_dir: Path = SERVICE_ACCOUNT_DIR,
+    on_tick: Callable[[], None] | None = None,
 ) -> None:
     """Write the files now, then again whenever the token, the CA or the files themselves
     change, every `interval` seconds, until `stop` is set. A failed write (the token between
-    kubelet's renames) is tried again at the next tick."""
+    kubelet's renames) is tried again at the next tick; `on_tick` runs at each."""
     while True:
+        if on_tick is not None:
+            on_tick()
         try:
             if config.write(environ, account_dir):
                 print(f"wrote {config.kubeconfig} and {config.flat_file}", flush=True)
@@ -169,13 +172,39 @@ def keep_node_config_current(
             return
 
 
-def daemonset_uid(
-    name: str, environ: Mapping[str, str], account_dir: Path = SERVICE_ACCOUNT_DIR
-) -> str | None:
-    """The UID of DaemonSet `name` in this pod's namespace; None when it cannot be read (not
-    found, not allowed, the API unreachable), with nothing then to tell its deletion by."""
-    found = _daemonset(name, environ, account_dir)
-    return str(found["metadata"]["uid"]) if isinstance(found, dict) else None
+class OwnDaemonSet:
+    """DaemonSet `name` in this pod's namespace, as first read: its UID tells its deletion by
+    later. read() until the API answers (an unreachable API at start is asked again); a
+    DaemonSet not found or not allowed then (renamed) is unknown for good, never deleted."""
+
+    def __init__(
+        self, name: str, environ: Mapping[str, str], account_dir: Path = SERVICE_ACCOUNT_DIR
+    ) -> None:
+        self.name, self._environ, self._account_dir = name, environ, account_dir
+        self.uid: str | None = None
+        self.answered = False  # whether the API answered a read (with it or with an error)
+
+    def read(self) -> None:
+        if self.answered:
+            return
+        found = _daemonset(self.name, self._environ, self._account_dir)
+        if found is None:
+            return  # unreachable: asked again at the next read
+        self.answered = True
+        if isinstance(found, dict):
+            self.uid = str(found["metadata"]["uid"])
+        else:
+            print(
+                f"daemonset {self.name} cannot be read ({found.status}: {found.message}): "
+                "what this pod installed stays when it stops",
+                flush=True,
+            )
+
+    def deleted(self) -> bool:
+        """Whether it was read and is now gone (daemonset_deleted)."""
+        if self.uid is None:
+            return False
+        return daemonset_deleted(self.name, self.uid, self._environ, self._account_dir)
 
 
 def daemonset_deleted(

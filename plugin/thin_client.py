@@ -43,6 +43,9 @@ def main() -> None:
     sock.settimeout(REPLY_TIMEOUT)
     try:
         sock.connect(socket_path)
+    except BlockingIOError:  # an agent, every place of its backlog taken: busy, not gone
+        sock.close()
+        _fail(stdin, f"the pyabouts agent at {socket_path} is busy (its backlog is full)")
     except OSError as exc:
         sock.close()
         _serve_without_agent(socket_path, exc, stdin)

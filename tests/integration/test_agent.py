@@ -29,9 +29,11 @@ from tests.integration.plugin_fixtures import kubernetes_datastore
 from tests.integration.plugin_processes import (
     Node,
     addresses_of,
+    cni,
     finish,
     make_nodes,
     metric,
+    netconf,
     run_plugins,
     start_plugins,
 )
@@ -248,6 +250,10 @@ def test_without_an_agent_the_plugin_serves_in_process_or_fails_as_configured(
     assert code == 1 and result["code"] == 11
     assert "no pyabouts agent at" in result["msg"] and "agent_fallback" in result["msg"]
     assert set(stored_allocations(etcd_server, network)) == {"10.76.0.0/24+1"}  # nothing more
+    # STATUS: the plugin cannot serve ADD, which CNI 1.1 says with 50.
+    on_node = strict | {"type": "pyabouts", "configuration_path": str(node.flat_file)}
+    status = cni(thin_plugin, "STATUS", netconf(**on_node))
+    assert (status.returncode, status.result["code"]) == (1, 50), status.result
 
 
 @pytest.mark.parametrize("client", ["shim", "thin_plugin"])

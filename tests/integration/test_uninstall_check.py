@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from deploy.local.controlplane import ControlPlane
-from pyabouts.plugin.node_config import daemonset_deleted, daemonset_uid
+from pyabouts.plugin.node_config import OwnDaemonSet
 
 pytestmark = pytest.mark.integration
 
@@ -75,26 +75,38 @@ def test_only_a_deleted_or_replaced_daemonset_reads_as_deleted(
     pyabouts_cluster: ControlPlane, pod_environment: tuple[dict[str, str], Path]
 ) -> None:
     environ, account = pod_environment
-    assert daemonset_uid(NAME, environ, account) is None  # not there yet: not found
     daemonset = DAEMONSET.format(NAMESPACE=account.joinpath("namespace").read_text(), NAME=NAME)
     pyabouts_cluster.kubectl("apply", "-f", "-", input=daemonset)
-    uid = daemonset_uid(NAME, environ, account)
-    assert uid is not None
-    assert not daemonset_deleted(NAME, uid, environ, account)  # a rolling update, a drain
+    own = OwnDaemonSet(NAME, environ, account)
+    own.read()
+    assert own.uid is not None
+    assert not own.deleted()  # a rolling update, a drain
 
     pyabouts_cluster.kubectl("delete", "-f", "-", input=daemonset)
-    assert daemonset_deleted(NAME, uid, environ, account)
+    assert own.deleted()
 
     pyabouts_cluster.kubectl("apply", "-f", "-", input=daemonset)  # another one of that name
-    assert daemonset_deleted(NAME, uid, environ, account)
-    assert not daemonset_deleted(NAME, str(daemonset_uid(NAME, environ, account)), environ, account)
+    assert own.deleted()
+    again = OwnDaemonSet(NAME, environ, account)
+    again.read()
+    assert again.uid not in (None, own.uid) and not again.deleted()
 
 
 def test_a_daemonset_it_cannot_read_at_start_gives_nothing_to_uninstall_by(
     pod_environment: tuple[dict[str, str], Path],
 ) -> None:
     environ, account = pod_environment
-    # Renamed by an overlay: the Role still names the old name, so the read is forbidden.
-    assert daemonset_uid("prod-pyabouts-agent", environ, account) is None
-    unreachable = {**environ, "KUBERNETES_SERVICE_PORT": "1"}
-    assert daemonset_uid(NAME, unreachable, account) is None
+    # Renamed by an overlay: the Role still names the old name, so the read is forbidden, for
+    # good; and one that is not there is not found.
+    for name in ("prod-pyabouts-agent", NAME):
+        renamed = OwnDaemonSet(name, environ, account)
+        renamed.read()
+        assert renamed.answered and renamed.uid is None and not renamed.deleted()
+    # An API out of reach when the pod starts is asked again: it is known once it answers.
+    reachable_later = dict({**environ, "KUBERNETES_SERVICE_PORT": "1"})
+    own = OwnDaemonSet(NAME, reachable_later, account)
+    own.read()
+    assert not own.answered and own.uid is None
+    reachable_later.update(environ)
+    own.read()
+    assert own.answered
