@@ -408,7 +408,7 @@ def test_a_request_queued_past_its_command_deadline_is_refused_not_served(
 ) -> None:
     # Its caller may have given up and the runtime sent its DEL: an ADD served now would hold
     # an address for nobody. One worker, held by a silent client until its request deadline.
-    command_deadline = DEADLINE / 2
+    command_deadline = DEADLINE / 4  # the ADD below comes well within the silent one's time
     agent = start_agent(
         tmp_path / "node-0",
         *("--max-requests", "1", "--request-deadline", str(DEADLINE)),
@@ -419,7 +419,10 @@ def test_a_request_queued_past_its_command_deadline_is_refused_not_served(
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         silent.connect(str(agent.socket))
-        time.sleep(0.2)  # the worker has taken it, and waits for its bytes
+        taken = time.monotonic() + WAIT  # until the worker has taken it, and waits for its bytes
+        while metric(agent, "pyabouts_agent_requests_in_flight") != 1:
+            assert time.monotonic() < taken, "the silent client was never served"
+            time.sleep(0.05)
         [(code, late)] = adds_through(shim, Node(node.flat_file, agent), ipam, ["queued"])
         assert_cni_error(read_reply(silent), 11, says="did not arrive whole")
     finally:
