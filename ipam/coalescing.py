@@ -150,13 +150,21 @@ class CoalescingTransactions:
         conflicting write backed off, are stored by this write rather than by one more; and
         those whose deadline passed leave it, answered (_LeaderGone when `leader` is one)."""
 
-        def decide(view: PoolView) -> list[tuple[Any, bool]]:
+        def answer_expired() -> None:
             if joining is not None:
-                self._take_waiting(joining, batch)
                 _answer_expired(batch)
                 if leader is not None and leader.done:
                     raise _LeaderGone  # its caller is answered: it leads no longer
+
+        def decide(view: PoolView) -> list[tuple[Any, bool]]:
+            if joining is not None:
+                self._take_waiting(joining, batch)
+            answer_expired()
             return decide_each(view, [r.decide for r in batch])
+
+        def deadline() -> float:
+            answer_expired()  # also while the store fails: asked before every pause
+            return max((r.deadline for r in batch), default=0.0)
 
         try:
             return run_span_transaction(
@@ -164,8 +172,8 @@ class CoalescingTransactions:
                 spans,
                 decide,
                 # The latest, as requests join: each one leaves the batch at its own deadline
-                # (at the next attempt), so one near its end cuts nobody else's time short.
-                deadline=lambda: max((r.deadline for r in batch), default=0.0),
+                # (at the next attempt or pause), so one near its end cuts nobody else's short.
+                deadline=deadline,
                 before_write=lambda changed: describe_blocks(changed, batch[0].ranges),
             )
         except _LeaderGone:

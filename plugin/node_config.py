@@ -32,6 +32,8 @@ from pyabouts.ipam.stores.kube_api import ApiStatusError, KubeApi
 from pyabouts.ipam.stores.kubeconfig import SERVICE_ACCOUNT_DIR, in_cluster_credentials
 
 KUBECONFIG_NAME = "pyabouts.kubeconfig"
+# What the API answers for a DaemonSet that is not there, or that this account may not read.
+GONE = frozenset({401, 403, 404})
 FLAT_FILE_NAME = "pyabouts.conf"
 USER = "pyabouts-node"
 
@@ -188,8 +190,8 @@ class OwnDaemonSet:
         if self.answered:
             return
         found = _daemonset(self.name, self._environ, self._account_dir)
-        if found is None:
-            return  # unreachable: asked again at the next read
+        if found is None or (isinstance(found, ApiStatusError) and found.status not in GONE):
+            return  # unreachable, or busy (5xx, 429): asked again at the next read
         self.answered = True
         if isinstance(found, dict):
             self.uid = str(found["metadata"]["uid"])
@@ -219,7 +221,7 @@ def daemonset_deleted(
     if found is None:
         return False
     if isinstance(found, ApiStatusError):
-        return found.status in (401, 403, 404)
+        return found.status in GONE
     metadata = found.get("metadata", {})
     return bool(metadata.get("deletionTimestamp")) or metadata.get("uid") != uid
 

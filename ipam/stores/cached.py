@@ -125,6 +125,7 @@ class CachedStore:
         checked: float | None,
     ) -> dict[BlockKey, Block]:
         fresh = dict(blocks)
+        began = time.monotonic()
         try:
             for key in stale:
                 fresh.pop(key, None)
@@ -143,9 +144,10 @@ class CachedStore:
                     self._checked_at[pool] = checked
             elif pool in self._pools:  # replaced: what was read again still counts
                 fresh = self._merge(pool, read_again)
-                for key in stale - read_again.keys():  # found deleted
-                    fresh.pop(key, None)  # not seen by any reader yet: under the lock since
-                    self._kept_at.pop(key, None)
+                for key in stale - read_again.keys():  # found deleted, and not kept since
+                    if self._kept_at.get(key, 0.0) < began:
+                        fresh.pop(key, None)  # not seen by any reader yet: under the lock since
+                        self._kept_at.pop(key, None)
         return fresh
 
     def cached_blocks(self) -> list[Block]:

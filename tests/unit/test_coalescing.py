@@ -16,6 +16,7 @@ from pyabouts.ipam.errors import (
     CniError,
     RangeExhaustedError,
     RequestedAddressUnavailableError,
+    StoreUnavailableError,
 )
 from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId, PoolView
 from pyabouts.ipam.ranges import build_range
@@ -221,6 +222,54 @@ def test_a_request_whose_deadline_ends_in_a_retried_batch_leaves_it_and_the_rest
     assert isinstance(first, CniError) and first.msg == "timed out waiting for the pool", first
     assert second == [SMALL.first]
     assert answered[0] < 2.0 <= answered[1]  # the first left before the conflicts ended
+
+
+class FailsWhileTold(MemoryStore):
+    """A store whose first write waits for `hold`, and whose reads fail while `down` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold, self.down, self.writing = threading.Event(), threading.Event(), threading.Event()
+
+    def read_blocks(self, pool: PoolId, first: int, last: int) -> list[Block]:
+        if self.down.is_set():
+            raise StoreUnavailableError("the store is down")
+        return super().read_blocks(pool, first, last)
+
+    def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
+        self.writing.set()
+        self.hold.wait(5)
+        return super().write_blocks(blocks)
+
+
+def test_a_leader_whose_deadline_ends_while_the_store_is_down_is_answered_then() -> None:
+    started = time.monotonic()
+    store = FailsWhileTold()
+    transactions = CoalescingTransactions(store)
+    answered: dict[int, float] = {}
+    deadlines = {0: 30.0, 1: 1.0, 2: 30.0}  # 1 leads the second batch, 2 is in it
+
+    def allocate(n: int) -> object:
+        if n:  # queued, in this order, behind the first one's write
+            store.writing.wait(5)
+            time.sleep(0.1 * n)
+        if n == 2:
+            threading.Timer(0.2, store.down.set).start()  # down once both wait
+            threading.Timer(0.3, store.hold.set).start()  # then the first write ends
+            threading.Timer(2.5, store.down.clear).start()
+        try:
+            return transactions.run(
+                [SMALL],
+                lambda v: allocator.assign_addresses(v, [SMALL], owner(n), []),
+                deadline=started + deadlines[n],
+            )
+        finally:
+            answered[n] = time.monotonic() - started
+
+    first, second, third = run_threads(3, allocate)
+    assert first == [SMALL.first] and third == [SMALL.first + 1]
+    assert isinstance(second, CniError) and second.msg == "timed out waiting for the pool"
+    assert answered[1] < 2.5 <= answered[2]  # answered while the store was still down
 
 
 def test_a_bug_in_a_batch_answers_its_requests_and_leaves_the_queue_working() -> None:
