@@ -119,11 +119,7 @@ class ReadsAnOldCopy(MemoryStore):
         return [b for b in old if b.key.pool == pool]
 
 
-def test_a_whole_read_that_ended_after_writes_keeps_what_they_wrote(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    clock = [100.0]
-    monkeypatch.setattr("pyabouts.ipam.stores.cached.time.monotonic", lambda: clock[0])
+def test_a_whole_read_that_ended_after_writes_keeps_what_they_wrote(clock: list[float]) -> None:
     backing = ReadsAnOldCopy()
     cached = CachedStore(backing, max_age=2.0)
     first = allocate(cached, 1)
@@ -141,11 +137,7 @@ def test_a_whole_read_that_ended_after_writes_keeps_what_they_wrote(
     assert [b.key.base for b in cached.cached_blocks()] == [RANGE.first - 1, far.first - 1]
 
 
-def test_a_whole_read_drops_a_cached_block_somebody_deleted(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    clock = [100.0]
-    monkeypatch.setattr("pyabouts.ipam.stores.cached.time.monotonic", lambda: clock[0])
+def test_a_whole_read_drops_a_cached_block_somebody_deleted(clock: list[float]) -> None:
     backing = MemoryStore()
     cached = CachedStore(backing, max_age=2.0)
     allocate(cached, 1)
