@@ -46,7 +46,8 @@ class Settings:
     pods: int = 0
     pod_networks: int = 0
     pod_concurrency: int = 0
-    # pyabouts-shim-slices' range, when it ran: a slice per node, so more addresses than calls.
+    # The range of pyabouts-shim-slices (and -write-behind), when one ran: a slice per node,
+    # so more addresses than calls.
     sliced_pool: str = ""
     # How many times the concurrent phase ran for the `repeated` contenders, in turn, each
     # round in another of their orders (the phases "concurrent", "concurrent-round-2", ...):

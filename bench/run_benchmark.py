@@ -1,7 +1,8 @@
 """Race pyabouts (through the node shim and through the thin plugin, each with node agents, and
 in-process) against whereabouts v0.9.4 and Debian's host-local, in one run, on the same local
-kube-apiserver. The shim runs twice: on one pool all nodes share, and with node slices (a /24
-per node, so no two nodes write the same IPPool; its range then holds a /24 per node).
+kube-apiserver. The shim runs three times: on one pool all nodes share, with node slices (a /24
+per node, so no two nodes write the same IPPool; its range then holds a /24 per node), and with
+node slices and the agents' --write-behind (a node's slice stored behind its answers).
 
     .venv/bin/python -m bench.run_benchmark [--calls N] [--concurrency C] [--nodes M]
         [--sequential-calls S] [--spaced-calls K] [--pods P] [--pod-networks W] [--rounds R]
@@ -14,8 +15,8 @@ ADDs one at a time, each after a rest longer than the agent's pool cache age (a 
 quiet node: a LIST of the pool, unless the agent's IPPool watch says nobody wrote it), then their
 DELs; N ADDs then N DELs into a pool of exactly N
 addresses at concurrency C from M simulated nodes (R times in all for pyabouts-shim,
-pyabouts-shim-slices and host-local, in turn, each round after the first in the next of their
-orders: their ratios also as a median over the rounds);
+pyabouts-shim-slices, pyabouts-shim-write-behind and host-local, in turn, each round after the
+first in the next of their orders: their ratios also as a median over the rounds);
 and, for the pod contenders, P pods on W
 networks each (W pools of P addresses), all pods at once from M nodes, each pod's W ADDs one
 after the other as Multus calls its delegates (whereabouts issue #313: 128 pods x 16 networks
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import signal
@@ -90,6 +92,9 @@ PYABOUTS_SHIM = "pyabouts-shim"
 #: The same with node slices: each node allocates in a /24 of its own (Kubernetes' default pod
 #: CIDR per node), at least one IPPool block, so no two nodes ever write the same object.
 PYABOUTS_SHIM_SLICES = "pyabouts-shim-slices"
+#: The same with the agents' --write-behind: a node's slice blocks stored behind its answers.
+PYABOUTS_SHIM_WRITE_BEHIND = "pyabouts-shim-write-behind"
+SLICED = (PYABOUTS_SHIM_SLICES, PYABOUTS_SHIM_WRITE_BEHIND)
 SLICE_PREFIX = 24
 PYABOUTS_AGENT = "pyabouts-agent"
 PYABOUTS_KUBERNETES = "pyabouts-kubernetes"
@@ -98,6 +103,7 @@ PYABOUTS_ETCD = "pyabouts-etcd"
 CONTENDERS = (
     PYABOUTS_SHIM,
     PYABOUTS_SHIM_SLICES,
+    PYABOUTS_SHIM_WRITE_BEHIND,
     PYABOUTS_AGENT,
     PYABOUTS_KUBERNETES,
     PYABOUTS_ETCD,
@@ -112,12 +118,17 @@ DEFAULT_POD_CONTENDERS = (PYABOUTS_SHIM, WHEREABOUTS_NAME, HOST_LOCAL_NAME)
 # turn (each round in another of their orders), so that each ratio between them also has a
 # median over rounds: on these two shared
 # cores one phase's wall time varies by tens of percent from one minute to the next.
-REPEATED_CONTENDERS = (PYABOUTS_SHIM, PYABOUTS_SHIM_SLICES, HOST_LOCAL_NAME)
+REPEATED_CONTENDERS = (
+    PYABOUTS_SHIM,
+    PYABOUTS_SHIM_SLICES,
+    PYABOUTS_SHIM_WRITE_BEHIND,
+    HOST_LOCAL_NAME,
+)
 # Longer than the agent's pool cache age: each spaced call finds its pool as old as that.
 SPACED_GAP_S = POOL_MAX_AGE_SECONDS + 0.5
 KUBERNETES_CONTENDERS = {
     PYABOUTS_SHIM,
-    PYABOUTS_SHIM_SLICES,
+    *SLICED,
     PYABOUTS_AGENT,
     PYABOUTS_KUBERNETES,
     WHEREABOUTS_NAME,
@@ -125,6 +136,7 @@ KUBERNETES_CONTENDERS = {
 POOL_BASES = {
     PYABOUTS_SHIM: "10.75.0.0",
     PYABOUTS_SHIM_SLICES: "10.81.0.0",
+    PYABOUTS_SHIM_WRITE_BEHIND: "10.82.0.0",
     PYABOUTS_AGENT: "10.76.0.0",
     PYABOUTS_ETCD: "10.77.0.0",
     HOST_LOCAL_NAME: "10.78.0.0",
@@ -186,11 +198,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.pods > 254:
         parser.error(f"--pods {args.pods}: each network's pool is at most a /24 (254)")
-    if PYABOUTS_SHIM_SLICES in args.pod_contenders:
-        parser.error(f"{PYABOUTS_SHIM_SLICES}: the pods phase's pools are too small to slice")
     per_node = -(-args.calls // args.nodes)
-    if PYABOUTS_SHIM_SLICES in args.contenders and per_node >= 1 << (32 - SLICE_PREFIX):
-        parser.error(f"{PYABOUTS_SHIM_SLICES}: {per_node} ADDs per node overflow a /{SLICE_PREFIX}")
+    for sliced in SLICED:
+        if sliced in args.pod_contenders:
+            parser.error(f"{sliced}: the pods phase's pools are too small to slice")
+        if sliced in args.contenders and per_node >= 1 << (32 - SLICE_PREFIX):
+            parser.error(f"{sliced}: {per_node} ADDs per node overflow a /{SLICE_PREFIX}")
     return args
 
 
@@ -250,7 +263,7 @@ def measure_settings(args: argparse.Namespace, spawner: Spawner, workdir: Path) 
         pods=args.pods,
         pod_networks=args.pod_networks,
         pod_concurrency=args.pods,
-        sliced_pool=_sliced_pool(args) if PYABOUTS_SHIM_SLICES in args.contenders else "",
+        sliced_pool=_sliced_pool(args) if set(SLICED) & set(args.contenders) else "",
         rounds=args.rounds,
         repeated=[name for name in REPEATED_CONTENDERS if name in args.contenders],
     )
@@ -307,12 +320,15 @@ class Servers:
         progress(f"etcd ready at {etcd.endpoint}")
         return etcd.endpoint
 
-    def start_agent(self, directory: Path, datastore: dict[str, Any]) -> AgentProcess:
+    def start_agent(
+        self, directory: Path, datastore: dict[str, Any], extra_args: Sequence[str] = ()
+    ) -> AgentProcess:
         """A node's agent serving `datastore` (flat-file keys) from a flat file of its own."""
         directory.mkdir(parents=True, exist_ok=True)
         config = directory / "agent.conf"
         config.write_text(json.dumps(datastore))
-        return self._stack.enter_context(running_agent(directory, config=config))
+        agent = running_agent(directory, config=config, extra_args=extra_args)
+        return self._stack.enter_context(agent)
 
 
 def start_contenders(
@@ -332,7 +348,7 @@ def _contender(name: str, servers: Servers, args: argparse.Namespace) -> Contend
 
 
 def _contender_pool(name: str, args: argparse.Namespace) -> PoolBounds:
-    if name == PYABOUTS_SHIM_SLICES:
+    if name in SLICED:
         return sliced_pool_of(POOL_BASES[name], args.nodes, SLICE_PREFIX)
     return pool_of(POOL_BASES[name], args.calls)
 
@@ -355,16 +371,17 @@ def _new_contender(name: str, servers: Servers, args: argparse.Namespace) -> Con
             request_counter=cluster.whereabouts_requests,
             pool=pool,
         )
-    if name in (PYABOUTS_SHIM, PYABOUTS_SHIM_SLICES, PYABOUTS_AGENT):
+    if name in (PYABOUTS_SHIM, *SLICED, PYABOUTS_AGENT):
+        write_behind = ["--write-behind"] if name == PYABOUTS_SHIM_WRITE_BEHIND else []
         return PyaboutsAgent(
             workdir,
             kubeconfig=cluster.plugin_kubeconfig_in(name),
             request_counter=cluster.group_requests,
             pool=pool,
-            agents=servers.start_agent,
+            agents=functools.partial(servers.start_agent, extra_args=write_behind),
             name=name,
             shim=None if name == PYABOUTS_AGENT else built_shim(),
-            node_slice_size=f"/{SLICE_PREFIX}" if name == PYABOUTS_SHIM_SLICES else None,
+            node_slice_size=f"/{SLICE_PREFIX}" if name in SLICED else None,
         )
     return PyaboutsKubernetes(
         args.pyabouts,

@@ -51,7 +51,13 @@ _SOCKET_LINE = f'AGENT_SOCKET = "{DEFAULT_SOCKET}"\n'
 _FALLBACK_LINE = "FALLBACK_PATH: list[str] = []\n"
 _VERSION_LINE = 'VERSION_REPLY = b""'
 _WIRE_IMPORT_LINE = (
-    "from pyabouts.plugin.wire import WireError, decode_reply, encode_request  # wire.py's text\n"
+    "from pyabouts.plugin.wire import (  # wire.py's text\n"
+    "    JOURNAL_LOCK,\n"
+    "    PENDING_JOURNAL,\n"
+    "    WireError,\n"
+    "    decode_reply,\n"
+    "    encode_request,\n"
+    ")\n"
 )
 
 

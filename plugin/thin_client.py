@@ -13,7 +13,13 @@ import _socket
 import posix
 import sys
 
-from pyabouts.plugin.wire import WireError, decode_reply, encode_request  # wire.py's text
+from pyabouts.plugin.wire import (  # wire.py's text
+    JOURNAL_LOCK,
+    PENDING_JOURNAL,
+    WireError,
+    decode_reply,
+    encode_request,
+)
 
 TYPE_CHECKING = False  # typing costs 12 ms of import: its names are for the type checker only
 if TYPE_CHECKING:
@@ -79,6 +85,31 @@ def _serve_without_agent(socket_path: str, why: OSError, stdin: bytes) -> "NoRet
     """No agent answers: serve in this process (config `agent_fallback`, default in-process)."""
     import os  # noqa: PLC0415 - the fallback only
 
+    directory = os.path.dirname(socket_path)
+    try:  # held until this process exits: no agent starts to serve beside it meanwhile
+        held = os.open(os.path.join(directory, JOURNAL_LOCK), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        held = -1  # no agent has kept a journal here
+    if held >= 0:
+        import fcntl  # noqa: PLC0415 - the fallback only
+
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            _fail(stdin, f"the pyabouts agent at {socket_path} is starting or stopping ({why})")
+    journal = os.path.join(directory, PENDING_JOURNAL)
+    try:
+        with open(journal, "rb") as lines:
+            unstored = sum(1 for _ in lines) - 1  # after its head line
+    except OSError:
+        unstored = 0
+    if unstored > 0:
+        _fail(
+            stdin,
+            f"no pyabouts agent at {socket_path} ({why.strerror or why}), and it left address "
+            f"changes it answered but had not stored in {journal}: start it again, it stores "
+            "them first (served here, one of those addresses could be given twice)",
+        )
     sys.path[:0] = FALLBACK_PATH
     try:
         from pyabouts.plugin.backend import OneShotBackend  # noqa: PLC0415 - only without an agent

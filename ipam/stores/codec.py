@@ -47,7 +47,7 @@ def block_document(block: Block) -> dict[str, Any]:
     """The block as stored: where it is, the range that writes it, and who holds what."""
     base = block.key.base
     lines = [TABLE_HEADER]
-    lines += [f"{address - base} {_owner_line(owner)}" for address, owner in _sorted_entries(block)]
+    lines += [f"{a - base} {owner_columns(owner)}" for a, owner in _sorted_entries(block)]
     return {**_block_head(block), "allocations": "\n".join(lines)}
 
 
@@ -87,7 +87,7 @@ def _sorted_entries(block: Block) -> list[tuple[int, Owner]]:
     return entries
 
 
-def _owner_line(owner: Owner) -> str:
+def owner_columns(owner: Owner) -> str:
     """The owner's columns after the offset. A write sends its whole block, and between two
     writes of a block nearly all of its owners are the same: each owner's line is kept."""
     # Keyed on every field: an Owner's equality leaves some out (the time, say), its line not.
@@ -168,7 +168,7 @@ def _entries_of_table(key: BlockKey, table: str) -> dict[int, Owner]:
         offset, _, columns = line.partition(" ")
         try:
             address = key.base + _offset(offset)
-            owner = _owner_read(columns)
+            owner = owner_from_columns(columns)
         except ValueError as exc:
             raise _corrupt(key, f"allocation line {line!r}: {exc}") from None
         if address in entries:
@@ -177,7 +177,7 @@ def _entries_of_table(key: BlockKey, table: str) -> dict[int, Owner]:
     return entries
 
 
-def _owner_read(columns: str) -> Owner:
+def owner_from_columns(columns: str) -> Owner:
     """The owner a line's columns after its offset describe. Blocks are read again and again
     (after a conflict, by the reconciler) with nearly the same lines: each one's owner is kept."""
     return _kept(_OWNERS_READ, columns, _owner_of, columns)

@@ -25,6 +25,7 @@ from pyabouts.ipam.pool import Block, PoolId
 from pyabouts.ipam.store import BlockFeed, PoolStore, WriteOutcome
 from pyabouts.ipam.stores import open_store
 from pyabouts.ipam.stores.cached import CachedStore
+from pyabouts.ipam.stores.write_behind import DeferringStore, PendingWrites
 from pyabouts.plugin.agent.datastore import AgentDatastore
 from pyabouts.plugin.agent.feed_follower import FeedFollower
 from pyabouts.plugin.agent.metrics import AgentMetrics
@@ -63,6 +64,9 @@ POOL_MAX_AGE_FED_SECONDS = 60.0
 CONFIGS_KEPT = 64
 CACHED_NETCONF_BYTES = 8192
 PER_CALL_KEYS = ("prevResult", VALID_ATTACHMENTS)
+# Pending writes left when the agent stops are stored for this long at most; what is left stays
+# in the journal for the next agent.
+FINAL_FLUSH_SECONDS = 10.0
 
 
 class MeteredStore:
@@ -118,6 +122,37 @@ class WarmBackend:
         # A node's pods use a few networks, each sending the same config on every ADD:
         # validated once each (exceptions are not kept: a bad config is refused every time).
         self._own_config = functools.lru_cache(maxsize=CONFIGS_KEPT)(self._validated)
+        self._pending: PendingWrites | None = None
+        self._flusher: threading.Thread | None = None
+        self._stop_flushing = threading.Event()
+
+    def write_behind(self, pending: PendingWrites, every: float) -> None:
+        """Keep the writes `pending` defers (this node's slice blocks) and store them every
+        `every` seconds, on a thread of its own; before the first client is opened."""
+        assert self._datastore is not None and not self._clients
+        self._pending = pending
+        self._metrics.write_behind_pending.set_function(pending.pending_count)
+        self._flusher = threading.Thread(
+            target=self._flush_every, args=(every,), name="write-behind", daemon=True
+        )
+        self._flusher.start()
+
+    def _flush_every(self, every: float) -> None:
+        self._flush()  # at once: what an earlier agent left in the journal
+        while not self._stop_flushing.wait(every):
+            self._flush()
+
+    def _flush(self) -> bool:
+        """Store what is pending; whether nothing is left."""
+        pending, own = self._pending, self._datastore
+        if pending is None or own is None or not pending.pending_count():
+            return True
+        try:
+            outcome = pending.flush(self._client_for("own", own.open_store).cache)
+        except Exception:  # the next round tries again; the changes stay in the journal
+            log.exception("storing the pending writes failed")
+            return False
+        return outcome.left == 0
 
     def config(self, raw: dict[str, Any], netconf: bytes) -> PluginConfig:
         if self._datastore is None:
@@ -152,6 +187,17 @@ class WarmBackend:
         return [b for client in clients for b in client.cache.cached_blocks()]
 
     def close(self) -> None:
+        self._stop_flushing.set()
+        if self._flusher is not None:
+            self._flusher.join()  # one flush at a time
+        if self._pending is not None:
+            give_up = time.monotonic() + FINAL_FLUSH_SECONDS
+            while not self._flush() and time.monotonic() < give_up:
+                time.sleep(0.2)
+            left = self._pending.pending_count()
+            if left:
+                log.warning("%d pending changes left in the journal for the next agent", left)
+            self._pending.close()
         with self._lock:
             clients = [*self._clients.values(), *self._retired]
             self._clients.clear()
@@ -186,8 +232,11 @@ class WarmBackend:
                 feed=feed,
                 max_age_fed=POOL_MAX_AGE_FED_SECONDS,
             )
+            # Only the agent's own datastore: the journal names no other.
+            pending = self._pending if key == "own" else None
+            decided_on: PoolStore = DeferringStore(cache, pending) if pending else cache
             transactions = CoalescingTransactions(
-                cache, self._metrics.batch_size.observe, recheck=cache.recheck
+                decided_on, self._metrics.batch_size.observe, recheck=cache.recheck
             )
             follower = FeedFollower(feed, cache, self._metrics) if feed else None
             client = _Client(cache, transactions, follower)

@@ -66,6 +66,18 @@ class AgentMetrics:
             "idle pool is not read again before use), 0 while it is down or not offered (etcd).",
             registry=self.registry,
         )
+        self.write_behind_pending = Gauge(
+            "pyabouts_agent_write_behind_pending",
+            "Address changes of this node's slice blocks answered and kept in its journal, not "
+            "stored yet (stored every --write-behind seconds).",
+            registry=self.registry,
+        )
+        self.write_behind_clashes = Counter(
+            "pyabouts_agent_write_behind_clashes",
+            "Addresses this node gave from its slice before storing them, found stored as held by "
+            "somebody else meanwhile (a config of the range without node_slice_size?).",
+            registry=self.registry,
+        )
         self.feed_breaks = Counter(
             "pyabouts_agent_block_feed_breaks",
             "Times the watch of the IPPools broke and was started again.",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from types import FrameType
 from typing import Any
 
 from pyabouts.ipam.errors import DECODE_FAILURE, PEER_NOT_ALLOWED, TRY_AGAIN_LATER, CniError
+from pyabouts.ipam.stores.write_behind import PendingWrites
 from pyabouts.plugin import wire
 from pyabouts.plugin.agent.backend import WarmBackend
 from pyabouts.plugin.agent.datastore import agent_datastore
@@ -38,6 +40,7 @@ from pyabouts.plugin.commands import DEADLINE_SECONDS
 from pyabouts.plugin.handler import Reply, handle_request
 from pyabouts.plugin.logs import LEVELS
 from pyabouts.plugin.thin_client import AGENT_SOCKET
+from pyabouts.plugin.wire import JOURNAL_LOCK, PENDING_JOURNAL
 from pyabouts.serving.endpoints import record_pool_usage, serve_endpoints
 from pyabouts.serving.listen import listen_argument
 from pyabouts.serving.workers import BoundedWorkers
@@ -49,6 +52,12 @@ REQUEST_DEADLINE_SECONDS = 10.0  # to send a whole request (the thin client send
 MAX_REQUESTS = 64  # served at once: plenty to coalesce, and never a thread per connection
 MAX_WAITING = 1024  # accepted requests queued for a worker; beyond, code 11 at once
 ALLOWED_UIDS = frozenset({0})  # the container runtime runs CNI plugins as root
+# --write-behind: off unless asked for; when asked without a figure, this (many changes in a
+# write, stored well within the agent's 2 s pool cache age).
+DEFAULT_WRITE_BEHIND_SECONDS = 0.25
+MAX_WRITE_BEHIND_SECONDS = 10.0  # below write_behind.MAX_PENDING_SECONDS
+# How often what an earlier agent left in the journal is stored, when --write-behind is off.
+JOURNAL_FLUSH_SECONDS = 0.25
 COMMANDS = frozenset({"ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION"})
 
 
@@ -378,10 +387,39 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _write_behind_seconds(text: str) -> float:
+    seconds = float(text)
+    if not 0 <= seconds <= MAX_WRITE_BEHIND_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"{text} is not between 0 and {MAX_WRITE_BEHIND_SECONDS:g} seconds"
+        )
+    return seconds
+
+
 def _seconds(text: str) -> float:
     if not float(text) > 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
     return float(text)
+
+
+def _take_up_journal(backend: WarmBackend, metrics: AgentMetrics, args: argparse.Namespace) -> None:
+    """Store behind the writes of this node's slice blocks (--write-behind), and what an
+    earlier agent left pending in the journal beside the socket in any case."""
+    journal = args.socket.parent / PENDING_JOURNAL
+    try:
+        # For good (closed at exit): a thin plugin finding no agent serves in-process only
+        # when it can take this lock, so never beside an agent starting or stopping here.
+        lock = os.open(args.socket.parent / JOURNAL_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        pending = PendingWrites(
+            journal,
+            args.node_name,
+            defer=args.write_behind > 0,
+            on_clash=metrics.write_behind_clashes.inc,
+        )
+    except (OSError, ValueError) as exc:
+        raise OSError(f"cannot take up the journal {journal}: {exc}") from exc
+    backend.write_behind(pending, every=args.write_behind or JOURNAL_FLUSH_SECONDS)
 
 
 def _import_request_path() -> None:
@@ -421,6 +459,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--kubeconfig", help="for IPPools (default: the --config file's)")
     parser.add_argument(
+        "--write-behind",
+        type=_write_behind_seconds,
+        nargs="?",
+        const=DEFAULT_WRITE_BEHIND_SECONDS,
+        default=0.0,
+        metavar="SECONDS",
+        help="under node slices, answer a change of this node's own slice blocks once it is in "
+        "the journal beside the socket, and store it within SECONDS (given without a figure: "
+        f"{DEFAULT_WRITE_BEHIND_SECONDS:g}); only where every config of a sliced network has "
+        "the same range and node_slice_size, and no plugin serves the node in-process while "
+        "its agent runs (see the README). Default: off, every write stored before its answer",
+    )
+    parser.add_argument(
         "--trust-request-datastore",
         action="store_true",
         help="use the datastore settings, kubeconfig and flat file each request names, as the "
@@ -442,13 +493,17 @@ def main(argv: list[str] | None = None) -> None:
         log.info("serving %s", datastore.describe())
     metrics = AgentMetrics()
     backend = WarmBackend(metrics, args.node_name, datastore)
+    server = AgentServer(args.socket, backend, metrics, _limits(args))  # the socket is ours now
     try:
+        if datastore is not None:
+            _take_up_journal(backend, metrics, args)
         backend.open_own_client()
     except CniError as exc:
+        server.close()
         raise SystemExit(f"pyabouts-agent: {exc.msg}") from None
     except (OSError, ValueError) as exc:  # a CA or client key that TLS cannot load, say
-        raise SystemExit(f"pyabouts-agent: cannot open its datastore client: {exc}") from None
-    server = AgentServer(args.socket, backend, metrics, _limits(args))
+        server.close()
+        raise SystemExit(f"pyabouts-agent: {exc}") from None
     serve_endpoints(args.listen, metrics.registry, server, before_scrape=server.refresh_pool_usage)
 
     def stop(signum: int, frame: FrameType | None) -> None:

@@ -28,7 +28,7 @@ from pyabouts.ipam.errors import NO_FREE_SLICE
 from pyabouts.ipam.slices import REGISTRY_MARK
 from pyabouts.plugin.install import install_shim
 from tests.integration.plugin_fixtures import kubernetes_datastore, kubernetes_ipam
-from tests.integration.plugin_processes import Node, make_nodes, run_plugins
+from tests.integration.plugin_processes import FLAT_FILE_NAME, Node, make_nodes, run_plugins
 from tests.integration.reconciler_env import reconcile_once
 from tests.integration.stored_state import kubernetes_store, owners_on
 
@@ -40,13 +40,16 @@ RANGE = "10.94.0.0/24"
 
 @pytest.fixture
 def nodes(pyabouts_cluster: ControlPlane, tmp_path: Path) -> Iterator[list[Node]]:
-    """Five nodes, each with its agent (--node-name node-N) and a Node object."""
+    """Five nodes, each with its agent (--node-name node-N, serving its own flat file's
+    datastore, as the DaemonSet's does) and a Node object."""
     with contextlib.ExitStack() as stack:
         found = make_nodes(
             tmp_path,
             5,
             kubernetes_datastore(pyabouts_cluster),
-            agents=lambda directory: stack.enter_context(running_agent(directory)),
+            agents=lambda directory: stack.enter_context(
+                running_agent(directory, config=directory / FLAT_FILE_NAME)
+            ),
         )
         for node in found:
             create_node(pyabouts_cluster, node.name)

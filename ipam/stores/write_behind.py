@@ -1,0 +1,480 @@
+"""Writes of a node's own slice blocks: answered once in the node's journal, stored behind.
+
+Under node slices (`node_slice_size`) a block that lies wholly in slices one node holds is
+given from by that node's agent alone, as long as every config of the network cuts the same
+range into slices of the same size: the registry says no other node looks there. So a decision
+on such a block need not wait for the datastore. With --write-behind the agent keeps it
+(PendingWrites): in memory, as the view every later decision reads, and as a line in a journal
+file beside its socket, which a restarted agent reads again. A flusher stores the pending
+changes every fraction of a second, many decisions in one compare-and-swap. Writes of every
+other block (the slice registry, pools without slices, a block another node's slice overlaps)
+go to the datastore before the answer, as without it.
+
+The datastore still has the last word. A flush applies each change only over what the decision
+saw, so what the reconciler freed meanwhile stays free and an address somebody else stored
+meanwhile (a config of the range without slices) is never taken over: that is a clash, logged
+and counted, and the block is then written before each answer again.
+
+The journal is on /run (a tmpfs), on purpose: it outlives the agent (a crash, an upgrade), not
+the node. A node that restarts has lost its sandboxes too, so the addresses it had not stored
+yet are held by nobody.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyabouts.ipam.errors import CniError, StoreUnavailableError
+from pyabouts.ipam.pool import BLOCK_SIZE, Block, BlockKey, Owner, PoolId
+from pyabouts.ipam.slices import SLICE_IFNAME, is_registry, slice_span
+from pyabouts.ipam.store import PoolStore, WriteOutcome
+from pyabouts.ipam.stores.codec import owner_columns, owner_from_columns
+
+log = logging.getLogger(__name__)
+
+JOURNAL_VERSION = 1
+# What is pending may wait this long for the datastore; then the node takes no new change
+# (code 11) until it is stored, as with every write stored before its answer.
+MAX_PENDING_SECONDS = 15.0
+# The revisions of blocks with changes pending: the view's own, never the datastore's.
+PENDING = "pending-"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One address of a block as a decision changed it: what it saw there, what it left."""
+
+    address: int
+    before: Owner | None
+    after: Owner | None
+
+
+@dataclass(slots=True)
+class _Slices:
+    """The slices one registry block records, as (pool, first, last) each."""
+
+    revision: str | None
+    mine: list[tuple[PoolId, int, int]] = field(default_factory=list)
+    others: list[tuple[PoolId, int, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class FlushOutcome:
+    stored: int  # changes now in the datastore
+    left: int  # changes still pending (a conflict or an error: the next flush tries again)
+    clashes: int  # changes dropped: somebody else holds the address
+
+
+class PendingWrites:
+    """What this node's agent decided on its own slice blocks and has not stored yet.
+
+    Thread-safe. `journal`: the file that keeps the pending changes across agent restarts
+    (read at construction; its directory must exist); `node`: the agent's node name, whose
+    slices it defers.
+    """
+
+    def __init__(
+        self,
+        journal: Path,
+        node: str,
+        *,
+        defer: bool = True,
+        max_pending: float = MAX_PENDING_SECONDS,
+        on_clash: Callable[[], None] = lambda: None,
+    ) -> None:
+        """`defer`: False keeps nothing new, only stores what the journal held."""
+        self._path = journal
+        self._node = node
+        self._defer = defer
+        self._max_pending = max_pending
+        self._pending_since: float | None = None  # when the oldest pending change was kept
+        self._on_clash = on_clash
+        self._lock = threading.Lock()
+        self._tokens = itertools.count(1)
+        # Per block: changes decided and not stored yet, in order.
+        self._pending: dict[BlockKey, list[Change]] = {}
+        # Per block tracked (held, or with changes pending): the block decisions see (the
+        # stored one with the pending changes over it) and the stored revision it is built on.
+        self._latest: dict[BlockKey, Block] = {}
+        self._built_on: dict[BlockKey, str | None] = {}
+        # Blocks whose stored state holds addresses other nodes gave: never deferred.
+        self._shared: set[BlockKey] = set()
+        # Per registry block read: its revision, the slices this node holds in it and those
+        # other nodes hold, as (pool, first, last).
+        self._slices: dict[BlockKey, _Slices] = {}
+        self._journal: int | None = None  # its fd, open for appending
+        self._recover()
+
+    # -- the read and write paths (DeferringStore) ------------------------------------------
+
+    def view(self, pool: PoolId, first: int, last: int, stored: list[Block]) -> list[Block]:
+        """`stored` (a read of [first, last] of `pool`) as decisions must see it: each block
+        this node has pending changes in with them applied, under a revision of its own."""
+        with self._lock:
+            found = {block.key for block in stored}
+            out = []
+            for block in stored:
+                if is_registry(block.key.pool):
+                    self._note_registry(block)
+                out.append(self._seen(block))
+            # Blocks the read did not find that this node knows: created here and not stored
+            # yet, or stored by a flush after the read began.
+            for key in self._pending.keys() | self._latest.keys():
+                within = key.base <= last and key.base + BLOCK_SIZE - 1 >= first
+                if key.pool == pool and key not in found and within:
+                    out.append(self._seen(Block(key)))
+            return out
+
+    def defers(self, block: Block) -> bool:
+        """Whether a write of `block` is to be kept here rather than stored now."""
+        key = block.key
+        with self._lock:
+            if key in self._pending or (block.revision or "").startswith(PENDING):
+                return True  # decided on a view with changes pending
+            return self._defer and key not in self._shared and self._holds(key)
+
+    def keep(self, blocks: Sequence[Block]) -> WriteOutcome:
+        """Keep the writes of `blocks` (all deferred): each one only if decided on the latest
+        view of its block, else a conflict (decide again), all or none; in the journal before
+        anything else, so that nothing is answered that the journal does not hold.
+        StoreUnavailableError when the journal cannot take them, or when what is pending has
+        waited longer than `max_pending` for the datastore (then the node answers code 11, as
+        it would with every write stored before its answer)."""
+        with self._lock:
+            stale = [b.key for b in blocks if b.revision != self._expected(b.key)]
+            if stale:
+                return WriteOutcome(conflicts=stale)
+            waited = time.monotonic() - (self._pending_since or time.monotonic())
+            if waited > self._max_pending:
+                raise StoreUnavailableError(
+                    f"this node's address changes have waited {waited:.0f} s to be stored "
+                    "(see the agent's log): none is taken before they are"
+                )
+            kept = [(b, _changes(self._latest.get(b.key) or Block(b.key), b)) for b in blocks]
+            self._append("".join(_journal_line(b.key, c) for b, c in kept if c))
+            revisions = {}
+            for block, changes in kept:
+                if not changes:  # no address changed (an ADD and its DEL in one batch)
+                    continue
+                key = block.key
+                self._built_on.setdefault(key, None)
+                block.revision = revisions[key] = self._token()
+                self._latest[key] = block
+                self._pending.setdefault(key, []).extend(changes)
+                self._pending_since = self._pending_since or time.monotonic()
+            return WriteOutcome(revisions=revisions)
+
+    # -- the flusher's side -------------------------------------------------------------------
+
+    def pending_count(self) -> int:
+        with self._lock:
+            return sum(map(len, self._pending.values()))
+
+    def flush(self, store: PoolStore) -> FlushOutcome:
+        """Store the pending changes of each block over it as `store` holds it, one write each."""
+        with self._lock:
+            work = [(key, list(changes)) for key, changes in self._pending.items()]
+        stored = clashes = 0
+        for key, changes in work:
+            try:
+                outcome = self._flush_block(store, key, changes)
+            except CniError as exc:  # down, refused, or a block not in pyabouts' format
+                log.warning("storing the pending changes of %s: %s", _describe(key), exc.msg)
+                continue
+            if outcome is not None:
+                stored += len(changes)
+                clashes += outcome
+        with self._lock:
+            left = sum(map(len, self._pending.values()))
+            if stored:
+                self._rewrite_journal()  # what is stored leaves it
+        return FlushOutcome(stored, left, clashes)
+
+    def _flush_block(self, store: PoolStore, key: BlockKey, changes: list[Change]) -> int | None:
+        """Write `changes` over the stored block; its clashes, or None on a conflict."""
+        read = store.read_blocks(key.pool, key.base, key.base + BLOCK_SIZE - 1)
+        base = next((b for b in read if b.key == key), None) or Block(key)
+        with self._lock:
+            latest = self._latest.get(key)
+            built_on = self._built_on.get(key)
+        merged = base.copy()
+        if latest is not None:  # the range that wrote it last, as a direct write records
+            merged.range_text, merged.capacity = latest.range_text, latest.capacity
+            merged.range_size = latest.range_size
+        clashing = [c for c in changes if not _apply(merged, c)]
+        outcome = store.write_blocks([merged])
+        if outcome.conflicts:
+            return None  # read again at the next flush (the cache marked it stale)
+        for change in clashing:
+            log.error(
+                "address %d of %s was given by this node (to %s) while not yet stored, and "
+                "meanwhile stored as held by %s: the datastore's holder keeps it. Does a "
+                "network config of this network give from this node's slice (one without "
+                "node_slice_size, another range or slice size)?",
+                change.address,
+                _describe(key),
+                change.after and change.after.attachment,
+                base.entries.get(change.address),
+            )
+            self._on_clash()
+        with self._lock:
+            rest = self._pending.get(key, [])[len(changes) :]
+            if rest:
+                self._pending[key] = rest
+            else:
+                self._pending.pop(key, None)
+            if not self._pending:
+                self._pending_since = None
+            if clashing:
+                self._shared.add(key)
+            # The write's success says `base` was the stored state: what was written, with the
+            # changes kept since over it, is the view now (a read that began before the write
+            # may still bring `base`, and must not undo it).
+            merged.revision = written = outcome.revisions.get(key)
+            if self._built_on.get(key) != written or clashing or base.revision != built_on:
+                self._latest[key] = _with_changes(merged, rest, self._token()) if rest else merged
+                self._built_on[key] = written
+        return len(clashing)
+
+    # -- state, under the lock ----------------------------------------------------------------
+
+    def _seen(self, stored: Block) -> Block:
+        """The block decisions see for `stored`; tracks it if this node holds it."""
+        key = stored.key
+        latest = self._latest.get(key)
+        if key in self._built_on:
+            built_on = self._built_on[key]
+            if stored.revision != built_on and not _later(stored.revision, built_on):
+                # A read that began before the state the view is built on (a flush's write,
+                # say): it lacks what the view has.
+                return latest if latest is not None else stored
+            if latest is not None and stored.revision == built_on:
+                return latest
+        pending = self._pending.get(key)
+        if not pending and not self._holds(key):
+            return stored
+        if any(o.in_use and o.node not in ("", self._node) for o in stored.entries.values()):
+            self._shared.add(key)
+        else:
+            self._shared.discard(key)
+        built = _with_changes(stored, pending, self._token()) if pending else stored
+        self._latest[key] = built
+        self._built_on[key] = stored.revision
+        return built
+
+    def _token(self) -> str:
+        return f"{PENDING}{next(self._tokens)}"
+
+    def _expected(self, key: BlockKey) -> str | None:
+        latest = self._latest.get(key)
+        return latest.revision if latest is not None else None
+
+    def _holds(self, key: BlockKey) -> bool:
+        """Whether `key` lies wholly in a slice this node holds, and in no slice another node
+        holds in any registry read (two configs of one network with other ranges or slice
+        sizes keep registries of their own)."""
+        last = key.base + BLOCK_SIZE - 1
+        known = self._slices.values()
+        mine = any(
+            p == key.pool and lo <= key.base and last <= hi for s in known for p, lo, hi in s.mine
+        )
+        return mine and not any(
+            p == key.pool and lo <= last and key.base <= hi for s in known for p, lo, hi in s.others
+        )
+
+    def _note_registry(self, block: Block) -> None:
+        known = self._slices.get(block.key)
+        if known is not None and known.revision == block.revision:
+            return
+        noted = _Slices(block.revision)
+        for owner in block.entries.values():
+            if owner.ifname == SLICE_IFNAME:
+                held = noted.mine if owner.node == self._node else noted.others
+                held.append(slice_span(block.key.pool, owner))
+        self._slices[block.key] = noted
+
+    # -- the journal ----------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Take up the pending changes an earlier agent left in the journal."""
+        try:
+            text = self._path.read_text(errors="surrogateescape")
+        except FileNotFoundError:
+            text = ""
+        lines = text.split("\n")
+        if lines and lines[0]:
+            head = json.loads(lines[0])
+            if head.get("node") != self._node:
+                raise ValueError(
+                    f"{self._path} holds the pending writes of node {head.get('node')!r}, "
+                    f"not of {self._node!r}: remove it only once they are stored"
+                )
+        for number, line in enumerate(lines[1:], start=2):
+            if not line:
+                continue
+            try:
+                key, changes = _read_journal_line(line)
+            except (ValueError, KeyError, TypeError) as exc:
+                # The last line may be cut short by a crash mid-write: its decision was never
+                # answered. Any other is damage, reported; what it held is lost either way.
+                level = logging.INFO if number >= len(lines) - 1 else logging.ERROR
+                log.log(level, "%s line %d is unreadable (%s): skipped", self._path, number, exc)
+                continue
+            self._pending.setdefault(key, []).extend(changes)
+        if self._pending:
+            log.warning(
+                "%d pending changes of %d blocks found in %s: storing them",
+                sum(map(len, self._pending.values())),
+                len(self._pending),
+                self._path,
+            )
+        self._rewrite_journal()
+
+    def _rewrite_journal(self) -> None:
+        """Replace the journal with the pending changes alone (compacted), atomically."""
+        temporary = self._path.with_name(f".{self._path.name}.new")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        head = json.dumps({"version": JOURNAL_VERSION, "node": self._node}) + "\n"
+        body = "".join(_journal_line(key, changes) for key, changes in self._pending.items())
+        os.write(fd, (head + body).encode(errors="surrogateescape"))
+        os.close(fd)
+        os.replace(temporary, self._path)
+        old, self._journal = self._journal, os.open(self._path, os.O_WRONLY | os.O_APPEND)
+        if old is not None:
+            os.close(old)
+
+    def _append(self, text: str) -> None:
+        if not text:
+            return
+        data = text.encode(errors="surrogateescape")
+        assert self._journal is not None  # opened by _recover
+        try:
+            if os.write(self._journal, data) == len(data):
+                return
+            failure = "it took part of the write"
+        except OSError as exc:
+            failure = str(exc)
+        try:  # no line cut short may stay for the next one to run on from
+            self._rewrite_journal()
+        except OSError as exc:
+            failure += f"; rewriting it failed too: {exc}"
+        raise StoreUnavailableError(f"the journal {self._path} took no change: {failure}")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._journal is not None:
+                os.close(self._journal)
+                self._journal = None
+
+
+class DeferringStore:
+    """`backing` (the agent's pool cache), with the writes `pending` defers kept there."""
+
+    def __init__(self, backing: PoolStore, pending: PendingWrites) -> None:
+        self._backing = backing
+        self._pending = pending
+
+    def read_blocks(self, pool: PoolId, first: int, last: int) -> list[Block]:
+        return self._pending.view(pool, first, last, self._backing.read_blocks(pool, first, last))
+
+    def read_all_blocks(self) -> list[Block]:
+        return self._backing.read_all_blocks()
+
+    def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
+        deferred = [b for b in blocks if self._pending.defers(b)]
+        direct = [b for b in blocks if b not in deferred]
+        # The direct ones first, in the order given (a slice registry before its addresses):
+        # a change kept here must not outlive a conflict on what it was decided with.
+        outcome = self._backing.write_blocks(direct) if direct else WriteOutcome()
+        if outcome.conflicts or not deferred:
+            return outcome
+        kept = self._pending.keep(deferred)
+        return WriteOutcome(kept.conflicts, {**outcome.revisions, **kept.revisions})
+
+    def close(self) -> None:
+        self._backing.close()
+
+
+def _later(revision: str | None, than: str | None) -> bool:
+    """Whether a stored block at `revision` is a later state than one at `than`: as numbers
+    where both are (etcd's, and so Kubernetes'), else any other revision is."""
+    if revision is None or than is None:
+        return than is None  # a block read absent after it was stored: a read from before
+    if revision.isdigit() and than.isdigit():
+        return int(revision) > int(than)
+    return revision != than
+
+
+def _with_changes(stored: Block, changes: list[Change], revision: str) -> Block:
+    built = stored.copy()
+    for change in changes:
+        _apply(built, change)
+    built.revision = revision
+    return built
+
+
+def _changes(before: Block, after: Block) -> list[Change]:
+    """What a decision changed in a block: its entries compared by identity (a view copies a
+    block's entries, so an untouched owner is the same object)."""
+    old, new = before.entries, after.entries
+    changes = [Change(a, old.get(a), o) for a, o in new.items() if old.get(a) is not o]
+    changes += [Change(a, o, None) for a, o in old.items() if a not in new]
+    return changes
+
+
+def _apply(block: Block, change: Change) -> bool:
+    """Apply `change` to `block` unless the address is held by somebody the decision did not
+    see; False then (a clash: left as stored)."""
+    now = block.entries.get(change.address)
+    if now == change.after:
+        if change.after is not None:
+            block.put(change.address, change.after)  # its fields compare leaves out, too
+        return True
+    if now != change.before and now is not None and now.in_use:
+        return False
+    if change.after is None:
+        block.pop(change.address)
+    else:
+        block.put(change.address, change.after)
+    return True
+
+
+def _journal_line(key: BlockKey, changes: list[Change]) -> str:
+    columns = [[c.address - key.base, _columns(c.before), _columns(c.after)] for c in changes]
+    record = {"network": key.pool.network, "family": key.pool.family, "base": key.base}
+    return json.dumps({**record, "changes": columns}, separators=(",", ":")) + "\n"
+
+
+def _read_journal_line(line: str) -> tuple[BlockKey, list[Change]]:
+    record = json.loads(line)
+    family = record["family"]
+    if family not in (4, 6) or not isinstance(record["base"], int):
+        raise ValueError("not a block")
+    key = BlockKey(PoolId(str(record["network"]), family), record["base"])
+    changes = [
+        Change(key.base + int(offset), _owner(before), _owner(after))
+        for offset, before, after in record["changes"]
+    ]
+    if any(not 0 <= c.address - key.base < BLOCK_SIZE for c in changes):
+        raise ValueError("an address outside its block")
+    return key, changes
+
+
+def _columns(owner: Owner | None) -> str | None:
+    return None if owner is None else owner_columns(owner)
+
+
+def _owner(columns: object) -> Owner | None:
+    return None if columns is None else owner_from_columns(str(columns))
+
+
+def _describe(key: BlockKey) -> str:
+    return f"block {key.base} of network {key.pool.network or '-'} (IPv{key.pool.family})"

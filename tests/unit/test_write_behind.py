@@ -1,0 +1,316 @@
+"""Write-behind of a node's own slice blocks (ipam.stores.write_behind): what is answered is
+what decisions see and what the journal keeps, the datastore gets it at the next flush, a
+restarted agent takes up what was left, and nobody else's address is ever taken over."""
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import netaddr
+import pytest
+
+from pyabouts.ipam import operations
+from pyabouts.ipam.coalescing import CoalescingTransactions
+from pyabouts.ipam.errors import StoreUnavailableError
+from pyabouts.ipam.pool import BlockKey, Owner, PoolId
+from pyabouts.ipam.ranges import build_range
+from pyabouts.ipam.slices import SlicedRange
+from pyabouts.ipam.store import PoolStore
+from pyabouts.ipam.stores.write_behind import DeferringStore, PendingWrites
+from pyabouts.ipam.transaction import DirectTransactions
+from tests.memory_store import MemoryStore
+
+POOL = PoolId("blue", 4)
+RANGE = build_range("10.7.0.0/22", range_start=None, range_end=None, exclude=[], pool=POOL)
+CUT = SlicedRange(RANGE, 24)  # a /24 slice per node: one block each
+
+
+def owner(n: int, node: str = "node-a") -> Owner:
+    return Owner(f"c{n}", "net1", f"ns/p{n}", node=node)
+
+
+def add(store: PoolStore, n: int, node: str = "node-a", *, deadline: float = 5) -> int:
+    [address] = operations.allocate(
+        DirectTransactions(store),
+        [RANGE],
+        owner(n, node),
+        [],
+        deadline=time.monotonic() + deadline,
+        sliced=[CUT],
+    )
+    return address
+
+
+def delete(store: PoolStore, n: int) -> list[int]:
+    return operations.release(
+        DirectTransactions(store), [RANGE], f"c{n}", "net1", deadline=time.monotonic() + 5
+    )
+
+
+def stored(memory: MemoryStore) -> dict[int, str]:
+    """The addresses of RANGE's pool the datastore holds, with their containers."""
+    return {
+        address: o.container_id
+        for key, block in memory.blocks.items()
+        if key.pool == POOL
+        for address, o in block.entries.items()
+    }
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Path:
+    return tmp_path / "pending-writes.journal"
+
+
+def test_writes_of_the_nodes_slice_are_answered_kept_and_stored_at_the_flush(
+    journal: Path,
+) -> None:
+    memory = MemoryStore()
+    pending = PendingWrites(journal, "node-a")
+    node = DeferringStore(memory, pending)
+    first = add(node, 1)  # takes the slice: stored before the answer, as it must be
+    assert stored(memory) == {first: "c1"}
+    given = [add(node, n) for n in range(2, 6)]
+    assert len({first, *given}) == 5
+    mine = netaddr.IPNetwork(f"{netaddr.IPAddress(first)}/24")
+    assert all(netaddr.IPAddress(a) in mine for a in given)  # the slice node-a took
+    # Answered, seen by the node's next decisions, in the journal; not in the datastore yet.
+    assert stored(memory) == {first: "c1"}
+    assert pending.pending_count() == 4
+    assert len(journal.read_text().splitlines()) == 1 + 4
+    assert add(node, 3) == given[1]  # the same pod again: its address, from the view
+    outcome = pending.flush(memory)
+    assert (outcome.stored, outcome.left, outcome.clashes) == (4, 0, 0)
+    assert stored(memory) == {a: f"c{n}" for n, a in enumerate([first, *given], start=1)}
+    assert len(journal.read_text().splitlines()) == 1  # its head alone
+
+
+def test_a_release_before_the_flush_leaves_nothing_stored(journal: Path) -> None:
+    memory = MemoryStore()
+    pending = PendingWrites(journal, "node-a")
+    node = DeferringStore(memory, pending)
+    add(node, 1)
+    second = add(node, 2)
+    assert delete(node, 2) == [second]
+    assert add(node, 3) == second  # free again at once on the node
+    pending.flush(memory)
+    assert stored(memory)[second] == "c3"
+    assert "c2" not in stored(memory).values()
+
+
+def test_a_restarted_agent_takes_up_the_journal_before_it_gives_anything(journal: Path) -> None:
+    memory = MemoryStore()
+    crashed = PendingWrites(journal, "node-a")
+    node = DeferringStore(memory, crashed)
+    given = [add(node, n) for n in range(1, 5)]
+    # The agent dies with three answers unstored; the next one reads them from the journal.
+    restarted = PendingWrites(journal, "node-a")
+    node = DeferringStore(memory, restarted)
+    assert restarted.pending_count() == 3
+    fifth = add(node, 5)
+    assert fifth not in given
+    assert add(node, 2) == given[1]
+    restarted.flush(memory)
+    assert sorted(stored(memory)) == sorted([*given, fifth])
+
+
+def test_a_journal_cut_short_mid_line_loses_only_that_unanswered_line(journal: Path) -> None:
+    memory = MemoryStore()
+    node = DeferringStore(memory, PendingWrites(journal, "node-a"))
+    given = [add(node, n) for n in range(1, 4)]
+    with journal.open("a") as text:
+        text.write('{"network":"blue","family":4,"base":')  # a crash mid-write
+    restarted = PendingWrites(journal, "node-a")
+    assert restarted.pending_count() == 2
+    restarted.flush(memory)
+    assert sorted(stored(memory)) == sorted(given)
+
+
+def test_another_nodes_journal_is_refused(journal: Path) -> None:
+    node = DeferringStore(MemoryStore(), PendingWrites(journal, "node-a"))
+    add(node, 1)
+    add(node, 2)
+    with pytest.raises(ValueError, match="node 'node-a', not of 'node-b'"):
+        PendingWrites(journal, "node-b")
+
+
+def test_the_flush_keeps_what_the_reconciler_freed_and_never_takes_over_an_address(
+    journal: Path,
+) -> None:
+    clashes: list[int] = []
+    memory = MemoryStore()
+    pending = PendingWrites(journal, "node-a", on_clash=lambda: clashes.append(1))
+    node = DeferringStore(memory, pending)
+    first, second = add(node, 1), add(node, 2)
+    pending.flush(memory)
+    third = add(node, 3)  # kept, not stored
+    # Meanwhile, in the datastore: the reconciler frees pod 1's address, and a process that
+    # does not cut the range into slices gives pod 3's address to a pod on another node.
+    key = BlockKey.of(POOL, first)
+    block = memory.read_blocks(POOL, key.base, key.base)[0]
+    block.pop(first)
+    block.put(third, owner(99, "node-b"))
+    assert not memory.write_blocks([block]).conflicts
+    outcome = pending.flush(memory)
+    assert (outcome.stored, outcome.clashes) == (1, 1)
+    assert clashes == [1]
+    assert stored(memory) == {second: "c2", third: "c99"}  # freed stays free; c99 keeps its own
+    # The block is another node's too now: every write of it is stored before its answer.
+    fourth = add(node, 4)
+    assert stored(memory)[fourth] == "c4"
+    assert pending.pending_count() == 0
+
+
+def test_blocks_outside_the_nodes_slices_are_written_before_the_answer(journal: Path) -> None:
+    memory = MemoryStore()
+    pending = PendingWrites(journal, "node-a")
+    a, b = (
+        DeferringStore(memory, pending),
+        DeferringStore(memory, PendingWrites(journal.with_name("b.journal"), "node-b")),
+    )
+    add(a, 1)
+    add(b, 2, "node-b")  # node-b takes its own slice; node-a's agent defers nothing of it
+    add(b, 3, "node-b")
+    assert pending.pending_count() == 0
+    assert len(stored(memory)) == 2  # node-b's second is pending in node-b's journal
+
+
+def test_defer_false_stores_every_write_once_the_journal_is_taken_up(journal: Path) -> None:
+    memory = MemoryStore()
+    node = DeferringStore(memory, PendingWrites(journal, "node-a"))
+    given = [add(node, n) for n in range(1, 3)]
+    plain = PendingWrites(journal, "node-a", defer=False)
+    node = DeferringStore(memory, plain)
+    # The block still has changes pending: a write decided on them joins them.
+    third = add(node, 3)
+    assert third not in given and plain.pending_count() == 2
+    plain.flush(memory)
+    assert sorted(stored(memory)) == sorted([*given, third])
+    fourth = add(node, 4)
+    assert stored(memory)[fourth] == "c4" and plain.pending_count() == 0
+
+
+def test_concurrent_adds_and_dels_with_a_flusher_running_store_exactly_what_was_answered(
+    journal: Path,
+) -> None:
+    """Batched decisions (the agent's) on a node, ADDs and DELs at once, while the flusher
+    stores every 2 ms: every answer is unique, every DEL finds its ADD's address, and the
+    datastore ends up holding exactly what was answered and not released. (Found reads that
+    began before a flush's write undoing it in the view: a DEL that found nothing.)"""
+    memory = MemoryStore()
+    pending = PendingWrites(journal, "node-a")
+    transactions = CoalescingTransactions(DeferringStore(memory, pending), lambda _: None)
+    stop = threading.Event()
+
+    def flush_on() -> None:
+        while not stop.wait(0.002):
+            pending.flush(memory)
+
+    flusher = threading.Thread(target=flush_on)
+    flusher.start()
+    answers: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def serve(n: int) -> None:
+        [address] = operations.allocate(
+            transactions, [RANGE], owner(n), [], deadline=time.monotonic() + 10, sliced=[CUT]
+        )
+        if n % 3 == 0:  # a third of the pods go away again
+            assert operations.release(
+                transactions, [RANGE], f"c{n}", "net1", deadline=time.monotonic() + 10
+            ) == [address]
+            return
+        with lock:
+            answers[n] = address
+
+    workers = [threading.Thread(target=serve, args=(n,)) for n in range(120)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    stop.set()
+    flusher.join()
+    while pending.flush(memory).left:
+        pass
+    assert len(set(answers.values())) == len(answers) == 80
+    assert stored(memory) == {a: f"c{n}" for n, a in answers.items()}
+
+
+def test_a_change_the_journal_cannot_take_is_refused_and_kept_nowhere(
+    journal: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    memory = MemoryStore()
+    pending = PendingWrites(journal, "node-a")
+    node = DeferringStore(memory, pending)
+    first = add(node, 1)
+
+    def disk_full(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "write", disk_full)
+        with pytest.raises(StoreUnavailableError, match=r"took no change: .*No space left"):
+            add(node, 2, deadline=0.2)
+    # Not answered, so not kept: the same pod's ADD now is a new decision, journaled.
+    assert pending.pending_count() == 0
+    second = add(node, 2)
+    assert second != first and pending.pending_count() == 1
+    assert PendingWrites(journal, "node-a").pending_count() == 1
+
+
+def test_changes_waiting_too_long_for_the_datastore_stop_new_ones(journal: Path) -> None:
+    memory = MemoryStore()
+    pending = PendingWrites(journal, "node-a", max_pending=0.0)
+    node = DeferringStore(memory, pending)
+    add(node, 1)
+    add(node, 2)  # kept: the first pending change
+    with pytest.raises(StoreUnavailableError, match=r"waited .* to be stored"):
+        add(node, 3, deadline=0.2)
+    pending.flush(memory)
+    add(node, 3)  # taken again once what waited is stored
+
+
+def test_a_write_that_changes_no_address_leaves_nothing_pending(journal: Path) -> None:
+    memory = MemoryStore()
+    pending = PendingWrites(journal, "node-a")
+    node = DeferringStore(memory, pending)
+    add(node, 1)
+    [block] = [b for b in node.read_blocks(POOL, RANGE.first, RANGE.last) if b.key.pool == POOL]
+    unchanged = block.copy()
+    assert not node.write_blocks([unchanged]).conflicts
+    assert pending.pending_count() == 0
+    assert len(journal.read_text().splitlines()) == 1
+
+
+def test_a_slice_another_registry_gives_to_another_node_is_not_written_behind(
+    journal: Path,
+) -> None:
+    """Two configs of one network, another range cut into slices of another size: each has a
+    registry of its own, so node-b may hold a slice over node-a's. Once node-a's agent has read
+    both registries, it stores its writes of that block before answering."""
+    memory = MemoryStore()
+    pending = PendingWrites(journal, "node-a")
+    node_a = DeferringStore(memory, pending)
+    node_b = DeferringStore(memory, PendingWrites(journal.with_name("b"), "node-b"))
+    first = add(node_a, 1)
+    small = build_range(
+        f"{netaddr.IPAddress(first)}/24", range_start=None, range_end=None, exclude=[], pool=POOL
+    )
+    halves = SlicedRange(small, 25)
+
+    def add_in_small(store: PoolStore, n: int, node: str) -> int:
+        [address] = operations.allocate(
+            DirectTransactions(store),
+            [small],
+            owner(n, node),
+            [],
+            deadline=time.monotonic() + 5,
+            sliced=[halves],
+        )
+        return address
+
+    add_in_small(node_b, 50, "node-b")  # node-b takes a /25 of node-a's /24
+    add_in_small(node_a, 51, "node-a")  # node-a reads that registry too
+    second = add(node_a, 2)
+    assert stored(memory)[second] == "c2" and pending.pending_count() == 0
