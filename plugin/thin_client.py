@@ -87,9 +87,11 @@ def _serve_without_agent(socket_path: str, why: OSError, stdin: bytes) -> "NoRet
 
     directory = os.path.dirname(socket_path)
     try:  # held until this process exits: no agent starts to serve beside it meanwhile
-        held = os.open(os.path.join(directory, JOURNAL_LOCK), os.O_RDONLY | os.O_CLOEXEC)
+        os.makedirs(directory, mode=0o700, exist_ok=True)  # /run is empty after a reboot
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        held = os.open(os.path.join(directory, JOURNAL_LOCK), flags, 0o600)
     except OSError:
-        held = -1  # no agent has kept a journal here
+        held = -1  # not here (a read-only directory): nothing to coordinate with
     if held >= 0:
         import fcntl  # noqa: PLC0415 - the fallback only
 

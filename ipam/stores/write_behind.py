@@ -95,7 +95,9 @@ class PendingWrites:
         self._node = node
         self._defer = defer
         self._max_pending = max_pending
-        self._pending_since: float | None = None  # when the oldest pending change was kept
+        # Per block with changes pending: when its oldest was kept (at most).
+        self._pending_since: dict[BlockKey, float] = {}
+        self._journal_broken = False  # an append failed, and no rewrite has repaired it yet
         self._on_clash = on_clash
         self._lock = threading.Lock()
         self._tokens = itertools.count(1)
@@ -152,12 +154,15 @@ class PendingWrites:
             stale = [b.key for b in blocks if b.revision != self._expected(b.key)]
             if stale:
                 return WriteOutcome(conflicts=stale)
-            waited = time.monotonic() - (self._pending_since or time.monotonic())
+            now = time.monotonic()
+            waited = max((now - self._pending_since.get(b.key, now) for b in blocks), default=0)
             if waited > self._max_pending:
                 raise StoreUnavailableError(
-                    f"this node's address changes have waited {waited:.0f} s to be stored "
-                    "(see the agent's log): none is taken before they are"
+                    f"this node's changes of a block have waited {waited:.0f} s to be stored "
+                    "(see the agent's log): no change of it is taken before they are"
                 )
+            if self._journal_broken:
+                raise StoreUnavailableError(f"the journal {self._path} is being repaired")
             kept = [(b, _changes(self._latest.get(b.key) or Block(b.key), b)) for b in blocks]
             self._append("".join(_journal_line(b.key, c) for b, c in kept if c))
             revisions = {}
@@ -169,7 +174,7 @@ class PendingWrites:
                 block.revision = revisions[key] = self._token()
                 self._latest[key] = block
                 self._pending.setdefault(key, []).extend(changes)
-                self._pending_since = self._pending_since or time.monotonic()
+                self._pending_since.setdefault(key, now)
             return WriteOutcome(revisions=revisions)
 
     # -- the flusher's side -------------------------------------------------------------------
@@ -182,10 +187,11 @@ class PendingWrites:
         """Store the pending changes of each block over it as `store` holds it, one write each."""
         with self._lock:
             work = [(key, list(changes)) for key, changes in self._pending.items()]
+            taken = time.monotonic()  # changes kept after this are not in `work`
         stored = clashes = 0
         for key, changes in work:
             try:
-                outcome = self._flush_block(store, key, changes)
+                outcome = self._flush_block(store, key, changes, taken)
             except CniError as exc:  # down, refused, or a block not in pyabouts' format
                 log.warning("storing the pending changes of %s: %s", _describe(key), exc.msg)
                 continue
@@ -194,12 +200,15 @@ class PendingWrites:
                 clashes += outcome
         with self._lock:
             left = sum(map(len, self._pending.values()))
-            if stored:
-                self._rewrite_journal()  # what is stored leaves it
+            if stored or self._journal_broken:
+                self._rewrite_journal()  # what is stored leaves it; a torn line goes
         return FlushOutcome(stored, left, clashes)
 
-    def _flush_block(self, store: PoolStore, key: BlockKey, changes: list[Change]) -> int | None:
-        """Write `changes` over the stored block; its clashes, or None on a conflict."""
+    def _flush_block(
+        self, store: PoolStore, key: BlockKey, changes: list[Change], taken: float
+    ) -> int | None:
+        """Write `changes` (the block's pending ones as of `taken`) over the stored block; its
+        clashes, or None on a conflict."""
         read = store.read_blocks(key.pool, key.base, key.base + BLOCK_SIZE - 1)
         base = next((b for b in read if b.key == key), None) or Block(key)
         with self._lock:
@@ -229,19 +238,23 @@ class PendingWrites:
             rest = self._pending.get(key, [])[len(changes) :]
             if rest:
                 self._pending[key] = rest
+                self._pending_since[key] = taken
             else:
                 self._pending.pop(key, None)
-            if not self._pending:
-                self._pending_since = None
+                self._pending_since.pop(key, None)
             if clashing:
                 self._shared.add(key)
             # The write's success says `base` was the stored state: what was written, with the
             # changes kept since over it, is the view now (a read that began before the write
-            # may still bring `base`, and must not undo it).
+            # may still bring `base`, and must not undo it). One a read built on the write
+            # meanwhile holds the same, under a revision decisions in flight may carry.
             merged.revision = written = outcome.revisions.get(key)
-            if self._built_on.get(key) != written or clashing or base.revision != built_on:
-                self._latest[key] = _with_changes(merged, rest, self._token()) if rest else merged
-                self._built_on[key] = written
+            rebuilt = self._built_on.get(key) == written and not clashing
+            if not rest:
+                self._latest[key] = merged
+            elif not (rebuilt and base.revision == built_on):
+                self._latest[key] = _with_changes(merged, rest, self._token())
+            self._built_on[key] = written
         return len(clashing)
 
     # -- state, under the lock ----------------------------------------------------------------
@@ -312,6 +325,8 @@ class PendingWrites:
         lines = text.split("\n")
         if lines and lines[0]:
             head = json.loads(lines[0])
+            if not isinstance(head, dict) or head.get("version") != JOURNAL_VERSION:
+                raise ValueError(f"{self._path} is not a journal this agent reads: {lines[0]!r}")
             if head.get("node") != self._node:
                 raise ValueError(
                     f"{self._path} holds the pending writes of node {head.get('node')!r}, "
@@ -329,6 +344,7 @@ class PendingWrites:
                 log.log(level, "%s line %d is unreadable (%s): skipped", self._path, number, exc)
                 continue
             self._pending.setdefault(key, []).extend(changes)
+            self._pending_since.setdefault(key, time.monotonic())
         if self._pending:
             log.warning(
                 "%d pending changes of %d blocks found in %s: storing them",
@@ -341,13 +357,18 @@ class PendingWrites:
     def _rewrite_journal(self) -> None:
         """Replace the journal with the pending changes alone (compacted), atomically."""
         temporary = self._path.with_name(f".{self._path.name}.new")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         head = json.dumps({"version": JOURNAL_VERSION, "node": self._node}) + "\n"
         body = "".join(_journal_line(key, changes) for key, changes in self._pending.items())
-        os.write(fd, (head + body).encode(errors="surrogateescape"))
-        os.close(fd)
+        data = (head + body).encode(errors="surrogateescape")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            if os.write(fd, data) != len(data):  # a full /run: never put in place cut short
+                raise OSError(f"{temporary} took part of the journal")
+        finally:
+            os.close(fd)
         os.replace(temporary, self._path)
         old, self._journal = self._journal, os.open(self._path, os.O_WRONLY | os.O_APPEND)
+        self._journal_broken = False
         if old is not None:
             os.close(old)
 
@@ -362,7 +383,10 @@ class PendingWrites:
             failure = "it took part of the write"
         except OSError as exc:
             failure = str(exc)
-        try:  # no line cut short may stay for the next one to run on from
+        # No line cut short may stay for the next one to run on from: nothing is kept until a
+        # rewrite (now, or at the next flush) has put the journal right.
+        self._journal_broken = True
+        try:
             self._rewrite_journal()
         except OSError as exc:
             failure += f"; rewriting it failed too: {exc}"

@@ -55,6 +55,7 @@ ALLOWED_UIDS = frozenset({0})  # the container runtime runs CNI plugins as root
 # --write-behind: off unless asked for; when asked without a figure, this (many changes in a
 # write, stored well within the agent's 2 s pool cache age).
 DEFAULT_WRITE_BEHIND_SECONDS = 0.25
+MIN_WRITE_BEHIND_SECONDS = 0.05
 MAX_WRITE_BEHIND_SECONDS = 10.0  # below write_behind.MAX_PENDING_SECONDS
 # How often what an earlier agent left in the journal is stored, when --write-behind is off.
 JOURNAL_FLUSH_SECONDS = 0.25
@@ -389,9 +390,10 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 def _write_behind_seconds(text: str) -> float:
     seconds = float(text)
-    if not 0 <= seconds <= MAX_WRITE_BEHIND_SECONDS:
+    if not (seconds == 0 or MIN_WRITE_BEHIND_SECONDS <= seconds <= MAX_WRITE_BEHIND_SECONDS):
         raise argparse.ArgumentTypeError(
-            f"{text} is not between 0 and {MAX_WRITE_BEHIND_SECONDS:g} seconds"
+            f"{text} is neither 0 (off) nor between {MIN_WRITE_BEHIND_SECONDS:g} and "
+            f"{MAX_WRITE_BEHIND_SECONDS:g} seconds"
         )
     return seconds
 
@@ -469,7 +471,8 @@ def main(argv: list[str] | None = None) -> None:
         "the journal beside the socket, and store it within SECONDS (given without a figure: "
         f"{DEFAULT_WRITE_BEHIND_SECONDS:g}); only where every config of a sliced network has "
         "the same range and node_slice_size, and no plugin serves the node in-process while "
-        "its agent runs (see the README). Default: off, every write stored before its answer",
+        "its agent runs (see the README). Default (or 0): off, every write stored before its "
+        "answer",
     )
     parser.add_argument(
         "--trust-request-datastore",
