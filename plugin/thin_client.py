@@ -96,7 +96,7 @@ def _serve_without_agent(socket_path: str, why: OSError, stdin: bytes) -> "NoRet
         import fcntl  # noqa: PLC0415 - the fallback only
 
         try:
-            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(held, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: plugins side by side
         except OSError:
             _fail(stdin, f"the pyabouts agent at {socket_path} is starting or stopping ({why})")
     journal = os.path.join(directory, PENDING_JOURNAL)

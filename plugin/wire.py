@@ -34,8 +34,8 @@ MAGIC = b"pyabouts/1\n"
 # ipam.stores.write_behind). A plugin that finds no agent must not serve in-process while it
 # holds any: it could give one of those addresses again.
 PENDING_JOURNAL = "pending-writes.journal"
-# Beside it: locked (flock) by the agent for its whole life, and by a plugin serving in-process
-# while it does, so that the plugin never serves beside an agent that is starting or stopping.
+# Beside it: locked (flock) by the agent for its whole life, and shared by plugins serving
+# in-process while they do, so that none serves beside an agent starting or stopping.
 JOURNAL_LOCK = "pending-writes.lock"
 
 

@@ -100,7 +100,7 @@ def test_answers_kept_in_the_journal_survive_the_agent_and_are_stored_by_the_nex
     assert str(journal) in error["msg"] and "start it again" in error["msg"]
     # Nor beside an agent that is starting or stopping (it holds the journal's lock).
     with open(agent.socket.parent / JOURNAL_LOCK, "rb") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as the agent holds it
         ((code, error),) = run_plugins(thin, "ADD", ipam, [Node(node.flat_file)], ["c5"])
     assert code == 1 and error["code"] == TRY_AGAIN_LATER, error
     assert "starting or stopping" in error["msg"]
