@@ -90,7 +90,10 @@ class PendingWrites:
         max_pending: float = MAX_PENDING_SECONDS,
         on_clash: Callable[[], None] = lambda: None,
     ) -> None:
-        """`defer`: False keeps nothing new, only stores what the journal held."""
+        """`defer`: False keeps nothing new but changes of blocks with changes still pending
+        from the journal (decided on a view holding them), until those are stored.
+        `max_pending`: how long a block's changes may wait for the datastore before the block
+        takes no new one."""
         self._path = journal
         self._node = node
         self._defer = defer
@@ -162,7 +165,12 @@ class PendingWrites:
                     "(see the agent's log): no change of it is taken before they are"
                 )
             if self._journal_broken:
-                raise StoreUnavailableError(f"the journal {self._path} is being repaired")
+                try:  # put right before anything is kept after a failed append
+                    self._rewrite_journal()
+                except OSError as exc:
+                    raise StoreUnavailableError(
+                        f"the journal {self._path} cannot be repaired: {exc}"
+                    ) from exc
             kept = [(b, _changes(self._latest.get(b.key) or Block(b.key), b)) for b in blocks]
             self._append("".join(_journal_line(b.key, c) for b, c in kept if c))
             revisions = {}
@@ -323,15 +331,10 @@ class PendingWrites:
         except FileNotFoundError:
             text = ""
         lines = text.split("\n")
-        if lines and lines[0]:
-            head = json.loads(lines[0])
-            if not isinstance(head, dict) or head.get("version") != JOURNAL_VERSION:
-                raise ValueError(f"{self._path} is not a journal this agent reads: {lines[0]!r}")
-            if head.get("node") != self._node:
-                raise ValueError(
-                    f"{self._path} holds the pending writes of node {head.get('node')!r}, "
-                    f"not of {self._node!r}: remove it only once they are stored"
-                )
+        head = json.loads(lines[0]) if lines[0] else {"version": JOURNAL_VERSION}
+        if not isinstance(head, dict) or head.get("version") != JOURNAL_VERSION:
+            raise ValueError(f"{self._path} is not a journal this agent reads: {lines[0]!r}")
+        node = head.get("node", self._node)
         for number, line in enumerate(lines[1:], start=2):
             if not line:
                 continue
@@ -345,6 +348,12 @@ class PendingWrites:
                 continue
             self._pending.setdefault(key, []).extend(changes)
             self._pending_since.setdefault(key, time.monotonic())
+        if self._pending and node != self._node:
+            raise ValueError(
+                f"{self._path} holds changes node {node!r} answered and did not store, and "
+                f"this agent serves node {self._node!r}: run the agent as {node!r} to store "
+                "them (--node-name), or remove the file if that node's pods are gone"
+            )
         if self._pending:
             log.warning(
                 "%d pending changes of %d blocks found in %s: storing them",
@@ -360,14 +369,17 @@ class PendingWrites:
         head = json.dumps({"version": JOURNAL_VERSION, "node": self._node}) + "\n"
         body = "".join(_journal_line(key, changes) for key, changes in self._pending.items())
         data = (head + body).encode(errors="surrogateescape")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        fd = os.open(temporary, flags, 0o600)
         try:
             if os.write(fd, data) != len(data):  # a full /run: never put in place cut short
                 raise OSError(f"{temporary} took part of the journal")
-        finally:
+            os.replace(temporary, self._path)
+        except OSError:
             os.close(fd)
-        os.replace(temporary, self._path)
-        old, self._journal = self._journal, os.open(self._path, os.O_WRONLY | os.O_APPEND)
+            raise
+        # The new file's own descriptor: appends never go to the one it replaced.
+        old, self._journal = self._journal, fd
         self._journal_broken = False
         if old is not None:
             os.close(old)

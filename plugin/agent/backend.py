@@ -21,6 +21,7 @@ from typing import Any
 
 from pyabouts.ipam.coalescing import CoalescingTransactions
 from pyabouts.ipam.config import IpamConf, PluginConfig, load_config
+from pyabouts.ipam.errors import CniError
 from pyabouts.ipam.pool import Block, PoolId
 from pyabouts.ipam.store import BlockFeed, PoolStore, WriteOutcome
 from pyabouts.ipam.stores import open_store
@@ -149,8 +150,11 @@ class WarmBackend:
             return True
         try:
             outcome = pending.flush(self._client_for("own", own.open_store).cache)
-        except Exception:  # the next round tries again; the changes stay in the journal
-            log.exception("storing the pending writes failed")
+        except (CniError, OSError) as exc:  # the next round tries again; the journal keeps them
+            log.warning("storing the pending changes failed: %s", getattr(exc, "msg", exc))
+            return False
+        except Exception:  # a bug: said whole, and tried again all the same
+            log.exception("storing the pending changes failed")
             return False
         return outcome.left == 0
 

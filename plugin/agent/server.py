@@ -31,7 +31,7 @@ from types import FrameType
 from typing import Any
 
 from pyabouts.ipam.errors import DECODE_FAILURE, PEER_NOT_ALLOWED, TRY_AGAIN_LATER, CniError
-from pyabouts.ipam.stores.write_behind import PendingWrites
+from pyabouts.ipam.stores.write_behind import MAX_PENDING_SECONDS, PendingWrites
 from pyabouts.plugin import wire
 from pyabouts.plugin.agent.backend import WarmBackend
 from pyabouts.plugin.agent.datastore import agent_datastore
@@ -56,7 +56,7 @@ ALLOWED_UIDS = frozenset({0})  # the container runtime runs CNI plugins as root
 # write, stored well within the agent's 2 s pool cache age).
 DEFAULT_WRITE_BEHIND_SECONDS = 0.25
 MIN_WRITE_BEHIND_SECONDS = 0.05
-MAX_WRITE_BEHIND_SECONDS = 10.0  # below write_behind.MAX_PENDING_SECONDS
+MAX_WRITE_BEHIND_SECONDS = 60.0
 # How often what an earlier agent left in the journal is stored, when --write-behind is off.
 JOURNAL_FLUSH_SECONDS = 0.25
 COMMANDS = frozenset({"ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION"})
@@ -413,15 +413,18 @@ def _take_up_journal(backend: WarmBackend, metrics: AgentMetrics, args: argparse
         # when it can take this lock, so never beside an agent starting or stopping here.
         lock = os.open(args.socket.parent / JOURNAL_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(lock, fcntl.LOCK_EX)
+        every = args.write_behind or JOURNAL_FLUSH_SECONDS
         pending = PendingWrites(
             journal,
             args.node_name,
             defer=args.write_behind > 0,
+            # A flush interval's worth and twice more: a flush that waits for the datastore.
+            max_pending=max(MAX_PENDING_SECONDS, 3 * every),
             on_clash=metrics.write_behind_clashes.inc,
         )
     except (OSError, ValueError) as exc:
         raise OSError(f"cannot take up the journal {journal}: {exc}") from exc
-    backend.write_behind(pending, every=args.write_behind or JOURNAL_FLUSH_SECONDS)
+    backend.write_behind(pending, every=every)
 
 
 def _import_request_path() -> None:

@@ -127,12 +127,16 @@ def test_a_journal_cut_short_mid_line_loses_only_that_unanswered_line(journal: P
     assert sorted(stored(memory)) == sorted(given)
 
 
-def test_another_nodes_journal_is_refused(journal: Path) -> None:
-    node = DeferringStore(MemoryStore(), PendingWrites(journal, "node-a"))
+def test_another_nodes_journal_is_refused_while_it_holds_changes(journal: Path) -> None:
+    memory = MemoryStore()
+    pending = PendingWrites(journal, "node-a")
+    node = DeferringStore(memory, pending)
     add(node, 1)
     add(node, 2)
-    with pytest.raises(ValueError, match="node 'node-a', not of 'node-b'"):
+    with pytest.raises(ValueError, match=r"changes node 'node-a' answered .* node 'node-b'"):
         PendingWrites(journal, "node-b")
+    pending.flush(memory)  # stored: the file holds nothing of node-a's any more
+    assert PendingWrites(journal, "node-b").pending_count() == 0
 
 
 def test_the_flush_keeps_what_the_reconciler_freed_and_never_takes_over_an_address(
@@ -250,31 +254,46 @@ def test_a_change_the_journal_cannot_take_is_refused_and_kept_nowhere(
 
     with monkeypatch.context() as patched:
         patched.setattr(os, "write", disk_full)
-        with pytest.raises(
-            StoreUnavailableError, match=r"journal .* (took no change|is being repaired)"
-        ):
+        refused = r"journal .* (took no change|cannot be repaired)"  # the retry's answer
+        with pytest.raises(StoreUnavailableError, match=refused):
             add(node, 2, deadline=0.2)
-    # Not answered, so not kept; and nothing is kept until a rewrite puts the journal right
-    # (the next flush's), so that no line runs on from one the full disk cut short.
+    # Not answered, so not kept; the next change first rewrites the journal whole, so that no
+    # line runs on from one the full disk cut short.
     assert pending.pending_count() == 0
-    with pytest.raises(StoreUnavailableError, match="being repaired"):
-        add(node, 2, deadline=0.2)
-    pending.flush(memory)
     second = add(node, 2)
     assert second != first and pending.pending_count() == 1
     assert PendingWrites(journal, "node-a").pending_count() == 1
 
 
-def test_changes_waiting_too_long_for_the_datastore_stop_new_ones(journal: Path) -> None:
+def test_a_block_whose_changes_wait_too_long_takes_no_new_one_and_others_go_on(
+    journal: Path,
+) -> None:
+    """Measured per block, from its oldest change: a block another flush left changes in
+    counts from that flush, and a block with nothing waiting is not held up by another."""
     memory = MemoryStore()
-    pending = PendingWrites(journal, "node-a", max_pending=0.0)
+    pending = PendingWrites(journal, "node-a", max_pending=0.3)
+    halves = SlicedRange(RANGE, 23)  # a /23 per node: two blocks each
     node = DeferringStore(memory, pending)
-    add(node, 1)
-    add(node, 2)  # kept: the first pending change
+
+    def add_at(n: int, address: str, deadline: float = 5) -> None:
+        operations.allocate(
+            DirectTransactions(node),
+            [RANGE],
+            owner(n),
+            [netaddr.IPAddress(address)],
+            deadline=time.monotonic() + deadline,
+            sliced=[halves],
+        )
+
+    add_at(1, "10.7.2.10")  # takes 10.7.2.0/23 (its name picks it), stored
+    add_at(2, "10.7.2.11")  # kept, in the first block
+    time.sleep(0.4)
+    add_at(3, "10.7.3.10")  # the second block has nothing waiting: kept
     with pytest.raises(StoreUnavailableError, match=r"waited .* to be stored"):
-        add(node, 3, deadline=0.2)
+        add_at(4, "10.7.2.12", deadline=0.2)
     pending.flush(memory)
-    add(node, 3)  # taken again once what waited is stored
+    add_at(4, "10.7.2.12")  # stored: the first block takes changes again
+    assert {"c1", "c2", "c3"} <= set(stored(memory).values())
 
 
 def test_a_write_that_changes_no_address_leaves_nothing_pending(journal: Path) -> None:
