@@ -23,6 +23,18 @@ class WriteOutcome:
     revisions: dict[BlockKey, str] = field(default_factory=dict)
 
 
+def later_revision(revision: str | None, than: str | None) -> bool:
+    """Whether a stored block at `revision` is a later state than one at `than` (None: not
+    stored): as numbers where both are (etcd's, and so Kubernetes', are), so that a report or a
+    read older than what is known changes nothing; else any other revision is later. A block
+    found absent after it was stored is from a read that began before."""
+    if revision is None or than is None:
+        return than is None
+    if revision.isdigit() and than.isdigit():
+        return int(revision) > int(than)
+    return revision != than
+
+
 class PoolStore(Protocol):
     def read_blocks(self, pool: PoolId, first: int, last: int) -> list[Block]:
         """The stored blocks of `pool` that hold addresses in [first, last], with revisions.

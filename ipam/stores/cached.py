@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pyabouts.ipam.pool import BLOCK_SIZE, Block, BlockKey, PoolId
-from pyabouts.ipam.store import BlockFeed, PoolStore, WriteOutcome
+from pyabouts.ipam.store import BlockFeed, PoolStore, WriteOutcome, later_revision
 
 _WHOLE_SPACE = (0, (1 << 128) - 1)
 
@@ -195,7 +195,7 @@ class CachedStore:
         now = time.monotonic()
         for key, block in blocks.items():
             kept = merged.get(key)
-            if kept is None or _newer(block.revision or "", kept.revision):
+            if kept is None or later_revision(block.revision, kept.revision):
                 merged[key] = block
                 self._kept_at[key] = now
         self._pools[pool] = merged
@@ -231,7 +231,7 @@ class CachedStore:
             if tag is None:
                 tag = self._tags[key] = self._feed.block_tag(key)
             stored = fed.get(tag)
-            if stored is None or stored.deleted or _newer(stored.revision, block.revision):
+            if stored is None or stored.deleted or later_revision(stored.revision, block.revision):
                 changed.add(key)
         cached = {self._tags[key] for key in blocks}
         new = any(not stored.deleted and tag not in cached for tag, stored in fed.items())
@@ -258,13 +258,3 @@ class CachedStore:
 
     def close(self) -> None:
         self._backing.close()
-
-
-def _newer(revision: str, than: str | None) -> bool:
-    """Whether `revision` is later than `than`: as numbers where both are (etcd's and so
-    Kubernetes' are), so that a report older than what was read since changes nothing."""
-    if than is None:
-        return True
-    if revision.isdigit() and than.isdigit():
-        return int(revision) > int(than)
-    return revision != than

@@ -35,7 +35,7 @@ from pathlib import Path
 from pyabouts.ipam.errors import CniError, StoreUnavailableError
 from pyabouts.ipam.pool import BLOCK_SIZE, Block, BlockKey, Owner, PoolId
 from pyabouts.ipam.slices import SLICE_IFNAME, is_registry, slice_span
-from pyabouts.ipam.store import PoolStore, WriteOutcome
+from pyabouts.ipam.store import PoolStore, WriteOutcome, later_revision
 from pyabouts.ipam.stores.codec import owner_columns, owner_from_columns
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ class PendingWrites:
         latest = self._latest.get(key)
         if key in self._built_on:
             built_on = self._built_on[key]
-            if stored.revision != built_on and not _later(stored.revision, built_on):
+            if stored.revision != built_on and not later_revision(stored.revision, built_on):
                 # A read that began before the state the view is built on (a flush's write,
                 # say): it lacks what the view has.
                 return latest if latest is not None else stored
@@ -425,8 +425,10 @@ class DeferringStore:
         return self._backing.read_all_blocks()
 
     def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
-        deferred = [b for b in blocks if self._pending.defers(b)]
-        direct = [b for b in blocks if b not in deferred]
+        deferred: list[Block] = []
+        direct: list[Block] = []
+        for block in blocks:
+            (deferred if self._pending.defers(block) else direct).append(block)
         # The direct ones first, in the order given (a slice registry before its addresses):
         # a change kept here must not outlive a conflict on what it was decided with.
         outcome = self._backing.write_blocks(direct) if direct else WriteOutcome()
@@ -437,16 +439,6 @@ class DeferringStore:
 
     def close(self) -> None:
         self._backing.close()
-
-
-def _later(revision: str | None, than: str | None) -> bool:
-    """Whether a stored block at `revision` is a later state than one at `than`: as numbers
-    where both are (etcd's, and so Kubernetes'), else any other revision is."""
-    if revision is None or than is None:
-        return than is None  # a block read absent after it was stored: a read from before
-    if revision.isdigit() and than.isdigit():
-        return int(revision) > int(than)
-    return revision != than
 
 
 def _with_changes(stored: Block, changes: list[Change], revision: str) -> Block:

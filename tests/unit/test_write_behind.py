@@ -169,15 +169,23 @@ def test_the_flush_keeps_what_the_reconciler_freed_and_never_takes_over_an_addre
 def test_blocks_outside_the_nodes_slices_are_written_before_the_answer(journal: Path) -> None:
     memory = MemoryStore()
     pending = PendingWrites(journal, "node-a")
-    a, b = (
-        DeferringStore(memory, pending),
-        DeferringStore(memory, PendingWrites(journal.with_name("b.journal"), "node-b")),
+    node = DeferringStore(memory, pending)
+    add(node, 1)
+    add(node, 2)  # in node-a's slice: kept
+    assert pending.pending_count() == 1
+    # A pool without slices, through the same agent: stored before the answer.
+    unsliced = build_range(
+        "10.8.0.0/24", range_start=None, range_end=None, exclude=[], pool=PoolId("green", 4)
     )
-    add(a, 1)
-    add(b, 2, "node-b")  # node-b takes its own slice; node-a's agent defers nothing of it
-    add(b, 3, "node-b")
-    assert pending.pending_count() == 0
-    assert len(stored(memory)) == 2  # node-b's second is pending in node-b's journal
+    [address] = operations.allocate(
+        DirectTransactions(node), [unsliced], owner(3), [], deadline=time.monotonic() + 5
+    )
+    assert memory.read_blocks(unsliced.pool, address, address)[0].entries[address] == owner(3)
+    # Another node's slice: node-b's own agent keeps its writes, node-a's journal has none.
+    other = PendingWrites(journal.with_name("b.journal"), "node-b")
+    add(DeferringStore(memory, other), 4, "node-b")
+    add(DeferringStore(memory, other), 5, "node-b")
+    assert pending.pending_count() == 1 and other.pending_count() == 1
 
 
 def test_defer_false_stores_every_write_once_the_journal_is_taken_up(journal: Path) -> None:
