@@ -47,7 +47,8 @@ class ScaleFigures:
     up_seconds: float | None  # until every pod was Ready; None: not within the round's time
     ready: int  # pods Ready at the end of the scale-up (all of them, or when its time ran out)
     down_seconds: float  # until every pod was gone
-    #: Each Multus container's (restart count, why it last ended), before and after the round.
+    #: Each Multus container's (restart count, why it last ended), before and after the round
+    #: (its scale-up and its scale-down).
     restarts_before: tuple[tuple[int, str], ...]
     restarts_after: tuple[tuple[int, str], ...]
     #: per network: pod -> the address it got there, at full scale.
@@ -124,10 +125,12 @@ def scale_round(
             network: pod_addresses(cluster, namespace, f"app={name}", interface)
             for network, interface in zip(networks, INTERFACES, strict=True)
         }
-        after = multus_restarts(cluster)
         if at_full_scale is not None and up is not None:
             at_full_scale(addresses)
         down = scale_and_wait(cluster, namespace, name, 0)
+        # After the scale-down too: a restart there loses DELs (Multus' shim answers a DEL the
+        # daemon never got with success), so it belongs to the round.
+        after = multus_restarts(cluster)
     finally:
         for network in networks:
             shutil.rmtree(HOST_LOCAL_DATA / network, ignore_errors=True)

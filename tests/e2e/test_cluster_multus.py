@@ -324,11 +324,11 @@ RAISED_LIMITS = {"memory": "256Mi"}
 
 def scale_round_beside_host_local(
     cluster: ControlPlane, master: str, replicas: int, label: str, leases: Path
-) -> None:
+) -> bool:
     """A Deployment on two pyabouts NADs, then one on two host-local NADs, each scaled from 0
     to `replicas` and back: every pod Ready with an address of its own on each network, the
-    pools holding exactly theirs and nothing at 0; whether Multus restarted is printed.
-    The times to all Ready are printed side by side (a figure, not an assert)."""
+    pools holding exactly theirs and nothing at 0. The times to all Ready are printed side by
+    side (a figure, not an assert). Whether Multus restarted in either round is returned."""
 
     def pools_hold_exactly(addresses: Mapping[str, Mapping[str, str]]) -> None:
         for network, held in addresses.items():
@@ -365,30 +365,54 @@ def scale_round_beside_host_local(
     # (a clean-clone run saw one OOM kill while pyabouts served; three runs before saw none).
     # The benchmark's Multus run (bench/multus_scale.py) records it over several rounds.
     print(f"Multus restarted while pyabouts served: {mine.multus_restarted}")
+    return mine.multus_restarted or baseline.multus_restarted
+
+
+def leases_left(leases: Path, before: set[str]) -> set[str]:
+    """The cluster network's leases taken since `before` that the sandboxes' DELs left, once
+    the last of them had their time to run."""
+    deadline = time.monotonic() + LEASES_FREED_TIMEOUT_S
+    while (left := pod_network_leases(leases) - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
 
 
 def test_a_deployment_scaled_up_with_two_pyabouts_networks_per_pod_beside_host_local(
     cluster: ControlPlane, master: str, multus_mode: MultusMode, state_dir: Path
 ) -> None:
     """In thick mode the shim runs inside the Multus daemon's container: first at its upstream
-    limits, then with the limits raised as its users do, at 50 pods. Every sandbox's DEL gives
-    its eth0 address back to the cluster's own network (Multus thick cut a conflist cluster
-    network's config down on DEL, Multus #1449: the /24 was full after some 250 sandboxes)."""
+    limits, then with the limits raised as its users do, at 50 pods. In a round where Multus
+    did not restart, every sandbox's DEL gives its eth0 address back to the cluster's own network
+    (Multus thick cut a conflist cluster network's config down on DEL, Multus #1449: the /24 was
+    full after some 250 sandboxes). An OOM-killed daemon loses the DELs sent while it is down;
+    pyabouts' pools are empty after every round even then, as the next ADD of a pod interface
+    takes the address it already holds."""
     mode = multus_mode.name
     node = Cluster.load(state_dir)
     assert node is not None
     leases = node.layout().host_local_dir
     before = pod_network_leases(leases)
-    scale_round_beside_host_local(cluster, master, SCALE[mode], f"{mode}, as installed", leases)
+    rounds: list[tuple[int, str, Mapping[str, str] | None]] = [
+        (SCALE[mode], f"{mode}, as installed", None)
+    ]
     if multus_mode == THICK:
-        set_multus_limits(cluster, RAISED_LIMITS)
-        scale_round_beside_host_local(
-            cluster, master, 50, "thick, limits raised to 256Mi and no CPU limit", leases
-        )
-    deadline = time.monotonic() + LEASES_FREED_TIMEOUT_S
-    while not pod_network_leases(leases) <= before and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert pod_network_leases(leases) <= before
+        rounds.append((50, "thick, limits raised to 256Mi and no CPU limit", RAISED_LIMITS))
+    rounds_checked = 0
+    for replicas, label, limits in rounds:
+        if limits is not None:
+            set_multus_limits(cluster, limits)
+        restarted = scale_round_beside_host_local(cluster, master, replicas, label, leases)
+        left = leases_left(leases, before)
+        if restarted:
+            # Multus' own loss, not a check of this round: its shim answers a DEL with success
+            # while the daemon is down (CmdDel: "No error in DEL"), so the DELs of the sandboxes
+            # whose ADD the OOM kill cut short never reach host-local.
+            print(f"eth0 leases lost with the Multus daemon's restart: {len(left)}")
+            before |= left
+        else:
+            assert not left, f"eth0 leases the DELs left: {sorted(left)}"
+            rounds_checked += 1
+    assert rounds_checked, "every round restarted Multus: no DEL of eth0 could be checked"
 
 
 @MULTUS_CANNOT_REPLACE_THE_DEFAULT_ROUTE
