@@ -39,6 +39,7 @@ def macvlan_nad(
     *,
     ipam: str = "pyabouts",
     gateway: str | None = None,
+    node_slice_size: str | None = None,
 ) -> dict[str, Any]:
     """The quickstart's NAD: macvlan in bridge mode on `master`, with pyabouts (or the reference
     plugins' host-local, the baseline of the scale figures) as its IPAM."""
@@ -49,6 +50,8 @@ def macvlan_nad(
     )
     if gateway:
         settings["gateway"] = gateway
+    if node_slice_size:
+        settings["node_slice_size"] = node_slice_size
     config = {
         "cniVersion": "0.3.1",
         "type": "macvlan",

@@ -16,6 +16,7 @@ import json
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +31,7 @@ from deploy.local.cluster_objects import (
     network_status,
     pod,
     pod_addresses,
+    scale_and_wait,
     wait_ready,
 )
 from deploy.local.commands import run_command
@@ -56,6 +58,7 @@ pytestmark = CLUSTER_MODULE_MARKS
 
 NAMESPACE = "default"
 AGENT = "daemonset/pyabouts-agent"
+AGENT_SELECTOR = "app.kubernetes.io/name=pyabouts-agent"
 
 
 @pytest.fixture(scope="module", params=[THIN, THICK], ids=lambda mode: str(mode.name))
@@ -220,8 +223,7 @@ def test_deleting_a_pod_frees_its_address(cluster: ControlPlane, master: str) ->
 
 
 def agent_pods(cluster: ControlPlane) -> set[str]:
-    selector = "app.kubernetes.io/name=pyabouts-agent"
-    listed = kube_json(cluster, "get", "pods", "-n", "kube-system", "-l", selector)["items"]
+    listed = kube_json(cluster, "get", "pods", "-n", "kube-system", "-l", AGENT_SELECTOR)["items"]
     return {item["metadata"]["name"] for item in listed}
 
 
@@ -311,6 +313,83 @@ def test_a_rolling_update_of_the_agent_while_pods_are_created_loses_nothing(
             "set", "image", AGENT, "-n", "kube-system", f"agent={current}", f"install={current}"
         )
         cluster.kubectl("rollout", "status", AGENT, "-n", "kube-system", "--timeout=180s")
+
+
+#: The README's patch that turns on --write-behind ("Deploying"), with the longest interval
+#: between stores: what the agent answers stays unstored through the test's steps.
+WRITE_BEHIND_PATCH = {
+    "op": "add",
+    "path": "/spec/template/spec/containers/0/command/-",
+    "value": "--write-behind=60",
+}
+AGENT_JOURNAL_WAIT_S = 60.0
+
+
+def test_an_agent_writing_behind_hands_what_it_answered_to_the_next_one(
+    cluster: ControlPlane, master: str
+) -> None:
+    """With --write-behind on a network with node slices, once the node holds its slice (its
+    first pod's address, stored before the answer), 4 more pods get addresses the IPPools do
+    not hold yet (few at once: under Multus thick at its upstream limits more OOM-kill its
+    daemon, and their retries might outlast the 60 s the changes stay pending). The agent
+    killed (SIGKILL) with them unstored, the agent kubelet starts again stores them from the
+    journal on the host's /run/pyabouts; the pods deleted, the IPPools give every address
+    back."""
+    command = kube_json(cluster, "get", AGENT, "-n", "kube-system")["spec"]["template"]["spec"][
+        "containers"
+    ][0]["command"]
+    patch_agent(cluster, [WRITE_BEHIND_PATCH])
+    try:
+        apply(
+            cluster,
+            macvlan_nad(NAMESPACE, "behind", master, "198.19.8.0/23", node_slice_size="/24"),
+            deployment(NAMESPACE, "behind", "behind", 1),
+        )
+        scale_and_wait(cluster, NAMESPACE, "behind", 1, timeout_s=120)
+        first = set(pod_addresses(cluster, NAMESPACE, "app=behind").values())
+        assert set(stored(cluster, "behind")) == first
+        scale_and_wait(cluster, NAMESPACE, "behind", 5, timeout_s=300)
+        addresses = set(pod_addresses(cluster, NAMESPACE, "app=behind").values())
+        assert len(addresses) == 5
+        assert set(stored(cluster, "behind")) == first  # the other 4: answered, not stored
+        (agent,) = kube_json(cluster, "get", "pods", "-n", "kube-system", "-l", AGENT_SELECTOR)[
+            "items"
+        ]
+        status = next(c for c in agent["status"]["containerStatuses"] if c["name"] == "agent")
+        ctr = ["ctr", "--address", str(CONTAINERD_SOCKET), "-n", "k8s.io"]
+        run_command([*ctr, "tasks", "kill", "--signal", "SIGKILL", container_id(status)])
+        deadline = time.monotonic() + AGENT_JOURNAL_WAIT_S
+        while set(stored(cluster, "behind")) != addresses:
+            assert time.monotonic() < deadline, "the restarted agent did not store the journal"
+            time.sleep(0.5)
+        # Gone pods' addresses go back whoever frees them first: the agent (now, or as it
+        # stores behind) or the reconciler, which sees the pods deleted.
+        scale_and_wait(cluster, NAMESPACE, "behind", 0, timeout_s=120)
+        deadline = time.monotonic() + AGENT_JOURNAL_WAIT_S
+        while stored(cluster, "behind"):
+            assert time.monotonic() < deadline, "the pods' addresses were never freed"
+            time.sleep(0.5)
+    finally:
+        patch_agent(
+            cluster,
+            [
+                {
+                    "op": "replace",
+                    "path": "/spec/template/spec/containers/0/command",
+                    "value": command,
+                }
+            ],
+        )
+
+
+def patch_agent(cluster: ControlPlane, patch: list[dict[str, Any]]) -> None:
+    """Apply a JSON patch to the agent's DaemonSet and wait for its new pod."""
+    cluster.kubectl("patch", AGENT, "-n", "kube-system", "--type=json", f"-p={json.dumps(patch)}")
+    cluster.kubectl("rollout", "status", AGENT, "-n", "kube-system", "--timeout=180s")
+
+
+def container_id(status: Mapping[str, Any]) -> str:
+    return str(status["containerID"]).removeprefix("containerd://")
 
 
 #: The scale test's pods: Multus thick's upstream limits (50Mi, 100m CPU) are for about 20 (at
