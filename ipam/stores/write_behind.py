@@ -8,7 +8,9 @@ on such a block need not wait for the datastore. With --write-behind the agent k
 file beside its socket, which a restarted agent reads again. A flusher stores the pending
 changes every fraction of a second, many decisions in one compare-and-swap. Writes of every
 other block (the slice registry, pools without slices, a block another node's slice overlaps)
-go to the datastore before the answer, as without it.
+go to the datastore before the answer, as without it; so do those of a held block decided on
+a view not read since the agent last stored that block itself (its creation, say), which the
+datastore's compare-and-swap then checks.
 
 The datastore still has the last word. A flush applies each change only over what the decision
 saw, so what the reconciler freed meanwhile stays free and an address somebody else stored
@@ -112,6 +114,12 @@ class PendingWrites:
         self._built_on: dict[BlockKey, str | None] = {}
         # Blocks whose stored state holds addresses other nodes gave: never deferred.
         self._shared: set[BlockKey] = set()
+        # This agent's own writes stored before their answer (a block not held yet, say): how
+        # many are in flight per block, and per block written what it stored (None: unknown,
+        # the write failed) until a read at least that new is tracked. A decision on a state
+        # such a write changed must not be kept unchecked: its block is written directly too.
+        self._writing: dict[BlockKey, int] = {}
+        self._written: dict[BlockKey, str | None] = {}
         # Per registry block read: its revision, the slices this node holds in it and those
         # other nodes hold, as (pool, first, last).
         self._slices: dict[BlockKey, _Slices] = {}
@@ -138,13 +146,33 @@ class PendingWrites:
                     out.append(self._seen(Block(key)))
             return out
 
-    def defers(self, block: Block) -> bool:
-        """Whether a write of `block` is to be kept here rather than stored now."""
-        key = block.key
+    def split(self, blocks: Sequence[Block]) -> tuple[list[Block], list[Block]]:
+        """`blocks` as (the writes to keep here, the writes to store now); the latter count as
+        in flight until written() is told their outcome."""
+        deferred: list[Block] = []
+        direct: list[Block] = []
         with self._lock:
-            if key in self._pending or (block.revision or "").startswith(PENDING):
-                return True  # decided on a view with changes pending
-            return self._defer and key not in self._shared and self._holds(key)
+            for block in blocks:
+                (deferred if self._defers(block) else direct).append(block)
+            for block in direct:
+                self._writing[block.key] = self._writing.get(block.key, 0) + 1
+        return deferred, direct
+
+    def written(self, direct: Sequence[Block], outcome: WriteOutcome | None) -> None:
+        """The outcome of storing `direct` (split's), None when the write failed: the view of
+        each block stored (or maybe stored) is read again before anything of it is kept."""
+        with self._lock:
+            for block in direct:
+                key = block.key
+                left = self._writing.pop(key) - 1
+                if left:
+                    self._writing[key] = left
+                if outcome is not None and key not in outcome.revisions:
+                    continue  # a conflict: nothing stored
+                self._written[key] = None if outcome is None else outcome.revisions[key]
+                if key not in self._pending:
+                    self._latest.pop(key, None)
+                    self._built_on.pop(key, None)
 
     def keep(self, blocks: Sequence[Block]) -> WriteOutcome:
         """Keep the writes of `blocks` (all deferred): each one only if decided on the latest
@@ -267,9 +295,24 @@ class PendingWrites:
 
     # -- state, under the lock ----------------------------------------------------------------
 
+    def _defers(self, block: Block) -> bool:
+        key = block.key
+        if key in self._pending or (block.revision or "").startswith(PENDING):
+            return True  # decided on a view with changes pending
+        if key in self._writing or key in self._written or key not in self._built_on:
+            return False  # not decided on a view tracked since this agent last stored it
+        return self._defer and key not in self._shared and self._holds(key)
+
     def _seen(self, stored: Block) -> Block:
         """The block decisions see for `stored`; tracks it if this node holds it."""
         key = stored.key
+        if key in self._written and key not in self._built_on:
+            written = self._written[key]
+            if written is None or not (
+                stored.revision == written or later_revision(stored.revision, written)
+            ):
+                return stored  # read before this agent's own write of it: not tracked
+            del self._written[key]
         latest = self._latest.get(key)
         if key in self._built_on:
             built_on = self._built_on[key]
@@ -313,8 +356,8 @@ class PendingWrites:
 
     def _note_registry(self, block: Block) -> None:
         known = self._slices.get(block.key)
-        if known is not None and known.revision == block.revision:
-            return
+        if known is not None and not later_revision(block.revision, known.revision):
+            return  # the same, or a read older than one noted
         noted = _Slices(block.revision)
         for owner in block.entries.values():
             if owner.ifname == SLICE_IFNAME:
@@ -425,13 +468,14 @@ class DeferringStore:
         return self._backing.read_all_blocks()
 
     def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
-        deferred: list[Block] = []
-        direct: list[Block] = []
-        for block in blocks:
-            (deferred if self._pending.defers(block) else direct).append(block)
+        deferred, direct = self._pending.split(blocks)
         # The direct ones first, in the order given (a slice registry before its addresses):
         # a change kept here must not outlive a conflict on what it was decided with.
-        outcome = self._backing.write_blocks(direct) if direct else WriteOutcome()
+        outcome = None
+        try:
+            outcome = self._backing.write_blocks(direct) if direct else WriteOutcome()
+        finally:
+            self._pending.written(direct, outcome)
         if outcome.conflicts or not deferred:
             return outcome
         kept = self._pending.keep(deferred)

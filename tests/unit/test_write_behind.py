@@ -5,6 +5,7 @@ restarted agent takes up what was left, and nobody else's address is ever taken 
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import netaddr
@@ -13,10 +14,11 @@ import pytest
 from pyabouts.ipam import operations
 from pyabouts.ipam.coalescing import CoalescingTransactions
 from pyabouts.ipam.errors import StoreUnavailableError
-from pyabouts.ipam.pool import BlockKey, Owner, PoolId
+from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
 from pyabouts.ipam.ranges import build_range
-from pyabouts.ipam.slices import SlicedRange
-from pyabouts.ipam.store import PoolStore
+from pyabouts.ipam.slices import SlicedRange, is_registry
+from pyabouts.ipam.store import PoolStore, WriteOutcome
+from pyabouts.ipam.stores.cached import CachedStore
 from pyabouts.ipam.stores.write_behind import DeferringStore, PendingWrites
 from pyabouts.ipam.transaction import DirectTransactions
 from tests.memory_store import MemoryStore
@@ -347,3 +349,55 @@ def test_a_slice_another_registry_gives_to_another_node_is_not_written_behind(
     add_in_small(node_a, 51, "node-a")  # node-a reads that registry too
     second = add(node_a, 2)
     assert stored(memory)[second] == "c2" and pending.pending_count() == 0
+
+
+class BlockByBlockStore(MemoryStore):
+    """Writes block by block, as the IPPool store does, and holds the first write of an address
+    block until `go` is set (`holding` tells when it waits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = threading.Event()
+        self.go = threading.Event()
+
+    def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
+        outcome = WriteOutcome()
+        for block in blocks:
+            if not is_registry(block.key.pool) and not self.holding.is_set():
+                self.holding.set()
+                self.go.wait()
+            one = super().write_blocks([block])
+            if one.conflicts:
+                return WriteOutcome(conflicts=one.conflicts, revisions=outcome.revisions)
+            outcome.revisions.update(one.revisions)
+        return outcome
+
+
+def test_a_decision_on_a_block_the_agent_is_storing_itself_is_never_kept_unchecked(
+    journal: Path,
+) -> None:
+    """The node's first ADD (X) stores its slice, then its address, before its answer. Another
+    batch (Y: another config of the network, or the next store client) decides while X's
+    address is on its way: the registry already says the slice is the node's, the cache does
+    not hold X's address yet. Y must not be kept on that state unchecked (it was: both got the
+    same address, and the flush found the clash)."""
+    memory = BlockByBlockStore()
+    cache = CachedStore(memory)
+    pending = PendingWrites(journal, "node-a", on_clash=lambda: pytest.fail("a clash"))
+    node = DeferringStore(cache, pending)
+    answers: dict[str, int] = {}
+    first = threading.Thread(target=lambda: answers.update(X=add(node, 1)))
+    first.start()
+    assert memory.holding.wait(5)  # X's slice is stored, its address is not yet
+    answers["Y"] = add(node, 2)
+    memory.go.set()
+    first.join()
+    assert answers["X"] != answers["Y"]
+    third = add(node, 3)
+    assert third not in answers.values()
+    # Y was stored before its answer (beside X's write), X's retry and the third written
+    # behind: decided on a view read after the node's last write of its own.
+    assert stored(memory) == {answers["Y"]: "c2"}
+    assert pending.pending_count() == 2
+    pending.flush(cache)
+    assert stored(memory) == {answers["X"]: "c1", answers["Y"]: "c2", third: "c3"}
