@@ -115,11 +115,15 @@ class PendingWrites:
         # Blocks whose stored state holds addresses other nodes gave: never deferred.
         self._shared: set[BlockKey] = set()
         # This agent's own writes stored before their answer (a block not held yet, say): how
-        # many are in flight per block, and per block written what it stored (None: unknown,
-        # the write failed) until a read at least that new is tracked. A decision on a state
-        # such a write changed must not be kept unchecked: its block is written directly too.
+        # many are in flight per block; per block, the order (split's) of the newest whose
+        # outcome is known, and what it stored (None: unknown, as the write failed or met a
+        # conflict a resent request may have caused) until a read at least that new is
+        # tracked. A decision on a state such a write changed must not be kept unchecked: its
+        # block is written directly too, and the datastore's compare-and-swap checks it.
         self._writing: dict[BlockKey, int] = {}
-        self._written: dict[BlockKey, str | None] = {}
+        self._write_order = itertools.count(1)
+        self._last_written: dict[BlockKey, int] = {}
+        self._unread: dict[BlockKey, str | None] = {}
         # Per registry block read: its revision, the slices this node holds in it and those
         # other nodes hold, as (pool, first, last).
         self._slices: dict[BlockKey, _Slices] = {}
@@ -146,9 +150,9 @@ class PendingWrites:
                     out.append(self._seen(Block(key)))
             return out
 
-    def split(self, blocks: Sequence[Block]) -> tuple[list[Block], list[Block]]:
-        """`blocks` as (the writes to keep here, the writes to store now); the latter count as
-        in flight until written() is told their outcome."""
+    def split(self, blocks: Sequence[Block]) -> tuple[list[Block], list[Block], int]:
+        """`blocks` as (the writes to keep here, the writes to store now, the order of the
+        latter); those count as in flight until written() is told their outcome."""
         deferred: list[Block] = []
         direct: list[Block] = []
         with self._lock:
@@ -156,20 +160,23 @@ class PendingWrites:
                 (deferred if self._defers(block) else direct).append(block)
             for block in direct:
                 self._writing[block.key] = self._writing.get(block.key, 0) + 1
-        return deferred, direct
+            return deferred, direct, next(self._write_order)
 
-    def written(self, direct: Sequence[Block], outcome: WriteOutcome | None) -> None:
-        """The outcome of storing `direct` (split's), None when the write failed: the view of
-        each block stored (or maybe stored) is read again before anything of it is kept."""
+    def written(self, direct: Sequence[Block], order: int, outcome: WriteOutcome | None) -> None:
+        """The outcome of storing `direct` (split's, of `order`), None when the write failed:
+        each block written is read again before anything of it is kept."""
         with self._lock:
             for block in direct:
                 key = block.key
                 left = self._writing.pop(key) - 1
                 if left:
                     self._writing[key] = left
-                if outcome is not None and key not in outcome.revisions:
-                    continue  # a conflict: nothing stored
-                self._written[key] = None if outcome is None else outcome.revisions[key]
+                if order < self._last_written.get(key, 0):
+                    continue  # a later write's outcome came first: this one is older news
+                self._last_written[key] = order
+                stored = outcome.revisions.get(key) if outcome is not None else None
+                # A conflict may be a write that landed, answered again to a resent request.
+                self._unread[key] = stored
                 if key not in self._pending:
                     self._latest.pop(key, None)
                     self._built_on.pop(key, None)
@@ -299,20 +306,20 @@ class PendingWrites:
         key = block.key
         if key in self._pending or (block.revision or "").startswith(PENDING):
             return True  # decided on a view with changes pending
-        if key in self._writing or key in self._written or key not in self._built_on:
+        if key in self._writing or key in self._unread or key not in self._built_on:
             return False  # not decided on a view tracked since this agent last stored it
         return self._defer and key not in self._shared and self._holds(key)
 
     def _seen(self, stored: Block) -> Block:
         """The block decisions see for `stored`; tracks it if this node holds it."""
         key = stored.key
-        if key in self._written and key not in self._built_on:
-            written = self._written[key]
+        if key in self._unread and key not in self._built_on:
+            written = self._unread[key]
             if written is None or not (
                 stored.revision == written or later_revision(stored.revision, written)
             ):
                 return stored  # read before this agent's own write of it: not tracked
-            del self._written[key]
+            del self._unread[key]
         latest = self._latest.get(key)
         if key in self._built_on:
             built_on = self._built_on[key]
@@ -468,14 +475,14 @@ class DeferringStore:
         return self._backing.read_all_blocks()
 
     def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
-        deferred, direct = self._pending.split(blocks)
+        deferred, direct, order = self._pending.split(blocks)
         # The direct ones first, in the order given (a slice registry before its addresses):
         # a change kept here must not outlive a conflict on what it was decided with.
         outcome = None
         try:
             outcome = self._backing.write_blocks(direct) if direct else WriteOutcome()
         finally:
-            self._pending.written(direct, outcome)
+            self._pending.written(direct, order, outcome)
         if outcome.conflicts or not deferred:
             return outcome
         kept = self._pending.keep(deferred)

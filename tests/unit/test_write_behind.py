@@ -401,3 +401,79 @@ def test_a_decision_on_a_block_the_agent_is_storing_itself_is_never_kept_uncheck
     assert pending.pending_count() == 2
     pending.flush(cache)
     assert stored(memory) == {answers["X"]: "c1", answers["Y"]: "c2", third: "c3"}
+
+
+def test_the_outcomes_of_two_own_writes_of_a_block_out_of_order_never_date_its_view(
+    journal: Path,
+) -> None:
+    """Two writes of one block stored before their answers, Y then X: X's outcome comes back
+    first, Y's after. A decision (Z) on a read of the block as Y left it is then checked by
+    the datastore, never kept on that older state (it was: Y's late outcome counted as the
+    newest, and Z was given X's address)."""
+    memory = MemoryStore()
+    cache = CachedStore(memory)
+    pending = PendingWrites(journal, "node-a", on_clash=lambda: pytest.fail("a clash"))
+    node = DeferringStore(cache, pending)
+    key = BlockKey.of(POOL, add(node, 1))  # takes the slice, creates the block
+    span = (key.base, key.base + 255)
+    node.read_blocks(CUT.registry, 0, 1 << 32)  # as each decision does: the slice is node-a's
+
+    def block_in(blocks: list[Block]) -> Block:
+        return next(b for b in blocks if b.key == key).copy()
+
+    y = block_in(cache.read_blocks(POOL, *span))  # decided before any read tracked it
+    y.put(key.base + 10, owner(10))
+    deferred, direct, order = pending.split([y])
+    assert direct == [y] and not deferred
+    y_outcome = cache.write_blocks(direct)  # stored; its thread stalls before written()
+    read_by_z = cache.read_blocks(POOL, *span)  # the block as Y left it; Z stalls too
+    x = block_in(node.read_blocks(POOL, *span))
+    x.put(key.base + 20, owner(20))
+    assert node.write_blocks([x]).revisions  # stored at once (Y is in flight), answered
+    pending.written(direct, order, y_outcome)  # Y's outcome, late
+    z = block_in(pending.view(POOL, *span, read_by_z))
+    assert key.base + 20 not in z.entries  # Z's read is older than X's write...
+    z.put(key.base + 20, owner(30))
+    assert node.write_blocks([z]).conflicts == [key]  # ...so the datastore checks it
+    assert stored(memory)[key.base + 20] == "c20"
+
+
+class ResentWriteStore(MemoryStore):
+    """A store whose next write lands and is answered as a conflict, as when a request sent
+    again (a kept-alive connection found closed, another etcd endpoint) meets its own first
+    attempt."""
+
+    resend_next = False
+
+    def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
+        outcome = super().write_blocks(blocks)
+        if self.resend_next and outcome.revisions:
+            self.resend_next = False
+            return WriteOutcome(conflicts=list(outcome.revisions))
+        return outcome
+
+
+def test_an_own_write_answered_as_a_conflict_may_have_landed(journal: Path) -> None:
+    """X's write of a block, stored before its answer, lands and is answered as a conflict.
+    A decision (Z) on the view X decided on is then checked by the datastore, never kept on
+    it (it was: the conflict counted as nothing stored, and Z was given X's address)."""
+    memory = ResentWriteStore()
+    cache = CachedStore(memory)
+    pending = PendingWrites(journal, "node-a", on_clash=lambda: pytest.fail("a clash"))
+    node = DeferringStore(cache, pending)
+    key = BlockKey.of(POOL, add(node, 1))
+    span = (key.base, key.base + 255)
+    node.read_blocks(CUT.registry, 0, 1 << 32)  # as each decision does: the slice is node-a's
+    in_flight = next(b for b in cache.read_blocks(POOL, *span) if b.key == key).copy()
+    deferred, direct, order = pending.split([in_flight])  # another write of it, on its way
+    assert direct == [in_flight] and not deferred
+    view = next(b for b in node.read_blocks(POOL, *span) if b.key == key)
+    x, z = view.copy(), view.copy()
+    x.put(key.base + 20, owner(20))
+    z.put(key.base + 20, owner(30))
+    memory.resend_next = True
+    assert node.write_blocks([x]).conflicts == [key]  # stored all the same
+    pending.written(direct, order, cache.write_blocks(direct))  # a real conflict
+    assert node.write_blocks([z]).conflicts == [key]
+    assert stored(memory)[key.base + 20] == "c20"
+    assert pending.pending_count() == 0
