@@ -183,13 +183,19 @@ class PendingWrites:
 
     def keep(self, blocks: Sequence[Block]) -> WriteOutcome:
         """Keep the writes of `blocks` (all deferred): each one only if decided on the latest
-        view of its block, else a conflict (decide again), all or none; in the journal before
+        view of its block and with no write of the block of this agent's own on its way (one
+        split off since, as the slices changed, say: it may land on the same state), else a
+        conflict (decide again), all or none; in the journal before
         anything else, so that nothing is answered that the journal does not hold.
         StoreUnavailableError when the journal cannot take them, or when what is pending has
         waited longer than `max_pending` for the datastore (then the node answers code 11, as
         it would with every write stored before its answer)."""
         with self._lock:
-            stale = [b.key for b in blocks if b.revision != self._expected(b.key)]
+            stale = [
+                b.key
+                for b in blocks
+                if b.revision != self._expected(b.key) or b.key in self._writing
+            ]
             if stale:
                 return WriteOutcome(conflicts=stale)
             now = time.monotonic()

@@ -477,3 +477,43 @@ def test_an_own_write_answered_as_a_conflict_may_have_landed(journal: Path) -> N
     assert node.write_blocks([z]).conflicts == [key]
     assert stored(memory)[key.base + 20] == "c20"
     assert pending.pending_count() == 0
+
+
+def test_a_write_kept_while_the_agent_stores_the_same_block_itself_is_a_conflict(
+    journal: Path,
+) -> None:
+    """A (deferred) and B decide on one view of a block. Before A is kept, the agent reads a
+    registry by which another node's slice overlaps the block, so B is split off to be stored
+    before its answer. A is then a conflict, decided again: kept, it and B (landing on the same
+    state) could give one address twice."""
+    memory = MemoryStore()
+    pending = PendingWrites(journal, "node-a")
+    node = DeferringStore(memory, pending)
+    key = BlockKey.of(POOL, add(node, 1))
+    span = (key.base, key.base + 255)
+    node.read_blocks(CUT.registry, 0, 1 << 32)
+    view = next(b for b in node.read_blocks(POOL, *span) if b.key == key)
+    a, b = view.copy(), view.copy()
+    a.put(key.base + 20, owner(20))
+    b.put(key.base + 20, owner(30))
+    deferred_a, direct_a, _ = pending.split([a])
+    assert deferred_a == [a] and not direct_a
+    block_range = build_range(
+        f"{netaddr.IPAddress(key.base)}/24", range_start=None, range_end=None, exclude=[], pool=POOL
+    )
+    halves = SlicedRange(block_range, 25)
+    node_b = DeferringStore(memory, PendingWrites(journal.with_name("b"), "node-b"))
+    operations.allocate(
+        DirectTransactions(node_b),
+        [halves.range],
+        owner(50, "node-b"),
+        [],
+        deadline=time.monotonic() + 5,
+        sliced=[halves],
+    )
+    node.read_blocks(halves.registry, 0, 1 << 32)  # node-b's half of node-a's block
+    deferred_b, direct_b, order = pending.split([b])
+    assert direct_b == [b] and not deferred_b  # on its way to the datastore
+    assert pending.keep(deferred_a).conflicts == [key]
+    pending.written(direct_b, order, memory.write_blocks(direct_b))
+    assert pending.pending_count() == 0
