@@ -114,16 +114,20 @@ class PendingWrites:
         self._built_on: dict[BlockKey, str | None] = {}
         # Blocks whose stored state holds addresses other nodes gave: never deferred.
         self._shared: set[BlockKey] = set()
+        # Per block, the newest stored revision this agent knows (read, or written itself): a
+        # block is tracked only from a read at least that new, so no decision is kept on a
+        # state a later one replaced.
+        self._newest: dict[BlockKey, str] = {}
         # This agent's own writes stored before their answer (a block not held yet, say): how
-        # many are in flight per block; per block, the order (split's) of the newest whose
-        # outcome is known, and what it stored (None: unknown, as the write failed or met a
-        # conflict a resent request may have caused) until a read at least that new is
-        # tracked. A decision on a state such a write changed must not be kept unchecked: its
-        # block is written directly too, and the datastore's compare-and-swap checks it.
+        # many are in flight per block, the order (split's) of the newest whose outcome is
+        # known, and the blocks it may or may not have changed (it failed, or met a conflict a
+        # resent request may have caused) until one is stored. A decision on a state such a
+        # write changed must not be kept unchecked: the block is written directly meanwhile,
+        # and the datastore's compare-and-swap checks it.
         self._writing: dict[BlockKey, int] = {}
         self._write_order = itertools.count(1)
         self._last_written: dict[BlockKey, int] = {}
-        self._unread: dict[BlockKey, str | None] = {}
+        self._unsure: set[BlockKey] = set()
         # Per registry block read: its revision, the slices this node holds in it and those
         # other nodes hold, as (pool, first, last).
         self._slices: dict[BlockKey, _Slices] = {}
@@ -175,8 +179,11 @@ class PendingWrites:
                     continue  # a later write's outcome came first: this one is older news
                 self._last_written[key] = order
                 stored = outcome.revisions.get(key) if outcome is not None else None
-                # A conflict may be a write that landed, answered again to a resent request.
-                self._unread[key] = stored
+                if stored is None:  # a conflict may be a resent request's own first attempt
+                    self._unsure.add(key)
+                else:
+                    self._unsure.discard(key)
+                    self._note_newest(key, stored)
                 if key not in self._pending:
                     self._latest.pop(key, None)
                     self._built_on.pop(key, None)
@@ -298,6 +305,8 @@ class PendingWrites:
             # may still bring `base`, and must not undo it). One a read built on the write
             # meanwhile holds the same, under a revision decisions in flight may carry.
             merged.revision = written = outcome.revisions.get(key)
+            if written is not None:
+                self._note_newest(key, written)
             rebuilt = self._built_on.get(key) == written and not clashing
             if not rest:
                 self._latest[key] = merged
@@ -312,20 +321,17 @@ class PendingWrites:
         key = block.key
         if key in self._pending or (block.revision or "").startswith(PENDING):
             return True  # decided on a view with changes pending
-        if key in self._writing or key in self._unread or key not in self._built_on:
+        if key in self._writing or key in self._unsure or key not in self._built_on:
             return False  # not decided on a view tracked since this agent last stored it
         return self._defer and key not in self._shared and self._holds(key)
 
     def _seen(self, stored: Block) -> Block:
         """The block decisions see for `stored`; tracks it if this node holds it."""
         key = stored.key
-        if key in self._unread and key not in self._built_on:
-            written = self._unread[key]
-            if written is None or not (
-                stored.revision == written or later_revision(stored.revision, written)
-            ):
-                return stored  # read before this agent's own write of it: not tracked
-            del self._unread[key]
+        newest = self._newest.get(key)
+        fresh = stored.revision == newest or later_revision(stored.revision, newest)
+        if fresh and stored.revision is not None:
+            self._newest[key] = stored.revision
         latest = self._latest.get(key)
         if key in self._built_on:
             built_on = self._built_on[key]
@@ -336,7 +342,11 @@ class PendingWrites:
             if latest is not None and stored.revision == built_on:
                 return latest
         pending = self._pending.get(key)
-        if not pending and not self._holds(key):
+        if not pending and (not fresh or key in self._unsure or not self._holds(key)):
+            # Not to be written behind on: not held, or older than what the agent has read or
+            # written itself since (what it tracked is older still). Its writes go direct.
+            self._latest.pop(key, None)
+            self._built_on.pop(key, None)
             return stored
         if any(o.in_use and o.node not in ("", self._node) for o in stored.entries.values()):
             self._shared.add(key)
@@ -346,6 +356,10 @@ class PendingWrites:
         self._latest[key] = built
         self._built_on[key] = stored.revision
         return built
+
+    def _note_newest(self, key: BlockKey, revision: str) -> None:
+        if later_revision(revision, self._newest.get(key)):
+            self._newest[key] = revision
 
     def _token(self) -> str:
         return f"{PENDING}{next(self._tokens)}"

@@ -386,11 +386,13 @@ def test_a_decision_on_a_block_the_agent_is_storing_itself_is_never_kept_uncheck
     pending = PendingWrites(journal, "node-a", on_clash=lambda: pytest.fail("a clash"))
     node = DeferringStore(cache, pending)
     answers: dict[str, int] = {}
-    first = threading.Thread(target=lambda: answers.update(X=add(node, 1)))
+    first = threading.Thread(target=lambda: answers.update(X=add(node, 1)), daemon=True)
     first.start()
-    assert memory.holding.wait(5)  # X's slice is stored, its address is not yet
-    answers["Y"] = add(node, 2)
-    memory.go.set()
+    try:
+        assert memory.holding.wait(5)  # X's slice is stored, its address is not yet
+        answers["Y"] = add(node, 2)
+    finally:
+        memory.go.set()
     first.join()
     assert answers["X"] != answers["Y"]
     third = add(node, 3)
@@ -407,10 +409,10 @@ def test_the_outcomes_of_two_own_writes_of_a_block_out_of_order_never_date_its_v
     journal: Path,
 ) -> None:
     """Two writes of one block stored before their answers, Y then X: X's outcome comes back
-    first, Y's after. A decision (Z) on a read of the block as Y left it is then checked by
-    the datastore, never kept on that older state (it was: Y's late outcome counted as the
-    newest, and Z was given X's address)."""
-    memory = MemoryStore()
+    first, unknown (answered as a conflict, though stored), Y's success after. A decision (Z)
+    on a read of the block as Y left it is then checked by the datastore, never kept on that
+    older state (it was: Y's late outcome counted as the newest, and Z got X's address)."""
+    memory = ResentWriteStore()
     cache = CachedStore(memory)
     pending = PendingWrites(journal, "node-a", on_clash=lambda: pytest.fail("a clash"))
     node = DeferringStore(cache, pending)
@@ -429,12 +431,13 @@ def test_the_outcomes_of_two_own_writes_of_a_block_out_of_order_never_date_its_v
     read_by_z = cache.read_blocks(POOL, *span)  # the block as Y left it; Z stalls too
     x = block_in(node.read_blocks(POOL, *span))
     x.put(key.base + 20, owner(20))
-    assert node.write_blocks([x]).revisions  # stored at once (Y is in flight), answered
+    memory.resend_next = True
+    assert node.write_blocks([x]).conflicts == [key]  # stored all the same
     pending.written(direct, order, y_outcome)  # Y's outcome, late
     z = block_in(pending.view(POOL, *span, read_by_z))
-    assert key.base + 20 not in z.entries  # Z's read is older than X's write...
+    assert key.base + 20 not in z.entries
     z.put(key.base + 20, owner(30))
-    assert node.write_blocks([z]).conflicts == [key]  # ...so the datastore checks it
+    assert node.write_blocks([z]).conflicts == [key]  # checked by the datastore
     assert stored(memory)[key.base + 20] == "c20"
 
 
@@ -517,3 +520,49 @@ def test_a_write_kept_while_the_agent_stores_the_same_block_itself_is_a_conflict
     assert pending.keep(deferred_a).conflicts == [key]
     pending.written(direct_b, order, memory.write_blocks(direct_b))
     assert pending.pending_count() == 0
+
+
+def test_a_read_older_than_one_seen_is_never_decided_on_when_the_block_is_held_again(
+    journal: Path,
+) -> None:
+    """Another config's slice of node-b overlaps node-a's block, so node-a stores its writes
+    of it before answering. A read (Z) begins, X writes the block, a later read sees X's
+    write; node-b gives its slice up, and Z's read comes back. Z is then checked by the
+    datastore, never kept on the state before X (it was: given X's address)."""
+    memory = MemoryStore()
+    pending = PendingWrites(journal, "node-a", on_clash=lambda: pytest.fail("a clash"))
+    node = DeferringStore(memory, pending)
+    key = BlockKey.of(POOL, add(node, 1))
+    span = (key.base, key.base + 255)
+    node.read_blocks(CUT.registry, 0, 1 << 32)
+    block_range = build_range(
+        f"{netaddr.IPAddress(key.base)}/24", range_start=None, range_end=None, exclude=[], pool=POOL
+    )
+    halves = SlicedRange(block_range, 25)
+    node_b = DeferringStore(memory, PendingWrites(journal.with_name("b"), "node-b"))
+    operations.allocate(
+        DirectTransactions(node_b),
+        [halves.range],
+        owner(50, "node-b"),
+        [],
+        deadline=time.monotonic() + 5,
+        sliced=[halves],
+    )
+    delete(node_b, 50)
+    node.read_blocks(halves.registry, 0, 1 << 32)  # node-b's half: the block is not held
+    read_by_z = memory.read_blocks(POOL, *span)  # comes back late
+    x = next(b for b in node.read_blocks(POOL, *span) if b.key == key).copy()
+    x.put(key.base + 20, owner(20))
+    assert node.write_blocks([x]).revisions  # stored before its answer
+    node.read_blocks(POOL, *span)  # a read after X's write
+    registry = memory.read_blocks(halves.registry, 0, 1 << 32)[0].copy()
+    for index, holder in list(registry.entries.items()):
+        if holder.node == "node-b":
+            registry.pop(index)  # node-b gives its half up
+    assert not memory.write_blocks([registry]).conflicts
+    node.read_blocks(halves.registry, 0, 1 << 32)  # held again
+    z = next(b for b in pending.view(POOL, *span, read_by_z) if b.key == key).copy()
+    assert key.base + 20 not in z.entries
+    z.put(key.base + 20, owner(30))
+    assert node.write_blocks([z]).conflicts == [key]
+    assert stored(memory)[key.base + 20] == "c20" and pending.pending_count() == 0
