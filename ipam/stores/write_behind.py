@@ -307,6 +307,14 @@ class PendingWrites:
             merged.revision = written = outcome.revisions.get(key)
             if written is not None:
                 self._note_newest(key, written)
+            if later_revision(self._built_on.get(key), written):
+                # A read of a later state was tracked meanwhile (the reconciler wrote, say):
+                # the view is built on that. With nothing left pending it goes, for the next
+                # read to track that state as it is; else the next flush rebuilds it.
+                if not rest:
+                    self._latest.pop(key, None)
+                    self._built_on.pop(key, None)
+                return len(clashing)
             rebuilt = self._built_on.get(key) == written and not clashing
             if not rest:
                 self._latest[key] = merged

@@ -566,3 +566,39 @@ def test_a_read_older_than_one_seen_is_never_decided_on_when_the_block_is_held_a
     z.put(key.base + 20, owner(30))
     assert node.write_blocks([z]).conflicts == [key]
     assert stored(memory)[key.base + 20] == "c20" and pending.pending_count() == 0
+
+
+def test_a_flush_never_takes_the_view_back_before_a_state_read_while_it_wrote(
+    journal: Path,
+) -> None:
+    """While a flush's write is on its way back, the reconciler frees the node's first address
+    and a read tracks that. The flush's outcome then leaves the view on the later state: a
+    decision on a read from before the reconciler is checked by the datastore, and the freed
+    address is free on the node (it was: the view went back to the flush's state)."""
+    memory = MemoryStore()
+    pending = PendingWrites(journal, "node-a", on_clash=lambda: pytest.fail("a clash"))
+    node = DeferringStore(memory, pending)
+    first = add(node, 1)
+    key = BlockKey.of(POOL, first)
+    span = (key.base, key.base + 255)
+    add(node, 2)  # written behind
+    read_by_z: list[Block] = []
+
+    class ReconcilerMeanwhile(MemoryStore):
+        def read_blocks(self, pool: PoolId, low: int, high: int) -> list[Block]:
+            return memory.read_blocks(pool, low, high)
+
+        def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
+            outcome = memory.write_blocks(blocks)
+            read_by_z.extend(memory.read_blocks(POOL, *span))
+            freed = memory.read_blocks(POOL, *span)[0]
+            freed.pop(first)  # the reconciler: c1's pod is gone
+            assert not memory.write_blocks([freed]).conflicts
+            node.read_blocks(POOL, *span)  # a read tracks that
+            return outcome
+
+    assert pending.flush(ReconcilerMeanwhile()).stored == 1
+    z = next(b for b in pending.view(POOL, *span, read_by_z) if b.key == key).copy()
+    z.put(key.base + 40, owner(40))
+    assert node.write_blocks([z]).conflicts == [key]
+    assert add(node, 3) == first
