@@ -15,7 +15,8 @@ datastore's compare-and-swap then checks.
 The datastore still has the last word. A flush applies each change only over what the decision
 saw, so what the reconciler freed meanwhile stays free and an address somebody else stored
 meanwhile (a config of the range without slices) is never taken over: that is a clash, logged
-and counted, and the block is then written before each answer again.
+and counted, and the block is then written before each answer again (a change of it waits
+for the flush of those kept before).
 
 The journal is on /run (a tmpfs), on purpose: it outlives the agent (a crash, an upgrade), not
 the node. A node that restarts has lost its sandboxes too, so the addresses it had not stored
@@ -78,9 +79,9 @@ class FlushOutcome:
 class PendingWrites:
     """What this node's agent decided on its own slice blocks and has not stored yet.
 
-    Thread-safe. `journal`: the file that keeps the pending changes across agent restarts
-    (read at construction; its directory must exist); `node`: the agent's node name, whose
-    slices it defers.
+    Thread-safe; flushes run one at a time. `journal`: the file that keeps the pending changes
+    across agent restarts (read at construction; its directory must exist); `node`: the
+    agent's node name, whose slices it defers.
     """
 
     def __init__(
@@ -105,6 +106,7 @@ class PendingWrites:
         self._journal_broken = False  # an append failed, and no rewrite has repaired it yet
         self._on_clash = on_clash
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()  # a flush's work list is the pending one: one at once
         self._tokens = itertools.count(1)
         # Per block: changes decided and not stored yet, in order.
         self._pending: dict[BlockKey, list[Change]] = {}
@@ -201,7 +203,9 @@ class PendingWrites:
             stale = [
                 b.key
                 for b in blocks
-                if b.revision != self._expected(b.key) or b.key in self._writing
+                if b.revision != self._expected(b.key)
+                or b.key in self._writing
+                or (self._defer and b.key in self._pending and not self._writes_behind(b.key))
             ]
             if stale:
                 return WriteOutcome(conflicts=stale)
@@ -239,8 +243,17 @@ class PendingWrites:
         with self._lock:
             return sum(map(len, self._pending.values()))
 
+    def needs_flush(self) -> bool:
+        """Whether a flush has work: changes pending, or a journal to put right."""
+        with self._lock:
+            return bool(self._pending) or self._journal_broken
+
     def flush(self, store: PoolStore) -> FlushOutcome:
         """Store the pending changes of each block over it as `store` holds it, one write each."""
+        with self._flushing:
+            return self._flush(store)
+
+    def _flush(self, store: PoolStore) -> FlushOutcome:
         with self._lock:
             work = [(key, list(changes)) for key, changes in self._pending.items()]
             taken = time.monotonic()  # changes kept after this are not in `work`
@@ -257,7 +270,13 @@ class PendingWrites:
         with self._lock:
             left = sum(map(len, self._pending.values()))
             if stored or self._journal_broken:
-                self._rewrite_journal()  # what is stored leaves it; a torn line goes
+                try:
+                    self._rewrite_journal()  # what is stored leaves it; a torn line goes
+                except OSError:
+                    # Else a restart would store again what is stored, over what was freed
+                    # since: the next change, or the next flush, puts it right.
+                    self._journal_broken = True
+                    raise
         return FlushOutcome(stored, left, clashes)
 
     def _flush_block(
@@ -298,6 +317,7 @@ class PendingWrites:
             else:
                 self._pending.pop(key, None)
                 self._pending_since.pop(key, None)
+            self._note_shared(key, merged)
             if clashing:
                 self._shared.add(key)
             # The write's success says `base` was the stored state: what was written, with the
@@ -328,10 +348,22 @@ class PendingWrites:
     def _defers(self, block: Block) -> bool:
         key = block.key
         if key in self._pending or (block.revision or "").startswith(PENDING):
-            return True  # decided on a view with changes pending
+            # Decided on a view with changes pending: kept, or (a block no longer written
+            # behind) a conflict until the flush has stored them (keep).
+            return True
         if key in self._writing or key in self._unsure or key not in self._built_on:
             return False  # not decided on a view tracked since this agent last stored it
-        return self._defer and key not in self._shared and self._holds(key)
+        return self._defer and self._writes_behind(key)
+
+    def _writes_behind(self, key: BlockKey) -> bool:
+        return key not in self._shared and self._holds(key)
+
+    def _note_shared(self, key: BlockKey, stored: Block) -> None:
+        """Whether `stored` holds an address another node gave: its block is then shared."""
+        if any(o.in_use and o.node not in ("", self._node) for o in stored.entries.values()):
+            self._shared.add(key)
+        else:
+            self._shared.discard(key)
 
     def _seen(self, stored: Block) -> Block:
         """The block decisions see for `stored`; tracks it if this node holds it."""
@@ -356,10 +388,7 @@ class PendingWrites:
             self._latest.pop(key, None)
             self._built_on.pop(key, None)
             return stored
-        if any(o.in_use and o.node not in ("", self._node) for o in stored.entries.values()):
-            self._shared.add(key)
-        else:
-            self._shared.discard(key)
+        self._note_shared(key, stored)
         built = _with_changes(stored, pending, self._token()) if pending else stored
         self._latest[key] = built
         self._built_on[key] = stored.revision
@@ -546,7 +575,8 @@ def _apply(block: Block, change: Change) -> bool:
             block.put(change.address, change.after)  # its fields compare leaves out, too
         return True
     if now != change.before and now is not None and now.in_use:
-        return False
+        # Somebody else's now: theirs stays. Releasing it is nothing to do; taking it, a clash.
+        return change.after is None
     if change.after is None:
         block.pop(change.address)
     else:

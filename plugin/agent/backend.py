@@ -146,7 +146,7 @@ class WarmBackend:
     def _flush(self) -> bool:
         """Store what is pending; whether nothing is left."""
         pending, own = self._pending, self._datastore
-        if pending is None or own is None or not pending.pending_count():
+        if pending is None or own is None or not pending.needs_flush():
             return True
         try:
             outcome = pending.flush(self._client_for("own", own.open_store).cache)

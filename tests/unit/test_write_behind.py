@@ -602,3 +602,101 @@ def test_a_flush_never_takes_the_view_back_before_a_state_read_while_it_wrote(
     z.put(key.base + 40, owner(40))
     assert node.write_blocks([z]).conflicts == [key]
     assert add(node, 3) == first
+
+
+def test_a_block_found_shared_takes_no_change_kept_behind_once_its_changes_are_stored(
+    journal: Path,
+) -> None:
+    """A flush finds another node's pod on an address of the node's block: a clash, and one
+    more change was kept while that flush wrote. The next decisions on the block wait for the
+    next flush to store that change, and then are stored before their answers (they were
+    kept behind, each one a clash to be)."""
+    memory = MemoryStore()
+    pending = PendingWrites(journal, "node-a", on_clash=lambda: None)
+    node = DeferringStore(memory, pending)
+    first = add(node, 1)
+    taken = add(node, 2)  # kept; meanwhile another node's pod is stored at the same address
+    key = BlockKey.of(POOL, first)
+    span = (key.base, key.base + 255)
+    decided = next(b for b in node.read_blocks(POOL, *span) if b.key == key).copy()
+    decided.put(key.base + 30, owner(30))  # decided before the other pod was stored
+    block = memory.read_blocks(POOL, *span)[0]
+    block.put(taken, owner(99, "node-b"))
+    assert not memory.write_blocks([block]).conflicts
+
+    class KeepingMeanwhile(MemoryStore):
+        def read_blocks(self, pool: PoolId, low: int, high: int) -> list[Block]:
+            return memory.read_blocks(pool, low, high)
+
+        def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
+            outcome = memory.write_blocks(blocks)
+            assert node.write_blocks([decided]).revisions  # kept while the flush wrote
+            return outcome
+
+    outcome = pending.flush(KeepingMeanwhile())
+    assert (outcome.clashes, outcome.left) == (1, 1)
+    stop = threading.Event()
+    flusher = threading.Thread(target=lambda: stop.wait(0.2) or pending.flush(memory))
+    flusher.start()
+    try:
+        fourth = add(node, 4)  # waits for that flush
+    finally:
+        stop.set()
+        flusher.join()
+    assert stored(memory)[fourth] == "c4" and pending.pending_count() == 0
+
+
+def test_a_flush_that_finds_another_nodes_address_marks_the_block_shared(journal: Path) -> None:
+    memory = MemoryStore()
+    pending = PendingWrites(journal, "node-a", on_clash=lambda: pytest.fail("a clash"))
+    node = DeferringStore(memory, pending)
+    first = add(node, 1)
+    add(node, 2)  # kept
+    key = BlockKey.of(POOL, first)
+    block = memory.read_blocks(POOL, key.base, key.base)[0]
+    block.put(key.base + 200, owner(99, "node-b"))  # another config's pod, no clash
+    assert not memory.write_blocks([block]).conflicts
+    assert pending.flush(memory).stored == 1
+    third = add(node, 3)
+    assert stored(memory)[third] == "c3"  # stored before its answer
+
+
+def test_releasing_an_address_somebody_else_holds_now_is_no_clash(journal: Path) -> None:
+    clashes: list[int] = []
+    memory = MemoryStore()
+    pending = PendingWrites(journal, "node-a", on_clash=lambda: clashes.append(1))
+    node = DeferringStore(memory, pending)
+    first = add(node, 1)
+    second = add(node, 2)
+    assert delete(node, 2) == [second]  # an ADD and its DEL, both kept
+    key = BlockKey.of(POOL, first)
+    block = memory.read_blocks(POOL, key.base, key.base)[0]
+    block.put(second, owner(99, "node-b"))
+    assert not memory.write_blocks([block]).conflicts
+    assert pending.flush(memory).clashes == 1
+    assert clashes == [1] and stored(memory)[second] == "c99"
+
+
+def test_a_journal_a_flush_could_not_rewrite_is_rewritten_by_the_next_one(
+    journal: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Else a restart would store again what the datastore holds already, over what was freed
+    since."""
+    memory = MemoryStore()
+    pending = PendingWrites(journal, "node-a")
+    node = DeferringStore(memory, pending)
+    add(node, 1)
+    add(node, 2)
+    real_replace = os.replace
+
+    def full(source: str, target: str) -> None:
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError, match="no space"):
+        pending.flush(memory)
+    assert len(journal.read_text().splitlines()) == 2  # the stored change is still there
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert pending.pending_count() == 0 and pending.needs_flush()
+    pending.flush(memory)
+    assert len(journal.read_text().splitlines()) == 1 and not pending.needs_flush()
