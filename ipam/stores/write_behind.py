@@ -47,6 +47,9 @@ JOURNAL_VERSION = 1
 # What is pending may wait this long for the datastore; then the node takes no new change
 # (code 11) until it is stored, as with every write stored before its answer.
 MAX_PENDING_SECONDS = 15.0
+# A journal a flush could not rewrite (a full /run) is tried again this often while nothing is
+# pending: not at every flush, each a warning.
+JOURNAL_REPAIR_SECONDS = 10.0
 # The revisions of blocks with changes pending: the view's own, never the datastore's.
 PENDING = "pending-"
 
@@ -92,11 +95,13 @@ class PendingWrites:
         defer: bool = True,
         max_pending: float = MAX_PENDING_SECONDS,
         on_clash: Callable[[], None] = lambda: None,
+        repair_every: float = JOURNAL_REPAIR_SECONDS,
     ) -> None:
         """`defer`: False keeps nothing new but changes of blocks with changes still pending
         from the journal (decided on a view holding them), until those are stored.
         `max_pending`: how long a block's changes may wait for the datastore before the block
-        takes no new one."""
+        takes no new one. `repair_every`: how often a journal a flush could not rewrite is
+        tried again while nothing is pending."""
         self._path = journal
         self._node = node
         self._defer = defer
@@ -104,6 +109,8 @@ class PendingWrites:
         # Per block with changes pending: when its oldest was kept (at most).
         self._pending_since: dict[BlockKey, float] = {}
         self._journal_broken = False  # an append failed, and no rewrite has repaired it yet
+        self._repair_every = repair_every
+        self._repair_after = 0.0  # when a flush with nothing pending tries the rewrite again
         self._on_clash = on_clash
         self._lock = threading.Lock()
         self._flushing = threading.Lock()  # a flush's work list is the pending one: one at once
@@ -205,7 +212,7 @@ class PendingWrites:
                 for b in blocks
                 if b.revision != self._expected(b.key)
                 or b.key in self._writing
-                or (self._defer and b.key in self._pending and not self._writes_behind(b.key))
+                or (b.key in self._pending and b.key in self._shared)
             ]
             if stale:
                 return WriteOutcome(conflicts=stale)
@@ -246,7 +253,8 @@ class PendingWrites:
     def needs_flush(self) -> bool:
         """Whether a flush has work: changes pending, or a journal to put right."""
         with self._lock:
-            return bool(self._pending) or self._journal_broken
+            repair = self._journal_broken and time.monotonic() >= self._repair_after
+            return bool(self._pending) or repair
 
     def flush(self, store: PoolStore) -> FlushOutcome:
         """Store the pending changes of each block over it as `store` holds it, one write each."""
@@ -274,8 +282,9 @@ class PendingWrites:
                     self._rewrite_journal()  # what is stored leaves it; a torn line goes
                 except OSError:
                     # Else a restart would store again what is stored, over what was freed
-                    # since: the next change, or the next flush, puts it right.
+                    # since: the next change, or a later flush, puts it right.
                     self._journal_broken = True
+                    self._repair_after = time.monotonic() + self._repair_every
                     raise
         return FlushOutcome(stored, left, clashes)
 
@@ -317,7 +326,6 @@ class PendingWrites:
             else:
                 self._pending.pop(key, None)
                 self._pending_since.pop(key, None)
-            self._note_shared(key, merged)
             if clashing:
                 self._shared.add(key)
             # The write's success says `base` was the stored state: what was written, with the
@@ -335,6 +343,8 @@ class PendingWrites:
                     self._latest.pop(key, None)
                     self._built_on.pop(key, None)
                 return len(clashing)
+            if not clashing:
+                self._note_shared(key, merged)  # the view is built on it now
             rebuilt = self._built_on.get(key) == written and not clashing
             if not rest:
                 self._latest[key] = merged
@@ -348,15 +358,12 @@ class PendingWrites:
     def _defers(self, block: Block) -> bool:
         key = block.key
         if key in self._pending or (block.revision or "").startswith(PENDING):
-            # Decided on a view with changes pending: kept, or (a block no longer written
-            # behind) a conflict until the flush has stored them (keep).
+            # Decided on a view with changes pending: kept, or (a block found shared) a
+            # conflict until the flush has stored them (keep).
             return True
         if key in self._writing or key in self._unsure or key not in self._built_on:
             return False  # not decided on a view tracked since this agent last stored it
-        return self._defer and self._writes_behind(key)
-
-    def _writes_behind(self, key: BlockKey) -> bool:
-        return key not in self._shared and self._holds(key)
+        return self._defer and key not in self._shared and self._holds(key)
 
     def _note_shared(self, key: BlockKey, stored: Block) -> None:
         """Whether `stored` holds an address another node gave: its block is then shared."""
@@ -575,8 +582,9 @@ def _apply(block: Block, change: Change) -> bool:
             block.put(change.address, change.after)  # its fields compare leaves out, too
         return True
     if now != change.before and now is not None and now.in_use:
-        # Somebody else's now: theirs stays. Releasing it is nothing to do; taking it, a clash.
-        return change.after is None
+        # Somebody else's now: theirs stays. Releasing it (nothing left, or an entry resting
+        # or reserved) is nothing to do; taking it, a clash.
+        return change.after is None or not change.after.in_use
     if change.after is None:
         block.pop(change.address)
     else:

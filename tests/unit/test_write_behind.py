@@ -2,6 +2,7 @@
 what decisions see and what the journal keeps, the datastore gets it at the next flush, a
 restarted agent takes up what was left, and nobody else's address is ever taken over."""
 
+import dataclasses
 import os
 import threading
 import time
@@ -661,14 +662,29 @@ def test_a_flush_that_finds_another_nodes_address_marks_the_block_shared(journal
     assert stored(memory)[third] == "c3"  # stored before its answer
 
 
-def test_releasing_an_address_somebody_else_holds_now_is_no_clash(journal: Path) -> None:
+@pytest.mark.parametrize("cooldown", [0, 30], ids=["freed", "resting"])
+def test_releasing_an_address_somebody_else_holds_now_is_no_clash(
+    journal: Path, cooldown: int
+) -> None:
+    """An ADD and its DEL kept, and meanwhile another node's pod stored at that address: one
+    clash (the ADD's), whether the release leaves nothing or an entry resting (cooldown)."""
     clashes: list[int] = []
     memory = MemoryStore()
     pending = PendingWrites(journal, "node-a", on_clash=lambda: clashes.append(1))
     node = DeferringStore(memory, pending)
     first = add(node, 1)
-    second = add(node, 2)
-    assert delete(node, 2) == [second]  # an ADD and its DEL, both kept
+    [second] = operations.allocate(
+        DirectTransactions(node),
+        [RANGE],
+        dataclasses.replace(owner(2), cooldown=cooldown),
+        [],
+        deadline=time.monotonic() + 5,
+        sliced=[CUT],
+    )
+    released = operations.release(
+        DirectTransactions(node), [RANGE], "c2", "net1", deadline=time.monotonic() + 5, now=1
+    )
+    assert released == [second]  # both kept
     key = BlockKey.of(POOL, first)
     block = memory.read_blocks(POOL, key.base, key.base)[0]
     block.put(second, owner(99, "node-b"))
@@ -683,7 +699,7 @@ def test_a_journal_a_flush_could_not_rewrite_is_rewritten_by_the_next_one(
     """Else a restart would store again what the datastore holds already, over what was freed
     since."""
     memory = MemoryStore()
-    pending = PendingWrites(journal, "node-a")
+    pending = PendingWrites(journal, "node-a", repair_every=0.0)
     node = DeferringStore(memory, pending)
     add(node, 1)
     add(node, 2)
