@@ -212,7 +212,7 @@ class PendingWrites:
                 for b in blocks
                 if b.revision != self._expected(b.key)
                 or b.key in self._writing
-                or (b.key in self._pending and b.key in self._shared)
+                or (b.key in self._pending and self._given_by_others(b.key))
             ]
             if stale:
                 return WriteOutcome(conflicts=stale)
@@ -250,10 +250,12 @@ class PendingWrites:
         with self._lock:
             return sum(map(len, self._pending.values()))
 
-    def needs_flush(self) -> bool:
-        """Whether a flush has work: changes pending, or a journal to put right."""
+    def needs_flush(self, *, repair_now: bool = False) -> bool:
+        """Whether a flush has work: changes pending, or a journal to put right (`repair_now`:
+        the agent's last flush, which tries whenever it was tried last)."""
         with self._lock:
-            repair = self._journal_broken and time.monotonic() >= self._repair_after
+            due = repair_now or time.monotonic() >= self._repair_after
+            repair = self._journal_broken and due
             return bool(self._pending) or repair
 
     def flush(self, store: PoolStore) -> FlushOutcome:
@@ -364,6 +366,17 @@ class PendingWrites:
         if key in self._writing or key in self._unsure or key not in self._built_on:
             return False  # not decided on a view tracked since this agent last stored it
         return self._defer and key not in self._shared and self._holds(key)
+
+    def _given_by_others(self, key: BlockKey) -> bool:
+        """Whether another node gives from `key` as far as this agent knows: an address of
+        another node's in it, or a registry read by which the node does not hold it (none read
+        since the agent started says nothing: a DEL reads none)."""
+        if key in self._shared:
+            return True
+        known = any(
+            p == key.pool for s in self._slices.values() for p, _, _ in (*s.mine, *s.others)
+        )
+        return known and not self._holds(key)
 
     def _note_shared(self, key: BlockKey, stored: Block) -> None:
         """Whether `stored` holds an address another node gave: its block is then shared."""

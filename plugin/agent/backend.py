@@ -143,10 +143,10 @@ class WarmBackend:
         while not self._stop_flushing.wait(every):
             self._flush()
 
-    def _flush(self) -> bool:
-        """Store what is pending; whether nothing is left."""
+    def _flush(self, *, last: bool = False) -> bool:
+        """Store what is pending; whether nothing is left. `last`: the agent is stopping."""
         pending, own = self._pending, self._datastore
-        if pending is None or own is None or not pending.needs_flush():
+        if pending is None or own is None or not pending.needs_flush(repair_now=last):
             return True
         try:
             outcome = pending.flush(self._client_for("own", own.open_store).cache)
@@ -196,7 +196,10 @@ class WarmBackend:
             self._flusher.join()  # one flush at a time
         if self._pending is not None:
             give_up = time.monotonic() + FINAL_FLUSH_SECONDS
-            while not self._flush() and time.monotonic() < give_up:
+            # Tried again while changes are left; a journal that cannot be put right, once.
+            while not self._flush(last=True) and self._pending.pending_count():
+                if time.monotonic() >= give_up:
+                    break
                 time.sleep(0.2)
             left = self._pending.pending_count()
             if left:

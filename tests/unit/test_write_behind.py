@@ -716,3 +716,60 @@ def test_a_journal_a_flush_could_not_rewrite_is_rewritten_by_the_next_one(
     assert pending.pending_count() == 0 and pending.needs_flush()
     pending.flush(memory)
     assert len(journal.read_text().splitlines()) == 1 and not pending.needs_flush()
+
+
+def test_a_broken_journal_waits_between_repairs_but_the_last_flush_tries_at_once(
+    journal: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    memory = MemoryStore()
+    pending = PendingWrites(journal, "node-a")
+    node = DeferringStore(memory, pending)
+    add(node, 1)
+    add(node, 2)
+
+    def full(source: str, target: str) -> None:
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError, match="no space"):
+        pending.flush(memory)
+    assert not pending.needs_flush()  # not at every flush: each would be a warning
+    assert pending.needs_flush(repair_now=True)  # the agent's last one
+
+
+def test_a_block_another_nodes_slice_overlaps_takes_no_change_kept_behind_while_changes_wait(
+    journal: Path,
+) -> None:
+    """node-a has a change kept in its block when it reads another config's registry by which
+    node-b holds half of that block. Its next decision there waits for the flush of what was
+    kept, and is then stored before its answer (it was kept on: node-b gives from there)."""
+    memory = MemoryStore()
+    pending = PendingWrites(journal, "node-a", on_clash=lambda: pytest.fail("a clash"))
+    node = DeferringStore(memory, pending)
+    first = add(node, 1)
+    add(node, 2)  # kept
+    key = BlockKey.of(POOL, first)
+    block_range = build_range(
+        f"{netaddr.IPAddress(key.base)}/24", range_start=None, range_end=None, exclude=[], pool=POOL
+    )
+    halves = SlicedRange(block_range, 25)
+    node_b = DeferringStore(memory, PendingWrites(journal.with_name("b"), "node-b"))
+    operations.allocate(
+        DirectTransactions(node_b),
+        [halves.range],
+        owner(50, "node-b"),
+        [],
+        deadline=time.monotonic() + 5,
+        sliced=[halves],
+    )
+    delete(node_b, 50)  # nothing of node-b's in the block: it is not shared
+    node.read_blocks(halves.registry, 0, 1 << 32)
+    stop = threading.Event()
+    flusher = threading.Thread(target=lambda: stop.wait(0.2) or pending.flush(memory))
+    flusher.start()
+    try:
+        third = add(node, 3)  # waits for that flush
+    finally:
+        stop.set()
+        flusher.join()
+    assert stored(memory)[third] == "c3" and pending.pending_count() == 0
