@@ -199,10 +199,11 @@ class PendingWrites:
 
     def keep(self, blocks: Sequence[Block]) -> WriteOutcome:
         """Keep the writes of `blocks` (all deferred): each one only if decided on the latest
-        view of its block and with no write of the block of this agent's own on its way (one
-        split off since, as the slices changed, say: it may land on the same state), else a
-        conflict (decide again), all or none; in the journal before
-        anything else, so that nothing is answered that the journal does not hold.
+        view of its block, with no write of the block of this agent's own on its way (one split
+        off since, as the slices changed, say: it may land on the same state) and, for a block
+        with changes pending, no other node known to give from it (they wait for the flush);
+        else a conflict (decide again), all or none. In the journal before anything else, so
+        that nothing is answered that the journal does not hold.
         StoreUnavailableError when the journal cannot take them, or when what is pending has
         waited longer than `max_pending` for the datastore (then the node answers code 11, as
         it would with every write stored before its answer)."""
