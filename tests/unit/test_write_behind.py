@@ -2,11 +2,12 @@
 what decisions see and what the journal keeps, the datastore gets it at the next flush, a
 restarted agent takes up what was left, and nobody else's address is ever taken over."""
 
+import contextlib
 import dataclasses
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import netaddr
@@ -59,6 +60,40 @@ def stored(memory: MemoryStore) -> dict[int, str]:
         if key.pool == POOL
         for address, o in block.entries.items()
     }
+
+
+def node_b_takes_half_of(
+    key: BlockKey, memory: MemoryStore, journal: Path
+) -> tuple[SlicedRange, DeferringStore]:
+    """Another config of the network cuts `key`'s /24 into halves, and node-b (an agent of its
+    own) gives pod 50 an address from one: the halves, and node-b's store."""
+    block_range = build_range(
+        f"{netaddr.IPAddress(key.base)}/24", range_start=None, range_end=None, exclude=[], pool=POOL
+    )
+    halves = SlicedRange(block_range, 25)
+    node_b = DeferringStore(memory, PendingWrites(journal.with_name("b"), "node-b"))
+    operations.allocate(
+        DirectTransactions(node_b),
+        [halves.range],
+        owner(50, "node-b"),
+        [],
+        deadline=time.monotonic() + 5,
+        sliced=[halves],
+    )
+    return halves, node_b
+
+
+@contextlib.contextmanager
+def flush_after(pending: PendingWrites, memory: MemoryStore, seconds: float) -> Iterator[None]:
+    """A flush of `pending` into `memory` `seconds` after entering, unless left first."""
+    stop = threading.Event()
+    flusher = threading.Thread(target=lambda: stop.wait(seconds) or pending.flush(memory))
+    flusher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        flusher.join()
 
 
 @pytest.fixture
@@ -502,19 +537,7 @@ def test_a_write_kept_while_the_agent_stores_the_same_block_itself_is_a_conflict
     b.put(key.base + 20, owner(30))
     deferred_a, direct_a, _ = pending.split([a])
     assert deferred_a == [a] and not direct_a
-    block_range = build_range(
-        f"{netaddr.IPAddress(key.base)}/24", range_start=None, range_end=None, exclude=[], pool=POOL
-    )
-    halves = SlicedRange(block_range, 25)
-    node_b = DeferringStore(memory, PendingWrites(journal.with_name("b"), "node-b"))
-    operations.allocate(
-        DirectTransactions(node_b),
-        [halves.range],
-        owner(50, "node-b"),
-        [],
-        deadline=time.monotonic() + 5,
-        sliced=[halves],
-    )
+    halves, _ = node_b_takes_half_of(key, memory, journal)
     node.read_blocks(halves.registry, 0, 1 << 32)  # node-b's half of node-a's block
     deferred_b, direct_b, order = pending.split([b])
     assert direct_b == [b] and not deferred_b  # on its way to the datastore
@@ -536,19 +559,7 @@ def test_a_read_older_than_one_seen_is_never_decided_on_when_the_block_is_held_a
     key = BlockKey.of(POOL, add(node, 1))
     span = (key.base, key.base + 255)
     node.read_blocks(CUT.registry, 0, 1 << 32)
-    block_range = build_range(
-        f"{netaddr.IPAddress(key.base)}/24", range_start=None, range_end=None, exclude=[], pool=POOL
-    )
-    halves = SlicedRange(block_range, 25)
-    node_b = DeferringStore(memory, PendingWrites(journal.with_name("b"), "node-b"))
-    operations.allocate(
-        DirectTransactions(node_b),
-        [halves.range],
-        owner(50, "node-b"),
-        [],
-        deadline=time.monotonic() + 5,
-        sliced=[halves],
-    )
+    halves, node_b = node_b_takes_half_of(key, memory, journal)
     delete(node_b, 50)
     node.read_blocks(halves.registry, 0, 1 << 32)  # node-b's half: the block is not held
     read_by_z = memory.read_blocks(POOL, *span)  # comes back late
@@ -636,14 +647,8 @@ def test_a_block_found_shared_takes_no_change_kept_behind_once_its_changes_are_s
 
     outcome = pending.flush(KeepingMeanwhile())
     assert (outcome.clashes, outcome.left) == (1, 1)
-    stop = threading.Event()
-    flusher = threading.Thread(target=lambda: stop.wait(0.2) or pending.flush(memory))
-    flusher.start()
-    try:
+    with flush_after(pending, memory, 0.2):
         fourth = add(node, 4)  # waits for that flush
-    finally:
-        stop.set()
-        flusher.join()
     assert stored(memory)[fourth] == "c4" and pending.pending_count() == 0
 
 
@@ -749,27 +754,9 @@ def test_a_block_another_nodes_slice_overlaps_takes_no_change_kept_behind_while_
     first = add(node, 1)
     add(node, 2)  # kept
     key = BlockKey.of(POOL, first)
-    block_range = build_range(
-        f"{netaddr.IPAddress(key.base)}/24", range_start=None, range_end=None, exclude=[], pool=POOL
-    )
-    halves = SlicedRange(block_range, 25)
-    node_b = DeferringStore(memory, PendingWrites(journal.with_name("b"), "node-b"))
-    operations.allocate(
-        DirectTransactions(node_b),
-        [halves.range],
-        owner(50, "node-b"),
-        [],
-        deadline=time.monotonic() + 5,
-        sliced=[halves],
-    )
+    halves, node_b = node_b_takes_half_of(key, memory, journal)
     delete(node_b, 50)  # nothing of node-b's in the block: it is not shared
     node.read_blocks(halves.registry, 0, 1 << 32)
-    stop = threading.Event()
-    flusher = threading.Thread(target=lambda: stop.wait(0.2) or pending.flush(memory))
-    flusher.start()
-    try:
+    with flush_after(pending, memory, 0.2):
         third = add(node, 3)  # waits for that flush
-    finally:
-        stop.set()
-        flusher.join()
     assert stored(memory)[third] == "c3" and pending.pending_count() == 0
