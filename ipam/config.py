@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import netaddr
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pyabouts.ipam.errors import INVALID_CONFIG, CniError
 from pyabouts.ipam.pool import Family, PoolId
@@ -27,6 +27,14 @@ LOG_LEVELS = ("debug", "verbose", "info", "warning", "error", "panic")
 class _Model(BaseModel):
     # Unknown keys are ignored, as whereabouts does (its own tuning keys have no meaning here).
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+
+def _unset_when_empty(data: Any) -> Any:
+    """A key given as "" or null is a key not given, as whereabouts reads it (a templated NAD
+    renders an unset value so); its default applies."""
+    if isinstance(data, dict):
+        return {key: value for key, value in data.items() if value not in (None, "")}
+    return data
 
 
 def _an_address(value: str | None) -> str | None:
@@ -48,13 +56,22 @@ class RangeConf(_Model):
     range_end: str | None = None
     exclude: list[str] = Field(default_factory=list)
 
+    _unset_empty = model_validator(mode="before")(_unset_when_empty)
     _check_bounds = field_validator("range_start", "range_end")(_an_address)
 
 
 class Route(_Model):
+    """A route of the result, with CNI 1.1's attributes (whereabouts copies them all)."""
+
     dst: str
     gw: str | None = None
+    mtu: int | None = Field(default=None, ge=0)
+    advmss: int | None = Field(default=None, ge=0)
+    priority: int | None = Field(default=None, ge=0)
+    table: int | None = Field(default=None, ge=0)
+    scope: int | None = Field(default=None, ge=0, le=255)
 
+    _unset_empty = model_validator(mode="before")(_unset_when_empty)
     _check_dst = field_validator("dst")(_a_cidr)
     _check_gw = field_validator("gw")(_an_address)
 
@@ -120,7 +137,17 @@ class IpamConf(_Model):
     # with code 11 (a node whose agent must be up, e.g. to keep start-up cost bounded).
     agent_fallback: Literal["in-process", "fail"] = "in-process"
 
+    _unset_empty = model_validator(mode="before")(_unset_when_empty)
     _check_bounds = field_validator("range_start", "range_end", "gateway")(_an_address)
+
+    @field_validator("network_name")
+    @classmethod
+    def _names_no_registry(cls, value: str) -> str:
+        # A slice registry's pool is "<network_name>#node-slices ...": a network named so
+        # would allocate from another network's registry.
+        if "#" in value:
+            raise ValueError("must not contain '#'")
+        return value
 
     @field_validator("type")
     @classmethod
@@ -132,9 +159,11 @@ class IpamConf(_Model):
     @field_validator("log_level")
     @classmethod
     def _is_level(cls, value: str | None) -> str | None:
-        if value is not None and value.lower() not in LOG_LEVELS:
-            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
-        return value.lower() if value else value
+        """A level of LOG_LEVELS; any other leaves the default, as whereabouts does: a word of
+        a logging key never fails a pod's network."""
+        level = value.lower() if value else value
+        level = "warning" if level == "warn" else level
+        return level if level in LOG_LEVELS else None
 
 
 class RuntimeConf(_Model):
@@ -253,6 +282,9 @@ def describe_validation_error(exc: ValidationError, from_file: Collection[str] =
         if error["type"] == "missing":
             problems.append(f"{where}: is required")
         elif len(loc) > 1 and loc[0] == "ipam" and loc[1] in from_file:
+            given = error["input"]  # a validator's message may quote it: not repeated either
+            if isinstance(given, str) and given:
+                message = message.replace(given, "(the file's value)")
             problems.append(f"{where} (from the flat file): {message}")
         else:
             problems.append(f"{where}={error['input']!r}: {message}")

@@ -118,12 +118,25 @@ def release_stale(
 
 
 def free_counts(
-    transactions: Transactions, ranges: Sequence[AddressRange], *, deadline: float, now: int = 0
+    transactions: Transactions,
+    ranges: Sequence[AddressRange],
+    *,
+    deadline: float,
+    sliced: Sequence[SlicedRange] = (),
+    node: str = "",
+    now: int = 0,
 ) -> list[int]:
-    """Per range, how many addresses it can still give."""
-    return transactions.run(
-        ranges,
-        lambda view: [allocator.count_free(view, r, now=now) for r in ranges],
-        deadline=deadline,
-        watch_checked=True,
-    )
+    """Per range, how many addresses it can still give; for one `sliced` cuts, to `node` (in
+    its slice, or in the slice it would take)."""
+    cuts = {cut.range: cut for cut in sliced}
+
+    def count(view: PoolView) -> list[int]:
+        return [
+            slices.free_for_node(view, cut, node, now=now)
+            if (cut := cuts.get(rng))
+            else allocator.count_free(view, rng, now=now)
+            for rng in ranges
+        ]
+
+    registries = [s.registry_range() for s in sliced]
+    return transactions.run([*registries, *ranges], count, deadline=deadline, watch_checked=True)

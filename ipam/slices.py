@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import netaddr
 
-from pyabouts.ipam.allocator import first_free_from, release
+from pyabouts.ipam.allocator import count_free, first_free_from, release
 from pyabouts.ipam.errors import NoFreeSliceError
 from pyabouts.ipam.pool import Owner, PoolId, PoolView
 from pyabouts.ipam.ranges import AddressRange, RangeError
@@ -144,6 +144,18 @@ def take_slice(view: PoolView, sliced: SlicedRange, node: str) -> int:
         f"no free node slice for node {node!r} in range {sliced.range.text}: all "
         f"{registry.size} slices of /{sliced.prefixlen} are held (by {', '.join(holders)})"
     )
+
+
+def free_for_node(view: PoolView, sliced: SlicedRange, node: str, *, now: int = 0) -> int:
+    """How many addresses `node` can still be given in `sliced`: in the slice it holds, else in
+    the one take_slice would give it (0 when every slice is held). Changes nothing."""
+    index = held_slice(view, sliced, node)
+    if index is None:
+        registry = sliced.registry_range()
+        index = first_free_from(view, registry, preferred_slice(registry, node))
+        if index is None:
+            return 0
+    return count_free(view, sliced.within(index), now=now)
 
 
 def preferred_slice(registry: AddressRange, node: str) -> int:

@@ -59,8 +59,11 @@ def config_with_named_flat_file(raw: dict[str, Any]) -> PluginConfig:
 class OneShotBackend:
     """A store per call, closed after it; writers of a pool on this node take turns.
 
-    `agent_unreachable` says why the thin plugin serves in-process (no agent answered): then a
-    config with `agent_fallback: fail` gets code 11 instead, before any I/O.
+    `agent_unreachable` says why the thin plugin serves in-process (no agent answered): then
+    `agent_fallback: fail`, in the node's flat file or the request's config, gets code 11
+    instead, before anything the request names is read or written. The node's word comes from
+    the flat file in the standard places alone: a request can make the fallback stricter,
+    never allow it where the node refuses it.
     """
 
     configures_logging = True
@@ -73,19 +76,34 @@ class OneShotBackend:
         self.node = os.environ.get("NODE_NAME") or os.uname().nodename
 
     def config(self, raw: dict[str, Any], netconf: bytes) -> PluginConfig:
+        if self.agent_unreachable:
+            _refuse_a_refused_fallback(raw, self.agent_unreachable)
         return config_with_named_flat_file(raw)
 
     @contextlib.contextmanager
     def transactions(
         self, ipam: IpamConf, pools: Sequence[PoolId], *, writes_by: float | None
     ) -> Iterator[Transactions]:
-        if self.agent_unreachable and ipam.agent_fallback == "fail":
-            from pyabouts.ipam.errors import TRY_AGAIN_LATER, CniError  # noqa: PLC0415
-
-            reason = f"{self.agent_unreachable}, and ipam.agent_fallback is 'fail'"
-            raise CniError(TRY_AGAIN_LATER, reason)
         with contextlib.ExitStack() as stack:
             yield _FirstUseTransactions(ipam, pools, writes_by, stack)
+
+
+def _refuse_a_refused_fallback(raw: dict[str, Any], agent_unreachable: str) -> None:
+    """CniError 11 when the node's flat file or the request says `agent_fallback: fail`."""
+    from pyabouts.ipam.errors import TRY_AGAIN_LATER, CniError  # noqa: PLC0415 - fallback only
+    from pyabouts.ipam.stores.flat_file import read_flat_file  # noqa: PLC0415
+
+    node = read_flat_file(None)
+    inline = raw.get("ipam")
+    said = {
+        "the node's flat file": node.keys.get("agent_fallback") if node else None,
+        "the network config": inline.get("agent_fallback") if isinstance(inline, dict) else None,
+    }
+    for where, value in said.items():
+        if value == "fail":
+            raise CniError(
+                TRY_AGAIN_LATER, f"{agent_unreachable}, and {where} says agent_fallback 'fail'"
+            )
 
 
 class _FirstUseTransactions:

@@ -42,6 +42,8 @@ def decode_netconf(stdin: bytes) -> dict[str, Any]:
         raw = json.loads(stdin)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CniError(DECODE_FAILURE, f"network config is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # deeper than the parser goes: no config nests like that
+        raise CniError(DECODE_FAILURE, "network config is nested too deeply") from exc
     if not isinstance(raw, dict):
         raise CniError(DECODE_FAILURE, "network config must be a JSON object")
     return raw

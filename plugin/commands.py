@@ -22,13 +22,15 @@ from pyabouts.ipam.pool import Owner
 from pyabouts.ipam.ranges import RangeError, parse_address
 from pyabouts.ipam.transaction import Transactions
 from pyabouts.plugin.backend import Backend
-from pyabouts.plugin.cni import IpConfig, render_result, require_env
+from pyabouts.plugin.cni import LATEST_VERSION, IpConfig, render_result, require_env
 from pyabouts.plugin.logs import configure_logging
 
 log = logging.getLogger(__name__)
 
 DEADLINE_SECONDS = 60.0  # the whole command, retries included (kubelet waits 2 min); then 11
 VALID_ATTACHMENTS = "cni.dev/valid-attachments"
+# The same list under the name CNI 1.1.0's text first gave it (cni#1101): libcni sends both.
+SPEC_ATTACHMENTS = "cni.dev/attachments"
 
 
 def run_command(
@@ -44,13 +46,13 @@ def run_command(
     """Serve one CNI command on `raw`, the network config decoded from `netconf`; the result to
     print, or None when the command prints nothing. `deadline` (time.monotonic()) defaults to
     DEADLINE_SECONDS from now."""
-    config = backend.config(raw, netconf)
-    if backend.configures_logging:
-        configure_logging(config.ipam.log_file, config.ipam.log_level)
     deadline = time.monotonic() + DEADLINE_SECONDS if deadline is None else deadline
-    pools = [rng.pool for rng in config.ranges]
     writes_by = None if command in ("CHECK", "STATUS") else deadline
     try:
+        config = backend.config(raw, netconf)
+        if backend.configures_logging:
+            configure_logging(config.ipam.log_file, config.ipam.log_level)
+        pools = [rng.pool for rng in config.ranges]
         with backend.transactions(config.ipam, pools, writes_by=writes_by) as transactions:
             if command == "ADD":
                 return _add(transactions, config, env, cni_args, deadline, backend=backend)
@@ -61,7 +63,7 @@ def run_command(
             elif command == "GC":
                 _collect_garbage(transactions, config, raw, deadline, node=backend.node)
             elif command == "STATUS":
-                _status(transactions, config, deadline)
+                _status(transactions, config, deadline, node=backend.node)
     except CniError as error:
         if command == "STATUS" and error.code == TRY_AGAIN_LATER:
             # The datastore (or the agent) out of reach: ADD cannot be served, as CNI 1.1's
@@ -122,7 +124,7 @@ def _add(
     ]
     log.info("ADD %s %s (%s): %s", container_id, ifname, pod, ", ".join(i.address for i in ips))
     return render_result(
-        config.netconf.cni_version,
+        config.netconf.cni_version or LATEST_VERSION,  # as the handler took a config without one
         ips,
         routes=[r.model_dump(exclude_none=True) for r in ipam.routes],
         dns=ipam.dns.model_dump(exclude_defaults=True) if ipam.dns else None,
@@ -194,19 +196,35 @@ def _collect_garbage(
     log.info("GC on %s for %r: freed %d address(es) no longer valid", node, network, len(freed))
 
 
-def _status(transactions: Transactions, config: PluginConfig, deadline: float) -> None:
+def _status(
+    transactions: Transactions, config: PluginConfig, deadline: float, *, node: str
+) -> None:
     free = operations.free_counts(
-        transactions, config.ranges, deadline=deadline, now=int(time.time())
+        transactions,
+        config.ranges,
+        deadline=deadline,
+        sliced=config.slices,
+        node=node,
+        now=int(time.time()),
     )
     exhausted = [rng.text for rng, count in zip(config.ranges, free, strict=True) if count == 0]
     if exhausted:
+        on = f" for node {node!r} (node_slice_size)" if config.slices else ""
         raise CniError(
-            NOT_AVAILABLE, f"cannot serve ADD: range(s) {', '.join(exhausted)} exhausted"
+            NOT_AVAILABLE, f"cannot serve ADD: range(s) {', '.join(exhausted)} exhausted{on}"
         )
 
 
 def _valid_attachments(raw: dict[str, Any]) -> set[tuple[str, str]]:
-    items = raw.get(VALID_ATTACHMENTS, [])
+    """The attachments a GC keeps. A GC that names none is refused: it would free every address
+    of this node and network. An empty list (libcni sends null for one) keeps none."""
+    key = VALID_ATTACHMENTS if VALID_ATTACHMENTS in raw else SPEC_ATTACHMENTS
+    if key not in raw:
+        raise CniError(
+            INVALID_CONFIG,
+            f"invalid network config: a GC needs {VALID_ATTACHMENTS}, the attachments to keep",
+        )
+    items = raw[key] if raw[key] is not None else []
     if not isinstance(items, list) or not all(
         isinstance(i, dict)
         and isinstance(i.get("containerID"), str)
@@ -215,8 +233,7 @@ def _valid_attachments(raw: dict[str, Any]) -> set[tuple[str, str]]:
     ):
         raise CniError(
             INVALID_CONFIG,
-            f"invalid network config: {VALID_ATTACHMENTS} must be a list of "
-            "{containerID, ifname} objects",
+            f"invalid network config: {key} must be a list of {{containerID, ifname}} objects",
         )
     return {(i["containerID"], i["ifname"]) for i in items}
 

@@ -58,6 +58,8 @@ LIST_PAGE = 500  # IPPools per list request: each is at most ~30 KiB
 WATCH_SECONDS = 300
 WATCH_IDLE_SECONDS = 150.0
 _LABEL_SAFE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+# The prefix object_name gives a network whose name is not DNS-safe.
+_DIGEST_PREFIX = re.compile(r"^net-[0-9a-f]{10}$")
 
 
 def pool_label(pool: PoolId) -> str:
@@ -67,8 +69,15 @@ def pool_label(pool: PoolId) -> str:
 
 
 def object_name(key: BlockKey) -> str:
-    """e.g. "blue-10.50.0.0-24"; a digest stands in for names that are not DNS-safe."""
+    """e.g. "blue-10.50.0.0-24"; a digest stands in for names that are not DNS-safe. A network
+    named like a digest would take the objects of the network whose digest it is (CniError 7)."""
     pool = key.pool
+    if _DIGEST_PREFIX.match(pool.network):
+        raise CniError(
+            INVALID_CONFIG,
+            f"network_name {pool.network!r} has the form of the names pyabouts gives the IPPools "
+            "of networks whose names are not DNS-safe: choose another",
+        )
     prefix = pool.network if _LABEL_SAFE.match(pool.network) else f"net-{pool_label(pool)[:10]}"
     address = netaddr.IPAddress(key.base, pool.family)
     text = str(address) if pool.family == 4 else address.format(netaddr.ipv6_verbose)

@@ -32,7 +32,7 @@ from pyabouts.plugin.agent.feed_follower import FeedFollower
 from pyabouts.plugin.agent.metrics import AgentMetrics
 from pyabouts.plugin.backend import REQUEST_TIMEOUT_SECONDS, config_with_named_flat_file
 from pyabouts.plugin.cni import decode_netconf
-from pyabouts.plugin.commands import VALID_ATTACHMENTS
+from pyabouts.plugin.commands import SPEC_ATTACHMENTS, VALID_ATTACHMENTS
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ POOL_MAX_AGE_FED_SECONDS = 60.0
 # whoever writes a NAD chooses its size: validated, a config is several times its bytes.
 CONFIGS_KEPT = 64
 CACHED_NETCONF_BYTES = 8192
-PER_CALL_KEYS = ("prevResult", VALID_ATTACHMENTS)
+PER_CALL_KEYS = ("prevResult", VALID_ATTACHMENTS, SPEC_ATTACHMENTS)
 # Pending writes left when the agent stops are stored for this long at most; what is left stays
 # in the journal for the next agent.
 FINAL_FLUSH_SECONDS = 10.0

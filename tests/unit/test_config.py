@@ -99,7 +99,8 @@ def test_the_type_must_be_pyabouts_and_the_error_names_key_and_value() -> None:
         ({"range": "192.0.2.0/24", "range_start": "nope"}, "ipam.range_start='nope'"),
         ({"range": "192.0.2.0/24", "gateway": "1.2.3"}, "ipam.gateway='1.2.3'"),
         ({"range": "192.0.2.0/24", "datastore": "consul"}, "ipam.datastore='consul'"),
-        ({"range": "192.0.2.0/24", "log_level": "loud"}, "ipam.log_level='loud'"),
+        ({"range": "192.0.2.0/24", "network_name": "blue#node-slices"}, "must not contain '#'"),
+        ({"range": "192.0.2.0/24", "routes": [{"dst": "0.0.0.0/0", "table": -1}]}, "table"),
         ({"range": "192.0.2.0/24", "routes": [{"dst": "x"}]}, "ipam.routes.0.dst='x'"),
         ({"range": "192.0.2.0/24", "addresses": [{"address": "1.1.1.1"}]}, "'1.1.1.1'"),
         ({"ipRanges": [{"range": "10.0.0.0/32"}]}, "ipam.ipRanges[0].range: '10.0.0.0/32'"),
@@ -183,14 +184,14 @@ def test_a_broken_flat_file_is_code_7(tmp_path: Path) -> None:
 
 def test_values_from_the_flat_file_are_not_repeated_in_errors(tmp_path: Path) -> None:
     flat = tmp_path / "pyabouts.conf"
-    flat.write_text(json.dumps({"datastore": "s3cr3t-token", "log_level": "loud"}))
+    flat.write_text(json.dumps({"datastore": "s3cr3t-token", "gateway": "s3cr3t"}))
     error = error_of(
-        netconf(type="pyabouts", range="192.0.2.0/24", configuration_path=str(flat), log_level="x")
+        netconf(type="pyabouts", range="192.0.2.0/24", configuration_path=str(flat), range_end="x")
     )
     assert error.code == INVALID_CONFIG
     assert "ipam.datastore (from the flat file)" in error.msg
-    assert "s3cr3t-token" not in error.msg
-    assert "ipam.log_level='x'" in error.msg  # inline values are the caller's own: named
+    assert "s3cr3t" not in error.msg
+    assert "ipam.range_end='x'" in error.msg  # inline values are the caller's own: named
 
 
 def test_identical_ranges_share_one_pool_whatever_enable_overlapping_ranges_says() -> None:
@@ -233,3 +234,45 @@ def test_a_malformed_requested_address_is_code_7_naming_its_source() -> None:
     assert excinfo.value.code == INVALID_CONFIG
     assert "CNI_ARGS IP" in excinfo.value.msg
     assert "192.0.2.300" in excinfo.value.msg
+
+
+def test_empty_and_null_values_are_keys_not_given() -> None:
+    """As whereabouts reads them: a templated NAD renders an unset value as "" or null."""
+    config = load(
+        netconf(
+            type="pyabouts",
+            range="192.0.2.0/29",
+            range_start="",
+            range_end=None,
+            gateway="",
+            exclude=None,
+            routes=None,
+            network_name=None,
+            log_level="",
+            node_slice_size="",
+            ipRanges=[{"range": "2001:db8::/125", "range_start": "", "exclude": None}],
+        )
+    )
+    ipam = config.ipam
+    assert (ipam.range_start, ipam.range_end, ipam.gateway, ipam.log_level) == (None,) * 4
+    assert (ipam.exclude, ipam.routes, ipam.network_name, config.slices) == ([], [], "", ())
+    assert [rng.size for rng in config.ranges] == [6, 6]
+
+
+@pytest.mark.parametrize(
+    ("given", "level"), [("DEBUG", "debug"), ("warn", "warning"), ("loud", None)]
+)
+def test_a_log_level_pyabouts_does_not_know_leaves_the_default(
+    given: str, level: str | None
+) -> None:
+    assert (
+        load(netconf(type="pyabouts", range="192.0.2.0/29", log_level=given)).ipam.log_level
+        == level
+    )
+
+
+def test_routes_keep_the_attributes_of_cni_1_1() -> None:
+    route = {"dst": "198.51.100.0/24", "gw": "192.0.2.1", "mtu": 1400, "advmss": 1360}
+    route |= {"priority": 5, "table": 100, "scope": 0}
+    ipam = load(netconf(type="pyabouts", range="192.0.2.0/29", routes=[route])).ipam
+    assert [r.model_dump(exclude_none=True) for r in ipam.routes] == [route]

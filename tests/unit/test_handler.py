@@ -7,6 +7,7 @@ import pytest
 from pyabouts.ipam.errors import StoreUnavailableError
 from pyabouts.ipam.pool import Block, BlockKey, PoolId
 from pyabouts.ipam.store import WriteOutcome
+from pyabouts.plugin.backend import OneShotBackend
 from pyabouts.plugin.handler import handle_request
 from tests.memory_store import MemoryStore
 
@@ -161,6 +162,40 @@ def test_gc_drops_allocations_not_in_valid_attachments(memory_store: MemoryStore
     assert call("CHECK", config, container="c2")[0] == 1
 
 
+@pytest.mark.parametrize(
+    "attachments",
+    [
+        {"cni.dev/attachments": [{"containerID": "c1", "ifname": "net1"}]},  # CNI 1.1.0's text
+        {
+            "cni.dev/valid-attachments": [{"containerID": "c1", "ifname": "net1"}],
+            "cni.dev/attachments": [],  # libcni sends both: the first is the spec's now
+        },
+    ],
+)
+def test_gc_reads_the_attachments_under_either_name(
+    memory_store: MemoryStore, attachments: dict[str, Any]
+) -> None:
+    config = conf("1.1.0")
+    for i in range(2):
+        call("ADD", config, container=f"c{i}", args=f"K8S_POD_NAME=p{i}")
+    assert call("GC", config | attachments) == (0, None)
+    assert call("CHECK", config, container="c1")[0] == 0
+    assert call("CHECK", config, container="c0")[0] == 1
+
+
+def test_gc_without_attachments_is_refused_and_null_keeps_none(memory_store: MemoryStore) -> None:
+    """No list at all would free every allocation of the node and network: refused. libcni sends
+    null for an empty list (a Go nil slice): nothing is valid any more."""
+    config = conf("1.1.0")
+    call("ADD", config, container="c0", args="K8S_POD_NAME=p0")
+    code, error = call("GC", config)
+    assert (code, error["code"]) == (1, 7)
+    assert "cni.dev/valid-attachments" in error["msg"]
+    assert call("CHECK", config, container="c0")[0] == 0
+    assert call("GC", config | {"cni.dev/valid-attachments": None}) == (0, None)
+    assert call("CHECK", config, container="c0")[0] == 1
+
+
 def test_status_fails_with_50_when_a_range_is_exhausted(memory_store: MemoryStore) -> None:
     config = conf("1.1.0", range="192.0.2.0/30")
     assert call("STATUS", config) == (0, None)
@@ -168,6 +203,24 @@ def test_status_fails_with_50_when_a_range_is_exhausted(memory_store: MemoryStor
     call("ADD", config, container="b", args="K8S_POD_NAME=b")
     code, error = call("STATUS", config)
     assert (code, error["code"]) == (1, 50)
+
+
+def test_status_under_node_slices_answers_for_this_nodes_slice(
+    memory_store: MemoryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full slice fails this node's ADD (code 100) though other slices have room: STATUS
+    says 50 for it, and for a node that holds no slice once none is free."""
+    config = conf("1.1.0", range="192.0.2.0/29", node_slice_size="/30")  # .1-.3 and .4-.6
+    monkeypatch.setenv("NODE_NAME", "n1")
+    taken = [call("ADD", config, container=f"a{i}", args="")[1] for i in range(3)]
+    assert call("ADD", config, container="a3", args="")[1]["code"] == 100
+    code, error = call("STATUS", config)
+    assert (code, error["code"]) == (1, 50) and "'n1'" in error["msg"], taken
+    monkeypatch.setenv("NODE_NAME", "n2")
+    assert call("STATUS", config) == (0, None)  # the other slice is free: n2 would take it
+    call("ADD", config, container="b0", args="")
+    monkeypatch.setenv("NODE_NAME", "n3")
+    assert call("STATUS", config)[1]["code"] == 50  # both slices held
 
 
 def test_log_file_and_log_level(memory_store: MemoryStore, tmp_path: Path) -> None:
@@ -285,3 +338,52 @@ def test_a_lasting_outage_is_try_again_later_naming_the_store(
     code, error = call("ADD", conf())
     assert (code, error["code"]) == (1, 11)
     assert "127.0.0.1:1 is unreachable" in error["msg"]
+
+
+def test_a_config_nested_deeper_than_the_parser_goes_is_code_6() -> None:
+    stdin = b'{"cniVersion": "1.0.0", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    reply = handle_request({"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c", "CNI_IFNAME": "i"}, stdin)
+    assert reply.exit_code == 1
+    assert json.loads(reply.stdout)["code"] == 6
+
+
+def test_a_config_without_cni_version_is_answered_in_the_version_it_was_taken_for(
+    memory_store: MemoryStore,
+) -> None:
+    config = conf()
+    del config["cniVersion"]
+    code, result = call("ADD", config)
+    assert code == 0
+    assert result["cniVersion"] == "1.1.0"
+    assert result["ips"] == [{"address": "192.0.2.1/29"}]  # 1.x: no "version" per address
+
+
+def test_routes_reach_the_result_with_their_attributes(memory_store: MemoryStore) -> None:
+    route = {"dst": "198.51.100.0/24", "gw": "192.0.2.6", "table": 100, "priority": 5, "mtu": 1400}
+    code, result = call("ADD", conf(routes=[route]))
+    assert code == 0 and result["routes"] == [route]
+
+
+@pytest.mark.parametrize("command", ["ADD", "STATUS"])
+def test_a_node_refusing_the_in_process_fallback_is_not_overruled_by_a_nad(
+    memory_store: MemoryStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, command: str
+) -> None:
+    """The thin plugin without an agent: the node's flat file says `fail`, a NAD says
+    `in-process` and names a log file; code 11 (50 for STATUS), and nothing named is touched."""
+    node_file = tmp_path / "pyabouts.conf"
+    node_file.write_text(json.dumps({"agent_fallback": "fail"}))
+    monkeypatch.setattr("pyabouts.ipam.stores.flat_file.FLAT_FILE_PATHS", (str(node_file),))
+    log = tmp_path / "named-by-the-nad.log"
+    config = conf("1.1.0", agent_fallback="in-process", log_file=str(log))
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": "c1", "CNI_IFNAME": "net1"}
+    backend = OneShotBackend(agent_unreachable="no pyabouts agent at /run/x.sock")
+    reply = handle_request(env, json.dumps(config).encode(), backend)
+    error = json.loads(reply.stdout)
+    assert (reply.exit_code, error["code"]) == (1, 11 if command == "ADD" else 50)
+    assert "the node's flat file says agent_fallback 'fail'" in error["msg"]
+    assert not log.exists()
+    assert memory_store.read_all_blocks() == []
+    # Without the node's word the NAD's own `in-process` serves.
+    monkeypatch.setattr("pyabouts.ipam.stores.flat_file.FLAT_FILE_PATHS", ())
+    reply = handle_request(env, json.dumps(config).encode(), backend)
+    assert reply.exit_code == 0
