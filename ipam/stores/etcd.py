@@ -39,6 +39,9 @@ from pyabouts.ipam.stores.etcd_settings import (
 T = TypeVar("T")
 
 KEY_PREFIX = "/pyabouts/v1/pools"
+# grpc refuses answers over 4 MiB by default: a whole-store read (the reconciler's pass) of
+# some 70 full blocks. etcd's own Go client takes answers up to 2 GiB; so does this one.
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 2**31 - 1)]
 _REFUSALS = {
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.PERMISSION_DENIED,
@@ -147,7 +150,9 @@ class EtcdStore:
             self._next_endpoint += 1
             host, port = self._endpoint
             creds = channel_credentials(settings) if settings.secure else None
-            endpoint = etcd3.Endpoint(host, port, secure=settings.secure, creds=creds)
+            endpoint = etcd3.Endpoint(
+                host, port, secure=settings.secure, creds=creds, opts=CHANNEL_OPTIONS
+            )
             try:
                 # With credentials, this already authenticates: the first call to etcd.
                 self._client = etcd3.MultiEndpointEtcd3Client(
