@@ -4,6 +4,7 @@ controller and the node agent), and the pool-usage gauge both export."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import selectors
@@ -112,9 +113,22 @@ def serve_endpoints(
             else:
                 self._answer(404, b"not found")
 
-    server = EndpointServer(parse_listen(listen), Handler)
+    host, port = parse_listen(listen)
+    server = _every_address(port, Handler) if not host else EndpointServer((host, port), Handler)
     server.start()
     return server
+
+
+def _every_address(port: int, handler: type[socketserver.BaseRequestHandler]) -> EndpointServer:
+    """A server on every address of the node: IPv6 and IPv4 on one socket, or IPv4 alone on a
+    node without IPv6 (kubelet probes a host-network pod on the node's first address, which
+    is IPv6 on an IPv6-only or IPv6-first cluster)."""
+    try:
+        return EndpointServer(("::", port), handler)
+    except OSError as exc:
+        if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+            raise
+        return EndpointServer(("0.0.0.0", port), handler)
 
 
 class _DeadlineRequestHandler(BaseHTTPRequestHandler):
@@ -174,8 +188,9 @@ class EndpointServer(HTTPServer):
     ) -> None:
         self.request_queue_size = 128  # the listen backlog (5 by default)
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, handler)
+        # Before the bind: a bind that fails calls server_close(), which stops the workers.
         self._workers = BoundedWorkers(MAX_HANDLERS, MAX_WAITING_REQUESTS, "endpoints")
+        super().__init__(address, handler)
         self._idle: dict[socket.socket, float] = {}  # accepted at, oldest first
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="endpoints", daemon=True)

@@ -9,7 +9,8 @@ import ipaddress
 
 def parse_listen(listen: str) -> tuple[str, int]:
     """The (host, port) of a --listen value: "host:port", "[ipv6]:port", or ":port" for every
-    IPv4 address ("[::]:port" is every address, IPv4 too)."""
+    address, host "" (IPv6 too where the node has it, as Go's ":port"; "[::]:port" is every
+    address and fails without IPv6, "0.0.0.0:port" every IPv4 address)."""
     host, colon, port = listen.rpartition(":")
     if not colon or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError(f"--listen {listen!r} is not host:port")
@@ -17,7 +18,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
         host = str(ipaddress.IPv6Address(host[1:-1]))
     elif ":" in host:
         raise ValueError(f"--listen {listen!r}: put an IPv6 address in brackets, [::1]:{port}")
-    return host or "0.0.0.0", int(port)
+    return host, int(port)
 
 
 def listen_argument(listen: str) -> str:

@@ -2,11 +2,13 @@
 cannot take from a scraper. Servers listen on loopback ports the kernel picks."""
 
 import argparse
+import errno
 import socket
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -31,7 +33,7 @@ class Healthy:
     [
         ("[::]:9646", ("::", 9646)),
         ("0.0.0.0:9646", ("0.0.0.0", 9646)),
-        (":9646", ("0.0.0.0", 9646)),
+        (":9646", ("", 9646)),
         ("127.0.0.1:9646", ("127.0.0.1", 9646)),
         ("[::1]:8080", ("::1", 8080)),
         ("[fd00:0::1]:1", ("fd00::1", 1)),
@@ -84,13 +86,39 @@ def port_of(server: EndpointServer) -> int:
 
 @pytest.mark.parametrize(
     ("serving", "hosts"),
-    [("[::1]:0", ["[::1]"]), ("[::]:0", ["[::1]", "127.0.0.1"]), (":0", ["127.0.0.1"])],
+    [
+        ("[::1]:0", ["[::1]"]),
+        ("[::]:0", ["[::1]", "127.0.0.1"]),
+        (":0", ["[::1]", "127.0.0.1"]),
+        ("0.0.0.0:0", ["127.0.0.1"]),
+    ],
     indirect=["serving"],
 )
 def test_serves_ipv6_and_every_address(serving: EndpointServer, hosts: list[str]) -> None:
     for host in hosts:
         assert get(port_of(serving), "/healthz", host) == "ok"
         assert get(port_of(serving), "/readyz", host) == "ok"
+
+
+def test_every_address_is_every_ipv4_address_on_a_node_without_ipv6(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A kernel booted with ipv6.disable=1 has no AF_INET6 socket: ":port" still serves."""
+    real_socket = socket.socket
+
+    def no_ipv6(family: int = socket.AF_INET, *args: Any, **kwargs: Any) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real_socket(family, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "socket", no_ipv6)
+    server = serve_endpoints(":0", CollectorRegistry(), Healthy())
+    try:
+        assert server.address_family == socket.AF_INET
+        assert get(port_of(server), "/healthz", "127.0.0.1") == "ok"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def closed_within(conn: socket.socket, seconds: float) -> bool:
