@@ -59,7 +59,7 @@ def network_status_ips(annotation: object) -> frozenset[str] | None:
         return None
     try:
         entries = json.loads(annotation)
-    except ValueError:
+    except (ValueError, RecursionError):  # anyone who may create a pod writes it
         return None
     if not isinstance(entries, list):
         return None

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pyabouts.ipam.errors import INVALID_CONFIG, CniError
 from pyabouts.ipam.pool import Family, PoolId
 from pyabouts.ipam.ranges import AddressRange, RangeError, build_range, parse_address, parse_network
-from pyabouts.ipam.slices import SlicedRange, parse_slice_size
+from pyabouts.ipam.slices import REGISTRY_MARK, SlicedRange, parse_slice_size
 
 PLUGIN_TYPE = "pyabouts"
 LOG_LEVELS = ("debug", "verbose", "info", "warning", "error", "panic")
@@ -82,17 +82,22 @@ class Dns(_Model):
     search: list[str] = Field(default_factory=list)
     options: list[str] = Field(default_factory=list)
 
+    _unset_empty = model_validator(mode="before")(_unset_when_empty)
+
 
 class StaticAddress(_Model):
     address: str
     gateway: str | None = None
 
+    _unset_empty = model_validator(mode="before")(_unset_when_empty)
     _check_address = field_validator("address")(_a_cidr)
     _check_gateway = field_validator("gateway")(_an_address)
 
 
 class KubernetesConf(_Model):
     kubeconfig: str | None = None
+
+    _unset_empty = model_validator(mode="before")(_unset_when_empty)
 
 
 class IpamConf(_Model):
@@ -145,8 +150,8 @@ class IpamConf(_Model):
     def _names_no_registry(cls, value: str) -> str:
         # A slice registry's pool is "<network_name>#node-slices ...": a network named so
         # would allocate from another network's registry.
-        if "#" in value:
-            raise ValueError("must not contain '#'")
+        if REGISTRY_MARK in value:
+            raise ValueError(f"must not contain {REGISTRY_MARK!r}")
         return value
 
     @field_validator("type")
@@ -282,9 +287,9 @@ def describe_validation_error(exc: ValidationError, from_file: Collection[str] =
         if error["type"] == "missing":
             problems.append(f"{where}: is required")
         elif len(loc) > 1 and loc[0] == "ipam" and loc[1] in from_file:
-            given = error["input"]  # a validator's message may quote it: not repeated either
-            if isinstance(given, str) and given:
-                message = message.replace(given, "(the file's value)")
+            given = error["input"]  # a validator's message may quote it: then no message
+            if isinstance(given, str) and given and (given in message or repr(given) in message):
+                message = "not a valid value (not repeated: the file may be secret)"
             problems.append(f"{where} (from the flat file): {message}")
         else:
             problems.append(f"{where}={error['input']!r}: {message}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
@@ -60,10 +60,11 @@ class OneShotBackend:
     """A store per call, closed after it; writers of a pool on this node take turns.
 
     `agent_unreachable` says why the thin plugin serves in-process (no agent answered): then
-    `agent_fallback: fail`, in the node's flat file or the request's config, gets code 11
-    instead, before anything the request names is read or written. The node's word comes from
-    the flat file in the standard places alone: a request can make the fallback stricter,
-    never allow it where the node refuses it.
+    `agent_fallback: fail`, in the node's flat file, the request's config or the flat file it
+    names, gets code 11 instead, before any file the request names is opened for writing or
+    its store is reached. The node's word comes from the flat file in the standard places,
+    read first: a request can make the fallback stricter, never allow it where the node
+    refuses it.
     """
 
     configures_logging = True
@@ -76,9 +77,27 @@ class OneShotBackend:
         self.node = os.environ.get("NODE_NAME") or os.uname().nodename
 
     def config(self, raw: dict[str, Any], netconf: bytes) -> PluginConfig:
-        if self.agent_unreachable:
-            _refuse_a_refused_fallback(raw, self.agent_unreachable)
-        return config_with_named_flat_file(raw)
+        if not self.agent_unreachable:
+            return config_with_named_flat_file(raw)
+        from pyabouts.ipam.stores.flat_file import read_flat_file  # noqa: PLC0415 - fallback only
+
+        node = read_flat_file(None)  # the standard places alone: the node's own word
+        inline = raw.get("ipam")
+        _refuse_a_refused_fallback(
+            self.agent_unreachable,
+            {
+                "the node's flat file": node.keys.get("agent_fallback") if node else None,
+                "the network config": inline.get("agent_fallback")
+                if isinstance(inline, dict)
+                else None,
+            },
+        )
+        config = config_with_named_flat_file(raw)
+        # The flat file the config names (configuration_path) may say it too: still before any
+        # file the config names is opened for writing, or the store.
+        named = {f"the flat file {config.flat_file}": config.ipam.agent_fallback}
+        _refuse_a_refused_fallback(self.agent_unreachable, named)
+        return config
 
     @contextlib.contextmanager
     def transactions(
@@ -88,22 +107,14 @@ class OneShotBackend:
             yield _FirstUseTransactions(ipam, pools, writes_by, stack)
 
 
-def _refuse_a_refused_fallback(raw: dict[str, Any], agent_unreachable: str) -> None:
-    """CniError 11 when the node's flat file or the request says `agent_fallback: fail`."""
+def _refuse_a_refused_fallback(agent_unreachable: str, said: Mapping[str, object]) -> None:
+    """CniError 11 when any of `said` (where: its agent_fallback) is 'fail'."""
     from pyabouts.ipam.errors import TRY_AGAIN_LATER, CniError  # noqa: PLC0415 - fallback only
-    from pyabouts.ipam.stores.flat_file import read_flat_file  # noqa: PLC0415
 
-    node = read_flat_file(None)
-    inline = raw.get("ipam")
-    said = {
-        "the node's flat file": node.keys.get("agent_fallback") if node else None,
-        "the network config": inline.get("agent_fallback") if isinstance(inline, dict) else None,
-    }
     for where, value in said.items():
         if value == "fail":
-            raise CniError(
-                TRY_AGAIN_LATER, f"{agent_unreachable}, and {where} says agent_fallback 'fail'"
-            )
+            reason = f"{agent_unreachable}, and {where} says agent_fallback 'fail'"
+            raise CniError(TRY_AGAIN_LATER, reason)
 
 
 class _FirstUseTransactions:

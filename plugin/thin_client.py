@@ -130,7 +130,7 @@ def _fail(stdin: bytes, message: str) -> "NoReturn":
 
     try:
         version = json.loads(stdin).get("cniVersion") or "1.0.0"
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         version = "1.0.0"
     status = posix.environ.get(b"CNI_COMMAND") == b"STATUS"
     error = {"cniVersion": version, "code": NOT_AVAILABLE if status else TRY_AGAIN_LATER}

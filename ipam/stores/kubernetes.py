@@ -69,15 +69,8 @@ def pool_label(pool: PoolId) -> str:
 
 
 def object_name(key: BlockKey) -> str:
-    """e.g. "blue-10.50.0.0-24"; a digest stands in for names that are not DNS-safe. A network
-    named like a digest would take the objects of the network whose digest it is (CniError 7)."""
+    """e.g. "blue-10.50.0.0-24"; a digest stands in for names that are not DNS-safe."""
     pool = key.pool
-    if _DIGEST_PREFIX.match(pool.network):
-        raise CniError(
-            INVALID_CONFIG,
-            f"network_name {pool.network!r} has the form of the names pyabouts gives the IPPools "
-            "of networks whose names are not DNS-safe: choose another",
-        )
     prefix = pool.network if _LABEL_SAFE.match(pool.network) else f"net-{pool_label(pool)[:10]}"
     address = netaddr.IPAddress(key.base, pool.family)
     text = str(address) if pool.family == 4 else address.format(netaddr.ipv6_verbose)
@@ -223,6 +216,15 @@ class KubernetesStore:
 
     def _write(self, block: Block) -> str | None:
         """The new resourceVersion, or None on a conflict."""
+        if block.revision is None and _DIGEST_PREFIX.match(block.key.pool.network):
+            # It would be stored under the name of the network whose digest it is (and take
+            # its blocks, or fail on them); blocks it has already are read and written still.
+            raise CniError(
+                INVALID_CONFIG,
+                f"network_name {block.key.pool.network!r} has the form of the names pyabouts "
+                "gives the IPPools of networks whose names are not DNS-safe: no new block of it "
+                "is created; choose another network_name",
+            )
         body = self._object_json(block)
         try:
             # Only the new resourceVersion is needed from the answer.

@@ -99,7 +99,7 @@ def test_the_type_must_be_pyabouts_and_the_error_names_key_and_value() -> None:
         ({"range": "192.0.2.0/24", "range_start": "nope"}, "ipam.range_start='nope'"),
         ({"range": "192.0.2.0/24", "gateway": "1.2.3"}, "ipam.gateway='1.2.3'"),
         ({"range": "192.0.2.0/24", "datastore": "consul"}, "ipam.datastore='consul'"),
-        ({"range": "192.0.2.0/24", "network_name": "blue#node-slices"}, "must not contain '#'"),
+        ({"range": "192.0.2.0/24", "network_name": "blue#node-slices"}, "'#node-slices'"),
         ({"range": "192.0.2.0/24", "routes": [{"dst": "0.0.0.0/0", "table": -1}]}, "table"),
         ({"range": "192.0.2.0/24", "routes": [{"dst": "x"}]}, "ipam.routes.0.dst='x'"),
         ({"range": "192.0.2.0/24", "addresses": [{"address": "1.1.1.1"}]}, "'1.1.1.1'"),
@@ -194,6 +194,17 @@ def test_values_from_the_flat_file_are_not_repeated_in_errors(tmp_path: Path) ->
     assert "ipam.range_end='x'" in error.msg  # inline values are the caller's own: named
 
 
+@pytest.mark.parametrize("secret", ["qz", "s3\\cr\net", "s3cr3t-but-longer"])
+def test_a_flat_file_value_a_validator_would_quote_is_not_repeated(
+    tmp_path: Path, secret: str
+) -> None:
+    flat = tmp_path / "pyabouts.conf"
+    flat.write_text(json.dumps({"gateway": secret}))
+    error = error_of(netconf(type="pyabouts", range="192.0.2.0/24", configuration_path=str(flat)))
+    assert "ipam.gateway (from the flat file): not a valid value" in error.msg
+    assert secret not in error.msg and repr(secret) not in error.msg
+
+
 def test_identical_ranges_share_one_pool_whatever_enable_overlapping_ranges_says() -> None:
     pools = {
         load_config(netconf(type="pyabouts", range=text, enable_overlapping_ranges=flag))
@@ -251,12 +262,18 @@ def test_empty_and_null_values_are_keys_not_given() -> None:
             log_level="",
             node_slice_size="",
             ipRanges=[{"range": "2001:db8::/125", "range_start": "", "exclude": None}],
+            dns={"nameservers": None, "domain": ""},
+            addresses=[{"address": "198.51.100.7/24", "gateway": ""}],
+            kubernetes={"kubeconfig": ""},
         )
     )
     ipam = config.ipam
     assert (ipam.range_start, ipam.range_end, ipam.gateway, ipam.log_level) == (None,) * 4
     assert (ipam.exclude, ipam.routes, ipam.network_name, config.slices) == ([], [], "", ())
     assert [rng.size for rng in config.ranges] == [6, 6]
+    assert ipam.dns is not None and (ipam.dns.nameservers, ipam.dns.domain) == ([], None)
+    assert [(a.address, a.gateway) for a in ipam.addresses] == [("198.51.100.7/24", None)]
+    assert ipam.kubernetes.kubeconfig is None
 
 
 @pytest.mark.parametrize(

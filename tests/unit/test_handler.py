@@ -387,3 +387,10 @@ def test_a_node_refusing_the_in_process_fallback_is_not_overruled_by_a_nad(
     monkeypatch.setattr("pyabouts.ipam.stores.flat_file.FLAT_FILE_PATHS", ())
     reply = handle_request(env, json.dumps(config).encode(), backend)
     assert reply.exit_code == 0
+    # The flat file the NAD names (configuration_path) may refuse it too.
+    named = config | {"ipam": config["ipam"] | {"configuration_path": str(node_file)}}
+    del named["ipam"]["agent_fallback"]
+    reply = handle_request(env, json.dumps(named).encode(), backend)
+    error = json.loads(reply.stdout)
+    assert (reply.exit_code, error["code"]) == (1, 11 if command == "ADD" else 50)
+    assert f"the flat file {node_file} says agent_fallback 'fail'" in error["msg"]

@@ -1,16 +1,32 @@
-"""The IPPool objects' names (ipam.stores.kubernetes.object_name): one per block, never the same
-for two pools."""
+"""The IPPool objects' names (ipam.stores.kubernetes.object_name): one per block, and a network
+whose name has the form of another network's digest name creates no block (the real apiserver
+stores blocks in tests/integration/test_kubernetes_datastore.py)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import netaddr
 import pytest
 
 from pyabouts.ipam.errors import INVALID_CONFIG, CniError
-from pyabouts.ipam.pool import BlockKey, PoolId
-from pyabouts.ipam.stores.kubernetes import object_name
+from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
+from pyabouts.ipam.stores.kubernetes import KubernetesStore, object_name
 
 BASE = int(netaddr.IPAddress("10.1.0.0"))
+
+
+class RecordingApi:
+    """Takes every write, answering a new resourceVersion."""
+
+    server = "https://recording"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        self.calls.append((method, path))
+        return {"metadata": {"resourceVersion": str(len(self.calls))}}
 
 
 def test_a_dns_safe_network_names_its_objects_and_another_takes_a_digest() -> None:
@@ -19,11 +35,20 @@ def test_a_dns_safe_network_names_its_objects_and_another_takes_a_digest() -> No
     assert digest.startswith("net-") and digest.endswith("-10.1.0.0-24")
 
 
-def test_a_network_named_like_a_digest_is_refused_rather_than_given_anothers_objects() -> None:
-    """Else its ADDs would write the objects of the network whose digest it names, which then
-    finds them foreign and fails every ADD of that block."""
+def test_a_network_named_like_a_digest_creates_no_block_and_keeps_those_it_has() -> None:
+    """A new block would be stored under the name of the network whose digest it is (taking
+    its block, or failing on it at every ADD): refused. One stored before is still written."""
     taken = object_name(BlockKey(PoolId("", 4), BASE)).removesuffix("-10.1.0.0-24")
+    api = RecordingApi()
+    store = KubernetesStore(api, "kube-system")  # type: ignore[arg-type]
+    owner = Owner("c1", "net1", "ns/p1")
+    new = Block(BlockKey(PoolId(taken, 4), BASE), {BASE + 1: owner})
     with pytest.raises(CniError) as refused:
-        object_name(BlockKey(PoolId(taken, 4), BASE))
-    assert refused.value.code == INVALID_CONFIG
-    assert taken in refused.value.msg
+        store.write_blocks([new])
+    assert refused.value.code == INVALID_CONFIG and taken in refused.value.msg
+    assert api.calls == []
+    stored = Block(BlockKey(PoolId(taken, 4), BASE), {BASE + 1: owner}, revision="7")
+    assert store.write_blocks([stored]).conflicts == []
+    assert api.calls == [
+        ("PUT", f"/apis/pyabouts.io/v1alpha1/namespaces/kube-system/ippools/{taken}-10.1.0.0-24")
+    ]

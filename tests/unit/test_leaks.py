@@ -140,6 +140,9 @@ def test_a_pod_object_reduces_to_what_the_judgement_needs() -> None:
     assert state.created == datetime(2026, 12, 1, 10, tzinfo=UTC).timestamp()
 
 
-@pytest.mark.parametrize("annotation", [None, "not json", '{"ips": []}', 7])
+@pytest.mark.parametrize(
+    "annotation",
+    [None, "not json", '{"ips": []}', 7, "[" * 100_000],  # the last: past the parser
+)
 def test_a_missing_or_broken_network_status_counts_as_none_yet(annotation: object) -> None:
     assert network_status_ips(annotation) is None

@@ -135,6 +135,17 @@ def test_a_reply_cut_short_by_the_timeout_is_not_printed(installed: Path, tmp_pa
     assert error["code"] == 11 and "did not answer whole (timed out)" in error["msg"], error
 
 
+def test_an_error_for_a_config_nested_past_the_parser_is_still_cni_json(
+    installed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    namespace: dict[str, Any] = {"__name__": "installed"}  # loaded, not run
+    exec(compile(installed.read_text(), str(installed), "exec"), namespace)
+    with pytest.raises(SystemExit):
+        namespace["_fail"](b"[" * 100_000, "the agent is busy")
+    error = json.loads(capsys.readouterr().out)
+    assert (error["code"], error["msg"], error["cniVersion"]) == (11, "the agent is busy", "1.0.0")
+
+
 def test_version_is_answered_without_an_agent(installed: Path) -> None:
     done = run(installed, {"CNI_COMMAND": "VERSION"})
     assert done.returncode == 0 and json.loads(done.stdout) == render_version()
