@@ -23,7 +23,24 @@ from deploy.local.ports import free_port
 from pyabouts.controller.connect import connect, read_settings
 from pyabouts.controller.pods import PodReader
 from pyabouts.controller.watching import PodEvent, PodWatch, Relisted
-from tests.integration.reconciler_env import NAMESPACE, ReconcilerEnv, pod_name
+from tests.integration.reconciler_env import NAMESPACE, RECONCILER_SA, ReconcilerEnv, pod_name
+
+LEASE_RBAC = """
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: {name}, namespace: kube-system}}
+rules:
+  - apiGroups: [coordination.k8s.io]
+    resources: [leases]
+    resourceNames: [{name}]
+    verbs: [get, update]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: {name}, namespace: kube-system}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: {name}}}
+subjects: [{{kind: ServiceAccount, name: {account}, namespace: kube-system}}]
+"""
 
 pytestmark = pytest.mark.integration
 
@@ -193,11 +210,26 @@ def test_the_watch_resumes_after_an_apiserver_restart_and_lists_again_on_410(
     assert watch.relists == 2  # the first listing, and the one after 410 Gone
 
 
+@contextlib.contextmanager
+def lease_granted(recon: ReconcilerEnv, lease: str) -> Iterator[None]:
+    """deploy/'s Role grants its own Lease by name alone: another --lease-name (this test's, so
+    that tests running at once hold Leases of their own) needs a Role of its own, as for users."""
+    rbac = LEASE_RBAC.format(name=lease, account=RECONCILER_SA)
+    recon.cluster.kubectl("apply", "-f", "-", input=rbac)
+    try:
+        yield
+    finally:
+        recon.cluster.kubectl("delete", "--ignore-not-found", "-f", "-", input=rbac)
+
+
 @pytest.mark.parametrize("recon", ["kubernetes"], indirect=True)
 def test_a_follower_takes_over_when_the_leader_is_killed(recon: ReconcilerEnv) -> None:
     lease = f"pyabouts-reconciler-{uuid.uuid4().hex[:6]}"
     timing = ("--lease-duration", "4", "--renew-deadline", "3", "--retry-period", "1")
-    with controllers(recon, 2, "--lease-name", lease, *timing) as replicas:
+    with (
+        lease_granted(recon, lease),
+        controllers(recon, 2, "--lease-name", lease, *timing) as replicas,
+    ):
 
         def holder() -> str:
             path = f"/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/{lease}"
