@@ -75,16 +75,14 @@ class PodState:
         return self.deleting_by is not None
 
     def lost_since(self, policy: Policy) -> float | None:
-        """When its address may be freed as NODE_LOST (epoch seconds); None: not a lost pod."""
-        if not self.disrupted or self.deleting_by is None:
+        """When its address may be freed as NODE_LOST (epoch seconds); None: not a lost pod, or
+        the policy frees none."""
+        if not self.disrupted or self.deleting_by is None or policy.node_lost_grace is None:
             return None
         return self.deleting_by + policy.node_lost_grace
 
 
 DEFAULT_PENDING_GRACE = 300.0  # seconds
-# A kubelet that is alive kills a pod's containers when its grace period ends, runs its DEL and
-# removes it within seconds; one still there this long after is on a node that is gone.
-DEFAULT_NODE_LOST_GRACE = 60.0  # seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +90,11 @@ class Policy:
     free_finished: bool = True  # free the addresses of Succeeded and Failed pods
     # How long a re-created Pending pod without network-status is waited for.
     pending_grace: float = DEFAULT_PENDING_GRACE
-    # How long past its deletion's deadline a pod the taint manager deleted keeps its address.
-    node_lost_grace: float = DEFAULT_NODE_LOST_GRACE
+    # How long past its deletion's deadline a pod the taint manager deleted keeps its address;
+    # None (the default): until the pod is gone. A node cut off from the API may still run it,
+    # holding the address on the attached network; Kubernetes removes such pods once the node is
+    # deleted or tainted out-of-service, and its kubelet runs their DEL if it comes back.
+    node_lost_grace: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from pyabouts.controller.leaks import DEFAULT_NODE_LOST_GRACE, DEFAULT_PENDING_GRACE, Policy
+from pyabouts.controller.leaks import DEFAULT_PENDING_GRACE, Policy
 from pyabouts.controller.reconciler import PassSummary
 from pyabouts.serving.listen import listen_argument
 
@@ -51,9 +51,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--node-lost-grace",
         type=float,
-        default=DEFAULT_NODE_LOST_GRACE,
-        help="seconds past the end of its grace period that a pod the taint manager deleted "
-        "keeps its address (a live kubelet runs its DEL by then)",
+        default=None,
+        metavar="SECONDS",
+        help="free the address of a pod the taint manager deleted this long after its grace "
+        "period ended (its node is taken for lost: 60 is enough for a live kubelet to run the "
+        "DEL); by default such an address is kept until the pod is gone, since a node cut off "
+        "from the API may still run the pod",
     )
     parser.add_argument("--watch", action="store_true", help="run as the controller")
     parser.add_argument(

@@ -23,7 +23,7 @@ RUNNING = PodState(
     disrupted=False,
     network_ips=frozenset({IP}),
 )
-POLICY = Policy()
+POLICY = Policy(node_lost_grace=60)
 
 
 def verdict(pod: PodState | None, owner: Owner = OWNER, policy: Policy = POLICY) -> Reason | None:
@@ -50,7 +50,7 @@ def test_a_finished_pod_gives_its_address_back_unless_configured_not_to(phase: s
 
 
 def test_a_pod_the_taint_manager_deleted_leaked_its_address_once_well_past_its_grace() -> None:
-    grace = POLICY.node_lost_grace
+    grace = 60  # POLICY's
     evicted = replace(RUNNING, disrupted=True)
     # Its node is gone: no kubelet removed it after its grace period ended.
     assert verdict(replace(evicted, deleting_by=NOW - grace)) is Reason.NODE_LOST
@@ -60,6 +60,14 @@ def test_a_pod_the_taint_manager_deleted_leaked_its_address_once_well_past_its_g
     assert verdict(replace(evicted, deleting_by=NOW - grace + 1)) is None
     # Being deleted alone is a graceful deletion: its DEL is still coming.
     assert verdict(replace(RUNNING, deleting_by=NOW - 3600)) is None
+
+
+def test_by_default_a_lost_nodes_pod_keeps_its_address_until_it_is_gone() -> None:
+    """Its node may be cut off from the API only, still running the pod on the attached
+    network: the address is not given to another pod until Kubernetes removes this one."""
+    evicted = replace(RUNNING, disrupted=True, deleting_by=NOW - 86400)
+    assert verdict(evicted, policy=Policy()) is None
+    assert verdict(None, policy=Policy()) is Reason.POD_GONE
 
 
 def test_a_static_pods_address_is_kept_though_its_mirror_in_the_api_has_another_uid() -> None:
