@@ -3,8 +3,9 @@ backstop, under a leader Lease so that several replicas are safe.
 
 The pod watch runs in its own thread and feeds a queue. The control loop takes what the watch
 says: a deleted (or finished) pod gets a targeted pass over that pod's allocations, and so does a
-pod the taint manager deleted, once it is still there past the end of its grace period (see
-leaks.judge); a relisting (after "410 Gone") or the resync timer gets a full pass.
+pod the taint manager deleted, with --node-lost-grace, once it is still there that long past the
+end of its grace period (see leaks.judge); a relisting (after "410 Gone") or the resync timer
+gets a full pass.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 from collections.abc import Sequence
@@ -25,6 +26,18 @@ if TYPE_CHECKING:
     from pyabouts.controller.connect import Connections
 
 log = logging.getLogger("pyabouts.reconciler")
+
+
+def _seconds(text: str) -> float:
+    """argparse type of a length of time: finite, not negative (a negative grace would free a
+    healthy node's evicted pods before their grace period ended)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, 0 or more")
+    return value
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -50,7 +63,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--node-lost-grace",
-        type=float,
+        type=_seconds,
         default=None,
         metavar="SECONDS",
         help="free the address of a pod the taint manager deleted this long after its grace "

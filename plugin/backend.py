@@ -92,7 +92,13 @@ class OneShotBackend:
                 else None,
             },
         )
-        config = config_with_named_flat_file(raw)
+        named = inline.get("configuration_path") if isinstance(inline, dict) else None
+        if isinstance(named, str):
+            config = config_with_named_flat_file(raw)
+        else:  # the node's flat file, read once
+            from pyabouts.ipam.config import load_config  # noqa: PLC0415 - heavy, loaded on use
+
+            config = load_config(raw, node)
         # The flat file the config names (configuration_path) may say it too: still before any
         # file the config names is opened for writing, or the store.
         named = {f"the flat file {config.flat_file}": config.ipam.agent_fallback}

@@ -71,7 +71,7 @@ def pool_label(pool: PoolId) -> str:
 def object_name(key: BlockKey) -> str:
     """e.g. "blue-10.50.0.0-24"; a digest stands in for names that are not DNS-safe."""
     pool = key.pool
-    prefix = pool.network if _LABEL_SAFE.match(pool.network) else f"net-{pool_label(pool)[:10]}"
+    prefix = pool.network if _LABEL_SAFE.fullmatch(pool.network) else f"net-{pool_label(pool)[:10]}"
     address = netaddr.IPAddress(key.base, pool.family)
     text = str(address) if pool.family == 4 else address.format(netaddr.ipv6_verbose)
     prefixlen = block_cidr(key).split("/")[1]
@@ -131,7 +131,15 @@ class KubernetesStore:
         except _Absent:
             return []
         block = block_of_ippool(item)
-        return [block] if block.key == key else []
+        if block.key != key:
+            # Two pools, one object name: one network named like the other's digest name.
+            raise CniError(
+                INVALID_CONFIG,
+                f"IPPool {object_name(key)} holds a block of network {block.key.pool.network!r}, "
+                f"and network {key.pool.network!r} names its block alike: rename one of them "
+                "(network_name)",
+            )
+        return [block]
 
     def _list(self, label_selector: str | None = None) -> list[Block]:
         """The IPPools of the namespace (that match `label_selector`) as blocks, in pages."""
@@ -216,7 +224,7 @@ class KubernetesStore:
 
     def _write(self, block: Block) -> str | None:
         """The new resourceVersion, or None on a conflict."""
-        if block.revision is None and _DIGEST_PREFIX.match(block.key.pool.network):
+        if block.revision is None and _DIGEST_PREFIX.fullmatch(block.key.pool.network):
             # It would be stored under the name of the network whose digest it is (and take
             # its blocks, or fail on them); blocks it has already are read and written still.
             raise CniError(

@@ -4,6 +4,7 @@ stores blocks in tests/integration/test_kubernetes_datastore.py)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import netaddr
@@ -52,3 +53,25 @@ def test_a_network_named_like_a_digest_creates_no_block_and_keeps_those_it_has()
     assert api.calls == [
         ("PUT", f"/apis/pyabouts.io/v1alpha1/namespaces/kube-system/ippools/{taken}-10.1.0.0-24")
     ]
+
+
+def test_a_network_whose_block_name_another_network_holds_is_told_so() -> None:
+    """A digest-shaped network stored before, and a network whose digest that name is: the
+    latter's read finds a block of another pool under its name, code 7 (it looped on 409s until
+    its deadline, code 11)."""
+    squatted = object_name(BlockKey(PoolId("Blue Net", 4), BASE))
+    squatter = squatted.removesuffix("-10.1.0.0-24")
+
+    stored = Block(BlockKey(PoolId(squatter, 4), BASE), revision="5")
+    held = json.loads(KubernetesStore(RecordingApi(), "kube-system")._object_json(stored))  # type: ignore[arg-type]
+
+    class HoldingApi(RecordingApi):
+        def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+            super().request(method, path)
+            return dict(held)
+
+    store = KubernetesStore(HoldingApi(), "kube-system")  # type: ignore[arg-type]
+    with pytest.raises(CniError) as clash:
+        store.read_blocks(PoolId("Blue Net", 4), BASE, BASE + 1)
+    assert clash.value.code == INVALID_CONFIG
+    assert "'Blue Net'" in clash.value.msg and repr(squatter) in clash.value.msg
