@@ -83,6 +83,12 @@ def node_b_takes_half_of(
     return halves, node_b
 
 
+def node_a(journal: Path, backing: PoolStore) -> tuple[PendingWrites, DeferringStore]:
+    """node-a's pending writes and its store over `backing`; a clash fails the test."""
+    pending = PendingWrites(journal, "node-a", on_clash=lambda: pytest.fail("a clash"))
+    return pending, DeferringStore(backing, pending)
+
+
 @contextlib.contextmanager
 def flush_after(pending: PendingWrites, memory: MemoryStore, seconds: float) -> Iterator[None]:
     """A flush of `pending` into `memory` `seconds` after entering, unless left first."""
@@ -419,8 +425,7 @@ def test_a_decision_on_a_block_the_agent_is_storing_itself_is_never_kept_uncheck
     same address, and the flush found the clash)."""
     memory = BlockByBlockStore()
     cache = CachedStore(memory)
-    pending = PendingWrites(journal, "node-a", on_clash=lambda: pytest.fail("a clash"))
-    node = DeferringStore(cache, pending)
+    pending, node = node_a(journal, cache)
     answers: dict[str, int] = {}
     first = threading.Thread(target=lambda: answers.update(X=add(node, 1)), daemon=True)
     first.start()
@@ -450,8 +455,7 @@ def test_the_outcomes_of_two_own_writes_of_a_block_out_of_order_never_date_its_v
     older state (it was: Y's late outcome counted as the newest, and Z got X's address)."""
     memory = ResentWriteStore()
     cache = CachedStore(memory)
-    pending = PendingWrites(journal, "node-a", on_clash=lambda: pytest.fail("a clash"))
-    node = DeferringStore(cache, pending)
+    pending, node = node_a(journal, cache)
     key = BlockKey.of(POOL, add(node, 1))  # takes the slice, creates the block
     span = (key.base, key.base + 255)
     node.read_blocks(CUT.registry, 0, 1 << 32)  # as each decision does: the slice is node-a's
@@ -498,8 +502,7 @@ def test_an_own_write_answered_as_a_conflict_may_have_landed(journal: Path) -> N
     it (it was: the conflict counted as nothing stored, and Z was given X's address)."""
     memory = ResentWriteStore()
     cache = CachedStore(memory)
-    pending = PendingWrites(journal, "node-a", on_clash=lambda: pytest.fail("a clash"))
-    node = DeferringStore(cache, pending)
+    pending, node = node_a(journal, cache)
     key = BlockKey.of(POOL, add(node, 1))
     span = (key.base, key.base + 255)
     node.read_blocks(CUT.registry, 0, 1 << 32)  # as each decision does: the slice is node-a's
@@ -554,8 +557,7 @@ def test_a_read_older_than_one_seen_is_never_decided_on_when_the_block_is_held_a
     write; node-b gives its slice up, and Z's read comes back. Z is then checked by the
     datastore, never kept on the state before X (it was: given X's address)."""
     memory = MemoryStore()
-    pending = PendingWrites(journal, "node-a", on_clash=lambda: pytest.fail("a clash"))
-    node = DeferringStore(memory, pending)
+    pending, node = node_a(journal, memory)
     key = BlockKey.of(POOL, add(node, 1))
     span = (key.base, key.base + 255)
     node.read_blocks(CUT.registry, 0, 1 << 32)
@@ -588,8 +590,7 @@ def test_a_flush_never_takes_the_view_back_before_a_state_read_while_it_wrote(
     decision on a read from before the reconciler is checked by the datastore, and the freed
     address is free on the node (it was: the view went back to the flush's state)."""
     memory = MemoryStore()
-    pending = PendingWrites(journal, "node-a", on_clash=lambda: pytest.fail("a clash"))
-    node = DeferringStore(memory, pending)
+    pending, node = node_a(journal, memory)
     first = add(node, 1)
     key = BlockKey.of(POOL, first)
     span = (key.base, key.base + 255)
@@ -654,8 +655,7 @@ def test_a_block_found_shared_takes_no_change_kept_behind_once_its_changes_are_s
 
 def test_a_flush_that_finds_another_nodes_address_marks_the_block_shared(journal: Path) -> None:
     memory = MemoryStore()
-    pending = PendingWrites(journal, "node-a", on_clash=lambda: pytest.fail("a clash"))
-    node = DeferringStore(memory, pending)
+    pending, node = node_a(journal, memory)
     first = add(node, 1)
     add(node, 2)  # kept
     key = BlockKey.of(POOL, first)
@@ -749,8 +749,7 @@ def test_a_block_another_nodes_slice_overlaps_takes_no_change_kept_behind_while_
     node-b holds half of that block. Its next decision there waits for the flush of what was
     kept, and is then stored before its answer (it was kept on: node-b gives from there)."""
     memory = MemoryStore()
-    pending = PendingWrites(journal, "node-a", on_clash=lambda: pytest.fail("a clash"))
-    node = DeferringStore(memory, pending)
+    pending, node = node_a(journal, memory)
     first = add(node, 1)
     add(node, 2)  # kept
     key = BlockKey.of(POOL, first)
