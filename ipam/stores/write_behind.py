@@ -1,22 +1,26 @@
 """Writes of a node's own slice blocks: answered once in the node's journal, stored behind.
 
-Under node slices (`node_slice_size`) a block that lies wholly in slices one node holds is
-given from by that node's agent alone, as long as every config of the network cuts the same
-range into slices of the same size: the registry says no other node looks there. So a decision
-on such a block need not wait for the datastore. With --write-behind the agent keeps it
+Under node slices (`node_slice_size`) the free addresses of a slice are given by the agent of
+the node that holds it alone, as long as every config of the network cuts the same range into
+slices of the same size: the registry says no other node looks there. So a decision that
+changes only addresses of the node's own slices need not wait for the datastore, whether its
+block (256 addresses) lies in one slice or holds several nodes' slices (slices of /25 or
+smaller): another node's changes of the block are its own slices', and a flush applies this
+node's changes over them. With --write-behind the agent keeps it
 (PendingWrites): in memory, as the view every later decision reads, and as a line in a journal
 file beside its socket, which a restarted agent reads again. A flusher stores the pending
 changes every fraction of a second, many decisions in one compare-and-swap. Writes of every
 other block (the slice registry, pools without slices, a block another node's slice overlaps)
-go to the datastore before the answer, as without it; so do those of a held block decided on
-a view not read since the agent last stored that block itself (its creation, say), which the
-datastore's compare-and-swap then checks.
+go to the datastore before the answer, as without it; so do a change of an address outside
+the node's slices (a DEL of an address another node's slice holds now, say) and those of a
+block decided on a view not read since the agent last stored that block itself (its creation,
+say), which the datastore's compare-and-swap then checks.
 
 The datastore still has the last word. A flush applies each change only over what the decision
 saw, so what the reconciler freed meanwhile stays free and an address somebody else stored
 meanwhile (a config of the range without slices) is never taken over: that is a clash, logged
-and counted, and the block is then written before each answer again (a change of it waits
-for the flush of those kept before).
+and counted, and while the block holds another node's address in this node's slices it is
+written before each answer again (a change of it waits for the flush of those kept before).
 
 The journal is on /run (a tmpfs), on purpose: it outlives the agent (a crash, an upgrade), not
 the node. A node that restarts has lost its sandboxes too, so the addresses it had not stored
@@ -121,8 +125,6 @@ class PendingWrites:
         # stored one with the pending changes over it) and the stored revision it is built on.
         self._latest: dict[BlockKey, Block] = {}
         self._built_on: dict[BlockKey, str | None] = {}
-        # Blocks whose stored state holds addresses other nodes gave: never deferred.
-        self._shared: set[BlockKey] = set()
         # Per block, the newest stored revision this agent knows (read, or written itself): a
         # block is tracked only from a read at least that new, so no decision is kept on a
         # state a later one replaced.
@@ -140,6 +142,10 @@ class PendingWrites:
         # Per registry block read: its revision, the slices this node holds in it and those
         # other nodes hold, as (pool, first, last).
         self._slices: dict[BlockKey, _Slices] = {}
+        self._slices_noted = 0  # how many times _slices changed: a stamp of what is known
+        # Per block: whether the view of a stamp (its revision, _slices_noted) holds an address
+        # another node gave in this node's slices (_given_by_others, asked at every write).
+        self._others_given: dict[BlockKey, tuple[tuple[str | None, int], bool]] = {}
         self._journal: int | None = None  # its fd, open for appending
         self._recover()
 
@@ -200,9 +206,10 @@ class PendingWrites:
     def keep(self, blocks: Sequence[Block]) -> WriteOutcome:
         """Keep the writes of `blocks` (all deferred): each one only if decided on the latest
         view of its block, with no write of the block of this agent's own on its way (one split
-        off since, as the slices changed, say: it may land on the same state) and, for a block
-        with changes pending, no other node known to give from it (they wait for the flush);
-        else a conflict (decide again), all or none. In the journal before anything else, so
+        off since, as the slices changed, say: it may land on the same state), and changing
+        only addresses this node alone gives as far as it knows (_only_mine: a change of
+        another, in a block with changes pending, waits for their flush); else a conflict
+        (decide again), all or none. In the journal before anything else, so
         that nothing is answered that the journal does not hold.
         StoreUnavailableError when the journal cannot take them, or when what is pending has
         waited longer than `max_pending` for the datastore (then the node answers code 11, as
@@ -213,7 +220,7 @@ class PendingWrites:
                 for b in blocks
                 if b.revision != self._expected(b.key)
                 or b.key in self._writing
-                or (b.key in self._pending and self._given_by_others(b.key))
+                or not self._only_mine(b, unknown=b.key in self._pending)
             ]
             if stale:
                 return WriteOutcome(conflicts=stale)
@@ -272,6 +279,9 @@ class PendingWrites:
         for key, changes in work:
             try:
                 outcome = self._flush_block(store, key, changes, taken)
+                if outcome is None:  # another writer came first (the node of another slice of
+                    # the block, say): once more at once, on the read the conflict made fresh
+                    outcome = self._flush_block(store, key, changes, taken)
             except CniError as exc:  # down, refused, or a block not in pyabouts' format
                 log.warning("storing the pending changes of %s: %s", _describe(key), exc.msg)
                 continue
@@ -329,8 +339,6 @@ class PendingWrites:
             else:
                 self._pending.pop(key, None)
                 self._pending_since.pop(key, None)
-            if clashing:
-                self._shared.add(key)
             # The write's success says `base` was the stored state: what was written, with the
             # changes kept since over it, is the view now (a read that began before the write
             # may still bring `base`, and must not undo it). One a read built on the write
@@ -346,8 +354,6 @@ class PendingWrites:
                     self._latest.pop(key, None)
                     self._built_on.pop(key, None)
                 return len(clashing)
-            if not clashing:
-                self._note_shared(key, merged)  # the view is built on it now
             rebuilt = self._built_on.get(key) == written and not clashing
             if not rest:
                 self._latest[key] = merged
@@ -366,25 +372,53 @@ class PendingWrites:
             return True
         if key in self._writing or key in self._unsure or key not in self._built_on:
             return False  # not decided on a view tracked since this agent last stored it
-        return self._defer and key not in self._shared and self._holds(key)
+        return self._defer and self._only_mine(block, unknown=False)
 
-    def _given_by_others(self, key: BlockKey) -> bool:
-        """Whether another node gives from `key` as far as this agent knows: an address of
-        another node's in it, or a registry read by which the node does not hold it (none read
-        since the agent started says nothing: a DEL reads none)."""
-        if key in self._shared:
-            return True
-        known = any(
+    def _only_mine(self, block: Block, *, unknown: bool = True) -> bool:
+        """Whether `block`, decided on the tracked view of its block, changes only addresses
+        that this node alone gives as far as the agent knows: each in a slice the node holds,
+        in no slice another node holds in any registry read (two configs of one network with
+        other ranges or slice sizes keep registries of their own), and the view holds no
+        address another node gave in the node's slices there (a config without slices gives
+        from them, or a flush found a clash). `unknown`: the answer when no registry of the
+        pool was read since the agent started (a DEL reads none, and a restarted agent's
+        journal holds changes of blocks it knew)."""
+        key = block.key
+        before = self._latest.get(key)
+        if before is None:
+            return False
+        mine, others = self._slice_spans(key)
+        if not any(
             p == key.pool for s in self._slices.values() for p, _, _ in (*s.mine, *s.others)
+        ):
+            return unknown and not self._given_by_others(before, mine, others)
+        if self._given_by_others(before, mine, others):
+            return False
+        last = key.base + BLOCK_SIZE - 1
+        if not others and any(lo <= key.base and last <= hi for lo, hi in mine):
+            return True  # the block lies in the node's slices alone: every change is its own
+        return all(
+            _within(c.address, mine) and not _within(c.address, others)
+            for c in _changes(before, block)
         )
-        return known and not self._holds(key)
 
-    def _note_shared(self, key: BlockKey, stored: Block) -> None:
-        """Whether `stored` holds an address another node gave: its block is then shared."""
-        if any(o.in_use and o.node not in ("", self._node) for o in stored.entries.values()):
-            self._shared.add(key)
-        else:
-            self._shared.discard(key)
+    def _given_by_others(
+        self, view: Block, mine: list[tuple[int, int]], others: list[tuple[int, int]]
+    ) -> bool:
+        """Whether `view` holds an address another node gave where this node's slices (`mine`)
+        say it alone gives, outside other nodes' (`others`); with no slice known, anywhere."""
+        stamp = (view.revision, self._slices_noted)
+        known = self._others_given.get(view.key)
+        if known is not None and known[0] == stamp:
+            return known[1]
+        given = any(
+            o.in_use
+            and o.node not in ("", self._node)
+            and (not mine or (_within(a, mine) and not _within(a, others)))
+            for a, o in view.entries.items()
+        )
+        self._others_given[view.key] = (stamp, given)
+        return given
 
     def _seen(self, stored: Block) -> Block:
         """The block decisions see for `stored`; tracks it if this node holds it."""
@@ -403,13 +437,13 @@ class PendingWrites:
             if latest is not None and stored.revision == built_on:
                 return latest
         pending = self._pending.get(key)
-        if not pending and (not fresh or key in self._unsure or not self._holds(key)):
-            # Not to be written behind on: not held, or older than what the agent has read or
-            # written itself since (what it tracked is older still). Its writes go direct.
+        if not pending and (not fresh or key in self._unsure or not self._slice_spans(key)[0]):
+            # Not to be written behind on: no slice of the node's in it, or older than what the
+            # agent has read or written itself since (what it tracked is older still). Its
+            # writes go direct.
             self._latest.pop(key, None)
             self._built_on.pop(key, None)
             return stored
-        self._note_shared(key, stored)
         built = _with_changes(stored, pending, self._token()) if pending else stored
         self._latest[key] = built
         self._built_on[key] = stored.revision
@@ -426,18 +460,20 @@ class PendingWrites:
         latest = self._latest.get(key)
         return latest.revision if latest is not None else None
 
-    def _holds(self, key: BlockKey) -> bool:
-        """Whether `key` lies wholly in a slice this node holds, and in no slice another node
-        holds in any registry read (two configs of one network with other ranges or slice
-        sizes keep registries of their own)."""
+    def _slice_spans(self, key: BlockKey) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The spans of block `key` that slices hold, in every registry read: (this node's,
+        other nodes')."""
         last = key.base + BLOCK_SIZE - 1
-        known = self._slices.values()
-        mine = any(
-            p == key.pool and lo <= key.base and last <= hi for s in known for p, lo, hi in s.mine
-        )
-        return mine and not any(
-            p == key.pool and lo <= last and key.base <= hi for s in known for p, lo, hi in s.others
-        )
+        mine: list[tuple[int, int]] = []
+        others: list[tuple[int, int]] = []
+        for known in self._slices.values():
+            for spans, held in ((mine, known.mine), (others, known.others)):
+                spans += [
+                    (lo, hi)
+                    for p, lo, hi in held
+                    if p == key.pool and lo <= last and key.base <= hi
+                ]
+        return mine, others
 
     def _note_registry(self, block: Block) -> None:
         known = self._slices.get(block.key)
@@ -449,6 +485,7 @@ class PendingWrites:
                 held = noted.mine if owner.node == self._node else noted.others
                 held.append(slice_span(block.key.pool, owner))
         self._slices[block.key] = noted
+        self._slices_noted += 1
 
     # -- the journal ----------------------------------------------------------------------------
 
@@ -568,6 +605,10 @@ class DeferringStore:
 
     def close(self) -> None:
         self._backing.close()
+
+
+def _within(address: int, spans: list[tuple[int, int]]) -> bool:
+    return any(lo <= address <= hi for lo, hi in spans)
 
 
 def _with_changes(stored: Block, changes: list[Change], revision: str) -> Block:

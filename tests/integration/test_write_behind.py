@@ -4,6 +4,7 @@ it leaves them in the journal, the thin plugin then refuses to serve in-process 
 one of them again, and the next agent stores them first and gives none of them again; stopped,
 it stores what is pending before it exits."""
 
+import contextlib
 import fcntl
 import json
 import time
@@ -28,11 +29,11 @@ from tests.integration.stored_state import owners_on
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def node(pyabouts_cluster: ControlPlane, tmp_path: Path) -> Iterator[Node]:
-    """A node whose agent serves its own flat file's datastore and writes its slice behind,
-    storing every 60 s only: what it answered stays unstored for the test's length unless it
-    stops."""
+@contextlib.contextmanager
+def writing_behind(cluster: ControlPlane, tmp_path: Path, count: int) -> Iterator[list[Node]]:
+    """`count` nodes whose agents serve their own flat file's datastore and write their slices
+    behind, storing every 60 s only: what they answered stays unstored for the test's length
+    unless they stop."""
     agents: list[AgentProcess] = []
 
     def start(directory: Path) -> AgentProcess:
@@ -41,10 +42,17 @@ def node(pyabouts_cluster: ControlPlane, tmp_path: Path) -> Iterator[Node]:
         agents.append(agent.start())
         return agent
 
-    [found] = make_nodes(tmp_path, 1, kubernetes_datastore(pyabouts_cluster), start)
-    yield found
-    for agent in agents:
-        agent.stop()
+    try:
+        yield make_nodes(tmp_path, count, kubernetes_datastore(cluster), start)
+    finally:
+        for agent in agents:
+            agent.stop()
+
+
+@pytest.fixture
+def node(pyabouts_cluster: ControlPlane, tmp_path: Path) -> Iterator[Node]:
+    with writing_behind(pyabouts_cluster, tmp_path, 1) as [found]:
+        yield found
 
 
 def address(outcome: tuple[int, Any]) -> str:
@@ -126,3 +134,43 @@ def test_answers_kept_in_the_journal_survive_the_agent_and_are_stored_by_the_nex
     assert stored == {"c1": first, "c2": kept[0], "c4": kept[2], "c5": fifth}
     assert json.loads(journal.read_text().splitlines()[0])["node"] == node.name
     assert len(journal.read_text().splitlines()) == 1  # nothing left for the next agent
+
+
+def test_nodes_whose_slices_share_a_block_each_store_their_answers_behind_into_it(
+    pyabouts_cluster: ControlPlane, tmp_path: Path
+) -> None:
+    """Slices of /26 in a range of one block: two nodes' slices in one IPPool. Each node's
+    ADDs after the first are answered and not stored; each agent's SIGTERM stores its own,
+    the second over the first's write of the block."""
+    network = f"wb-{uuid.uuid4().hex[:6]}"
+    ipam = kubernetes_ipam(
+        pyabouts_cluster, range="10.97.0.0/24", node_slice_size="/26", network_name=network
+    )
+    with writing_behind(pyabouts_cluster, tmp_path, 2) as nodes:
+        shims = []
+        for n, each in enumerate(nodes):
+            assert each.agent is not None
+            socket = str(each.agent.socket)
+            shims.append(str(install_shim(tmp_path / f"bin-{n}", built_shim(), socket_path=socket)))
+
+        def add(n: int, *containers: str) -> dict[str, str]:
+            outcomes = run_plugins(shims[n], "ADD", ipam, [nodes[n]], list(containers))
+            return {c: address(o) for c, o in zip(containers, outcomes, strict=True)}
+
+        firsts = add(0, "a1") | add(1, "b1")  # each takes its slice: stored before the answer
+        assert set(owners_on(pyabouts_cluster, network)) == set(firsts.values())
+        kept = add(0, "a2", "a3") | add(1, "b2", "b3")
+        assert set(owners_on(pyabouts_cluster, network)) == set(firsts.values())
+        for each in nodes:
+            assert each.agent is not None
+            assert metric(each.agent, "pyabouts_agent_write_behind_pending") == 2
+        answered = firsts | kept
+        slices = {c: netaddr.IPNetwork(f"{a}/26") for c, a in answered.items()}
+        assert slices["a1"] != slices["b1"]
+        assert {slices[c] for c in ("a1", "a2", "a3")} == {slices["a1"]}
+        assert {slices[c] for c in ("b1", "b2", "b3")} == {slices["b1"]}
+        for each in nodes:
+            assert each.agent is not None
+            each.agent.stop()  # SIGTERM: what is pending is stored before it exits
+        stored = {o.container_id: a for a, o in owners_on(pyabouts_cluster, network).items()}
+        assert stored == answered

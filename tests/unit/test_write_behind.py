@@ -13,7 +13,7 @@ from pathlib import Path
 import netaddr
 import pytest
 
-from pyabouts.ipam import operations
+from pyabouts.ipam import operations, slices
 from pyabouts.ipam.coalescing import CoalescingTransactions
 from pyabouts.ipam.errors import StoreUnavailableError
 from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
@@ -28,27 +28,40 @@ from tests.memory_store import MemoryStore
 POOL = PoolId("blue", 4)
 RANGE = build_range("10.7.0.0/22", range_start=None, range_end=None, exclude=[], pool=POOL)
 CUT = SlicedRange(RANGE, 24)  # a /24 slice per node: one block each
+# A range of one block cut in four: four nodes' slices share a block.
+QUARTERS = SlicedRange(
+    build_range("10.9.0.0/24", range_start=None, range_end=None, exclude=[], pool=POOL), 26
+)
 
 
 def owner(n: int, node: str = "node-a") -> Owner:
     return Owner(f"c{n}", "net1", f"ns/p{n}", node=node)
 
 
-def add(store: PoolStore, n: int, node: str = "node-a", *, deadline: float = 5) -> int:
+def add(
+    store: PoolStore,
+    n: int,
+    node: str = "node-a",
+    *,
+    deadline: float = 5,
+    cut: SlicedRange = CUT,
+    requested: int | None = None,
+) -> int:
+    """Pod `n`'s ADD on `node` through `store`: the address given (`requested`, if given)."""
     [address] = operations.allocate(
         DirectTransactions(store),
-        [RANGE],
+        [cut.range],
         owner(n, node),
-        [],
+        [] if requested is None else [netaddr.IPAddress(requested, POOL.family)],
         deadline=time.monotonic() + deadline,
-        sliced=[CUT],
+        sliced=[cut],
     )
     return address
 
 
-def delete(store: PoolStore, n: int) -> list[int]:
+def delete(store: PoolStore, n: int, *, cut: SlicedRange = CUT) -> list[int]:
     return operations.release(
-        DirectTransactions(store), [RANGE], f"c{n}", "net1", deadline=time.monotonic() + 5
+        DirectTransactions(store), [cut.range], f"c{n}", "net1", deadline=time.monotonic() + 5
     )
 
 
@@ -62,15 +75,28 @@ def stored(memory: MemoryStore) -> dict[int, str]:
     }
 
 
-def node_b_takes_half_of(
-    key: BlockKey, memory: MemoryStore, journal: Path
-) -> tuple[SlicedRange, DeferringStore]:
-    """Another config of the network cuts `key`'s /24 into halves, and node-b (an agent of its
-    own) gives pod 50 an address from one: the halves, and node-b's store."""
+def halves_of(key: BlockKey) -> SlicedRange:
+    """Another config of the network: `key`'s /24 cut into halves."""
     block_range = build_range(
         f"{netaddr.IPAddress(key.base)}/24", range_start=None, range_end=None, exclude=[], pool=POOL
     )
-    halves = SlicedRange(block_range, 25)
+    return SlicedRange(block_range, 25)
+
+
+def in_node_b_half(key: BlockKey) -> int:
+    """An address of the half of `key` that node_b_takes_half_of gives node-b (the one its name
+    picks, slices.preferred_slice), not its first."""
+    halves = halves_of(key)
+    index = slices.preferred_slice(halves.registry_range(), "node-b")
+    return int(halves.slice_network(index).first) + 20
+
+
+def node_b_takes_half_of(
+    key: BlockKey, memory: MemoryStore, journal: Path
+) -> tuple[SlicedRange, DeferringStore]:
+    """Another config of the network cuts `key`'s /24 into halves (halves_of), and node-b (an
+    agent of its own) gives pod 50 an address from one: the halves, and node-b's store."""
+    halves = halves_of(key)
     node_b = DeferringStore(memory, PendingWrites(journal.with_name("b"), "node-b"))
     operations.allocate(
         DirectTransactions(node_b),
@@ -83,9 +109,14 @@ def node_b_takes_half_of(
     return halves, node_b
 
 
-def node_a(journal: Path, backing: PoolStore) -> tuple[PendingWrites, DeferringStore]:
-    """node-a's pending writes and its store over `backing`; a clash fails the test."""
-    pending = PendingWrites(journal, "node-a", on_clash=lambda: pytest.fail("a clash"))
+def agent(
+    journal: Path, backing: PoolStore, node: str = "node-a"
+) -> tuple[PendingWrites, DeferringStore]:
+    """The pending writes of `node`'s agent (its journal beside `journal`, unless node-a's)
+    and its store over `backing`; a clash fails the test."""
+    if node != "node-a":
+        journal = journal.with_name(f"{node}.journal")
+    pending = PendingWrites(journal, node, on_clash=lambda: pytest.fail("a clash"))
     return pending, DeferringStore(backing, pending)
 
 
@@ -232,6 +263,78 @@ def test_blocks_outside_the_nodes_slices_are_written_before_the_answer(journal: 
     assert pending.pending_count() == 1 and other.pending_count() == 1
 
 
+def test_nodes_whose_slices_share_a_block_each_keep_the_changes_of_their_own_slice(
+    journal: Path,
+) -> None:
+    """Slices of /26: four nodes' slices in one block. A node's first ADD takes its slice and is
+    stored before its answer; its next ones are kept, and each node's flush stores its own over
+    what the other's stored."""
+    memory = MemoryStore()
+    pending_a, node_a = agent(journal, memory)
+    pending_b, node_b = agent(journal, memory, "node-b")
+    first_a = add(node_a, 1, cut=QUARTERS)
+    first_b = add(node_b, 11, "node-b", cut=QUARTERS)
+    assert stored(memory) == {first_a: "c1", first_b: "c11"}
+    kept_a = {add(node_a, n, cut=QUARTERS): f"c{n}" for n in (2, 3, 4)}
+    kept_b = {add(node_b, n, "node-b", cut=QUARTERS): f"c{n}" for n in (12, 13)}
+    assert (pending_a.pending_count(), pending_b.pending_count()) == (3, 2)
+    assert stored(memory) == {first_a: "c1", first_b: "c11"}
+    slice_a = netaddr.IPNetwork(f"{netaddr.IPAddress(first_a)}/26")
+    slice_b = netaddr.IPNetwork(f"{netaddr.IPAddress(first_b)}/26")
+    assert slice_a != slice_b
+    assert all(netaddr.IPAddress(a) in slice_a for a in kept_a)
+    assert all(netaddr.IPAddress(a) in slice_b for a in kept_b)
+    assert pending_a.flush(memory).stored == 3
+    assert pending_b.flush(memory).stored == 2  # over node-a's write of the block
+    assert stored(memory) == {first_a: "c1", first_b: "c11", **kept_a, **kept_b}
+
+
+def test_a_change_outside_the_nodes_slices_in_a_block_with_changes_kept_waits_for_them(
+    journal: Path,
+) -> None:
+    """node-a frees node-b's pod's address (its DEL reached node-a) in a block where node-a has
+    a change kept: the DEL waits for the flush of that change and is then stored before its
+    answer, as every change of an address node-a does not give alone."""
+    memory = MemoryStore()
+    pending_a, node_a = agent(journal, memory)
+    _, node_b = agent(journal, memory, "node-b")
+    add(node_a, 1, cut=QUARTERS)
+    add(node_a, 2, cut=QUARTERS)  # kept
+    [theirs] = [add(node_b, 11, "node-b", cut=QUARTERS)]
+    with flush_after(pending_a, memory, 0.2):
+        assert delete(node_a, 11, cut=QUARTERS) == [theirs]
+        assert pending_a.pending_count() == 0  # it waited for the flush
+    assert "c11" not in stored(memory).values()
+    assert sorted(stored(memory).values()) == ["c1", "c2"]
+
+
+def test_a_flush_whose_write_another_node_came_before_stores_at_once_on_a_fresh_read(
+    journal: Path,
+) -> None:
+    """node-b stores a change of its slice of the block between node-a's flush reading the
+    block and writing it: node-a's flush writes again at once, not a flush interval later."""
+    memory = MemoryStore()
+    pending_a, node_a = agent(journal, memory)
+    pending_b, node_b = agent(journal, memory, "node-b")
+    add(node_a, 1, cut=QUARTERS)
+    add(node_b, 11, "node-b", cut=QUARTERS)
+    kept = add(node_a, 2, cut=QUARTERS)
+    theirs = add(node_b, 12, "node-b", cut=QUARTERS)
+
+    class NodeBFirst(MemoryStore):
+        def read_blocks(self, pool: PoolId, low: int, high: int) -> list[Block]:
+            return memory.read_blocks(pool, low, high)
+
+        def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
+            if pending_b.pending_count():
+                assert pending_b.flush(memory).stored == 1
+            return memory.write_blocks(blocks)
+
+    outcome = pending_a.flush(NodeBFirst())
+    assert (outcome.stored, outcome.left) == (1, 0)
+    assert stored(memory)[kept] == "c2" and stored(memory)[theirs] == "c12"
+
+
 def test_defer_false_stores_every_write_once_the_journal_is_taken_up(journal: Path) -> None:
     memory = MemoryStore()
     node = DeferringStore(memory, PendingWrites(journal, "node-a"))
@@ -247,34 +350,41 @@ def test_defer_false_stores_every_write_once_the_journal_is_taken_up(journal: Pa
     assert stored(memory)[fourth] == "c4" and plain.pending_count() == 0
 
 
-def test_concurrent_adds_and_dels_with_a_flusher_running_store_exactly_what_was_answered(
-    journal: Path,
-) -> None:
-    """Batched decisions (the agent's) on a node, ADDs and DELs at once, while the flusher
-    stores every 2 ms: every answer is unique, every DEL finds its ADD's address, and the
-    datastore ends up holding exactly what was answered and not released. (Found reads that
-    began before a flush's write undoing it in the view: a DEL that found nothing.)"""
-    memory = MemoryStore()
-    pending = PendingWrites(journal, "node-a")
-    transactions = CoalescingTransactions(DeferringStore(memory, pending), lambda _: None)
+def serve_with_flushers(
+    nodes: Sequence[tuple[str, PendingWrites, DeferringStore]],
+    memory: MemoryStore,
+    cut: SlicedRange,
+) -> dict[int, int]:
+    """120 pods' ADDs in `cut`, round robin over `nodes` (each its agent's batched decisions),
+    a third of them DELed again at once, while each node flushes into `memory` every 2 ms:
+    every DEL finds its ADD's address. The addresses answered and not released, by pod, once
+    every node's flush has stored what it kept."""
     stop = threading.Event()
 
-    def flush_on() -> None:
+    def flush_on(pending: PendingWrites) -> None:
         while not stop.wait(0.002):
             pending.flush(memory)
 
-    flusher = threading.Thread(target=flush_on)
-    flusher.start()
+    flushers = [threading.Thread(target=flush_on, args=(p,)) for _, p, _ in nodes]
+    for flusher in flushers:
+        flusher.start()
+    batching = [CoalescingTransactions(store, lambda _: None) for _, _, store in nodes]
     answers: dict[int, int] = {}
     lock = threading.Lock()
 
     def serve(n: int) -> None:
+        transactions = batching[n % len(nodes)]
         [address] = operations.allocate(
-            transactions, [RANGE], owner(n), [], deadline=time.monotonic() + 10, sliced=[CUT]
+            transactions,
+            [cut.range],
+            owner(n, nodes[n % len(nodes)][0]),
+            [],
+            deadline=time.monotonic() + 10,
+            sliced=[cut],
         )
         if n % 3 == 0:  # a third of the pods go away again
             assert operations.release(
-                transactions, [RANGE], f"c{n}", "net1", deadline=time.monotonic() + 10
+                transactions, [cut.range], f"c{n}", "net1", deadline=time.monotonic() + 10
             ) == [address]
             return
         with lock:
@@ -286,9 +396,35 @@ def test_concurrent_adds_and_dels_with_a_flusher_running_store_exactly_what_was_
     for worker in workers:
         worker.join()
     stop.set()
-    flusher.join()
-    while pending.flush(memory).left:
-        pass
+    for flusher in flushers:
+        flusher.join()
+    for _, pending, _ in nodes:
+        while pending.flush(memory).left:
+            pass
+    return answers
+
+
+def test_concurrent_adds_and_dels_with_a_flusher_running_store_exactly_what_was_answered(
+    journal: Path,
+) -> None:
+    """Batched decisions (the agent's) on a node, ADDs and DELs at once, while the flusher
+    stores: every answer is unique, and the datastore ends up holding exactly what was
+    answered and not released. (Found reads that began before a flush's write undoing it in
+    the view: a DEL that found nothing.)"""
+    memory = MemoryStore()
+    answers = serve_with_flushers([("node-a", *agent(journal, memory))], memory, CUT)
+    assert len(set(answers.values())) == len(answers) == 80
+    assert stored(memory) == {a: f"c{n}" for n, a in answers.items()}
+
+
+def test_nodes_sharing_a_block_batching_adds_and_dels_with_flushers_store_what_was_answered(
+    journal: Path,
+) -> None:
+    """The same on two nodes whose slices of /26 lie in one block, each flushing its own:
+    every answer is unique across the nodes, with no clash."""
+    memory = MemoryStore()
+    nodes = [(name, *agent(journal, memory, name)) for name in ("node-a", "node-b")]
+    answers = serve_with_flushers(nodes, memory, QUARTERS)
     assert len(set(answers.values())) == len(answers) == 80
     assert stored(memory) == {a: f"c{n}" for n, a in answers.items()}
 
@@ -365,32 +501,19 @@ def test_a_slice_another_registry_gives_to_another_node_is_not_written_behind(
 ) -> None:
     """Two configs of one network, another range cut into slices of another size: each has a
     registry of its own, so node-b may hold a slice over node-a's. Once node-a's agent has read
-    both registries, it stores its writes of that block before answering."""
+    both registries, it stores its writes of node-b's slice before answering, and keeps those
+    of the rest of its own."""
     memory = MemoryStore()
-    pending = PendingWrites(journal, "node-a")
-    node_a = DeferringStore(memory, pending)
-    node_b = DeferringStore(memory, PendingWrites(journal.with_name("b"), "node-b"))
-    first = add(node_a, 1)
-    small = build_range(
-        f"{netaddr.IPAddress(first)}/24", range_start=None, range_end=None, exclude=[], pool=POOL
-    )
-    halves = SlicedRange(small, 25)
-
-    def add_in_small(store: PoolStore, n: int, node: str) -> int:
-        [address] = operations.allocate(
-            DirectTransactions(store),
-            [small],
-            owner(n, node),
-            [],
-            deadline=time.monotonic() + 5,
-            sliced=[halves],
-        )
-        return address
-
-    add_in_small(node_b, 50, "node-b")  # node-b takes a /25 of node-a's /24
-    add_in_small(node_a, 51, "node-a")  # node-a reads that registry too
-    second = add(node_a, 2)
+    pending, node_a = agent(journal, memory)
+    _, node_b = agent(journal, memory, "node-b")
+    key = BlockKey.of(POOL, add(node_a, 1))
+    halves = halves_of(key)
+    add(node_b, 50, "node-b", cut=halves)  # node-b takes a /25 of node-a's /24
+    add(node_a, 51, cut=halves)  # node-a reads that registry too (and takes the other /25)
+    second = add(node_a, 2, requested=in_node_b_half(key))
     assert stored(memory)[second] == "c2" and pending.pending_count() == 0
+    third = add(node_a, 3)
+    assert third not in stored(memory) and pending.pending_count() == 1
 
 
 class BlockByBlockStore(MemoryStore):
@@ -425,7 +548,7 @@ def test_a_decision_on_a_block_the_agent_is_storing_itself_is_never_kept_uncheck
     same address, and the flush found the clash)."""
     memory = BlockByBlockStore()
     cache = CachedStore(memory)
-    pending, node = node_a(journal, cache)
+    pending, node = agent(journal, cache)
     answers: dict[str, int] = {}
     first = threading.Thread(target=lambda: answers.update(X=add(node, 1)), daemon=True)
     first.start()
@@ -455,7 +578,7 @@ def test_the_outcomes_of_two_own_writes_of_a_block_out_of_order_never_date_its_v
     older state (it was: Y's late outcome counted as the newest, and Z got X's address)."""
     memory = ResentWriteStore()
     cache = CachedStore(memory)
-    pending, node = node_a(journal, cache)
+    pending, node = agent(journal, cache)
     key = BlockKey.of(POOL, add(node, 1))  # takes the slice, creates the block
     span = (key.base, key.base + 255)
     node.read_blocks(CUT.registry, 0, 1 << 32)  # as each decision does: the slice is node-a's
@@ -502,7 +625,7 @@ def test_an_own_write_answered_as_a_conflict_may_have_landed(journal: Path) -> N
     it (it was: the conflict counted as nothing stored, and Z was given X's address)."""
     memory = ResentWriteStore()
     cache = CachedStore(memory)
-    pending, node = node_a(journal, cache)
+    pending, node = agent(journal, cache)
     key = BlockKey.of(POOL, add(node, 1))
     span = (key.base, key.base + 255)
     node.read_blocks(CUT.registry, 0, 1 << 32)  # as each decision does: the slice is node-a's
@@ -536,13 +659,13 @@ def test_a_write_kept_while_the_agent_stores_the_same_block_itself_is_a_conflict
     node.read_blocks(CUT.registry, 0, 1 << 32)
     view = next(b for b in node.read_blocks(POOL, *span) if b.key == key)
     a, b = view.copy(), view.copy()
-    a.put(key.base + 20, owner(20))
-    b.put(key.base + 20, owner(30))
+    a.put(in_node_b_half(key), owner(20))
+    b.put(in_node_b_half(key), owner(30))
     deferred_a, direct_a, _ = pending.split([a])
     assert deferred_a == [a] and not direct_a
     halves, _ = node_b_takes_half_of(key, memory, journal)
     node.read_blocks(halves.registry, 0, 1 << 32)  # node-b's half of node-a's block
-    deferred_b, direct_b, order = pending.split([b])
+    deferred_b, direct_b, order = pending.split([b])  # b's address is in that half
     assert direct_b == [b] and not deferred_b  # on its way to the datastore
     assert pending.keep(deferred_a).conflicts == [key]
     pending.written(direct_b, order, memory.write_blocks(direct_b))
@@ -552,34 +675,28 @@ def test_a_write_kept_while_the_agent_stores_the_same_block_itself_is_a_conflict
 def test_a_read_older_than_one_seen_is_never_decided_on_when_the_block_is_held_again(
     journal: Path,
 ) -> None:
-    """Another config's slice of node-b overlaps node-a's block, so node-a stores its writes
-    of it before answering. A read (Z) begins, X writes the block, a later read sees X's
-    write; node-b gives its slice up, and Z's read comes back. Z is then checked by the
-    datastore, never kept on the state before X (it was: given X's address)."""
+    """node-a holds no slice of a block node-b gives from, so it stores its writes of it before
+    answering. A read (Z) begins, X writes the block, a later read sees X's write; node-a takes
+    a slice of the block, and Z's read comes back. Z is then checked by the datastore, never
+    kept on the state before X (it was: given X's address)."""
     memory = MemoryStore()
-    pending, node = node_a(journal, memory)
-    key = BlockKey.of(POOL, add(node, 1))
+    pending, node = agent(journal, memory)
+    _, node_b = agent(journal, memory, "node-b")
+    theirs = add(node_b, 11, "node-b", cut=QUARTERS) + 1
+    key = BlockKey.of(POOL, theirs)
     span = (key.base, key.base + 255)
-    node.read_blocks(CUT.registry, 0, 1 << 32)
-    halves, node_b = node_b_takes_half_of(key, memory, journal)
-    delete(node_b, 50)
-    node.read_blocks(halves.registry, 0, 1 << 32)  # node-b's half: the block is not held
+    node.read_blocks(QUARTERS.registry, 0, 1 << 32)  # node-b's quarter, none of node-a's
     read_by_z = memory.read_blocks(POOL, *span)  # comes back late
     x = next(b for b in node.read_blocks(POOL, *span) if b.key == key).copy()
-    x.put(key.base + 20, owner(20))
+    x.put(theirs, owner(20))
     assert node.write_blocks([x]).revisions  # stored before its answer
     node.read_blocks(POOL, *span)  # a read after X's write
-    registry = memory.read_blocks(halves.registry, 0, 1 << 32)[0].copy()
-    for index, holder in list(registry.entries.items()):
-        if holder.node == "node-b":
-            registry.pop(index)  # node-b gives its half up
-    assert not memory.write_blocks([registry]).conflicts
-    node.read_blocks(halves.registry, 0, 1 << 32)  # held again
+    add(node, 1, cut=QUARTERS)  # node-a takes a quarter of the block
     z = next(b for b in pending.view(POOL, *span, read_by_z) if b.key == key).copy()
-    assert key.base + 20 not in z.entries
-    z.put(key.base + 20, owner(30))
+    assert theirs not in z.entries
+    z.put(theirs, owner(30))
     assert node.write_blocks([z]).conflicts == [key]
-    assert stored(memory)[key.base + 20] == "c20" and pending.pending_count() == 0
+    assert stored(memory)[theirs] == "c20" and pending.pending_count() == 0
 
 
 def test_a_flush_never_takes_the_view_back_before_a_state_read_while_it_wrote(
@@ -590,7 +707,7 @@ def test_a_flush_never_takes_the_view_back_before_a_state_read_while_it_wrote(
     decision on a read from before the reconciler is checked by the datastore, and the freed
     address is free on the node (it was: the view went back to the flush's state)."""
     memory = MemoryStore()
-    pending, node = node_a(journal, memory)
+    pending, node = agent(journal, memory)
     first = add(node, 1)
     key = BlockKey.of(POOL, first)
     span = (key.base, key.base + 255)
@@ -655,7 +772,7 @@ def test_a_block_found_shared_takes_no_change_kept_behind_once_its_changes_are_s
 
 def test_a_flush_that_finds_another_nodes_address_marks_the_block_shared(journal: Path) -> None:
     memory = MemoryStore()
-    pending, node = node_a(journal, memory)
+    pending, node = agent(journal, memory)
     first = add(node, 1)
     add(node, 2)  # kept
     key = BlockKey.of(POOL, first)
@@ -746,10 +863,11 @@ def test_a_block_another_nodes_slice_overlaps_takes_no_change_kept_behind_while_
     journal: Path,
 ) -> None:
     """node-a has a change kept in its block when it reads another config's registry by which
-    node-b holds half of that block. Its next decision there waits for the flush of what was
-    kept, and is then stored before its answer (it was kept on: node-b gives from there)."""
+    node-b holds half of that block. Its next decision in that half waits for the flush of
+    what was kept, and is then stored before its answer (it was kept on: node-b gives from
+    there); one in the other half is kept."""
     memory = MemoryStore()
-    pending, node = node_a(journal, memory)
+    pending, node = agent(journal, memory)
     first = add(node, 1)
     add(node, 2)  # kept
     key = BlockKey.of(POOL, first)
@@ -757,5 +875,7 @@ def test_a_block_another_nodes_slice_overlaps_takes_no_change_kept_behind_while_
     delete(node_b, 50)  # nothing of node-b's in the block: it is not shared
     node.read_blocks(halves.registry, 0, 1 << 32)
     with flush_after(pending, memory, 0.2):
-        third = add(node, 3)  # waits for that flush
+        third = add(node, 3, requested=in_node_b_half(key))  # waits for that flush
     assert stored(memory)[third] == "c3" and pending.pending_count() == 0
+    fourth = add(node, 4)  # in the half node-a gives alone: kept
+    assert fourth not in stored(memory) and pending.pending_count() == 1
