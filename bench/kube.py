@@ -24,6 +24,7 @@ from pyabouts.ipam.stores.kubernetes import GROUP as API_GROUP
 
 PLUGIN_NAMESPACE = "kube-system"
 PLUGIN_SERVICE_ACCOUNT = "pyabouts"
+PLUGIN_ROLE = "pyabouts-plugin"  # its IPPool rights, a Role and RoleBinding in its namespace
 REQUEST_METRIC = "apiserver_request_total"
 WHEREABOUTS_GROUP = whereabouts_install.GROUP
 LEASE_GROUP = "coordination.k8s.io"
@@ -54,11 +55,21 @@ class KubeCluster:
         return counts
 
     def plugin_kubeconfig_in(self, namespace: str) -> Path:
-        """The plugin's kubeconfig with its IPPools in `namespace` (applied here). Each contender
-        gets one of its own, so a contender's agents watch only its writes, as on a cluster
-        that runs one of them, and not the other contenders' that share this server."""
-        manifest = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
-        self.control_plane.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+        """The plugin's kubeconfig with its IPPools in `namespace` (applied here, with the
+        plugin's Role and RoleBinding of deploy/plugin-rbac.yaml there too, as the README asks
+        of IPPools in another namespace). Each contender gets one of its own, so a contender's
+        agents watch only its writes, as on a cluster that runs one of them, and not the other
+        contenders' that share this server."""
+        manifests = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}]
+        for kind in ("role", "rolebinding"):
+            found = self.control_plane.kubectl(
+                "get", kind, PLUGIN_ROLE, "-n", PLUGIN_NAMESPACE, "-o", "json"
+            )
+            item = json.loads(found)
+            item["metadata"] = {"name": PLUGIN_ROLE, "namespace": namespace}
+            manifests.append(item)
+        listed = {"apiVersion": "v1", "kind": "List", "items": manifests}
+        self.control_plane.kubectl("apply", "-f", "-", input=json.dumps(listed))
         return self.control_plane.service_account_kubeconfig(
             PLUGIN_NAMESPACE,
             PLUGIN_SERVICE_ACCOUNT,

@@ -46,8 +46,8 @@ class Settings:
     pods: int = 0
     pod_networks: int = 0
     pod_concurrency: int = 0
-    # The range of pyabouts-shim-slices (and -write-behind), when one ran: a slice per node,
-    # so more addresses than calls.
+    # The ranges of the sliced contenders that ran (pyabouts-shim-slices and the two
+    # -write-behind), one per slice size: a slice per node, so more addresses than calls.
     sliced_pool: str = ""
     # How many times the concurrent phase ran for the `repeated` contenders, in turn, each
     # round in another of their orders (the phases "concurrent", "concurrent-round-2", ...):

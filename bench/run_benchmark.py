@@ -1,8 +1,9 @@
 """Race pyabouts (through the node shim and through the thin plugin, each with node agents, and
 in-process) against whereabouts v0.9.4 and Debian's host-local, in one run, on the same local
-kube-apiserver. The shim runs three times: on one pool all nodes share, with node slices (a /24
-per node, so no two nodes write the same IPPool; its range then holds a /24 per node), and with
-node slices and the agents' --write-behind (a node's slice stored behind its answers).
+kube-apiserver. The shim runs four times: on one pool all nodes share, with node slices (a /24
+per node, so no two nodes write the same IPPool; its range then holds a /24 per node), with
+node slices and the agents' --write-behind (a node's slice stored behind its answers), and the
+same with slices of /25 (two nodes' slices in each IPPool block, each node storing its own).
 
     .venv/bin/python -m bench.run_benchmark [--calls N] [--concurrency C] [--nodes M]
         [--sequential-calls S] [--spaced-calls K] [--pods P] [--pod-networks W] [--rounds R]
@@ -15,8 +16,8 @@ ADDs one at a time, each after a rest longer than the agent's pool cache age (a 
 quiet node: a LIST of the pool, unless the agent's IPPool watch says nobody wrote it), then their
 DELs; N ADDs then N DELs into a pool of exactly N
 addresses at concurrency C from M simulated nodes (R times in all for pyabouts-shim,
-pyabouts-shim-slices, pyabouts-shim-write-behind and host-local, in turn, each round after the
-first in the next of their orders: their ratios also as a median over the rounds);
+pyabouts-shim-slices, the two pyabouts-shim-write-behind and host-local, in turn, each round
+after the first in the next of their orders: their ratios also as a median over the rounds);
 and, for the pod contenders, P pods on W
 networks each (W pools of P addresses), all pods at once from M nodes, each pod's W ADDs one
 after the other as Multus calls its delegates (whereabouts issue #313: 128 pods x 16 networks
@@ -94,8 +95,17 @@ PYABOUTS_SHIM = "pyabouts-shim"
 PYABOUTS_SHIM_SLICES = "pyabouts-shim-slices"
 #: The same with the agents' --write-behind: a node's slice blocks stored behind its answers.
 PYABOUTS_SHIM_WRITE_BEHIND = "pyabouts-shim-write-behind"
-SLICED = (PYABOUTS_SHIM_SLICES, PYABOUTS_SHIM_WRITE_BEHIND)
-SLICE_PREFIX = 24
+#: The same with slices of /25: every IPPool block holds two nodes' slices, and each node's
+#: flush writes its own changes over the other's.
+PYABOUTS_SHIM_WRITE_BEHIND_25 = "pyabouts-shim-write-behind-25"
+WRITING_BEHIND = (PYABOUTS_SHIM_WRITE_BEHIND, PYABOUTS_SHIM_WRITE_BEHIND_25)
+# The sliced contenders, and the prefix length of their slices.
+SLICE_PREFIXES = {
+    PYABOUTS_SHIM_SLICES: 24,
+    PYABOUTS_SHIM_WRITE_BEHIND: 24,
+    PYABOUTS_SHIM_WRITE_BEHIND_25: 25,
+}
+SLICED = tuple(SLICE_PREFIXES)
 PYABOUTS_AGENT = "pyabouts-agent"
 PYABOUTS_KUBERNETES = "pyabouts-kubernetes"
 PYABOUTS_ETCD = "pyabouts-etcd"
@@ -103,7 +113,7 @@ PYABOUTS_ETCD = "pyabouts-etcd"
 CONTENDERS = (
     PYABOUTS_SHIM,
     PYABOUTS_SHIM_SLICES,
-    PYABOUTS_SHIM_WRITE_BEHIND,
+    *WRITING_BEHIND,
     PYABOUTS_AGENT,
     PYABOUTS_KUBERNETES,
     PYABOUTS_ETCD,
@@ -121,7 +131,7 @@ DEFAULT_POD_CONTENDERS = (PYABOUTS_SHIM, WHEREABOUTS_NAME, HOST_LOCAL_NAME)
 REPEATED_CONTENDERS = (
     PYABOUTS_SHIM,
     PYABOUTS_SHIM_SLICES,
-    PYABOUTS_SHIM_WRITE_BEHIND,
+    *WRITING_BEHIND,
     HOST_LOCAL_NAME,
 )
 # Longer than the agent's pool cache age: each spaced call finds its pool as old as that.
@@ -137,6 +147,7 @@ POOL_BASES = {
     PYABOUTS_SHIM: "10.75.0.0",
     PYABOUTS_SHIM_SLICES: "10.81.0.0",
     PYABOUTS_SHIM_WRITE_BEHIND: "10.82.0.0",
+    PYABOUTS_SHIM_WRITE_BEHIND_25: "10.83.0.0",
     PYABOUTS_AGENT: "10.76.0.0",
     PYABOUTS_ETCD: "10.77.0.0",
     HOST_LOCAL_NAME: "10.78.0.0",
@@ -202,8 +213,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for sliced in SLICED:
         if sliced in args.pod_contenders:
             parser.error(f"{sliced}: the pods phase's pools are too small to slice")
-        if sliced in args.contenders and per_node >= 1 << (32 - SLICE_PREFIX):
-            parser.error(f"{sliced}: {per_node} ADDs per node overflow a /{SLICE_PREFIX}")
+        prefix = SLICE_PREFIXES[sliced]
+        if sliced in args.contenders and per_node >= 1 << (32 - prefix):
+            parser.error(f"{sliced}: {per_node} ADDs per node overflow a /{prefix}")
     return args
 
 
@@ -263,18 +275,23 @@ def measure_settings(args: argparse.Namespace, spawner: Spawner, workdir: Path) 
         pods=args.pods,
         pod_networks=args.pod_networks,
         pod_concurrency=args.pods,
-        sliced_pool=_sliced_pool(args) if set(SLICED) & set(args.contenders) else "",
+        sliced_pool=_sliced_pools(args),
         rounds=args.rounds,
         repeated=[name for name in REPEATED_CONTENDERS if name in args.contenders],
     )
 
 
-def _sliced_pool(args: argparse.Namespace) -> str:
-    pool = _contender_pool(PYABOUTS_SHIM_SLICES, args)
-    return (
-        f"{pool.cidr} from {pool.first} to {pool.last}, {pool.size} addresses, "
-        f"a /{SLICE_PREFIX} per node"
-    )
+def _sliced_pools(args: argparse.Namespace) -> str:
+    """The ranges of the sliced contenders run, one per slice size."""
+    described = {}
+    for name in SLICED:
+        if name in args.contenders and SLICE_PREFIXES[name] not in described:
+            pool = _contender_pool(name, args)
+            described[SLICE_PREFIXES[name]] = (
+                f"{pool.cidr} from {pool.first} to {pool.last}, {pool.size} addresses, "
+                f"a /{SLICE_PREFIXES[name]} per node"
+            )
+    return "; ".join(described.values())
 
 
 def report(result: BenchmarkResult, contenders: Sequence[Contender], out: Path) -> None:
@@ -349,7 +366,7 @@ def _contender(name: str, servers: Servers, args: argparse.Namespace) -> Contend
 
 def _contender_pool(name: str, args: argparse.Namespace) -> PoolBounds:
     if name in SLICED:
-        return sliced_pool_of(POOL_BASES[name], args.nodes, SLICE_PREFIX)
+        return sliced_pool_of(POOL_BASES[name], args.nodes, SLICE_PREFIXES[name])
     return pool_of(POOL_BASES[name], args.calls)
 
 
@@ -372,7 +389,7 @@ def _new_contender(name: str, servers: Servers, args: argparse.Namespace) -> Con
             pool=pool,
         )
     if name in (PYABOUTS_SHIM, *SLICED, PYABOUTS_AGENT):
-        write_behind = ["--write-behind"] if name == PYABOUTS_SHIM_WRITE_BEHIND else []
+        write_behind = ["--write-behind"] if name in WRITING_BEHIND else []
         return PyaboutsAgent(
             workdir,
             kubeconfig=cluster.plugin_kubeconfig_in(name),
@@ -381,7 +398,7 @@ def _new_contender(name: str, servers: Servers, args: argparse.Namespace) -> Con
             agents=functools.partial(servers.start_agent, extra_args=write_behind),
             name=name,
             shim=None if name == PYABOUTS_AGENT else built_shim(),
-            node_slice_size=f"/{SLICE_PREFIX}" if name in SLICED else None,
+            node_slice_size=f"/{SLICE_PREFIXES[name]}" if name in SLICED else None,
         )
     return PyaboutsKubernetes(
         args.pyabouts,
