@@ -11,10 +11,10 @@ node's changes over them. With --write-behind the agent keeps it
 file beside its socket, which a restarted agent reads again. A flusher stores the pending
 changes every fraction of a second, many decisions in one compare-and-swap. Writes of every
 other block (the slice registry, pools without slices, a block another node's slice overlaps)
-go to the datastore before the answer, as without it; so do a change of an address outside
-the node's slices (a DEL of an address another node's slice holds now, say) and those of a
-block decided on a view not read since the agent last stored that block itself (its creation,
-say), which the datastore's compare-and-swap then checks.
+go to the datastore before the answer, as without it; so do a decision that gives an address
+outside the node's slices (another config's range, say: a release of any address may be kept)
+and those of a block decided on a view not read since the agent last stored that block itself
+(its creation, say), which the datastore's compare-and-swap then checks.
 
 The datastore still has the last word. A flush applies each change only over what the decision
 saw, so what the reconciler freed meanwhile stays free and an address somebody else stored
@@ -375,14 +375,14 @@ class PendingWrites:
         return self._defer and self._only_mine(block, unknown=False)
 
     def _only_mine(self, block: Block, *, unknown: bool = True) -> bool:
-        """Whether `block`, decided on the tracked view of its block, changes only addresses
+        """Whether `block`, decided on the tracked view of its block, gives only addresses
         that this node alone gives as far as the agent knows: each in a slice the node holds,
         in no slice another node holds in any registry read (two configs of one network with
         other ranges or slice sizes keep registries of their own), and the view holds no
         address another node gave in the node's slices there (a config without slices gives
-        from them, or a flush found a clash). `unknown`: the answer when no registry of the
-        pool was read since the agent started (a DEL reads none, and a restarted agent's
-        journal holds changes of blocks it knew)."""
+        from them, or a flush found a clash). A release may be of any address (_gives).
+        `unknown`: the answer when no registry of the pool was read since the agent started
+        (a DEL reads none, and a restarted agent's journal holds changes of blocks it knew)."""
         key = block.key
         before = self._latest.get(key)
         if before is None:
@@ -398,7 +398,7 @@ class PendingWrites:
         if not others and any(lo <= key.base and last <= hi for lo, hi in mine):
             return True  # the block lies in the node's slices alone: every change is its own
         return all(
-            _within(c.address, mine) and not _within(c.address, others)
+            not _gives(c) or (_within(c.address, mine) and not _within(c.address, others))
             for c in _changes(before, block)
         )
 
@@ -605,6 +605,14 @@ class DeferringStore:
 
     def close(self) -> None:
         self._backing.close()
+
+
+def _gives(change: Change) -> bool:
+    """Whether `change` gives its address to a sandbox. Only the node that alone gives an
+    address may keep that behind; a release (nothing left, a rest, a reservation) may be kept
+    of any address: no node gives an address its view shows held, and a flush leaves one
+    that somebody else holds by then as it is."""
+    return change.after is not None and change.after.in_use
 
 
 def _within(address: int, spans: list[tuple[int, int]]) -> bool:
