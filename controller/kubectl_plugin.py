@@ -32,7 +32,7 @@ from pyabouts.controller.connect import Connections, connect_operator
 from pyabouts.controller.pods import PodReader
 from pyabouts.controller.text_tables import format_table
 from pyabouts.ipam.errors import CniError
-from pyabouts.ipam.pool import PoolView
+from pyabouts.ipam.pool import Block, PoolView
 from pyabouts.ipam.pool_report import (
     Holding,
     PoolUsage,
@@ -115,11 +115,21 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _readable_blocks(connections: Connections) -> list[Block]:
+    """Every stored block, for a listing: one not in pyabouts' format is left out with a
+    warning on stderr, and the others are shown (release reads them all, or refuses)."""
+
+    def warn(problem: CniError) -> None:
+        print(f"kubectl pyabouts: warning: left out: {problem.msg}", file=sys.stderr)
+
+    return connections.store.read_all_blocks(on_unreadable=warn)
+
+
 # ---- pools
 
 
 def show_pools(connections: Connections, args: argparse.Namespace) -> tuple[Any, str]:
-    rows = pool_usage(connections.store.read_all_blocks(), now=int(time.time()))
+    rows = pool_usage(_readable_blocks(connections), now=int(time.time()))
     documents = [_pool_document(row) for row in rows]
     headers = ["NETWORK", "FAMILY", "RANGE", "TOTAL", "USED", "RESERVED", "COOLING", "FREE"]
     headers += ["BLOCKS"]
@@ -176,7 +186,7 @@ def _slices_cell(document: Document) -> str:
 
 def show_who(connections: Connections, args: argparse.Namespace) -> tuple[Any, str]:
     address = _address(args.address)
-    found = holdings_at(connections.store.read_all_blocks(), address)
+    found = holdings_at(_readable_blocks(connections), address)
     if not found:
         raise RefusedError(f"{address} is not allocated in any pool")
     return _holdings_output(connections, found)
@@ -186,7 +196,7 @@ def show_pod(connections: Connections, args: argparse.Namespace) -> tuple[Any, s
     namespace, _, name = args.pod.partition("/")
     if not (namespace and name):
         raise RefusedError(f"{args.pod!r} is not NAMESPACE/NAME")
-    found = holdings_of_pod(connections.store.read_all_blocks(), args.pod)
+    found = holdings_of_pod(_readable_blocks(connections), args.pod)
     if not found:
         raise RefusedError(f"pod {args.pod} holds no address")
     return _holdings_output(connections, found)

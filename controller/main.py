@@ -195,6 +195,8 @@ def summary_document(summary: PassSummary) -> dict[str, Any]:
         "nodeSlicesFreed": [
             {"network": s.network, "slice": s.slice, "node": s.node} for s in summary.slices_freed
         ],
+        # Stored blocks left out, not in pyabouts' format: why, for each.
+        "unreadable": summary.unreadable,
         "summary": summary.describe(),
     }
 

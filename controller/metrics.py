@@ -41,6 +41,11 @@ class ReconcilerMetrics:
             ["kind"],
             registry=self.registry,
         )
+        self.unreadable = Gauge(
+            "pyabouts_reconciler_unreadable_blocks",
+            "Stored blocks the last pass left out: not in pyabouts' format (see the log).",
+            registry=self.registry,
+        )
         self.leader = Gauge(
             "pyabouts_reconciler_leader",
             "1 while this replica holds the Lease and acts.",
@@ -60,6 +65,7 @@ class ReconcilerMetrics:
         for leak in summary.leaks:
             self.leaks_found.labels(leak.reason.value).inc()
         self.slices_freed.inc(len(summary.slices_freed))
+        self.unreadable.set(len(summary.unreadable))
         self.last_pass.set(time.time())
         if kind == "full":
             self.record_pools(summary.blocks)

@@ -22,6 +22,7 @@ from pyabouts.controller.node_slices import (
     slices_a_pass_would_free,
 )
 from pyabouts.controller.reclaim import free_leaks
+from pyabouts.ipam.errors import CniError
 from pyabouts.ipam.pool import Block
 from pyabouts.ipam.store import PoolStore
 
@@ -43,6 +44,8 @@ class PassSummary:
     blocks: list[Block] = field(default_factory=list, repr=False)  # the snapshot, for metrics
     # Node slices of gone nodes given back (that would be, in a dry run).
     slices_freed: list[FreedSlice] = field(default_factory=list)
+    # Stored blocks left out of the snapshot, not in pyabouts' format: why, for each.
+    unreadable: list[str] = field(default_factory=list)
 
     def by_reason(self) -> dict[str, int]:
         return dict(Counter(leak.reason.value for leak in self.freed))
@@ -54,9 +57,11 @@ class PassSummary:
         why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "none"
         kept = "" if self.dry_run else f"; {len(self.leaks) - len(self.freed)} changed meanwhile"
         slices = f"; node slices {verb}: {len(self.slices_freed)}" if self.slices_freed else ""
+        left_out = len(self.unreadable)
+        unreadable = f"; {left_out} unreadable block(s) left out" if left_out else ""
         return (
             f"checked {self.allocations} allocation(s) against {self.pods} pod(s) in "
-            f"{self.seconds:.2f} s: {verb} {len(done)} ({why}){kept}{slices}"
+            f"{self.seconds:.2f} s: {verb} {len(done)} ({why}){kept}{slices}{unreadable}"
         )
 
 
@@ -73,9 +78,21 @@ def reconcile(
 ) -> PassSummary:
     """One pass over the whole store, or only the allocations of the pods in `only_pods`.
     A whole pass with `list_nodes` also gives back the node slices of nodes that are gone
-    (controller.node_slices), after freeing the addresses of their pods."""
+    (controller.node_slices), after freeing the addresses of their pods.
+
+    A stored block not in pyabouts' format (an IPPool edited by hand, say) is left out and
+    logged as an error at every pass, and the rest is reconciled: one bad object must not stop
+    the cluster's garbage collection. Node slices are not given back meanwhile (the slice's
+    addresses may be in that block)."""
     started = time.monotonic()
-    blocks = store.read_all_blocks()  # first the snapshot, then the pods: see the module doc
+    unreadable: list[str] = []
+
+    def left_out(problem: CniError) -> None:
+        log.error("left out of this pass, fix or delete it: %s", problem.msg)
+        unreadable.append(problem.msg)
+
+    # First the snapshot, then the pods: see the module doc.
+    blocks = store.read_all_blocks(on_unreadable=left_out)
     pods = list_pods()
     judged = _restricted(blocks, only_pods)
     sticky = any(o.sticky for b in judged for o in b.entries.values())
@@ -86,7 +103,9 @@ def reconcile(
         log.info("%s %s", "would free" if dry_run else "freeing", leak.describe())
     freed = [] if dry_run else free_leaks(store, leaks, deadline=time.monotonic() + FREE_DEADLINE)
     slices_freed = []
-    if list_nodes is not None and only_pods is None and has_slices(blocks):
+    if unreadable and list_nodes is not None and only_pods is None and has_slices(blocks):
+        log.warning("node slices of gone nodes are given back once no stored block is unreadable")
+    elif list_nodes is not None and only_pods is None and has_slices(blocks):
         nodes = set(list_nodes())
         if dry_run:
             slices_freed = slices_a_pass_would_free(blocks, nodes, leaks)
@@ -102,6 +121,7 @@ def reconcile(
         seconds=time.monotonic() - started,
         blocks=blocks,
         slices_freed=slices_freed,
+        unreadable=unreadable,
     )
     log.info("reconcile: %s", summary.describe())
     return summary

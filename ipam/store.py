@@ -7,11 +7,15 @@ interface is deliberately small; everything that decides lives in the allocator.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from pyabouts.ipam.errors import CniError
 from pyabouts.ipam.pool import Block, BlockKey, PoolId
+
+#: Told of each stored block read_all_blocks left out as unreadable (CniError 104).
+OnUnreadable = Callable[[CniError], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +47,13 @@ class PoolStore(Protocol):
         """
         ...
 
-    def read_all_blocks(self) -> list[Block]:
+    def read_all_blocks(self, *, on_unreadable: OnUnreadable | None = None) -> list[Block]:
         """Every stored block of every pool, with revisions: the reconciler's snapshot.
 
         One consistent read where the store has one (etcd: a single range read); Kubernetes
-        lists in pages, each block with its own resourceVersion.
+        lists in pages, each block with its own resourceVersion. A stored block that is not in
+        pyabouts' format (edited by hand, say) raises CniError 104, unless `on_unreadable` is
+        given: then it is left out and `on_unreadable` is told, and the others are read.
         """
         ...
 

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from pyabouts.ipam.pool import Block, BlockKey, PoolId
-from pyabouts.ipam.store import WriteOutcome
+from pyabouts.ipam.store import OnUnreadable, WriteOutcome
 
 
 class MemoryStore:
@@ -29,7 +29,7 @@ class MemoryStore:
                 if k.pool == pool and BlockKey.of(pool, first).base <= k.base <= last
             ]
 
-    def read_all_blocks(self) -> list[Block]:
+    def read_all_blocks(self, *, on_unreadable: OnUnreadable | None = None) -> list[Block]:
         with self._lock:
             return [b.copy() for _, b in sorted(self.blocks.items())]
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pyabouts.ipam.pool import BLOCK_SIZE, Block, BlockKey, PoolId
-from pyabouts.ipam.store import BlockFeed, PoolStore, WriteOutcome, later_revision
+from pyabouts.ipam.store import BlockFeed, OnUnreadable, PoolStore, WriteOutcome, later_revision
 
 _WHOLE_SPACE = (0, (1 << 128) - 1)
 
@@ -155,8 +155,9 @@ class CachedStore:
         with self._lock:
             return [b for blocks in self._pools.values() for b in blocks.values()]
 
-    def read_all_blocks(self) -> list[Block]:
-        return self._backing.read_all_blocks()  # a rare, whole-store read: never cached
+    def read_all_blocks(self, *, on_unreadable: OnUnreadable | None = None) -> list[Block]:
+        # A rare, whole-store read: never cached.
+        return self._backing.read_all_blocks(on_unreadable=on_unreadable)
 
     def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
         try:

@@ -142,6 +142,13 @@ def _count_column(value: int) -> str:
 def block_from_document(key: BlockKey, document: dict[str, Any], revision: str) -> Block:
     """The block a stored document describes, in either form; CniError 104 naming the entry
     when it is not in pyabouts' format (the datastores do not check entries: see crds/)."""
+    try:
+        return _block_of_document(key, document, revision)
+    except (TypeError, ValueError, AttributeError) as exc:  # a field of another type
+        raise _corrupt(key, f"{type(exc).__name__} {exc}") from None
+
+
+def _block_of_document(key: BlockKey, document: dict[str, Any], revision: str) -> Block:
     allocations = document.get("allocations", {})
     if isinstance(allocations, str):
         entries = _entries_of_table(key, allocations)

@@ -19,6 +19,7 @@ from etcd3 import exceptions as etcd_exceptions
 
 from pyabouts.ipam.config import IpamConf
 from pyabouts.ipam.errors import (
+    CORRUPT_BLOCK,
     INVALID_CONFIG,
     CniError,
     StoreBusyError,
@@ -26,7 +27,7 @@ from pyabouts.ipam.errors import (
     StoreUnavailableError,
 )
 from pyabouts.ipam.pool import Block, BlockKey, PoolId
-from pyabouts.ipam.store import WriteOutcome
+from pyabouts.ipam.store import OnUnreadable, WriteOutcome
 from pyabouts.ipam.stores.codec import block_from_document, block_json
 from pyabouts.ipam.stores.etcd_settings import (
     CA_KEY,
@@ -91,8 +92,9 @@ class EtcdStore:
         end = block_key(BlockKey.of(pool, last)) + "\0"  # exclusive end, just past the last
         return _decode(self._call(lambda client: list(client.get_range(start, end))))
 
-    def read_all_blocks(self) -> list[Block]:
-        return _decode(self._call(lambda client: list(client.get_prefix(f"{KEY_PREFIX}/"))))
+    def read_all_blocks(self, *, on_unreadable: OnUnreadable | None = None) -> list[Block]:
+        found = self._call(lambda client: list(client.get_prefix(f"{KEY_PREFIX}/")))
+        return _decode(found, on_unreadable)
 
     def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
         def transact(client: Any) -> WriteOutcome:
@@ -195,13 +197,33 @@ def read_pem_file(key: str, path: str | None) -> bytes | None:
     return content
 
 
-def _decode(found: list[tuple[bytes, Any]]) -> list[Block]:
-    return [
-        block_from_document(
-            parse_block_key(meta.key.decode()), json.loads(value), str(meta.mod_revision)
-        )
-        for value, meta in found
-    ]
+def _decode(
+    found: list[tuple[bytes, Any]], on_unreadable: OnUnreadable | None = None
+) -> list[Block]:
+    """The blocks of a range read; a key not in pyabouts' format raises, or is left out and
+    told to `on_unreadable`."""
+    blocks = []
+    for value, meta in found:
+        try:
+            blocks.append(_block_of(meta.key.decode(errors="replace"), value, meta.mod_revision))
+        except CniError as exc:
+            if on_unreadable is None:
+                raise
+            on_unreadable(exc)
+    return blocks
+
+
+def _block_of(key: str, value: bytes, revision: int) -> Block:
+    try:
+        document = json.loads(value)
+        if not isinstance(document, dict):
+            raise ValueError("not a JSON object")
+        return block_from_document(parse_block_key(key), document, str(revision))
+    except CniError as exc:
+        raise CniError(exc.code, f"etcd key {key}: {exc.msg}", exc.details) from None
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        why = f"{type(exc).__name__} {exc}"
+        raise CniError(CORRUPT_BLOCK, f"etcd key {key} is not a pyabouts block: {why}") from None
 
 
 def store_error(exc: Exception, endpoint: tuple[str, int], settings: EtcdSettings) -> CniError:

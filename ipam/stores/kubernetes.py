@@ -19,6 +19,7 @@ import netaddr
 
 from pyabouts.ipam.config import IpamConf
 from pyabouts.ipam.errors import (
+    CORRUPT_BLOCK,
     INVALID_CONFIG,
     CniError,
     StoreBusyError,
@@ -26,7 +27,7 @@ from pyabouts.ipam.errors import (
     StoreUnavailableError,
 )
 from pyabouts.ipam.pool import Block, BlockKey, PoolId
-from pyabouts.ipam.store import ChangeSink, WriteOutcome
+from pyabouts.ipam.store import ChangeSink, OnUnreadable, WriteOutcome
 from pyabouts.ipam.stores.codec import (
     block_cidr,
     block_from_document,
@@ -122,8 +123,8 @@ class KubernetesStore:
         listed = self._list(label_selector=f"{POOL_LABEL}={pool_label(pool)}")
         return [b for b in listed if low <= b.key.base <= last]
 
-    def read_all_blocks(self) -> list[Block]:
-        return self._list()
+    def read_all_blocks(self, *, on_unreadable: OnUnreadable | None = None) -> list[Block]:
+        return self._list(on_unreadable=on_unreadable)
 
     def _get(self, key: BlockKey) -> list[Block]:
         try:
@@ -141,13 +142,20 @@ class KubernetesStore:
             )
         return [block]
 
-    def _list(self, label_selector: str | None = None) -> list[Block]:
-        """The IPPools of the namespace (that match `label_selector`) as blocks, in pages."""
-        blocks = [
-            block_of_ippool(item)
-            for page in self._pages(label_selector=label_selector)
-            for item in page.get("items") or []
-        ]
+    def _list(
+        self, label_selector: str | None = None, *, on_unreadable: OnUnreadable | None = None
+    ) -> list[Block]:
+        """The IPPools of the namespace (that match `label_selector`) as blocks, in pages; one
+        not in pyabouts' format raises, or is left out and told to `on_unreadable`."""
+        blocks = []
+        for page in self._pages(label_selector=label_selector):
+            for item in page.get("items") or []:
+                try:
+                    blocks.append(block_of_ippool(item))
+                except CniError as exc:
+                    if on_unreadable is None:
+                        raise
+                    on_unreadable(exc)
         return sorted(blocks, key=lambda b: b.key)
 
     def _pages(
@@ -324,12 +332,21 @@ def ippool_envelope(block: Block, namespace: str) -> dict[str, Any]:
 
 
 def block_of_ippool(item: dict[str, Any]) -> Block:
-    """The block an IPPool object holds, as listed or read (CniError 104 when malformed)."""
-    spec = item.get("spec", {})
-    network = netaddr.IPNetwork(spec["cidr"])
-    pool = PoolId(network=str(spec.get("network", "")), family=4 if network.version == 4 else 6)
-    key = BlockKey(pool, int(network.first))
-    return block_from_document(key, spec, str(item["metadata"]["resourceVersion"]))
+    """The block an IPPool object holds, as listed or read (CniError 104 naming the IPPool when
+    malformed)."""
+    metadata = item.get("metadata") or {}
+    name = metadata.get("name", "?") if isinstance(metadata, dict) else "?"
+    try:
+        spec = item.get("spec", {})
+        network = netaddr.IPNetwork(spec["cidr"])
+        pool = PoolId(str(spec.get("network", "")), family=4 if network.version == 4 else 6)
+        key = BlockKey(pool, int(network.first))
+        return block_from_document(key, spec, str(metadata["resourceVersion"]))
+    except CniError as exc:
+        raise CniError(exc.code, f"IPPool {name}: {exc.msg}", exc.details) from None
+    except (KeyError, TypeError, ValueError, AttributeError, netaddr.AddrFormatError) as exc:
+        why = f"{type(exc).__name__} {exc}"
+        raise CniError(CORRUPT_BLOCK, f"IPPool {name} is not a pyabouts block: {why}") from None
 
 
 def _tagged(metadata: dict[str, Any]) -> tuple[str, str, str] | None:

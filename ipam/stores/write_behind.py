@@ -42,7 +42,7 @@ from pathlib import Path
 from pyabouts.ipam.errors import CniError, StoreUnavailableError
 from pyabouts.ipam.pool import BLOCK_SIZE, Block, BlockKey, Owner, PoolId
 from pyabouts.ipam.slices import SLICE_IFNAME, is_registry, slice_span
-from pyabouts.ipam.store import PoolStore, WriteOutcome, later_revision
+from pyabouts.ipam.store import OnUnreadable, PoolStore, WriteOutcome, later_revision
 from pyabouts.ipam.stores.codec import owner_columns, owner_from_columns
 
 log = logging.getLogger(__name__)
@@ -586,8 +586,8 @@ class DeferringStore:
     def read_blocks(self, pool: PoolId, first: int, last: int) -> list[Block]:
         return self._pending.view(pool, first, last, self._backing.read_blocks(pool, first, last))
 
-    def read_all_blocks(self) -> list[Block]:
-        return self._backing.read_all_blocks()
+    def read_all_blocks(self, *, on_unreadable: OnUnreadable | None = None) -> list[Block]:
+        return self._backing.read_all_blocks(on_unreadable=on_unreadable)
 
     def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
         deferred, direct, order = self._pending.split(blocks)

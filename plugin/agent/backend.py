@@ -23,7 +23,7 @@ from pyabouts.ipam.coalescing import CoalescingTransactions
 from pyabouts.ipam.config import IpamConf, PluginConfig, load_config
 from pyabouts.ipam.errors import CniError
 from pyabouts.ipam.pool import Block, PoolId
-from pyabouts.ipam.store import BlockFeed, PoolStore, WriteOutcome
+from pyabouts.ipam.store import BlockFeed, OnUnreadable, PoolStore, WriteOutcome
 from pyabouts.ipam.stores import open_store
 from pyabouts.ipam.stores.cached import CachedStore
 from pyabouts.ipam.stores.write_behind import DeferringStore, PendingWrites
@@ -81,8 +81,8 @@ class MeteredStore:
         self._metrics.store_reads.inc()
         return self._backing.read_blocks(pool, first, last)
 
-    def read_all_blocks(self) -> list[Block]:
-        return self._backing.read_all_blocks()
+    def read_all_blocks(self, *, on_unreadable: OnUnreadable | None = None) -> list[Block]:
+        return self._backing.read_all_blocks(on_unreadable=on_unreadable)
 
     def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
         self._metrics.store_writes.inc()

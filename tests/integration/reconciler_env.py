@@ -3,6 +3,7 @@ the plugin to allocate as kubelet would, and the `pyabouts-reconciler` executabl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -12,13 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import etcd3
+import netaddr
 import pytest
 
 from deploy.local.controlplane import ControlPlane
+from deploy.local.etcd_server import EtcdServer
 from deploy.local.netns import CniCall
 from deploy.local.pod_objects import create_namespace
-from pyabouts.ipam.pool import Owner
+from pyabouts.ipam.pool import BlockKey, Owner, PoolId
 from pyabouts.ipam.store import PoolStore
+from pyabouts.ipam.stores.etcd import block_key
+from pyabouts.ipam.stores.kubernetes import object_name
 from tests.integration.plugin_processes import cni, netconf
 from tests.integration.stored_state import etcd_store, kubernetes_store, owners_in
 
@@ -35,6 +41,7 @@ class ReconcilerEnv:
     store: PoolStore  # to look at what is stored
     plugin: str
     network: str  # this test's pool
+    etcd: EtcdServer | None = None  # the datastore, when it is etcd
 
     def conf(self, cidr: str = "10.70.0.0/24") -> dict[str, Any]:
         ipam = {
@@ -53,6 +60,30 @@ class ReconcilerEnv:
         sandbox = container or f"sandbox-{pod}"
         call: CniCall = cni(self.plugin, "ADD", self.conf(cidr), sandbox, args)
         return str(call.expect_success()["ips"][0]["address"].split("/")[0])
+
+    @contextlib.contextmanager
+    def block_broken(self, cidr: str) -> Iterator[str]:
+        """The stored block of this test's pool at `cidr` (an aligned /24) made unreadable, as
+        a hand edit gone wrong leaves it: its name in the datastore. Deleted on the way out."""
+        key = BlockKey(PoolId(self.network, 4), int(netaddr.IPNetwork(cidr).first))
+        if self.etcd is None:
+            listed = json.loads(self.cluster.kubectl("get", "ippools", "-A", "-o", "json"))
+            [item] = [i for i in listed["items"] if i["metadata"]["name"] == object_name(key)]
+            where = ["-n", item["metadata"]["namespace"], "ippool", object_name(key)]
+            broken = {"spec": {"allocations": "offset containerID\n7 sandbox-7"}}
+            self.cluster.kubectl("patch", *where, "--type=merge", "-p", json.dumps(broken))
+            try:
+                yield f"IPPool {object_name(key)}"
+            finally:
+                self.cluster.kubectl("delete", *where)
+            return
+        client = etcd3.client(host=self.etcd.host, port=self.etcd.port)
+        try:
+            client.put(block_key(key), "{not json")
+            yield f"etcd key {block_key(key)}"
+        finally:
+            client.delete(block_key(key))
+            client.close()
 
     def held(self) -> dict[str, Owner]:
         """This test's allocations: address -> owner, as the store holds them."""
@@ -102,6 +133,7 @@ def recon(
     tmp_path: Path,
 ) -> Iterator[ReconcilerEnv]:
     store: PoolStore
+    etcd = None
     if request.param == "kubernetes":
         settings: dict[str, Any] = {
             "datastore": "kubernetes",
@@ -109,9 +141,9 @@ def recon(
         }
         store = kubernetes_store(str(pyabouts_cluster.kubeconfig))
     else:
-        server = request.getfixturevalue("etcd_server")
-        settings = {"datastore": "etcd", "etcd_host": server.endpoint}
-        store = etcd_store(server)
+        etcd = request.getfixturevalue("etcd_server")
+        settings = {"datastore": "etcd", "etcd_host": etcd.endpoint}
+        store = etcd_store(etcd)
     flat = tmp_path / "pyabouts.conf"
     flat.write_text(json.dumps(settings))
     yield ReconcilerEnv(
@@ -122,6 +154,7 @@ def recon(
         store=store,
         plugin=pyabouts_exe,
         network=f"recon-{uuid.uuid4().hex[:8]}",
+        etcd=etcd,
     )
     store.close()
 

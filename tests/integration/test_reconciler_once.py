@@ -51,6 +51,25 @@ def test_a_pod_deleted_without_del_is_reclaimed_once_it_is_gone(recon: Reconcile
     assert summary["freed"] >= 1 and "freed" in str(summary["summary"])
 
 
+def test_a_stored_block_not_in_pyabouts_format_is_left_out_and_the_rest_reconciled(
+    recon: ReconcilerEnv,
+) -> None:
+    """A block edited by hand into something pyabouts cannot read: every pass names it, and
+    frees what leaked elsewhere (it failed whole, so one bad object stopped the cluster's GC)."""
+    gone = pod_name("gone")
+    leaked = recon.add(gone, create_pod(recon.cluster, NAMESPACE, gone))
+    delete_pod(recon.cluster, NAMESPACE, gone, grace_seconds=0)
+    other = pod_name("other")
+    recon.add(other, create_pod(recon.cluster, NAMESPACE, other), cidr="10.71.0.0/24")
+    with recon.block_broken("10.71.0.0/24") as broken:
+        summary = recon.reconcile()
+        assert freed(summary, "pod-gone") == [leaked]
+        [why] = [u for u in summary["unreadable"] if broken in u]
+        assert "not a pyabouts block" in why or "malformed" in why, why
+        assert "1 unreadable block(s) left out" in summary["summary"]
+    assert leaked not in recon.held()
+
+
 def test_a_force_deleted_pod_is_reclaimed(recon: ReconcilerEnv) -> None:
     name = pod_name("forced")
     address = recon.add(name, create_pod(recon.cluster, NAMESPACE, name))

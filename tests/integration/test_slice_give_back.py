@@ -15,7 +15,7 @@ from pyabouts.ipam import allocator
 from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId, PoolView
 from pyabouts.ipam.ranges import build_range
 from pyabouts.ipam.slices import SlicedRange, held_slice, take_slice
-from pyabouts.ipam.store import PoolStore, WriteOutcome
+from pyabouts.ipam.store import OnUnreadable, PoolStore, WriteOutcome
 from tests.integration.stored_state import etcd_store, kubernetes_store
 from tests.memory_store import BlockByBlockStore
 
@@ -34,8 +34,8 @@ class NeighbourMeanwhile:
     def read_blocks(self, pool: PoolId, first: int, last: int) -> list[Block]:
         return self.store.read_blocks(pool, first, last)
 
-    def read_all_blocks(self) -> list[Block]:
-        return self.store.read_all_blocks()
+    def read_all_blocks(self, *, on_unreadable: OnUnreadable | None = None) -> list[Block]:
+        return self.store.read_all_blocks(on_unreadable=on_unreadable)
 
     def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
         while self.meanwhile:
