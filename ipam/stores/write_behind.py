@@ -1,26 +1,30 @@
-"""Writes of a node's own slice blocks: answered once in the node's journal, stored behind.
+"""Writes of a node's own slices: answered once in the node's journal, stored behind.
 
 Under node slices (`node_slice_size`) the free addresses of a slice are given by the agent of
 the node that holds it alone, as long as every config of the network cuts the same range into
-slices of the same size: the registry says no other node looks there. So a decision that
-changes only addresses of the node's own slices need not wait for the datastore, whether its
-block (256 addresses) lies in one slice or holds several nodes' slices (slices of /25 or
-smaller): another node's changes of the block are its own slices', and a flush applies this
-node's changes over them. With --write-behind the agent keeps it
+slices of the same size: the registry says no other node looks there. So a decision that gives
+only addresses of the node's own slices need not wait for the datastore, whether its block
+(256 addresses) lies in one slice or holds several nodes' slices (slices of /25 or smaller):
+another node's changes of the block are of its own slices, and a flush applies this node's
+changes over them. A release may be kept of any address of such a block: no node gives an
+address its view shows held, and a flush leaves an address that changed meanwhile as stored.
+With --write-behind the agent keeps it
 (PendingWrites): in memory, as the view every later decision reads, and as a line in a journal
 file beside its socket, which a restarted agent reads again. A flusher stores the pending
 changes every fraction of a second, many decisions in one compare-and-swap. Writes of every
-other block (the slice registry, pools without slices, a block another node's slice overlaps)
-go to the datastore before the answer, as without it; so do a decision that gives an address
-outside the node's slices (another config's range, say: a release of any address may be kept)
-and those of a block decided on a view not read since the agent last stored that block itself
-(its creation, say), which the datastore's compare-and-swap then checks.
+other block (the slice registry, pools without slices, a block none of the node's slices
+overlaps) go to the datastore before the answer, as without it; so do a decision that gives an
+address outside the node's slices (another config's slice of the block, say; it waits for the
+changes kept before, and the block's changes are then stored before their answers a while so
+that it gets its turn) and those of a block decided on a view not read since the agent last
+stored that block itself (its creation, say), which the datastore's compare-and-swap then
+checks.
 
 The datastore still has the last word. A flush applies each change only over what the decision
 saw, so what the reconciler freed meanwhile stays free and an address somebody else stored
 meanwhile (a config of the range without slices) is never taken over: that is a clash, logged
-and counted, and while the block holds another node's address in this node's slices it is
-written before each answer again (a change of it waits for the flush of those kept before).
+and counted, and while the block holds another node's address in this node's slices its
+changes are stored before their answers again (one waits for the flush of those kept before).
 
 The journal is on /run (a tmpfs), on purpose: it outlives the agent (a crash, an upgrade), not
 the node. A node that restarts has lost its sandboxes too, so the addresses it had not stored
@@ -54,6 +58,10 @@ MAX_PENDING_SECONDS = 15.0
 # A journal a flush could not rewrite (a full /run) is tried again this often while nothing is
 # pending: not at every flush, each a warning.
 JOURNAL_REPAIR_SECONDS = 10.0
+# How long a block's decisions go to the datastore before their answers once one that gives an
+# address outside the node's slices waited there for the changes kept before it: longer than
+# the longest wait between its tries (ipam.transaction.BACKOFF_MAX), so that it gets its turn.
+DRAIN_SECONDS = 1.0
 # The revisions of blocks with changes pending: the view's own, never the datastore's.
 PENDING = "pending-"
 
@@ -84,7 +92,7 @@ class FlushOutcome:
 
 
 class PendingWrites:
-    """What this node's agent decided on its own slice blocks and has not stored yet.
+    """What this node's agent decided on the blocks of its own slices and has not stored yet.
 
     Thread-safe; flushes run one at a time. `journal`: the file that keeps the pending changes
     across agent restarts (read at construction; its directory must exist); `node`: the
@@ -100,12 +108,13 @@ class PendingWrites:
         max_pending: float = MAX_PENDING_SECONDS,
         on_clash: Callable[[], None] = lambda: None,
         repair_every: float = JOURNAL_REPAIR_SECONDS,
+        drain_seconds: float = DRAIN_SECONDS,
     ) -> None:
         """`defer`: False keeps nothing new but changes of blocks with changes still pending
         from the journal (decided on a view holding them), until those are stored.
         `max_pending`: how long a block's changes may wait for the datastore before the block
         takes no new one. `repair_every`: how often a journal a flush could not rewrite is
-        tried again while nothing is pending."""
+        tried again while nothing is pending. `drain_seconds`: see DRAIN_SECONDS."""
         self._path = journal
         self._node = node
         self._defer = defer
@@ -114,6 +123,11 @@ class PendingWrites:
         self._pending_since: dict[BlockKey, float] = {}
         self._journal_broken = False  # an append failed, and no rewrite has repaired it yet
         self._repair_every = repair_every
+        # Blocks a decision that gives outside the node's slices waits on: none of their
+        # changes is kept until those pending are stored (None), and then none until then.
+        # (A stream of ADDs kept in the node's own slice of the block would keep it waiting.)
+        self._draining: dict[BlockKey, float | None] = {}
+        self._drain_seconds = drain_seconds
         self._repair_after = 0.0  # when a flush with nothing pending tries the rewrite again
         self._on_clash = on_clash
         self._lock = threading.Lock()
@@ -206,22 +220,17 @@ class PendingWrites:
     def keep(self, blocks: Sequence[Block]) -> WriteOutcome:
         """Keep the writes of `blocks` (all deferred): each one only if decided on the latest
         view of its block, with no write of the block of this agent's own on its way (one split
-        off since, as the slices changed, say: it may land on the same state), and changing
-        only addresses this node alone gives as far as it knows (_only_mine: a change of
-        another, in a block with changes pending, waits for their flush); else a conflict
-        (decide again), all or none. In the journal before anything else, so
+        off since, as the slices changed, say: it may land on the same state), and giving
+        only addresses this node alone gives as far as it knows (_only_mine: a decision that
+        gives another, in a block with changes pending, waits for their flush, and the block
+        drains meanwhile: see _draining); else a conflict (decide again), all or none. In the
+        journal before anything else, so
         that nothing is answered that the journal does not hold.
         StoreUnavailableError when the journal cannot take them, or when what is pending has
         waited longer than `max_pending` for the datastore (then the node answers code 11, as
         it would with every write stored before its answer)."""
         with self._lock:
-            stale = [
-                b.key
-                for b in blocks
-                if b.revision != self._expected(b.key)
-                or b.key in self._writing
-                or not self._only_mine(b, unknown=b.key in self._pending)
-            ]
+            stale = [b.key for b in blocks if not self._keeps(b)]
             if stale:
                 return WriteOutcome(conflicts=stale)
             now = time.monotonic()
@@ -339,6 +348,8 @@ class PendingWrites:
             else:
                 self._pending.pop(key, None)
                 self._pending_since.pop(key, None)
+                if key in self._draining:
+                    self._draining[key] = time.monotonic() + self._drain_seconds
             # The write's success says `base` was the stored state: what was written, with the
             # changes kept since over it, is the view now (a read that began before the write
             # may still bring `base`, and must not undo it). One a read built on the write
@@ -372,7 +383,32 @@ class PendingWrites:
             return True
         if key in self._writing or key in self._unsure or key not in self._built_on:
             return False  # not decided on a view tracked since this agent last stored it
+        if self._drains(key):
+            return False
         return self._defer and self._only_mine(block, unknown=False)
+
+    def _keeps(self, block: Block) -> bool:
+        """Whether `block` (deferred by split) may be kept now: see keep."""
+        key = block.key
+        if block.revision != self._expected(key) or key in self._writing:
+            return False
+        pending = key in self._pending
+        if not self._only_mine(block, unknown=pending):
+            if pending:
+                self._draining.setdefault(key, None)  # it waits for them: let it have its turn
+            return False
+        return not (pending and key in self._draining)
+
+    def _drains(self, key: BlockKey) -> bool:
+        """Whether decisions on `key` go to the datastore before their answers for now (see
+        _draining), once its pending changes are stored."""
+        if key not in self._draining:
+            return False
+        until = self._draining[key]
+        if until is None or time.monotonic() < until:
+            return True
+        del self._draining[key]
+        return False
 
     def _only_mine(self, block: Block, *, unknown: bool = True) -> bool:
         """Whether `block`, decided on the tracked view of its block, gives only addresses
@@ -421,7 +457,7 @@ class PendingWrites:
         return given
 
     def _seen(self, stored: Block) -> Block:
-        """The block decisions see for `stored`; tracks it if this node holds it."""
+        """The block decisions see for `stored`; tracks it if a slice of this node's is in it."""
         key = stored.key
         newest = self._newest.get(key)
         fresh = stored.revision == newest or later_revision(stored.revision, newest)
@@ -637,17 +673,23 @@ def _changes(before: Block, after: Block) -> list[Change]:
 
 
 def _apply(block: Block, change: Change) -> bool:
-    """Apply `change` to `block` unless the address is held by somebody the decision did not
-    see; False then (a clash: left as stored)."""
+    """Apply `change` to `block` if the address is as the decision saw it; False when it is not
+    and the change gives it (a clash: left as stored). A release of an address that changed
+    meanwhile leaves what is stored: another pod holds it, rests on it or has it reserved (a
+    decision on a stale view of another node's slice, say), or it is free already."""
     now = block.entries.get(change.address)
     if now == change.after:
         if change.after is not None:
             block.put(change.address, change.after)  # its fields compare leaves out, too
         return True
-    if now != change.before and now is not None and now.in_use:
-        # Somebody else's now: theirs stays. Releasing it (nothing left, or an entry resting
-        # or reserved) is nothing to do; taking it, a clash.
-        return change.after is None or not change.after.in_use
+    if now != change.before:
+        after = change.after
+        if after is None or not after.in_use:
+            return True
+        # Free now (a rest the decision saw ended), or resting or reserved for this very pod
+        # interface: it may take it. Anything else is somebody else's.
+        if now is not None and (now.in_use or now.attachment != after.attachment):
+            return False
     if change.after is None:
         block.pop(change.address)
     else:

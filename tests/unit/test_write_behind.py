@@ -310,6 +310,44 @@ def test_a_release_of_another_nodes_address_in_a_block_with_changes_kept_is_kept
     assert sorted(stored(memory).values()) == ["c1", "c12", "c2"]
 
 
+def test_a_release_kept_of_an_address_changed_meanwhile_leaves_what_is_stored(
+    journal: Path,
+) -> None:
+    """node-a keeps the release of node-b's pod's address (its DEL reached node-a); before
+    node-a's flush, node-b frees it too, gives it to a sticky pod and that pod's DEL reserves
+    it for the pod. node-a's flush leaves the reservation (it freed it: the address could be
+    given again while reserved), and it is no clash."""
+    memory = MemoryStore()
+    pending_a, node_a = agent(journal, memory)
+    pending_b, node_b = agent(journal, memory, "node-b")
+    add(node_a, 1, cut=QUARTERS)
+    add(node_a, 2, cut=QUARTERS)  # kept
+    theirs = add(node_b, 11, "node-b", cut=QUARTERS)
+    assert delete(node_a, 11, cut=QUARTERS) == [theirs]
+    assert pending_a.pending_count() == 2  # kept, not stored
+    assert delete(node_b, 11, cut=QUARTERS) == [theirs]
+    sticky = dataclasses.replace(owner(20, "node-b"), sticky=True)
+    deadline = time.monotonic() + 5
+    given = operations.allocate(
+        DirectTransactions(node_b),
+        [QUARTERS.range],
+        sticky,
+        [],
+        deadline=deadline,
+        sliced=[QUARTERS],
+    )
+    assert given == [theirs]
+    operations.release(
+        DirectTransactions(node_b), [QUARTERS.range], "c20", "net1", deadline=deadline
+    )
+    assert pending_b.flush(memory).stored >= 1
+    reserved = memory.read_blocks(POOL, theirs, theirs)[0].entries[theirs]
+    assert reserved.reserved and reserved.pod == "ns/p20"
+    outcome = pending_a.flush(memory)
+    assert (outcome.stored, outcome.clashes) == (2, 0)
+    assert memory.read_blocks(POOL, theirs, theirs)[0].entries[theirs] == reserved
+
+
 def test_a_flush_whose_write_another_node_came_before_stores_at_once_on_a_fresh_read(
     journal: Path,
 ) -> None:
@@ -353,24 +391,23 @@ def test_defer_false_stores_every_write_once_the_journal_is_taken_up(journal: Pa
 
 
 def serve_with_flushers(
-    nodes: Sequence[tuple[str, PendingWrites, DeferringStore]],
-    memory: MemoryStore,
-    cut: SlicedRange,
+    nodes: Sequence[tuple[str, PendingWrites, DeferringStore, PoolStore]], cut: SlicedRange
 ) -> dict[int, int]:
-    """120 pods' ADDs in `cut`, round robin over `nodes` (each its agent's batched decisions),
-    a third of them DELed again at once, while each node flushes into `memory` every 2 ms:
-    every DEL finds its ADD's address. The addresses answered and not released, by pod, once
-    every node's flush has stored what it kept."""
+    """120 pods' ADDs in `cut`, round robin over `nodes` (each its agent's batched decisions,
+    and the store its flush writes through, as the agent's goes through its cache), a third of
+    them DELed again at once, while each node flushes every 2 ms: every DEL finds its ADD's
+    address. The addresses answered and not released, by pod, once every node's flush has
+    stored what it kept."""
     stop = threading.Event()
 
-    def flush_on(pending: PendingWrites) -> None:
+    def flush_on(pending: PendingWrites, store: PoolStore) -> None:
         while not stop.wait(0.002):
-            pending.flush(memory)
+            pending.flush(store)
 
-    flushers = [threading.Thread(target=flush_on, args=(p,)) for _, p, _ in nodes]
+    flushers = [threading.Thread(target=flush_on, args=(p, f)) for _, p, _, f in nodes]
     for flusher in flushers:
         flusher.start()
-    batching = [CoalescingTransactions(store, lambda _: None) for _, _, store in nodes]
+    batching = [CoalescingTransactions(store, lambda _: None) for _, _, store, _ in nodes]
     answers: dict[int, int] = {}
     lock = threading.Lock()
 
@@ -400,8 +437,8 @@ def serve_with_flushers(
     stop.set()
     for flusher in flushers:
         flusher.join()
-    for _, pending, _ in nodes:
-        while pending.flush(memory).left:
+    for _, pending, _, store in nodes:
+        while pending.flush(store).left:
             pass
     return answers
 
@@ -414,19 +451,25 @@ def test_concurrent_adds_and_dels_with_a_flusher_running_store_exactly_what_was_
     answered and not released. (Found reads that began before a flush's write undoing it in
     the view: a DEL that found nothing.)"""
     memory = MemoryStore()
-    answers = serve_with_flushers([("node-a", *agent(journal, memory))], memory, CUT)
+    answers = serve_with_flushers([("node-a", *agent(journal, memory), memory)], CUT)
     assert len(set(answers.values())) == len(answers) == 80
     assert stored(memory) == {a: f"c{n}" for n, a in answers.items()}
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["fresh-reads", "cached-reads"])
 def test_nodes_sharing_a_block_batching_adds_and_dels_with_flushers_store_what_was_answered(
-    journal: Path,
+    journal: Path, cached: bool
 ) -> None:
-    """The same on two nodes whose slices of /26 lie in one block, each flushing its own:
-    every answer is unique across the nodes, with no clash."""
+    """The same on two nodes whose slices of /26 lie in one block, each flushing its own, and
+    reading through a cache of its own as the agent does (a copy of the block up to 50 ms
+    old: the other node's writes show late): every answer is unique across the nodes, with no
+    clash."""
     memory = MemoryStore()
-    nodes = [(name, *agent(journal, memory, name)) for name in ("node-a", "node-b")]
-    answers = serve_with_flushers(nodes, memory, QUARTERS)
+    nodes: list[tuple[str, PendingWrites, DeferringStore, PoolStore]] = []
+    for name in ("node-a", "node-b"):
+        backing: PoolStore = CachedStore(memory, max_age=0.05) if cached else memory
+        nodes.append((name, *agent(journal, backing, name), backing))
+    answers = serve_with_flushers(nodes, QUARTERS)
     assert len(set(answers.values())) == len(answers) == 80
     assert stored(memory) == {a: f"c{n}" for n, a in answers.items()}
 
@@ -650,9 +693,10 @@ def test_a_write_kept_while_the_agent_stores_the_same_block_itself_is_a_conflict
     journal: Path,
 ) -> None:
     """A (deferred) and B decide on one view of a block. Before A is kept, the agent reads a
-    registry by which another node's slice overlaps the block, so B is split off to be stored
-    before its answer. A is then a conflict, decided again: kept, it and B (landing on the same
-    state) could give one address twice."""
+    registry by which another node's slice overlaps half of the block, so B, which gives in
+    that half, is split off to be stored before its answer. A, which gives in the other half,
+    is then a conflict, decided again: while a write of the agent's own is on its way, the
+    view the block's decisions see lacks it, and nothing decided on that view is kept."""
     memory = MemoryStore()
     pending = PendingWrites(journal, "node-a")
     node = DeferringStore(memory, pending)
@@ -661,7 +705,7 @@ def test_a_write_kept_while_the_agent_stores_the_same_block_itself_is_a_conflict
     node.read_blocks(CUT.registry, 0, 1 << 32)
     view = next(b for b in node.read_blocks(POOL, *span) if b.key == key)
     a, b = view.copy(), view.copy()
-    a.put(in_node_b_half(key), owner(20))
+    a.put(in_node_b_half(key) ^ 0x80, owner(20))  # the half node-a keeps giving from alone
     b.put(in_node_b_half(key), owner(30))
     deferred_a, direct_a, _ = pending.split([a])
     assert deferred_a == [a] and not direct_a
@@ -677,28 +721,23 @@ def test_a_write_kept_while_the_agent_stores_the_same_block_itself_is_a_conflict
 def test_a_read_older_than_one_seen_is_never_decided_on_when_the_block_is_held_again(
     journal: Path,
 ) -> None:
-    """node-a holds no slice of a block node-b gives from, so it stores its writes of it before
-    answering. A read (Z) begins, X writes the block, a later read sees X's write; node-a takes
-    a slice of the block, and Z's read comes back. Z is then checked by the datastore, never
-    kept on the state before X (it was: given X's address)."""
+    """A read (Z) of a block where node-a holds no slice yet begins; node-a takes a quarter of
+    the block, storing its first address there, and then reads the registry, so the block is
+    held. Z comes back: a decision on it, which lacks that first address, gives it again. It
+    is checked by the datastore (a conflict), never kept on the state before node-a's write."""
     memory = MemoryStore()
     pending, node = agent(journal, memory)
     _, node_b = agent(journal, memory, "node-b")
-    theirs = add(node_b, 11, "node-b", cut=QUARTERS) + 1
-    key = BlockKey.of(POOL, theirs)
+    key = BlockKey.of(POOL, add(node_b, 11, "node-b", cut=QUARTERS))
     span = (key.base, key.base + 255)
-    node.read_blocks(QUARTERS.registry, 0, 1 << 32)  # node-b's quarter, none of node-a's
     read_by_z = memory.read_blocks(POOL, *span)  # comes back late
-    x = next(b for b in node.read_blocks(POOL, *span) if b.key == key).copy()
-    x.put(theirs, owner(20))
-    assert node.write_blocks([x]).revisions  # stored before its answer
-    node.read_blocks(POOL, *span)  # a read after X's write
-    add(node, 1, cut=QUARTERS)  # node-a takes a quarter of the block
+    first = add(node, 1, cut=QUARTERS)  # node-a's quarter: stored before its answer
+    node.read_blocks(QUARTERS.registry, 0, 1 << 32)  # held now
     z = next(b for b in pending.view(POOL, *span, read_by_z) if b.key == key).copy()
-    assert theirs not in z.entries
-    z.put(theirs, owner(30))
+    assert first not in z.entries
+    z.put(first, owner(30))
     assert node.write_blocks([z]).conflicts == [key]
-    assert stored(memory)[theirs] == "c20" and pending.pending_count() == 0
+    assert stored(memory)[first] == "c1" and pending.pending_count() == 0
 
 
 def test_a_flush_never_takes_the_view_back_before_a_state_read_while_it_wrote(
@@ -736,7 +775,7 @@ def test_a_flush_never_takes_the_view_back_before_a_state_read_while_it_wrote(
     assert add(node, 3) == first
 
 
-def test_a_block_found_shared_takes_no_change_kept_behind_once_its_changes_are_stored(
+def test_a_block_found_holding_another_nodes_address_takes_no_change_kept_behind_later(
     journal: Path,
 ) -> None:
     """A flush finds another node's pod on an address of the node's block: a clash, and one
@@ -772,7 +811,9 @@ def test_a_block_found_shared_takes_no_change_kept_behind_once_its_changes_are_s
     assert stored(memory)[fourth] == "c4" and pending.pending_count() == 0
 
 
-def test_a_flush_that_finds_another_nodes_address_marks_the_block_shared(journal: Path) -> None:
+def test_a_block_holding_another_nodes_address_in_the_nodes_slice_is_stored_before_answers(
+    journal: Path,
+) -> None:
     memory = MemoryStore()
     pending, node = agent(journal, memory)
     first = add(node, 1)
@@ -865,19 +906,29 @@ def test_a_block_another_nodes_slice_overlaps_takes_no_change_kept_behind_while_
     journal: Path,
 ) -> None:
     """node-a has a change kept in its block when it reads another config's registry by which
-    node-b holds half of that block. Its next decision in that half waits for the flush of
-    what was kept, and is then stored before its answer (it was kept on: node-b gives from
-    there); one in the other half is kept."""
+    node-b holds half of that block. A decision of node-a's that gives in that half waits for
+    the flush of what was kept; meanwhile no change of node-a's own half is kept either (a
+    stream of them would keep it waiting until its deadline), and for a while after the flush
+    they are stored before their answers, so that it gets its turn. Then they are kept again."""
     memory = MemoryStore()
-    pending, node = agent(journal, memory)
+    pending = PendingWrites(
+        journal, "node-a", on_clash=lambda: pytest.fail("a clash"), drain_seconds=2.0
+    )
+    node = DeferringStore(memory, pending)
     first = add(node, 1)
     add(node, 2)  # kept
     key = BlockKey.of(POOL, first)
     halves, node_b = node_b_takes_half_of(key, memory, journal)
     delete(node_b, 50)  # nothing of node-b's in the block: it is not shared
     node.read_blocks(halves.registry, 0, 1 << 32)
-    with flush_after(pending, memory, 0.2):
-        third = add(node, 3, requested=in_node_b_half(key))  # waits for that flush
-    assert stored(memory)[third] == "c3" and pending.pending_count() == 0
-    fourth = add(node, 4)  # in the half node-a gives alone: kept
-    assert fourth not in stored(memory) and pending.pending_count() == 1
+    with pytest.raises(StoreUnavailableError):  # waits for the flush, which does not come
+        add(node, 3, requested=in_node_b_half(key), deadline=0.2)
+    with pytest.raises(StoreUnavailableError):  # not kept past the change waiting
+        add(node, 4, deadline=0.2)
+    assert pending.pending_count() == 1 and pending.flush(memory).stored == 1
+    fifth = add(node, 5)  # stored before its answer while the block drains
+    third = add(node, 3, requested=in_node_b_half(key))
+    assert stored(memory)[fifth] == "c5" and stored(memory)[third] == "c3"
+    time.sleep(2.1)
+    sixth = add(node, 6)  # kept again
+    assert sixth not in stored(memory) and pending.pending_count() == 1
