@@ -88,7 +88,9 @@ def reconcile(
     unreadable: list[str] = []
 
     def left_out(problem: CniError) -> None:
-        log.error("left out of this pass, fix or delete it: %s", problem.msg)
+        # At every full pass as an error; a targeted pass (one per pod deletion) only notes it.
+        level = logging.ERROR if only_pods is None else logging.DEBUG
+        log.log(level, "left out of this pass, fix or delete it: %s", problem.msg)
         unreadable.append(problem.msg)
 
     # First the snapshot, then the pods: see the module doc.

@@ -144,7 +144,7 @@ def block_from_document(key: BlockKey, document: dict[str, Any], revision: str) 
     when it is not in pyabouts' format (the datastores do not check entries: see crds/)."""
     try:
         return _block_of_document(key, document, revision)
-    except (TypeError, ValueError, AttributeError) as exc:  # a field of another type
+    except (TypeError, ValueError, OverflowError, AttributeError) as exc:  # a field's type
         raise _corrupt(key, f"{type(exc).__name__} {exc}") from None
 
 

@@ -26,7 +26,7 @@ from pyabouts.ipam.errors import (
     StoreRefusedError,
     StoreUnavailableError,
 )
-from pyabouts.ipam.pool import Block, BlockKey, PoolId
+from pyabouts.ipam.pool import BLOCK_SIZE, Block, BlockKey, PoolId
 from pyabouts.ipam.store import OnUnreadable, WriteOutcome
 from pyabouts.ipam.stores.codec import block_from_document, block_json
 from pyabouts.ipam.stores.etcd_settings import (
@@ -215,13 +215,17 @@ def _decode(
 
 def _block_of(key: str, value: bytes, revision: int) -> Block:
     try:
+        parsed = parse_block_key(key)
+        family, base = parsed.pool.family, parsed.base
+        if not 0 <= base < 1 << (32 if family == 4 else 128) or base % BLOCK_SIZE:
+            raise ValueError(f"{base:x} is not the base of an IPv{family} block")
         document = json.loads(value)
         if not isinstance(document, dict):
             raise ValueError("not a JSON object")
-        return block_from_document(parse_block_key(key), document, str(revision))
+        return block_from_document(parsed, document, str(revision))
     except CniError as exc:
         raise CniError(exc.code, f"etcd key {key}: {exc.msg}", exc.details) from None
-    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+    except (ValueError, TypeError, OverflowError, UnicodeDecodeError) as exc:
         why = f"{type(exc).__name__} {exc}"
         raise CniError(CORRUPT_BLOCK, f"etcd key {key} is not a pyabouts block: {why}") from None
 
