@@ -171,7 +171,7 @@ def run_controller(connections: Connections, policy: Policy, args: argparse.Name
         controller.run()
         return
     identity = args.identity or f"{socket.gethostname()}-{os.getpid()}"
-    lock = LeaseLock(args.lease_name, connections.namespace, identity)  # type: ignore[no-untyped-call]
+    lock = CheckedLeaseLock(args.lease_name, connections.namespace, identity)
     lock.api_instance = k8s.CoordinationV1Api(connections.api_client)
 
     def lead() -> None:
@@ -190,7 +190,9 @@ def run_controller(connections: Connections, policy: Policy, args: argparse.Name
         controller.metrics.leader.set(0)
         sys.exit(1)
 
-    threading.Thread(target=_stand_by, args=(controller,), name="stand-by", daemon=True).start()
+    stand_by = threading.Thread(target=_stand_by, args=(controller, lock), name="stand-by")
+    stand_by.daemon = True
+    stand_by.start()
     config = electionconfig.Config(  # type: ignore[no-untyped-call]
         lock,
         lease_duration=args.lease_duration,
@@ -202,8 +204,39 @@ def run_controller(connections: Connections, policy: Policy, args: argparse.Name
     leaderelection.LeaderElection(config).run()  # type: ignore[no-untyped-call]
 
 
-def _stand_by(controller: Controller) -> None:
-    """A follower is alive and ready: it stands by to take over."""
+def _stand_by(controller: Controller, lock: CheckedLeaseLock) -> None:
+    """A follower is alive, and ready once it has read its Lease: it stands by to take over. One
+    the API refuses its Lease is not ready: it could never act."""
     while not controller.leading.is_set() and not controller.stop.is_set():
-        controller.health.beat(ready=True)
-        controller.stop.wait(5)
+        consulted = lock.consulted.is_set()
+        controller.health.beat(ready=consulted and lock.refused is None)
+        controller.stop.wait(5 if consulted else 0.2)
+
+
+class CheckedLeaseLock(LeaseLock):
+    """The client's LeaseLock, telling whether the API refuses this replica its Lease (401 or
+    403 on reading it). The election only logs that at INFO and tries again for ever, so a
+    replica without the right (another --lease-name and no Role for it, say) stood by as
+    ready and never acted."""
+
+    def __init__(self, name: str, namespace: str, identity: str) -> None:
+        super().__init__(name, namespace, identity)  # type: ignore[no-untyped-call]
+        self.consulted = threading.Event()  # its Lease was read once, whatever the outcome
+        self.refused: str | None = None  # why the API refuses it the Lease, while it does
+
+    def get(self, name: str, namespace: str) -> tuple[bool, object]:
+        found, record = super().get(name, namespace)  # type: ignore[no-untyped-call]
+        status = getattr(record, "status", None) if not found else None
+        refused = f"{status} {getattr(record, 'reason', '')}" if status in (401, 403) else None
+        if refused is not None and refused != self.refused:
+            log.error(
+                "the API refuses this replica the Lease %s/%s (%s): it cannot lead, and is not "
+                "ready, until its ServiceAccount may get and update it (deploy/reconciler/"
+                "rbac.yaml grants the Lease named pyabouts-reconciler alone)",
+                namespace,
+                name,
+                refused,
+            )
+        self.refused = refused
+        self.consulted.set()
+        return found, record

@@ -62,13 +62,16 @@ class RunningController:
         except OSError as exc:
             return 0, str(exc)
 
+    def stderr(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
     def wait_ready(self, what: str, timeout: float = 60) -> None:
         """Until /readyz answers 200; on a timeout, the failure says what the process said."""
         try:
             wait_for(lambda: self.get("/readyz")[0] == 200, timeout, what)
         except AssertionError as exc:
-            self.log.seek(0)
-            tail = "\n".join(self.log.read().splitlines()[-30:])
+            tail = "\n".join(self.stderr().splitlines()[-30:])
             raise AssertionError(f"{exc}; exit {self.process.poll()}, stderr:\n{tail}") from None
 
     def metric(self, name: str, **labels: str) -> float | None:
@@ -254,3 +257,21 @@ def test_a_follower_takes_over_when_the_leader_is_killed(recon: ReconcilerEnv) -
         delete_pod(recon.cluster, NAMESPACE, name)
         wait_for(lambda: address not in recon.held(), 30, f"{address} freed by the new leader")
         assert follower.metric("pyabouts_reconciler_leader") == 1
+
+
+@pytest.mark.parametrize("recon", ["kubernetes"], indirect=True)
+def test_a_replica_the_api_refuses_its_lease_says_so_and_is_not_ready(recon: ReconcilerEnv) -> None:
+    """Another --lease-name and no Role for it: the election alone logged the 403 at INFO and
+    stood by as ready for ever, never acting."""
+    lease = f"pyabouts-reconciler-{uuid.uuid4().hex[:6]}"
+    with controllers(recon, 1, "--lease-name", lease) as [replica]:
+        refusal = f"refuses this replica the Lease kube-system/{lease} (403"
+        wait_for(lambda: refusal in replica.stderr(), 30, "the refusal in its log")
+        time.sleep(1)  # its stand-by beats
+        assert replica.get("/healthz")[0] == 200
+        assert replica.get("/readyz")[0] != 200
+        assert replica.metric("pyabouts_reconciler_leader") == 0
+        with lease_granted(recon, lease):
+            leads = lambda: replica.metric("pyabouts_reconciler_leader") == 1  # noqa: E731
+            wait_for(leads, 60, "it leads once granted the Lease")
+            replica.wait_ready("ready after its first pass")
