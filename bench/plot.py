@@ -22,6 +22,7 @@ GROUP_WIDTH = 0.8  # of one phase's slot on the x axis, shared by the contenders
 FIGSIZE = (14, 6.5)
 DPI = 110
 HEADROOM = 3.0  # the log axes reach this far above the highest bar, for its label
+LEGEND_COLUMNS = 4  # eight contenders' names side by side are wider than the figure
 
 
 def write_plot(result: BenchmarkResult, out_dir: Path, stem: str) -> Path:
@@ -49,7 +50,8 @@ def draw(result: BenchmarkResult) -> Figure:
     throughput.set_ylabel("successful calls per second (log)")
     throughput.set_title("throughput over the whole phase")
     handles = [Patch(color=_color(i), label=name) for i, name in enumerate(result.contenders)]
-    figure.legend(handles=handles, loc="outside lower center", ncols=max(len(handles), 1))
+    columns = min(max(len(handles), 1), LEGEND_COLUMNS)
+    figure.legend(handles=handles, loc="outside lower center", ncols=columns)
     figure.suptitle(_title(result))
     return figure
 

@@ -30,8 +30,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import itertools
 import json
+import math
 import signal
 import sys
 import tempfile
@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from bench.contenders import (
     Contender,
@@ -83,6 +83,7 @@ from deploy.local.etcd_server import running_etcd
 from deploy.local.node_shim import built_shim
 from pyabouts.plugin.agent.backend import POOL_MAX_AGE_SECONDS
 
+T = TypeVar("T")
 HOST_LOCAL_NAME = "host-local"
 WHEREABOUTS_NAME = "whereabouts"
 BASELINES = (WHEREABOUTS_NAME, HOST_LOCAL_NAME)  # every figure is also shown as a ratio to these
@@ -209,7 +210,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.pods > 254:
         parser.error(f"--pods {args.pods}: each network's pool is at most a /24 (254)")
-    per_node = -(-args.calls // args.nodes)
+    # The most ADDs one node holds at once: the concurrent phase's share, or the sequential
+    # and spaced phases', which run on one node.
+    per_node = max(-(-args.calls // args.nodes), args.sequential_calls, args.spaced_calls)
     for sliced in SLICED:
         if sliced in args.pod_contenders:
             parser.error(f"{sliced}: the pods phase's pools are too small to slice")
@@ -410,6 +413,20 @@ def _new_contender(name: str, servers: Servers, args: argparse.Namespace) -> Con
     )
 
 
+def round_orders(repeated: Sequence[T], rounds: int) -> list[list[T]]:
+    """The order of each of `rounds` rounds after the first (which runs in `repeated`'s own):
+    round k starts with the k-th of them and steps through them by the k-th step coprime with
+    their number, so that none always runs first, nor always right after the same one (their
+    permutations in lexicographic order, before, moved only the last few: with five, the
+    first two ran first and second in every round)."""
+    count = len(repeated)
+    steps = [step for step in range(1, count) if math.gcd(step, count) == 1] or [1]
+    return [
+        [repeated[(k + i * steps[k % len(steps)]) % count] for i in range(count)]
+        for k in range(1, rounds)
+    ]
+
+
 def run_all_phases(
     contenders: Sequence[Contender],
     pod_contenders: Sequence[Contender],
@@ -435,14 +452,12 @@ def run_all_phases(
         (round_phase("concurrent", n), settings.calls, settings.concurrency, settings.nodes, 0.0)
         for n in range(2, settings.rounds + 1)
     ]
-    # Each round after the first in the next order of the repeated contenders (their
-    # permutations in turn), so that none always runs right after the same one, on a server
-    # and an etcd still finishing what that one left them.
-    permutations = itertools.cycle(
-        itertools.permutations(c for c in contenders if c.name in settings.repeated)
-    )
-    next(permutations)  # the first round's order is the plan's
-    orders = {name: list(next(permutations)) for name, *_ in rounds}
+    # Each round after the first in another order of the repeated contenders, so that none
+    # always runs first, nor right after the same one, on a server and an etcd still finishing
+    # what that one left them.
+    repeated = [c for c in contenders if c.name in settings.repeated]
+    names = [name for name, *_ in rounds]
+    orders = dict(zip(names, round_orders(repeated, settings.rounds), strict=True))
     for name, calls, concurrency, nodes, gap_s in (*plan, *rounds):
         for contender in orders.get(name, contenders):
             phase = Phase(name=name, run_id=_run_id(name), nodes=nodes)

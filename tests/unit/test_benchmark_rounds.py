@@ -80,8 +80,17 @@ def test_each_round_after_the_first_runs_the_repeated_contenders_in_another_orde
         return [name for ran_phase, name in ran if ran_phase == phase]
 
     assert order("concurrent") == names
-    # Their permutations in turn, the first one (the plan's order) skipped: host-local runs
-    # right after the slices in one of these rounds, not in all.
-    assert order("concurrent-round-2") == ["pyabouts-shim", "host-local", "pyabouts-shim-slices"]
-    assert order("concurrent-round-3") == ["pyabouts-shim-slices", "pyabouts-shim", "host-local"]
-    assert order("concurrent-round-4") == ["pyabouts-shim-slices", "host-local", "pyabouts-shim"]
+    repeated = ["pyabouts-shim", "pyabouts-shim-slices", "host-local"]
+    for n, expected in enumerate(run_benchmark.round_orders(repeated, 4), start=2):
+        assert order(f"concurrent-round-{n}") == expected
+
+
+@pytest.mark.parametrize("count", [2, 3, 4, 5, 6])
+def test_no_contender_always_runs_first_or_right_after_the_same_one(count: int) -> None:
+    names = [f"c{n}" for n in range(count)]
+    orders = [names, *run_benchmark.round_orders(names, 5)]
+    assert all(sorted(order) == names for order in orders)
+    assert len({order[0] for order in orders}) > 1
+    for name in names:
+        before = {order[order.index(name) - 1] if order.index(name) else None for order in orders}
+        assert len(before) > 1, (name, orders)
