@@ -230,9 +230,8 @@ class PendingWrites:
         waited longer than `max_pending` for the datastore (then the node answers code 11, as
         it would with every write stored before its answer)."""
         with self._lock:
-            stale = [b.key for b in blocks if not self._keeps(b)]
-            if stale:
-                return WriteOutcome(conflicts=stale)
+            # First: a block whose changes wait for a datastore that takes none is answered
+            # code 11 at once, not a conflict to retry until the call's deadline.
             now = time.monotonic()
             waited = max((now - self._pending_since.get(b.key, now) for b in blocks), default=0)
             if waited > self._max_pending:
@@ -240,6 +239,9 @@ class PendingWrites:
                     f"this node's changes of a block have waited {waited:.0f} s to be stored "
                     "(see the agent's log): no change of it is taken before they are"
                 )
+            stale = [b.key for b in blocks if not self._keeps(b)]
+            if stale:
+                return WriteOutcome(conflicts=stale)
             if self._journal_broken:
                 try:  # put right before anything is kept after a failed append
                     self._rewrite_journal()
@@ -673,22 +675,21 @@ def _changes(before: Block, after: Block) -> list[Change]:
 
 
 def _apply(block: Block, change: Change) -> bool:
-    """Apply `change` to `block` if the address is as the decision saw it; False when it is not
-    and the change gives it (a clash: left as stored). A release of an address that changed
-    meanwhile leaves what is stored: another pod holds it, rests on it or has it reserved (a
-    decision on a stale view of another node's slice, say), or it is free already."""
+    """Apply `change` to `block` if the address is as the decision saw it; False when another
+    pod holds it now and the change gives it (a clash: left as stored). A release of an address
+    that changed meanwhile leaves what is stored: another pod holds it, rests on it or has it
+    reserved (a decision on a stale view of another node's slice, say), or it is free already.
+    A give over a rest or a reservation stored meanwhile is applied: the pod it was answered to
+    holds the address, and leaving the rest would let it be given again when the rest ends."""
     now = block.entries.get(change.address)
     if now == change.after:
         if change.after is not None:
             block.put(change.address, change.after)  # its fields compare leaves out, too
         return True
     if now != change.before:
-        after = change.after
-        if after is None or not after.in_use:
+        if change.after is None or not change.after.in_use:
             return True
-        # Free now (a rest the decision saw ended), or resting or reserved for this very pod
-        # interface: it may take it. Anything else is somebody else's.
-        if now is not None and (now.in_use or now.attachment != after.attachment):
+        if now is not None and now.in_use:
             return False
     if change.after is None:
         block.pop(change.address)

@@ -348,6 +348,44 @@ def test_a_release_kept_of_an_address_changed_meanwhile_leaves_what_is_stored(
     assert memory.read_blocks(POOL, theirs, theirs)[0].entries[theirs] == reserved
 
 
+def test_a_give_kept_over_a_rest_stored_meanwhile_records_the_pod_it_was_answered_to(
+    journal: Path,
+) -> None:
+    """node-a gives an address of its slice, kept; meanwhile a rest of another pod is stored
+    there. The flush stores node-a's pod, which has the address: left resting, it would be
+    given again when the rest ends. (A clash, as for a pod holding it, left it resting.)"""
+    memory = MemoryStore()
+    pending, node = agent(journal, memory)
+    add(node, 1)
+    second = add(node, 2)  # kept
+    block = memory.read_blocks(POOL, second, second)[0]
+    rest = dataclasses.replace(owner(99, "node-b"), container_id="", cooling_until=2**31)
+    block.put(second, rest)
+    assert not memory.write_blocks([block]).conflicts
+    outcome = pending.flush(memory)
+    assert (outcome.stored, outcome.clashes) == (1, 0)
+    assert stored(memory)[second] == "c2"
+
+
+def test_a_decision_on_a_block_whose_changes_wait_too_long_is_refused_not_retried(
+    journal: Path,
+) -> None:
+    """A decision that would wait for the changes of its block kept before it (it gives in
+    another config's slice there) gets code 11 at once once they have waited too long for the
+    datastore, not a conflict retried until its deadline."""
+    memory = MemoryStore()
+    pending = PendingWrites(journal, "node-a", max_pending=0.1)
+    node = DeferringStore(memory, pending)
+    first = add(node, 1)
+    add(node, 2)  # kept, and never stored
+    key = BlockKey.of(POOL, first)
+    halves, _ = node_b_takes_half_of(key, memory, journal)
+    node.read_blocks(halves.registry, 0, 1 << 32)
+    time.sleep(0.2)
+    with pytest.raises(StoreUnavailableError, match="have waited"):
+        add(node, 3, requested=in_node_b_half(key), deadline=2)
+
+
 def test_a_flush_whose_write_another_node_came_before_stores_at_once_on_a_fresh_read(
     journal: Path,
 ) -> None:
