@@ -18,6 +18,8 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any, cast
 
 import urllib3
 from kubernetes import client as k8s
@@ -171,8 +173,8 @@ def run_controller(connections: Connections, policy: Policy, args: argparse.Name
         controller.run()
         return
     identity = args.identity or f"{socket.gethostname()}-{os.getpid()}"
-    lock = CheckedLeaseLock(args.lease_name, connections.namespace, identity)
-    lock.api_instance = k8s.CoordinationV1Api(connections.api_client)
+    api = k8s.CoordinationV1Api(connections.api_client)
+    lock = CheckedLeaseLock(args.lease_name, connections.namespace, identity, api)
 
     def lead() -> None:
         log.info("%s leads (Lease %s/%s)", identity, connections.namespace, args.lease_name)
@@ -215,28 +217,56 @@ def _stand_by(controller: Controller, lock: CheckedLeaseLock) -> None:
 
 class CheckedLeaseLock(LeaseLock):
     """The client's LeaseLock, telling whether the API refuses this replica its Lease (401 or
-    403 on reading it). The election only logs that at INFO and tries again for ever, so a
-    replica without the right (another --lease-name and no Role for it, say) stood by as
-    ready and never acted."""
+    403 on reading, creating or updating it). The election only logs that at INFO and tries
+    again for ever, so a replica without the right (another --lease-name and no Role for it,
+    say) stood by as ready and never acted."""
 
-    def __init__(self, name: str, namespace: str, identity: str) -> None:
+    def __init__(self, name: str, namespace: str, identity: str, api: object) -> None:
         super().__init__(name, namespace, identity)  # type: ignore[no-untyped-call]
-        self.consulted = threading.Event()  # its Lease was read once, whatever the outcome
+        self.consulted = threading.Event()  # the API answered about the Lease once, somehow
         self.refused: str | None = None  # why the API refuses it the Lease, while it does
+        # Duck-typed: it answers the calls LeaseLock makes, as `api` does.
+        self.api_instance = cast(k8s.CoordinationV1Api, _AnswersNoted(api, self._note))
 
-    def get(self, name: str, namespace: str) -> tuple[bool, object]:
-        found, record = super().get(name, namespace)  # type: ignore[no-untyped-call]
-        status = getattr(record, "status", None) if not found else None
-        refused = f"{status} {getattr(record, 'reason', '')}" if status in (401, 403) else None
+    def _note(self, failure: ApiException | None) -> None:
+        """What the API's last answer about the Lease says: a refusal, or not."""
+        status = failure.status if failure is not None else None
+        refused = (
+            f"{status} {failure.reason}" if failure is not None and status in (401, 403) else None
+        )
         if refused is not None and refused != self.refused:
             log.error(
                 "the API refuses this replica the Lease %s/%s (%s): it cannot lead, and is not "
-                "ready, until its ServiceAccount may get and update it (deploy/reconciler/"
-                "rbac.yaml grants the Lease named pyabouts-reconciler alone)",
-                namespace,
-                name,
+                "ready, until its ServiceAccount may get, create and update it (deploy/"
+                "reconciler/rbac.yaml grants the Lease named pyabouts-reconciler alone)",
+                self.namespace,
+                self.name,
                 refused,
             )
         self.refused = refused
         self.consulted.set()
-        return found, record
+
+
+class _AnswersNoted:
+    """The Lease API as LeaseLock calls it, each call's refusal or success told to `note`
+    (LeaseLock itself swallows the exceptions)."""
+
+    def __init__(self, api: object, note: Callable[[ApiException | None], None]) -> None:
+        self._api = api
+        self._note = note
+
+    def __getattr__(self, name: str) -> Any:
+        call = getattr(self._api, name)
+        if not callable(call):
+            return call
+
+        def noted(*args: Any, **kwargs: Any) -> Any:
+            try:
+                answer = call(*args, **kwargs)
+            except ApiException as exc:
+                self._note(exc)
+                raise
+            self._note(None)
+            return answer
+
+        return noted

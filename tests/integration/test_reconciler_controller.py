@@ -3,6 +3,7 @@ address within seconds, reports metrics and health, resumes its watch after "410
 replicas hand over through the Lease when the leader dies."""
 
 import contextlib
+import os
 import re
 import signal
 import subprocess
@@ -63,8 +64,9 @@ class RunningController:
             return 0, str(exc)
 
     def stderr(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
+        """What it wrote so far, read without moving the offset it shares with the process
+        (a seek here would make its next line overwrite the start of the file)."""
+        return os.pread(self.log.fileno(), 1 << 24, 0).decode(errors="replace")
 
     def wait_ready(self, what: str, timeout: float = 60) -> None:
         """Until /readyz answers 200; on a timeout, the failure says what the process said."""

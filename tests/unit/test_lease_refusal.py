@@ -1,70 +1,114 @@
-"""A reconciler replica the API refuses its Lease (401/403) says so in its log and is not ready:
-the leader election alone would stand it by as ready for ever, never acting."""
+"""A reconciler replica the API refuses its Lease (401/403, on reading, creating or updating it)
+says so in its log and is not ready: the leader election alone would stand it by as ready for
+ever, never acting."""
 
 from __future__ import annotations
 
+import datetime
 import threading
 import time
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import pytest
+from kubernetes.client import V1Lease, V1LeaseSpec
 from kubernetes.client.exceptions import ApiException
+from kubernetes.leaderelection.leaderelectionrecord import LeaderElectionRecord
 
 from pyabouts.controller.controller import CheckedLeaseLock, _stand_by
 from pyabouts.serving.endpoints import Health
 
+REASONS = {401: "Unauthorized", 403: "Forbidden", 404: "Not Found"}
+
 
 class LeaseApi:
-    """read_namespaced_lease answering with `status` (an ApiException) until told otherwise."""
+    """The Lease API calls LeaseLock makes, each answering with an ApiException of the status
+    set for it (`statuses`, by call), or with nothing (a success) when none is set."""
 
-    def __init__(self, status: int) -> None:
-        self.status = status
+    def __init__(self, **statuses: int) -> None:
+        self.statuses = statuses
+
+    def _answer(self, call: str) -> Any:
+        status = self.statuses.get(call)
+        if status is not None:
+            raise ApiException(status=status, reason=REASONS.get(status, ""))
+        return SimpleNamespace(metadata=SimpleNamespace(annotations={}), spec=None)
 
     def read_namespaced_lease(self, name: str, namespace: str) -> Any:
-        raise ApiException(
-            status=self.status, reason={403: "Forbidden", 404: "Not Found"}.get(self.status, "")
-        )
+        return self._answer("read")
+
+    def create_namespaced_lease(self, namespace: str, body: Any) -> Any:
+        return self._answer("create")
+
+    def replace_namespaced_lease(self, name: str, namespace: str, body: Any) -> Any:
+        return self._answer("replace")
 
 
-def lock_with(api: LeaseApi) -> CheckedLeaseLock:
-    lock = CheckedLeaseLock("other-lease", "kube-system", "replica-0")
-    lock.api_instance = cast(Any, api)  # a fake of the one call LeaseLock.get makes
-    return lock
+def record() -> LeaderElectionRecord:
+    now = str(datetime.datetime.now())  # as the election writes it
+    return LeaderElectionRecord("replica-0", "15", now, now)  # type: ignore[no-untyped-call]
 
 
 def test_a_refused_lease_is_logged_once_and_known_until_it_is_granted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    api = LeaseApi(403)
-    lock = lock_with(api)
+    api = LeaseApi(read=403)
+    lock: Any = CheckedLeaseLock("other-lease", "kube-system", "replica-0", api)
     assert not lock.consulted.is_set()
     found, _ = lock.get("other-lease", "kube-system")
     lock.get("other-lease", "kube-system")
     assert not found and lock.refused == "403 Forbidden" and lock.consulted.is_set()
     errors = [r for r in caplog.records if "refuses this replica the Lease" in r.getMessage()]
     assert len(errors) == 1 and "kube-system/other-lease" in errors[0].getMessage()
-    api.status = 404  # granted: the Lease is merely not there yet
+    api.statuses = {"read": 404}  # granted: the Lease is merely not there yet
     lock.get("other-lease", "kube-system")
     assert lock.refused is None
+
+
+@pytest.mark.parametrize("call", ["create", "replace"])
+def test_a_lease_it_may_read_but_not_write_is_refused_too(call: str) -> None:
+    """A Role granting get alone: the Lease is read, and its creation or update is refused,
+    which LeaseLock swallows."""
+    lock: Any = CheckedLeaseLock("other-lease", "kube-system", "replica-0", LeaseApi(**{call: 403}))
+    if call == "create":
+        written = lock.create("other-lease", "kube-system", record())
+    else:
+        lock.lease_reference = V1Lease(spec=V1LeaseSpec())  # as a read of it left it
+        written = lock.update("other-lease", "kube-system", record())
+    assert written is False and lock.refused == "403 Forbidden"
+
+
+def wait_until(condition: Any, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return bool(condition())
 
 
 @pytest.mark.parametrize(("status", "ready"), [(403, False), (401, False), (404, True)])
 def test_a_follower_is_ready_once_it_read_its_lease_unless_refused(
     status: int, ready: bool
 ) -> None:
-    lock = lock_with(LeaseApi(status))
-    controller = SimpleNamespace(
-        leading=threading.Event(), stop=threading.Event(), health=Health(stale_after=60)
-    )
+    lock: Any = CheckedLeaseLock("other-lease", "kube-system", "replica-0", LeaseApi(read=status))
+    health = Health(stale_after=60)
+    beats: list[bool] = []
+    beat = health.beat
+
+    def counted(*, ready: bool | None = None) -> None:
+        beats.append(bool(ready))
+        beat(ready=ready)
+
+    controller = SimpleNamespace(leading=threading.Event(), stop=threading.Event(), health=health)
+    health.beat = counted  # type: ignore[method-assign]
     stand_by = threading.Thread(target=_stand_by, args=(controller, lock))
     stand_by.start()
     try:
-        time.sleep(0.5)
-        assert not controller.health.ready()  # not before it has read its Lease
+        assert wait_until(lambda: len(beats) >= 2)
+        assert not any(beats)  # not ready before it has read its Lease
         lock.get("other-lease", "kube-system")
-        time.sleep(1.0)  # the stand-by beats every 0.2 s until the Lease was read
-        assert controller.health.ready() == ready
+        seen = len(beats)
+        assert wait_until(lambda: len(beats) > seen)  # a beat since the Lease was read
+        assert health.ready() == ready
     finally:
         controller.stop.set()
         stand_by.join()
