@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import itertools
 import json
 import math
 import signal
@@ -37,6 +38,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -414,17 +416,38 @@ def _new_contender(name: str, servers: Servers, args: argparse.Namespace) -> Con
 
 
 def round_orders(repeated: Sequence[T], rounds: int) -> list[list[T]]:
-    """The order of each of `rounds` rounds after the first (which runs in `repeated`'s own):
-    round k starts with the k-th of them and steps through them by the k-th step coprime with
-    their number, so that none always runs first, nor always right after the same one (their
+    """The order of each of `rounds` rounds after the first (which runs in `repeated`'s own),
+    so that none of them always runs in the same place, nor right after the same one: each
+    round takes the order whose places and neighbours were taken least so far (their
     permutations in lexicographic order, before, moved only the last few: with five, the
     first two ran first and second in every round)."""
     count = len(repeated)
-    steps = [step for step in range(1, count) if math.gcd(step, count) == 1] or [1]
-    return [
-        [repeated[(k + i * steps[k % len(steps)]) % count] for i in range(count)]
-        for k in range(1, rounds)
-    ]
+    # Every order of up to seven (5040), else those that step through them by a stride
+    # coprime with their number, from any start.
+    candidates = (
+        [list(order) for order in itertools.permutations(range(count))]
+        if count <= 7
+        else [
+            [(start + i * stride) % count for i in range(count)]
+            for stride in range(1, count)
+            if math.gcd(stride, count) == 1
+            for start in range(count)
+        ]
+    )
+    taken: Counter[tuple[int, str, int]] = Counter()  # (contender, "at" or "after", which)
+
+    def places(order: list[int]) -> list[tuple[int, str, int]]:
+        at = [(x, "at", place) for place, x in enumerate(order)]
+        after = [(x, "after", order[place - 1] if place else -1) for place, x in enumerate(order)]
+        return at + after
+
+    orders = [list(range(count))]
+    taken.update(places(orders[0]))
+    for _ in range(1, rounds):
+        order = min(candidates, key=lambda o: sum(taken[p] for p in places(o)))
+        taken.update(places(order))
+        orders.append(order)
+    return [[repeated[x] for x in order] for order in orders[1:]]
 
 
 def run_all_phases(
