@@ -124,8 +124,9 @@ class PendingWrites:
         self._journal_broken = False  # an append failed, and no rewrite has repaired it yet
         self._repair_every = repair_every
         # Blocks a decision that gives outside the node's slices waits on: none of their
-        # changes is kept until those pending are stored (None), and then none until then.
-        # (A stream of ADDs kept in the node's own slice of the block would keep it waiting.)
+        # changes is kept until those pending are stored (None), and then, until the time
+        # noted, their decisions are stored before their answers, the waiting one's too. (A
+        # stream of ADDs kept in the node's own slice of the block would keep it waiting.)
         self._draining: dict[BlockKey, float | None] = {}
         self._drain_seconds = drain_seconds
         self._repair_after = 0.0  # when a flush with nothing pending tries the rewrite again
