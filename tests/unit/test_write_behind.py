@@ -289,6 +289,20 @@ def test_nodes_whose_slices_share_a_block_each_keep_the_changes_of_their_own_sli
     assert stored(memory) == {first_a: "c1", first_b: "c11", **kept_a, **kept_b}
 
 
+def node_a_keeps_a_release_of_node_bs_pod(
+    journal: Path, memory: MemoryStore
+) -> tuple[PendingWrites, PendingWrites, DeferringStore, int]:
+    """node-a, with a change kept in a block of /26 slices, frees node-b's pod 11 there (its DEL
+    reached node-a): node-a's and node-b's pending writes, node-b's store, and the address."""
+    pending_a, node_a = agent(journal, memory)
+    pending_b, node_b = agent(journal, memory, "node-b")
+    add(node_a, 1, cut=QUARTERS)
+    add(node_a, 2, cut=QUARTERS)  # kept
+    theirs = add(node_b, 11, "node-b", cut=QUARTERS)
+    assert delete(node_a, 11, cut=QUARTERS) == [theirs]
+    return pending_a, pending_b, node_b, theirs
+
+
 def test_a_release_of_another_nodes_address_in_a_block_with_changes_kept_is_kept_too(
     journal: Path,
 ) -> None:
@@ -297,12 +311,7 @@ def test_a_release_of_another_nodes_address_in_a_block_with_changes_kept_is_kept
     changes pending could hold it off until its deadline). node-b does not give the address
     again meanwhile, its view showing it held, and the flushes store both nodes' changes."""
     memory = MemoryStore()
-    pending_a, node_a = agent(journal, memory)
-    pending_b, node_b = agent(journal, memory, "node-b")
-    add(node_a, 1, cut=QUARTERS)
-    add(node_a, 2, cut=QUARTERS)  # kept
-    theirs = add(node_b, 11, "node-b", cut=QUARTERS)
-    assert delete(node_a, 11, cut=QUARTERS) == [theirs]
+    pending_a, pending_b, node_b, theirs = node_a_keeps_a_release_of_node_bs_pod(journal, memory)
     assert pending_a.pending_count() == 2 and stored(memory)[theirs] == "c11"
     again = add(node_b, 12, "node-b", cut=QUARTERS)
     assert again != theirs and pending_b.pending_count() == 1
@@ -318,12 +327,7 @@ def test_a_release_kept_of_an_address_changed_meanwhile_leaves_what_is_stored(
     it for the pod. node-a's flush leaves the reservation (it freed it: the address could be
     given again while reserved), and it is no clash."""
     memory = MemoryStore()
-    pending_a, node_a = agent(journal, memory)
-    pending_b, node_b = agent(journal, memory, "node-b")
-    add(node_a, 1, cut=QUARTERS)
-    add(node_a, 2, cut=QUARTERS)  # kept
-    theirs = add(node_b, 11, "node-b", cut=QUARTERS)
-    assert delete(node_a, 11, cut=QUARTERS) == [theirs]
+    pending_a, pending_b, node_b, theirs = node_a_keeps_a_release_of_node_bs_pod(journal, memory)
     assert pending_a.pending_count() == 2  # kept, not stored
     assert delete(node_b, 11, cut=QUARTERS) == [theirs]
     sticky = dataclasses.replace(owner(20, "node-b"), sticky=True)
