@@ -10,10 +10,12 @@ tools, the node plugin answers VERSION, and a second build with the same inputs 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import tarfile
 import time
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +28,9 @@ from deploy.local.project_image import (
     project_version,
 )
 from pyabouts.plugin.cni import render_version
+
+CONTAINERFILE = REPO_ROOT / "Containerfile"
+SHIM_IN_IMAGE = "/opt/pyabouts/libexec/pyabouts-shim"
 
 pytestmark = [
     pytest.mark.integration,
@@ -114,6 +119,30 @@ def test_the_installer_puts_the_images_static_shim_on_the_node(image: BuiltImage
     assert (
         error["msg"] == "no pyabouts agent at /run/pyabouts/agent.sock: no such file or directory"
     )
+
+
+def test_the_images_shim_is_built_by_the_pinned_go_toolchain(
+    image: BuiltImage, tmp_path: Path
+) -> None:
+    """Not by Debian 12's Go 1.19, long out of support, whose standard library the shim would
+    carry onto every node."""
+    pinned = re.search(r"^ARG GO_TOOLCHAIN=(go[0-9.]+)$", CONTAINERFILE.read_text(), re.M)
+    assert pinned is not None
+    shim = tmp_path / "pyabouts-shim"
+    shim.write_bytes(
+        subprocess.run(
+            ["podman", "run", "--rm", "--network=none", image.name, "cat", SHIM_IN_IMAGE],
+            capture_output=True,
+            timeout=120,
+            check=True,
+        ).stdout
+    )
+    which = [str(REPO_ROOT / "plugin/shim/build.sh"), "--which-go"]
+    go = subprocess.run(["sh", *which], capture_output=True, text=True, check=True).stdout
+    built_by = subprocess.run(
+        [go.strip(), "version", str(shim)], capture_output=True, text=True, check=True
+    )
+    assert built_by.stdout.split() == [f"{shim}:", pinned.group(1)]
 
 
 def test_the_virtualenv_holds_the_package_whole_and_no_build_tools(image: BuiltImage) -> None:
