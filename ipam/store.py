@@ -7,15 +7,33 @@ interface is deliberately small; everything that decides lives in the allocator.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from pyabouts.ipam.errors import CniError
 from pyabouts.ipam.pool import Block, BlockKey, PoolId
 
 #: Told of each stored block read_all_blocks left out as unreadable (CniError 104).
 OnUnreadable = Callable[[CniError], None]
+
+T = TypeVar("T")
+
+
+def decoded_blocks(
+    stored: Iterable[T], decode: Callable[[T], Block], on_unreadable: OnUnreadable | None
+) -> list[Block]:
+    """`decode` of each stored object; one it refuses (CniError) raises, or is left out and
+    told to `on_unreadable` (see PoolStore.read_all_blocks)."""
+    blocks = []
+    for item in stored:
+        try:
+            blocks.append(decode(item))
+        except CniError as exc:
+            if on_unreadable is None:
+                raise
+            on_unreadable(exc)
+    return blocks
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from pyabouts.ipam.errors import (
     StoreUnavailableError,
 )
 from pyabouts.ipam.pool import BLOCK_SIZE, Block, BlockKey, PoolId
-from pyabouts.ipam.store import OnUnreadable, WriteOutcome
+from pyabouts.ipam.store import OnUnreadable, WriteOutcome, decoded_blocks
 from pyabouts.ipam.stores.codec import block_from_document, block_json
 from pyabouts.ipam.stores.etcd_settings import (
     CA_KEY,
@@ -202,15 +202,11 @@ def _decode(
 ) -> list[Block]:
     """The blocks of a range read; a key not in pyabouts' format raises, or is left out and
     told to `on_unreadable`."""
-    blocks = []
-    for value, meta in found:
-        try:
-            blocks.append(_block_of(meta.key.decode(errors="replace"), value, meta.mod_revision))
-        except CniError as exc:
-            if on_unreadable is None:
-                raise
-            on_unreadable(exc)
-    return blocks
+    return decoded_blocks(
+        found,
+        lambda kv: _block_of(kv[1].key.decode(errors="replace"), kv[0], kv[1].mod_revision),
+        on_unreadable,
+    )
 
 
 def _block_of(key: str, value: bytes, revision: int) -> Block:

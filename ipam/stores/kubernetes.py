@@ -27,7 +27,7 @@ from pyabouts.ipam.errors import (
     StoreUnavailableError,
 )
 from pyabouts.ipam.pool import Block, BlockKey, PoolId
-from pyabouts.ipam.store import ChangeSink, OnUnreadable, WriteOutcome
+from pyabouts.ipam.store import ChangeSink, OnUnreadable, WriteOutcome, decoded_blocks
 from pyabouts.ipam.stores.codec import (
     block_cidr,
     block_from_document,
@@ -147,15 +147,9 @@ class KubernetesStore:
     ) -> list[Block]:
         """The IPPools of the namespace (that match `label_selector`) as blocks, in pages; one
         not in pyabouts' format raises, or is left out and told to `on_unreadable`."""
-        blocks = []
-        for page in self._pages(label_selector=label_selector):
-            for item in page.get("items") or []:
-                try:
-                    blocks.append(block_of_ippool(item))
-                except CniError as exc:
-                    if on_unreadable is None:
-                        raise
-                    on_unreadable(exc)
+        pages = self._pages(label_selector=label_selector)
+        items = (item for page in pages for item in page.get("items") or [])
+        blocks = decoded_blocks(items, block_of_ippool, on_unreadable)
         return sorted(blocks, key=lambda b: b.key)
 
     def _pages(
