@@ -224,26 +224,38 @@ class CheckedLeaseLock(LeaseLock):
     def __init__(self, name: str, namespace: str, identity: str, api: object) -> None:
         super().__init__(name, namespace, identity)  # type: ignore[no-untyped-call]
         self.consulted = threading.Event()  # the API answered about the Lease once, somehow
-        self.refused: str | None = None  # why the API refuses it the Lease, while it does
+        # Why the API refuses it the Lease, by kind of call ("read", "write"), while it does.
+        # Each try of the election reads the Lease before it writes, so a read that succeeds
+        # says nothing of the right to write: a refused write stands until a write succeeds.
+        self._refusals: dict[str, str] = {}
         # Duck-typed: it answers the calls LeaseLock makes, as `api` does.
         self.api_instance = cast(k8s.CoordinationV1Api, _AnswersNoted(api, self._note))
 
-    def _note(self, failure: ApiException | None) -> None:
-        """What the API's last answer about the Lease says: a refusal, or not."""
+    @property
+    def refused(self) -> str | None:
+        """Why the API refuses this replica its Lease, or None while it does not."""
+        return next(iter(self._refusals.values()), None)
+
+    def _note(self, call: str, failure: ApiException | None) -> None:
+        """What the API's answer to one call about the Lease says: a refusal, or not."""
+        kind = "read" if call.startswith("read_") else "write"
         status = failure.status if failure is not None else None
-        refused = (
-            f"{status} {failure.reason}" if failure is not None and status in (401, 403) else None
-        )
-        if refused is not None and refused != self.refused:
-            log.error(
-                "the API refuses this replica the Lease %s/%s (%s): it cannot lead, and is not "
-                "ready, until its ServiceAccount may get, create and update it (deploy/"
-                "reconciler/rbac.yaml grants the Lease named pyabouts-reconciler alone)",
-                self.namespace,
-                self.name,
-                refused,
-            )
-        self.refused = refused
+        if failure is None or status not in (401, 403):
+            self._refusals.pop(kind, None)
+        else:
+            refused = f"{status} {failure.reason}"
+            if self._refusals.get(kind) != refused:
+                log.error(
+                    "the API refuses this replica the Lease %s/%s (%s on %s): it cannot lead, "
+                    "and is not ready, until its ServiceAccount may get, create and update it "
+                    "(deploy/reconciler/rbac.yaml grants the Lease named pyabouts-reconciler "
+                    "alone)",
+                    self.namespace,
+                    self.name,
+                    refused,
+                    call,
+                )
+            self._refusals[kind] = refused
         self.consulted.set()
 
 
@@ -251,7 +263,7 @@ class _AnswersNoted:
     """The Lease API as LeaseLock calls it, each call's refusal or success told to `note`
     (LeaseLock itself swallows the exceptions)."""
 
-    def __init__(self, api: object, note: Callable[[ApiException | None], None]) -> None:
+    def __init__(self, api: object, note: Callable[[str, ApiException | None], None]) -> None:
         self._api = api
         self._note = note
 
@@ -264,9 +276,9 @@ class _AnswersNoted:
             try:
                 answer = call(*args, **kwargs)
             except ApiException as exc:
-                self._note(exc)
+                self._note(name, exc)
                 raise
-            self._note(None)
+            self._note(name, None)
             return answer
 
         return noted

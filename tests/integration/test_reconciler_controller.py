@@ -1,6 +1,7 @@
 """`pyabouts-reconciler --watch` as processes against the real apiserver: it frees a deleted pod's
-address within seconds, reports metrics and health, resumes its watch after "410 Gone", and two
-replicas hand over through the Lease when the leader dies."""
+address within seconds, reports metrics and health, resumes its watch after "410 Gone", two
+replicas hand over through the Lease when the leader dies, and one the API refuses its Lease (to
+read or to write) says so and is not ready."""
 
 import contextlib
 import os
@@ -15,16 +16,29 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 import pytest
 
-from deploy.local.pod_objects import create_pod, delete_pod, lost_node_condition, set_status
+from deploy.local.pod_objects import (
+    create_namespace,
+    create_pod,
+    delete_pod,
+    lost_node_condition,
+    set_status,
+)
 from deploy.local.ports import free_port
 from pyabouts.controller.connect import connect, read_settings
 from pyabouts.controller.pods import PodReader
 from pyabouts.controller.watching import PodEvent, PodWatch, Relisted
-from tests.integration.reconciler_env import NAMESPACE, RECONCILER_SA, ReconcilerEnv, pod_name
+from tests.integration.reconciler_env import (
+    NAMESPACE,
+    RECONCILER_SA,
+    ReconcilerEnv,
+    pod_name,
+    reconciler_argv,
+)
 
 LEASE_RBAC = """
 apiVersion: rbac.authorization.k8s.io/v1
@@ -40,6 +54,19 @@ apiVersion: rbac.authorization.k8s.io/v1
 kind: RoleBinding
 metadata: {{name: {name}, namespace: kube-system}}
 roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: {name}}}
+subjects: [{{kind: ServiceAccount, name: {account}, namespace: kube-system}}]
+"""
+
+LEASE_READ_ONLY = """
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: lease-reader, namespace: {namespace}}}
+rules: [{{apiGroups: [coordination.k8s.io], resources: [leases], verbs: [get]}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: lease-reader, namespace: {namespace}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: lease-reader}}
 subjects: [{{kind: ServiceAccount, name: {account}, namespace: kube-system}}]
 """
 
@@ -69,9 +96,17 @@ class RunningController:
         return os.pread(self.log.fileno(), 1 << 24, 0).decode(errors="replace")
 
     def wait_ready(self, what: str, timeout: float = 60) -> None:
-        """Until /readyz answers 200; on a timeout, the failure says what the process said."""
+        """Until /readyz answers 200."""
+        self.wait_until(lambda: self.get("/readyz")[0] == 200, timeout, what)
+
+    def wait_logged(self, text: str, timeout: float = 30) -> None:
+        """Until `text` is in its log."""
+        self.wait_until(lambda: text in self.stderr(), timeout, f"{text!r} in its log")
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
+        """wait_for, and on a timeout the failure says what the process said."""
         try:
-            wait_for(lambda: self.get("/readyz")[0] == 200, timeout, what)
+            wait_for(condition, timeout, what)
         except AssertionError as exc:
             tail = "\n".join(self.stderr().splitlines()[-30:])
             raise AssertionError(f"{exc}; exit {self.process.poll()}, stderr:\n{tail}") from None
@@ -97,14 +132,20 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
 
 
 @contextlib.contextmanager
-def controllers(recon: ReconcilerEnv, count: int, *extra: str) -> Iterator[list[RunningController]]:
+def controllers(
+    recon: ReconcilerEnv, count: int, *extra: str, kubeconfig: Path | None = None
+) -> Iterator[list[RunningController]]:
+    """`count` replicas of `pyabouts-reconciler --watch`, as the test's ServiceAccount (or as
+    `kubeconfig`)."""
     started: list[RunningController] = []
     with contextlib.ExitStack() as logs:
         try:
             for n in range(count):
                 port, identity = free_port(), f"replica-{n}-{uuid.uuid4().hex[:4]}"
-                argv = recon.reconciler_argv(
-                    "--watch", "--listen", f"127.0.0.1:{port}", "--identity", identity, *extra
+                argv = reconciler_argv(
+                    recon.flat_file,
+                    kubeconfig or recon.kubeconfig,
+                    *("--watch", "--listen", f"127.0.0.1:{port}", "--identity", identity, *extra),
                 )
                 log = logs.enter_context(tempfile.TemporaryFile("w+"))
                 process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, text=True)
@@ -267,8 +308,7 @@ def test_a_replica_the_api_refuses_its_lease_says_so_and_is_not_ready(recon: Rec
     stood by as ready for ever, never acting."""
     lease = f"pyabouts-reconciler-{uuid.uuid4().hex[:6]}"
     with controllers(recon, 1, "--lease-name", lease) as [replica]:
-        refusal = f"refuses this replica the Lease kube-system/{lease} (403"
-        wait_for(lambda: refusal in replica.stderr(), 30, "the refusal in its log")
+        replica.wait_logged(f"refuses this replica the Lease kube-system/{lease} (403")
         time.sleep(1)  # its stand-by beats
         assert replica.get("/healthz")[0] == 200
         assert replica.get("/readyz")[0] != 200
@@ -277,3 +317,49 @@ def test_a_replica_the_api_refuses_its_lease_says_so_and_is_not_ready(recon: Rec
             leads = lambda: replica.metric("pyabouts_reconciler_leader") == 1  # noqa: E731
             wait_for(leads, 60, "it leads once granted the Lease")
             replica.wait_ready("ready after its first pass")
+
+
+@pytest.mark.parametrize("plugin_mode", ["agent"], indirect=True)  # it allocates nothing
+@pytest.mark.parametrize("recon", ["kubernetes"], indirect=True)
+@pytest.mark.parametrize("held", [False, True], ids=["create", "update"])
+def test_a_replica_that_may_read_its_lease_but_not_write_it_is_not_ready(
+    recon: ReconcilerEnv, held: bool, tmp_path: Path
+) -> None:
+    """A namespace where a Role grants this replica `get` on Leases alone. With no Lease there,
+    it reads 404 and its create is refused; with one a replica gone held, its update is. Each
+    try of the election reads the Lease again, which is granted: the refused write must still
+    keep it from being ready, and the Lease stays as it was."""
+    namespace, lease = f"lease-{uuid.uuid4().hex[:6]}", "pyabouts-reconciler"
+    leases = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+    create_namespace(recon.cluster, namespace)
+    rbac = LEASE_READ_ONLY.format(namespace=namespace, account=RECONCILER_SA)
+    recon.cluster.kubectl("apply", "-f", "-", input=rbac)
+    if held:
+        spec = {"holderIdentity": "gone", "leaseDurationSeconds": 1}
+        lease_body = {"metadata": {"name": lease}, "spec": spec}
+        assert recon.cluster.request("POST", leases, lease_body)[0] == 201
+    # The IPPools and the Lease live in the kubeconfig's namespace.
+    kubeconfig = recon.cluster.service_account_kubeconfig(
+        "kube-system", RECONCILER_SA, tmp_path / "kubeconfig", context_namespace=namespace
+    )
+    timing = ("--lease-duration", "3", "--renew-deadline", "2", "--retry-period", "1")
+    call = "replace_namespaced_lease" if held else "create_namespaced_lease"
+    try:
+        with controllers(recon, 1, *timing, kubeconfig=kubeconfig) as [replica]:
+            refusal = f"the Lease {namespace}/{lease} (403 Forbidden on {call})"
+            replica.wait_logged(refusal)
+            # Its stand-by beats every 5 s once it has read the Lease, and the election tries
+            # every second, each try a read (granted) and a write (refused): several of both.
+            for _ in range(12):
+                time.sleep(1)
+                assert replica.get("/healthz")[0] == 200
+                assert replica.get("/readyz")[0] != 200
+            assert replica.metric("pyabouts_reconciler_leader") == 0
+            assert replica.stderr().count(refusal) == 1  # logged once, not at every try
+        status, body = recon.cluster.request("GET", f"{leases}/{lease}")
+        if held:
+            assert status == 200 and body["spec"]["holderIdentity"] == "gone"
+        else:
+            assert status == 404
+    finally:
+        recon.cluster.kubectl("delete", "namespace", namespace, "--wait=false")

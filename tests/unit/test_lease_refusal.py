@@ -69,13 +69,22 @@ def test_a_refused_lease_is_logged_once_and_known_until_it_is_granted(
 def test_a_lease_it_may_read_but_not_write_is_refused_too(call: str) -> None:
     """A Role granting get alone: the Lease is read, and its creation or update is refused,
     which LeaseLock swallows."""
-    lock: Any = CheckedLeaseLock("other-lease", "kube-system", "replica-0", LeaseApi(**{call: 403}))
+    api = LeaseApi(**{call: 403})
+    lock: Any = CheckedLeaseLock("other-lease", "kube-system", "replica-0", api)
     if call == "create":
         written = lock.create("other-lease", "kube-system", record())
     else:
         lock.lease_reference = V1Lease(spec=V1LeaseSpec())  # as a read of it left it
         written = lock.update("other-lease", "kube-system", record())
     assert written is False and lock.refused == "403 Forbidden"
+    lock.get("other-lease", "kube-system")  # each try of the election reads first
+    assert lock.refused == "403 Forbidden"  # which grants nothing about writing
+    api.statuses = {}  # granted
+    if call == "create":
+        assert lock.create("other-lease", "kube-system", record()) is True
+    else:
+        assert lock.update("other-lease", "kube-system", record()) is True
+    assert lock.refused is None
 
 
 def wait_until(condition: Any, seconds: float = 10) -> bool:
