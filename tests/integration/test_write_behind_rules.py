@@ -1,31 +1,47 @@
 """Write-behind of a node's own slice blocks (ipam.stores.write_behind): what is answered is
 what decisions see and what the journal keeps, the datastore gets it at the next flush, a
-restarted agent takes up what was left, and nobody else's address is ever taken over."""
+restarted agent takes up what was left, and nobody else's address is ever taken over.
+
+Each rule runs on the in-memory store and on the real ones: IPPools on the local apiserver
+(written block by block, a 409 for a stale resourceVersion) and etcd (one transaction). Where a
+rule needs another writer at a given moment, a wrapper (Interposed) runs it around the real
+store's own read or write."""
 
 import contextlib
 import dataclasses
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import etcd3
 import netaddr
 import pytest
 
+from deploy.local.etcd_server import EtcdServer
+from deploy.local.pod_objects import create_namespace
 from pyabouts.ipam import operations, slices
 from pyabouts.ipam.coalescing import CoalescingTransactions
 from pyabouts.ipam.errors import StoreUnavailableError
 from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
 from pyabouts.ipam.ranges import build_range
 from pyabouts.ipam.slices import SlicedRange, is_registry
-from pyabouts.ipam.store import PoolStore, WriteOutcome
+from pyabouts.ipam.store import OnUnreadable, PoolStore, WriteOutcome
 from pyabouts.ipam.stores.cached import CachedStore
+from pyabouts.ipam.stores.etcd import KEY_PREFIX
+from pyabouts.ipam.stores.kubeconfig import read_kubeconfig
+from pyabouts.ipam.stores.kubernetes import KubernetesStore
 from pyabouts.ipam.stores.write_behind import DeferringStore, PendingWrites
 from pyabouts.ipam.transaction import DirectTransactions
+from tests.integration.stored_state import STORE_TIMEOUT, etcd_store
 from tests.memory_store import MemoryStore
 
-POOL = PoolId("blue", 4)
+pytestmark = pytest.mark.integration
+
+# Networks of these tests alone: on etcd they are wiped before and after each test.
+POOL = PoolId("wb-blue", 4)
 RANGE = build_range("10.7.0.0/22", range_start=None, range_end=None, exclude=[], pool=POOL)
 CUT = SlicedRange(RANGE, 24)  # a /24 slice per node: one block each
 # A range of one block cut in four: four nodes' slices share a block.
@@ -65,12 +81,12 @@ def delete(store: PoolStore, n: int, *, cut: SlicedRange = CUT) -> list[int]:
     )
 
 
-def stored(memory: MemoryStore) -> dict[int, str]:
-    """The addresses of RANGE's pool the datastore holds, with their containers."""
+def stored(backing: PoolStore) -> dict[int, str]:
+    """The addresses of POOL the datastore holds, with their containers."""
     return {
         address: o.container_id
-        for key, block in memory.blocks.items()
-        if key.pool == POOL
+        for block in backing.read_all_blocks()
+        if block.key.pool == POOL
         for address, o in block.entries.items()
     }
 
@@ -92,12 +108,12 @@ def in_node_b_half(key: BlockKey) -> int:
 
 
 def node_b_takes_half_of(
-    key: BlockKey, memory: MemoryStore, journal: Path
+    key: BlockKey, backing: PoolStore, journal: Path
 ) -> tuple[SlicedRange, DeferringStore]:
     """Another config of the network cuts `key`'s /24 into halves (halves_of), and node-b (an
     agent of its own) gives pod 50 an address from one: the halves, and node-b's store."""
     halves = halves_of(key)
-    node_b = DeferringStore(memory, PendingWrites(journal.with_name("b"), "node-b"))
+    node_b = DeferringStore(backing, PendingWrites(journal.with_name("b"), "node-b"))
     operations.allocate(
         DirectTransactions(node_b),
         [halves.range],
@@ -121,10 +137,10 @@ def agent(
 
 
 @contextlib.contextmanager
-def flush_after(pending: PendingWrites, memory: MemoryStore, seconds: float) -> Iterator[None]:
-    """A flush of `pending` into `memory` `seconds` after entering, unless left first."""
+def flush_after(pending: PendingWrites, backing: PoolStore, seconds: float) -> Iterator[None]:
+    """A flush of `pending` into `backing` `seconds` after entering, unless left first."""
     stop = threading.Event()
-    flusher = threading.Thread(target=lambda: stop.wait(seconds) or pending.flush(memory))
+    flusher = threading.Thread(target=lambda: stop.wait(seconds) or pending.flush(backing))
     flusher.start()
     try:
         yield
@@ -138,164 +154,233 @@ def journal(tmp_path: Path) -> Path:
     return tmp_path / "pending-writes.journal"
 
 
+@pytest.fixture(params=["memory", "etcd", "kubernetes"])
+def backing(request: pytest.FixtureRequest) -> Iterator[PoolStore]:
+    """The datastore the agent writes behind into, empty: the fake, real etcd, or IPPools in a
+    namespace of the test's own on the local apiserver."""
+    store: PoolStore
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    if request.param == "etcd":
+        server = request.getfixturevalue("etcd_server")
+        wipe_etcd_pools(server)
+        store = etcd_store(server)
+        try:
+            yield store
+        finally:
+            store.close()
+            wipe_etcd_pools(server)
+        return
+    cluster = request.getfixturevalue("pyabouts_cluster")
+    namespace = f"write-behind-{uuid.uuid4().hex[:8]}"
+    create_namespace(cluster, namespace)
+    credentials = dataclasses.replace(read_kubeconfig(str(cluster.kubeconfig)), namespace=namespace)
+    store = KubernetesStore.from_credentials(credentials, timeout=STORE_TIMEOUT)
+    try:
+        yield store
+    finally:
+        store.close()
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+
+
+datastore = backing  # the same, for a test that wraps it and calls the wrapper `backing`
+
+
+def wipe_etcd_pools(server: EtcdServer) -> None:
+    """Deletes everything of these tests' networks (theirs and their slice registries') in
+    the session's etcd."""
+    client = etcd3.client(host=server.host, port=server.port)
+    try:
+        for network in ("wb-blue", "wb-green"):
+            client.delete_prefix(f"{KEY_PREFIX}/4/{network}")
+    finally:
+        client.close()
+
+
+class Interposed:
+    """A PoolStore that hands every call to `inner`: the base of wrappers that run another
+    writer's step, or a fault, around the real store's own read or write."""
+
+    def __init__(self, inner: PoolStore) -> None:
+        self.inner = inner
+
+    def read_blocks(self, pool: PoolId, first: int, last: int) -> list[Block]:
+        return self.inner.read_blocks(pool, first, last)
+
+    def read_all_blocks(self, *, on_unreadable: OnUnreadable | None = None) -> list[Block]:
+        return self.inner.read_all_blocks(on_unreadable=on_unreadable)
+
+    def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
+        return self.inner.write_blocks(blocks)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def test_writes_of_the_nodes_slice_are_answered_kept_and_stored_at_the_flush(
+    backing: PoolStore,
     journal: Path,
 ) -> None:
-    memory = MemoryStore()
     pending = PendingWrites(journal, "node-a")
-    node = DeferringStore(memory, pending)
+    node = DeferringStore(backing, pending)
     first = add(node, 1)  # takes the slice: stored before the answer, as it must be
-    assert stored(memory) == {first: "c1"}
+    assert stored(backing) == {first: "c1"}
     given = [add(node, n) for n in range(2, 6)]
     assert len({first, *given}) == 5
     mine = netaddr.IPNetwork(f"{netaddr.IPAddress(first)}/24")
     assert all(netaddr.IPAddress(a) in mine for a in given)  # the slice node-a took
     # Answered, seen by the node's next decisions, in the journal; not in the datastore yet.
-    assert stored(memory) == {first: "c1"}
+    assert stored(backing) == {first: "c1"}
     assert pending.pending_count() == 4
     assert len(journal.read_text().splitlines()) == 1 + 4
     assert add(node, 3) == given[1]  # the same pod again: its address, from the view
-    outcome = pending.flush(memory)
+    outcome = pending.flush(backing)
     assert (outcome.stored, outcome.left, outcome.clashes) == (4, 0, 0)
-    assert stored(memory) == {a: f"c{n}" for n, a in enumerate([first, *given], start=1)}
+    assert stored(backing) == {a: f"c{n}" for n, a in enumerate([first, *given], start=1)}
     assert len(journal.read_text().splitlines()) == 1  # its head alone
 
 
-def test_a_release_before_the_flush_leaves_nothing_stored(journal: Path) -> None:
-    memory = MemoryStore()
+def test_a_release_before_the_flush_leaves_nothing_stored(
+    backing: PoolStore, journal: Path
+) -> None:
     pending = PendingWrites(journal, "node-a")
-    node = DeferringStore(memory, pending)
+    node = DeferringStore(backing, pending)
     add(node, 1)
     second = add(node, 2)
     assert delete(node, 2) == [second]
     assert add(node, 3) == second  # free again at once on the node
-    pending.flush(memory)
-    assert stored(memory)[second] == "c3"
-    assert "c2" not in stored(memory).values()
+    pending.flush(backing)
+    assert stored(backing)[second] == "c3"
+    assert "c2" not in stored(backing).values()
 
 
-def test_a_restarted_agent_takes_up_the_journal_before_it_gives_anything(journal: Path) -> None:
-    memory = MemoryStore()
+def test_a_restarted_agent_takes_up_the_journal_before_it_gives_anything(
+    backing: PoolStore, journal: Path
+) -> None:
     crashed = PendingWrites(journal, "node-a")
-    node = DeferringStore(memory, crashed)
+    node = DeferringStore(backing, crashed)
     given = [add(node, n) for n in range(1, 5)]
     # The agent dies with three answers unstored; the next one reads them from the journal.
     restarted = PendingWrites(journal, "node-a")
-    node = DeferringStore(memory, restarted)
+    node = DeferringStore(backing, restarted)
     assert restarted.pending_count() == 3
     fifth = add(node, 5)
     assert fifth not in given
     assert add(node, 2) == given[1]
-    restarted.flush(memory)
-    assert sorted(stored(memory)) == sorted([*given, fifth])
+    restarted.flush(backing)
+    assert sorted(stored(backing)) == sorted([*given, fifth])
 
 
-def test_a_journal_cut_short_mid_line_loses_only_that_unanswered_line(journal: Path) -> None:
-    memory = MemoryStore()
-    node = DeferringStore(memory, PendingWrites(journal, "node-a"))
+def test_a_journal_cut_short_mid_line_loses_only_that_unanswered_line(
+    backing: PoolStore, journal: Path
+) -> None:
+    node = DeferringStore(backing, PendingWrites(journal, "node-a"))
     given = [add(node, n) for n in range(1, 4)]
     with journal.open("a") as text:
         text.write('{"network":"blue","family":4,"base":')  # a crash mid-write
     restarted = PendingWrites(journal, "node-a")
     assert restarted.pending_count() == 2
-    restarted.flush(memory)
-    assert sorted(stored(memory)) == sorted(given)
+    restarted.flush(backing)
+    assert sorted(stored(backing)) == sorted(given)
 
 
-def test_another_nodes_journal_is_refused_while_it_holds_changes(journal: Path) -> None:
-    memory = MemoryStore()
+def test_another_nodes_journal_is_refused_while_it_holds_changes(
+    backing: PoolStore, journal: Path
+) -> None:
     pending = PendingWrites(journal, "node-a")
-    node = DeferringStore(memory, pending)
+    node = DeferringStore(backing, pending)
     add(node, 1)
     add(node, 2)
     with pytest.raises(ValueError, match=r"changes node 'node-a' answered .* node 'node-b'"):
         PendingWrites(journal, "node-b")
-    pending.flush(memory)  # stored: the file holds nothing of node-a's any more
+    pending.flush(backing)  # stored: the file holds nothing of node-a's any more
     assert PendingWrites(journal, "node-b").pending_count() == 0
 
 
 def test_the_flush_keeps_what_the_reconciler_freed_and_never_takes_over_an_address(
+    backing: PoolStore,
     journal: Path,
 ) -> None:
     clashes: list[int] = []
-    memory = MemoryStore()
     pending = PendingWrites(journal, "node-a", on_clash=lambda: clashes.append(1))
-    node = DeferringStore(memory, pending)
+    node = DeferringStore(backing, pending)
     first, second = add(node, 1), add(node, 2)
-    pending.flush(memory)
+    pending.flush(backing)
     third = add(node, 3)  # kept, not stored
     # Meanwhile, in the datastore: the reconciler frees pod 1's address, and a process that
     # does not cut the range into slices gives pod 3's address to a pod on another node.
     key = BlockKey.of(POOL, first)
-    block = memory.read_blocks(POOL, key.base, key.base)[0]
+    block = backing.read_blocks(POOL, key.base, key.base)[0]
     block.pop(first)
     block.put(third, owner(99, "node-b"))
-    assert not memory.write_blocks([block]).conflicts
-    outcome = pending.flush(memory)
+    assert not backing.write_blocks([block]).conflicts
+    outcome = pending.flush(backing)
     assert (outcome.stored, outcome.clashes) == (1, 1)
     assert clashes == [1]
-    assert stored(memory) == {second: "c2", third: "c99"}  # freed stays free; c99 keeps its own
+    assert stored(backing) == {second: "c2", third: "c99"}  # freed stays free; c99 keeps its own
     # The block is another node's too now: every write of it is stored before its answer.
     fourth = add(node, 4)
-    assert stored(memory)[fourth] == "c4"
+    assert stored(backing)[fourth] == "c4"
     assert pending.pending_count() == 0
 
 
-def test_blocks_outside_the_nodes_slices_are_written_before_the_answer(journal: Path) -> None:
-    memory = MemoryStore()
+def test_blocks_outside_the_nodes_slices_are_written_before_the_answer(
+    backing: PoolStore, journal: Path
+) -> None:
     pending = PendingWrites(journal, "node-a")
-    node = DeferringStore(memory, pending)
+    node = DeferringStore(backing, pending)
     add(node, 1)
     add(node, 2)  # in node-a's slice: kept
     assert pending.pending_count() == 1
     # A pool without slices, through the same agent: stored before the answer.
     unsliced = build_range(
-        "10.8.0.0/24", range_start=None, range_end=None, exclude=[], pool=PoolId("green", 4)
+        "10.8.0.0/24", range_start=None, range_end=None, exclude=[], pool=PoolId("wb-green", 4)
     )
     [address] = operations.allocate(
         DirectTransactions(node), [unsliced], owner(3), [], deadline=time.monotonic() + 5
     )
-    assert memory.read_blocks(unsliced.pool, address, address)[0].entries[address] == owner(3)
+    assert backing.read_blocks(unsliced.pool, address, address)[0].entries[address] == owner(3)
     # Another node's slice: node-b's own agent keeps its writes, node-a's journal has none.
     other = PendingWrites(journal.with_name("b.journal"), "node-b")
-    add(DeferringStore(memory, other), 4, "node-b")
-    add(DeferringStore(memory, other), 5, "node-b")
+    add(DeferringStore(backing, other), 4, "node-b")
+    add(DeferringStore(backing, other), 5, "node-b")
     assert pending.pending_count() == 1 and other.pending_count() == 1
 
 
 def test_nodes_whose_slices_share_a_block_each_keep_the_changes_of_their_own_slice(
+    backing: PoolStore,
     journal: Path,
 ) -> None:
     """Slices of /26: four nodes' slices in one block. A node's first ADD takes its slice and is
     stored before its answer; its next ones are kept, and each node's flush stores its own over
     what the other's stored."""
-    memory = MemoryStore()
-    pending_a, node_a = agent(journal, memory)
-    pending_b, node_b = agent(journal, memory, "node-b")
+    pending_a, node_a = agent(journal, backing)
+    pending_b, node_b = agent(journal, backing, "node-b")
     first_a = add(node_a, 1, cut=QUARTERS)
     first_b = add(node_b, 11, "node-b", cut=QUARTERS)
-    assert stored(memory) == {first_a: "c1", first_b: "c11"}
+    assert stored(backing) == {first_a: "c1", first_b: "c11"}
     kept_a = {add(node_a, n, cut=QUARTERS): f"c{n}" for n in (2, 3, 4)}
     kept_b = {add(node_b, n, "node-b", cut=QUARTERS): f"c{n}" for n in (12, 13)}
     assert (pending_a.pending_count(), pending_b.pending_count()) == (3, 2)
-    assert stored(memory) == {first_a: "c1", first_b: "c11"}
+    assert stored(backing) == {first_a: "c1", first_b: "c11"}
     slice_a = netaddr.IPNetwork(f"{netaddr.IPAddress(first_a)}/26")
     slice_b = netaddr.IPNetwork(f"{netaddr.IPAddress(first_b)}/26")
     assert slice_a != slice_b
     assert all(netaddr.IPAddress(a) in slice_a for a in kept_a)
     assert all(netaddr.IPAddress(a) in slice_b for a in kept_b)
-    assert pending_a.flush(memory).stored == 3
-    assert pending_b.flush(memory).stored == 2  # over node-a's write of the block
-    assert stored(memory) == {first_a: "c1", first_b: "c11", **kept_a, **kept_b}
+    assert pending_a.flush(backing).stored == 3
+    assert pending_b.flush(backing).stored == 2  # over node-a's write of the block
+    assert stored(backing) == {first_a: "c1", first_b: "c11", **kept_a, **kept_b}
 
 
 def node_a_keeps_a_release_of_node_bs_pod(
-    journal: Path, memory: MemoryStore
+    journal: Path, backing: PoolStore
 ) -> tuple[PendingWrites, PendingWrites, DeferringStore, int]:
     """node-a, with a change kept in a block of /26 slices, frees node-b's pod 11 there (its DEL
     reached node-a): node-a's and node-b's pending writes, node-b's store, and the address."""
-    pending_a, node_a = agent(journal, memory)
-    pending_b, node_b = agent(journal, memory, "node-b")
+    pending_a, node_a = agent(journal, backing)
+    pending_b, node_b = agent(journal, backing, "node-b")
     add(node_a, 1, cut=QUARTERS)
     add(node_a, 2, cut=QUARTERS)  # kept
     theirs = add(node_b, 11, "node-b", cut=QUARTERS)
@@ -304,30 +389,30 @@ def node_a_keeps_a_release_of_node_bs_pod(
 
 
 def test_a_release_of_another_nodes_address_in_a_block_with_changes_kept_is_kept_too(
+    backing: PoolStore,
     journal: Path,
 ) -> None:
     """node-a frees node-b's pod's address (its DEL reached node-a) in a block where node-a has
     a change kept: kept too (it waited for the flush, and a stream of ADDs keeping the block's
     changes pending could hold it off until its deadline). node-b does not give the address
     again meanwhile, its view showing it held, and the flushes store both nodes' changes."""
-    memory = MemoryStore()
-    pending_a, pending_b, node_b, theirs = node_a_keeps_a_release_of_node_bs_pod(journal, memory)
-    assert pending_a.pending_count() == 2 and stored(memory)[theirs] == "c11"
+    pending_a, pending_b, node_b, theirs = node_a_keeps_a_release_of_node_bs_pod(journal, backing)
+    assert pending_a.pending_count() == 2 and stored(backing)[theirs] == "c11"
     again = add(node_b, 12, "node-b", cut=QUARTERS)
     assert again != theirs and pending_b.pending_count() == 1
-    assert pending_a.flush(memory).stored == 2 and pending_b.flush(memory).stored == 1
-    assert sorted(stored(memory).values()) == ["c1", "c12", "c2"]
+    assert pending_a.flush(backing).stored == 2 and pending_b.flush(backing).stored == 1
+    assert sorted(stored(backing).values()) == ["c1", "c12", "c2"]
 
 
 def test_a_release_kept_of_an_address_changed_meanwhile_leaves_what_is_stored(
+    backing: PoolStore,
     journal: Path,
 ) -> None:
     """node-a keeps the release of node-b's pod's address (its DEL reached node-a); before
     node-a's flush, node-b frees it too, gives it to a sticky pod and that pod's DEL reserves
     it for the pod. node-a's flush leaves the reservation (it freed it: the address could be
     given again while reserved), and it is no clash."""
-    memory = MemoryStore()
-    pending_a, pending_b, node_b, theirs = node_a_keeps_a_release_of_node_bs_pod(journal, memory)
+    pending_a, pending_b, node_b, theirs = node_a_keeps_a_release_of_node_bs_pod(journal, backing)
     assert pending_a.pending_count() == 2  # kept, not stored
     assert delete(node_b, 11, cut=QUARTERS) == [theirs]
     sticky = dataclasses.replace(owner(20, "node-b"), sticky=True)
@@ -344,46 +429,46 @@ def test_a_release_kept_of_an_address_changed_meanwhile_leaves_what_is_stored(
     operations.release(
         DirectTransactions(node_b), [QUARTERS.range], "c20", "net1", deadline=deadline
     )
-    assert pending_b.flush(memory).stored >= 1
-    reserved = memory.read_blocks(POOL, theirs, theirs)[0].entries[theirs]
+    assert pending_b.flush(backing).stored >= 1
+    reserved = backing.read_blocks(POOL, theirs, theirs)[0].entries[theirs]
     assert reserved.reserved and reserved.pod == "ns/p20"
-    outcome = pending_a.flush(memory)
+    outcome = pending_a.flush(backing)
     assert (outcome.stored, outcome.clashes) == (2, 0)
-    assert memory.read_blocks(POOL, theirs, theirs)[0].entries[theirs] == reserved
+    assert backing.read_blocks(POOL, theirs, theirs)[0].entries[theirs] == reserved
 
 
 def test_a_give_kept_over_a_rest_stored_meanwhile_records_the_pod_it_was_answered_to(
+    backing: PoolStore,
     journal: Path,
 ) -> None:
     """node-a gives an address of its slice, kept; meanwhile a rest of another pod is stored
     there. The flush stores node-a's pod, which has the address: left resting, it would be
     given again when the rest ends. (A clash, as for a pod holding it, left it resting.)"""
-    memory = MemoryStore()
-    pending, node = agent(journal, memory)
+    pending, node = agent(journal, backing)
     add(node, 1)
     second = add(node, 2)  # kept
-    block = memory.read_blocks(POOL, second, second)[0]
+    block = backing.read_blocks(POOL, second, second)[0]
     rest = dataclasses.replace(owner(99, "node-b"), container_id="", cooling_until=2**31)
     block.put(second, rest)
-    assert not memory.write_blocks([block]).conflicts
-    outcome = pending.flush(memory)
+    assert not backing.write_blocks([block]).conflicts
+    outcome = pending.flush(backing)
     assert (outcome.stored, outcome.clashes) == (1, 0)
-    assert stored(memory)[second] == "c2"
+    assert stored(backing)[second] == "c2"
 
 
 def test_a_decision_on_a_block_whose_changes_wait_too_long_is_refused_not_retried(
+    backing: PoolStore,
     journal: Path,
 ) -> None:
     """A decision that would wait for the changes of its block kept before it (it gives in
     another config's slice there) gets code 11 at once once they have waited too long for the
     datastore, not a conflict retried until its deadline."""
-    memory = MemoryStore()
     pending = PendingWrites(journal, "node-a", max_pending=0.1)
-    node = DeferringStore(memory, pending)
+    node = DeferringStore(backing, pending)
     first = add(node, 1)
     add(node, 2)  # kept, and never stored
     key = BlockKey.of(POOL, first)
-    halves, _ = node_b_takes_half_of(key, memory, journal)
+    halves, _ = node_b_takes_half_of(key, backing, journal)
     node.read_blocks(halves.registry, 0, 1 << 32)
     time.sleep(0.2)
     with pytest.raises(StoreUnavailableError, match="have waited"):
@@ -391,45 +476,43 @@ def test_a_decision_on_a_block_whose_changes_wait_too_long_is_refused_not_retrie
 
 
 def test_a_flush_whose_write_another_node_came_before_stores_at_once_on_a_fresh_read(
+    backing: PoolStore,
     journal: Path,
 ) -> None:
     """node-b stores a change of its slice of the block between node-a's flush reading the
     block and writing it: node-a's flush writes again at once, not a flush interval later."""
-    memory = MemoryStore()
-    pending_a, node_a = agent(journal, memory)
-    pending_b, node_b = agent(journal, memory, "node-b")
+    pending_a, node_a = agent(journal, backing)
+    pending_b, node_b = agent(journal, backing, "node-b")
     add(node_a, 1, cut=QUARTERS)
     add(node_b, 11, "node-b", cut=QUARTERS)
     kept = add(node_a, 2, cut=QUARTERS)
     theirs = add(node_b, 12, "node-b", cut=QUARTERS)
 
-    class NodeBFirst(MemoryStore):
-        def read_blocks(self, pool: PoolId, low: int, high: int) -> list[Block]:
-            return memory.read_blocks(pool, low, high)
-
+    class NodeBFirst(Interposed):
         def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
             if pending_b.pending_count():
-                assert pending_b.flush(memory).stored == 1
-            return memory.write_blocks(blocks)
+                assert pending_b.flush(backing).stored == 1
+            return backing.write_blocks(blocks)
 
-    outcome = pending_a.flush(NodeBFirst())
+    outcome = pending_a.flush(NodeBFirst(backing))
     assert (outcome.stored, outcome.left) == (1, 0)
-    assert stored(memory)[kept] == "c2" and stored(memory)[theirs] == "c12"
+    assert stored(backing)[kept] == "c2" and stored(backing)[theirs] == "c12"
 
 
-def test_defer_false_stores_every_write_once_the_journal_is_taken_up(journal: Path) -> None:
-    memory = MemoryStore()
-    node = DeferringStore(memory, PendingWrites(journal, "node-a"))
+def test_defer_false_stores_every_write_once_the_journal_is_taken_up(
+    backing: PoolStore, journal: Path
+) -> None:
+    node = DeferringStore(backing, PendingWrites(journal, "node-a"))
     given = [add(node, n) for n in range(1, 3)]
     plain = PendingWrites(journal, "node-a", defer=False)
-    node = DeferringStore(memory, plain)
+    node = DeferringStore(backing, plain)
     # The block still has changes pending: a write decided on them joins them.
     third = add(node, 3)
     assert third not in given and plain.pending_count() == 2
-    plain.flush(memory)
-    assert sorted(stored(memory)) == sorted([*given, third])
+    plain.flush(backing)
+    assert sorted(stored(backing)) == sorted([*given, third])
     fourth = add(node, 4)
-    assert stored(memory)[fourth] == "c4" and plain.pending_count() == 0
+    assert stored(backing)[fourth] == "c4" and plain.pending_count() == 0
 
 
 def serve_with_flushers(
@@ -486,42 +569,40 @@ def serve_with_flushers(
 
 
 def test_concurrent_adds_and_dels_with_a_flusher_running_store_exactly_what_was_answered(
+    backing: PoolStore,
     journal: Path,
 ) -> None:
     """Batched decisions (the agent's) on a node, ADDs and DELs at once, while the flusher
     stores: every answer is unique, and the datastore ends up holding exactly what was
     answered and not released. (Found reads that began before a flush's write undoing it in
     the view: a DEL that found nothing.)"""
-    memory = MemoryStore()
-    answers = serve_with_flushers([("node-a", *agent(journal, memory), memory)], CUT)
+    answers = serve_with_flushers([("node-a", *agent(journal, backing), backing)], CUT)
     assert len(set(answers.values())) == len(answers) == 80
-    assert stored(memory) == {a: f"c{n}" for n, a in answers.items()}
+    assert stored(backing) == {a: f"c{n}" for n, a in answers.items()}
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["fresh-reads", "cached-reads"])
 def test_nodes_sharing_a_block_batching_adds_and_dels_with_flushers_store_what_was_answered(
-    journal: Path, cached: bool
+    backing: PoolStore, journal: Path, cached: bool
 ) -> None:
     """The same on two nodes whose slices of /26 lie in one block, each flushing its own, and
     reading through a cache of its own as the agent does (a copy of the block up to 50 ms
     old: the other node's writes show late): every answer is unique across the nodes, with no
     clash."""
-    memory = MemoryStore()
     nodes: list[tuple[str, PendingWrites, DeferringStore, PoolStore]] = []
     for name in ("node-a", "node-b"):
-        backing: PoolStore = CachedStore(memory, max_age=0.05) if cached else memory
-        nodes.append((name, *agent(journal, backing, name), backing))
+        through: PoolStore = CachedStore(backing, max_age=0.05) if cached else backing
+        nodes.append((name, *agent(journal, through, name), through))
     answers = serve_with_flushers(nodes, QUARTERS)
     assert len(set(answers.values())) == len(answers) == 80
-    assert stored(memory) == {a: f"c{n}" for n, a in answers.items()}
+    assert stored(backing) == {a: f"c{n}" for n, a in answers.items()}
 
 
 def test_a_change_the_journal_cannot_take_is_refused_and_kept_nowhere(
-    journal: Path, monkeypatch: pytest.MonkeyPatch
+    backing: PoolStore, journal: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    memory = MemoryStore()
     pending = PendingWrites(journal, "node-a")
-    node = DeferringStore(memory, pending)
+    node = DeferringStore(backing, pending)
     first = add(node, 1)
 
     def disk_full(fd: int, data: bytes) -> int:
@@ -541,14 +622,14 @@ def test_a_change_the_journal_cannot_take_is_refused_and_kept_nowhere(
 
 
 def test_a_block_whose_changes_wait_too_long_takes_no_new_one_and_others_go_on(
+    backing: PoolStore,
     journal: Path,
 ) -> None:
     """Measured per block, from its oldest change: a block another flush left changes in
     counts from that flush, and a block with nothing waiting is not held up by another."""
-    memory = MemoryStore()
     pending = PendingWrites(journal, "node-a", max_pending=0.3)
     halves = SlicedRange(RANGE, 23)  # a /23 per node: two blocks each
-    node = DeferringStore(memory, pending)
+    node = DeferringStore(backing, pending)
 
     def add_at(n: int, address: str, deadline: float = 5) -> None:
         operations.allocate(
@@ -566,15 +647,16 @@ def test_a_block_whose_changes_wait_too_long_takes_no_new_one_and_others_go_on(
     add_at(3, "10.7.3.10")  # the second block has nothing waiting: kept
     with pytest.raises(StoreUnavailableError, match=r"waited .* to be stored"):
         add_at(4, "10.7.2.12", deadline=0.2)
-    pending.flush(memory)
+    pending.flush(backing)
     add_at(4, "10.7.2.12")  # stored: the first block takes changes again
-    assert {"c1", "c2", "c3"} <= set(stored(memory).values())
+    assert {"c1", "c2", "c3"} <= set(stored(backing).values())
 
 
-def test_a_write_that_changes_no_address_leaves_nothing_pending(journal: Path) -> None:
-    memory = MemoryStore()
+def test_a_write_that_changes_no_address_leaves_nothing_pending(
+    backing: PoolStore, journal: Path
+) -> None:
     pending = PendingWrites(journal, "node-a")
-    node = DeferringStore(memory, pending)
+    node = DeferringStore(backing, pending)
     add(node, 1)
     [block] = [b for b in node.read_blocks(POOL, RANGE.first, RANGE.last) if b.key.pool == POOL]
     unchanged = block.copy()
@@ -584,31 +666,31 @@ def test_a_write_that_changes_no_address_leaves_nothing_pending(journal: Path) -
 
 
 def test_a_slice_another_registry_gives_to_another_node_is_not_written_behind(
+    backing: PoolStore,
     journal: Path,
 ) -> None:
     """Two configs of one network, another range cut into slices of another size: each has a
     registry of its own, so node-b may hold a slice over node-a's. Once node-a's agent has read
     both registries, it stores its writes of node-b's slice before answering, and keeps those
     of the rest of its own."""
-    memory = MemoryStore()
-    pending, node_a = agent(journal, memory)
-    _, node_b = agent(journal, memory, "node-b")
+    pending, node_a = agent(journal, backing)
+    _, node_b = agent(journal, backing, "node-b")
     key = BlockKey.of(POOL, add(node_a, 1))
     halves = halves_of(key)
     add(node_b, 50, "node-b", cut=halves)  # node-b takes a /25 of node-a's /24
     add(node_a, 51, cut=halves)  # node-a reads that registry too (and takes the other /25)
     second = add(node_a, 2, requested=in_node_b_half(key))
-    assert stored(memory)[second] == "c2" and pending.pending_count() == 0
+    assert stored(backing)[second] == "c2" and pending.pending_count() == 0
     third = add(node_a, 3)
-    assert third not in stored(memory) and pending.pending_count() == 1
+    assert third not in stored(backing) and pending.pending_count() == 1
 
 
-class BlockByBlockStore(MemoryStore):
+class BlockByBlockStore(Interposed):
     """Writes block by block, as the IPPool store does, and holds the first write of an address
     block until `go` is set (`holding` tells when it waits)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, inner: PoolStore) -> None:
+        super().__init__(inner)
         self.holding = threading.Event()
         self.go = threading.Event()
 
@@ -618,7 +700,7 @@ class BlockByBlockStore(MemoryStore):
             if not is_registry(block.key.pool) and not self.holding.is_set():
                 self.holding.set()
                 self.go.wait()
-            one = super().write_blocks([block])
+            one = self.inner.write_blocks([block])
             if one.conflicts:
                 return WriteOutcome(conflicts=one.conflicts, revisions=outcome.revisions)
             outcome.revisions.update(one.revisions)
@@ -626,6 +708,7 @@ class BlockByBlockStore(MemoryStore):
 
 
 def test_a_decision_on_a_block_the_agent_is_storing_itself_is_never_kept_unchecked(
+    datastore: PoolStore,
     journal: Path,
 ) -> None:
     """The node's first ADD (X) stores its slice, then its address, before its answer. Another
@@ -633,38 +716,39 @@ def test_a_decision_on_a_block_the_agent_is_storing_itself_is_never_kept_uncheck
     address is on its way: the registry already says the slice is the node's, the cache does
     not hold X's address yet. Y must not be kept on that state unchecked (it was: both got the
     same address, and the flush found the clash)."""
-    memory = BlockByBlockStore()
-    cache = CachedStore(memory)
+    backing = BlockByBlockStore(datastore)
+    cache = CachedStore(backing)
     pending, node = agent(journal, cache)
     answers: dict[str, int] = {}
     first = threading.Thread(target=lambda: answers.update(X=add(node, 1)), daemon=True)
     first.start()
     try:
-        assert memory.holding.wait(5)  # X's slice is stored, its address is not yet
+        assert backing.holding.wait(5)  # X's slice is stored, its address is not yet
         answers["Y"] = add(node, 2)
     finally:
-        memory.go.set()
+        backing.go.set()
     first.join()
     assert answers["X"] != answers["Y"]
     third = add(node, 3)
     assert third not in answers.values()
     # Y was stored before its answer (beside X's write), X's retry and the third written
     # behind: decided on a view read after the node's last write of its own.
-    assert stored(memory) == {answers["Y"]: "c2"}
+    assert stored(backing) == {answers["Y"]: "c2"}
     assert pending.pending_count() == 2
     pending.flush(cache)
-    assert stored(memory) == {answers["X"]: "c1", answers["Y"]: "c2", third: "c3"}
+    assert stored(backing) == {answers["X"]: "c1", answers["Y"]: "c2", third: "c3"}
 
 
 def test_the_outcomes_of_two_own_writes_of_a_block_out_of_order_never_date_its_view(
+    datastore: PoolStore,
     journal: Path,
 ) -> None:
     """Two writes of one block stored before their answers, Y then X: X's outcome comes back
     first, unknown (answered as a conflict, though stored), Y's success after. A decision (Z)
     on a read of the block as Y left it is then checked by the datastore, never kept on that
     older state (it was: Y's late outcome counted as the newest, and Z got X's address)."""
-    memory = ResentWriteStore()
-    cache = CachedStore(memory)
+    backing = ResentWriteStore(datastore)
+    cache = CachedStore(backing)
     pending, node = agent(journal, cache)
     key = BlockKey.of(POOL, add(node, 1))  # takes the slice, creates the block
     span = (key.base, key.base + 255)
@@ -681,17 +765,17 @@ def test_the_outcomes_of_two_own_writes_of_a_block_out_of_order_never_date_its_v
     read_by_z = cache.read_blocks(POOL, *span)  # the block as Y left it; Z stalls too
     x = block_in(node.read_blocks(POOL, *span))
     x.put(key.base + 20, owner(20))
-    memory.resend_next = True
+    backing.resend_next = True
     assert node.write_blocks([x]).conflicts == [key]  # stored all the same
     pending.written(direct, order, y_outcome)  # Y's outcome, late
     z = block_in(pending.view(POOL, *span, read_by_z))
     assert key.base + 20 not in z.entries
     z.put(key.base + 20, owner(30))
     assert node.write_blocks([z]).conflicts == [key]  # checked by the datastore
-    assert stored(memory)[key.base + 20] == "c20"
+    assert stored(backing)[key.base + 20] == "c20"
 
 
-class ResentWriteStore(MemoryStore):
+class ResentWriteStore(Interposed):
     """A store whose next write lands and is answered as a conflict, as when a request sent
     again (a kept-alive connection found closed, another etcd endpoint) meets its own first
     attempt."""
@@ -699,19 +783,21 @@ class ResentWriteStore(MemoryStore):
     resend_next = False
 
     def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
-        outcome = super().write_blocks(blocks)
+        outcome = self.inner.write_blocks(blocks)
         if self.resend_next and outcome.revisions:
             self.resend_next = False
             return WriteOutcome(conflicts=list(outcome.revisions))
         return outcome
 
 
-def test_an_own_write_answered_as_a_conflict_may_have_landed(journal: Path) -> None:
+def test_an_own_write_answered_as_a_conflict_may_have_landed(
+    datastore: PoolStore, journal: Path
+) -> None:
     """X's write of a block, stored before its answer, lands and is answered as a conflict.
     A decision (Z) on the view X decided on is then checked by the datastore, never kept on
     it (it was: the conflict counted as nothing stored, and Z was given X's address)."""
-    memory = ResentWriteStore()
-    cache = CachedStore(memory)
+    backing = ResentWriteStore(datastore)
+    cache = CachedStore(backing)
     pending, node = agent(journal, cache)
     key = BlockKey.of(POOL, add(node, 1))
     span = (key.base, key.base + 255)
@@ -723,15 +809,16 @@ def test_an_own_write_answered_as_a_conflict_may_have_landed(journal: Path) -> N
     x, z = view.copy(), view.copy()
     x.put(key.base + 20, owner(20))
     z.put(key.base + 20, owner(30))
-    memory.resend_next = True
+    backing.resend_next = True
     assert node.write_blocks([x]).conflicts == [key]  # stored all the same
     pending.written(direct, order, cache.write_blocks(direct))  # a real conflict
     assert node.write_blocks([z]).conflicts == [key]
-    assert stored(memory)[key.base + 20] == "c20"
+    assert stored(backing)[key.base + 20] == "c20"
     assert pending.pending_count() == 0
 
 
 def test_a_write_kept_while_the_agent_stores_the_same_block_itself_is_a_conflict(
+    backing: PoolStore,
     journal: Path,
 ) -> None:
     """A (deferred) and B decide on one view of a block. Before A is kept, the agent reads a
@@ -739,9 +826,8 @@ def test_a_write_kept_while_the_agent_stores_the_same_block_itself_is_a_conflict
     that half, is split off to be stored before its answer. A, which gives in the other half,
     is then a conflict, decided again: while a write of the agent's own is on its way, the
     view the block's decisions see lacks it, and nothing decided on that view is kept."""
-    memory = MemoryStore()
     pending = PendingWrites(journal, "node-a")
-    node = DeferringStore(memory, pending)
+    node = DeferringStore(backing, pending)
     key = BlockKey.of(POOL, add(node, 1))
     span = (key.base, key.base + 255)
     node.read_blocks(CUT.registry, 0, 1 << 32)
@@ -751,66 +837,63 @@ def test_a_write_kept_while_the_agent_stores_the_same_block_itself_is_a_conflict
     b.put(in_node_b_half(key), owner(30))
     deferred_a, direct_a, _ = pending.split([a])
     assert deferred_a == [a] and not direct_a
-    halves, _ = node_b_takes_half_of(key, memory, journal)
+    halves, _ = node_b_takes_half_of(key, backing, journal)
     node.read_blocks(halves.registry, 0, 1 << 32)  # node-b's half of node-a's block
     deferred_b, direct_b, order = pending.split([b])  # b's address is in that half
     assert direct_b == [b] and not deferred_b  # on its way to the datastore
     assert pending.keep(deferred_a).conflicts == [key]
-    pending.written(direct_b, order, memory.write_blocks(direct_b))
+    pending.written(direct_b, order, backing.write_blocks(direct_b))
     assert pending.pending_count() == 0
 
 
 def test_a_read_older_than_one_seen_is_never_decided_on_when_the_block_is_held_again(
+    backing: PoolStore,
     journal: Path,
 ) -> None:
     """A read (Z) of a block where node-a holds no slice yet begins; node-a takes a quarter of
     the block, storing its first address there, and then reads the registry, so the block is
     held. Z comes back: a decision on it, which lacks that first address, gives it again. It
     is checked by the datastore (a conflict), never kept on the state before node-a's write."""
-    memory = MemoryStore()
-    pending, node = agent(journal, memory)
-    _, node_b = agent(journal, memory, "node-b")
+    pending, node = agent(journal, backing)
+    _, node_b = agent(journal, backing, "node-b")
     key = BlockKey.of(POOL, add(node_b, 11, "node-b", cut=QUARTERS))
     span = (key.base, key.base + 255)
-    read_by_z = memory.read_blocks(POOL, *span)  # comes back late
+    read_by_z = backing.read_blocks(POOL, *span)  # comes back late
     first = add(node, 1, cut=QUARTERS)  # node-a's quarter: stored before its answer
     node.read_blocks(QUARTERS.registry, 0, 1 << 32)  # held now
     z = next(b for b in pending.view(POOL, *span, read_by_z) if b.key == key).copy()
     assert first not in z.entries
     z.put(first, owner(30))
     assert node.write_blocks([z]).conflicts == [key]
-    assert stored(memory)[first] == "c1" and pending.pending_count() == 0
+    assert stored(backing)[first] == "c1" and pending.pending_count() == 0
 
 
 def test_a_flush_never_takes_the_view_back_before_a_state_read_while_it_wrote(
+    backing: PoolStore,
     journal: Path,
 ) -> None:
     """While a flush's write is on its way back, the reconciler frees the node's first address
     and a read tracks that. The flush's outcome then leaves the view on the later state: a
     decision on a read from before the reconciler is checked by the datastore, and the freed
     address is free on the node (it was: the view went back to the flush's state)."""
-    memory = MemoryStore()
-    pending, node = agent(journal, memory)
+    pending, node = agent(journal, backing)
     first = add(node, 1)
     key = BlockKey.of(POOL, first)
     span = (key.base, key.base + 255)
     add(node, 2)  # written behind
     read_by_z: list[Block] = []
 
-    class ReconcilerMeanwhile(MemoryStore):
-        def read_blocks(self, pool: PoolId, low: int, high: int) -> list[Block]:
-            return memory.read_blocks(pool, low, high)
-
+    class ReconcilerMeanwhile(Interposed):
         def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
-            outcome = memory.write_blocks(blocks)
-            read_by_z.extend(memory.read_blocks(POOL, *span))
-            freed = memory.read_blocks(POOL, *span)[0]
+            outcome = backing.write_blocks(blocks)
+            read_by_z.extend(backing.read_blocks(POOL, *span))
+            freed = backing.read_blocks(POOL, *span)[0]
             freed.pop(first)  # the reconciler: c1's pod is gone
-            assert not memory.write_blocks([freed]).conflicts
+            assert not backing.write_blocks([freed]).conflicts
             node.read_blocks(POOL, *span)  # a read tracks that
             return outcome
 
-    assert pending.flush(ReconcilerMeanwhile()).stored == 1
+    assert pending.flush(ReconcilerMeanwhile(backing)).stored == 1
     z = next(b for b in pending.view(POOL, *span, read_by_z) if b.key == key).copy()
     z.put(key.base + 40, owner(40))
     assert node.write_blocks([z]).conflicts == [key]
@@ -818,67 +901,63 @@ def test_a_flush_never_takes_the_view_back_before_a_state_read_while_it_wrote(
 
 
 def test_a_block_found_holding_another_nodes_address_takes_no_change_kept_behind_later(
+    backing: PoolStore,
     journal: Path,
 ) -> None:
     """A flush finds another node's pod on an address of the node's block: a clash, and one
     more change was kept while that flush wrote. The next decisions on the block wait for the
     next flush to store that change, and then are stored before their answers (they were
     kept behind, each one a clash to be)."""
-    memory = MemoryStore()
     pending = PendingWrites(journal, "node-a", on_clash=lambda: None)
-    node = DeferringStore(memory, pending)
+    node = DeferringStore(backing, pending)
     first = add(node, 1)
     taken = add(node, 2)  # kept; meanwhile another node's pod is stored at the same address
     key = BlockKey.of(POOL, first)
     span = (key.base, key.base + 255)
     decided = next(b for b in node.read_blocks(POOL, *span) if b.key == key).copy()
     decided.put(key.base + 30, owner(30))  # decided before the other pod was stored
-    block = memory.read_blocks(POOL, *span)[0]
+    block = backing.read_blocks(POOL, *span)[0]
     block.put(taken, owner(99, "node-b"))
-    assert not memory.write_blocks([block]).conflicts
+    assert not backing.write_blocks([block]).conflicts
 
-    class KeepingMeanwhile(MemoryStore):
-        def read_blocks(self, pool: PoolId, low: int, high: int) -> list[Block]:
-            return memory.read_blocks(pool, low, high)
-
+    class KeepingMeanwhile(Interposed):
         def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
-            outcome = memory.write_blocks(blocks)
+            outcome = backing.write_blocks(blocks)
             assert node.write_blocks([decided]).revisions  # kept while the flush wrote
             return outcome
 
-    outcome = pending.flush(KeepingMeanwhile())
+    outcome = pending.flush(KeepingMeanwhile(backing))
     assert (outcome.clashes, outcome.left) == (1, 1)
-    with flush_after(pending, memory, 0.2):
+    with flush_after(pending, backing, 0.2):
         fourth = add(node, 4)  # waits for that flush
-    assert stored(memory)[fourth] == "c4" and pending.pending_count() == 0
+    assert stored(backing)[fourth] == "c4" and pending.pending_count() == 0
 
 
 def test_a_block_holding_another_nodes_address_in_the_nodes_slice_is_stored_before_answers(
+    backing: PoolStore,
     journal: Path,
 ) -> None:
-    memory = MemoryStore()
-    pending, node = agent(journal, memory)
+    pending, node = agent(journal, backing)
     first = add(node, 1)
     add(node, 2)  # kept
     key = BlockKey.of(POOL, first)
-    block = memory.read_blocks(POOL, key.base, key.base)[0]
+    block = backing.read_blocks(POOL, key.base, key.base)[0]
     block.put(key.base + 200, owner(99, "node-b"))  # another config's pod, no clash
-    assert not memory.write_blocks([block]).conflicts
-    assert pending.flush(memory).stored == 1
+    assert not backing.write_blocks([block]).conflicts
+    assert pending.flush(backing).stored == 1
     third = add(node, 3)
-    assert stored(memory)[third] == "c3"  # stored before its answer
+    assert stored(backing)[third] == "c3"  # stored before its answer
 
 
 @pytest.mark.parametrize("cooldown", [0, 30], ids=["freed", "resting"])
 def test_releasing_an_address_somebody_else_holds_now_is_no_clash(
-    journal: Path, cooldown: int
+    backing: PoolStore, journal: Path, cooldown: int
 ) -> None:
     """An ADD and its DEL kept, and meanwhile another node's pod stored at that address: one
     clash (the ADD's), whether the release leaves nothing or an entry resting (cooldown)."""
     clashes: list[int] = []
-    memory = MemoryStore()
     pending = PendingWrites(journal, "node-a", on_clash=lambda: clashes.append(1))
-    node = DeferringStore(memory, pending)
+    node = DeferringStore(backing, pending)
     first = add(node, 1)
     [second] = operations.allocate(
         DirectTransactions(node),
@@ -893,21 +972,20 @@ def test_releasing_an_address_somebody_else_holds_now_is_no_clash(
     )
     assert released == [second]  # both kept
     key = BlockKey.of(POOL, first)
-    block = memory.read_blocks(POOL, key.base, key.base)[0]
+    block = backing.read_blocks(POOL, key.base, key.base)[0]
     block.put(second, owner(99, "node-b"))
-    assert not memory.write_blocks([block]).conflicts
-    assert pending.flush(memory).clashes == 1
-    assert clashes == [1] and stored(memory)[second] == "c99"
+    assert not backing.write_blocks([block]).conflicts
+    assert pending.flush(backing).clashes == 1
+    assert clashes == [1] and stored(backing)[second] == "c99"
 
 
 def test_a_journal_a_flush_could_not_rewrite_is_rewritten_by_the_next_one(
-    journal: Path, monkeypatch: pytest.MonkeyPatch
+    backing: PoolStore, journal: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Else a restart would store again what the datastore holds already, over what was freed
     since."""
-    memory = MemoryStore()
     pending = PendingWrites(journal, "node-a", repair_every=0.0)
-    node = DeferringStore(memory, pending)
+    node = DeferringStore(backing, pending)
     add(node, 1)
     add(node, 2)
     real_replace = os.replace
@@ -917,20 +995,19 @@ def test_a_journal_a_flush_could_not_rewrite_is_rewritten_by_the_next_one(
 
     monkeypatch.setattr(os, "replace", full)
     with pytest.raises(OSError, match="no space"):
-        pending.flush(memory)
+        pending.flush(backing)
     assert len(journal.read_text().splitlines()) == 2  # the stored change is still there
     monkeypatch.setattr(os, "replace", real_replace)
     assert pending.pending_count() == 0 and pending.needs_flush()
-    pending.flush(memory)
+    pending.flush(backing)
     assert len(journal.read_text().splitlines()) == 1 and not pending.needs_flush()
 
 
 def test_a_broken_journal_waits_between_repairs_but_the_last_flush_tries_at_once(
-    journal: Path, monkeypatch: pytest.MonkeyPatch
+    backing: PoolStore, journal: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    memory = MemoryStore()
     pending = PendingWrites(journal, "node-a")
-    node = DeferringStore(memory, pending)
+    node = DeferringStore(backing, pending)
     add(node, 1)
     add(node, 2)
 
@@ -939,12 +1016,13 @@ def test_a_broken_journal_waits_between_repairs_but_the_last_flush_tries_at_once
 
     monkeypatch.setattr(os, "replace", full)
     with pytest.raises(OSError, match="no space"):
-        pending.flush(memory)
+        pending.flush(backing)
     assert not pending.needs_flush()  # not at every flush: each would be a warning
     assert pending.needs_flush(repair_now=True)  # the agent's last one
 
 
 def test_a_block_another_nodes_slice_overlaps_takes_no_change_kept_behind_while_changes_wait(
+    backing: PoolStore,
     journal: Path,
 ) -> None:
     """node-a has a change kept in its block when it reads another config's registry by which
@@ -952,25 +1030,24 @@ def test_a_block_another_nodes_slice_overlaps_takes_no_change_kept_behind_while_
     the flush of what was kept; meanwhile no change of node-a's own half is kept either (a
     stream of them would keep it waiting until its deadline), and for a while after the flush
     they are stored before their answers, so that it gets its turn. Then they are kept again."""
-    memory = MemoryStore()
     pending = PendingWrites(
         journal, "node-a", on_clash=lambda: pytest.fail("a clash"), drain_seconds=2.0
     )
-    node = DeferringStore(memory, pending)
+    node = DeferringStore(backing, pending)
     first = add(node, 1)
     add(node, 2)  # kept
     key = BlockKey.of(POOL, first)
-    halves, node_b = node_b_takes_half_of(key, memory, journal)
+    halves, node_b = node_b_takes_half_of(key, backing, journal)
     delete(node_b, 50)  # nothing of node-b's in the block: it is not shared
     node.read_blocks(halves.registry, 0, 1 << 32)
     with pytest.raises(StoreUnavailableError):  # waits for the flush, which does not come
         add(node, 3, requested=in_node_b_half(key), deadline=0.2)
     with pytest.raises(StoreUnavailableError):  # not kept past the change waiting
         add(node, 4, deadline=0.2)
-    assert pending.pending_count() == 1 and pending.flush(memory).stored == 1
+    assert pending.pending_count() == 1 and pending.flush(backing).stored == 1
     fifth = add(node, 5)  # stored before its answer while the block drains
     third = add(node, 3, requested=in_node_b_half(key))
-    assert stored(memory)[fifth] == "c5" and stored(memory)[third] == "c3"
+    assert stored(backing)[fifth] == "c5" and stored(backing)[third] == "c3"
     time.sleep(2.1)
     sixth = add(node, 6)  # kept again
-    assert sixth not in stored(memory) and pending.pending_count() == 1
+    assert sixth not in stored(backing) and pending.pending_count() == 1
