@@ -215,6 +215,12 @@ def _block_of(key: str, value: bytes, revision: int) -> Block:
         family, base = parsed.pool.family, parsed.base
         if not 0 <= base < 1 << (32 if family == 4 else 128) or base % BLOCK_SIZE:
             raise ValueError(f"{base:x} is not the base of an IPv{family} block")
+        if block_key(parsed) != key:
+            # Another spelling of a block's key (upper-case hex, another width, family or
+            # quoting) read as that block would stand beside the key pyabouts writes it to.
+            raise ValueError(
+                f"not written as pyabouts writes that block's key, {block_key(parsed)}"
+            )
         document = json.loads(value)
         if not isinstance(document, dict):
             raise ValueError("not a JSON object")

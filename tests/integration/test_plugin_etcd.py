@@ -6,8 +6,10 @@ import sys
 import time
 import uuid
 
+import etcd3
 import pytest
 
+from pyabouts.plugin.agent.backend import POOL_MAX_AGE_SECONDS
 from tests.integration.etcd_fixtures import EtcdServer
 from tests.integration.plugin_fixtures import closed_port, etcd_ipam
 from tests.integration.plugin_processes import cni, netconf
@@ -154,3 +156,32 @@ def test_version_and_early_errors_import_nothing_heavy(pyabouts_exe: str) -> Non
         text=True,
     )
     assert json.loads(version.stdout)["supportedVersions"][-1] == "1.1.0"
+
+
+def test_an_add_refuses_a_pool_holding_another_spelling_of_a_blocks_key(
+    pyabouts_exe: str, etcd_server: EtcdServer
+) -> None:
+    """A block stored under a key in upper-case hex (10.41.160.0/24's), as a hand or another
+    tool may write it, sits in the range the ADD reads. Read as that block, it would stand beside
+    the key pyabouts writes it to, and an address held in one could be given from the other.
+    The ADD is refused with code 104, naming the key, and writes nothing. (An agent decides on
+    its cached read of the pool until that is POOL_MAX_AGE_SECONDS old: etcd has no watch of
+    it here.)"""
+    network = f"spelled-{uuid.uuid4().hex[:8]}"
+    conf = netconf(**etcd_ipam(etcd_server, range="10.41.0.0/16", network_name=network))
+    cni(pyabouts_exe, "ADD", conf, "c1").expect_success()
+    client = etcd3.client(host=etcd_server.host, port=etcd_server.port)
+    try:
+        [(value, _)] = list(client.get_prefix(f"/pyabouts/v1/pools/4/{network}/"))
+        other = f"/pyabouts/v1/pools/4/{network}/0a29A000"  # c1's block, copied there
+        client.put(other, value)
+        before = list(stored_allocations(etcd_server, network))
+        time.sleep(POOL_MAX_AGE_SECONDS + 0.2)
+        refused = cni(pyabouts_exe, "ADD", conf, "c2").result
+        assert refused.get("code") == 104 and other in refused["msg"], refused
+        assert list(stored_allocations(etcd_server, network)) == before
+        client.delete(other)
+        assert cni(pyabouts_exe, "ADD", conf, "c2").ok
+    finally:
+        client.delete_prefix(f"/pyabouts/v1/pools/4/{network}/")
+        client.close()

@@ -62,6 +62,16 @@ def test_an_etcd_read_leaves_out_the_keys_it_cannot_read_when_told_where_to_repo
         etcd_value("/pyabouts/blocks/not-a-key", b"{}"),
         etcd_value(etcd.block_key(BlockKey(PoolId("net", 4), 0x0A000300)), b'{"capacity": 1e999}'),
         etcd_value("/pyabouts/v1/pools/4/net/ffffffffff00", b"{not json"),  # past IPv4
+        # Other spellings of the good block's key: read as it, each would stand beside it.
+        *(
+            etcd_value(key, json.dumps(document).encode())
+            for key in (
+                "/pyabouts/v1/pools/4/net/0A000000",
+                "/pyabouts/v1/pools/4/net/000000000a000000",
+                "/pyabouts/v1/pools/5/net/0a000000",
+                "/pyabouts/v1/pools/4/%6Eet/0a000000",
+            )
+        ),
     ]
     with pytest.raises(CniError) as raised:
         etcd._decode(found)
@@ -69,7 +79,7 @@ def test_an_etcd_read_leaves_out_the_keys_it_cannot_read_when_told_where_to_repo
     told: list[CniError] = []
     blocks = etcd._decode(found, told.append)
     assert [b.key for b in blocks] == [good]
-    assert len(told) == 5 and all(e.code == CORRUPT_BLOCK for e in told)
+    assert len(told) == 9 and all(e.code == CORRUPT_BLOCK for e in told)
     assert all(e.msg.startswith("etcd key /pyabouts/") for e in told)
 
 
