@@ -234,7 +234,9 @@ class CheckedLeaseLock(LeaseLock):
     @property
     def refused(self) -> str | None:
         """Why the API refuses this replica its Lease, or None while it does not."""
-        return next(iter(self._refusals.values()), None)
+        # A copy taken at once (under the GIL): the election's thread changes the dict.
+        refusals = tuple(self._refusals.values())
+        return refusals[0] if refusals else None
 
     def _note(self, call: str, failure: ApiException | None) -> None:
         """What the API's answer to one call about the Lease says: a refusal, or not."""
