@@ -3,17 +3,19 @@
 This file is also the installed executable: plugin.install copies its source behind a
 `#!python3 -IS` line, setting AGENT_SOCKET and FALLBACK_PATH, and puts the text of plugin.wire
 (the wire format the agent speaks) where this file imports it. So on the hot path it imports
-nothing but `_socket`, beside the built-in `posix` and `sys` that the interpreter has already
-loaded (any host python3 can run it, and interpreter start stays near the bare 7 ms; `os` would
-add five modules and `from __future__` one), and nothing of the package until the agent is
-missing.
+nothing but `_socket`, beside the built-in `posix`, `sys` and `time` that the interpreter has
+already loaded (any host python3 can run it, and interpreter start stays near the bare 7 ms;
+`os` would add five modules and `from __future__` one), and nothing of the package until the
+agent is missing.
 """
 
 import _socket
 import posix
 import sys
+import time
 
 from pyabouts.plugin.wire import (  # wire.py's text
+    DEADLINE_KEY,
     JOURNAL_LOCK,
     PENDING_JOURNAL,
     WireError,
@@ -43,7 +45,10 @@ def main() -> None:
         environ.get(b"PYABOUTS_AGENT_SOCKET", b"").decode(errors="surrogateescape") or AGENT_SOCKET
     )
     stdin = sys.stdin.buffer.read()
-    request = encode_request([(k, v) for k, v in environ.items() if k.startswith(b"CNI_")], stdin)
+    # When it stops waiting (the agent starts nothing after): see wire.DEADLINE_KEY.
+    gives_up = b"%d" % ((time.time() + REPLY_TIMEOUT) * 1000)
+    entries = [(k, v) for k, v in environ.items() if k.startswith(b"CNI_")]
+    request = encode_request([*entries, (DEADLINE_KEY.encode(), gives_up)], stdin)
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     # Before connecting: an agent whose backlog is full refuses at once (EAGAIN), never blocks.
     sock.settimeout(REPLY_TIMEOUT)

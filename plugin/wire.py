@@ -16,6 +16,11 @@ Request, in this order:
   3. one more NUL byte: an empty entry ends the environment;
   4. the network configuration exactly as the runtime wrote it on the plugin's stdin (any
      bytes, possibly none), up to the end of the stream.
+  Among the entries a plugin also passes `PYABOUTS_DEADLINE=` (DEADLINE_KEY) with the time it
+  stops waiting for the reply, in Unix milliseconds: the agent starts no command after that
+  time less a margin, and ends its command's retries by then (a request that waited in the
+  socket's backlog while the agent was stalled would else be carried out after the plugin had
+  answered code 11, and the runtime had moved on).
   The agent answers a request over 4 MiB, or one that has not arrived whole within its
   --request-deadline (10 s), with a CNI error.
 
@@ -30,6 +35,7 @@ Reply, in this order:
 """
 
 MAGIC = b"pyabouts/1\n"
+DEADLINE_KEY = "PYABOUTS_DEADLINE"
 # Beside the socket: the agent's journal of address changes answered and not stored yet (see
 # ipam.stores.write_behind). A plugin that finds no agent must not serve in-process while it
 # holds any: it could give one of those addresses again.

@@ -60,6 +60,9 @@ MAX_WRITE_BEHIND_SECONDS = 60.0
 # How often what an earlier agent left in the journal is stored, when --write-behind is off.
 JOURNAL_FLUSH_SECONDS = 0.25
 COMMANDS = frozenset({"ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION"})
+# A command ends this long before its plugin stops waiting (wire.DEADLINE_KEY): room for a
+# store request under way and the reply.
+PLUGIN_WAIT_MARGIN_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,32 @@ class RequestTooLargeError(RequestError):
 class RequestTooSlowError(RequestError):
     code = TRY_AGAIN_LATER  # a client stalled on a loaded node may well succeed next time
     reason = "deadline"
+
+
+class PluginGaveUpError(RequestError):
+    code = TRY_AGAIN_LATER  # the plugin has answered code 11 already, or is about to
+    reason = "plugin-gave-up"
+
+
+def plugin_bound_deadline(env: dict[str, str], deadline: float) -> float:
+    """`deadline` (monotonic), ended earlier where the request says its plugin stops waiting
+    (wire.DEADLINE_KEY, taken out of `env`) less PLUGIN_WAIT_MARGIN_SECONDS; PluginGaveUpError
+    when that is past: nothing is to be carried out for a call its runtime was told failed."""
+    text = env.pop(wire.DEADLINE_KEY, None)
+    if text is None:  # a plugin of before it
+        return deadline
+    try:
+        gives_up = int(text) / 1000
+    except ValueError:
+        raise RequestError(f"{wire.DEADLINE_KEY}={text[:20]!r} is not Unix milliseconds") from None
+    now = time.monotonic()
+    bound = now + gives_up - time.time() - PLUGIN_WAIT_MARGIN_SECONDS
+    if bound <= now:
+        raise PluginGaveUpError(
+            "the plugin stopped waiting for this request before pyabouts-agent took it up (was "
+            "the agent stalled?): not served"
+        )
+    return min(deadline, bound)
 
 
 def read_request(sock: socket.socket, seconds: float) -> bytes:
@@ -286,12 +315,13 @@ class _RequestHandler(socketserver.BaseRequestHandler):
             if not data:
                 return None
             env, stdin = _decode_request(data)
+            deadline = plugin_bound_deadline(env, self.deadline)
         except RequestError as exc:
             log.warning("refused a request: %s", exc)
             self.server.metrics.rejected.labels(exc.reason).inc()
             return "unknown", _refusal(exc.code, str(exc))
         command = command_label(env.get("CNI_COMMAND", ""))
-        return command, handle_request(env, stdin, self.server.backend, deadline=self.deadline)
+        return command, handle_request(env, stdin, self.server.backend, deadline=deadline)
 
 
 def _decode_request(data: bytes) -> tuple[dict[str, str], bytes]:

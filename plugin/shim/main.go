@@ -20,7 +20,9 @@ import (
 // them in place: plugin/install.py, shim_with_socket). Empty, the default path applies.
 var socketSlot = slotMarker + nul64 + nul64 + nul64 + nul64 + nul64 + nul64 + nul64 + nul64
 
-// replyTimeout bounds a call: the agent answers within its 60 s command deadline.
+// replyTimeout bounds a call: the agent answers within its 60 s command deadline, and starts
+// no command after the time the request gives it (deadlineKey), so none is carried out once
+// this one has given up on it (queued while the agent was stalled, say).
 var replyTimeout = 90 * time.Second
 
 // A constant, so that the slot is one literal in the binary.
@@ -47,7 +49,9 @@ func main() {
 	if err != nil {
 		fail(stdin, fmt.Sprintf("reading the network configuration: %v", err))
 	}
-	code, out, err := call(agentSocket(), cniEnviron(os.Environ()), stdin)
+	deadline := time.Now().Add(replyTimeout)
+	environ := append(cniEnviron(os.Environ()), fmt.Sprintf("%s=%d", deadlineKey, deadline.UnixMilli()))
+	code, out, err := call(agentSocket(), environ, stdin, deadline)
 	if err != nil {
 		fail(stdin, err.Error())
 	}
@@ -71,11 +75,13 @@ func agentSocket() string {
 	return path
 }
 
-// cniEnviron keeps the CNI_* entries: all that a call passes to its plugin.
+// cniEnviron keeps the CNI_* entries: all that a call passes to its plugin. An entry without
+// "=" (os.Environ keeps them, and so do runtimes) is no variable: left out, as the agent would
+// read none from it, rather than failing every call.
 func cniEnviron(environ []string) []string {
 	var kept []string
 	for _, entry := range environ {
-		if strings.HasPrefix(entry, "CNI_") {
+		if strings.HasPrefix(entry, "CNI_") && strings.Contains(entry, "=") {
 			kept = append(kept, entry)
 		}
 	}
@@ -86,17 +92,19 @@ func cniEnviron(environ []string) []string {
 // error when no agent answered whole. Plain system calls on a blocking socket, not package
 // net: its poller and package set-up cost every call 0.15 to 0.18 ms of CPU (a tenth of the
 // shim's start and exit), and one call needs none of it.
-func call(socket string, environ []string, config []byte) (int, []byte, error) {
+func call(socket string, environ []string, config []byte, deadline time.Time) (int, []byte, error) {
 	request, err := encodeRequest(environ, config)
 	if err != nil {
 		return 0, nil, err
 	}
 	fd, err := dial(socket)
+	if err == syscall.EAGAIN {
+		return 0, nil, fmt.Errorf("the pyabouts agent at %s is busy (its backlog is full)", socket)
+	}
 	if err != nil {
 		return 0, nil, fmt.Errorf("no pyabouts agent at %s: %v", socket, err)
 	}
 	defer syscall.Close(fd)
-	deadline := time.Now().Add(replyTimeout)
 	// A failed write is not the end: the agent may have answered without reading (too large,
 	// shutting down), and its answer is what counts.
 	if writeAll(fd, request, deadline) == nil {
@@ -110,6 +118,11 @@ func call(socket string, environ []string, config []byte) (int, []byte, error) {
 	code, out, err := decodeReply(reply)
 	if err != nil {
 		return 0, nil, fmt.Errorf("the pyabouts agent at %s ended the connection before answering (%v)", socket, err)
+	}
+	// The agent prints JSON or nothing: anything else is an answer cut short (the agent
+	// killed while it sent one), never to be printed as the outcome.
+	if len(out) > 0 && !json.Valid(out) {
+		return 0, nil, fmt.Errorf("the pyabouts agent at %s ended the connection in the middle of its answer", socket)
 	}
 	return code, out, nil
 }

@@ -8,7 +8,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -41,7 +43,7 @@ func TestCallSendsTheRequestAndReturnsTheReply(t *testing.T) {
 		seen = request
 		conn.Write([]byte("0\x00{\"cniVersion\":\"1.0.0\"}"))
 	})
-	code, out, err := call(socket, []string{"CNI_COMMAND=ADD"}, []byte("{}"))
+	code, out, err := call(socket, []string{"CNI_COMMAND=ADD"}, []byte("{}"), time.Now().Add(replyTimeout))
 	if err != nil || code != 0 || string(out) != `{"cniVersion":"1.0.0"}` {
 		t.Fatalf("got %d %q %v", code, out, err)
 	}
@@ -52,7 +54,7 @@ func TestCallSendsTheRequestAndReturnsTheReply(t *testing.T) {
 
 func TestCallReadsALongReplyThatArrivesInPiecesWhole(t *testing.T) {
 	socket := filepath.Join(t.TempDir(), "agent.sock")
-	long := strings.Repeat("x", 100_000) // many times the first read's buffer
+	long := `"` + strings.Repeat("x", 100_000) + `"` // JSON, many times the first read's buffer
 	agent(t, socket, func(conn net.Conn, _ []byte) {
 		reply := "0\x00" + long
 		for len(reply) > 0 {
@@ -65,7 +67,7 @@ func TestCallReadsALongReplyThatArrivesInPiecesWhole(t *testing.T) {
 			time.Sleep(time.Millisecond)
 		}
 	})
-	code, out, err := call(socket, nil, []byte("{}"))
+	code, out, err := call(socket, nil, []byte("{}"), time.Now().Add(replyTimeout))
 	if err != nil || code != 0 || string(out) != long {
 		t.Fatalf("got %d, %d bytes, %v", code, len(out), err)
 	}
@@ -90,7 +92,7 @@ func TestCallPrintsTheAnswerOfAnAgentThatDidNotReadTheRequest(t *testing.T) {
 		conn.Close()
 	}()
 	// Small enough to be written whole before the agent closes: the reset then meets the read.
-	code, out, err := call(socket, nil, bytes.Repeat([]byte("x"), 1024))
+	code, out, err := call(socket, nil, bytes.Repeat([]byte("x"), 1024), time.Now().Add(replyTimeout))
 	if err != nil || code != 1 || string(out) != `{"code":6}` {
 		t.Fatalf("got %d %q %v", code, out, err)
 	}
@@ -119,7 +121,7 @@ func TestCallTimesOutOnAnAgentThatNeverReads(t *testing.T) {
 		}
 	})
 	// Far more than the socket's buffers: the write blocks until its deadline.
-	_, out, err := call(socket, nil, bytes.Repeat([]byte("x"), 8<<20))
+	_, out, err := call(socket, nil, bytes.Repeat([]byte("x"), 8<<20), time.Now().Add(replyTimeout))
 	if err == nil || out != nil || err.Error() != "the pyabouts agent at "+socket+" did not answer whole (i/o timeout)" {
 		t.Fatalf("got %q %v", out, err)
 	}
@@ -130,7 +132,7 @@ func TestCallReportsAnAgentThatDiesMidRequest(t *testing.T) {
 	for _, partial := range []string{"", "0", "1"} {
 		partial := partial
 		agent(t, socket, func(conn net.Conn, _ []byte) { conn.Write([]byte(partial)) })
-		_, out, err := call(socket, nil, []byte("{}"))
+		_, out, err := call(socket, nil, []byte("{}"), time.Now().Add(replyTimeout))
 		if err == nil || out != nil || !strings.Contains(err.Error(), "ended the connection before answering") || !strings.Contains(err.Error(), socket) {
 			t.Fatalf("after %q: got %q %v", partial, out, err)
 		}
@@ -146,7 +148,7 @@ func TestCallPrintsNothingOfAReplyCutShortByTheTimeout(t *testing.T) {
 		conn.Write([]byte("0\x00{\"cniVersion\":")) // and then nothing more, for too long
 		time.Sleep(time.Second)
 	})
-	_, out, err := call(socket, nil, []byte("{}"))
+	_, out, err := call(socket, nil, []byte("{}"), time.Now().Add(replyTimeout))
 	if err == nil || out != nil || err.Error() != "the pyabouts agent at "+socket+" did not answer whole (i/o timeout)" {
 		t.Fatalf("got %q %v", out, err)
 	}
@@ -154,7 +156,7 @@ func TestCallPrintsNothingOfAReplyCutShortByTheTimeout(t *testing.T) {
 
 func TestCallNamesTheSocketWhenNoAgentListens(t *testing.T) {
 	missing := filepath.Join(t.TempDir(), "a.sock")
-	_, _, err := call(missing, nil, nil)
+	_, _, err := call(missing, nil, nil, time.Now().Add(replyTimeout))
 	if err == nil || err.Error() != "no pyabouts agent at "+missing+": no such file or directory" {
 		t.Fatalf("got %v", err)
 	}
@@ -168,7 +170,7 @@ func TestCallNamesTheSocketOfADeadAgent(t *testing.T) {
 	}
 	listener.(*net.UnixListener).SetUnlinkOnClose(false)
 	listener.Close() // the file stays, nobody listens: a dead agent's socket
-	_, _, err = call(socket, nil, nil)
+	_, _, err = call(socket, nil, nil, time.Now().Add(replyTimeout))
 	if err == nil || err.Error() != "no pyabouts agent at "+socket+": connection refused" {
 		t.Fatalf("got %v", err)
 	}
@@ -267,5 +269,69 @@ func TestMainPassesTheAgentsExitCodeAndStdout(t *testing.T) {
 	out, code := runMain(t, "{}", "CNI_COMMAND=DEL", "HOME=/root", "PYABOUTS_AGENT_SOCKET="+socket)
 	if code != 3 || out != `{"code":3}` {
 		t.Fatalf("got %d %q", code, out)
+	}
+}
+
+func TestCallRefusesAnAnswerCutShortInItsJSON(t *testing.T) {
+	// The agent killed while it sent its answer: the exit code arrived, the JSON did not whole.
+	socket := filepath.Join(t.TempDir(), "agent.sock")
+	agent(t, socket, func(conn net.Conn, _ []byte) {
+		conn.Write([]byte("0\x00" + `{"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.`))
+	})
+	_, out, err := call(socket, nil, []byte("{}"), time.Now().Add(replyTimeout))
+	if err == nil || out != nil || !strings.Contains(err.Error(), "in the middle of its answer") {
+		t.Fatalf("got %q %v", out, err)
+	}
+}
+
+func TestCallSaysAnAgentWhoseBacklogIsFullIsBusy(t *testing.T) {
+	socket := filepath.Join(t.TempDir(), "agent.sock")
+	fd, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Close(fd)
+	if err := syscall.Bind(fd, &syscall.SockaddrUnix{Name: socket}); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Listen(fd, 0); err != nil { // never accepts: the backlog fills at once
+		t.Fatal(err)
+	}
+	var last error
+	for i := 0; i < 8 && last == nil; i++ {
+		_, _, last = call(socket, nil, nil, time.Now().Add(50*time.Millisecond))
+		if last != nil && strings.Contains(last.Error(), "did not answer whole") {
+			last = nil // taken into the backlog, and never answered: fill on
+		}
+	}
+	if last == nil || last.Error() != "the pyabouts agent at "+socket+" is busy (its backlog is full)" {
+		t.Fatalf("got %v", last)
+	}
+}
+
+func TestCniEnvironLeavesOutEntriesWithoutAValue(t *testing.T) {
+	got := cniEnviron([]string{"CNI_JUNK", "CNI_COMMAND=ADD"})
+	if strings.Join(got, ",") != "CNI_COMMAND=ADD" {
+		t.Fatalf("got %q", got)
+	}
+}
+
+func TestMainTellsTheAgentWhenItStopsWaiting(t *testing.T) {
+	socket := filepath.Join(t.TempDir(), "agent.sock")
+	sent := make(chan int64, 1)
+	agent(t, socket, func(conn net.Conn, request []byte) {
+		_, after, _ := bytes.Cut(request, []byte(deadlineKey+"="))
+		digits, _, _ := bytes.Cut(after, []byte{0})
+		millis, _ := strconv.ParseInt(string(digits), 10, 64)
+		sent <- millis
+		conn.Write([]byte("0\x00"))
+	})
+	started := time.Now()
+	if out, code := runMain(t, "{}", "CNI_COMMAND=DEL", "PYABOUTS_AGENT_SOCKET="+socket); code != 0 {
+		t.Fatalf("got %d %q", code, out)
+	}
+	gives := time.UnixMilli(<-sent)
+	if gives.Before(started.Add(replyTimeout)) || gives.After(time.Now().Add(replyTimeout)) {
+		t.Fatalf("it gives up at %v, started at %v", gives, started)
 	}
 }

@@ -14,6 +14,10 @@ import (
 
 var magic = []byte("pyabouts/1\n")
 
+// deadlineKey names the request's entry that says when the plugin stops waiting for the reply,
+// in Unix milliseconds (plugin/wire.py, DEADLINE_KEY).
+const deadlineKey = "PYABOUTS_DEADLINE"
+
 // errShortReply means the agent ended the connection before it had answered.
 var errShortReply = errors.New("the reply ended before its exit code")
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -29,8 +31,9 @@ from hypothesis import strategies as st
 
 from deploy.local.agent_process import AgentProcess, running_agent
 from deploy.local.node_shim import built_shim
+from pyabouts.plugin.agent.server import PLUGIN_WAIT_MARGIN_SECONDS
 from pyabouts.plugin.install import install_shim
-from pyabouts.plugin.wire import MAGIC
+from pyabouts.plugin.wire import DEADLINE_KEY, MAGIC
 from tests.integration.etcd_fixtures import EtcdServer
 from tests.integration.plugin_fixtures import etcd_ipam
 from tests.integration.plugin_processes import Node, make_nodes, metric, run_plugins
@@ -438,6 +441,44 @@ def test_a_request_queued_past_its_command_deadline_is_refused_not_served(
 
     [(code, _)] = adds_through(shim, Node(node.flat_file, agent), ipam, ["after"])
     assert code == 0
+
+
+def test_a_request_its_plugin_gave_up_on_while_the_agent_stalled_is_not_served(
+    start_agent: Callable[..., AgentProcess], etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    """The agent stalls (stopped, starved); an ADD waits in its socket's backlog until its
+    plugin gives up (code 11 to the runtime, which moves on). Taken up after that, the
+    request is answered code 11 and carries nothing out: its command's deadline came from the
+    plugin's (PYABOUTS_DEADLINE, less the agent's margin), not from the late accept."""
+    agent = start_agent(tmp_path / "node-0")
+    ipam = etcd_ipam(etcd_server, range="10.82.0.0/24", network_name=network())
+    margin = PLUGIN_WAIT_MARGIN_SECONDS
+
+    def request(container: str, waits: float) -> bytes:
+        gives_up = int((time.time() + waits) * 1000)
+        return frame(add_env(container) | {DEADLINE_KEY: str(gives_up)}, conf_of(ipam))
+
+    pid = agent.process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stalled:
+            stalled.connect(str(agent.socket))  # into the backlog: the agent takes nothing
+            stalled.sendall(request("given-up", margin + 1))
+            stalled.shutdown(socket.SHUT_WR)
+            time.sleep(1.5)  # past what the plugin left the agent
+            os.kill(pid, signal.SIGCONT)
+            assert_cni_error(read_reply(stalled), 11, says="stopped waiting")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert metric(agent, "pyabouts_agent_rejected_total", reason="plugin-gave-up") == 1
+    store = etcd_store(etcd_server)
+    try:
+        assert owners_in(store, ipam["network_name"]) == {}  # nothing was allocated
+    finally:
+        store.close()
+    code, result = parse_reply(ask(agent.socket, request("in-time", margin + 30)) or b"")
+    assert code == 0 and result["ips"], result
 
 
 def test_on_sigterm_a_request_in_flight_is_served_and_a_queued_one_gets_code_11(

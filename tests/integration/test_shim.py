@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,10 +123,13 @@ def test_the_installed_socket_gets_the_request_in_the_agents_wire_format(
     installed: Path, tmp_path: Path
 ) -> None:
     agent = OneRequestAgent(tmp_path / "agent.sock", wire.encode_reply(0, b'{"ips": []}'))
+    started = time.time()
     done = run(installed, ENV | {"OTHER": "not sent", "CNI_ARGS": "A=1;B=\u00e9"})
     agent.close()
     assert (done.returncode, done.stdout, done.stderr) == (0, b'{"ips": []}', b"")
     environ, stdin = wire.decode_request(agent.request)
+    gives_up = int(environ.pop(wire.DEADLINE_KEY)) / 1000  # when it stops waiting: after 90 s
+    assert started + 90 <= gives_up <= time.time() + 90
     assert environ == ENV | {"CNI_ARGS": "A=1;B=\u00e9"}  # the CNI_* variables, nothing else
     assert stdin == CONF
 

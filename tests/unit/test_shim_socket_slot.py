@@ -3,7 +3,12 @@ socketSlot); tests/integration/test_shim.py runs a shim so written."""
 
 import pytest
 
-from pyabouts.plugin.install import SHIM_SLOT_MARKER, SHIM_SLOT_SIZE, shim_with_socket
+from pyabouts.plugin.install import (
+    SHIM_SLOT_MARKER,
+    SHIM_SLOT_SIZE,
+    UNIX_PATH_MAX,
+    shim_with_socket,
+)
 
 BINARY = b"\x7fELF code " + SHIM_SLOT_MARKER + b"\0" * SHIM_SLOT_SIZE + b"\x01rest of rodata"
 
@@ -26,6 +31,14 @@ def test_a_written_slot_is_written_again_whole() -> None:
 def test_a_path_that_does_not_fit_is_refused(path: str) -> None:
     with pytest.raises(ValueError, match="does not fit"):
         shim_with_socket(BINARY, path)
+
+
+def test_a_path_no_unix_socket_can_have_is_refused() -> None:
+    """It fits the slot, but connect() would refuse it on every call (code 11 for ever)."""
+    longest = "/" + "x" * (UNIX_PATH_MAX - 2)
+    shim_with_socket(BINARY, longest)
+    with pytest.raises(ValueError, match="fewer than 108"):
+        shim_with_socket(BINARY, longest + "x")
 
 
 @pytest.mark.parametrize(

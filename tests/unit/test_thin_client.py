@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from pyabouts.plugin.agent.server import encode_reply
 from pyabouts.plugin.cni import render_version
 from pyabouts.plugin.handler import Reply
 from pyabouts.plugin.install import install_thin_plugin
+from pyabouts.plugin.thin_client import REPLY_TIMEOUT
 from pyabouts.plugin.wire import decode_request
 
 CONF = json.dumps({"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "pyabouts"}}).encode()
@@ -72,10 +74,13 @@ def run(exe: Path | list[str], env: dict[str, str]) -> subprocess.CompletedProce
 def test_the_request_reaches_the_agent_whole_and_its_answer_is_printed(
     installed: Path, agent: OneReplyAgent
 ) -> None:
+    started = time.time()
     done = run(installed, ENV | {"OTHER": "not sent"})
     agent.close()
     assert (done.returncode, done.stdout, done.stderr) == (0, b'{"ips": []}', b"")
     env, stdin = decode_request(agent.received)
+    gives_up = int(env.pop(wire.DEADLINE_KEY)) / 1000  # when it stops waiting for the reply
+    assert started + REPLY_TIMEOUT <= gives_up <= time.time() + REPLY_TIMEOUT
     assert env == ENV  # the CNI_* variables, and nothing else of the environment
     assert stdin == CONF
 
