@@ -28,7 +28,7 @@ from kubernetes.leaderelection import electionconfig, leaderelection
 from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
 from pyabouts.controller.connect import Connections
-from pyabouts.controller.leaks import PodState, Policy
+from pyabouts.controller.leaks import DEFAULT_GONE_GRACE_SECONDS, PodState, Policy
 from pyabouts.controller.metrics import ReconcilerMetrics
 from pyabouts.controller.pods import PodReader
 from pyabouts.controller.reconciler import reconcile
@@ -42,12 +42,20 @@ SETTLE_SECONDS = 0.3  # gather a burst of deletions into one targeted pass
 
 
 class Controller:
-    def __init__(self, connections: Connections, policy: Policy, *, resync: float) -> None:
+    def __init__(
+        self,
+        connections: Connections,
+        policy: Policy,
+        *,
+        resync: float,
+        gone_grace: float = DEFAULT_GONE_GRACE_SECONDS,
+    ) -> None:
         self._store = connections.store
         self._reader = PodReader(connections.api_client)
         self._watch = PodWatch(connections.api_client, self._reader)
         self._policy = policy
         self._resync = resync
+        self._gone_grace = gone_grace
         self._events: queue.Queue[PodEvent | Relisted] = queue.Queue()
         self.metrics = ReconcilerMetrics()
         self.health = Health(stale_after=max(60.0, 3 * resync))
@@ -55,6 +63,9 @@ class Controller:
         self.leading = threading.Event()
         # Pods the taint manager deleted -> when a pass may find them lost (epoch seconds).
         self._lost_at: dict[str, float] = {}
+        # Pods the watch saw deleted or finished -> when a pass may judge them (epoch seconds);
+        # until then every pass spares their addresses.
+        self._gone_at: dict[str, float] = {}
 
     def run(self) -> None:
         """Watch and reconcile until `stop` is set."""
@@ -63,7 +74,7 @@ class Controller:
         next_full = time.monotonic() + self._resync
         while not self.stop.is_set():
             self.health.beat()
-            wait = min(5.0, next_full - time.monotonic(), self._until_lost())
+            wait = min(5.0, next_full - time.monotonic(), self._until_due())
             try:
                 event = self._events.get(timeout=max(0.1, wait))
             except queue.Empty:
@@ -74,14 +85,14 @@ class Controller:
                     self._note_lost(pod)
             elif event is not None:
                 self._note_lost(event.pod, deleted=event.kind == "DELETED")
+                if _may_have_leaked(event):
+                    self._gone_at.setdefault(event.pod.ref, time.time() + self._gone_grace)
             if isinstance(event, Relisted) or time.monotonic() >= next_full:
                 self._pass("full", None)
                 next_full = time.monotonic() + self._resync
                 self.health.beat(ready=True)
                 continue
-            if event is not None and _may_have_leaked(event):
-                self._pass("targeted", self._gather({event.pod.ref}))
-            if due := self._due_lost():
+            if due := self._due():
                 self._pass("targeted", due)
 
     def _feed(self) -> None:
@@ -100,32 +111,25 @@ class Controller:
         else:
             self._lost_at.pop(pod.ref, None)
 
-    def _until_lost(self) -> float:
-        """Seconds until the next pod the taint manager deleted may be found lost."""
-        return min(self._lost_at.values(), default=float("inf")) - time.time()
+    def _until_due(self) -> float:
+        """Seconds until the next targeted pass: SETTLE_SECONDS after the first pod is due, so
+        that one pass takes a burst."""
+        first = min([*self._lost_at.values(), *self._gone_at.values()], default=float("inf"))
+        return first + SETTLE_SECONDS - time.time()
 
-    def _due_lost(self) -> set[str]:
+    def _due(self) -> set[str]:
+        """The pods to judge now (taken out of what is waiting), once the first is
+        SETTLE_SECONDS due; none before."""
+        if self._until_due() > 0:
+            return set()
         now = time.time()
-        due = {ref for ref, at in self._lost_at.items() if at <= now}
-        for ref in due:
-            del self._lost_at[ref]
+        due: set[str] = set()
+        for waiting in (self._lost_at, self._gone_at):
+            ready = {ref for ref, at in waiting.items() if at <= now}
+            for ref in ready:
+                del waiting[ref]
+            due |= ready
         return due
-
-    def _gather(self, refs: set[str]) -> set[str]:
-        """`refs` and the pods of any other deletion that comes within SETTLE_SECONDS."""
-        until = time.monotonic() + SETTLE_SECONDS
-        while (left := until - time.monotonic()) > 0:
-            try:
-                event = self._events.get(timeout=left)
-            except queue.Empty:
-                break
-            if isinstance(event, Relisted):
-                self._events.put(event)  # a full pass follows, which covers these too
-                break
-            self._note_lost(event.pod, deleted=event.kind == "DELETED")
-            if _may_have_leaked(event):
-                refs.add(event.pod.ref)
-        return refs
 
     def _pass(self, kind: str, refs: set[str] | None) -> None:
         try:
@@ -134,6 +138,7 @@ class Controller:
                     self._store,
                     lambda: self._reader.list_all().pods,
                     self._policy,
+                    spared=set(self._gone_at),
                     list_nodes=self._reader.node_names,
                     list_statefulsets=self._reader.statefulsets,
                 )
@@ -166,7 +171,7 @@ def _may_have_leaked(event: PodEvent | Relisted) -> bool:
 
 def run_controller(connections: Connections, policy: Policy, args: argparse.Namespace) -> None:
     """The controller process: endpoints, then (as leader, unless disabled) the control loop."""
-    controller = Controller(connections, policy, resync=args.resync)
+    controller = Controller(connections, policy, resync=args.resync, gone_grace=args.gone_grace)
     serve_endpoints(args.listen, controller.metrics.registry, controller.health)
     if args.no_leader_election:
         controller.metrics.leader.set(1)

@@ -83,6 +83,10 @@ class PodState:
 
 
 DEFAULT_PENDING_GRACE = 300.0  # seconds
+# The controller judges a pod deleted (or finished) no sooner than this after its watch said
+# so: a pod force-deleted on a live node keeps its sandbox, and its address, until its kubelet
+# has killed its containers (2 s at least) and run the DEL, which frees the address itself.
+DEFAULT_GONE_GRACE_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from pyabouts.controller.leaks import DEFAULT_PENDING_GRACE, Policy
+from pyabouts.controller.leaks import DEFAULT_GONE_GRACE_SECONDS, DEFAULT_PENDING_GRACE, Policy
 from pyabouts.controller.reconciler import PassSummary
 from pyabouts.serving.listen import listen_argument
 
@@ -72,6 +72,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "from the API may still run the pod",
     )
     parser.add_argument("--watch", action="store_true", help="run as the controller")
+    parser.add_argument(
+        "--gone-grace",
+        type=_seconds,
+        default=DEFAULT_GONE_GRACE_SECONDS,
+        metavar="SECONDS",
+        help="controller: judge the addresses of a pod this long after it was deleted or "
+        "finished, no sooner: a force-deleted pod's kubelet tears its sandbox down (and runs "
+        f"the DEL) meanwhile (default: {DEFAULT_GONE_GRACE_SECONDS:g})",
+    )
     parser.add_argument(
         "--resync", type=float, default=300.0, help="controller: seconds between full passes"
     )

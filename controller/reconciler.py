@@ -72,11 +72,14 @@ def reconcile(
     *,
     dry_run: bool = False,
     only_pods: Collection[str] | None = None,
+    spared: Collection[str] = (),
     list_nodes: Callable[[], Collection[str]] | None = None,
     list_statefulsets: Callable[[], StatefulSets | None] | None = None,
     clock: Callable[[], float] = time.time,
 ) -> PassSummary:
-    """One pass over the whole store, or only the allocations of the pods in `only_pods`.
+    """One pass over the whole store, or only the allocations of the pods in `only_pods`; the
+    allocations of the pods in `spared` are not judged (the controller's pods deleted too
+    recently: their sandboxes may still be torn down).
     A whole pass with `list_nodes` also gives back the node slices of nodes that are gone
     (controller.node_slices), after freeing the addresses of their pods.
 
@@ -96,7 +99,7 @@ def reconcile(
     # First the snapshot, then the pods: see the module doc.
     blocks = store.read_all_blocks(on_unreadable=left_out)
     pods = list_pods()
-    judged = _restricted(blocks, only_pods)
+    judged = _restricted(blocks, only_pods, spared)
     sticky = any(o.sticky for b in judged for o in b.entries.values())
     # Listed after the pods: a StatefulSet scaled down meanwhile frees its ordinals next time.
     statefulsets = list_statefulsets() if sticky and list_statefulsets is not None else None
@@ -129,13 +132,20 @@ def reconcile(
     return summary
 
 
-def _restricted(blocks: Sequence[Block], only_pods: Collection[str] | None) -> list[Block]:
-    """The blocks, with only the entries of `only_pods` when that is given."""
-    if only_pods is None:
+def _restricted(
+    blocks: Sequence[Block], only_pods: Collection[str] | None, spared: Collection[str]
+) -> list[Block]:
+    """The blocks, with only the entries of `only_pods` when that is given, and none of
+    `spared`."""
+    if only_pods is None and not spared:
         return list(blocks)
     narrowed = []
     for block in blocks:
-        entries = {a: o for a, o in block.entries.items() if o.pod in only_pods}
+        entries = {
+            a: o
+            for a, o in block.entries.items()
+            if (only_pods is None or o.pod in only_pods) and o.pod not in spared
+        }
         if entries:
             narrowed.append(Block(block.key, entries, block.revision))
     return narrowed

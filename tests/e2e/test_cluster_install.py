@@ -42,7 +42,7 @@ pytestmark = CLUSTER_MODULE_MARKS
 
 AGENT_SA = "system:serviceaccount:kube-system:pyabouts"
 RECONCILER_SA = "system:serviceaccount:kube-system:pyabouts-reconciler"
-RECLAIM_TIMEOUT_S = 30.0  # the controller reacts to a deletion within seconds
+RECLAIM_TIMEOUT_S = 30.0  # the controller frees within seconds of its 10 s --gone-grace
 
 
 @pytest.fixture(scope="module")

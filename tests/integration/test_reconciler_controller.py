@@ -157,11 +157,16 @@ def controllers(
                 controller.process.wait(timeout=30)
 
 
-def test_the_controller_frees_a_deleted_pods_address_within_seconds(recon: ReconcilerEnv) -> None:
+def test_the_controller_frees_a_deleted_pods_address_once_past_the_gone_grace_not_before(
+    recon: ReconcilerEnv,
+) -> None:
+    """A pod force-deleted (no DEL comes): freed within seconds of --gone-grace (3 s here), and
+    not before, by a targeted pass or by the full passes (one a second here) meanwhile: its
+    kubelet may still be tearing its sandbox down."""
     live, doomed = pod_name("live"), pod_name("doomed")
     kept = recon.add(live, create_pod(recon.cluster, NAMESPACE, live))
     address = recon.add(doomed, create_pod(recon.cluster, NAMESPACE, doomed))
-    args = ("--no-leader-election", "--resync", "600")  # no full pass but the first
+    args = ("--no-leader-election", "--resync", "1", "--gone-grace", "3")
     with controllers(recon, 1, *args) as [controller]:
         controller.wait_ready("ready after its first pass")
         assert controller.get("/healthz") == (200, "ok")
@@ -169,8 +174,14 @@ def test_the_controller_frees_a_deleted_pods_address_within_seconds(recon: Recon
         assert controller.metric("pyabouts_pool_addresses", **pool, state="used") == 2
         assert controller.metric("pyabouts_pool_addresses", **pool, state="total") == 254
 
+        def full_passes() -> float:
+            return controller.metric("pyabouts_reconciler_passes_total", kind="full") or 0
+
         delete_pod(recon.cluster, NAMESPACE, doomed)  # force-deleted, no DEL
-        seconds = wait_for(lambda: address not in recon.held(), 10, f"{address} freed")
+        deleted, passes = time.monotonic(), full_passes()
+        seconds = wait_for(lambda: address not in recon.held(), 20, f"{address} freed")
+        assert time.monotonic() - deleted >= 2.9  # its grace runs from when the watch told
+        assert full_passes() - passes >= 2  # full passes ran meanwhile, and spared it
         assert set(recon.held()) == {kept}
         reclaimed = controller.metric("pyabouts_reconciler_reclaimed_total", reason="pod-gone")
         assert reclaimed is not None and reclaimed >= 1
