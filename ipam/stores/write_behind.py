@@ -18,13 +18,20 @@ address outside the node's slices (another config's slice of the block, say; it 
 changes kept before, and the block's changes are then stored before their answers a while so
 that it gets its turn) and those of a block decided on a view not read since the agent last
 stored that block itself (its creation, say), which the datastore's compare-and-swap then
-checks.
+checks. After the agent starts, that holds for every block until it has stored a write of it
+itself: a write sent before (by the agent that crashed, or a plugin served in-process) may
+still be on its way, and can no longer land once one of the agent's own has been stored.
 
 The datastore still has the last word. A flush applies each change only over what the decision
 saw, so what the reconciler freed meanwhile stays free and an address somebody else stored
 meanwhile (a config of the range without slices) is never taken over: that is a clash, logged
 and counted, and while the block holds another node's address in this node's slices its
 changes are stored before their answers again (one waits for the flush of those kept before).
+
+A flush notes each block it has stored in the journal at once (a line saying how many of the
+block's changes are stored), before the journal is rewritten without them: an agent that dies
+in between must not apply them again over what changed since (an address the reconciler
+freed, given to another pod meanwhile).
 
 The journal is on /run (a tmpfs), on purpose: it outlives the agent (a crash, an upgrade), not
 the node. A node that restarts has lost its sandboxes too, so the addresses it had not stored
@@ -33,6 +40,7 @@ yet are held by nobody.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -154,6 +162,11 @@ class PendingWrites:
         self._write_order = itertools.count(1)
         self._last_written: dict[BlockKey, int] = {}
         self._unsure: set[BlockKey] = set()
+        # The blocks this agent has stored a write of itself (a compare-and-swap) since it
+        # started. Until then a block is unsure too: a write sent before the start (the agent
+        # that crashed, a plugin served in-process) may still land on the state this agent
+        # read; once a write of its own is stored over that state, none sent before can be.
+        self._proven: set[BlockKey] = set()
         # Per registry block read: its revision, the slices this node holds in it and those
         # other nodes hold, as (pool, first, last).
         self._slices: dict[BlockKey, _Slices] = {}
@@ -213,6 +226,7 @@ class PendingWrites:
                     self._unsure.add(key)
                 else:
                     self._unsure.discard(key)
+                    self._proven.add(key)
                     self._note_newest(key, stored)
                 if key not in self._pending:
                     self._latest.pop(key, None)
@@ -344,6 +358,7 @@ class PendingWrites:
             )
             self._on_clash()
         with self._lock:
+            self._proven.add(key)
             rest = self._pending.get(key, [])[len(changes) :]
             if rest:
                 self._pending[key] = rest
@@ -353,6 +368,11 @@ class PendingWrites:
                 self._pending_since.pop(key, None)
                 if key in self._draining:
                     self._draining[key] = time.monotonic() + self._drain_seconds
+            # Stored: out of the journal now, as out of memory. A restart before the flush
+            # rewrites the journal would else apply them again over what changed since (an
+            # address the reconciler freed, given to another pod meanwhile).
+            with contextlib.suppress(StoreUnavailableError):  # then rewritten from memory
+                self._append(_stored_line(key, len(changes)))
             # The write's success says `base` was the stored state: what was written, with the
             # changes kept since over it, is the view now (a read that began before the write
             # may still bring `base`, and must not undo it). One a read built on the write
@@ -384,7 +404,7 @@ class PendingWrites:
             # Decided on a view with changes pending: kept, or (a block found shared) a
             # conflict until the flush has stored them (keep).
             return True
-        if key in self._writing or key in self._unsure or key not in self._built_on:
+        if key in self._writing or self._is_unsure(key) or key not in self._built_on:
             return False  # not decided on a view tracked since this agent last stored it
         if self._drains(key):
             return False
@@ -476,7 +496,7 @@ class PendingWrites:
             if latest is not None and stored.revision == built_on:
                 return latest
         pending = self._pending.get(key)
-        if not pending and (not fresh or key in self._unsure or not self._slice_spans(key)[0]):
+        if not pending and (not fresh or self._is_unsure(key) or not self._slice_spans(key)[0]):
             # Not to be written behind on: no slice of the node's in it, or older than what the
             # agent has read or written itself since (what it tracked is older still). Its
             # writes go direct.
@@ -487,6 +507,11 @@ class PendingWrites:
         self._latest[key] = built
         self._built_on[key] = stored.revision
         return built
+
+    def _is_unsure(self, key: BlockKey) -> bool:
+        """Whether a write of `key` may land that this agent's view lacks: one of its own whose
+        outcome is unknown, or one sent before it started (see _proven)."""
+        return key in self._unsure or key not in self._proven
 
     def _note_newest(self, key: BlockKey, revision: str) -> None:
         if later_revision(revision, self._newest.get(key)):
@@ -543,12 +568,20 @@ class PendingWrites:
             if not line:
                 continue
             try:
-                key, changes = _read_journal_line(line)
+                key, changes, stored = _read_journal_line(line)
             except (ValueError, KeyError, TypeError) as exc:
                 # The last line may be cut short by a crash mid-write: its decision was never
                 # answered. Any other is damage, reported; what it held is lost either way.
                 level = logging.INFO if number >= len(lines) - 1 else logging.ERROR
                 log.log(level, "%s line %d is unreadable (%s): skipped", self._path, number, exc)
+                continue
+            if stored:  # the block's first `stored` changes were stored before the crash
+                left = self._pending.get(key, [])[stored:]
+                if left:
+                    self._pending[key] = left
+                else:
+                    self._pending.pop(key, None)
+                    self._pending_since.pop(key, None)
                 continue
             self._pending.setdefault(key, []).extend(changes)
             self._pending_since.setdefault(key, time.monotonic())
@@ -705,19 +738,33 @@ def _journal_line(key: BlockKey, changes: list[Change]) -> str:
     return json.dumps({**record, "changes": columns}, separators=(",", ":")) + "\n"
 
 
-def _read_journal_line(line: str) -> tuple[BlockKey, list[Change]]:
+def _stored_line(key: BlockKey, count: int) -> str:
+    """The line saying that the first `count` changes of `key` still in the journal (in its
+    order) are stored: recovery drops them, as the flush dropped them from memory."""
+    record = {"network": key.pool.network, "family": key.pool.family, "base": key.base}
+    return json.dumps({**record, "stored": count}, separators=(",", ":")) + "\n"
+
+
+def _read_journal_line(line: str) -> tuple[BlockKey, list[Change], int]:
+    """A line's block and its changes, or how many of its changes were stored (a
+    _stored_line: no changes)."""
     record = json.loads(line)
     family = record["family"]
     if family not in (4, 6) or not isinstance(record["base"], int):
         raise ValueError("not a block")
     key = BlockKey(PoolId(str(record["network"]), family), record["base"])
+    if "stored" in record:
+        stored = record["stored"]
+        if not isinstance(stored, int) or stored < 1:
+            raise ValueError("not a count of changes")
+        return key, [], stored
     changes = [
         Change(key.base + int(offset), _owner(before), _owner(after))
         for offset, before, after in record["changes"]
     ]
     if any(not 0 <= c.address - key.base < BLOCK_SIZE for c in changes):
         raise ValueError("an address outside its block")
-    return key, changes
+    return key, changes, 0
 
 
 def _columns(owner: Owner | None) -> str | None:

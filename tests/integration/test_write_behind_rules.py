@@ -22,6 +22,8 @@ import pytest
 
 from deploy.local.etcd_server import EtcdServer
 from deploy.local.pod_objects import create_namespace
+from pyabouts.controller.leaks import Leak, Reason
+from pyabouts.controller.reclaim import free_leaks
 from pyabouts.ipam import operations, slices
 from pyabouts.ipam.coalescing import CoalescingTransactions
 from pyabouts.ipam.errors import StoreUnavailableError
@@ -996,8 +998,13 @@ def test_a_journal_a_flush_could_not_rewrite_is_rewritten_by_the_next_one(
     monkeypatch.setattr(os, "replace", full)
     with pytest.raises(OSError, match="no space"):
         pending.flush(backing)
-    assert len(journal.read_text().splitlines()) == 2  # the stored change is still there
+    # Not compacted: the stored change is still there, and the line saying it is stored.
+    assert len(journal.read_text().splitlines()) == 3
+    left_as_is = journal.read_text()
     monkeypatch.setattr(os, "replace", real_replace)
+    restarted = journal.with_name("restarted.journal")  # an agent started on it meanwhile
+    restarted.write_text(left_as_is)
+    assert PendingWrites(restarted, "node-a").pending_count() == 0  # stores nothing again
     assert pending.pending_count() == 0 and pending.needs_flush()
     pending.flush(backing)
     assert len(journal.read_text().splitlines()) == 1 and not pending.needs_flush()
@@ -1051,3 +1058,87 @@ def test_a_block_another_nodes_slice_overlaps_takes_no_change_kept_behind_while_
     time.sleep(2.1)
     sixth = add(node, 6)  # kept again
     assert sixth not in stored(backing) and pending.pending_count() == 1
+
+
+class Crashed(BaseException):
+    """The agent process dies here."""
+
+
+def add_in_halves(store: PoolStore, n: int, address: str) -> int:
+    """Pod `n`'s ADD of `address` with slices of /23 (node-a's name picks 10.7.2.0/23: two
+    blocks)."""
+    [given] = operations.allocate(
+        DirectTransactions(store),
+        [RANGE],
+        owner(n),
+        [netaddr.IPAddress(address)],
+        deadline=time.monotonic() + 5,
+        sliced=[SlicedRange(RANGE, 23)],
+    )
+    return given
+
+
+def reconciler_frees(backing: PoolStore, address: int, n: int) -> None:
+    """The reconciler: pod `n` is gone, and its address freed."""
+    key = BlockKey.of(POOL, address)
+    leak = Leak(key, address, owner(n), Reason.POD_GONE)
+    assert free_leaks(backing, [leak], deadline=time.monotonic() + 5) == [leak]
+
+
+def test_a_restart_before_a_flush_rewrote_the_journal_stores_nothing_it_stored_again(
+    backing: PoolStore, journal: Path
+) -> None:
+    """Changes pending in two blocks. The flush stores the first; while it writes the second,
+    pod 2 is gone, the reconciler frees its address x, and the node gives x to pod 3; then the
+    agent dies, before the flush rewrote the journal. The next agent must not store pod 2's
+    give of x again (the journal still held it): x is pod 3's, and freeing pod 2's leak again
+    would give it a second time. (Found by review: x ended up answered to pods 3 and 4.)"""
+    clashes: list[int] = []
+    pending = PendingWrites(journal, "node-a", on_clash=lambda: clashes.append(1))
+    node = DeferringStore(backing, pending)
+    add_in_halves(node, 1, "10.7.2.10")  # takes the slice: stored
+    add_in_halves(node, 9, "10.7.3.10")  # creates the second block: stored
+    x = add_in_halves(node, 2, "10.7.2.11")  # kept, in the block flushed first
+    add_in_halves(node, 8, "10.7.3.11")  # kept, in the second
+    assert pending.pending_count() == 2
+    second = BlockKey.of(POOL, int(netaddr.IPAddress("10.7.3.0")))
+
+    class DyingWhileItWritesTheSecond(Interposed):
+        def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
+            if blocks[0].key == second:
+                reconciler_frees(backing, x, 2)
+                node.read_blocks(POOL, x, x)
+                assert add_in_halves(node, 3, "10.7.2.11") == x  # kept, answered to pod 3
+                raise Crashed
+            return self.inner.write_blocks(blocks)
+
+    with pytest.raises(Crashed):
+        pending.flush(DyingWhileItWritesTheSecond(backing))
+    pending.close()
+    restarted = PendingWrites(journal, "node-a", on_clash=lambda: clashes.append(1))
+    assert restarted.pending_count() == 2  # pod 3's give of x, and pod 8's: not pod 2's
+    restarted.flush(backing)
+    assert stored(backing)[x] == "c3" and clashes == []
+
+
+def test_a_write_sent_before_the_agent_started_never_lands_under_a_change_it_kept(
+    backing: PoolStore, journal: Path
+) -> None:
+    """A plugin served in-process while no agent ran (or the agent that crashed) decided x
+    for pod 2 on block K, and its write is still on its way when the agent starts and reads K.
+    The agent's first write of K is stored before its answer, so that write can no longer
+    land; it is refused, and x stays pod 3's. (Found by review: the old write landed after the
+    agent had kept x for pod 3, which the datastore then named pod 2's.)"""
+    clashes: list[int] = []
+    pending = PendingWrites(journal, "node-a", on_clash=lambda: clashes.append(1))
+    first = add(DeferringStore(backing, pending), 1)  # the slice and block K stored
+    pending.close()  # the agent stops; a plugin serves in-process
+    key = BlockKey.of(POOL, first)
+    late = backing.read_blocks(POOL, key.base, key.base)[0]  # that plugin's read
+    x = key.base + 77
+    late.put(x, owner(2))  # its decision for pod 2; its write is on its way
+    pending = PendingWrites(journal, "node-a", on_clash=lambda: clashes.append(1))
+    assert add(DeferringStore(backing, pending), 3, requested=x) == x
+    assert pending.pending_count() == 0  # stored before its answer: the agent's first of K
+    assert backing.write_blocks([late]).conflicts == [key]  # the old write lands too late
+    assert stored(backing)[x] == "c3" and clashes == []
