@@ -211,6 +211,15 @@ def network() -> str:
     return f"hostile-{uuid.uuid4().hex[:6]}"
 
 
+def allocated(server: EtcdServer, network_name: str) -> dict[str, Any]:
+    """address -> owner of what `server` holds of `network_name`."""
+    store = etcd_store(server)
+    try:
+        return dict(owners_in(store, network_name))
+    finally:
+        store.close()
+
+
 def adds_through(
     shim: str, node: Node, ipam: dict[str, Any], pods: list[str]
 ) -> list[tuple[int, Any]]:
@@ -433,11 +442,7 @@ def test_a_request_queued_past_its_command_deadline_is_refused_not_served(
     assert code == 1 and late["code"] == 11, late
     assert "waited" in late["msg"] and "for a worker" in late["msg"], late
     assert metric(agent, "pyabouts_agent_rejected_total", reason="late") == 1
-    store = etcd_store(etcd_server)
-    try:
-        assert owners_in(store, ipam["network_name"]) == {}  # nothing was allocated
-    finally:
-        store.close()
+    assert allocated(etcd_server, ipam["network_name"]) == {}  # nothing was allocated
 
     [(code, _)] = adds_through(shim, Node(node.flat_file, agent), ipam, ["after"])
     assert code == 0
@@ -472,11 +477,7 @@ def test_a_request_its_plugin_gave_up_on_while_the_agent_stalled_is_not_served(
     finally:
         os.kill(pid, signal.SIGCONT)
     assert metric(agent, "pyabouts_agent_rejected_total", reason="plugin-gave-up") == 1
-    store = etcd_store(etcd_server)
-    try:
-        assert owners_in(store, ipam["network_name"]) == {}  # nothing was allocated
-    finally:
-        store.close()
+    assert allocated(etcd_server, ipam["network_name"]) == {}  # nothing was allocated
     code, result = parse_reply(ask(agent.socket, request("in-time", margin + 30)) or b"")
     assert code == 0 and result["ips"], result
 
