@@ -9,7 +9,7 @@ judged here (see controller.reclaim), so an allocation created or reused meanwhi
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -19,7 +19,7 @@ from pyabouts.ipam.pool import Block, BlockKey, Owner
 
 
 class Reason(StrEnum):
-    POD_GONE = "pod-gone"  # no pod of that namespace/name exists
+    POD_GONE = "pod-gone"  # no pod of that namespace/name exists (a static pod: nor its node)
     POD_REPLACED = "pod-replaced"  # another pod (another UID) of that name, not using it
     POD_FINISHED = "pod-finished"  # Succeeded or Failed: its sandbox is torn down
     # deleted by the taint manager (a node lost, or a NoExecute taint), and still there well
@@ -29,6 +29,21 @@ class Reason(StrEnum):
     NOT_IN_STATEFULSET = "not-in-statefulset"
     # released with a cooldown that has ended: the entry goes, so rests do not pile up
     REST_ENDED = "rest-ended"
+
+
+# The UID a kubelet gives a static pod whose manifest names none: the hex MD5 of the manifest
+# (pkg/kubelet/config/common.go), where the API gives its objects RFC 4122 UUIDs.
+_STATIC_POD_UID = re.compile(r"[0-9a-f]{32}")
+
+
+def is_static_pod(owner: Owner) -> bool:
+    """Whether `owner` is a static pod's, as its kubelet runs it: a UID of the kubelet's own,
+    and the name the kubelet gives it (the manifest's, "-", its node's, lower-cased)."""
+    return bool(
+        owner.node
+        and _STATIC_POD_UID.fullmatch(owner.pod_uid)
+        and owner.pod.endswith(f"-{owner.node.lower()}")
+    )
 
 
 #: "namespace/name" of each StatefulSet -> the ordinals its replicas have now.
@@ -127,14 +142,18 @@ def find_leaks(
     now: float,
     policy: Policy,
     statefulsets: StatefulSets | None = None,
+    nodes: Collection[str] | None = None,
 ) -> Iterator[Leak]:
     """The allocations in `blocks` that no live pod uses, in block and address order.
-    `statefulsets` judges sticky allocations; without it they are kept (see judge)."""
+    `statefulsets` judges sticky allocations, `nodes` static pods' without a mirror pod;
+    without them they are kept (see judge)."""
     for block in blocks:
         for address, owner in sorted(block.entries.items()):
             ip = str(netaddr.IPAddress(address, block.key.pool.family))
             pod = pods.get(owner.pod)
-            reason = judge(owner, ip, pod, now=now, policy=policy, statefulsets=statefulsets)
+            reason = judge(
+                owner, ip, pod, now=now, policy=policy, statefulsets=statefulsets, nodes=nodes
+            )
             if reason is not None:
                 yield Leak(block.key, address, owner, reason)
 
@@ -159,8 +178,14 @@ def judge(
     now: float,
     policy: Policy,
     statefulsets: StatefulSets | None = None,
+    nodes: Collection[str] | None = None,
 ) -> Reason | None:
     """Why the allocation of `ip` to `owner` is a leak, given its pod as listed; None: keep it.
+
+    A static pod (is_static_pod) runs from its node's manifest whether the API shows it or not:
+    its mirror pod may be missing (refused by admission, a namespace that does not exist, a
+    kubelet that has not made it yet). Without one it is kept while its node is in `nodes`, the
+    cluster's Nodes listed after the pods, and always without `nodes`; its DEL frees it.
 
     A sticky allocation (sticky_statefulsets) of a pod that a StatefulSet has now is kept
     whatever became of the pod: the StatefulSet makes a pod of that name again, and its ADD
@@ -178,6 +203,8 @@ def judge(
         if owner.reserved:
             return _reserved(owner, pod, now=now, policy=policy)
     if pod is None:
+        if is_static_pod(owner) and (nodes is None or owner.node in nodes):
+            return None
         return Reason.POD_GONE
     if owner.pod_uid and not pod.has_uid(owner.pod_uid):
         # A pod of the same name was created again (a StatefulSet's, say). Its ADD takes this

@@ -14,7 +14,14 @@ from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pyabouts.controller.leaks import Leak, PodState, Policy, StatefulSets, find_leaks
+from pyabouts.controller.leaks import (
+    Leak,
+    PodState,
+    Policy,
+    StatefulSets,
+    find_leaks,
+    is_static_pod,
+)
 from pyabouts.controller.node_slices import (
     FreedSlice,
     free_slices_of_gone_nodes,
@@ -81,7 +88,8 @@ def reconcile(
     allocations of the pods in `spared` are not judged (the controller's pods deleted too
     recently: their sandboxes may still be torn down).
     A whole pass with `list_nodes` also gives back the node slices of nodes that are gone
-    (controller.node_slices), after freeing the addresses of their pods.
+    (controller.node_slices), after freeing the addresses of their pods, and frees those of
+    static pods without a mirror pod whose node is gone (a targeted pass keeps them).
 
     A stored block not in pyabouts' format (an IPPool edited by hand, say) is left out and
     logged as an error at every pass, and the rest is reconciled: one bad object must not stop
@@ -103,15 +111,23 @@ def reconcile(
     sticky = any(o.sticky for b in judged for o in b.entries.values())
     # Listed after the pods: a StatefulSet scaled down meanwhile frees its ordinals next time.
     statefulsets = list_statefulsets() if sticky and list_statefulsets is not None else None
-    leaks = list(find_leaks(judged, pods, now=clock(), policy=policy, statefulsets=statefulsets))
+    # Listed after the pods too: a static pod without a mirror pod is judged by its node.
+    unmirrored = any(
+        is_static_pod(o) and o.pod not in pods for b in judged for o in b.entries.values()
+    )
+    nodes = None
+    if list_nodes is not None and only_pods is None and (unmirrored or has_slices(blocks)):
+        nodes = set(list_nodes())
+    leaks = list(
+        find_leaks(judged, pods, now=clock(), policy=policy, statefulsets=statefulsets, nodes=nodes)
+    )
     for leak in leaks:
         log.info("%s %s", "would free" if dry_run else "freeing", leak.describe())
     freed = [] if dry_run else free_leaks(store, leaks, deadline=time.monotonic() + FREE_DEADLINE)
     slices_freed = []
-    if unreadable and list_nodes is not None and only_pods is None and has_slices(blocks):
+    if unreadable and nodes is not None and has_slices(blocks):
         log.warning("node slices of gone nodes are given back once no stored block is unreadable")
-    elif list_nodes is not None and only_pods is None and has_slices(blocks):
-        nodes = set(list_nodes())
+    elif nodes is not None and has_slices(blocks):
         if dry_run:
             slices_freed = slices_a_pass_would_free(blocks, nodes, leaks)
         else:

@@ -53,12 +53,20 @@ class ReconcilerEnv:
         return netconf(**ipam)
 
     def add(
-        self, pod: str, uid: str, container: str | None = None, cidr: str = "10.70.0.0/24"
+        self,
+        pod: str,
+        uid: str,
+        container: str | None = None,
+        cidr: str = "10.70.0.0/24",
+        *,
+        node: str | None = None,
     ) -> str:
-        """ADD for `pod` (in NAMESPACE) as kubelet sends it; the address given."""
+        """ADD for `pod` (in NAMESPACE) as kubelet sends it (on `node`: the plugin's NODE_NAME,
+        else this host's); the address given."""
         args = f"IgnoreUnknown=1;K8S_POD_NAMESPACE={NAMESPACE};K8S_POD_NAME={pod};K8S_POD_UID={uid}"
         sandbox = container or f"sandbox-{pod}"
-        call: CniCall = cni(self.plugin, "ADD", self.conf(cidr), sandbox, args)
+        env = {"NODE_NAME": node} if node else None
+        call: CniCall = cni(self.plugin, "ADD", self.conf(cidr), sandbox, args, extra_env=env)
         return str(call.expect_success()["ips"][0]["address"].split("/")[0])
 
     @contextlib.contextmanager

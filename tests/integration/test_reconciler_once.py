@@ -5,13 +5,16 @@ ADDs run beside it."""
 import subprocess
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from deploy.local.controlplane import ControlPlane
 from deploy.local.pod_objects import (
+    create_node,
     create_pod,
+    delete_node,
     delete_pod,
     lost_node_condition,
     set_network_status,
@@ -111,6 +114,28 @@ def test_a_static_pods_address_is_kept_though_its_mirror_pod_has_another_uid(
     address = recon.add(name, kubelet_uid)
     assert recon.reconcile()["addresses"] == []
     assert set(recon.held()) == {address}
+
+
+def test_a_static_pod_without_a_mirror_pod_keeps_its_address_until_its_node_is_gone(
+    recon: ReconcilerEnv,
+) -> None:
+    # A kubelet runs a static pod under the manifest's name and its node's, and a UID of its
+    # own; the API may have no mirror pod of it (admission refused it, say). It runs all the same.
+    # The node the plugin records: this one, or the agent's that serves it.
+    live = pod_name("live")
+    kept = recon.add(live, create_pod(recon.cluster, NAMESPACE, live), node=pod_name("node"))
+    node = recon.held()[kept].node
+    name = f"{pod_name('probe')}-{node}"
+    create_node(recon.cluster, node)
+    try:
+        address = recon.add(name, uuid.uuid4().hex, node=node)
+        assert recon.reconcile()["addresses"] == []
+        assert address in recon.held()
+    finally:
+        delete_node(recon.cluster, node)
+    # Its node is gone, and so are its pods.
+    assert freed(recon.reconcile(), "pod-gone") == [address]
+    assert set(recon.held()) == {kept}
 
 
 @pytest.mark.parametrize("phase", ["Succeeded", "Failed"])

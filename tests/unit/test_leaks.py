@@ -79,6 +79,23 @@ def test_a_static_pods_address_is_kept_though_its_mirror_in_the_api_has_another_
     assert verdict(replace(mirror, mirror_of="uid-2")) is Reason.POD_REPLACED
 
 
+def test_a_static_pod_without_a_mirror_pod_keeps_its_address_while_its_node_exists() -> None:
+    # As its kubelet runs it: the manifest's name and the node's, and the kubelet's own UID.
+    static = Owner("sandbox-1", "net1", "kube-system/probe-worker-1", "0" * 31 + "a", "worker-1")
+    # The API may not show it (a mirror pod refused, or not made yet): it runs all the same.
+    assert judge(static, IP, None, now=NOW, policy=POLICY, nodes={"worker-1"}) is None
+    assert judge(static, IP, None, now=NOW, policy=POLICY) is None  # nodes not listed
+    # Its node is gone, and its pods with it.
+    assert judge(static, IP, None, now=NOW, policy=POLICY, nodes={"worker-2"}) is Reason.POD_GONE
+    # Neither a UID of the API's nor a name of another node's is a static pod's.
+    for other in (
+        replace(static, pod_uid="6b0c3cfa-0b5e-4d41-9a3b-4f2e8c1d7a90"),
+        replace(static, pod="kube-system/probe-worker-2"),
+        replace(static, node=""),
+    ):
+        assert judge(other, IP, None, now=NOW, policy=POLICY, nodes={"worker-1"}), other
+
+
 def test_a_recreated_pod_that_uses_the_address_keeps_it() -> None:
     assert verdict(replace(RUNNING, uid="uid-2")) is None
 
