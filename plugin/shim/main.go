@@ -36,8 +36,10 @@ const (
 	defaultSocket = "/run/pyabouts/agent.sock"
 	tryAgainLater = 11
 	notAvailable  = 50 // STATUS: the plugin cannot serve ADD now (CNI 1.1)
-	// plugin/cni.py's render_version(); tests/integration/test_shim.py compares them.
-	versionReply = `{"cniVersion": "1.1.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}`
+	// plugin/cni.py's LATEST_VERSION and render_version(); tests/integration/test_shim.py
+	// compares them.
+	latestVersion = "1.1.0"
+	versionReply  = `{"cniVersion": "` + latestVersion + `", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}`
 )
 
 func main() {
@@ -208,13 +210,13 @@ func readAll(fd int, deadline time.Time) ([]byte, error) {
 
 // fail prints a CNI error with code 11 (try again later) and exits 1: the outcome is unknown,
 // so the runtime retries the call. To STATUS it answers 50, as the spec asks of a plugin that
-// cannot serve ADD.
+// cannot serve ADD. Its cniVersion is the config's, else the latest, as the agent's errors.
 func fail(stdin []byte, message string) {
 	var netconf struct {
 		CNIVersion string `json:"cniVersion"`
 	}
 	if json.Unmarshal(stdin, &netconf) != nil || netconf.CNIVersion == "" {
-		netconf.CNIVersion = "1.0.0"
+		netconf.CNIVersion = latestVersion
 	}
 	code := tryAgainLater
 	if os.Getenv("CNI_COMMAND") == "STATUS" {

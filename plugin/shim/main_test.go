@@ -243,6 +243,23 @@ func TestMainPrintsCode11InTheCallersVersionWithoutAnAgent(t *testing.T) {
 	}
 }
 
+func TestMainAnswersAConfigWithoutAVersionInTheLatestAsTheAgentDoes(t *testing.T) {
+	for _, stdin := range []string{`{"name":"n"}`, `not json`} {
+		out, code := runMain(t, stdin, "CNI_COMMAND=ADD", "PYABOUTS_AGENT_SOCKET=/nonexistent.sock")
+		var failure struct {
+			CNIVersion string `json:"cniVersion"`
+			Code       int    `json:"code"`
+		}
+		if err := json.Unmarshal([]byte(out), &failure); err != nil || code != 1 {
+			t.Fatalf("%q: got %d %q", stdin, code, out)
+		}
+		// plugin/cni.py's LATEST_VERSION, which the agent's errors then carry
+		if failure.CNIVersion != "1.1.0" || failure.Code != 11 {
+			t.Fatalf("%q: got %+v", stdin, failure)
+		}
+	}
+}
+
 func TestMainAnswersStatusWithCode50WithoutAnAgent(t *testing.T) {
 	out, code := runMain(t, `{"cniVersion":"1.1.0","name":"n"}`, "CNI_COMMAND=STATUS", "PYABOUTS_AGENT_SOCKET=/nonexistent.sock")
 	var failure struct {
