@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -68,6 +69,20 @@ PER_CALL_KEYS = ("prevResult", VALID_ATTACHMENTS, SPEC_ATTACHMENTS)
 # Pending writes left when the agent stops are stored for this long at most; what is left stays
 # in the journal for the next agent.
 FINAL_FLUSH_SECONDS = 10.0
+# A flush that failed (the datastore down, say) is tried again after twice the wait before it,
+# up to this: every node of a cluster has changes pending through an apiserver restart, and
+# would else all retry at the flush interval. A tenth of MAX_PENDING_SECONDS, so that the node
+# takes changes again within seconds of the datastore's return.
+FLUSH_BACKOFF_MAX_SECONDS = 1.5
+# Each wait is this much shorter or longer, at random: agents started together (a DaemonSet's
+# rollout) would else flush in step, and nodes whose slices share a block meet at every flush.
+FLUSH_JITTER = 0.2
+
+
+def flush_wait(every: float, failures: int, *, jitter: float = FLUSH_JITTER) -> float:
+    """How long the flusher waits before its next flush, after `failures` failed in a row."""
+    wait = min(every * 2.0 ** min(failures, 16), max(every, FLUSH_BACKOFF_MAX_SECONDS))
+    return wait * random.uniform(1 - jitter, 1 + jitter)
 
 
 class MeteredStore:
@@ -126,6 +141,7 @@ class WarmBackend:
         self._pending: PendingWrites | None = None
         self._flusher: threading.Thread | None = None
         self._stop_flushing = threading.Event()
+        self._flush_failures = 0  # flushes failed in a row (see flush_wait)
 
     def write_behind(self, pending: PendingWrites, every: float) -> None:
         """Keep the writes `pending` defers (this node's slice blocks) and store them every
@@ -140,22 +156,26 @@ class WarmBackend:
 
     def _flush_every(self, every: float) -> None:
         self._flush()  # at once: what an earlier agent left in the journal
-        while not self._stop_flushing.wait(every):
+        while not self._stop_flushing.wait(flush_wait(every, self._flush_failures)):
             self._flush()
 
     def _flush(self, *, last: bool = False) -> bool:
         """Store what is pending; whether nothing is left. `last`: the agent is stopping."""
         pending, own = self._pending, self._datastore
         if pending is None or own is None or not pending.needs_flush(repair_now=last):
+            self._flush_failures = 0
             return True
         try:
             outcome = pending.flush(self._client_for("own", own.open_store).cache)
         except (CniError, OSError) as exc:  # the next round tries again; the journal keeps them
             log.warning("storing the pending changes failed: %s", getattr(exc, "msg", exc))
+            self._flush_failures += 1
             return False
         except Exception:  # a bug: said whole, and tried again all the same
             log.exception("storing the pending changes failed")
+            self._flush_failures += 1
             return False
+        self._flush_failures = 0  # stored, or met another writer: the datastore answers
         return outcome.left == 0
 
     def config(self, raw: dict[str, Any], netconf: bytes) -> PluginConfig:
