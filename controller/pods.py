@@ -63,11 +63,13 @@ def network_status_ips(annotation: object) -> frozenset[str] | None:
         return None
     if not isinstance(entries, list):
         return None
+    # Whoever may create or patch a pod writes it: anything but a list of strings is no IPs.
     return frozenset(
-        str(ip).split("/")[0]
+        ip.split("/")[0]
         for entry in entries
-        if isinstance(entry, dict)
-        for ip in entry.get("ips") or []
+        if isinstance(entry, dict) and isinstance(entry.get("ips"), list)
+        for ip in entry["ips"]
+        if isinstance(ip, str)
     )
 
 

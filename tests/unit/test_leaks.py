@@ -171,3 +171,15 @@ def test_a_pod_object_reduces_to_what_the_judgement_needs() -> None:
 )
 def test_a_missing_or_broken_network_status_counts_as_none_yet(annotation: object) -> None:
     assert network_status_ips(annotation) is None
+
+
+@pytest.mark.parametrize("ips", ["5", "true", "1.5", '{"a": 1}', '"10.0.0.1"', "[5, null]"])
+def test_network_status_ips_of_another_type_are_no_ips_and_never_stop_a_pass(ips: str) -> None:
+    # Anybody who may create or patch a pod writes the annotation: a pass that raised on it
+    # stopped every reclaim in the cluster (the CronJob's, and the controller's watch).
+    annotation = f'[{{"name": "a", "ips": {ips}}}, {{"name": "b", "ips": ["10.0.0.2/24"]}}]'
+    assert network_status_ips(annotation) == frozenset({"10.0.0.2"})
+    pod = {
+        "metadata": {"name": "p", "annotations": {"k8s.v1.cni.cncf.io/network-status": annotation}}
+    }
+    assert pod_state(pod).network_ips == frozenset({"10.0.0.2"})
