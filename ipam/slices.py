@@ -207,10 +207,24 @@ def give_back_slice(
 
 
 def slice_span(registry: PoolId, holder: Owner) -> tuple[PoolId, int, int]:
-    """The addresses of the slice a registry entry names: (the range's pool, first, last)."""
-    network = netaddr.IPNetwork(holder.container_id)
+    """The addresses of the slice a registry entry names: (the range's pool, first, last).
+    ValueError when it names none of the registry's family: a stored registry is checked as it
+    is read (check_registry_entry)."""
+    try:
+        network = netaddr.IPNetwork(holder.container_id)
+    except netaddr.AddrFormatError as exc:
+        raise ValueError(f"{holder.container_id!r} is not a slice: {exc}") from None
+    if network.version != registry.family:
+        raise ValueError(f"{holder.container_id!r} is not an IPv{registry.family} slice")
     pool = PoolId(registry.network.rsplit(REGISTRY_MARK, 1)[0], registry.family)
     return pool, int(network.first), int(network.last)
+
+
+def check_registry_entry(registry: PoolId, holder: Owner) -> None:
+    """ValueError when a stored registry entry names no slice (edited by hand, say): the block
+    is then unreadable, as any stored block not in pyabouts' format, rather than breaking every
+    decision and reconcile pass that reads it."""
+    slice_span(registry, holder)
 
 
 def is_registry(pool: PoolId) -> bool:

@@ -20,6 +20,7 @@ import netaddr
 
 from pyabouts.ipam.errors import CORRUPT_BLOCK, CniError
 from pyabouts.ipam.pool import BLOCK_BITS, Block, BlockKey, Owner
+from pyabouts.ipam.slices import check_registry_entry, is_registry
 
 # The table's first line. A reader refuses a table under any other header, so that a later
 # form (a column more) is never read as this one.
@@ -156,6 +157,9 @@ def _block_of_document(key: BlockKey, document: dict[str, Any], revision: str) -
         entries = _entries_of_objects(key, allocations)
     else:
         raise _corrupt(key, "allocations is neither a table nor an object")
+    if is_registry(key.pool):
+        for owner in entries.values():
+            check_registry_entry(key.pool, owner)
     return Block(
         key,
         entries,

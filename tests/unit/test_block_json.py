@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from pyabouts.ipam.errors import CORRUPT_BLOCK, CniError
 from pyabouts.ipam.pool import BLOCK_SIZE, Block, BlockKey, Owner, PoolId
+from pyabouts.ipam.slices import REGISTRY_MARK, SLICE_IFNAME
 from pyabouts.ipam.stores import codec
 from pyabouts.ipam.stores.codec import (
     block_document,
@@ -205,3 +206,18 @@ def test_a_table_not_as_pyabouts_writes_it_is_a_corrupt_block(table: str, reason
 def test_allocations_neither_a_table_nor_an_object_is_a_corrupt_block() -> None:
     with pytest.raises(CniError, match="neither a table nor an object"):
         block_from_document(KEY, {"allocations": ["1"]}, "1")
+
+
+@pytest.mark.parametrize("named", ["10.0.0.0/33", "not-a-slice", "2001:db8::/120"])
+def test_a_registry_entry_that_names_no_slice_of_its_family_is_a_corrupt_block(named: str) -> None:
+    """A node slice registry edited by hand: unreadable, as any block not in pyabouts' format,
+    rather than an exception in every decision and reconcile pass that reads it (each full
+    pass failed whole, so no leak anywhere was freed)."""
+    registry = BlockKey(PoolId(f"net{REGISTRY_MARK}", 4), 0)
+    good = Block(registry, {0: Owner("10.0.0.0/28", SLICE_IFNAME, node="node-a")})
+    document = block_document(good)
+    assert block_from_document(registry, document, "1").entries == good.entries
+    broken = block_document(Block(registry, {0: Owner(named, SLICE_IFNAME, node="node-a")}))
+    with pytest.raises(CniError, match="slice") as caught:
+        block_from_document(registry, broken, "1")
+    assert caught.value.code == CORRUPT_BLOCK
