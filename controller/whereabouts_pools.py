@@ -239,10 +239,18 @@ def _address_holdings(
         owner = Owner(
             container_id=str(allocation.get("id", "")),
             ifname=str(allocation.get("ifname", "")),
-            pod=str(allocation.get("podref", "")),
+            pod=_pod_of(str(allocation.get("podref", ""))),
             node=node,
         )
         yield Holding(whole.pool, address, owner, whole, pool.source)
+
+
+def _pod_of(podref: str) -> str:
+    """The pod "namespace/name" of a whereabouts podref, or "" (no pod) when it names none:
+    whereabouts wrote "/" for a call without K8S_POD_NAMESPACE and K8S_POD_NAME (a container
+    outside Kubernetes), which no reconciler may take for a pod that is gone."""
+    namespace, _, name = podref.partition("/")
+    return podref if namespace and name else ""
 
 
 def _slice_holdings(slice_pool: NodeSlicePool, network: str) -> Iterator[Holding]:

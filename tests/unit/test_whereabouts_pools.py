@@ -49,6 +49,16 @@ def test_offsets_count_from_the_range_and_owners_keep_pod_interface_and_containe
     assert holding.source == "IPPool kube-system/blue-10.1.0.0-24"
 
 
+@pytest.mark.parametrize("podref", ["/", "", "default/", "/web-0"])
+def test_a_podref_that_names_no_pod_is_brought_over_as_no_pod(podref: str) -> None:
+    # whereabouts wrote "/" for a call without K8S_POD_*: a container outside Kubernetes,
+    # which must not be taken for a pod that is gone (by pyabouts-migrate or the reconciler).
+    allocation = {**WEB, "podref": podref}
+    read = holdings_of([pool("blue-10.1.0.0-24", "10.1.0.0/24", {"5": allocation})], [])
+    (holding,) = read.holdings
+    assert holding.owner == Owner(container_id="c0ffee", ifname="net1", pod="")
+
+
 def test_ipv6_offsets_beyond_64_bits_are_read_whole() -> None:
     """whereabouts' own offsets stop at 64 bits; an offset is read as the number it is."""
     offset = str((1 << 64) + 7)
