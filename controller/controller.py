@@ -5,7 +5,8 @@ The pod watch runs in its own thread and feeds a queue. The control loop takes w
 says: a deleted (or finished) pod gets a targeted pass over that pod's allocations, and so does a
 pod the taint manager deleted, with --node-lost-grace, once it is still there that long past the
 end of its grace period (see leaks.judge); a relisting (after "410 Gone") or the resync timer
-gets a full pass.
+gets a full pass. A pod whose address a full pass finds leaked but no event said was gone is
+freed by a full pass once --gone-grace has passed since.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from kubernetes.leaderelection import electionconfig, leaderelection
 from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
 from pyabouts.controller.connect import Connections
-from pyabouts.controller.leaks import DEFAULT_GONE_GRACE_SECONDS, PodState, Policy
+from pyabouts.controller.leaks import DEFAULT_GONE_GRACE_SECONDS, Leak, PodState, Policy, Reason
 from pyabouts.controller.metrics import ReconcilerMetrics
 from pyabouts.controller.pods import PodReader
 from pyabouts.controller.reconciler import reconcile
@@ -39,6 +40,8 @@ from pyabouts.serving.endpoints import Health, serve_endpoints
 log = logging.getLogger(__name__)
 
 SETTLE_SECONDS = 0.3  # gather a burst of deletions into one targeted pass
+# What a pod's address may have leaked by while its kubelet still tears its sandbox down.
+SANDBOX_MAY_REMAIN = frozenset({Reason.POD_GONE, Reason.POD_REPLACED, Reason.POD_FINISHED})
 
 
 class Controller:
@@ -66,6 +69,11 @@ class Controller:
         # Pods the watch saw deleted or finished -> when a pass may judge them (epoch seconds);
         # until then every pass spares their addresses.
         self._gone_at: dict[str, float] = {}
+        # Pods a full pass found leaked that no watch event had said were gone (deleted while
+        # the pass read the store, in a gap of the watch, before this replica led) -> when a
+        # pass first found them (epoch seconds). Their kubelet may still be tearing the sandbox
+        # down: a full pass frees them once the gone grace has passed since.
+        self._found_at: dict[str, float] = {}
 
     def run(self) -> None:
         """Watch and reconcile until `stop` is set."""
@@ -89,7 +97,7 @@ class Controller:
                     self._gone_at.setdefault(event.pod.ref, time.time() + self._gone_grace)
             if isinstance(event, Relisted) or time.monotonic() >= next_full:
                 self._pass("full", None)
-                next_full = time.monotonic() + self._resync
+                next_full = time.monotonic() + min(self._resync, self._until_found_due())
                 self.health.beat(ready=True)
                 continue
             if due := self._due():
@@ -117,6 +125,17 @@ class Controller:
         first = min([*self._lost_at.values(), *self._gone_at.values()], default=float("inf"))
         return first + SETTLE_SECONDS - time.time()
 
+    def _until_found_due(self) -> float:
+        """Seconds until a full pass may free what the last ones left (see _found_at)."""
+        first = min(self._found_at.values(), default=float("inf"))
+        return first + self._gone_grace + SETTLE_SECONDS - time.time()
+
+    def _defers(self, leak: Leak, now: float) -> bool:
+        """Whether a full pass at `now` leaves `leak` for later (see _found_at)."""
+        if leak.reason not in SANDBOX_MAY_REMAIN:
+            return False
+        return now - self._found_at.setdefault(leak.owner.pod, now) < self._gone_grace
+
     def _due(self) -> set[str]:
         """The pods to judge now (taken out of what is waiting), once the first is
         SETTLE_SECONDS due; none before."""
@@ -134,6 +153,7 @@ class Controller:
     def _pass(self, kind: str, refs: set[str] | None) -> None:
         try:
             if refs is None:
+                now = time.time()
                 summary = reconcile(
                     self._store,
                     lambda: self._reader.list_all().pods,
@@ -141,7 +161,10 @@ class Controller:
                     spared=set(self._gone_at),
                     list_nodes=self._reader.node_names,
                     list_statefulsets=self._reader.statefulsets,
+                    defer=lambda leak: self._defers(leak, now),
                 )
+                waiting = {leak.owner.pod for leak in summary.deferred}
+                self._found_at = {r: at for r, at in self._found_at.items() if r in waiting}
             else:
                 summary = reconcile(
                     self._store,

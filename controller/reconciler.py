@@ -53,6 +53,8 @@ class PassSummary:
     slices_freed: list[FreedSlice] = field(default_factory=list)
     # Stored blocks left out of the snapshot, not in pyabouts' format: why, for each.
     unreadable: list[str] = field(default_factory=list)
+    # Judged leaked, and left for a later pass to judge again (reconcile's `defer`).
+    deferred: list[Leak] = field(default_factory=list)
 
     def by_reason(self) -> dict[str, int]:
         return dict(Counter(leak.reason.value for leak in self.freed))
@@ -66,9 +68,10 @@ class PassSummary:
         slices = f"; node slices {verb}: {len(self.slices_freed)}" if self.slices_freed else ""
         left_out = len(self.unreadable)
         unreadable = f"; {left_out} unreadable block(s) left out" if left_out else ""
+        later = f"; {len(self.deferred)} judged again later" if self.deferred else ""
         return (
             f"checked {self.allocations} allocation(s) against {self.pods} pod(s) in "
-            f"{self.seconds:.2f} s: {verb} {len(done)} ({why}){kept}{slices}{unreadable}"
+            f"{self.seconds:.2f} s: {verb} {len(done)} ({why}){kept}{slices}{unreadable}{later}"
         )
 
 
@@ -82,11 +85,13 @@ def reconcile(
     spared: Collection[str] = (),
     list_nodes: Callable[[], Collection[str]] | None = None,
     list_statefulsets: Callable[[], StatefulSets | None] | None = None,
+    defer: Callable[[Leak], bool] | None = None,
     clock: Callable[[], float] = time.time,
 ) -> PassSummary:
     """One pass over the whole store, or only the allocations of the pods in `only_pods`; the
     allocations of the pods in `spared` are not judged (the controller's pods deleted too
-    recently: their sandboxes may still be torn down).
+    recently: their sandboxes may still be torn down), and a leak `defer` says so of is left
+    for a later pass (the controller's pods no watch event said were gone: see Controller).
     A whole pass with `list_nodes` also gives back the node slices of nodes that are gone
     (controller.node_slices), after freeing the addresses of their pods, and frees those of
     static pods without a mirror pod whose node is gone (a targeted pass keeps them).
@@ -118,9 +123,13 @@ def reconcile(
     nodes = None
     if list_nodes is not None and only_pods is None and (unmirrored or has_slices(blocks)):
         nodes = set(list_nodes())
-    leaks = list(
-        find_leaks(judged, pods, now=clock(), policy=policy, statefulsets=statefulsets, nodes=nodes)
+    leaks: list[Leak] = []
+    deferred: list[Leak] = []
+    found = find_leaks(
+        judged, pods, now=clock(), policy=policy, statefulsets=statefulsets, nodes=nodes
     )
+    for leak in found:
+        (deferred if defer is not None and defer(leak) else leaks).append(leak)
     for leak in leaks:
         log.info("%s %s", "would free" if dry_run else "freeing", leak.describe())
     freed = [] if dry_run else free_leaks(store, leaks, deadline=time.monotonic() + FREE_DEADLINE)
@@ -143,6 +152,7 @@ def reconcile(
         blocks=blocks,
         slices_freed=slices_freed,
         unreadable=unreadable,
+        deferred=deferred,
     )
     log.info("reconcile: %s", summary.describe())
     return summary

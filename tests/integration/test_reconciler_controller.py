@@ -229,9 +229,34 @@ def test_a_controller_started_after_a_pod_was_lost_frees_it_in_time(recon: Recon
         wait_for(lambda: address not in recon.held(), 20, f"{address} freed before a resync")
 
 
+def test_a_leak_no_watch_event_told_of_is_freed_only_past_the_gone_grace(
+    recon: ReconcilerEnv,
+) -> None:
+    """A pod force-deleted before this replica led (as here), while a full pass read the
+    store, or in a gap of the watch: its kubelet may still be tearing its sandbox down. The
+    first full pass that finds the leak leaves it, and a full pass frees it once --gone-grace
+    has passed since (before, the first pass freed it at once)."""
+    name = pod_name("unseen")
+    address = recon.add(name, create_pod(recon.cluster, NAMESPACE, name))
+    delete_pod(recon.cluster, NAMESPACE, name)  # force-deleted, no DEL, no event to come
+    args = ("--no-leader-election", "--resync", "600", "--gone-grace", "3")
+    with controllers(recon, 1, *args) as [controller]:
+        controller.wait_ready("ready after its first pass")
+        ready = time.monotonic()
+        assert address in recon.held()
+        wait_for(lambda: address not in recon.held(), 20, f"{address} freed")
+        # 3 s from the first pass, which ended before the replica was ready
+        assert time.monotonic() - ready >= 2.0
+        # by a full pass come early for it (no event names it, and the resync is 600 s)
+        full = controller.metric("pyabouts_reconciler_passes_total", kind="full")
+        assert full is not None and full >= 2
+
+
 @pytest.mark.parametrize("recon", ["etcd"], indirect=True)
 def test_the_periodic_full_pass_frees_what_no_watch_event_points_at(recon: ReconcilerEnv) -> None:
-    with controllers(recon, 1, "--no-leader-election", "--resync", "2") as [controller]:
+    with controllers(recon, 1, "--no-leader-election", "--resync", "2", "--gone-grace", "2") as [
+        controller
+    ]:
         controller.wait_ready("ready after its first pass")
         # An ADD for a pod that never existed: no pod event will ever name it.
         address = recon.add(pod_name("never-existed"), "no-such-uid")
