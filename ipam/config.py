@@ -253,15 +253,14 @@ def requested_addresses(netconf: NetConf, cni_args_ip: str | None) -> list[netad
     sources += [(f"args.cni.ips[{i}]", v) for i, v in enumerate(netconf.args.cni.ips)]
     if cni_args_ip:
         sources += [("CNI_ARGS IP", v) for v in cni_args_ip.split(",") if v.strip()]
-    found: list[netaddr.IPAddress] = []
+    found: dict[netaddr.IPAddress, None] = {}  # in order, once each (a pod's writer sets them)
     for where, text in sources:
         try:
             address = parse_address(text)
         except RangeError as exc:
             raise CniError(INVALID_CONFIG, f"{where}: {exc}") from exc
-        if address not in found:
-            found.append(address)
-    return found
+        found.setdefault(address)
+    return list(found)
 
 
 def fill_empty(inline: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

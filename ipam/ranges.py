@@ -135,16 +135,32 @@ def _parsed_range(
     if first > last:
         raise RangeError(f"{text!r}: range_start {start} is after range_end {end}")
 
-    version = network.version
-    usable = netaddr.IPSet(
-        netaddr.IPRange(netaddr.IPAddress(first, version), netaddr.IPAddress(last, version))
-    )
+    excluded = []
     for item in exclude:
-        excluded = parse_network(item).cidr
-        if excluded.version != network.version:
+        cidr = parse_network(item).cidr
+        if cidr.version != network.version:
             raise RangeError(f"exclude {item!r} is not of the same IP family as {text!r}")
-        usable.remove(excluded)
-    spans = tuple((int(r.first), int(r.last)) for r in usable.iter_ipranges())
+        excluded.append((int(cidr.first), int(cidr.last)))
+    spans = _spans_left(first, last, excluded)
     if not spans:
         raise RangeError(f"{text!r}: every address is excluded")
     return AddressRange(text=text, network=network, spans=spans, pool=pool)
+
+
+def _spans_left(
+    first: int, last: int, excluded: list[tuple[int, int]]
+) -> tuple[tuple[int, int], ...]:
+    """[first, last] without the `excluded` spans, as sorted disjoint spans. Sorted once: an
+    exclude list is whatever a NAD's writer made it, and removing its entries from a netaddr
+    IPSet one by one took a minute for 5000 of them (quadratic)."""
+    spans: list[tuple[int, int]] = []
+    cursor = first  # the lowest address not yet placed in or out
+    for lo, hi in sorted(excluded):
+        if lo > last:
+            break
+        if lo > cursor:
+            spans.append((cursor, lo - 1))
+        cursor = max(cursor, hi + 1)
+    if cursor <= last:
+        spans.append((cursor, last))
+    return tuple(spans)
