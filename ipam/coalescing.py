@@ -147,14 +147,14 @@ class CoalescingTransactions:
     ) -> list[tuple[Any, bool]]:
         """Decide `batch` in one transaction. With `joining`, the requests that wait in it at
         each attempt join `batch` first: those that came while the view was read, or while a
-        conflicting write backed off, are stored by this write rather than by one more; and
-        those whose deadline passed leave it, answered (_LeaderGone when `leader` is one)."""
+        conflicting write backed off, are stored by this write rather than by one more. Those
+        whose deadline passed leave `batch` (in place), answered (_LeaderGone when `leader` is
+        one)."""
 
         def answer_expired() -> None:
-            if joining is not None:
-                _answer_expired(batch)
-                if leader is not None and leader.done:
-                    raise _LeaderGone  # its caller is answered: it leads no longer
+            _answer_expired(batch)
+            if leader is not None and leader.done:
+                raise _LeaderGone  # its caller is answered: it leads no longer
 
         def decide(view: PoolView) -> list[tuple[Any, bool]]:
             if joining is not None:
@@ -212,7 +212,7 @@ class CoalescingTransactions:
                 outcomes = self._decide_batch(spans, batch, queue, leader)
         except _LeaderGone:  # the rest go on under the next leader, first in line
             with self._lock:
-                queue.waiting[:0] = batch
+                queue.waiting[:0] = [request for request in batch if not request.done]
             batch = []
         finally:  # whatever escaped, the queue gets a leader and every request an answer
             self._hand_off(spans, queue)
@@ -235,9 +235,16 @@ class CoalescingTransactions:
             fresh = not all(batch[i].watch_checked for i in unchecked)
             for span in spans:
                 self._recheck(span.pool, fresh)
-            again = self._decide(spans, [batch[i] for i in unchecked])
-            for i, outcome in zip(unchecked, again, strict=True):
-                outcomes[i] = outcome
+            # Each at its own deadline here too, not the latest of the group's: one answered
+            # late may be stored after its plugin told the runtime to try again.
+            rechecked = [batch[i] for i in unchecked]
+            decided = self._decide(spans, rechecked, leader=leader)  # the expired leave it
+            again = dict(zip(rechecked, decided, strict=True))
+            kept = [
+                (r, again.get(r, o)) for r, o in zip(batch, outcomes, strict=True) if not r.done
+            ]
+            batch[:] = [request for request, _ in kept]  # those answered expired leave it
+            outcomes = [outcome for _, outcome in kept]
         return outcomes
 
     def _hand_off(self, spans: tuple[Span, ...], queue: _Queue) -> None:

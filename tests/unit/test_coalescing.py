@@ -352,3 +352,45 @@ def test_an_answer_that_wrote_nothing_is_checked_on_a_fresh_read() -> None:
 
 def transactions_of(store: CachedStore) -> CoalescingTransactions:
     return CoalescingTransactions(store)
+
+
+class SlowReadsConflictsUntil(ConflictsUntil):
+    """ConflictsUntil whose reads take a moment: a request that comes meanwhile joins."""
+
+    def read_blocks(self, pool: PoolId, first: int, last: int) -> list[Block]:
+        time.sleep(0.2)
+        return super().read_blocks(pool, first, last)
+
+
+def test_a_request_decided_again_after_a_recheck_is_answered_at_its_own_deadline() -> None:
+    """Two decisions that wrote nothing (an "exhausted" on a stale copy, say) are decided again
+    on a checked view, in one transaction. When that one's write conflicts past the first's
+    deadline, the first is answered then: it was held to the later one's, and stored after its
+    plugin had told the runtime to try again."""
+    started = time.monotonic()
+    store = SlowReadsConflictsUntil(started + 2.0)
+    transactions = CoalescingTransactions(store, recheck=lambda pool, fresh: None)
+    answered: dict[int, float] = {}
+
+    def allocate(n: int) -> object:
+        time.sleep(0.05 * n)  # the second joins while the first's view is read
+        decided = 0
+
+        def decide(view: PoolView) -> list[int]:
+            nonlocal decided
+            decided += 1
+            if decided == 1:  # as on a stale copy: nothing written, so decided again
+                raise RangeExhaustedError("exhausted, as a stale copy says")
+            return allocator.assign_addresses(view, [SMALL], owner(n), [])
+
+        try:
+            return transactions.run([SMALL], decide, deadline=started + (0.7 if n == 0 else 30))
+        finally:
+            answered[n] = time.monotonic() - started
+
+    first, second = run_threads(2, allocate)
+    assert isinstance(first, CniError) and first.msg == "timed out waiting for the pool", first
+    assert second == [SMALL.first]
+    assert answered[0] < 2.0 <= answered[1]
+    stored = store.blocks[BlockKey.of(POOL, SMALL.first)].entries.values()
+    assert [o.container_id for o in stored] == ["c1"]
