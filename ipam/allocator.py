@@ -132,11 +132,12 @@ def release_addresses(
     *,
     now: int = 0,
 ) -> list[int]:
-    """Free what (container_id, ifname) holds in the ranges; a newer sandbox's hold is kept.
+    """Free what (container_id, ifname) holds in the ranges' networks, also where a range
+    gives no more (an exclusion or bound added since); a newer sandbox's hold is kept.
     An address given with a cooldown rests from `now` (see release)."""
     freed = [
         (rng, a)
-        for rng, a in _held_by(view, ranges, container_id, ifname)
+        for rng, a in _held_by(view, ranges, container_id, ifname, given_or_not=True)
         if view.owner(rng.pool, a) is not None
     ]
     for rng, address in freed:
@@ -187,8 +188,8 @@ def collect_garbage(
     cni_network: str,
     now: int = 0,
 ) -> list[int]:
-    """Free every address in the ranges that `node` allocated for `cni_network` and whose
-    (containerID, ifname) is not in `valid`.
+    """Free every address in the ranges' networks (see release_addresses) that `node`
+    allocated for `cni_network` and whose (containerID, ifname) is not in `valid`.
 
     A runtime's valid list names only the attachments of its own node and network
     configuration: another node's entries, another configuration's sharing the pool, and
@@ -198,7 +199,7 @@ def collect_garbage(
     stale = [
         (rng, a)
         for rng in ranges
-        for a, o in _entries_in(view, rng)
+        for a, o in _entries_in(view, rng, given_or_not=True)
         if o.node == node
         and o.cni_network == cni_network
         and o.in_use
@@ -237,20 +238,35 @@ def _clock(seconds: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
-def _entries_in(view: PoolView, rng: AddressRange) -> Iterator[tuple[int, Owner]]:
+def _entries_in(
+    view: PoolView, rng: AddressRange, *, given_or_not: bool = False
+) -> Iterator[tuple[int, Owner]]:
+    """The entries of the addresses `rng` gives, or (`given_or_not`) of any in its network
+    that the view holds."""
+    if given_or_not:
+        yield from view.entries(rng.pool, int(rng.network.first), int(rng.network.last))
+        return
     for address, owner in view.entries(rng.pool, rng.first, rng.last):
         if rng.contains(address):
             yield address, owner
 
 
 def _held_by(
-    view: PoolView, ranges: Sequence[AddressRange], container_id: str, ifname: str
+    view: PoolView,
+    ranges: Sequence[AddressRange],
+    container_id: str,
+    ifname: str,
+    *,
+    given_or_not: bool = False,
 ) -> list[tuple[AddressRange, int]]:
+    """What (container_id, ifname) holds of the addresses each range gives, or (`given_or_not`)
+    of any in its network, with the first range that covers each."""
     held: dict[tuple[PoolId, int], AddressRange] = {}
     identity = container_identity(container_id, ifname)
     for rng in ranges:
+        covers = rng.in_network if given_or_not else rng.contains
         for address in sorted(view.held_by(rng.pool, identity)):
-            if rng.contains(address):
+            if covers(address):
                 held.setdefault((rng.pool, address), rng)
     return [(rng, address) for (_, address), rng in held.items()]
 

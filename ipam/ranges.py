@@ -54,6 +54,11 @@ class AddressRange:
         """How many addresses of [first, last] this range may give out."""
         return sum(max(0, min(hi, last) - max(lo, first) + 1) for lo, hi in self.spans)
 
+    def in_network(self, address: int) -> bool:
+        """True when `address` is in the range's CIDR, whether or not the range gives it (its
+        bounds and exclusions, which a config may have narrowed since it was given)."""
+        return int(self.network.first) <= address <= int(self.network.last)
+
     def contains(self, address: int) -> bool:
         """True when `address` is one this range may give out."""
         i = bisect.bisect_right(self.spans, (address, _MAX_ADDRESS)) - 1

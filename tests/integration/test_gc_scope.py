@@ -101,3 +101,21 @@ def test_two_nads_on_one_range_share_its_pool_whatever_overlap_protection_says(
         for conf in [(strict, relaxed)[i % 2]]
     ]
     assert [address for address, n in Counter(given).items() if n > 1] == []
+
+
+def test_del_and_gc_free_what_a_config_narrowed_since_no_longer_gives(
+    pyabouts_exe: str, pyabouts_cluster: ControlPlane, three_nodes: list[Node]
+) -> None:
+    """An exclusion or a bound added while pods hold addresses there: their DEL (or GC) with
+    the config as it is now frees them. They answered success and freed nothing, leaving the
+    addresses held until the reconciler found the pods gone."""
+    node = three_nodes[0]
+    network = f"narrowed-{uuid.uuid4().hex[:6]}"
+    ipam = kubernetes_ipam(pyabouts_cluster, range="10.92.0.0/24", network_name=network)
+    for container in ("n1", "n2", "n3"):
+        call(pyabouts_exe, node, "ADD", nad("net", ipam, node), container).expect_success()
+    assert sorted(stored(pyabouts_cluster, network).values()) == ["n1", "n2", "n3"]
+    narrowed = ipam | {"exclude": ["10.92.0.1/32"], "range_start": "10.92.0.3"}
+    call(pyabouts_exe, node, "DEL", nad("net", narrowed, node), "n1").expect_success()
+    gc(pyabouts_exe, node, nad("net", narrowed, node), ["n3"])  # n2 is gone from the runtime
+    assert stored(pyabouts_cluster, network) == {"10.92.0.3": "n3"}
