@@ -183,9 +183,14 @@ class ArgsConf(_Model):
     cni: CniArgsConf = Field(default_factory=CniArgsConf)
 
 
+# A network config's name is stored with every address given for it (CNI GC is scoped by it),
+# and whoever writes a NAD chooses it: longer ones would make a pool's blocks too big to store.
+MAX_NETWORK_NAME = 253
+
+
 class NetConf(_Model):
     cni_version: str = Field(default="", alias="cniVersion")
-    name: str = ""
+    name: str = Field(default="", max_length=MAX_NETWORK_NAME)
     type: str = ""
     ipam: IpamConf
     capabilities: dict[str, bool] = Field(default_factory=dict)
@@ -291,8 +296,18 @@ def describe_validation_error(exc: ValidationError, from_file: Collection[str] =
                 message = "not a valid value (not repeated: the file may be secret)"
             problems.append(f"{where} (from the flat file): {message}")
         else:
-            problems.append(f"{where}={error['input']!r}: {message}")
+            problems.append(f"{where}={_quoted(error['input'])}: {message}")
     return "invalid network config: " + "; ".join(problems)
+
+
+QUOTED_MAX = 100  # characters of a bad value an error repeats: a NAD's writer sets its size
+
+
+def _quoted(value: object) -> str:
+    text = repr(value)
+    if len(text) <= QUOTED_MAX:
+        return text
+    return f"{text[:QUOTED_MAX]}... ({len(text)} characters)"
 
 
 def flat_file_settings(flat: FlatFile | None) -> IpamConf:
