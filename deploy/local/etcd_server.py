@@ -22,7 +22,7 @@ import ssl
 import subprocess
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -187,14 +187,15 @@ def start_etcd(
     tls: EtcdTls | None = None,
     die_with_parent: bool = True,
     nice: int | None = None,
+    extra_args: Sequence[str] = (),
 ) -> EtcdServer:
     """Start a single-member etcd on free 127.0.0.1 ports; return once it is ours and healthy.
 
     ``data_dir`` starts empty (whatever is there is removed). With ``tls`` its clients speak
     HTTPS and must present a certificate of ``tls.ca_cert``; the returned server carries that
     CA and ``tls``' client certificate. ``die_with_parent`` and ``nice`` as for
-    :class:`SupervisedProcess`. Raises ProcessError (nothing left running) if it does not come
-    up.
+    :class:`SupervisedProcess`; ``extra_args`` are etcd flags of the caller's choosing.
+    Raises ProcessError (nothing left running) if it does not come up.
     """
     binary = binary or default_etcd_binary()
     server = EtcdServer(endpoint="")
@@ -224,6 +225,7 @@ def start_etcd(
                 f"--initial-cluster={name}={peer}",
                 *_tls_arguments(tls),
                 "--log-level=warn",
+                *extra_args,
             ],
             log=log,
             ready=_ours_and_healthy(server, name),

@@ -132,12 +132,20 @@ class EtcdStore:
         every endpoint failed, a certain misconfiguration is raised rather than an outage.
         """
         failures: list[CniError] = []
-        for _ in self._settings.endpoints:
+        logged_in_again = False
+        tries = len(self._settings.endpoints)
+        while tries:
+            tries -= 1
+            logging_in = self._client is None or self._settings.username is None
             try:
                 return operation(self._connected())
             except _ERRORS as exc:
                 # etcd3 marks a failed endpoint unusable for the client: start afresh next time.
                 self.close()
+                if not logging_in and not logged_in_again and _token_outlived(exc):
+                    logged_in_again = True  # a new client logs in: once, then as it answers
+                    tries += 1
+                    continue
                 error = store_error(exc, self._endpoint, self._settings)
                 if isinstance(error, StoreRefusedError):
                     raise error from exc
@@ -230,6 +238,20 @@ def _block_of(key: str, value: bytes, revision: int) -> Block:
     except (ValueError, TypeError, OverflowError, UnicodeDecodeError) as exc:
         why = f"{type(exc).__name__} {exc}"
         raise CniError(CORRUPT_BLOCK, f"etcd key {key} is not a pyabouts block: {why}") from None
+
+
+def _token_outlived(exc: Exception) -> bool:
+    """Whether etcd refused a call for the login it carries, not for who made it: its token
+    expired (simple tokens 300 s after their last use, JWTs 5 min after the login), or users
+    or roles changed since it was issued. A client logs in once, when it is made; etcd's own
+    client logs in again then, and so does this store."""
+    rpc = exc if isinstance(exc, grpc.RpcError) else exc.__context__
+    if not isinstance(rpc, grpc.RpcError):
+        return False
+    details = rpc.details() or ""
+    return (rpc.code() == grpc.StatusCode.UNAUTHENTICATED and "invalid auth token" in details) or (
+        rpc.code() == grpc.StatusCode.INVALID_ARGUMENT and "auth store is old" in details
+    )
 
 
 def store_error(exc: Exception, endpoint: tuple[str, int], settings: EtcdSettings) -> CniError:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -46,6 +46,7 @@ ETCDCTL_TIMEOUT_S = 30.0
 PYABOUTS_PREFIX = "/pyabouts/"
 PYABOUTS_USER = "pyabouts"
 PYABOUTS_ROLE = "pyabouts-rw"
+AUTH_TOKEN_TTL_S = 2
 
 
 # --------------------------------------------------------------------------- servers
@@ -53,14 +54,17 @@ PYABOUTS_ROLE = "pyabouts-rw"
 
 @contextmanager
 def _session_etcd(
-    tmp_path_factory: pytest.TempPathFactory, name: str, tls: EtcdTls | None = None
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    tls: EtcdTls | None = None,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[EtcdServer]:
     """An etcd started with start_etcd, its log under the session's temporary directory and its
     data in memory; stopped, and its data removed, on the way out."""
     logs = tmp_path_factory.mktemp(name)
     data = Path(tempfile.mkdtemp(prefix=f"pyabouts-test-{name}-", dir=memory_dir() or logs))
     try:
-        server = start_etcd(data / "data", logs / "etcd.log", tls=tls)
+        server = start_etcd(data / "data", logs / "etcd.log", tls=tls, extra_args=extra_args)
         try:
             yield server
         finally:
@@ -138,7 +142,10 @@ def etcd_tls_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E
     may read and write keys under ``/pyabouts/`` only, plus the client certificate's paths.
     """
     tls = _make_certs(tmp_path_factory.mktemp("etcd-tls"))
-    with _session_etcd(tmp_path_factory, "etcd-tls-auth", tls) as admin:
+    # Its login tokens expire after AUTH_TOKEN_TTL_S unused, as etcd's (300 s by default) do
+    # on a quiet node: every client of this server outlives its login.
+    ttl = [f"--auth-token-ttl={AUTH_TOKEN_TTL_S}"]
+    with _session_etcd(tmp_path_factory, "etcd-tls-auth", tls, ttl) as admin:
         root_password = secrets.token_urlsafe(16)
         password = secrets.token_urlsafe(16)
         _etcdctl(admin, "user", "add", f"root:{root_password}")

@@ -1,6 +1,7 @@
 """etcd TLS fails closed and says why: EtcdStore against real etcd servers (the fixtures' TLS one
 has a private CA, which no system trusts). The pure rules: tests/unit/test_etcd_settings.py."""
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from pyabouts.ipam.config import IpamConf
 from pyabouts.ipam.errors import INVALID_CONFIG, STORE_REFUSED, TRY_AGAIN_LATER, CniError
 from pyabouts.ipam.pool import PoolId
 from pyabouts.ipam.stores.etcd import EtcdStore
-from tests.integration.etcd_fixtures import EtcdServer
+from tests.integration.etcd_fixtures import AUTH_TOKEN_TTL_S, EtcdServer
 
 pytestmark = pytest.mark.integration
 
@@ -118,3 +119,21 @@ def test_a_password_over_plaintext_needs_the_explicit_permission(etcd_server: Et
     answered = error_of(**plaintext, etcd_allow_plaintext_password=True)
     assert answered.code == STORE_REFUSED
     assert "authentication is not enabled" in answered.msg
+
+
+def test_a_client_whose_login_token_expired_logs_in_again(
+    etcd_tls_auth_server: EtcdServer,
+) -> None:
+    """A client logs in when it is made, and etcd drops an unused token (300 s by default; this
+    server's after AUTH_TOKEN_TTL_S): a quiet node's next call was refused as code 102, "check
+    the credentials", though nothing was wrong with them."""
+    ipam = IpamConf(type="pyabouts", datastore="etcd", **tls_ipam(etcd_tls_auth_server))
+    store = EtcdStore.from_config(ipam, timeout=5)
+    try:
+        store.read_blocks(PoolId("token-probe", 4), 0, 255)
+        time.sleep(AUTH_TOKEN_TTL_S + 2)  # etcd checks its tokens' age every second
+        store.read_blocks(PoolId("token-probe", 4), 0, 255)
+    finally:
+        store.close()
+    # A wrong password is still refused at once.
+    assert error_of(**tls_ipam(etcd_tls_auth_server, etcd_password="wrong")).code == STORE_REFUSED
