@@ -220,17 +220,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.uninstall:
         uninstall(args.cni_bin_dir, node_config)
         return
-    try:
-        target = (
-            install_shim(args.cni_bin_dir, args.shim, socket_path=args.agent_socket)
-            if args.shim
-            else install_thin_plugin(
-                args.cni_bin_dir,
-                socket_path=args.agent_socket,
-                python=args.python,
-                fallback=not args.no_fallback,
-            )
+
+    def install() -> Path:
+        if args.shim:
+            return install_shim(args.cni_bin_dir, args.shim, socket_path=args.agent_socket)
+        return install_thin_plugin(
+            args.cni_bin_dir,
+            socket_path=args.agent_socket,
+            python=args.python,
+            fallback=not args.no_fallback,
         )
+
+    try:
+        target = install()
     except (OSError, ValueError) as exc:
         sys.exit(f"pyabouts-install: {exc}")
     print(f"installed {target} (agent socket {args.agent_socket})", flush=True)
@@ -255,15 +257,33 @@ def main(argv: list[str] | None = None) -> None:
         if args.uninstall_with
         else None
     )
+
+    def on_tick() -> None:
+        # The plugin too, as it should be: the pod this one replaced may have removed it (one
+        # force-deleted stops after its replacement started, and finds its own token refused).
+        try:
+            install()  # unchanged: nothing written
+        except OSError as exc:
+            print(f"{target} not written, trying again: {exc}", flush=True)
+        if own is not None:
+            own.read()
+
     keep_node_config_current(
         node_config,
         os.environ,
         interval=args.interval,
         stop=stop,
         account_dir=args.service_account_dir,
-        on_tick=own.read if own else None,
+        on_tick=on_tick,
     )
     if own and own.deleted():
+        if node_config.written_by_another():
+            print(
+                f"daemonset {args.uninstall_with} reads as deleted, and the node's files are "
+                "another installer's now (the pod that replaced this one): left in place",
+                flush=True,
+            )
+            return
         print(f"daemonset {args.uninstall_with} was deleted: uninstalling", flush=True)
         uninstall(args.cni_bin_dir, node_config)
 

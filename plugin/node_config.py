@@ -16,12 +16,13 @@ the DaemonSet :class:`OwnDaemonSet` read when the pod started: a name that did n
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -106,13 +107,15 @@ def service_account_kubeconfig(environ: Mapping[str, str], account_dir: Path) ->
     return yaml.safe_dump(document, sort_keys=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NodeConfig:
     """Where the node's files go: `directory` as this process sees it, `host_directory` as the
     node's runtime does (the flat file names the kubeconfig by the host's path)."""
 
     directory: Path
     host_directory: Path
+    # The kubeconfig this process wrote (or found as it would write it) last.
+    _written: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def kubeconfig(self) -> Path:
@@ -132,10 +135,19 @@ class NodeConfig:
     def write(self, environ: Mapping[str, str], account_dir: Path = SERVICE_ACCOUNT_DIR) -> bool:
         """Write both files if they differ from what they should hold; True if one changed.
         The kubeconfig goes first: the flat file never names one that is not there."""
-        changed = write_file_atomically(
-            self.kubeconfig, service_account_kubeconfig(environ, account_dir), 0o600
-        )
+        kubeconfig = service_account_kubeconfig(environ, account_dir)
+        changed = write_file_atomically(self.kubeconfig, kubeconfig, 0o600)
+        self._written = kubeconfig
         return write_file_atomically(self.flat_file, self.flat_file_text(), 0o644) or changed
+
+    def written_by_another(self) -> bool:
+        """Whether the node's kubeconfig is not the one this process wrote last: another
+        installer's (the pod that replaced this one: a force-deleted pod's is made at once),
+        whose node files are not this one's to remove."""
+        try:
+            return self.kubeconfig.read_text() != self._written
+        except OSError:
+            return False
 
     def remove(self) -> list[Path]:
         """Delete both files (and the directory, once empty); the paths removed."""
@@ -145,8 +157,9 @@ class NodeConfig:
                 path.unlink()
                 removed.append(path)
         if self.directory.is_dir() and not any(self.directory.iterdir()):
-            self.directory.rmdir()
-            removed.append(self.directory)
+            with contextlib.suppress(OSError):  # another installer's file came meanwhile
+                self.directory.rmdir()
+                removed.append(self.directory)
         return removed
 
 

@@ -4,6 +4,12 @@ did not resolve when it started (a kustomize namePrefix renames the DaemonSet an
 sidecar's --uninstall-with, nor the Role's resourceNames). The test's own namespace holds an
 account with a Role like deploy/'s: get on the one DaemonSet it names."""
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from deploy.local.controlplane import ControlPlane
+from deploy.local.node_shim import built_shim
 from pyabouts.plugin.node_config import OwnDaemonSet
 
 pytestmark = pytest.mark.integration
@@ -110,3 +117,99 @@ def test_a_daemonset_it_cannot_read_at_start_gives_nothing_to_uninstall_by(
     reachable_later.update(environ)
     own.read()
     assert own.answered
+
+
+def start_installer(
+    environ: dict[str, str], account: Path, node: Path, interval: float
+) -> subprocess.Popen[str]:
+    """The DaemonSet's sidecar (`pyabouts-install --keep-current`) on a node whose /opt/cni/bin
+    and pyabouts.d are under `node`; once it has installed the plugin and written the files."""
+    argv = [
+        str(Path(sys.executable).parent / "pyabouts-install"),
+        *("--shim", str(built_shim()), "--cni-bin-dir", str(node / "bin")),
+        *("--node-config-dir", str(node / "pyabouts.d"), "--keep-current"),
+        *("--uninstall-with", NAME, "--service-account-dir", str(account)),
+        *("--interval", str(interval)),
+    ]
+    installer = subprocess.Popen(
+        argv, env={**os.environ, **environ}, stdout=subprocess.PIPE, text=True
+    )
+    assert installer.stdout is not None
+    for line in installer.stdout:
+        if line.startswith("wrote "):
+            return installer
+    raise AssertionError(f"the installer stopped: {installer.wait()}")
+
+
+def stopped(installer: subprocess.Popen[str]) -> str:
+    """SIGTERM, as the kubelet stops the sidecar; what it printed then."""
+    installer.send_signal(signal.SIGTERM)
+    out, _ = installer.communicate(timeout=30)
+    return out
+
+
+@pytest.fixture
+def daemonset(pyabouts_cluster: ControlPlane, pod_environment: tuple[dict[str, str], Path]) -> str:
+    """deploy/'s DaemonSet in the test's namespace, as its manifest."""
+    manifest = DAEMONSET.format(
+        NAMESPACE=pod_environment[1].joinpath("namespace").read_text(), NAME=NAME
+    )
+    pyabouts_cluster.kubectl("apply", "-f", "-", input=manifest)
+    return manifest
+
+
+def test_a_sidecar_replaced_before_it_stopped_leaves_its_replacements_plugin_and_files(
+    pyabouts_cluster: ControlPlane,
+    pod_environment: tuple[dict[str, str], Path],
+    daemonset: str,
+    tmp_path: Path,
+) -> None:
+    """A force-deleted agent pod stops after its replacement started: its token, bound to the
+    pod, is refused (401), which reads as its DaemonSet deleted (as the ServiceAccount of an
+    uninstalled one is gone). It removed the plugin and the node's files, and nothing put the
+    plugin back: every ADD and DEL on the node failed. (Here the DaemonSet is deleted, which
+    reads the same.)"""
+    environ, account = pod_environment
+    node = tmp_path / "node"
+    old = start_installer(environ, account, node, interval=60)
+    replacement_account = tmp_path / "replacement"
+    shutil.copytree(account, replacement_account)
+    namespace = account.joinpath("namespace").read_text()
+    token = pyabouts_cluster.service_account_token(namespace, "agent")  # a token of its own
+    replacement_account.joinpath("token").write_text(token)
+    replacement = start_installer(environ, replacement_account, node, interval=60)
+    try:
+        pyabouts_cluster.kubectl("delete", "-f", "-", input=daemonset)
+        said = stopped(old)
+        assert "another installer's now" in said and "removed" not in said, said
+        assert {p.name for p in node.joinpath("pyabouts.d").iterdir()} == {
+            "pyabouts.conf",
+            "pyabouts.kubeconfig",
+        }
+        assert node.joinpath("bin", "pyabouts").is_file()
+        # The one whose files they are uninstalls.
+        assert "removed" in stopped(replacement)
+        assert not node.joinpath("bin", "pyabouts").exists()
+    finally:
+        for installer in (old, replacement):
+            installer.kill()
+            installer.wait()
+
+
+def test_a_sidecar_puts_back_the_plugin_it_finds_gone(
+    pod_environment: tuple[dict[str, str], Path], daemonset: str, tmp_path: Path
+) -> None:
+    environ, account = pod_environment
+    node = tmp_path / "node"
+    installer = start_installer(environ, account, node, interval=0.2)
+    try:
+        plugin = node / "bin" / "pyabouts"
+        installed = plugin.read_bytes()
+        plugin.unlink()  # as the pod it replaced removed it, say
+        deadline = time.monotonic() + 10
+        while not plugin.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert plugin.read_bytes() == installed and os.access(plugin, os.X_OK)
+    finally:
+        installer.kill()
+        installer.wait()
