@@ -137,11 +137,16 @@ class EtcdStore:
         while tries:
             tries -= 1
             logging_in = self._client is None or self._settings.username is None
+            client = None
             try:
-                return operation(self._connected())
+                client = self._connected()
+                return operation(client)
             except _ERRORS as exc:
                 # etcd3 marks a failed endpoint unusable for the client: start afresh next time.
-                self.close()
+                # Dropped, not closed: other threads' calls may be on it (grpc closes its
+                # channel once no call holds it), and a closed one fails them with ValueError.
+                if client is not None and self._client is client:
+                    self._client = None
                 if not logging_in and not logged_in_again and _token_outlived(exc):
                     logged_in_again = True  # a new client logs in: once, then as it answers
                     tries += 1

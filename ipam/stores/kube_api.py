@@ -205,16 +205,26 @@ def _status_error(status: int, fallback: str | None, answer: object) -> ApiStatu
 
 
 def _ssl_context(credentials: ApiCredentials) -> ssl.SSLContext:
+    """The TLS context of `credentials`; CniError 7 when its CA or client certificate and key
+    cannot be used (not a certificate, a key of another certificate)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if credentials.insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    elif credentials.ca_pem:
-        context.load_verify_locations(cadata=credentials.ca_pem)
-    else:
-        context.load_default_certs()
-    if credentials.client_cert_pem and credentials.client_key_pem:
-        _load_client_certificate(context, credentials.client_cert_pem, credentials.client_key_pem)
+    try:
+        if credentials.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        elif credentials.ca_pem:
+            context.load_verify_locations(cadata=credentials.ca_pem)
+        else:
+            context.load_default_certs()
+        if credentials.client_cert_pem and credentials.client_key_pem:
+            cert, key = credentials.client_cert_pem, credentials.client_key_pem
+            _load_client_certificate(context, cert, key)
+    except ssl.SSLError as exc:
+        raise CniError(
+            INVALID_CONFIG,
+            f"Kubernetes API: the kubeconfig's certificate-authority or client certificate "
+            f"and key cannot be used: {exc}",
+        ) from exc
     return context
 
 

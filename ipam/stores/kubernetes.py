@@ -289,7 +289,7 @@ class KubernetesStore:
             return StoreRefusedError(f"{where}: Forbidden: {exc.message}")
         if exc.busy:  # up, but overloaded: retried until the deadline
             return StoreBusyError(f"{where} answered {status}: {exc.message}")
-        if status >= 500:
+        if status >= 500 or status == 410:  # 410: a list's continue token expired: list again
             return StoreUnavailableError(f"{where} answered {status}: {exc.message}")
         return StoreRefusedError(f"{where} refused the request ({status}): {exc.message}")
 

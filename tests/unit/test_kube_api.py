@@ -103,6 +103,12 @@ def test_a_server_error_that_is_not_overload_is_unavailable_not_busy() -> None:
     assert not isinstance(error, StoreBusyError)
 
 
+def test_an_expired_list_is_read_again_not_a_refusal() -> None:
+    # A continue token older than etcd's compaction: the list is taken again (code 11).
+    error, _ = read_error(status(410, "Expired", "The provided continue parameter is too old"))
+    assert isinstance(error, StoreUnavailableError) and not isinstance(error, StoreBusyError)
+
+
 def test_a_refusal_is_neither() -> None:
     error, _ = read_error(status(403, "Forbidden", "ippools is forbidden"))
     assert isinstance(error, StoreRefusedError)
@@ -290,3 +296,22 @@ def test_the_scheme_is_read_whatever_its_case() -> None:
     """HTTPS:// is https://: TLS, never the token in clear text."""
     api = api_at("HTTPS://api:6443")
     assert isinstance(api._http.endpoint.context, ssl.SSLContext)
+
+
+NOT_A_CERTIFICATE = "-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n"
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [
+        ApiCredentials("https://api:6443", "kube-system", ca_pem=NOT_A_CERTIFICATE),
+        ApiCredentials("https://api:6443", "kube-system", client_cert_pem="C", client_key_pem="K"),
+    ],
+)
+def test_tls_material_it_cannot_use_is_a_configuration_error(credentials: ApiCredentials) -> None:
+    """A kubeconfig whose CA is not a certificate, or whose client key is not its
+    certificate's: code 7, not 103 ("a bug", SSLError)."""
+    with pytest.raises(CniError) as raised:
+        KubeApi(credentials, timeout=1)
+    assert raised.value.code == INVALID_CONFIG
+    assert "kubeconfig's certificate-authority or client certificate" in raised.value.msg
