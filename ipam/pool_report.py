@@ -25,8 +25,14 @@ class PoolUsage:
     reserved: int = 0  # released by a sticky pod's DEL, kept for its name (sticky_statefulsets)
     blocks: int = 0
     slices_held: int = 0  # node slices held, over the pool's slice registries
-    slices_total: int = 0
+    # Per slice registry (one per range and slice size): how many slices it cuts.
+    registry_slices: dict[str, int] = field(default_factory=dict)
     slice_sizes: set[str] = field(default_factory=set)  # "/26"
+
+    @property
+    def slices_total(self) -> int:
+        """The slices of all the pool's registries, as slices_held counts them."""
+        return sum(self.registry_slices.values())
 
     @property
     def total(self) -> int:
@@ -63,7 +69,8 @@ def pool_usage(blocks: Iterable[Block], *, now: int = 0) -> list[PoolUsage]:
             base, _, cut = pool.network.partition(REGISTRY_MARK)
             row = usage.setdefault(PoolId(base, pool.family), PoolUsage(PoolId(base, pool.family)))
             row.slices_held += len(block.entries)
-            row.slices_total = max(row.slices_total, block.range_size)
+            cut_before = row.registry_slices.get(pool.network, 0)
+            row.registry_slices[pool.network] = max(cut_before, block.range_size)
             row.slice_sizes.add(cut.split()[-1])
             continue
         row = usage.setdefault(pool, PoolUsage(pool))

@@ -46,6 +46,22 @@ def test_usage_counts_the_whole_range_with_exclusions_and_its_slices() -> None:
     assert (usage.slices_held, usage.slices_total, usage.slice_sizes) == (1, 3, {"/24"})
 
 
+def test_slices_are_counted_over_every_registry_of_the_pool() -> None:
+    # Two ranges of one network, each cut into slices (one node_slice_size for both): each
+    # range has a registry of its own, so both the slices held and those cut add up.
+    view = PoolView([])
+    registries = []
+    for text in ("10.1.0.0/24", "10.2.0.0/24"):
+        sliced = SlicedRange(
+            build_range(text, range_start=None, range_end=None, exclude=[], pool=BLUE), 26
+        )
+        for node in ("node-a", "node-b", "node-c"):
+            take_slice(view, sliced, node)
+        registries.append(sliced.registry_range())
+    (usage,) = pool_usage(stored(view, *registries))
+    assert (usage.slices_held, usage.slices_total) == (6, 8)
+
+
 def test_blocks_stored_before_the_range_size_was_recorded_count_the_ranges_text() -> None:
     block = Block(BlockKey.of(BLUE, address("10.9.0.0")), {address("10.9.0.5"): Owner("c", "e")})
     block.range_text = "10.9.0.0/24"
