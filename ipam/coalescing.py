@@ -82,6 +82,14 @@ class _LeaderGone(Exception):  # noqa: N818 - an outcome, not an error
     """The request that leads a batch reached its deadline, and was answered."""
 
 
+def _answer(request: _Request, outcome: Any) -> None:
+    """Answer `request` with its decision's value, or the error it failed with (_Failed)."""
+    if isinstance(outcome, _Failed):
+        request.finish(error=outcome.error)
+    else:
+        request.finish(outcome)
+
+
 def _answer_expired(batch: list[_Request]) -> None:
     """Answer the requests of `batch` whose deadline passed, and take them out of it (in
     place): they are not decided again. One whose decision a store that writes block by block
@@ -218,11 +226,7 @@ class CoalescingTransactions:
             self._hand_off(spans, queue)
             lost = _Failed(StoreUnavailableError("the batch failed: try again"))
             for i, request in enumerate(batch):
-                outcome = outcomes[i][0] if i < len(outcomes) else lost
-                if isinstance(outcome, _Failed):
-                    request.finish(error=outcome.error)
-                else:
-                    request.finish(outcome)
+                _answer(request, outcomes[i][0] if i < len(outcomes) else lost)
 
     def _decide_batch(
         self, spans: tuple[Span, ...], batch: list[_Request], queue: _Queue, leader: _Request
@@ -238,7 +242,16 @@ class CoalescingTransactions:
             # Each at its own deadline here too, not the latest of the group's: one answered
             # late may be stored after its plugin told the runtime to try again.
             rechecked = [batch[i] for i in unchecked]
-            decided = self._decide(spans, rechecked, leader=leader)  # the expired leave it
+            try:
+                decided = self._decide(spans, rechecked, leader=leader)  # the expired leave it
+            except _LeaderGone:
+                # What the first transaction stored is answered now; only the decisions
+                # still to check go back in line, for the next leader.
+                for request, outcome in zip(batch, outcomes, strict=True):
+                    if outcome[1] and not request.done:
+                        _answer(request, outcome[0])
+                batch[:] = [request for request in rechecked if not request.done]
+                raise
             again = dict(zip(rechecked, decided, strict=True))
             kept = [
                 (r, again.get(r, o)) for r, o in zip(batch, outcomes, strict=True) if not r.done

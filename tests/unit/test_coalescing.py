@@ -394,3 +394,29 @@ def test_a_request_decided_again_after_a_recheck_is_answered_at_its_own_deadline
     assert answered[0] < 2.0 <= answered[1]
     stored = store.blocks[BlockKey.of(POOL, SMALL.first)].entries.values()
     assert [o.container_id for o in stored] == ["c1"]
+
+
+def test_a_leader_gone_during_a_recheck_answers_what_its_batch_stored() -> None:
+    """The leader's own decision wrote nothing and is checked again; its deadline passes
+    meanwhile (a slow fresh read). The other request's change, stored by the first write, is
+    answered then: put back in line, it was decided again, and could be told to try again
+    although its address was stored."""
+    started = time.monotonic()
+    store = SlowReadsConflictsUntil(started)  # reads take 0.2 s, no conflict
+    transactions = CoalescingTransactions(store, recheck=lambda pool, fresh: time.sleep(0.6))
+    decided = {0: 0, 1: 0}
+
+    def allocate(n: int) -> object:
+        time.sleep(0.05 * n)  # the second joins while the first's view is read
+
+        def decide(view: PoolView) -> list[int]:
+            decided[n] += 1
+            if n == 0:  # as on a stale copy: nothing written, so checked again
+                raise RangeExhaustedError("exhausted, as a stale copy says")
+            return allocator.assign_addresses(view, [SMALL], owner(n), [])
+
+        return transactions.run([SMALL], decide, deadline=started + (0.5 if n == 0 else 30))
+
+    first, second = run_threads(2, allocate)
+    assert isinstance(first, CniError) and first.msg == "timed out waiting for the pool", first
+    assert second == [SMALL.first] and decided[1] == 1
