@@ -96,8 +96,11 @@ class Controller:
                 if _may_have_leaked(event):
                     self._gone_at.setdefault(event.pod.ref, time.time() + self._gone_grace)
             if isinstance(event, Relisted) or time.monotonic() >= next_full:
-                self._pass("full", None)
-                next_full = time.monotonic() + min(self._resync, self._until_found_due())
+                # A failed pass waits for the resync, whatever it left to judge again.
+                wait = self._resync
+                if self._pass("full", None):
+                    wait = min(wait, max(SETTLE_SECONDS, self._until_found_due()))
+                next_full = time.monotonic() + wait
                 self.health.beat(ready=True)
                 continue
             if due := self._due():
@@ -150,7 +153,8 @@ class Controller:
             due |= ready
         return due
 
-    def _pass(self, kind: str, refs: set[str] | None) -> None:
+    def _pass(self, kind: str, refs: set[str] | None) -> bool:
+        """One pass; whether it ran to its end."""
         try:
             if refs is None:
                 now = time.time()
@@ -176,8 +180,9 @@ class Controller:
         except (CniError, ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
             log.error("%s pass failed: %s", kind, exc)
             self.metrics.errors.inc()
-            return
+            return False
         self.metrics.record_pass(kind, summary)
+        return True
 
     def _read_pods(self, refs: set[str]) -> dict[str, PodState]:
         """The pods named `refs` that exist now (read after the store's snapshot)."""
