@@ -174,13 +174,21 @@ def keep_node_config_current(
 ) -> None:
     """Write the files now, then again whenever the token, the CA or the files themselves
     change, every `interval` seconds, until `stop` is set. A failed write (the token between
-    kubelet's renames) is tried again at the next tick; `on_tick` runs at each."""
+    kubelet's renames) is tried again at the next tick; `on_tick` runs at each. Once another
+    installer has written the kubeconfig (the pod that replaced this one, which a force delete
+    starts before this one stops), the files are its own: this one writes them no more."""
+    first, yielded = True, False
     while True:
         if on_tick is not None:
             on_tick()
         try:
-            if config.write(environ, account_dir):
+            if not first and config.written_by_another():
+                if not yielded:
+                    print(f"{config.kubeconfig} is another installer's now: left to it", flush=True)
+                    yielded = True
+            elif config.write(environ, account_dir):
                 print(f"wrote {config.kubeconfig} and {config.flat_file}", flush=True)
+            first = False
         except (OSError, CniError) as exc:
             print(f"node config not written, trying again: {exc}", flush=True)
         if stop.wait(interval):

@@ -171,7 +171,7 @@ def test_a_sidecar_replaced_before_it_stopped_leaves_its_replacements_plugin_and
     reads the same.)"""
     environ, account = pod_environment
     node = tmp_path / "node"
-    old = start_installer(environ, account, node, interval=60)
+    old = start_installer(environ, account, node, interval=0.2)
     replacement_account = tmp_path / "replacement"
     shutil.copytree(account, replacement_account)
     namespace = account.joinpath("namespace").read_text()
@@ -179,9 +179,11 @@ def test_a_sidecar_replaced_before_it_stopped_leaves_its_replacements_plugin_and
     replacement_account.joinpath("token").write_text(token)
     replacement = start_installer(environ, replacement_account, node, interval=60)
     try:
+        time.sleep(1)  # the old one's ticks meanwhile leave the replacement's files be
         pyabouts_cluster.kubectl("delete", "-f", "-", input=daemonset)
         said = stopped(old)
-        assert "another installer's now" in said and "removed" not in said, said
+        assert "another installer's now: left to it" in said, said
+        assert "another installer's now (the pod" in said and "removed" not in said, said
         assert {p.name for p in node.joinpath("pyabouts.d").iterdir()} == {
             "pyabouts.conf",
             "pyabouts.kubeconfig",
