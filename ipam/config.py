@@ -184,13 +184,25 @@ class ArgsConf(_Model):
 
 
 # A network config's name is stored with every address given for it (CNI GC is scoped by it),
-# and whoever writes a NAD chooses it: longer ones would make a pool's blocks too big to store.
+# and whoever writes a NAD chooses it: an ADD refuses a longer one (see check_storable_name),
+# which would make a pool's blocks too big to store.
 MAX_NETWORK_NAME = 253
+
+
+def check_storable_name(netconf: NetConf) -> None:
+    """CniError 7 when the config's name is too long to store with an address. An ADD's check
+    alone: a DEL of an address given before it was made must still free it."""
+    if len(netconf.name) > MAX_NETWORK_NAME:
+        raise CniError(
+            INVALID_CONFIG,
+            f"invalid network config: name={_quoted(netconf.name)}: an ADD takes a name of at "
+            f"most {MAX_NETWORK_NAME} characters (it is stored with the address)",
+        )
 
 
 class NetConf(_Model):
     cni_version: str = Field(default="", alias="cniVersion")
-    name: str = Field(default="", max_length=MAX_NETWORK_NAME)
+    name: str = ""
     type: str = ""
     ipam: IpamConf
     capabilities: dict[str, bool] = Field(default_factory=dict)
@@ -296,7 +308,10 @@ def describe_validation_error(exc: ValidationError, from_file: Collection[str] =
                 message = "not a valid value (not repeated: the file may be secret)"
             problems.append(f"{where} (from the flat file): {message}")
         else:
-            problems.append(f"{where}={_quoted(error['input'])}: {message}")
+            given = error["input"]
+            if isinstance(given, str) and len(repr(given)) > QUOTED_MAX:
+                message = message.replace(repr(given), "it")  # quoted once, cut short
+            problems.append(f"{where}={_quoted(given)}: {message}")
     return "invalid network config: " + "; ".join(problems)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import netaddr
 
 from pyabouts.ipam import operations
-from pyabouts.ipam.config import PluginConfig, requested_addresses
+from pyabouts.ipam.config import PluginConfig, check_storable_name, requested_addresses
 from pyabouts.ipam.errors import (
     INVALID_CONFIG,
     NOT_AVAILABLE,
@@ -83,6 +83,7 @@ def _add(
     backend: Backend,
 ) -> dict[str, Any]:
     container_id, ifname = require_env(env, "CNI_CONTAINERID", "CNI_IFNAME")
+    check_storable_name(config.netconf)
     requested = requested_addresses(config.netconf, cni_args.get("IP"))
     pod = ""
     if cni_args.get("K8S_POD_NAME"):

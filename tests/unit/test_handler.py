@@ -115,6 +115,21 @@ def test_exhaustion_is_code_100_naming_the_range(memory_store: MemoryStore) -> N
     assert "192.0.2.0/29" in error["msg"]
 
 
+def test_an_add_refuses_a_network_name_too_long_to_store_and_a_del_still_frees(
+    memory_store: MemoryStore,
+) -> None:
+    # The name is stored in every allocation line: a 120 KB one made a block of 13 pods 1.5 MB,
+    # past etcd's request limit, for every NAD of the network.
+    status, given = call("ADD", conf() | {"name": "n" * 253})
+    assert status == 0 and given["ips"]
+    status, refused = call("ADD", conf() | {"name": "n" * 254}, container="c2")
+    assert status == 1 and refused["code"] == 7 and "at most 253 characters" in refused["msg"]
+    assert len(refused["msg"]) < 300
+    # An address given before the limit was made is freed by its DEL all the same.
+    assert call("DEL", conf() | {"name": "n" * 254}) == (0, None)
+    assert memory_store.blocks == {} or all(not b.entries for b in memory_store.blocks.values())
+
+
 def test_delete_of_an_unknown_allocation_succeeds_silently(memory_store: MemoryStore) -> None:
     assert call("DEL", conf(), container="never-added") == (0, None)
 
