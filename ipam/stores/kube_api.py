@@ -219,7 +219,7 @@ def _ssl_context(credentials: ApiCredentials) -> ssl.SSLContext:
         if credentials.client_cert_pem and credentials.client_key_pem:
             cert, key = credentials.client_cert_pem, credentials.client_key_pem
             _load_client_certificate(context, cert, key)
-    except ssl.SSLError as exc:
+    except (ssl.SSLError, ValueError, TypeError) as exc:  # TypeError: a CA not in ASCII
         raise CniError(
             INVALID_CONFIG,
             f"Kubernetes API: the kubeconfig's certificate-authority or client certificate "

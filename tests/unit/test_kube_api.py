@@ -306,6 +306,7 @@ NOT_A_CERTIFICATE = "-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE----
     [
         ApiCredentials("https://api:6443", "kube-system", ca_pem=NOT_A_CERTIFICATE),
         ApiCredentials("https://api:6443", "kube-system", client_cert_pem="C", client_key_pem="K"),
+        ApiCredentials("https://api:6443", "kube-system", ca_pem="Zertifikat \u00fcber"),
     ],
 )
 def test_tls_material_it_cannot_use_is_a_configuration_error(credentials: ApiCredentials) -> None:
