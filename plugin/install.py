@@ -27,6 +27,7 @@ import site
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -245,6 +246,14 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"pyabouts-install: {exc.msg}")
         print(f"wrote {node_config.kubeconfig} and {node_config.flat_file}")
         return
+    keep_current(args, node_config, install)
+
+
+def keep_current(
+    args: argparse.Namespace, node_config: NodeConfig, install: Callable[[], Path]
+) -> None:
+    """--keep-current: keep the node's files and the plugin as they should be until SIGTERM,
+    then uninstall if the DaemonSet (--uninstall-with) was deleted."""
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -261,10 +270,12 @@ def main(argv: list[str] | None = None) -> None:
     def on_tick() -> None:
         # The plugin too, as it should be: the pod this one replaced may have removed it (one
         # force-deleted stops after its replacement started, and finds its own token refused).
-        try:
-            install()  # unchanged: nothing written
-        except OSError as exc:
-            print(f"{target} not written, trying again: {exc}", flush=True)
+        # Not once the node is another installer's: its image may bring another plugin.
+        if not node_config.written_by_another():
+            try:
+                install()  # unchanged: nothing written
+            except OSError as exc:
+                print(f"the plugin not written, trying again: {exc}", flush=True)
         if own is not None:
             own.read()
 
