@@ -236,17 +236,68 @@ class PyaboutsKubernetes(Pyabouts):
         return conflicting_writes(self.request_counter())
 
 
-class PyaboutsAgent(PyaboutsKubernetes):
-    """pyabouts through a node's client of the agent, each simulated node with its own
-    pyabouts-agent (IPPools): the node shim (`shim`, what the DaemonSet installs) or the thin
-    Python plugin.
+class NodeAgents:
+    """A pyabouts-agent per simulated node, started at the node's first call, and the client
+    the plugin runs as: the node shim (`shim`, what the DaemonSet installs) or the thin Python
+    plugin.
 
     Agents are per node, not per phase: on a real node the agent outlives any one burst. Their
     memory is the node's standing cost, reported apart from the plugin process's. Each serves
-    the contender's datastore from a flat file of its own (`agents` writes it from the
+    the contender's datastore from a flat file of its own (`start` writes it from the
     settings given), as the DaemonSet's agents do, so its store client is opened when it
     starts, not by a phase's first call.
     """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        start: Callable[[Path, dict[str, Any]], AgentProcess],
+        shim: Path | None,
+    ) -> None:
+        self._directory = directory
+        self._start = start
+        self._running: dict[int, AgentProcess] = {}
+        bin_dir, no_agent = directory / "bin", str(directory / "none.sock")
+        self.client = (
+            install_shim(bin_dir, shim, socket_path=no_agent)
+            if shim
+            else install_thin_plugin(bin_dir, socket_path=no_agent)
+        )
+
+    def serve(self, setup: NodeSetup, node: int, datastore: dict[str, Any]) -> NodeSetup:
+        """`setup` with the plugin pointed at the node's agent (started now if need be)."""
+        agent = self._running.get(node)
+        if agent is None:
+            agent = self._running[node] = self._start(self._directory / f"agent-{node}", datastore)
+        return replace(setup, extra_env={"PYABOUTS_AGENT_SOCKET": str(agent.socket)})
+
+    def peak_rss_mib(self) -> float | None:
+        peaks = [a.peak_rss_mib() for a in self._running.values()]
+        return max(peaks) if peaks else None
+
+    def cpu_seconds(self) -> float:
+        return sum(agent.cpu_seconds() for agent in self._running.values())
+
+
+class AgentServed(Pyabouts):
+    """A pyabouts contender whose calls its nodes' agents serve (`_agents`)."""
+
+    _agents: NodeAgents
+
+    def prepare_node(self, phase: Phase, node: int, network: int = 0) -> NodeSetup:
+        setup = super().prepare_node(phase, node, network)
+        return self._agents.serve(setup, node, self.datastore_settings())
+
+    def daemon_rss_mib(self) -> float | None:
+        return self._agents.peak_rss_mib()
+
+    def daemon_cpu_seconds(self) -> float:
+        return self._agents.cpu_seconds()
+
+
+class PyaboutsAgent(AgentServed, PyaboutsKubernetes):
+    """pyabouts through a node's client of its agent (NodeAgents), with IPPools."""
 
     def __init__(
         self,
@@ -260,14 +311,9 @@ class PyaboutsAgent(PyaboutsKubernetes):
         shim: Path | None = None,
         node_slice_size: str | None = None,
     ) -> None:
-        bin_dir, no_agent = workdir / name / "bin", str(workdir / "none.sock")
-        client = (
-            install_shim(bin_dir, shim, socket_path=no_agent)
-            if shim
-            else install_thin_plugin(bin_dir, socket_path=no_agent)
-        )
+        self._agents = NodeAgents(workdir / name, start=agents, shim=shim)
         super().__init__(
-            client,
+            self._agents.client,
             Path(sys.executable),
             workdir,
             kubeconfig=kubeconfig,
@@ -277,23 +323,26 @@ class PyaboutsAgent(PyaboutsKubernetes):
             node_slice_size=node_slice_size,
         )
         self.import_probe = None  # its imports are _socket, os and sys: VERSION shows them
-        self._start_agent = agents
-        self._agents: dict[int, AgentProcess] = {}
 
-    def prepare_node(self, phase: Phase, node: int, network: int = 0) -> NodeSetup:
-        setup = super().prepare_node(phase, node, network)
-        agent = self._agents.get(node)
-        if agent is None:
-            directory = self.workdir / f"agent-{node}"
-            agent = self._agents[node] = self._start_agent(directory, self.datastore_settings())
-        return replace(setup, extra_env={"PYABOUTS_AGENT_SOCKET": str(agent.socket)})
 
-    def daemon_rss_mib(self) -> float | None:
-        peaks = [a.peak_rss_mib() for a in self._agents.values()]
-        return max(peaks) if peaks else None
+class PyaboutsAgentEtcd(AgentServed, PyaboutsEtcd):
+    """pyabouts through the node shim to its agent (NodeAgents), with the etcd datastore."""
 
-    def daemon_cpu_seconds(self) -> float:
-        return sum(agent.cpu_seconds() for agent in self._agents.values())
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        etcd_endpoint: str,
+        pool: PoolBounds,
+        agents: Callable[[Path, dict[str, Any]], AgentProcess],
+        name: str,
+        shim: Path,
+    ) -> None:
+        self._agents = NodeAgents(workdir / name, start=agents, shim=shim)
+        python = Path(sys.executable)
+        client = self._agents.client
+        super().__init__(client, python, workdir, etcd_endpoint=etcd_endpoint, pool=pool, name=name)
+        self.import_probe = None
 
 
 class Whereabouts(Contender):

@@ -51,6 +51,7 @@ from bench.contenders import (
     Phase,
     PoolBounds,
     PyaboutsAgent,
+    PyaboutsAgentEtcd,
     PyaboutsEtcd,
     PyaboutsKubernetes,
     Whereabouts,
@@ -93,6 +94,8 @@ HOST_LOCAL = Path("/usr/lib/cni/host-local")
 WHEREABOUTS_VERSION = whereabouts_install.VERSION
 WHEREABOUTS = whereabouts_install.BINARY
 PYABOUTS_SHIM = "pyabouts-shim"
+#: The same with the etcd datastore: the agents' compare-and-swap is an etcd transaction.
+PYABOUTS_SHIM_ETCD = "pyabouts-shim-etcd"
 #: The same with node slices: each node allocates in a /24 of its own (Kubernetes' default pod
 #: CIDR per node), at least one IPPool block, so no two nodes ever write the same object.
 PYABOUTS_SHIM_SLICES = "pyabouts-shim-slices"
@@ -115,6 +118,7 @@ PYABOUTS_ETCD = "pyabouts-etcd"
 # The order they run in; pyabouts-etcd only when asked for.
 CONTENDERS = (
     PYABOUTS_SHIM,
+    PYABOUTS_SHIM_ETCD,
     PYABOUTS_SHIM_SLICES,
     *WRITING_BEHIND,
     PYABOUTS_AGENT,
@@ -133,6 +137,7 @@ DEFAULT_POD_CONTENDERS = (PYABOUTS_SHIM, WHEREABOUTS_NAME, HOST_LOCAL_NAME)
 # cores one phase's wall time varies by tens of percent from one minute to the next.
 REPEATED_CONTENDERS = (
     PYABOUTS_SHIM,
+    PYABOUTS_SHIM_ETCD,
     PYABOUTS_SHIM_SLICES,
     *WRITING_BEHIND,
     HOST_LOCAL_NAME,
@@ -148,6 +153,7 @@ KUBERNETES_CONTENDERS = {
 }
 POOL_BASES = {
     PYABOUTS_SHIM: "10.75.0.0",
+    PYABOUTS_SHIM_ETCD: "10.84.0.0",
     PYABOUTS_SHIM_SLICES: "10.81.0.0",
     PYABOUTS_SHIM_WRITE_BEHIND: "10.82.0.0",
     PYABOUTS_SHIM_WRITE_BEHIND_25: "10.83.0.0",
@@ -318,6 +324,7 @@ class Servers:
         self.workdir = workdir
         self._cluster: KubeCluster | None = None
         self._whereabouts_kubeconfig: Path | None = None
+        self._etcd_endpoint: str | None = None
 
     def cluster(self) -> KubeCluster:
         if self._cluster is None:
@@ -338,9 +345,13 @@ class Servers:
         return self._whereabouts_kubeconfig
 
     def etcd_endpoint(self) -> str:
-        etcd = self._stack.enter_context(running_etcd(self.workdir))
-        progress(f"etcd ready at {etcd.endpoint}")
-        return etcd.endpoint
+        """The endpoint of the run's etcd, started at the first call (one for every contender
+        that uses it: each keeps its pools under a network name of its own)."""
+        if self._etcd_endpoint is None:
+            etcd = self._stack.enter_context(running_etcd(self.workdir))
+            progress(f"etcd ready at {etcd.endpoint}")
+            self._etcd_endpoint = etcd.endpoint
+        return self._etcd_endpoint
 
     def start_agent(
         self, directory: Path, datastore: dict[str, Any], extra_args: Sequence[str] = ()
@@ -380,6 +391,15 @@ def _new_contender(name: str, servers: Servers, args: argparse.Namespace) -> Con
     workdir = servers.workdir
     if name == HOST_LOCAL_NAME:
         return HostLocal(args.host_local, workdir, pool=pool)
+    if name == PYABOUTS_SHIM_ETCD:
+        return PyaboutsAgentEtcd(
+            workdir,
+            etcd_endpoint=servers.etcd_endpoint(),
+            pool=pool,
+            agents=servers.start_agent,
+            name=name,
+            shim=built_shim(),
+        )
     if name == PYABOUTS_ETCD:
         endpoint = servers.etcd_endpoint()
         python = Path(sys.executable)

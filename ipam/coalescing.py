@@ -25,7 +25,12 @@ from pyabouts.ipam.errors import StoreUnavailableError
 from pyabouts.ipam.pool import PoolId, PoolView
 from pyabouts.ipam.ranges import AddressRange
 from pyabouts.ipam.store import PoolStore
-from pyabouts.ipam.transaction import Span, describe_blocks, run_span_transaction
+from pyabouts.ipam.transaction import (
+    BACKOFF_MAX,
+    Span,
+    describe_blocks,
+    run_span_transaction,
+)
 
 T = TypeVar("T")
 
@@ -116,8 +121,11 @@ class CoalescingTransactions:
         store: PoolStore,
         on_batch: Callable[[int], None] | None = None,
         recheck: Callable[[PoolId, bool], None] | None = None,
+        *,
+        backoff_max: float = BACKOFF_MAX,
     ) -> None:
         self.store = store
+        self._backoff_max = backoff_max  # see ipam.transaction.conflict_backoff_max
         self._on_batch = on_batch
         self._recheck = recheck
         self._lock = threading.Lock()
@@ -183,6 +191,7 @@ class CoalescingTransactions:
                 # (at the next attempt or pause), so one near its end cuts nobody else's short.
                 deadline=deadline,
                 before_write=lambda changed: describe_blocks(changed, batch[0].ranges),
+                backoff_max=self._backoff_max,
             )
         except _LeaderGone:
             raise

@@ -151,7 +151,10 @@ class _FirstUseTransactions:
 
     def _open(self) -> Transactions:
         from pyabouts.ipam.stores import open_store  # noqa: PLC0415 - heavy store clients, load on use
-        from pyabouts.ipam.transaction import DirectTransactions  # noqa: PLC0415
+        from pyabouts.ipam.transaction import (  # noqa: PLC0415
+            DirectTransactions,
+            conflict_backoff_max,
+        )
         from pyabouts.plugin.node_queue import node_queue  # noqa: PLC0415
 
         store = open_store(self._ipam, timeout=REQUEST_TIMEOUT_SECONDS)
@@ -160,4 +163,4 @@ class _FirstUseTransactions:
             self._stack.enter_context(
                 node_queue(self._ipam.run_dir, self._pools, deadline=self._writes_by)
             )
-        return DirectTransactions(store)
+        return DirectTransactions(store, backoff_max=conflict_backoff_max(self._ipam.datastore))

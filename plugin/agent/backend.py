@@ -28,6 +28,7 @@ from pyabouts.ipam.store import BlockFeed, OnUnreadable, PoolStore, WriteOutcome
 from pyabouts.ipam.stores import open_store
 from pyabouts.ipam.stores.cached import CachedStore
 from pyabouts.ipam.stores.write_behind import DeferringStore, PendingWrites
+from pyabouts.ipam.transaction import conflict_backoff_max
 from pyabouts.plugin.agent.datastore import AgentDatastore
 from pyabouts.plugin.agent.feed_follower import FeedFollower
 from pyabouts.plugin.agent.metrics import AgentMetrics
@@ -166,7 +167,7 @@ class WarmBackend:
             self._flush_failures = 0
             return True
         try:
-            outcome = pending.flush(self._client_for("own", own.open_store).cache)
+            outcome = pending.flush(self._own_client(own).cache)
         except (CniError, OSError) as exc:  # the next round tries again; the journal keeps them
             log.warning("storing the pending changes failed: %s", getattr(exc, "msg", exc))
             self._flush_failures += 1
@@ -203,7 +204,7 @@ class WarmBackend:
         name their datastore (trusted)."""
         own = self._datastore
         if own is not None:
-            self._client_for("own", own.open_store)
+            self._own_client(own)
 
     def cached_blocks(self) -> list[Block]:
         with self._lock:
@@ -236,13 +237,17 @@ class WarmBackend:
         own = self._datastore
         if own is not None:
             own.check_request(ipam)
-            return self._client_for("own", own.open_store)
+            return self._own_client(own)
         return self._client_for(
             ipam.model_dump_json(include=set(STORE_FIELDS)),
             lambda *, timeout: open_store(ipam, timeout=timeout),
+            ipam.datastore,
         )
 
-    def _client_for(self, key: str, opener: Callable[..., PoolStore]) -> _Client:
+    def _own_client(self, own: AgentDatastore) -> _Client:
+        return self._client_for("own", own.open_store, own.settings.datastore)
+
+    def _client_for(self, key: str, opener: Callable[..., PoolStore], datastore: str) -> _Client:
         with self._lock:
             client = self._clients.get(key)
             if client is not None and time.monotonic() - client.opened < CLIENT_MAX_AGE_SECONDS:
@@ -263,7 +268,10 @@ class WarmBackend:
             pending = self._pending if key == "own" else None
             decided_on: PoolStore = DeferringStore(cache, pending) if pending else cache
             transactions = CoalescingTransactions(
-                decided_on, self._metrics.batch_size.observe, recheck=cache.recheck
+                decided_on,
+                self._metrics.batch_size.observe,
+                recheck=cache.recheck,
+                backoff_max=conflict_backoff_max(datastore),
             )
             follower = FeedFollower(feed, cache, self._metrics) if feed else None
             client = _Client(cache, transactions, follower)

@@ -13,9 +13,11 @@ from pyabouts.ipam.store import WriteOutcome
 from pyabouts.ipam.transaction import (
     BACKOFF_MAX,
     CLAIM_BACKOFF_MAX,
+    ETCD_BACKOFF_MAX,
     OUTAGE_GRACE,
     Clock,
     Span,
+    conflict_backoff_max,
     run_span_transaction,
 )
 from tests.memory_store import MemoryStore
@@ -137,6 +139,36 @@ def test_conflicts_back_off_until_the_deadline_then_try_again_later(clock: FakeC
     assert store.conflicts == clock.slept + 1
     assert DEADLINE - BACKOFF_MAX <= clock.now <= DEADLINE
     assert store.conflicts >= DEADLINE / BACKOFF_MAX
+
+
+@pytest.mark.parametrize(
+    ("datastore", "cap"), [("etcd", ETCD_BACKOFF_MAX), ("kubernetes", BACKOFF_MAX)]
+)
+def test_a_lost_race_waits_at_most_what_its_datastore_needs(
+    clock: FakeClock, datastore: str, cap: float
+) -> None:
+    # etcd takes a compare-and-swap in well under a millisecond: a write that lost its race
+    # there is tried again sooner than through kube-apiserver.
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        clock.sleep(seconds)
+
+    timed = Clock(now=lambda: clock.now, sleep=sleep)
+    with pytest.raises(StoreUnavailableError):
+        run_span_transaction(
+            AlwaysConflicting(),
+            SPANS,
+            take_an_address,
+            deadline=DEADLINE,
+            clock=timed,
+            backoff_max=conflict_backoff_max(datastore),
+        )
+    assert ETCD_BACKOFF_MAX < BACKOFF_MAX
+    assert max(waits) <= cap
+    assert max(waits) > cap / 2  # the backoff grew to its cap: hundreds of waits, jittered
+    assert len(waits) >= DEADLINE / cap  # past 1024 for etcd: the backoff's exponent is bounded
 
 
 REGISTRY = PoolId("blue#node-slices 10.0.0.0/24 /26", 4)
