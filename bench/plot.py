@@ -22,7 +22,7 @@ GROUP_WIDTH = 0.8  # of one phase's slot on the x axis, shared by the contenders
 FIGSIZE = (14, 6.5)
 DPI = 110
 HEADROOM = 3.0  # the log axes reach this far above the highest bar, for its label
-LEGEND_COLUMNS = 4  # eight contenders' names side by side are wider than the figure
+LEGEND_COLUMNS = 4  # nine contenders' names side by side are wider than the figure
 
 
 def write_plot(result: BenchmarkResult, out_dir: Path, stem: str) -> Path:

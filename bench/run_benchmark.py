@@ -1,22 +1,24 @@
 """Race pyabouts (through the node shim and through the thin plugin, each with node agents, and
 in-process) against whereabouts v0.9.4 and Debian's host-local, in one run, on the same local
-kube-apiserver. The shim runs four times: on one pool all nodes share, with node slices (a /24
-per node, so no two nodes write the same IPPool; its range then holds a /24 per node), with
-node slices and the agents' --write-behind (a node's slice stored behind its answers), and the
-same with slices of /25 (two nodes' slices in each IPPool block, each node storing its own).
+kube-apiserver. The shim runs five times: on one pool all nodes share, the same on etcd (the
+agents' datastore), with node slices (a /24 per node, so no two nodes write the same IPPool;
+its range then holds a /24 per node), with node slices and the agents' --write-behind (a
+node's slice stored behind its answers), and the same with slices of /25 (two nodes' slices in
+each IPPool block, each node storing its own).
 
     .venv/bin/python -m bench.run_benchmark [--calls N] [--concurrency C] [--nodes M]
         [--sequential-calls S] [--spaced-calls K] [--pods P] [--pod-networks W] [--rounds R]
         [--out DIR] [--contenders pyabouts-agent,...] [--pod-contenders pyabouts-shim,...]
 
 Starts what the chosen contenders need (one local kube-apiserver with pyabouts' and
-whereabouts' CRDs and RBAC; a private etcd for pyabouts-etcd), then for each contender measures
-start-up (VERSION, imports); S sequential ADDs then DELs on one node (uncontended latency); K
-ADDs one at a time, each after a rest longer than the agent's pool cache age (a pod coming to a
-quiet node: a LIST of the pool, unless the agent's IPPool watch says nobody wrote it), then their
-DELs; N ADDs then N DELs into a pool of exactly N
+whereabouts' CRDs and RBAC; one private etcd for pyabouts-shim-etcd and pyabouts-etcd), then
+for each contender measures start-up (VERSION, imports); S sequential ADDs then DELs on one
+node (uncontended latency); K ADDs one at a time, each after a rest longer than the agent's
+pool cache age (a pod coming to a quiet node: a LIST of the pool, unless the agent's IPPool
+watch says nobody wrote it), then their DELs; N ADDs then N DELs into a pool of exactly N
 addresses at concurrency C from M simulated nodes (R times in all for pyabouts-shim,
-pyabouts-shim-slices, the two pyabouts-shim-write-behind and host-local, in turn, each round
+pyabouts-shim-etcd, pyabouts-shim-slices, the two pyabouts-shim-write-behind and host-local,
+in turn, each round
 after the first in the next of their orders: their ratios also as a median over the rounds);
 and, for the pod contenders, P pods on W
 networks each (W pools of P addresses), all pods at once from M nodes, each pod's W ADDs one

@@ -125,7 +125,7 @@ class CoalescingTransactions:
         backoff_max: float = BACKOFF_MAX,
     ) -> None:
         self.store = store
-        self._backoff_max = backoff_max  # see ipam.transaction.conflict_backoff_max
+        self.backoff_max = backoff_max  # see ipam.transaction.conflict_backoff_max
         self._on_batch = on_batch
         self._recheck = recheck
         self._lock = threading.Lock()
@@ -191,7 +191,7 @@ class CoalescingTransactions:
                 # (at the next attempt or pause), so one near its end cuts nobody else's short.
                 deadline=deadline,
                 before_write=lambda changed: describe_blocks(changed, batch[0].ranges),
-                backoff_max=self._backoff_max,
+                backoff_max=self.backoff_max,
             )
         except _LeaderGone:
             raise

@@ -32,10 +32,12 @@ T = TypeVar("T")
 
 BACKOFF_FIRST = 0.005  # seconds; doubles per conflict up to BACKOFF_MAX, with full jitter
 BACKOFF_MAX = 0.4
-# etcd decides a compare-and-swap in a fraction of a millisecond, and a refused one costs it
-# little: a write that lost a race there is tried again sooner. With a pool filled to its
-# last addresses from ten nodes at once, the longer waits made the last ADDs' wall time (in
-# the benchmark, 1.16x host-local's at 0.4 s, 0.99x at 0.05 s).
+# On etcd a write that lost a race is tried again sooner: a refused transaction costs etcd
+# far less than a refused PUT costs kube-apiserver, which decodes the whole block it carries.
+# With a pool filled to its last addresses from ten nodes at once, the longer waits made the
+# last ADDs' wall time (in a quick benchmark run, 1.16x host-local's at 0.4 s, 0.99x at 0.05 s).
+# The price is more retries on a contended pool: with N nodes writing one block, about N
+# refused writes every 25 ms at worst.
 ETCD_BACKOFF_MAX = 0.05
 # A lost race for a node slice registry: another node took its slice, and each node takes one
 # per range once, so the race ends by itself; a long wait would only delay a node's first pod.
