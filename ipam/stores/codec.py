@@ -90,9 +90,17 @@ def _sorted_entries(block: Block) -> list[tuple[int, Owner]]:
 
 def owner_columns(owner: Owner) -> str:
     """The owner's columns after the offset. A write sends its whole block, and between two
-    writes of a block nearly all of its owners are the same: each owner's line is kept."""
+    writes of a block nearly all of its owners are the same: each owner's line is kept, by the
+    Owner object (blocks copied to be changed share them), else by its fields."""
+    kept = _LINES_BY_OWNER.get(id(owner))
+    if kept is not None and kept[0] is owner:  # the entry holds it: its id is not reused
+        return kept[1]
     # Keyed on every field: an Owner's equality leaves some out (the time, say), its line not.
-    return _kept(_OWNER_LINES, _owner_fields(owner), _line_of, owner)
+    columns = _kept(_OWNER_LINES, _owner_fields(owner), _line_of, owner)
+    if len(_LINES_BY_OWNER) >= _MAX_KEPT:
+        _LINES_BY_OWNER.clear()
+    _LINES_BY_OWNER[id(owner)] = (owner, columns)
+    return columns
 
 
 def _kept(cache: dict[K, V], key: K, make: Callable[[A], V], source: A) -> V:
@@ -123,6 +131,7 @@ _owner_fields = operator.attrgetter(*(f.name for f in dataclasses.fields(Owner))
 # The entries of 16 full blocks: more than a node's agent writes or reads in turn.
 _MAX_KEPT = 4096
 _OWNER_LINES: dict[tuple[Any, ...], str] = {}
+_LINES_BY_OWNER: dict[int, tuple[Owner, str]] = {}
 
 
 def _text_column(value: str) -> str:
@@ -175,17 +184,25 @@ def _entries_of_table(key: BlockKey, table: str) -> dict[int, Owner]:
     if lines[0] != TABLE_HEADER:
         raise _corrupt(key, f"the allocations table's header is not pyabouts': {lines[0]!r}")
     entries = {}
+    base = key.base
     for line in lines[1:]:
-        offset, _, columns = line.partition(" ")
-        try:
-            address = key.base + _offset(offset)
-            owner = owner_from_columns(columns)
-        except ValueError as exc:
-            raise _corrupt(key, f"allocation line {line!r}: {exc}") from None
-        if address in entries:
+        # A block read again (after a conflict, by the reconciler) has nearly the same lines.
+        read = _LINES_READ.get(line)
+        if read is None:
+            try:
+                read = _kept(_LINES_READ, line, _line_read, line)
+            except ValueError as exc:
+                raise _corrupt(key, f"allocation line {line!r}: {exc}") from None
+        offset, owner = read
+        if base + offset in entries:
             raise _corrupt(key, f"offset {offset} is given twice")
-        entries[address] = owner
+        entries[base + offset] = owner
     return entries
+
+
+def _line_read(line: str) -> tuple[int, Owner]:
+    offset, _, columns = line.partition(" ")
+    return _offset(offset), owner_from_columns(columns)
 
 
 def owner_from_columns(columns: str) -> Owner:
@@ -214,6 +231,7 @@ def _owner_of(columns: str) -> Owner:
 
 
 _OWNERS_READ: dict[str, Owner] = {}
+_LINES_READ: dict[str, tuple[int, Owner]] = {}
 
 
 def _offset(column: str) -> int:

@@ -108,7 +108,9 @@ def test_the_kept_lines_and_owners_stay_bounded_and_right_past_their_bound() -> 
         )
         assert block_from_document(KEY, written, "1").entries == block.entries
         assert len(codec._OWNER_LINES) <= codec._MAX_KEPT
+        assert len(codec._LINES_BY_OWNER) <= codec._MAX_KEPT
         assert len(codec._OWNERS_READ) <= codec._MAX_KEPT
+        assert len(codec._LINES_READ) <= codec._MAX_KEPT
 
 
 def _all_fields(owner: Owner) -> tuple[object, ...]:
@@ -221,3 +223,13 @@ def test_a_registry_entry_that_names_no_slice_of_its_family_is_a_corrupt_block(n
     with pytest.raises(CniError, match="slice") as caught:
         block_from_document(registry, broken, "1")
     assert caught.value.code == CORRUPT_BLOCK
+
+
+@pytest.mark.parametrize("second", ["3 c3 net1 - - - - 0 0 0 -", "3 c4 net1 - - - - 0 0 0 -"])
+def test_an_offset_given_twice_is_refused_even_as_a_line_read_before(second: str) -> None:
+    first = "3 c3 net1 - - - - 0 0 0 -"
+    table = "\n".join([codec.TABLE_HEADER, first])
+    assert list(block_from_document(KEY, {"allocations": table}, "1").entries) == [KEY.base + 3]
+    with pytest.raises(CniError) as refused:  # the line is kept from the read before
+        block_from_document(KEY, {"allocations": f"{table}\n{second}"}, "2")
+    assert refused.value.code == CORRUPT_BLOCK and "offset 3 is given twice" in refused.value.msg
