@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench.kube import conflicting_writes
 from deploy.local.agent_process import AgentProcess
 from pyabouts.plugin.install import install_shim, install_thin_plugin
@@ -236,6 +238,9 @@ class PyaboutsKubernetes(Pyabouts):
         return conflicting_writes(self.request_counter())
 
 
+AGENT_CONFLICTS = "pyabouts_agent_conflicts"  # plugin.agent.metrics
+
+
 class NodeAgents:
     """A pyabouts-agent per simulated node, started at the node's first call, and the client
     the plugin runs as: the node shim (`shim`, what the DaemonSet installs) or the thin Python
@@ -278,6 +283,18 @@ class NodeAgents:
 
     def cpu_seconds(self) -> float:
         return sum(agent.cpu_seconds() for agent in self._running.values())
+
+    def conflicts(self) -> int:
+        """The blocks the agents' writes found changed by another node so far, as their
+        metrics count them."""
+        return sum(
+            int(sample.value)
+            for agent in self._running.values()
+            for family in text_string_to_metric_families(agent.metrics())
+            if family.name == AGENT_CONFLICTS
+            for sample in family.samples
+            if sample.name == f"{AGENT_CONFLICTS}_total"
+        )
 
 
 class AgentServed(Pyabouts):
@@ -326,7 +343,8 @@ class PyaboutsAgent(AgentServed, PyaboutsKubernetes):
 
 
 class PyaboutsAgentEtcd(AgentServed, PyaboutsEtcd):
-    """pyabouts through the node shim to its agent (NodeAgents), with the etcd datastore."""
+    """pyabouts through the node shim to its agent (NodeAgents), with the etcd datastore. Its
+    conflicts are the agents' count: they outlive the phases, unlike plugin processes."""
 
     def __init__(
         self,
@@ -343,6 +361,9 @@ class PyaboutsAgentEtcd(AgentServed, PyaboutsEtcd):
         client = self._agents.client
         super().__init__(client, python, workdir, etcd_endpoint=etcd_endpoint, pool=pool, name=name)
         self.import_probe = None
+
+    def count_conflicts(self, phase: Phase) -> int:
+        return self._agents.conflicts()
 
 
 class Whereabouts(Contender):

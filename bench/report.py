@@ -64,7 +64,8 @@ def format_report(result: BenchmarkResult, cluster_unique: dict[str, bool]) -> s
         "",
         "ADD / DEL PHASES (latency per call in ms, wall in s, RSS of one plugin process in MiB, "
         "API/call: datastore API requests per call, agent RSS: peak of a node's agent in MiB; "
-        "CPU ms per call of the plugin process, the agents and kube-apiserver)",
+        "CPU ms per call of the plugin process, the agents and the datastore's server, "
+        "kube-apiserver or etcd; conflicts: as the apiserver or, on etcd, the agents count them)",
         format_phases(result.phases),
         *_per_node_notes(cluster_unique),
         *_pod_lines(result.phases),
@@ -128,7 +129,7 @@ def format_phases(rows: Sequence[PhaseFigures]) -> str:
         "agent RSS",
         "CPU plugin",
         "CPU agent",
-        "CPU apiserver",
+        "CPU server",  # kube-apiserver or etcd, whichever the contender uses
     ]
     body = [
         [

@@ -98,8 +98,8 @@ class PhaseFigures:
     # Only for a contender with a node daemon (the agent): its peak RSS so far, in MiB.
     daemon_rss_mib: float | None = None
     # CPU time per call, in ms: the plugin process (with GNU time's share, cpu_floor_ms), the
-    # node daemons (the agents, all nodes') and the datastore's server (kube-apiserver), over
-    # the phase's wall time; None where there is none.
+    # node daemons (the agents, all nodes') and the datastore's server (kube-apiserver or
+    # etcd), over the phase's wall time; None where there is none.
     plugin_cpu_ms: float | None = None
     daemon_cpu_ms: float | None = None
     server_cpu_ms: float | None = None

@@ -84,7 +84,7 @@ from bench.results import (
 from deploy.local import whereabouts_install
 from deploy.local.agent_process import AgentProcess, running_agent
 from deploy.local.controlplane import KUBE_VERSION
-from deploy.local.etcd_server import running_etcd
+from deploy.local.etcd_server import EtcdServer, running_etcd
 from deploy.local.node_shim import built_shim
 from pyabouts.plugin.agent.backend import POOL_MAX_AGE_SECONDS
 
@@ -153,6 +153,7 @@ KUBERNETES_CONTENDERS = {
     PYABOUTS_KUBERNETES,
     WHEREABOUTS_NAME,
 }
+ETCD_CONTENDERS = {PYABOUTS_SHIM_ETCD, PYABOUTS_ETCD}
 POOL_BASES = {
     PYABOUTS_SHIM: "10.75.0.0",
     PYABOUTS_SHIM_ETCD: "10.84.0.0",
@@ -326,7 +327,7 @@ class Servers:
         self.workdir = workdir
         self._cluster: KubeCluster | None = None
         self._whereabouts_kubeconfig: Path | None = None
-        self._etcd_endpoint: str | None = None
+        self._etcd: EtcdServer | None = None
 
     def cluster(self) -> KubeCluster:
         if self._cluster is None:
@@ -346,14 +347,19 @@ class Servers:
             progress("whereabouts CRDs and RBAC applied; it runs as kube-system/whereabouts")
         return self._whereabouts_kubeconfig
 
-    def etcd_endpoint(self) -> str:
-        """The endpoint of the run's etcd, started at the first call (one for every contender
-        that uses it: each keeps its pools under a network name of its own)."""
-        if self._etcd_endpoint is None:
-            etcd = self._stack.enter_context(running_etcd(self.workdir))
-            progress(f"etcd ready at {etcd.endpoint}")
-            self._etcd_endpoint = etcd.endpoint
-        return self._etcd_endpoint
+    def etcd(self) -> EtcdServer:
+        """The run's etcd, started at the first call (one for every contender that uses it:
+        each keeps its pools under a network name of its own)."""
+        if self._etcd is None:
+            self._etcd = self._stack.enter_context(running_etcd(self.workdir))
+            progress(f"etcd ready at {self._etcd.endpoint}")
+        return self._etcd
+
+    def etcd_cpu_seconds(self) -> float:
+        """The CPU time the run's etcd used so far."""
+        process = self.etcd().process
+        assert process is not None  # started here, so ours
+        return process.cpu_seconds()
 
     def start_agent(
         self, directory: Path, datastore: dict[str, Any], extra_args: Sequence[str] = ()
@@ -379,6 +385,8 @@ def _contender(name: str, servers: Servers, args: argparse.Namespace) -> Contend
     contender = _new_contender(name, servers, args)
     if name in KUBERNETES_CONTENDERS:
         contender.server_cpu = servers.cluster().apiserver_cpu_seconds
+    elif name in ETCD_CONTENDERS:
+        contender.server_cpu = servers.etcd_cpu_seconds
     return contender
 
 
@@ -396,14 +404,14 @@ def _new_contender(name: str, servers: Servers, args: argparse.Namespace) -> Con
     if name == PYABOUTS_SHIM_ETCD:
         return PyaboutsAgentEtcd(
             workdir,
-            etcd_endpoint=servers.etcd_endpoint(),
+            etcd_endpoint=servers.etcd().endpoint,
             pool=pool,
             agents=servers.start_agent,
             name=name,
             shim=built_shim(),
         )
     if name == PYABOUTS_ETCD:
-        endpoint = servers.etcd_endpoint()
+        endpoint = servers.etcd().endpoint
         python = Path(sys.executable)
         return PyaboutsEtcd(args.pyabouts, python, workdir, etcd_endpoint=endpoint, pool=pool)
     cluster = servers.cluster()

@@ -2,6 +2,8 @@
 address per network from that network's own pool, a pod's calls run one after the other, and
 a spaced phase rests between calls without counting the rests."""
 
+import argparse
+import contextlib
 import ipaddress
 import time
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 from bench.contenders import HostLocal, Phase, pool_of, sliced_pool_of
 from bench.measure import Attachment, measure_command, measure_phase
 from bench.process import Spawner
+from bench.run_benchmark import PYABOUTS_SHIM_ETCD, Servers, _contender
 
 HOST_LOCAL = Path("/usr/lib/cni/host-local")
 
@@ -85,3 +88,18 @@ def test_a_spaced_phase_rests_between_calls_and_does_not_count_the_rests(
     assert add.wall_s < 3 * 0.4  # host-local's calls take milliseconds: no rest counted
     with pytest.raises(ValueError, match="one pod at a time"):
         measure_phase(host_local, phase, 2, 2, Spawner(scratch=tmp_path), gap_s=0.1)
+
+
+def test_the_etcd_contender_counts_etcds_cpu_and_its_agents_conflicts(tmp_path: Path) -> None:
+    """The shim and an agent per node on the run's etcd, as bench/run.sh races them: the phase
+    reports etcd's CPU as the server's, and the conflicts the agents counted (how many, the
+    timing decides)."""
+    args = argparse.Namespace(calls=60, nodes=3)
+    with contextlib.ExitStack() as stack:
+        contender = _contender(PYABOUTS_SHIM_ETCD, Servers(stack, tmp_path), args)
+        phase = Phase("concurrent", "etcd-1", nodes=3)
+        add, delete = measure_phase(contender, phase, 60, 12, Spawner(scratch=tmp_path))
+    assert (add.ok, add.duplicates, delete.ok) == (60, 0, 60), add.failure_samples
+    assert add.server_cpu_ms is not None and add.server_cpu_ms > 0
+    assert add.daemon_cpu_ms is not None and add.daemon_cpu_ms > 0
+    assert add.conflicts is not None and delete.conflicts is not None
