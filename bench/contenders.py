@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.kube import conflicting_writes
 from deploy.local.agent_process import AgentProcess
+from pyabouts.plugin.agent.metrics import CONFLICTS_METRIC
 from pyabouts.plugin.install import install_shim, install_thin_plugin
 
 CNI_VERSION = "1.0.0"
@@ -91,7 +92,8 @@ class Contender(ABC):
         self.workdir = workdir / name
         self.cluster_unique = cluster_unique  # False: nodes allocate independently
         self.import_probe = import_probe
-        #: The CPU time its datastore's server (kube-apiserver) used so far, where it has one.
+        #: The CPU time its datastore's server (kube-apiserver or etcd) used so far, where it
+        #: has one.
         self.server_cpu: Callable[[], float] | None = None
         self.workdir.mkdir(parents=True, exist_ok=True)
 
@@ -238,9 +240,6 @@ class PyaboutsKubernetes(Pyabouts):
         return conflicting_writes(self.request_counter())
 
 
-AGENT_CONFLICTS = "pyabouts_agent_conflicts"  # plugin.agent.metrics
-
-
 class NodeAgents:
     """A pyabouts-agent per simulated node, started at the node's first call, and the client
     the plugin runs as: the node shim (`shim`, what the DaemonSet installs) or the thin Python
@@ -291,9 +290,9 @@ class NodeAgents:
             int(sample.value)
             for agent in self._running.values()
             for family in text_string_to_metric_families(agent.metrics())
-            if family.name == AGENT_CONFLICTS
+            if family.name == CONFLICTS_METRIC
             for sample in family.samples
-            if sample.name == f"{AGENT_CONFLICTS}_total"
+            if sample.name == f"{CONFLICTS_METRIC}_total"
         )
 
 

@@ -204,9 +204,10 @@ def measure_command(
     outcomes, wall_s = _run_all(
         contender, command, pods, concurrency=concurrency, spawner=spawner, gap_s=gap_s
     )
+    # The CPU first: asking the agents and the apiserver for their counts costs them some.
+    cpu_after = contender.daemon_cpu_seconds(), contender.server_cpu_seconds()
     conflicts_after = contender.count_conflicts(phase)
     requests_after = contender.api_requests()
-    cpu_after = contender.daemon_cpu_seconds(), contender.server_cpu_seconds()
     figures = summarize(
         contender.name,
         phase,

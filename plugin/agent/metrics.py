@@ -10,6 +10,10 @@ LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+#: The count of blocks a write found changed (the benchmark reads it from /metrics).
+CONFLICTS_METRIC = "pyabouts_agent_conflicts"
+
+
 class AgentMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -56,7 +60,7 @@ class AgentMetrics:
             "pyabouts_agent_store_reads", "Pool reads sent (cache misses).", registry=self.registry
         )
         self.conflicts = Counter(
-            "pyabouts_agent_conflicts",
+            CONFLICTS_METRIC,
             "Blocks a write found changed by somebody else (then read afresh and decided again).",
             registry=self.registry,
         )

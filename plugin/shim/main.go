@@ -162,8 +162,8 @@ func writeAll(conn *os.File, data []byte, deadline time.Time) error {
 	return err
 }
 
-// shutdownWrite tells the agent the request is whole. Through SyscallConn, as Fd would put
-// the socket back in blocking mode.
+// shutdownWrite tells the agent the request is whole: shutdown(2) on the descriptor the
+// os.File holds, through SyscallConn, which keeps it from being closed meanwhile.
 func shutdownWrite(conn *os.File) error {
 	raw, err := conn.SyscallConn()
 	if err != nil {
