@@ -90,10 +90,15 @@ def test_a_spaced_phase_rests_between_calls_and_does_not_count_the_rests(
         measure_phase(host_local, phase, 2, 2, Spawner(scratch=tmp_path), gap_s=0.1)
 
 
-def test_the_etcd_contender_counts_etcds_cpu_and_its_agents_conflicts(tmp_path: Path) -> None:
+def test_the_etcd_contender_counts_etcds_cpu_and_its_agents_conflicts(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     """The shim and an agent per node on the run's etcd, as bench/run.sh races them: the phase
     reports etcd's CPU as the server's, and the conflicts the agents counted (how many, the
     timing decides)."""
+    # A short directory: the agents' sockets are in it, and a unix socket's path has at most
+    # 107 bytes (a test's own tmp_path under a pytest-xdist worker is longer).
+    tmp_path = tmp_path_factory.mktemp("bench")
     args = argparse.Namespace(calls=60, nodes=3)
     with contextlib.ExitStack() as stack:
         contender = _contender(PYABOUTS_SHIM_ETCD, Servers(stack, tmp_path), args)
