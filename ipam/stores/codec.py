@@ -19,7 +19,7 @@ from urllib.parse import quote, unquote
 import netaddr
 
 from pyabouts.ipam.errors import CORRUPT_BLOCK, CniError
-from pyabouts.ipam.pool import BLOCK_BITS, Block, BlockKey, Owner
+from pyabouts.ipam.pool import BLOCK_BITS, BLOCK_SIZE, Block, BlockKey, Owner
 from pyabouts.ipam.slices import check_registry_entry, is_registry
 
 # The table's first line. A reader refuses a table under any other header, so that a later
@@ -46,15 +46,22 @@ def block_cidr(key: BlockKey) -> str:
 
 def block_document(block: Block) -> dict[str, Any]:
     """The block as stored: where it is, the range that writes it, and who holds what."""
-    base = block.key.base
-    lines = [TABLE_HEADER]
-    lines += [f"{a - base} {owner_columns(owner)}" for a, owner in _sorted_entries(block)]
-    return {**_block_head(block), "allocations": "\n".join(lines)}
+    return {**_block_head(block), "allocations": "\n".join(_table_lines(block))}
 
 
 def block_json(block: Block) -> str:
-    """block_document(block) as compact JSON text, what the stores write."""
-    return compact_json(block_document(block))
+    """block_document(block) as compact JSON text, what the stores write.
+
+    The table, most of what a write encodes, is made a JSON string by joining its lines with
+    an escaped line break: its lines are ASCII without quotes, backslashes or control
+    characters (values are percent-encoded, see _SAFE), which json.dumps would scan, at
+    several times the cost, only to leave as they are. Quotes, backslashes and line breaks
+    are checked all the same, for next to nothing; json.dumps takes a table that has any."""
+    lines = _table_lines(block)
+    table = "\\n".join(lines)
+    if not table.isascii() or '"' in table or "\n" in table or table.count("\\") >= len(lines):
+        return compact_json(block_document(block))
+    return json_with_member(_block_head(block), "allocations", f'"{table}"')
 
 
 def json_with_member(document: dict[str, Any], key: str, member_json: str) -> str:
@@ -78,6 +85,25 @@ def _block_head(block: Block) -> dict[str, Any]:
         # A string: an IPv6 range's size does not fit the 64-bit integers of JSON parsers.
         **({"rangeSize": str(block.range_size)} if block.range_size else {}),
     }
+
+
+def _table_lines(block: Block) -> list[str]:
+    """The header, then a line per address. A write sends its whole block, and between two
+    writes of a block nearly all of its owners are the same objects (blocks copied to be
+    changed share them): each address's line is kept with the owner it was made for."""
+    kept = _TABLES.get(block.key)
+    if kept is None:
+        if len(_TABLES) >= _MAX_TABLES:
+            _TABLES.clear()
+        kept = _TABLES[block.key] = {}
+    base = block.key.base
+    lines = [TABLE_HEADER]
+    for address, owner in _sorted_entries(block):
+        line = kept.get(address)
+        if line is None or line[0] is not owner:
+            line = kept[address] = (owner, f"{address - base} {owner_columns(owner)}")
+        lines.append(line[1])
+    return lines
 
 
 def _sorted_entries(block: Block) -> list[tuple[int, Owner]]:
@@ -132,6 +158,10 @@ _owner_fields = operator.attrgetter(*(f.name for f in dataclasses.fields(Owner))
 _MAX_KEPT = 4096
 _OWNER_LINES: dict[tuple[Any, ...], str] = {}
 _LINES_BY_OWNER: dict[int, tuple[Owner, str]] = {}
+# Per block key, each address's line and the owner it was made for (see _table_lines); as many
+# blocks as _MAX_KEPT entries fill.
+_TABLES: dict[BlockKey, dict[int, tuple[Owner, str]]] = {}
+_MAX_TABLES = _MAX_KEPT // BLOCK_SIZE
 
 
 def _text_column(value: str) -> str:

@@ -80,6 +80,36 @@ def test_owners_equal_but_for_their_time_cooldown_or_stickiness_are_each_written
         assert _all_fields(read) == _all_fields(owner)
 
 
+def test_a_block_changed_in_place_or_copied_and_changed_is_written_as_it_now_is() -> None:
+    # Each address's line is kept with the owner object it was made for: a block whose entries
+    # changed in any way (even behind put's back) never gets the line of an owner it lost.
+    owners = {KEY.base + n: Owner(f"c{n}", "net1", "ns/p", allocated_at=n) for n in range(4)}
+    block = Block(KEY, dict(owners))
+    block_json(block)
+    copied = block.copy()
+    copied.put(KEY.base + 1, Owner("c1", "net1", "ns/p", allocated_at=99))  # equal, not the same
+    copied.pop(KEY.base + 2)
+    block.entries[KEY.base + 3] = Owner("c9", "net2")
+    for changed in (copied, block, Block(KEY, dict(owners))):
+        written = json.loads(block_json(changed))
+        assert written == block_document(changed)
+        read = block_from_document(KEY, written, "1").entries
+        assert {a: _all_fields(o) for a, o in read.items()} == {
+            a: _all_fields(o) for a, o in changed.entries.items()
+        }
+
+
+@pytest.mark.parametrize("line", ['1 a"b', "1 a\\b", "1 a\nb", "1 \u00e9"])
+def test_a_table_line_json_would_escape_is_escaped(
+    monkeypatch: pytest.MonkeyPatch, line: str
+) -> None:
+    # Lines never hold these (values are percent-encoded); were one to, the JSON stays right.
+    monkeypatch.setattr(codec, "_table_lines", lambda block: [codec.TABLE_HEADER, line])
+    block = Block(KEY, {KEY.base + 1: Owner("c", "e")})
+    assert json.loads(block_json(block))["allocations"] == f"{codec.TABLE_HEADER}\n{line}"
+    assert block_json(block) == compact_json(block_document(block))
+
+
 def test_an_address_outside_the_block_is_refused() -> None:
     block = Block(KEY, {KEY.base + BLOCK_SIZE: Owner("c", "e")})
     with pytest.raises(ValueError, match="is not in block"):
@@ -111,6 +141,7 @@ def test_the_kept_lines_and_owners_stay_bounded_and_right_past_their_bound() -> 
         assert len(codec._LINES_BY_OWNER) <= codec._MAX_KEPT
         assert len(codec._OWNERS_READ) <= codec._MAX_KEPT
         assert len(codec._LINES_READ) <= codec._MAX_KEPT
+        assert sum(map(len, codec._TABLES.values())) <= codec._MAX_KEPT
 
 
 def _all_fields(owner: Owner) -> tuple[object, ...]:
