@@ -124,10 +124,7 @@ class Block:
         holders = self._holders
         if holders is None:
             # Built aside and published whole: other threads may read this (cached) block.
-            holders = {}
-            for address, owner in self.entries.items():
-                _add_holder(holders, address, owner)
-            self._holders = holders
+            holders = self._holders = _holders_of(self.entries)
         return holders.get(identity, ())
 
     def put(self, address: int, owner: Owner) -> None:
@@ -262,6 +259,18 @@ class PoolView:
 def container_identity(container_id: str, ifname: str) -> tuple[str, str]:
     """The identity DEL, CHECK and GC go by: one interface of one sandbox."""
     return (f"id:{container_id}", ifname)
+
+
+def _holders_of(entries: dict[int, Owner]) -> dict[tuple[str, str], tuple[int, ...]]:
+    """Block.held_by's index of `entries`: in one pass where each identity holds one address
+    of the block, as nearly all do."""
+    pairs = [(identity, a) for a, owner in entries.items() for identity in _identities(owner)]
+    holders: dict[tuple[str, str], tuple[int, ...]] = {i: (a,) for i, a in pairs}
+    if len(holders) < len(pairs):  # an identity holding several (addresses resting, say)
+        holders = {}
+        for identity, address in pairs:
+            holders[identity] = (*holders.get(identity, ()), address)
+    return holders
 
 
 def _add_holder(

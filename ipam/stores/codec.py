@@ -213,21 +213,24 @@ def _entries_of_table(key: BlockKey, table: str) -> dict[int, Owner]:
     lines = table.split("\n")
     if lines[0] != TABLE_HEADER:
         raise _corrupt(key, f"the allocations table's header is not pyabouts': {lines[0]!r}")
-    entries = {}
+    del lines[0]
+    # A block read again (after a conflict, by the reconciler) has nearly the same lines.
+    found = map(_LINES_READ.get, lines)
+    reads = [read or _new_line_read(key, line) for read, line in zip(found, lines, strict=True)]
     base = key.base
-    for line in lines[1:]:
-        # A block read again (after a conflict, by the reconciler) has nearly the same lines.
-        read = _LINES_READ.get(line)
-        if read is None:
-            try:
-                read = _kept(_LINES_READ, line, _line_read, line)
-            except ValueError as exc:
-                raise _corrupt(key, f"allocation line {line!r}: {exc}") from None
-        offset, owner = read
-        if base + offset in entries:
-            raise _corrupt(key, f"offset {offset} is given twice")
-        entries[base + offset] = owner
+    entries = {base + offset: owner for offset, owner in reads}
+    if len(entries) < len(reads):
+        offsets = [offset for offset, _ in reads]
+        twice = next(o for n, o in enumerate(offsets) if o in offsets[:n])
+        raise _corrupt(key, f"offset {twice} is given twice")
     return entries
+
+
+def _new_line_read(key: BlockKey, line: str) -> tuple[int, Owner]:
+    try:
+        return _kept(_LINES_READ, line, _line_read, line)
+    except ValueError as exc:
+        raise _corrupt(key, f"allocation line {line!r}: {exc}") from None
 
 
 def _line_read(line: str) -> tuple[int, Owner]:
