@@ -42,12 +42,12 @@ from pyabouts.plugin.node_config import (
     keep_node_config_current,
     write_file_atomically,
 )
+from pyabouts.serving.listen import check_unix_socket_path
 
 DEFAULT_SOCKET = thin_client.AGENT_SOCKET
 #: plugin/shim/main.go's socketSlot: the marker, then the socket path padded with NULs.
 SHIM_SLOT_MARKER = b"PYABOUTS-AGENT-SOCKET-SLOT:"
 SHIM_SLOT_SIZE = 512
-UNIX_PATH_MAX = 108  # sun_path's size, its final NUL included (Linux)
 SYSTEM_PYTHON = "/usr/bin/python3"
 _SOCKET_LINE = f'AGENT_SOCKET = "{DEFAULT_SOCKET}"\n'
 _FALLBACK_LINE = "FALLBACK_PATH: list[str] = []\n"
@@ -139,11 +139,7 @@ def shim_with_socket(binary: bytes, socket_path: str) -> bytes:
     path = socket_path.encode()
     if not path or b"\0" in path or len(path) >= SHIM_SLOT_SIZE:
         raise ValueError(f"the agent socket {socket_path!r} does not fit the shim's slot")
-    if len(path) >= UNIX_PATH_MAX:
-        raise ValueError(
-            f"the agent socket {socket_path!r} is {len(path)} bytes long: a unix socket's path "
-            f"has fewer than {UNIX_PATH_MAX}"
-        )
+    check_unix_socket_path(socket_path)
     start = binary.find(SHIM_SLOT_MARKER) + len(SHIM_SLOT_MARKER)
     unique = start >= len(SHIM_SLOT_MARKER) and binary.find(SHIM_SLOT_MARKER, start) < 0
     if not unique or len(binary) < start + SHIM_SLOT_SIZE:

@@ -1,10 +1,13 @@
-"""The --listen address of /metrics, /healthz and /readyz. Standard library only, so that
-command lines parse it without loading the servers."""
+"""The --listen address of /metrics, /healthz and /readyz, and the limit of a unix socket's
+path. Standard library only, so that command lines parse them without loading the servers."""
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
+
+UNIX_PATH_MAX = 108  # sun_path's size, its final NUL included (Linux)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -28,3 +31,13 @@ def listen_argument(listen: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return listen
+
+
+def check_unix_socket_path(path: str) -> None:
+    """ValueError when `path` cannot name a unix socket: bind() and connect() would refuse it."""
+    size = len(os.fsencode(path))
+    if size >= UNIX_PATH_MAX:
+        raise ValueError(
+            f"the unix socket {path!r} is {size} bytes long: a unix socket's path has fewer "
+            f"than {UNIX_PATH_MAX}"
+        )

@@ -42,7 +42,7 @@ from pyabouts.plugin.logs import LEVELS
 from pyabouts.plugin.thin_client import AGENT_SOCKET
 from pyabouts.plugin.wire import JOURNAL_LOCK, PENDING_JOURNAL
 from pyabouts.serving.endpoints import record_pool_usage, serve_endpoints
-from pyabouts.serving.listen import listen_argument
+from pyabouts.serving.listen import check_unix_socket_path, listen_argument
 from pyabouts.serving.workers import BoundedWorkers
 
 log = logging.getLogger(__name__)
@@ -428,6 +428,14 @@ def _write_behind_seconds(text: str) -> float:
     return seconds
 
 
+def _socket_path(text: str) -> Path:
+    try:
+        check_unix_socket_path(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return Path(text)
+
+
 def _seconds(text: str) -> float:
     if not float(text) > 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
@@ -468,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pyabouts-agent", description=__doc__)
     parser.add_argument(
         "--socket",
-        type=Path,
+        type=_socket_path,
         default=Path(AGENT_SOCKET),
         help="its directory is made 0700: give it one of its own",
     )
@@ -529,7 +537,11 @@ def main(argv: list[str] | None = None) -> None:
         log.info("serving %s", datastore.describe())
     metrics = AgentMetrics()
     backend = WarmBackend(metrics, args.node_name, datastore)
-    server = AgentServer(args.socket, backend, metrics, _limits(args))  # the socket is ours now
+    try:
+        server = AgentServer(args.socket, backend, metrics, _limits(args))  # the socket is ours
+    except OSError as exc:  # its directory cannot be made private, say
+        backend.close()
+        raise SystemExit(f"pyabouts-agent: cannot serve on {args.socket}: {exc}") from None
     try:
         if datastore is not None:
             _take_up_journal(backend, metrics, args)

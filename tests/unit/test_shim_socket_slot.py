@@ -3,12 +3,8 @@ socketSlot); tests/integration/test_shim.py runs a shim so written."""
 
 import pytest
 
-from pyabouts.plugin.install import (
-    SHIM_SLOT_MARKER,
-    SHIM_SLOT_SIZE,
-    UNIX_PATH_MAX,
-    shim_with_socket,
-)
+from pyabouts.plugin.install import SHIM_SLOT_MARKER, SHIM_SLOT_SIZE, shim_with_socket
+from pyabouts.serving.listen import UNIX_PATH_MAX
 
 BINARY = b"\x7fELF code " + SHIM_SLOT_MARKER + b"\0" * SHIM_SLOT_SIZE + b"\x01rest of rodata"
 
