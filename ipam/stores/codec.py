@@ -46,22 +46,21 @@ def block_cidr(key: BlockKey) -> str:
 
 def block_document(block: Block) -> dict[str, Any]:
     """The block as stored: where it is, the range that writes it, and who holds what."""
-    return {**_block_head(block), "allocations": "\n".join(_table_lines(block))}
+    return {**_block_head(block), "allocations": "\n".join(_table_lines(block)[0])}
 
 
 def block_json(block: Block) -> str:
     """block_document(block) as compact JSON text, what the stores write.
 
     The table, most of what a write encodes, is made a JSON string by joining its lines with
-    an escaped line break: its lines are ASCII without quotes, backslashes or control
-    characters (values are percent-encoded, see _SAFE), which json.dumps would scan, at
-    several times the cost, only to leave as they are. Quotes, backslashes and line breaks
-    are checked all the same, for next to nothing; json.dumps takes a table that has any."""
-    lines = _table_lines(block)
-    table = "\\n".join(lines)
-    if not table.isascii() or '"' in table or "\n" in table or table.count("\\") >= len(lines):
+    an escaped line break: its lines are printable ASCII without quotes or backslashes
+    (values are percent-encoded, see _SAFE), which json.dumps would scan, at several times
+    the cost, only to leave as they are. Each line is checked once, when it is made (see
+    _table_lines); json.dumps takes a table with a line that is not so."""
+    lines, plain = _table_lines(block)
+    if not plain:
         return compact_json(block_document(block))
-    return json_with_member(_block_head(block), "allocations", f'"{table}"')
+    return json_with_member(_block_head(block), "allocations", '"' + "\\n".join(lines) + '"')
 
 
 def json_with_member(document: dict[str, Any], key: str, member_json: str) -> str:
@@ -87,10 +86,12 @@ def _block_head(block: Block) -> dict[str, Any]:
     }
 
 
-def _table_lines(block: Block) -> list[str]:
-    """The header, then a line per address. A write sends its whole block, and between two
-    writes of a block nearly all of its owners are the same objects (blocks copied to be
-    changed share them): each address's line is kept with the owner it was made for."""
+def _table_lines(block: Block) -> tuple[list[str], bool]:
+    """The header, then a line per address; and whether every line is plain (printable ASCII
+    without quotes or backslashes: as JSON escapes nothing in it). A write sends its whole
+    block, and between two writes of a block nearly all of its owners are the same objects
+    (blocks copied to be changed share them): each address's plain line is kept with the owner
+    it was made for."""
     kept = _TABLES.get(block.key)
     if kept is None:
         if len(_TABLES) >= _MAX_TABLES:
@@ -98,12 +99,23 @@ def _table_lines(block: Block) -> list[str]:
         kept = _TABLES[block.key] = {}
     base = block.key.base
     lines = [TABLE_HEADER]
+    plain = True
     for address, owner in _sorted_entries(block):
         line = kept.get(address)
         if line is None or line[0] is not owner:
-            line = kept[address] = (owner, f"{address - base} {owner_columns(owner)}")
-        lines.append(line[1])
-    return lines
+            text = f"{address - base} {owner_columns(owner)}"
+            if _is_plain(text):
+                kept[address] = (owner, text)
+            else:
+                plain = False
+            lines.append(text)
+        else:
+            lines.append(line[1])
+    return lines, plain
+
+
+def _is_plain(text: str) -> bool:
+    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
 
 
 def _sorted_entries(block: Block) -> list[tuple[int, Owner]]:

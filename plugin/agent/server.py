@@ -429,11 +429,12 @@ def _write_behind_seconds(text: str) -> float:
 
 
 def _socket_path(text: str) -> Path:
+    path = Path(text)
     try:
-        check_unix_socket_path(text)
+        check_unix_socket_path(str(path))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    return Path(text)
+    return path
 
 
 def _seconds(text: str) -> float:

@@ -99,15 +99,17 @@ def test_a_block_changed_in_place_or_copied_and_changed_is_written_as_it_now_is(
         }
 
 
-@pytest.mark.parametrize("line", ['1 a"b', "1 a\\b", "1 a\nb", "1 \u00e9"])
+@pytest.mark.parametrize("columns", ['a"b', "a\\b", "a\nb", "a\tb", "a\rb", "a\x7fb", "\u00e9"])
 def test_a_table_line_json_would_escape_is_escaped(
-    monkeypatch: pytest.MonkeyPatch, line: str
+    monkeypatch: pytest.MonkeyPatch, columns: str
 ) -> None:
     # Lines never hold these (values are percent-encoded); were one to, the JSON stays right.
-    monkeypatch.setattr(codec, "_table_lines", lambda block: [codec.TABLE_HEADER, line])
-    block = Block(KEY, {KEY.base + 1: Owner("c", "e")})
-    assert json.loads(block_json(block))["allocations"] == f"{codec.TABLE_HEADER}\n{line}"
-    assert block_json(block) == compact_json(block_document(block))
+    monkeypatch.setattr(codec, "owner_columns", lambda owner: columns)
+    block = Block(KEY, {KEY.base + 1: Owner("c", "e"), KEY.base + 2: Owner("d", "e")})
+    written = block_json(block)
+    assert written == compact_json(block_document(block))
+    table = json.loads(written)["allocations"]
+    assert table == f"{codec.TABLE_HEADER}\n1 {columns}\n2 {columns}"
 
 
 def test_an_address_outside_the_block_is_refused() -> None:
