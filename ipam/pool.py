@@ -269,7 +269,7 @@ def _holders_of(entries: dict[int, Owner]) -> dict[tuple[str, str], tuple[int, .
     if len(holders) < len(pairs):  # an identity holding several (addresses resting, say)
         holders = {}
         for identity, address in pairs:
-            holders[identity] = (*holders.get(identity, ()), address)
+            _hold(holders, identity, address)
     return holders
 
 
@@ -277,7 +277,13 @@ def _add_holder(
     holders: dict[tuple[str, str], tuple[int, ...]], address: int, owner: Owner
 ) -> None:
     for identity in _identities(owner):
-        holders[identity] = (*holders.get(identity, ()), address)
+        _hold(holders, identity, address)
+
+
+def _hold(
+    holders: dict[tuple[str, str], tuple[int, ...]], identity: tuple[str, str], address: int
+) -> None:
+    holders[identity] = (*holders.get(identity, ()), address)
 
 
 def _identities(owner: Owner) -> tuple[tuple[str, str], tuple[str, str]]:
