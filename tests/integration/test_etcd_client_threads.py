@@ -1,0 +1,71 @@
+"""The etcd store's grpc client polls on the calling thread (GRPC_EXPERIMENTS in
+ipam.stores.etcd): grpc's EventEngine client would hand each call to its own threads, with a
+thread switch or more per call. A grpcio that no longer takes the setting fails here."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.integration.etcd_fixtures import EtcdServer
+from tests.integration.plugin_fixtures import etcd_ipam
+
+pytestmark = pytest.mark.integration
+
+CALLS = 200
+
+# In a process of its own: grpc reads GRPC_EXPERIMENTS once, when it is first imported.
+_CALLER = """
+import json, os, sys
+from pyabouts.ipam.config import IpamConf
+from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
+from pyabouts.ipam.stores.etcd import EtcdStore
+
+def event_engine_switches():
+    switches = 0
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/comm") as comm:
+            if comm.read().strip() != "event_engine":
+                continue
+        with open(f"/proc/self/task/{task}/status") as status:
+            switches += sum(int(l.split()[1]) for l in status if "ctxt_switches" in l)
+    return switches
+
+store = EtcdStore.from_config(IpamConf.model_validate(json.loads(sys.argv[1])), timeout=5)
+key = BlockKey(PoolId("client-threads-" + str(os.getpid()), 4), 0x0A000000)
+store.read_blocks(key.pool, key.base, key.base)  # connected, logged in
+before = event_engine_switches()
+for n in range(int(sys.argv[2]) // 2):
+    [block] = store.read_blocks(key.pool, key.base, key.base) or [Block(key)]
+    block.entries[key.base + n % 256] = Owner(f"c{n}", "net1")
+    assert store.write_blocks([block]).conflicts == []
+print(json.dumps({"switches": event_engine_switches() - before}))
+"""
+
+
+def event_engine_switches(server: EtcdServer, experiments: str | None) -> int:
+    """The thread switches of grpc's EventEngine threads over CALLS calls of the etcd store,
+    in a process where GRPC_EXPERIMENTS is `experiments` (None: not set)."""
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    if experiments is not None:
+        env["GRPC_EXPERIMENTS"] = experiments
+    argv = [sys.executable, "-c", _CALLER, json.dumps(etcd_ipam(server)), str(CALLS)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=True)
+    return int(json.loads(done.stdout.splitlines()[-1])["switches"])
+
+
+@pytest.mark.parametrize("fixture", ["etcd_server", "etcd_tls_auth_server"])
+def test_the_etcd_store_calls_etcd_from_the_calling_thread(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    # Their few wakeups of their own (timers) are all that is left: well under one per call.
+    server = request.getfixturevalue(fixture)
+    assert event_engine_switches(server, None) < CALLS // 2
+
+
+def test_an_operators_grpc_experiments_are_kept(etcd_server: EtcdServer) -> None:
+    # The empty setting is grpc's default: each call wakes the EventEngine's threads (about
+    # five switches per call here). It also shows that the count above tells the two apart.
+    assert event_engine_switches(etcd_server, "") >= CALLS
