@@ -61,10 +61,11 @@ MAX_WRITE_BEHIND_SECONDS = 60.0
 # How often what an earlier agent left in the journal is stored, when --write-behind is off.
 JOURNAL_FLUSH_SECONDS = 0.25
 COMMANDS = frozenset({"ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION"})
-# A request makes and drops thousands of small objects. Collected for cycles every 700 of them,
-# as Python does by default, the agents spent 3.1% of their CPU in the 1000-ADD race on etcd in
-# the collector (timed with gc.callbacks), every 10,000 1.1%; what cycles hold waits that much
-# longer to be freed, some megabytes at most.
+# A request makes thousands of container objects (a block read again is hundreds of entries).
+# With a collection for cycles whenever 700 more of them are alive than after the last one, as
+# Python has it, the agents spent 3.1% of their CPU in the collector in the 1000-ADD race on
+# etcd (timed with gc.callbacks); at 10,000, 1.1%. What cycles hold waits that much longer to
+# be freed: the older generations are collected after as many young collections as before.
 GC_YOUNG_THRESHOLD = 10_000
 # A command ends this long before its plugin stops waiting (wire.DEADLINE_KEY): room for a
 # store request under way and the reply.
@@ -535,7 +536,7 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
     )
     _import_request_path()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     datastore = None
     if not args.trust_request_datastore:
         try:
