@@ -72,6 +72,6 @@ def test_etcd_calls_leave_grpcs_event_engine_threads_asleep(
 
 
 def test_an_operators_grpc_experiments_are_kept(etcd_server: EtcdServer) -> None:
-    # The empty setting is grpc's default: each call wakes the EventEngine's threads (about
-    # five switches per call here). It also shows that the count above tells the two apart.
+    # The empty setting is grpc's default: each call wakes the EventEngine's threads (five
+    # to seven switches per call here). It also shows that the count above tells the two apart.
     assert event_engine_switches(etcd_server, "") >= CALLS
