@@ -297,9 +297,15 @@ class NodeAgents:
 
 
 class AgentServed(Pyabouts):
-    """A pyabouts contender whose calls its nodes' agents serve (`_agents`)."""
+    """A pyabouts contender whose calls its nodes' agents serve (`_agents`). Its conflicts are
+    the agents' count, which outlives the phases, unlike plugin processes: on IPPools the writes
+    kube-apiserver refused and those the agents did not send because their watch showed them
+    bound to be refused."""
 
     _agents: NodeAgents
+
+    def count_conflicts(self, phase: Phase) -> int:
+        return self._agents.conflicts()
 
     def prepare_node(self, phase: Phase, node: int, network: int = 0) -> NodeSetup:
         setup = super().prepare_node(phase, node, network)
@@ -342,8 +348,7 @@ class PyaboutsAgent(AgentServed, PyaboutsKubernetes):
 
 
 class PyaboutsAgentEtcd(AgentServed, PyaboutsEtcd):
-    """pyabouts through the node shim to its agent (NodeAgents), with the etcd datastore. Its
-    conflicts are the agents' count: they outlive the phases, unlike plugin processes."""
+    """pyabouts through the node shim to its agent (NodeAgents), with the etcd datastore."""
 
     def __init__(
         self,
@@ -360,9 +365,6 @@ class PyaboutsAgentEtcd(AgentServed, PyaboutsEtcd):
         client = self._agents.client
         super().__init__(client, python, workdir, etcd_endpoint=etcd_endpoint, pool=pool, name=name)
         self.import_probe = None
-
-    def count_conflicts(self, phase: Phase) -> int:
-        return self._agents.conflicts()
 
 
 class Whereabouts(Contender):

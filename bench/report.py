@@ -65,7 +65,8 @@ def format_report(result: BenchmarkResult, cluster_unique: dict[str, bool]) -> s
         "ADD / DEL PHASES (latency per call in ms, wall in s, RSS of one plugin process in MiB, "
         "API/call: datastore API requests per call, agent RSS: peak of a node's agent in MiB; "
         "CPU ms per call of the plugin process, the agents and the datastore's server, "
-        "kube-apiserver or etcd; conflicts: as the apiserver or, on etcd, the agents count them)",
+        "kube-apiserver or etcd; conflicts: as the agents count them (on IPPools with the "
+        "writes their watch showed bound to be refused, not sent), or the apiserver, in-process)",
         format_phases(result.phases),
         *_per_node_notes(cluster_unique),
         *_pod_lines(result.phases),

@@ -7,14 +7,15 @@ Meant for the node agent and bulk drivers; a one-shot plugin process reads its p
 
 Fed by a BlockFeed (ipam.store), the cache also learns which blocks somebody else wrote, as they
 are written: a pool as old as max_age is then read again only where it changed, and one nobody
-else wrote costs no read at all however long it rested.
+else wrote costs no read at all however long it rested; and a write of a block the feed has
+already reported written by somebody else is not sent, since it could only be refused.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pyabouts.ipam.pool import BLOCK_SIZE, Block, BlockKey, PoolId
@@ -57,10 +58,12 @@ class CachedStore:
         max_age: float | None = None,
         feed: BlockFeed | None = None,
         max_age_fed: float | None = None,
+        on_overtaken: Callable[[], None] | None = None,
     ) -> None:
         """`feed`: the tags of the BlockFeed that will report to this cache (its follower calls
         feed_listed, feed_changed, feed_lost); while it is live, `max_age_fed` applies instead
-        of `max_age`, a bound in case the feed silently stopped."""
+        of `max_age`, a bound in case the feed silently stopped. `on_overtaken`: called for each
+        write not sent because the feed showed it would conflict (see write_blocks)."""
         self._backing = backing
         self._max_age = max_age
         self._read_at: dict[PoolId, float] = {}  # when it was last read whole
@@ -75,6 +78,8 @@ class CachedStore:
         # pool tag -> block tag -> as the feed last reported it; None while the feed is not live.
         self._fed: dict[str, dict[str, _Stored]] | None = None
         self._tags: dict[BlockKey, str] = {}
+        self._pool_tags: dict[PoolId, str] = {}
+        self._on_overtaken = on_overtaken
 
     def read_blocks(self, pool: PoolId, first: int, last: int) -> list[Block]:
         now = time.monotonic()
@@ -160,8 +165,13 @@ class CachedStore:
         return self._backing.read_all_blocks(on_unreadable=on_unreadable)
 
     def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
+        # A block the feed reports written since the copy this write was decided on would be
+        # refused: it is not sent, and counts as the conflict it would be. On Kubernetes a
+        # refused PUT costs kube-apiserver about what a stored one does (the whole block).
+        overtaken = self._first_overtaken(blocks)
+        sent = blocks if overtaken is None else blocks[:overtaken]
         try:
-            outcome = self._backing.write_blocks(blocks)
+            outcome = self._backing.write_blocks(sent) if sent else WriteOutcome()
         except Exception:
             # Unknown whether it was written: read these pools afresh.
             for block in blocks:
@@ -173,10 +183,44 @@ class CachedStore:
                 if revision is not None and block.key.pool in self._pools:
                     block.revision = revision
                     self._merge(block.key.pool, {block.key: block})
+            if overtaken is not None and not outcome.conflicts:
+                outcome.conflicts.append(blocks[overtaken].key)
+                if self._on_overtaken is not None:
+                    self._on_overtaken()
             for key in outcome.conflicts:
                 if key.pool in self._pools:
                     self._stale.setdefault(key.pool, set()).add(key)
         return outcome
+
+    def _first_overtaken(self, blocks: Sequence[Block]) -> int | None:
+        """The index of the first of `blocks` whose stored object the feed reports at a later
+        revision than the one it was decided on (or created, for a block new to it), if any."""
+        with self._lock:
+            feed, fed = self._feed, self._fed
+            if feed is None or fed is None:
+                return None
+            for i, block in enumerate(blocks):
+                pool_tag = self._pool_tag(feed, block.key.pool)
+                stored = fed.get(pool_tag, {}).get(self._tag(feed, block.key))
+                if stored is None or (stored.deleted and block.revision is None):
+                    continue
+                if later_revision(stored.revision, block.revision):
+                    return i
+        return None
+
+    def _pool_tag(self, feed: BlockFeed, pool: PoolId) -> str:
+        """`feed`'s tag of `pool`, kept. Under the lock."""
+        tag = self._pool_tags.get(pool)
+        if tag is None:
+            tag = self._pool_tags[pool] = feed.pool_tag(pool)
+        return tag
+
+    def _tag(self, feed: BlockFeed, key: BlockKey) -> str:
+        """`feed`'s tag of block `key`, kept. Under the lock."""
+        tag = self._tags.get(key)
+        if tag is None:
+            tag = self._tags[key] = feed.block_tag(key)
+        return tag
 
     def _merge(
         self, pool: PoolId, blocks: dict[BlockKey, Block], *, whole_since: float | None = None
@@ -225,13 +269,10 @@ class CachedStore:
         (somebody else created it). None while the feed is not live. Under the lock."""
         if self._fed is None or self._feed is None:
             return None
-        fed = self._fed.get(self._feed.pool_tag(pool), {})
+        fed = self._fed.get(self._pool_tag(self._feed, pool), {})
         changed = set()
         for key, block in blocks.items():
-            tag = self._tags.get(key)
-            if tag is None:
-                tag = self._tags[key] = self._feed.block_tag(key)
-            stored = fed.get(tag)
+            stored = fed.get(self._tag(self._feed, key))
             if stored is None or stored.deleted or later_revision(stored.revision, block.revision):
                 changed.add(key)
         cached = {self._tags[key] for key in blocks}

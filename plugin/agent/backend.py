@@ -263,6 +263,7 @@ class WarmBackend:
                 max_age=POOL_MAX_AGE_SECONDS,
                 feed=feed,
                 max_age_fed=POOL_MAX_AGE_FED_SECONDS,
+                on_overtaken=self._metrics.conflicts.inc,
             )
             # Only the agent's own datastore: the journal names no other.
             pending = self._pending if key == "own" else None

@@ -61,7 +61,8 @@ class AgentMetrics:
         )
         self.conflicts = Counter(
             CONFLICTS_METRIC,
-            "Blocks a write found changed by somebody else (then read afresh and decided again).",
+            "Blocks a write found changed by somebody else, or did not send because the watch "
+            "of the IPPools showed them changed (then read afresh and decided again).",
             registry=self.registry,
         )
         self.feed_live = Gauge(

@@ -9,7 +9,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,15 +120,17 @@ def test_killing_the_agent_mid_run_loses_nothing_and_a_restart_resumes_from_the_
         agent.stop()
 
 
-def test_an_agent_following_the_ippool_watch_reads_no_idle_pool_and_sees_writes_at_once(
-    shim: str, pyabouts_cluster: ControlPlane, two_agents: list[AgentProcess], tmp_path: Path
-) -> None:
-    """Past its pool cache's max age (2 s) an agent whose watch of the IPPools is live serves
-    the next ADD without reading the pool (one API request: the write) when nobody else wrote
-    it, and reads only the block another node wrote, before it decides, not after a conflict."""
-    network = f"agentfeed-{uuid.uuid4().hex[:6]}"
+def first_add_then_live_feed(
+    shim: str,
+    cluster: ControlPlane,
+    two_agents: list[AgentProcess],
+    tmp_path: Path,
+    network: str,
+) -> tuple[Callable[[Node, str], None], Node, Node]:
+    """Two nodes whose agents serve `network` (a /24: one block) on IPPools, the first of
+    them having served pod "first" and its IPPool watch live; what serves an ADD on a node."""
     ipam = {"range": "10.72.0.0/24", "network_name": network}
-    near, far = nodes_with(tmp_path, kubernetes_datastore(pyabouts_cluster), two_agents)
+    near, far = nodes_with(tmp_path, kubernetes_datastore(cluster), two_agents)
     agent = near.agent
     assert agent is not None
 
@@ -141,6 +143,19 @@ def test_an_agent_following_the_ippool_watch_reads_no_idle_pool_and_sees_writes_
     while metric(agent, "pyabouts_agent_block_feed_live") != 1:
         assert time.monotonic() < deadline, "the agent's IPPool watch never became live"
         time.sleep(0.1)
+    return add, near, far
+
+
+def test_an_agent_following_the_ippool_watch_reads_no_idle_pool_and_sees_writes_at_once(
+    shim: str, pyabouts_cluster: ControlPlane, two_agents: list[AgentProcess], tmp_path: Path
+) -> None:
+    """Past its pool cache's max age (2 s) an agent whose watch of the IPPools is live serves
+    the next ADD without reading the pool (one API request: the write) when nobody else wrote
+    it, and reads only the block another node wrote, before it decides, not after a conflict."""
+    network = f"agentfeed-{uuid.uuid4().hex[:6]}"
+    add, near, far = first_add_then_live_feed(shim, pyabouts_cluster, two_agents, tmp_path, network)
+    agent = near.agent
+    assert agent is not None
     reads = metric(agent, "pyabouts_agent_store_reads_total")
     time.sleep(2.5)  # past the max age of a pool nobody reported changed
     add(near, "after-a-rest")
@@ -154,6 +169,30 @@ def test_an_agent_following_the_ippool_watch_reads_no_idle_pool_and_sees_writes_
     assert metric(agent, "pyabouts_agent_block_feed_breaks_total") == 0
     held = stored(pyabouts_cluster, network)
     assert sorted(held.values()) == ["after-a-rest", "after-the-other", "first", "other-node"]
+
+
+def test_an_agent_sends_no_write_its_ippool_watch_shows_would_be_refused(
+    shim: str, pyabouts_cluster: ControlPlane, two_agents: list[AgentProcess], tmp_path: Path
+) -> None:
+    """Within its pool cache's max age an agent decides on its cached block; when its watch has
+    already reported that block written by another node, the PUT would be refused (409), so it
+    is not sent: the agent reads the block and writes once, and counts the conflict."""
+    network = f"agentahead-{uuid.uuid4().hex[:6]}"
+    add, near, far = first_add_then_live_feed(shim, pyabouts_cluster, two_agents, tmp_path, network)
+    agent = near.agent
+    assert agent is not None
+    time.sleep(2.1)
+    add(near, "fresh")  # past max age: checked against the watch, and good for 2 s more
+    writes = metric(agent, "pyabouts_agent_store_writes_total")
+    reads = metric(agent, "pyabouts_agent_store_reads_total")
+    add(far, "other-node")  # the same block (a /24 is one), written by the other agent
+    time.sleep(0.5)  # for the watch to report it; well within the near agent's max age
+    add(near, "after-the-other")
+    assert metric(agent, "pyabouts_agent_conflicts_total") == 1
+    assert metric(agent, "pyabouts_agent_store_writes_total") == writes + 1  # none refused
+    assert metric(agent, "pyabouts_agent_store_reads_total") == reads + 1  # that block
+    held = stored(pyabouts_cluster, network)
+    assert sorted(held.values()) == ["after-the-other", "first", "fresh", "other-node"]
 
 
 def test_two_agents_racing_on_one_pool_never_give_an_address_twice(

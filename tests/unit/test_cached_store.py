@@ -342,3 +342,75 @@ def test_a_del_that_freed_nothing_is_checked_against_the_feed_and_an_add_by_a_fr
     again = operations.allocate(transactions, [RANGE], owner, [], deadline=time.monotonic() + 5)
     assert again == [int(netaddr.IPAddress("10.0.0.1"))]  # pod 1's, found
     assert backing.spans[reads:] == [1 << 128]  # the pool, read whole (the whole space)
+
+
+class Overtaken:
+    """Counts the writes a cache did not send because its feed showed them overtaken."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> None:
+        self.count += 1
+
+
+def counting_fed_cache(backing: MemoryStore) -> tuple[CachedStore, Overtaken]:
+    overtaken = Overtaken()
+    cache = CachedStore(backing, max_age=2.0, feed=Tags(), max_age_fed=60.0, on_overtaken=overtaken)
+    report_all(cache, backing)
+    return cache, overtaken
+
+
+def test_a_write_the_feed_shows_overtaken_is_not_sent_and_the_block_is_read_again() -> None:
+    # Well within max_age: the decision is taken on the cached block, which the feed says
+    # another node wrote since. Its compare-and-swap could only be refused.
+    backing = MemoryStore()
+    cached, overtaken = counting_fed_cache(backing)
+    allocate(cached, 1)
+    [key] = backing.blocks
+    report(cached, backing, key)  # its own write: nothing to hold back
+    theirs = allocate(CachedStore(backing), 2)
+    report(cached, backing, key)
+    writes = backing.writes
+
+    ours = allocate(cached, 3)
+    assert ours == int(netaddr.IPAddress("10.0.0.3"))
+    assert theirs == int(netaddr.IPAddress("10.0.0.2"))
+    assert overtaken.count == 1
+    assert backing.conflicts == 0  # nothing sent to be refused
+    assert backing.writes == writes + 1  # the one decided on the block read again
+    assert cached.reads == 2  # the first LIST, then that block
+
+
+def test_without_the_feeds_report_the_same_write_is_sent_and_refused() -> None:
+    backing = MemoryStore()
+    cached, overtaken = counting_fed_cache(backing)
+    allocate(cached, 1)
+    allocate(CachedStore(backing), 2)  # not reported (yet): the watch lags
+    allocate(cached, 3)
+    assert (overtaken.count, backing.conflicts) == (0, 1)
+
+
+def test_a_block_the_feed_saw_created_elsewhere_is_not_created_again() -> None:
+    # This cache read the pool before another node created the block: its create would be
+    # refused (the object exists), so it is not sent either.
+    backing = MemoryStore()
+    cached, overtaken = counting_fed_cache(backing)
+    cached.read_blocks(POOL, 0, WHOLE)  # empty
+    theirs = allocate(CachedStore(backing), 2)
+    [key] = backing.blocks
+    report(cached, backing, key)
+    ours = allocate(cached, 3)
+    assert ours != theirs
+    assert (overtaken.count, backing.conflicts) == (1, 0)
+
+
+def test_a_block_the_feed_saw_deleted_is_created_anew_at_once() -> None:
+    # A create of a block the feed last saw deleted is what the store holds: it is sent.
+    backing = MemoryStore()
+    cached, overtaken = counting_fed_cache(backing)
+    cached.read_blocks(POOL, 0, WHOLE)
+    key = BlockKey.of(POOL, RANGE.first)
+    cached.feed_changed(Tags().pool_tag(POOL), Tags().block_tag(key), "7", deleted=True)
+    assert allocate(cached, 1) == int(netaddr.IPAddress("10.0.0.1"))
+    assert (overtaken.count, backing.conflicts, backing.writes) == (0, 0, 1)
