@@ -1,14 +1,16 @@
 """A PoolStore that keeps the blocks it has seen, for one long-lived process.
 
-Every write still goes to the backing store as a compare-and-swap, so the cache can only make a
-write fail (a conflict), never succeed wrongly: after a conflict, the blocks that conflicted are
-read afresh (one block each: a GET on Kubernetes, not a LIST of the pool) on the next read.
+Every write it sends to the backing store is still a compare-and-swap, so the cache can only
+make a write fail (a conflict), never succeed wrongly: after a conflict, the blocks that
+conflicted are read afresh (one block each: a GET on Kubernetes, not a LIST of the pool) on the
+next read.
 Meant for the node agent and bulk drivers; a one-shot plugin process reads its pools directly.
 
 Fed by a BlockFeed (ipam.store), the cache also learns which blocks somebody else wrote, as they
 are written: a pool as old as max_age is then read again only where it changed, and one nobody
 else wrote costs no read at all however long it rested; and a write of a block the feed has
-already reported written by somebody else is not sent, since it could only be refused.
+already reported written (or deleted) since the copy it was decided on is not sent, since it
+could only be refused.
 """
 
 from __future__ import annotations
@@ -58,12 +60,12 @@ class CachedStore:
         max_age: float | None = None,
         feed: BlockFeed | None = None,
         max_age_fed: float | None = None,
-        on_overtaken: Callable[[], None] | None = None,
+        on_overtaken: Callable[[int], None] | None = None,
     ) -> None:
         """`feed`: the tags of the BlockFeed that will report to this cache (its follower calls
         feed_listed, feed_changed, feed_lost); while it is live, `max_age_fed` applies instead
-        of `max_age`, a bound in case the feed silently stopped. `on_overtaken`: called for each
-        write not sent because the feed showed it would conflict (see write_blocks)."""
+        of `max_age`, a bound in case the feed silently stopped. `on_overtaken`: told how many
+        blocks a write did not send because the feed showed them changed (see write_blocks)."""
         self._backing = backing
         self._max_age = max_age
         self._read_at: dict[PoolId, float] = {}  # when it was last read whole
@@ -79,6 +81,7 @@ class CachedStore:
         self._fed: dict[str, dict[str, _Stored]] | None = None
         self._tags: dict[BlockKey, str] = {}
         self._pool_tags: dict[PoolId, str] = {}
+        self._held_back: dict[BlockKey, str] = {}  # the feed's revision each was last held at
         self._on_overtaken = on_overtaken
 
     def read_blocks(self, pool: PoolId, first: int, last: int) -> list[Block]:
@@ -165,13 +168,20 @@ class CachedStore:
         return self._backing.read_all_blocks(on_unreadable=on_unreadable)
 
     def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
-        # A block the feed reports written since the copy this write was decided on would be
-        # refused: it is not sent, and counts as the conflict it would be. On Kubernetes a
-        # refused PUT costs kube-apiserver about what a stored one does (the whole block).
-        overtaken = self._first_overtaken(blocks)
-        sent = blocks if overtaken is None else blocks[:overtaken]
+        # Blocks the feed reports written (or deleted) since the copies this write was decided
+        # on would be refused: nothing is sent, and they count as the conflicts they would be.
+        # On Kubernetes a refused PUT costs kube-apiserver about what a stored one does.
+        overtaken = self._overtaken(blocks)
+        if overtaken:
+            with self._lock:
+                for key in overtaken:
+                    if key.pool in self._pools:
+                        self._stale.setdefault(key.pool, set()).add(key)
+            if self._on_overtaken is not None:
+                self._on_overtaken(len(overtaken))
+            return WriteOutcome(conflicts=overtaken)
         try:
-            outcome = self._backing.write_blocks(sent) if sent else WriteOutcome()
+            outcome = self._backing.write_blocks(blocks)
         except Exception:
             # Unknown whether it was written: read these pools afresh.
             for block in blocks:
@@ -183,30 +193,36 @@ class CachedStore:
                 if revision is not None and block.key.pool in self._pools:
                     block.revision = revision
                     self._merge(block.key.pool, {block.key: block})
-            if overtaken is not None and not outcome.conflicts:
-                outcome.conflicts.append(blocks[overtaken].key)
-                if self._on_overtaken is not None:
-                    self._on_overtaken()
             for key in outcome.conflicts:
                 if key.pool in self._pools:
                     self._stale.setdefault(key.pool, set()).add(key)
         return outcome
 
-    def _first_overtaken(self, blocks: Sequence[Block]) -> int | None:
-        """The index of the first of `blocks` whose stored object the feed reports at a later
-        revision than the one it was decided on (or created, for a block new to it), if any."""
+    def _overtaken(self, blocks: Sequence[Block]) -> list[BlockKey]:
+        """Those of `blocks` whose stored object the feed reports at a later revision than the
+        one they were decided on, or at all for one to be created, each once per report: a
+        block read again and found as it was decided (a deletion the feed has not reported
+        yet) is sent at the next try, for its compare-and-swap to settle."""
         with self._lock:
             feed, fed = self._feed, self._fed
             if feed is None or fed is None:
-                return None
-            for i, block in enumerate(blocks):
-                pool_tag = self._pool_tag(feed, block.key.pool)
-                stored = fed.get(pool_tag, {}).get(self._tag(feed, block.key))
-                if stored is None or (stored.deleted and block.revision is None):
+                return []
+            overtaken = []
+            for block in blocks:
+                stored = fed.get(self._pool_tag(feed, block.key.pool), {}).get(
+                    self._tag(feed, block.key)
+                )
+                if stored is None or not stored.revision.isdigit():
                     continue
-                if later_revision(stored.revision, block.revision):
-                    return i
-        return None
+                if block.revision is None:
+                    if stored.deleted:
+                        continue
+                elif not block.revision.isdigit() or int(stored.revision) <= int(block.revision):
+                    continue
+                if self._held_back.get(block.key) != stored.revision:
+                    self._held_back[block.key] = stored.revision
+                    overtaken.append(block.key)
+            return overtaken
 
     def _pool_tag(self, feed: BlockFeed, pool: PoolId) -> str:
         """`feed`'s tag of `pool`, kept. Under the lock."""
