@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from bench.contenders import Contender, NodeSetup, Phase
 from bench.process import Finished, Spawner
+from bench.quiet import Quiet
 from bench.results import PhaseFigures, StartupFigures
 
 IMPORTTIME_RUNS = 5
@@ -156,11 +157,13 @@ def measure_phase(
     *,
     gap_s: float = 0.0,
     commands: Sequence[str] = ("ADD", "DEL"),
+    settle: Callable[[], Quiet] | None = None,
 ) -> list[PhaseFigures]:
     """For each of `pods` pods, spread round-robin over the phase's nodes, an ADD on each of the
     phase's networks (one after the other, as Multus calls its delegates), then the same for
     DEL; at most `concurrency` pods at a time, and with one at a time `gap_s` seconds of rest
-    before each ADD. Figures for each of `commands`."""
+    before each ADD. Figures for each of `commands`, each started once `settle` returns (the
+    benchmark's wait_for_quiet)."""
     nodes = [
         [contender.prepare_node(phase, node, network) for network in range(phase.networks)]
         for node in range(phase.nodes)
@@ -181,6 +184,7 @@ def measure_phase(
             concurrency=concurrency,
             spawner=spawner,
             gap_s=gap_s if command == "ADD" else 0.0,
+            settle=settle,
         )
         for command in commands
     ]
@@ -195,9 +199,12 @@ def measure_command(
     concurrency: int,
     spawner: Spawner,
     gap_s: float = 0.0,
+    settle: Callable[[], Quiet] | None = None,
 ) -> PhaseFigures:
-    """One command for every attachment of every pod; what the plugin and its datastore counted
-    meanwhile (conflicts, API requests) is the difference between before and after."""
+    """One command for every attachment of every pod, once `settle` returns; what the plugin
+    and its datastore counted meanwhile (conflicts, API requests) is the difference between
+    before and after."""
+    quiet = settle() if settle is not None else None
     conflicts_before = contender.count_conflicts(phase)
     requests_before = contender.api_requests()
     cpu_before = contender.daemon_cpu_seconds(), contender.server_cpu_seconds()
@@ -227,6 +234,8 @@ def measure_command(
         daemon_rss_mib=contender.daemon_rss_mib(),
         daemon_cpu_ms=daemon_cpu,
         server_cpu_ms=server_cpu,
+        quiet_wait_s=None if quiet is None else quiet.waited_s,
+        busy_at_start=None if quiet is None else quiet.busy,
     )
     if requests_before is None or requests_after is None:
         return figures

@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.quiet import MAX_WAIT_S, QUIET_BUSY, WINDOW_S
 from bench.results import (
     PHASE_RATIO_FIGURES,
     STARTUP_RATIO_FIGURES,
@@ -20,6 +21,19 @@ from bench.results import (
 from pyabouts.controller.text_tables import format_table
 
 LATEST = "latest.json"
+
+
+def _quiet_lines(phases: Sequence[PhaseFigures]) -> list[str]:
+    """How quiet the CPUs were when the commands started (bench.quiet), at worst."""
+    waits = [p.quiet_wait_s for p in phases if p.quiet_wait_s is not None]
+    shares = [p.busy_at_start for p in phases if p.busy_at_start is not None]
+    if not waits or not shares:
+        return []
+    return [
+        f"quiet CPUs: each command waited for {WINDOW_S} s with them less than {QUIET_BUSY:.0%} "
+        f"busy (at most {MAX_WAIT_S:.0f} s): {min(waits):.1f} to {max(waits):.1f} s; at most "
+        f"{max(shares):.0%} busy in the {WINDOW_S} s before one started"
+    ]
 
 
 def format_machine(machine: Machine) -> str:
@@ -68,6 +82,7 @@ def format_report(result: BenchmarkResult, cluster_unique: dict[str, bool]) -> s
         "kube-apiserver or etcd; conflicts: as the agents count them (on IPPools with the "
         "writes their watch showed bound to be refused, not sent), or the apiserver, in-process)",
         format_phases(result.phases),
+        *_quiet_lines(result.phases),
         *_per_node_notes(cluster_unique),
         *_pod_lines(result.phases),
         *_api_request_lines(result.phases),

@@ -108,6 +108,10 @@ class PhaseFigures:
     networks: int = 1
     pod_p50_s: float | None = None
     pod_max_s: float | None = None
+    # How long the command waited for the CPUs to go quiet before it started (bench.quiet),
+    # and the share of their time busy when it started; None in runs from before the wait.
+    quiet_wait_s: float | None = None
+    busy_at_start: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,6 +65,7 @@ from bench.machine import code_commit, describe_machine, load_average
 from bench.measure import measure_phase, measure_startup
 from bench.plot import LATEST_PNG, write_plot
 from bench.process import Spawner, require_gnu_time
+from bench.quiet import wait_for_quiet
 from bench.report import (
     LATEST,
     format_machine,
@@ -519,7 +520,9 @@ def run_all_phases(
                 f"{contender.name}: {name}: {calls} ADDs{rest} then DELs, "
                 f"concurrency {concurrency}, {nodes} node(s)"
             )
-            figures = measure_phase(contender, phase, calls, concurrency, spawner, gap_s=gap_s)
+            figures = measure_phase(
+                contender, phase, calls, concurrency, spawner, gap_s=gap_s, settle=wait_for_quiet
+            )
             phases += _progress_figures(figures)
     for contender in pod_contenders:
         phase = Phase(
@@ -534,7 +537,13 @@ def run_all_phases(
             f"(ADDs), {settings.pod_concurrency} pods at once, {settings.nodes} nodes"
         )
         figures = measure_phase(
-            contender, phase, settings.pods, settings.pod_concurrency, spawner, commands=("ADD",)
+            contender,
+            phase,
+            settings.pods,
+            settings.pod_concurrency,
+            spawner,
+            commands=("ADD",),
+            settle=wait_for_quiet,
         )
         phases += _progress_figures(figures)
     return startup, phases
@@ -547,7 +556,12 @@ def _run_id(phase: str) -> str:
 def _progress_figures(figures: list[PhaseFigures]) -> list[PhaseFigures]:
     for f in figures:
         pods = f"; a pod's calls p50 {f.pod_p50_s:.1f} s" if f.pod_p50_s is not None else ""
-        progress(f"  {f.command}: {f.ok}/{f.calls} ok in {f.wall_s:.1f} s{pods}")
+        quiet = (
+            f" (after {f.quiet_wait_s:.1f} s for quiet CPUs, {f.busy_at_start:.0%} busy)"
+            if f.quiet_wait_s is not None and f.busy_at_start is not None
+            else ""
+        )
+        progress(f"  {f.command}: {f.ok}/{f.calls} ok in {f.wall_s:.1f} s{pods}{quiet}")
     return figures
 
 

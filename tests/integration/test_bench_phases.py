@@ -13,6 +13,7 @@ import pytest
 from bench.contenders import HostLocal, Phase, pool_of, sliced_pool_of
 from bench.measure import Attachment, measure_command, measure_phase
 from bench.process import Spawner
+from bench.quiet import Quiet
 from bench.run_benchmark import PYABOUTS_SHIM_ETCD, Servers, _contender
 
 HOST_LOCAL = Path("/usr/lib/cni/host-local")
@@ -74,6 +75,25 @@ def test_pods_on_several_networks_get_an_address_of_each_networks_pool(
     assert extra.ok == 0
     (message,) = extra.failure_samples.values()
     assert phase.pool(host_local.pool, 1).last in message, message
+
+
+def test_each_command_starts_once_settled_records_it_and_does_not_count_it(
+    host_local: HostLocal, tmp_path: Path
+) -> None:
+    # The benchmark settles with bench.quiet.wait_for_quiet: the CPUs quiet after the last one.
+    phase = Phase("settled", "settled-1", nodes=1)
+    settled = []
+
+    def settle() -> Quiet:
+        time.sleep(0.3)
+        settled.append(time.perf_counter())
+        return Quiet(waited_s=0.3, busy=0.04)
+
+    add, delete = measure_phase(host_local, phase, 2, 1, Spawner(scratch=tmp_path), settle=settle)
+    assert (add.ok, delete.ok, len(settled)) == (2, 2, 2)
+    assert (add.quiet_wait_s, add.busy_at_start) == (0.3, 0.04)
+    assert (delete.quiet_wait_s, delete.busy_at_start) == (0.3, 0.04)
+    assert add.wall_s < 0.3 and delete.wall_s < 0.3  # host-local's calls take milliseconds
 
 
 def test_a_spaced_phase_rests_between_calls_and_does_not_count_the_rests(
