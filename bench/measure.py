@@ -201,9 +201,10 @@ def measure_command(
     gap_s: float = 0.0,
     settle: Callable[[], Quiet] | None = None,
 ) -> PhaseFigures:
-    """One command for every attachment of every pod, once `settle` returns; what the plugin
-    and its datastore counted meanwhile (conflicts, API requests) is the difference between
-    before and after."""
+    """One command for every attachment of every pod, started once `settle` returns; what the
+    plugin and its datastore counted meanwhile (conflicts, API requests, CPU) is the
+    difference between before and after, after is once `settle` returns again: the work the
+    calls left running (a flush of what an agent wrote behind, say) is theirs."""
     quiet = settle() if settle is not None else None
     conflicts_before = contender.count_conflicts(phase)
     requests_before = contender.api_requests()
@@ -211,6 +212,8 @@ def measure_command(
     outcomes, wall_s = _run_all(
         contender, command, pods, concurrency=concurrency, spawner=spawner, gap_s=gap_s
     )
+    if settle is not None:
+        settle()
     # The CPU first: asking the agents and the apiserver for their counts costs them some.
     cpu_after = contender.daemon_cpu_seconds(), contender.server_cpu_seconds()
     conflicts_after = contender.count_conflicts(phase)

@@ -4,7 +4,9 @@ What the contender before left running (its agents storing what they wrote behin
 agents still starting, kube-apiserver and etcd finishing its writes) must not be paid by the
 next one: on two cores, a phase that starts while they run is slower and its processes spend
 more CPU per call (cache, context switches), whoever they are. The benchmark waits until the
-CPUs are nearly idle, and records how long it waited and how busy they were when it started.
+CPUs are nearly idle before each command, and again before it reads the command's counters (the
+work the calls left running is theirs); it records how long the first wait took, and how busy
+the CPUs were in the window before the command started.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ MAX_WAIT_S = 20.0  # then it starts anyway, and the figure it records says so
 @dataclass(frozen=True, slots=True)
 class Quiet:
     waited_s: float
-    busy: float  # the share of all CPUs' time spent busy in the last window, 0 to 1
+    busy: float  # the share of all CPUs' time spent busy in the last window, 0 to 1: below
+    # busy_below, unless the wait ended at max_wait_s
 
 
 def cpu_ticks(stat: Path = PROC_STAT) -> tuple[int, int]:
@@ -35,8 +38,9 @@ def cpu_ticks(stat: Path = PROC_STAT) -> tuple[int, int]:
 
 
 def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of the CPUs' time between two cpu_ticks spent busy; 1 if no time passed."""
     busy, total = after[0] - before[0], after[1] - before[1]
-    return busy / total if total > 0 else 0.0
+    return busy / total if total > 0 else 1.0
 
 
 def wait_for_quiet(

@@ -29,10 +29,12 @@ def _quiet_lines(phases: Sequence[PhaseFigures]) -> list[str]:
     shares = [p.busy_at_start for p in phases if p.busy_at_start is not None]
     if not waits or not shares:
         return []
+    busy = sum(1 for share in shares if share >= QUIET_BUSY)
     return [
         f"quiet CPUs: each command waited for {WINDOW_S} s with them less than {QUIET_BUSY:.0%} "
         f"busy (at most {MAX_WAIT_S:.0f} s): {min(waits):.1f} to {max(waits):.1f} s; at most "
         f"{max(shares):.0%} busy in the {WINDOW_S} s before one started"
+        + (f"; {busy} started busier, after the longest wait" if busy else "")
     ]
 
 

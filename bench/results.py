@@ -109,7 +109,7 @@ class PhaseFigures:
     pod_p50_s: float | None = None
     pod_max_s: float | None = None
     # How long the command waited for the CPUs to go quiet before it started (bench.quiet),
-    # and the share of their time busy when it started; None in runs from before the wait.
+    # and the share of their time busy in the window just before; None in runs before the wait.
     quiet_wait_s: float | None = None
     busy_at_start: float | None = None
 

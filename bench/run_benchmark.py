@@ -490,6 +490,7 @@ def run_all_phases(
     startup = []
     for contender in contenders:
         progress(f"{contender.name}: start-up ({settings.startup_runs} VERSION calls, imports)")
+        wait_for_quiet()  # the servers just started, the contender before
         startup.append(measure_startup(contender, settings.startup_runs, spawner))
     for contender in contenders:
         # Not measured: the first call on a fresh apiserver pays its warm-up (authenticating a

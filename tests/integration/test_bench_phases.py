@@ -77,20 +77,23 @@ def test_pods_on_several_networks_get_an_address_of_each_networks_pool(
     assert phase.pool(host_local.pool, 1).last in message, message
 
 
-def test_each_command_starts_once_settled_records_it_and_does_not_count_it(
+def test_each_command_is_settled_before_and_after_its_calls_and_records_it(
     host_local: HostLocal, tmp_path: Path
 ) -> None:
     # The benchmark settles with bench.quiet.wait_for_quiet: the CPUs quiet after the last one.
     phase = Phase("settled", "settled-1", nodes=1)
-    settled = []
+    data = host_local.node_dir(phase, 0, 0) / "data"
+    held_when_settled = []
 
     def settle() -> Quiet:
         time.sleep(0.3)
-        settled.append(time.perf_counter())
+        held = [f for f in data.rglob("*") if f.is_file() and f.name[0].isdigit()]
+        held_when_settled.append(len(held))  # host-local's files: one per address given
         return Quiet(waited_s=0.3, busy=0.04)
 
     add, delete = measure_phase(host_local, phase, 2, 1, Spawner(scratch=tmp_path), settle=settle)
-    assert (add.ok, delete.ok, len(settled)) == (2, 2, 2)
+    assert (add.ok, delete.ok) == (2, 2)
+    assert held_when_settled == [0, 2, 2, 0]  # before and after the ADDs, then the DELs
     assert (add.quiet_wait_s, add.busy_at_start) == (0.3, 0.04)
     assert (delete.quiet_wait_s, delete.busy_at_start) == (0.3, 0.04)
     assert add.wall_s < 0.3 and delete.wall_s < 0.3  # host-local's calls take milliseconds

@@ -59,3 +59,4 @@ def test_the_shares_come_from_proc_stats_first_line(tmp_path: Path) -> None:
     assert before == (90, 200)
     stat.write_text("cpu  110 0 30 180 10 0 5 5 7 0\n")
     assert busy_share(before, cpu_ticks(stat)) == pytest.approx(60 / 140)
+    assert busy_share(before, before) == 1.0  # no time passed: not found quiet
