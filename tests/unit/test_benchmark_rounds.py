@@ -67,6 +67,7 @@ def test_each_round_after_the_first_runs_the_repeated_contenders_in_another_orde
 
     monkeypatch.setattr(run_benchmark, "measure_startup", lambda *args: None)
     monkeypatch.setattr(run_benchmark, "measure_phase", measure)
+    monkeypatch.setattr(run_benchmark, "wait_for_quiet", lambda: None)  # before each start-up
     names = ["pyabouts-shim", "pyabouts-shim-slices", "whereabouts", "host-local"]
     contenders = [SimpleNamespace(name=name) for name in names]
     settings = Settings(
