@@ -162,8 +162,8 @@ def measure_phase(
     """For each of `pods` pods, spread round-robin over the phase's nodes, an ADD on each of the
     phase's networks (one after the other, as Multus calls its delegates), then the same for
     DEL; at most `concurrency` pods at a time, and with one at a time `gap_s` seconds of rest
-    before each ADD. Figures for each of `commands`, each started once `settle` returns (the
-    benchmark's wait_for_quiet)."""
+    before each ADD. Figures for each of `commands`, each settled by `settle` (the benchmark's
+    wait_for_quiet) before and after its calls (see measure_command)."""
     nodes = [
         [contender.prepare_node(phase, node, network) for network in range(phase.networks)]
         for node in range(phase.nodes)
@@ -203,8 +203,8 @@ def measure_command(
 ) -> PhaseFigures:
     """One command for every attachment of every pod, started once `settle` returns; what the
     plugin and its datastore counted meanwhile (conflicts, API requests, CPU) is the
-    difference between before and after, after is once `settle` returns again: the work the
-    calls left running (a flush of what an agent wrote behind, say) is theirs."""
+    difference between before and after, read once `settle` returns again, so that the work
+    the calls left running (a flush of what an agent wrote behind, say) is theirs."""
     quiet = settle() if settle is not None else None
     conflicts_before = contender.count_conflicts(phase)
     requests_before = contender.api_requests()
