@@ -204,7 +204,8 @@ def measure_command(
     """One command for every attachment of every pod, started once `settle` returns; what the
     plugin and its datastore counted meanwhile (conflicts, API requests, CPU) is the
     difference between before and after, read once `settle` returns again, so that the work
-    the calls left running (a flush of what an agent wrote behind, say) is theirs."""
+    the calls left running (a flush of what an agent wrote behind, say) is theirs. The figures
+    record the first wait; the second is in the CPU counted, not recorded itself."""
     quiet = settle() if settle is not None else None
     conflicts_before = contender.count_conflicts(phase)
     requests_before = contender.api_requests()

@@ -25,9 +25,11 @@ MAX_WAIT_S = 20.0  # then it starts anyway, and the figure it records says so
 
 @dataclass(frozen=True, slots=True)
 class Quiet:
+    """How long a wait took, and the share (0 to 1) of all CPUs' time spent busy in its last
+    window: below busy_below, unless the wait ended at max_wait_s."""
+
     waited_s: float
-    busy: float  # the share of all CPUs' time spent busy in the last window, 0 to 1: below
-    # busy_below, unless the wait ended at max_wait_s
+    busy: float
 
 
 def cpu_ticks(stat: Path = PROC_STAT) -> tuple[int, int]:

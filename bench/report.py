@@ -25,10 +25,15 @@ LATEST = "latest.json"
 
 def _quiet_lines(phases: Sequence[PhaseFigures]) -> list[str]:
     """How quiet the CPUs were when the commands started (bench.quiet), at worst."""
-    waits = [p.quiet_wait_s for p in phases if p.quiet_wait_s is not None]
-    shares = [p.busy_at_start for p in phases if p.busy_at_start is not None]
-    if not waits or not shares:
+    settled = [
+        (p.quiet_wait_s, p.busy_at_start)
+        for p in phases
+        if p.quiet_wait_s is not None and p.busy_at_start is not None
+    ]
+    if not settled:
         return []
+    waits = [wait for wait, _ in settled]
+    shares = [share for _, share in settled]
     busy = sum(1 for share in shares if share >= QUIET_BUSY)
     return [
         f"quiet CPUs: each command waited for {WINDOW_S} s with them less than {QUIET_BUSY:.0%} "

@@ -490,7 +490,9 @@ def run_all_phases(
     startup = []
     for contender in contenders:
         progress(f"{contender.name}: start-up ({settings.startup_runs} VERSION calls, imports)")
-        wait_for_quiet()  # the servers just started, the contender before
+        # Not timed in this start-up: what the servers' start or the contender before left
+        # running (the wait itself is not recorded for start-ups).
+        wait_for_quiet()
         startup.append(measure_startup(contender, settings.startup_runs, spawner))
     for contender in contenders:
         # Not measured: the first call on a fresh apiserver pays its warm-up (authenticating a

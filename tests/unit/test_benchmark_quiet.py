@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 from bench.quiet import busy_share, cpu_ticks, wait_for_quiet
+from bench.report import _quiet_lines
+from bench.results import PhaseFigures
 
 
 class Machine:
@@ -60,3 +62,24 @@ def test_the_shares_come_from_proc_stats_first_line(tmp_path: Path) -> None:
     stat.write_text("cpu  110 0 30 180 10 0 5 5 7 0\n")
     assert busy_share(before, cpu_ticks(stat)) == pytest.approx(60 / 140)
     assert busy_share(before, before) == 1.0  # no time passed: not found quiet
+
+
+def phase(wait: float | None, busy: float | None) -> PhaseFigures:
+    return PhaseFigures(
+        contender="c", phase="p", command="ADD", calls=1, concurrency=1, nodes=1, ok=1,
+        failures={}, failure_samples={}, duplicates=0, conflicts=0, p50_ms=1.0, p99_ms=1.0,
+        max_ms=1.0, wall_s=1.0, per_second=1.0, rss_max_mib=1.0, rss_p50_mib=1.0,
+        quiet_wait_s=wait, busy_at_start=busy,
+    )  # fmt: skip
+
+
+def test_the_report_tells_the_longest_wait_and_the_busiest_start() -> None:
+    [line] = _quiet_lines([phase(0.25, 0.02), phase(2.5, 0.08), phase(None, None)])
+    assert "0.2 to 2.5 s" in line and "at most 8% busy" in line
+    assert "busier" not in line
+
+
+def test_the_report_counts_the_commands_that_started_busy_after_the_longest_wait() -> None:
+    [line] = _quiet_lines([phase(0.25, 0.02), phase(20.0, 0.4), phase(20.0, 0.3)])
+    assert line.endswith("; 2 started busier, after the longest wait")
+    assert _quiet_lines([phase(None, None)]) == []  # a run from before the waits
