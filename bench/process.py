@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -96,15 +96,25 @@ class Spawner:
             return Finished(-signal.SIGKILL, b"", seconds, 0, True, cpu_seconds)
         return replace(_finished(stdout, seconds, time_exit, fields), cpu_seconds=cpu_seconds)
 
-    def floor(self, scratch_log: Path) -> Floor:
-        """What a program that does nothing (/bin/true) costs this way (medians; peak RSS)."""
-        runs = [
-            self.run(["/bin/true"], {}, b"", stderr_path=scratch_log) for _ in range(FLOOR_RUNS)
-        ]
+    def floor(
+        self,
+        scratch_log: Path,
+        *,
+        rest_s: float = 0.0,
+        runs: int = FLOOR_RUNS,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> Floor:
+        """What a program that does nothing (/bin/true) costs this way (medians; peak RSS);
+        with `rest_s`, each run after a rest that long, as the spaced phase starts its calls."""
+        finished = []
+        for _ in range(runs):
+            if rest_s > 0:
+                sleep(rest_s)
+            finished.append(self.run(["/bin/true"], {}, b"", stderr_path=scratch_log))
         return Floor(
-            wall_ms=statistics.median(r.seconds for r in runs) * 1e3,
-            cpu_ms=statistics.median(r.cpu_seconds for r in runs) * 1e3,
-            max_rss_mib=max(r.max_rss_kib for r in runs) / 1024,
+            wall_ms=statistics.median(r.seconds for r in finished) * 1e3,
+            cpu_ms=statistics.median(r.cpu_seconds for r in finished) * 1e3,
+            max_rss_mib=max(r.max_rss_kib for r in finished) / 1024,
         )
 
     def _new_report_path(self) -> Path:

@@ -71,6 +71,21 @@ def format_settings(settings: Settings) -> str:
         "plugins started "
         f"{settings.spawner}; /bin/true that way: {settings.time_floor_ms:.1f} ms, "
         f"{settings.cpu_floor_ms:.2f} ms of CPU, {settings.rss_floor_mib:.1f} MiB"
+        + _wake_cost_line(settings)
+    )
+
+
+def _wake_cost_line(settings: Settings) -> str:
+    """What waking up costs on this machine, which the spaced phase's calls pay; "" when it
+    was not measured."""
+    rested, back_to_back = settings.wake_work_rested_ms, settings.wake_work_ms
+    if not (rested and back_to_back):
+        return ""
+    return (
+        f"\nafter a rest of {settings.spaced_gap_s:.1f} s (as each spaced call): /bin/true that "
+        f"way {settings.rested_time_floor_ms:.1f} ms, {settings.rested_cpu_floor_ms:.2f} ms of "
+        f"CPU; a fixed piece of Python work in a process that keeps running "
+        f"{rested:.2f} ms of CPU, back to back {back_to_back:.2f} ms ({rested / back_to_back:.1f}x)"
     )
 
 

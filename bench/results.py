@@ -41,6 +41,13 @@ class Settings:
     # the pool whole; with it, only if another node wrote it meanwhile.
     spaced_calls: int = 0
     spaced_gap_s: float = 0.0
+    # What waking up costs on this machine, measured before the phases when there is a spaced
+    # one: /bin/true started this way, each run after a rest of spaced_gap_s (its time and CPU,
+    # medians), and bench.machine.measure_wake_cost with that rest (0: not measured).
+    rested_time_floor_ms: float = 0.0
+    rested_cpu_floor_ms: float = 0.0
+    wake_work_ms: float = 0.0  # a fixed piece of Python work in this process, back to back
+    wake_work_rested_ms: float = 0.0  # the same, each right after a rest
     # The pods phase: pods x networks ADDs, `pod_concurrency` pods at a time, each pod's ADDs
     # one after the other; each network a pool of its own of `pods` addresses.
     pods: int = 0

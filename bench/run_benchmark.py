@@ -61,10 +61,16 @@ from bench.contenders import (
     sliced_pool_of,
 )
 from bench.kube import KubeCluster, install_whereabouts, running_cluster
-from bench.machine import code_commit, describe_machine, load_average
+from bench.machine import (
+    WakeCost,
+    code_commit,
+    describe_machine,
+    load_average,
+    measure_wake_cost,
+)
 from bench.measure import measure_phase, measure_startup
 from bench.plot import LATEST_PNG, write_plot
-from bench.process import Spawner, require_gnu_time
+from bench.process import Floor, Spawner, require_gnu_time
 from bench.quiet import wait_for_quiet
 from bench.report import (
     LATEST,
@@ -147,6 +153,8 @@ REPEATED_CONTENDERS = (
 )
 # Longer than the agent's pool cache age: each spaced call finds its pool as old as that.
 SPACED_GAP_S = POOL_MAX_AGE_SECONDS + 0.5
+# How many times /bin/true and the wake-cost work each run after a rest (measure_settings).
+REST_RUNS = 5
 KUBERNETES_CONTENDERS = {
     PYABOUTS_SHIM,
     *SLICED,
@@ -274,6 +282,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def measure_settings(args: argparse.Namespace, spawner: Spawner, workdir: Path) -> Settings:
     floor = spawner.floor(workdir / "floor-stderr.log")
+    # What waking up costs here, which the spaced phase's calls pay (about 25 s of rests).
+    rested: Floor | None = None
+    wake: WakeCost | None = None
+    if args.spaced_calls:
+        rested = spawner.floor(workdir / "floor-stderr.log", rest_s=SPACED_GAP_S, runs=REST_RUNS)
+        wake = measure_wake_cost(SPACED_GAP_S, REST_RUNS)
     return Settings(
         calls=args.calls,
         concurrency=args.concurrency,
@@ -287,6 +301,10 @@ def measure_settings(args: argparse.Namespace, spawner: Spawner, workdir: Path) 
         cpu_floor_ms=floor.cpu_ms,
         spaced_calls=args.spaced_calls,
         spaced_gap_s=SPACED_GAP_S,
+        rested_time_floor_ms=rested.wall_ms if rested else 0.0,
+        rested_cpu_floor_ms=rested.cpu_ms if rested else 0.0,
+        wake_work_ms=wake.back_to_back_ms if wake else 0.0,
+        wake_work_rested_ms=wake.rested_ms if wake else 0.0,
         pods=args.pods,
         pod_networks=args.pod_networks,
         pod_concurrency=args.pods,
