@@ -2,7 +2,8 @@
 IPPool block, by how many addresses the block holds, against the cheapest update there is (a
 Lease's holder) measured in the same run.
 
-    bash bench/run.sh writes [--writes 400] [--rounds 3] [--entries 0,64,128,255] [--out DIR]
+    bash bench/run.sh writes [--writes 400] [--rounds 3] [--entries 0,64,128,255]
+                             [--watchers 50,200] [--out DIR]
 
 Every ADD or DEL the agent serves ends in such an update (one per batch of them), so this is
 the floor under the plugin's cost per call that no work in the agent can lower. The pyabouts
@@ -10,8 +11,11 @@ rows are pyabouts' own KubernetesStore writing a block of N owners like the plug
 container ID, pod, pod UID, node, network, time); one owner changes per write, so every write
 is stored (the owners as a table, one string). One more row per N writes the same owners as
 pyabouts stored them before, an object per address, to an IPPool CRD of another group that
-declares them as pyabouts' CRD did then (an atomic map), to show what the table saves. It
-reports; it asserts nothing.
+declares them as pyabouts' CRD did then (an atomic map), to show what the table saves. With
+--watchers, one more row per count writes a block of WATCHED_ENTRIES owners while that many
+watches of the IPPools' metadata are open, as every node's agent keeps one (bench.watchers):
+what the agents' watch costs kube-apiserver per write grows with the nodes. It reports; it
+asserts nothing.
 """
 
 from __future__ import annotations
@@ -36,10 +40,11 @@ import yaml
 from bench.kube import running_cluster
 from bench.machine import code_commit, describe_machine, load_average
 from bench.report import format_machine
+from bench.watchers import IPPoolWatchers
 from deploy.local.controlplane import KUBE_VERSION, ControlPlane
 from pyabouts.ipam.pool import BLOCK_SIZE, Block, BlockKey, Owner, PoolId
 from pyabouts.ipam.stores.codec import block_document, block_json, compact_json
-from pyabouts.ipam.stores.kube_api import METADATA_ONLY, ApiStatusError, KubeApi
+from pyabouts.ipam.stores.kube_api import METADATA_ONLY, ApiCredentials, ApiStatusError, KubeApi
 from pyabouts.ipam.stores.kubeconfig import read_kubeconfig
 from pyabouts.ipam.stores.kubernetes import (
     VERSION,
@@ -59,6 +64,8 @@ EARLIER_KIND, EARLIER_PLURAL = "EarlierIPPool", "earlierippools"
 CRD_FILE = Path(__file__).resolve().parent.parent / "crds" / "ippools.pyabouts.io.yaml"
 # The stored form is pyabouts' own; the other, its earlier one, is only measured.
 OWN_SHAPE = SHAPES[0]
+WATCHED_ENTRIES = 128  # the block of the rows with watchers: half full
+SETTLE_S = 0.5  # after a create, for its own work (watch cache, etcd) to end outside the count
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,7 @@ class WriteFigures:
     # pyabouts' rows: the agent's encoding of the block for one write, as the stores do it (each
     # owner's line kept from the write before).
     encode_ms: float | None = None
+    watchers: int = 0  # watches of the IPPools' metadata open meanwhile (an agent's each)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,12 +95,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--writes", type=int, default=400, help="updates per row and round")
     parser.add_argument("--rounds", type=int, default=3, help="each row this often, interleaved")
     parser.add_argument("--entries", default="0,64,128,255", help="addresses held, per row")
+    parser.add_argument(
+        "--watchers",
+        default="",
+        help=f"a row per count: a block of {WATCHED_ENTRIES} written while that many agents' "
+        "watches of the IPPools are open (comma-separated; default: none)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     try:
         sizes = [int(n) for n in args.entries.split(",")]
+        watchers = [int(n) for n in args.watchers.split(",")] if args.watchers else []
     except ValueError:
-        parser.error(f"--entries: comma-separated whole numbers, not {args.entries!r}")
+        parser.error("--entries and --watchers: comma-separated whole numbers")
+    if any(n < 1 for n in watchers):
+        parser.error("--watchers: at least 1 each")
     if not all(0 <= n <= BLOCK_SIZE for n in sizes):
         parser.error(f"--entries: a block holds 0 to {BLOCK_SIZE} addresses")
     if args.writes < 1 or args.rounds < 1:
@@ -104,7 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="pyabouts-bench-writes-") as tmp,
         running_cluster(Path(tmp)) as cluster,
     ):
-        figures = measure_all(cluster.control_plane, sizes, args.writes, args.rounds)
+        figures = measure_all(
+            cluster.control_plane, sizes, args.writes, args.rounds, watchers=watchers
+        )
     print(format_figures(figures))
     document = {
         "benchmark": "write-cost",
@@ -112,7 +131,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "commit": code_commit(),
         "machine": asdict(machine),
         "load_average_end": load_average(),
-        "settings": {"writes": args.writes, "rounds": args.rounds, "entries": sizes},
+        "settings": {
+            "writes": args.writes,
+            "rounds": args.rounds,
+            "entries": sizes,
+            "watchers": watchers,
+        },
         "rows": [asdict(f) for f in figures],
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -128,10 +152,14 @@ def measure_all(
     writes: int,
     rounds: int = 1,
     namespace: str = NAMESPACE,
+    *,
+    watchers: Sequence[int] = (),
 ) -> list[WriteFigures]:
-    """The Lease, then each shape at each size, round after round, in `namespace` (created if
-    need be), each object deleted once measured; ratios against the Lease."""
-    api = KubeApi(read_kubeconfig(str(control_plane.kubeconfig)), timeout=30)
+    """The Lease, then each shape at each size, then pyabouts' block watched by each count of
+    `watchers`, round after round, in `namespace` (created if need be), each object deleted
+    once measured; ratios against the Lease."""
+    credentials = read_kubeconfig(str(control_plane.kubeconfig))
+    api = KubeApi(credentials, timeout=30)
     with contextlib.closing(api), installed_earlier_crd(control_plane):
         _ensure_namespace(api, namespace)
         store = KubernetesStore(api, namespace)
@@ -155,9 +183,17 @@ def measure_all(
             OwnBlockWriter(api, store, namespace, 0),
         ):
             measure(cpu, warm_up, writes)
+
+        def watched(count: int) -> RoundFigures:
+            writer = OwnBlockWriter(api, store, namespace, WATCHED_ENTRIES)
+            return measure_watched(
+                cpu, writer, writes, credentials=credentials, namespace=namespace, count=count
+            )
+
         measured = []
         for n in range(rounds):
-            measured.append([measure(cpu, w, writes) for w in writers()])
+            row = [measure(cpu, w, writes) for w in writers()]
+            measured.append(row + [watched(count) for count in watchers])
             print(f"  round {n + 1} of {rounds} measured", flush=True)
     rows = [summarise(list(per_round)) for per_round in zip(*measured, strict=True)]
     floor = rows[0].apiserver_ms + rows[0].etcd_ms
@@ -176,12 +212,18 @@ class RoundFigures:
     etcd_ms: float
     wall_ms: float
     encode_ms: float | None
+    watchers: int = 0
 
 
-def measure(cpu: Callable[[], tuple[float, float]], writer: Writer, writes: int) -> RoundFigures:
+def measure(
+    cpu: Callable[[], tuple[float, float]],
+    writer: Writer,
+    writes: int,
+    settle: Callable[[], None] = lambda: time.sleep(SETTLE_S),
+) -> RoundFigures:
     writer.create()
     try:
-        time.sleep(0.5)  # the create's own work (watch cache, etcd) settles outside the count
+        settle()  # the create's own work (watch cache, etcd) ends outside the count
         (api0, etcd0), started = cpu(), time.perf_counter()
         for n in range(writes):
             writer.update(n)
@@ -201,6 +243,27 @@ def measure(cpu: Callable[[], tuple[float, float]], writer: Writer, writes: int)
     )
 
 
+def measure_watched(
+    cpu: Callable[[], tuple[float, float]],
+    writer: Writer,
+    writes: int,
+    *,
+    credentials: ApiCredentials,
+    namespace: str,
+    count: int,
+) -> RoundFigures:
+    """`writer`'s row with `count` watches of the IPPools open, each of which has heard its
+    object created before the count starts (and ends at its deletion)."""
+    with IPPoolWatchers(credentials, namespace, count) as watching:
+
+        def settle() -> None:
+            watching.wait_until_heard(1)
+            time.sleep(SETTLE_S)
+
+        figures = measure(cpu, writer, writes, settle)
+    return replace(figures, watchers=count)
+
+
 def summarise(rounds: list[RoundFigures]) -> WriteFigures:
     first = rounds[0]
     cpu = [r.apiserver_ms + r.etcd_ms for r in rounds]
@@ -217,6 +280,7 @@ def summarise(rounds: list[RoundFigures]) -> WriteFigures:
         cpu_ms_min=min(cpu),
         cpu_ms_max=max(cpu),
         encode_ms=statistics.median(encodes) if encodes else None,
+        watchers=first.watchers,
     )
 
 
@@ -445,8 +509,9 @@ def _ensure_namespace(api: KubeApi, namespace: str) -> None:
 def format_row(row: WriteFigures) -> str:
     ratio = "" if row.ratio_to_lease is None else f"  {row.ratio_to_lease:5.2f}x"
     encoding = "" if row.encode_ms is None else f"  encoding {row.encode_ms:.3f} ms"
+    shape = f"{row.shape}, {row.watchers} watches" if row.watchers else row.shape
     return (
-        f"{row.shape:20s} {row.entries:4d} entries {row.spec_bytes:7d} B  apiserver "
+        f"{shape:24s} {row.entries:4d} entries {row.spec_bytes:7d} B  apiserver "
         f"{row.apiserver_ms:6.2f} ms  etcd {row.etcd_ms:5.2f} ms (both {row.cpu_ms_min:.2f}-"
         f"{row.cpu_ms_max:.2f})  wall {row.wall_ms:6.2f} ms{ratio}{encoding}"
     )

@@ -5,7 +5,14 @@ through its own store, and it leaves nothing behind."""
 import pytest
 
 from bench.kube import KubeCluster
-from bench.write_cost import EARLIER_GROUP, EARLIER_PLURAL, NAMESPACE, SHAPES, measure_all
+from bench.write_cost import (
+    EARLIER_GROUP,
+    EARLIER_PLURAL,
+    NAMESPACE,
+    SHAPES,
+    WATCHED_ENTRIES,
+    measure_all,
+)
 from deploy.local.controlplane import ControlPlane
 from pyabouts.ipam.stores.kube_api import KubeApi
 from pyabouts.ipam.stores.kubeconfig import read_kubeconfig
@@ -15,6 +22,7 @@ pytestmark = pytest.mark.integration
 
 WRITES = 20  # enough for the Lease row to show on the CPU clock (10 ms ticks)
 ROUNDS = 2
+WATCHERS = 2
 
 
 def test_each_row_is_that_many_stored_updates_per_round_and_nothing_is_left(
@@ -23,13 +31,16 @@ def test_each_row_is_that_many_stored_updates_per_round_and_nothing_is_left(
     cluster = KubeCluster(pyabouts_cluster, pyabouts_cluster.kubeconfig)
     groups = (GROUP, EARLIER_GROUP)  # pyabouts' IPPools, and those of its earlier CRD
     before = cluster.group_requests(*groups)
-    rows = measure_all(pyabouts_cluster, [0, 3], WRITES, ROUNDS)
+    rows = measure_all(pyabouts_cluster, [0, 3], WRITES, ROUNDS, watchers=[WATCHERS])
     requests = cluster.group_requests(*groups) - before
 
-    assert [(r.shape, r.entries, r.rounds) for r in rows] == [
-        ("lease", 0, ROUNDS),
-        *((shape, size, ROUNDS) for size in (0, 3) for shape in SHAPES),
+    assert [(r.shape, r.entries, r.rounds, r.watchers) for r in rows] == [
+        ("lease", 0, ROUNDS, 0),
+        *((shape, size, ROUNDS, 0) for size in (0, 3) for shape in SHAPES),
+        (SHAPES[0], WATCHED_ENTRIES, ROUNDS, WATCHERS),  # pyabouts' block, watched
     ]
+    # The watched row's watches, as many per round, each ended by its object's deletion.
+    assert requests["WATCH 200"] == WATCHERS * ROUNDS
     # Per round, each IPPool row is one create, WRITES updates, one delete; and once more for
     # the uncounted warm-up's block. pyabouts' own rows go through KubernetesStore.write_blocks.
     objects = (len(rows) - 1) * ROUNDS + 1  # all rows but the Lease's, and the warm-up
