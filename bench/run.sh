@@ -3,7 +3,8 @@
 #   bash bench/run.sh [--calls N] [--concurrency C] [--nodes M] [--rounds R] [--out DIR]  # the plugins
 #   bash bench/run.sh reconciler [--sizes 1000,5000,10000] [--datastores ...]  # the reconciler
 #   bash bench/run.sh multus [--rounds 3] [--at-limits 20] [--raised 50]        # Multus thick
-#   bash bench/run.sh writes [--writes 400] [--rounds 3] [--entries 0,64,128,255] # one write's cost
+#   bash bench/run.sh writes [--writes 400] [--rounds 3] [--entries 0,64,128,255] \
+#                            [--watchers 50,200]                            # one write's cost
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"

@@ -212,7 +212,7 @@ class RoundFigures:
     etcd_ms: float
     wall_ms: float
     encode_ms: float | None
-    watchers: int = 0
+    watchers: int = 0  # watches of the IPPools' metadata open meanwhile
 
 
 def measure(
@@ -253,7 +253,7 @@ def measure_watched(
     count: int,
 ) -> RoundFigures:
     """`writer`'s row with `count` watches of the IPPools open, each of which has heard its
-    object created before the count starts (and ends at its deletion)."""
+    object created before the count starts, and heard every write of the row by its end."""
     with IPPoolWatchers(credentials, namespace, count) as watching:
 
         def settle() -> None:
@@ -261,6 +261,9 @@ def measure_watched(
             time.sleep(SETTLE_S)
 
         figures = measure(cpu, writer, writes, settle)
+    heard = min(watching.events_heard())
+    if heard < writes + 2:  # the create, the updates, the deletion
+        raise RuntimeError(f"a watch heard {heard} of the row's {writes + 2} writes")
     return replace(figures, watchers=count)
 
 

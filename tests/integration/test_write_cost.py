@@ -39,8 +39,8 @@ def test_each_row_is_that_many_stored_updates_per_round_and_nothing_is_left(
         *((shape, size, ROUNDS, 0) for size in (0, 3) for shape in SHAPES),
         (SHAPES[0], WATCHED_ENTRIES, ROUNDS, WATCHERS),  # pyabouts' block, watched
     ]
-    # The watched row's watches, as many per round, each ended by its object's deletion.
-    assert requests["WATCH 200"] == WATCHERS * ROUNDS
+    # The watched row's watchers, as many per round, each listing before it watches.
+    assert requests["LIST 200"] == WATCHERS * ROUNDS
     # Per round, each IPPool row is one create, WRITES updates, one delete; and once more for
     # the uncounted warm-up's block. pyabouts' own rows go through KubernetesStore.write_blocks.
     objects = (len(rows) - 1) * ROUNDS + 1  # all rows but the Lease's, and the warm-up

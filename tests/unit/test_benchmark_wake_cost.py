@@ -49,9 +49,10 @@ def test_work_after_a_rest_is_timed_apart_from_work_back_to_back() -> None:
 
 
 def test_the_work_is_real_work_on_this_machine() -> None:
-    # The fixed work must cost measurable CPU, or its ratio would be noise.
+    # The fixed work must cost measurable CPU (about 1 ms here), or its ratio would be noise
+    # from the clock; no rest here: only the work is under test.
     cost = measure_wake_cost(0.0, 3, work=json_round_trips)
-    assert cost.back_to_back_ms > 0.01 and cost.rested_ms > 0.01
+    assert cost.back_to_back_ms > 0.1
 
 
 def test_the_floor_after_rests_rests_before_each_run(
