@@ -6,22 +6,21 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
+from functools import partial
 from types import TracebackType
-from typing import Any
 
-from pyabouts.ipam.stores.kube_api import METADATA_LIST, METADATA_ONLY, ApiCredentials, KubeApi
-from pyabouts.ipam.stores.kubernetes import ippools_path
+from pyabouts.ipam.stores.kube_api import ApiCredentials, KubeApi
+from pyabouts.ipam.stores.kubernetes import KubernetesStore
 
-WATCH_SECONDS = 600  # longer than any row: a watch the server ended would stop counting
 WAIT_TIMEOUT_S = 60.0  # for every watcher to list, or to hear an event: then something is wrong
 STOP_TIMEOUT_S = 30.0  # for all of them to hear the row's object deleted
 
 
 class IPPoolWatchers:
-    """`count` watches of the IPPools' metadata in `namespace`, as an agent keeps them (its
-    client, a list of the metadata, then a watch from the list's resourceVersion with
-    bookmarks), each on a thread of its own that counts the events it hears.
+    """`count` watches of the IPPools' metadata in `namespace`, each the agent's own
+    (KubernetesStore.follow_changes: a list of the metadata, then a watch from the list's
+    resourceVersion), each on a thread of its own that counts the changes it hears.
 
     Entering returns once every watcher has listed, so each one's watch hears every write made
     after it as an event (a watch opened late still gets them, from its list's resourceVersion).
@@ -31,9 +30,9 @@ class IPPoolWatchers:
 
     def __init__(self, credentials: ApiCredentials, namespace: str, count: int) -> None:
         self._credentials = credentials
-        self._path = ippools_path(namespace)
+        self._namespace = namespace
         self._lock = threading.Lock()
-        self._listed = 0
+        self._lists = 0
         self._heard = [0] * count
         self._failures: list[BaseException] = []
         self._threads = [
@@ -45,7 +44,7 @@ class IPPoolWatchers:
         for thread in self._threads:
             thread.start()
         try:
-            self._wait_for(lambda: self._listed == len(self._threads), "list the IPPools")
+            self._wait_for(lambda: self._lists == len(self._threads), "list the IPPools")
         except BaseException:
             self._stop_waiting()
             raise
@@ -105,35 +104,44 @@ class IPPoolWatchers:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _watch(self, n: int) -> None:
+        """Follow the IPPools as the agent does (KubernetesStore.follow_changes), counting what
+        it reports, until the first deletion."""
         api = KubeApi(self._credentials, timeout=30)
+        stop = threading.Event()
         try:
-            listed = api.request("GET", self._path, accept=METADATA_LIST)
-            query: dict[str, str | int | None] = {
-                "resourceVersion": str(listed["metadata"]["resourceVersion"]),
-                "allowWatchBookmarks": "true",
-                "timeoutSeconds": WATCH_SECONDS,
-            }
-            with self._lock:
-                self._listed += 1
-            events = api.watch(self._path, query, accept=METADATA_ONLY, idle_timeout=WATCH_SECONDS)
-            self._follow(n, events)
+            sink = _Counting(self._listed, partial(self._heard_one, n), stop)
+            KubernetesStore(api, self._namespace).follow_changes(sink, stop)
         except Exception as exc:  # told to the waits, and on leaving
             with self._lock:
                 self._failures.append(exc)
         finally:
             api.close()
 
-    def _follow(self, n: int, events: Iterator[dict[str, Any]]) -> None:
-        """Count `events` until a deletion; RuntimeError on an error event, or when the watch
-        ends before a deletion."""
-        for event in events:
-            kind = event.get("type")
-            if kind == "BOOKMARK":  # the server's, about every minute: no write
-                continue
-            if kind == "ERROR":  # a Status: 410 Gone, say
-                raise RuntimeError(f"the watch answered an error: {event.get('object')}")
-            with self._lock:
-                self._heard[n] += 1
-            if kind == "DELETED":
-                return
-        raise RuntimeError("the watch ended before the row's object was deleted")
+    def _listed(self) -> None:
+        with self._lock:
+            self._lists += 1
+
+    def _heard_one(self, n: int) -> None:
+        with self._lock:
+            self._heard[n] += 1
+
+
+class _Counting:
+    """A ChangeSink (ipam.store) that tells a watcher what its feed reports, and stops the
+    feed at the first deletion."""
+
+    def __init__(
+        self, listed: Callable[[], None], heard: Callable[[], None], stop: threading.Event
+    ) -> None:
+        self._listed, self._heard, self._stop = listed, heard, stop
+
+    def feed_listed(self, revisions: Mapping[tuple[str, str], str]) -> None:
+        self._listed()
+
+    def feed_changed(self, pool_tag: str, block_tag: str, revision: str, *, deleted: bool) -> None:
+        self._heard()
+        if deleted:
+            self._stop.set()  # follow_changes returns after this event
+
+    def feed_lost(self) -> None:  # the agent's follower calls it; follow_changes does not
+        pass
