@@ -37,6 +37,7 @@ BUILD_INPUTS = (
     "Containerfile",
     ".containerignore",
     "pyproject.toml",
+    "constraints.txt",
     "README.md",
     "ipam",
     "plugin",

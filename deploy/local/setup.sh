@@ -59,12 +59,13 @@ runtime = "runc"'
         log "creating virtualenv $venv"
         python3 -m venv "$venv"
     fi
-    if [[ ! -f "$stamp" || "$repo/pyproject.toml" -nt "$stamp" ]]; then
-        log "pip install -e '${repo}[dev]'"
+    if [[ ! -f "$stamp" || "$repo/pyproject.toml" -nt "$stamp" || "$repo/constraints.txt" -nt "$stamp" ]]; then
+        log "pip install -e '${repo}[dev]' -c constraints.txt"
         # compat: a plain path entry (the repo root, where pyabouts/ links the package
         # directories); the default editable finder costs ~60 ms on every call.
+        # At the versions constraints.txt pins, those the image is built with.
         "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "${repo}[dev]" \
-            --config-settings editable_mode=compat
+            -c "$repo/constraints.txt" --config-settings editable_mode=compat
         touch "$stamp"
     else
         log "virtualenv up to date"

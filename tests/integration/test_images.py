@@ -18,6 +18,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.utils import canonicalize_name
 
 from deploy.local.container_images import TEST_IMAGE, busybox_archive
 from deploy.local.project_image import (
@@ -28,6 +29,7 @@ from deploy.local.project_image import (
     project_version,
 )
 from pyabouts.plugin.cni import render_version
+from tests.pinned_versions import declared_requirements, pinned_versions
 
 CONTAINERFILE = REPO_ROOT / "Containerfile"
 SHIM_IN_IMAGE = "/opt/pyabouts/libexec/pyabouts-shim"
@@ -39,7 +41,7 @@ pytestmark = [
 ]
 
 LIST_THE_VENV = """
-import importlib, json, pathlib, pkgutil, shutil, sys, sysconfig
+import importlib, importlib.metadata, json, pathlib, pkgutil, shutil, sys, sysconfig
 import pyabouts
 site = pathlib.Path(sysconfig.get_paths()["purelib"])
 modules = [m.name for m in pkgutil.walk_packages(pyabouts.__path__, "pyabouts.")]
@@ -50,6 +52,7 @@ print(json.dumps({
     "prefix": sys.prefix,
     "top": sorted(p.name for p in site.iterdir() if p.is_dir() and "." not in p.name),
     "tools": [t for t in ("pip", "gcc", "cc") if shutil.which(t)],
+    "distributions": {d.metadata["Name"]: d.version for d in importlib.metadata.distributions()},
 }))
 """
 
@@ -154,6 +157,19 @@ def test_the_virtualenv_holds_the_package_whole_and_no_build_tools(image: BuiltI
     assert "pyabouts" in venv["top"]
     assert not {"pip", "setuptools", "ipam", "plugin", "controller"} & set(venv["top"])
     assert venv["tools"] == []
+
+
+def test_the_images_dependencies_are_the_versions_the_suite_runs_with(image: BuiltImage) -> None:
+    # constraints.txt (tests/pinned_versions.py), which the suite's own virtualenv is checked
+    # against in tests/unit/test_pinned_versions.py.
+    done = podman_run(image.name, "python", "-c", LIST_THE_VENV)
+    assert done.returncode == 0, done.stderr
+    venv = json.loads(done.stdout)
+    pins = pinned_versions()
+    installed = {canonicalize_name(n): v for n, v in venv["distributions"].items()}
+    assert installed.pop(canonicalize_name("pyabouts")) == project_version()
+    assert installed == {name: pins.get(name) for name in installed}
+    assert {canonicalize_name(r.name) for r in declared_requirements(extras=())} <= set(installed)
 
 
 def test_a_second_build_with_the_same_inputs_is_a_cache_hit(image: BuiltImage) -> None:
