@@ -1,4 +1,5 @@
-"""constraints.txt: the version of every distribution the suite and the image install, pinned.
+"""constraints.txt, the version of every distribution the package and its dev tools need to
+run, pinned; and pyproject.toml's requirements, which it pins.
 
 pip-compile writes it from pyproject.toml (the command is in its header); setup.sh installs the
 test virtualenv with it and the Containerfile builds the image's wheels with it, so that the
@@ -35,9 +36,11 @@ def pinned_versions(path: Path = CONSTRAINTS) -> dict[NormalizedName, str]:
 
 
 def declared_requirements(extras: tuple[str, ...] = ("dev",)) -> list[Requirement]:
-    """pyproject.toml's dependencies, and those of `extras`."""
+    """pyproject.toml's dependencies, and those of `extras`, that apply to this Python (a
+    marker can rule one out, as pip-compile then does)."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     texts = [*project["dependencies"]]
     for extra in extras:
         texts += project["optional-dependencies"][extra]
-    return [Requirement(text) for text in texts]
+    requirements = [Requirement(text) for text in texts]
+    return [r for r in requirements if r.marker is None or r.marker.evaluate({"extra": ""})]

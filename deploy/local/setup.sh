@@ -59,13 +59,15 @@ runtime = "runc"'
         log "creating virtualenv $venv"
         python3 -m venv "$venv"
     fi
-    if [[ ! -f "$stamp" || "$repo/pyproject.toml" -nt "$stamp" || "$repo/constraints.txt" -nt "$stamp" ]]; then
-        log "pip install -e '${repo}[dev]' -c constraints.txt"
-        # compat: a plain path entry (the repo root, where pyabouts/ links the package
-        # directories); the default editable finder costs ~60 ms on every call.
-        # At the versions constraints.txt pins, those the image is built with.
-        "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "${repo}[dev]" \
-            -c "$repo/constraints.txt" --config-settings editable_mode=compat
+    local constraints="$repo/constraints.txt"
+    if [[ ! -f "$stamp" || "$repo/pyproject.toml" -nt "$stamp" || "$constraints" -nt "$stamp" ]]
+    then
+        log "pip install -e '${repo}[dev]' -c '$constraints'"
+        # At the versions constraints.txt pins, those the image is built with. compat: a plain
+        # path entry (the repo root, where pyabouts/ links the package directories); the
+        # default editable finder costs ~60 ms on every call.
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+            -e "${repo}[dev]" -c "$constraints" --config-settings editable_mode=compat
         touch "$stamp"
     else
         log "virtualenv up to date"

@@ -2,8 +2,9 @@
 busybox test image.
 
 The project image's entry points answer, its virtualenv holds the package and not the build's
-tools, the node plugin answers VERSION, and a second build with the same inputs is a cache hit
-(no ``podman build``, the same image). The first build of a fresh machine takes a few minutes
+tools, and its dependencies at the versions constraints.txt pins, the node plugin answers
+VERSION, and a second build with the same inputs is a cache hit (no ``podman build``, the same
+image). The first build of a fresh machine takes a few minutes
 (debootstrap, then the wheels); later ones find the image by its inputs' label.
 """
 
@@ -16,6 +17,7 @@ import tarfile
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from packaging.utils import canonicalize_name
@@ -148,10 +150,16 @@ def test_the_images_shim_is_built_by_the_pinned_go_toolchain(
     assert built_by.stdout.split() == [f"{shim}:", pinned.group(1)]
 
 
-def test_the_virtualenv_holds_the_package_whole_and_no_build_tools(image: BuiltImage) -> None:
+@pytest.fixture(scope="module")
+def venv(image: BuiltImage) -> dict[str, Any]:
+    """What LIST_THE_VENV finds in the image's virtualenv."""
     done = podman_run(image.name, "python", "-c", LIST_THE_VENV)
     assert done.returncode == 0, done.stderr
-    venv = json.loads(done.stdout)
+    listed: dict[str, Any] = json.loads(done.stdout)
+    return listed
+
+
+def test_the_virtualenv_holds_the_package_whole_and_no_build_tools(venv: dict[str, Any]) -> None:
     assert venv["prefix"] == "/opt/pyabouts"
     assert venv["modules"] > 30
     assert "pyabouts" in venv["top"]
@@ -159,12 +167,9 @@ def test_the_virtualenv_holds_the_package_whole_and_no_build_tools(image: BuiltI
     assert venv["tools"] == []
 
 
-def test_the_images_dependencies_are_the_versions_the_suite_runs_with(image: BuiltImage) -> None:
-    # constraints.txt (tests/pinned_versions.py), which the suite's own virtualenv is checked
-    # against in tests/unit/test_pinned_versions.py.
-    done = podman_run(image.name, "python", "-c", LIST_THE_VENV)
-    assert done.returncode == 0, done.stderr
-    venv = json.loads(done.stdout)
+def test_the_images_dependencies_are_the_versions_the_suite_runs_with(
+    venv: dict[str, Any],
+) -> None:
     pins = pinned_versions()
     installed = {canonicalize_name(n): v for n, v in venv["distributions"].items()}
     assert installed.pop(canonicalize_name("pyabouts")) == project_version()

@@ -1,7 +1,7 @@
 """constraints.txt against pyproject.toml and the environment the suite runs in: every
 dependency, direct or not, is pinned within the range pyproject.toml allows, nothing else is,
-and the suite runs with exactly those versions (the image's are checked in
-tests/integration/test_images.py)."""
+the suite runs with exactly those versions, and both installs use the file (the image's
+versions are checked in tests/integration/test_images.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import NormalizedName, canonicalize_name
+from packaging.version import Version
 
-from tests.pinned_versions import declared_requirements, pinned_versions
+from tests.pinned_versions import REPO, declared_requirements, pinned_versions
 
 
 def installed_closure(requirements: Iterable[Requirement]) -> set[NormalizedName]:
@@ -50,13 +51,35 @@ def test_the_pins_are_what_the_declared_requirements_need_and_nothing_else() -> 
     assert installed_closure(declared_requirements()) == set(pinned_versions())
 
 
+def installed_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def test_the_suite_runs_with_the_pinned_versions() -> None:
+    installed = {name: installed_version(name) for name in pinned_versions()}
     wrong = {
-        name: (pinned, importlib.metadata.version(name))
+        name: (pinned, installed[name])
         for name, pinned in pinned_versions().items()
-        if importlib.metadata.version(name) != pinned
+        if installed[name] is None or Version(str(installed[name])) != Version(pinned)
     }
-    assert wrong == {}, "installed otherwise than pinned (bash deploy/local/setup.sh installs them)"
+    # setup.sh installs again only when pyproject.toml or constraints.txt is newer than its
+    # stamp, not after a `pip install` by hand.
+    again = "rm .venv/.pyabouts-installed && bash deploy/local/setup.sh"
+    assert wrong == {}, f"(pinned, installed) differ; to install the pinned ones: {again}"
+
+
+def test_the_virtualenv_and_the_image_are_installed_with_the_constraints() -> None:
+    # Right after pip-compile --upgrade the newest releases are the pinned ones: the version
+    # checks would not notice an install that dropped the file until PyPI moves on.
+    setup = (REPO / "deploy" / "local" / "setup.sh").read_text()
+    assert 'local constraints="$repo/constraints.txt"' in setup
+    assert '-e "${repo}[dev]" -c "$constraints"' in setup
+    containerfile = (REPO / "Containerfile").read_text()
+    assert "COPY pyproject.toml constraints.txt ./" in containerfile
+    assert "-w /wheels -r requirements.txt -c constraints.txt" in containerfile
 
 
 def test_a_range_or_a_bare_name_is_refused(tmp_path: Path) -> None:
