@@ -35,7 +35,7 @@ from deploy.local.controlplane import (
     ControlPlane,
     start_control_plane,
 )
-from deploy.local.multus_install import multus_archive
+from deploy.local.multus_install import multus_archive, remove_multus_leftovers
 from deploy.local.node_network import (
     BRIDGE,
     BRIDGE_ADDRESS,
@@ -338,6 +338,9 @@ def down(state_dir: Path) -> None:
         leftovers.mounts_under([*node.NODE_DIRS, layout.containerd_root]),
     )
     attempt("remove KUBE-* chains", leftovers.remove_kube_chains)
+    # A run killed before it uninstalled Multus: the next cluster's pods would go through it.
+    # First: the pod network's directories are removed only once empty.
+    attempt("remove Multus' files", remove_multus_leftovers)
     attempt("undo the pod network", undo_pod_network, cluster.host_changes)
     for directory in (*node.NODE_DIRS, layout.containerd_root, layout.host_local_dir):
         attempt(f"remove {directory}", shutil.rmtree, directory, True)

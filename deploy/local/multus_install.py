@@ -12,7 +12,10 @@ copied unchanged next to the binaries; the overlay that renames the image is wri
 cluster's state directory (upstream files are never part of the repo).
 
 Multus' DaemonSet leaves on the node what it wrote there (its config, its kubeconfig, its
-plugins): :func:`uninstall_multus` deletes the DaemonSet and then those.
+plugins): :func:`uninstall_multus` deletes the DaemonSet and then those. A run killed before its
+uninstall leaves them to every later cluster of the host, whose pods would then all go through
+a Multus that no longer runs: the cluster's ``down`` removes them
+(:func:`remove_multus_leftovers`).
 """
 
 from __future__ import annotations
@@ -147,14 +150,34 @@ def uninstall_multus(control_plane: ControlPlane, overlay: Path, mode: MultusMod
     control_plane.kubectl_run(
         "wait", "--for=delete", "pod", "-n", NAMESPACE, "-l", "app=multus", "--timeout=60s"
     )
+    _remove(_left_by(mode))
+
+
+def multus_leftovers() -> list[Path]:
+    """What either DaemonSet left on the node and is still there."""
+    return [
+        path for path in {*_left_by(THIN), *_left_by(THICK)} if path.exists() or path.is_symlink()
+    ]
+
+
+def remove_multus_leftovers() -> None:
+    """Remove what either DaemonSet left on the node: for a host whose Multus is gone."""
+    _remove(multus_leftovers())
+
+
+def _left_by(mode: MultusMode) -> list[Path]:
     # (and the temporary copies its installer leaves when a copy fails)
-    for path in [
+    return [
         mode.config,
         *mode.left_on_the_node,
         *CNI_BIN_DIR.glob("multus*.temp*"),
         *CNI_BIN_DIR.glob("passthru.temp*"),
-    ]:
-        if path.is_dir():
+    ]
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)

@@ -3,7 +3,8 @@
 In order: ``up`` (every component running, the node Ready), a pod of the pause image Running
 on the bridge, ``up`` again changing nothing, ``down``, then every kind of leftover checked:
 processes, mounts, network namespaces, links, iptables rules and chains, files. Then the same
-checks after a ``down`` that follows a node killed under a running pod.
+checks after a ``down`` that follows a node killed under a running pod, with the files a run
+killed before it uninstalled Multus leaves.
 It is the whole cluster of this host (kubelet's and containerd's places are fixed), so it runs
 in the "processes" group, never beside the heavy bursts; a component that fails to start fails
 it.
@@ -24,8 +25,16 @@ import pytest
 from deploy.local import node_leftovers as leftovers
 from deploy.local.cluster import NODE_COMPONENTS, Cluster
 from deploy.local.controlplane import ControlPlane
+from deploy.local.multus_install import THIN, multus_leftovers
 from deploy.local.node_components import NODE_DIRS, kube_binary
-from deploy.local.node_network import BRIDGE, POD_CIDR, cached_results, link_exists
+from deploy.local.node_network import (
+    BRIDGE,
+    CNI_BIN_DIR,
+    CNI_CONF_DIR,
+    POD_CIDR,
+    cached_results,
+    link_exists,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -158,11 +167,15 @@ def test_up_pod_idempotent_up_and_down_without_leftovers(state_dir: Path) -> Non
 
 def test_down_after_the_node_was_killed_leaves_nothing(state_dir: Path) -> None:
     """kubelet and containerd SIGKILLed under a running pod: no pod DEL ever runs, and down
-    still finds and removes what the pod held (its namespace, veth, mounts, shim)."""
+    still finds and removes what the pod held (its namespace, veth, mounts, shim), and what a
+    Multus whose uninstall never ran left on the node (every later cluster's pods would go
+    through it)."""
     files_before, veths_before = files_two_deep(), veths_into_unnamed_namespaces()
     up = cluster_sh(state_dir, "up")
     assert up.returncode == 0, up.stderr
     run_pod(ControlPlane.load(state_dir / "controlplane"))
+    left = leave_thin_multus_files()
+    assert set(multus_leftovers()) >= left
     cluster = Cluster.load(state_dir)
     assert cluster is not None
     for name in ("kubelet", "containerd"):
@@ -170,6 +183,20 @@ def test_down_after_the_node_was_killed_leaves_nothing(state_dir: Path) -> None:
     down = cluster_sh(state_dir, "down")
     assert down.returncode == 0, down.stderr
     assert_nothing_left(state_dir, files_before, veths_before)
+
+
+def leave_thin_multus_files() -> set[Path]:
+    """What thin Multus' installer writes on the node (its config first, which kubelet then
+    takes for the node's network; its kubeconfig; its plugins), as a run killed before it
+    uninstalled Multus leaves them; the paths. The sweep goes by the paths: the contents are
+    placeholders."""
+    THIN.config.write_text('{"cniVersion": "1.0.0", "name": "multus-cni-network"}\n')
+    (CNI_CONF_DIR / "multus.d").mkdir(exist_ok=True)
+    (CNI_CONF_DIR / "multus.d" / "multus.kubeconfig").write_text("apiVersion: v1\n")
+    plugins = {CNI_BIN_DIR / "multus", CNI_BIN_DIR / "passthru"}
+    for plugin in plugins:
+        plugin.write_bytes(b"#!/bin/sh\nexit 1\n")
+    return {THIN.config, CNI_CONF_DIR / "multus.d", *plugins}
 
 
 def assert_nothing_left(state_dir: Path, files_before: set[str], veths_before: set[str]) -> None:
@@ -188,3 +215,4 @@ def assert_nothing_left(state_dir: Path, files_before: set[str], veths_before: s
     assert leftovers.rules_mentioning([BRIDGE, POD_CIDR.rsplit(".", 1)[0] + "."]) == []
     assert sorted(files_two_deep() - files_before) == []
     assert cached_results() == []
+    assert multus_leftovers() == []
