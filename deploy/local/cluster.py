@@ -12,7 +12,10 @@ and the state file ``cluster.json`` (pids, and what was changed on the host). Ou
 what Kubernetes puts in its fixed places: ``/etc/cni/net.d``, ``/opt/cni/bin``,
 ``/var/lib/kubelet``, ``/run/containerd``, ``/var/log/pods``, pod network namespaces,
 ``KUBE-*`` iptables chains and the bridge; :func:`down` removes all of them (and etcd's data,
-in /dev/shm), keeping the state directory's logs and certificates for the next ``up``.
+in /dev/shm), keeping the state directory's logs and certificates for the next ``up``. Both
+``up`` and ``down`` remove what Multus' DaemonSets leave on the node
+(``multus_install.remove_multus_leftovers``), which a run killed before it uninstalled Multus
+leaves behind.
 """
 
 from __future__ import annotations
@@ -228,6 +231,9 @@ def up(state_dir: Path) -> Cluster:
     cluster = Cluster(state_dir)
     cluster.save()
     try:
+        # What a run killed before it uninstalled Multus left (its own state directory is not
+        # this one, so no down swept it): containerd would take Multus' config for the pods'.
+        remove_multus_leftovers()
         cluster.host_changes = set_up_pod_network(cluster.layout().host_local_dir)
         cluster.save()
         cluster.control_plane = start_control_plane(
@@ -339,7 +345,7 @@ def down(state_dir: Path) -> None:
     )
     attempt("remove KUBE-* chains", leftovers.remove_kube_chains)
     # A run killed before it uninstalled Multus: the next cluster's pods would go through it.
-    # First: the pod network's directories are removed only once empty.
+    # Before undo_pod_network, which removes the directories it made only when they are empty.
     attempt("remove Multus' files", remove_multus_leftovers)
     attempt("undo the pod network", undo_pod_network, cluster.host_changes)
     for directory in (*node.NODE_DIRS, layout.containerd_root, layout.host_local_dir):

@@ -14,7 +14,7 @@ cluster's state directory (upstream files are never part of the repo).
 Multus' DaemonSet leaves on the node what it wrote there (its config, its kubeconfig, its
 plugins): :func:`uninstall_multus` deletes the DaemonSet and then those. A run killed before its
 uninstall leaves them to every later cluster of the host, whose pods would then all go through
-a Multus that no longer runs: the cluster's ``down`` removes them
+a Multus that no longer runs: the cluster's ``up`` and ``down`` remove them
 (:func:`remove_multus_leftovers`).
 """
 
@@ -155,9 +155,8 @@ def uninstall_multus(control_plane: ControlPlane, overlay: Path, mode: MultusMod
 
 def multus_leftovers() -> list[Path]:
     """What either DaemonSet left on the node and is still there."""
-    return [
-        path for path in {*_left_by(THIN), *_left_by(THICK)} if path.exists() or path.is_symlink()
-    ]
+    left = {*_left_by(THIN), *_left_by(THICK)}
+    return sorted(path for path in left if path.exists() or path.is_symlink())
 
 
 def remove_multus_leftovers() -> None:
@@ -166,7 +165,8 @@ def remove_multus_leftovers() -> None:
 
 
 def _left_by(mode: MultusMode) -> list[Path]:
-    # (and the temporary copies its installer leaves when a copy fails)
+    """What `mode`'s DaemonSet leaves on the node, and the temporary copies its installer
+    leaves when a copy fails."""
     return [
         mode.config,
         *mode.left_on_the_node,

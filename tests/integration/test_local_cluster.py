@@ -132,10 +132,15 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_up_pod_idempotent_up_and_down_without_leftovers(state_dir: Path) -> None:
+    CNI_CONF_DIR.mkdir(parents=True, exist_ok=True)  # podman's place too: made before counting
     files_before, veths_before = files_two_deep(), veths_into_unnamed_namespaces()
+    # The config a run killed before it uninstalled Multus left: containerd would take it for
+    # the pods' network, and no pod would start.
+    stale = leave_thin_multus_files(plugins=False)
     t0 = time.monotonic()
     up = cluster_sh(state_dir, "up")
     assert up.returncode == 0, up.stderr
+    assert [path for path in stale if path.exists()] == []
     kubeconfig = state_dir / "controlplane" / "kubeconfig"
     assert up.stdout == f"export KUBECONFIG={kubeconfig}\n"
     print(f"up in {time.monotonic() - t0:.1f} s")
@@ -185,18 +190,20 @@ def test_down_after_the_node_was_killed_leaves_nothing(state_dir: Path) -> None:
     assert_nothing_left(state_dir, files_before, veths_before)
 
 
-def leave_thin_multus_files() -> set[Path]:
-    """What thin Multus' installer writes on the node (its config first, which kubelet then
-    takes for the node's network; its kubeconfig; its plugins), as a run killed before it
-    uninstalled Multus leaves them; the paths. The sweep goes by the paths: the contents are
-    placeholders."""
+def leave_thin_multus_files(*, plugins: bool = True) -> set[Path]:
+    """Write what thin Multus' installer writes on the node, as a run killed before it
+    uninstalled Multus leaves it: its config (which sorts first, so containerd takes it for
+    the pods' network), its kubeconfig and, with `plugins`, its plugins. Returns their paths.
+    The sweep goes by the paths: the contents are placeholders."""
     THIN.config.write_text('{"cniVersion": "1.0.0", "name": "multus-cni-network"}\n')
     (CNI_CONF_DIR / "multus.d").mkdir(exist_ok=True)
     (CNI_CONF_DIR / "multus.d" / "multus.kubeconfig").write_text("apiVersion: v1\n")
-    plugins = {CNI_BIN_DIR / "multus", CNI_BIN_DIR / "passthru"}
-    for plugin in plugins:
-        plugin.write_bytes(b"#!/bin/sh\nexit 1\n")
-    return {THIN.config, CNI_CONF_DIR / "multus.d", *plugins}
+    written = {THIN.config, CNI_CONF_DIR / "multus.d"}
+    if plugins:
+        for plugin in (CNI_BIN_DIR / "multus", CNI_BIN_DIR / "passthru"):
+            plugin.write_bytes(b"#!/bin/sh\nexit 1\n")
+            written.add(plugin)
+    return written
 
 
 def assert_nothing_left(state_dir: Path, files_before: set[str], veths_before: set[str]) -> None:
