@@ -4,8 +4,8 @@ busybox test image.
 The project image's entry points answer, its virtualenv holds the package and not the build's
 tools, and its dependencies at the versions constraints.txt pins, the node plugin answers
 VERSION, and a second build with the same inputs is a cache hit (no ``podman build``, the same
-image). The first build of a fresh machine takes a few minutes
-(debootstrap, then the wheels); later ones find the image by its inputs' label.
+image). The first build of a fresh machine takes a few minutes (debootstrap, then the wheels);
+later ones find the image by its inputs' label.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """``deploy/local/cluster.sh``: a real cluster comes up, runs a pod, and goes without a trace.
 
-In order: ``up`` (every component running, the node Ready), a pod of the pause image Running
-on the bridge, ``up`` again changing nothing, ``down``, then every kind of leftover checked:
-processes, mounts, network namespaces, links, iptables rules and chains, files. Then the same
-checks after a ``down`` that follows a node killed under a running pod, with the files a run
-killed before it uninstalled Multus leaves.
+In order: ``up`` (every component running, the node Ready, a stale Multus config that a
+killed run left removed first), a pod of the pause image Running on the bridge, ``up`` again
+changing nothing, ``down``, then every kind of leftover checked: processes, mounts, network
+namespaces, links, iptables rules and chains, files. Then the same checks after a ``down`` that
+follows a node killed under a running pod, with the files a run killed before it uninstalled
+Multus leaves.
 It is the whole cluster of this host (kubelet's and containerd's places are fixed), so it runs
 in the "processes" group, never beside the heavy bursts; a component that fails to start fails
 it.
