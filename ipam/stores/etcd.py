@@ -190,6 +190,11 @@ class EtcdStore:
             except BaseException:
                 endpoint.close()
                 raise
+            # etcd3 sends the login's token twice: as metadata of each call, which is what etcd
+            # reads, and through call credentials, for which grpc starts a Python thread per
+            # call. Measured here (TLS, reads and transactions of a small block): 0.79 ms of
+            # CPU per call with them, 0.44 without.
+            self._client.call_credentials = None
         return self._client
 
 
