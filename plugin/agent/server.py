@@ -114,7 +114,7 @@ def plugin_bound_deadline(env: dict[str, str], deadline: float) -> float:
         return deadline
     try:
         gives_up = int(text) / 1000
-    except ValueError:
+    except (ValueError, OverflowError):  # not digits; past what a float holds
         raise RequestError(f"{wire.DEADLINE_KEY}={text[:20]!r} is not Unix milliseconds") from None
     now = time.monotonic()
     bound = now + gives_up - time.time() - PLUGIN_WAIT_MARGIN_SECONDS

@@ -13,12 +13,16 @@ import pytest
 from pyabouts.ipam.errors import DECODE_FAILURE, TRY_AGAIN_LATER
 from pyabouts.plugin.agent.server import (
     MAX_REQUEST_BYTES,
+    PLUGIN_WAIT_MARGIN_SECONDS,
+    RequestError,
     RequestTooLargeError,
     RequestTooSlowError,
     command_label,
     peer_uid,
+    plugin_bound_deadline,
     read_request,
 )
+from pyabouts.plugin.wire import DEADLINE_KEY
 
 
 @pytest.fixture
@@ -105,3 +109,26 @@ def test_cni_commands_are_their_own_labels(command: str) -> None:
 @pytest.mark.parametrize("command", ["", "add", "EVIL", "ADD ", "x" * 1000, "ADD\0"])
 def test_anything_else_is_one_label(command: str) -> None:
     assert command_label(command) == "unknown"
+
+
+@pytest.mark.parametrize("value", ["soon", "12.5", "9" * 400], ids=["word", "fraction", "huge"])
+def test_a_plugin_deadline_that_is_not_unix_milliseconds_is_refused_as_malformed(
+    value: str,
+) -> None:
+    env = {DEADLINE_KEY: value, "CNI_COMMAND": "ADD"}
+    with pytest.raises(RequestError, match="is not Unix milliseconds") as refused:
+        plugin_bound_deadline(env, time.monotonic() + 60)
+    assert refused.value.code == DECODE_FAILURE
+    assert DEADLINE_KEY not in env  # taken out either way: never handed to the handler
+
+
+def test_a_plugin_deadline_ends_the_agents_earlier_less_the_margin() -> None:
+    now = time.monotonic()
+    gives_up = int((time.time() + 30) * 1000)
+    bound = plugin_bound_deadline({DEADLINE_KEY: str(gives_up)}, now + 60)
+    assert (
+        now + 30 - PLUGIN_WAIT_MARGIN_SECONDS - 1
+        < bound
+        < now + 30 - PLUGIN_WAIT_MARGIN_SECONDS + 1
+    )
+    assert plugin_bound_deadline({}, now + 60) == now + 60  # a plugin that does not say
