@@ -245,8 +245,9 @@ class PendingWrites:
         waited longer than `max_pending` for the datastore (then the node answers code 11, as
         it would with every write stored before its answer)."""
         with self._lock:
-            # First: a block whose changes wait for a datastore that takes none is answered
-            # code 11 at once, not a conflict to retry until the call's deadline.
+            # First: a block whose changes wait for a datastore that takes none is an outage
+            # (retried for OUTAGE_GRACE, meanwhile a flush may store them; then code 11), not
+            # a conflict to retry until the call's deadline.
             now = time.monotonic()
             waited = max((now - self._pending_since.get(b.key, now) for b in blocks), default=0)
             if waited > self._max_pending:

@@ -26,7 +26,7 @@ from pyabouts.controller.leaks import Leak, Reason
 from pyabouts.controller.reclaim import free_leaks
 from pyabouts.ipam import operations, slices
 from pyabouts.ipam.coalescing import CoalescingTransactions
-from pyabouts.ipam.errors import StoreUnavailableError
+from pyabouts.ipam.errors import TRY_AGAIN_LATER, StoreUnavailableError
 from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
 from pyabouts.ipam.ranges import build_range
 from pyabouts.ipam.slices import SlicedRange, is_registry
@@ -458,13 +458,15 @@ def test_a_give_kept_over_a_rest_stored_meanwhile_records_the_pod_it_was_answere
     assert stored(backing)[second] == "c2"
 
 
-def test_a_decision_on_a_block_whose_changes_wait_too_long_is_refused_not_retried(
+def test_a_decision_on_a_block_whose_changes_wait_too_long_is_an_outage_not_a_conflict(
     backing: PoolStore,
     journal: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A decision that would wait for the changes of its block kept before it (it gives in
-    another config's slice there) gets code 11 at once once they have waited too long for the
-    datastore, not a conflict retried until its deadline."""
+    another config's slice there) gets code 11 once they have waited too long for the
+    datastore: after the grace of an outage, not retried as a conflict until its deadline."""
+    monkeypatch.setattr("pyabouts.ipam.transaction.OUTAGE_GRACE", 0.3)
     pending = PendingWrites(journal, "node-a", max_pending=0.1)
     node = DeferringStore(backing, pending)
     first = add(node, 1)
@@ -473,8 +475,11 @@ def test_a_decision_on_a_block_whose_changes_wait_too_long_is_refused_not_retrie
     halves, _ = node_b_takes_half_of(key, backing, journal)
     node.read_blocks(halves.registry, 0, 1 << 32)
     time.sleep(0.2)
-    with pytest.raises(StoreUnavailableError, match="have waited"):
-        add(node, 3, requested=in_node_b_half(key), deadline=2)
+    began = time.monotonic()
+    with pytest.raises(StoreUnavailableError, match="have waited") as refused:
+        add(node, 3, requested=in_node_b_half(key), deadline=30)
+    assert refused.value.code == TRY_AGAIN_LATER
+    assert time.monotonic() - began < 15  # the grace, not the deadline
 
 
 def test_a_flush_whose_write_another_node_came_before_stores_at_once_on_a_fresh_read(
