@@ -335,12 +335,21 @@ def block_of_ippool(item: dict[str, Any]) -> Block:
         network = netaddr.IPNetwork(spec["cidr"])
         pool = PoolId(str(spec.get("network", "")), family=4 if network.version == 4 else 6)
         key = BlockKey(pool, int(network.first))
-        return block_from_document(key, spec, str(metadata["resourceVersion"]))
+        block = block_from_document(key, spec, str(metadata["resourceVersion"]))
     except CniError as exc:
         raise CniError(exc.code, f"IPPool {name}: {exc.msg}", exc.details) from None
     except (KeyError, TypeError, ValueError, AttributeError, netaddr.AddrFormatError) as exc:
         why = f"{type(exc).__name__} {exc}"
         raise CniError(CORRUPT_BLOCK, f"IPPool {name} is not a pyabouts block: {why}") from None
+    if name != object_name(key):
+        # spec.cidr or spec.network edited by hand: read as the block it now names, it would
+        # stand beside that block's own IPPool, and its own block's owners would be unseen.
+        raise CniError(
+            CORRUPT_BLOCK,
+            f"IPPool {name} is not a pyabouts block: it holds {network} of network "
+            f"{pool.network!r}, whose IPPool is named {object_name(key)} (edited by hand?)",
+        )
+    return block
 
 
 def _tagged(metadata: dict[str, Any]) -> tuple[str, str, str] | None:

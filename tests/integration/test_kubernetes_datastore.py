@@ -117,6 +117,31 @@ def test_a_block_stored_in_the_earlier_form_keeps_its_owners_and_is_rewritten_as
     assert pool["status"] == {"allocated": 2, "free": 251}
 
 
+def test_an_ippool_whose_cidr_was_edited_by_hand_is_code_104_naming_it(
+    pyabouts_exe: str, pyabouts_cluster: ControlPlane
+) -> None:
+    """A hand edit moves an IPPool's spec.cidr to the other block of its range: calls on the
+    pool get code 104 naming it and write nothing. Read as the block it names, its owners would
+    go unseen (their addresses free in the view), and the answer a misleading one."""
+    network = f"moved-{uuid.uuid4().hex[:6]}"
+    conf = netconf(**kubernetes_ipam(pyabouts_cluster, range="10.64.0.0/23", network_name=network))
+    assert cni(pyabouts_exe, "ADD", conf, "c1").expect_success()["ips"][0]["address"] == (
+        "10.64.0.1/23"
+    )
+    name = f"{network}-10.64.0.0-24"
+    moved = json.dumps({"spec": {"cidr": "10.64.1.0/24"}})
+    where = ["-n", "kube-system", "ippool", name]
+    pyabouts_cluster.kubectl("patch", *where, "--type=merge", "-p", moved)
+    try:
+        refused = cni(pyabouts_exe, "ADD", conf, "c2").result
+        assert refused["code"] == 104 and f"IPPool {name} " in refused["msg"], refused
+        [pool] = ippools(pyabouts_cluster, network)
+        assert (pool["metadata"]["name"], pool["spec"]["cidr"]) == (name, "10.64.1.0/24")
+        assert list(table_entries(pool["spec"]["allocations"])) == ["1"]
+    finally:  # every other test's whole-store read would fail on it
+        pyabouts_cluster.kubectl("delete", *where)
+
+
 def test_kubectl_shows_range_usage_and_explains_the_fields(
     pyabouts_exe: str, pyabouts_cluster: ControlPlane
 ) -> None:

@@ -26,7 +26,7 @@ GOOD_TABLE = {"cidr": "10.0.0.0/24", "network": "net", "allocations": {}}
 
 
 def ippool(spec: dict[str, Any]) -> dict[str, Any]:
-    return {"metadata": {"name": "net-10-0-0-0-24", "resourceVersion": "7"}, "spec": spec}
+    return {"metadata": {"name": "net-10.0.0.0-24", "resourceVersion": "7"}, "spec": spec}
 
 
 @pytest.mark.parametrize(
@@ -37,14 +37,24 @@ def ippool(spec: dict[str, Any]) -> dict[str, Any]:
         {**GOOD_TABLE, "allocations": 7},
         {**GOOD_TABLE, "allocations": "offset containerID\n7 sandbox-7"},  # not our header
         {**GOOD_TABLE, "capacity": "many"},
+        {**GOOD_TABLE, "cidr": "10.0.1.0/24"},  # its name says 10.0.0.0/24
+        {**GOOD_TABLE, "network": "other"},
     ],
-    ids=["no-cidr", "bad-cidr", "allocations-a-number", "another-table", "capacity-a-word"],
+    ids=[
+        "no-cidr",
+        "bad-cidr",
+        "allocations-a-number",
+        "another-table",
+        "capacity-a-word",
+        "cidr-moved",
+        "network-renamed",
+    ],
 )
 def test_an_ippool_not_in_pyabouts_format_is_code_104_naming_it(spec: dict[str, Any]) -> None:
     with pytest.raises(CniError) as raised:
         block_of_ippool(ippool(spec))
     assert raised.value.code == CORRUPT_BLOCK
-    assert raised.value.msg.startswith("IPPool net-10-0-0-0-24")
+    assert raised.value.msg.startswith("IPPool net-10.0.0.0-24")
     assert block_of_ippool(ippool(GOOD_TABLE)).revision == "7"  # the same, well formed
 
 
