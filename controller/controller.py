@@ -29,7 +29,13 @@ from kubernetes.leaderelection import electionconfig, leaderelection
 from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
 from pyabouts.controller.connect import Connections
-from pyabouts.controller.leaks import DEFAULT_GONE_GRACE_SECONDS, Leak, PodState, Policy, Reason
+from pyabouts.controller.leaks import (
+    DEFAULT_GONE_GRACE_SECONDS,
+    SANDBOX_MAY_REMAIN,
+    Leak,
+    PodState,
+    Policy,
+)
 from pyabouts.controller.metrics import ReconcilerMetrics
 from pyabouts.controller.pods import PodReader
 from pyabouts.controller.reconciler import reconcile
@@ -40,8 +46,9 @@ from pyabouts.serving.endpoints import Health, serve_endpoints
 log = logging.getLogger(__name__)
 
 SETTLE_SECONDS = 0.3  # gather a burst of deletions into one targeted pass
-# What a pod's address may have leaked by while its kubelet still tears its sandbox down.
-SANDBOX_MAY_REMAIN = frozenset({Reason.POD_GONE, Reason.POD_REPLACED, Reason.POD_FINISHED})
+# A targeted pass that failed (the API busy, say) is made again this much later: no event
+# brings its pods back.
+RETRY_SECONDS = 5.0
 
 
 class Controller:
@@ -103,8 +110,10 @@ class Controller:
                 next_full = time.monotonic() + wait
                 self.health.beat(ready=True)
                 continue
-            if due := self._due():
-                self._pass("targeted", due)
+            if (due := self._due()) and not self._pass("targeted", due):
+                retry = time.time() + RETRY_SECONDS
+                for ref in due:  # spared by full passes meanwhile, as before
+                    self._gone_at.setdefault(ref, retry)
 
     def _feed(self) -> None:
         try:
@@ -182,6 +191,8 @@ class Controller:
             self.metrics.errors.inc()
             return False
         self.metrics.record_pass(kind, summary)
+        if summary.failed:  # the rest freed; these are freed by a later pass
+            self.metrics.errors.inc()
         return True
 
     def _read_pods(self, refs: set[str]) -> dict[str, PodState]:

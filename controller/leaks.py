@@ -31,6 +31,10 @@ class Reason(StrEnum):
     REST_ENDED = "rest-ended"
 
 
+# What a pod's address may have leaked by while its kubelet still tears its sandbox down (and
+# runs the DEL, which frees it): freed only --gone-grace seconds after the pod was seen gone.
+SANDBOX_MAY_REMAIN = frozenset({Reason.POD_GONE, Reason.POD_REPLACED, Reason.POD_FINISHED})
+
 # The UID a kubelet gives a static pod whose manifest names none: the hex MD5 of the manifest
 # (pkg/kubelet/config/common.go), where the API gives its objects RFC 4122 UUIDs.
 _STATIC_POD_UID = re.compile(r"[0-9a-f]{32}")

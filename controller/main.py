@@ -10,15 +10,23 @@ could not finish. Logs go to stderr.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from pyabouts.controller.leaks import DEFAULT_GONE_GRACE_SECONDS, DEFAULT_PENDING_GRACE, Policy
+from pyabouts.controller.leaks import (
+    DEFAULT_GONE_GRACE_SECONDS,
+    DEFAULT_PENDING_GRACE,
+    SANDBOX_MAY_REMAIN,
+    Leak,
+    Policy,
+)
 from pyabouts.controller.reconciler import PassSummary
 from pyabouts.serving.listen import listen_argument
 
@@ -77,9 +85,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=_seconds,
         default=DEFAULT_GONE_GRACE_SECONDS,
         metavar="SECONDS",
-        help="controller: judge the addresses of a pod this long after it was deleted or "
-        "finished, no sooner: a force-deleted pod's kubelet tears its sandbox down (and runs "
-        f"the DEL) meanwhile (default: {DEFAULT_GONE_GRACE_SECONDS:g})",
+        help="judge the addresses of a pod this long after it was deleted or finished (one "
+        "pass: after it was first found gone), no sooner: a force-deleted pod's kubelet tears "
+        f"its sandbox down (and runs the DEL) meanwhile (default: {DEFAULT_GONE_GRACE_SECONDS:g})",
     )
     parser.add_argument(
         "--resync", type=float, default=300.0, help="controller: seconds between full passes"
@@ -140,7 +148,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             run_controller(connections, policy, args)
         else:
-            sys.exit(run_once(connections, policy, dry_run=args.dry_run))
+            sys.exit(
+                run_once(connections, policy, dry_run=args.dry_run, gone_grace=args.gone_grace)
+            )
     finally:
         connections.close()
 
@@ -150,8 +160,11 @@ def _exit_on_signal(signum: int, frame: object) -> None:
     sys.exit(0)
 
 
-def run_once(connections: Connections, policy: Policy, *, dry_run: bool) -> int:
-    """One pass, as a CronJob runs it; the exit code."""
+def run_once(connections: Connections, policy: Policy, *, dry_run: bool, gone_grace: float) -> int:
+    """One pass, as a CronJob runs it; the exit code. A pod found gone or finished may still
+    have its sandbox torn down by its kubelet (a force-deleted pod's), whose DEL frees the
+    address: its leaks are judged again `gone_grace` seconds later, and freed only then, as
+    the controller frees them."""
     import urllib3  # noqa: PLC0415
     from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
 
@@ -159,16 +172,24 @@ def run_once(connections: Connections, policy: Policy, *, dry_run: bool) -> int:
     from pyabouts.controller.reconciler import reconcile  # noqa: PLC0415
     from pyabouts.ipam.errors import CniError  # noqa: PLC0415
 
+    def later(leak: Leak) -> bool:
+        return not dry_run and gone_grace > 0 and leak.reason in SANDBOX_MAY_REMAIN
+
     reader = PodReader(connections.api_client)
+    a_pass = functools.partial(
+        reconcile,
+        connections.store,
+        lambda: reader.list_all().pods,
+        policy,
+        list_statefulsets=reader.statefulsets,
+    )
     try:
-        summary = reconcile(
-            connections.store,
-            lambda: reader.list_all().pods,
-            policy,
-            dry_run=dry_run,
-            list_nodes=reader.node_names,
-            list_statefulsets=reader.statefulsets,
-        )
+        summary = a_pass(dry_run=dry_run, list_nodes=reader.node_names, defer=later)
+        if summary.deferred:
+            refs = {leak.owner.pod for leak in summary.deferred}
+            log.info("%d pod(s) gone or finished: judged again in %g s", len(refs), gone_grace)
+            time.sleep(gone_grace)
+            summary = summary.confirmed_by(a_pass(only_pods=refs))
     except CniError as error:
         log.error("reconcile failed: %s", error.msg)
         return 1
@@ -176,7 +197,7 @@ def run_once(connections: Connections, policy: Policy, *, dry_run: bool) -> int:
         log.error("reconcile failed: the Kubernetes API: %s", str(exc).strip())
         return 1
     print(json.dumps(summary_document(summary), indent=2))
-    return 0
+    return 1 if summary.failed else 0
 
 
 def summary_document(summary: PassSummary) -> dict[str, Any]:
@@ -206,6 +227,8 @@ def summary_document(summary: PassSummary) -> dict[str, Any]:
         ],
         # Stored blocks left out, not in pyabouts' format: why, for each.
         "unreadable": summary.unreadable,
+        # Blocks whose leaks could not be freed: why, for each.
+        "failed": summary.failed,
         "summary": summary.describe(),
     }
 

@@ -33,7 +33,9 @@ class ReconcilerMetrics:
             registry=self.registry,
         )
         self.errors = Counter(
-            "pyabouts_reconciler_errors", "Passes that failed.", registry=self.registry
+            "pyabouts_reconciler_errors",
+            "Passes that failed, or left leaks unfreed (a block refused, the datastore down).",
+            registry=self.registry,
         )
         self.passes = Counter(
             "pyabouts_reconciler_passes",

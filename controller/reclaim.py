@@ -11,24 +11,43 @@ from __future__ import annotations
 import functools
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pyabouts.controller.leaks import Leak
 from pyabouts.ipam import allocator
+from pyabouts.ipam.errors import CniError, StoreRefusedError, StoreUnavailableError
 from pyabouts.ipam.pool import BLOCK_SIZE, PoolView
 from pyabouts.ipam.store import PoolStore
 from pyabouts.ipam.transaction import Span, run_span_transaction
 
 
-def free_leaks(store: PoolStore, leaks: Sequence[Leak], *, deadline: float) -> list[Leak]:
+def free_leaks(
+    store: PoolStore,
+    leaks: Sequence[Leak],
+    *,
+    deadline: float,
+    on_failed: Callable[[CniError], None] | None = None,
+) -> list[Leak]:
     """Free `leaks` that are unchanged in the store; the ones actually freed. An address given
-    with a release_cooldown rests from now, as after a DEL."""
+    with a release_cooldown rests from now, as after a DEL.
+
+    A block the store refuses to write (an admission policy, say) is told to `on_failed`, and
+    the next blocks are freed: one bad object must not stop the cluster's garbage collection.
+    A store down or busy past `deadline` is told to it too, and ends the freeing (the next
+    blocks would wait as long). Without `on_failed`, either is raised."""
     freed: list[Leak] = []
     now = int(time.time())
     for key, group in itertools.groupby(sorted(leaks, key=lambda k: k.key), key=lambda k: k.key):
         span = Span(key.pool, key.base, key.base + BLOCK_SIZE - 1)
         decide = functools.partial(release_unchanged, leaks=list(group), now=now)
-        freed += run_span_transaction(store, [span], decide, deadline=deadline)
+        try:
+            freed += run_span_transaction(store, [span], decide, deadline=deadline)
+        except (StoreRefusedError, StoreUnavailableError) as failure:
+            if on_failed is None:
+                raise
+            on_failed(failure)
+            if isinstance(failure, StoreUnavailableError):
+                break
     return freed
 
 

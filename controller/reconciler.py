@@ -8,6 +8,7 @@ that changed after it is not freed (controller.reclaim).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -55,6 +56,20 @@ class PassSummary:
     unreadable: list[str] = field(default_factory=list)
     # Judged leaked, and left for a later pass to judge again (reconcile's `defer`).
     deferred: list[Leak] = field(default_factory=list)
+    # Blocks whose leaks could not be freed (the store refused the write, or was down): why.
+    failed: list[str] = field(default_factory=list)
+
+    def confirmed_by(self, again: PassSummary) -> PassSummary:
+        """This pass with what `again`, a pass over the allocations of the pods whose leaks
+        this one deferred, judged and freed."""
+        return dataclasses.replace(
+            self,
+            leaks=[*self.leaks, *again.leaks],
+            freed=[*self.freed, *again.freed],
+            deferred=list(again.deferred),
+            failed=[*self.failed, *again.failed],
+            seconds=self.seconds + again.seconds,
+        )
 
     def by_reason(self) -> dict[str, int]:
         return dict(Counter(leak.reason.value for leak in self.freed))
@@ -69,9 +84,11 @@ class PassSummary:
         left_out = len(self.unreadable)
         unreadable = f"; {left_out} unreadable block(s) left out" if left_out else ""
         later = f"; {len(self.deferred)} judged again later" if self.deferred else ""
+        failed = f"; {len(self.failed)} block(s) not written" if self.failed else ""
         return (
             f"checked {self.allocations} allocation(s) against {self.pods} pod(s) in "
             f"{self.seconds:.2f} s: {verb} {len(done)} ({why}){kept}{slices}{unreadable}{later}"
+            f"{failed}"
         )
 
 
@@ -132,10 +149,22 @@ def reconcile(
         (deferred if defer is not None and defer(leak) else leaks).append(leak)
     for leak in leaks:
         log.info("%s %s", "would free" if dry_run else "freeing", leak.describe())
-    freed = [] if dry_run else free_leaks(store, leaks, deadline=time.monotonic() + FREE_DEADLINE)
+    failed: list[str] = []
+
+    def not_freed(problem: CniError) -> None:
+        log.error("not freed in this pass: %s", problem.msg)
+        failed.append(problem.msg)
+
+    freed = []
+    if not dry_run:
+        deadline = time.monotonic() + FREE_DEADLINE
+        freed = free_leaks(store, leaks, deadline=deadline, on_failed=not_freed)
     slices_freed = []
-    if unreadable and nodes is not None and has_slices(blocks):
-        log.warning("node slices of gone nodes are given back once no stored block is unreadable")
+    if (unreadable or failed) and nodes is not None and has_slices(blocks):
+        log.warning(
+            "node slices of gone nodes are given back once every stored block is readable "
+            "and every leak found freed"
+        )
     elif nodes is not None and has_slices(blocks):
         if dry_run:
             slices_freed = slices_a_pass_would_free(blocks, nodes, leaks)
@@ -153,6 +182,7 @@ def reconcile(
         slices_freed=slices_freed,
         unreadable=unreadable,
         deferred=deferred,
+        failed=failed,
     )
     log.info("reconcile: %s", summary.describe())
     return summary

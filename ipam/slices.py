@@ -220,6 +220,18 @@ def slice_span(registry: PoolId, holder: Owner) -> tuple[PoolId, int, int]:
     return pool, int(network.first), int(network.last)
 
 
+def check_registry_name(registry: PoolId) -> None:
+    """ValueError when a stored registry's network does not name the range it cuts and the
+    slices' size (SlicedRange.registry), as none pyabouts writes: checked as it is read."""
+    cut = registry.network.rpartition(REGISTRY_MARK)[2].split()
+    if len(cut) != 2 or not cut[1].startswith("/") or not cut[1][1:].isdigit():
+        raise ValueError(f"{registry.network!r} names no range and slice size")
+    try:
+        netaddr.IPNetwork(cut[0])
+    except netaddr.AddrFormatError as exc:
+        raise ValueError(f"{registry.network!r} names no range: {exc}") from None
+
+
 def check_registry_entry(registry: PoolId, holder: Owner) -> None:
     """ValueError when a stored registry entry names no slice (edited by hand, say): the block
     is then unreadable, as any stored block not in pyabouts' format, rather than breaking every

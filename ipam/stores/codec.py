@@ -20,7 +20,7 @@ import netaddr
 
 from pyabouts.ipam.errors import CORRUPT_BLOCK, CniError
 from pyabouts.ipam.pool import BLOCK_BITS, BLOCK_SIZE, Block, BlockKey, Owner
-from pyabouts.ipam.slices import check_registry_entry, is_registry
+from pyabouts.ipam.slices import check_registry_entry, check_registry_name, is_registry
 
 # The table's first line. A reader refuses a table under any other header, so that a later
 # form (a column more) is never read as this one.
@@ -209,6 +209,7 @@ def _block_of_document(key: BlockKey, document: dict[str, Any], revision: str) -
     else:
         raise _corrupt(key, "allocations is neither a table nor an object")
     if is_registry(key.pool):
+        check_registry_name(key.pool)
         for owner in entries.values():
             check_registry_entry(key.pool, owner)
     return Block(

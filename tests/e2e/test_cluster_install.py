@@ -261,6 +261,7 @@ def test_the_cronjobs_job_runs_to_completion_and_frees_a_leak(cluster: ControlPl
         assert stored(cluster, network) == {}, address
         log = cluster.kubectl("logs", "-n", NAMESPACE, f"job/{job}")
         assert address in log
+        assert "judged again in 10 s" in log  # the pod gone: freed once its grace passed
     finally:
         suspend(cluster, suspended=False)
         cluster.kubectl("scale", deployment, "-n", NAMESPACE, "--replicas=2")

@@ -2,12 +2,16 @@
 kube-apiserver: what it frees, what it must keep, and that it never frees a live address while
 ADDs run beside it."""
 
+import contextlib
+import json
 import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import netaddr
 import pytest
 
 from deploy.local.controlplane import ControlPlane
@@ -24,7 +28,8 @@ from pyabouts.controller.connect import connect, read_settings
 from pyabouts.controller.leaks import Policy
 from pyabouts.controller.pods import PodReader
 from pyabouts.controller.reconciler import PassSummary, reconcile
-from pyabouts.ipam.pool import Owner
+from pyabouts.ipam.pool import BlockKey, Owner, PoolId
+from pyabouts.ipam.stores.kubernetes import object_name
 from tests.integration.kube_fixtures import can
 from tests.integration.reconciler_env import NAMESPACE, RECONCILER_SA, ReconcilerEnv, pod_name
 
@@ -73,12 +78,120 @@ def test_a_stored_block_not_in_pyabouts_format_is_left_out_and_the_rest_reconcil
     assert leaked not in recon.held()
 
 
-def test_a_force_deleted_pod_is_reclaimed(recon: ReconcilerEnv) -> None:
+def test_a_force_deleted_pods_address_is_freed_only_once_its_gone_grace_has_passed(
+    recon: ReconcilerEnv,
+) -> None:
+    """A force-deleted pod's kubelet may still be tearing its sandbox down, and runs the DEL
+    after: the pass judges the address again --gone-grace seconds after it found the pod gone,
+    and frees it then. Meanwhile a new pod gets another address, not one the old sandbox may
+    still have (freed at once, it was the lowest free one)."""
     name = pod_name("forced")
     address = recon.add(name, create_pod(recon.cluster, NAMESPACE, name))
     delete_pod(recon.cluster, NAMESPACE, name, grace_seconds=0)
-    assert freed(recon.reconcile(), "pod-gone") == [address]
+    argv = recon.reconciler_argv("--gone-grace", "4")
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as one:
+        assert one.stderr is not None
+        logged: list[str] = []
+        while not logged or "judged again in 4 s" not in logged[-1]:
+            line = one.stderr.readline()
+            assert line, f"the pass ended without deferring: {''.join(logged)}"
+            logged.append(line)
+        newcomer = pod_name("new")
+        assert recon.add(newcomer, create_pod(recon.cluster, NAMESPACE, newcomer)) != address
+        assert address in recon.held()
+        out, rest = one.communicate(timeout=60)
+    assert one.returncode == 0, rest
+    summary = json.loads(out)
+    assert address in [a["ip"] for a in summary["addresses"] if a["reason"] == "pod-gone"]
+    assert address not in recon.held()
+
+
+@pytest.mark.parametrize("recon", ["kubernetes"], indirect=True)
+def test_a_block_the_api_refuses_to_update_is_named_and_the_other_leaks_freed(
+    recon: ReconcilerEnv,
+) -> None:
+    """An admission policy refuses updates of one IPPool: the pass frees the leaks of the other
+    blocks, names the refused one, and exits 1; once the policy is gone, the next pass frees
+    it. (It stopped at the refused block, and what it had freed went uncounted.)"""
+    leaked = {}
+    for cidr in ("10.72.0.0/24", "10.73.0.0/24"):
+        name = pod_name("gone")
+        leaked[cidr] = recon.add(name, create_pod(recon.cluster, NAMESPACE, name), cidr=cidr)
+        delete_pod(recon.cluster, NAMESPACE, name, grace_seconds=0)
+    frozen = object_name(BlockKey(PoolId(recon.network, 4), int(netaddr.IPAddress("10.72.0.0"))))
+    with refused_updates(recon.cluster, frozen):
+        done = subprocess.run(
+            recon.reconciler_argv("--gone-grace=0"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 1, done.stderr
+        summary = json.loads(done.stdout)
+        assert leaked["10.73.0.0/24"] in [a["ip"] for a in summary["addresses"]]
+        [why] = summary["failed"]
+        assert frozen in why and "frozen by the test" in why, why
+        assert "1 block(s) not written" in summary["summary"]
+        assert set(recon.held()) == {leaked["10.72.0.0/24"]}
+    assert freed(recon.reconcile(), "pod-gone") == [leaked["10.72.0.0/24"]]
     assert recon.held() == {}
+
+
+@contextlib.contextmanager
+def refused_updates(cluster: ControlPlane, ippool: str) -> Iterator[None]:
+    """A ValidatingAdmissionPolicy that refuses updates of the IPPool named `ippool`, in force
+    (an update of it, tried with dry-run, refused) from the block's start to its end."""
+    policy = f"pyabouts-test-freeze-{uuid.uuid4().hex[:6]}"
+    objects = [
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": policy},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {
+                            "apiGroups": ["pyabouts.io"],
+                            "apiVersions": ["*"],
+                            "operations": ["UPDATE"],
+                            "resources": ["ippools"],
+                            "resourceNames": [ippool],  # no other test's IPPool, ever
+                        }
+                    ]
+                },
+                "validations": [{"expression": "false", "message": "frozen by the test"}],
+            },
+        },
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": policy},
+            "spec": {"policyName": policy, "validationActions": ["Deny"]},
+        },
+    ]
+    manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": objects})
+    probe = ["label", "--overwrite", "--dry-run=server", "-n", "kube-system", "ippool", ippool]
+
+    def in_force() -> bool:
+        tried = cluster.kubectl_run(*probe, "probe=1")
+        assert tried.returncode == 0 or "frozen by the test" in tried.stderr, tried.stderr
+        return tried.returncode != 0
+
+    def wait_until(wanted: bool) -> None:
+        deadline = time.monotonic() + 30
+        while in_force() != wanted:
+            assert time.monotonic() < deadline, f"the policy in force: never {wanted}"
+            time.sleep(0.2)
+
+    cluster.kubectl("apply", "-f", "-", input=manifest)
+    try:
+        wait_until(True)
+        yield
+    finally:
+        cluster.kubectl("delete", "-f", "-", input=manifest)
+        wait_until(False)
 
 
 def test_a_pod_of_a_lost_node_is_reclaimed_once_past_its_grace(recon: ReconcilerEnv) -> None:

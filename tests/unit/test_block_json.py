@@ -248,7 +248,7 @@ def test_a_registry_entry_that_names_no_slice_of_its_family_is_a_corrupt_block(n
     """A node slice registry edited by hand: unreadable, as any block not in pyabouts' format,
     rather than an exception in every decision and reconcile pass that reads it (each full
     pass failed whole, so no leak anywhere was freed)."""
-    registry = BlockKey(PoolId(f"net{REGISTRY_MARK}", 4), 0)
+    registry = BlockKey(PoolId(f"net{REGISTRY_MARK} 10.0.0.0/24 /28", 4), 0)
     good = Block(registry, {0: Owner("10.0.0.0/28", SLICE_IFNAME, node="node-a")})
     document = block_document(good)
     assert block_from_document(registry, document, "1").entries == good.entries

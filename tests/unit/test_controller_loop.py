@@ -1,25 +1,34 @@
-"""The controller's loop while its passes fail: it waits for the resync, whatever it has left
-to judge again (tests/integration/test_reconciler_controller.py runs it on the apiserver)."""
+"""The controller's loop while its passes fail: a full pass waits for the resync, whatever it
+has left to judge again; a targeted pass is made again RETRY_SECONDS later, since no event
+brings its pods back (tests/integration/test_reconciler_controller.py runs the controller on
+the apiserver)."""
 
 import threading
 import time
 import types
 from typing import Any
 
+import pytest
+
 from pyabouts.controller.controller import Controller
-from pyabouts.controller.leaks import Policy
+from pyabouts.controller.leaks import PodState, Policy
 from pyabouts.controller.pods import PodListing
-from pyabouts.controller.watching import Relisted
+from pyabouts.controller.watching import PodEvent, Relisted
 from pyabouts.ipam.errors import StoreUnavailableError
 
 
 class DownStore:
-    def __init__(self) -> None:
+    """Down for its first `failures` reads (all of them by default), then empty."""
+
+    def __init__(self, failures: int = 1 << 30) -> None:
         self.reads = 0
+        self.failures = failures
 
     def read_all_blocks(self, *, on_unreadable: Any = None) -> list[Any]:
         self.reads += 1
-        raise StoreUnavailableError("the datastore is down")
+        if self.reads <= self.failures:
+            raise StoreUnavailableError("the datastore is down")
+        return []
 
 
 def test_failing_passes_wait_for_the_resync_though_a_leak_is_due_to_be_judged_again() -> None:
@@ -36,3 +45,24 @@ def test_failing_passes_wait_for_the_resync_though_a_leak_is_due_to_be_judged_ag
     controller.stop.set()
     loop.join(10)
     assert store.reads == 1  # the listing's pass; it spun at 10 a second
+
+
+def test_a_failed_targeted_pass_is_made_again_after_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("pyabouts.controller.controller.RETRY_SECONDS", 0.5)
+    store = DownStore(failures=1)
+    connections: Any = types.SimpleNamespace(store=store, api_client=None)
+    controller = Controller(connections, Policy(), resync=300, gone_grace=0.1)
+    controller._read_pods = lambda refs: {}  # type: ignore[method-assign]
+    gone = PodState("ns", "gone", "uid-1", "Running", 0.0, None, False, None)
+    deleted = PodEvent("DELETED", gone)
+    controller._watch = types.SimpleNamespace(events=lambda stop: iter([deleted]))  # type: ignore[assignment]
+    loop = threading.Thread(target=controller.run, daemon=True)
+    loop.start()
+    time.sleep(1.5)
+    controller.stop.set()
+    loop.join(10)
+    # The pass 0.4 s after the event failed; the one 0.5 s later judged the pod, and no more.
+    assert store.reads == 2
+    assert controller._gone_at == {}
