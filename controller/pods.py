@@ -114,13 +114,19 @@ class PodReader:
             return None
         return found
 
-    def node_names(self) -> set[str]:
-        """The names of the cluster's nodes (for node slices: a node gone gives its back)."""
-        return {
-            str((item.get("metadata") or {}).get("name", ""))
-            for page in list_pages(self._api.list_node)
-            for item in page.get("items") or []
-        }
+    def node_names(self) -> set[str] | None:
+        """The names of the cluster's nodes (for node slices: a node gone gives its back). None
+        when they cannot be listed (RBAC not updated, say): no slice is then given back, and a
+        static pod without a mirror pod keeps its address, while the rest is reconciled."""
+        try:
+            return {
+                str((item.get("metadata") or {}).get("name", ""))
+                for page in list_pages(self._api.list_node)
+                for item in page.get("items") or []
+            }
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            log.warning("cannot list nodes, giving back no node slice: %s", exc)
+            return None
 
     def read(self, ref: str) -> PodState | None:
         """The pod "namespace/name", or None if there is none."""

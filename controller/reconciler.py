@@ -100,7 +100,7 @@ def reconcile(
     dry_run: bool = False,
     only_pods: Collection[str] | None = None,
     spared: Collection[str] = (),
-    list_nodes: Callable[[], Collection[str]] | None = None,
+    list_nodes: Callable[[], Collection[str] | None] | None = None,
     list_statefulsets: Callable[[], StatefulSets | None] | None = None,
     defer: Callable[[Leak], bool] | None = None,
     clock: Callable[[], float] = time.time,
@@ -139,7 +139,8 @@ def reconcile(
     )
     nodes = None
     if list_nodes is not None and only_pods is None and (unmirrored or has_slices(blocks)):
-        nodes = set(list_nodes())
+        listed = list_nodes()  # None: they cannot be listed
+        nodes = None if listed is None else set(listed)
     leaks: list[Leak] = []
     deferred: list[Leak] = []
     found = find_leaks(
