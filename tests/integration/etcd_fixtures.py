@@ -19,6 +19,7 @@ Registered from ``tests/conftest.py``. Fixtures (session-scoped, one server per 
 - ``etcd_tls_auth_server``: TLS with client-certificate auth and etcd user auth enabled; the
   returned credentials are a non-root user ``pyabouts`` that may only read and write keys under
   ``/pyabouts/``.
+- ``etcd_plaintext_auth_server``: plain HTTP with etcd user auth enabled, the same user.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from deploy.local.etcd_server import EtcdServer, EtcdTls, memory_dir, start_etcd
 from deploy.local.pki import CLIENT_USAGE, SERVER_AND_CLIENT_USAGE, issue_certificate, make_ca
 
 #: EtcdServer is re-exported: the tests take it from here, with the fixtures that make one.
-__all__ = ["EtcdServer", "etcd_server", "etcd_tls_auth_server"]
+__all__ = ["EtcdServer", "etcd_plaintext_auth_server", "etcd_server", "etcd_tls_auth_server"]
 
 ETCDCTL_TIMEOUT_S = 30.0
 
@@ -146,24 +147,37 @@ def etcd_tls_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E
     # on a quiet node: every client of this server outlives its login.
     ttl = [f"--auth-token-ttl={AUTH_TOKEN_TTL_S}"]
     with _session_etcd(tmp_path_factory, "etcd-tls-auth", tls, ttl) as admin:
-        root_password = secrets.token_urlsafe(16)
-        password = secrets.token_urlsafe(16)
-        _etcdctl(admin, "user", "add", f"root:{root_password}")
-        _etcdctl(admin, "user", "grant-role", "root", "root")
-        _etcdctl(admin, "user", "add", f"{PYABOUTS_USER}:{password}")
-        _etcdctl(admin, "role", "add", PYABOUTS_ROLE)
-        _etcdctl(
-            admin,
-            "role",
-            "grant-permission",
-            PYABOUTS_ROLE,
-            "--prefix=true",
-            "readwrite",
-            PYABOUTS_PREFIX,
-        )
-        _etcdctl(admin, "user", "grant-role", PYABOUTS_USER, PYABOUTS_ROLE)
-        _etcdctl(admin, "auth", "enable")
-        # Auth is on now: root's password must work (etcdctl 3.4 has no `auth status`).
-        _etcdctl(admin, "user", "get", PYABOUTS_USER, user=f"root:{root_password}")
+        yield _with_auth(admin)
 
-        yield replace(admin, username=PYABOUTS_USER, password=password)
+
+@pytest.fixture(scope="session")
+def etcd_plaintext_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """etcd over plain HTTP with user auth: the credentials of the user ``pyabouts``, as
+    ``etcd_tls_auth_server``'s (a cluster-internal etcd some operators run so)."""
+    with _session_etcd(tmp_path_factory, "etcd-plaintext-auth") as admin:
+        yield _with_auth(admin)
+
+
+def _with_auth(admin: EtcdServer) -> EtcdServer:
+    """Enable user auth on `admin`'s etcd, with root and the non-root user ``pyabouts``, who
+    may read and write keys under PYABOUTS_PREFIX only; the server with pyabouts' credentials."""
+    root_password = secrets.token_urlsafe(16)
+    password = secrets.token_urlsafe(16)
+    _etcdctl(admin, "user", "add", f"root:{root_password}")
+    _etcdctl(admin, "user", "grant-role", "root", "root")
+    _etcdctl(admin, "user", "add", f"{PYABOUTS_USER}:{password}")
+    _etcdctl(admin, "role", "add", PYABOUTS_ROLE)
+    _etcdctl(
+        admin,
+        "role",
+        "grant-permission",
+        PYABOUTS_ROLE,
+        "--prefix=true",
+        "readwrite",
+        PYABOUTS_PREFIX,
+    )
+    _etcdctl(admin, "user", "grant-role", PYABOUTS_USER, PYABOUTS_ROLE)
+    _etcdctl(admin, "auth", "enable")
+    # Auth is on now: root's password must work (etcdctl 3.4 has no `auth status`).
+    _etcdctl(admin, "user", "get", PYABOUTS_USER, user=f"root:{root_password}")
+    return replace(admin, username=PYABOUTS_USER, password=password)

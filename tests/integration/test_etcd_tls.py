@@ -10,7 +10,7 @@ import pytest
 from deploy.local.pki import make_ca
 from pyabouts.ipam.config import IpamConf
 from pyabouts.ipam.errors import INVALID_CONFIG, STORE_REFUSED, TRY_AGAIN_LATER, CniError
-from pyabouts.ipam.pool import PoolId
+from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
 from pyabouts.ipam.stores.etcd import EtcdStore
 from tests.integration.etcd_fixtures import AUTH_TOKEN_TTL_S, EtcdServer
 
@@ -119,6 +119,31 @@ def test_a_password_over_plaintext_needs_the_explicit_permission(etcd_server: Et
     answered = error_of(**plaintext, etcd_allow_plaintext_password=True)
     assert answered.code == STORE_REFUSED
     assert "authentication is not enabled" in answered.msg
+
+
+def test_a_login_over_plaintext_serves_calls_when_the_config_accepts_it(
+    etcd_plaintext_auth_server: EtcdServer,
+) -> None:
+    """etcd_allow_plaintext_password against an etcd with user auth and no TLS: the calls after
+    the login carry its token. (grpc refuses call credentials on a channel without TLS: every
+    call after the login was refused, code 102.)"""
+    server = etcd_plaintext_auth_server
+    plaintext = {
+        "etcd_host": server.endpoint,
+        "etcd_username": server.username,
+        "etcd_allow_plaintext_password": True,
+    }
+    ipam = IpamConf(type="pyabouts", datastore="etcd", etcd_password=server.password, **plaintext)
+    store = EtcdStore.from_config(ipam, timeout=5)
+    key = BlockKey(PoolId("plaintext-login", 4), 0x0A000000)
+    try:
+        block = Block(key, {key.base + 1: Owner("c1", "net1")})
+        assert store.write_blocks([block]).conflicts == []
+        [read] = store.read_blocks(key.pool, key.base, key.base)
+        assert read.entries == block.entries
+    finally:
+        store.close()
+    assert error_of(**plaintext, etcd_password="wrong").code == STORE_REFUSED
 
 
 def test_a_client_whose_login_token_expired_logs_in_again(
