@@ -10,6 +10,7 @@ could not finish. Logs go to stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
@@ -175,27 +176,42 @@ def run_once(connections: Connections, policy: Policy, *, dry_run: bool, gone_gr
     def later(leak: Leak) -> bool:
         return not dry_run and gone_grace > 0 and leak.reason in SANDBOX_MAY_REMAIN
 
+    failures = (CniError, ApiException, urllib3.exceptions.HTTPError, OSError)
+
+    def why(failure: Exception) -> str:
+        if isinstance(failure, CniError):
+            return failure.msg
+        return f"the Kubernetes API: {str(failure).strip()}"
+
     reader = PodReader(connections.api_client)
     a_pass = functools.partial(
         reconcile,
         connections.store,
         lambda: reader.list_all().pods,
         policy,
+        list_nodes=reader.node_names,
         list_statefulsets=reader.statefulsets,
     )
     try:
-        summary = a_pass(dry_run=dry_run, list_nodes=reader.node_names, defer=later)
-        if summary.deferred:
-            refs = {leak.owner.pod for leak in summary.deferred}
-            log.info("%d pod(s) gone or finished: judged again in %g s", len(refs), gone_grace)
-            time.sleep(gone_grace)
-            summary = summary.confirmed_by(a_pass(only_pods=refs))
-    except CniError as error:
-        log.error("reconcile failed: %s", error.msg)
+        summary = a_pass(dry_run=dry_run, defer=later)
+    except failures as failure:
+        log.error("reconcile failed: %s", why(failure))
         return 1
-    except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
-        log.error("reconcile failed: the Kubernetes API: %s", str(exc).strip())
-        return 1
+    if summary.deferred:
+        refs = {leak.owner.pod for leak in summary.deferred}
+        log.info("%d pod(s) gone or finished: judged again in %g s", len(refs), gone_grace)
+        time.sleep(gone_grace)
+        try:
+            # A whole pass again: it gives back the slices their addresses held. Pods found
+            # gone only now are left for the next run.
+            again = a_pass(defer=lambda leak: later(leak) and leak.owner.pod not in refs)
+        except failures as failure:
+            log.error("judging again failed: %s", why(failure))
+            summary = dataclasses.replace(
+                summary, failed=[*summary.failed, f"judging again: {why(failure)}"]
+            )
+        else:
+            summary = summary.followed_by(again)
     print(json.dumps(summary_document(summary), indent=2))
     return 1 if summary.failed else 0
 
@@ -227,7 +243,7 @@ def summary_document(summary: PassSummary) -> dict[str, Any]:
         ],
         # Stored blocks left out, not in pyabouts' format: why, for each.
         "unreadable": summary.unreadable,
-        # Blocks whose leaks could not be freed: why, for each.
+        # Writes that failed (a block refused, the datastore down), and why.
         "failed": summary.failed,
         "summary": summary.describe(),
     }

@@ -116,16 +116,19 @@ class PodReader:
 
     def node_names(self) -> set[str] | None:
         """The names of the cluster's nodes (for node slices: a node gone gives its back). None
-        when they cannot be listed (RBAC not updated, say): no slice is then given back, and a
-        static pod without a mirror pod keeps its address, while the rest is reconciled."""
+        when this reconciler may not list them (RBAC not updated, say): no slice is then given
+        back, and a static pod without a mirror pod keeps its address, while the rest is
+        reconciled. Any other failure fails the pass, as the API down does."""
         try:
             return {
                 str((item.get("metadata") or {}).get("name", ""))
                 for page in list_pages(self._api.list_node)
                 for item in page.get("items") or []
             }
-        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
-            log.warning("cannot list nodes, giving back no node slice: %s", exc)
+        except ApiException as exc:
+            if exc.status not in (401, 403):
+                raise
+            log.warning("may not list nodes, giving back no node slice: %s", exc.reason)
             return None
 
     def read(self, ref: str) -> PodState | None:

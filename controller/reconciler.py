@@ -56,18 +56,17 @@ class PassSummary:
     unreadable: list[str] = field(default_factory=list)
     # Judged leaked, and left for a later pass to judge again (reconcile's `defer`).
     deferred: list[Leak] = field(default_factory=list)
-    # Blocks whose leaks could not be freed (the store refused the write, or was down): why.
+    # Writes that failed (a block the store refused, the store down): why, for each.
     failed: list[str] = field(default_factory=list)
 
-    def confirmed_by(self, again: PassSummary) -> PassSummary:
-        """This pass with what `again`, a pass over the allocations of the pods whose leaks
-        this one deferred, judged and freed."""
+    def followed_by(self, again: PassSummary) -> PassSummary:
+        """This pass followed by `again`, a whole pass made after it: what the two freed, and
+        what the second found and left (it judged anew what this one did not free)."""
         return dataclasses.replace(
-            self,
-            leaks=[*self.leaks, *again.leaks],
+            again,
+            leaks=[*self.freed, *again.leaks],
             freed=[*self.freed, *again.freed],
-            deferred=list(again.deferred),
-            failed=[*self.failed, *again.failed],
+            slices_freed=[*self.slices_freed, *again.slices_freed],
             seconds=self.seconds + again.seconds,
         )
 
@@ -79,16 +78,18 @@ class PassSummary:
         done = self.leaks if self.dry_run else self.freed
         reasons = Counter(leak.reason.value for leak in done)
         why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "none"
-        kept = "" if self.dry_run else f"; {len(self.leaks) - len(self.freed)} changed meanwhile"
+        not_freed = len(self.leaks) - len(self.freed)
+        kept = "" if self.dry_run else f"; {not_freed} changed meanwhile"
+        if self.failed:
+            failed = len(self.failed)
+            kept = f"; {not_freed} not freed (changed meanwhile, or of {failed} failed write(s))"
         slices = f"; node slices {verb}: {len(self.slices_freed)}" if self.slices_freed else ""
         left_out = len(self.unreadable)
         unreadable = f"; {left_out} unreadable block(s) left out" if left_out else ""
         later = f"; {len(self.deferred)} judged again later" if self.deferred else ""
-        failed = f"; {len(self.failed)} block(s) not written" if self.failed else ""
         return (
             f"checked {self.allocations} allocation(s) against {self.pods} pod(s) in "
             f"{self.seconds:.2f} s: {verb} {len(done)} ({why}){kept}{slices}{unreadable}{later}"
-            f"{failed}"
         )
 
 

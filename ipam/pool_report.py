@@ -11,7 +11,7 @@ import netaddr
 
 from pyabouts.ipam.pool import Block, Owner, PoolId
 from pyabouts.ipam.ranges import RangeError, build_range
-from pyabouts.ipam.slices import REGISTRY_MARK, is_registry
+from pyabouts.ipam.slices import is_registry, registry_parts
 
 
 @dataclass(slots=True)
@@ -66,12 +66,12 @@ def pool_usage(blocks: Iterable[Block], *, now: int = 0) -> list[PoolUsage]:
     for block in blocks:
         pool = block.key.pool
         if is_registry(pool):
-            base, _, cut = pool.network.partition(REGISTRY_MARK)
+            base, _, slice_size = registry_parts(pool)
             row = usage.setdefault(PoolId(base, pool.family), PoolUsage(PoolId(base, pool.family)))
             row.slices_held += len(block.entries)
             cut_before = row.registry_slices.get(pool.network, 0)
             row.registry_slices[pool.network] = max(cut_before, block.range_size)
-            row.slice_sizes.add(cut.split()[-1])
+            row.slice_sizes.add(slice_size)
             continue
         row = usage.setdefault(pool, PoolUsage(pool))
         resting = [o for o in block.entries.values() if o.cooling]

@@ -12,6 +12,7 @@ Pure decisions over a PoolView, like ipam.allocator; the caller runs them as tra
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pyabouts.ipam.ranges import AddressRange, RangeError
 
 #: After a network_name in the name of a slice registry's pool (then the range and the size).
 REGISTRY_MARK = "#node-slices"
+_REGISTRY_CUT = re.compile(r" (\S+) (/[0-9]+)")  # what follows the mark: " <range> /<size>"
 #: The interface name slice entries carry: one slice per node and registry.
 SLICE_IFNAME = "slice"
 
@@ -216,18 +218,26 @@ def slice_span(registry: PoolId, holder: Owner) -> tuple[PoolId, int, int]:
         raise ValueError(f"{holder.container_id!r} is not a slice: {exc}") from None
     if network.version != registry.family:
         raise ValueError(f"{holder.container_id!r} is not an IPv{registry.family} slice")
-    pool = PoolId(registry.network.rsplit(REGISTRY_MARK, 1)[0], registry.family)
+    pool = PoolId(registry_parts(registry)[0], registry.family)
     return pool, int(network.first), int(network.last)
+
+
+def registry_parts(registry: PoolId) -> tuple[str, str, str]:
+    """What a registry's network says (SlicedRange.registry): the network_name of the range it
+    cuts, the range, and the slices' size ("/26"). ValueError when it says no range and size,
+    as none pyabouts writes: a stored registry is checked as it is read (check_registry_name)."""
+    network, _, cut = registry.network.rpartition(REGISTRY_MARK)
+    said = _REGISTRY_CUT.fullmatch(cut)
+    if said is None:
+        raise ValueError(f"{registry.network!r} names no range and slice size")
+    return network, said[1], said[2]
 
 
 def check_registry_name(registry: PoolId) -> None:
     """ValueError when a stored registry's network does not name the range it cuts and the
-    slices' size (SlicedRange.registry), as none pyabouts writes: checked as it is read."""
-    cut = registry.network.rpartition(REGISTRY_MARK)[2].split()
-    if len(cut) != 2 or not cut[1].startswith("/") or not cut[1][1:].isdigit():
-        raise ValueError(f"{registry.network!r} names no range and slice size")
+    slices' size."""
     try:
-        netaddr.IPNetwork(cut[0])
+        netaddr.IPNetwork(registry_parts(registry)[1])
     except netaddr.AddrFormatError as exc:
         raise ValueError(f"{registry.network!r} names no range: {exc}") from None
 

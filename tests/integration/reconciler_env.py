@@ -130,6 +130,46 @@ def reconcile_once(flat_file: Path, kubeconfig: Path, *extra: str) -> dict[str, 
     return summary
 
 
+def kubeconfig_that_may_not_list_nodes(cluster: ControlPlane) -> Path:
+    """A ServiceAccount's kubeconfig that may do what the reconciler does, but list nodes."""
+    name = "pyabouts-test-no-nodes"
+    subject = {"kind": "ServiceAccount", "name": name, "namespace": "kube-system"}
+    objects = [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": name, "namespace": "kube-system"},
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": name},
+            "rules": [
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+                {
+                    "apiGroups": ["pyabouts.io"],
+                    "resources": ["ippools"],
+                    "verbs": ["get", "list", "update"],
+                },
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": name},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": name,
+            },
+            "subjects": [subject],
+        },
+    ]
+    manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": objects})
+    cluster.kubectl("apply", "-f", "-", input=manifest)
+    return cluster.service_account_kubeconfig("kube-system", name)
+
+
 @pytest.fixture(scope="session")
 def reconciler_kubeconfig(pyabouts_cluster: ControlPlane) -> Path:
     create_namespace(pyabouts_cluster, NAMESPACE)

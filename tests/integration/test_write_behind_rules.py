@@ -479,7 +479,7 @@ def test_a_decision_on_a_block_whose_changes_wait_too_long_is_an_outage_not_a_co
     with pytest.raises(StoreUnavailableError, match="have waited") as refused:
         add(node, 3, requested=in_node_b_half(key), deadline=30)
     assert refused.value.code == TRY_AGAIN_LATER
-    assert time.monotonic() - began < 15  # the grace, not the deadline
+    assert time.monotonic() - began < 5  # the grace (0.3 s), not the deadline
 
 
 def test_a_flush_whose_write_another_node_came_before_stores_at_once_on_a_fresh_read(
