@@ -112,7 +112,7 @@ class Controller:
                 continue
             if (due := self._due()) and not self._pass("targeted", due):
                 retry = time.time() + RETRY_SECONDS
-                for ref in due:  # spared by full passes meanwhile, as before
+                for ref in due:  # spared by full passes meanwhile
                     self._gone_at.setdefault(ref, retry)
 
     def _feed(self) -> None:

@@ -243,7 +243,7 @@ def summary_document(summary: PassSummary) -> dict[str, Any]:
         ],
         # Stored blocks left out, not in pyabouts' format: why, for each.
         "unreadable": summary.unreadable,
-        # Writes that failed (a block refused, the datastore down), and why.
+        # What failed (a write: a block refused, the datastore down; or the second look), why.
         "failed": summary.failed,
         "summary": summary.describe(),
     }

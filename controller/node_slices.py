@@ -15,7 +15,7 @@ from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 from pyabouts.controller.leaks import Leak
-from pyabouts.controller.reclaim import release_unchanged
+from pyabouts.controller.reclaim import OnFailed, each_write, release_unchanged
 from pyabouts.ipam.pool import Block, Owner, PoolId, PoolView
 from pyabouts.ipam.slices import give_back_slice, is_registry, slice_span
 from pyabouts.ipam.store import PoolStore
@@ -39,12 +39,20 @@ def has_slices(blocks: Sequence[Block]) -> bool:
 
 
 def free_slices_of_gone_nodes(
-    store: PoolStore, blocks: Sequence[Block], nodes: Collection[str], *, deadline: float
+    store: PoolStore,
+    blocks: Sequence[Block],
+    nodes: Collection[str],
+    *,
+    deadline: float,
+    on_failed: OnFailed | None = None,
 ) -> list[FreedSlice]:
     """Give back the slices in `blocks` (a snapshot) held by nodes not in `nodes` whose
-    addresses are all free; the ones given back."""
+    addresses are all free, slice by slice (see reclaim.each_write for a write that fails);
+    the ones given back."""
     freed = []
-    for registry, index, holder in _held_by_gone_nodes(blocks, nodes):
+
+    def give_back(held: tuple[PoolId, int, Owner]) -> None:
+        registry, index, holder = held
         pool, first, last = slice_span(registry, holder)
         # The addresses first: a store writing block by block stops at the first conflict, so
         # the registry entry goes only once its ended rests are gone, and a retry completes it.
@@ -56,6 +64,8 @@ def free_slices_of_gone_nodes(
             gone = _freed(registry, holder)
             log.info("freed %s", gone.describe())
             freed.append(gone)
+
+    each_write(_held_by_gone_nodes(blocks, nodes), give_back, on_failed)
     return freed
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import functools
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 from pyabouts.controller.leaks import Leak
 from pyabouts.ipam import allocator
@@ -20,35 +21,53 @@ from pyabouts.ipam.pool import BLOCK_SIZE, PoolView
 from pyabouts.ipam.store import PoolStore
 from pyabouts.ipam.transaction import Span, run_span_transaction
 
+T = TypeVar("T")
+
+
+OnFailed = Callable[[CniError], None]
+
 
 def free_leaks(
     store: PoolStore,
     leaks: Sequence[Leak],
     *,
     deadline: float,
-    on_failed: Callable[[CniError], None] | None = None,
+    on_failed: OnFailed | None = None,
 ) -> list[Leak]:
-    """Free `leaks` that are unchanged in the store; the ones actually freed. An address given
-    with a release_cooldown rests from now, as after a DEL.
-
-    A block the store refuses to write (an admission policy, say) is told to `on_failed`, and
-    the next blocks are freed: one bad object must not stop the cluster's garbage collection.
-    A store down or busy past `deadline` is told to it too, and ends the freeing (the next
-    blocks would wait as long). Without `on_failed`, either is raised."""
+    """Free `leaks` that are unchanged in the store, block by block (see each_write for a
+    write that fails); the ones actually freed. An address given with a release_cooldown rests
+    from now, as after a DEL."""
     freed: list[Leak] = []
     now = int(time.time())
-    for key, group in itertools.groupby(sorted(leaks, key=lambda k: k.key), key=lambda k: k.key):
+
+    def free_block(group: list[Leak]) -> None:
+        key = group[0].key
         span = Span(key.pool, key.base, key.base + BLOCK_SIZE - 1)
-        decide = functools.partial(release_unchanged, leaks=list(group), now=now)
+        decide = functools.partial(release_unchanged, leaks=group, now=now)
+        freed.extend(run_span_transaction(store, [span], decide, deadline=deadline))
+
+    by_block = itertools.groupby(sorted(leaks, key=lambda k: k.key), key=lambda k: k.key)
+    each_write([list(group) for _, group in by_block], free_block, on_failed)
+    return freed
+
+
+def each_write(
+    items: Iterable[T], write: Callable[[T], object], on_failed: OnFailed | None
+) -> None:
+    """`write` each of `items` in turn. One the store refuses (StoreRefusedError: an admission
+    policy, say) is told to `on_failed`, and the next are written: one bad object must not stop
+    the cluster's garbage collection. A store down or busy past the deadline
+    (StoreUnavailableError) is told to it too, and ends the writes: the next would wait as long.
+    Without `on_failed`, either is raised."""
+    for item in items:
         try:
-            freed += run_span_transaction(store, [span], decide, deadline=deadline)
+            write(item)
         except (StoreRefusedError, StoreUnavailableError) as failure:
             if on_failed is None:
                 raise
             on_failed(failure)
             if isinstance(failure, StoreUnavailableError):
-                break
-    return freed
+                return
 
 
 def release_unchanged(view: PoolView, leaks: Sequence[Leak], now: int) -> list[Leak]:

@@ -56,14 +56,18 @@ class PassSummary:
     unreadable: list[str] = field(default_factory=list)
     # Judged leaked, and left for a later pass to judge again (reconcile's `defer`).
     deferred: list[Leak] = field(default_factory=list)
-    # Writes that failed (a block the store refused, the store down): why, for each.
+    # What failed: a write (a block the store refused, the store down), or the CronJob's
+    # second look; why, for each.
     failed: list[str] = field(default_factory=list)
 
     def followed_by(self, again: PassSummary) -> PassSummary:
-        """This pass followed by `again`, a whole pass made after it: what the two freed, and
-        what the second found and left (it judged anew what this one did not free)."""
+        """This pass followed by `again`, a whole pass made after it: what this one checked,
+        what the two freed, and what the second found and left (it judged anew what this one
+        did not free)."""
         return dataclasses.replace(
             again,
+            allocations=self.allocations,
+            pods=self.pods,
             leaks=[*self.freed, *again.leaks],
             freed=[*self.freed, *again.freed],
             slices_freed=[*self.slices_freed, *again.slices_freed],
@@ -81,12 +85,12 @@ class PassSummary:
         not_freed = len(self.leaks) - len(self.freed)
         kept = "" if self.dry_run else f"; {not_freed} changed meanwhile"
         if self.failed:
-            failed = len(self.failed)
-            kept = f"; {not_freed} not freed (changed meanwhile, or of {failed} failed write(s))"
+            kept = f"; {not_freed} not freed (changed meanwhile, or failed); "
+            kept += f"{len(self.failed)} failure(s)"
         slices = f"; node slices {verb}: {len(self.slices_freed)}" if self.slices_freed else ""
         left_out = len(self.unreadable)
         unreadable = f"; {left_out} unreadable block(s) left out" if left_out else ""
-        later = f"; {len(self.deferred)} judged again later" if self.deferred else ""
+        later = f"; {len(self.deferred)} left to judge again later" if self.deferred else ""
         return (
             f"checked {self.allocations} allocation(s) against {self.pods} pod(s) in "
             f"{self.seconds:.2f} s: {verb} {len(done)} ({why}){kept}{slices}{unreadable}{later}"
@@ -172,7 +176,9 @@ def reconcile(
             slices_freed = slices_a_pass_would_free(blocks, nodes, leaks)
         else:
             deadline = time.monotonic() + FREE_DEADLINE
-            slices_freed = free_slices_of_gone_nodes(store, blocks, nodes, deadline=deadline)
+            slices_freed = free_slices_of_gone_nodes(
+                store, blocks, nodes, deadline=deadline, on_failed=not_freed
+            )
     summary = PassSummary(
         allocations=sum(1 for b in judged for o in b.entries.values() if o.pod and o.in_use),
         pods=len(pods),

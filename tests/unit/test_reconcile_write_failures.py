@@ -1,17 +1,20 @@
 """A pass whose writes fail for some blocks: a block the store refuses (an admission policy, a
 permission) is named and the other blocks' leaks are freed; a store gone stops the freeing.
-Either way the pass reports what it freed, and gives back no node slice meanwhile.
+Either way the pass reports what it freed, and gives back no node slice meanwhile; a slice
+refused is named too. And the CronJob's summary of a pass and its second look.
 (tests/integration/test_reconciler_once.py refuses a block with a real admission policy.)"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import netaddr
 import pytest
 
-from pyabouts.controller.leaks import PodState, Policy
-from pyabouts.controller.reconciler import reconcile
+from pyabouts.controller.leaks import Leak, PodState, Policy, Reason
+from pyabouts.controller.node_slices import FreedSlice
+from pyabouts.controller.reconciler import PassSummary, reconcile
 from pyabouts.ipam import allocator
 from pyabouts.ipam.errors import CniError, StoreRefusedError, StoreUnavailableError
 from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId, PoolView
@@ -66,7 +69,7 @@ def test_a_block_refused_is_named_and_the_others_freed_and_no_slice_given_back()
     summary = reconcile(store, no_pods, Policy(), list_nodes=lambda: {"other-node"})
     assert sorted(leak.address for leak in summary.freed) == addresses[:2]
     assert summary.failed == [refused.msg]
-    assert "1 not freed (changed meanwhile, or of 1 failed write(s))" in summary.describe()
+    assert "1 not freed (changed meanwhile, or failed); 1 failure(s)" in summary.describe()
     after = PoolView(store.read_all_blocks())
     assert after.owner(POOL, addresses[2]) is not None
     # Its slice's addresses are free, but not every leak of the pass was freed.
@@ -114,3 +117,39 @@ def test_a_slice_registry_whose_name_says_no_range_and_size_is_unreadable(networ
     block_from_document(BlockKey(good, 0), document, "1")  # read
     with pytest.raises(CniError, match="names no range"):
         block_from_document(BlockKey(PoolId(network, 4), 0), document, "1")
+
+
+def test_a_slice_give_back_refused_is_named_and_the_leaks_stay_freed() -> None:
+    refused = StoreRefusedError("IPPool net-a1b2c3d4e5-0.0.0.0-24: denied")
+    store = FailingOn(refused)
+    addresses = leaked_in_three_blocks(store)
+    store.failing = {BlockKey(CUT.registry, 0)}
+    summary = reconcile(store, no_pods, Policy(), list_nodes=lambda: {"other-node"})
+    assert sorted(leak.address for leak in summary.freed) == addresses
+    assert (summary.slices_freed, summary.failed) == ([], [refused.msg])
+    assert held_slice(PoolView(store.read_all_blocks()), CUT, "gone-node") == 1
+
+
+def leak(n: int, reason: Reason = Reason.POD_GONE) -> Leak:
+    owner = Owner(f"c{n}", "net1", f"default/p{n}")
+    return Leak(BlockKey.of(POOL, 0x0A000000), 0x0A000000 + n, owner, reason)
+
+
+def test_a_pass_followed_by_its_second_look_counts_what_both_freed() -> None:
+    """The CronJob's summary: what the first pass checked, what both freed (the first's
+    deferred leak freed by the second), and what the second left."""
+    a, b, c, d = leak(1), leak(2, Reason.NOT_IN_STATEFULSET), leak(3), leak(4)
+    gone = FreedSlice("net", "10.0.1.0/24", "gone-node")
+    first = PassSummary(3, 5, leaks=[a, b], freed=[a, b], dry_run=False, seconds=0.5)
+    first = dataclasses.replace(first, deferred=[c])
+    second = PassSummary(1, 4, leaks=[c], freed=[c], dry_run=False, seconds=0.25)
+    second = dataclasses.replace(second, deferred=[d], slices_freed=[gone], unreadable=["u"])
+    both = first.followed_by(second)
+    assert (both.allocations, both.pods, both.seconds) == (3, 5, 0.75)
+    assert (both.leaks, both.freed, both.deferred) == ([a, b, c], [a, b, c], [d])
+    assert (both.slices_freed, both.unreadable, both.failed) == ([gone], ["u"], [])
+    assert both.describe() == (
+        "checked 3 allocation(s) against 5 pod(s) in 0.75 s: freed 3 (1 not-in-statefulset, "
+        "2 pod-gone); 0 changed meanwhile; node slices freed: 1; 1 unreadable block(s) left "
+        "out; 1 left to judge again later"
+    )
