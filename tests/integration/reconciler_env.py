@@ -17,6 +17,7 @@ import etcd3
 import netaddr
 import pytest
 
+from deploy.local.cluster_objects import apply
 from deploy.local.controlplane import ControlPlane
 from deploy.local.etcd_server import EtcdServer
 from deploy.local.netns import CniCall
@@ -134,7 +135,7 @@ def kubeconfig_that_may_not_list_nodes(cluster: ControlPlane) -> Path:
     """A ServiceAccount's kubeconfig that may do what the reconciler does, but list nodes."""
     name = "pyabouts-test-no-nodes"
     subject = {"kind": "ServiceAccount", "name": name, "namespace": "kube-system"}
-    objects = [
+    objects: list[dict[str, Any]] = [
         {
             "apiVersion": "v1",
             "kind": "ServiceAccount",
@@ -165,8 +166,7 @@ def kubeconfig_that_may_not_list_nodes(cluster: ControlPlane) -> Path:
             "subjects": [subject],
         },
     ]
-    manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": objects})
-    cluster.kubectl("apply", "-f", "-", input=manifest)
+    apply(cluster, *objects)
     return cluster.service_account_kubeconfig("kube-system", name)
 
 

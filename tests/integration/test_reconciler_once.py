@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import netaddr
 import pytest
 
+from deploy.local.cluster_objects import apply
 from deploy.local.controlplane import ControlPlane
 from deploy.local.pod_objects import (
     create_node,
@@ -179,7 +180,6 @@ def refused_updates(cluster: ControlPlane, ippool: str) -> Iterator[None]:
             "spec": {"policyName": policy, "validationActions": ["Deny"]},
         },
     ]
-    manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": objects})
     probe = ["label", "--overwrite", "--dry-run=server", "-n", "kube-system", "ippool", ippool]
 
     def in_force() -> bool:
@@ -193,12 +193,13 @@ def refused_updates(cluster: ControlPlane, ippool: str) -> Iterator[None]:
             assert time.monotonic() < deadline, f"the policy in force: never {wanted}"
             time.sleep(0.2)
 
-    cluster.kubectl("apply", "-f", "-", input=manifest)
+    apply(cluster, *objects)
     try:
         wait_until(True)
         yield
     finally:
-        cluster.kubectl("delete", "-f", "-", input=manifest)
+        kinds = "validatingadmissionpolicybinding,validatingadmissionpolicy"
+        cluster.kubectl("delete", kinds, policy)
         wait_until(False)
 
 
