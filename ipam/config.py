@@ -37,17 +37,16 @@ def _unset_when_empty(data: Any) -> Any:
     return data
 
 
+# Both give the value as a program reads it (no spaces, an address without a /prefix): routes
+# and static addresses go into the result as they are, for plugins in Go to parse.
 def _an_address(value: str | None) -> str | None:
-    if value is not None:
-        parse_address(value)
-    return value
+    return None if value is None else str(parse_address(value))
 
 
 def _a_cidr(value: str) -> str:
     if "/" not in value:
         raise RangeError(f"{value!r} is not a CIDR (address/prefix)")
-    parse_network(value)
-    return value
+    return str(parse_network(value))
 
 
 class RangeConf(_Model):
@@ -243,7 +242,7 @@ def load_config(raw: dict[str, Any], flat: FlatFile | None = None) -> PluginConf
     inline = raw.get("ipam")
     if not isinstance(inline, dict):
         raise CniError(INVALID_CONFIG, "network config has no 'ipam' object")
-    from_file = flat.keys if flat else {}
+    from_file = flat_file_defaults(inline, flat.keys) if flat else {}
     merged = {**raw, "ipam": fill_empty(inline, from_file)}
     try:
         netconf = NetConf.model_validate(merged)
@@ -278,6 +277,30 @@ def requested_addresses(netconf: NetConf, cni_args_ip: str | None) -> list[netad
             raise CniError(INVALID_CONFIG, f"{where}: {exc}") from exc
         found.setdefault(address)
     return list(found)
+
+
+# What a flat file says of how to reach its etcd: given only to a config that names no other
+# etcd_host. A network config is written by namespace users; the node's credentials must not
+# follow it to a host of its choosing.
+ETCD_CONNECTION_KEYS = frozenset(
+    {
+        "etcd_username",
+        "etcd_password",
+        "etcd_key_file",
+        "etcd_cert_file",
+        "etcd_ca_cert_file",
+        "etcd_allow_plaintext_password",
+    }
+)
+
+
+def flat_file_defaults(inline: dict[str, Any], keys: dict[str, Any]) -> dict[str, Any]:
+    """The flat file's `keys` that may fill what `inline` leaves empty: all of them, but its
+    etcd credentials and TLS files only when `inline` names no etcd_host or the file's own."""
+    host = inline.get("etcd_host")
+    if host in (None, "") or host == keys.get("etcd_host"):
+        return keys
+    return {key: value for key, value in keys.items() if key not in ETCD_CONNECTION_KEYS}
 
 
 def fill_empty(inline: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

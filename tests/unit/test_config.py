@@ -298,3 +298,73 @@ def test_routes_keep_the_attributes_of_cni_1_1() -> None:
     route |= {"priority": 5, "table": 100, "scope": 0}
     ipam = load(netconf(type="pyabouts", range="192.0.2.0/29", routes=[route])).ipam
     assert [r.model_dump(exclude_none=True) for r in ipam.routes] == [route]
+
+
+NODE_ETCD = {
+    "datastore": "etcd",
+    "etcd_host": "https://etcd.node.internal:2379",
+    "etcd_username": "pyabouts",
+    "etcd_password": "node-secret",
+    "etcd_cert_file": "/etc/pyabouts/client.crt",
+    "etcd_key_file": "/etc/pyabouts/client.key",
+    "etcd_ca_cert_file": "/etc/pyabouts/ca.crt",
+    "etcd_allow_plaintext_password": True,
+}
+
+
+def test_the_flat_files_etcd_credentials_never_follow_a_config_to_another_host(
+    tmp_path: Path,
+) -> None:
+    flat = tmp_path / "pyabouts.conf"
+    flat.write_text(json.dumps(NODE_ETCD))
+    ipam = load(
+        netconf(
+            type="pyabouts",
+            range="192.0.2.0/24",
+            configuration_path=str(flat),
+            etcd_host="https://etcd.attacker.example:443",
+            etcd_ca_cert_file="/etc/ssl/certs/ca-certificates.crt",
+        )
+    ).ipam
+    assert ipam.etcd_host == "https://etcd.attacker.example:443"
+    assert ipam.datastore == "etcd"  # the rest of the file still fills the gaps
+    assert ipam.etcd_ca_cert_file == "/etc/ssl/certs/ca-certificates.crt"
+    assert (ipam.etcd_username, ipam.etcd_password) == (None, None)
+    assert (ipam.etcd_cert_file, ipam.etcd_key_file) == (None, None)
+    assert ipam.etcd_allow_plaintext_password is False
+
+
+@pytest.mark.parametrize("inline_host", [None, "", NODE_ETCD["etcd_host"]])
+def test_the_flat_files_etcd_credentials_fill_a_config_of_its_own_host(
+    tmp_path: Path, inline_host: str | None
+) -> None:
+    flat = tmp_path / "pyabouts.conf"
+    flat.write_text(json.dumps(NODE_ETCD))
+    ipam = load(
+        netconf(
+            type="pyabouts",
+            range="192.0.2.0/24",
+            configuration_path=str(flat),
+            etcd_host=inline_host,
+        )
+    ).ipam
+    assert ipam.etcd_host == NODE_ETCD["etcd_host"]
+    assert (ipam.etcd_username, ipam.etcd_password) == ("pyabouts", "node-secret")
+    assert ipam.etcd_key_file == "/etc/pyabouts/client.key"
+
+
+def test_routes_and_static_addresses_enter_the_result_as_programs_parse_them() -> None:
+    ipam = load(
+        netconf(
+            type="pyabouts",
+            range="192.0.2.0/29",
+            routes=[{"dst": " 0.0.0.0/0 ", "gw": "192.0.2.254/24"}],
+            addresses=[{"address": " 2001:DB8::0005/64", "gateway": "2001:db8::1/64"}],
+        )
+    ).ipam
+    assert [r.model_dump(exclude_none=True) for r in ipam.routes] == [
+        {"dst": "0.0.0.0/0", "gw": "192.0.2.254"}
+    ]
+    assert [a.model_dump() for a in ipam.addresses] == [
+        {"address": "2001:db8::5/64", "gateway": "2001:db8::1"}
+    ]
