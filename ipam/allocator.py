@@ -64,7 +64,9 @@ def assign_address(
     pool = rng.pool
     held = sorted(a for a in view.held_by(pool, owner.attachment) if rng.contains(a))
     held = [a for a in held if a not in taken]
-    wanted = next((int(a) for a in requested if rng.can_give(a)), None)
+    # One address per range: a requested one that an earlier, overlapping range took already
+    # leaves this range to give another.
+    wanted = next((int(a) for a in requested if rng.can_give(a) and int(a) not in taken), None)
     if wanted is not None:
         holder = view.owner(pool, wanted)
         if holder is not None and holder.attachment != owner.attachment:

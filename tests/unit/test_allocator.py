@@ -164,6 +164,15 @@ def test_overlapping_ranges_in_one_request_get_distinct_addresses() -> None:
     assert allocator.assign_addresses(view, [narrow, wide], pod(1), []) == got
 
 
+def test_a_requested_address_two_overlapping_ranges_can_give_goes_to_the_first_only() -> None:
+    wide, narrow = make("10.5.0.0/29"), make("10.5.0.0/30")
+    view = PoolView([])
+    wanted = [netaddr.IPAddress("10.5.0.2")]
+    got = allocator.assign_addresses(view, [wide, narrow], pod(1), wanted)
+    assert got == [ip("10.5.0.2"), ip("10.5.0.1")]
+    assert allocator.assign_addresses(view, [wide, narrow], pod(1), wanted) == got
+
+
 def test_network_name_makes_independent_pools() -> None:
     a, b = make("10.0.0.0/24", network="a"), make("10.0.0.0/24", network="b")
     view = PoolView([])
