@@ -28,6 +28,9 @@ class AddressRange:
     network: netaddr.IPNetwork  # the normalized CIDR (host bits cleared)
     spans: tuple[tuple[int, int], ...]  # inclusive [first, last] pairs, ascending
     pool: PoolId
+    # The inclusive [first, last] a transaction over the range reads: its whole network, so
+    # that a DEL finds an address that bounds or exclusions added since took out of the range.
+    reach: tuple[int, int]
 
     @property
     def family(self) -> Family:
@@ -149,7 +152,8 @@ def _parsed_range(
     spans = _spans_left(first, last, excluded)
     if not spans:
         raise RangeError(f"{text!r}: every address is excluded")
-    return AddressRange(text=text, network=network, spans=spans, pool=pool)
+    reach = (int(network.first), int(network.last))
+    return AddressRange(text=text, network=network, spans=spans, pool=pool, reach=reach)
 
 
 def _spans_left(

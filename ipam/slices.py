@@ -89,11 +89,13 @@ class SlicedRange:
 
     def registry_range(self) -> AddressRange:
         """The registry as a range of slice indexes, to read and write it transactionally."""
+        spans = tuple(self.usable_slices())
         return AddressRange(
             text=self.registry_text,
             network=self.range.network,
-            spans=tuple(self.usable_slices()),
+            spans=spans,
             pool=self.registry,
+            reach=(spans[0][0], spans[-1][1]),  # slice indexes, not addresses
         )
 
     def within(self, index: int) -> AddressRange:
@@ -110,6 +112,7 @@ class SlicedRange:
             network=self.range.network,
             spans=spans,
             pool=self.range.pool,
+            reach=self.range.reach,
         )
 
 

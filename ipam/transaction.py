@@ -124,7 +124,7 @@ def run_transaction(
     """
     return run_span_transaction(
         store,
-        [Span(rng.pool, rng.first, rng.last) for rng in ranges],
+        [Span.of(rng) for rng in ranges],
         decide,
         deadline=deadline,
         before_write=lambda changed: describe_blocks(changed, ranges),
@@ -140,6 +140,11 @@ class Span:
     pool: PoolId
     first: int
     last: int
+
+    @staticmethod
+    def of(rng: AddressRange) -> Span:
+        """What a transaction over `rng` reads (see AddressRange.reach)."""
+        return Span(rng.pool, *rng.reach)
 
 
 def conflict_backoff_max(datastore: str) -> float:

@@ -57,3 +57,32 @@ def test_after_a_conflict_a_process_tries_another_block_than_the_lowest() -> Non
     assert len(set(got)) == 40
     assert {block_of(a) for a in got} == {block_of(RANGE.first + 256 * i) for i in range(4)}
     assert {a for b in store.blocks.values() for a in b.entries} == set(got)
+
+
+def test_del_and_gc_free_addresses_the_range_no_longer_reaches() -> None:
+    """A NAD narrowed (a later range_start, an exclusion) after its pods got addresses below:
+    their DEL, or the runtime's GC, still frees them, though no block of the narrowed range
+    holds them."""
+    pool = PoolId("narrowed", 4)
+    wide = build_range("10.6.0.0/16", range_start=None, range_end=None, exclude=[], pool=pool)
+    narrowed = [
+        build_range("10.6.0.0/16", range_start="10.6.5.0", range_end=None, exclude=[], pool=pool),
+        build_range(
+            "10.6.0.0/16", range_start=None, range_end=None, exclude=["10.6.0.0/20"], pool=pool
+        ),
+    ]
+    store = MemoryStore()
+    transactions = DirectTransactions(store)
+    deadline = time.monotonic() + 5
+    owners = [Owner(f"c{n}", "net1", f"ns/p{n}", node="node-a", cni_network="net") for n in (1, 2)]
+    for owner in owners:
+        operations.allocate(transactions, [wide], owner, [], deadline=deadline)
+    assert sum(len(b.entries) for b in store.blocks.values()) == 2
+
+    freed = operations.release(transactions, [narrowed[0]], "c1", "net1", deadline=deadline)
+    assert freed == [int(wide.network.first) + 1]
+    freed = operations.release_stale(
+        transactions, [narrowed[1]], set(), node="node-a", cni_network="net", deadline=deadline
+    )
+    assert freed == [int(wide.network.first) + 2]
+    assert sum(len(b.entries) for b in store.blocks.values()) == 0
