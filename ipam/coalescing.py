@@ -43,6 +43,9 @@ class _Request:
     decide: Callable[[PoolView], Any]
     deadline: float
     watch_checked: bool = False  # see Transactions.run
+    # Put back in line after its decision wrote nothing, on a view then checked against the
+    # store: its next decision is its answer (CoalescingTransactions._decide_batch).
+    checked: bool = False
     wake: threading.Event = field(default_factory=threading.Event)
     lead: bool = False  # set, with wake, when this request is to lead the next batch
     done: bool = False
@@ -139,7 +142,7 @@ class CoalescingTransactions:
         deadline: float,
         watch_checked: bool = False,
     ) -> T:
-        spans = tuple(Span(rng.pool, rng.first, rng.last) for rng in ranges)
+        spans = tuple(Span.of(rng) for rng in ranges)
         request = _Request(ranges, decide, deadline, watch_checked)
         with self._lock:
             queue = self._queues.setdefault(spans, _Queue())
@@ -148,10 +151,15 @@ class CoalescingTransactions:
             queue.leading = True
         if not request.lead:
             self._wait_turn(queue, request)
-        if not request.done:
+        while not request.done:
             self._lead(spans, queue, request)
+            if not request.done:  # put back in line by its own batch: answered, or to lead
+                request.wake.wait()
         if request.error is not None:
-            raise request.error
+            try:
+                raise request.error
+            finally:
+                del request  # else error -> traceback -> this frame -> request -> error
         return cast(T, request.value)
 
     def _decide(
@@ -235,7 +243,8 @@ class CoalescingTransactions:
             self._hand_off(spans, queue)
             lost = _Failed(StoreUnavailableError("the batch failed: try again"))
             for i, request in enumerate(batch):
-                _answer(request, outcomes[i][0] if i < len(outcomes) else lost)
+                if not request.done:  # a batch may have answered some before it failed
+                    _answer(request, outcomes[i][0] if i < len(outcomes) else lost)
 
     def _decide_batch(
         self, spans: tuple[Span, ...], batch: list[_Request], queue: _Queue, leader: _Request
@@ -243,31 +252,30 @@ class CoalescingTransactions:
         outcomes = self._decide(spans, batch, joining=queue, leader=leader)
         if self._on_batch is not None:
             self._on_batch(len(batch))
-        unchecked = [i for i, (_, changed) in enumerate(outcomes) if not changed]
-        if unchecked and self._recheck is not None:
-            fresh = not all(batch[i].watch_checked for i in unchecked)
-            for span in spans:
-                self._recheck(span.pool, fresh)
-            # Each at its own deadline here too, not the latest of the group's: one answered
-            # late may be stored after its plugin told the runtime to try again.
-            rechecked = [batch[i] for i in unchecked]
-            try:
-                decided = self._decide(spans, rechecked, leader=leader)  # the expired leave it
-            except _LeaderGone:
-                # What the first transaction stored is answered now; only the decisions
-                # still to check go back in line, for the next leader.
-                for request, outcome in zip(batch, outcomes, strict=True):
-                    if outcome[1] and not request.done:
-                        _answer(request, outcome[0])
-                batch[:] = [request for request in rechecked if not request.done]
-                raise
-            again = dict(zip(rechecked, decided, strict=True))
-            kept = [
-                (r, again.get(r, o)) for r, o in zip(batch, outcomes, strict=True) if not r.done
-            ]
-            batch[:] = [request for request, _ in kept]  # those answered expired leave it
-            outcomes = [outcome for _, outcome in kept]
-        return outcomes
+        again = [
+            not changed and not r.checked for r, (_, changed) in zip(batch, outcomes, strict=True)
+        ]
+        if not any(again) or self._recheck is None:
+            return outcomes
+        # What the write stored is answered now. The decisions that wrote nothing go back in
+        # line, first, to be decided again by the next batch on a view checked against the
+        # store, and answered as decided then: no answer waits for another's second decision.
+        for request, (value, _), decide_again in zip(batch, outcomes, again, strict=True):
+            if not decide_again:
+                _answer(request, value)
+        requeued = [
+            request for request, decide_again in zip(batch, again, strict=True) if decide_again
+        ]
+        fresh = not all(request.watch_checked for request in requeued)
+        for span in spans:
+            self._recheck(span.pool, fresh)
+        with self._lock:
+            for request in requeued:
+                request.checked, request.lead = True, False
+                request.wake.clear()
+            queue.waiting[:0] = requeued
+        batch.clear()
+        return []
 
     def _hand_off(self, spans: tuple[Span, ...], queue: _Queue) -> None:
         """The lead to the oldest waiting request, or the queue's end."""

@@ -420,3 +420,55 @@ def test_a_leader_gone_during_a_recheck_answers_what_its_batch_stored() -> None:
     first, second = run_threads(2, allocate)
     assert isinstance(first, CniError) and first.msg == "timed out waiting for the pool", first
     assert second == [SMALL.first] and decided[1] == 1
+
+
+class StoresFirstThenBusy(SlowReadsConflictsUntil):
+    """Stores the first write; each later one loses to another writer until `until`."""
+
+    def __init__(self, until: float) -> None:
+        super().__init__(until)
+        self.stored_first = False
+
+    def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
+        if not self.stored_first:
+            self.stored_first = True
+            return MemoryStore.write_blocks(self, blocks)
+        return super().write_blocks(blocks)
+
+
+@pytest.mark.parametrize("stored_leads", [True, False])
+def test_a_stored_decision_is_answered_at_once_not_after_the_others_second_decision(
+    stored_leads: bool,
+) -> None:
+    """One decision of a batch is stored by its write; the other wrote nothing (an "exhausted"
+    on a stale copy) and is decided again, on a pool so busy that its writes lose for 2 s.
+    The stored one is answered as soon as it is stored, whether it led the batch or not: held
+    until the other's second decision, it could be answered after its plugin gave up, and the
+    runtime's DEL would free the address its pod got."""
+    started = time.monotonic()
+    store = StoresFirstThenBusy(started + 2.0)
+    transactions = CoalescingTransactions(store, recheck=lambda pool, fresh: None)
+    stored_one = 0 if stored_leads else 1
+    answered: dict[int, float] = {}
+
+    def allocate(n: int) -> object:
+        time.sleep(0.05 * n)  # the second joins while the first's view is read
+        decided = 0
+
+        def decide(view: PoolView) -> list[int]:
+            nonlocal decided
+            decided += 1
+            if n != stored_one and decided == 1:
+                raise RangeExhaustedError("exhausted, as a stale copy says")
+            return allocator.assign_addresses(view, [SMALL], owner(n), [])
+
+        try:
+            return transactions.run([SMALL], decide, deadline=started + 30)
+        finally:
+            answered[n] = time.monotonic() - started
+
+    results = run_threads(2, allocate)
+    assert results[stored_one] == [SMALL.first]
+    assert answered[stored_one] < 1.0, answered
+    assert answered[1 - stored_one] >= 2.0, answered
+    assert results[1 - stored_one] == [SMALL.first + 1]
