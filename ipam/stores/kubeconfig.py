@@ -151,7 +151,7 @@ def _credentials(
         server=str(server),
         namespace=str(context.get("namespace") or DEFAULT_NAMESPACE),
         ca_pem=_pem(base, cluster, "certificate-authority"),
-        insecure=bool(cluster.get("insecure-skip-tls-verify")),
+        insecure=_flag(cluster, "insecure-skip-tls-verify"),
         client_cert_pem=_pem(base, user, "client-certificate"),
         client_key_pem=_pem(base, user, "client-key"),
         tls_server_name=cluster.get("tls-server-name"),
@@ -160,11 +160,22 @@ def _credentials(
     )
 
 
+def _flag(section: dict[str, Any], key: str) -> bool:
+    """A boolean key, absent meaning false. Anything but true or false is refused, as kubectl
+    refuses it: a templated "false" must not turn TLS verification off."""
+    value = section.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} is {value!r}, not true or false")
+    return value
+
+
 def _pem(base: Path, section: dict[str, Any], key: str) -> str | None:
-    """`key`-data (base64) or the file `key` names."""
+    """`key`-data (base64, line breaks allowed, as `base64` wraps it) or the file `key` names."""
     data = section.get(f"{key}-data")
     if data:
-        return base64.b64decode(data, validate=True).decode()
+        return base64.b64decode("".join(str(data).split()), validate=True).decode()
     path = section.get(key)
     return (base / path).read_text() if path else None
 

@@ -116,3 +116,27 @@ def test_an_inline_token_written_as_a_yaml_block_loses_its_line_break(tmp_path: 
     """`token: |` ends the token in a line break, which no header may carry."""
     got = read_kubeconfig(str(write(tmp_path / "kc", {"token": "abc\n"})))
     assert got.authorization() == "Bearer abc"
+
+
+def test_base64_data_wrapped_in_lines_is_read_as_kubectl_reads_it(tmp_path: Path) -> None:
+    pem = "-----BEGIN CERTIFICATE-----\n" + "A" * 300 + "\n-----END CERTIFICATE-----\n"
+    encoded = base64.encodebytes(pem.encode()).decode()  # 76 columns a line, as `base64` writes
+    assert "\n" in encoded.strip()
+    path = write(tmp_path / "kc", {"token": "t"}, **{"certificate-authority-data": encoded})
+    assert read_kubeconfig(str(path)).ca_pem == pem
+
+
+@pytest.mark.parametrize(("given", "insecure"), [(True, True), (False, False), (None, False)])
+def test_insecure_skip_tls_verify_is_a_boolean(tmp_path: Path, given: Any, insecure: bool) -> None:
+    path = write(tmp_path / "kc", {"token": "t"}, **{"insecure-skip-tls-verify": given})
+    assert read_kubeconfig(str(path)).insecure is insecure
+
+
+@pytest.mark.parametrize("given", ["false", "true", "{{ .Values.insecure }}", 1])
+def test_insecure_skip_tls_verify_that_is_not_a_boolean_is_refused(
+    tmp_path: Path, given: Any
+) -> None:
+    """kubectl refuses such a file; taken as true, a templated "false" would turn TLS
+    verification off and send the token to whoever answers."""
+    path = write(tmp_path / "kc", {"token": "t"}, **{"insecure-skip-tls-verify": given})
+    assert "insecure-skip-tls-verify" in refusal(path)
