@@ -179,7 +179,13 @@ class KubeApi:
 
     def _headers(self, accept: str) -> dict[str, str]:
         headers = {"Accept": accept, "User-Agent": USER_AGENT}
-        authorization = self._credentials.authorization()
+        try:
+            authorization = self._credentials.authorization()
+        except Exception as exc:  # a token file being replaced, an exec plugin that failed
+            raise StoreUnavailableError(
+                f"credentials for the Kubernetes API at {self._server} could not be read: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         if authorization:
             headers["Authorization"] = authorization
         return headers

@@ -222,6 +222,23 @@ def test_a_request_it_cannot_write_does_not_quote_its_headers() -> None:
     assert raised.value.msg.endswith("is unreachable: ValueError")
 
 
+def test_credentials_that_cannot_be_read_now_are_unavailable_not_a_bug() -> None:
+    """A token file being replaced, or an exec plugin that failed: code 11, and the transaction
+    tries again, rather than an internal error (code 103) out of the plugin."""
+
+    def unreadable() -> str:
+        raise FileNotFoundError(2, "No such file or directory", "/var/run/token")
+
+    script = Scripted(body=LIST)
+    with scripted_server(script) as server, pytest.raises(StoreUnavailableError) as raised:
+        credentials = ApiCredentials(
+            server=server, namespace="kube-system", authorization=unreadable
+        )
+        KubernetesStore(KubeApi(credentials, timeout=1), "kube-system").read_blocks(POOL, 0, 511)
+    assert not script.seen
+    assert "could not be read" in raised.value.msg and "/var/run/token" in raised.value.msg
+
+
 def test_a_closed_client_keeps_no_connection() -> None:
     script = Scripted(body=LIST)
     with scripted_server(script) as server:
