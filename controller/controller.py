@@ -76,6 +76,9 @@ class Controller:
         # Pods the watch saw deleted or finished -> when a pass may judge them (epoch seconds);
         # until then every pass spares their addresses.
         self._gone_at: dict[str, float] = {}
+        # The UID of the pod each of those waits for: a pod of that name created again and gone
+        # again (a StatefulSet's) has a grace of its own, counted from its own end.
+        self._gone_uid: dict[str, str] = {}
         # Pods a full pass found leaked that no watch event had said were gone (deleted while
         # the pass read the store, in a gap of the watch, before this replica led) -> when a
         # pass first found them (epoch seconds). Their kubelet may still be tearing the sandbox
@@ -101,7 +104,7 @@ class Controller:
             elif event is not None:
                 self._note_lost(event.pod, deleted=event.kind == "DELETED")
                 if _may_have_leaked(event):
-                    self._gone_at.setdefault(event.pod.ref, time.time() + self._gone_grace)
+                    self._note_gone(event.pod)
             if isinstance(event, Relisted) or time.monotonic() >= next_full:
                 # A failed pass waits for the resync, whatever it left to judge again.
                 wait = self._resync
@@ -122,6 +125,13 @@ class Controller:
         except Exception:  # a bug: stop, so that the process exits and is restarted
             log.exception("pod watch failed")
             self.stop.set()
+
+    def _note_gone(self, pod: PodState) -> None:
+        """Judge `pod`'s addresses once the gone grace has passed since the first event that
+        said it was deleted or finished (later ones of the same pod change nothing)."""
+        if pod.ref not in self._gone_at or self._gone_uid.get(pod.ref) != pod.uid:
+            self._gone_at[pod.ref] = time.time() + self._gone_grace
+            self._gone_uid[pod.ref] = pod.uid
 
     def _note_lost(self, pod: PodState, *, deleted: bool = False) -> None:
         """Remember when a pod the taint manager deleted may be found lost, if it still is."""
@@ -159,6 +169,8 @@ class Controller:
             ready = {ref for ref, at in waiting.items() if at <= now}
             for ref in ready:
                 del waiting[ref]
+                if waiting is self._gone_at:
+                    self._gone_uid.pop(ref, None)
             due |= ready
         return due
 
@@ -218,7 +230,12 @@ def run_controller(connections: Connections, policy: Policy, args: argparse.Name
         return
     identity = args.identity or f"{socket.gethostname()}-{os.getpid()}"
     api = k8s.CoordinationV1Api(connections.api_client)
-    lock = CheckedLeaseLock(args.lease_name, connections.namespace, identity, api)
+    # Each Lease call within half the renew deadline: a call left hanging (a connection
+    # half-open after a failover) would else keep the election from ever seeing it fail, and
+    # this replica would act on after another took the Lease.
+    lock = CheckedLeaseLock(
+        args.lease_name, connections.namespace, identity, api, timeout=args.renew_deadline / 2
+    )
 
     def lead() -> None:
         log.info("%s leads (Lease %s/%s)", identity, connections.namespace, args.lease_name)
@@ -265,7 +282,9 @@ class CheckedLeaseLock(LeaseLock):
     again for ever, so a replica without the right (another --lease-name and no Role for it,
     say) stood by as ready and never acted."""
 
-    def __init__(self, name: str, namespace: str, identity: str, api: object) -> None:
+    def __init__(
+        self, name: str, namespace: str, identity: str, api: object, *, timeout: float
+    ) -> None:
         super().__init__(name, namespace, identity)  # type: ignore[no-untyped-call]
         self.consulted = threading.Event()  # the API answered about the Lease once, somehow
         # Why the API refuses it the Lease, by kind of call ("read", "write"), while it does.
@@ -273,7 +292,9 @@ class CheckedLeaseLock(LeaseLock):
         # says nothing of the right to write: a refused write stands until a write succeeds.
         self._refusals: dict[str, str] = {}
         # Duck-typed: it answers the calls LeaseLock makes, as `api` does.
-        self.api_instance = cast(k8s.CoordinationV1Api, _AnswersNoted(api, self._note))
+        self.api_instance = cast(
+            k8s.CoordinationV1Api, _AnswersNoted(api, self._note, timeout=timeout)
+        )
 
     @property
     def refused(self) -> str | None:
@@ -307,11 +328,16 @@ class CheckedLeaseLock(LeaseLock):
 
 class _AnswersNoted:
     """The Lease API as LeaseLock calls it, each call's refusal or success told to `note`
-    (LeaseLock itself swallows the exceptions)."""
+    (LeaseLock itself swallows the exceptions), and each call given up after `timeout`
+    seconds as failed: LeaseLock takes only an ApiException for a failure, and anything else
+    would end the election's thread."""
 
-    def __init__(self, api: object, note: Callable[[str, ApiException | None], None]) -> None:
+    def __init__(
+        self, api: object, note: Callable[[str, ApiException | None], None], *, timeout: float
+    ) -> None:
         self._api = api
         self._note = note
+        self._timeout = timeout
 
     def __getattr__(self, name: str) -> Any:
         call = getattr(self._api, name)
@@ -320,10 +346,12 @@ class _AnswersNoted:
 
         def noted(*args: Any, **kwargs: Any) -> Any:
             try:
-                answer = call(*args, **kwargs)
+                answer = call(*args, _request_timeout=self._timeout, **kwargs)
             except ApiException as exc:
                 self._note(name, exc)
                 raise
+            except (urllib3.exceptions.HTTPError, OSError) as exc:  # no answer: nothing to note
+                raise ApiException(status=0, reason=f"no answer: {exc}") from exc
             self._note(name, None)
             return answer
 

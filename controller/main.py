@@ -198,13 +198,19 @@ def run_once(connections: Connections, policy: Policy, *, dry_run: bool, gone_gr
         log.error("reconcile failed: %s", why(failure))
         return 1
     if summary.deferred:
-        refs = {leak.owner.pod for leak in summary.deferred}
+        # By UID too: a pod of the same name created again since is not the one that waited.
+        deferred = {(leak.owner.pod, leak.owner.pod_uid) for leak in summary.deferred}
+        refs = {pod for pod, _ in deferred}
         log.info("%d pod(s) gone or finished: judged again in %g s", len(refs), gone_grace)
         time.sleep(gone_grace)
         try:
             # A whole pass again: it gives back the slices their addresses held. Pods found
             # gone only now are left for the next run.
-            again = a_pass(defer=lambda leak: later(leak) and leak.owner.pod not in refs)
+            again = a_pass(
+                defer=lambda leak: (
+                    later(leak) and (leak.owner.pod, leak.owner.pod_uid) not in deferred
+                )
+            )
         except failures as failure:
             log.error("judging again failed: %s", why(failure))
             summary = dataclasses.replace(

@@ -15,6 +15,8 @@ from pyabouts.controller.leaks import PodState, Policy
 from pyabouts.controller.pods import PodListing
 from pyabouts.controller.watching import PodEvent, Relisted
 from pyabouts.ipam.errors import StoreUnavailableError
+from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
+from tests.memory_store import MemoryStore
 
 
 class DownStore:
@@ -69,3 +71,52 @@ def test_a_failed_targeted_pass_is_made_again_after_a_while(
     loop.join(10)
     assert store.reads == 2
     assert controller._gone_at == {}
+
+
+def test_a_pod_created_again_and_gone_again_has_a_gone_grace_of_its_own() -> None:
+    """A StatefulSet's pod deleted, created again under its name (taking its address back, as
+    ADD is idempotent by name), and deleted again before the first one's grace ended: its
+    address waits the whole grace from the second deletion, while its sandbox goes."""
+    grace = 1.5
+    pool = PoolId("blue", 4)
+    address = (10 << 24) + 5
+    key = BlockKey.of(pool, address)
+    store = MemoryStore()
+
+    def hold(owner: Owner) -> None:
+        block = (store.blocks.get(key) or Block(key, {}, None)).copy()
+        block.put(address, owner)
+        block.revision = str(time.monotonic())
+        store.blocks[key] = block
+
+    first = PodState("demo", "db-0", "uid-1", "Running", 0.0, None, False, None)
+    again = PodState("demo", "db-0", "uid-2", "Running", 0.0, None, False, None)
+    hold(Owner("c1", "net1", "demo/db-0", "uid-1", "node-a"))
+    deleted_again: list[float] = []
+
+    def events(stop: threading.Event) -> Any:
+        yield PodEvent("DELETED", first)
+        time.sleep(0.2)
+        hold(Owner("c2", "net1", "demo/db-0", "uid-2", "node-b"))
+        yield PodEvent("ADDED", again)
+        time.sleep(0.8)
+        deleted_again.append(time.time())
+        yield PodEvent("DELETED", again)
+        stop.wait()
+
+    connections: Any = types.SimpleNamespace(store=store, api_client=None)
+    controller = Controller(connections, Policy(), resync=300, gone_grace=grace)
+    controller._watch = types.SimpleNamespace(events=events)  # type: ignore[assignment]
+    controller._read_pods = lambda refs: {}  # type: ignore[method-assign]
+    loop = threading.Thread(target=controller.run, daemon=True)
+    loop.start()
+    freed_at = None
+    deadline = time.monotonic() + 10
+    while freed_at is None and time.monotonic() < deadline:
+        if address not in store.blocks[key].entries:
+            freed_at = time.time()
+        time.sleep(0.02)
+    controller.stop.set()
+    loop.join(10)
+    assert freed_at is not None and deleted_again
+    assert freed_at - deleted_again[0] >= grace - 0.05  # not the first pod's grace

@@ -11,12 +11,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from kubernetes import client as k8s
 from kubernetes.client import V1Lease, V1LeaseSpec
 from kubernetes.client.exceptions import ApiException
 from kubernetes.leaderelection.leaderelectionrecord import LeaderElectionRecord
 
 from pyabouts.controller.controller import CheckedLeaseLock, _stand_by
 from pyabouts.serving.endpoints import Health
+from tests.local_http import silent_server
 
 REASONS = {401: "Unauthorized", 403: "Forbidden", 404: "Not Found"}
 
@@ -34,13 +36,13 @@ class LeaseApi:
             raise ApiException(status=status, reason=REASONS.get(status, ""))
         return SimpleNamespace(metadata=SimpleNamespace(annotations={}), spec=None)
 
-    def read_namespaced_lease(self, name: str, namespace: str) -> Any:
+    def read_namespaced_lease(self, name: str, namespace: str, **options: Any) -> Any:
         return self._answer("read")
 
-    def create_namespaced_lease(self, namespace: str, body: Any) -> Any:
+    def create_namespaced_lease(self, namespace: str, body: Any, **options: Any) -> Any:
         return self._answer("create")
 
-    def replace_namespaced_lease(self, name: str, namespace: str, body: Any) -> Any:
+    def replace_namespaced_lease(self, name: str, namespace: str, body: Any, **options: Any) -> Any:
         return self._answer("replace")
 
 
@@ -53,7 +55,7 @@ def test_a_refused_lease_is_logged_once_and_known_until_it_is_granted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     api = LeaseApi(read=403)
-    lock: Any = CheckedLeaseLock("other-lease", "kube-system", "replica-0", api)
+    lock: Any = CheckedLeaseLock("other-lease", "kube-system", "replica-0", api, timeout=5)
     assert not lock.consulted.is_set()
     found, _ = lock.get("other-lease", "kube-system")
     lock.get("other-lease", "kube-system")
@@ -70,7 +72,7 @@ def test_a_lease_it_may_read_but_not_write_is_refused_too(call: str) -> None:
     """A Role granting get alone: the Lease is read, and its creation or update is refused,
     which LeaseLock swallows."""
     api = LeaseApi(**{call: 403})
-    lock: Any = CheckedLeaseLock("other-lease", "kube-system", "replica-0", api)
+    lock: Any = CheckedLeaseLock("other-lease", "kube-system", "replica-0", api, timeout=5)
     if call == "create":
         written = lock.create("other-lease", "kube-system", record())
     else:
@@ -98,7 +100,9 @@ def wait_until(condition: Any, seconds: float = 10) -> bool:
 def test_a_follower_is_ready_once_it_read_its_lease_unless_refused(
     status: int, ready: bool
 ) -> None:
-    lock: Any = CheckedLeaseLock("other-lease", "kube-system", "replica-0", LeaseApi(read=status))
+    lock: Any = CheckedLeaseLock(
+        "other-lease", "kube-system", "replica-0", LeaseApi(read=status), timeout=5
+    )
     health = Health(stale_after=60)
     beats: list[bool] = []
     beat = health.beat
@@ -121,3 +125,19 @@ def test_a_follower_is_ready_once_it_read_its_lease_unless_refused(
     finally:
         controller.stop.set()
         stand_by.join()
+
+
+def test_a_lease_call_the_api_never_answers_fails_within_the_timeout() -> None:
+    """A connection left half-open (a failover): the call fails as LeaseLock takes a failure,
+    so the leader's renew loop reaches its deadline and stops leading, instead of hanging in
+    the call while its control loop acts on after another replica took the Lease."""
+    with silent_server() as server:
+        configuration = k8s.Configuration(host=server)
+        api = k8s.CoordinationV1Api(k8s.ApiClient(configuration))
+        lock: Any = CheckedLeaseLock("lease", "kube-system", "replica-0", api, timeout=0.5)
+        started = time.monotonic()
+        found, failure = lock.get("lease", "kube-system")
+        took = time.monotonic() - started
+    assert not found and isinstance(failure, ApiException) and failure.status == 0
+    assert took < 5, took
+    assert not lock.consulted.is_set()  # no answer: neither ready nor refused by it
