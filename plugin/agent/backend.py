@@ -53,6 +53,7 @@ STORE_FIELDS = frozenset(
     }
 )
 CLIENT_MAX_AGE_SECONDS = 600.0  # then a fresh client: kubeconfig tokens and certificates rotate
+CLIENT_REOPEN_SECONDS = 10.0  # after a fresh client could not be opened, the old one serving on
 # A pool read longer ago than this is read whole again (see CachedStore): a pod re-created on
 # another node, or served in-process while this agent was unreachable, is seen within it.
 POOL_MAX_AGE_SECONDS = 2.0
@@ -252,11 +253,25 @@ class WarmBackend:
             client = self._clients.get(key)
             if client is not None and time.monotonic() - client.opened < CLIENT_MAX_AGE_SECONDS:
                 return client
+            # Opening is cheap and lazy (no connection yet); under the lock, so one per key.
+            try:
+                store = opener(timeout=REQUEST_TIMEOUT_SECONDS)
+            except (CniError, OSError) as exc:
+                if client is None:
+                    raise
+                # A kubeconfig, CA or key file caught mid-rewrite, say: the client it has
+                # serves on, and a fresh one is tried again a while later.
+                log.warning(
+                    "a fresh store client could not be opened (%s); the current one serves "
+                    "on, and it is tried again in %g s",
+                    exc,
+                    CLIENT_REOPEN_SECONDS,
+                )
+                client.opened = time.monotonic() - CLIENT_MAX_AGE_SECONDS + CLIENT_REOPEN_SECONDS
+                return client
             stale, self._retired = self._retired, [client] if client else []
             if client is not None and client.follower is not None:
                 client.follower.stop()  # its cache serves what is in flight; the new one follows
-            # Opening is cheap and lazy (no connection yet); under the lock, so one per key.
-            store = opener(timeout=REQUEST_TIMEOUT_SECONDS)
             feed = store if isinstance(store, BlockFeed) else None
             cache = CachedStore(
                 MeteredStore(store, self._metrics),

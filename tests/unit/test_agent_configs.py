@@ -14,7 +14,7 @@ from pyabouts.ipam.config import FlatFile, PluginConfig
 from pyabouts.ipam.errors import INVALID_CONFIG, CniError
 from pyabouts.plugin.agent import backend as agent_backend
 from pyabouts.plugin.agent.backend import CACHED_NETCONF_BYTES, WarmBackend
-from pyabouts.plugin.agent.datastore import agent_datastore
+from pyabouts.plugin.agent.datastore import AgentDatastore, agent_datastore
 from pyabouts.plugin.agent.metrics import AgentMetrics
 
 
@@ -113,3 +113,37 @@ def test_a_config_too_large_to_keep_is_validated_on_each_call(
     first = backend.config(json.loads(large), large)
     assert backend.config(json.loads(large), large) == first
     assert len(validations) == 2
+
+
+def test_a_fresh_client_that_cannot_be_opened_leaves_the_current_one_serving(
+    backend: WarmBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every 10 minutes the agent opens a fresh store client (credentials rotate). One that
+    cannot be opened then (a file caught mid-rewrite) leaves the current client serving,
+    rather than failing the request (code 7) with a client that works."""
+    config = backend.config(json.loads(netconf("10.62.0.0/24")), netconf("10.62.0.0/24"))
+    pools = [r.pool for r in config.ranges]
+
+    def transactions() -> object:
+        with backend.transactions(config.ipam, pools, writes_by=None) as opened:
+            return opened
+
+    current = transactions()
+    for client in backend._clients.values():
+        client.opened -= agent_backend.CLIENT_MAX_AGE_SECONDS + 1  # due for a fresh one
+
+    tries: list[float] = []
+
+    def unopenable(self: object, *, timeout: float) -> None:
+        tries.append(timeout)
+        raise CniError(INVALID_CONFIG, "etcd_ca_cert_file: no such file")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(AgentDatastore, "open_store", unopenable)
+        assert transactions() is current  # served on, no error
+        assert transactions() is current
+    assert len(tries) == 1  # not tried again at every request
+    monkeypatch.setattr(agent_backend, "CLIENT_REOPEN_SECONDS", 0.0)
+    for client in backend._clients.values():
+        client.opened -= agent_backend.CLIENT_MAX_AGE_SECONDS + 1
+    assert transactions() is not current  # once it can be opened, a fresh one
