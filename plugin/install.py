@@ -50,7 +50,7 @@ SHIM_SLOT_MARKER = b"PYABOUTS-AGENT-SOCKET-SLOT:"
 SHIM_SLOT_SIZE = 512
 SYSTEM_PYTHON = "/usr/bin/python3"
 _SOCKET_LINE = f'AGENT_SOCKET = "{DEFAULT_SOCKET}"\n'
-_FALLBACK_LINE = "FALLBACK_PATH: list[str] = []\n"
+_FALLBACK_LINE = 'FALLBACK_PATH: "list[str]" = []\n'
 _VERSION_LINE = 'VERSION_REPLY = b""'
 _WIRE_IMPORT_LINE = (
     "from pyabouts.plugin.wire import (  # wire.py's text\n"
@@ -72,7 +72,7 @@ def thin_plugin_source(python: str, socket_path: str, fallback_path: list[str]) 
     # The installed file imports nothing of the package: it carries the wire format's text.
     source = source.replace(_WIRE_IMPORT_LINE, Path(wire.__file__).read_text())
     source = source.replace(_SOCKET_LINE, f"AGENT_SOCKET = {socket_path!r}\n")
-    source = source.replace(_FALLBACK_LINE, f"FALLBACK_PATH: list[str] = {fallback_path!r}\n")
+    source = source.replace(_FALLBACK_LINE, f"FALLBACK_PATH = {fallback_path!r}\n")
     version = json.dumps(render_version()).encode()
     source = source.replace(_VERSION_LINE, f"VERSION_REPLY = {version!r}", 1)
     return f"#!{python} -IS\n{source}"

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
 AGENT_SOCKET = "/run/pyabouts/agent.sock"
-FALLBACK_PATH: list[str] = []
+# Quoted: a module's annotations are evaluated, and list[str] needs Python 3.9.
+FALLBACK_PATH: "list[str]" = []
 VERSION_REPLY = b""  # plugin.cni.render_version(), set by the installer: VERSION needs no agent
 REPLY_TIMEOUT = 90.0  # seconds; the agent answers within its 60 s command deadline
 TRY_AGAIN_LATER = 11

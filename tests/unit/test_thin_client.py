@@ -161,3 +161,28 @@ def test_without_an_agent_the_baked_paths_import_the_package(installed: Path) ->
     # invalid config is pyabouts' own answer (code 7), not "no pyabouts here" (code 11).
     done = run(installed, {k: v for k, v in ENV.items() if k != "CNI_ARGS"})
     assert json.loads(done.stdout)["code"] == 7, done.stdout
+
+
+def oldest_python_promised() -> str:
+    """The README promises the thin plugin any host python3 from 3.8 on; the machine image's
+    pyenv holds a 3.8 (a real interpreter, not pyenv's shim)."""
+    found = sorted(Path.home().glob(".pyenv/versions/3.8.*/bin/python3.8"))
+    assert found, "no Python 3.8 under ~/.pyenv/versions: the machine image has one"
+    return str(found[-1])
+
+
+def test_the_thin_plugin_runs_on_the_oldest_python_it_promises(tmp_path: Path) -> None:
+    python = oldest_python_promised()
+    installed = install_thin_plugin(
+        tmp_path / "bin", socket_path=str(tmp_path / "agent.sock"), python=python, fallback=False
+    )
+    version = run(installed, {"CNI_COMMAND": "VERSION"})
+    assert version.returncode == 0 and json.loads(version.stdout) == render_version()
+    absent = run(installed, ENV)  # no agent, no fallback: code 11 as CNI JSON
+    assert absent.returncode == 1 and json.loads(absent.stdout)["code"] == 11, absent
+    agent = OneReplyAgent(tmp_path / "agent.sock", Reply(0, b'{"ips": []}'))
+    served = run(installed, ENV)
+    agent.close()
+    assert (served.returncode, served.stdout, served.stderr) == (0, b'{"ips": []}', b"")
+    env, stdin = decode_request(agent.received)
+    assert stdin == CONF and env["CNI_COMMAND"] == "ADD"
