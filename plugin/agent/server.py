@@ -24,7 +24,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -48,7 +48,14 @@ from pyabouts.serving.workers import BoundedWorkers
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 4 << 20  # a network config is kilobytes; refuse what cannot be one
+# A request is kilobytes: a network config, a GC's list of a node's attachments. Whoever
+# writes a NAD chooses its size, though, and decoded, JSON holds up to about 25 times its bytes
+# ("[{},{},...]"): so one request is refused past MAX_REQUEST_BYTES, and those served at once
+# hold REQUEST_BYTES_IN_FLIGHT at most between them (about 50 MiB decoded, well under the
+# DaemonSet's 256Mi); one that would hold more waits for others to end, within its deadline.
+MAX_REQUEST_BYTES = 1 << 20
+REQUEST_BYTES_IN_FLIGHT = 2 << 20
+LARGE_REQUEST_BYTES = 64 << 10  # larger than any config seen, and than most GCs' lists
 REQUEST_DEADLINE_SECONDS = 10.0  # to send a whole request (the thin client sends it at once)
 MAX_REQUESTS = 64  # served at once: plenty to coalesce, and never a thread per connection
 MAX_WAITING = 1024  # accepted requests queued for a worker; beyond, code 11 at once
@@ -150,6 +157,38 @@ def read_request(sock: socket.socket, seconds: float) -> bytes:
         chunks.append(chunk)
 
 
+class ByteBudget:
+    """Bytes that the requests being served may hold between them: each takes its size for as
+    long as it is served, waiting for others to give theirs back when too few are left."""
+
+    def __init__(self, total: int) -> None:
+        self._total = total
+        self._left = total
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def held(self, size: int, deadline: float) -> Iterator[None]:
+        """`size` bytes (the whole budget at most) while the block runs; RequestTooSlowError
+        when they are not free by `deadline` (monotonic)."""
+        size = min(size, self._total)
+        with self._changed:
+            free = self._changed.wait_for(
+                lambda: self._left >= size, timeout=max(0.0, deadline - time.monotonic())
+            )
+            if not free:
+                raise RequestTooSlowError(
+                    "pyabouts-agent is busy with large requests: this one waited its whole "
+                    "deadline for their memory"
+                )
+            self._left -= size
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._left += size
+                self._changed.notify_all()
+
+
 def encode_reply(reply: Reply) -> bytes:
     return wire.encode_reply(reply.exit_code, reply.stdout)
 
@@ -195,6 +234,7 @@ class AgentServer(socketserver.UnixStreamServer):
         self.limits = limits or Limits()
         self.serving = threading.Event()
         self._workers = BoundedWorkers(self.limits.max_requests, self.limits.max_waiting, "request")
+        self.request_bytes = ByteBudget(REQUEST_BYTES_IN_FLIGHT)
         _claim_socket_path(socket_path)
         super().__init__(str(socket_path), _RequestHandler)
         socket_path.chmod(0o600)  # the agent's user (root) alone may even connect
@@ -321,14 +361,23 @@ class _RequestHandler(socketserver.BaseRequestHandler):
             data = read_request(self.request, self.server.limits.request_deadline)
             if not data:
                 return None
-            env, stdin = _decode_request(data)
-            deadline = plugin_bound_deadline(env, self.deadline)
+            with self.server.request_bytes.held(len(data), self.deadline):
+                try:
+                    env, stdin = _decode_request(data)
+                    deadline = plugin_bound_deadline(env, self.deadline)
+                    command = command_label(env.get("CNI_COMMAND", ""))
+                    reply = handle_request(env, stdin, self.server.backend, deadline=deadline)
+                    return command, reply
+                finally:
+                    if len(data) > LARGE_REQUEST_BYTES:
+                        # What it decoded can outlive it in reference cycles (an error's
+                        # traceback holds its frames) until the collector runs: freed now,
+                        # before its bytes go back to the budget.
+                        gc.collect()
         except RequestError as exc:
             log.warning("refused a request: %s", exc)
             self.server.metrics.rejected.labels(exc.reason).inc()
             return "unknown", _refusal(exc.code, str(exc))
-        command = command_label(env.get("CNI_COMMAND", ""))
-        return command, handle_request(env, stdin, self.server.backend, deadline=deadline)
 
 
 def _decode_request(data: bytes) -> tuple[dict[str, str], bytes]:

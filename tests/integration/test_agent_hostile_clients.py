@@ -31,19 +31,21 @@ from hypothesis import strategies as st
 
 from deploy.local.agent_process import AgentProcess, running_agent
 from deploy.local.node_shim import built_shim
-from pyabouts.plugin.agent.server import PLUGIN_WAIT_MARGIN_SECONDS
+from pyabouts.plugin.agent.server import MAX_REQUEST_BYTES, PLUGIN_WAIT_MARGIN_SECONDS
 from pyabouts.plugin.install import install_shim
 from pyabouts.plugin.wire import DEADLINE_KEY, MAGIC
 from tests.integration.etcd_fixtures import EtcdServer
 from tests.integration.plugin_fixtures import etcd_ipam
 from tests.integration.plugin_processes import Node, make_nodes, metric, run_plugins
 from tests.integration.stored_state import etcd_store, owners_in
+from tests.local_http import closed_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 DEADLINE = 2.0  # the agents' --request-deadline here, so that slow clients are cut off soon
 WAIT = 30.0  # seconds a test waits for any one answer at most (a bound, not a speed check)
 NOBODY = 65534
+AGENT_MEMORY_LIMIT_MIB = 256  # deploy/agent/daemonset.yaml's
 CLOSED = None  # what read_reply gives for a connection closed without a reply
 
 
@@ -587,3 +589,29 @@ def test_fuzzed_frames_get_a_well_formed_answer_and_the_agent_serves_on(
     ipam = etcd_ipam(etcd_server, range="10.83.0.0/24", network_name=network())
     [(code, result)] = adds_through(shim, Node(node.flat_file, agent), ipam, ["after"])
     assert code == 0, result
+
+
+def test_requests_a_nad_made_huge_cannot_take_the_agent_past_its_memory_limit(
+    tmp_path: Path,
+) -> None:
+    """A NAD's writer chooses its size: 16 pods at once on one node, each with a network config
+    of nearly 1 MiB that decodes to ~25 times that ("[{},{},...]", extra keys are ignored),
+    with the datastore out of reach so that each request is held until its deadline. Every one
+    is answered code 11, and the agent's peak memory stays under the DaemonSet's limit (256Mi;
+    over 290 MiB with 4 MiB of requests in flight and what they decoded left to the
+    collector)."""
+    config = tmp_path / "agent.conf"
+    config.write_text(json.dumps({"datastore": "etcd", "etcd_host": f"127.0.0.1:{closed_port()}"}))
+    padding = (MAX_REQUEST_BYTES - 4096) // 4  # "{}, " each, for just under the limit
+    conf = conf_of({"type": "pyabouts", "range": "10.78.0.0/24"}) | {"x": [{}] * padding}
+    requests = [frame(add_env(f"huge-{i}"), conf) for i in range(16)]
+    assert all(len(r) < MAX_REQUEST_BYTES for r in requests)
+    with running_agent(
+        tmp_path / "node-0", config=config, extra_args=["--command-deadline", "4"]
+    ) as agent:
+        with ThreadPoolExecutor(len(requests)) as pool:
+            replies = list(pool.map(lambda r: ask(agent.socket, r), requests))
+        peak = agent.peak_rss_mib()
+    for reply in replies:
+        assert_cni_error(reply, 11)
+    assert peak < AGENT_MEMORY_LIMIT_MIB, peak

@@ -14,6 +14,7 @@ from pyabouts.ipam.errors import DECODE_FAILURE, TRY_AGAIN_LATER
 from pyabouts.plugin.agent.server import (
     MAX_REQUEST_BYTES,
     PLUGIN_WAIT_MARGIN_SECONDS,
+    ByteBudget,
     RequestError,
     RequestTooLargeError,
     RequestTooSlowError,
@@ -132,3 +133,34 @@ def test_a_plugin_deadline_ends_the_agents_earlier_less_the_margin() -> None:
         < now + 30 - PLUGIN_WAIT_MARGIN_SECONDS + 1
     )
     assert plugin_bound_deadline({}, now + 60) == now + 60  # a plugin that does not say
+
+
+def test_requests_hold_at_most_the_budget_between_them_and_wait_their_turn() -> None:
+    budget = ByteBudget(100)
+    order: list[str] = []
+
+    def big_second() -> None:
+        with budget.held(60, time.monotonic() + 10):
+            order.append("second")
+
+    with budget.held(60, time.monotonic() + 10):
+        waiting = in_background(big_second)
+        with budget.held(40, time.monotonic() + 10):  # fits beside the first
+            order.append("small")
+        time.sleep(0.2)
+        assert order == ["small"]  # the second 60 waits for the first
+        order.append("first")
+    waiting.join(10)
+    assert order == ["small", "first", "second"]
+
+
+def test_a_request_the_budget_never_frees_room_for_is_told_to_try_again() -> None:
+    budget = ByteBudget(100)
+    with budget.held(100, time.monotonic() + 10):
+        started = time.monotonic()
+        with pytest.raises(RequestTooSlowError) as refused, budget.held(1, started + 0.3):
+            pass
+        assert time.monotonic() - started < 5
+    assert refused.value.code == TRY_AGAIN_LATER
+    with budget.held(500, time.monotonic() + 1):  # more than the whole: the whole, alone
+        pass
