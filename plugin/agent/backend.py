@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyabouts.ipam.coalescing import CoalescingTransactions
-from pyabouts.ipam.config import IpamConf, PluginConfig, load_config
+from pyabouts.ipam.config import ETCD_CONNECTION_KEYS, IpamConf, PluginConfig, load_config
 from pyabouts.ipam.errors import CniError
 from pyabouts.ipam.pool import Block, PoolId
 from pyabouts.ipam.store import BlockFeed, OnUnreadable, PoolStore, WriteOutcome
@@ -39,19 +39,7 @@ from pyabouts.plugin.commands import SPEC_ATTACHMENTS, VALID_ATTACHMENTS
 log = logging.getLogger(__name__)
 
 # The IpamConf fields that say which store to talk to and how: one client per distinct value.
-STORE_FIELDS = frozenset(
-    {
-        "datastore",
-        "etcd_host",
-        "etcd_username",
-        "etcd_password",
-        "etcd_key_file",
-        "etcd_cert_file",
-        "etcd_ca_cert_file",
-        "etcd_allow_plaintext_password",
-        "kubernetes",
-    }
-)
+STORE_FIELDS = frozenset({"datastore", "etcd_host", "kubernetes"}) | ETCD_CONNECTION_KEYS
 CLIENT_MAX_AGE_SECONDS = 600.0  # then a fresh client: kubeconfig tokens and certificates rotate
 CLIENT_REOPEN_SECONDS = 10.0  # after a fresh client could not be opened, the old one serving on
 # A pool read longer ago than this is read whole again (see CachedStore): a pod re-created on

@@ -312,20 +312,22 @@ NODE_ETCD = {
 }
 
 
+def with_node_etcd(tmp_path: Path, **ipam: Any) -> Any:
+    """The ipam settings of a config `ipam` over a flat file of NODE_ETCD."""
+    flat = tmp_path / "pyabouts.conf"
+    flat.write_text(json.dumps(NODE_ETCD))
+    config = netconf(type="pyabouts", range="192.0.2.0/24", configuration_path=str(flat), **ipam)
+    return load(config).ipam
+
+
 def test_the_flat_files_etcd_credentials_never_follow_a_config_to_another_host(
     tmp_path: Path,
 ) -> None:
-    flat = tmp_path / "pyabouts.conf"
-    flat.write_text(json.dumps(NODE_ETCD))
-    ipam = load(
-        netconf(
-            type="pyabouts",
-            range="192.0.2.0/24",
-            configuration_path=str(flat),
-            etcd_host="https://etcd.attacker.example:443",
-            etcd_ca_cert_file="/etc/ssl/certs/ca-certificates.crt",
-        )
-    ).ipam
+    ipam = with_node_etcd(
+        tmp_path,
+        etcd_host="https://etcd.attacker.example:443",
+        etcd_ca_cert_file="/etc/ssl/certs/ca-certificates.crt",
+    )
     assert ipam.etcd_host == "https://etcd.attacker.example:443"
     assert ipam.datastore == "etcd"  # the rest of the file still fills the gaps
     assert ipam.etcd_ca_cert_file == "/etc/ssl/certs/ca-certificates.crt"
@@ -338,16 +340,7 @@ def test_the_flat_files_etcd_credentials_never_follow_a_config_to_another_host(
 def test_the_flat_files_etcd_credentials_fill_a_config_of_its_own_host(
     tmp_path: Path, inline_host: str | None
 ) -> None:
-    flat = tmp_path / "pyabouts.conf"
-    flat.write_text(json.dumps(NODE_ETCD))
-    ipam = load(
-        netconf(
-            type="pyabouts",
-            range="192.0.2.0/24",
-            configuration_path=str(flat),
-            etcd_host=inline_host,
-        )
-    ).ipam
+    ipam = with_node_etcd(tmp_path, etcd_host=inline_host)
     assert ipam.etcd_host == NODE_ETCD["etcd_host"]
     assert (ipam.etcd_username, ipam.etcd_password) == ("pyabouts", "node-secret")
     assert ipam.etcd_key_file == "/etc/pyabouts/client.key"
