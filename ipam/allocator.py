@@ -31,12 +31,27 @@ def assign_addresses(
     """One address per range, in order, for `owner`; see `assign_address`."""
     check_requested(ranges, requested)
     chosen: list[int] = []
+    # What a requested address moves the pod off is released once every range has chosen:
+    # with overlapping ranges, the one a range leaves may be the one a later range keeps.
+    replaced: list[tuple[PoolId, int]] = []
     for rng in ranges:
         chosen.append(
             assign_address(
-                view, rng, owner, requested, taken=chosen, spread_key=spread_key, now=now
+                view,
+                rng,
+                owner,
+                requested,
+                taken=chosen,
+                spread_key=spread_key,
+                now=now,
+                replaced=replaced,
             )
         )
+    kept = set(zip((rng.pool for rng in ranges), chosen, strict=True))
+    for pool, address in replaced:
+        if (pool, address) not in kept:
+            release(view, pool, address, now=now)
+            kept.add((pool, address))
     return chosen
 
 
@@ -49,6 +64,7 @@ def assign_address(
     taken: Collection[int] = (),
     spread_key: str = "",
     now: int = 0,
+    replaced: list[tuple[PoolId, int]] | None = None,
 ) -> int:
     """The address `owner` gets in `rng`.
 
@@ -60,6 +76,9 @@ def assign_address(
 
     An address cooling down after its release is not free: only once its cooldown has passed
     (by `now`, Unix seconds) and the range has no other free address is it given again.
+
+    What a requested address moves the pod off is released, or, given `replaced`, added to it
+    for the caller to release.
     """
     pool = rng.pool
     held = sorted(a for a in view.held_by(pool, owner.attachment) if rng.contains(a))
@@ -86,8 +105,12 @@ def assign_address(
                     f"{holder.attachment[0]} {holder.ifname}",
                 )
         for address in held:
-            if address != wanted:
+            if address == wanted:
+                continue
+            if replaced is None:
                 release(view, pool, address, now=now)  # a resting one rests on
+            else:
+                replaced.append((pool, address))
         chosen = wanted
     elif held:
         chosen = held[0]

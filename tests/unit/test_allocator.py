@@ -173,6 +173,21 @@ def test_a_requested_address_two_overlapping_ranges_can_give_goes_to_the_first_o
     assert allocator.assign_addresses(view, [wide, narrow], pod(1), wanted) == got
 
 
+def test_a_repeated_add_with_a_requested_address_keeps_the_other_ranges_address() -> None:
+    """The first range's requested address moves the pod off what it holds there, but not off
+    the address the overlapping second range gave it: the ADD, tried again once a lower address
+    was freed meanwhile, answers as before."""
+    wide, narrow = make("10.5.0.0/24"), make("10.5.0.0/28")
+    view = PoolView([])
+    allocator.assign_addresses(view, [wide], pod(0), [])  # .1
+    wanted = [netaddr.IPAddress("10.5.0.5")]
+    first = allocator.assign_addresses(view, [wide, narrow], pod(1), wanted)
+    assert first == [ip("10.5.0.5"), ip("10.5.0.2")]
+    allocator.release_addresses(view, [wide], "c0", "net1")  # .1 free again
+    assert allocator.assign_addresses(view, [wide, narrow], pod(1), wanted) == first
+    assert sorted(view.held_by(wide.pool, pod(1).attachment)) == sorted(first)
+
+
 def test_network_name_makes_independent_pools() -> None:
     a, b = make("10.0.0.0/24", network="a"), make("10.0.0.0/24", network="b")
     view = PoolView([])
