@@ -50,9 +50,11 @@ log = logging.getLogger(__name__)
 
 # A request is kilobytes: a network config, a GC's list of a node's attachments. Whoever
 # writes a NAD chooses its size, though, and decoded, JSON holds up to about 25 times its bytes
-# ("[{},{},...]"): so one request is refused past MAX_REQUEST_BYTES, and those served at once
-# hold REQUEST_BYTES_IN_FLIGHT at most between them (about 50 MiB decoded, well under the
-# DaemonSet's 256Mi); one that would hold more waits for others to end, within its deadline.
+# ("[{},{},...]"): so one request is refused past MAX_REQUEST_BYTES, and those over
+# LARGE_REQUEST_BYTES served at once hold REQUEST_BYTES_IN_FLIGHT at most between them (about
+# 50 MiB decoded; the small ones, 64 at most, 100 MiB at the very worst; under the DaemonSet's
+# 256Mi); one that would hold more waits for others to end, within its deadline. Small ones
+# never wait for large ones.
 MAX_REQUEST_BYTES = 1 << 20
 REQUEST_BYTES_IN_FLIGHT = 2 << 20
 LARGE_REQUEST_BYTES = 64 << 10  # larger than any config seen, and than most GCs' lists
@@ -361,7 +363,8 @@ class _RequestHandler(socketserver.BaseRequestHandler):
             data = read_request(self.request, self.server.limits.request_deadline)
             if not data:
                 return None
-            with self.server.request_bytes.held(len(data), self.deadline):
+            large = len(data) > LARGE_REQUEST_BYTES  # only those share the budget
+            with self.server.request_bytes.held(len(data) if large else 0, self.deadline):
                 try:
                     env, stdin = _decode_request(data)
                     deadline = plugin_bound_deadline(env, self.deadline)
@@ -369,7 +372,7 @@ class _RequestHandler(socketserver.BaseRequestHandler):
                     reply = handle_request(env, stdin, self.server.backend, deadline=deadline)
                     return command, reply
                 finally:
-                    if len(data) > LARGE_REQUEST_BYTES:
+                    if large:
                         # What it decoded can outlive it in reference cycles (an error's
                         # traceback holds its frames) until the collector runs: freed now,
                         # before its bytes go back to the budget.

@@ -89,6 +89,12 @@ def read_reply(sock: socket.socket, seconds: float = WAIT) -> bytes | None:
         chunks.append(chunk)
 
 
+def pad(request: bytes, size: int) -> bytes:
+    """`request` made `size` bytes long with spaces after its JSON."""
+    assert len(request) <= size
+    return request + b" " * (size - len(request))
+
+
 def parse_reply(raw: bytes) -> tuple[int, Any]:
     """(exit code, JSON) of a reply, asserting it is `<digits>\\0<json>`."""
     code, nul, body = raw.partition(b"\0")
@@ -604,14 +610,30 @@ def test_requests_a_nad_made_huge_cannot_take_the_agent_past_its_memory_limit(
     config.write_text(json.dumps({"datastore": "etcd", "etcd_host": f"127.0.0.1:{closed_port()}"}))
     padding = (MAX_REQUEST_BYTES - 4096) // 4  # "{}, " each, for just under the limit
     conf = conf_of({"type": "pyabouts", "range": "10.78.0.0/24"}) | {"x": [{}] * padding}
-    requests = [frame(add_env(f"huge-{i}"), conf) for i in range(16)]
-    assert all(len(r) < MAX_REQUEST_BYTES for r in requests)
+    # Each exactly the largest taken (JSON allows trailing spaces): two leave no room at all.
+    requests = [pad(frame(add_env(f"huge-{i}"), conf), MAX_REQUEST_BYTES) for i in range(16)]
+    # A small request with a config refused at once (no store needed to answer it).
+    small = frame(add_env("small"), conf_of({"type": "pyabouts", "range": "10.78.0.0/33"}))
+    answered: dict[str, float] = {}
+
+    def timed(name: str, request: bytes) -> bytes | None:
+        try:
+            return ask(agent.socket, request)
+        finally:
+            answered[name] = time.monotonic()
+
     with running_agent(
         tmp_path / "node-0", config=config, extra_args=["--command-deadline", "4"]
     ) as agent:
-        with ThreadPoolExecutor(len(requests)) as pool:
-            replies = list(pool.map(lambda r: ask(agent.socket, r), requests))
+        with ThreadPoolExecutor(len(requests) + 1) as pool:
+            huge = [pool.submit(timed, f"huge-{i}", r) for i, r in enumerate(requests)]
+            time.sleep(0.5)  # the budget taken by the first of them
+            small_reply = pool.submit(timed, "small", small).result()
+            replies = [future.result() for future in huge]
         peak = agent.peak_rss_mib()
     for reply in replies:
         assert_cni_error(reply, 11)
     assert peak < AGENT_MEMORY_LIMIT_MIB, peak
+    # It never waits for the large ones' memory: answered before any of them is.
+    assert_cni_error(small_reply, 7, says="10.78.0.0/33")
+    assert answered.pop("small") < min(answered.values()), answered
