@@ -98,6 +98,11 @@ def _answer(request: _Request, outcome: Any) -> None:
         request.finish(outcome)
 
 
+def _ranges_of(batch: list[_Request]) -> list[AddressRange]:
+    """The ranges of `batch`'s requests, each once (a network's requests share its objects)."""
+    return list({id(rng): rng for request in batch for rng in request.ranges}.values())
+
+
 def _answer_expired(batch: list[_Request]) -> None:
     """Answer the requests of `batch` whose deadline passed, and take them out of it (in
     place): they are not decided again. One whose decision a store that writes block by block
@@ -198,7 +203,9 @@ class CoalescingTransactions:
                 # The latest, as requests join: each one leaves the batch at its own deadline
                 # (at the next attempt or pause), so one near its end cuts nobody else's short.
                 deadline=deadline,
-                before_write=lambda changed: describe_blocks(changed, batch[0].ranges),
+                # Each block as the ranges of the batch that cover it most (configs that share
+                # a pool and CIDR share a queue, whatever their bounds).
+                before_write=lambda changed: describe_blocks(changed, _ranges_of(batch)),
                 backoff_max=self.backoff_max,
             )
         except _LeaderGone:

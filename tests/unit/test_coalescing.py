@@ -19,9 +19,10 @@ from pyabouts.ipam.errors import (
     StoreUnavailableError,
 )
 from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId, PoolView
-from pyabouts.ipam.ranges import build_range
+from pyabouts.ipam.ranges import AddressRange, build_range
 from pyabouts.ipam.store import WriteOutcome
 from pyabouts.ipam.stores.cached import CachedStore
+from pyabouts.ipam.transaction import Span
 from tests.memory_store import MemoryStore
 
 POOL = PoolId("batch", 4)
@@ -472,3 +473,32 @@ def test_a_stored_decision_is_answered_at_once_not_after_the_others_second_decis
     assert answered[stored_one] < 1.0, answered
     assert answered[1 - stored_one] >= 2.0, answered
     assert results[1 - stored_one] == [SMALL.first + 1]
+
+
+def test_each_block_a_batch_writes_is_described_by_the_ranges_of_the_batch_that_cover_it() -> None:
+    """Two configs of one pool and CIDR with other bounds share a queue: a block the second
+    one's decision wrote is described by its range, not by the first request's."""
+    pool = PoolId("described", 4)
+
+    def bounded(start: str, end: str) -> AddressRange:
+        return build_range("10.0.0.0/16", range_start=start, range_end=end, exclude=[], pool=pool)
+
+    first, second = bounded("10.0.0.10", "10.0.0.200"), bounded("10.0.1.10", "10.0.1.200")
+    assert Span.of(first) == Span.of(second)
+    store = SlowReadsConflictsUntil(time.monotonic())
+    transactions = CoalescingTransactions(store)
+    ranges = [first, second]
+
+    def allocate(n: int) -> object:
+        time.sleep(0.05 * n)  # the second joins while the first's view is read
+        rng = ranges[n]
+        return transactions.run(
+            [rng],
+            lambda v: allocator.assign_addresses(v, [rng], owner(n), []),
+            deadline=time.monotonic() + 5,
+        )
+
+    assert run_threads(2, allocate) == [[first.first], [second.first]]
+    assert store.writes == 1  # one batch
+    block = store.blocks[BlockKey.of(pool, second.first)]
+    assert (block.capacity, block.range_text) == (second.size, second.text)
