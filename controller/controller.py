@@ -45,6 +45,8 @@ from pyabouts.serving.endpoints import Health, serve_endpoints
 
 log = logging.getLogger(__name__)
 
+LEASE_WATCH_SECONDS = 0.25  # how often the leader's watchdog looks at its last renewal
+
 SETTLE_SECONDS = 0.3  # gather a burst of deletions into one targeted pass
 # A targeted pass that failed (the API busy, say) is made again this much later: no event
 # brings its pods back.
@@ -231,8 +233,7 @@ def run_controller(connections: Connections, policy: Policy, args: argparse.Name
     identity = args.identity or f"{socket.gethostname()}-{os.getpid()}"
     api = k8s.CoordinationV1Api(connections.api_client)
     # Each Lease call within half the renew deadline: a call left hanging (a connection
-    # half-open after a failover) would else keep the election from ever seeing it fail, and
-    # this replica would act on after another took the Lease.
+    # half-open after a failover) would else keep the election from ever seeing it fail.
     lock = CheckedLeaseLock(
         args.lease_name, connections.namespace, identity, api, timeout=args.renew_deadline / 2
     )
@@ -241,6 +242,17 @@ def run_controller(connections: Connections, policy: Policy, args: argparse.Name
         log.info("%s leads (Lease %s/%s)", identity, connections.namespace, args.lease_name)
         controller.leading.set()
         controller.metrics.leader.set(1)
+        # The election's renew loop may try a last time just before its deadline, and that try
+        # may take two slow calls: the watchdog stops this replica once its Lease went
+        # unrenewed for the renew deadline and a retry, before another replica may take it.
+        lapse = args.renew_deadline + args.retry_period
+        watchdog = threading.Thread(
+            target=stop_when_lease_lapses,
+            args=(lock, controller.stop, lapse, _exit_at_once),
+            name="lease-watchdog",
+            daemon=True,
+        )
+        watchdog.start()
         controller.run()
         # The loop stopped (its watch failed): give the Lease up rather than renew it for nothing.
         raise RuntimeError("the control loop stopped")
@@ -267,6 +279,27 @@ def run_controller(connections: Connections, policy: Policy, args: argparse.Name
     leaderelection.LeaderElection(config).run()  # type: ignore[no-untyped-call]
 
 
+def stop_when_lease_lapses(
+    lock: CheckedLeaseLock, stop: threading.Event, lapse: float, exit_now: Callable[[str], None]
+) -> None:
+    """Until `stop`: once the Lease has gone unrenewed for `lapse` seconds, `exit_now`."""
+    while not stop.wait(LEASE_WATCH_SECONDS):
+        unrenewed = time.monotonic() - lock.renewed_at
+        if unrenewed > lapse:
+            exit_now(
+                f"the Lease {lock.namespace}/{lock.name} went unrenewed for {unrenewed:.1f} s: "
+                "this replica stops before another may take it"
+            )
+            return
+
+
+def _exit_at_once(why: str) -> None:
+    """Stop acting now, a pass under way included: the Deployment starts it again."""
+    log.error("%s", why)
+    logging.shutdown()
+    os._exit(1)
+
+
 def _stand_by(controller: Controller, lock: CheckedLeaseLock) -> None:
     """A follower is alive, and ready once it has read its Lease: it stands by to take over. One
     the API refuses its Lease is not ready: it could never act."""
@@ -291,6 +324,8 @@ class CheckedLeaseLock(LeaseLock):
         # Each try of the election reads the Lease before it writes, so a read that succeeds
         # says nothing of the right to write: a refused write stands until a write succeeds.
         self._refusals: dict[str, str] = {}
+        # When a write of the Lease last succeeded (time.monotonic()): its holder's last renewal.
+        self.renewed_at = float("-inf")
         # Duck-typed: it answers the calls LeaseLock makes, as `api` does.
         self.api_instance = cast(
             k8s.CoordinationV1Api, _AnswersNoted(api, self._note, timeout=timeout)
@@ -306,6 +341,8 @@ class CheckedLeaseLock(LeaseLock):
     def _note(self, call: str, failure: ApiException | None) -> None:
         """What the API's answer to one call about the Lease says: a refusal, or not."""
         kind = "read" if call.startswith("read_") else "write"
+        if failure is None and kind == "write":
+            self.renewed_at = time.monotonic()
         status = failure.status if failure is not None else None
         if failure is None or status not in (401, 403):
             self._refusals.pop(kind, None)

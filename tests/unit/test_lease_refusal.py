@@ -16,7 +16,7 @@ from kubernetes.client import V1Lease, V1LeaseSpec
 from kubernetes.client.exceptions import ApiException
 from kubernetes.leaderelection.leaderelectionrecord import LeaderElectionRecord
 
-from pyabouts.controller.controller import CheckedLeaseLock, _stand_by
+from pyabouts.controller.controller import CheckedLeaseLock, _stand_by, stop_when_lease_lapses
 from pyabouts.serving.endpoints import Health
 from tests.local_http import silent_server
 
@@ -141,3 +141,51 @@ def test_a_lease_call_the_api_never_answers_fails_within_the_timeout() -> None:
     assert not found and isinstance(failure, ApiException) and failure.status == 0
     assert took < 5, took
     assert not lock.consulted.is_set()  # no answer: neither ready nor refused by it
+
+
+def test_a_successful_write_of_the_lease_is_its_renewal_and_a_read_is_not() -> None:
+    api = LeaseApi(replace=409)
+    lock: Any = CheckedLeaseLock("lease", "kube-system", "replica-0", api, timeout=5)
+    lock.lease_reference = V1Lease(spec=V1LeaseSpec())
+    lock.get("lease", "kube-system")
+    lock.update("lease", "kube-system", record())  # refused
+    assert lock.renewed_at == float("-inf")
+    api.statuses = {}
+    before = time.monotonic()
+    assert lock.update("lease", "kube-system", record()) is True
+    assert lock.renewed_at >= before
+
+
+def test_the_leader_stops_once_its_lease_went_unrenewed_too_long() -> None:
+    """The watchdog of a leader whose renewals stopped succeeding (each Lease call within its
+    timeout, but the election's last try may begin just before its deadline): it stops the
+    replica once the last renewal is older than the renew deadline and a retry, and not
+    before."""
+    lock: Any = SimpleNamespace(namespace="kube-system", name="lease", renewed_at=0.0)
+    stop = threading.Event()
+    exits: list[tuple[float, str]] = []
+    lock.renewed_at = time.monotonic()
+    watchdog = threading.Thread(
+        target=stop_when_lease_lapses,
+        args=(lock, stop, 1.0, lambda why: exits.append((time.monotonic(), why))),
+    )
+    watchdog.start()
+    for _ in range(6):  # renewed every 0.25 s for 1.5 s: no exit
+        time.sleep(0.25)
+        lock.renewed_at = time.monotonic()
+    assert exits == []
+    last = lock.renewed_at  # then no renewal any more
+    watchdog.join(10)
+    assert len(exits) == 1 and "kube-system/lease went unrenewed" in exits[0][1]
+    assert 1.0 <= exits[0][0] - last < 5.0
+    stop.set()
+
+
+def test_a_stopped_controller_stops_its_lease_watchdog() -> None:
+    lock: Any = SimpleNamespace(namespace="kube-system", name="lease", renewed_at=time.monotonic())
+    stop = threading.Event()
+    watchdog = threading.Thread(target=stop_when_lease_lapses, args=(lock, stop, 60.0, print))
+    watchdog.start()
+    stop.set()
+    watchdog.join(5)
+    assert not watchdog.is_alive()
