@@ -364,7 +364,12 @@ class _RequestHandler(socketserver.BaseRequestHandler):
             if not data:
                 return None
             large = len(data) > LARGE_REQUEST_BYTES  # only those share the budget
-            with self.server.request_bytes.held(len(data) if large else 0, self.deadline):
+            budget = (
+                self.server.request_bytes.held(len(data), self.deadline)
+                if large
+                else contextlib.nullcontext()
+            )
+            with budget:
                 try:
                     env, stdin = _decode_request(data)
                     deadline = plugin_bound_deadline(env, self.deadline)

@@ -363,6 +363,26 @@ class SlowReadsConflictsUntil(ConflictsUntil):
         return super().read_blocks(pool, first, last)
 
 
+def allocation_of(n: int) -> Callable[[PoolView], list[int]]:
+    """owner(n)'s decision: an address of SMALL."""
+    return lambda view: allocator.assign_addresses(view, [SMALL], owner(n), [])
+
+
+def stale_at_first(n: int) -> Callable[[PoolView], list[int]]:
+    """owner(n)'s decision, failing the first time as on a stale copy (it writes nothing, so it
+    is decided again on a checked view)."""
+    decided = 0
+
+    def decide(view: PoolView) -> list[int]:
+        nonlocal decided
+        decided += 1
+        if decided == 1:
+            raise RangeExhaustedError("exhausted, as a stale copy says")
+        return allocation_of(n)(view)
+
+    return decide
+
+
 def test_a_request_decided_again_after_a_recheck_is_answered_at_its_own_deadline() -> None:
     """Two decisions that wrote nothing (an "exhausted" on a stale copy, say) are decided again
     on a checked view, in one transaction. When that one's write conflicts past the first's
@@ -375,15 +395,7 @@ def test_a_request_decided_again_after_a_recheck_is_answered_at_its_own_deadline
 
     def allocate(n: int) -> object:
         time.sleep(0.05 * n)  # the second joins while the first's view is read
-        decided = 0
-
-        def decide(view: PoolView) -> list[int]:
-            nonlocal decided
-            decided += 1
-            if decided == 1:  # as on a stale copy: nothing written, so decided again
-                raise RangeExhaustedError("exhausted, as a stale copy says")
-            return allocator.assign_addresses(view, [SMALL], owner(n), [])
-
+        decide = stale_at_first(n)
         try:
             return transactions.run([SMALL], decide, deadline=started + (0.7 if n == 0 else 30))
         finally:
@@ -454,15 +466,7 @@ def test_a_stored_decision_is_answered_at_once_not_after_the_others_second_decis
 
     def allocate(n: int) -> object:
         time.sleep(0.05 * n)  # the second joins while the first's view is read
-        decided = 0
-
-        def decide(view: PoolView) -> list[int]:
-            nonlocal decided
-            decided += 1
-            if n != stored_one and decided == 1:
-                raise RangeExhaustedError("exhausted, as a stale copy says")
-            return allocator.assign_addresses(view, [SMALL], owner(n), [])
-
+        decide = stale_at_first(n) if n != stored_one else allocation_of(n)
         try:
             return transactions.run([SMALL], decide, deadline=started + 30)
         finally:
