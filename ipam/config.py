@@ -373,11 +373,17 @@ def _build_ranges(ipam: IpamConf) -> tuple[AddressRange, ...]:
         raise CniError(
             INVALID_CONFIG, "invalid network config: ipam.range or ipam.ipRanges is required"
         )
+    gateway = parse_address(ipam.gateway) if ipam.gateway else None
     ranges = []
     for where, entry in entries:
         try:
             network = parse_network(entry.range.split("-", 1)[-1]).cidr
             family: Family = 4 if network.version == 4 else 6
+            # The gateway the result names is never given to a pod (as host-local; whereabouts
+            # gives it, and its users exclude it by hand): a pod holding it breaks the network.
+            exclude = entry.exclude
+            if gateway is not None and gateway.version == family:
+                exclude = [*exclude, str(gateway)]
             # One pool per network_name and family, whatever enable_overlapping_ranges says:
             # two NADs on one range must share it (whereabouts keys its IPPool by range), and
             # a NAD cannot know whether another one on an overlapping range sets the flag.
@@ -387,7 +393,7 @@ def _build_ranges(ipam: IpamConf) -> tuple[AddressRange, ...]:
                     entry.range,
                     range_start=entry.range_start,
                     range_end=entry.range_end,
-                    exclude=entry.exclude,
+                    exclude=exclude,
                     pool=pool,
                 )
             )

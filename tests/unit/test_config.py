@@ -221,6 +221,25 @@ def test_identical_ranges_share_one_pool_whatever_enable_overlapping_ranges_says
     assert pools == {PoolId("", 4)}
 
 
+def test_the_gateway_is_never_given_by_the_ranges_of_its_family() -> None:
+    config = load_config(
+        netconf(
+            type="pyabouts",
+            range="192.0.2.0/29",
+            gateway="192.0.2.1",
+            ipRanges=[{"range": "192.0.2.0-192.0.2.3/24"}, {"range": "2001:db8::/126"}],
+        )
+    )
+    spans = [r.spans for r in config.ranges]
+    v6 = 0x20010DB8 << 96
+    assert spans == [((0xC0000202, 0xC0000206),), ((0xC0000202, 0xC0000203),), ((v6 + 1, v6 + 2),)]
+    # A gateway outside the range changes nothing; one that is all the range has, is refused.
+    outside = load_config(netconf(type="pyabouts", range="192.0.2.0/29", gateway="192.0.2.9"))
+    assert outside.ranges[0].size == 6
+    error = error_of(netconf(type="pyabouts", range="192.0.2.1-192.0.2.1/24", gateway="192.0.2.1"))
+    assert (error.code, "every address is excluded" in error.msg) == (INVALID_CONFIG, True)
+
+
 def test_fill_empty_merges_objects_recursively() -> None:
     merged = fill_empty(
         {"a": "", "b": {"x": None, "y": 1}}, {"a": 1, "b": {"x": 2, "y": 3}, "c": 4}

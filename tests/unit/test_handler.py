@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from pyabouts.ipam.errors import StoreUnavailableError
+from pyabouts.ipam.errors import RANGE_EXHAUSTED, StoreUnavailableError
 from pyabouts.ipam.pool import Block, BlockKey, PoolId
 from pyabouts.ipam.store import WriteOutcome
 from pyabouts.plugin.backend import OneShotBackend
@@ -47,6 +47,15 @@ def test_version_lists_the_supported_versions() -> None:
         "1.0.0",
         "1.1.0",
     ]
+
+
+def test_add_never_gives_the_gateway_of_the_config(memory_store: MemoryStore) -> None:
+    config = conf(gateway="192.0.2.1", range="192.0.2.0/30")
+    code, result = call("ADD", config, container="c1")
+    assert (code, result["ips"]) == (0, [{"address": "192.0.2.2/30", "gateway": "192.0.2.1"}])
+    other_pod = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-1"
+    code, result = call("ADD", config, container="c2", args=other_pod)
+    assert (code, result["code"]) == (1, RANGE_EXHAUSTED)
 
 
 def test_add_returns_the_address_with_gateway_routes_dns_and_static_addresses(
