@@ -3,7 +3,11 @@
 A slice goes back only when no address of it is given: the pods of a deleted node are deleted
 too (the pod garbage collector), their addresses freed by the pass, and then the slice. Each
 slice in an optimistic transaction of its own, over the registry entry and the slice's
-addresses together, so an address given meanwhile keeps the slice taken.
+addresses together. Its compare-and-swap covers the blocks it writes: the registry's, and the
+slice's where it frees ended rests. So an ADD into the slice that lands between its read and its
+write is missed when it writes only the address's block, which a node that holds the slice does;
+the pass frees only slices of nodes the API does not list, which make no ADDs but for a node
+deleted and registered again within the pass (README, "Node slices").
 """
 
 from __future__ import annotations

@@ -123,11 +123,14 @@ def slice_holder(sliced: SlicedRange, index: int, node: str) -> Owner:
 
 
 def held_slice(view: PoolView, sliced: SlicedRange, node: str) -> int | None:
-    """The index of the slice `node` holds in `sliced`, if any (a registry has one entry per
-    node holding a slice, so looking through it is cheap)."""
+    """The index of a slice `node` holds in `sliced` that has an address to give, if any (a
+    registry has about one entry per node holding a slice, so looking through it is cheap).
+    A slice the config's exclusions or bounds took wholly out since it was taken (a NAD edit,
+    or another NAD of the network with other ones) is not one: the node takes another, and
+    keeps the entry, which the other NAD's pods may still use."""
     registry = sliced.registry_range()
     for index, owner in view.entries(sliced.registry, registry.first, registry.last):
-        if owner.node == node and owner.ifname == SLICE_IFNAME:
+        if owner.node == node and owner.ifname == SLICE_IFNAME and registry.contains(index):
             return index
     return None
 
@@ -197,8 +200,9 @@ def give_back_slice(
 ) -> bool:
     """Free registry entry `index` if `holder` still holds it and no address of its slice is
     given or resting after its release (release_cooldown) beyond `now`; True if freed. The
-    slice's addresses are read in the same view, so an address given meanwhile keeps the slice
-    taken. Rests that have ended go with the slice."""
+    slice's addresses are read in the same view: one given before the read keeps the slice
+    taken (controller.node_slices says what one given after it does). Rests that have ended go
+    with the slice."""
     if view.owner(registry, index) != holder:
         return False
     pool, first, last = slice_span(registry, holder)

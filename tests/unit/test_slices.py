@@ -124,6 +124,22 @@ def test_a_slice_wholly_excluded_or_before_range_start_is_never_handed_out() -> 
     assert cut.within(2).first == int(netaddr.IPAddress("10.0.0.130"))
 
 
+def test_a_node_whose_slice_an_edit_excludes_wholly_takes_another() -> None:
+    store = MemoryStore()
+    cut = sliced("10.0.0.0/24", "/26")
+    node = next(f"n{i}" for i in range(100) if preferred_slice(cut.registry_range(), f"n{i}") == 1)
+    assert add(store, cut, 1, node) == ip("10.0.0.64")
+    # The NAD now excludes the node's slice, which lies between usable ones.
+    edited = sliced("10.0.0.0/24", "/26", exclude=["10.0.0.64/26"])
+    taken = (add(store, edited, 2, node) - ip("10.0.0.0")) >> 6
+    assert taken != 1
+    view = PoolView(store.read_blocks(edited.registry, 0, 3))
+    held = sorted((i, o.node) for i, o in view.entries(edited.registry, 0, 3))
+    assert held == sorted([(1, node), (taken, node)])
+    # The config before the edit gives from a slice the node holds.
+    assert (add(store, cut, 3, node) - ip("10.0.0.0")) >> 6 in {1, taken}
+
+
 def test_exclusions_inside_a_slice_are_honoured_by_the_allocator() -> None:
     cut, view = sliced("10.0.0.0/24", "/26", exclude=["10.0.0.65", "10.0.0.66/31"]), PoolView([])
     assert take_slice(view, cut, "b") == 1
