@@ -34,6 +34,11 @@ VERSION_REPLY = b""  # plugin.cni.render_version(), set by the installer: VERSIO
 REPLY_TIMEOUT = 90.0  # seconds; the agent answers within its 60 s command deadline
 TRY_AGAIN_LATER = 11
 NOT_AVAILABLE = 50  # what STATUS answers when the plugin cannot serve ADD (CNI 1.1)
+# A reply up to this size reaches the socket in one copy (its buffer holds more), so an agent
+# that dies while sending it sends none of it; a larger one may be cut short, and is printed
+# only once it parses as JSON, as the agent writes it (not every reply: importing json, with
+# re, doubles this plugin's start).
+ATOMIC_REPLY_BYTES = 64 << 10
 
 
 def main() -> None:
@@ -82,6 +87,8 @@ def main() -> None:
         code, out = decode_reply(b"".join(chunks))
     except WireError:
         _fail(stdin, f"the pyabouts agent at {socket_path} ended the connection before answering")
+    if len(out) > ATOMIC_REPLY_BYTES and not _whole_json(out):
+        _fail(stdin, f"the pyabouts agent at {socket_path} ended the connection in its answer")
     sys.stdout.buffer.write(out)
     sys.stdout.buffer.flush()
     sys.exit(code)
@@ -129,6 +136,16 @@ def _serve_without_agent(socket_path: str, why: OSError, stdin: bytes) -> "NoRet
     sys.stdout.buffer.write(reply.stdout)
     sys.stdout.buffer.flush()
     sys.exit(reply.exit_code)
+
+
+def _whole_json(data: bytes) -> bool:
+    import json  # noqa: PLC0415 - large replies only
+
+    try:
+        json.loads(data)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def _fail(stdin: bytes, message: str) -> "NoReturn":

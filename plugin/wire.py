@@ -21,21 +21,22 @@ Request, in this order:
   time less a margin, and ends its command's retries by then (a request that waited in the
   socket's backlog while the agent was stalled would else be carried out after the plugin had
   answered code 11, and the runtime had moved on).
-  The agent answers a request over 4 MiB, or one that has not arrived whole within its
+  The agent answers a request over 1 MiB, or one that has not arrived whole within its
   --request-deadline (10 s), with a CNI error.
 
 Reply, in this order:
-  1. the exit code the plugin must exit with, in ASCII decimal digits (at least one);
+  1. the exit code the plugin must exit with, 0 to 255, in ASCII decimal digits;
   2. one NUL byte;
   3. the bytes the plugin must print on stdout (CNI result or CNI error JSON, or nothing), up
      to the end of the stream.
-  A reply that ends before its NUL, or whose exit code is not digits, means the agent died
+  A reply that ends before its NUL, or whose exit code is not such digits, means the agent died
   mid-request: the plugin prints a CNI error with code 11 (try again later) and exits 1, and
   never guesses at the outcome.
 """
 
 MAGIC = b"pyabouts/1\n"
 DEADLINE_KEY = "PYABOUTS_DEADLINE"
+MAX_EXIT_CODE = 255  # what a process can exit with
 # Beside the socket: the agent's journal of address changes answered and not stored yet (see
 # ipam.stores.write_behind). A plugin that finds no agent must not serve in-process while it
 # holds any: it could give one of those addresses again.
@@ -78,7 +79,7 @@ def decode_request(data: bytes) -> "tuple[dict[str, str], bytes]":
 
 def encode_reply(exit_code: int, stdout: bytes) -> bytes:
     """The reply telling the plugin to print `stdout` and exit with `exit_code`."""
-    if exit_code < 0:
+    if not 0 <= exit_code <= MAX_EXIT_CODE:
         raise WireError(f"exit code {exit_code} cannot be framed")
     return b"%d\0" % exit_code + stdout
 
@@ -88,4 +89,7 @@ def decode_reply(data: bytes) -> "tuple[int, bytes]":
     code, nul, stdout = data.partition(b"\0")
     if not nul or not code.isdigit():
         raise WireError("the reply ended before its exit code")
-    return int(code), stdout
+    value = code.lstrip(b"0") or b"0"  # never int() of thousands of digits: it refuses them
+    if len(value) > 3 or int(value) > MAX_EXIT_CODE:
+        raise WireError(f"exit code {code[:12]!r} is out of range")
+    return int(value), stdout

@@ -22,7 +22,7 @@ from pyabouts.plugin.agent.server import encode_reply
 from pyabouts.plugin.cni import render_version
 from pyabouts.plugin.handler import Reply
 from pyabouts.plugin.install import install_thin_plugin
-from pyabouts.plugin.thin_client import REPLY_TIMEOUT
+from pyabouts.plugin.thin_client import ATOMIC_REPLY_BYTES, REPLY_TIMEOUT
 from pyabouts.plugin.wire import decode_request
 
 CONF = json.dumps({"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "pyabouts"}}).encode()
@@ -138,6 +138,28 @@ def test_a_reply_cut_short_by_the_timeout_is_not_printed(installed: Path, tmp_pa
     assert done.returncode == 1
     error = json.loads(done.stdout)
     assert error["code"] == 11 and "did not answer whole (timed out)" in error["msg"], error
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_large_reply_the_agent_died_in_is_not_printed(
+    installed: Path, tmp_path: Path, whole: bool
+) -> None:
+    # A result past ATOMIC_REPLY_BYTES (a NAD with thousands of routes), of which an agent
+    # killed while it sent it delivered part: the connection ends as cleanly as after a whole one.
+    routes = [{"dst": f"10.{i // 256}.{i % 256}.0/24"} for i in range(5000)]
+    result = json.dumps({"cniVersion": "1.0.0", "ips": [], "routes": routes}).encode()
+    assert len(result) > ATOMIC_REPLY_BYTES
+    agent = OneReplyAgent(tmp_path / "agent.sock", Reply(0, result if whole else result[:-3]))
+    try:
+        done = run(installed, ENV)
+    finally:
+        agent.close()
+    if whole:
+        assert (done.returncode, done.stdout) == (0, result)
+        return
+    assert done.returncode == 1
+    error = json.loads(done.stdout)
+    assert error["code"] == 11 and "ended the connection in its answer" in error["msg"], error
 
 
 def test_an_error_for_a_config_nested_past_the_parser_is_still_cni_json(

@@ -32,6 +32,12 @@ def test_a_reply_round_trips(code: int, stdout: bytes) -> None:
     assert decode_reply(encode_reply(code, stdout)) == (code, stdout)
 
 
+def test_an_exit_code_may_have_leading_zeros_as_the_shim_reads_it() -> None:
+    assert decode_reply(b"0" * 5000 + b"255\0{}") == (255, b"{}")
+    with pytest.raises(WireError):
+        encode_reply(256, b"")
+
+
 def test_the_request_is_the_documented_bytes() -> None:
     request = encode_request([(b"CNI_COMMAND", b"ADD"), (b"CNI_IFNAME", b"net1")], b"{}")
     assert request == b"pyabouts/1\nCNI_COMMAND=ADD\0CNI_IFNAME=net1\0\0{}"
@@ -53,7 +59,9 @@ def test_a_malformed_request_is_refused(data: bytes, said: str) -> None:
         decode_request(data)
 
 
-@pytest.mark.parametrize("data", [b"", b"0", b"x\0{}", b"-1\0{}", b" 0\0{}"])
+@pytest.mark.parametrize(
+    "data", [b"", b"0", b"x\0{}", b"-1\0{}", b" 0\0{}", b"256\0{}", b"9" * 5000 + b"\0{}"]
+)
 def test_a_reply_cut_short_or_garbled_is_refused(data: bytes) -> None:
     with pytest.raises(WireError):
         decode_reply(data)
