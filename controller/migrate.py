@@ -47,7 +47,7 @@ from pyabouts.ipam.migration import (
     bring_over,
 )
 from pyabouts.ipam.pool import Owner, PoolId
-from pyabouts.ipam.slices import SLICE_IFNAME
+from pyabouts.ipam.slices import SLICE_IFNAME, is_registry
 from pyabouts.ipam.store import PoolStore
 from pyabouts.ipam.stores.kubeconfig import DEFAULT_NAMESPACE
 from pyabouts.ipam.transaction import Span, describe_blocks, run_span_transaction
@@ -128,7 +128,10 @@ def store_holdings(
     for h in holdings:
         first, last = bounds.get(h.pool, (h.address, h.address))
         bounds[h.pool] = (min(first, h.address), max(last, h.address))
-    spans = [Span(pool, first, last) for pool, (first, last) in sorted(bounds.items())]
+    # Slice registries first: the write follows the spans' order, and on IPPools, block by
+    # block, a node's slice must be stored before addresses in it (transaction._in_span_order).
+    ordered = sorted(bounds.items(), key=lambda item: (not is_registry(item[0]), item[0]))
+    spans = [Span(pool, first, last) for pool, (first, last) in ordered]
     ranges = list({h.range: None for h in holdings})
     return run_span_transaction(
         store,

@@ -111,20 +111,26 @@ def holdings_of(pools: Sequence[WhereaboutsPool], slice_pools: Sequence[NodeSlic
     """
     problems: list[str] = []
     holdings: list[Holding] = []
-    networks_of_slice_pools: dict[str, set[str]] = {}
+    # Per NodeSlicePool, the networks its IPPools' names say it serves: read for sure (a pool
+    # of a slice its holder names), else only as maybe (see pool_identities).
+    sure: dict[str, set[str]] = {}
+    maybe: dict[str, set[str]] = {}
     for pool in pools:
         try:
-            network, node, slice_pool = pool_identity(pool, slice_pools)
-            holdings.extend(_address_holdings(pool, network, node, slice_pool))
+            identities = pool_identities(pool, slice_pools)
+            for network, node, slice_pool in identities:
+                holdings.extend(_address_holdings(pool, network, node, slice_pool))
         except (RangeError, ValueError, netaddr.AddrFormatError) as exc:
             if pool.allocations:  # an empty pool holds nothing to bring over
                 problems.append(f"{pool.source}: {exc}")
             continue
-        if slice_pool is not None:
-            networks_of_slice_pools.setdefault(slice_pool.name, set()).add(network)
+        for network, _, slice_pool in identities:
+            if slice_pool is not None:
+                noted = sure if len(identities) == 1 else maybe
+                noted.setdefault(slice_pool.name, set()).add(network)
     notes: list[str] = []
     for slice_pool in slice_pools:
-        networks = networks_of_slice_pools.get(slice_pool.name, set())
+        networks = sure.get(slice_pool.name) or maybe.get(slice_pool.name, set())
         if len(networks) != 1:
             # Its name is network_name or the NAD's name; only its IPPools' names tell which.
             notes.append(
@@ -143,35 +149,48 @@ def holdings_of(pools: Sequence[WhereaboutsPool], slice_pools: Sequence[NodeSlic
     return Read(holdings, len(pools) + len(slice_pools), notes)
 
 
-def pool_identity(
-    pool: WhereaboutsPool, slice_pools: Sequence[NodeSlicePool]
-) -> tuple[str, str, NodeSlicePool | None]:
-    """(network_name, node, its NodeSlicePool) of an IPPool, read from its name; node and
-    NodeSlicePool are "" and None for the pool of a whole range."""
+Identity = tuple[str, str, "NodeSlicePool | None"]
+
+
+def pool_identities(pool: WhereaboutsPool, slice_pools: Sequence[NodeSlicePool]) -> list[Identity]:
+    """The (network_name, node, its NodeSlicePool) an IPPool's name says it is, read from its
+    name; node and NodeSlicePool are "" and None for the pool of a whole range.
+
+    One, when the name reads one way, or as a slice's pool whose holder it names. A name that
+    may be a slice's pool without its holder saying so (a slice no node holds now, one whose
+    holder changed, a pool of an earlier slice size) may as well be the pool of a network named
+    "<network>-<node>": both, then, so that neither network gives its addresses to another pod
+    (the one that is not theirs is held by the pod until it is gone, as the other). Refused
+    when that earlier network would be "" (a plain pool "<node>-<range>" could then belong to
+    any network named like a node).
+    """
     suffix = normalize_range(pool.range)
     if pool.name == suffix:
-        return "", "", None
+        return [("", "", None)]
     prefix = _without_suffix(pool.name, f"-{suffix}")
     if prefix is None:
         raise ValueError(f"its name does not end in its range {pool.range!r} written as {suffix!r}")
-    readings = {
-        (network, node): slice_pool
-        for slice_pool in slice_pools
-        if _is_slice_of(pool.range, slice_pool)
-        for network, node in _slice_pool_names(prefix, pool.range, slice_pool)
-    }
-    if not readings:
-        return prefix, "", None
+    sure: dict[tuple[str, str], NodeSlicePool] = {}
+    maybe: dict[tuple[str, str], NodeSlicePool] = {}
+    for slice_pool in slice_pools:
+        for network, node, held in _slice_pool_names(prefix, pool.range, slice_pool):
+            (sure if held else maybe)[(network, node)] = slice_pool
+    readings = sure or maybe
     if len(readings) > 1:
         found = ", ".join(f"network {n!r} node {m!r}" for n, m in sorted(readings))
         raise ValueError(f"its name reads more than one way ({found})")
-    ((network, node), slice_pool), *_ = readings.items()
-    if network == "" and node not in slice_pool.holders.values():
+    if sure:
+        ((network, node), slice_pool), *_ = sure.items()
+        return [(network, node, slice_pool)]
+    if not maybe:
+        return [(prefix, "", None)]
+    ((network, node), slice_pool), *_ = maybe.items()
+    if network == "":
         raise ValueError(
             f"its name reads as the pool of network_name {prefix!r}, or as node {node!r}'s "
             f"slice of {slice_pool.source}, which no node holds now"
         )
-    return network, node, slice_pool
+    return [(prefix, "", None), (network, node, slice_pool)]
 
 
 def normalize_range(text: str) -> str:
@@ -186,35 +205,44 @@ def _without_suffix(name: str, suffix: str) -> str | None:
 
 
 def _is_slice_of(text: str, slice_pool: NodeSlicePool) -> bool:
-    """Whether the range `text` is one of `slice_pool`'s slices."""
+    """Whether the range `text` (in `slice_pool`'s range: _within) is one of its slices."""
+    size = slice_pool.slice_size.strip().removeprefix("/")
+    return str(netaddr.IPNetwork(text).prefixlen) == size
+
+
+def _slice_pool_names(
+    prefix: str, pool_range: str, slice_pool: NodeSlicePool
+) -> Iterator[tuple[str, str, bool]]:
+    """The (network_name, node, held) readings of an IPPool name's `prefix` ("<network>-<node>"
+    or "<node>") as the pool of a slice of `slice_pool`: held when the slice's holder is the node
+    it names; else read by the NodeSlicePool's name (a node deleted since no longer holds its
+    slice, the slice went to another node, or the slices were cut to another size since)."""
+    if not _within(pool_range, slice_pool):
+        return
+    if _is_slice_of(pool_range, slice_pool):
+        holder = slice_pool.holders.get(str(netaddr.IPNetwork(pool_range).cidr))
+        if holder is not None and prefix == holder:
+            yield "", holder, True
+            return
+        if holder is not None and prefix == f"{slice_pool.name}-{holder}":
+            yield slice_pool.name, holder, True
+            return
+        if holder is None and not prefix.startswith(f"{slice_pool.name}-"):
+            yield "", prefix, False
+            return
+    named = prefix.removeprefix(f"{slice_pool.name}-")
+    if named and named != prefix:
+        yield slice_pool.name, named, False
+
+
+def _within(text: str, slice_pool: NodeSlicePool) -> bool:
+    """Whether the range `text` lies in `slice_pool`'s range."""
     try:
         network = netaddr.IPNetwork(text)
         whole = netaddr.IPNetwork(slice_pool.range)
     except (netaddr.AddrFormatError, ValueError):
         return False
-    size = slice_pool.slice_size.strip().removeprefix("/")
-    return (
-        network.version == whole.version
-        and str(network.prefixlen) == size
-        and whole.first <= network.first <= whole.last
-    )
-
-
-def _slice_pool_names(
-    prefix: str, slice_range: str, slice_pool: NodeSlicePool
-) -> Iterator[tuple[str, str]]:
-    """The (network_name, node) readings of an IPPool name's `prefix` ("<network>-<node>" or
-    "<node>") for a slice of `slice_pool`: by the slice's holder when it has one, else by the
-    NodeSlicePool's name (a node deleted since no longer holds its slice)."""
-    holder = slice_pool.holders.get(str(netaddr.IPNetwork(slice_range).cidr))
-    if holder is not None:
-        if prefix == holder:
-            yield "", holder
-        elif prefix == f"{slice_pool.name}-{holder}":
-            yield slice_pool.name, holder
-        return
-    named = prefix.removeprefix(f"{slice_pool.name}-")
-    yield (slice_pool.name, named) if named != prefix and named else ("", prefix)
+    return network.version == whole.version and whole.first <= network.first <= whole.last
 
 
 def _address_holdings(
