@@ -8,6 +8,7 @@ fills what the inline config leaves empty; it is searched at `configuration_path
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -19,6 +20,8 @@ from pyabouts.ipam.errors import INVALID_CONFIG, CniError
 from pyabouts.ipam.pool import Family, PoolId
 from pyabouts.ipam.ranges import AddressRange, RangeError, build_range, parse_address, parse_network
 from pyabouts.ipam.slices import REGISTRY_MARK, SlicedRange, parse_slice_size
+
+log = logging.getLogger(__name__)
 
 PLUGIN_TYPE = "pyabouts"
 LOG_LEVELS = ("debug", "verbose", "info", "warning", "error", "panic")
@@ -404,15 +407,22 @@ def _build_ranges(ipam: IpamConf) -> tuple[AddressRange, ...]:
 
 def _slice_ranges(ipam: IpamConf, ranges: tuple[AddressRange, ...]) -> tuple[SlicedRange, ...]:
     """The ranges `node_slice_size` cuts: each one it fits (an IPv4 size leaves a dual-stack
-    config's IPv6 range whole, and the other way round); refused when it fits none."""
+    config's IPv6 range whole, and the other way round); refused when it fits none. A range of
+    a family it cuts but smaller than a slice stays whole too, with a warning: refusing the
+    config now would fail the DELs of the pods it serves."""
     if not ipam.node_slice_size:
         return ()
-    cut, refusals = [], []
+    cut: list[SlicedRange] = []
+    refusals: list[tuple[AddressRange, str]] = []
     for rng in ranges:
         try:
             cut.append(SlicedRange(rng, parse_slice_size(ipam.node_slice_size, rng)))
         except RangeError as exc:
-            refusals.append(str(exc))
+            refusals.append((rng, str(exc)))
     if not cut:
-        raise CniError(INVALID_CONFIG, f"invalid network config: ipam.{refusals[0]}")
+        raise CniError(INVALID_CONFIG, f"invalid network config: ipam.{refusals[0][1]}")
+    families = {c.range.family for c in cut}
+    for rng, why in refusals:
+        if rng.family in families:
+            log.warning("range %s is not cut into node slices: %s", rng.text, why)
     return tuple(cut)

@@ -250,6 +250,26 @@ def test_an_allocation_takes_the_nodes_slice_and_its_address_in_one_transaction(
     assert (block.range_text, block.capacity) == ("10.0.0.0/24 in /26 slices", 4)
 
 
+def test_a_range_of_the_sliced_family_smaller_than_a_slice_stays_whole_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = {
+        "cniVersion": "1.0.0",
+        "name": "n",
+        "ipam": {
+            "type": "pyabouts",
+            "range": "10.0.0.0/24",
+            "ipRanges": [{"range": "10.1.0.0/28"}, {"range": "fd00::/64"}],
+            "node_slice_size": "/26",
+        },
+    }
+    with caplog.at_level("WARNING", logger="pyabouts.ipam.config"):
+        loaded = load_config(config)
+    assert [c.range.text for c in loaded.slices] == ["10.0.0.0/24"]
+    (warning,) = caplog.messages  # for the IPv4 range alone: the IPv6 one is another family's
+    assert "10.1.0.0/28 is not cut into node slices" in warning, warning
+
+
 def test_a_slice_size_cuts_the_ranges_it_fits_and_is_refused_when_it_fits_none() -> None:
     dual = {
         "cniVersion": "1.0.0",
