@@ -79,6 +79,7 @@ class PodState:
     # A static pod's mirror in the API: the UID its kubelet gave the runtime (K8S_POD_UID, what
     # allocations record), from its `kubernetes.io/config.mirror` annotation; "" for others.
     mirror_of: str = ""
+    node: str = ""  # spec.nodeName: where it runs ("" while unscheduled)
 
     @property
     def ref(self) -> str:

@@ -93,9 +93,11 @@ def run(args: argparse.Namespace) -> int:
     except CniError as error:
         return _fail(error.msg)
     try:
-        read = holdings_of(*read_whereabouts(connections.api_client))
+        pools, slice_pools = read_whereabouts(connections.api_client)
         # Listed after the pools were read: a pod missing here is gone (see bring_over).
-        live_pods = set(PodReader(connections.api_client).list_all().pods)
+        pods = PodReader(connections.api_client).list_all().pods
+        live_pods = set(pods)
+        read = holdings_of(pools, slice_pools, {ref: pod.node for ref, pod in pods.items()})
         results = store_holdings(
             connections.store, read.holdings, dry_run=args.dry_run, live_pods=live_pods
         )

@@ -50,6 +50,7 @@ def pod_state(pod: Mapping[str, Any]) -> PodState:
         ),
         network_ips=network_status_ips(annotations.get(NETWORK_STATUS)),
         mirror_of=str(annotations.get(MIRROR_OF) or ""),
+        node=str((pod.get("spec") or {}).get("nodeName") or ""),
     )
 
 

@@ -103,34 +103,34 @@ def read_whereabouts(
     return pools, slice_pools
 
 
-def holdings_of(pools: Sequence[WhereaboutsPool], slice_pools: Sequence[NodeSlicePool]) -> Read:
-    """The pyabouts holdings of whereabouts' allocations and node slices.
+def holdings_of(
+    pools: Sequence[WhereaboutsPool],
+    slice_pools: Sequence[NodeSlicePool],
+    pod_nodes: Mapping[str, str] | None = None,
+) -> Read:
+    """The pyabouts holdings of whereabouts' allocations and node slices. `pod_nodes`: the node
+    each live pod ("namespace/name") runs on, which tells a slice's pool from another network's
+    where the names cannot (see pool_identity).
 
     Raises WhereaboutsPoolError naming every pool that cannot be read (nothing should be
     brought over from a picture with holes in it).
     """
     problems: list[str] = []
     holdings: list[Holding] = []
-    # Per NodeSlicePool, the networks its IPPools' names say it serves: read for sure (a pool
-    # of a slice its holder names), else only as maybe (see pool_identities).
-    sure: dict[str, set[str]] = {}
-    maybe: dict[str, set[str]] = {}
+    networks_of_slice_pools: dict[str, set[str]] = {}
     for pool in pools:
         try:
-            identities = pool_identities(pool, slice_pools)
-            for network, node, slice_pool in identities:
-                holdings.extend(_address_holdings(pool, network, node, slice_pool))
+            network, node, slice_pool = pool_identity(pool, slice_pools, pod_nodes)
+            holdings.extend(_address_holdings(pool, network, node, slice_pool))
         except (RangeError, ValueError, netaddr.AddrFormatError) as exc:
             if pool.allocations:  # an empty pool holds nothing to bring over
                 problems.append(f"{pool.source}: {exc}")
             continue
-        for network, _, slice_pool in identities:
-            if slice_pool is not None:
-                noted = sure if len(identities) == 1 else maybe
-                noted.setdefault(slice_pool.name, set()).add(network)
+        if slice_pool is not None:
+            networks_of_slice_pools.setdefault(slice_pool.name, set()).add(network)
     notes: list[str] = []
     for slice_pool in slice_pools:
-        networks = sure.get(slice_pool.name) or maybe.get(slice_pool.name, set())
+        networks = networks_of_slice_pools.get(slice_pool.name, set())
         if len(networks) != 1:
             # Its name is network_name or the NAD's name; only its IPPools' names tell which.
             notes.append(
@@ -149,48 +149,64 @@ def holdings_of(pools: Sequence[WhereaboutsPool], slice_pools: Sequence[NodeSlic
     return Read(holdings, len(pools) + len(slice_pools), notes)
 
 
-Identity = tuple[str, str, "NodeSlicePool | None"]
+def pool_identity(
+    pool: WhereaboutsPool,
+    slice_pools: Sequence[NodeSlicePool],
+    pod_nodes: Mapping[str, str] | None = None,
+) -> tuple[str, str, NodeSlicePool | None]:
+    """(network_name, node, its NodeSlicePool) of an IPPool, read from its name; node and
+    NodeSlicePool are "" and None for the pool of a whole range.
 
-
-def pool_identities(pool: WhereaboutsPool, slice_pools: Sequence[NodeSlicePool]) -> list[Identity]:
-    """The (network_name, node, its NodeSlicePool) an IPPool's name says it is, read from its
-    name; node and NodeSlicePool are "" and None for the pool of a whole range.
-
-    One, when the name reads one way, or as a slice's pool whose holder it names. A name that
-    may be a slice's pool without its holder saying so (a slice no node holds now, one whose
-    holder changed, a pool of an earlier slice size) may as well be the pool of a network named
-    "<network>-<node>": both, then, so that neither network gives its addresses to another pod
-    (the one that is not theirs is held by the pod until it is gone, as the other). Refused
-    when that earlier network would be "" (a plain pool "<node>-<range>" could then belong to
-    any network named like a node).
+    A name may read as the pool of a node's slice without the NodeSlicePool saying that node
+    holds it: no node holds the slice now, another node does, or the slices were cut to another
+    size since. It may as well be the pool of a network named "<network>-<node>" (or "<node>").
+    A slice's pool holds its node's pods alone, so where the pool's live pods run (`pod_nodes`:
+    node by "namespace/name") decides: all on that node, the slice's; else the other network's.
+    With no live pod to go by, it is read as before pods were asked: as the slice's where no
+    node holds it (refused without a network_name, which a network named like the node would
+    read as too), else as the other network's.
     """
     suffix = normalize_range(pool.range)
     if pool.name == suffix:
-        return [("", "", None)]
+        return "", "", None
     prefix = _without_suffix(pool.name, f"-{suffix}")
     if prefix is None:
         raise ValueError(f"its name does not end in its range {pool.range!r} written as {suffix!r}")
-    sure: dict[tuple[str, str], NodeSlicePool] = {}
-    maybe: dict[tuple[str, str], NodeSlicePool] = {}
+    readings: dict[str, dict[tuple[str, str], NodeSlicePool]] = {}
     for slice_pool in slice_pools:
-        for network, node, held in _slice_pool_names(prefix, pool.range, slice_pool):
-            (sure if held else maybe)[(network, node)] = slice_pool
-    readings = sure or maybe
-    if len(readings) > 1:
-        found = ", ".join(f"network {n!r} node {m!r}" for n, m in sorted(readings))
+        for network, node, kind in _slice_pool_names(prefix, pool.range, slice_pool):
+            readings.setdefault(kind, {})[(network, node)] = slice_pool
+    nodes = _nodes_of_live_pods(pool, pod_nodes)
+    if HELD in readings:
+        chosen = readings[HELD]
+    elif nodes:
+        chosen = {
+            reading: slice_pool
+            for kind in (UNHELD, ELSEWHERE)
+            for reading, slice_pool in readings.get(kind, {}).items()
+            if {reading[1]} == nodes
+        }
+    else:
+        chosen = readings.get(UNHELD, {})
+    if not chosen:
+        return prefix, "", None
+    if len(chosen) > 1:
+        found = ", ".join(f"network {n!r} node {m!r}" for n, m in sorted(chosen))
         raise ValueError(f"its name reads more than one way ({found})")
-    if sure:
-        ((network, node), slice_pool), *_ = sure.items()
-        return [(network, node, slice_pool)]
-    if not maybe:
-        return [(prefix, "", None)]
-    ((network, node), slice_pool), *_ = maybe.items()
-    if network == "":
+    ((network, node), slice_pool), *_ = chosen.items()
+    if network == "" and not nodes and node not in slice_pool.holders.values():
         raise ValueError(
             f"its name reads as the pool of network_name {prefix!r}, or as node {node!r}'s "
             f"slice of {slice_pool.source}, which no node holds now"
         )
-    return [(prefix, "", None), (network, node, slice_pool)]
+    return network, node, slice_pool
+
+
+def _nodes_of_live_pods(pool: WhereaboutsPool, pod_nodes: Mapping[str, str] | None) -> set[str]:
+    if pod_nodes is None:
+        return set()
+    pods = (_pod_of(str(allocation.get("podref", ""))) for allocation in pool.allocations.values())
+    return {pod_nodes[pod] for pod in pods if pod_nodes.get(pod)}
 
 
 def normalize_range(text: str) -> str:
@@ -210,29 +226,32 @@ def _is_slice_of(text: str, slice_pool: NodeSlicePool) -> bool:
     return str(netaddr.IPNetwork(text).prefixlen) == size
 
 
+# How an IPPool's name reads as the pool of a slice (_slice_pool_names).
+HELD = "held"  # by the node it names
+UNHELD = "unheld"  # by no node now
+ELSEWHERE = "elsewhere"  # held by another node, or no slice of this size (cut another way since)
+
+
 def _slice_pool_names(
     prefix: str, pool_range: str, slice_pool: NodeSlicePool
-) -> Iterator[tuple[str, str, bool]]:
-    """The (network_name, node, held) readings of an IPPool name's `prefix` ("<network>-<node>"
-    or "<node>") as the pool of a slice of `slice_pool`: held when the slice's holder is the node
-    it names; else read by the NodeSlicePool's name (a node deleted since no longer holds its
-    slice, the slice went to another node, or the slices were cut to another size since)."""
+) -> Iterator[tuple[str, str, str]]:
+    """The (network_name, node, kind) readings of an IPPool name's `prefix` ("<network>-<node>"
+    or "<node>") as the pool of a slice of `slice_pool`: by the slice's holder where it names
+    it, else by the NodeSlicePool's name (its network's, or the NAD's without a network_name)."""
     if not _within(pool_range, slice_pool):
         return
+    holder = None
     if _is_slice_of(pool_range, slice_pool):
         holder = slice_pool.holders.get(str(netaddr.IPNetwork(pool_range).cidr))
-        if holder is not None and prefix == holder:
-            yield "", holder, True
+        if holder is not None and prefix in (holder, f"{slice_pool.name}-{holder}"):
+            yield ("" if prefix == holder else slice_pool.name), holder, HELD
             return
-        if holder is not None and prefix == f"{slice_pool.name}-{holder}":
-            yield slice_pool.name, holder, True
-            return
-        if holder is None and not prefix.startswith(f"{slice_pool.name}-"):
-            yield "", prefix, False
-            return
+    kind = UNHELD if holder is None and _is_slice_of(pool_range, slice_pool) else ELSEWHERE
     named = prefix.removeprefix(f"{slice_pool.name}-")
     if named and named != prefix:
-        yield slice_pool.name, named, False
+        yield slice_pool.name, named, kind
+    else:
+        yield "", prefix, kind
 
 
 def _within(text: str, slice_pool: NodeSlicePool) -> bool:

@@ -11,7 +11,7 @@ from pyabouts.controller.whereabouts_pools import (
     WhereaboutsPoolError,
     holdings_of,
     normalize_range,
-    pool_identities,
+    pool_identity,
 )
 from pyabouts.ipam.pool import Owner, PoolId
 from pyabouts.ipam.slices import SLICE_IFNAME
@@ -36,11 +36,10 @@ def test_a_range_is_written_into_names_as_whereabouts_does() -> None:
 
 
 def test_plain_pools_name_their_network_before_the_range() -> None:
-    assert pool_identities(pool("10.1.0.0-24", "10.1.0.0/24"), []) == [("", "", None)]
-    blue = pool("blue-net-10.1.0.0-24", "10.1.0.0/24")
-    assert pool_identities(blue, []) == [("blue-net", "", None)]
+    assert pool_identity(pool("10.1.0.0-24", "10.1.0.0/24"), []) == ("", "", None)
+    assert pool_identity(pool("blue-net-10.1.0.0-24", "10.1.0.0/24"), []) == ("blue-net", "", None)
     with pytest.raises(ValueError, match="does not end in its range"):
-        pool_identities(pool("blue-10.2.0.0-24", "10.1.0.0/24"), [])
+        pool_identity(pool("blue-10.2.0.0-24", "10.1.0.0/24"), [])
 
 
 def test_offsets_count_from_the_range_and_owners_keep_pod_interface_and_container() -> None:
@@ -124,16 +123,13 @@ def test_without_a_network_name_a_slice_pool_is_named_by_its_node() -> None:
     assert held_slice.pool.network == "#node-slices 10.9.0.0/24 /26"
 
 
-def test_a_gone_nodes_slice_pool_reads_both_ways_or_refuses_without_a_network_name() -> None:
-    """A deleted node no longer holds its slice: "red-gone-<slice>" may be its pool in network
-    red or the plain pool of a network "red-gone", and is brought into both; without a
-    network_name, "<node>-<slice>" could be the pool of any network named like a node."""
+def test_a_gone_nodes_slice_pool_reads_by_its_network_or_refuses_when_ambiguous() -> None:
+    """A deleted node no longer holds its slice, and its pods are gone: a named network still
+    reads; without one, "<node>-<slice>" could as well be the plain pool of a network named
+    like the node."""
     node_slices = slices("red", {})
     named = pool("red-gone-10.9.0.64-26", "10.9.0.64/26", {"1": WEB})
-    assert pool_identities(named, [node_slices]) == [
-        ("red-gone", "", None),
-        ("red", "gone", node_slices),
-    ]
+    assert pool_identity(named, [node_slices], {}) == ("red", "gone", node_slices)
     unnamed = pool("gone-10.9.0.64-26", "10.9.0.64/26", {"1": WEB})
     with pytest.raises(WhereaboutsPoolError, match="which no node holds now"):
         holdings_of([unnamed], [node_slices])
@@ -149,36 +145,47 @@ def test_a_node_slice_pool_whose_network_no_ippool_names_is_left_out_with_a_note
 def test_a_plain_pool_whose_range_is_not_a_slice_stays_plain() -> None:
     other = slices("red", {"10.9.0.0/26": "node-a"})
     plain = pool("green-10.9.0.0-25", "10.9.0.0/25", {"1": WEB})
-    assert pool_identities(plain, [other]) == [("green", "", None)]
-
-
-def test_a_plain_pool_that_may_be_an_unheld_slices_pool_is_brought_into_both_networks() -> None:
-    # Network red cut into /26 slices, the one of 10.9.0.128 held by nobody; network "red-b"
-    # plain on 10.9.0.128/26. Read only as node b's slice, red-b would give web-0's address.
-    read = holdings_of(
-        [pool("red-b-10.9.0.128-26", "10.9.0.128/26", {"1": WEB})],
-        [slices("red", {"10.9.0.0/26": "node-a"})],
-    )
-    addresses = [h for h in read.holdings if h.owner.ifname != SLICE_IFNAME]
-    held = sorted((h.pool.network, h.text, h.owner.node) for h in addresses)
-    assert held == [("red", "10.9.0.129", "b"), ("red-b", "10.9.0.129", "")]
+    assert pool_identity(plain, [other]) == ("green", "", None)
 
 
 @pytest.mark.parametrize(
-    ("holders", "size"),
-    [({"10.9.0.64/26": "node-b"}, "/26"), ({"10.9.0.64/27": "node-b"}, "/27")],
+    ("where", "network"), [({"default/web-0": "node-x"}, "red-b"), ({"default/web-0": "b"}, "red")]
 )
-def test_a_slice_pool_whose_slice_changed_hands_or_size_keeps_its_addresses_in_its_network(
-    holders: dict[str, str], size: str
+def test_a_pool_that_may_be_an_unheld_slices_is_read_by_where_its_pods_run(
+    where: dict[str, str], network: str
+) -> None:
+    # Network red cut into /26 slices, the one of 10.9.0.128 held by nobody; "red-b-<slice>"
+    # is node b's pool of it, or the plain pool of a network "red-b" on 10.9.0.128/26. Read the
+    # wrong way, the other network would give web-0's address.
+    unheld = pool("red-b-10.9.0.128-26", "10.9.0.128/26", {"1": WEB})
+    node_slices = slices("red", {"10.9.0.0/26": "node-a"})
+    assert pool_identity(unheld, [node_slices], where)[0] == network
+
+
+@pytest.mark.parametrize(
+    ("holders", "size", "name"),
+    [
+        ({"10.9.0.64/26": "node-b"}, "/26", "red-node-a"),
+        ({"10.9.0.64/27": "node-b"}, "/27", "red-node-a"),
+        ({"10.9.0.64/26": "node-b"}, "/26", "node-a"),  # the NodeSlicePool of a NAD without one
+    ],
+)
+def test_a_slice_pool_whose_slice_changed_hands_or_size_is_read_by_where_its_pods_run(
+    holders: dict[str, str], size: str, name: str
 ) -> None:
     # node-a's pool of an earlier slice, a pod still in it: the slice went to node-b since, or
-    # the slices were cut to /27. Read as a network "red-node-a" alone, red would give it.
+    # the slices were cut to /27. Read as a network of the name's alone, red would give it.
     node_slices = NodeSlicePool("kube-system", "red", "10.9.0.0/24", size, holders)
-    old = pool("red-node-a-10.9.0.64-26", "10.9.0.64/26", {"1": WEB})
-    assert pool_identities(old, [node_slices]) == [
-        ("red-node-a", "", None),
-        ("red", "node-a", node_slices),
-    ]
+    old = pool(f"{name}-10.9.0.64-26", "10.9.0.64/26", {"1": WEB})
+    network = "red" if name.startswith("red-") else ""
+    assert pool_identity(old, [node_slices], {"default/web-0": "node-a"}) == (
+        network,
+        "node-a",
+        node_slices,
+    )
+    # Its pods elsewhere, or none alive: the plain pool of a network of that name.
+    assert pool_identity(old, [node_slices], {"default/web-0": "node-c"}) == (name, "", None)
+    assert pool_identity(old, [node_slices], {}) == (name, "", None)
 
 
 def test_the_migration_stores_node_slices_before_the_addresses_in_them() -> None:
