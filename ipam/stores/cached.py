@@ -83,6 +83,7 @@ class CachedStore:
         self._pool_tags: dict[PoolId, str] = {}
         self._held_back: dict[BlockKey, str] = {}  # the feed's revision each was last held at
         self._on_overtaken = on_overtaken
+        self._forgotten: dict[PoolId, int] = {}  # how many times each pool was forgotten
 
     def read_blocks(self, pool: PoolId, first: int, last: int) -> list[Block]:
         now = time.monotonic()
@@ -112,17 +113,21 @@ class CachedStore:
                     self._checked_at[pool] = now
         if blocks is None:
             began = time.monotonic()
+            with self._lock:
+                forgotten = self._forgotten.get(pool, 0)
             loaded = self._backing.read_blocks(pool, *_WHOLE_SPACE)
             with self._lock:
                 self.reads += 1
+                if self._forgotten.get(pool, 0) != forgotten:
+                    # Forgotten while on its way (recheck): what it read stands for this read
+                    # alone, and the next one reads afresh.
+                    return _in_span({b.key: b for b in loaded}, pool, first, last)
                 # Merged, not stored over: a write or read of this pool that ended while this
                 # one was on its way may have kept a newer copy of a block.
                 blocks = self._merge(pool, {b.key: b for b in loaded}, whole_since=began)
                 self._stale.pop(pool, None)
                 self._read_at[pool] = self._checked_at[pool] = began
-        low = BlockKey.of(pool, first).base
-        # The blocks themselves, not copies: PoolView never changes what it is given.
-        return [b for key, b in sorted(blocks.items()) if low <= key.base <= last]
+        return _in_span(blocks, pool, first, last)
 
     def _refresh(
         self,
@@ -308,11 +313,20 @@ class CachedStore:
         self.forget(pool)
 
     def forget(self, pool: PoolId) -> None:
-        """Read `pool` afresh next time (someone else is known to have written it)."""
+        """Read `pool` afresh next time (someone else is known to have written it), and keep
+        nothing of a whole read of it already on its way."""
         with self._lock:
+            self._forgotten[pool] = self._forgotten.get(pool, 0) + 1
             for key in self._pools.pop(pool, {}):
                 self._kept_at.pop(key, None)
             self._stale.pop(pool, None)
 
     def close(self) -> None:
         self._backing.close()
+
+
+def _in_span(blocks: Mapping[BlockKey, Block], pool: PoolId, first: int, last: int) -> list[Block]:
+    """The blocks of [first, last] in address order: the blocks themselves, not copies
+    (PoolView never changes what it is given)."""
+    low = BlockKey.of(pool, first).base
+    return [b for key, b in sorted(blocks.items()) if low <= key.base <= last]

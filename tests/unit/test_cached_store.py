@@ -137,6 +137,28 @@ def test_a_whole_read_that_ended_after_writes_keeps_what_they_wrote(clock: list[
     assert [b.key.base for b in cached.cached_blocks()] == [RANGE.first - 1, far.first - 1]
 
 
+def test_a_whole_read_on_its_way_when_the_pool_is_forgotten_is_not_kept(clock: list[float]) -> None:
+    # A decision that wrote nothing has its pool read afresh (recheck) while a whole read that
+    # began before another writer changed the block is still on its way: kept, that older copy
+    # would answer the recheck's decision.
+    backing = ReadsAnOldCopy()
+    cached = CachedStore(backing, max_age=2.0)
+    mine = allocate(cached, 1)
+    clock[0] += 2.5  # due: the next read is a whole one
+    backing.hold()
+
+    def freed_and_given_elsewhere() -> None:
+        other = DirectTransactions(backing)
+        operations.release(other, [RANGE], "c1", "net1", deadline=1e9, now=0)
+        operations.allocate(other, [RANGE], Owner("c9", "net1", "ns/q"), [], deadline=1e9)
+        cached.recheck(POOL)
+
+    backing.during.append(freed_and_given_elsewhere)
+    cached.read_blocks(POOL, 0, WHOLE)  # the read on its way across the change and the recheck
+    (block,) = cached.read_blocks(POOL, 0, WHOLE)
+    assert block.entries[mine].pod == "ns/q"
+
+
 def test_a_whole_read_drops_a_cached_block_somebody_deleted(clock: list[float]) -> None:
     backing = MemoryStore()
     cached = CachedStore(backing, max_age=2.0)
