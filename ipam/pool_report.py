@@ -37,8 +37,14 @@ class PoolUsage:
     @property
     def total(self) -> int:
         """What the pool's ranges may give, over the whole of each range (blocks never stored
-        included). Overlapping ranges of one network_name are counted once each."""
-        return sum(self.ranges.values())
+        included). Ranges of one CIDR (configs of one subnet: bounds, exclusions, or the plain
+        CIDR pyabouts-migrate records for whereabouts' blocks) count as the largest of them;
+        ranges of other CIDRs that overlap are counted once each."""
+        largest: dict[str, int] = {}
+        for text, size in self.ranges.items():
+            cidr = _cidr_of(text)
+            largest[cidr] = max(largest.get(cidr, 0), size)
+        return sum(largest.values())
 
     @property
     def free(self) -> int:
@@ -119,3 +125,12 @@ def _size_of(text: str, pool: PoolId) -> int:
         return build_range(text, range_start=None, range_end=None, exclude=[], pool=pool).size
     except RangeError:
         return 0
+
+
+def _cidr_of(text: str) -> str:
+    """The CIDR a range's text ("CIDR" or "START-END/PREFIX") lies in; the text itself when
+    it reads as none."""
+    try:
+        return str(netaddr.IPNetwork(text.rpartition("-")[2].strip()).cidr)
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        return text

@@ -62,6 +62,25 @@ def test_slices_are_counted_over_every_registry_of_the_pool() -> None:
     assert (usage.slices_held, usage.slices_total) == (6, 8)
 
 
+def test_ranges_of_one_cidr_count_once_as_the_largest() -> None:
+    # A block pyabouts-migrate stored records whereabouts' CIDR, one the NAD's ADD wrote its
+    # START-END/PREFIX; another network_name's range in the pool overlaps, and counts apart.
+    blocks = [
+        described("10.8.0.0", "10.8.0.0/22", 1022),
+        described("10.8.1.0", "10.8.0.1-10.8.3.254/22", 1022),
+        described("10.8.2.0", "10.8.2.0/24", 254),
+    ]
+    (usage,) = pool_usage(blocks)
+    assert len(usage.ranges) == 3
+    assert usage.total == 1022 + 254
+
+
+def described(base: str, text: str, size: int) -> Block:
+    block = Block(BlockKey.of(BLUE, address(base)))
+    block.range_text, block.range_size = text, size
+    return block
+
+
 def test_blocks_stored_before_the_range_size_was_recorded_count_the_ranges_text() -> None:
     block = Block(BlockKey.of(BLUE, address("10.9.0.0")), {address("10.9.0.5"): Owner("c", "e")})
     block.range_text = "10.9.0.0/24"
