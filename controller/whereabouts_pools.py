@@ -161,7 +161,8 @@ def pool_identity(
     holds it: no node holds the slice now, another node does, or the slices were cut to another
     size since. It may as well be the pool of a network named "<network>-<node>" (or "<node>").
     A slice's pool holds its node's pods alone, so where the pool's live pods run (`pod_nodes`:
-    node by "namespace/name") decides: all on that node, the slice's; else the other network's.
+    node by "namespace/name") decides: all on that node, the slice's; else the other network's
+    (so too for a name its holder's slice reads as, whose pods run elsewhere).
     With no live pod to go by, it is read as before pods were asked: as the slice's where no
     node holds it (refused without a network_name, which a network named like the node would
     read as too), else as the other network's.
@@ -177,8 +178,9 @@ def pool_identity(
         for network, node, kind in _slice_pool_names(prefix, pool.range, slice_pool):
             readings.setdefault(kind, {})[(network, node)] = slice_pool
     nodes = _nodes_of_live_pods(pool, pod_nodes)
-    if HELD in readings:
-        chosen = readings[HELD]
+    held = {r: p for r, p in readings.get(HELD, {}).items() if not nodes or {r[1]} == nodes}
+    if held:
+        chosen = held
     elif nodes:
         chosen = {
             reading: slice_pool

@@ -188,6 +188,14 @@ def test_a_slice_pool_whose_slice_changed_hands_or_size_is_read_by_where_its_pod
     assert pool_identity(old, [node_slices], {}) == (name, "", None)
 
 
+def test_a_plain_pool_named_as_a_held_slices_pool_is_plain_when_its_pods_run_elsewhere() -> None:
+    node_slices = slices("red", {"10.9.0.64/26": "a"})
+    named = pool("red-a-10.9.0.64-26", "10.9.0.64/26", {"1": WEB})
+    assert pool_identity(named, [node_slices], {"default/web-0": "a"})[:2] == ("red", "a")
+    assert pool_identity(named, [node_slices], {"default/web-0": "b"})[:2] == ("red-a", "")
+    assert pool_identity(named, [node_slices], {})[:2] == ("red", "a")  # no pod to go by
+
+
 def test_the_migration_stores_node_slices_before_the_addresses_in_them() -> None:
     # On IPPools a write goes block by block: an address stored before its node's slice could
     # stand in a slice another node takes meanwhile.
