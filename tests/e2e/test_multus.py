@@ -126,7 +126,8 @@ def test_a_requested_address_with_interface_and_gateway(node: Node, master: str)
     uid = node.create_pod(NAMESPACE, other, [{"name": net, "ips": [f"{wanted}/24"]}])
     with pytest.raises(RuntimeError, match="already allocated"):
         node.start_pod(NAMESPACE, other, uid)
-    assert address(node.run_pod(NAMESPACE, unique("plain"), net)) == "198.51.100.1/24"
+    # A pod that requests nothing gets the lowest free address, never the gateway's.
+    assert address(node.run_pod(NAMESPACE, unique("plain"), net)) == "198.51.100.2/24"
 
 
 def test_a_conflist_with_ips_and_mac_capabilities_honours_both(node: Node, master: str) -> None:
