@@ -242,13 +242,14 @@ def _slice_pool_names(
     it, else by the NodeSlicePool's name (its network's, or the NAD's without a network_name)."""
     if not _within(pool_range, slice_pool):
         return
-    holder = None
+    kind = ELSEWHERE
     if _is_slice_of(pool_range, slice_pool):
         holder = slice_pool.holders.get(str(netaddr.IPNetwork(pool_range).cidr))
-        if holder is not None and prefix in (holder, f"{slice_pool.name}-{holder}"):
+        if holder is None:
+            kind = UNHELD
+        elif prefix in (holder, f"{slice_pool.name}-{holder}"):
             yield ("" if prefix == holder else slice_pool.name), holder, HELD
             return
-    kind = UNHELD if holder is None and _is_slice_of(pool_range, slice_pool) else ELSEWHERE
     named = prefix.removeprefix(f"{slice_pool.name}-")
     if named and named != prefix:
         yield slice_pool.name, named, kind
