@@ -66,7 +66,12 @@ class StoreUnavailableError(CniError):
 
 class StoreBusyError(StoreUnavailableError):
     """The store is up but busy: it accepted a request and did not answer in time, or it asked
-    us to slow down (429). Retried until the deadline, not as an outage."""
+    us to slow down (429). Retried until the deadline, not as an outage, and not before
+    `retry_after` seconds (the server's Retry-After) when it gave some."""
+
+    def __init__(self, msg: str, details: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(msg, details)
+        self.retry_after = retry_after
 
 
 class StoreRefusedError(CniError):

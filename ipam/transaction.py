@@ -5,7 +5,8 @@ writers of one pool retry with jittered exponential backoff until a deadline.
 
 A store that fails is retried too, in one of two ways. One that is busy (StoreBusyError: it
 took the request but did not answer in time, or said to slow down) is up, and a burst is what
-makes it slow: it is retried until the deadline, like a conflict. One that cannot be reached
+makes it slow: it is retried until the deadline, like a conflict, and not sooner than it asked
+(Retry-After). One that cannot be reached
 (any other StoreUnavailableError: connection refused, say) is retried for OUTAGE_GRACE, so that
 an apiserver restart passes but a store that is down is reported (code 11) well within the
 runtime's patience.
@@ -185,7 +186,8 @@ def run_span_transaction(
             attempt += 1
             if isinstance(exc, StoreBusyError):
                 outage_since = None  # it answers, if slowly: not an outage
-                _back_off(clock, attempt, deadline_now(), exc, f"store busy ({exc.msg})")
+                why = f"store busy ({exc.msg})"
+                _back_off(clock, attempt, deadline_now(), exc, why, at_least=exc.retry_after)
             else:
                 outage_since = outage_since or clock.now()
                 give_up = min(deadline_now(), outage_since + OUTAGE_GRACE)
@@ -215,10 +217,15 @@ def _back_off(
     why: str,
     *,
     cap: float = BACKOFF_MAX,
+    at_least: float | None = None,
 ) -> None:
-    """Sleep before the next attempt, or raise `error` when the deadline would pass first."""
+    """Sleep before the next attempt, or raise `error` when the deadline would pass first.
+    `at_least`: what the store asked for (Retry-After), spread over a quarter more, so that the
+    nodes it told the same thing do not all come back at once."""
     # The exponent bounded: a float cannot hold 2 ** 1024, and short waits reach that many.
     delay = random.uniform(0, min(cap, BACKOFF_FIRST * 2 ** min(attempt, 32)))
+    if at_least is not None:
+        delay = max(delay, at_least * random.uniform(1.0, 1.25))
     if deadline - clock.now() <= delay:
         raise error
     log.info("%s, retry %d in %.0f ms", why, attempt, delay * 1e3)

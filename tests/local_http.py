@@ -12,6 +12,7 @@ import select
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,9 @@ class Scripted:
 
     status: int = 200
     body: Any = field(default_factory=dict)
+    text: str | None = None  # answered instead of `body`, as text/plain (an overload refusal)
+    headers: dict[str, str] = field(default_factory=dict)  # more headers (Retry-After)
+    byte_every: float = 0.0  # seconds between the body's bytes, when it dribbles them
     seen: list[tuple[str, str, int]] = field(default_factory=list)
     user_agents: list[str] = field(default_factory=list)
     close_after_answer: bool = False  # then it drops the connection (an idle timeout, say)
@@ -55,13 +59,21 @@ class _Handler(_QuietHandler):
         self.rfile.read(length)
         script.seen.append((self.command, self.path, self.client_address[1]))
         script.user_agents.append(self.headers.get("User-Agent", ""))
-        data = json.dumps(script.body).encode()
+        plain = script.text is not None
+        data = script.text.encode() if script.text is not None else json.dumps(script.body).encode()
         self.send_response(script.status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", "text/plain" if plain else "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in script.headers.items():
+            self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(data)
         self.wfile.flush()
+        pieces = [data[i : i + 1] for i in range(len(data))] if script.byte_every else [data]
+        with contextlib.suppress(OSError):  # a client that gave up on a dribbled answer
+            for piece in pieces:
+                time.sleep(script.byte_every)
+                self.wfile.write(piece)
+                self.wfile.flush()
         if script.close_after_answer:
             self.close_connection = True
             with contextlib.suppress(OSError):

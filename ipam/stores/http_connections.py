@@ -13,13 +13,16 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.client
+import io
 import select
+import socket
 import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 # What a kept-alive connection the server had closed raises: on sending, or on waiting for the
@@ -90,7 +93,7 @@ class Request:
     target: str  # path and query
     body: bytes | None
     headers: dict[str, str]
-    timeout: float  # seconds: for connecting, then for each read of the answer, of what is left
+    timeout: float  # seconds for the whole exchange: connecting, sending, the whole answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,47 @@ class Answer:
     status: int
     reason: str
     data: bytes
+    retry_after: float | None = None  # seconds the server asked to wait (Retry-After), if any
+
+
+# The deadline of the exchange the calling thread is reading the answer of (see _AnswerByDeadline).
+_reading = threading.local()
+
+
+class _ReadsByDeadline(io.RawIOBase):
+    """A socket read as http.client reads it (sock.makefile's SocketIO), each read given only
+    the time left before `deadline`."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self._sock.settimeout(_left(self._deadline))
+        return self._sock.recv_into(buffer)
+
+
+class _AnswerByDeadline(http.client.HTTPResponse):
+    """An answer read whole by its exchange's deadline: a socket timeout bounds each read
+    alone, and a server (or a proxy) that sends its answer a few bytes at a time would keep the
+    call for as long as it keeps sending."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        debuglevel: int = 0,
+        method: str | None = None,
+        url: str | None = None,
+    ) -> None:
+        super().__init__(sock, debuglevel, method, url)
+        deadline: float | None = getattr(_reading, "deadline", None)
+        if deadline is not None:  # None: a proxy's answer to CONNECT, or a watch (idle timeouts)
+            self.fp.close()  # the socket's own reader, which reads with its timeout alone
+            self.fp = io.BufferedReader(_ReadsByDeadline(sock, deadline))
 
 
 class _TlsConnection(http.client.HTTPSConnection):
@@ -195,7 +239,11 @@ class Connections:
                     headers=request.headers,
                 )
                 unsent = False
-                return connection.getresponse()
+                _reading.deadline = deadline
+                try:
+                    return connection.getresponse()
+                finally:
+                    _reading.deadline = None
         except _STALE as exc:
             if reused and (unsent or request.method in _IDEMPOTENT):
                 raise _StaleConnectionError from exc
@@ -205,7 +253,8 @@ class Connections:
         self, connection: http.client.HTTPConnection, response: http.client.HTTPResponse
     ) -> Answer:
         with _closed_on_failure(connection):
-            answer = Answer(response.status, response.reason, response.read())
+            data = response.read()
+        answer = Answer(response.status, response.reason, data, _retry_after(response))
         if response.will_close:
             connection.close()
         else:
@@ -258,6 +307,7 @@ class Connections:
             )
         else:
             connection = http.client.HTTPConnection(host, port, timeout=timeout)
+        connection.response_class = _AnswerByDeadline
         if end.proxy:
             connection.set_tunnel(end.host, end.port, headers=end.proxy[2])
         return connection
@@ -289,6 +339,15 @@ def _left(deadline: float) -> float:
     if left <= 0:
         raise AnswerTimeoutError("no time left")
     return left
+
+
+def _retry_after(response: http.client.HTTPResponse) -> float | None:
+    """The seconds a Retry-After header asks for (kube-apiserver sends whole seconds; a date,
+    which it never sends, is not read)."""
+    value = response.getheader("Retry-After")
+    if value is None or not value.strip().isdigit():
+        return None
+    return float(value.strip())
 
 
 def _lines(response: http.client.HTTPResponse) -> Iterator[bytes]:

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
-from pyabouts.ipam.errors import INVALID_CONFIG, CniError, StoreBusyError, StoreUnavailableError
+from pyabouts.ipam.errors import (
+    INVALID_CONFIG,
+    CniError,
+    StoreBusyError,
+    StoreRefusedError,
+    StoreUnavailableError,
+)
 from pyabouts.ipam.stores.http_connections import (
     AnswerTimeoutError,
     Connections,
@@ -51,13 +57,17 @@ class ApiCredentials:
 
 
 class ApiStatusError(Exception):
-    """The API answered with an error status; `reason` is its Status object's (e.g. Timeout)."""
+    """The API answered with an error status; `reason` is its Status object's (e.g. Timeout),
+    `retry_after` the seconds its Retry-After header asked for."""
 
-    def __init__(self, status: int, message: str, reason: str = "") -> None:
+    def __init__(
+        self, status: int, message: str, reason: str = "", retry_after: float | None = None
+    ) -> None:
         super().__init__(f"{status}: {message}")
         self.status = status
         self.message = message
         self.reason = reason
+        self.retry_after = retry_after
 
     @property
     def busy(self) -> bool:
@@ -124,16 +134,28 @@ class KubeApi:
             raise StoreBusyError(
                 f"Kubernetes API at {self._server} did not answer in time: {type(exc).__name__}"
             ) from exc
+        except ssl.SSLCertVerificationError as exc:
+            # Not an outage: a server answers, and not with the certificate the kubeconfig
+            # trusts. Trying again for the outage grace would not change that.
+            raise StoreRefusedError(
+                f"Kubernetes API at {self._server}: its certificate cannot be verified "
+                f"({exc.verify_message}): check the kubeconfig's certificate-authority and "
+                f"tls-server-name"
+            ) from exc
         except (http.client.HTTPException, OSError, ValueError) as exc:
             raise self._unreachable(exc) from exc
+        if response.status >= 300:
+            # Not always a Status object: kube-apiserver's overload and shutdown refusals (429)
+            # are plain text, as are a front proxy's errors.
+            error = _status_error(response.status, response.reason, _json_or_text(response.data))
+            error.retry_after = response.retry_after
+            raise error
         try:
             answer = json.loads(response.data) if response.data else {}
         except ValueError as exc:
             raise StoreUnavailableError(
                 f"Kubernetes API at {self._server} answered {response.status} with no JSON"
             ) from exc
-        if response.status >= 300:
-            raise _status_error(response.status, response.reason, answer)
         if not isinstance(answer, dict):
             raise StoreUnavailableError(f"Kubernetes API at {self._server} answered a non-object")
         return answer
@@ -155,7 +177,7 @@ class KubeApi:
             raise self._unreachable(exc) from exc
         try:
             if status >= 300:
-                raise _status_error(status, reason, _json_or_none(b"".join(lines)))
+                raise _status_error(status, reason, _json_or_text(b"".join(lines)))
             for line in lines:  # one JSON event per line
                 if line.strip():
                     yield json.loads(line)
@@ -196,15 +218,20 @@ def _target(path: str, query: dict[str, str | int | None] | None) -> str:
     return path + ("?" + urlencode(given) if given else "")
 
 
-def _json_or_none(data: bytes) -> object:
+def _json_or_text(data: bytes) -> object:
+    """`data` decoded as JSON, else its first line as text (at most 200 characters)."""
     try:
         return json.loads(data)
     except ValueError:
-        return None
+        lines = data.decode(errors="replace").strip().splitlines()
+        return lines[0][:200] if lines else None
 
 
 def _status_error(status: int, fallback: str | None, answer: object) -> ApiStatusError:
-    """The error of a non-2xx answer, with the message and reason of its Status object."""
+    """The error of a non-2xx answer, with the message and reason of its Status object (the
+    text itself when `answer` is one)."""
+    if isinstance(answer, str) and answer:
+        return ApiStatusError(status, answer)
     fields = answer if isinstance(answer, dict) else {}
     message = str(fields.get("message") or fallback or "")
     return ApiStatusError(status, message, str(fields.get("reason") or ""))

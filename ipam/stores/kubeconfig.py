@@ -147,13 +147,21 @@ def _credentials(
     server = cluster.get("server")
     if not server:
         raise ValueError("the cluster has no server")
+    ca_pem = _pem(base, cluster, "certificate-authority")
+    insecure = _flag(cluster, "insecure-skip-tls-verify")
+    if insecure and ca_pem:  # refused as kubectl refuses it: which of the two was meant?
+        raise ValueError("insecure-skip-tls-verify and a certificate-authority: choose one")
+    client_cert_pem = _pem(base, user, "client-certificate")
+    client_key_pem = _pem(base, user, "client-key")
+    if bool(client_cert_pem) != bool(client_key_pem):  # one alone proves nothing: a 401 later
+        raise ValueError("a client certificate needs its client key, and a key its certificate")
     return ApiCredentials(
         server=str(server),
         namespace=str(context.get("namespace") or DEFAULT_NAMESPACE),
-        ca_pem=_pem(base, cluster, "certificate-authority"),
-        insecure=_flag(cluster, "insecure-skip-tls-verify"),
-        client_cert_pem=_pem(base, user, "client-certificate"),
-        client_key_pem=_pem(base, user, "client-key"),
+        ca_pem=ca_pem,
+        insecure=insecure,
+        client_cert_pem=client_cert_pem,
+        client_key_pem=client_key_pem,
         tls_server_name=cluster.get("tls-server-name"),
         proxy=cluster.get("proxy-url"),
         authorization=_bearer(base, user),

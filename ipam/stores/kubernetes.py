@@ -288,7 +288,8 @@ class KubernetesStore:
         if status == 403:
             return StoreRefusedError(f"{where}: Forbidden: {exc.message}")
         if exc.busy:  # up, but overloaded: retried until the deadline
-            return StoreBusyError(f"{where} answered {status}: {exc.message}")
+            message = f"{where} answered {status}: {exc.message}"
+            return StoreBusyError(message, retry_after=exc.retry_after)
         if status >= 500 or status == 410:  # 410: a list's continue token expired: list again
             return StoreUnavailableError(f"{where} answered {status}: {exc.message}")
         return StoreRefusedError(f"{where} refused the request ({status}): {exc.message}")

@@ -89,6 +89,37 @@ def test_an_apiserver_that_says_it_is_overloaded_is_busy(answer: Scripted) -> No
     assert error.msg.startswith(f"Kubernetes API at {server} answered {answer.status}: ")
 
 
+def test_a_plain_text_overload_refusal_is_busy_for_as_long_as_it_asks() -> None:
+    """kube-apiserver's max-in-flight and priority-and-fairness refusals, and its answers while
+    shutting down, are text (Go's http.Error), not Status objects, with a Retry-After."""
+    text = "Too many requests, please try again later.\n"
+    error, server = read_error(Scripted(status=429, text=text, headers={"Retry-After": "5"}))
+    assert isinstance(error, StoreBusyError)
+    assert error.msg == f"Kubernetes API at {server} answered 429: {text.strip()}"
+    assert error.retry_after == 5.0
+
+
+def test_a_proxy_s_plain_text_error_is_not_taken_for_nonsense() -> None:
+    error, server = read_error(Scripted(status=403, text="<html>denied by policy</html>"))
+    assert isinstance(error, StoreRefusedError)
+    assert error.msg == f"Kubernetes API at {server}: Forbidden: <html>denied by policy</html>"
+
+
+def test_an_answer_sent_a_byte_at_a_time_ends_at_the_deadline() -> None:
+    """Each byte comes well within the timeout, the whole answer well past it: the call ends
+    at its deadline, not when the server stops sending."""
+    script = Scripted(body={"kind": "IPPoolList", "items": []}, byte_every=0.25)
+    assert len(json.dumps(script.body)) * script.byte_every > 8  # seconds to send it all
+    with scripted_server(script) as server:
+        store = KubernetesStore(api_at(server, timeout=1.0), "kube-system")
+        started = time.monotonic()
+        with pytest.raises(StoreBusyError) as raised:
+            store.read_blocks(POOL, 0, 511)
+        took = time.monotonic() - started
+    assert "did not answer in time" in raised.value.msg
+    assert took < 4.0  # the deadline (1 s) and a read's slack, far from the 8 s of sending
+
+
 def test_a_refused_connection_is_unreachable_not_busy() -> None:
     store = KubernetesStore(api_at(f"http://127.0.0.1:{closed_port()}"), "kube-system")
     with pytest.raises(StoreUnavailableError) as raised:

@@ -140,3 +140,19 @@ def test_insecure_skip_tls_verify_that_is_not_a_boolean_is_refused(
     verification off and send the token to whoever answers."""
     path = write(tmp_path / "kc", {"token": "t"}, **{"insecure-skip-tls-verify": given})
     assert "insecure-skip-tls-verify" in refusal(path)
+
+
+def test_insecure_skip_tls_verify_with_a_ca_is_refused(tmp_path: Path) -> None:
+    """As kubectl refuses it: one of the two is a mistake, and which one decides whether the
+    token goes to whoever answers."""
+    keys = {"insecure-skip-tls-verify": True, "certificate-authority-data": "Q0E="}
+    assert "choose one" in refusal(write(tmp_path / "kc", {"token": "t"}, **keys))
+
+
+@pytest.mark.parametrize("given", ["client-certificate-data", "client-key-data"])
+def test_a_client_certificate_without_its_key_or_the_reverse_is_refused(
+    tmp_path: Path, given: str
+) -> None:
+    # Either alone proves nothing: the apiserver's 401 later would not say why.
+    said = refusal(write(tmp_path / "kc", {given: "Q0VSVA=="}))
+    assert "a client certificate needs its client key" in said

@@ -96,6 +96,15 @@ def test_a_busy_store_is_retried_until_the_deadline_then_try_again_later(
     assert DEADLINE - REQUEST <= clock.now <= DEADLINE + REQUEST
 
 
+def test_a_busy_store_is_not_asked_again_before_it_said(clock: FakeClock) -> None:
+    # An apiserver shutting down answers 429 with Retry-After: 5; nodes coming back at once
+    # within 0.4 s, as the backoff alone would have them, is the load it asked to be spared.
+    store = FailingStore(clock, [StoreBusyError("answered 429", retry_after=5.0)])
+    run_span_transaction(store, SPANS, count_blocks, deadline=DEADLINE, clock=clock.as_clock())
+    assert store.reads == 2
+    assert REQUEST + 5.0 <= clock.now <= REQUEST + 5.0 * 1.25
+
+
 def test_an_unreachable_store_is_given_up_after_the_outage_grace(clock: FakeClock) -> None:
     store = FailingStore(clock, [refused() for _ in range(100)])
     with pytest.raises(StoreUnavailableError) as raised:
