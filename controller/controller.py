@@ -78,14 +78,15 @@ class Controller:
         # Pods the watch saw deleted or finished -> when a pass may judge them (epoch seconds);
         # until then every pass spares their addresses.
         self._gone_at: dict[str, float] = {}
-        # The UID of the pod each of those waits for: a pod of that name created again and gone
-        # again (a StatefulSet's) has a grace of its own, counted from its own end.
-        self._gone_uid: dict[str, str] = {}
+        # The UIDs of the pods of that name seen gone: a pod of that name created again and
+        # gone again (a StatefulSet's) has a grace of its own, counted from its own end, and
+        # the pass judges only the addresses of these (see _not_awaited).
+        self._gone_uids: dict[str, set[str]] = {}
         # Pods a full pass found leaked that no watch event had said were gone (deleted while
-        # the pass read the store, in a gap of the watch, before this replica led) -> when a
-        # pass first found them (epoch seconds). Their kubelet may still be tearing the sandbox
-        # down: a full pass frees them once the gone grace has passed since.
-        self._found_at: dict[str, float] = {}
+        # the pass read the store, in a gap of the watch, before this replica led), by name and
+        # UID -> when a pass first found them (epoch seconds). Their kubelet may still be tearing
+        # the sandbox down: a full pass frees them once the gone grace has passed since.
+        self._found_at: dict[tuple[str, str], float] = {}
 
     def run(self) -> None:
         """Watch and reconcile until `stop` is set."""
@@ -115,10 +116,11 @@ class Controller:
                 next_full = time.monotonic() + wait
                 self.health.beat(ready=True)
                 continue
-            if (due := self._due()) and not self._pass("targeted", due):
+            if (due := self._due()) and not self._pass("targeted", set(due), awaited=due):
                 retry = time.time() + RETRY_SECONDS
-                for ref in due:  # spared by full passes meanwhile
+                for ref, uids in due.items():  # spared by full passes meanwhile
                     self._gone_at.setdefault(ref, retry)
+                    self._gone_uids.setdefault(ref, set()).update(uids or ())
 
     def _feed(self) -> None:
         try:
@@ -131,9 +133,10 @@ class Controller:
     def _note_gone(self, pod: PodState) -> None:
         """Judge `pod`'s addresses once the gone grace has passed since the first event that
         said it was deleted or finished (later ones of the same pod change nothing)."""
-        if pod.ref not in self._gone_at or self._gone_uid.get(pod.ref) != pod.uid:
+        uids = self._gone_uids.setdefault(pod.ref, set())
+        if pod.ref not in self._gone_at or pod.uid not in uids:
             self._gone_at[pod.ref] = time.time() + self._gone_grace
-            self._gone_uid[pod.ref] = pod.uid
+            uids.add(pod.uid)
 
     def _note_lost(self, pod: PodState, *, deleted: bool = False) -> None:
         """Remember when a pod the taint manager deleted may be found lost, if it still is."""
@@ -158,26 +161,44 @@ class Controller:
         """Whether a full pass at `now` leaves `leak` for later (see _found_at)."""
         if leak.reason not in SANDBOX_MAY_REMAIN:
             return False
-        return now - self._found_at.setdefault(leak.owner.pod, now) < self._gone_grace
+        first = self._found_at.setdefault((leak.owner.pod, leak.owner.pod_uid), now)
+        return now - first < self._gone_grace
 
-    def _due(self) -> set[str]:
+    def _due(self) -> dict[str, set[str] | None]:
         """The pods to judge now (taken out of what is waiting), once the first is
-        SETTLE_SECONDS due; none before."""
+        SETTLE_SECONDS due, none before; each with the UIDs of the pods of that name whose
+        grace has passed (None: a lost pod, whose grace counts from its own deletion)."""
         if self._until_due() > 0:
-            return set()
+            return {}
         now = time.time()
-        due: set[str] = set()
-        for waiting in (self._lost_at, self._gone_at):
-            ready = {ref for ref, at in waiting.items() if at <= now}
-            for ref in ready:
-                del waiting[ref]
-                if waiting is self._gone_at:
-                    self._gone_uid.pop(ref, None)
-            due |= ready
+        due: dict[str, set[str] | None] = {}
+        for ref in [ref for ref, at in self._lost_at.items() if at <= now]:
+            del self._lost_at[ref]
+            due[ref] = None
+        for ref in [ref for ref, at in self._gone_at.items() if at <= now]:
+            del self._gone_at[ref]
+            due[ref] = self._gone_uids.pop(ref, set())
         return due
 
-    def _pass(self, kind: str, refs: set[str] | None) -> bool:
-        """One pass; whether it ran to its end."""
+    @staticmethod
+    def _not_awaited(leak: Leak, awaited: dict[str, set[str] | None]) -> bool:
+        """Whether a targeted pass leaves `leak` for later: an address of a pod of a name it
+        judges, but of none of the pods whose grace has passed (one created again meanwhile
+        and gone too before the watch's event said so: its own grace has not begun). An entry
+        that recorded no UID is judged as before."""
+        uids = awaited.get(leak.owner.pod)
+        return (
+            leak.reason in SANDBOX_MAY_REMAIN
+            and uids is not None
+            and leak.owner.pod_uid != ""
+            and leak.owner.pod_uid not in uids
+        )
+
+    def _pass(
+        self, kind: str, refs: set[str] | None, awaited: dict[str, set[str] | None] | None = None
+    ) -> bool:
+        """One pass (targeted: of the pods `refs`, sparing the pods of other UIDs than
+        `awaited` names for each); whether it ran to its end."""
         try:
             if refs is None:
                 now = time.time()
@@ -190,8 +211,8 @@ class Controller:
                     list_statefulsets=self._reader.statefulsets,
                     defer=lambda leak: self._defers(leak, now),
                 )
-                waiting = {leak.owner.pod for leak in summary.deferred}
-                self._found_at = {r: at for r, at in self._found_at.items() if r in waiting}
+                waiting = {(leak.owner.pod, leak.owner.pod_uid) for leak in summary.deferred}
+                self._found_at = {k: at for k, at in self._found_at.items() if k in waiting}
             else:
                 summary = reconcile(
                     self._store,
@@ -199,6 +220,7 @@ class Controller:
                     self._policy,
                     only_pods=refs,
                     list_statefulsets=self._reader.statefulsets,
+                    defer=lambda leak: self._not_awaited(leak, awaited or {}),
                 )
         except (CniError, ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
             log.error("%s pass failed: %s", kind, exc)

@@ -40,7 +40,7 @@ def test_failing_passes_wait_for_the_resync_though_a_leak_is_due_to_be_judged_ag
     listing = Relisted(PodListing({}, "1"))
     controller._watch = types.SimpleNamespace(events=lambda stop: iter([listing]))  # type: ignore[assignment]
     # A pass left a leak to judge again, and its grace has passed: the next full pass is due.
-    controller._found_at = {"ns/gone": time.time() - 1.5}
+    controller._found_at = {("ns/gone", "uid-1"): time.time() - 1.5}
     loop = threading.Thread(target=controller.run, daemon=True)
     loop.start()
     time.sleep(1.5)
@@ -120,3 +120,60 @@ def test_a_pod_created_again_and_gone_again_has_a_gone_grace_of_its_own() -> Non
     loop.join(10)
     assert freed_at is not None and deleted_again
     assert freed_at - deleted_again[0] >= grace - 0.05  # not the first pod's grace
+
+
+def test_a_pod_created_again_and_gone_before_its_event_came_keeps_its_address() -> None:
+    """The first pod's grace ends while the second pod of its name is gone too (force-deleted,
+    evicted) and the watch has not said so yet: the pass that judges the first pod's addresses
+    finds no pod of that name, and still leaves the second pod's address for its own grace,
+    as its sandbox may still hold it."""
+    grace = 1.0
+    pool = PoolId("blue", 4)
+    address = (10 << 24) + 5
+    key = BlockKey.of(pool, address)
+    store = MemoryStore()
+    store.blocks[key] = Block(key, {address: Owner("c1", "net1", "demo/db-0", "uid-1")}, None)
+    first = PodState("demo", "db-0", "uid-1", "Running", 0.0, None, False, None)
+    again = PodState("demo", "db-0", "uid-2", "Running", 0.0, None, False, None)
+    second_gone = threading.Event()
+
+    def events(stop: threading.Event) -> Any:
+        yield PodEvent("DELETED", first)
+        time.sleep(0.2)
+        block = store.blocks[key].copy()  # its ADD takes the address back, by name
+        block.put(address, Owner("c2", "net1", "demo/db-0", "uid-2"))
+        block.revision = "2"
+        store.blocks[key] = block
+        yield PodEvent("ADDED", again)
+        second_gone.wait()
+        yield PodEvent("DELETED", again)
+        stop.wait()
+
+    connections: Any = types.SimpleNamespace(store=store, api_client=None)
+    controller = Controller(connections, Policy(), resync=300, gone_grace=grace)
+    controller._watch = types.SimpleNamespace(events=events)  # type: ignore[assignment]
+    controller._read_pods = lambda refs: {}  # type: ignore[method-assign]  # none of that name
+    judged = threading.Event()
+    record_pass = controller.metrics.record_pass
+
+    def recorded(kind: str, summary: Any) -> None:
+        record_pass(kind, summary)
+        judged.set()
+
+    controller.metrics.record_pass = recorded  # type: ignore[method-assign]
+    loop = threading.Thread(target=controller.run, daemon=True)
+    loop.start()
+    try:
+        assert judged.wait(grace + 5)  # the first pod's targeted pass
+        assert store.blocks[key].entries[address].pod_uid == "uid-2"
+        second_gone.set()  # now the watch says so: the second pod's own grace begins
+        told = time.time()
+        deadline = time.monotonic() + grace + 5
+        while address in store.blocks[key].entries and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert address not in store.blocks[key].entries
+        assert time.time() - told >= grace - 0.05
+    finally:
+        second_gone.set()
+        controller.stop.set()
+        loop.join(10)
