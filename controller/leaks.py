@@ -208,7 +208,8 @@ def judge(
         if owner.reserved:
             return _reserved(owner, pod, now=now, policy=policy)
     if pod is None:
-        if is_static_pod(owner) and (nodes is None or owner.node in nodes):
+        # Node names as the API lists them are lower-case (kubelet lower-cases the host name).
+        if is_static_pod(owner) and (nodes is None or owner.node.lower() in nodes):
             return None
         return Reason.POD_GONE
     if owner.pod_uid and not pod.has_uid(owner.pod_uid):

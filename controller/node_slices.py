@@ -99,7 +99,7 @@ def _held_by_gone_nodes(
     for block in blocks:
         if is_registry(block.key.pool):
             for index, holder in sorted(block.entries.items()):
-                if holder.node not in nodes:
+                if holder.node.lower() not in nodes:  # as is_static_pod reads a node
                     yield block.key.pool, index, holder
 
 

@@ -72,9 +72,9 @@ class OneShotBackend:
 
     def __init__(self, agent_unreachable: str | None = None) -> None:
         self.agent_unreachable = agent_unreachable
-        # The runtime's environment rarely names the node; the host name is what kubelet
-        # registers by default.
-        self.node = os.environ.get("NODE_NAME") or os.uname().nodename
+        # The runtime's environment rarely names the node; the host name, lower-cased, is what
+        # kubelet registers by default.
+        self.node = os.environ.get("NODE_NAME") or os.uname().nodename.lower()
 
     def config(self, raw: dict[str, Any], netconf: bytes) -> PluginConfig:
         if not self.agent_unreachable:

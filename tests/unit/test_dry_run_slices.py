@@ -44,3 +44,16 @@ def test_only_a_gone_nodes_slice_left_without_an_address_or_a_rest_would_go() ->
     after = PoolView(snapshot)  # the snapshot still holds every address and slice
     assert all(after.owner(rng.pool, given[node]) == owner for node, owner in owners.items())
     assert len(list(after.entries(cut.registry, 0, 3))) == 4
+
+
+def test_a_slice_its_node_took_under_its_host_name_s_capitals_stays() -> None:
+    """An in-process call records the host name (Worker-1); the API lists the node as kubelet
+    registers it (worker-1): the same node, whose slice stays."""
+    rng = build_range(
+        "10.0.0.0/24", range_start=None, range_end=None, exclude=[], pool=PoolId("net", 4)
+    )
+    cut = SlicedRange(rng, parse_slice_size("/26", rng))
+    view = PoolView([])
+    take_slice(view, cut, "Worker-1")
+    assert slices_a_pass_would_free(view.changed_blocks(), {"worker-1"}, []) == []
+    assert len(slices_a_pass_would_free(view.changed_blocks(), {"worker-2"}, [])) == 1

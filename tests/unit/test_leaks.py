@@ -87,6 +87,9 @@ def test_a_static_pod_without_a_mirror_pod_keeps_its_address_while_its_node_exis
     assert judge(static, IP, None, now=NOW, policy=POLICY) is None  # nodes not listed
     # Its node is gone, and its pods with it.
     assert judge(static, IP, None, now=NOW, policy=POLICY, nodes={"worker-2"}) is Reason.POD_GONE
+    # Recorded as the host names itself (an in-process call), listed as kubelet registers it.
+    shouting = replace(static, node="Worker-1")
+    assert judge(shouting, IP, None, now=NOW, policy=POLICY, nodes={"worker-1"}) is None
     # Neither a UID of the API's nor a name of another node's is a static pod's.
     for other in (
         replace(static, pod_uid="6b0c3cfa-0b5e-4d41-9a3b-4f2e8c1d7a90"),
