@@ -42,7 +42,7 @@ from pyabouts.plugin.node_config import (
     keep_node_config_current,
     write_file_atomically,
 )
-from pyabouts.serving.listen import check_unix_socket_path
+from pyabouts.serving.listen import check_unix_socket_path, unix_socket_argument
 
 DEFAULT_SOCKET = thin_client.AGENT_SOCKET
 #: plugin/shim/main.go's socketSlot: the marker, then the socket path padded with NULs.
@@ -168,7 +168,7 @@ def uninstall(bin_dir: Path, node_config: NodeConfig | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pyabouts-install", description=__doc__)
     parser.add_argument("--cni-bin-dir", type=Path, default=Path("/opt/cni/bin"))
-    parser.add_argument("--agent-socket", default=DEFAULT_SOCKET)
+    parser.add_argument("--agent-socket", default=DEFAULT_SOCKET, type=unix_socket_argument)
     parser.add_argument(
         "--shim",
         type=Path,

@@ -34,10 +34,25 @@ def listen_argument(listen: str) -> str:
 
 
 def check_unix_socket_path(path: str) -> None:
-    """ValueError when `path` cannot name a unix socket: bind() and connect() would refuse it."""
+    """ValueError when `path` cannot name the agent's unix socket: not absolute (the agent and
+    the plugins the runtime starts elsewhere would not meet; one beginning with "@" is an
+    abstract socket to the Go shim, which no file mode protects), or too long for bind() and
+    connect()."""
+    if not os.path.isabs(path):
+        raise ValueError(f"the unix socket {path!r} is not an absolute path")
     size = len(os.fsencode(path))
     if size >= UNIX_PATH_MAX:
         raise ValueError(
             f"the unix socket {path!r} is {size} bytes long: a unix socket's path has fewer "
             f"than {UNIX_PATH_MAX}"
         )
+
+
+def unix_socket_argument(text: str) -> str:
+    """argparse type of a unix socket's path: the value as given, once check_unix_socket_path
+    accepts it."""
+    try:
+        check_unix_socket_path(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text

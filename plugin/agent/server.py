@@ -43,7 +43,7 @@ from pyabouts.plugin.logs import LEVELS
 from pyabouts.plugin.thin_client import AGENT_SOCKET
 from pyabouts.plugin.wire import JOURNAL_LOCK, PENDING_JOURNAL
 from pyabouts.serving.endpoints import record_pool_usage, serve_endpoints
-from pyabouts.serving.listen import check_unix_socket_path, listen_argument
+from pyabouts.serving.listen import listen_argument, unix_socket_argument
 from pyabouts.serving.workers import BoundedWorkers
 
 log = logging.getLogger(__name__)
@@ -493,12 +493,7 @@ def _write_behind_seconds(text: str) -> float:
 
 
 def _socket_path(text: str) -> Path:
-    path = Path(text)
-    try:
-        check_unix_socket_path(str(path))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return path
+    return Path(unix_socket_argument(text))
 
 
 def _seconds(text: str) -> float:

@@ -20,6 +20,18 @@ def test_a_socket_path_too_long_for_a_unix_socket_is_refused_as_an_argument(
     assert f"fewer than {UNIX_PATH_MAX}" in error
 
 
+@pytest.mark.parametrize("path", ["agent.sock", "@pyabouts"])
+def test_a_socket_path_that_is_not_absolute_is_refused_as_an_argument(
+    capsys: pytest.CaptureFixture[str], path: str
+) -> None:
+    # The plugins the runtime starts in other directories would not meet it; to the Go shim,
+    # "@pyabouts" is an abstract socket that any process of the host's network may bind.
+    with pytest.raises(SystemExit) as exited:
+        main(["--socket", path, "--trust-request-datastore"])
+    assert exited.value.code == 2
+    assert f"the unix socket {path!r} is not an absolute path" in capsys.readouterr().err
+
+
 def test_a_socket_whose_directory_cannot_be_made_is_refused_with_the_reason(
     tmp_path: Path,
 ) -> None:

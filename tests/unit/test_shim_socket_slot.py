@@ -1,9 +1,11 @@
 """pyabouts-install writes the agent's socket path into the shim's slot (plugin/shim/main.go,
 socketSlot); tests/integration/test_shim.py runs a shim so written."""
 
+from pathlib import Path
+
 import pytest
 
-from pyabouts.plugin.install import SHIM_SLOT_MARKER, SHIM_SLOT_SIZE, shim_with_socket
+from pyabouts.plugin.install import SHIM_SLOT_MARKER, SHIM_SLOT_SIZE, main, shim_with_socket
 from pyabouts.serving.listen import UNIX_PATH_MAX
 
 BINARY = b"\x7fELF code " + SHIM_SLOT_MARKER + b"\0" * SHIM_SLOT_SIZE + b"\x01rest of rodata"
@@ -37,6 +39,12 @@ def test_a_path_no_unix_socket_can_have_is_refused() -> None:
         shim_with_socket(BINARY, longest + "x")
 
 
+@pytest.mark.parametrize("path", ["run/pyabouts/agent.sock", "@pyabouts"])
+def test_a_path_the_agent_and_the_shim_would_read_differently_is_refused(path: str) -> None:
+    with pytest.raises(ValueError, match="not an absolute path"):
+        shim_with_socket(BINARY, path)
+
+
 @pytest.mark.parametrize(
     "binary",
     [
@@ -48,3 +56,13 @@ def test_a_path_no_unix_socket_can_have_is_refused() -> None:
 def test_a_file_without_exactly_one_whole_slot_is_refused(binary: bytes) -> None:
     with pytest.raises(ValueError, match="not a pyabouts shim"):
         shim_with_socket(binary, "/run/pyabouts/agent.sock")
+
+
+def test_the_installer_refuses_such_a_path_for_the_thin_plugin_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--cni-bin-dir", str(tmp_path), "--agent-socket", "@pyabouts"])
+    assert exited.value.code == 2  # argparse's usage error: nothing was written
+    assert "not an absolute path" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
