@@ -23,6 +23,7 @@ from bench.kube import conflicting_writes
 from deploy.local.agent_process import AgentProcess
 from pyabouts.plugin.agent.metrics import CONFLICTS_METRIC
 from pyabouts.plugin.install import install_shim, install_thin_plugin
+from pyabouts.plugin.named_files import TRUSTED_DIRS_ENV
 
 CNI_VERSION = "1.0.0"
 
@@ -176,6 +177,8 @@ class Pyabouts(Contender):
         return NodeSetup(
             netconf=delegating_netconf(ipam, phase.network_name(network)),
             stderr_path=node_dir / "stderr.log",
+            # The files above, in the run's directory: followed there (plugin/named_files.py).
+            extra_env={TRUSTED_DIRS_ENV: str(node_dir.parent)},
         )
 
 
@@ -274,7 +277,9 @@ class NodeAgents:
         agent = self._running.get(node)
         if agent is None:
             agent = self._running[node] = self._start(self._directory / f"agent-{node}", datastore)
-        return replace(setup, extra_env={"PYABOUTS_AGENT_SOCKET": str(agent.socket)})
+        return replace(
+            setup, extra_env={**setup.extra_env, "PYABOUTS_AGENT_SOCKET": str(agent.socket)}
+        )
 
     def peak_rss_mib(self) -> float | None:
         peaks = [a.peak_rss_mib() for a in self._running.values()]

@@ -77,12 +77,16 @@ class OneShotBackend:
         self.node = os.environ.get("NODE_NAME") or os.uname().nodename.lower()
 
     def config(self, raw: dict[str, Any], netconf: bytes) -> PluginConfig:
+        from pyabouts.plugin.named_files import check_named_files  # noqa: PLC0415
+
+        inline = raw.get("ipam")
         if not self.agent_unreachable:
+            check_named_files(inline, os.environ)  # before any of them is opened
             return config_with_named_flat_file(raw)
+        from pyabouts.ipam.errors import TRY_AGAIN_LATER, CniError  # noqa: PLC0415
         from pyabouts.ipam.stores.flat_file import read_flat_file  # noqa: PLC0415 - fallback only
 
         node = read_flat_file(None)  # the standard places alone: the node's own word
-        inline = raw.get("ipam")
         _refuse_a_refused_fallback(
             self.agent_unreachable,
             {
@@ -92,6 +96,11 @@ class OneShotBackend:
                 else None,
             },
         )
+        try:
+            check_named_files(inline, os.environ)
+        except CniError as exc:  # the agent, which follows none of them, will serve it
+            reason = f"{self.agent_unreachable}, and in-process {exc.msg}"
+            raise CniError(TRY_AGAIN_LATER, reason) from exc
         named = inline.get("configuration_path") if isinstance(inline, dict) else None
         if isinstance(named, str):
             config = config_with_named_flat_file(raw)
