@@ -98,10 +98,29 @@ def load_kubeconfig(path: str) -> tuple[Configuration, str]:
         _, active = k8s_config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
             config_file=path
         )
+        if hook := _token_file_refresh(path):
+            configuration.refresh_api_key_hook = hook  # type: ignore[assignment]
     except (ConfigException, OSError, ValueError, TypeError, KeyError) as exc:
         raise CniError(INVALID_CONFIG, f"kubeconfig {path}: {exc}") from exc
     namespace = (active or {}).get("context", {}).get("namespace") or DEFAULT_NAMESPACE
     return configuration, namespace
+
+
+def _token_file_refresh(path: str) -> Callable[[Configuration], None] | None:
+    """A refresh hook (in place of the loader's) reading the current user's tokenFile again
+    before each request: the library's loader reads it once, and refreshes only what expires
+    (exec plugins, auth providers), where kubelet rotates a projected token in place; None for
+    another user."""
+    _, _, user = _current(_parse(Path(path).read_text()))
+    if _DELEGATED_USER_KEYS & user.keys() or not user.get("tokenFile") or user.get("token"):
+        return None
+    bearer = _bearer(Path(path).parent, user)
+
+    def refresh(configuration: Configuration) -> None:
+        if token := bearer():
+            configuration.api_key["BearerToken"] = token  # the key the loader sets
+
+    return refresh
 
 
 def _parse(text: str) -> dict[str, Any]:

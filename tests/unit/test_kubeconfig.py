@@ -8,7 +8,12 @@ from typing import Any
 import pytest
 
 from pyabouts.ipam.errors import INVALID_CONFIG, CniError
-from pyabouts.ipam.stores.kubeconfig import in_cluster_credentials, read_kubeconfig
+from pyabouts.ipam.stores.kubeconfig import (
+    credentials_from_configuration,
+    in_cluster_credentials,
+    load_kubeconfig,
+    read_kubeconfig,
+)
 from tests.kubeconfig_files import write_kubeconfig_document
 
 
@@ -51,6 +56,18 @@ def test_a_token_file_is_read_when_a_request_is_made(tmp_path: Path) -> None:
     got = read_kubeconfig(str(write(tmp_path / "kc", {"tokenFile": "token"})))
     (tmp_path / "token").write_text("rotated\n")
     assert got.authorization() == "Bearer rotated"
+
+
+def test_the_controllers_client_reads_a_token_file_again_too(tmp_path: Path) -> None:
+    """The `kubernetes` library's loader reads a tokenFile once: the reconciler's pod and
+    Lease client, and its store, would keep a token kubelet has replaced (and that expires)."""
+    (tmp_path / "token").write_text("first\n")
+    configuration, _ = load_kubeconfig(str(write(tmp_path / "kc", {"tokenFile": "token"})))
+    store_credentials = credentials_from_configuration(configuration, "ipam")
+    assert store_credentials.authorization() == "Bearer first"
+    (tmp_path / "token").write_text("rotated\n")
+    assert store_credentials.authorization() == "Bearer rotated"
+    assert configuration.auth_settings()["BearerToken"]["value"] == "Bearer rotated"
 
 
 def test_a_missing_token_file_is_refused_at_once(tmp_path: Path) -> None:
