@@ -342,7 +342,7 @@ class PendingWrites:
         if latest is not None:  # the range that wrote it last, as a direct write records
             merged.range_text, merged.capacity = latest.range_text, latest.capacity
             merged.range_size = latest.range_size
-        clashing = [c for c in changes if not _apply(merged, c)]
+        clashing = _clashes(merged, [c for c in changes if not _apply(merged, c)], changes)
         outcome = store.write_blocks([merged])
         if outcome.conflicts:
             return None  # read again at the next flush (the cache marked it stale)
@@ -707,6 +707,15 @@ def _changes(before: Block, after: Block) -> list[Change]:
     changes = [Change(a, old.get(a), o) for a, o in new.items() if old.get(a) is not o]
     changes += [Change(a, o, None) for a, o in old.items() if a not in new]
     return changes
+
+
+def _clashes(applied: Block, refused: list[Change], changes: list[Change]) -> list[Change]:
+    """Of the gives `refused` over `applied` (all of `changes` applied, as far as they could
+    be), those that clash: whose address ends held otherwise than this node's last change of it
+    says. One that ends so is this node's own history stored already and replayed (a flush
+    whose answer was lost, stored all the same: given, freed and given again), no clash."""
+    last = {change.address: change.after for change in changes}
+    return [c for c in refused if applied.entries.get(c.address) != last[c.address]]
 
 
 def _apply(block: Block, change: Change) -> bool:
