@@ -24,6 +24,7 @@ import json
 import os
 import signal
 import site
+import stat
 import subprocess
 import sys
 import threading
@@ -125,13 +126,39 @@ def install_thin_plugin(
     """Write the thin plugin to `bin_dir`/`name`; `fallback` bakes in this installation's
     paths so that it can serve in-process when no agent answers."""
     target = bin_dir / name
-    text = thin_plugin_source(
-        python or default_python(fallback=fallback),
-        socket_path,
-        this_installation() if fallback else [],
-    )
+    interpreter = python or default_python(fallback=fallback)
+    fallback_path = this_installation() if fallback else []
+    # What the fallback imports and runs as root: only root may change it. (Without it, an
+    # installer in a container cannot look at the host's interpreter.)
+    for path in [interpreter, *fallback_path] if fallback else []:
+        if why := _not_roots_alone(Path(path)):
+            raise ValueError(
+                f"the plugin runs as root, and would run or import {path}, but {why}: install "
+                f"from an installation only root can change (or --no-fallback)"
+            )
+    text = thin_plugin_source(interpreter, socket_path, fallback_path)
     write_file_atomically(target, text, 0o755)
     return target
+
+
+def _not_roots_alone(path: Path) -> str | None:
+    """Why someone other than root could change what `path` holds (it, its target or one of
+    their directories: owned by another user, or writable by others without the sticky bit
+    that keeps them from replacing root's entries), or None."""
+    real = path.resolve()
+    for part in [real, *real.parents]:
+        try:
+            status = part.stat()
+        except FileNotFoundError:
+            continue  # (a site directory not made): who could make it is asked of its parent
+        except OSError as exc:
+            return f"{part} cannot be looked at ({exc.strerror})"
+        if status.st_uid != 0:
+            return f"{part} belongs to uid {status.st_uid}"
+        others_write = status.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if others_write and not (part.is_dir() and status.st_mode & stat.S_ISVTX):
+            return f"{part} is writable by others (mode {stat.S_IMODE(status.st_mode):o})"
+    return None
 
 
 def shim_with_socket(binary: bytes, socket_path: str) -> bytes:

@@ -5,6 +5,7 @@ exercised by every plugin test in tests/integration (see plugin_fixtures.pyabout
 """
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from pyabouts.plugin import wire
+from pyabouts.plugin import install, wire
 from pyabouts.plugin.agent.server import encode_reply
 from pyabouts.plugin.cni import render_version
 from pyabouts.plugin.handler import Reply
@@ -208,3 +209,22 @@ def test_the_thin_plugin_runs_on_the_oldest_python_it_promises(tmp_path: Path) -
     assert (served.returncode, served.stdout, served.stderr) == (0, b'{"ips": []}', b"")
     env, stdin = decode_request(agent.received)
     assert stdin == CONF and env["CNI_COMMAND"] == "ADD"
+
+
+@pytest.mark.parametrize(
+    ("mode", "owner", "said"),
+    [(0o775, 0, "is writable by others (mode 775)"), (0o755, 65534, "belongs to uid 65534")],
+)
+def test_a_fallback_others_could_change_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int, owner: int, said: str
+) -> None:
+    """The plugin runs as root and imports the installation it was installed from: one its
+    user could change would make that user root on the node."""
+    user_owned = tmp_path / "venv" / "site-packages"
+    user_owned.mkdir(parents=True)
+    os.chown(user_owned.parent, owner, owner)
+    user_owned.parent.chmod(mode)
+    monkeypatch.setattr(install, "this_installation", lambda: [str(user_owned)])
+    with pytest.raises(ValueError, match=re.escape(f"{user_owned.parent} {said}")):
+        install_thin_plugin(tmp_path / "bin", socket_path=str(tmp_path / "agent.sock"))
+    assert not (tmp_path / "bin" / "pyabouts").exists()
