@@ -109,20 +109,28 @@ _reading = threading.local()
 
 
 class _ReadsByDeadline(io.RawIOBase):
-    """A socket read as http.client reads it (sock.makefile's SocketIO), each read given only
-    the time left before `deadline`."""
+    """The socket's own reader (sock.makefile's SocketIO, as http.client reads it), each read
+    given only the time left before `deadline`. Like http.client's, it keeps the socket open
+    until it is closed itself: an answer saying "Connection: close" is read after its
+    connection let go of the socket."""
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
         super().__init__()
         self._sock = sock
+        self._raw = sock.makefile("rb", buffering=0)
         self._deadline = deadline
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: Any) -> int:
+    def readinto(self, buffer: Any) -> int | None:
         self._sock.settimeout(_left(self._deadline))
-        return self._sock.recv_into(buffer)
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
 
 
 class _AnswerByDeadline(http.client.HTTPResponse):
@@ -140,8 +148,9 @@ class _AnswerByDeadline(http.client.HTTPResponse):
         super().__init__(sock, debuglevel, method, url)
         deadline: float | None = getattr(_reading, "deadline", None)
         if deadline is not None:  # None: a proxy's answer to CONNECT, or a watch (idle timeouts)
-            self.fp.close()  # the socket's own reader, which reads with its timeout alone
-            self.fp = io.BufferedReader(_ReadsByDeadline(sock, deadline))
+            reader = io.BufferedReader(_ReadsByDeadline(sock, deadline))
+            self.fp.close()  # the reader that reads with the socket's timeout alone
+            self.fp = reader  # type: ignore[assignment]  # typeshed: over a socket's stream only
 
 
 class _TlsConnection(http.client.HTTPSConnection):

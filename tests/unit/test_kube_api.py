@@ -120,6 +120,16 @@ def test_an_answer_sent_a_byte_at_a_time_ends_at_the_deadline() -> None:
     assert took < 4.0  # the deadline (1 s) and a read's slack, far from the 8 s of sending
 
 
+def test_an_answer_that_closes_its_connection_is_read_whole() -> None:
+    """ "Connection: close": http.client lets go of the socket before the body is read, which
+    the answer's own reader keeps open (a LIST big enough to take many reads)."""
+    body = {**LIST, "padding": "x" * 300_000}
+    with scripted_server(Scripted(body=body, headers={"Connection": "close"})) as server:
+        api = api_at(server)
+        for _ in range(2):  # and on a new connection after it
+            assert api.request("GET", "/apis")["padding"] == body["padding"]
+
+
 def test_a_refused_connection_is_unreachable_not_busy() -> None:
     store = KubernetesStore(api_at(f"http://127.0.0.1:{closed_port()}"), "kube-system")
     with pytest.raises(StoreUnavailableError) as raised:
