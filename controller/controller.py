@@ -119,8 +119,11 @@ class Controller:
             if (due := self._due()) and not self._pass("targeted", set(due), awaited=due):
                 retry = time.time() + RETRY_SECONDS
                 for ref, uids in due.items():  # spared by full passes meanwhile
+                    if uids is None:  # a lost pod's: judged again as one
+                        self._lost_at.setdefault(ref, retry)
+                        continue
                     self._gone_at.setdefault(ref, retry)
-                    self._gone_uids.setdefault(ref, set()).update(uids or ())
+                    self._gone_uids.setdefault(ref, set()).update(uids)
 
     def _feed(self) -> None:
         try:

@@ -225,7 +225,7 @@ def collect_garbage(
         (rng, a)
         for rng in ranges
         for a, o in _entries_in(view, rng, given_or_not=True)
-        if o.node == node
+        if o.node.lower() == node.lower()  # as kubelet registers it (see slices.held_slice)
         and o.cni_network == cni_network
         and o.in_use
         and (o.container_id, o.ifname) not in valid

@@ -130,7 +130,10 @@ def held_slice(view: PoolView, sliced: SlicedRange, node: str) -> int | None:
     keeps the entry, which the other NAD's pods may still use."""
     registry = sliced.registry_range()
     for index, owner in view.entries(sliced.registry, registry.first, registry.last):
-        if owner.node == node and owner.ifname == SLICE_IFNAME and registry.contains(index):
+        # Node names as kubelet registers them, lower-case: one recorded as the host name
+        # spelled it (an in-process call of before) is the same node's.
+        mine = owner.node.lower() == node.lower()
+        if mine and owner.ifname == SLICE_IFNAME and registry.contains(index):
             return index
     return None
 

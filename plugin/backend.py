@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -79,6 +80,7 @@ class OneShotBackend:
     def config(self, raw: dict[str, Any], netconf: bytes) -> PluginConfig:
         from pyabouts.plugin.named_files import check_named_files  # noqa: PLC0415
 
+        raw = _without_an_unkept_log_file(raw)
         inline = raw.get("ipam")
         if not self.agent_unreachable:
             check_named_files(inline, os.environ)  # before any of them is opened
@@ -120,6 +122,20 @@ class OneShotBackend:
     ) -> Iterator[Transactions]:
         with contextlib.ExitStack() as stack:
             yield _FirstUseTransactions(ipam, pools, writes_by, stack)
+
+
+def _without_an_unkept_log_file(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` without the log file its `ipam` names where none is kept for it (the flat file's,
+    if any, applies then, else stderr), said on stderr: logging elsewhere is no reason to fail
+    the call (plugin/named_files.py)."""
+    from pyabouts.plugin.named_files import unkept_log_file  # noqa: PLC0415
+
+    inline = raw.get("ipam")
+    why = unkept_log_file(inline, os.environ)
+    if why is None or not isinstance(inline, dict):
+        return raw
+    sys.stderr.write(f"pyabouts: {why}: not opened\n")
+    return {**raw, "ipam": {k: v for k, v in inline.items() if k != "log_file"}}
 
 
 def _refuse_a_refused_fallback(agent_unreachable: str, said: Mapping[str, object]) -> None:

@@ -126,6 +126,8 @@ def install_thin_plugin(
     """Write the thin plugin to `bin_dir`/`name`; `fallback` bakes in this installation's
     paths so that it can serve in-process when no agent answers."""
     target = bin_dir / name
+    if python is not None and not os.path.isabs(python):  # the kernel would read it from the
+        raise ValueError(f"--python {python!r} is not an absolute path")  # runtime's directory
     interpreter = python or default_python(fallback=fallback)
     fallback_path = this_installation() if fallback else []
     # What the fallback imports and runs as root: only root may change it. (Without it, an
@@ -142,13 +144,18 @@ def install_thin_plugin(
 
 
 def _not_roots_alone(path: Path) -> str | None:
-    """Why someone other than root could change what `path` holds (it, its target or one of
-    their directories: owned by another user, or writable by others without the sticky bit
-    that keeps them from replacing root's entries), or None."""
+    """Why someone other than root could change what `path` holds, or None: it, a link on its
+    way, its target or one of their directories is another user's, or others may write it
+    (a directory's sticky bit keeps them from replacing root's entries). The path as given is
+    looked at as well as resolved: a link another user owns could be pointed elsewhere."""
+    given = Path(os.path.abspath(path))
     real = path.resolve()
-    for part in [real, *real.parents]:
+    for part, look in [
+        *((p, os.lstat) for p in [given, *given.parents]),
+        *((p, os.stat) for p in [real, *real.parents]),
+    ]:
         try:
-            status = part.stat()
+            status = look(part)
         except FileNotFoundError:
             continue  # (a site directory not made): who could make it is asked of its parent
         except OSError as exc:
@@ -156,7 +163,8 @@ def _not_roots_alone(path: Path) -> str | None:
         if status.st_uid != 0:
             return f"{part} belongs to uid {status.st_uid}"
         others_write = status.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if others_write and not (part.is_dir() and status.st_mode & stat.S_ISVTX):
+        sticky_dir = stat.S_ISDIR(status.st_mode) and status.st_mode & stat.S_ISVTX
+        if others_write and not stat.S_ISLNK(status.st_mode) and not sticky_dir:
             return f"{part} is writable by others (mode {stat.S_IMODE(status.st_mode):o})"
     return None
 

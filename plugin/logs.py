@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import sys
+from io import TextIOWrapper
+from typing import cast
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -28,7 +32,7 @@ def configure_logging(log_file: str | None, log_level: str | None) -> None:
         return
     handler: logging.Handler
     try:
-        handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+        handler = _LogFile(log_file) if log_file else logging.StreamHandler(sys.stderr)
     except OSError:
         # An unwritable log file must not fail the ADD; stderr reaches the runtime's logs.
         handler = logging.StreamHandler(sys.stderr)
@@ -42,3 +46,27 @@ def configure_logging(log_file: str | None, log_level: str | None) -> None:
     root.addHandler(handler)
     root.setLevel(LEVELS[wanted[1]])
     _configured = wanted
+
+
+class _LogFile(logging.FileHandler):
+    """A log file opened as root may open one: never through a link, never a file with another
+    name too (a hard link to a script), never a pipe that would block the call."""
+
+    def _open(self) -> TextIOWrapper:
+        opened = open(  # noqa: SIM115 - the handler keeps it, and closes it
+            self.baseFilename,
+            self.mode,
+            encoding=self.encoding,
+            errors=self.errors,
+            opener=_open_own_file,
+        )
+        return cast(TextIOWrapper, opened)  # text mode ("a"): a TextIOWrapper
+
+
+def _open_own_file(path: str, flags: int) -> int:
+    descriptor = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
+        os.close(descriptor)
+        raise OSError(f"{path} is not a file of its own")
+    return descriptor

@@ -550,9 +550,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default="info", choices=sorted(LEVELS))
     parser.add_argument(
         "--node-name",
-        default=os.environ.get("NODE_NAME") or socket.gethostname(),
+        default=os.environ.get("NODE_NAME") or socket.gethostname().lower(),
         help="recorded in each allocation (CNI GC is scoped to it), and spreads nodes over a "
-        "range's blocks (default: $NODE_NAME, else the host name)",
+        "range's blocks (default: $NODE_NAME, else the host name, lower-cased as kubelet has it)",
     )
     parser.add_argument(
         "--config",

@@ -6,6 +6,8 @@ kubeconfig's command, send a token to their server or append to a file of their 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,8 @@ import pytest
 from pyabouts.ipam.errors import INVALID_CONFIG, TRY_AGAIN_LATER, CniError
 from pyabouts.plugin.backend import OneShotBackend
 from pyabouts.plugin.handler import handle_request
-from pyabouts.plugin.named_files import TRUSTED_DIRS_ENV, check_named_files
+from pyabouts.plugin.logs import configure_logging
+from pyabouts.plugin.named_files import TRUSTED_DIRS_ENV, check_named_files, unkept_log_file
 from tests.kubeconfig_files import write_kubeconfig_document
 
 NOTHING_MORE: dict[str, str] = {}  # no TRUSTED_DIRS_ENV
@@ -35,15 +38,15 @@ def refusal(inline: dict[str, Any], environ: dict[str, str] = NOTHING_MORE) -> s
         ({"etcd_key_file": "/etc/kubernetes/pki/etcd/server.key"}, "etcd_key_file"),
         ({"etcd_cert_file": "/tmp/cert.pem"}, "etcd_cert_file"),  # /tmp: logs only
         ({"etcd_ca_cert_file": "/root/ca.pem"}, "etcd_ca_cert_file"),
-        ({"log_file": "/etc/profile.d/pyabouts.sh"}, "log_file"),
         ({"run_dir": "/etc/cron.d"}, "run_dir"),
+        ({"run_dir": "/run/lock/pyabouts"}, "run_dir"),  # /run/lock: anyone may write it
     ],
 )
 def test_a_file_named_outside_the_directories_kept_for_it_is_refused(
     inline: dict[str, Any], key: str
 ) -> None:
     said = refusal(inline)
-    assert key in said and "outside the directories this node keeps for it" in said
+    assert key in said and ("outside the directories" in said or "not root's alone" in said)
 
 
 def test_the_standard_places_are_followed() -> None:
@@ -52,16 +55,46 @@ def test_the_standard_places_are_followed() -> None:
             "configuration_path": "/etc/cni/net.d/pyabouts.d/pyabouts.conf",
             "kubernetes": {"kubeconfig": "/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig"},
             "etcd_ca_cert_file": "/etc/kubernetes/cni/net.d/pyabouts.d/etcd-ca.pem",
-            "log_file": "/tmp/whereabouts.log",  # as whereabouts' examples have it
             "run_dir": "/var/run/pyabouts",  # /var/run is /run
         },
         NOTHING_MORE,
     )
-    check_named_files({"log_file": "/var/log/pyabouts/pyabouts.log"}, NOTHING_MORE)
+    # As whereabouts' examples have it: /tmp is root's, and its sticky bit keeps others from
+    # replacing root's files in it (and plugin/logs.py opens none through a link).
+    assert unkept_log_file({"log_file": "/tmp/whereabouts.log"}, NOTHING_MORE) is None
+    assert unkept_log_file({"log_file": "/var/log/pyabouts.log"}, NOTHING_MORE) is None
+
+
+def test_a_log_file_elsewhere_is_left_out_not_refused() -> None:
+    why = unkept_log_file({"log_file": "/etc/profile.d/pyabouts.sh"}, NOTHING_MORE)
+    assert why is not None and "outside the directories this node keeps for it" in why
+    check_named_files({"log_file": "/etc/profile.d/pyabouts.sh"}, NOTHING_MORE)  # no refusal
+
+
+def test_a_directory_on_the_way_that_is_not_roots_alone_is_refused(tmp_path: Path) -> None:
+    """Within a kept directory, one another user owns (or may write) could have its files
+    swapped for links between this check and the open."""
+    kept = tmp_path / "kept"
+    theirs = kept / "theirs"
+    theirs.mkdir(parents=True)
+    os.chown(theirs, 65534, 65534)
+    trusting = {TRUSTED_DIRS_ENV: str(kept)}
+    said = refusal({"kubernetes": {"kubeconfig": str(theirs / "kc")}}, trusting)
+    assert f"is in {theirs}, which is not root's alone" in said
+    os.chown(theirs, 0, 0)
+    theirs.chmod(0o777)
+    assert "not root's alone" in refusal({"run_dir": str(theirs)}, trusting)
+    theirs.chmod(0o755)
+    check_named_files({"run_dir": str(theirs / "run")}, trusting)
+
+
+def test_a_path_with_a_nul_byte_is_refused_as_config() -> None:
+    assert "is no path" in refusal({"configuration_path": "/etc/cni/net.d/a\0b"})
 
 
 def test_dot_dots_and_links_are_resolved_before_the_check(tmp_path: Path) -> None:
-    assert "log_file" in refusal({"log_file": "/var/log/../../etc/profile.d/x.sh"})
+    assert "run_dir" in refusal({"run_dir": "/run/../etc/cron.d"})
+    assert unkept_log_file({"log_file": "/var/log/../../etc/profile.d/x.sh"}, NOTHING_MORE)
     kept = tmp_path / "kept"
     kept.mkdir()
     (kept / "kubeconfig").symlink_to("/root/.kube/config")
@@ -116,3 +149,37 @@ def test_the_agent_s_fallback_leaves_such_a_call_to_the_agent(
     assert refused.value.code == TRY_AGAIN_LATER
     assert refused.value.msg.startswith("no agent answered at /run/pyabouts/agent.sock, and ")
     assert f"kubernetes.kubeconfig {kubeconfig!r} is outside" in refused.value.msg
+
+
+@pytest.mark.parametrize("kind", ["link", "hard link", "pipe"])
+def test_a_log_file_swapped_for_a_link_or_a_pipe_is_not_written(tmp_path: Path, kind: str) -> None:
+    """In /tmp, another user may make the file root is about to open: root then logs to stderr,
+    never through a link to a file of root's, and never waits on a pipe."""
+    target = tmp_path / "root-script.sh"
+    target.write_text("#!/bin/sh\n")
+    log = tmp_path / "whereabouts.log"
+    if kind == "link":
+        log.symlink_to(target)
+    elif kind == "hard link":
+        os.link(target, log)
+    else:
+        os.mkfifo(log)
+    try:
+        configure_logging(str(log), "debug")
+        logging.getLogger("pyabouts.test").error("injected line")
+        assert target.read_text() == "#!/bin/sh\n"
+        assert isinstance(logging.getLogger().handlers[0], logging.StreamHandler)
+        assert not isinstance(logging.getLogger().handlers[0], logging.FileHandler)
+    finally:
+        configure_logging(None, None)
+
+
+def test_a_log_file_of_its_own_is_written(tmp_path: Path) -> None:
+    log = tmp_path / "pyabouts.log"
+    try:
+        configure_logging(str(log), "debug")
+        logging.getLogger("pyabouts.test").error("a line")
+        logging.getLogger().handlers[0].flush()
+        assert "a line" in log.read_text()
+    finally:
+        configure_logging(None, None)

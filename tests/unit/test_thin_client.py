@@ -228,3 +228,19 @@ def test_a_fallback_others_could_change_is_refused(
     with pytest.raises(ValueError, match=re.escape(f"{user_owned.parent} {said}")):
         install_thin_plugin(tmp_path / "bin", socket_path=str(tmp_path / "agent.sock"))
     assert not (tmp_path / "bin" / "pyabouts").exists()
+
+
+def test_a_link_to_the_interpreter_that_another_user_owns_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resolved, it is root's /usr/bin/python3; but the link's own directory is another user's,
+    who could point it anywhere."""
+    theirs = tmp_path / "venv" / "bin"
+    theirs.mkdir(parents=True)
+    (theirs / "python").symlink_to(sys.executable)
+    os.chown(theirs, 65534, 65534)
+    monkeypatch.setattr(install, "this_installation", lambda: [])
+    with pytest.raises(ValueError, match=re.escape(f"{theirs} belongs to uid 65534")):
+        install_thin_plugin(tmp_path / "bin", python=str(theirs / "python"))
+    with pytest.raises(ValueError, match="is not an absolute path"):
+        install_thin_plugin(tmp_path / "bin", python="python3")
