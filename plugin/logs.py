@@ -49,8 +49,9 @@ def configure_logging(log_file: str | None, log_level: str | None) -> None:
 
 
 class _LogFile(logging.FileHandler):
-    """A log file opened as root may open one: never through a link, never a file with another
-    name too (a hard link to a script), never a pipe that would block the call."""
+    """A log file opened as a process running as root may open one: never through a link,
+    never a file with a second name (a hard link to a script), never a pipe (which would block
+    the call)."""
 
     def _open(self) -> TextIOWrapper:
         opened = open(  # noqa: SIM115 - the handler keeps it, and closes it
