@@ -37,6 +37,7 @@ from pyabouts.ipam.errors import CniError
 from pyabouts.ipam.stores.kubeconfig import SERVICE_ACCOUNT_DIR
 from pyabouts.plugin import thin_client, wire
 from pyabouts.plugin.cni import render_version
+from pyabouts.plugin.named_files import others_may_change
 from pyabouts.plugin.node_config import (
     NodeConfig,
     OwnDaemonSet,
@@ -162,9 +163,7 @@ def _not_roots_alone(path: Path) -> str | None:
             return f"{part} cannot be looked at ({exc.strerror})"
         if status.st_uid != 0:
             return f"{part} belongs to uid {status.st_uid}"
-        others_write = status.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        sticky_dir = stat.S_ISDIR(status.st_mode) and status.st_mode & stat.S_ISVTX
-        if others_write and not stat.S_ISLNK(status.st_mode) and not sticky_dir:
+        if others_may_change(status):
             return f"{part} is writable by others (mode {stat.S_IMODE(status.st_mode):o})"
     return None
 

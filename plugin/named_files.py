@@ -116,8 +116,17 @@ def _not_roots_alone(top: str, real: str) -> str | None:
             return None
         except OSError:
             return f"is in {current}, which cannot be looked at"
-        others_write = status.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        sticky_top = depth == 0 and status.st_mode & stat.S_ISVTX
-        if status.st_uid != 0 or (others_write and not sticky_top):
+        if others_may_change(status, sticky_ok=depth == 0):
             return f"is in {current}, which is not root's alone"
     return None
+
+
+def others_may_change(status: os.stat_result, *, sticky_ok: bool = True) -> bool:
+    """Whether someone other than root could change the file `status` describes: another
+    user's, or writable by others (a link's own mode means nothing; with `sticky_ok`, a sticky
+    directory's keeps them from replacing root's entries in it)."""
+    if status.st_uid != 0:
+        return True
+    others_write = status.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    sticky = sticky_ok and stat.S_ISDIR(status.st_mode) and status.st_mode & stat.S_ISVTX
+    return bool(others_write) and not stat.S_ISLNK(status.st_mode) and not sticky
