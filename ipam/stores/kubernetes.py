@@ -52,7 +52,10 @@ PLURAL = "ippools"
 POOL_LABEL = "pyabouts.io/pool"
 NETWORK_LABEL = "pyabouts.io/network"
 FAMILY_LABEL = "pyabouts.io/family"
-LIST_PAGE = 500  # IPPools per list request: each is at most ~30 KiB
+# IPPools per list request. A full IPPool is at most ~30 KiB, and a page must arrive whole
+# within the request timeout: 100 of them is at most ~3 MiB. Their metadata alone is small.
+LIST_PAGE = 100
+METADATA_LIST_PAGE = 500
 # A watch ends after this long (the server closes it; the feed watches again from where it
 # was); and a connection silent for longer than WATCH_IDLE_SECONDS is taken for dead: the
 # server sends a bookmark about every minute on a quiet watch.
@@ -153,13 +156,15 @@ class KubernetesStore:
         return sorted(blocks, key=lambda b: b.key)
 
     def _pages(
-        self, *, label_selector: str | None = None, accept: str = "application/json"
+        self, *, label_selector: str | None = None, metadata_only: bool = False
     ) -> Iterator[dict[str, Any]]:
-        """Each page of a list of the IPPools; a paged list is one snapshot, and every page
-        carries its resourceVersion."""
+        """Each page of a list of the IPPools (of their metadata alone, if `metadata_only`); a
+        paged list is one snapshot, and every page carries its resourceVersion."""
+        accept = METADATA_LIST if metadata_only else "application/json"
+        limit = METADATA_LIST_PAGE if metadata_only else LIST_PAGE
         token = ""
         while True:
-            query = {"limit": LIST_PAGE, "continue": token or None, "labelSelector": label_selector}
+            query = {"limit": limit, "continue": token or None, "labelSelector": label_selector}
             page = self._call("GET", self._collection, query=query, accept=accept)
             yield page
             token = (page.get("metadata") or {}).get("continue") or ""
@@ -197,7 +202,7 @@ class KubernetesStore:
         again from the last event each time the server ends a watch."""
         revisions: dict[tuple[str, str], str] = {}
         since = ""
-        for page in self._pages(accept=METADATA_LIST):
+        for page in self._pages(metadata_only=True):
             since = str(page["metadata"]["resourceVersion"])
             for item in page.get("items") or []:
                 tagged = _tagged(item.get("metadata") or {})

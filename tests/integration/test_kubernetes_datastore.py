@@ -4,7 +4,9 @@ through the `pyabouts` executable, credentials and failures, and the plugin's RB
 import json
 import subprocess
 import sys
+import threading
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import pytest
 from deploy.local.controlplane import ControlPlane
 from deploy.local.netns import CniCall
 from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
+from pyabouts.ipam.stores import kubernetes
 from pyabouts.ipam.stores.kube_api import METADATA_ONLY, KubeApi
 from pyabouts.ipam.stores.kubeconfig import read_kubeconfig
 from pyabouts.ipam.stores.kubernetes import GROUP, VERSION, ippool_envelope, object_name
@@ -400,3 +403,45 @@ def test_a_writes_answer_is_the_objects_metadata_and_its_revision_holds(
         api.close()
     assert answer["kind"] == "PartialObjectMetadata" and "spec" not in answer
     assert answer["metadata"]["resourceVersion"] != read.revision
+
+
+def test_a_pool_of_more_blocks_than_a_page_is_read_whole(
+    pyabouts_cluster: ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lists go in pages (each must arrive within the request timeout): a pool read and the
+    watch's first list follow the apiserver's continue tokens to the last page."""
+    monkeypatch.setattr(kubernetes, "LIST_PAGE", 2)
+    monkeypatch.setattr(kubernetes, "METADATA_LIST_PAGE", 2)
+    pool = PoolId(f"pages-{uuid.uuid4().hex[:6]}", 4)
+    first = int.from_bytes(bytes([10, 94, 0, 0]), "big")
+    keys = [BlockKey.of(pool, first + 256 * i) for i in range(5)]
+    store = kubernetes_store(str(pyabouts_cluster.kubeconfig))
+    listed: dict[tuple[str, str], str] = {}
+
+    class Sink:
+        def feed_listed(self, revisions: Mapping[tuple[str, str], str]) -> None:
+            listed.update(revisions)
+            stop.set()  # the list is what this test follows, not the watch after it
+
+        def feed_changed(self, pool_tag: str, block_tag: str, revision: str, **_: Any) -> None:
+            pass
+
+        def feed_lost(self) -> None:
+            pass
+
+    stop = threading.Event()
+    try:
+        written = store.write_blocks(
+            [Block(k, {k.base + 1: Owner(f"c{k.base}", "net1")}) for k in keys]
+        )
+        assert written.conflicts == []
+        read = store.read_blocks(pool, keys[0].base, keys[-1].base + 255)
+        assert [b.key for b in read] == keys
+        assert [list(b.entries) for b in read] == [[k.base + 1] for k in keys]
+        store.follow_changes(Sink(), stop)
+        tag = store.pool_tag(pool)
+        assert {b: r for (p, b), r in listed.items() if p == tag} == {
+            store.block_tag(k): written.revisions[k] for k in keys
+        }
+    finally:
+        store.close()
