@@ -271,6 +271,8 @@ def _entries_in(
     if given_or_not:
         yield from view.entries(rng.pool, int(rng.network.first), int(rng.network.last))
         return
+    if not rng.spans:  # a range that gives nothing (see AddressRange.unusable)
+        return
     for address, owner in view.entries(rng.pool, rng.first, rng.last):
         if rng.contains(address):
             yield address, owner

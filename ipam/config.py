@@ -222,6 +222,13 @@ class PluginConfig:
     # With node_slice_size: the ranges it cuts, and how; else empty.
     slices: tuple[SlicedRange, ...] = ()
 
+    def refuse_an_unusable_range(self) -> None:
+        """CniError 7 naming the first range that gives no address: ADD and STATUS cannot be
+        served, while DEL, CHECK and GC go on (see AddressRange.unusable)."""
+        for where, rng in zip(_range_keys(self.ipam), self.ranges, strict=True):
+            if rng.unusable:
+                raise CniError(INVALID_CONFIG, f"invalid network config: {where}: {rng.unusable}")
+
     @property
     def ipam(self) -> IpamConf:
         return self.netconf.ipam
@@ -257,7 +264,7 @@ def load_config(raw: dict[str, Any], flat: FlatFile | None = None) -> PluginConf
         netconf=netconf,
         ranges=ranges,
         flat_file=flat.path if flat else None,
-        slices=_slice_ranges(netconf.ipam, ranges),
+        slices=_slice_ranges(netconf.ipam, tuple(r for r in ranges if not r.unusable)),
     )
 
 
@@ -361,7 +368,8 @@ def flat_file_settings(flat: FlatFile | None) -> IpamConf:
         raise CniError(INVALID_CONFIG, describe_validation_error(exc, keys)) from exc
 
 
-def _build_ranges(ipam: IpamConf) -> tuple[AddressRange, ...]:
+def _range_entries(ipam: IpamConf) -> list[tuple[str, RangeConf]]:
+    """Each range of the config, with where it is written (for messages)."""
     entries: list[tuple[str, RangeConf]] = []
     if ipam.range:
         top = RangeConf(
@@ -371,7 +379,15 @@ def _build_ranges(ipam: IpamConf) -> tuple[AddressRange, ...]:
             exclude=ipam.exclude,
         )
         entries.append(("ipam.range", top))
-    entries += [(f"ipam.ipRanges[{i}].range", r) for i, r in enumerate(ipam.ip_ranges)]
+    return entries + [(f"ipam.ipRanges[{i}].range", r) for i, r in enumerate(ipam.ip_ranges)]
+
+
+def _range_keys(ipam: IpamConf) -> list[str]:
+    return [where for where, _ in _range_entries(ipam)]
+
+
+def _build_ranges(ipam: IpamConf) -> tuple[AddressRange, ...]:
+    entries = _range_entries(ipam)
     if not entries:
         raise CniError(
             INVALID_CONFIG, "invalid network config: ipam.range or ipam.ipRanges is required"

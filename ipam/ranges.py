@@ -31,6 +31,10 @@ class AddressRange:
     # The inclusive [first, last] a transaction over the range reads: its whole network, so
     # that a DEL finds an address that bounds or exclusions added since took out of the range.
     reach: tuple[int, int]
+    # Why the range gives nothing (no spans), else "". Such a range is refused for ADD, while
+    # DEL and GC still free what its network holds: a config edited to drain a range (every
+    # address excluded, say) must not leave its pods' DELs failing for ever.
+    unusable: str = ""
 
     @property
     def family(self) -> Family:
@@ -130,10 +134,15 @@ def _parsed_range(
         start = parse_address(range_start) if range_start else None
         end = parse_address(range_end) if range_end else None
     network = network.cidr
+    reach = (int(network.first), int(network.last))
+
+    def giving_nothing(why: str) -> AddressRange:
+        return AddressRange(text, network, (), pool, reach, unusable=f"{text!r}: {why}")
+
     # The network and broadcast addresses are never given, for IPv6 too, so a /31, /32, /127 or
     # /128 has nothing to give.
     if network.size <= 2:
-        raise RangeError(f"{text!r}: a /{network.prefixlen} has no usable address")
+        return giving_nothing(f"a /{network.prefixlen} has no usable address")
     first, last = network.first + 1, network.last - 1
     # Bounds outside the network are ignored, as in whereabouts.
     if start is not None and start.version == network.version and start in network:
@@ -141,18 +150,18 @@ def _parsed_range(
     if end is not None and end.version == network.version and end in network:
         last = min(last, int(end))
     if first > last:
-        raise RangeError(f"{text!r}: range_start {start} is after range_end {end}")
+        return giving_nothing(f"range_start {start} is after range_end {end}")
 
     excluded = []
     for item in exclude:
         cidr = parse_network(item).cidr
-        if cidr.version != network.version:
-            raise RangeError(f"exclude {item!r} is not of the same IP family as {text!r}")
-        excluded.append((int(cidr.first), int(cidr.last)))
+        # One of the other family excludes nothing here, as in whereabouts (which only asks
+        # whether an exclusion contains an address): a NAD ported from it keeps working.
+        if cidr.version == network.version:
+            excluded.append((int(cidr.first), int(cidr.last)))
     spans = _spans_left(first, last, excluded)
     if not spans:
-        raise RangeError(f"{text!r}: every address is excluded")
-    reach = (int(network.first), int(network.last))
+        return giving_nothing("every address is excluded")
     return AddressRange(text=text, network=network, spans=spans, pool=pool, reach=reach)
 
 

@@ -50,6 +50,8 @@ def run_command(
     writes_by = None if command in ("CHECK", "STATUS") else deadline
     try:
         config = backend.config(raw, netconf)
+        if command in ("ADD", "STATUS"):
+            config.refuse_an_unusable_range()
         if backend.configures_logging:
             configure_logging(config.ipam.log_file, config.ipam.log_level)
         pools = [rng.pool for rng in config.ranges]

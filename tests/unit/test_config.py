@@ -103,7 +103,6 @@ def test_the_type_must_be_pyabouts_and_the_error_names_key_and_value() -> None:
         ({"range": "192.0.2.0/24", "routes": [{"dst": "0.0.0.0/0", "table": -1}]}, "table"),
         ({"range": "192.0.2.0/24", "routes": [{"dst": "x"}]}, "ipam.routes.0.dst='x'"),
         ({"range": "192.0.2.0/24", "addresses": [{"address": "1.1.1.1"}]}, "'1.1.1.1'"),
-        ({"ipRanges": [{"range": "10.0.0.0/32"}]}, "ipam.ipRanges[0].range: '10.0.0.0/32'"),
         ({"range": "192.0.2.0/24", "exclude": ["bad"]}, "'bad'"),
         ({"range": "192.0.2.0/24", "enable_overlapping_ranges": "maybe"}, "'maybe'"),
         ({}, "ipam.range or ipam.ipRanges is required"),
@@ -236,8 +235,33 @@ def test_the_gateway_is_never_given_by_the_ranges_of_its_family() -> None:
     # A gateway outside the range changes nothing; one that is all the range has, is refused.
     outside = load_config(netconf(type="pyabouts", range="192.0.2.0/29", gateway="192.0.2.9"))
     assert outside.ranges[0].size == 6
-    error = error_of(netconf(type="pyabouts", range="192.0.2.1-192.0.2.1/24", gateway="192.0.2.1"))
-    assert (error.code, "every address is excluded" in error.msg) == (INVALID_CONFIG, True)
+    alone = load_config(
+        netconf(type="pyabouts", range="192.0.2.1-192.0.2.1/24", gateway="192.0.2.1")
+    )
+    with pytest.raises(CniError) as refused:
+        alone.refuse_an_unusable_range()
+    assert refused.value.code == INVALID_CONFIG
+    assert refused.value.msg == (
+        "invalid network config: ipam.range: '192.0.2.1-192.0.2.1/24': every address is excluded"
+    )
+
+
+def test_a_range_that_gives_nothing_is_refused_for_add_naming_where_it_is_written() -> None:
+    config = load_config(
+        netconf(
+            type="pyabouts",
+            range="10.0.0.0/24",
+            ipRanges=[{"range": "10.1.0.0/24"}, {"range": "10.0.0.0/32"}],
+            node_slice_size="/26",
+        )
+    )
+    assert [bool(r.unusable) for r in config.ranges] == [False, False, True]
+    assert [s.range.text for s in config.slices] == ["10.0.0.0/24", "10.1.0.0/24"]
+    with pytest.raises(CniError) as refused:
+        config.refuse_an_unusable_range()
+    assert refused.value.msg == (
+        "invalid network config: ipam.ipRanges[1].range: '10.0.0.0/32': a /32 has no usable address"
+    )
 
 
 def test_fill_empty_merges_objects_recursively() -> None:
