@@ -4,11 +4,21 @@ from typing import Any
 
 import pytest
 
-from pyabouts.ipam.errors import RANGE_EXHAUSTED, StoreUnavailableError
+from pyabouts.ipam.errors import (
+    INTERNAL_ERROR,
+    NO_FREE_SLICE,
+    RANGE_EXHAUSTED,
+    REQUESTED_IP_UNAVAILABLE,
+    AllocationError,
+    NoFreeSliceError,
+    RangeExhaustedError,
+    RequestedAddressUnavailableError,
+    StoreUnavailableError,
+)
 from pyabouts.ipam.pool import Block, BlockKey, PoolId
 from pyabouts.ipam.store import WriteOutcome
 from pyabouts.plugin.backend import OneShotBackend
-from pyabouts.plugin.handler import handle_request
+from pyabouts.plugin.handler import allocation_code, handle_request
 from tests.memory_store import MemoryStore
 
 POD_ARGS = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"
@@ -445,3 +455,16 @@ def test_a_node_refusing_the_in_process_fallback_is_not_overruled_by_a_nad(
     error = json.loads(reply.stdout)
     assert (reply.exit_code, error["code"]) == (1, 11 if command == "ADD" else 50)
     assert f"the flat file {node_file} says agent_fallback 'fail'" in error["msg"]
+
+
+def test_every_kind_of_allocation_refusal_has_its_code_and_an_unknown_one_is_a_bug() -> None:
+    class NarrowerError(RangeExhaustedError):
+        pass
+
+    class UnknownError(AllocationError):
+        pass
+
+    assert allocation_code(NarrowerError("x")) == RANGE_EXHAUSTED
+    assert allocation_code(RequestedAddressUnavailableError("x")) == REQUESTED_IP_UNAVAILABLE
+    assert allocation_code(NoFreeSliceError("x")) == NO_FREE_SLICE
+    assert allocation_code(UnknownError("x")) == INTERNAL_ERROR
