@@ -34,8 +34,11 @@ const nul64 = "\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
 const (
 	slotMarker    = "PYABOUTS-AGENT-SOCKET-SLOT:"
 	defaultSocket = "/run/pyabouts/agent.sock"
+	invalidEnv    = 4 // CNI: invalid necessary environment variables
 	tryAgainLater = 11
-	notAvailable  = 50 // STATUS: the plugin cannot serve ADD now (CNI 1.1)
+	// A unix socket's path holds fewer bytes than sun_path's 108 (serving/listen.py's limit).
+	unixPathMax  = 108
+	notAvailable = 50 // STATUS: the plugin cannot serve ADD now (CNI 1.1)
 	// plugin/cni.py's LATEST_VERSION and render_version(); tests/integration/test_shim.py
 	// compares them.
 	latestVersion = "1.1.0"
@@ -53,7 +56,11 @@ func main() {
 	}
 	deadline := time.Now().Add(replyTimeout)
 	environ := append(cniEnviron(os.Environ()), fmt.Sprintf("%s=%d", deadlineKey, deadline.UnixMilli()))
-	code, out, err := call(agentSocket(), environ, stdin, deadline)
+	socket := agentSocket()
+	if err := checkSocketPath(socket); err != nil {
+		failWith(stdin, invalidEnv, err.Error())
+	}
+	code, out, err := call(socket, environ, stdin, deadline)
 	if err != nil {
 		fail(stdin, err.Error())
 	}
@@ -75,6 +82,20 @@ func agentSocket() string {
 		return defaultSocket
 	}
 	return path
+}
+
+// checkSocketPath refuses a path that cannot name the agent's socket, as the installer refuses
+// it for the installed one: not absolute (resolved against the runtime's working directory, or,
+// beginning with "@", an abstract socket that no file mode protects and any process of the
+// host's network namespace may bind), or too long for connect().
+func checkSocketPath(path string) error {
+	if !strings.HasPrefix(path, "/") {
+		return fmt.Errorf("PYABOUTS_AGENT_SOCKET=%q is not an absolute path", path)
+	}
+	if len(path) >= unixPathMax {
+		return fmt.Errorf("PYABOUTS_AGENT_SOCKET=%q is %d bytes long: a unix socket's path has fewer than %d", path, len(path), unixPathMax)
+	}
+	return nil
 }
 
 // cniEnviron keeps the CNI_* entries: all that a call passes to its plugin. An entry without
@@ -218,15 +239,20 @@ func bareError(err error) error {
 // so the runtime retries the call. To STATUS it answers 50, as the spec asks of a plugin that
 // cannot serve ADD. Its cniVersion is the config's, else the latest, as the agent's errors.
 func fail(stdin []byte, message string) {
+	code := tryAgainLater
+	if os.Getenv("CNI_COMMAND") == "STATUS" {
+		code = notAvailable
+	}
+	failWith(stdin, code, message)
+}
+
+// failWith prints a CNI error with code and exits 1.
+func failWith(stdin []byte, code int, message string) {
 	var netconf struct {
 		CNIVersion string `json:"cniVersion"`
 	}
 	if json.Unmarshal(stdin, &netconf) != nil || netconf.CNIVersion == "" {
 		netconf.CNIVersion = latestVersion
-	}
-	code := tryAgainLater
-	if os.Getenv("CNI_COMMAND") == "STATUS" {
-		code = notAvailable
 	}
 	out, _ := json.Marshal(map[string]any{"cniVersion": netconf.CNIVersion, "code": code, "msg": message})
 	os.Stdout.Write(out)

@@ -187,6 +187,26 @@ func TestAgentSocket(t *testing.T) {
 	}
 }
 
+func TestMainRefusesASocketPathThatCannotNameTheAgentsSocket(t *testing.T) {
+	for path, says := range map[string]string{
+		"@abstract":                    "is not an absolute path",
+		"relative/agent.sock":          "is not an absolute path",
+		"/" + strings.Repeat("x", 107): "108 bytes long",
+	} {
+		out, code := runMain(t, `{"cniVersion":"1.0.0"}`, "CNI_COMMAND=ADD", "PYABOUTS_AGENT_SOCKET="+path)
+		var failure struct {
+			Code int    `json:"code"`
+			Msg  string `json:"msg"`
+		}
+		if err := json.Unmarshal([]byte(out), &failure); err != nil || code != 1 {
+			t.Fatalf("%q: got %d %q", path, code, out)
+		}
+		if failure.Code != 4 || !strings.Contains(failure.Msg, says) {
+			t.Fatalf("%q: got %+v", path, failure)
+		}
+	}
+}
+
 func TestCniEnvironKeepsOnlyCniEntries(t *testing.T) {
 	got := cniEnviron([]string{"PATH=/bin", "CNI_COMMAND=DEL", "XCNI_A=b", "CNI_ARGS="})
 	if strings.Join(got, ",") != "CNI_COMMAND=DEL,CNI_ARGS=" {
