@@ -13,14 +13,19 @@ UNIX_PATH_MAX = 108  # sun_path's size, its final NUL included (Linux)
 def parse_listen(listen: str) -> tuple[str, int]:
     """The (host, port) of a --listen value: "host:port", "[ipv6]:port", or ":port" for every
     address, host "" (IPv6 too where the node has it, as Go's ":port"; "[::]:port" is every
-    address and fails without IPv6, "0.0.0.0:port" every IPv4 address)."""
+    address and fails without IPv6, "0.0.0.0:port" every IPv4 address). An IPv6 address may
+    also come without brackets, the port being what follows its last colon: what
+    "$(HOST_IP):9646" makes of a node's IPv6 address in a DaemonSet."""
     host, colon, port = listen.rpartition(":")
     if not colon or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError(f"--listen {listen!r} is not host:port")
     if host.startswith("[") and host.endswith("]"):
         host = str(ipaddress.IPv6Address(host[1:-1]))
     elif ":" in host:
-        raise ValueError(f"--listen {listen!r}: put an IPv6 address in brackets, [::1]:{port}")
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise ValueError(f"--listen {listen!r}: {host!r} is not an IPv6 address") from None
     return host, int(port)
 
 

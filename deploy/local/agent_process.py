@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -95,10 +96,21 @@ class AgentProcess:
         self.process.stop()
 
     def _not_ready(self) -> str | None:
-        readyz = self.endpoint("/readyz")
-        if readyz != "ok":
-            return f"/readyz said {readyz!r}"
+        """Started once it serves its socket; /readyz also asks that its datastore answer,
+        which a test of an unreachable one never sees (see ready())."""
+        healthz = self.endpoint("/healthz")
+        if healthz != "ok":
+            return f"/healthz said {healthz!r}"
         return None if self._connects() else f"{self.socket} refuses connections"
+
+    def ready(self) -> bool:
+        """Whether /readyz answers 200: serving, and its datastore answers."""
+        try:
+            return self.endpoint("/readyz") == "ok"
+        except urllib.error.HTTPError as exc:
+            if exc.code == 503:
+                return False
+            raise
 
     def _connects(self) -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:

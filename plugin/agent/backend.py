@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pyabouts.ipam.coalescing import CoalescingTransactions
 from pyabouts.ipam.config import ETCD_CONNECTION_KEYS, IpamConf, PluginConfig, load_config
@@ -30,6 +30,7 @@ from pyabouts.ipam.stores.cached import CachedStore
 from pyabouts.ipam.stores.write_behind import DeferringStore, PendingWrites
 from pyabouts.ipam.transaction import conflict_backoff_max
 from pyabouts.plugin.agent.datastore import AgentDatastore
+from pyabouts.plugin.agent.datastore_health import DatastoreHealth
 from pyabouts.plugin.agent.feed_follower import FeedFollower
 from pyabouts.plugin.agent.metrics import AgentMetrics
 from pyabouts.plugin.backend import REQUEST_TIMEOUT_SECONDS, config_with_named_flat_file
@@ -37,6 +38,7 @@ from pyabouts.plugin.cni import decode_netconf
 from pyabouts.plugin.commands import SPEC_ATTACHMENTS, VALID_ATTACHMENTS
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # The IpamConf fields that say which store to talk to and how: one client per distinct value.
 STORE_FIELDS = frozenset({"datastore", "etcd_host", "kubernetes"}) | ETCD_CONNECTION_KEYS
@@ -64,6 +66,9 @@ FINAL_FLUSH_SECONDS = 10.0
 # would else all retry at the flush interval. A tenth of MAX_PENDING_SECONDS, so that the node
 # takes changes again within seconds of the datastore's return.
 FLUSH_BACKOFF_MAX_SECONDS = 1.5
+# What a readiness probe reads (see DatastoreHealth): one block of a pool no config can name
+# (network names hold no NUL), which no datastore holds.
+PROBE_POOL = PoolId("pyabouts-readiness\0probe", 4)
 # Each wait is this much shorter or longer, at random: agents started together (a DaemonSet's
 # rollout) would else flush in step, and nodes whose slices share a block meet at every flush.
 FLUSH_JITTER = 0.2
@@ -76,24 +81,35 @@ def flush_wait(every: float, failures: int, *, jitter: float = FLUSH_JITTER) -> 
 
 
 class MeteredStore:
-    """Counts writes and conflicts of the store under it, for the agent's metrics."""
+    """Counts writes and conflicts of the store under it, for the agent's metrics, and tells
+    `health` whether the store answered each call."""
 
-    def __init__(self, backing: PoolStore, metrics: AgentMetrics) -> None:
+    def __init__(self, backing: PoolStore, metrics: AgentMetrics, health: DatastoreHealth) -> None:
         self._backing = backing
         self._metrics = metrics
+        self._health = health
 
     def read_blocks(self, pool: PoolId, first: int, last: int) -> list[Block]:
         self._metrics.store_reads.inc()
-        return self._backing.read_blocks(pool, first, last)
+        return self._answered(self._backing.read_blocks, pool, first, last)
 
     def read_all_blocks(self, *, on_unreadable: OnUnreadable | None = None) -> list[Block]:
-        return self._backing.read_all_blocks(on_unreadable=on_unreadable)
+        return self._answered(self._backing.read_all_blocks, on_unreadable=on_unreadable)
 
     def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
         self._metrics.store_writes.inc()
-        outcome = self._backing.write_blocks(blocks)
+        outcome = self._answered(self._backing.write_blocks, blocks)
         self._metrics.conflicts.inc(len(outcome.conflicts))
         return outcome
+
+    def _answered(self, call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        try:
+            result = call(*args, **kwargs)
+        except Exception as exc:
+            self._health.failed(exc)
+            raise
+        self._health.answered()
+        return result
 
     def close(self) -> None:
         self._backing.close()
@@ -101,6 +117,7 @@ class MeteredStore:
 
 @dataclass
 class _Client:
+    store: PoolStore  # the client itself, under the cache
     cache: CachedStore
     transactions: CoalescingTransactions
     follower: FeedFollower | None
@@ -132,6 +149,7 @@ class WarmBackend:
         self._flusher: threading.Thread | None = None
         self._stop_flushing = threading.Event()
         self._flush_failures = 0  # flushes failed in a row (see flush_wait)
+        self.health = DatastoreHealth(self._probe if datastore is not None else None)
 
     def write_behind(self, pending: PendingWrites, every: float) -> None:
         """Keep the writes `pending` defers (this node's slice blocks) and store them every
@@ -194,6 +212,12 @@ class WarmBackend:
         own = self._datastore
         if own is not None:
             self._own_client(own)
+            self.health.probe_soon()  # an etcd client has not connected yet
+
+    def _probe(self) -> None:
+        """A read of the agent's own datastore, past its cache (see DatastoreHealth)."""
+        assert self._datastore is not None
+        self._own_client(self._datastore).store.read_blocks(PROBE_POOL, 0, 0)
 
     def cached_blocks(self) -> list[Block]:
         with self._lock:
@@ -262,7 +286,7 @@ class WarmBackend:
                 client.follower.stop()  # its cache serves what is in flight; the new one follows
             feed = store if isinstance(store, BlockFeed) else None
             cache = CachedStore(
-                MeteredStore(store, self._metrics),
+                MeteredStore(store, self._metrics, self.health),
                 max_age=POOL_MAX_AGE_SECONDS,
                 feed=feed,
                 max_age_fed=POOL_MAX_AGE_FED_SECONDS,
@@ -277,8 +301,8 @@ class WarmBackend:
                 recheck=cache.recheck,
                 backoff_max=conflict_backoff_max(datastore),
             )
-            follower = FeedFollower(feed, cache, self._metrics) if feed else None
-            client = _Client(cache, transactions, follower)
+            follower = FeedFollower(feed, cache, self._metrics, self.health) if feed else None
+            client = _Client(store, cache, transactions, follower)
             self._clients[key] = client
         if follower is not None:
             follower.start()

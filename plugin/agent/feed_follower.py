@@ -10,6 +10,7 @@ import time
 from collections.abc import Mapping
 
 from pyabouts.ipam.store import BlockFeed, ChangeSink
+from pyabouts.plugin.agent.datastore_health import DatastoreHealth
 from pyabouts.plugin.agent.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
@@ -20,11 +21,14 @@ STEADY_SECONDS = 60.0  # a feed that ran this long before it broke starts from t
 
 
 class FeedFollower:
-    def __init__(self, feed: BlockFeed, sink: ChangeSink, metrics: AgentMetrics) -> None:
+    def __init__(
+        self, feed: BlockFeed, sink: ChangeSink, metrics: AgentMetrics, health: DatastoreHealth
+    ) -> None:
         self._feed = feed
         self._stop = threading.Event()
-        self._sink = _MeteredSink(sink, metrics, self._stop)
+        self._sink = _MeteredSink(sink, metrics, self._stop, health)
         self._metrics = metrics
+        self._health = health
         self._thread = threading.Thread(target=self._follow, name="block-feed", daemon=True)
 
     def start(self) -> None:
@@ -44,6 +48,7 @@ class FeedFollower:
                 self._feed.follow_changes(self._sink, self._stop)
             except Exception as exc:  # a broken feed is never fatal: pools are read instead
                 if not self._stop.is_set():  # else stopped while it waited: nothing to tell
+                    self._health.failed(exc)
                     if time.monotonic() - began > STEADY_SECONDS:
                         pause = FIRST_PAUSE_SECONDS
                     log.warning(
@@ -58,15 +63,23 @@ class FeedFollower:
 class _MeteredSink:
     """The cache, with the feed's state on the agent's gauge while its follower is current."""
 
-    def __init__(self, sink: ChangeSink, metrics: AgentMetrics, stopped: threading.Event) -> None:
+    def __init__(
+        self,
+        sink: ChangeSink,
+        metrics: AgentMetrics,
+        stopped: threading.Event,
+        health: DatastoreHealth,
+    ) -> None:
         self._sink = sink
         self._live = metrics.feed_live
         self._stopped = stopped
+        self._health = health
 
     def feed_listed(self, revisions: Mapping[tuple[str, str], str]) -> None:
         self._sink.feed_listed(revisions)
         if not self._stopped.is_set():
             self._live.set(1)
+            self._health.answered()
 
     def feed_changed(self, pool_tag: str, block_tag: str, revision: str, *, deleted: bool) -> None:
         self._sink.feed_changed(pool_tag, block_tag, revision, deleted=deleted)

@@ -261,7 +261,8 @@ class AgentServer(socketserver.UnixStreamServer):
         return self.serving.is_set()
 
     def ready(self) -> bool:
-        return self.serving.is_set() and self.socket_path.exists()
+        """Serving its socket, and its datastore answers (see DatastoreHealth)."""
+        return self.serving.is_set() and self.socket_path.exists() and self.backend.health.ready()
 
     def refresh_pool_usage(self) -> None:
         record_pool_usage(self.metrics.pool_addresses, self.backend.cached_blocks())

@@ -15,6 +15,7 @@ from pyabouts.ipam.errors import StoreUnavailableError
 from pyabouts.ipam.pool import BlockKey, PoolId
 from pyabouts.ipam.stores.kubernetes import POOL_LABEL, KubernetesStore, object_name, pool_label
 from pyabouts.plugin.agent import feed_follower
+from pyabouts.plugin.agent.datastore_health import DatastoreHealth
 from pyabouts.plugin.agent.feed_follower import FeedFollower, _MeteredSink
 from pyabouts.plugin.agent.metrics import AgentMetrics
 
@@ -96,7 +97,8 @@ def test_the_follower_follows_again_after_a_break_and_reports_it_lost_meanwhile(
     listing = {"metadata": {"resourceVersion": "1"}, "items": []}
     api = ScriptedApi([listing, listing, listing], [[], []])  # then the watch is refused
     sink, metrics = Sink(), AgentMetrics()
-    follower = FeedFollower(KubernetesStore(api, "ns"), sink, metrics)  # type: ignore[arg-type]
+    health = DatastoreHealth(None)
+    follower = FeedFollower(KubernetesStore(api, "ns"), sink, metrics, health)  # type: ignore[arg-type]
     follower.start()
     deadline = time.monotonic() + 10
     while sink.lost < 2:  # each break is counted, then reported lost
@@ -111,8 +113,8 @@ def test_a_stopped_followers_reports_leave_the_gauge_to_the_current_one() -> Non
     the agent's gauge keeps saying what the current follower's feed is."""
     metrics = AgentMetrics()
     retired_stop, current_stop = threading.Event(), threading.Event()
-    retired = _MeteredSink(Sink(), metrics, retired_stop)
-    current = _MeteredSink(Sink(), metrics, current_stop)
+    retired = _MeteredSink(Sink(), metrics, retired_stop, DatastoreHealth(None))
+    current = _MeteredSink(Sink(), metrics, current_stop, DatastoreHealth(None))
     retired.feed_listed({})
     current.feed_listed({})
     retired_stop.set()

@@ -38,6 +38,8 @@ class Healthy:
         ("[::1]:8080", ("::1", 8080)),
         ("[fd00:0::1]:1", ("fd00::1", 1)),
         ("localhost:0", ("localhost", 0)),
+        ("fd00::1:9646", ("fd00::1", 9646)),  # a DaemonSet's $(HOST_IP):9646 on IPv6
+        ("2001:DB8::A:80", ("2001:db8::a", 80)),
     ],
 )
 def test_listen_forms(listen: str, expected: tuple[str, int]) -> None:
@@ -46,7 +48,8 @@ def test_listen_forms(listen: str, expected: tuple[str, int]) -> None:
 
 
 @pytest.mark.parametrize(
-    "listen", ["9646", "::9646", "[::1]", "host:", "1.2.3.4:65536", "[nope]:80", ":-1", ":\uff19"]
+    "listen",
+    ["9646", "::9646", "[::1]", "host:", "1.2.3.4:65536", "[nope]:80", ":-1", ":\uff19", "a:b:80"],
 )
 def test_listen_forms_refused(listen: str) -> None:
     with pytest.raises(ValueError):
