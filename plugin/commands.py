@@ -167,7 +167,8 @@ def _check(
         for rng, addresses in zip(config.ranges, held, strict=True)
         for a in addresses
     }
-    for address in _previous_addresses(raw):
+    previous = _previous_addresses(raw)
+    for address in previous:
         in_ranges = any(rng.can_give(address) for rng in config.ranges)
         if in_ranges and (address.version, int(address)) not in mine:
             raise CniError(
@@ -175,6 +176,16 @@ def _check(
                 f"address {address} from prevResult is not allocated to container "
                 f"{container_id} interface {ifname}",
             )
+    # And the other way round: what it holds is what the runtime says the interface has.
+    listed = {(address.version, int(address)) for address in previous}
+    missing = sorted(mine - listed) if isinstance(raw.get("prevResult"), dict) else []
+    if missing:
+        family, value = missing[0]
+        raise CniError(
+            UNKNOWN_CONTAINER,
+            f"address {netaddr.IPAddress(value, family)} allocated to container "
+            f"{container_id} interface {ifname} is not in prevResult",
+        )
 
 
 def _collect_garbage(

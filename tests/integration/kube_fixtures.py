@@ -110,3 +110,9 @@ def exec_kubeconfig(path: Path, cluster: ControlPlane, *, run_first: str = "") -
         }
     }
     return kubeconfig(path, cluster, user)
+
+
+def forbidden_kubeconfig(cluster: ControlPlane, name: str) -> Path:
+    """The kubeconfig of a new ServiceAccount `name` of kube-system, which no Role binds."""
+    cluster.kubectl("create", "serviceaccount", name, "-n", "kube-system")
+    return cluster.service_account_kubeconfig("kube-system", name)

@@ -2,8 +2,9 @@
 
 NetworkAttachmentDefinitions are written by namespace users and the agent runs as root on every
 node: a request's kubeconfig (with an exec plugin), certificate paths, etcd host or flat file
-must not make it run a command, open a file or connect anywhere. Real agents, the real
-apiserver, real etcd.
+must not make it run a command, open a file or connect anywhere. And its /readyz says whether
+its own datastore answers it: a release that cannot reach its IPPools never becomes Ready, so a
+DaemonSet's rolling update stops at its first node. Real agents, the real apiserver, real etcd.
 """
 
 import json
@@ -11,7 +12,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,13 @@ import pytest
 
 from deploy.local.agent_process import AgentProcess, running_agent
 from deploy.local.controlplane import ControlPlane
+from deploy.local.etcd_server import running_etcd
 from deploy.local.netns import CniCall
 from deploy.local.node_shim import built_shim
 from pyabouts.ipam.errors import INVALID_CONFIG
 from pyabouts.plugin.install import install_shim
 from tests.integration.etcd_fixtures import EtcdServer
-from tests.integration.kube_fixtures import exec_kubeconfig
+from tests.integration.kube_fixtures import exec_kubeconfig, forbidden_kubeconfig
 from tests.integration.plugin_fixtures import etcd_ipam
 from tests.integration.plugin_processes import cni, metric, netconf
 from tests.integration.stored_state import stored, stored_allocations
@@ -192,3 +194,50 @@ def test_an_agent_whose_own_settings_are_unusable_does_not_start(tmp_path: Path)
         AgentProcess(tmp_path / "node", config=config).start()
     with pytest.raises(RuntimeError, match="not running in a cluster"):
         AgentProcess(tmp_path / "other", config=agent_config(tmp_path / "other", {})).start()
+
+
+def eventually(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_an_agent_whose_etcd_stops_answering_is_not_ready_until_it_answers_again(
+    tmp_path: Path,
+) -> None:
+    with running_etcd(tmp_path / "etcd") as etcd:
+        config = agent_config(tmp_path / "node", {"datastore": "etcd", "etcd_host": etcd.endpoint})
+        flags = ["--command-deadline", "3"]
+        with running_agent(tmp_path / "node", config=config, extra_args=flags) as agent:
+            eventually(agent.ready, 10, "ready once etcd answered its probe")
+            ipam = {"type": "pyabouts", "range": "10.97.0.0/24", "network_name": "ready-etcd"}
+            add(agent, ipam, "before").expect_success()
+            etcd.kill()
+            refused = add(agent, ipam, "during")
+            assert refused.result["code"] == 11, refused.result
+            assert not agent.ready() and agent.endpoint("/healthz") == "ok"
+            etcd.start_again()
+            eventually(agent.ready, 15, "ready again once etcd answers (the probe asks it)")
+            add(agent, ipam, "after").expect_success()
+
+
+def test_an_agent_without_the_rights_to_its_ippools_is_not_ready_until_it_has_them(
+    tmp_path: Path, pyabouts_cluster: ControlPlane
+) -> None:
+    account = f"no-rbac-{uuid.uuid4().hex[:6]}"
+    kubeconfig = forbidden_kubeconfig(pyabouts_cluster, account)
+    config = agent_config(tmp_path / "node", {"kubernetes": {"kubeconfig": str(kubeconfig)}})
+    binding = f"rolebinding/{account}"
+    try:
+        with running_agent(tmp_path / "node", config=config) as agent:
+            time.sleep(3)  # the watch's list and the probes refused meanwhile
+            assert not agent.ready() and agent.endpoint("/healthz") == "ok"
+            pyabouts_cluster.kubectl(
+                *("create", "rolebinding", account, "-n", "kube-system"),
+                *("--role=pyabouts-plugin", f"--serviceaccount=kube-system:{account}"),
+            )
+            eventually(agent.ready, 30, "ready once its account may read the IPPools")
+    finally:
+        pyabouts_cluster.kubectl_run("delete", binding, "-n", "kube-system", "--ignore-not-found")
+        pyabouts_cluster.kubectl_run("delete", "serviceaccount", account, "-n", "kube-system")

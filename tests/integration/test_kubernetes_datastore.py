@@ -19,7 +19,7 @@ from pyabouts.ipam.stores import kubernetes
 from pyabouts.ipam.stores.kube_api import METADATA_ONLY, KubeApi
 from pyabouts.ipam.stores.kubeconfig import read_kubeconfig
 from pyabouts.ipam.stores.kubernetes import GROUP, VERSION, ippool_envelope, object_name
-from tests.integration.kube_fixtures import can
+from tests.integration.kube_fixtures import can, forbidden_kubeconfig
 from tests.integration.plugin_fixtures import closed_port, kubernetes_ipam
 from tests.integration.plugin_processes import cni, netconf
 from tests.integration.stored_state import kubernetes_store, table_entries
@@ -282,11 +282,6 @@ def test_an_unreachable_apiserver_is_try_again_later(
     call = cni(pyabouts_exe, "ADD", conf)
     assert (call.returncode, call.result["code"]) == (1, 11)
     assert "unreachable" in call.result["msg"]
-
-
-def forbidden_kubeconfig(cluster: ControlPlane, name: str) -> Path:
-    cluster.kubectl("create", "serviceaccount", name, "-n", "kube-system")
-    return cluster.service_account_kubeconfig("kube-system", name)
 
 
 def test_a_forbidden_answer_says_so_and_writes_nothing(

@@ -212,6 +212,28 @@ def test_check_fails_when_prev_result_names_an_address_not_held(memory_store: Me
     assert call("CHECK", bad)[1]["code"] == 3
 
 
+def test_check_fails_when_an_address_held_is_missing_from_prev_result(
+    memory_store: MemoryStore,
+) -> None:
+    config = conf("1.0.0", ipRanges=[{"range": "fd40::/120"}])
+    assert call("ADD", config)[0] == 0
+    both = [{"address": "192.0.2.1/29"}, {"address": "fd40::1/120"}]
+    assert call("CHECK", config | {"prevResult": {"ips": both}}) == (0, None)
+    status, error = call("CHECK", config | {"prevResult": {"ips": both[:1]}})
+    assert (status, error["code"]) == (1, 3)
+    assert (
+        error["msg"]
+        == "address fd40::1 allocated to container c1 interface net1 is not in prevResult"
+    )
+    assert call("CHECK", config | {"prevResult": {"ips": []}})[1]["code"] == 3
+    # A static address beside them, in a range's network but never given by it, is no mismatch.
+    static = config | {"prevResult": {"ips": [*both, {"address": "192.0.2.7/29"}]}}
+    assert call("CHECK", static | {"ipam": static["ipam"] | {"exclude": ["192.0.2.7/32"]}}) == (
+        0,
+        None,
+    )
+
+
 def test_gc_drops_allocations_not_in_valid_attachments(memory_store: MemoryStore) -> None:
     config = conf("1.1.0")
     for i in range(3):
