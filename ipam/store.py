@@ -80,7 +80,8 @@ class PoolStore(Protocol):
 
         Blocks changed by somebody else meanwhile are not written: they are the outcome's
         conflicts, and only they (a cache reads those again, not the whole write). A store that
-        can write several blocks atomically (etcd) writes all or none; one that cannot
+        can write several blocks atomically (etcd) writes all or none, up to what one of its
+        transactions takes (etcd: 32 blocks, else parts in order, as below); one that cannot
         (Kubernetes) writes them one by one in the order given and stops at the first conflict,
         so no block after a stale one is written. The allocator's decisions are idempotent, so
         a write that stored only some is completed by the retry.

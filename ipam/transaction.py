@@ -203,7 +203,8 @@ def run_span_transaction(
             details=details,
         )
         # The write's first conflicting block, in the write's order (_in_span_order: registries
-        # first): Kubernetes stops there, and etcd, which writes all or none, names each stale one.
+        # first): Kubernetes stops there, and etcd, which writes a transaction's blocks all or
+        # none, names each stale one of it.
         cap = CLAIM_BACKOFF_MAX if is_registry(conflicts[0].pool) else backoff_max
         why = f"conflict on {len(conflicts)} block(s)"
         _back_off(clock, attempt, deadline_now(), busy, why, cap=cap)

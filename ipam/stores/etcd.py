@@ -1,15 +1,17 @@
 """The etcd datastore: one key per block, written with transactions comparing mod revisions.
 
 Key: /pyabouts/v1/pools/<family>/<network_name>/<block base, fixed-width hex>, so the
-blocks of a span are one range read. Several blocks are written in one transaction, all or none;
-one that fails names the blocks somebody else changed, as read in the same transaction.
+blocks of a span are one range read. Several blocks are written in one transaction, all or none
+(a write of more than one transaction takes, in several, in order: see _transaction_parts); one
+that fails names the blocks somebody else changed, as read in the same transaction.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote
@@ -51,6 +53,10 @@ from etcd3 import exceptions as etcd_exceptions
 T = TypeVar("T")
 
 KEY_PREFIX = "/pyabouts/v1/pools"
+# The most one transaction stores (see _transaction_parts): 32 blocks are 96 operations of etcd's
+# 128, and 1 MiB leaves room under its 1.5 MiB for the compares and keys.
+TXN_BLOCKS = 32
+TXN_BYTES = 1 << 20
 # grpc refuses answers over 4 MiB by default: a whole-store read (the reconciler's pass) of
 # some 70 full blocks. etcd's own Go client takes answers up to 2 GiB; so does this one.
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 2**31 - 1)]
@@ -108,28 +114,16 @@ class EtcdStore:
         return _decode(found, on_unreadable)
 
     def write_blocks(self, blocks: Sequence[Block]) -> WriteOutcome:
-        def transact(client: Any) -> WriteOutcome:
-            txn = client.transactions
-            compare = [
-                txn.version(block_key(b.key)) == 0
-                if b.revision is None
-                else txn.mod(block_key(b.key)) == int(b.revision)
-                for b in blocks
-            ]
-            puts = [txn.put(block_key(b.key), block_json(b)) for b in blocks]
-            # On a failed compare, the blocks as stored at that revision: which of them changed.
-            gets = [txn.get(block_key(b.key)) for b in blocks]
-            succeeded, responses = client.transaction(compare=compare, success=puts, failure=gets)
-            if not succeeded:
-                return WriteOutcome(conflicts=_stale_blocks(blocks, responses))
-            return WriteOutcome(
-                revisions={
-                    b.key: str(r.response_put.header.revision)
-                    for b, r in zip(blocks, responses, strict=True)
-                }
-            )
-
-        return self._call(transact)
+        # One transaction per part (see _transaction_parts), in order, until one conflicts:
+        # what follows is decided again, as the Kubernetes store does after its first conflict.
+        outcome = WriteOutcome()
+        for part in _transaction_parts(blocks):
+            written = self._call(functools.partial(_write_part, part))
+            outcome.revisions.update(written.revisions)
+            if written.conflicts:
+                outcome.conflicts.extend(written.conflicts)
+                break
+        return outcome
 
     def close(self) -> None:
         if self._client is not None:
@@ -355,6 +349,49 @@ def _trust_hint(settings: EtcdSettings) -> str:
 def _last_error(details: str) -> str:
     """grpc's `details` without its preamble ("failed to connect to all addresses; ...")."""
     return details.rsplit("last error: ", 1)[-1]
+
+
+def _transaction_parts(blocks: Sequence[Block]) -> Iterator[list[tuple[Block, str]]]:
+    """The blocks with their stored text, in parts of at most TXN_BLOCKS blocks and, unless a
+    part is one block, TXN_BYTES: etcd refuses a transaction of more than 128 operations of a
+    kind (--max-txn-ops) or over 1.5 MiB (--max-request-bytes) by default, and a write of many
+    blocks (a migration, a reconcile pass over a large pool) would else never be stored. An
+    ADD's write is one part."""
+    part: list[tuple[Block, str]] = []
+    size = 0
+    for block in blocks:
+        text = block_json(block)
+        if part and (len(part) == TXN_BLOCKS or size + len(text) > TXN_BYTES):
+            yield part
+            part, size = [], 0
+        part.append((block, text))
+        size += len(text)
+    if part:
+        yield part
+
+
+def _write_part(part: Sequence[tuple[Block, str]], client: Any) -> WriteOutcome:
+    """One transaction: every block of `part` stored if none changed since it was read."""
+    blocks = [block for block, _ in part]
+    txn = client.transactions
+    compare = [
+        txn.version(block_key(b.key)) == 0
+        if b.revision is None
+        else txn.mod(block_key(b.key)) == int(b.revision)
+        for b in blocks
+    ]
+    puts = [txn.put(block_key(b.key), text) for b, text in part]
+    # On a failed compare, the blocks as stored at that revision: which of them changed.
+    gets = [txn.get(block_key(b.key)) for b in blocks]
+    succeeded, responses = client.transaction(compare=compare, success=puts, failure=gets)
+    if not succeeded:
+        return WriteOutcome(conflicts=_stale_blocks(blocks, responses))
+    return WriteOutcome(
+        revisions={
+            b.key: str(r.response_put.header.revision)
+            for b, r in zip(blocks, responses, strict=True)
+        }
+    )
 
 
 def _stale_blocks(blocks: Sequence[Block], stored: Sequence[Any]) -> list[BlockKey]:

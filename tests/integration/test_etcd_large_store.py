@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from pyabouts.ipam.pool import BLOCK_SIZE, Block, BlockKey, Owner, PoolId
-from pyabouts.ipam.stores.etcd import EtcdStore, pool_prefix
+from pyabouts.ipam.stores.etcd import TXN_BLOCKS, EtcdStore, pool_prefix
 from tests.integration.etcd_fixtures import EtcdServer, _etcdctl
 from tests.integration.stored_state import etcd_store
 
@@ -55,5 +55,38 @@ def test_a_store_larger_than_four_mib_is_read_whole(
         for read in (everything, span):
             assert sorted(b.key.base for b in read) == [b.key.base for b in written]
             assert sum(len(b.entries) for b in read) == BLOCKS * BLOCK_SIZE
+    finally:
+        _etcdctl(etcd_server, "del", "--prefix", pool_prefix(pool))
+
+
+def test_a_write_of_more_blocks_than_one_transaction_takes_goes_in_parts(
+    store: EtcdStore, etcd_server: EtcdServer
+) -> None:
+    """etcd refuses a transaction of over 128 operations of a kind (a migration's, a reconcile
+    pass's over a large pool): such a write goes in parts of TXN_BLOCKS, in order, until one
+    conflicts, as the Kubernetes store stops at its first conflict."""
+    pool = PoolId(f"parts-{uuid.uuid4().hex[:8]}", 4)
+    keys = [BlockKey.of(pool, (11 << 24) + i * BLOCK_SIZE) for i in range(150)]
+    try:
+        first = store.write_blocks(
+            [Block(k, {k.base + 1: Owner(f"a{k.base}", "net1")}) for k in keys]
+        )
+        assert first.conflicts == [] and set(first.revisions) == set(keys)
+        assert len(store.read_blocks(pool, keys[0].base, keys[-1].base)) == len(keys)
+
+        def second_owner(key: BlockKey) -> Block:
+            entries = {key.base + 1: Owner(f"a{key.base}", "net1"), key.base + 2: Owner("b", "x")}
+            return Block(key, entries, first.revisions[key])
+
+        [taken] = [keys[70]]  # somebody else writes one block of the third part first
+        assert store.write_blocks([second_owner(taken)]).conflicts == []
+        second = store.write_blocks([second_owner(k) for k in keys])
+        assert second.conflicts == [taken]
+        assert set(second.revisions) == set(keys[: 2 * TXN_BLOCKS])  # the parts before it
+        stored = {
+            b.key: len(b.entries) for b in store.read_blocks(pool, keys[0].base, keys[-1].base)
+        }
+        # The first two parts, and the block the other writer stored; nothing of the rest.
+        assert [stored[k] for k in keys] == [2] * 64 + [1] * 6 + [2] + [1] * 79
     finally:
         _etcdctl(etcd_server, "del", "--prefix", pool_prefix(pool))
