@@ -244,7 +244,7 @@ def _may_have_leaked(event: PodEvent | Relisted) -> bool:
     if isinstance(event, Relisted):
         return False
     pod = event.pod
-    return event.kind == "DELETED" or pod.phase in ("Succeeded", "Failed")
+    return event.kind == "DELETED" or pod.finished
 
 
 def run_controller(connections: Connections, policy: Policy, args: argparse.Namespace) -> None:

@@ -94,6 +94,11 @@ class PodState:
     def deleting(self) -> bool:
         return self.deleting_by is not None
 
+    @property
+    def finished(self) -> bool:
+        """Succeeded or Failed: its containers ended for good, and its sandbox is torn down."""
+        return self.phase in ("Succeeded", "Failed")
+
     def lost_since(self, policy: Policy) -> float | None:
         """When its address may be freed as NODE_LOST (epoch seconds); None: not a lost pod, or
         the policy frees none."""
@@ -167,7 +172,7 @@ def _reserved(owner: Owner, pod: PodState | None, *, now: float, policy: Policy)
     """A reservation no StatefulSet covers: kept while the pod may still take its address
     back (the same pod, not finished nor being deleted, whose sandbox comes back; or a pod of
     that name created again and still setting up, within the grace); else it ends."""
-    if pod is None or pod.deleting or pod.phase in ("Succeeded", "Failed"):
+    if pod is None or pod.deleting or pod.finished:
         return Reason.NOT_IN_STATEFULSET
     if not owner.pod_uid or pod.has_uid(owner.pod_uid):
         return None
@@ -221,7 +226,7 @@ def judge(
         if pod.network_ips is None and not pod.deleting and pod.phase == "Pending":
             return None if now - pod.created < policy.pending_grace else Reason.POD_REPLACED
         return Reason.POD_REPLACED
-    if policy.free_finished and pod.phase in ("Succeeded", "Failed"):
+    if policy.free_finished and pod.finished:
         return Reason.POD_FINISHED
     # The taint manager also evicts the pods of a healthy node (a NoExecute taint they do not
     # tolerate): those run until their grace period ends, and their kubelet runs their DEL.

@@ -94,9 +94,11 @@ def run(args: argparse.Namespace) -> int:
         return _fail(error.msg)
     try:
         pools, slice_pools = read_whereabouts(connections.api_client)
-        # Listed after the pools were read: a pod missing here is gone (see bring_over).
+        # Listed after the pools were read: a pod missing here is gone (see bring_over), and so
+        # is a finished one, whose address pyabouts' reconciler frees (a whereabouts frozen at
+        # step 2 kept it).
         pods = PodReader(connections.api_client).list_all().pods
-        live_pods = set(pods)
+        live_pods = {ref for ref, pod in pods.items() if not pod.finished}
         read = holdings_of(pools, slice_pools, {ref: pod.node for ref, pod in pods.items()})
         results = store_holdings(
             connections.store, read.holdings, dry_run=args.dry_run, live_pods=live_pods

@@ -194,20 +194,32 @@ def test_a_dual_stack_network_moves_over_without_re_addressing_a_pod(
     assert not set(kept[gone]) & set(left)
     assert all(left[a].pod == f"{NAMESPACE}/{pod}" for pod in alive for a in kept[pod])
 
+    # A pod that finished meanwhile (a Job's, say): the reconciler frees its addresses, which
+    # whereabouts, frozen, still holds for it.
+    *running, finished = alive
+    status = '{"status": {"phase": "Succeeded"}}'
+    cluster.kubectl(
+        *("patch", "pod", finished, "-n", NAMESPACE, "--subresource=status"),
+        *("--type=merge", "-p", status),
+    )
+    reconcile_once(flat_file, reconciler_kubeconfig)
+    assert not set(kept[finished]) & set(owners_on(cluster, ""))
+
     # The NAD now says pyabouts: the same pods get the same addresses, new pods others.
     pyabouts_ipam = {"ipRanges": [{"range": v4}, {"range": v6}]}
-    for pod in alive:
+    for pod in running:
         assert pyabouts_add(cluster, pyabouts_ipam, pod, uid=uids[pod]) == kept[pod]
-    held = {a for pod in alive for a in kept[pod]}
+    held = {a for pod in running for a in kept[pod]}
     for i in range(3):
         fresh = pyabouts_add(cluster, pyabouts_ipam, f"new-{i}")
         assert not set(fresh) & held, fresh
         held |= set(fresh)
-    # The runbook's check after the switch: the gone pod's addresses, given again by now, are
-    # left out as whereabouts' leaks, not taken for conflicts.
+    # The runbook's check after the switch: the gone pod's addresses, given again by now, and
+    # the finished pod's are left out as whereabouts' leaks, neither taken for conflicts nor
+    # brought over again.
     final = {h["pod"]: h["result"] for h in mine(migrate_json(flat_file), {""}, [v4, v6])}
-    assert final == {f"{NAMESPACE}/{gone}": "pod-gone"} | {
-        f"{NAMESPACE}/{pod}": "present" for pod in alive
+    assert final == {f"{NAMESPACE}/{p}": "pod-gone" for p in (gone, finished)} | {
+        f"{NAMESPACE}/{pod}": "present" for pod in running
     }
     assert set(kept[gone]) <= set(owners_on(cluster, ""))  # given to new pods meanwhile
 
