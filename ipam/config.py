@@ -221,13 +221,16 @@ class PluginConfig:
     flat_file: str | None  # the flat file that filled gaps, if any
     # With node_slice_size: the ranges it cuts, and how; else empty.
     slices: tuple[SlicedRange, ...] = ()
+    # Why no address can be given (a range that gives none, see AddressRange.unusable; a
+    # node_slice_size that cuts no range), else "": ADD and STATUS are refused, while DEL,
+    # CHECK and GC go on, so that a config edited so never strands its pods' DELs, which
+    # kubelet retries for ever.
+    cannot_give: str = ""
 
-    def refuse_an_unusable_range(self) -> None:
-        """CniError 7 naming the first range that gives no address: ADD and STATUS cannot be
-        served, while DEL, CHECK and GC go on (see AddressRange.unusable)."""
-        for where, rng in zip(_range_keys(self.ipam), self.ranges, strict=True):
-            if rng.unusable:
-                raise CniError(INVALID_CONFIG, f"invalid network config: {where}: {rng.unusable}")
+    def check_can_give(self) -> None:
+        """CniError 7 saying why no address can be given, if so (see cannot_give)."""
+        if self.cannot_give:
+            raise CniError(INVALID_CONFIG, f"invalid network config: {self.cannot_give}")
 
     @property
     def ipam(self) -> IpamConf:
@@ -260,11 +263,18 @@ def load_config(raw: dict[str, Any], flat: FlatFile | None = None) -> PluginConf
         hidden = {key for key in from_file if inline.get(key) in (None, "", [], {})}
         raise CniError(INVALID_CONFIG, describe_validation_error(exc, hidden)) from exc
     ranges = _build_ranges(netconf.ipam)
+    slices, uncut = _slice_ranges(netconf.ipam, ranges)
+    unusable = [
+        f"{where}: {rng.unusable}"
+        for where, rng in zip(_range_keys(netconf.ipam), ranges, strict=True)
+        if rng.unusable
+    ]
     return PluginConfig(
         netconf=netconf,
         ranges=ranges,
         flat_file=flat.path if flat else None,
-        slices=_slice_ranges(netconf.ipam, tuple(r for r in ranges if not r.unusable)),
+        slices=slices,
+        cannot_give=(unusable or [uncut])[0],
     )
 
 
@@ -421,24 +431,31 @@ def _build_ranges(ipam: IpamConf) -> tuple[AddressRange, ...]:
     return tuple(ranges)
 
 
-def _slice_ranges(ipam: IpamConf, ranges: tuple[AddressRange, ...]) -> tuple[SlicedRange, ...]:
+def _slice_ranges(
+    ipam: IpamConf, ranges: tuple[AddressRange, ...]
+) -> tuple[tuple[SlicedRange, ...], str]:
     """The ranges `node_slice_size` cuts: each one it fits (an IPv4 size leaves a dual-stack
-    config's IPv6 range whole, and the other way round); refused when it fits none. A range of
-    a family it cuts but smaller than a slice stays whole too, with a warning: refusing the
-    config now would fail the DELs of the pods it serves."""
+    config's IPv6 range whole, and the other way round); and, when it fits none, why (for
+    PluginConfig.cannot_give). A range of a family it cuts but smaller than a slice stays
+    whole too, with a warning. A range that gives nothing (see AddressRange.unusable) counts
+    for whether the size fits, but is not cut."""
     if not ipam.node_slice_size:
-        return ()
+        return (), ""
     cut: list[SlicedRange] = []
     refusals: list[tuple[AddressRange, str]] = []
+    fits = set()
     for rng in ranges:
         try:
-            cut.append(SlicedRange(rng, parse_slice_size(ipam.node_slice_size, rng)))
+            sliced = SlicedRange(rng, parse_slice_size(ipam.node_slice_size, rng))
         except RangeError as exc:
             refusals.append((rng, str(exc)))
-    if not cut:
-        raise CniError(INVALID_CONFIG, f"invalid network config: ipam.{refusals[0][1]}")
-    families = {c.range.family for c in cut}
+            continue
+        fits.add(rng.family)
+        if not rng.unusable:
+            cut.append(sliced)
+    if not fits:
+        return (), f"ipam.{refusals[0][1]}"
     for rng, why in refusals:
-        if rng.family in families:
+        if rng.family in fits:
             log.warning("range %s is not cut into node slices: %s", rng.text, why)
-    return tuple(cut)
+    return tuple(cut), ""

@@ -51,7 +51,7 @@ def run_command(
     try:
         config = backend.config(raw, netconf)
         if command in ("ADD", "STATUS"):
-            config.refuse_an_unusable_range()
+            config.check_can_give()
         if backend.configures_logging:
             configure_logging(config.ipam.log_file, config.ipam.log_level)
         pools = [rng.pool for rng in config.ranges]

@@ -239,7 +239,7 @@ def test_the_gateway_is_never_given_by_the_ranges_of_its_family() -> None:
         netconf(type="pyabouts", range="192.0.2.1-192.0.2.1/24", gateway="192.0.2.1")
     )
     with pytest.raises(CniError) as refused:
-        alone.refuse_an_unusable_range()
+        alone.check_can_give()
     assert refused.value.code == INVALID_CONFIG
     assert refused.value.msg == (
         "invalid network config: ipam.range: '192.0.2.1-192.0.2.1/24': every address is excluded"
@@ -258,7 +258,7 @@ def test_a_range_that_gives_nothing_is_refused_for_add_naming_where_it_is_writte
     assert [bool(r.unusable) for r in config.ranges] == [False, False, True]
     assert [s.range.text for s in config.slices] == ["10.0.0.0/24", "10.1.0.0/24"]
     with pytest.raises(CniError) as refused:
-        config.refuse_an_unusable_range()
+        config.check_can_give()
     assert refused.value.msg == (
         "invalid network config: ipam.ipRanges[1].range: '10.0.0.0/32': a /32 has no usable address"
     )

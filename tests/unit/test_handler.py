@@ -149,31 +149,50 @@ def test_an_add_refuses_a_network_name_too_long_to_store_and_a_del_still_frees(
     assert memory_store.blocks == {} or all(not b.entries for b in memory_store.blocks.values())
 
 
+@pytest.mark.parametrize("slices", [{}, {"node_slice_size": "/30"}])
 @pytest.mark.parametrize(
     "drained",
     [
         {"exclude": ["192.0.2.0/29"]},  # every address excluded: a range drained
         {"range_start": "192.0.2.5", "range_end": "192.0.2.3"},
-        {"range": "192.0.2.1/32"},  # the range narrowed to nothing
+        {"range_start": "192.0.2.7", "exclude": ["192.0.2.7"]},
     ],
 )
 def test_a_config_edited_to_give_nothing_refuses_add_while_del_and_gc_still_free(
-    memory_store: MemoryStore, drained: dict[str, Any]
+    memory_store: MemoryStore, drained: dict[str, Any], slices: dict[str, Any]
 ) -> None:
     """kubelet retries a failing DEL for ever: an edit that leaves a range nothing to give
-    (the way to drain it) must not strand the pods it served."""
-    for container in ("c1", "c2"):
-        assert call("ADD", conf("1.1.0"), container=container)[0] == 0
-    edited = conf("1.1.0", **drained)
+    (the way to drain it) must not strand the pods it served, with node slices too."""
+
+    def holders() -> set[str]:
+        return {
+            o.container_id
+            for b in memory_store.blocks.values()
+            for o in b.entries.values()
+            if o.container_id in ("c1", "c2")
+        }
+
+    for i, container in enumerate(("c1", "c2")):
+        pod = f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=p{i}"
+        assert call("ADD", conf("1.1.0", **slices), container=container, args=pod)[0] == 0
+    assert holders() == {"c1", "c2"}
+    edited = conf("1.1.0", **slices, **drained)
     status, refused = call("ADD", edited, container="c3")
-    assert (status, refused["code"]) == (1, 7) and "invalid network config: ipam.range" in refused[
-        "msg"
-    ]
+    assert (status, refused["code"]) == (1, 7)
+    assert refused["msg"].startswith("invalid network config: ipam.range: '192.0.2.")
     assert call("STATUS", edited)[1]["code"] == 7
     assert call("DEL", edited, container="c1") == (0, None)
-    gc = edited | {"cni.dev/valid-attachments": []}
-    assert call("GC", gc) == (0, None)
-    assert all(not b.entries for b in memory_store.blocks.values())
+    assert holders() == {"c2"}
+    assert call("GC", edited | {"cni.dev/valid-attachments": []}) == (0, None)
+    assert holders() == set()
+
+
+def test_a_node_slice_size_that_cuts_no_range_refuses_add_and_lets_del_free(
+    memory_store: MemoryStore,
+) -> None:
+    status, refused = call("ADD", conf("1.1.0", node_slice_size="/20"))
+    assert (status, refused["code"]) == (1, 7) and "node_slice_size '/20'" in refused["msg"]
+    assert call("DEL", conf("1.1.0", node_slice_size="/20")) == (0, None)
 
 
 def test_delete_of_an_unknown_allocation_succeeds_silently(memory_store: MemoryStore) -> None:

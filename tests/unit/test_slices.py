@@ -226,8 +226,10 @@ def test_node_slice_size_is_checked_when_the_config_is_loaded() -> None:
     (cut,) = load_config(raw).slices
     assert cut.prefixlen == 26
     raw["ipam"]["node_slice_size"] = "/20"  # type: ignore[index]
+    config = load_config(raw)  # refused for ADD only: a DEL of it still frees
+    assert config.slices == ()
     with pytest.raises(CniError) as refused:
-        load_config(raw)
+        config.check_can_give()
     assert refused.value.code == INVALID_CONFIG
     assert "node_slice_size" in refused.value.msg
 
@@ -299,7 +301,14 @@ def test_a_slice_size_cuts_the_ranges_it_fits_and_is_refused_when_it_fits_none()
     assert got == [ip("10.0.0.1"), int(netaddr.IPAddress("fd00::be43:0:0:0"))]
     dual["ipam"]["node_slice_size"] = "/20"  # type: ignore[index]
     with pytest.raises(CniError, match=re.escape("node_slice_size '/20' does not cut 10.0.0.0/24")):
-        load_config(dual)
+        load_config(dual).check_can_give()
+    # A drained range (every address excluded) still counts for whether the size fits: the
+    # config loads, for DEL, and ADD is refused for the range that gives nothing.
+    dual["ipam"] |= {"node_slice_size": "/26", "exclude": ["10.0.0.0/24"]}  # type: ignore[operator]
+    drained = load_config(dual)
+    assert drained.slices == ()
+    with pytest.raises(CniError, match=re.escape("ipam.range: '10.0.0.0/24': every address")):
+        drained.check_can_give()
 
 
 def test_an_address_held_outside_the_nodes_slice_is_let_go_when_the_pod_allocates() -> None:
