@@ -75,7 +75,9 @@ class StoreBusyError(StoreUnavailableError):
 
 
 class StoreRefusedError(CniError):
-    """The datastore answered but refused the request (credentials, permissions)."""
+    """The datastore answered but refused the request (credentials, permissions); `content`:
+    refused for what it carried (a 400, 413 or 422), not for who sent it."""
 
-    def __init__(self, msg: str, details: str = "") -> None:
+    def __init__(self, msg: str, details: str = "", *, content: bool = False) -> None:
         super().__init__(STORE_REFUSED, msg, details)
+        self.content = content

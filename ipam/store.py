@@ -121,3 +121,12 @@ class BlockFeed(Protocol):
         """Report every stored block to sink.feed_listed, then each change to sink.feed_changed,
         until `stop` is set (then return) or the feed breaks (then raise)."""
         ...
+
+
+@runtime_checkable
+class ReachCheck(Protocol):
+    """What a store may offer besides PoolStore: one cheap request that fails where its reads
+    and writes would (the server, the credentials and rights; for IPPools, the CRD), for a
+    readiness probe. A store without it is probed with a read of a block nobody holds."""
+
+    def check_reach(self) -> None: ...

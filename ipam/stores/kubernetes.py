@@ -129,6 +129,12 @@ class KubernetesStore:
     def read_all_blocks(self, *, on_unreadable: OnUnreadable | None = None) -> list[Block]:
         return self._list(on_unreadable=on_unreadable)
 
+    def check_reach(self) -> None:
+        """A LIST of one IPPool's metadata: refused where the apiserver does not serve the CRD,
+        or the credentials may not list the namespace's IPPools. (A GET of a block nobody
+        created answers 404 with or without the CRD.)"""
+        self._call("GET", self._collection, query={"limit": 1}, accept=METADATA_LIST)
+
     def _get(self, key: BlockKey) -> list[Block]:
         try:
             item = self._call("GET", f"{self._collection}/{object_name(key)}", absent_ok=True)
@@ -297,7 +303,9 @@ class KubernetesStore:
             return StoreBusyError(message, retry_after=exc.retry_after)
         if status >= 500 or status == 410:  # 410: a list's continue token expired: list again
             return StoreUnavailableError(f"{where} answered {status}: {exc.message}")
-        return StoreRefusedError(f"{where} refused the request ({status}): {exc.message}")
+        return StoreRefusedError(
+            f"{where} refused the request ({status}): {exc.message}", content=True
+        )
 
 
 def ippools_path(namespace: str) -> str:

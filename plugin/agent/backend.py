@@ -24,7 +24,7 @@ from pyabouts.ipam.coalescing import CoalescingTransactions
 from pyabouts.ipam.config import ETCD_CONNECTION_KEYS, IpamConf, PluginConfig, load_config
 from pyabouts.ipam.errors import CniError
 from pyabouts.ipam.pool import Block, PoolId
-from pyabouts.ipam.store import BlockFeed, OnUnreadable, PoolStore, WriteOutcome
+from pyabouts.ipam.store import BlockFeed, OnUnreadable, PoolStore, ReachCheck, WriteOutcome
 from pyabouts.ipam.stores import open_store
 from pyabouts.ipam.stores.cached import CachedStore
 from pyabouts.ipam.stores.write_behind import DeferringStore, PendingWrites
@@ -215,9 +215,13 @@ class WarmBackend:
             self.health.probe_soon()  # an etcd client has not connected yet
 
     def _probe(self) -> None:
-        """A read of the agent's own datastore, past its cache (see DatastoreHealth)."""
+        """A request to the agent's own datastore, past its cache (see DatastoreHealth)."""
         assert self._datastore is not None
-        self._own_client(self._datastore).store.read_blocks(PROBE_POOL, 0, 0)
+        store = self._own_client(self._datastore).store
+        if isinstance(store, ReachCheck):
+            store.check_reach()
+        else:
+            store.read_blocks(PROBE_POOL, 0, 0)
 
     def cached_blocks(self) -> list[Block]:
         with self._lock:

@@ -23,12 +23,15 @@ PROBE_SECONDS = 2.0
 
 
 def unreached(error: BaseException) -> bool:
-    """True when `error` says the datastore did not answer the agent, or refused its
-    credentials: out of reach, or not the agent's to use. A busy store, a conflict or a block
-    it holds answered all the same."""
+    """True when `error` says the datastore did not answer the agent, or refused it (its
+    credentials, its rights, the CRD): out of reach, or not the agent's to use. A busy store, a
+    conflict, a block it holds or a request refused for what it carried answered all the
+    same: one NAD's request does not make the node's agent unready."""
     if isinstance(error, StoreBusyError):
         return False
-    return isinstance(error, (StoreUnavailableError, StoreRefusedError, OSError))
+    if isinstance(error, StoreRefusedError):
+        return not error.content
+    return isinstance(error, (StoreUnavailableError, OSError))
 
 
 class DatastoreHealth:

@@ -14,6 +14,7 @@ import pytest
 
 from deploy.local.controlplane import ControlPlane
 from deploy.local.netns import CniCall
+from pyabouts.ipam.errors import StoreRefusedError
 from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
 from pyabouts.ipam.stores import kubernetes
 from pyabouts.ipam.stores.kube_api import METADATA_ONLY, KubeApi
@@ -440,3 +441,27 @@ def test_a_pool_of_more_blocks_than_a_page_is_read_whole(
         }
     finally:
         store.close()
+
+
+def test_the_reach_check_is_refused_where_the_crd_or_the_right_to_list_is_missing(
+    pyabouts_cluster: ControlPlane,
+) -> None:
+    """What the agent's readiness probe asks of IPPools: a GET of a block nobody created is a
+    404 with or without the CRD, a LIST of one IPPool is not."""
+    store = kubernetes_store(str(pyabouts_cluster.kubeconfig))
+    try:
+        store.check_reach()
+        store._collection = f"/apis/absent.{GROUP}/{VERSION}/namespaces/kube-system/ippools"
+        assert store.read_blocks(PoolId("never", 4), 0, 0) == []
+        with pytest.raises(StoreRefusedError, match="is the IPPool CRD installed"):
+            store.check_reach()
+    finally:
+        store.close()
+    account = f"no-list-{uuid.uuid4().hex[:6]}"
+    forbidden = kubernetes_store(str(forbidden_kubeconfig(pyabouts_cluster, account)))
+    try:
+        with pytest.raises(StoreRefusedError, match="Forbidden"):
+            forbidden.check_reach()
+    finally:
+        forbidden.close()
+        pyabouts_cluster.kubectl_run("delete", "serviceaccount", account, "-n", "kube-system")
