@@ -13,9 +13,9 @@ stored nowhere but in these names, so it is read back from them.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import netaddr
 from kubernetes import client as k8s
@@ -24,11 +24,15 @@ from kubernetes.client.exceptions import ApiException
 from pyabouts.controller.pods import list_pages
 from pyabouts.ipam.migration import Holding
 from pyabouts.ipam.pool import Family, Owner, PoolId
-from pyabouts.ipam.ranges import RangeError, build_range
+from pyabouts.ipam.ranges import AddressRange, RangeError, build_range
 from pyabouts.ipam.slices import SlicedRange, parse_slice_size, slice_holder
 
 GROUP = "whereabouts.cni.cncf.io"
 VERSION = "v1alpha1"
+# What reading a whereabouts object not in its format raises (a field of another type, a range
+# that is no CIDR, an allocation that is no object): the object is named, never a traceback.
+_MALFORMED = (RangeError, ValueError, TypeError, AttributeError, KeyError, netaddr.AddrFormatError)
+_Read = TypeVar("_Read")
 
 
 class WhereaboutsPoolError(Exception):
@@ -86,8 +90,9 @@ def read_whereabouts(
     one without the NodeSlicePool CRD (whereabouts before v0.8) has no node slices.
     """
     api = k8s.CustomObjectsApi(api_client)
+    problems: list[str] = []
     try:
-        pools = [_ippool(item) for item in _list(api, "ippools")]
+        pools = _read_each(_list(api, "ippools"), _ippool, "IPPool", problems)
     except ApiException as exc:
         if exc.status == 404:
             raise WhereaboutsPoolError(
@@ -95,12 +100,34 @@ def read_whereabouts(
             ) from exc
         raise
     try:
-        slice_pools = [_node_slice_pool(item) for item in _list(api, "nodeslicepools")]
+        slice_pools = _read_each(
+            _list(api, "nodeslicepools"), _node_slice_pool, "NodeSlicePool", problems
+        )
     except ApiException as exc:
         if exc.status != 404:
             raise
         slice_pools = []
+    if problems:
+        raise WhereaboutsPoolError(problems)
     return pools, slice_pools
+
+
+def _read_each(
+    items: Iterable[Mapping[str, Any]],
+    read: Callable[[Mapping[str, Any]], _Read],
+    kind: str,
+    problems: list[str],
+) -> list[_Read]:
+    """`read` of each item; what it cannot read is named in `problems`."""
+    found = []
+    for item in items:
+        try:
+            found.append(read(item))
+        except _MALFORMED as exc:
+            meta = item.get("metadata") if isinstance(item, Mapping) else None
+            name = f"{meta.get('namespace', '')}/{meta.get('name', '')}" if meta else "?"
+            problems.append(f"{kind} {name}: {type(exc).__name__}: {exc}")
+    return found
 
 
 def holdings_of(
@@ -122,7 +149,7 @@ def holdings_of(
         try:
             network, node, slice_pool = pool_identity(pool, slice_pools, pod_nodes)
             holdings.extend(_address_holdings(pool, network, node, slice_pool))
-        except (RangeError, ValueError, netaddr.AddrFormatError) as exc:
+        except _MALFORMED as exc:
             if pool.allocations:  # an empty pool holds nothing to bring over
                 problems.append(f"{pool.source}: {exc}")
             continue
@@ -142,7 +169,7 @@ def holdings_of(
             continue
         try:
             holdings.extend(_slice_holdings(slice_pool, networks.pop()))
-        except (RangeError, ValueError, netaddr.AddrFormatError) as exc:
+        except _MALFORMED as exc:
             problems.append(f"{slice_pool.source}: {exc}")
     if problems:
         raise WhereaboutsPoolError(problems)
@@ -270,13 +297,7 @@ def _within(text: str, slice_pool: NodeSlicePool) -> bool:
 def _address_holdings(
     pool: WhereaboutsPool, network: str, node: str, slice_pool: NodeSlicePool | None
 ) -> Iterator[Holding]:
-    whole = build_range(
-        slice_pool.range if slice_pool else pool.range,
-        range_start=None,
-        range_end=None,
-        exclude=[],
-        pool=PoolId(network, _family(pool.range)),
-    )
+    whole = _whole_range(slice_pool.range if slice_pool else pool.range, network, pool.range)
     # whereabouts counts offsets from the address its range is written with.
     first = int(netaddr.IPNetwork(pool.range).ip)
     own = netaddr.IPNetwork(pool.range)
@@ -304,13 +325,7 @@ def _pod_of(podref: str) -> str:
 
 
 def _slice_holdings(slice_pool: NodeSlicePool, network: str) -> Iterator[Holding]:
-    whole = build_range(
-        slice_pool.range,
-        range_start=None,
-        range_end=None,
-        exclude=[],
-        pool=PoolId(network, _family(slice_pool.range)),
-    )
+    whole = _whole_range(slice_pool.range, network, slice_pool.range)
     sliced = SlicedRange(whole, parse_slice_size(slice_pool.slice_size, whole))
     registry = sliced.registry_range()
     base = int(whole.network.first)
@@ -320,6 +335,17 @@ def _slice_holdings(slice_pool: NodeSlicePool, network: str) -> Iterator[Holding
             raise ValueError(f"{cidr} is not a /{sliced.prefixlen} slice of {slice_pool.range}")
         owner = slice_holder(sliced, index, node)
         yield Holding(registry.pool, index, owner, registry, slice_pool.source, sliced)
+
+
+def _whole_range(text: str, network: str, family_of: str) -> AddressRange:
+    """`text` as a range of `network` (of the family of `family_of`), all of it; RangeError
+    when it gives no address (a /32, say), which whereabouts never gave from."""
+    whole = build_range(
+        text, range_start=None, range_end=None, exclude=[], pool=PoolId(network, _family(family_of))
+    )
+    if whole.unusable:
+        raise RangeError(whole.unusable)
+    return whole
 
 
 def _family(text: str) -> Family:

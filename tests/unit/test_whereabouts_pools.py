@@ -1,9 +1,12 @@
 """Reading whereabouts' IPPools and NodeSlicePools as whereabouts v0.9.4 writes them: names
 made of network_name, node and range; allocations keyed by offset."""
 
+from typing import Any
+
 import netaddr
 import pytest
 
+from pyabouts.controller import whereabouts_pools
 from pyabouts.controller.migrate import store_holdings
 from pyabouts.controller.whereabouts_pools import (
     NodeSlicePool,
@@ -206,3 +209,35 @@ def test_the_migration_stores_node_slices_before_the_addresses_in_them() -> None
     store = BlockByBlockStore()
     store_holdings(store, read.holdings, dry_run=False)
     assert [p.network for p in store.stored[0]] == ["red#node-slices 10.9.0.0/24 /26", "red"]
+
+
+def test_objects_not_in_whereabouts_format_are_named_never_a_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    listed: dict[str, list[dict[str, Any]]] = {
+        "ippools": [
+            {"metadata": {"namespace": "kube-system", "name": "10.9.0.0-24"}, "spec": "garbage"},
+        ],
+        "nodeslicepools": [
+            {
+                "metadata": {"namespace": "kube-system", "name": "blue"},
+                "spec": {"range": "10.9.0.0/24", "sliceSize": "/26"},
+                "status": {"allocations": [{"nodeName": "n1", "sliceRange": "not-a-cidr"}]},
+            }
+        ],
+    }
+    monkeypatch.setattr(whereabouts_pools, "_list", lambda api, plural: iter(listed[plural]))
+    with pytest.raises(WhereaboutsPoolError) as refused:
+        whereabouts_pools.read_whereabouts(None)  # type: ignore[arg-type]
+    assert [p.split(":")[0] for p in refused.value.problems] == [
+        "IPPool kube-system/10.9.0.0-24",
+        "NodeSlicePool kube-system/blue",
+    ]
+    # Read, but an allocation that is no object, or a range that gives nothing (whereabouts
+    # never gave from one), is a problem named by its pool.
+    odd = pool("10.9.0.0-24", "10.9.0.0/24", {"1": "c0ffee"})  # type: ignore[dict-item]
+    single = pool("10.9.0.7-32", "10.9.0.7/32", {"0": WEB})
+    with pytest.raises(WhereaboutsPoolError) as refused:
+        holdings_of([odd, single], [])
+    assert len(refused.value.problems) == 2
+    assert "has no usable address" in refused.value.problems[1]
