@@ -341,7 +341,12 @@ def test_the_agent_daemonset_applies_and_agrees_with_the_node_shim(
     assert pod["serviceAccountName"] == "pyabouts"
     [agent] = pod["containers"]
     [install] = pod["initContainers"]
-    assert agent["command"][:3] == ["pyabouts-agent", "--socket", AGENT_SOCKET]
+    assert agent["command"][0] == "pyabouts-agent"
+    assert f"--socket={AGENT_SOCKET}" in agent["command"]
+    # /metrics and the probes on the node's address alone, not on every interface of the host.
+    assert "--listen=$(HOST_IP):9646" in agent["command"]
+    host_ip = {e["name"]: e.get("valueFrom") for e in agent["env"]}["HOST_IP"]
+    assert host_ip == {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.hostIP"}}
     assert f"--agent-socket={AGENT_SOCKET}" in install["command"]
     assert "--shim=/opt/pyabouts/libexec/pyabouts-shim" in install["command"]  # no Python on nodes
     volumes = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
