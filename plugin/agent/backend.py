@@ -66,8 +66,8 @@ FINAL_FLUSH_SECONDS = 10.0
 # would else all retry at the flush interval. A tenth of MAX_PENDING_SECONDS, so that the node
 # takes changes again within seconds of the datastore's return.
 FLUSH_BACKOFF_MAX_SECONDS = 1.5
-# What a readiness probe reads (see DatastoreHealth): one block of a pool no config can name
-# (network names hold no NUL), which no datastore holds.
+# What a readiness probe of etcd reads (see DatastoreHealth): one block of a pool no NAD would
+# name; a read, so whatever it finds changes nothing.
 PROBE_POOL = PoolId("pyabouts-readiness\0probe", 4)
 # Each wait is this much shorter or longer, at random: agents started together (a DaemonSet's
 # rollout) would else flush in step, and nodes whose slices share a block meet at every flush.
