@@ -262,19 +262,14 @@ def load_config(raw: dict[str, Any], flat: FlatFile | None = None) -> PluginConf
     except ValidationError as exc:
         hidden = {key for key in from_file if inline.get(key) in (None, "", [], {})}
         raise CniError(INVALID_CONFIG, describe_validation_error(exc, hidden)) from exc
-    ranges = _build_ranges(netconf.ipam)
+    ranges, unusable = _build_ranges(netconf.ipam)
     slices, uncut = _slice_ranges(netconf.ipam, ranges)
-    unusable = [
-        f"{where}: {rng.unusable}"
-        for where, rng in zip(_range_keys(netconf.ipam), ranges, strict=True)
-        if rng.unusable
-    ]
     return PluginConfig(
         netconf=netconf,
         ranges=ranges,
         flat_file=flat.path if flat else None,
         slices=slices,
-        cannot_give=(unusable or [uncut])[0],
+        cannot_give=unusable or uncut,
     )
 
 
@@ -378,8 +373,9 @@ def flat_file_settings(flat: FlatFile | None) -> IpamConf:
         raise CniError(INVALID_CONFIG, describe_validation_error(exc, keys)) from exc
 
 
-def _range_entries(ipam: IpamConf) -> list[tuple[str, RangeConf]]:
-    """Each range of the config, with where it is written (for messages)."""
+def _build_ranges(ipam: IpamConf) -> tuple[tuple[AddressRange, ...], str]:
+    """The config's ranges, and where the first that gives nothing is written and why ("" when
+    each gives some: see AddressRange.unusable)."""
     entries: list[tuple[str, RangeConf]] = []
     if ipam.range:
         top = RangeConf(
@@ -389,21 +385,14 @@ def _range_entries(ipam: IpamConf) -> list[tuple[str, RangeConf]]:
             exclude=ipam.exclude,
         )
         entries.append(("ipam.range", top))
-    return entries + [(f"ipam.ipRanges[{i}].range", r) for i, r in enumerate(ipam.ip_ranges)]
-
-
-def _range_keys(ipam: IpamConf) -> list[str]:
-    return [where for where, _ in _range_entries(ipam)]
-
-
-def _build_ranges(ipam: IpamConf) -> tuple[AddressRange, ...]:
-    entries = _range_entries(ipam)
+    entries += [(f"ipam.ipRanges[{i}].range", r) for i, r in enumerate(ipam.ip_ranges)]
     if not entries:
         raise CniError(
             INVALID_CONFIG, "invalid network config: ipam.range or ipam.ipRanges is required"
         )
     gateway = parse_address(ipam.gateway) if ipam.gateway else None
     ranges = []
+    unusable = ""
     for where, entry in entries:
         try:
             network = parse_network(entry.range.split("-", 1)[-1]).cidr
@@ -417,18 +406,19 @@ def _build_ranges(ipam: IpamConf) -> tuple[AddressRange, ...]:
             # two NADs on one range must share it (whereabouts keys its IPPool by range), and
             # a NAD cannot know whether another one on an overlapping range sets the flag.
             pool = PoolId(network=ipam.network_name, family=family)
-            ranges.append(
-                build_range(
-                    entry.range,
-                    range_start=entry.range_start,
-                    range_end=entry.range_end,
-                    exclude=exclude,
-                    pool=pool,
-                )
+            rng = build_range(
+                entry.range,
+                range_start=entry.range_start,
+                range_end=entry.range_end,
+                exclude=exclude,
+                pool=pool,
             )
         except RangeError as exc:
             raise CniError(INVALID_CONFIG, f"invalid network config: {where}: {exc}") from exc
-    return tuple(ranges)
+        ranges.append(rng)
+        if rng.unusable and not unusable:
+            unusable = f"{where}: {rng.unusable}"
+    return tuple(ranges), unusable
 
 
 def _slice_ranges(

@@ -12,7 +12,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from tests.integration.kube_fixtures import exec_kubeconfig, forbidden_kubeconfi
 from tests.integration.plugin_fixtures import etcd_ipam
 from tests.integration.plugin_processes import cni, metric, netconf
 from tests.integration.stored_state import stored, stored_allocations
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -196,13 +197,6 @@ def test_an_agent_whose_own_settings_are_unusable_does_not_start(tmp_path: Path)
         AgentProcess(tmp_path / "other", config=agent_config(tmp_path / "other", {})).start()
 
 
-def eventually(condition: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
-
-
 def test_an_agent_whose_etcd_stops_answering_is_not_ready_until_it_answers_again(
     tmp_path: Path,
 ) -> None:
@@ -210,7 +204,7 @@ def test_an_agent_whose_etcd_stops_answering_is_not_ready_until_it_answers_again
         config = agent_config(tmp_path / "node", {"datastore": "etcd", "etcd_host": etcd.endpoint})
         flags = ["--command-deadline", "3"]
         with running_agent(tmp_path / "node", config=config, extra_args=flags) as agent:
-            eventually(agent.ready, 10, "ready once etcd answered its probe")
+            wait_for(agent.ready, 10, "ready once etcd answered its probe")
             ipam = {"type": "pyabouts", "range": "10.97.0.0/24", "network_name": "ready-etcd"}
             add(agent, ipam, "before").expect_success()
             etcd.kill()
@@ -218,7 +212,7 @@ def test_an_agent_whose_etcd_stops_answering_is_not_ready_until_it_answers_again
             assert refused.result["code"] == 11, refused.result
             assert not agent.ready() and agent.endpoint("/healthz") == "ok"
             etcd.start_again()
-            eventually(agent.ready, 15, "ready again once etcd answers (the probe asks it)")
+            wait_for(agent.ready, 15, "ready again once etcd answers (the probe asks it)")
             add(agent, ipam, "after").expect_success()
 
 
@@ -237,7 +231,7 @@ def test_an_agent_without_the_rights_to_its_ippools_is_not_ready_until_it_has_th
                 *("create", "rolebinding", account, "-n", "kube-system"),
                 *("--role=pyabouts-plugin", f"--serviceaccount=kube-system:{account}"),
             )
-            eventually(agent.ready, 30, "ready once its account may read the IPPools")
+            wait_for(agent.ready, 30, "ready once its account may read the IPPools")
     finally:
         pyabouts_cluster.kubectl_run("delete", binding, "-n", "kube-system", "--ignore-not-found")
         pyabouts_cluster.kubectl_run("delete", "serviceaccount", account, "-n", "kube-system")

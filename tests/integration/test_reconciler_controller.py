@@ -39,6 +39,7 @@ from tests.integration.reconciler_env import (
     pod_name,
     reconciler_argv,
 )
+from tests.waiting import wait_for
 
 LEASE_RBAC = """
 apiVersion: rbac.authorization.k8s.io/v1
@@ -119,16 +120,6 @@ class RunningController:
             if match and all(f'{k}="{v}"' in (match.group(2) or "") for k, v in labels.items()):
                 return float(match.group(3))
         return None
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Seconds until `condition` held; fails after `timeout`."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not within {timeout:.0f} s: {what}")
-        time.sleep(0.2)
-    return time.monotonic() - started
 
 
 @contextlib.contextmanager

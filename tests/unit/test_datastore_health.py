@@ -14,13 +14,7 @@ from pyabouts.ipam.errors import (
 )
 from pyabouts.plugin.agent import datastore_health
 from pyabouts.plugin.agent.datastore_health import DatastoreHealth
-
-
-def wait_for(condition: object, seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+from tests.waiting import wait_for
 
 
 def test_a_trusting_agent_is_ready_until_a_call_finds_its_store_unreached() -> None:
@@ -62,9 +56,11 @@ def test_an_agent_of_its_own_store_is_ready_once_a_probe_or_call_finds_it_answer
     assert not health.ready()  # unknown: a probe starts, and it is not ready meanwhile
     assert not health.ready()
     release.set()
-    wait_for(lambda: not health._probing)
+    wait_for(lambda: not health._probing, 5, "the first probe's end", every=0.005)
     assert len(probes) == 1 and not health.ready()  # the first probe found it out of reach
-    wait_for(health.ready)  # a check PROBE_SECONDS after the first probe asks again
+    wait_for(
+        health.ready, 5, "ready", every=0.005
+    )  # a check PROBE_SECONDS after the first probe asks again
     # (Spaced from when the first was started, a little before it ran.)
     assert len(probes) == 2 and probes[1] - probes[0] >= 0.15
     health.failed(StoreUnavailableError("gone"))  # a request's call
