@@ -187,3 +187,27 @@ def test_an_add_refuses_a_pool_holding_another_spelling_of_a_blocks_key(
     finally:
         client.delete_prefix(f"/pyabouts/v1/pools/4/{network}/")
         client.close()
+
+
+def test_a_range_drained_by_an_edit_refuses_adds_and_its_pods_dels_still_free(
+    pyabouts_exe: str, etcd_server: EtcdServer
+) -> None:
+    """The way to drain a range, every address excluded (with node slices too): kubelet
+    retries a failing DEL for ever, so only ADD and STATUS are refused."""
+    network = f"drain-{uuid.uuid4().hex[:8]}"
+    ipam = etcd_ipam(etcd_server, range="10.41.0.0/29", network_name=network)
+    for sliced in ({}, {"node_slice_size": "/30"}):
+        conf = netconf(**ipam, **sliced)
+        cni(pyabouts_exe, "ADD", conf, "c1").expect_success()
+        cni(pyabouts_exe, "ADD", conf, "c2").expect_success()
+        drained = netconf(**ipam, **sliced, exclude=["10.41.0.0/29"])
+        refused = cni(pyabouts_exe, "ADD", drained, "c3")
+        assert (refused.returncode, refused.result["code"]) == (1, 7), refused.result
+        assert "every address is excluded" in refused.result["msg"]
+        assert cni(pyabouts_exe, "STATUS", drained).result["code"] == 7
+        assert cni(pyabouts_exe, "DEL", drained, "c1").ok
+        held = {a["containerID"] for a in stored_allocations(etcd_server, network).values()}
+        assert "c1" not in held and "c2" in held
+        assert cni(pyabouts_exe, "DEL", drained, "c2").ok
+        held = {a["containerID"] for a in stored_allocations(etcd_server, network).values()}
+        assert not held & {"c1", "c2"}
