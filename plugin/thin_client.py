@@ -32,6 +32,7 @@ AGENT_SOCKET = "/run/pyabouts/agent.sock"
 FALLBACK_PATH: "list[str]" = []
 VERSION_REPLY = b""  # plugin.cni.render_version(), set by the installer: VERSION needs no agent
 REPLY_TIMEOUT = 90.0  # seconds; the agent answers within its 60 s command deadline
+INVALID_ENVIRONMENT = 4
 TRY_AGAIN_LATER = 11
 NOT_AVAILABLE = 50  # what STATUS answers when the plugin cannot serve ADD (CNI 1.1)
 # A reply up to this size reaches the socket in one copy (its buffer holds more), so an agent
@@ -39,6 +40,7 @@ NOT_AVAILABLE = 50  # what STATUS answers when the plugin cannot serve ADD (CNI 
 # only once it parses as JSON, as the agent writes it (not every reply: importing json, with
 # re, doubles this plugin's start).
 ATOMIC_REPLY_BYTES = 64 << 10
+UNIX_PATH_MAX = 108  # bytes of a unix socket's path, its ending NUL included
 
 
 def main() -> None:
@@ -47,10 +49,8 @@ def main() -> None:
         sys.stdout.buffer.write(VERSION_REPLY)
         sys.stdout.buffer.flush()
         return
-    socket_path = (
-        environ.get(b"PYABOUTS_AGENT_SOCKET", b"").decode(errors="surrogateescape") or AGENT_SOCKET
-    )
     stdin = sys.stdin.buffer.read()
+    socket_path = _agent_socket(stdin)
     # When it stops waiting (the agent starts nothing after): see wire.DEADLINE_KEY.
     gives_up = b"%d" % ((time.time() + REPLY_TIMEOUT) * 1000)
     entries = [(k, v) for k, v in environ.items() if k.startswith(b"CNI_")]
@@ -92,6 +92,23 @@ def main() -> None:
     sys.stdout.buffer.write(out)
     sys.stdout.buffer.flush()
     sys.exit(code)
+
+
+def _agent_socket(stdin: bytes) -> str:
+    """PYABOUTS_AGENT_SOCKET, else the installed path. One that cannot name the agent's socket
+    is refused (code 4) before any connect, or a fallback that would create its directory, as
+    the node shim and the installer refuse it: not absolute (resolved against the runtime's
+    working directory), or too long for connect()."""
+    path = posix.environ.get(b"PYABOUTS_AGENT_SOCKET", b"").decode(errors="surrogateescape")
+    if not path:
+        return AGENT_SOCKET
+    size = len(path.encode(errors="surrogateescape"))
+    if not path.startswith("/"):
+        _fail(stdin, f"PYABOUTS_AGENT_SOCKET={path!r} is not an absolute path", INVALID_ENVIRONMENT)
+    if size >= UNIX_PATH_MAX:
+        why = f"is {size} bytes long: a unix socket's path has fewer than {UNIX_PATH_MAX}"
+        _fail(stdin, f"PYABOUTS_AGENT_SOCKET={path!r} {why}", INVALID_ENVIRONMENT)
+    return path
 
 
 def _serve_without_agent(socket_path: str, why: OSError, stdin: bytes) -> "NoReturn":
@@ -148,15 +165,17 @@ def _whole_json(data: bytes) -> bool:
     return True
 
 
-def _fail(stdin: bytes, message: str) -> "NoReturn":
+def _fail(stdin: bytes, message: str, code: int = TRY_AGAIN_LATER) -> "NoReturn":
+    """Print CNI error `code` (for STATUS, TRY_AGAIN_LATER is NOT_AVAILABLE) and exit 1."""
     import json  # noqa: PLC0415 - the error path only
 
     try:
         version = json.loads(stdin).get("cniVersion") or "1.0.0"
     except (ValueError, AttributeError, RecursionError):
         version = "1.0.0"
-    status = posix.environ.get(b"CNI_COMMAND") == b"STATUS"
-    error = {"cniVersion": version, "code": NOT_AVAILABLE if status else TRY_AGAIN_LATER}
+    if code == TRY_AGAIN_LATER and posix.environ.get(b"CNI_COMMAND") == b"STATUS":
+        code = NOT_AVAILABLE
+    error = {"cniVersion": version, "code": code}
     error["msg"] = message
     sys.stdout.write(json.dumps(error))
     sys.stdout.flush()

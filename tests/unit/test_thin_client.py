@@ -244,3 +244,32 @@ def test_a_link_to_the_interpreter_that_another_user_owns_is_refused(
         install_thin_plugin(tmp_path / "bin", python=str(theirs / "python"))
     with pytest.raises(ValueError, match="is not an absolute path"):
         install_thin_plugin(tmp_path / "bin", python="python3")
+
+
+@pytest.mark.parametrize(
+    ("socket_path", "why"),
+    [
+        ("agent.sock", "is not an absolute path"),
+        ("@pyabouts", "is not an absolute path"),  # not abstract to Python, but as to the shim
+        ("/run/" + "p" * 103, "is 108 bytes long"),
+    ],
+)
+def test_an_agent_socket_from_the_environment_that_cannot_be_one_is_refused(
+    installed: Path, tmp_path: Path, socket_path: str, why: str
+) -> None:
+    # Refused before anything is connected or created (the fallback would make the path's
+    # directory, relative to the runtime's working directory): CNI code 4, as the shim does.
+    done = subprocess.run(
+        [str(installed)],
+        input=CONF,
+        env=ENV | {"PYABOUTS_AGENT_SOCKET": socket_path},
+        capture_output=True,
+        timeout=30,
+        check=False,
+        cwd=tmp_path,
+    )
+    error = json.loads(done.stdout)
+    assert (done.returncode, error["code"]) == (1, 4), done
+    assert error["msg"].startswith(f"PYABOUTS_AGENT_SOCKET={socket_path!r}"), error
+    assert why in error["msg"], error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]  # nothing made here
