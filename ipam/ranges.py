@@ -143,14 +143,7 @@ def _parsed_range(
     # /128 has nothing to give.
     if network.size <= 2:
         return giving_nothing(f"a /{network.prefixlen} has no usable address")
-    first, last = network.first + 1, network.last - 1
-    # Bounds outside the network are ignored, as in whereabouts.
-    if start is not None and start.version == network.version and start in network:
-        first = max(first, int(start))
-    if end is not None and end.version == network.version and end in network:
-        last = min(last, int(end))
-    if first > last:
-        return giving_nothing(f"range_start {start} is after range_end {end}")
+    first, last = _bounded(network.first + 1, network.last - 1, start, end, network.version)
 
     excluded = []
     for item in exclude:
@@ -163,6 +156,24 @@ def _parsed_range(
     if not spans:
         return giving_nothing("every address is excluded")
     return AddressRange(text=text, network=network, spans=spans, pool=pool, reach=reach)
+
+
+def _bounded(
+    first: int,
+    last: int,
+    start: netaddr.IPAddress | None,
+    end: netaddr.IPAddress | None,
+    version: int,
+) -> tuple[int, int]:
+    """The usable [first, last] narrowed by `start` and `end` where they can narrow it, as
+    whereabouts does (iphelpers.GetIPRange): a start outside [first, last] is ignored, and so
+    is an end outside [the start, last], one before the start included. A NAD that worked
+    with whereabouts keeps its addresses; a bound of the other family is ignored too."""
+    if start is not None and start.version == version and first <= int(start) <= last:
+        first = int(start)
+    if end is not None and end.version == version and first <= int(end) <= last:
+        last = int(end)
+    return first, last
 
 
 def _spans_left(

@@ -154,8 +154,8 @@ def test_an_add_refuses_a_network_name_too_long_to_store_and_a_del_still_frees(
     "drained",
     [
         {"exclude": ["192.0.2.0/29"]},  # every address excluded: a range drained
-        {"range_start": "192.0.2.5", "range_end": "192.0.2.3"},
-        {"range_start": "192.0.2.7", "exclude": ["192.0.2.7"]},
+        {"range_start": "192.0.2.5", "exclude": ["192.0.2.4/30"]},  # what the start leaves
+        {"range_end": "192.0.2.2", "exclude": ["192.0.2.0/30"]},  # what the end leaves
     ],
 )
 def test_a_config_edited_to_give_nothing_refuses_add_while_del_and_gc_still_free(

@@ -90,9 +90,30 @@ def test_everything_excluded_gives_nothing_but_still_reaches_its_network() -> No
     assert rng.reach == (ip("10.0.0.0"), ip("10.0.0.7"))  # where a DEL still finds its pods
 
 
-def test_start_after_end_gives_nothing() -> None:
-    rng = make("10.0.0.0/24", "10.0.0.50", "10.0.0.40")
-    assert rng.spans == () and "range_start 10.0.0.50 is after range_end 10.0.0.40" in rng.unusable
+@pytest.mark.parametrize(
+    ("start", "end", "first", "last"),
+    [
+        ("10.0.0.50", "10.0.0.40", "10.0.0.50", "10.0.0.254"),  # an end before the start
+        ("10.0.0.255", None, "10.0.0.1", "10.0.0.254"),  # a start on the broadcast address
+        ("10.0.0.0", "10.0.0.9", "10.0.0.1", "10.0.0.9"),  # on the network address
+        (None, "10.0.0.0", "10.0.0.1", "10.0.0.254"),  # an end on the network address
+        ("10.0.1.7", "10.0.0.255", "10.0.0.1", "10.0.0.254"),  # outside the network
+        ("2001:db8::5", "10.0.0.9", "10.0.0.1", "10.0.0.9"),  # of the other family
+        ("10.0.0.9", "10.0.0.9", "10.0.0.9", "10.0.0.9"),  # one address
+    ],
+)
+def test_a_bound_that_cannot_narrow_the_range_is_ignored_as_in_whereabouts(
+    start: str | None, end: str | None, first: str, last: str
+) -> None:
+    # iphelpers.GetIPRange: range_start counts only within the usable addresses, range_end
+    # only from the start on. A NAD that worked with whereabouts keeps its addresses.
+    rng = make("10.0.0.0/24", start, end)
+    assert (rng.first, rng.last, rng.unusable) == (ip(first), ip(last), "")
+
+
+def test_bounds_of_the_start_end_form_follow_the_same_rule() -> None:
+    rng = make("10.0.0.40-10.0.0.30/24")
+    assert (rng.first, rng.last) == (ip("10.0.0.40"), ip("10.0.0.254"))
 
 
 def test_an_exclusion_of_the_other_family_excludes_nothing_as_in_whereabouts() -> None:
@@ -134,9 +155,10 @@ def test_exclusions_leave_exactly_the_addresses_netaddrs_set_arithmetic_leaves(
     start: int, end: int, exclude: list[tuple[int, int]]
 ) -> None:
     cidrs = [f"10.0.0.{offset}/{prefix}" for offset, prefix in exclude]
-    low, high = sorted((start, end))
-    bounds = {"start": f"10.0.0.{low}", "end": f"10.0.0.{high}"}
-    first, last = max(low, 1), min(high, 254)  # never the network or broadcast address
+    bounds = {"start": f"10.0.0.{start}", "end": f"10.0.0.{end}"}
+    # Never the network or broadcast address; a bound that cannot narrow is ignored.
+    first = start if 1 <= start <= 254 else 1
+    last = end if first <= end <= 254 else 254
     usable = netaddr.IPSet()
     if first <= last:
         usable.add(netaddr.IPRange(f"10.0.0.{first}", f"10.0.0.{last}"))
