@@ -384,8 +384,8 @@ def _build_ranges(ipam: IpamConf) -> tuple[tuple[AddressRange, ...], str]:
             range_end=ipam.range_end,
             exclude=ipam.exclude,
         )
-        entries.append(("ipam.range", top))
-    entries += [(f"ipam.ipRanges[{i}].range", r) for i, r in enumerate(ipam.ip_ranges)]
+        entries.append(("ipam.", top))
+    entries += [(f"ipam.ipRanges[{i}].", r) for i, r in enumerate(ipam.ip_ranges)]
     if not entries:
         raise CniError(
             INVALID_CONFIG, "invalid network config: ipam.range or ipam.ipRanges is required"
@@ -393,7 +393,7 @@ def _build_ranges(ipam: IpamConf) -> tuple[tuple[AddressRange, ...], str]:
     gateway = parse_address(ipam.gateway) if ipam.gateway else None
     ranges = []
     unusable = ""
-    for where, entry in entries:
+    for within, entry in entries:
         try:
             network = parse_network(entry.range.split("-", 1)[-1]).cidr
             family: Family = 4 if network.version == 4 else 6
@@ -414,10 +414,11 @@ def _build_ranges(ipam: IpamConf) -> tuple[tuple[AddressRange, ...], str]:
                 pool=pool,
             )
         except RangeError as exc:
+            where = f"{within}{exc.key}"
             raise CniError(INVALID_CONFIG, f"invalid network config: {where}: {exc}") from exc
         ranges.append(rng)
         if rng.unusable and not unusable:
-            unusable = f"{where}: {rng.unusable}"
+            unusable = f"{within}range: {rng.unusable}"
     return tuple(ranges), unusable
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,12 @@ from pyabouts.ipam.pool import Family, PoolId
 
 
 class RangeError(ValueError):
-    """A range, bound or exclusion that cannot be used; the message names the value."""
+    """A range, bound or exclusion that cannot be used; the message names the value, and `key`
+    the key of a range entry that holds it ("exclude[2]"), where that is not its `range`."""
+
+    def __init__(self, message: str, key: str = "range") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +92,7 @@ _MAX_ADDRESS = (1 << 128) - 1
 def parse_address(text: str) -> netaddr.IPAddress:
     """An IP address, with an optional /prefix which is ignored."""
     try:
-        return netaddr.IPAddress(text.split("/", 1)[0].strip())
+        return netaddr.IPAddress(_decimal_octets(text.split("/", 1)[0].strip()))
     except (netaddr.AddrFormatError, ValueError, TypeError) as exc:
         raise RangeError(f"{text!r} is not an IP address") from exc
 
@@ -94,9 +100,24 @@ def parse_address(text: str) -> netaddr.IPAddress:
 def parse_network(text: str) -> netaddr.IPNetwork:
     """A CIDR, host bits allowed; a bare address is its own /32 or /128."""
     try:
-        return netaddr.IPNetwork(text.strip())
+        address, slash, prefix = text.strip().partition("/")
+        return netaddr.IPNetwork(_decimal_octets(address) + slash + prefix)
     except (netaddr.AddrFormatError, ValueError, TypeError) as exc:
         raise RangeError(f"{text!r} is not a CIDR") from exc
+
+
+_DOTTED_QUAD = re.compile(r"(\d+)\.(\d+)\.(\d+)\.(\d+)", re.ASCII)
+
+
+def _decimal_octets(text: str) -> str:
+    """An IPv4 address whose octets have leading zeros, as decimal ("192.168.010.1" is
+    192.168.10.1), as whereabouts parses addresses (Kubernetes' ParseIPSloppy, what Go did
+    before 1.17); anything else unchanged. netaddr refuses them, and inet_aton would read
+    them as octal."""
+    quad = _DOTTED_QUAD.fullmatch(text)
+    if quad is None or not any(len(octet) > 1 and octet[0] == "0" for octet in quad.groups()):
+        return text
+    return ".".join(str(int(octet)) for octet in quad.groups())
 
 
 def build_range(
@@ -146,8 +167,11 @@ def _parsed_range(
     first, last = _bounded(network.first + 1, network.last - 1, start, end, network.version)
 
     excluded = []
-    for item in exclude:
-        cidr = parse_network(item).cidr
+    for index, item in enumerate(exclude):
+        try:
+            cidr = parse_network(item).cidr
+        except RangeError as exc:
+            raise RangeError(str(exc), key=f"exclude[{index}]") from None
         # One of the other family excludes nothing here, as in whereabouts (which only asks
         # whether an exclusion contains an address): a NAD ported from it keeps working.
         if cidr.version == network.version:

@@ -103,7 +103,12 @@ def test_the_type_must_be_pyabouts_and_the_error_names_key_and_value() -> None:
         ({"range": "192.0.2.0/24", "routes": [{"dst": "0.0.0.0/0", "table": -1}]}, "table"),
         ({"range": "192.0.2.0/24", "routes": [{"dst": "x"}]}, "ipam.routes.0.dst='x'"),
         ({"range": "192.0.2.0/24", "addresses": [{"address": "1.1.1.1"}]}, "'1.1.1.1'"),
-        ({"range": "192.0.2.0/24", "exclude": ["bad"]}, "'bad'"),
+        ({"range": "192.0.2.0/24", "exclude": ["192.0.2.1", "bad"]}, "ipam.exclude[1]: 'bad'"),
+        (
+            {"ipRanges": [{"range": "192.0.2.0/24", "exclude": ["bad"]}]},
+            "ipam.ipRanges[0].exclude[0]: 'bad'",
+        ),
+        ({"ipRanges": [{"range": "192.0.2.0/33"}]}, "ipam.ipRanges[0].range: '192.0.2.0/33'"),
         ({"range": "192.0.2.0/24", "enable_overlapping_ranges": "maybe"}, "'maybe'"),
         ({}, "ipam.range or ipam.ipRanges is required"),
     ],

@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pyabouts.ipam.pool import PoolId
-from pyabouts.ipam.ranges import AddressRange, RangeError, build_range
+from pyabouts.ipam.ranges import AddressRange, RangeError, build_range, parse_address
 
 V4 = PoolId("", 4)
 V6 = PoolId("", 6)
@@ -176,3 +176,20 @@ def test_thousands_of_exclusions_a_nads_writer_lists_are_taken_as_one_set() -> N
     rng = make("fd00::/64", exclude=excluded)
     assert rng.spans[:2] == ((ip("fd00::1"), ip("fd00::1")), (ip("fd00::3"), ip("fd00::3")))
     assert len(rng.spans) == 25_001 and rng.size == (1 << 64) - 2 - 25_000
+
+
+def test_octets_with_leading_zeros_are_decimal_as_whereabouts_reads_them() -> None:
+    # Kubernetes' ParseIPSloppy (whereabouts' parser), never octal as inet_aton has it.
+    rng = make("192.168.010.0/24", "192.168.010.010", "192.168.10.020", ["192.168.010.015"])
+    assert rng.network == netaddr.IPNetwork("192.168.10.0/24")
+    assert rng.spans == (
+        (ip("192.168.10.10"), ip("192.168.10.14")),
+        (ip("192.168.10.16"), ip("192.168.10.20")),
+    )
+    assert parse_address("010.000.000.001") == netaddr.IPAddress("10.0.0.1")
+
+
+@pytest.mark.parametrize("text", ["192.168.1.0256", "1.2.3", "1.2.3.4.5", "0x10.0.0.1"])
+def test_what_is_no_dotted_quad_even_read_sloppily_is_refused(text: str) -> None:
+    with pytest.raises(RangeError):
+        parse_address(text)
