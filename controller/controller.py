@@ -31,10 +31,12 @@ from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 from pyabouts.controller.connect import Connections
 from pyabouts.controller.leaks import (
     DEFAULT_GONE_GRACE_SECONDS,
+    DEFAULT_STOP_GRACE_SECONDS,
     SANDBOX_MAY_REMAIN,
     Leak,
     PodState,
     Policy,
+    found_wait,
 )
 from pyabouts.controller.metrics import ReconcilerMetrics
 from pyabouts.controller.pods import PodReader
@@ -61,6 +63,7 @@ class Controller:
         *,
         resync: float,
         gone_grace: float = DEFAULT_GONE_GRACE_SECONDS,
+        stop_grace: float = DEFAULT_STOP_GRACE_SECONDS,
     ) -> None:
         self._store = connections.store
         self._reader = PodReader(connections.api_client)
@@ -68,6 +71,7 @@ class Controller:
         self._policy = policy
         self._resync = resync
         self._gone_grace = gone_grace
+        self._stop_grace = stop_grace
         self._events: queue.Queue[PodEvent | Relisted] = queue.Queue()
         self.metrics = ReconcilerMetrics()
         self.health = Health(stale_after=max(60.0, 3 * resync))
@@ -84,8 +88,8 @@ class Controller:
         self._gone_uids: dict[str, set[str]] = {}
         # Pods a full pass found leaked that no watch event had said were gone (deleted while
         # the pass read the store, in a gap of the watch, before this replica led), by name and
-        # UID -> when a pass first found them (epoch seconds). Their kubelet may still be tearing
-        # the sandbox down: a full pass frees them once the gone grace has passed since.
+        # UID -> when a full pass may free them (epoch seconds): their kubelet may still run
+        # them, or be tearing the sandbox down (see leaks.found_wait).
         self._found_at: dict[tuple[str, str], float] = {}
 
     def run(self) -> None:
@@ -134,11 +138,12 @@ class Controller:
             self.stop.set()
 
     def _note_gone(self, pod: PodState) -> None:
-        """Judge `pod`'s addresses once the gone grace has passed since the first event that
-        said it was deleted or finished (later ones of the same pod change nothing)."""
+        """Judge `pod`'s addresses once the gone grace has passed since its kubelet stopped its
+        containers (PodState.stopped_by), as of the first event that said it was deleted or
+        finished (later ones of the same pod change nothing)."""
         uids = self._gone_uids.setdefault(pod.ref, set())
         if pod.ref not in self._gone_at or pod.uid not in uids:
-            self._gone_at[pod.ref] = time.time() + self._gone_grace
+            self._gone_at[pod.ref] = pod.stopped_by(time.time()) + self._gone_grace
             uids.add(pod.uid)
 
     def _note_lost(self, pod: PodState, *, deleted: bool = False) -> None:
@@ -158,14 +163,17 @@ class Controller:
     def _until_found_due(self) -> float:
         """Seconds until a full pass may free what the last ones left (see _found_at)."""
         first = min(self._found_at.values(), default=float("inf"))
-        return first + self._gone_grace + SETTLE_SECONDS - time.time()
+        return first + SETTLE_SECONDS - time.time()
 
     def _defers(self, leak: Leak, now: float) -> bool:
         """Whether a full pass at `now` leaves `leak` for later (see _found_at)."""
         if leak.reason not in SANDBOX_MAY_REMAIN:
             return False
-        first = self._found_at.setdefault((leak.owner.pod, leak.owner.pod_uid), now)
-        return now - first < self._gone_grace
+        key = (leak.owner.pod, leak.owner.pod_uid)
+        due = self._found_at.setdefault(
+            key, now + found_wait(leak, self._gone_grace, self._stop_grace)
+        )
+        return now < due
 
     def _due(self) -> dict[str, set[str] | None]:
         """The pods to judge now (taken out of what is waiting), once the first is
@@ -249,7 +257,8 @@ def _may_have_leaked(event: PodEvent | Relisted) -> bool:
 
 def run_controller(connections: Connections, policy: Policy, args: argparse.Namespace) -> None:
     """The controller process: endpoints, then (as leader, unless disabled) the control loop."""
-    controller = Controller(connections, policy, resync=args.resync, gone_grace=args.gone_grace)
+    graces = {"gone_grace": args.gone_grace, "stop_grace": args.stop_grace}
+    controller = Controller(connections, policy, resync=args.resync, **graces)
     serve_endpoints(args.listen, controller.metrics.registry, controller.health)
     if args.no_leader_election:
         controller.metrics.leader.set(1)

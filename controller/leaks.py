@@ -34,6 +34,11 @@ class Reason(StrEnum):
 # What a pod's address may have leaked by while its kubelet still tears its sandbox down (and
 # runs the DEL, which frees it): freed only --gone-grace seconds after the pod was seen gone.
 SANDBOX_MAY_REMAIN = frozenset({Reason.POD_GONE, Reason.POD_REPLACED, Reason.POD_FINISHED})
+# Of those, the leaks whose pod a pass cannot see (gone from the API): whether and how long its
+# kubelet still runs it is not known there (see PodState.stopped_by), and is taken as up to
+# DEFAULT_STOP_GRACE_SECONDS, Kubernetes' default terminationGracePeriodSeconds.
+POD_UNSEEN = frozenset({Reason.POD_GONE, Reason.POD_REPLACED})
+DEFAULT_STOP_GRACE_SECONDS = 30.0
 
 # The UID a kubelet gives a static pod whose manifest names none: the hex MD5 of the manifest
 # (pkg/kubelet/config/common.go), where the API gives its objects RFC 4122 UUIDs.
@@ -80,6 +85,10 @@ class PodState:
     # allocations record), from its `kubernetes.io/config.mirror` annotation; "" for others.
     mirror_of: str = ""
     node: str = ""  # spec.nodeName: where it runs ("" while unscheduled)
+    stop_grace: float = DEFAULT_STOP_GRACE_SECONDS  # spec.terminationGracePeriodSeconds
+    # Deleted with grace period 0 (metadata.deletionGracePeriodSeconds): a force-delete, or its
+    # kubelet's last word once it had stopped it; its deletionTimestamp is then the deletion's.
+    deleted_at_once: bool = False
 
     @property
     def ref(self) -> str:
@@ -99,6 +108,21 @@ class PodState:
         """Succeeded or Failed: its containers ended for good, and its sandbox is torn down."""
         return self.phase in ("Succeeded", "Failed")
 
+    def stopped_by(self, gone: float) -> float:
+        """When its kubelet has stopped its containers at the latest (epoch seconds), this
+        being its state as its deletion at `gone` left it. A finished pod's have stopped (a
+        kubelet moves a pod it stopped to a terminal phase before it deletes it). A graceful
+        deletion's end is its deletionTimestamp. A pod removed from the API at once
+        (force-deleted, or by the pod garbage collector) its kubelet still stops with its own
+        terminationGracePeriodSeconds, counted from when it hears of it: it kills the pod as
+        its own copy has it, which never shows that deletion (pkg/kubelet/pod_workers.go,
+        calculateEffectiveGracePeriod). Its sandbox, and its address, live that long."""
+        if self.finished:
+            return gone
+        if self.deleting_by is not None and not self.deleted_at_once:
+            return max(gone, self.deleting_by)
+        return gone + max(1.0, self.stop_grace)  # the kubelet's least grace is 1 s
+
     def lost_since(self, policy: Policy) -> float | None:
         """When its address may be freed as NODE_LOST (epoch seconds); None: not a lost pod, or
         the policy frees none."""
@@ -108,9 +132,10 @@ class PodState:
 
 
 DEFAULT_PENDING_GRACE = 300.0  # seconds
-# The controller judges a pod deleted (or finished) no sooner than this after its watch said
-# so: a pod force-deleted on a live node keeps its sandbox, and its address, until its kubelet
-# has killed its containers (2 s at least) and run the DEL, which frees the address itself.
+# A gone pod's addresses are judged no sooner than this after its kubelet has stopped its
+# containers (PodState.stopped_by): it then tears the sandbox down and runs the DEL, which
+# frees the address itself; freed before, the address could be given to another pod while the
+# old sandbox still has it.
 DEFAULT_GONE_GRACE_SECONDS = 10.0
 
 
@@ -143,6 +168,13 @@ class Leak:
         network = self.key.pool.network or "-"
         owner = f"{self.owner.pod} {self.owner.ifname}"
         return f"{self.ip} (network {network}) of {owner}: {self.reason}"
+
+
+def found_wait(leak: Leak, gone_grace: float, stop_grace: float) -> float:
+    """How long after a pass found `leak` (one of SANDBOX_MAY_REMAIN), with no deletion of its
+    pod seen, it is judged again: `gone_grace`, and before it `stop_grace` (the pod's
+    terminationGracePeriodSeconds, as far as anyone knows) when the pod is not to be seen."""
+    return gone_grace + (stop_grace if leak.reason in POD_UNSEEN else 0.0)
 
 
 def find_leaks(

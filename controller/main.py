@@ -24,9 +24,11 @@ from typing import TYPE_CHECKING, Any
 from pyabouts.controller.leaks import (
     DEFAULT_GONE_GRACE_SECONDS,
     DEFAULT_PENDING_GRACE,
+    DEFAULT_STOP_GRACE_SECONDS,
     SANDBOX_MAY_REMAIN,
     Leak,
     Policy,
+    found_wait,
 )
 from pyabouts.controller.reconciler import PassSummary
 from pyabouts.serving.listen import listen_argument
@@ -86,9 +88,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=_seconds,
         default=DEFAULT_GONE_GRACE_SECONDS,
         metavar="SECONDS",
-        help="judge the addresses of a pod this long after it was deleted or finished (one "
-        "pass: after it was first found gone), no sooner: a force-deleted pod's kubelet tears "
-        f"its sandbox down (and runs the DEL) meanwhile (default: {DEFAULT_GONE_GRACE_SECONDS:g})",
+        help="judge the addresses of a pod this long after its kubelet stopped its containers "
+        "(a pod deleted gracefully, at the end of its grace period; force-deleted, its "
+        "terminationGracePeriodSeconds after; finished, at once), no sooner: the kubelet tears "
+        f"the sandbox down and runs the DEL meanwhile (default: {DEFAULT_GONE_GRACE_SECONDS:g})",
+    )
+    parser.add_argument(
+        "--stop-grace",
+        type=_seconds,
+        default=DEFAULT_STOP_GRACE_SECONDS,
+        metavar="SECONDS",
+        help="how long a pod a pass finds gone, with no deletion of it seen (the one pass; the "
+        "controller's full passes between watch events), may still run on its node before its "
+        "kubelet stops it; --gone-grace is added (default: "
+        f"{DEFAULT_STOP_GRACE_SECONDS:g}, Kubernetes' default terminationGracePeriodSeconds; "
+        "the controller takes a deleted pod's own from its watch)",
     )
     parser.add_argument(
         "--resync", type=float, default=300.0, help="controller: seconds between full passes"
@@ -149,9 +163,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             run_controller(connections, policy, args)
         else:
-            sys.exit(
-                run_once(connections, policy, dry_run=args.dry_run, gone_grace=args.gone_grace)
-            )
+            graces = {"gone_grace": args.gone_grace, "stop_grace": args.stop_grace}
+            sys.exit(run_once(connections, policy, dry_run=args.dry_run, **graces))
     finally:
         connections.close()
 
@@ -161,11 +174,18 @@ def _exit_on_signal(signum: int, frame: object) -> None:
     sys.exit(0)
 
 
-def run_once(connections: Connections, policy: Policy, *, dry_run: bool, gone_grace: float) -> int:
-    """One pass, as a CronJob runs it; the exit code. A pod found gone or finished may still
-    have its sandbox torn down by its kubelet (a force-deleted pod's), whose DEL frees the
-    address: its leaks are judged again `gone_grace` seconds later, and freed only then, as
-    the controller frees them."""
+def run_once(
+    connections: Connections,
+    policy: Policy,
+    *,
+    dry_run: bool,
+    gone_grace: float,
+    stop_grace: float = DEFAULT_STOP_GRACE_SECONDS,
+) -> int:
+    """One pass, as a CronJob runs it; the exit code. A pod found gone may still run on its
+    node (force-deleted: see PodState.stopped_by), and a gone or finished one have its sandbox
+    torn down by its kubelet, whose DEL frees the address: its leaks are judged again once
+    the longest of their waits has passed (leaks.found_wait), and freed only then."""
     import urllib3  # noqa: PLC0415
     from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
 
@@ -174,7 +194,11 @@ def run_once(connections: Connections, policy: Policy, *, dry_run: bool, gone_gr
     from pyabouts.ipam.errors import CniError  # noqa: PLC0415
 
     def later(leak: Leak) -> bool:
-        return not dry_run and gone_grace > 0 and leak.reason in SANDBOX_MAY_REMAIN
+        return (
+            not dry_run
+            and leak.reason in SANDBOX_MAY_REMAIN
+            and found_wait(leak, gone_grace, stop_grace) > 0
+        )
 
     failures = (CniError, ApiException, urllib3.exceptions.HTTPError, OSError)
 
@@ -201,8 +225,9 @@ def run_once(connections: Connections, policy: Policy, *, dry_run: bool, gone_gr
         # By UID too: a pod of the same name created again since is not the one that waited.
         deferred = {(leak.owner.pod, leak.owner.pod_uid) for leak in summary.deferred}
         refs = {pod for pod, _ in deferred}
-        log.info("%d pod(s) gone or finished: judged again in %g s", len(refs), gone_grace)
-        time.sleep(gone_grace)
+        wait = max(found_wait(leak, gone_grace, stop_grace) for leak in summary.deferred)
+        log.info("%d pod(s) gone or finished: judged again in %g s", len(refs), wait)
+        time.sleep(wait)
         try:
             # A whole pass again: it gives back the slices their addresses held. Pods found
             # gone only now are left for the next run.

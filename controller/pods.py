@@ -18,7 +18,7 @@ import urllib3
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from pyabouts.controller.leaks import PodState
+from pyabouts.controller.leaks import DEFAULT_STOP_GRACE_SECONDS, PodState
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ def pod_state(pod: Mapping[str, Any]) -> PodState:
     """The PodState of a pod object (a dict as the API sends it)."""
     meta = pod.get("metadata") or {}
     status = pod.get("status") or {}
+    spec = pod.get("spec") or {}
     conditions = status.get("conditions") or []
     annotations = meta.get("annotations") or {}
     return PodState(
@@ -50,8 +51,20 @@ def pod_state(pod: Mapping[str, Any]) -> PodState:
         ),
         network_ips=network_status_ips(annotations.get(NETWORK_STATUS)),
         mirror_of=str(annotations.get(MIRROR_OF) or ""),
-        node=str((pod.get("spec") or {}).get("nodeName") or ""),
+        node=str(spec.get("nodeName") or ""),
+        stop_grace=_seconds_or(
+            spec.get("terminationGracePeriodSeconds"), DEFAULT_STOP_GRACE_SECONDS
+        ),
+        deleted_at_once=bool(meta.get("deletionTimestamp"))
+        and meta.get("deletionGracePeriodSeconds") == 0,
     )
+
+
+def _seconds_or(value: object, default: float) -> float:
+    """`value` as seconds if it is a number of them (not a bool, not negative), else `default`."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        return default
+    return float(value)
 
 
 def network_status_ips(annotation: object) -> frozenset[str] | None:

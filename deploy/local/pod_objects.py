@@ -36,17 +36,18 @@ def create_pod(
     name: str,
     node: str = "node-a",
     annotations: dict[str, str] | None = None,
+    *,
+    termination_grace: int | None = None,
 ) -> str:
-    """A Pod bound to `node`; its UID."""
+    """A Pod bound to `node` (with `termination_grace` as its terminationGracePeriodSeconds,
+    else the API's default, 30); its UID."""
     metadata: dict[str, Any] = {"name": name, "namespace": namespace}
     if annotations:
         metadata["annotations"] = annotations
-    body = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": metadata,
-        "spec": {"nodeName": node, "containers": [{"name": "app", "image": "pause"}]},
-    }
+    spec: dict[str, Any] = {"nodeName": node, "containers": [{"name": "app", "image": "pause"}]}
+    if termination_grace is not None:
+        spec["terminationGracePeriodSeconds"] = termination_grace
+    body = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
     created = _expect(cluster.request("POST", f"/api/v1/namespaces/{namespace}/pods", body), 201)
     return str(created["metadata"]["uid"])
 

@@ -115,10 +115,11 @@ def reconciler_argv(flat_file: Path, kubeconfig: Path, *extra: str) -> list[str]
 
 def reconcile_once(flat_file: Path, kubeconfig: Path, *extra: str) -> dict[str, Any]:
     """One pass of `pyabouts-reconciler` (the CronJob's), as `kubeconfig`; its JSON summary.
-    With no --gone-grace in `extra`, a leak found is freed at once, not judged again 10 s
-    later (test_reconciler_once has the test of that)."""
-    if not any(arg.startswith("--gone-grace") for arg in extra):
-        extra = ("--gone-grace=0", *extra)
+    With no --gone-grace or --stop-grace in `extra`, 0: a leak found is freed at once, not
+    judged again 10 s (or 40 s) later (test_reconciler_once has the test of that)."""
+    for flag in ("--gone-grace", "--stop-grace"):
+        if not any(arg.startswith(flag) for arg in extra):
+            extra = (f"{flag}=0", *extra)
     done = subprocess.run(
         reconciler_argv(flat_file, kubeconfig, *extra),
         capture_output=True,

@@ -151,12 +151,13 @@ def controllers(
 def test_the_controller_frees_a_deleted_pods_address_once_past_the_gone_grace_not_before(
     recon: ReconcilerEnv,
 ) -> None:
-    """A pod force-deleted (no DEL comes): freed within seconds of --gone-grace (3 s here), and
-    not before, by a targeted pass or by the full passes (one a second here) meanwhile: its
-    kubelet may still be tearing its sandbox down."""
+    """A pod force-deleted (no DEL comes): its kubelet still stops it with its own
+    terminationGracePeriodSeconds (2 s here), then tears its sandbox down. Freed within
+    seconds of that and --gone-grace (3 s here) after the deletion, and not before, by a
+    targeted pass or by the full passes (one a second here) meanwhile."""
     live, doomed = pod_name("live"), pod_name("doomed")
     kept = recon.add(live, create_pod(recon.cluster, NAMESPACE, live))
-    address = recon.add(doomed, create_pod(recon.cluster, NAMESPACE, doomed))
+    address = recon.add(doomed, create_pod(recon.cluster, NAMESPACE, doomed, termination_grace=2))
     args = ("--no-leader-election", "--resync", "1", "--gone-grace", "3")
     with controllers(recon, 1, *args) as [controller]:
         controller.wait_ready("ready after its first pass")
@@ -171,7 +172,7 @@ def test_the_controller_frees_a_deleted_pods_address_once_past_the_gone_grace_no
         delete_pod(recon.cluster, NAMESPACE, doomed)  # force-deleted, no DEL
         deleted, passes = time.monotonic(), full_passes()
         seconds = wait_for(lambda: address not in recon.held(), 20, f"{address} freed")
-        assert time.monotonic() - deleted >= 2.9  # its grace runs from when the watch told
+        assert time.monotonic() - deleted >= 4.9  # both graces, from when the watch told
         assert full_passes() - passes >= 2  # full passes ran meanwhile, and spared it
         assert set(recon.held()) == {kept}
         reclaimed = controller.metric("pyabouts_reconciler_reclaimed_total", reason="pod-gone")
@@ -224,13 +225,14 @@ def test_a_leak_no_watch_event_told_of_is_freed_only_past_the_gone_grace(
     recon: ReconcilerEnv,
 ) -> None:
     """A pod force-deleted before this replica led (as here), while a full pass read the
-    store, or in a gap of the watch: its kubelet may still be tearing its sandbox down. The
-    first full pass that finds the leak leaves it, and a full pass frees it once --gone-grace
-    has passed since (before, the first pass freed it at once)."""
+    store, or in a gap of the watch: its kubelet may still run it (its grace is not known
+    here: --stop-grace), then tear its sandbox down. The first full pass that finds the leak
+    leaves it, and a full pass frees it once --stop-grace and --gone-grace have passed since
+    (before, the first pass freed it at once)."""
     name = pod_name("unseen")
     address = recon.add(name, create_pod(recon.cluster, NAMESPACE, name))
     delete_pod(recon.cluster, NAMESPACE, name)  # force-deleted, no DEL, no event to come
-    args = ("--no-leader-election", "--resync", "600", "--gone-grace", "3")
+    args = ("--no-leader-election", "--resync", "600", "--gone-grace", "1", "--stop-grace", "2")
     with controllers(recon, 1, *args) as [controller]:
         controller.wait_ready("ready after its first pass")
         ready = time.monotonic()
@@ -245,9 +247,8 @@ def test_a_leak_no_watch_event_told_of_is_freed_only_past_the_gone_grace(
 
 @pytest.mark.parametrize("recon", ["etcd"], indirect=True)
 def test_the_periodic_full_pass_frees_what_no_watch_event_points_at(recon: ReconcilerEnv) -> None:
-    with controllers(recon, 1, "--no-leader-election", "--resync", "2", "--gone-grace", "2") as [
-        controller
-    ]:
+    graces = ("--gone-grace", "2", "--stop-grace", "0")
+    with controllers(recon, 1, "--no-leader-election", "--resync", "2", *graces) as [controller]:
         controller.wait_ready("ready after its first pass")
         # An ADD for a pod that never existed: no pod event will ever name it.
         address = recon.add(pod_name("never-existed"), "no-such-uid")
@@ -323,7 +324,7 @@ def test_a_follower_takes_over_when_the_leader_is_killed(recon: ReconcilerEnv) -
         leader.process.wait(timeout=30)
         wait_for(lambda: holder() == follower.identity, 30, "the follower takes the Lease")
         name = pod_name("after-failover")
-        address = recon.add(name, create_pod(recon.cluster, NAMESPACE, name))
+        address = recon.add(name, create_pod(recon.cluster, NAMESPACE, name, termination_grace=0))
         delete_pod(recon.cluster, NAMESPACE, name)
         wait_for(lambda: address not in recon.held(), 30, f"{address} freed by the new leader")
         assert follower.metric("pyabouts_reconciler_leader") == 1

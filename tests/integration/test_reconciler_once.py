@@ -89,16 +89,17 @@ def test_a_stored_block_not_in_pyabouts_format_is_left_out_and_the_rest_reconcil
 def test_a_force_deleted_pods_address_is_freed_only_once_its_gone_grace_has_passed(
     recon: ReconcilerEnv,
 ) -> None:
-    """A force-deleted pod's kubelet may still be tearing its sandbox down, and runs the DEL
-    after: the pass judges the address again --gone-grace seconds after it found the pod gone,
-    and frees it then. Meanwhile a new pod gets another address, not one the old sandbox may
-    still have (freed at once, it was the lowest free one)."""
+    """A force-deleted pod's kubelet may still run it (for its grace, not known to the pass:
+    --stop-grace) and tear its sandbox down, and runs the DEL after: the pass judges the
+    address again --stop-grace and --gone-grace seconds after it found the pod gone, and frees
+    it then. Meanwhile a new pod gets another address, not one the old sandbox may still have
+    (freed at once, it was the lowest free one)."""
     name = pod_name("forced")
     address = recon.add(name, create_pod(recon.cluster, NAMESPACE, name))
     delete_pod(recon.cluster, NAMESPACE, name, grace_seconds=0)
     newcomer = pod_name("new")
     newcomer_uid = create_pod(recon.cluster, NAMESPACE, newcomer)
-    argv = recon.reconciler_argv("--gone-grace", "15")
+    argv = recon.reconciler_argv("--gone-grace", "10", "--stop-grace", "5")
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as one:
         assert one.stderr is not None
         logged: list[str] = []
@@ -130,7 +131,7 @@ def test_a_block_the_api_refuses_to_update_is_named_and_the_other_leaks_freed(
     frozen = object_name(BlockKey(PoolId(recon.network, 4), int(netaddr.IPAddress("10.72.0.0"))))
     with refused_updates(recon.cluster, frozen):
         done = subprocess.run(
-            recon.reconciler_argv("--gone-grace=0"),
+            recon.reconciler_argv("--gone-grace=0", "--stop-grace=0"),
             capture_output=True,
             text=True,
             timeout=120,

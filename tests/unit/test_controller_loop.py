@@ -57,7 +57,7 @@ def test_a_failed_targeted_pass_is_made_again_after_a_while(
     connections: Any = types.SimpleNamespace(store=store, api_client=None)
     controller = Controller(connections, Policy(), resync=300, gone_grace=0.1)
     controller._read_pods = lambda refs: {}  # type: ignore[method-assign]
-    gone = PodState("ns", "gone", "uid-1", "Running", 0.0, None, False, None)
+    gone = PodState("ns", "gone", "uid-1", "Running", 0.0, None, False, None, stop_grace=0)
     deleted = PodEvent("DELETED", gone)
     controller._watch = types.SimpleNamespace(events=lambda stop: iter([deleted]))  # type: ignore[assignment]
     loop = threading.Thread(target=controller.run, daemon=True)
@@ -89,8 +89,8 @@ def test_a_pod_created_again_and_gone_again_has_a_gone_grace_of_its_own() -> Non
         block.revision = str(time.monotonic())
         store.blocks[key] = block
 
-    first = PodState("demo", "db-0", "uid-1", "Running", 0.0, None, False, None)
-    again = PodState("demo", "db-0", "uid-2", "Running", 0.0, None, False, None)
+    first = PodState("demo", "db-0", "uid-1", "Running", 0.0, None, False, None, stop_grace=0)
+    again = PodState("demo", "db-0", "uid-2", "Running", 0.0, None, False, None, stop_grace=0)
     hold(Owner("c1", "net1", "demo/db-0", "uid-1", "node-a"))
     deleted_again: list[float] = []
 
@@ -133,8 +133,8 @@ def test_a_pod_created_again_and_gone_before_its_event_came_keeps_its_address() 
     key = BlockKey.of(pool, address)
     store = MemoryStore()
     store.blocks[key] = Block(key, {address: Owner("c1", "net1", "demo/db-0", "uid-1")}, None)
-    first = PodState("demo", "db-0", "uid-1", "Running", 0.0, None, False, None)
-    again = PodState("demo", "db-0", "uid-2", "Running", 0.0, None, False, None)
+    first = PodState("demo", "db-0", "uid-1", "Running", 0.0, None, False, None, stop_grace=0)
+    again = PodState("demo", "db-0", "uid-2", "Running", 0.0, None, False, None, stop_grace=0)
     second_gone = threading.Event()
 
     def events(stop: threading.Event) -> Any:

@@ -2,11 +2,12 @@
 
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
 
 import netaddr
 import pytest
 
-from pyabouts.controller.leaks import PodState, Policy, Reason, find_leaks, judge
+from pyabouts.controller.leaks import Leak, PodState, Policy, Reason, find_leaks, found_wait, judge
 from pyabouts.controller.pods import network_status_ips, pod_state
 from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
 
@@ -186,3 +187,62 @@ def test_network_status_ips_of_another_type_are_no_ips_and_never_stop_a_pass(ips
         "metadata": {"name": "p", "annotations": {"k8s.v1.cni.cncf.io/network-status": annotation}}
     }
     assert pod_state(pod).network_ips == frozenset({"10.0.0.2"})
+
+
+@pytest.mark.parametrize(
+    ("change", "stopped_by"),
+    [
+        # Removed without a graceful deletion (kubectl delete --force, the pod GC): its kubelet
+        # still stops it with its own terminationGracePeriodSeconds, from when it hears.
+        ({}, NOW + 30),
+        ({"stop_grace": 120.0}, NOW + 120),
+        ({"stop_grace": 0.0}, NOW + 1),  # the kubelet's least grace
+        # Deleted gracefully first: stopped by the end of that grace period at the latest.
+        ({"deleting_by": NOW + 7}, NOW + 7),
+        ({"deleting_by": NOW - 5}, NOW),
+        # Deleted with grace 0 (the deletion's own deletionTimestamp): as a force-delete.
+        ({"deleting_by": NOW, "deleted_at_once": True}, NOW + 30),
+        # Finished: its containers had ended.
+        ({"phase": "Succeeded", "stop_grace": 600.0}, NOW),
+        ({"phase": "Failed", "deleting_by": NOW + 50}, NOW),
+    ],
+)
+def test_a_deleted_pod_is_stopped_by_its_kubelet_within_its_grace(
+    change: dict[str, Any], stopped_by: float
+) -> None:
+    assert replace(RUNNING, **change).stopped_by(NOW) == stopped_by
+
+
+@pytest.mark.parametrize(("grace", "at_once"), [(0, True), (30, False), (None, False)])
+def test_a_deletion_with_grace_0_is_told_from_a_graceful_one(
+    grace: int | None, at_once: bool
+) -> None:
+    meta: dict[str, Any] = {"name": "p", "deletionTimestamp": "2026-12-01T11:00:00Z"}
+    if grace is not None:
+        meta["deletionGracePeriodSeconds"] = grace
+    assert pod_state({"metadata": meta}).deleted_at_once is at_once
+    assert pod_state({"metadata": {"name": "p"}}).deleted_at_once is False
+
+
+@pytest.mark.parametrize(
+    ("grace", "read"),
+    [(120, 120.0), (0, 0.0), (None, 30.0), ("30", 30.0), (-1, 30.0), (True, 30.0)],
+)
+def test_the_pods_termination_grace_is_read_and_defaults_as_the_api_defaults_it(
+    grace: object, read: float
+) -> None:
+    spec = {} if grace is None else {"terminationGracePeriodSeconds": grace}
+    assert pod_state({"metadata": {"name": "p"}, "spec": spec}).stop_grace == read
+
+
+@pytest.mark.parametrize(
+    ("reason", "wait"),
+    [(Reason.POD_GONE, 40.0), (Reason.POD_REPLACED, 40.0), (Reason.POD_FINISHED, 10.0)],
+)
+def test_a_leak_found_with_no_deletion_seen_waits_for_its_pod_to_be_stopped_when_unseen(
+    reason: Reason, wait: float
+) -> None:
+    # A pass cannot see a gone (or replaced) pod's grace: Kubernetes' default is taken; a
+    # finished pod's containers have ended.
+    leak = Leak(BlockKey.of(PoolId("blue", 4), 5), 5, OWNER, reason)
+    assert found_wait(leak, gone_grace=10.0, stop_grace=30.0) == wait
