@@ -9,10 +9,12 @@ from typing import Any
 
 from pyabouts.ipam.errors import DECODE_FAILURE, INCOMPATIBLE_VERSION, INVALID_ENVIRONMENT, CniError
 
-SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+SUPPORTED_VERSIONS = ("0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = SUPPORTED_VERSIONS[-1]
 # The first version that knows each command (CHECK came in 0.4.0, GC and STATUS in 1.1.0).
-COMMAND_SINCE = {"ADD": "0.3.0", "DEL": "0.3.0", "CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}
+COMMAND_SINCE = {"ADD": "0.1.0", "DEL": "0.1.0", "CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}
+# Before it, a result holds one address of each family ("ip4", "ip6"), not a list.
+IP_LIST_SINCE = (0, 3, 0)
 KNOWN_ARGS = frozenset(
     {
         "IgnoreUnknown",
@@ -110,6 +112,8 @@ def render_result(
     dns: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     """An IPAM result in the shape of `version` (no interfaces: the delegating plugin adds them)."""
+    if version_key(version) < IP_LIST_SINCE:
+        return _render_legacy_result(version, ips, routes, dns)
     with_family = version_key(version) < (1, 0, 0)  # 0.3.x and 0.4.0 carry "version": "4"|"6"
     entries = []
     for ip in ips:
@@ -125,6 +129,52 @@ def render_result(
     if dns:
         result["dns"] = dict(dns)
     return result
+
+
+def check_one_address_per_family(version: str, families: Sequence[int]) -> None:
+    """Refuse (code 1) a config that gives more addresses of a family than the result of
+    `version` holds (0.1.0 and 0.2.0: one of each), before anything is allocated, as whereabouts
+    refuses them: a result would leave one out, held for nobody."""
+    if version_key(version) >= IP_LIST_SINCE:
+        return
+    for family in (4, 6):
+        if (count := families.count(family)) > 1:
+            raise CniError(
+                INCOMPATIBLE_VERSION,
+                f"cniVersion {version} carries one IPv{family} address, and this config gives "
+                f"{count} (its ranges and static addresses): use cniVersion 0.3.0 or later",
+            )
+
+
+def _render_legacy_result(
+    version: str,
+    ips: Sequence[IpConfig],
+    routes: Sequence[Mapping[str, Any]],
+    dns: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """A 0.1.0 or 0.2.0 result: "ip4" and "ip6", each with its family's routes, as libcni
+    converts a later result to it (its types/040 convertTo02x)."""
+    result: dict[str, Any] = {"cniVersion": version}
+    for ip in ips:
+        key = f"ip{ip.family}"
+        if key in result:
+            continue  # check_one_address_per_family refused it before: one of each
+        entry: dict[str, Any] = {"ip": ip.address}
+        if ip.gateway:
+            entry["gateway"] = ip.gateway
+        own = [
+            {k: r[k] for k in ("dst", "gw") if k in r} for r in routes if _family(r) == ip.family
+        ]
+        if own:
+            entry["routes"] = own
+        result[key] = entry
+    if dns:
+        result["dns"] = dict(dns)
+    return result
+
+
+def _family(route: Mapping[str, Any]) -> int:
+    return 6 if ":" in str(route.get("dst", "")) else 4
 
 
 def render_error(version: str, error: CniError) -> dict[str, Any]:

@@ -22,7 +22,13 @@ from pyabouts.ipam.pool import Owner
 from pyabouts.ipam.ranges import RangeError, parse_address
 from pyabouts.ipam.transaction import Transactions
 from pyabouts.plugin.backend import Backend
-from pyabouts.plugin.cni import LATEST_VERSION, IpConfig, render_result, require_env
+from pyabouts.plugin.cni import (
+    LATEST_VERSION,
+    IpConfig,
+    check_one_address_per_family,
+    render_result,
+    require_env,
+)
 from pyabouts.plugin.logs import configure_logging
 
 log = logging.getLogger(__name__)
@@ -86,6 +92,10 @@ def _add(
 ) -> dict[str, Any]:
     container_id, ifname = require_env(env, "CNI_CONTAINERID", "CNI_IFNAME")
     check_storable_name(config.netconf)
+    version = config.netconf.cni_version or LATEST_VERSION  # as the handler took one without
+    families = [rng.family for rng in config.ranges]
+    families += [parse_address(a.address).version for a in config.ipam.addresses]
+    check_one_address_per_family(version, families)
     requested = requested_addresses(config.netconf, cni_args.get("IP"))
     pod = ""
     if cni_args.get("K8S_POD_NAME"):
@@ -127,7 +137,7 @@ def _add(
     ]
     log.info("ADD %s %s (%s): %s", container_id, ifname, pod, ", ".join(i.address for i in ips))
     return render_result(
-        config.netconf.cni_version or LATEST_VERSION,  # as the handler took a config without one
+        version,
         ips,
         routes=[r.model_dump(exclude_none=True) for r in ipam.routes],
         dns=ipam.dns.model_dump(exclude_defaults=True) if ipam.dns else None,

@@ -42,7 +42,7 @@ const (
 	// plugin/cni.py's LATEST_VERSION and render_version(); tests/integration/test_shim.py
 	// compares them.
 	latestVersion = "1.1.0"
-	versionReply  = `{"cniVersion": "` + latestVersion + `", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}`
+	versionReply  = `{"cniVersion": "` + latestVersion + `", "supportedVersions": ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}`
 )
 
 func main() {

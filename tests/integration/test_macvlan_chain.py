@@ -324,3 +324,35 @@ def test_pod_gets_the_address_it_asks_for_in_cni_args(
         assert stored_allocations(etcd, network_name) == {}
         with pytest.raises(HarnessError):
             addresses_in(pod_c, IFNAME)
+
+
+def test_a_legacy_cni_version_chain_gets_one_address_of_each_family_and_frees_them(
+    cni_path: str, etcd_server: EtcdServer, etcd: Any, network_name: str
+) -> None:
+    """cniVersion 0.2.0, as whereabouts takes it: macvlan reads pyabouts' "ip4"/"ip6" result
+    (libcni's conversion of it), puts both addresses in the pod, and its DEL frees them."""
+    with macvlan_master("chainold") as master, pod_namespace("chain-old") as pod:
+        conf = netconf(master, network_name, etcd_server, dual=True) | {"cniVersion": "0.2.0"}
+        container_id = f"ctr-old-{secrets.token_hex(4)}"
+        result = run_cni(
+            MACVLAN,
+            "ADD",
+            conf,
+            container_id=container_id,
+            netns=pod.netns_path,
+            ifname=IFNAME,
+            cni_path=cni_path,
+            cni_args=cni_args("pod-old", container_id),
+        ).expect_success()
+        assert isinstance(result, dict) and result["cniVersion"] == "0.2.0", result
+        addresses = (
+            ipaddress.ip_interface(result["ip4"]["ip"]),
+            ipaddress.ip_interface(result["ip6"]["ip"]),
+        )
+        assert result["ip4"]["gateway"] == V4_GATEWAY
+        assert all(in_range(a) for a in addresses), result
+        assert {ipaddress.ip_interface(a) for a in addresses_in(pod, IFNAME)} == set(addresses)
+        attachment = Attachment(pod, "pod-old", container_id, addresses)
+        assert stored_allocations(etcd, network_name) == expected_allocations(attachment)
+        delete(attachment, conf, cni_path)
+        assert stored_allocations(etcd, network_name) == {}

@@ -1,7 +1,15 @@
+from typing import Any
+
 import pytest
 
 from pyabouts.ipam.errors import INCOMPATIBLE_VERSION, INVALID_ENVIRONMENT, CniError
-from pyabouts.plugin.cni import IpConfig, check_version, parse_cni_args, render_result
+from pyabouts.plugin.cni import (
+    IpConfig,
+    check_one_address_per_family,
+    check_version,
+    parse_cni_args,
+    render_result,
+)
 
 KUBELET_ARGS = (
     "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;"
@@ -45,7 +53,9 @@ def test_empty_cni_args_are_fine() -> None:
     [
         ("ADD", "0.3.0", True),
         ("ADD", "1.1.0", True),
-        ("ADD", "0.2.0", False),
+        ("ADD", "0.2.0", True),
+        ("DEL", "0.1.0", True),
+        ("ADD", "0.0.9", False),
         ("ADD", "2.0.0", False),
         ("CHECK", "0.3.1", False),
         ("CHECK", "0.4.0", True),
@@ -93,3 +103,49 @@ def test_new_results_have_no_ip_version_and_no_interfaces(version: str) -> None:
         "routes": [{"dst": "0.0.0.0/0"}],
         "dns": {"nameservers": ["192.0.2.53"]},
     }
+
+
+@pytest.mark.parametrize("version", ["0.1.0", "0.2.0"])
+def test_legacy_results_hold_one_address_of_each_family_with_its_routes(version: str) -> None:
+    # As libcni converts a later result to these versions (types/040 convertTo02x): routes go
+    # with the address of their destination's family, without CNI 1.1's attributes.
+    routes: list[dict[str, Any]] = [
+        {"dst": "0.0.0.0/0", "gw": "192.0.2.1", "mtu": 1400},
+        {"dst": "2001:db8:1::/48"},
+    ]
+    result = render_result(version, IPS, routes=routes, dns={"nameservers": ["192.0.2.53"]})
+    assert result == {
+        "cniVersion": version,
+        "ip4": {
+            "ip": "192.0.2.5/24",
+            "gateway": "192.0.2.1",
+            "routes": [{"dst": "0.0.0.0/0", "gw": "192.0.2.1"}],
+        },
+        "ip6": {"ip": "2001:db8::5/64", "routes": [{"dst": "2001:db8:1::/48"}]},
+        "dns": {"nameservers": ["192.0.2.53"]},
+    }
+    assert render_result(version, IPS[1:], routes=routes, dns=None) == {
+        "cniVersion": version,
+        "ip6": {"ip": "2001:db8::5/64", "routes": [{"dst": "2001:db8:1::/48"}]},
+    }
+
+
+@pytest.mark.parametrize(
+    ("version", "families", "refused"),
+    [
+        ("0.2.0", [4, 6], False),
+        ("0.2.0", [4, 4], True),
+        ("0.1.0", [6, 4, 6], True),
+        ("0.3.0", [4, 4, 6, 6], False),
+    ],
+)
+def test_a_legacy_version_takes_one_address_of_each_family(
+    version: str, families: list[int], refused: bool
+) -> None:
+    if not refused:
+        check_one_address_per_family(version, families)
+        return
+    with pytest.raises(CniError) as excinfo:
+        check_one_address_per_family(version, families)
+    assert excinfo.value.code == INCOMPATIBLE_VERSION
+    assert "use cniVersion 0.3.0 or later" in excinfo.value.msg

@@ -51,6 +51,8 @@ def test_version_lists_the_supported_versions() -> None:
     reply = handle_request({"CNI_COMMAND": "VERSION"}, b"")
     assert reply.exit_code == 0
     assert json.loads(reply.stdout)["supportedVersions"] == [
+        "0.1.0",
+        "0.2.0",
         "0.3.0",
         "0.3.1",
         "0.4.0",
@@ -340,7 +342,7 @@ def test_log_file_and_log_level(memory_store: MemoryStore, tmp_path: Path) -> No
         ({"CNI_COMMAND": "JUMP"}, b"{}", 4),
         ({"CNI_COMMAND": "ADD"}, b"not json", 6),
         ({"CNI_COMMAND": "ADD"}, b"[1, 2]", 6),
-        ({"CNI_COMMAND": "ADD"}, json.dumps(conf("0.2.0")).encode(), 1),
+        ({"CNI_COMMAND": "ADD"}, json.dumps(conf("0.0.1")).encode(), 1),
         ({"CNI_COMMAND": "ADD"}, json.dumps(conf()).encode(), 4),  # no CNI_CONTAINERID
         (
             {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c", "CNI_IFNAME": "e", "CNI_ARGS": "X=1"},
@@ -509,3 +511,18 @@ def test_every_kind_of_allocation_refusal_has_its_code_and_an_unknown_one_is_a_b
     assert allocation_code(RequestedAddressUnavailableError("x")) == REQUESTED_IP_UNAVAILABLE
     assert allocation_code(NoFreeSliceError("x")) == NO_FREE_SLICE
     assert allocation_code(UnknownError("x")) == INTERNAL_ERROR
+
+
+def test_a_legacy_version_adds_and_deletes_and_refuses_two_addresses_of_a_family_first(
+    memory_store: MemoryStore,
+) -> None:
+    code, result = call("ADD", conf("0.2.0", gateway="192.0.2.1"), container="c1")
+    assert (code, result) == (
+        0,
+        {"cniVersion": "0.2.0", "ip4": {"ip": "192.0.2.2/29", "gateway": "192.0.2.1"}},
+    )
+    assert call("DEL", conf("0.2.0"), container="c1") == (0, None)
+    two = conf("0.2.0", ipRanges=[{"range": "198.51.100.0/29"}])
+    code, refused = call("ADD", two, container="c2")
+    assert (code, refused["code"]) == (1, 1) and "one IPv4 address" in refused["msg"]
+    assert all(not b.entries for b in memory_store.blocks.values())  # nothing allocated
