@@ -50,6 +50,11 @@ log = logging.getLogger(__name__)
 LEASE_WATCH_SECONDS = 0.25  # how often the leader's watchdog looks at its last renewal
 
 SETTLE_SECONDS = 0.3  # gather a burst of deletions into one targeted pass
+# Every pass reads the whole store (its blocks of all pools): under steady pod churn, passes
+# back to back would read it several times a second. A targeted pass starts no sooner than
+# this after the pass before began; the pods due meanwhile wait for it (their graces are 10 s
+# and more: this adds little to when their addresses are freed).
+TARGETED_PASS_EVERY_SECONDS = 5.0
 # A targeted pass that failed (the API busy, say) is made again this much later: no event
 # brings its pods back.
 RETRY_SECONDS = 5.0
@@ -72,6 +77,7 @@ class Controller:
         self._resync = resync
         self._gone_grace = gone_grace
         self._stop_grace = stop_grace
+        self._last_pass = -float("inf")  # when the last pass began (monotonic)
         self._events: queue.Queue[PodEvent | Relisted] = queue.Queue()
         self.metrics = ReconcilerMetrics()
         self.health = Health(stale_after=max(60.0, 3 * resync))
@@ -156,9 +162,11 @@ class Controller:
 
     def _until_due(self) -> float:
         """Seconds until the next targeted pass: SETTLE_SECONDS after the first pod is due, so
-        that one pass takes a burst."""
+        that one pass takes a burst, and TARGETED_PASS_EVERY_SECONDS after the last pass
+        began at the soonest."""
         first = min([*self._lost_at.values(), *self._gone_at.values()], default=float("inf"))
-        return first + SETTLE_SECONDS - time.time()
+        after_last = self._last_pass + TARGETED_PASS_EVERY_SECONDS - time.monotonic()
+        return max(first + SETTLE_SECONDS - time.time(), after_last)
 
     def _until_found_due(self) -> float:
         """Seconds until a full pass may free what the last ones left (see _found_at)."""
@@ -210,6 +218,7 @@ class Controller:
     ) -> bool:
         """One pass (targeted: of the pods `refs`, sparing the pods of other UIDs than
         `awaited` names for each); whether it ran to its end."""
+        self._last_pass = time.monotonic()
         try:
             if refs is None:
                 now = time.time()

@@ -3,6 +3,7 @@ has left to judge again; a targeted pass is made again RETRY_SECONDS later, sinc
 brings its pods back (tests/integration/test_reconciler_controller.py runs the controller on
 the apiserver)."""
 
+import itertools
 import threading
 import time
 import types
@@ -17,6 +18,12 @@ from pyabouts.controller.watching import PodEvent, Relisted
 from pyabouts.ipam.errors import StoreUnavailableError
 from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
 from tests.memory_store import MemoryStore
+
+
+@pytest.fixture(autouse=True)
+def _passes_close_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests time graces of a second or two: passes may follow each other closely."""
+    monkeypatch.setattr("pyabouts.controller.controller.TARGETED_PASS_EVERY_SECONDS", 0.1)
 
 
 class DownStore:
@@ -177,3 +184,49 @@ def test_a_pod_created_again_and_gone_before_its_event_came_keeps_its_address() 
         second_gone.set()
         controller.stop.set()
         loop.join(10)
+
+
+def test_targeted_passes_under_steady_churn_are_spaced_so_the_store_is_not_read_back_to_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pods gone one after another, 0.2 s apart: each targeted pass reads the whole store, so
+    they start TARGETED_PASS_EVERY_SECONDS apart at the soonest, each taking the pods due by
+    then; every pod is still judged."""
+    monkeypatch.setattr("pyabouts.controller.controller.TARGETED_PASS_EVERY_SECONDS", 1.0)
+    store = MemoryStore()
+    reads: list[float] = []
+    read_all = store.read_all_blocks
+
+    def timed_read(**kwargs: Any) -> Any:
+        reads.append(time.monotonic())
+        return read_all(**kwargs)
+
+    store.read_all_blocks = timed_read  # type: ignore[method-assign]
+    pods = [
+        PodState("ns", f"p{i}", f"uid-{i}", "Succeeded", 0.0, None, False, None) for i in range(10)
+    ]
+
+    all_told = threading.Event()
+
+    def events(stop: threading.Event) -> Any:
+        for pod in pods:  # finished: due at once, after the gone grace
+            yield PodEvent("MODIFIED", pod)
+            time.sleep(0.2)
+        all_told.set()
+        stop.wait()
+
+    connections: Any = types.SimpleNamespace(store=store, api_client=None)
+    controller = Controller(connections, Policy(), resync=300, gone_grace=0.0)
+    controller._watch = types.SimpleNamespace(events=events)  # type: ignore[assignment]
+    controller._read_pods = lambda refs: {}  # type: ignore[method-assign]
+    loop = threading.Thread(target=controller.run, daemon=True)
+    loop.start()
+    deadline = time.monotonic() + 10
+    while (not all_told.is_set() or controller._gone_at) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    controller.stop.set()
+    loop.join(10)
+    assert controller._gone_at == {}  # every pod judged
+    assert 2 <= len(reads) <= 4, reads  # not one pass per pod (ten over two seconds)
+    assert all(b - a >= 0.95 for a, b in itertools.pairwise(reads)), reads
