@@ -170,6 +170,14 @@ def release_addresses(
     return [a for _, a in freed]
 
 
+def holding_pools(
+    view: PoolView, ranges: Sequence[AddressRange], container_id: str, ifname: str
+) -> set[PoolId]:
+    """The pools of `ranges` where (container_id, ifname) holds an address of a range's
+    network (what release_addresses would free)."""
+    return {rng.pool for rng, _ in _held_by(view, ranges, container_id, ifname, given_or_not=True)}
+
+
 def release(view: PoolView, pool: PoolId, address: int, *, now: int, reserve: bool = False) -> None:
     """Free `address`: at once, or, when it was given with a cooldown, by leaving a resting
     entry that keeps it from everybody but its former pod interface until `now` + cooldown.

@@ -9,7 +9,7 @@ from collections.abc import Collection, Sequence
 import netaddr
 
 from pyabouts.ipam import allocator, slices
-from pyabouts.ipam.pool import Owner, PoolView
+from pyabouts.ipam.pool import Owner, PoolId, PoolView
 from pyabouts.ipam.ranges import AddressRange
 from pyabouts.ipam.slices import SlicedRange
 from pyabouts.ipam.transaction import Transactions
@@ -71,12 +71,30 @@ def release(
 ) -> list[int]:
     """Free what (container_id, ifname) holds; nothing held is not an error. An address given
     with a cooldown rests from `now` (Unix seconds)."""
-    return transactions.run(
-        ranges,
-        lambda view: allocator.release_addresses(view, ranges, container_id, ifname, now=now),
-        deadline=deadline,
-        watch_checked=True,  # "nothing held" a moment late leaves a leak for GC, never a clash
-    )
+
+    def free(within: Sequence[AddressRange]) -> tuple[list[int], set[PoolId]]:
+        """What it freed, and the pools it held addresses in."""
+
+        def decide(view: PoolView) -> tuple[list[int], set[PoolId]]:
+            pools = allocator.holding_pools(view, within, container_id, ifname)
+            return allocator.release_addresses(view, within, container_id, ifname, now=now), pools
+
+        return transactions.run(
+            within,
+            decide,
+            deadline=deadline,
+            watch_checked=True,  # "nothing held" a moment late leaves a leak, never a clash
+        )
+
+    freed, pools = free(ranges)
+    # An ADD takes its addresses in all of its pools at once. A release that found some and
+    # none in another pool decided that one on a copy no write checked (an agent's cache,
+    # stale for a block another writer changed): decided again alone, "nothing held" there is
+    # checked against the store before it is believed.
+    missed = [rng for rng in ranges if rng.pool not in pools]
+    if pools and missed:
+        freed += free(missed)[0]
+    return freed
 
 
 def held_addresses(

@@ -486,3 +486,36 @@ def test_a_write_of_two_blocks_sends_neither_when_the_feed_shows_one_overtaken(
     assert outcome.conflicts == [first]
     assert len(backing.stored) == asked  # neither block sent, not even the second
     assert overtaken.count == 1
+
+
+@pytest.mark.parametrize("backing", [MemoryStore, BlockByBlockStore])
+def test_a_del_that_finds_a_pods_address_in_one_pool_and_not_the_other_looks_again(
+    backing: Callable[[], MemoryStore],
+) -> None:
+    """A dual-stack pod was given its addresses by another writer (an in-process plugin while
+    the agent restarted), and the agent's cache saw the IPv4 block again since (a conflict)
+    but not the IPv6 one. Its DEL through the agent frees the IPv4 address, and looks at the
+    IPv6 pool again, checked against the store, rather than answer on the stale copy: both
+    are freed (the IPv6 one stayed held for nobody)."""
+    v4 = build_range("10.0.0.0/24", range_start=None, range_end=None, exclude=[], pool=POOL)
+    v6 = build_range(
+        "fd00::/118", range_start=None, range_end=None, exclude=[], pool=PoolId("cached", 6)
+    )
+    store = backing()
+    cache = CachedStore(store, max_age=60.0)
+    agent = CoalescingTransactions(cache, recheck=cache.recheck)
+    plugin = DirectTransactions(store)
+    deadline = REAL_CLOCK.now() + 10
+
+    def add(transactions: object, name: str) -> list[int]:
+        owner = Owner(name, "net1", f"ns/{name}", node="n2")
+        return operations.allocate(transactions, [v4, v6], owner, [], deadline=deadline)  # type: ignore[arg-type]
+
+    add(agent, "a")  # both pools now in the agent's cache
+    held = add(plugin, "c")  # stored, unknown to the cache
+    add(agent, "b")  # conflicts on the IPv4 block, read again; the IPv6 block stays stale
+    freed = operations.release(agent, [v4, v6], "c", "net1", deadline=deadline)
+    assert sorted(freed) == sorted(held)
+    assert not [
+        o for b in store.read_all_blocks() for o in b.entries.values() if o.container_id == "c"
+    ]
