@@ -29,6 +29,7 @@ REGISTRY_MARK = "#node-slices"
 _REGISTRY_CUT = re.compile(r" (\S+) (/[0-9]+)")  # what follows the mark: " <range> /<size>"
 #: The interface name slice entries carry: one slice per node and registry.
 SLICE_IFNAME = "slice"
+NODES_NAMED = 10  # in the error when every slice is held: a registry may have thousands
 
 
 def parse_slice_size(text: str, rng: AddressRange) -> int:
@@ -139,22 +140,52 @@ def held_slice(view: PoolView, sliced: SlicedRange, node: str) -> int | None:
 
 
 def take_slice(view: PoolView, sliced: SlicedRange, node: str) -> int:
-    """The slice `node` holds, or else the first free one from the slice its name picks (see
-    preferred_slice), which it now holds."""
+    """The slice `node` holds, or else a free one (see slice_to_take), which it now holds."""
     held = held_slice(view, sliced, node)
     if held is not None:
         return held
-    registry = sliced.registry_range()
-    free = first_free_from(view, registry, preferred_slice(registry, node))
+    free = slice_to_take(view, sliced, node)
     if free is not None:
         view.assign(sliced.registry, free, slice_holder(sliced, free, node))
         return free
+    registry = sliced.registry_range()
     entries = view.entries(sliced.registry, registry.first, registry.last)
     holders = sorted({owner.node for _, owner in entries})
+    named = ", ".join(holders[:NODES_NAMED])
+    if len(holders) > NODES_NAMED:
+        named = f"{len(holders)} nodes, among them {named}"
     raise NoFreeSliceError(
         f"no free node slice for node {node!r} in range {sliced.range.text}: all "
-        f"{registry.size} slices of /{sliced.prefixlen} are held (by {', '.join(holders)})"
+        f"{registry.size} slices of /{sliced.prefixlen} are held (by {named})"
     )
+
+
+def slice_to_take(view: PoolView, sliced: SlicedRange, node: str) -> int | None:
+    """The slice a node that holds none takes: from the slice its name picks (see
+    preferred_slice) on, the first free one none of whose addresses is given, else the first
+    free one with an address to give, else the first free one (None: every slice is held).
+
+    A free slice may hold given addresses: those of a network's pods from before its slice
+    size or range changed (another registry), or of a config of the network without slices.
+    Taken full, it gave its node nothing, and taken again at every try, for ever."""
+    registry = sliced.registry_range()
+    pool = sliced.range.pool
+    start = first_free_from(view, registry, preferred_slice(registry, node))
+    first_with_room = None
+    index = start
+    # Each free slice is looked at once at most: only slices holding given addresses are
+    # passed over, so the walk is as long as the pool has allocations, no longer.
+    while index is not None:
+        within = sliced.within(index)
+        if all(next(view.entries(pool, lo, hi), None) is None for lo, hi in within.spans):
+            return index
+        if first_with_room is None and first_free_from(view, within, within.first) is not None:
+            first_with_room = index
+        # The next free one after it, round the registry (first_free_from wraps), until back.
+        index = first_free_from(view, registry, index + 1)
+        if index == start:
+            break
+    return first_with_room if first_with_room is not None else start
 
 
 def free_for_node(view: PoolView, sliced: SlicedRange, node: str, *, now: int = 0) -> int:
@@ -162,8 +193,7 @@ def free_for_node(view: PoolView, sliced: SlicedRange, node: str, *, now: int = 
     the one take_slice would give it (0 when every slice is held). Changes nothing."""
     index = held_slice(view, sliced, node)
     if index is None:
-        registry = sliced.registry_range()
-        index = first_free_from(view, registry, preferred_slice(registry, node))
+        index = slice_to_take(view, sliced, node)
         if index is None:
             return 0
     return count_free(view, sliced.within(index), now=now)

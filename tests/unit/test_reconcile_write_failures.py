@@ -46,13 +46,13 @@ def leaked_in_three_blocks(store: MemoryStore) -> list[int]:
     """Pods of a gone node, one in each of three blocks: the addresses. The node holds the
     slice 10.0.1.0/24 (its name picks it), the second address's."""
     view = PoolView([])
+    assert take_slice(view, CUT, "gone-node") == 1  # before its addresses are given
     addresses = []
     for n, block in enumerate(("10.0.0.0", "10.0.1.0", "10.0.2.0")):
         owner = Owner(f"c{n}", "net1", f"default/gone-{n}", node="gone-node")
         address = int(netaddr.IPAddress(block)) + 5
         allocator.assign_addresses(view, [RANGE], owner, [netaddr.IPAddress(address)])
         addresses.append(address)
-    take_slice(view, CUT, "gone-node")
     assert not store.write_blocks(view.changed_blocks()).conflicts
     return addresses
 

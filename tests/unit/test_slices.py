@@ -362,3 +362,56 @@ def test_a_node_that_loses_its_slices_race_stores_nothing_of_it() -> None:
     assert a_first == []  # its registry entry lost the race: nothing of it written
     assert a_again == [[cut.registry, cut.range.pool]]
     assert cut.within(preferred_slice(registry, "a")).contains(got)
+
+
+def node_picking(cut: SlicedRange, index: int) -> str:
+    """A node name whose search for a free slice starts at slice `index`."""
+    return next(
+        f"n{i}" for i in range(1000) if preferred_slice(cut.registry_range(), f"n{i}") == index
+    )
+
+
+def test_a_free_slice_whose_addresses_are_all_given_is_passed_over() -> None:
+    """A config of the network without slices gave .1 to .63 lowest first (or its pods come
+    from before the slice size changed): slice 0's registry entry is free, its addresses are
+    not. The node whose name picks it takes the next slice none of whose addresses is given,
+    rather than slice 0 at every ADD, each failing with code 100 (a whole range of free
+    slices beside it)."""
+    store = MemoryStore()
+    whole = make("10.0.0.0/24")
+    transactions = DirectTransactions(store)
+    for n in range(63):
+        operations.allocate(transactions, [whole], pod(n, "w"), [], deadline=time.monotonic() + 5)
+    cut = sliced("10.0.0.0/24", "/26")
+    assert add(store, cut, 100, node_picking(cut, 0)) == ip("10.0.0.64")
+
+
+def test_a_slice_none_of_whose_addresses_is_given_comes_before_one_partly_given() -> None:
+    store, cut = MemoryStore(), sliced("10.0.0.0/24", "/26")
+    transactions = DirectTransactions(store)
+    # .65 given without slices: slice 1 is free in the registry, but not empty.
+    operations.allocate(
+        transactions,
+        [make("10.0.0.64/26")],
+        pod(0, "w"),
+        [],
+        deadline=time.monotonic() + 5,
+    )
+    assert add(store, cut, 1, node_picking(cut, 1)) == ip("10.0.0.128")  # slice 2, untouched
+    # With every free slice partly given, one with an address to give.
+    view = PoolView([])
+    for index in range(4):
+        view.assign(cut.range.pool, int(cut.slice_network(index).first) + 1, pod(10 + index, "w"))
+    assert take_slice(view, cut, node_picking(cut, 3)) == 3
+
+
+def test_when_every_slice_is_held_the_error_names_a_few_of_their_nodes() -> None:
+    cut, view = sliced("10.0.0.0/24", "/28"), PoolView([])
+    holders = [f"node-{i:02d}" for i in range(cut.registry_range().size)]
+    for name in holders:
+        take_slice(view, cut, name)
+    with pytest.raises(NoFreeSliceError) as refused:
+        take_slice(view, cut, "late")
+    message = str(refused.value)
+    assert f"by {len(holders)} nodes, among them node-00, node-01," in message, message
+    assert "node-09" in message and "node-10" not in message
