@@ -142,6 +142,7 @@ class WarmBackend:
         self._lock = threading.Lock()
         self._clients: dict[str, _Client] = {}
         self._retired: list[_Client] = []  # replaced clients, closed at the next replacement
+        self._opening: dict[str, threading.Lock] = {}  # held by the request opening a client
         # A node's pods use a few networks, each sending the same config on every ADD:
         # validated once each (exceptions are not kept: a bad config is refused every time).
         self._own_config = functools.lru_cache(maxsize=CONFIGS_KEPT)(self._validated)
@@ -269,22 +270,40 @@ class WarmBackend:
             client = self._clients.get(key)
             if client is not None and time.monotonic() - client.opened < CLIENT_MAX_AGE_SECONDS:
                 return client
-            # Opening is cheap and lazy (no connection yet); under the lock, so one per key.
-            try:
-                store = opener(timeout=REQUEST_TIMEOUT_SECONDS)
-            except (CniError, OSError) as exc:
-                if client is None:
-                    raise
-                # A kubeconfig, CA or key file caught mid-rewrite, say: the client it has
-                # serves on, and a fresh one is tried again a while later.
-                log.warning(
-                    "a fresh store client could not be opened (%s); the current one serves "
-                    "on, and it is tried again in %g s",
-                    exc,
-                    CLIENT_REOPEN_SECONDS,
-                )
-                client.opened = time.monotonic() - CLIENT_MAX_AGE_SECONDS + CLIENT_REOPEN_SECONDS
-                return client
+            opening = self._opening.setdefault(key, threading.Lock())
+        # One request opens the fresh client, outside the lock: opening may run a kubeconfig's
+        # exec plugin, for seconds. Meanwhile the others are served by the current client;
+        # without one, they wait for it.
+        if client is not None and not opening.acquire(blocking=False):
+            return client
+        if client is None:
+            opening.acquire()
+        try:
+            return self._open_client(key, opener, datastore)
+        finally:
+            opening.release()
+
+    def _open_client(self, key: str, opener: Callable[..., PoolStore], datastore: str) -> _Client:
+        with self._lock:
+            client = self._clients.get(key)
+            if client is not None and time.monotonic() - client.opened < CLIENT_MAX_AGE_SECONDS:
+                return client  # opened by the request this one waited for
+        try:
+            store = opener(timeout=REQUEST_TIMEOUT_SECONDS)
+        except (CniError, OSError) as exc:
+            if client is None:
+                raise
+            # A kubeconfig, CA or key file caught mid-rewrite, say: the client it has serves
+            # on, and a fresh one is tried again a while later.
+            log.warning(
+                "a fresh store client could not be opened (%s); the current one serves on, and "
+                "it is tried again in %g s",
+                exc,
+                CLIENT_REOPEN_SECONDS,
+            )
+            client.opened = time.monotonic() - CLIENT_MAX_AGE_SECONDS + CLIENT_REOPEN_SECONDS
+            return client
+        with self._lock:
             stale, self._retired = self._retired, [client] if client else []
             if client is not None and client.follower is not None:
                 client.follower.stop()  # its cache serves what is in flight; the new one follows

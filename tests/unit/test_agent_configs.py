@@ -4,6 +4,8 @@ call, and one the runtime fills per call (prevResult, GC's attachments) is never
 that trusts requests reads the flat file each names, every time."""
 
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +149,43 @@ def test_a_fresh_client_that_cannot_be_opened_leaves_the_current_one_serving(
     for client in backend._clients.values():
         client.opened -= agent_backend.CLIENT_MAX_AGE_SECONDS + 1
     assert transactions() is not current  # once it can be opened, a fresh one
+
+
+def test_while_a_fresh_client_opens_slowly_the_current_one_serves_the_other_requests(
+    backend: WarmBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening a client may run a kubeconfig's exec plugin (a cloud's token helper, seconds).
+    The request that opens it waits for it; the node's other requests meanwhile are served by
+    the current client, not queued behind it."""
+    config = backend.config(json.loads(netconf("10.63.0.0/24")), netconf("10.63.0.0/24"))
+    pools = [r.pool for r in config.ranges]
+
+    def transactions() -> object:
+        with backend.transactions(config.ipam, pools, writes_by=None) as opened:
+            return opened
+
+    current = transactions()
+    for client in backend._clients.values():
+        client.opened -= agent_backend.CLIENT_MAX_AGE_SECONDS + 1
+    opening, release = threading.Event(), threading.Event()
+    open_store = AgentDatastore.open_store
+
+    def slow(self: AgentDatastore, *, timeout: float) -> object:
+        opening.set()
+        assert release.wait(10)
+        return open_store(self, timeout=timeout)
+
+    monkeypatch.setattr(AgentDatastore, "open_store", slow)
+    fresh: list[object] = []
+    opener = threading.Thread(target=lambda: fresh.append(transactions()))
+    opener.start()
+    try:
+        assert opening.wait(10)
+        started = time.monotonic()
+        assert transactions() is current  # at once, from the current client
+        assert time.monotonic() - started < 1
+    finally:
+        release.set()
+        opener.join(10)
+    assert fresh and fresh[0] is not current
+    assert transactions() is fresh[0]
