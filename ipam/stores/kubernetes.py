@@ -59,6 +59,9 @@ METADATA_LIST_PAGE = 500
 # A watch ends after this long (the server closes it; the feed watches again from where it
 # was); and a connection silent for longer than WATCH_IDLE_SECONDS is taken for dead: the
 # server sends a bookmark about every minute on a quiet watch.
+# A watch answered these is refused as a request would be (RBAC without `watch`, say): the
+# agent is not ready, rather than falling back, unseen, to reading each pool every 2 s.
+WATCH_REFUSALS = frozenset({401, 403, 404})
 WATCH_SECONDS = 300
 WATCH_IDLE_SECONDS = 150.0
 _LABEL_SAFE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
@@ -130,10 +133,23 @@ class KubernetesStore:
         return self._list(on_unreadable=on_unreadable)
 
     def check_reach(self) -> None:
-        """A LIST of one IPPool's metadata: refused where the apiserver does not serve the CRD,
-        or the credentials may not list the namespace's IPPools. (A GET of a block nobody
-        created answers 404 with or without the CRD.)"""
-        self._call("GET", self._collection, query={"limit": 1}, accept=METADATA_LIST)
+        """A LIST of one IPPool's metadata, then a watch from it of a second at most: refused
+        where the apiserver does not serve the CRD, or the credentials may not list or watch
+        the namespace's IPPools (the agent's feed, follow_changes, does both). (A GET of a
+        block nobody created answers 404 with or without the CRD.)"""
+        listed = self._call("GET", self._collection, query={"limit": 1}, accept=METADATA_LIST)
+        query: dict[str, str | int | None] = {
+            "resourceVersion": str(listed["metadata"]["resourceVersion"]),
+            "timeoutSeconds": 1,
+        }
+        events = self._api.watch(
+            self._collection, query, accept=METADATA_ONLY, idle_timeout=WATCH_IDLE_SECONDS
+        )
+        with contextlib.closing(events):
+            try:
+                next(events, None)  # its answer's status; then an event, or its end
+            except ApiStatusError as exc:
+                raise self._api_error(exc) from exc
 
     def _get(self, key: BlockKey) -> list[Block]:
         try:
@@ -226,11 +242,16 @@ class KubernetesStore:
                 self._collection, query, accept=METADATA_ONLY, idle_timeout=WATCH_IDLE_SECONDS
             )
             with contextlib.closing(events):  # closed at once when we stop early
-                for event in events:
-                    heard = True
-                    since = _report(event, sink) or since
-                    if stop.is_set():
-                        return
+                try:
+                    for event in events:
+                        heard = True
+                        since = _report(event, sink) or since
+                        if stop.is_set():
+                            return
+                except ApiStatusError as exc:
+                    if exc.status in WATCH_REFUSALS:  # as any request's: the agent not ready
+                        raise self._api_error(exc) from exc
+                    raise
             if not heard and time.monotonic() - opened < WATCH_SECONDS / 2:
                 # Ended early with nothing said (a proxy in the way?): not again at once.
                 raise StoreUnavailableError("the IPPool watch ended at once, with no event")

@@ -24,6 +24,7 @@ from tests.integration.kube_fixtures import can, forbidden_kubeconfig
 from tests.integration.plugin_fixtures import closed_port, kubernetes_ipam
 from tests.integration.plugin_processes import cni, netconf
 from tests.integration.stored_state import kubernetes_store, table_entries
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -462,6 +463,30 @@ def test_the_reach_check_is_refused_where_the_crd_or_the_right_to_list_is_missin
     try:
         with pytest.raises(StoreRefusedError, match="Forbidden"):
             forbidden.check_reach()
+        # May list, not watch (an older release's RBAC, say): the agent's feed cannot follow.
+        namespace = ("-n", "kube-system")
+        pyabouts_cluster.kubectl(
+            "create", "role", account, *namespace, "--verb=get,list", f"--resource=ippools.{GROUP}"
+        )
+        pyabouts_cluster.kubectl(
+            "create",
+            "rolebinding",
+            account,
+            *namespace,
+            f"--role={account}",
+            f"--serviceaccount=kube-system:{account}",
+        )
+
+        def only_the_watch_refused() -> bool:  # once the binding is in the authorizer's cache
+            try:
+                forbidden.check_reach()
+            except StoreRefusedError as refused:
+                return "Forbidden" in refused.msg and "cannot watch" in refused.msg
+            return False
+
+        wait_for(only_the_watch_refused, 10, "the LIST granted, the watch refused")
     finally:
         forbidden.close()
         pyabouts_cluster.kubectl_run("delete", "serviceaccount", account, "-n", "kube-system")
+        for kind in ("role", "rolebinding"):
+            pyabouts_cluster.kubectl_run("delete", kind, account, "-n", "kube-system")

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from pyabouts.ipam.errors import StoreUnavailableError
+from pyabouts.ipam.errors import StoreRefusedError, StoreUnavailableError
 from pyabouts.ipam.pool import BlockKey, PoolId
+from pyabouts.ipam.stores.kube_api import ApiStatusError
 from pyabouts.ipam.stores.kubernetes import POOL_LABEL, KubernetesStore, object_name, pool_label
 from pyabouts.plugin.agent import feed_follower
 from pyabouts.plugin.agent.datastore_health import DatastoreHealth
@@ -122,3 +123,28 @@ def test_a_stopped_followers_reports_leave_the_gauge_to_the_current_one() -> Non
     assert metrics.feed_live._value.get() == 1
     current.feed_lost()
     assert metrics.feed_live._value.get() == 0
+
+
+class RefusedWatchApi(ScriptedApi):
+    """Lists, then answers the watch with an error status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__([{"metadata": {"resourceVersion": "1"}, "items": []}], [])
+        self.status = status
+
+    def watch(self, path: str, query: dict[str, Any], **kwargs: Any) -> Iterator[dict[str, Any]]:
+        raise ApiStatusError(self.status, "watch refused")
+        yield {}  # a generator, as the API client's
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_a_watch_the_api_refuses_leaves_the_agent_not_ready(status: int) -> None:
+    """The ServiceAccount may list IPPools but not watch them (RBAC of an older release, say):
+    refused as a request would be, the agent is not ready, rather than ready and reading each
+    pool whole every 2 s, the feed never live."""
+    store = KubernetesStore(RefusedWatchApi(status), "ns")  # type: ignore[arg-type]
+    with pytest.raises(StoreRefusedError) as refused:
+        store.follow_changes(Sink(), threading.Event())
+    health = DatastoreHealth(None)
+    health.failed(refused.value)
+    assert not health.ready()
