@@ -192,14 +192,16 @@ MAX_NETWORK_NAME = 253
 
 
 def check_storable_name(netconf: NetConf) -> None:
-    """CniError 7 when the config's name is too long to store with an address. An ADD's check
-    alone: a DEL of an address given before it was made must still free it."""
-    if len(netconf.name) > MAX_NETWORK_NAME:
-        raise CniError(
-            INVALID_CONFIG,
-            f"invalid network config: name={_quoted(netconf.name)}: an ADD takes a name of at "
-            f"most {MAX_NETWORK_NAME} characters (it is stored with the address)",
-        )
+    """CniError 7 when the config's name or its ipam.network_name is too long to store with an
+    address (each is, in every block of the pool). An ADD's check alone: a DEL of an address
+    given before it was made must still free it."""
+    for key, value in (("name", netconf.name), ("ipam.network_name", netconf.ipam.network_name)):
+        if len(value) > MAX_NETWORK_NAME:
+            raise CniError(
+                INVALID_CONFIG,
+                f"invalid network config: {key}={_quoted(value)}: an ADD takes one of at most "
+                f"{MAX_NETWORK_NAME} characters (it is stored with the address)",
+            )
 
 
 class NetConf(_Model):

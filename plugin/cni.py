@@ -48,7 +48,29 @@ def decode_netconf(stdin: bytes) -> dict[str, Any]:
         raise CniError(DECODE_FAILURE, "network config is nested too deeply") from exc
     if not isinstance(raw, dict):
         raise CniError(DECODE_FAILURE, "network config must be a JSON object")
+    # A "\ud800" escape decodes to half a character, which no store can encode: refused here,
+    # not as an internal error where a name is written. Looked for only where one is escaped.
+    try:
+        lone = b"\\u" in stdin and _has_lone_surrogate(raw)
+    except RecursionError as exc:
+        raise CniError(DECODE_FAILURE, "network config is nested too deeply") from exc
+    if lone:
+        raise CniError(DECODE_FAILURE, "network config holds a lone UTF-16 surrogate: not text")
     return raw
+
+
+def _has_lone_surrogate(value: object) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(item) for item in value)
+    return False
 
 
 def version_key(version: str) -> tuple[int, ...]:

@@ -2,11 +2,12 @@ from typing import Any
 
 import pytest
 
-from pyabouts.ipam.errors import INCOMPATIBLE_VERSION, INVALID_ENVIRONMENT, CniError
+from pyabouts.ipam.errors import DECODE_FAILURE, INCOMPATIBLE_VERSION, INVALID_ENVIRONMENT, CniError
 from pyabouts.plugin.cni import (
     IpConfig,
     check_one_address_per_family,
     check_version,
+    decode_netconf,
     parse_cni_args,
     render_result,
 )
@@ -149,3 +150,24 @@ def test_a_legacy_version_takes_one_address_of_each_family(
         check_one_address_per_family(version, families)
     assert excinfo.value.code == INCOMPATIBLE_VERSION
     assert "use cniVersion 0.3.0 or later" in excinfo.value.msg
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"name": "a\\ud800", "ipam": {}}',
+        '{"ipam": {"network_name": "\\udfff"}}',
+        '{"ipam": {"exclude": ["x", "\\ud83d"]}}',
+        '{"ipam": {"\\ud800": 1}}',
+    ],
+)
+def test_a_lone_surrogate_anywhere_in_the_config_is_refused_as_not_text(text: str) -> None:
+    # Half a character no store can encode: code 6 here, not an internal error at a write.
+    with pytest.raises(CniError) as refused:
+        decode_netconf(text.encode())
+    assert refused.value.code == DECODE_FAILURE and "surrogate" in refused.value.msg
+
+
+def test_escaped_characters_that_are_whole_are_text() -> None:
+    raw = decode_netconf(b'{"name": "caf\\u00e9 \\ud83d\\ude00 C:\\\\users"}')
+    assert raw["name"] == "café 😀 C:\\users"

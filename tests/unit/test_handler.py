@@ -151,6 +151,14 @@ def test_an_add_refuses_a_network_name_too_long_to_store_and_a_del_still_frees(
     assert memory_store.blocks == {} or all(not b.entries for b in memory_store.blocks.values())
 
 
+def test_an_add_refuses_an_ipam_network_name_too_long_to_store(memory_store: MemoryStore) -> None:
+    # Stored whole in every block of its pool, as the name is in each line.
+    status, refused = call("ADD", conf(network_name="b" * 254))
+    assert (status, refused["code"]) == (1, 7)
+    assert refused["msg"].startswith("invalid network config: ipam.network_name=")
+    assert call("ADD", conf(network_name="b" * 253))[0] == 0
+
+
 @pytest.mark.parametrize("slices", [{}, {"node_slice_size": "/30"}])
 @pytest.mark.parametrize(
     "drained",
