@@ -32,6 +32,10 @@ class Scripted:
     user_agents: list[str] = field(default_factory=list)
     close_after_answer: bool = False  # then it drops the connection (an idle timeout, say)
     closed: threading.Event = field(default_factory=threading.Event)  # set once it has
+    # Requests on connections from these client ports get no answer, and no FIN either (the
+    # server's host gone, as far as they can tell), until the server stops.
+    gone_for: set[int] = field(default_factory=set)
+    stopping: threading.Event = field(default_factory=threading.Event)
 
 
 class _QuietHandler(http.server.BaseHTTPRequestHandler):
@@ -59,6 +63,10 @@ class _Handler(_QuietHandler):
         self.rfile.read(length)
         script.seen.append((self.command, self.path, self.client_address[1]))
         script.user_agents.append(self.headers.get("User-Agent", ""))
+        if self.client_address[1] in script.gone_for:
+            script.stopping.wait()
+            self.close_connection = True
+            return
         plain = script.text is not None
         data = script.text.encode() if script.text is not None else json.dumps(script.body).encode()
         self.send_response(script.status)
@@ -106,7 +114,7 @@ def _serving(
 
 def scripted_server(script: Scripted) -> contextlib.AbstractContextManager[str]:
     """An http:// URL answered as `script` says, until the block ends."""
-    return _serving(_Server(script))
+    return _serving(_Server(script), before_stop=script.stopping.set)
 
 
 class _StreamHandler(_QuietHandler):

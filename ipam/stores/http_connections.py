@@ -31,6 +31,10 @@ from urllib.parse import unquote, urlsplit
 # none of it), else only if it is idempotent (the server may have carried it out).
 _STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+# A connection idle longer is closed, not used: a server that went away without a word (its
+# host powered off behind a Service) leaves kept connections that answer nothing, each costing
+# a request its whole timeout. Under load balancers' and apiservers' own idle limits too.
+IDLE_KEPT_SECONDS = 30.0
 
 
 class AnswerTimeoutError(TimeoutError):
@@ -184,7 +188,7 @@ class Connections:
         self.endpoint = endpoint
         self._kept = kept
         self._connect_retries = connect_retries
-        self._idle: list[http.client.HTTPConnection] = []
+        self._idle: list[tuple[http.client.HTTPConnection, float]] = []  # and since when
         self._closed = False
         self._lock = threading.Lock()
 
@@ -196,11 +200,19 @@ class Connections:
         reused = self._take()
         connection = reused or self._connected(deadline)
         try:
-            response = self._send(connection, request, deadline, reused=reused is not None)
-        except _StaleConnectionError:
-            connection = self._connected(deadline)  # the server had closed the idle connection
-            response = self._send(connection, request, deadline, reused=False)
-        return self._read(connection, response)
+            try:
+                response = self._send(connection, request, deadline, reused=reused is not None)
+            except _StaleConnectionError:
+                connection = self._connected(deadline)  # the server had closed it idle
+                reused = None
+                response = self._send(connection, request, deadline, reused=False)
+            return self._read(connection, response)
+        except AnswerTimeoutError:
+            if reused is not None:
+                # The kept connections went to the same server, which may be gone without a
+                # word: the next requests connect afresh (a Service sends them to one alive).
+                self._drop_idle()
+            raise
 
     def stream(
         self, target: str, *, headers: dict[str, str], connect_timeout: float, idle_timeout: float
@@ -223,8 +235,13 @@ class Connections:
     def clear(self) -> None:
         """Close the idle connections, and from now on each one as its request ends."""
         with self._lock:
-            idle, self._idle, self._closed = self._idle, [], True
-        for connection in idle:
+            self._closed = True
+        self._drop_idle()
+
+    def _drop_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection, _ in idle:
             connection.close()
 
     def _send(
@@ -271,20 +288,20 @@ class Connections:
         return answer
 
     def _take(self) -> http.client.HTTPConnection | None:
-        """An idle connection still open, or None."""
+        """An idle connection still open, idle IDLE_KEPT_SECONDS at most, or None."""
         while True:
             with self._lock:
                 if not self._idle:
                     return None
-                connection = self._idle.pop()
-            if not _dropped(connection):
+                connection, since = self._idle.pop()
+            if time.monotonic() - since <= IDLE_KEPT_SECONDS and not _dropped(connection):
                 return connection
             connection.close()
 
     def _give_back(self, connection: http.client.HTTPConnection) -> None:
         with self._lock:
             if not self._closed and len(self._idle) < self._kept:
-                self._idle.append(connection)
+                self._idle.append((connection, time.monotonic()))
                 return
         connection.close()
 

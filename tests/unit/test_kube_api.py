@@ -11,6 +11,7 @@ import ssl
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -374,3 +375,37 @@ def test_tls_material_it_cannot_use_is_a_configuration_error(credentials: ApiCre
         KubeApi(credentials, timeout=1)
     assert raised.value.code == INVALID_CONFIG
     assert "kubeconfig's certificate-authority or client certificate" in raised.value.msg
+
+
+def test_kept_connections_to_a_server_gone_without_a_word_cost_one_timeout_not_one_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The apiserver's host powers off behind a Service: the kept connections answer nothing
+    (no FIN, no RST). The first request on one times out; the others kept are dropped with
+    it, and the next request connects afresh (to a server alive), instead of trying each."""
+    script = Scripted(body=LIST)
+    with scripted_server(script) as server:
+        api = api_at(server, timeout=1.0)
+        connections = api._http
+        with ThreadPoolExecutor(4) as burst:  # four requests at once: four kept connections
+            list(burst.map(lambda _: api.request("GET", "/apis/x"), range(4)))
+        assert len(connections._idle) == 4
+        script.gone_for = {port for _, _, port in script.seen}
+        with pytest.raises(StoreBusyError):  # it did not answer in time
+            api.request("GET", "/apis/x")
+        started = time.monotonic()
+        assert api.request("GET", "/apis/x") == LIST
+        assert time.monotonic() - started < 0.5
+        assert script.seen[-1][2] not in script.gone_for
+
+
+def test_a_connection_idle_too_long_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http_connections, "IDLE_KEPT_SECONDS", 0.2)
+    script = Scripted(body=LIST)
+    with scripted_server(script) as server:
+        api = api_at(server, timeout=1.0)
+        assert api.request("GET", "/apis/x") == LIST
+        time.sleep(0.3)
+        script.gone_for = {port for _, _, port in script.seen}  # it would answer nothing
+        assert api.request("GET", "/apis/x") == LIST
+    assert len({port for _, _, port in script.seen}) == 2
