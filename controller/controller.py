@@ -2,11 +2,13 @@
 backstop, under a leader Lease so that several replicas are safe.
 
 The pod watch runs in its own thread and feeds a queue. The control loop takes what the watch
-says: a deleted (or finished) pod gets a targeted pass over that pod's allocations, and so does a
+says: a deleted (or finished) pod gets a targeted pass over that pod's allocations once its
+kubelet has stopped it and --gone-grace has passed (leaks.PodState.stopped_by), and so does a
 pod the taint manager deleted, with --node-lost-grace, once it is still there that long past the
 end of its grace period (see leaks.judge); a relisting (after "410 Gone") or the resync timer
 gets a full pass. A pod whose address a full pass finds leaked but no event said was gone is
-freed by a full pass once --gone-grace has passed since.
+freed by a full pass once --stop-grace and --gone-grace have passed since
+(leaks.found_leak_wait).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from pyabouts.controller.leaks import (
     Leak,
     PodState,
     Policy,
-    found_wait,
+    found_leak_wait,
 )
 from pyabouts.controller.metrics import ReconcilerMetrics
 from pyabouts.controller.pods import PodReader
@@ -95,7 +97,7 @@ class Controller:
         # Pods a full pass found leaked that no watch event had said were gone (deleted while
         # the pass read the store, in a gap of the watch, before this replica led), by name and
         # UID -> when a full pass may free them (epoch seconds): their kubelet may still run
-        # them, or be tearing the sandbox down (see leaks.found_wait).
+        # them, or be tearing the sandbox down (see leaks.found_leak_wait).
         self._found_at: dict[tuple[str, str], float] = {}
 
     def run(self) -> None:
@@ -179,7 +181,7 @@ class Controller:
             return False
         key = (leak.owner.pod, leak.owner.pod_uid)
         due = self._found_at.setdefault(
-            key, now + found_wait(leak, self._gone_grace, self._stop_grace)
+            key, now + found_leak_wait(leak, self._gone_grace, self._stop_grace)
         )
         return now < due
 
@@ -266,8 +268,13 @@ def _may_have_leaked(event: PodEvent | Relisted) -> bool:
 
 def run_controller(connections: Connections, policy: Policy, args: argparse.Namespace) -> None:
     """The controller process: endpoints, then (as leader, unless disabled) the control loop."""
-    graces = {"gone_grace": args.gone_grace, "stop_grace": args.stop_grace}
-    controller = Controller(connections, policy, resync=args.resync, **graces)
+    controller = Controller(
+        connections,
+        policy,
+        resync=args.resync,
+        gone_grace=args.gone_grace,
+        stop_grace=args.stop_grace,
+    )
     serve_endpoints(args.listen, controller.metrics.registry, controller.health)
     if args.no_leader_election:
         controller.metrics.leader.set(1)

@@ -31,14 +31,19 @@ class Reason(StrEnum):
     REST_ENDED = "rest-ended"
 
 
-# What a pod's address may have leaked by while its kubelet still tears its sandbox down (and
-# runs the DEL, which frees it): freed only --gone-grace seconds after the pod was seen gone.
+# What a pod's address may have leaked by while its kubelet still runs it or tears its sandbox
+# down (and runs the DEL, which frees it): freed only --gone-grace seconds after the kubelet
+# stopped it (PodState.stopped_by; found_leak_wait where a pass cannot tell).
 SANDBOX_MAY_REMAIN = frozenset({Reason.POD_GONE, Reason.POD_REPLACED, Reason.POD_FINISHED})
 # Of those, the leaks whose pod a pass cannot see (gone from the API): whether and how long its
 # kubelet still runs it is not known there (see PodState.stopped_by), and is taken as up to
 # DEFAULT_STOP_GRACE_SECONDS, Kubernetes' default terminationGracePeriodSeconds.
 POD_UNSEEN = frozenset({Reason.POD_GONE, Reason.POD_REPLACED})
 DEFAULT_STOP_GRACE_SECONDS = 30.0
+# What a kubelet gives a container to stop beyond its grace at the most: a preStop hook may take
+# the whole grace, and SIGTERM still comes this long before SIGKILL (pkg/kubelet/kuberuntime,
+# minimumGracePeriodInSeconds).
+KILL_WINDOW_SECONDS = 2.0
 
 # The UID a kubelet gives a static pod whose manifest names none: the hex MD5 of the manifest
 # (pkg/kubelet/config/common.go), where the API gives its objects RFC 4122 UUIDs.
@@ -89,6 +94,8 @@ class PodState:
     # Deleted with grace period 0 (metadata.deletionGracePeriodSeconds): a force-delete, or its
     # kubelet's last word once it had stopped it; its deletionTimestamp is then the deletion's.
     deleted_at_once: bool = False
+    # Every container's status says terminated (status.containerStatuses; False without any).
+    containers_terminated: bool = False
 
     @property
     def ref(self) -> str:
@@ -116,12 +123,15 @@ class PodState:
         (force-deleted, or by the pod garbage collector) its kubelet still stops with its own
         terminationGracePeriodSeconds, counted from when it hears of it: it kills the pod as
         its own copy has it, which never shows that deletion (pkg/kubelet/pod_workers.go,
-        calculateEffectiveGracePeriod). Its sandbox, and its address, live that long."""
-        if self.finished:
+        calculateEffectiveGracePeriod). Its sandbox, and its address, live that long, and
+        KILL_WINDOW_SECONDS more at the most. A pod whose containers had all terminated (a
+        kubelet's own last deletion, where it did not move the pod to a terminal phase) has
+        stopped."""
+        if self.finished or self.containers_terminated:
             return gone
         if self.deleting_by is not None and not self.deleted_at_once:
-            return max(gone, self.deleting_by)
-        return gone + max(1.0, self.stop_grace)  # the kubelet's least grace is 1 s
+            return max(gone, self.deleting_by + KILL_WINDOW_SECONDS)
+        return gone + max(0.0, self.stop_grace) + KILL_WINDOW_SECONDS
 
     def lost_since(self, policy: Policy) -> float | None:
         """When its address may be freed as NODE_LOST (epoch seconds); None: not a lost pod, or
@@ -170,7 +180,7 @@ class Leak:
         return f"{self.ip} (network {network}) of {owner}: {self.reason}"
 
 
-def found_wait(leak: Leak, gone_grace: float, stop_grace: float) -> float:
+def found_leak_wait(leak: Leak, gone_grace: float, stop_grace: float) -> float:
     """How long after a pass found `leak` (one of SANDBOX_MAY_REMAIN), with no deletion of its
     pod seen, it is judged again: `gone_grace`, and before it `stop_grace` (the pod's
     terminationGracePeriodSeconds, as far as anyone knows) when the pod is not to be seen."""

@@ -28,7 +28,7 @@ from pyabouts.controller.leaks import (
     SANDBOX_MAY_REMAIN,
     Leak,
     Policy,
-    found_wait,
+    found_leak_wait,
 )
 from pyabouts.controller.reconciler import PassSummary
 from pyabouts.serving.listen import listen_argument
@@ -163,8 +163,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             run_controller(connections, policy, args)
         else:
-            graces = {"gone_grace": args.gone_grace, "stop_grace": args.stop_grace}
-            sys.exit(run_once(connections, policy, dry_run=args.dry_run, **graces))
+            sys.exit(
+                run_once(
+                    connections,
+                    policy,
+                    dry_run=args.dry_run,
+                    gone_grace=args.gone_grace,
+                    stop_grace=args.stop_grace,
+                )
+            )
     finally:
         connections.close()
 
@@ -185,7 +192,7 @@ def run_once(
     """One pass, as a CronJob runs it; the exit code. A pod found gone may still run on its
     node (force-deleted: see PodState.stopped_by), and a gone or finished one have its sandbox
     torn down by its kubelet, whose DEL frees the address: its leaks are judged again once
-    the longest of their waits has passed (leaks.found_wait), and freed only then."""
+    the longest of their waits has passed (leaks.found_leak_wait), and freed only then."""
     import urllib3  # noqa: PLC0415
     from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
 
@@ -197,7 +204,7 @@ def run_once(
         return (
             not dry_run
             and leak.reason in SANDBOX_MAY_REMAIN
-            and found_wait(leak, gone_grace, stop_grace) > 0
+            and found_leak_wait(leak, gone_grace, stop_grace) > 0
         )
 
     failures = (CniError, ApiException, urllib3.exceptions.HTTPError, OSError)
@@ -225,7 +232,7 @@ def run_once(
         # By UID too: a pod of the same name created again since is not the one that waited.
         deferred = {(leak.owner.pod, leak.owner.pod_uid) for leak in summary.deferred}
         refs = {pod for pod, _ in deferred}
-        wait = max(found_wait(leak, gone_grace, stop_grace) for leak in summary.deferred)
+        wait = max(found_leak_wait(leak, gone_grace, stop_grace) for leak in summary.deferred)
         log.info("%d pod(s) gone or finished: judged again in %g s", len(refs), wait)
         time.sleep(wait)
         try:

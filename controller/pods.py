@@ -57,6 +57,17 @@ def pod_state(pod: Mapping[str, Any]) -> PodState:
         ),
         deleted_at_once=bool(meta.get("deletionTimestamp"))
         and meta.get("deletionGracePeriodSeconds") == 0,
+        containers_terminated=_all_terminated(status.get("containerStatuses")),
+    )
+
+
+def _all_terminated(statuses: object) -> bool:
+    """Whether `statuses` (status.containerStatuses) is a list of them, each terminated."""
+    if not isinstance(statuses, list) or not statuses:
+        return False
+    return all(
+        isinstance(c, dict) and isinstance(c.get("state"), dict) and "terminated" in c["state"]
+        for c in statuses
     )
 
 

@@ -157,9 +157,22 @@ def release_addresses(
     *,
     now: int = 0,
 ) -> list[int]:
+    """Free what (container_id, ifname) holds in the ranges' networks (see release_held)."""
+    return [address for _, address in release_held(view, ranges, container_id, ifname, now=now)]
+
+
+def release_held(
+    view: PoolView,
+    ranges: Sequence[AddressRange],
+    container_id: str,
+    ifname: str,
+    *,
+    now: int = 0,
+) -> list[tuple[AddressRange, int]]:
     """Free what (container_id, ifname) holds in the ranges' networks, also where a range
-    gives no more (an exclusion or bound added since); a newer sandbox's hold is kept.
-    An address given with a cooldown rests from `now` (see release)."""
+    gives no more (an exclusion or bound added since); a newer sandbox's hold is kept. Each
+    address freed, with the first range whose network holds it. An address given with a
+    cooldown rests from `now` (see release)."""
     freed = [
         (rng, a)
         for rng, a in _held_by(view, ranges, container_id, ifname, given_or_not=True)
@@ -167,15 +180,7 @@ def release_addresses(
     ]
     for rng, address in freed:
         release(view, rng.pool, address, now=now, reserve=True)
-    return [a for _, a in freed]
-
-
-def holding_pools(
-    view: PoolView, ranges: Sequence[AddressRange], container_id: str, ifname: str
-) -> set[PoolId]:
-    """The pools of `ranges` where (container_id, ifname) holds an address of a range's
-    network (what release_addresses would free)."""
-    return {rng.pool for rng, _ in _held_by(view, ranges, container_id, ifname, given_or_not=True)}
+    return freed
 
 
 def release(view: PoolView, pool: PoolId, address: int, *, now: int, reserve: bool = False) -> None:

@@ -395,7 +395,7 @@ def _build_ranges(ipam: IpamConf) -> tuple[tuple[AddressRange, ...], str]:
     gateway = parse_address(ipam.gateway) if ipam.gateway else None
     ranges = []
     unusable = ""
-    for within, entry in entries:
+    for key_prefix, entry in entries:
         try:
             network = parse_network(entry.range.split("-", 1)[-1]).cidr
             family: Family = 4 if network.version == 4 else 6
@@ -416,11 +416,11 @@ def _build_ranges(ipam: IpamConf) -> tuple[tuple[AddressRange, ...], str]:
                 pool=pool,
             )
         except RangeError as exc:
-            where = f"{within}{exc.key}"
+            where = f"{key_prefix}{exc.key}"
             raise CniError(INVALID_CONFIG, f"invalid network config: {where}: {exc}") from exc
         ranges.append(rng)
         if rng.unusable and not unusable:
-            unusable = f"{within}range: {rng.unusable}"
+            unusable = f"{key_prefix}range: {rng.unusable}"
     return tuple(ranges), unusable
 
 

@@ -9,7 +9,7 @@ from collections.abc import Collection, Sequence
 import netaddr
 
 from pyabouts.ipam import allocator, slices
-from pyabouts.ipam.pool import Owner, PoolId, PoolView
+from pyabouts.ipam.pool import Owner, PoolView
 from pyabouts.ipam.ranges import AddressRange
 from pyabouts.ipam.slices import SlicedRange
 from pyabouts.ipam.transaction import Transactions
@@ -72,29 +72,24 @@ def release(
     """Free what (container_id, ifname) holds; nothing held is not an error. An address given
     with a cooldown rests from `now` (Unix seconds)."""
 
-    def free(within: Sequence[AddressRange]) -> tuple[list[int], set[PoolId]]:
-        """What it freed, and the pools it held addresses in."""
-
-        def decide(view: PoolView) -> tuple[list[int], set[PoolId]]:
-            pools = allocator.holding_pools(view, within, container_id, ifname)
-            return allocator.release_addresses(view, within, container_id, ifname, now=now), pools
-
+    def free(among: Sequence[AddressRange]) -> list[tuple[AddressRange, int]]:
         return transactions.run(
-            within,
-            decide,
+            among,
+            lambda view: allocator.release_held(view, among, container_id, ifname, now=now),
             deadline=deadline,
             watch_checked=True,  # "nothing held" a moment late leaves a leak, never a clash
         )
 
-    freed, pools = free(ranges)
+    freed = free(ranges)
     # An ADD takes its addresses in all of its pools at once. A release that found some and
     # none in another pool decided that one on a copy no write checked (an agent's cache,
     # stale for a block another writer changed): decided again alone, "nothing held" there is
     # checked against the store before it is believed.
-    missed = [rng for rng in ranges if rng.pool not in pools]
-    if pools and missed:
-        freed += free(missed)[0]
-    return freed
+    holding = {rng.pool for rng, _ in freed}
+    missed = [rng for rng in ranges if rng.pool not in holding]
+    if freed and missed:
+        freed += free(missed)
+    return [address for _, address in freed]
 
 
 def held_addresses(

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import netaddr
 
 from pyabouts.ipam.pool import Block, Owner, PoolId
-from pyabouts.ipam.ranges import RangeError, build_range
+from pyabouts.ipam.ranges import RangeError, build_range, parse_network
 from pyabouts.ipam.slices import is_registry, registry_parts
 
 
@@ -131,6 +131,6 @@ def _cidr_of(text: str) -> str:
     """The CIDR a range's text ("CIDR" or "START-END/PREFIX") lies in; the text itself when
     it reads as none."""
     try:
-        return str(netaddr.IPNetwork(text.rpartition("-")[2].strip()).cidr)
-    except (netaddr.AddrFormatError, ValueError, TypeError):
+        return str(parse_network(text.rpartition("-")[2]).cidr)
+    except RangeError:
         return text

@@ -134,7 +134,7 @@ def render_result(
     dns: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     """An IPAM result in the shape of `version` (no interfaces: the delegating plugin adds them)."""
-    if version_key(version) < IP_LIST_SINCE:
+    if legacy_result(version):
         return _render_legacy_result(version, ips, routes, dns)
     with_family = version_key(version) < (1, 0, 0)  # 0.3.x and 0.4.0 carry "version": "4"|"6"
     entries = []
@@ -153,11 +153,16 @@ def render_result(
     return result
 
 
+def legacy_result(version: str) -> bool:
+    """Whether a result of `version` holds one address of each family (0.1.0 and 0.2.0)."""
+    return version_key(version) < IP_LIST_SINCE
+
+
 def check_one_address_per_family(version: str, families: Sequence[int]) -> None:
     """Refuse (code 1) a config that gives more addresses of a family than the result of
-    `version` holds (0.1.0 and 0.2.0: one of each), before anything is allocated, as whereabouts
-    refuses them: a result would leave one out, held for nobody."""
-    if version_key(version) >= IP_LIST_SINCE:
+    `version` holds (see legacy_result), before anything is allocated, as whereabouts refuses
+    them: a result would leave one out, held for nobody."""
+    if not legacy_result(version):
         return
     for family in (4, 6):
         if (count := families.count(family)) > 1:
@@ -185,7 +190,9 @@ def _render_legacy_result(
         if ip.gateway:
             entry["gateway"] = ip.gateway
         own = [
-            {k: r[k] for k in ("dst", "gw") if k in r} for r in routes if _family(r) == ip.family
+            {k: r[k] for k in ("dst", "gw") if k in r}
+            for r in routes
+            if _route_family(r) == ip.family
         ]
         if own:
             entry["routes"] = own
@@ -195,7 +202,7 @@ def _render_legacy_result(
     return result
 
 
-def _family(route: Mapping[str, Any]) -> int:
+def _route_family(route: Mapping[str, Any]) -> int:
     return 6 if ":" in str(route.get("dst", "")) else 4
 
 

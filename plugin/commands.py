@@ -26,6 +26,7 @@ from pyabouts.plugin.cni import (
     LATEST_VERSION,
     IpConfig,
     check_one_address_per_family,
+    legacy_result,
     render_result,
     require_env,
 )
@@ -93,9 +94,10 @@ def _add(
     container_id, ifname = require_env(env, "CNI_CONTAINERID", "CNI_IFNAME")
     check_storable_name(config.netconf)
     version = config.netconf.cni_version or LATEST_VERSION  # as the handler took one without
-    families = [rng.family for rng in config.ranges]
-    families += [parse_address(a.address).version for a in config.ipam.addresses]
-    check_one_address_per_family(version, families)
+    if legacy_result(version):
+        families = [rng.family for rng in config.ranges]
+        families += [parse_address(a.address).version for a in config.ipam.addresses]
+        check_one_address_per_family(version, families)
     requested = requested_addresses(config.netconf, cni_args.get("IP"))
     pod = ""
     if cni_args.get("K8S_POD_NAME"):

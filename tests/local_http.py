@@ -36,6 +36,7 @@ class Scripted:
     # server's host gone, as far as they can tell), until the server stops.
     gone_for: set[int] = field(default_factory=set)
     stopping: threading.Event = field(default_factory=threading.Event)
+    together: int = 0  # no answer until this many requests have come (each on a connection)
 
 
 class _QuietHandler(http.server.BaseHTTPRequestHandler):
@@ -67,6 +68,9 @@ class _Handler(_QuietHandler):
             script.stopping.wait()
             self.close_connection = True
             return
+        give_up = time.monotonic() + 5
+        while len(script.seen) < script.together and time.monotonic() < give_up:
+            time.sleep(0.005)
         plain = script.text is not None
         data = script.text.encode() if script.text is not None else json.dumps(script.body).encode()
         self.send_response(script.status)

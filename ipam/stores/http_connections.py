@@ -33,8 +33,9 @@ _STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 # A connection idle longer is closed, not used: a server that went away without a word (its
 # host powered off behind a Service) leaves kept connections that answer nothing, each costing
-# a request its whole timeout. Under load balancers' and apiservers' own idle limits too.
-IDLE_KEPT_SECONDS = 30.0
+# a request its whole timeout. Under kube-apiserver's own idle limit (90 s), so that a quiet
+# node's next request does not meet a connection the server is closing.
+IDLE_KEPT_SECONDS = 85.0
 
 
 class AnswerTimeoutError(TimeoutError):

@@ -59,11 +59,15 @@ METADATA_LIST_PAGE = 500
 # A watch ends after this long (the server closes it; the feed watches again from where it
 # was); and a connection silent for longer than WATCH_IDLE_SECONDS is taken for dead: the
 # server sends a bookmark about every minute on a quiet watch.
+WATCH_SECONDS = 300
+WATCH_IDLE_SECONDS = 150.0
 # A watch answered these is refused as a request would be (RBAC without `watch`, say): the
 # agent is not ready, rather than falling back, unseen, to reading each pool every 2 s.
 WATCH_REFUSALS = frozenset({401, 403, 404})
-WATCH_SECONDS = 300
-WATCH_IDLE_SECONDS = 150.0
+# The readiness probe's watch (check_reach): the server ends it after a second; one silent
+# for this long is taken for dead, so that a stalled server cannot stall readiness with it.
+PROBE_WATCH_SECONDS = 1
+PROBE_WATCH_IDLE_SECONDS = 5.0
 _LABEL_SAFE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 # The prefix object_name gives a network whose name is not DNS-safe.
 _DIGEST_PREFIX = re.compile(r"^net-[0-9a-f]{10}$")
@@ -140,10 +144,10 @@ class KubernetesStore:
         listed = self._call("GET", self._collection, query={"limit": 1}, accept=METADATA_LIST)
         query: dict[str, str | int | None] = {
             "resourceVersion": str(listed["metadata"]["resourceVersion"]),
-            "timeoutSeconds": 1,
+            "timeoutSeconds": PROBE_WATCH_SECONDS,
         }
         events = self._api.watch(
-            self._collection, query, accept=METADATA_ONLY, idle_timeout=WATCH_IDLE_SECONDS
+            self._collection, query, accept=METADATA_ONLY, idle_timeout=PROBE_WATCH_IDLE_SECONDS
         )
         with contextlib.closing(events):
             try:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from pyabouts.ipam.coalescing import CoalescingTransactions
 from pyabouts.ipam.config import ETCD_CONNECTION_KEYS, IpamConf, PluginConfig, load_config
-from pyabouts.ipam.errors import CniError
+from pyabouts.ipam.errors import CniError, StoreUnavailableError
 from pyabouts.ipam.pool import Block, PoolId
 from pyabouts.ipam.store import BlockFeed, OnUnreadable, PoolStore, ReachCheck, WriteOutcome
 from pyabouts.ipam.stores import open_store
@@ -143,6 +143,7 @@ class WarmBackend:
         self._clients: dict[str, _Client] = {}
         self._retired: list[_Client] = []  # replaced clients, closed at the next replacement
         self._opening: dict[str, threading.Lock] = {}  # held by the request opening a client
+        self._closed = False
         # A node's pods use a few networks, each sending the same config on every ADD:
         # validated once each (exceptions are not kept: a bad config is refused every time).
         self._own_config = functools.lru_cache(maxsize=CONFIGS_KEPT)(self._validated)
@@ -245,6 +246,7 @@ class WarmBackend:
                 log.warning("%d pending changes left in the journal for the next agent", left)
             self._pending.close()
         with self._lock:
+            self._closed = True  # a client being opened now is closed, not kept
             clients = [*self._clients.values(), *self._retired]
             self._clients.clear()
             self._retired.clear()
@@ -304,6 +306,9 @@ class WarmBackend:
             client.opened = time.monotonic() - CLIENT_MAX_AGE_SECONDS + CLIENT_REOPEN_SECONDS
             return client
         with self._lock:
+            if self._closed:  # closed while it was opened: never served
+                store.close()
+                raise StoreUnavailableError("pyabouts-agent is stopping")
             stale, self._retired = self._retired, [client] if client else []
             if client is not None and client.follower is not None:
                 client.follower.stop()  # its cache serves what is in flight; the new one follows

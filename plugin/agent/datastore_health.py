@@ -42,6 +42,7 @@ class DatastoreHealth:
     def __init__(self, probe: Callable[[], object] | None) -> None:
         self._probe = probe
         self._answers: bool | None = None  # None: not known yet
+        self._refused_until_probed = False  # see failed(until_probed=True)
         self._lock = threading.Lock()
         self._probing = False
         self._probed_at = -PROBE_SECONDS
@@ -51,16 +52,20 @@ class DatastoreHealth:
             log.info("the datastore answers")
             self._answers = True
 
-    def failed(self, error: BaseException) -> None:
-        """Note `error`, raised by a call to the datastore, if it says the store is unreached."""
+    def failed(self, error: BaseException, *, until_probed: bool = False) -> None:
+        """Note `error`, raised by a call to the datastore, if it says the store is unreached;
+        with `until_probed`, a refusal (credentials, rights) holds until a probe, which asks
+        everything the agent needs, succeeds, whatever other calls answer meanwhile."""
         if unreached(error):
             if self._answers is not False:
                 log.warning("the datastore does not answer: %s", getattr(error, "msg", error))
             self._answers = False
+            if until_probed and isinstance(error, StoreRefusedError) and self._probe is not None:
+                self._refused_until_probed = True
 
     def ready(self) -> bool:
         answers = self._answers
-        if answers is True:
+        if answers is True and not self._refused_until_probed:
             return True
         if self._probe is None:
             return answers is None
@@ -87,6 +92,7 @@ class DatastoreHealth:
             if not unreached(exc):
                 log.warning("probing the datastore failed: %s", getattr(exc, "msg", exc))
         else:
+            self._refused_until_probed = False
             self.answered()
         finally:
             with self._lock:

@@ -48,7 +48,9 @@ class FeedFollower:
                 self._feed.follow_changes(self._sink, self._stop)
             except Exception as exc:  # a broken feed is never fatal: pools are read instead
                 if not self._stop.is_set():  # else stopped while it waited: nothing to tell
-                    self._health.failed(exc)
+                    # Until a probe says otherwise: the next list, or a request's write, would
+                    # say the datastore answers while the watch is still refused.
+                    self._health.failed(exc, until_probed=True)
                     if time.monotonic() - began > STEADY_SECONDS:
                         pause = FIRST_PAUSE_SECONDS
                     log.warning(

@@ -67,3 +67,31 @@ def test_an_agent_of_its_own_store_is_ready_once_a_probe_or_call_finds_it_answer
     assert not health.ready()
     health.answered()  # the next one's
     assert health.ready() and len(probes) == 2
+
+
+def test_a_refused_watch_holds_until_a_probe_succeeds_whatever_other_calls_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The IPPool watch refused (RBAC without `watch`): the feed's next list, or a request's
+    write, answers, and would make the agent ready for the seconds until the watch is refused
+    again, long enough for a rolling update to pass it. Only a probe, which asks for the watch
+    too, clears it."""
+    monkeypatch.setattr(datastore_health, "PROBE_SECONDS", 0.05)
+    refused = StoreRefusedError("Forbidden: cannot watch ippools")
+    outcomes: list[Exception | None] = [refused, None]
+
+    def probe() -> None:
+        if (outcome := outcomes.pop(0)) is not None:
+            raise outcome
+
+    health = DatastoreHealth(probe)
+    health.answered()
+    assert health.ready()
+    health.failed(refused, until_probed=True)
+    health.answered()  # the list, or a write
+    assert not health.ready()  # and a probe starts, refused still
+    wait_for(lambda: len(outcomes) == 1 and not health._probing, 5, "the refused probe")
+    health.answered()
+    assert not health.ready()
+    wait_for(health.ready, 5, "ready once a probe found the watch allowed", every=0.01)
+    assert outcomes == []

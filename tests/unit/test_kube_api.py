@@ -377,13 +377,11 @@ def test_tls_material_it_cannot_use_is_a_configuration_error(credentials: ApiCre
     assert "kubeconfig's certificate-authority or client certificate" in raised.value.msg
 
 
-def test_kept_connections_to_a_server_gone_without_a_word_cost_one_timeout_not_one_each(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_kept_connections_to_a_server_gone_without_a_word_cost_one_timeout_not_one_each() -> None:
     """The apiserver's host powers off behind a Service: the kept connections answer nothing
     (no FIN, no RST). The first request on one times out; the others kept are dropped with
     it, and the next request connects afresh (to a server alive), instead of trying each."""
-    script = Scripted(body=LIST)
+    script = Scripted(body=LIST, together=4)
     with scripted_server(script) as server:
         api = api_at(server, timeout=1.0)
         connections = api._http

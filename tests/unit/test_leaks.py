@@ -7,7 +7,15 @@ from typing import Any
 import netaddr
 import pytest
 
-from pyabouts.controller.leaks import Leak, PodState, Policy, Reason, find_leaks, found_wait, judge
+from pyabouts.controller.leaks import (
+    Leak,
+    PodState,
+    Policy,
+    Reason,
+    find_leaks,
+    found_leak_wait,
+    judge,
+)
 from pyabouts.controller.pods import network_status_ips, pod_state
 from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
 
@@ -194,14 +202,18 @@ def test_network_status_ips_of_another_type_are_no_ips_and_never_stop_a_pass(ips
     [
         # Removed without a graceful deletion (kubectl delete --force, the pod GC): its kubelet
         # still stops it with its own terminationGracePeriodSeconds, from when it hears.
-        ({}, NOW + 30),
-        ({"stop_grace": 120.0}, NOW + 120),
-        ({"stop_grace": 0.0}, NOW + 1),  # the kubelet's least grace
+        # (And 2 s more at the most: SIGTERM comes that long before SIGKILL, whatever a
+        # preStop hook took.)
+        ({}, NOW + 32),
+        ({"stop_grace": 120.0}, NOW + 122),
+        ({"stop_grace": 0.0}, NOW + 2),
         # Deleted gracefully first: stopped by the end of that grace period at the latest.
-        ({"deleting_by": NOW + 7}, NOW + 7),
+        ({"deleting_by": NOW + 7}, NOW + 9),
         ({"deleting_by": NOW - 5}, NOW),
         # Deleted with grace 0 (the deletion's own deletionTimestamp): as a force-delete.
-        ({"deleting_by": NOW, "deleted_at_once": True}, NOW + 30),
+        ({"deleting_by": NOW, "deleted_at_once": True}, NOW + 32),
+        # Every container had terminated (a kubelet's own last deletion, the phase not moved).
+        ({"deleting_by": NOW, "deleted_at_once": True, "containers_terminated": True}, NOW),
         # Finished: its containers had ended.
         ({"phase": "Succeeded", "stop_grace": 600.0}, NOW),
         ({"phase": "Failed", "deleting_by": NOW + 50}, NOW),
@@ -226,7 +238,7 @@ def test_a_deletion_with_grace_0_is_told_from_a_graceful_one(
 
 @pytest.mark.parametrize(
     ("grace", "read"),
-    [(120, 120.0), (0, 0.0), (None, 30.0), ("30", 30.0), (-1, 30.0), (True, 30.0)],
+    [(120, 120.0), (0, 0.0), (None, 30.0), ("45", 30.0), (-1, 30.0), (True, 30.0)],
 )
 def test_the_pods_termination_grace_is_read_and_defaults_as_the_api_defaults_it(
     grace: object, read: float
@@ -245,4 +257,22 @@ def test_a_leak_found_with_no_deletion_seen_waits_for_its_pod_to_be_stopped_when
     # A pass cannot see a gone (or replaced) pod's grace: Kubernetes' default is taken; a
     # finished pod's containers have ended.
     leak = Leak(BlockKey.of(PoolId("blue", 4), 5), 5, OWNER, reason)
-    assert found_wait(leak, gone_grace=10.0, stop_grace=30.0) == wait
+    assert found_leak_wait(leak, gone_grace=10.0, stop_grace=30.0) == wait
+
+
+@pytest.mark.parametrize(
+    ("statuses", "terminated"),
+    [
+        ([{"state": {"terminated": {"exitCode": 0}}}, {"state": {"terminated": {}}}], True),
+        ([{"state": {"terminated": {}}}, {"state": {"running": {}}}], False),
+        ([], False),
+        (None, False),
+        ("nonsense", False),
+        ([{"state": "terminated"}], False),
+    ],
+)
+def test_containers_count_as_terminated_only_when_every_status_says_so(
+    statuses: object, terminated: bool
+) -> None:
+    pod = {"metadata": {"name": "p"}, "status": {"containerStatuses": statuses}}
+    assert pod_state(pod).containers_terminated is terminated

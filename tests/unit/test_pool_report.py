@@ -75,6 +75,16 @@ def test_ranges_of_one_cidr_count_once_as_the_largest() -> None:
     assert usage.total == 1022 + 254
 
 
+def test_a_range_written_with_leading_zero_octets_counts_once_with_its_cidr() -> None:
+    # A NAD's range as its writer spelled it, read as whereabouts reads it (192.168.10.0/24).
+    blocks = [
+        described("192.168.10.0", "192.168.010.0/24", 254),
+        described("192.168.10.0", "192.168.10.0/24", 254),
+    ]
+    (usage,) = pool_usage(blocks)
+    assert usage.total == 254
+
+
 def described(base: str, text: str, size: int) -> Block:
     block = Block(BlockKey.of(BLUE, address(base)))
     block.range_text, block.range_size = text, size

@@ -398,11 +398,18 @@ def test_a_slice_none_of_whose_addresses_is_given_comes_before_one_partly_given(
         deadline=time.monotonic() + 5,
     )
     assert add(store, cut, 1, node_picking(cut, 1)) == ip("10.0.0.128")  # slice 2, untouched
-    # With every free slice partly given, one with an address to give.
+    # With every free slice partly given, one with an address to give: the one the name picks,
+    # else, that one full, the next (round the registry).
     view = PoolView([])
     for index in range(4):
         view.assign(cut.range.pool, int(cut.slice_network(index).first) + 1, pod(10 + index, "w"))
     assert take_slice(view, cut, node_picking(cut, 3)) == 3
+    view = PoolView([])
+    for index in range(3):
+        view.assign(cut.range.pool, int(cut.slice_network(index).first) + 1, pod(10 + index, "w"))
+    for n, taken in enumerate(addresses(cut.within(3))):
+        view.assign(cut.range.pool, taken, pod(20 + n, "w"))
+    assert take_slice(view, cut, node_picking(cut, 3)) == 0
 
 
 def test_when_every_slice_is_held_the_error_names_a_few_of_their_nodes() -> None:
