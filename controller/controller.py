@@ -54,8 +54,8 @@ LEASE_WATCH_SECONDS = 0.25  # how often the leader's watchdog looks at its last 
 SETTLE_SECONDS = 0.3  # gather a burst of deletions into one targeted pass
 # Every pass reads the whole store (its blocks of all pools): under steady pod churn, passes
 # back to back would read it several times a second. A targeted pass starts no sooner than
-# this after the pass before began; the pods due meanwhile wait for it (their graces are 10 s
-# and more: this adds little to when their addresses are freed).
+# this after the targeted pass before began; the pods due meanwhile wait for it (their graces
+# are 10 s and more: this adds little to when their addresses are freed).
 TARGETED_PASS_EVERY_SECONDS = 5.0
 # A targeted pass that failed (the API busy, say) is made again this much later: no event
 # brings its pods back.
@@ -79,7 +79,7 @@ class Controller:
         self._resync = resync
         self._gone_grace = gone_grace
         self._stop_grace = stop_grace
-        self._last_pass = -float("inf")  # when the last pass began (monotonic)
+        self._last_targeted = -float("inf")  # when the last targeted pass began (monotonic)
         self._events: queue.Queue[PodEvent | Relisted] = queue.Queue()
         self.metrics = ReconcilerMetrics()
         self.health = Health(stale_after=max(60.0, 3 * resync))
@@ -164,10 +164,11 @@ class Controller:
 
     def _until_due(self) -> float:
         """Seconds until the next targeted pass: SETTLE_SECONDS after the first pod is due, so
-        that one pass takes a burst, and TARGETED_PASS_EVERY_SECONDS after the last pass
-        began at the soonest."""
+        that one pass takes a burst, and TARGETED_PASS_EVERY_SECONDS after the last one began
+        at the soonest. (Full passes do not count: they spare the pods awaited, and a short
+        --resync would else hold the targeted passes back for good.)"""
         first = min([*self._lost_at.values(), *self._gone_at.values()], default=float("inf"))
-        after_last = self._last_pass + TARGETED_PASS_EVERY_SECONDS - time.monotonic()
+        after_last = self._last_targeted + TARGETED_PASS_EVERY_SECONDS - time.monotonic()
         return max(first + SETTLE_SECONDS - time.time(), after_last)
 
     def _until_found_due(self) -> float:
@@ -220,7 +221,8 @@ class Controller:
     ) -> bool:
         """One pass (targeted: of the pods `refs`, sparing the pods of other UIDs than
         `awaited` names for each); whether it ran to its end."""
-        self._last_pass = time.monotonic()
+        if refs is not None:
+            self._last_targeted = time.monotonic()
         try:
             if refs is None:
                 now = time.time()

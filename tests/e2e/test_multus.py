@@ -181,7 +181,8 @@ def test_deleted_pods_free_their_addresses_and_a_crashed_pod_is_reclaimed(
     assert pool_holders(node.cluster, net) == {"2": crashed.ref}  # leaked until reclaimed
     reconciler = str(Path(sys.executable).parent / "pyabouts-reconciler")
     done = subprocess.run(
-        [reconciler, "--kubeconfig", str(node.cluster.kubeconfig)],
+        # Its sandbox is gone with it here (no kubelet): the gone grace alone is waited for.
+        [reconciler, "--kubeconfig", str(node.cluster.kubeconfig), "--stop-grace", "0"],
         capture_output=True,
         text=True,
         timeout=120,
