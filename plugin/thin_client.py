@@ -40,6 +40,8 @@ NOT_AVAILABLE = 50  # what STATUS answers when the plugin cannot serve ADD (CNI 
 # only once it parses as JSON, as the agent writes it (not every reply: importing json, with
 # re, doubles this plugin's start).
 ATOMIC_REPLY_BYTES = 64 << 10
+# serving.listen.check_unix_socket_path's rule, repeated here: that module needs `os`, which
+# this plugin's start does without (see the module's docstring).
 UNIX_PATH_MAX = 108  # bytes of a unix socket's path, its ending NUL included
 
 

@@ -140,10 +140,10 @@ def cni_args(pod_name: str, container_id: str, ip: str | None = None) -> str:
     return ";".join(args)
 
 
-def add(
+def macvlan_add(
     pod: Pod, pod_name: str, conf: dict[str, Any], cni_path: str, ip: str | None = None
-) -> Attachment:
-    """ADD through macvlan; check the result against the addresses found in the namespace."""
+) -> tuple[str, Any]:
+    """ADD through macvlan, which must succeed: the container ID it was made for, its result."""
     container_id = f"ctr-{pod_name}-{secrets.token_hex(4)}"
     result = run_cni(
         MACVLAN,
@@ -155,6 +155,14 @@ def add(
         cni_path=cni_path,
         cni_args=cni_args(pod_name, container_id, ip),
     ).expect_success()
+    return container_id, result
+
+
+def add(
+    pod: Pod, pod_name: str, conf: dict[str, Any], cni_path: str, ip: str | None = None
+) -> Attachment:
+    """ADD through macvlan; check the result against the addresses found in the namespace."""
+    container_id, result = macvlan_add(pod, pod_name, conf, cni_path, ip)
     assert isinstance(result, dict), result
     [iface] = [i for i in result["interfaces"] if i["name"] == IFNAME]
     assert iface["sandbox"] == pod.netns_path
@@ -333,17 +341,7 @@ def test_a_legacy_cni_version_chain_gets_one_address_of_each_family_and_frees_th
     (libcni's conversion of it), puts both addresses in the pod, and its DEL frees them."""
     with macvlan_master("chainold") as master, pod_namespace("chain-old") as pod:
         conf = netconf(master, network_name, etcd_server, dual=True) | {"cniVersion": "0.2.0"}
-        container_id = f"ctr-old-{secrets.token_hex(4)}"
-        result = run_cni(
-            MACVLAN,
-            "ADD",
-            conf,
-            container_id=container_id,
-            netns=pod.netns_path,
-            ifname=IFNAME,
-            cni_path=cni_path,
-            cni_args=cni_args("pod-old", container_id),
-        ).expect_success()
+        container_id, result = macvlan_add(pod, "pod-old", conf, cni_path)
         assert isinstance(result, dict) and result["cniVersion"] == "0.2.0", result
         addresses = (
             ipaddress.ip_interface(result["ip4"]["ip"]),

@@ -6,6 +6,7 @@ that trusts requests reads the flat file each names, every time."""
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,22 +118,33 @@ def test_a_config_too_large_to_keep_is_validated_on_each_call(
     assert len(validations) == 2
 
 
-def test_a_fresh_client_that_cannot_be_opened_leaves_the_current_one_serving(
-    backend: WarmBackend, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Every 10 minutes the agent opens a fresh store client (credentials rotate). One that
-    cannot be opened then (a file caught mid-rewrite) leaves the current client serving,
-    rather than failing the request (code 7) with a client that works."""
-    config = backend.config(json.loads(netconf("10.62.0.0/24")), netconf("10.62.0.0/24"))
+def transactions_for(backend: WarmBackend, cidr: str) -> Callable[[], object]:
+    """What serves a request of a network on `cidr` now (the store client's transactions)."""
+    config = backend.config(json.loads(netconf(cidr)), netconf(cidr))
     pools = [r.pool for r in config.ranges]
 
     def transactions() -> object:
         with backend.transactions(config.ipam, pools, writes_by=None) as opened:
             return opened
 
-    current = transactions()
+    return transactions
+
+
+def age_clients_past_their_time(backend: WarmBackend) -> None:
+    """Make every store client of `backend` due for a fresh one (credentials rotate)."""
     for client in backend._clients.values():
-        client.opened -= agent_backend.CLIENT_MAX_AGE_SECONDS + 1  # due for a fresh one
+        client.opened -= agent_backend.CLIENT_MAX_AGE_SECONDS + 1
+
+
+def test_a_fresh_client_that_cannot_be_opened_leaves_the_current_one_serving(
+    backend: WarmBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every 10 minutes the agent opens a fresh store client (credentials rotate). One that
+    cannot be opened then (a file caught mid-rewrite) leaves the current client serving,
+    rather than failing the request (code 7) with a client that works."""
+    transactions = transactions_for(backend, "10.62.0.0/24")
+    current = transactions()
+    age_clients_past_their_time(backend)
 
     tries: list[float] = []
 
@@ -146,8 +158,7 @@ def test_a_fresh_client_that_cannot_be_opened_leaves_the_current_one_serving(
         assert transactions() is current
     assert len(tries) == 1  # not tried again at every request
     monkeypatch.setattr(agent_backend, "CLIENT_REOPEN_SECONDS", 0.0)
-    for client in backend._clients.values():
-        client.opened -= agent_backend.CLIENT_MAX_AGE_SECONDS + 1
+    age_clients_past_their_time(backend)
     assert transactions() is not current  # once it can be opened, a fresh one
 
 
@@ -157,16 +168,9 @@ def test_while_a_fresh_client_opens_slowly_the_current_one_serves_the_other_requ
     """Opening a client may run a kubeconfig's exec plugin (a cloud's token helper, seconds).
     The request that opens it waits for it; the node's other requests meanwhile are served by
     the current client, not queued behind it."""
-    config = backend.config(json.loads(netconf("10.63.0.0/24")), netconf("10.63.0.0/24"))
-    pools = [r.pool for r in config.ranges]
-
-    def transactions() -> object:
-        with backend.transactions(config.ipam, pools, writes_by=None) as opened:
-            return opened
-
+    transactions = transactions_for(backend, "10.63.0.0/24")
     current = transactions()
-    for client in backend._clients.values():
-        client.opened -= agent_backend.CLIENT_MAX_AGE_SECONDS + 1
+    age_clients_past_their_time(backend)
     opening, release = threading.Event(), threading.Event()
     open_store = AgentDatastore.open_store
 
