@@ -7,10 +7,11 @@ switches its NADs from whereabouts to pyabouts without re-addressing a pod.
 Reads every whereabouts IPPool and NodeSlicePool (whereabouts.cni.cncf.io/v1alpha1) and stores
 each allocation, with its pod, interface and container ID, and each node's slice, in the
 datastore the flat file names (pyabouts' IPPools by default): decided on one read, written
-with compare-and-swap (etcd: all at once; IPPools: one object at a time, so a run cut short
-may leave part written, which running it again completes). Running it again changes nothing
-else. When pyabouts already gives one of the addresses to somebody else, it writes nothing
-and names each such address.
+with compare-and-swap (etcd: transactions of up to 32 blocks, in order; IPPools: one object
+at a time), so a run cut short may leave part written, which running it again completes.
+Running it again changes nothing else. When pyabouts already gives one of the addresses to
+somebody else, it names each such address and writes nothing more (nothing at all, unless a
+write of its own lost a race with a node first).
 
 Exit codes: 0 done (or nothing to do), 1 refused (conflicts), 2 could not read or write.
 The switch-over runbook is docs/migration.md.
@@ -24,7 +25,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Mapping, Sequence
 
 import urllib3
 from kubernetes.client.exceptions import ApiException
@@ -46,7 +47,7 @@ from pyabouts.ipam.migration import (
     Result,
     bring_over,
 )
-from pyabouts.ipam.pool import Owner, PoolId
+from pyabouts.ipam.pool import Block, Owner, PoolId, PoolView
 from pyabouts.ipam.slices import SLICE_IFNAME, is_registry
 from pyabouts.ipam.store import PoolStore
 from pyabouts.ipam.stores.kubeconfig import DEFAULT_NAMESPACE
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         # is a finished one, whose address pyabouts' reconciler frees (a whereabouts frozen at
         # step 2 kept it).
         pods = PodReader(connections.api_client).list_all().pods
-        live_pods = {ref for ref, pod in pods.items() if not pod.finished}
+        live_pods = {ref: pod.node for ref, pod in pods.items() if not pod.finished}
         read = holdings_of(pools, slice_pools, {ref: pod.node for ref, pod in pods.items()})
         results = store_holdings(
             connections.store, read.holdings, dry_run=args.dry_run, live_pods=live_pods
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             "cannot read whereabouts' pools, nothing changed:\n  " + "\n  ".join(error.problems)
         )
     except MigrationConflictError as error:
-        _print_conflicts(error.conflicts, args.output)
+        _print_conflicts(error, args.output)
         return EXIT_REFUSED
     except CniError as error:
         return _fail(f"the datastore: {error.msg}")
@@ -125,9 +126,13 @@ def store_holdings(
     holdings: Sequence[Holding],
     *,
     dry_run: bool,
-    live_pods: Collection[str] | None = None,
+    live_pods: Mapping[str, str] | None = None,
 ) -> list[tuple[Holding, Result]]:
-    """Bring `holdings` over in one transaction (a dry run only reads)."""
+    """Bring `holdings` over in one transaction (a dry run only reads). `live_pods`: the node
+    of each pod ("namespace/name") not finished (see bring_over).
+
+    Raises MigrationConflictError, `after_a_write` when a write of this run came before (one
+    that lost a race with a node part way may have stored part)."""
     bounds: dict[PoolId, tuple[int, int]] = {}
     for h in holdings:
         first, last = bounds.get(h.pool, (h.address, h.address))
@@ -137,12 +142,22 @@ def store_holdings(
     ordered = sorted(bounds.items(), key=lambda item: (not is_registry(item[0]), item[0]))
     spans = [Span(pool, first, last) for pool, (first, last) in ordered]
     ranges = list({h.range: None for h in holdings})
+    writes = 0
+
+    def decide(view: PoolView) -> list[tuple[Holding, Result]]:
+        try:
+            return bring_over(view, holdings, dry_run=dry_run, live_pods=live_pods)
+        except MigrationConflictError as error:
+            error.after_a_write = writes > 0
+            raise
+
+    def before_write(changed: list[Block]) -> None:
+        nonlocal writes
+        writes += 1
+        describe_blocks(changed, ranges)
+
     return run_span_transaction(
-        store,
-        spans,
-        lambda view: bring_over(view, holdings, dry_run=dry_run, live_pods=live_pods),
-        deadline=time.monotonic() + DEADLINE,
-        before_write=lambda changed: describe_blocks(changed, ranges),
+        store, spans, decide, deadline=time.monotonic() + DEADLINE, before_write=before_write
     )
 
 
@@ -175,7 +190,9 @@ def _print_results(
     read: Read, results: Sequence[tuple[Holding, Result]], *, dry_run: bool, output: str
 ) -> None:
     counts = Counter(result for _, result in results)
-    added, present, gone = (counts[r] for r in (Result.ADDED, Result.PRESENT, Result.POD_GONE))
+    added, present, gone, elsewhere = (
+        counts[r] for r in (Result.ADDED, Result.PRESENT, Result.POD_GONE, Result.POD_ELSEWHERE)
+    )
     if output == "json":
         document = {
             "dryRun": dry_run,
@@ -183,6 +200,7 @@ def _print_results(
             "added": added,
             "present": present,
             "podGone": gone,
+            "podElsewhere": elsewhere,
             "holdings": [
                 {"result": result.value, **holding_document(holding)} for holding, result in results
             ],
@@ -204,6 +222,7 @@ def _print_results(
     summary = (
         f"{read.objects} whereabouts object(s) read: {added} {verb}, {present} already present, "
         f"{gone} left out (pod gone)"
+        + (f", {elsewhere} left out (pod on another node)" if elsewhere else "")
     )
     print(summary + (" (dry run: nothing written)" if dry_run else ""))
     for note in read.notes:
@@ -217,11 +236,13 @@ def _row(document: dict[str, str]) -> list[str]:
     return cells
 
 
-def _print_conflicts(conflicts: Sequence[Conflict], output: str) -> None:
+def _print_conflicts(error: MigrationConflictError, output: str) -> None:
+    conflicts = error.conflicts
     lines = [_describe_conflict(c) for c in conflicts]
     if output == "json":
         document = {
             "refused": True,
+            "partlyWritten": error.after_a_write,
             "conflicts": [
                 {
                     **holding_document(c.holding),
@@ -237,8 +258,14 @@ def _print_conflicts(conflicts: Sequence[Conflict], output: str) -> None:
             ],
         }
         print(json.dumps(document, indent=2))
+    changed = (
+        "part may be written (a write of this run lost a race with a node first; what it "
+        "stored is whereabouts' own holdings)"
+        if error.after_a_write
+        else "nothing changed"
+    )
     print(
-        f"pyabouts-migrate: refused, nothing changed: {len(conflicts)} address(es) held by "
+        f"pyabouts-migrate: refused, {changed}: {len(conflicts)} address(es) held by "
         "somebody else:\n  " + "\n  ".join(lines),
         file=sys.stderr,
     )

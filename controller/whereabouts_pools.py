@@ -140,22 +140,27 @@ def holdings_of(
     where the names cannot (see pool_identity).
 
     Raises WhereaboutsPoolError naming every pool that cannot be read (nothing should be
-    brought over from a picture with holes in it).
+    brought over from a picture with holes in it), but for one whose allocations all name pods
+    that are gone, which is left out with a note.
     """
     problems: list[str] = []
+    notes: list[str] = []
     holdings: list[Holding] = []
     networks_of_slice_pools: dict[str, set[str]] = {}
     for pool in pools:
         try:
             network, node, slice_pool = pool_identity(pool, slice_pools, pod_nodes)
-            holdings.extend(_address_holdings(pool, network, node, slice_pool))
+            holdings.extend(list(_address_holdings(pool, network, node, slice_pool)))
         except _MALFORMED as exc:
-            if pool.allocations:  # an empty pool holds nothing to bring over
+            if not pool.allocations:
+                continue  # an empty pool holds nothing to bring over
+            if _holds_no_pod_now(pool, pod_nodes):
+                notes.append(f"{pool.source}: not brought over ({exc}); {_LEAKS_ALONE}")
+            else:
                 problems.append(f"{pool.source}: {exc}")
             continue
         if slice_pool is not None:
             networks_of_slice_pools.setdefault(slice_pool.name, set()).add(network)
-    notes: list[str] = []
     for slice_pool in slice_pools:
         networks = networks_of_slice_pools.get(slice_pool.name, set())
         if len(networks) != 1:
@@ -189,7 +194,9 @@ def pool_identity(
     size since. It may as well be the pool of a network named "<network>-<node>" (or "<node>").
     A slice's pool holds its node's pods alone, so where the pool's live pods run (`pod_nodes`:
     node by "namespace/name") decides: all on that node, the slice's; else the other network's
-    (so too for a name its holder's slice reads as, whose pods run elsewhere).
+    (so too for a name its holder's slice reads as, whose pods run elsewhere). Read as the
+    slice its node holds now, the pool may also hold pods that run elsewhere: made again on
+    another node, their DEL missed (bring_over leaves those out).
     With no live pod to go by, it is read as before pods were asked: as the slice's where no
     node holds it (refused without a network_name, which a network named like the node would
     read as too), else as the other network's.
@@ -205,7 +212,7 @@ def pool_identity(
         for network, node, kind in _slice_pool_names(prefix, pool.range, slice_pool):
             readings.setdefault(kind, {})[(network, node)] = slice_pool
     nodes = _nodes_of_live_pods(pool, pod_nodes)
-    held = {r: p for r, p in readings.get(HELD, {}).items() if not nodes or {r[1]} == nodes}
+    held = {r: p for r, p in readings.get(HELD, {}).items() if not nodes or r[1] in nodes}
     if held:
         chosen = held
     elif nodes:
@@ -229,6 +236,24 @@ def pool_identity(
             f"slice of {slice_pool.source}, which no node holds now"
         )
     return network, node, slice_pool
+
+
+_LEAKS_ALONE = "every allocation in it names a pod that no longer exists"
+
+
+def _holds_no_pod_now(pool: WhereaboutsPool, pod_nodes: Mapping[str, str] | None) -> bool:
+    """Whether, with `pod_nodes` (every pod, listed), each allocation of `pool` names a pod not
+    among them: leaks, left out anyway. The pool of a node removed without its pods' DELs, say,
+    whose name may no longer tell its network."""
+    if pod_nodes is None or not isinstance(pool.allocations, Mapping):
+        return False
+    for allocation in pool.allocations.values():
+        if not isinstance(allocation, Mapping):
+            return False
+        pod = _pod_of(str(allocation.get("podref", "")))
+        if not pod or pod in pod_nodes:
+            return False
+    return True
 
 
 def _nodes_of_live_pods(pool: WhereaboutsPool, pod_nodes: Mapping[str, str] | None) -> set[str]:

@@ -7,13 +7,14 @@ pod's interface), and nothing else is given an address that is held.
 
 A holding that pyabouts already stores for the same pod interface (an earlier run, or an ADD
 since) is left as it is. One that pyabouts stores for somebody else is a conflict: then nothing
-is changed at all, and every conflict is named. One whose pod is gone is left out.
+is changed at all, and every conflict is named. One whose pod is gone is left out, and so is
+one in a node's slice whose pod now runs on another node.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import netaddr
@@ -52,6 +53,9 @@ class Result(enum.StrEnum):
     ADDED = "added"  # stored now (or, in a dry run, would be)
     PRESENT = "present"  # pyabouts already stores it for the same holder
     POD_GONE = "pod-gone"  # held for a pod that no longer exists: a leak, not brought over
+    # held in a node's slice for a pod that runs on another node now (made again there: a
+    # StatefulSet's pod whose DEL was missed): a leak too, not brought over
+    POD_ELSEWHERE = "pod-elsewhere"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,11 +68,13 @@ class Conflict:
 
 
 class MigrationConflictError(Exception):
-    """Holdings that pyabouts gives to somebody else: nothing was changed."""
+    """Holdings that pyabouts gives to somebody else: this decision changed nothing (an
+    earlier one of the same run may have stored part: `after_a_write`)."""
 
-    def __init__(self, conflicts: Sequence[Conflict]) -> None:
+    def __init__(self, conflicts: Sequence[Conflict], *, after_a_write: bool = False) -> None:
         super().__init__(f"{len(conflicts)} conflicting holding(s)")
         self.conflicts = list(conflicts)
+        self.after_a_write = after_a_write
 
 
 def bring_over(
@@ -76,14 +82,15 @@ def bring_over(
     holdings: Sequence[Holding],
     *,
     dry_run: bool,
-    live_pods: Collection[str] | None = None,
+    live_pods: Mapping[str, str] | None = None,
 ) -> list[tuple[Holding, Result]]:
     """Store each holding in `view` (unless `dry_run`), and say which were there already.
 
-    With `live_pods` ("namespace/name", listed after the holdings were read), an address held
-    for a pod not among them is left out: its pod is gone, and the holding a leak (the other
-    IPAM missed its DEL, or was frozen when it came). pyabouts may since have given the
-    address to somebody else, which is then no conflict.
+    With `live_pods` ("namespace/name" -> node, listed after the holdings were read), an
+    address held for a pod not among them is left out: its pod is gone, and the holding a leak
+    (the other IPAM missed its DEL, or was frozen when it came). pyabouts may since have given
+    the address to somebody else, which is then no conflict. So is an address held in a node's
+    slice (its owner names the node) for a pod that runs on another node now.
 
     Raises MigrationConflictError, having changed nothing, when any holding conflicts.
     """
@@ -91,9 +98,9 @@ def bring_over(
     conflicts: list[Conflict] = []
     first_seen: dict[tuple[PoolId, int], Holding] = {}
     for holding in holdings:
-        pod = holding.owner.pod
-        if live_pods is not None and holding.sliced is None and pod and pod not in live_pods:
-            results.append((holding, Result.POD_GONE))
+        left_out = _left_out(holding, live_pods)
+        if left_out is not None:
+            results.append((holding, left_out))
             continue
         earlier = first_seen.setdefault((holding.pool, holding.address), holding)
         if earlier is not holding and not _same_holder(earlier.owner, holding):
@@ -119,6 +126,20 @@ def bring_over(
             if result is Result.ADDED:
                 view.assign(holding.pool, holding.address, holding.owner)
     return results
+
+
+def _left_out(holding: Holding, live_pods: Mapping[str, str] | None) -> Result | None:
+    """Why an address holding is a leak not to bring over (see bring_over), else None."""
+    pod, node = holding.owner.pod, holding.owner.node
+    if live_pods is None or holding.sliced is not None or not pod:
+        return None
+    if pod not in live_pods:
+        return Result.POD_GONE
+    runs_on = live_pods[pod]
+    # Node names as the API lists them are lower-case (kubelet lower-cases the host name).
+    if node and runs_on and runs_on.lower() != node.lower():
+        return Result.POD_ELSEWHERE
+    return None
 
 
 def _same_holder(stored: Owner, holding: Holding) -> bool:

@@ -1,6 +1,8 @@
 """Bringing holdings over: stored as held, present when already there, all-or-nothing on
 conflicts; and what pyabouts' ADD then does with them."""
 
+from dataclasses import replace
+
 import netaddr
 import pytest
 from hypothesis import given
@@ -78,7 +80,7 @@ def test_a_gone_pods_holding_is_left_out_even_where_pyabouts_gave_its_address_ag
     view = PoolView([])
     view.assign(POOL, BASE + 1, Owner(container_id="x", ifname="net1", pod="default/new"))
     holdings = [holding(1, "gone"), holding(2, "alive"), holding(3, "also-gone")]
-    results = bring_over(view, holdings, dry_run=False, live_pods={"default/alive"})
+    results = bring_over(view, holdings, dry_run=False, live_pods={"default/alive": "n1"})
     assert [(h.owner.pod, r) for h, r in results] == [
         ("default/gone", Result.POD_GONE),
         ("default/alive", Result.ADDED),
@@ -86,6 +88,21 @@ def test_a_gone_pods_holding_is_left_out_even_where_pyabouts_gave_its_address_ag
     ]
     assert view.owner(POOL, BASE + 3) is None
     assert view.owner(POOL, BASE + 1) == Owner(container_id="x", ifname="net1", pod="default/new")
+
+
+def test_a_holding_in_a_nodes_slice_for_a_pod_that_now_runs_elsewhere_is_left_out() -> None:
+    """A StatefulSet's pod made again on another node, the DEL on its first node missed: the
+    first node's slice still names it. Brought over, no reconciler would free it (the pod
+    exists, and whereabouts kept no pod UID)."""
+    view = PoolView([])
+    moved, stays, plain = holding(1, "web-0"), holding(2, "web-1"), holding(3, "web-0")
+    in_slice = [replace(h, owner=replace(h.owner, node="Node-A")) for h in (moved, stays)]
+    live = {"default/web-0": "node-b", "default/web-1": "node-a"}
+    results = bring_over(view, [*in_slice, plain], dry_run=False, live_pods=live)
+    assert [r for _, r in results] == [Result.POD_ELSEWHERE, Result.ADDED, Result.ADDED]
+    assert view.owner(POOL, BASE + 1) is None
+    assert view.owner(POOL, BASE + 2) is not None  # node names compare case-blind
+    assert view.owner(POOL, BASE + 3) is not None  # a whole range's pool names no node
 
 
 def test_a_node_keeps_its_slice_and_one_holding_another_is_a_conflict() -> None:

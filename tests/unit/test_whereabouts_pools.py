@@ -136,6 +136,14 @@ def test_a_gone_nodes_slice_pool_reads_by_its_network_or_refuses_when_ambiguous(
     unnamed = pool("gone-10.9.0.64-26", "10.9.0.64/26", {"1": WEB})
     with pytest.raises(WhereaboutsPoolError, match="which no node holds now"):
         holdings_of([unnamed], [node_slices])
+    # Its pods all gone, it holds nothing to bring over whichever way it reads: a note, and the
+    # other pools still come over.
+    other = pool("blue-10.1.0.0-24", "10.1.0.0/24", {"5": {**WEB, "podref": "default/web-1"}})
+    read = holdings_of([unnamed, other], [node_slices], {"default/web-1": "node-x"})
+    assert [h.text for h in read.holdings] == ["10.1.0.5"]
+    note, _ = read.notes  # and red's NodeSlicePool, which no IPPool then names
+    assert note.startswith("IPPool kube-system/gone-10.9.0.64-26: not brought over (")
+    assert "no longer exists" in note
 
 
 def test_a_node_slice_pool_whose_network_no_ippool_names_is_left_out_with_a_note() -> None:
@@ -189,6 +197,23 @@ def test_a_slice_pool_whose_slice_changed_hands_or_size_is_read_by_where_its_pod
     # Its pods elsewhere, or none alive: the plain pool of a network of that name.
     assert pool_identity(old, [node_slices], {"default/web-0": "node-c"}) == (name, "", None)
     assert pool_identity(old, [node_slices], {}) == (name, "", None)
+
+
+def test_a_held_slices_pool_with_a_pod_made_again_on_another_node_stays_the_slices() -> None:
+    # node-a's pool, one of whose pods (web-0) was made again on node-b, its DEL missed: read
+    # as a network "red-node-a", node-a's running pods would come over into a pool no NAD uses,
+    # and red's node-a slice would give their addresses again.
+    node_slices = slices("red", {"10.9.0.64/26": "node-a"})
+    web_1 = {**WEB, "podref": "default/web-1"}
+    held = pool("red-node-a-10.9.0.64-26", "10.9.0.64/26", {"1": WEB, "2": web_1})
+    where = {"default/web-0": "node-b", "default/web-1": "node-a"}
+    assert pool_identity(held, [node_slices], where) == ("red", "node-a", node_slices)
+    read = holdings_of([held], [node_slices], where)
+    results = store_holdings(BlockByBlockStore(), read.holdings, dry_run=True, live_pods=where)
+    assert [(h.text, h.owner.pod, r.value) for h, r in results if h.sliced is None] == [
+        ("10.9.0.65", "default/web-0", "pod-elsewhere"),
+        ("10.9.0.66", "default/web-1", "added"),
+    ]
 
 
 def test_a_plain_pool_named_as_a_held_slices_pool_is_plain_when_its_pods_run_elsewhere() -> None:
