@@ -33,6 +33,7 @@ from deploy.local.supervision import (
     SupervisedProcess,
     start_on_free_ports,
 )
+from pyabouts.ipam.stores.etcd_settings import url_host
 
 DEFAULT_ETCD_BINARY = Path("/usr/bin/etcd")
 READY_TIMEOUT_S = 30.0
@@ -50,7 +51,8 @@ def default_etcd_binary() -> Path:
 class EtcdServer:
     """How to reach a running etcd, and the process when it is ours.
 
-    ``endpoint`` is ``"127.0.0.1:PORT"`` (no scheme), as pyabouts' ``etcd_host`` takes it. The
+    ``endpoint`` is ``"127.0.0.1:PORT"`` (``"[::1]:PORT"`` on IPv6; no scheme), as pyabouts'
+    ``etcd_host`` takes it. The
     TLS fields are file paths on this host (all ``None`` for a plain server);
     ``username``/``password`` are ``None`` without auth. ``process`` is ``None`` for an etcd
     that is not our child: kill() and start_again() need one.
@@ -188,8 +190,10 @@ def start_etcd(
     die_with_parent: bool = True,
     nice: int | None = None,
     extra_args: Sequence[str] = (),
+    host: str = "127.0.0.1",
 ) -> EtcdServer:
     """Start a single-member etcd on free 127.0.0.1 ports; return once it is ours and healthy.
+    Its clients reach it on ``host`` (``"::1"``, say; its peer port stays on 127.0.0.1).
 
     ``data_dir`` starts empty (whatever is there is removed). With ``tls`` its clients speak
     HTTPS and must present a certificate of ``tls.ca_cert``; the returned server carries that
@@ -203,9 +207,9 @@ def start_etcd(
     def make() -> SupervisedProcess:
         nonlocal server
         shutil.rmtree(data_dir, ignore_errors=True)
-        client_port, peer_port = free_ports(2)
+        client_port, peer_port = free_ports(1, host)[0], free_ports(1)[0]
         server = EtcdServer(
-            endpoint=f"127.0.0.1:{client_port}",
+            endpoint=f"{url_host(host)}:{client_port}",
             ca_cert=None if tls is None else str(tls.ca_cert),
             cert=None if tls is None else str(tls.client_cert),
             key=None if tls is None else str(tls.client_key),

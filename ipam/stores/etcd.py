@@ -34,6 +34,8 @@ from pyabouts.ipam.stores.etcd_settings import (
     KEY_KEY,
     EtcdSettings,
     invalid_config,
+    netloc,
+    url_host,
 )
 
 # grpc's EventEngine client hands each call's I/O to a pool of its own threads: measured here
@@ -69,6 +71,13 @@ _REFUSALS = {
 # Answers of an etcd that took the call but is overloaded: up, so retried until the deadline.
 _BUSY = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 _ERRORS = (grpc.RpcError, etcd_exceptions.Etcd3Exception)
+# etcd's answer to a write once its database reached its quota (the NOSPACE alarm): the history
+# of every key's writes stays until compacted.
+NO_SPACE = "database space exceeded"
+NO_SPACE_ADVICE = (
+    "Its history needs compacting (run etcd with --auto-compaction-retention, see the README), "
+    "then `etcdctl defrag` and `etcdctl alarm disarm`"
+)
 
 
 def pool_prefix(pool: PoolId) -> str:
@@ -171,12 +180,15 @@ class EtcdStore:
             host, port = self._endpoint
             creds = channel_credentials(settings) if settings.secure else None
             endpoint = etcd3.Endpoint(
-                host, port, secure=settings.secure, creds=creds, opts=CHANNEL_OPTIONS
+                url_host(host), port, secure=settings.secure, creds=creds, opts=CHANNEL_OPTIONS
             )
             try:
                 # With credentials, this already authenticates: the first call to etcd.
+                # failover: a stub made on the endpoint after a call failed it (another thread's)
+                # raises NoServerAvailableError, an outage, rather than ValueError.
                 self._client = etcd3.MultiEndpointEtcd3Client(
                     endpoints=[endpoint],
+                    failover=True,
                     timeout=settings.timeout,
                     user=settings.username,
                     password=settings.password,
@@ -272,13 +284,16 @@ def _token_outlived(exc: Exception) -> bool:
 def store_error(exc: Exception, endpoint: tuple[str, int], settings: EtcdSettings) -> CniError:
     """The CniError for a failed call to etcd at `endpoint`: refused (102), a TLS failure said
     plainly (see tls_failure), busy (11, retried until the deadline) or unreachable (11)."""
-    where = f"etcd at {endpoint[0]}:{endpoint[1]}"
+    where = f"etcd at {netloc(*endpoint)}"
     rpc = exc if isinstance(exc, grpc.RpcError) else exc.__context__  # etcd3 wraps grpc's
     if not isinstance(rpc, grpc.RpcError):
         return StoreUnavailableError(f"{where} is unreachable: {type(exc).__name__} {exc}")
     details = rpc.details() or ""
     if rpc.code() in _REFUSALS:
         return StoreRefusedError(f"{where} refused the request: {details}")
+    if rpc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and NO_SPACE in details:
+        # Every write is refused until somebody makes room: no use retrying for a minute.
+        return StoreRefusedError(f"{where} refused the write: {details}. {NO_SPACE_ADVICE}")
     if rpc.code() in _BUSY:
         return StoreBusyError(f"{where} is busy: {_last_error(details) or rpc.code().name}")
     if rpc.code() == grpc.StatusCode.UNAVAILABLE:

@@ -54,7 +54,16 @@ class EtcdSettings:
         )
 
     def describe(self) -> str:
-        return ",".join(f"{host}:{port}" for host, port in self.endpoints)
+        return ",".join(netloc(host, port) for host, port in self.endpoints)
+
+
+def url_host(host: str) -> str:
+    """A host as grpc dials it and people read it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+def netloc(host: str, port: int) -> str:
+    return f"{url_host(host)}:{port}"
 
 
 def uses_tls(etcd_host: str, tls_files: dict[str, str]) -> bool:
@@ -83,12 +92,19 @@ def endpoint_scheme(etcd_host: str) -> str | None:
 
 
 def parse_endpoints(etcd_host: str) -> list[tuple[str, int]]:
-    """`etcd_host`: "host:port" (an http(s):// scheme is allowed), several comma-separated."""
+    """`etcd_host`: "host:port" (an http(s):// scheme is allowed), several comma-separated; an
+    IPv6 address in brackets ("[2001:db8::1]:2379"), as in a URL. The hosts come back bare."""
     endpoints = []
     for item in _items(etcd_host):
         text = item.split("://", 1)[-1].rstrip("/")
         if not text:
             continue
+        if text.count(":") > 1 and not text.startswith("["):
+            # "2001:db8::1:2379" reads as an address with or without a port.
+            raise invalid_config(
+                f"ipam.etcd_host={etcd_host!r}: write an IPv6 address in brackets, as in a URL "
+                f"([2001:db8::1]:2379)"
+            )
         host, sep, port = text.rpartition(":")
         if not sep or not port.isdigit():
             host, port = text, str(DEFAULT_PORT)

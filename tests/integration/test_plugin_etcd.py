@@ -5,10 +5,13 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import etcd3
+import grpc
 import pytest
 
+from deploy.local.etcd_server import start_etcd
 from pyabouts.plugin.agent.backend import POOL_MAX_AGE_SECONDS
 from tests.integration.etcd_fixtures import EtcdServer
 from tests.integration.plugin_fixtures import closed_port, etcd_ipam
@@ -59,6 +62,52 @@ def test_every_command_through_the_executable(pyabouts_exe: str, etcd_server: Et
     assert cni(pyabouts_exe, "DEL", conf, "c2").ok
     assert cni(pyabouts_exe, "DEL", conf, "c2").ok  # again: already gone is fine
     assert stored_allocations(etcd_server, network) == {}
+
+
+def test_an_etcd_reached_by_its_ipv6_address(pyabouts_exe: str, tmp_path: Path) -> None:
+    server = start_etcd(tmp_path / "etcd-data", tmp_path / "etcd.log", host="::1")
+    try:
+        assert server.endpoint.startswith("[::1]:")
+        conf = netconf(**etcd_ipam(server, range="10.42.0.0/30", network_name="ipv6-etcd"))
+        added = cni(pyabouts_exe, "ADD", conf).expect_success()
+        assert added["ips"][0]["address"] == "10.42.0.1/30"
+        assert list(stored_allocations(server, "ipv6-etcd")) == ["10.42.0.0/24+1"]
+        assert cni(pyabouts_exe, "DEL", conf).ok
+        assert stored_allocations(server, "ipv6-etcd") == {}
+    finally:
+        server.stop()
+
+
+def test_a_full_etcd_refuses_at_once_saying_what_to_do(pyabouts_exe: str, tmp_path: Path) -> None:
+    """etcd keeps every write's history until compacted; at its quota (NOSPACE) it refuses all
+    writes. An ADD then fails at once (not after a minute of retries), naming the way out, and
+    works again once that is done."""
+    quota = "--quota-backend-bytes=2000000"
+    server = start_etcd(tmp_path / "etcd-data", tmp_path / "etcd.log", extra_args=[quota])
+    client = etcd3.client(host=server.host, port=server.port)
+    try:
+        with pytest.raises(grpc.RpcError, match="database space exceeded"):
+            for _ in range(1000):  # another writer's history, say
+                client.put("/other/app", "v" * 40_000)
+        conf = netconf(**etcd_ipam(server, range="10.42.1.0/30", network_name="full"))
+        started = time.monotonic()
+        full = cni(pyabouts_exe, "ADD", conf)
+        assert time.monotonic() - started < 10
+        assert (full.returncode, full.result["code"]) == (1, 102)
+        assert "database space exceeded" in full.result["msg"]
+        assert "--auto-compaction-retention" in full.result["msg"]
+        assert "etcdctl alarm disarm" in full.result["msg"]
+        assert stored_allocations(server, "full") == {}
+
+        client.compact(client.get("/other/app")[1].mod_revision)
+        client.defragment()
+        for alarm in list(client.list_alarms()):
+            client.disarm_alarm(alarm.member_id)
+        added = cni(pyabouts_exe, "ADD", conf).expect_success()
+        assert added["ips"][0]["address"] == "10.42.1.1/30"
+    finally:
+        client.close()
+        server.stop()
 
 
 def test_tls_and_auth(pyabouts_exe: str, etcd_tls_auth_server: EtcdServer) -> None:

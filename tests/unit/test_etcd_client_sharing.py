@@ -59,3 +59,18 @@ def test_a_call_that_fails_leaves_the_calls_other_threads_have_on_the_client() -
     waiting.join(5)
     assert answers == ["answered"]
     assert store._client is not shared  # the next call starts afresh
+
+
+def test_a_call_on_a_client_another_thread_found_failing_is_an_outage_not_a_bug() -> None:
+    """etcd3 marks the endpoint of a call that failed UNAVAILABLE and drops the client's stubs;
+    a thread that took the client before the store dropped it makes a stub afresh on the failed
+    endpoint. That must be the store's outage (retried), not a ValueError (code 103)."""
+    store = EtcdStore(EtcdSettings(endpoints=(("127.0.0.1", 1),), timeout=1))
+    try:
+        client = store._connected()  # grpc connects lazily: nothing is dialled yet
+        client.endpoint_in_use.fail()
+        client._clear_old_stubs()
+        with pytest.raises(StoreUnavailableError, match="NoServerAvailableError"):
+            store._call(lambda taken: taken.kvstub)
+    finally:
+        store.close()

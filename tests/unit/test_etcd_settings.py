@@ -109,12 +109,27 @@ def test_etcd_host_is_required() -> None:
         ("a", [("a", 2379)]),
         ("a:1, https://b:2/", [("a", 1), ("b", 2)]),
         ("[2001:db8::1]:2379", [("2001:db8::1", 2379)]),
+        ("https://[2001:db8::1]", [("2001:db8::1", 2379)]),
     ],
 )
 def test_endpoints_are_host_port_with_a_default_port(
     text: str, endpoints: list[tuple[str, int]]
 ) -> None:
     assert parse_endpoints(text) == endpoints
+
+
+@pytest.mark.parametrize("text", ["2001:db8::1", "2001:db8::1:2379", "a:1,https://fd00::1:2"])
+def test_an_ipv6_address_without_brackets_is_refused(text: str) -> None:
+    # Read as host:port it would dial another address ("2001:db8:" port 1).
+    assert "write an IPv6 address in brackets" in config_error(etcd_host=text).msg
+
+
+def test_an_ipv6_endpoint_is_named_in_brackets() -> None:
+    ipv6 = settings(etcd_host="[fd00::1]:2379,b:1")
+    assert ipv6.describe() == "[fd00::1]:2379,b:1"
+    refused = FakeRpcError(grpc.StatusCode.UNAVAILABLE, REFUSED_PORT)
+    error = store_error(refused, ipv6.endpoints[0], ipv6)
+    assert error.msg.startswith("etcd at [fd00::1]:2379 is unreachable")
 
 
 # --------------------------------------------------------------------------- keys in pairs
