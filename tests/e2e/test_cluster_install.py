@@ -174,6 +174,38 @@ def test_the_installer_wrote_the_plugin_and_a_private_kubeconfig_of_the_agents_a
     assert kubeconfig.stat().st_mode & 0o777 == 0o600
 
 
+# An operator's kubeconfig, as --kubeconfig takes it: the pod's own credentials, with the CA
+# inline (certificate-authority-data), which the Kubernetes client writes to a temporary file.
+INLINE_KUBECONFIG = """
+import base64, json, os, pathlib, subprocess, sys, tempfile
+account = pathlib.Path("/var/run/secrets/kubernetes.io/serviceaccount")
+server = f"https://{os.environ['KUBERNETES_SERVICE_HOST']}:{os.environ['KUBERNETES_SERVICE_PORT']}"
+ca = base64.b64encode((account / "ca.crt").read_bytes()).decode()
+token = (account / "token").read_text()
+config = {
+    "apiVersion": "v1", "kind": "Config", "current-context": "c",
+    "clusters": [{"name": "c", "cluster": {"server": server, "certificate-authority-data": ca}}],
+    "users": [{"name": "u", "user": {"token": token}}],
+    "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+}
+with tempfile.NamedTemporaryFile("w", suffix=".kubeconfig", delete=False) as out:
+    json.dump(config, out)
+sys.exit(subprocess.run(["pyabouts-reconciler", "--dry-run", "--kubeconfig", out.name]).returncode)
+"""
+
+
+def test_the_reconciler_reads_a_kubeconfig_with_inline_certificates_on_its_read_only_root(
+    cluster: ControlPlane,
+) -> None:
+    """Its root filesystem is read-only; the Kubernetes client needs a writable /tmp for a
+    kubeconfig's inline certificates (README: --kubeconfig, and --config for etcd)."""
+    deployment = "deploy/pyabouts-reconciler"
+    summary = cluster.kubectl(
+        "exec", "-n", NAMESPACE, deployment, "--", "python3", "-c", INLINE_KUBECONFIG
+    )
+    assert json.loads(summary)["dryRun"] is True
+
+
 def test_the_installed_plugin_is_served_by_the_agent_with_its_own_identity(
     cluster: ControlPlane,
 ) -> None:
