@@ -2,10 +2,10 @@
 
 It serves each request with the same plugin.handler.handle_request as the in-process plugin,
 on a WarmBackend, on one of a fixed number of worker threads. An answer is sent only once
-handle_request has returned, that is after the datastore acknowledged the write; a client that
-goes away first changes nothing (ADD is idempotent, and the runtime answers a failed ADD with
-DEL). A client that is not root, slow, too big or one too many is answered with a CNI error
-at once (see Limits and docs/errors.md).
+handle_request has returned, that is after the datastore acknowledged the write. A client that
+goes away first leaves its ADD served (ADD is idempotent), and the runtime answers a failed ADD
+with DEL, which waits for it (attachments.AddsInFlight). A client that is not root, slow, too
+big or one too many is answered with a CNI error at once (see Limits and docs/errors.md).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import Any
 from pyabouts.ipam.errors import DECODE_FAILURE, PEER_NOT_ALLOWED, TRY_AGAIN_LATER, CniError
 from pyabouts.ipam.stores.write_behind import MAX_PENDING_SECONDS, PendingWrites
 from pyabouts.plugin import wire
+from pyabouts.plugin.agent.attachments import AddsInFlight
 from pyabouts.plugin.agent.backend import WarmBackend
 from pyabouts.plugin.agent.datastore import agent_datastore
 from pyabouts.plugin.agent.metrics import AgentMetrics
@@ -237,6 +238,7 @@ class AgentServer(socketserver.UnixStreamServer):
         self.serving = threading.Event()
         self._workers = BoundedWorkers(self.limits.max_requests, self.limits.max_waiting, "request")
         self.request_bytes = ByteBudget(REQUEST_BYTES_IN_FLIGHT)
+        self.adds_in_flight = AddsInFlight()
         _claim_socket_path(socket_path)
         super().__init__(str(socket_path), _RequestHandler)
         socket_path.chmod(0o600)  # the agent's user (root) alone may even connect
@@ -375,7 +377,10 @@ class _RequestHandler(socketserver.BaseRequestHandler):
                     env, stdin = _decode_request(data)
                     deadline = plugin_bound_deadline(env, self.deadline)
                     command = command_label(env.get("CNI_COMMAND", ""))
-                    reply = handle_request(env, stdin, self.server.backend, deadline=deadline)
+                    with self.server.adds_in_flight.serving(env, deadline) as servable:
+                        if not servable:
+                            return command, _refusal(TRY_AGAIN_LATER, ADD_STILL_SERVED)
+                        reply = handle_request(env, stdin, self.server.backend, deadline=deadline)
                     return command, reply
                 finally:
                     if large:
@@ -394,6 +399,12 @@ def _decode_request(data: bytes) -> tuple[dict[str, str], bytes]:
         return wire.decode_request(data)
     except wire.WireError as exc:
         raise RequestError(str(exc)) from None
+
+
+ADD_STILL_SERVED = (
+    "pyabouts-agent still serves an ADD of this container's interface (its caller gave up): "
+    "the DEL waits for it, and waited past its deadline"
+)
 
 
 def _refusal(code: int, message: str) -> Reply:

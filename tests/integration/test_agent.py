@@ -3,6 +3,8 @@ and observed through its endpoints. (Every plugin test also runs through an agen
 plugin_fixtures.pyabouts_exe.)"""
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import threading
@@ -10,6 +12,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import pytest
 
 from deploy.local.agent_process import AgentProcess, running_agent
 from deploy.local.controlplane import ControlPlane
+from deploy.local.etcd_server import start_etcd
 from deploy.local.node_shim import built_shim
 from pyabouts.ipam.allocator import block_start
 from pyabouts.ipam.pool import PoolId
@@ -25,7 +29,7 @@ from pyabouts.ipam.ranges import build_range
 from pyabouts.plugin.install import install_shim, install_thin_plugin
 from pyabouts.plugin.thin_client import AGENT_SOCKET
 from tests.integration.etcd_fixtures import EtcdServer
-from tests.integration.plugin_fixtures import kubernetes_datastore
+from tests.integration.plugin_fixtures import etcd_ipam, kubernetes_datastore
 from tests.integration.plugin_processes import (
     Node,
     addresses_of,
@@ -327,6 +331,41 @@ def test_a_client_whose_agent_dies_mid_request_gets_code_11(
     assert done.stderr == b""
 
 
+def test_a_del_waits_for_the_add_of_its_attachment_still_in_flight(
+    shim: str, tmp_path: Path
+) -> None:
+    """A pod deleted as its sandbox starts: containerd kills the plugin of the cancelled ADD
+    and sends the DEL at once, while the agent still serves the ADD. Under node slices the ADD
+    waits on the slice registry's queue and the DEL on the range's: a DEL answered first, from
+    the agent's cache, found nothing to free, and the ADD stored an address for a sandbox that
+    was gone. Here etcd holds the ADD's write (SIGSTOP) while the DEL comes."""
+    server = start_etcd(tmp_path / "etcd-data", tmp_path / "etcd.log")
+    pid = server.pid
+    assert pid is not None
+    network = f"inflight-{uuid.uuid4().hex[:6]}"
+    ipam = etcd_ipam(server, range="10.44.0.0/24", network_name=network, node_slice_size="/28")
+    conf = netconf(**ipam)
+    try:
+        with running_agent(tmp_path / "node-0") as agent, ThreadPoolExecutor(2) as pool:
+            env = {"PYABOUTS_AGENT_SOCKET": str(agent.socket)}
+            cni(shim, "ADD", conf, "warm", extra_env=env).expect_success()  # the node's slice
+            assert cni(shim, "DEL", conf, "warm", extra_env=env).ok  # the pool, cached now
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                adding = pool.submit(cni, shim, "ADD", conf, "c1", extra_env=env)
+                time.sleep(0.5)  # its write sent, and held
+                deleting = pool.submit(cni, shim, "DEL", conf, "c1", extra_env=env)
+                time.sleep(1.0)
+                assert not deleting.done(), deleting.result().result  # waits for the ADD
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            adding.result(timeout=120).expect_success()
+            assert deleting.result(timeout=120).ok
+        assert stored_allocations(server, network) == {}  # the registry's slice aside
+    finally:
+        server.stop()
+
+
 def test_the_agent_daemonset_applies_and_agrees_with_the_node_shim(
     pyabouts_cluster: ControlPlane,
 ) -> None:
@@ -349,11 +388,11 @@ def test_the_agent_daemonset_applies_and_agrees_with_the_node_shim(
     assert host_ip == {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.hostIP"}}
     assert f"--agent-socket={AGENT_SOCKET}" in install["command"]
     assert "--shim=/opt/pyabouts/libexec/pyabouts-shim" in install["command"]  # no Python on nodes
-    volumes = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
+    volumes = {v["name"]: v.get("hostPath", {}).get("path") for v in pod["volumes"]}
     # The agent sees the host's socket directory and nothing else of the node: it never
-    # follows a path a NAD names.
+    # follows a path a NAD names. Its /tmp is its own (a read-only root otherwise).
     mounts = {m["mountPath"]: volumes[m["name"]] for m in agent["volumeMounts"]}
-    assert mounts == {"/run/pyabouts": "/run/pyabouts"}
+    assert mounts == {"/run/pyabouts": "/run/pyabouts", "/tmp": None}
     # The installer writes the node's files where the host has them, so that the flat file
     # names the kubeconfig by the host's path.
     installs = {m["mountPath"]: volumes[m["name"]] for m in install["volumeMounts"]}
