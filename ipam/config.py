@@ -9,6 +9,7 @@ fills what the inline config leaves empty; it is searched at `configuration_path
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -313,11 +314,25 @@ ETCD_CONNECTION_KEYS = frozenset(
 
 def flat_file_defaults(inline: dict[str, Any], keys: dict[str, Any]) -> dict[str, Any]:
     """The flat file's `keys` that may fill what `inline` leaves empty: all of them, but its
-    etcd credentials and TLS files only when `inline` names no etcd_host or the file's own."""
+    etcd credentials and TLS files only when `inline` names no etcd_host or the file's own.
+    Nor may `inline` name the file's client certificate or key itself for another etcd_host
+    (CniError 7)."""
     host = inline.get("etcd_host")
     if host in (None, "") or host == keys.get("etcd_host"):
         return keys
+    for key in ("etcd_cert_file", "etcd_key_file"):
+        named, own = inline.get(key), keys.get(key)
+        if isinstance(named, str) and isinstance(own, str) and _same_path(named, own):
+            raise CniError(
+                INVALID_CONFIG,
+                f"ipam.{key} names the node's own (its flat file's), which goes only to the "
+                f"flat file's etcd_host, not to ipam.etcd_host={host!r}",
+            )
     return {key: value for key, value in keys.items() if key not in ETCD_CONNECTION_KEYS}
+
+
+def _same_path(a: str, b: str) -> bool:
+    return bool(a and b) and os.path.normpath(a) == os.path.normpath(b)
 
 
 def fill_empty(inline: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

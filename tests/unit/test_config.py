@@ -384,6 +384,27 @@ def test_the_flat_files_etcd_credentials_never_follow_a_config_to_another_host(
     assert ipam.etcd_allow_plaintext_password is False
 
 
+@pytest.mark.parametrize("key", ["etcd_cert_file", "etcd_key_file"])
+def test_a_config_may_not_name_the_nodes_own_client_certificate_for_another_host(
+    tmp_path: Path, key: str
+) -> None:
+    """The flat file's files are withheld from another etcd_host; naming them again inline
+    (a NAD's writer can read the node's flat file's paths in the docs) is refused too."""
+    own = {"etcd_cert_file": "/etc/cni/net.d/a.crt", "etcd_key_file": "/etc/cni/net.d/a.key"}
+    own[key] = "/etc/pyabouts/./" + str(NODE_ETCD[key]).rsplit("/", 1)[1]  # the same file
+    with pytest.raises(CniError) as refused:
+        with_node_etcd(tmp_path, etcd_host="https://etcd.attacker.example:443", **own)
+    assert refused.value.code == INVALID_CONFIG
+    assert f"ipam.{key} names the node's own" in refused.value.msg
+    # Files of its own, for another etcd, are the config's to name.
+    mine = {
+        "etcd_cert_file": "/etc/cni/net.d/other/c.crt",
+        "etcd_key_file": "/etc/cni/net.d/other/c.key",
+    }
+    ipam = with_node_etcd(tmp_path, etcd_host="https://etcd.other:2379", **mine)
+    assert ipam.etcd_cert_file == mine["etcd_cert_file"]
+
+
 @pytest.mark.parametrize("inline_host", [None, "", NODE_ETCD["etcd_host"]])
 def test_the_flat_files_etcd_credentials_fill_a_config_of_its_own_host(
     tmp_path: Path, inline_host: str | None
