@@ -5,15 +5,16 @@ A runtime that gives up on an ADD (a pod deleted as its sandbox starts: containe
 plugin) sends the DEL at once, while the agent still serves the ADD. Nothing else orders the
 two: under node slices they wait on different queues (the ADD's includes the slice registry),
 and a DEL answered first finds nothing to free, then the ADD stores an address for a sandbox
-that is gone.
+that is gone. A DEL waits only for the ADDs served when it came: one that comes after it
+(the runtime's next try) is the runtime's to order, and must keep what it stores.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator, Mapping
 
 Attachment = tuple[str, str]
@@ -22,13 +23,21 @@ Attachment = tuple[str, str]
 class AddsInFlight:
     def __init__(self) -> None:
         self._changed = threading.Condition()
-        self._adds: Counter[Attachment] = Counter()
+        self._tickets = itertools.count()
+        self._adds: dict[Attachment, set[int]] = {}
+        self._dels_waiting = 0
+
+    @property
+    def dels_waiting(self) -> int:
+        """DELs waiting now for ADDs in flight."""
+        with self._changed:
+            return self._dels_waiting
 
     @contextlib.contextmanager
     def serving(self, env: Mapping[str, str], deadline: float) -> Iterator[bool]:
         """Around serving one request of `env`: an ADD is counted in flight; a DEL first waits
-        for the ADDs of its attachment. Yields False when a DEL's ADD was still in flight at
-        `deadline` (time.monotonic()), and the DEL is not to be served."""
+        for the ADDs of its attachment in flight when it came. Yields False when one of those
+        was still in flight at `deadline` (time.monotonic()): the DEL is not to be served."""
         command, attachment = env.get("CNI_COMMAND"), _attachment(env)
         if command == "DEL":
             yield self._wait_for_adds(attachment, deadline)
@@ -37,21 +46,31 @@ class AddsInFlight:
             yield True
             return
         with self._changed:
-            self._adds[attachment] += 1
+            ticket = next(self._tickets)
+            self._adds.setdefault(attachment, set()).add(ticket)
         try:
             yield True
         finally:
             with self._changed:
-                self._adds[attachment] -= 1
-                if not self._adds[attachment]:
+                tickets = self._adds[attachment]
+                tickets.discard(ticket)
+                if not tickets:
                     del self._adds[attachment]
-                    self._changed.notify_all()
+                self._changed.notify_all()
 
     def _wait_for_adds(self, attachment: Attachment, deadline: float) -> bool:
         with self._changed:
-            return self._changed.wait_for(
-                lambda: attachment not in self._adds, timeout=max(0.0, deadline - time.monotonic())
-            )
+            before = set(self._adds.get(attachment, ()))
+            if not before:
+                return True
+            self._dels_waiting += 1
+            try:
+                return self._changed.wait_for(
+                    lambda: before.isdisjoint(self._adds.get(attachment, ())),
+                    timeout=max(0.0, deadline - time.monotonic()),
+                )
+            finally:
+                self._dels_waiting -= 1
 
 
 def _attachment(env: Mapping[str, str]) -> Attachment:
