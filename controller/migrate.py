@@ -132,7 +132,8 @@ def store_holdings(
     of each pod ("namespace/name") not finished (see bring_over).
 
     Raises MigrationConflictError, `after_a_write` when a write of this run came before (one
-    that lost a race with a node part way may have stored part)."""
+    that lost a race with a node part way may have stored part); a CniError of the store says
+    so too."""
     bounds: dict[PoolId, tuple[int, int]] = {}
     for h in holdings:
         first, last = bounds.get(h.pool, (h.address, h.address))
@@ -156,9 +157,15 @@ def store_holdings(
         writes += 1
         describe_blocks(changed, ranges)
 
-    return run_span_transaction(
-        store, spans, decide, deadline=time.monotonic() + DEADLINE, before_write=before_write
-    )
+    try:
+        return run_span_transaction(
+            store, spans, decide, deadline=time.monotonic() + DEADLINE, before_write=before_write
+        )
+    except CniError as error:
+        if not writes:
+            raise
+        partly = f"{error.msg} (after a write of this run: part may be written; run it again)"
+        raise CniError(error.code, partly, error.details) from error
 
 
 def _fail(message: str) -> int:

@@ -13,7 +13,7 @@ stored nowhere but in these names, so it is read back from them.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -147,9 +147,10 @@ def holdings_of(
     notes: list[str] = []
     holdings: list[Holding] = []
     networks_of_slice_pools: dict[str, set[str]] = {}
+    moved = _in_their_nodes_slices(pools, slice_pools, pod_nodes or {})
     for pool in pools:
         try:
-            network, node, slice_pool = pool_identity(pool, slice_pools, pod_nodes)
+            network, node, slice_pool = pool_identity(pool, slice_pools, pod_nodes, moved)
             holdings.extend(list(_address_holdings(pool, network, node, slice_pool)))
         except _MALFORMED as exc:
             if not pool.allocations:
@@ -185,6 +186,7 @@ def pool_identity(
     pool: WhereaboutsPool,
     slice_pools: Sequence[NodeSlicePool],
     pod_nodes: Mapping[str, str] | None = None,
+    moved: Collection[tuple[str, str]] = (),
 ) -> tuple[str, str, NodeSlicePool | None]:
     """(network_name, node, its NodeSlicePool) of an IPPool, read from its name; node and
     NodeSlicePool are "" and None for the pool of a whole range.
@@ -194,9 +196,11 @@ def pool_identity(
     size since. It may as well be the pool of a network named "<network>-<node>" (or "<node>").
     A slice's pool holds its node's pods alone, so where the pool's live pods run (`pod_nodes`:
     node by "namespace/name") decides: all on that node, the slice's; else the other network's
-    (so too for a name its holder's slice reads as, whose pods run elsewhere). Read as the
-    slice its node holds now, the pool may also hold pods that run elsewhere: made again on
-    another node, their DEL missed (bring_over leaves those out).
+    (so too for a name its holder's slice reads as, whose pods run elsewhere). But the pool of
+    the slice its node holds now may also hold pods made again on another node, their DEL
+    missed: it is still the slice's when its pods include some on that node and each of the
+    others is also in its own node's slice of the same NodeSlicePool (`moved`: (pod,
+    NodeSlicePool name) pairs, see _in_their_nodes_slices; bring_over leaves those out).
     With no live pod to go by, it is read as before pods were asked: as the slice's where no
     node holds it (refused without a network_name, which a network named like the node would
     read as too), else as the other network's.
@@ -207,12 +211,15 @@ def pool_identity(
     prefix = _without_suffix(pool.name, f"-{suffix}")
     if prefix is None:
         raise ValueError(f"its name does not end in its range {pool.range!r} written as {suffix!r}")
-    readings: dict[str, dict[tuple[str, str], NodeSlicePool]] = {}
-    for slice_pool in slice_pools:
-        for network, node, kind in _slice_pool_names(prefix, pool.range, slice_pool):
-            readings.setdefault(kind, {})[(network, node)] = slice_pool
-    nodes = _nodes_of_live_pods(pool, pod_nodes)
-    held = {r: p for r, p in readings.get(HELD, {}).items() if not nodes or r[1] in nodes}
+    readings = _readings(prefix, pool.range, slice_pools)
+    live = _live_pods(pool, pod_nodes or {})
+    nodes = set(live.values())
+
+    def holds(node: str, slice_pool: NodeSlicePool) -> bool:
+        elsewhere = [pod for pod, on in live.items() if on != node]
+        return node in nodes and all((pod, slice_pool.name) in moved for pod in elsewhere)
+
+    held = {r: p for r, p in readings.get(HELD, {}).items() if not nodes or holds(r[1], p)}
     if held:
         chosen = held
     elif nodes:
@@ -256,11 +263,43 @@ def _holds_no_pod_now(pool: WhereaboutsPool, pod_nodes: Mapping[str, str] | None
     return True
 
 
-def _nodes_of_live_pods(pool: WhereaboutsPool, pod_nodes: Mapping[str, str] | None) -> set[str]:
-    if pod_nodes is None:
-        return set()
+def _readings(
+    prefix: str, pool_range: str, slice_pools: Sequence[NodeSlicePool]
+) -> dict[str, dict[tuple[str, str], NodeSlicePool]]:
+    """kind -> (network_name, node) -> NodeSlicePool, for each way the IPPool name's `prefix`
+    reads as the pool of a slice (see _slice_pool_names)."""
+    readings: dict[str, dict[tuple[str, str], NodeSlicePool]] = {}
+    for slice_pool in slice_pools:
+        for network, node, kind in _slice_pool_names(prefix, pool_range, slice_pool):
+            readings.setdefault(kind, {})[(network, node)] = slice_pool
+    return readings
+
+
+def _live_pods(pool: WhereaboutsPool, pod_nodes: Mapping[str, str]) -> dict[str, str]:
+    """The node of each pod of `pool`'s allocations that runs on one."""
     pods = (_pod_of(str(allocation.get("podref", ""))) for allocation in pool.allocations.values())
-    return {pod_nodes[pod] for pod in pods if pod_nodes.get(pod)}
+    return {pod: pod_nodes[pod] for pod in pods if pod_nodes.get(pod)}
+
+
+def _in_their_nodes_slices(
+    pools: Sequence[WhereaboutsPool],
+    slice_pools: Sequence[NodeSlicePool],
+    pod_nodes: Mapping[str, str],
+) -> set[tuple[str, str]]:
+    """(pod, NodeSlicePool name) of each live pod with an allocation in the pool of the slice
+    its node holds (by name) of that NodeSlicePool: a pod made again on another node shows
+    there as well as in its first node's slice."""
+    found: set[tuple[str, str]] = set()
+    for pool in pools:
+        try:
+            prefix = _without_suffix(pool.name, f"-{normalize_range(pool.range)}")
+            held = _readings(prefix, pool.range, slice_pools).get(HELD, {}) if prefix else {}
+            live = _live_pods(pool, pod_nodes)
+        except _MALFORMED:
+            continue  # pool_identity names it
+        for (_, node), slice_pool in held.items():
+            found.update((pod, slice_pool.name) for pod, on in live.items() if on == node)
+    return found
 
 
 def normalize_range(text: str) -> str:

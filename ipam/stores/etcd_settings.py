@@ -9,6 +9,8 @@ connecting are ipam.stores.etcd's.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
 
 from pyabouts.ipam.config import IpamConf
@@ -105,13 +107,31 @@ def parse_endpoints(etcd_host: str) -> list[tuple[str, int]]:
                 f"ipam.etcd_host={etcd_host!r}: write an IPv6 address in brackets, as in a URL "
                 f"([2001:db8::1]:2379)"
             )
-        host, sep, port = text.rpartition(":")
-        if not sep or not port.isdigit():
-            host, port = text, str(DEFAULT_PORT)
-        endpoints.append((host.strip("[]"), int(port)))
+        endpoints.append(_endpoint(text, etcd_host))
     if not endpoints:
         raise invalid_config(f"ipam.etcd_host={etcd_host!r}: no endpoint (host:port) in it")
     return endpoints
+
+
+_HOST_PORT = re.compile(r"(?:\[(?P<ipv6>[^\]]*)\]|(?P<host>[^:\[\]\s/@]+))(?::(?P<port>\d+))?")
+
+
+def _endpoint(text: str, etcd_host: str) -> tuple[str, int]:
+    """(host, port) of one endpoint's "host[:port]"; code 7 for anything else, which would
+    else be dialled, fail, and be retried as an outage."""
+    found = _HOST_PORT.fullmatch(text)
+    port = int(found["port"] or DEFAULT_PORT) if found else 0
+    if found and found["ipv6"] is not None:
+        try:
+            ipaddress.IPv6Address(found["ipv6"])
+        except ValueError:
+            found = None
+    if found is None or not 0 < port < 65536:
+        raise invalid_config(
+            f"ipam.etcd_host={etcd_host!r}: {text!r} is no host:port (a name or an IPv4 address, "
+            f"or an IPv6 address in brackets; a port from 1 to 65535, {DEFAULT_PORT} if none)"
+        )
+    return found["ipv6"] or found["host"], port
 
 
 def _items(etcd_host: str) -> list[str]:

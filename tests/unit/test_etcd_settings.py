@@ -110,6 +110,7 @@ def test_etcd_host_is_required() -> None:
         ("a:1, https://b:2/", [("a", 1), ("b", 2)]),
         ("[2001:db8::1]:2379", [("2001:db8::1", 2379)]),
         ("https://[2001:db8::1]", [("2001:db8::1", 2379)]),
+        ("http://[::1]:2380/, 10.0.0.1", [("::1", 2380), ("10.0.0.1", 2379)]),
     ],
 )
 def test_endpoints_are_host_port_with_a_default_port(
@@ -122,6 +123,13 @@ def test_endpoints_are_host_port_with_a_default_port(
 def test_an_ipv6_address_without_brackets_is_refused(text: str) -> None:
     # Read as host:port it would dial another address ("2001:db8:" port 1).
     assert "write an IPv6 address in brackets" in config_error(etcd_host=text).msg
+
+
+@pytest.mark.parametrize(
+    "text", ["[::1]:", "[::1", "[2001:db8::1]2379", "host:", "[]:2379", "a:0", "a:99999", "[x]:1"]
+)
+def test_an_endpoint_that_is_no_host_port_is_refused_before_dialling(text: str) -> None:
+    assert "is no host:port" in config_error(etcd_host=f"a:1,{text}").msg
 
 
 def test_an_ipv6_endpoint_is_named_in_brackets() -> None:

@@ -16,6 +16,7 @@ from pyabouts.controller.whereabouts_pools import (
     normalize_range,
     pool_identity,
 )
+from pyabouts.ipam.errors import CniError, StoreRefusedError
 from pyabouts.ipam.pool import Owner, PoolId
 from pyabouts.ipam.slices import SLICE_IFNAME
 from tests.memory_store import BlockByBlockStore
@@ -203,17 +204,33 @@ def test_a_held_slices_pool_with_a_pod_made_again_on_another_node_stays_the_slic
     # node-a's pool, one of whose pods (web-0) was made again on node-b, its DEL missed: read
     # as a network "red-node-a", node-a's running pods would come over into a pool no NAD uses,
     # and red's node-a slice would give their addresses again.
-    node_slices = slices("red", {"10.9.0.64/26": "node-a"})
+    node_slices = slices("red", {"10.9.0.64/26": "node-a", "10.9.0.128/26": "node-b"})
     web_1 = {**WEB, "podref": "default/web-1"}
     held = pool("red-node-a-10.9.0.64-26", "10.9.0.64/26", {"1": WEB, "2": web_1})
+    now = pool("red-node-b-10.9.0.128-26", "10.9.0.128/26", {"7": WEB})  # web-0 now
     where = {"default/web-0": "node-b", "default/web-1": "node-a"}
-    assert pool_identity(held, [node_slices], where) == ("red", "node-a", node_slices)
-    read = holdings_of([held], [node_slices], where)
+    read = holdings_of([held, now], [node_slices], where)
     results = store_holdings(BlockByBlockStore(), read.holdings, dry_run=True, live_pods=where)
     assert [(h.text, h.owner.pod, r.value) for h, r in results if h.sliced is None] == [
         ("10.9.0.65", "default/web-0", "pod-elsewhere"),
         ("10.9.0.66", "default/web-1", "added"),
+        ("10.9.0.135", "default/web-0", "added"),
     ]
+    # Without web-0 in its own node's slice, pods on two nodes tell nothing: a plain network
+    # "red-node-a" on that range is as likely.
+    assert pool_identity(held, [node_slices], where) == ("red-node-a", "", None)
+
+
+def test_a_plain_pool_whose_pods_run_on_many_nodes_is_plain_though_one_holds_the_slice() -> None:
+    # A whole-range network "red-a" on the CIDR of red's slice of node a, one of its pods on a.
+    node_slices = slices("red", {"10.9.0.64/26": "a", "10.9.0.128/26": "b"})
+    pods = {str(i): {**WEB, "podref": f"default/p{i}"} for i in range(1, 4)}
+    plain = pool("red-a-10.9.0.64-26", "10.9.0.64/26", pods)
+    where = {"default/p1": "a", "default/p2": "b", "default/p3": "c"}
+    read = holdings_of([plain], [node_slices], where)
+    assert {(h.pool.network, h.owner.node) for h in read.holdings if h.sliced is None} == {
+        ("red-a", "")
+    }
 
 
 def test_a_plain_pool_named_as_a_held_slices_pool_is_plain_when_its_pods_run_elsewhere() -> None:
@@ -266,3 +283,19 @@ def test_objects_not_in_whereabouts_format_are_named_never_a_traceback(
         holdings_of([odd, single], [])
     assert len(refused.value.problems) == 2
     assert "has no usable address" in refused.value.problems[1]
+
+
+class RefusingStore(BlockByBlockStore):
+    """Its writes are refused (permissions, say): a run may have written part before."""
+
+    def write_blocks(self, blocks: Any) -> Any:
+        raise StoreRefusedError("the store refused the write")
+
+
+def test_a_run_that_fails_to_write_says_part_may_be_written() -> None:
+    read = holdings_of([pool("blue-10.1.0.0-24", "10.1.0.0/24", {"5": WEB})], [])
+    with pytest.raises(CniError) as failed:
+        store_holdings(RefusingStore(), read.holdings, dry_run=False)
+    assert failed.value.msg.startswith("the store refused the write (after a write of this run")
+    # A dry run writes nothing, and reads as well as ever.
+    assert store_holdings(RefusingStore(), read.holdings, dry_run=True)
