@@ -15,7 +15,7 @@ from collections.abc import Collection, Iterator, Sequence
 import netaddr
 
 from pyabouts.ipam.errors import RangeExhaustedError, RequestedAddressUnavailableError
-from pyabouts.ipam.pool import BLOCK_SIZE, BlockKey, Owner, PoolId, PoolView, container_identity
+from pyabouts.ipam.pool import BLOCK_BITS, Owner, PoolId, PoolView, container_identity
 from pyabouts.ipam.ranges import AddressRange
 
 
@@ -318,12 +318,23 @@ def block_start(rng: AddressRange, key: str) -> int:
     Nodes that all start from the lowest address all write the same block and conflict with
     each other on every write; spread over the range's blocks, they mostly write blocks of
     their own (as Calico's per-node block affinity does). Any free address of the range is
-    still given, so a full block sends its node on to the next.
+    still given, so a full block sends its node on to the next. The hash picks among the
+    blocks that hold an address the range gives: a block in an excluded hole would send its
+    nodes on to the one after it, all of them to the same.
     """
-    first_block = BlockKey.of(rng.pool, rng.first).base
-    blocks = (BlockKey.of(rng.pool, rng.last).base - first_block) // BLOCK_SIZE + 1
-    index = zlib.crc32(key.encode()) % blocks
-    return max(rng.first, first_block + index * BLOCK_SIZE)
+    runs: list[tuple[int, int]] = []  # blocks holding usable addresses, as block numbers
+    for first, last in rng.spans:
+        low, high = first >> BLOCK_BITS, last >> BLOCK_BITS
+        if runs and low <= runs[-1][1]:  # a block two spans share
+            runs[-1] = (runs[-1][0], max(runs[-1][1], high))
+        else:
+            runs.append((low, high))
+    index = zlib.crc32(key.encode()) % sum(high - low + 1 for low, high in runs)
+    for low, high in runs:
+        if index <= high - low:
+            return max(rng.first, (low + index) << BLOCK_BITS)
+        index -= high - low + 1
+    raise AssertionError("an index below the blocks' count lies in one of their runs")
 
 
 def first_free_from(view: PoolView, rng: AddressRange, start: int) -> int | None:

@@ -1,4 +1,6 @@
 import re
+import zlib
+from collections import Counter
 
 import netaddr
 import pytest
@@ -273,6 +275,22 @@ def test_nodes_start_from_blocks_of_their_own_and_still_fill_the_whole_range() -
     assert sorted(given) == list(range(ip("10.0.0.1"), ip("10.0.3.232") + 1))
     with pytest.raises(RangeExhaustedError):
         allocator.assign_addresses(view, [rng], pod(1000), [], spread_key="node-1")
+
+
+def test_nodes_spread_over_the_blocks_a_range_gives_from_not_its_excluded_holes() -> None:
+    holes = ["10.0.64.0/18", "10.0.192.0/19"]  # 96 of the 256 blocks
+    rng = make("10.0.0.0/16", exclude=holes)
+    starts = Counter(allocator.block_start(rng, f"node-{n}") for n in range(1000))
+    assert all(rng.contains(start) for start in starts)
+    # 160 blocks for 1000 nodes: about 6 each, where the hole's would go to the block after it
+    assert max(starts.values()) < 25, starts.most_common(3)
+    # Without holes, where it always was: an upgrade moves no node's block.
+    plain, blocks = make("10.0.0.0/16"), 256
+    for n in range(20):
+        index = zlib.crc32(f"node-{n}".encode()) % blocks
+        assert allocator.block_start(plain, f"node-{n}") == max(
+            plain.first, ip("10.0.0.0") + index * 256
+        )
 
 
 def test_a_node_whose_block_is_full_wraps_round_to_the_lowest_free() -> None:
