@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -71,6 +72,9 @@ _REFUSALS = {
 # Answers of an etcd that took the call but is overloaded: up, so retried until the deadline.
 _BUSY = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 _ERRORS = (grpc.RpcError, etcd_exceptions.Etcd3Exception)
+# How long a client never answered whose call timed out waits for a TCP connection to etcd
+# (_busy_if_connectable).
+CONNECT_CHECK_SECONDS = 1.0
 # etcd's answer to a write once its database reached its quota (the NOSPACE alarm): the history
 # of every key's writes stays until compacted.
 NO_SPACE = "database space exceeded"
@@ -106,6 +110,7 @@ class EtcdStore:
     def __init__(self, settings: EtcdSettings) -> None:
         self._settings = settings
         self._client: Any = None
+        self._answered: Any = None  # the client once one of its calls was answered
         self._endpoint = settings.endpoints[0]  # the one dialled last, for messages
         self._next_endpoint = 0
 
@@ -154,7 +159,9 @@ class EtcdStore:
             client = None
             try:
                 client = self._connected()
-                return operation(client)
+                answer = operation(client)
+                self._answered = client
+                return answer
             except _ERRORS as exc:
                 # etcd3 marks a failed endpoint unusable for the client: start afresh next time.
                 # Dropped, not closed: other threads' calls may be on it (grpc closes its
@@ -166,6 +173,8 @@ class EtcdStore:
                     tries += 1
                     continue
                 error = store_error(exc, self._endpoint, self._settings)
+                if _timed_out(exc) and (client is None or client is not self._answered):
+                    error = _busy_if_connectable(error, self._endpoint, self._settings)
                 if isinstance(error, StoreRefusedError):
                     raise error from exc
                 error.__cause__ = exc
@@ -196,6 +205,8 @@ class EtcdStore:
             except BaseException:
                 endpoint.close()
                 raise
+            if settings.username is not None:
+                self._answered = self._client  # its login was
             # etcd3 sends the login's token twice: as metadata of each call, which is what etcd
             # reads, and through call credentials, for which grpc starts a Python thread per
             # call. Measured here (TLS, reads and transactions of a small block): 0.79 ms of
@@ -301,6 +312,29 @@ def store_error(exc: Exception, endpoint: tuple[str, int], settings: EtcdSetting
         if tls is not None:
             return tls
     return StoreUnavailableError(f"{where} is unreachable: {_last_error(details)}")
+
+
+def _timed_out(exc: Exception) -> bool:
+    rpc = exc if isinstance(exc, grpc.RpcError) else exc.__context__
+    return isinstance(rpc, grpc.RpcError) and rpc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def _busy_if_connectable(
+    busy: CniError, endpoint: tuple[str, int], settings: EtcdSettings
+) -> CniError:
+    """For a call of a client never answered that timed out: `busy` when etcd's port takes a
+    TCP connection (a silent etcd: stopped, swapping, stuck on its disk), else unreachable
+    (packets dropped, a host gone), which the outage grace and the agent's readiness apply
+    to. grpc says DEADLINE_EXCEEDED for both: its channel was still connecting."""
+    wait = min(CONNECT_CHECK_SECONDS, settings.timeout)
+    try:
+        socket.create_connection(endpoint, timeout=wait).close()
+    except OSError as exc:
+        return StoreUnavailableError(
+            f"etcd at {netloc(*endpoint)} is unreachable: the call timed out, and no TCP "
+            f"connection was made within {wait:g} s ({exc})"
+        )
+    return busy
 
 
 def tls_failure(details: str, where: str, host: str, settings: EtcdSettings) -> CniError | None:

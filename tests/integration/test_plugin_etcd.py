@@ -1,6 +1,7 @@
 """The `pyabouts` executable against real etcd: every command, TLS and auth, and failures."""
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -168,6 +169,24 @@ def test_an_unreachable_etcd_is_try_again_later_within_a_bounded_time(pyabouts_e
     assert "unreachable" in call.result["msg"]
     assert time.monotonic() - started < 30  # an outage is retried for 15 s, not forever
     assert not call.stderr.strip().startswith("Traceback")
+
+
+def test_an_etcd_cut_off_is_unreachable_not_busy(pyabouts_exe: str) -> None:
+    """Packets to etcd dropped: grpc's calls time out as they do on a silent etcd, which is
+    retried as busy for the whole 60 s. A port whose SYNs are dropped (a listener whose one
+    backlog place is taken) is what a partition looks like: answered as unreachable, after the
+    15 s an outage is given."""
+    with socket.socket() as listener, socket.socket() as first:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        first.connect(listener.getsockname())  # the backlog's one place: later SYNs are dropped
+        host, port = listener.getsockname()
+        ipam = {"type": "pyabouts", "datastore": "etcd", "etcd_host": f"{host}:{port}"}
+        started = time.monotonic()
+        call = cni(pyabouts_exe, "ADD", netconf(**ipam, range="10.42.2.0/24"))
+    assert (call.returncode, call.result["code"]) == (1, 11)
+    assert "is unreachable: the call timed out, and no TCP connection" in call.result["msg"]
+    assert time.monotonic() - started < 45  # not the busy store's 60 s
 
 
 def test_a_dead_endpoint_is_skipped_for_the_next(

@@ -1,13 +1,15 @@
 """One EtcdStore serves the agent's threads (batches of several pools, the write-behind flusher):
 a call that fails must not break the calls other threads have on the same client."""
 
+import socket
 import threading
 from typing import Any
 
 import grpc
 import pytest
 
-from pyabouts.ipam.errors import StoreUnavailableError
+from deploy.local.ports import free_port
+from pyabouts.ipam.errors import StoreBusyError, StoreUnavailableError
 from pyabouts.ipam.stores.etcd import EtcdStore
 from pyabouts.ipam.stores.etcd_settings import EtcdSettings
 
@@ -74,3 +76,40 @@ def test_a_call_on_a_client_another_thread_found_failing_is_an_outage_not_a_bug(
             store._call(lambda taken: taken.kvstub)
     finally:
         store.close()
+
+
+class TimedOut(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return "Deadline Exceeded"
+
+
+def times_out(client: SharedClient) -> str:
+    raise TimedOut()
+
+
+def test_a_first_call_that_timed_out_is_busy_only_where_etcd_takes_a_connection() -> None:
+    """grpc times out a channel still connecting too: an etcd cut off (packets dropped) would be
+    retried as busy for the whole deadline, and the agent would stay ready."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(8)  # a silent etcd: the kernel takes connections, nothing answers
+        store = EtcdStore(EtcdSettings(endpoints=(listening.getsockname(),), timeout=1))
+        store._client = SharedClient()  # dialled, never answered
+        with pytest.raises(StoreBusyError):
+            store._call(times_out)
+
+    cut_off = EtcdStore(EtcdSettings(endpoints=(("127.0.0.1", free_port()),), timeout=1))
+    cut_off._client = SharedClient()
+    with pytest.raises(StoreUnavailableError) as unreachable:
+        cut_off._call(times_out)
+    assert not isinstance(unreachable.value, StoreBusyError)
+    assert "is unreachable: the call timed out, and no TCP connection" in unreachable.value.msg
+
+    # A client that was answered before and times out now: busy, without a look at the port.
+    cut_off._client = SharedClient()
+    assert cut_off._call(lambda client: client.call()) == "answered"
+    with pytest.raises(StoreBusyError):
+        cut_off._call(times_out)
