@@ -9,9 +9,11 @@ that fails names the blocks somebody else changed, as read in the same transacti
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import os
 import socket
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -110,7 +112,12 @@ class EtcdStore:
     def __init__(self, settings: EtcdSettings) -> None:
         self._settings = settings
         self._client: Any = None
-        self._answered: Any = None  # the client once one of its calls was answered
+        # Each client's endpoint, and the clients answered once (see _busy_if_connectable); weak,
+        # so that a client dropped is closed once no call holds it.
+        self._endpoint_of: weakref.WeakKeyDictionary[Any, tuple[str, int]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._answered: weakref.WeakSet[Any] = weakref.WeakSet()
         self._endpoint = settings.endpoints[0]  # the one dialled last, for messages
         self._next_endpoint = 0
 
@@ -160,7 +167,7 @@ class EtcdStore:
             try:
                 client = self._connected()
                 answer = operation(client)
-                self._answered = client
+                self._answered.add(client)
                 return answer
             except _ERRORS as exc:
                 # etcd3 marks a failed endpoint unusable for the client: start afresh next time.
@@ -172,9 +179,11 @@ class EtcdStore:
                     logged_in_again = True  # a new client logs in: once, then as it answers
                     tries += 1
                     continue
-                error = store_error(exc, self._endpoint, self._settings)
-                if _timed_out(exc) and (client is None or client is not self._answered):
-                    error = _busy_if_connectable(error, self._endpoint, self._settings)
+                known = client is not None and client in self._endpoint_of
+                dialled = self._endpoint_of[client] if known else self._endpoint
+                error = store_error(exc, dialled, self._settings)
+                if _timed_out(exc) and (client is None or client not in self._answered):
+                    error = _busy_if_connectable(error, dialled, self._settings)
                 if isinstance(error, StoreRefusedError):
                     raise error from exc
                 error.__cause__ = exc
@@ -205,8 +214,9 @@ class EtcdStore:
             except BaseException:
                 endpoint.close()
                 raise
+            self._endpoint_of[self._client] = self._endpoint
             if settings.username is not None:
-                self._answered = self._client  # its login was
+                self._answered.add(self._client)  # its login was
             # etcd3 sends the login's token twice: as metadata of each call, which is what etcd
             # reads, and through call credentials, for which grpc starts a Python thread per
             # call. Measured here (TLS, reads and transactions of a small block): 0.79 ms of
@@ -325,8 +335,13 @@ def _busy_if_connectable(
     """For a call of a client never answered that timed out: `busy` when etcd's port takes a
     TCP connection (a silent etcd: stopped, swapping, stuck on its disk), else unreachable
     (packets dropped, a host gone), which the outage grace and the agent's readiness apply
-    to. grpc says DEADLINE_EXCEEDED for both: its channel was still connecting."""
+    to. grpc says DEADLINE_EXCEEDED for both: its channel was still connecting. Only for an
+    endpoint given by its address: a name's lookup could take longer than the check."""
     wait = min(CONNECT_CHECK_SECONDS, settings.timeout)
+    try:
+        ipaddress.ip_address(endpoint[0])
+    except ValueError:
+        return busy
     try:
         socket.create_connection(endpoint, timeout=wait).close()
     except OSError as exc:

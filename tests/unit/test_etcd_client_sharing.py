@@ -8,7 +8,6 @@ from typing import Any
 import grpc
 import pytest
 
-from deploy.local.ports import free_port
 from pyabouts.ipam.errors import StoreBusyError, StoreUnavailableError
 from pyabouts.ipam.stores.etcd import EtcdStore
 from pyabouts.ipam.stores.etcd_settings import EtcdSettings
@@ -93,23 +92,40 @@ def times_out(client: SharedClient) -> str:
 def test_a_first_call_that_timed_out_is_busy_only_where_etcd_takes_a_connection() -> None:
     """grpc times out a channel still connecting too: an etcd cut off (packets dropped) would be
     retried as busy for the whole deadline, and the agent would stay ready."""
-    with socket.socket() as listening:
+    with socket.socket() as listening, socket.socket() as closed:
         listening.bind(("127.0.0.1", 0))
         listening.listen(8)  # a silent etcd: the kernel takes connections, nothing answers
-        store = EtcdStore(EtcdSettings(endpoints=(listening.getsockname(),), timeout=1))
+        closed.bind(("127.0.0.1", 0))  # held, never listening: connections are refused
+        silent, cut_off = listening.getsockname(), closed.getsockname()
+
+        store = EtcdStore(EtcdSettings(endpoints=(silent,), timeout=1))
         store._client = SharedClient()  # dialled, never answered
         with pytest.raises(StoreBusyError):
             store._call(times_out)
 
-    cut_off = EtcdStore(EtcdSettings(endpoints=(("127.0.0.1", free_port()),), timeout=1))
-    cut_off._client = SharedClient()
-    with pytest.raises(StoreUnavailableError) as unreachable:
-        cut_off._call(times_out)
-    assert not isinstance(unreachable.value, StoreBusyError)
-    assert "is unreachable: the call timed out, and no TCP connection" in unreachable.value.msg
+        store = EtcdStore(EtcdSettings(endpoints=(cut_off,), timeout=1))
+        store._client = SharedClient()
+        with pytest.raises(StoreUnavailableError) as unreachable:
+            store._call(times_out)
+        assert not isinstance(unreachable.value, StoreBusyError)
+        message = unreachable.value.msg
+        assert message.startswith(f"etcd at 127.0.0.1:{cut_off[1]} is unreachable: the call ")
 
-    # A client that was answered before and times out now: busy, without a look at the port.
-    cut_off._client = SharedClient()
-    assert cut_off._call(lambda client: client.call()) == "answered"
+        # The endpoint looked at is the failed client's, though another was dialled since.
+        client = SharedClient()
+        store._client, store._endpoint_of[client], store._endpoint = client, cut_off, silent
+        with pytest.raises(StoreUnavailableError) as unreachable:
+            store._call(times_out)
+        assert not isinstance(unreachable.value, StoreBusyError)
+
+        # A client that was answered before and times out now: busy, without a look at the port.
+        store._client = SharedClient()
+        assert store._call(lambda client: client.call()) == "answered"
+        with pytest.raises(StoreBusyError):
+            store._call(times_out)
+
+    # A name is not looked up for the check (its lookup could outlast it): busy, as before.
+    named = EtcdStore(EtcdSettings(endpoints=(("etcd.invalid", 2379),), timeout=1))
+    named._client = SharedClient()
     with pytest.raises(StoreBusyError):
-        cut_off._call(times_out)
+        named._call(times_out)
