@@ -15,6 +15,7 @@ import os
 import socket
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote
@@ -112,12 +113,9 @@ class EtcdStore:
     def __init__(self, settings: EtcdSettings) -> None:
         self._settings = settings
         self._client: Any = None
-        # Each client's endpoint, and the clients answered once (see _busy_if_connectable); weak,
-        # so that a client dropped is closed once no call holds it.
-        self._endpoint_of: weakref.WeakKeyDictionary[Any, tuple[str, int]] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._answered: weakref.WeakSet[Any] = weakref.WeakSet()
+        # What each client dialled, and whether it was answered (see _busy_if_connectable);
+        # weak, so that a client dropped is closed once no call holds it.
+        self._dialled: weakref.WeakKeyDictionary[Any, _Dialled] = weakref.WeakKeyDictionary()
         self._endpoint = settings.endpoints[0]  # the one dialled last, for messages
         self._next_endpoint = 0
 
@@ -167,7 +165,8 @@ class EtcdStore:
             try:
                 client = self._connected()
                 answer = operation(client)
-                self._answered.add(client)
+                if (dialled := self._dialled.get(client)) is not None:
+                    dialled.answered = True
                 return answer
             except _ERRORS as exc:
                 # etcd3 marks a failed endpoint unusable for the client: start afresh next time.
@@ -179,11 +178,11 @@ class EtcdStore:
                     logged_in_again = True  # a new client logs in: once, then as it answers
                     tries += 1
                     continue
-                known = client is not None and client in self._endpoint_of
-                dialled = self._endpoint_of[client] if known else self._endpoint
-                error = store_error(exc, dialled, self._settings)
-                if _timed_out(exc) and (client is None or client not in self._answered):
-                    error = _busy_if_connectable(error, dialled, self._settings)
+                known = self._dialled.get(client) if client is not None else None
+                endpoint = known.endpoint if known is not None else self._endpoint
+                error = store_error(exc, endpoint, self._settings)
+                if _timed_out(exc) and (known is None or not known.answered):
+                    error = _busy_if_connectable(error, endpoint, self._settings)
                 if isinstance(error, StoreRefusedError):
                     raise error from exc
                 error.__cause__ = exc
@@ -214,9 +213,8 @@ class EtcdStore:
             except BaseException:
                 endpoint.close()
                 raise
-            self._endpoint_of[self._client] = self._endpoint
-            if settings.username is not None:
-                self._answered.add(self._client)  # its login was
+            # With credentials, its login was answered.
+            self._dialled[self._client] = _Dialled(self._endpoint, settings.username is not None)
             # etcd3 sends the login's token twice: as metadata of each call, which is what etcd
             # reads, and through call credentials, for which grpc starts a Python thread per
             # call. Measured here (TLS, reads and transactions of a small block): 0.79 ms of
@@ -322,6 +320,12 @@ def store_error(exc: Exception, endpoint: tuple[str, int], settings: EtcdSetting
         if tls is not None:
             return tls
     return StoreUnavailableError(f"{where} is unreachable: {_last_error(details)}")
+
+
+@dataclass(slots=True)
+class _Dialled:
+    endpoint: tuple[str, int]
+    answered: bool
 
 
 def _timed_out(exc: Exception) -> bool:

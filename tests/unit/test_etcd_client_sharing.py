@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from pyabouts.ipam.errors import StoreBusyError, StoreUnavailableError
-from pyabouts.ipam.stores.etcd import EtcdStore
+from pyabouts.ipam.stores.etcd import EtcdStore, _Dialled
 from pyabouts.ipam.stores.etcd_settings import EtcdSettings
 
 
@@ -113,7 +113,11 @@ def test_a_first_call_that_timed_out_is_busy_only_where_etcd_takes_a_connection(
 
         # The endpoint looked at is the failed client's, though another was dialled since.
         client = SharedClient()
-        store._client, store._endpoint_of[client], store._endpoint = client, cut_off, silent
+        store._client, store._dialled[client], store._endpoint = (
+            client,
+            _Dialled(cut_off, False),
+            silent,
+        )
         with pytest.raises(StoreUnavailableError) as unreachable:
             store._call(times_out)
         assert not isinstance(unreachable.value, StoreBusyError)
