@@ -31,6 +31,7 @@ from pyabouts.controller.leaks import (
     found_leak_wait,
 )
 from pyabouts.controller.reconciler import PassSummary
+from pyabouts.ipam.stores.codec import block_cidr
 from pyabouts.serving.listen import listen_argument
 
 if TYPE_CHECKING:
@@ -278,6 +279,11 @@ def summary_document(summary: PassSummary) -> dict[str, Any]:
         ],
         "nodeSlicesFreed": [
             {"network": s.network, "slice": s.slice, "node": s.node} for s in summary.slices_freed
+        ],
+        # Stored blocks that held nothing, deleted (that would be, in a dry run).
+        "emptyBlocksDeleted": [
+            {"network": key.pool.network, "block": block_cidr(key)}
+            for key in summary.blocks_removed
         ],
         # Stored blocks left out, not in pyabouts' format: why, for each.
         "unreadable": summary.unreadable,

@@ -32,6 +32,11 @@ class ReconcilerMetrics:
             "Node slices given back: their node was gone and no address of them was given.",
             registry=self.registry,
         )
+        self.blocks_removed = Counter(
+            "pyabouts_reconciler_empty_blocks_deleted",
+            "Stored blocks deleted because they held nothing (see the README, Reconciler).",
+            registry=self.registry,
+        )
         self.errors = Counter(
             "pyabouts_reconciler_errors",
             "Passes that failed, or left leaks unfreed (a block refused, the datastore down).",
@@ -67,6 +72,8 @@ class ReconcilerMetrics:
         for leak in summary.leaks:
             self.leaks_found.labels(leak.reason.value).inc()
         self.slices_freed.inc(len(summary.slices_freed))
+        if not summary.dry_run:
+            self.blocks_removed.inc(len(summary.blocks_removed))
         self.unreadable.set(len(summary.unreadable))
         self.last_pass.set(time.time())
         if kind == "full":

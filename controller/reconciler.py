@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from pyabouts.controller.empty_blocks import removable_blocks, remove_empty_blocks
 from pyabouts.controller.leaks import (
     Leak,
     PodState,
@@ -31,7 +32,7 @@ from pyabouts.controller.node_slices import (
 )
 from pyabouts.controller.reclaim import free_leaks
 from pyabouts.ipam.errors import CniError
-from pyabouts.ipam.pool import Block
+from pyabouts.ipam.pool import Block, BlockKey
 from pyabouts.ipam.store import PoolStore
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class PassSummary:
     # What failed: a write (a block the store refused, the store down), or the CronJob's
     # second look; why, for each.
     failed: list[str] = field(default_factory=list)
+    # Stored blocks that held nothing, deleted (that would be, in a dry run): see empty_blocks.
+    blocks_removed: list[BlockKey] = field(default_factory=list)
 
     def followed_by(self, again: PassSummary) -> PassSummary:
         """This pass followed by `again`, a whole pass made after it: what this one checked,
@@ -71,6 +74,7 @@ class PassSummary:
             leaks=[*self.freed, *again.leaks],
             freed=[*self.freed, *again.freed],
             slices_freed=[*self.slices_freed, *again.slices_freed],
+            blocks_removed=[*self.blocks_removed, *again.blocks_removed],
             seconds=self.seconds + again.seconds,
         )
 
@@ -91,9 +95,12 @@ class PassSummary:
         left_out = len(self.unreadable)
         unreadable = f"; {left_out} unreadable block(s) left out" if left_out else ""
         later = f"; {len(self.deferred)} left to judge again later" if self.deferred else ""
+        removed = len(self.blocks_removed)
+        emptied = f"; {removed} empty block(s) {'would be ' if self.dry_run else ''}deleted"
         return (
             f"checked {self.allocations} allocation(s) against {self.pods} pod(s) in "
             f"{self.seconds:.2f} s: {verb} {len(done)} ({why}){kept}{slices}{unreadable}{later}"
+            + (emptied if removed else "")
         )
 
 
@@ -116,7 +123,8 @@ def reconcile(
     for a later pass (the controller's pods no watch event said were gone: see Controller).
     A whole pass with `list_nodes` also gives back the node slices of nodes that are gone
     (controller.node_slices), after freeing the addresses of their pods, and frees those of
-    static pods without a mirror pod whose node is gone (a targeted pass keeps them).
+    static pods without a mirror pod whose node is gone (a targeted pass keeps them). A whole
+    pass deletes the stored blocks that held nothing in its snapshot (controller.empty_blocks).
 
     A stored block not in pyabouts' format (an IPPool edited by hand, say) is left out and
     logged as an error at every pass, and the rest is reconciled: one bad object must not stop
@@ -179,6 +187,12 @@ def reconcile(
             slices_freed = free_slices_of_gone_nodes(
                 store, blocks, nodes, deadline=deadline, on_failed=not_freed
             )
+    blocks_removed = []
+    if only_pods is None:
+        if dry_run:
+            blocks_removed = [block.key for block in removable_blocks(blocks)]
+        else:
+            blocks_removed = remove_empty_blocks(store, blocks, not_freed)
     summary = PassSummary(
         allocations=sum(1 for b in judged for o in b.entries.values() if o.pod and o.in_use),
         pods=len(pods),
@@ -191,6 +205,7 @@ def reconcile(
         unreadable=unreadable,
         deferred=deferred,
         failed=failed,
+        blocks_removed=blocks_removed,
     )
     log.info("reconcile: %s", summary.describe())
     return summary

@@ -49,7 +49,9 @@ def later_revision(revision: str | None, than: str | None) -> bool:
     """Whether a stored block at `revision` is a later state than one at `than` (None: not
     stored): as numbers where both are (etcd's, and so Kubernetes', are), so that a report or a
     read older than what is known changes nothing; else any other revision is later. A block
-    found absent after it was stored is from a read that began before."""
+    found absent after it was stored is from a read that began before, or deleted since (the
+    reconciler deletes blocks that hold nothing): either way it is not taken over what is
+    known, and a write on that revision then meets the conflict that settles it."""
     if revision is None or than is None:
         return than is None
     if revision.isdigit() and than.isdigit():
@@ -120,6 +122,19 @@ class BlockFeed(Protocol):
     def follow_changes(self, sink: ChangeSink, stop: threading.Event) -> None:
         """Report every stored block to sink.feed_listed, then each change to sink.feed_changed,
         until `stop` is set (then return) or the feed breaks (then raise)."""
+        ...
+
+
+@runtime_checkable
+class BlockRemoval(Protocol):
+    """What a store may offer besides PoolStore: deleting a stored block, as a compare-and-swap
+    too. The reconciler deletes blocks that hold nothing, so that a range much larger than its
+    use (IPv6, nodes coming and going) does not keep one stored block per node ever seen."""
+
+    def remove_block(self, block: Block) -> bool:
+        """Delete `block` if its stored revision is still `block.revision`; whether it did
+        (False: changed since, or gone already). A writer holding the old revision then meets
+        a conflict, reads the block as absent and creates it again."""
         ...
 
 

@@ -50,6 +50,14 @@ class MemoryStore:
             self.writes += 1
             return outcome
 
+    def remove_block(self, block: Block) -> bool:
+        with self._lock:
+            stored = self.blocks.get(block.key)
+            if stored is None or stored.revision != block.revision:
+                return False
+            del self.blocks[block.key]
+            return True
+
     def close(self) -> None:
         pass
 

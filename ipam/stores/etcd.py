@@ -144,6 +144,22 @@ class EtcdStore:
                 break
         return outcome
 
+    def remove_block(self, block: Block) -> bool:
+        """BlockRemoval: one transaction, the delete on the block's mod revision."""
+        if block.revision is None:
+            return False
+        key, revision = block_key(block.key), int(block.revision)
+
+        def remove(client: Any) -> bool:
+            txn = client.transactions
+            compare = [txn.mod(key) == revision]
+            succeeded, _ = client.transaction(
+                compare=compare, success=[txn.delete(key)], failure=[]
+            )
+            return bool(succeeded)
+
+        return self._call(remove)
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()

@@ -211,6 +211,20 @@ class KubernetesStore:
             outcome.revisions[block.key] = revision
         return outcome
 
+    def remove_block(self, block: Block) -> bool:
+        """BlockRemoval: a DELETE on the block's resourceVersion (a precondition the API checks:
+        409 when the IPPool changed since)."""
+        if block.revision is None or _DIGEST_PREFIX.fullmatch(block.key.pool.network):
+            return False  # such a network's blocks are written still, never created again
+        preconditions = {"resourceVersion": block.revision}
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": preconditions}
+        path = f"{self._collection}/{object_name(block.key)}"
+        try:
+            self._call("DELETE", path, body=body, absent_ok=True)
+        except (_Conflict, _Absent):
+            return False
+        return True
+
     def close(self) -> None:
         self._api.close()
 

@@ -166,6 +166,9 @@ class PendingWrites:
         # started. Until then a block is unsure too: a write sent before the start (the agent
         # that crashed, a plugin served in-process) may still land on the state this agent
         # read; once a write of its own is stored over that state, none sent before can be.
+        # (But for a create, once the reconciler has deleted the block as holding nothing: the
+        # flush reads the block first, so a give kept over what such a create stored is a
+        # clash, logged and counted, not an address lost from the store unseen.)
         self._proven: set[BlockKey] = set()
         # Per registry block read: its revision, the slices this node holds in it and those
         # other nodes hold, as (pool, first, last).

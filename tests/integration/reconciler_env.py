@@ -61,10 +61,12 @@ class ReconcilerEnv:
         cidr: str = "10.70.0.0/24",
         *,
         node: str | None = None,
+        ip: str | None = None,
     ) -> str:
         """ADD for `pod` (in NAMESPACE) as kubelet sends it (on `node`: the plugin's NODE_NAME,
-        else this host's); the address given."""
+        else this host's; asking for `ip`, as CNI_ARGS IP=); the address given."""
         args = f"IgnoreUnknown=1;K8S_POD_NAMESPACE={NAMESPACE};K8S_POD_NAME={pod};K8S_POD_UID={uid}"
+        args += f";IP={ip}" if ip else ""
         sandbox = container or f"sandbox-{pod}"
         env = {"NODE_NAME": node} if node else None
         call: CniCall = cni(self.plugin, "ADD", self.conf(cidr), sandbox, args, extra_env=env)
@@ -114,27 +116,46 @@ def reconciler_argv(flat_file: Path, kubeconfig: Path, *extra: str) -> list[str]
 
 
 def reconcile_once(flat_file: Path, kubeconfig: Path, *extra: str) -> dict[str, Any]:
-    """One pass of `pyabouts-reconciler` (the CronJob's), as `kubeconfig`; its JSON summary.
-    With no --gone-grace or --stop-grace in `extra`, 0: a leak found is freed at once, not
-    judged again 10 s (or 40 s) later (test_reconciler_once has the test of that)."""
-    for flag in ("--gone-grace", "--stop-grace"):
-        if not any(arg.startswith(flag) for arg in extra):
-            extra = (f"{flag}=0", *extra)
-    done = subprocess.run(
-        reconciler_argv(flat_file, kubeconfig, *extra),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    """One pass of `pyabouts-reconciler` (the CronJob's), as `kubeconfig`, that must exit 0;
+    its JSON summary. Graces as run_reconciler's."""
+    done = run_reconciler(flat_file, kubeconfig, *extra)
     assert done.returncode == 0, done.stderr
     summary: dict[str, Any] = json.loads(done.stdout)
     return summary
 
 
+def run_reconciler(
+    flat_file: Path, kubeconfig: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """One pass of `pyabouts-reconciler`, as `kubeconfig`, whatever its exit. With no
+    --gone-grace or --stop-grace in `extra`, 0: a leak found is freed at once, not judged again
+    10 s (or 40 s) later (test_reconciler_once has the test of that)."""
+    for flag in ("--gone-grace", "--stop-grace"):
+        if not any(arg.startswith(flag) for arg in extra):
+            extra = (f"{flag}=0", *extra)
+    argv = reconciler_argv(flat_file, kubeconfig, *extra)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+
+
 def kubeconfig_that_may_not_list_nodes(cluster: ControlPlane) -> Path:
     """A ServiceAccount's kubeconfig that may do what the reconciler does, but list nodes."""
-    name = "pyabouts-test-no-nodes"
+    return _reconciler_kubeconfig_but(cluster, "pyabouts-test-no-nodes", ippools_delete=True)
+
+
+def kubeconfig_that_may_not_delete_ippools(cluster: ControlPlane) -> Path:
+    """The same, that may list nodes but not delete IPPools: a Role of an earlier release."""
+    return _reconciler_kubeconfig_but(
+        cluster, "pyabouts-test-no-deletes", nodes=True, ippools_delete=False
+    )
+
+
+def _reconciler_kubeconfig_but(
+    cluster: ControlPlane, name: str, *, nodes: bool = False, ippools_delete: bool
+) -> Path:
+    """A ServiceAccount `name` that may read pods and read and update IPPools, and list nodes
+    and delete IPPools as told: its kubeconfig."""
+    ippool_verbs = ["get", "list", "update", *(["delete"] if ippools_delete else [])]
+    node_rules = [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]}] if nodes else []
     subject = {"kind": "ServiceAccount", "name": name, "namespace": "kube-system"}
     objects: list[dict[str, Any]] = [
         {
@@ -148,11 +169,8 @@ def kubeconfig_that_may_not_list_nodes(cluster: ControlPlane) -> Path:
             "metadata": {"name": name},
             "rules": [
                 {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-                {
-                    "apiGroups": ["pyabouts.io"],
-                    "resources": ["ippools"],
-                    "verbs": ["get", "list", "update"],
-                },
+                {"apiGroups": ["pyabouts.io"], "resources": ["ippools"], "verbs": ippool_verbs},
+                *node_rules,
             ],
         },
         {

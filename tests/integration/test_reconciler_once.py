@@ -39,6 +39,7 @@ from tests.integration.reconciler_env import (
     kubeconfig_that_may_not_list_nodes,
     pod_name,
     reconcile_once,
+    run_reconciler,
 )
 
 pytestmark = pytest.mark.integration
@@ -130,13 +131,7 @@ def test_a_block_the_api_refuses_to_update_is_named_and_the_other_leaks_freed(
         delete_pod(recon.cluster, NAMESPACE, name, grace_seconds=0)
     frozen = object_name(BlockKey(PoolId(recon.network, 4), int(netaddr.IPAddress("10.72.0.0"))))
     with refused_updates(recon.cluster, frozen):
-        done = subprocess.run(
-            recon.reconciler_argv("--gone-grace=0", "--stop-grace=0"),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        done = run_reconciler(recon.flat_file, recon.kubeconfig)
         assert done.returncode == 1, done.stderr
         summary = json.loads(done.stdout)
         assert leaked["10.73.0.0/24"] in [a["ip"] for a in summary["addresses"]]
@@ -387,7 +382,7 @@ def test_the_reconciler_rbac_allows_exactly_what_it_needs(pyabouts_cluster: Cont
 
     for verb in ("get", "list", "watch"):
         assert may(verb, "pods", NAMESPACE), verb
-    for verb in ("get", "list", "update"):
+    for verb in ("get", "list", "update", "delete"):  # delete: blocks that hold nothing
         assert may(verb, "ippools.pyabouts.io"), verb
     # Its own Lease alone: the control plane's leader elections hold theirs in kube-system too.
     assert may("create", "leases.coordination.k8s.io")
@@ -400,7 +395,7 @@ def test_the_reconciler_rbac_allows_exactly_what_it_needs(pyabouts_cluster: Cont
     assert not may("delete", "pods", NAMESPACE)
     assert not may("update", "pods", NAMESPACE)
     assert not may("create", "ippools.pyabouts.io")
-    assert not may("delete", "ippools.pyabouts.io")
+    assert not may("delete", "ippools.pyabouts.io", NAMESPACE)  # only its own namespace's
     assert not may("get", "secrets")
 
 

@@ -13,7 +13,7 @@ from pyabouts.ipam import operations
 from pyabouts.ipam.coalescing import CoalescingTransactions
 from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
 from pyabouts.ipam.ranges import build_range
-from pyabouts.ipam.store import PoolStore
+from pyabouts.ipam.store import BlockRemoval, PoolStore, later_revision
 from pyabouts.ipam.stores.cached import CachedStore
 from pyabouts.ipam.stores.etcd import EtcdStore
 from pyabouts.ipam.stores.kubernetes import KubernetesStore
@@ -126,6 +126,38 @@ def test_no_block_after_a_stale_one_is_written(store: PoolStore, pool: PoolId) -
     after = block(pool, "10.0.1.0", "10.0.1.1")
     assert store.write_blocks([stale, after]).conflicts == [stale.key]
     assert store.read_blocks(pool, ip("10.0.1.0"), ip("10.0.1.255")) == []
+
+
+def test_a_block_is_deleted_only_on_the_revision_it_was_read(
+    store: PoolStore, pool: PoolId
+) -> None:
+    assert isinstance(store, BlockRemoval)
+    store.write_blocks([block(pool, "10.0.0.0")])
+    [seen] = store.read_blocks(pool, ip("10.0.0.0"), ip("10.0.0.0"))
+    assert store.write_blocks([block(pool, "10.0.0.0", "10.0.0.1", revision=seen.revision)])
+    assert store.remove_block(seen) is False  # written since: kept
+    [now] = store.read_blocks(pool, ip("10.0.0.0"), ip("10.0.0.0"))
+    assert set(now.entries) == {ip("10.0.0.1")}
+    assert store.remove_block(now) is True
+    assert store.read_blocks(pool, ip("10.0.0.0"), ip("10.0.0.255")) == []
+    assert store.remove_block(now) is False  # gone already
+    assert store.remove_block(block(pool, "10.0.1.0")) is False  # never stored
+
+
+def test_a_write_on_a_deleted_blocks_revision_conflicts_and_a_create_stores_it_again(
+    store: PoolStore, pool: PoolId
+) -> None:
+    store.write_blocks([block(pool, "10.0.0.0")])
+    [seen] = store.read_blocks(pool, ip("10.0.0.0"), ip("10.0.0.0"))
+    assert isinstance(store, BlockRemoval) and store.remove_block(seen)
+    stale = block(pool, "10.0.0.0", "10.0.0.1", revision=seen.revision)
+    assert store.write_blocks([stale]).conflicts == [stale.key]
+    made = store.write_blocks([block(pool, "10.0.0.0", "10.0.0.2")])
+    assert made.conflicts == []
+    [read] = store.read_blocks(pool, ip("10.0.0.0"), ip("10.0.0.0"))
+    assert set(read.entries) == {ip("10.0.0.2")}
+    # A later revision than the deleted one's: a cache takes it over what it knew.
+    assert later_revision(read.revision, seen.revision)
 
 
 def test_reads_return_exactly_the_blocks_overlapping_the_span(

@@ -30,7 +30,7 @@ from pyabouts.ipam.errors import TRY_AGAIN_LATER, StoreUnavailableError
 from pyabouts.ipam.pool import Block, BlockKey, Owner, PoolId
 from pyabouts.ipam.ranges import build_range
 from pyabouts.ipam.slices import SlicedRange, is_registry
-from pyabouts.ipam.store import OnUnreadable, PoolStore, WriteOutcome
+from pyabouts.ipam.store import BlockRemoval, OnUnreadable, PoolStore, WriteOutcome
 from pyabouts.ipam.stores.cached import CachedStore
 from pyabouts.ipam.stores.etcd import KEY_PREFIX
 from pyabouts.ipam.stores.kubeconfig import read_kubeconfig
@@ -361,6 +361,37 @@ def test_the_flush_keeps_what_the_reconciler_freed_and_never_takes_over_an_addre
     fourth = add(node, 4)
     assert stored(backing)[fourth] == "c4"
     assert pending.pending_count() == 0
+
+
+def test_a_block_the_reconciler_deletes_under_kept_changes_is_stored_again_with_them(
+    backing: PoolStore,
+    journal: Path,
+) -> None:
+    """The reconciler deletes a block that holds nothing (controller.empty_blocks), on the
+    revision it read: while the node keeps a change of it, and again while it keeps none. The
+    flush creates the block with what the node kept, and nothing is lost or clashes."""
+    pending, node = agent(journal, backing)
+    first = add(node, 1)  # takes the slice: stored before the answer
+    assert delete(node, 1) == [first]
+    pending.flush(backing)
+    key = BlockKey.of(POOL, first)
+    [empty] = backing.read_blocks(POOL, key.base, key.base)
+    assert empty.entries == {}
+    second = add(node, 2)  # kept, not stored
+    assert isinstance(backing, BlockRemoval) and backing.remove_block(empty)
+    third = add(node, 3)  # decided on the view, which holds pod 2's: kept too
+    assert third != second and pending.pending_count() == 2
+    outcome = pending.flush(backing)
+    assert (outcome.stored, outcome.left, outcome.clashes) == (2, 0, 0)
+    assert stored(backing) == {second: "c2", third: "c3"}
+    # Emptied and deleted with nothing kept: the next give is kept, and stored the same way.
+    assert sorted(delete(node, 2) + delete(node, 3)) == sorted([second, third])
+    pending.flush(backing)
+    [empty] = backing.read_blocks(POOL, key.base, key.base)
+    assert empty.entries == {} and backing.remove_block(empty)
+    fourth = add(node, 4)
+    pending.flush(backing)
+    assert stored(backing) == {fourth: "c4"}
 
 
 def test_blocks_outside_the_nodes_slices_are_written_before_the_answer(

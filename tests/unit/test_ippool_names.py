@@ -55,6 +55,20 @@ def test_a_network_named_like_a_digest_creates_no_block_and_keeps_those_it_has()
     ]
 
 
+def test_a_network_named_like_a_digest_keeps_its_blocks_when_they_hold_nothing() -> None:
+    """Deleted, such a block could not be created again (above): every ADD of a node that
+    starts there would fail. The reconciler's delete leaves it, and sends nothing."""
+    taken = object_name(BlockKey(PoolId("", 4), BASE)).removesuffix("-10.1.0.0-24")
+    api = RecordingApi()
+    store = KubernetesStore(api, "kube-system")  # type: ignore[arg-type]
+    assert store.remove_block(Block(BlockKey(PoolId(taken, 4), BASE), revision="7")) is False
+    assert api.calls == []
+    assert store.remove_block(Block(BlockKey(PoolId("blue", 4), BASE), revision="7")) is True
+    assert api.calls == [
+        ("DELETE", "/apis/pyabouts.io/v1alpha1/namespaces/kube-system/ippools/blue-10.1.0.0-24")
+    ]
+
+
 def test_a_network_whose_block_name_another_network_holds_is_told_so() -> None:
     """A digest-shaped network stored before, and a network whose digest that name is: the
     latter's read finds a block of another pool under its name, code 7 (it looped on 409s until
