@@ -408,6 +408,10 @@ def _build_ranges(ipam: IpamConf) -> tuple[tuple[AddressRange, ...], str]:
             INVALID_CONFIG, "invalid network config: ipam.range or ipam.ipRanges is required"
         )
     gateway = parse_address(ipam.gateway) if ipam.gateway else None
+    # The gateway, and the static `addresses` the result always lists (an interface holding
+    # one twice fails: macvlan's "file exists"), are never given to a pod.
+    kept_out = [gateway] if gateway is not None else []
+    kept_out += [parse_network(static.address).ip for static in ipam.addresses]
     ranges = []
     unusable = ""
     for key_prefix, entry in entries:
@@ -416,9 +420,8 @@ def _build_ranges(ipam: IpamConf) -> tuple[tuple[AddressRange, ...], str]:
             family: Family = 4 if network.version == 4 else 6
             # The gateway the result names is never given to a pod (as host-local; whereabouts
             # gives it, and its users exclude it by hand): a pod holding it breaks the network.
-            exclude = entry.exclude
-            if gateway is not None and gateway.version == family:
-                exclude = [*exclude, str(gateway)]
+            # Nor are the static addresses (whereabouts gives them too).
+            exclude = [*entry.exclude, *(str(a) for a in kept_out if a.version == family)]
             # One pool per network_name and family, whatever enable_overlapping_ranges says:
             # two NADs on one range must share it (whereabouts keys its IPPool by range), and
             # a NAD cannot know whether another one on an overlapping range sets the flag.

@@ -70,6 +70,22 @@ def test_add_never_gives_the_gateway_of_the_config(memory_store: MemoryStore) ->
     assert (code, result["code"]) == (1, RANGE_EXHAUSTED)
 
 
+def test_a_static_address_in_a_range_is_never_given_and_checks_as_the_result_it_is_in(
+    memory_store: MemoryStore,
+) -> None:
+    """The result lists each static address: given by the range too, it was in the result
+    twice (macvlan: "file exists"), and CHECK refused the plugin's own result."""
+    config = conf(range="192.0.2.0/30", addresses=[{"address": "192.0.2.1/30"}])
+    code, result = call("ADD", config)
+    assert (code, result["ips"]) == (0, [{"address": "192.0.2.2/30"}, {"address": "192.0.2.1/30"}])
+    assert call("CHECK", config | {"prevResult": result}) == (0, None)
+    other_pod = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-1"
+    code, refused = call("ADD", config, container="c2", args=other_pod)
+    assert (code, refused["code"]) == (1, RANGE_EXHAUSTED)
+    asked = call("ADD", config, container="c3", args=f"{other_pod};IP=192.0.2.1")[1]
+    assert asked["code"] == REQUESTED_IP_UNAVAILABLE
+
+
 def test_add_returns_the_address_with_gateway_routes_dns_and_static_addresses(
     memory_store: MemoryStore,
 ) -> None:
