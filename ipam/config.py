@@ -17,7 +17,7 @@ from typing import Any, Literal
 import netaddr
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pyabouts.ipam.errors import INVALID_CONFIG, CniError
+from pyabouts.ipam.errors import INVALID_CONFIG, INVALID_ENVIRONMENT, CniError
 from pyabouts.ipam.pool import Family, PoolId
 from pyabouts.ipam.ranges import AddressRange, RangeError, build_range, parse_address, parse_network
 from pyabouts.ipam.slices import REGISTRY_MARK, SlicedRange, parse_slice_size
@@ -53,6 +53,13 @@ def _a_cidr(value: str) -> str:
     return str(parse_network(value))
 
 
+def _same_family(cidr: str, gateway: str | None, key: str) -> None:
+    """A gateway of the other family than the CIDR it serves fails in the kernel at every ADD,
+    after the address was given: refused with the config instead."""
+    if gateway is not None and parse_address(gateway).version != parse_network(cidr).version:
+        raise RangeError(f"{gateway!r} is not of the family of {cidr!r}", key=key)
+
+
 class RangeConf(_Model):
     range: str
     range_start: str | None = None
@@ -78,6 +85,11 @@ class Route(_Model):
     _check_dst = field_validator("dst")(_a_cidr)
     _check_gw = field_validator("gw")(_an_address)
 
+    @model_validator(mode="after")
+    def _gw_of_the_dst_family(self) -> Route:
+        _same_family(self.dst, self.gw, "gw")
+        return self
+
 
 class Dns(_Model):
     nameservers: list[str] = Field(default_factory=list)
@@ -95,6 +107,11 @@ class StaticAddress(_Model):
     _unset_empty = model_validator(mode="before")(_unset_when_empty)
     _check_address = field_validator("address")(_a_cidr)
     _check_gateway = field_validator("gateway")(_an_address)
+
+    @model_validator(mode="after")
+    def _gateway_of_the_address_family(self) -> StaticAddress:
+        _same_family(self.address, self.gateway, "gateway")
+        return self
 
 
 class KubernetesConf(_Model):
@@ -292,7 +309,9 @@ def requested_addresses(netconf: NetConf, cni_args_ip: str | None) -> list[netad
         try:
             address = parse_address(text)
         except RangeError as exc:
-            raise CniError(INVALID_CONFIG, f"{where}: {exc}") from exc
+            # CNI_ARGS is the runtime's environment; the others are the network config.
+            code = INVALID_ENVIRONMENT if where == "CNI_ARGS IP" else INVALID_CONFIG
+            raise CniError(code, f"{where}: {exc}") from exc
         found.setdefault(address)
     return list(found)
 

@@ -11,7 +11,7 @@ from pyabouts.ipam.config import (
     load_config,
     requested_addresses,
 )
-from pyabouts.ipam.errors import INVALID_CONFIG, CniError
+from pyabouts.ipam.errors import INVALID_CONFIG, INVALID_ENVIRONMENT, CniError
 from pyabouts.ipam.pool import PoolId
 from pyabouts.ipam.stores.flat_file import read_flat_file
 
@@ -291,13 +291,19 @@ def test_runtime_config_ips_count_only_with_the_ips_capability() -> None:
     assert requested_addresses(NetConf.model_validate(raw), None) == []
 
 
-def test_a_malformed_requested_address_is_code_7_naming_its_source() -> None:
+def test_a_malformed_requested_address_names_its_source_and_whose_error_it_is() -> None:
+    """CNI_ARGS is the runtime's environment (code 4); args.cni.ips is the config's (7)."""
     raw = netconf(type="pyabouts", range="192.0.2.0/24")
     with pytest.raises(CniError) as excinfo:
         requested_addresses(NetConf.model_validate(raw), "192.0.2.300")
-    assert excinfo.value.code == INVALID_CONFIG
+    assert excinfo.value.code == INVALID_ENVIRONMENT
     assert "CNI_ARGS IP" in excinfo.value.msg
     assert "192.0.2.300" in excinfo.value.msg
+    raw["args"] = {"cni": {"ips": ["192.0.2.300"]}}
+    with pytest.raises(CniError) as excinfo:
+        requested_addresses(NetConf.model_validate(raw), None)
+    assert excinfo.value.code == INVALID_CONFIG
+    assert "args.cni.ips[0]" in excinfo.value.msg
 
 
 def test_empty_and_null_values_are_keys_not_given() -> None:

@@ -86,6 +86,27 @@ def test_a_static_address_in_a_range_is_never_given_and_checks_as_the_result_it_
     assert asked["code"] == REQUESTED_IP_UNAVAILABLE
 
 
+@pytest.mark.parametrize(
+    ("ipam", "said"),
+    [
+        ({"routes": [{"dst": "0.0.0.0/0", "gw": "2001:db8::1"}]}, "ipam.routes.0="),
+        (
+            {"addresses": [{"address": "10.1.0.5/24", "gateway": "2001:db8::1"}]},
+            "ipam.addresses.0=",
+        ),
+        ({"routes": [{"dst": "2001:db8::/64", "gw": "192.0.2.1"}]}, "ipam.routes.0="),
+    ],
+)
+def test_a_gateway_of_the_other_family_is_refused_before_anything_is_given(
+    memory_store: MemoryStore, ipam: dict[str, Any], said: str
+) -> None:
+    """The kernel refuses such a route at every ADD, once the address was given."""
+    code, error = call("ADD", conf(**ipam))
+    assert (code, error["code"]) == (1, 7)
+    assert said in error["msg"] and "is not of the family of" in error["msg"]
+    assert memory_store.snapshot() == {}
+
+
 def test_add_returns_the_address_with_gateway_routes_dns_and_static_addresses(
     memory_store: MemoryStore,
 ) -> None:
