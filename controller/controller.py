@@ -85,8 +85,9 @@ class Controller:
         self.health = Health(stale_after=max(60.0, 3 * resync))
         self.stop = threading.Event()
         self.leading = threading.Event()
-        # Pods the taint manager deleted -> when a pass may find them lost (epoch seconds).
-        self._lost_at: dict[str, float] = {}
+        # Pods the taint manager deleted -> when a pass may find them lost (epoch seconds), and
+        # the UID of the pod of that name that is: the pass judges only its addresses.
+        self._lost_at: dict[str, tuple[float, str]] = {}
         # Pods the watch saw deleted or finished -> when a pass may judge them (epoch seconds);
         # until then every pass spares their addresses.
         self._gone_at: dict[str, float] = {}
@@ -131,9 +132,6 @@ class Controller:
             if (due := self._due()) and not self._pass("targeted", set(due), awaited=due):
                 retry = time.time() + RETRY_SECONDS
                 for ref, uids in due.items():  # spared by full passes meanwhile
-                    if uids is None:  # a lost pod's: judged again as one
-                        self._lost_at.setdefault(ref, retry)
-                        continue
                     self._gone_at.setdefault(ref, retry)
                     self._gone_uids.setdefault(ref, set()).update(uids)
 
@@ -151,14 +149,18 @@ class Controller:
         finished (later ones of the same pod change nothing)."""
         uids = self._gone_uids.setdefault(pod.ref, set())
         if pod.ref not in self._gone_at or pod.uid not in uids:
-            self._gone_at[pod.ref] = pod.stopped_by(time.time()) + self._gone_grace
+            # Never sooner than a pod of that name already awaited: the pass judges them all
+            # (a force-deleted one may run for its whole grace, while the pod created again in
+            # its place failed at once).
+            due = pod.stopped_by(time.time()) + self._gone_grace
+            self._gone_at[pod.ref] = max(due, self._gone_at.get(pod.ref, due))
             uids.add(pod.uid)
 
     def _note_lost(self, pod: PodState, *, deleted: bool = False) -> None:
         """Remember when a pod the taint manager deleted may be found lost, if it still is."""
         lost_at = None if deleted else pod.lost_since(self._policy)
         if lost_at is not None:
-            self._lost_at[pod.ref] = lost_at
+            self._lost_at[pod.ref] = (lost_at, pod.uid)
         else:
             self._lost_at.pop(pod.ref, None)
 
@@ -167,7 +169,8 @@ class Controller:
         that one pass takes a burst, and TARGETED_PASS_EVERY_SECONDS after the last one began
         at the soonest. (Full passes do not count: they spare the pods awaited, and a short
         --resync would else hold the targeted passes back for good.)"""
-        first = min([*self._lost_at.values(), *self._gone_at.values()], default=float("inf"))
+        lost = (at for at, _ in self._lost_at.values())
+        first = min([*lost, *self._gone_at.values()], default=float("inf"))
         after_last = self._last_targeted + TARGETED_PASS_EVERY_SECONDS - time.monotonic()
         return max(first + SETTLE_SECONDS - time.time(), after_last)
 
@@ -186,28 +189,29 @@ class Controller:
         )
         return now < due
 
-    def _due(self) -> dict[str, set[str] | None]:
+    def _due(self) -> dict[str, set[str]]:
         """The pods to judge now (taken out of what is waiting), once the first is
         SETTLE_SECONDS due, none before; each with the UIDs of the pods of that name whose
-        grace has passed (None: a lost pod, whose grace counts from its own deletion)."""
+        grace has passed (a lost pod's counts from its own deletion), whose addresses alone
+        the pass judges: another pod of that name gone may still be in its grace."""
         if self._until_due() > 0:
             return {}
         now = time.time()
-        due: dict[str, set[str] | None] = {}
-        for ref in [ref for ref, at in self._lost_at.items() if at <= now]:
-            del self._lost_at[ref]
-            due[ref] = None
+        due: dict[str, set[str]] = {}
+        for ref in [ref for ref, (at, _) in self._lost_at.items() if at <= now]:
+            _, uid = self._lost_at.pop(ref)
+            due[ref] = {uid}
         for ref in [ref for ref, at in self._gone_at.items() if at <= now]:
             del self._gone_at[ref]
-            due[ref] = self._gone_uids.pop(ref, set())
+            due[ref] = due.get(ref, set()) | self._gone_uids.pop(ref, set())
         return due
 
     @staticmethod
-    def _not_awaited(leak: Leak, awaited: dict[str, set[str] | None]) -> bool:
+    def _not_awaited(leak: Leak, awaited: dict[str, set[str]]) -> bool:
         """Whether a targeted pass leaves `leak` for later: an address of a pod of a name it
         judges, but of none of the pods whose grace has passed (one created again meanwhile
-        and gone too before the watch's event said so: its own grace has not begun). An entry
-        that recorded no UID is judged as before."""
+        and gone too before the watch's event said so: its own grace has not begun; another
+        pod of a lost pod's name). An entry that recorded no UID is judged as before."""
         uids = awaited.get(leak.owner.pod)
         return (
             leak.reason in SANDBOX_MAY_REMAIN
@@ -217,7 +221,7 @@ class Controller:
         )
 
     def _pass(
-        self, kind: str, refs: set[str] | None, awaited: dict[str, set[str] | None] | None = None
+        self, kind: str, refs: set[str] | None, awaited: dict[str, set[str]] | None = None
     ) -> bool:
         """One pass (targeted: of the pods `refs`, sparing the pods of other UIDs than
         `awaited` names for each); whether it ran to its end."""

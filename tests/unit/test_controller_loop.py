@@ -230,3 +230,80 @@ def test_targeted_passes_under_steady_churn_are_spaced_so_the_store_is_not_read_
     assert controller._gone_at == {}  # every pod judged
     assert 2 <= len(reads) <= 4, reads  # not one pass per pod (ten over two seconds)
     assert all(b - a >= 0.95 for a, b in itertools.pairwise(reads)), reads
+
+
+def test_a_pod_created_again_that_fails_at_once_keeps_the_first_ones_grace() -> None:
+    """db-0 force-deleted runs for its grace (300 s, and the kill window) while its
+    replacement, refused at admission, fails at once: the pass for both comes no sooner than
+    the first pod's grace ends (the second event moved it to the second pod's end, and the
+    address went to another pod while the first still ran)."""
+    connections: Any = types.SimpleNamespace(store=MemoryStore(), api_client=None)
+    controller = Controller(connections, Policy(), resync=300, gone_grace=10)
+    told = time.time()
+    forced = PodState(
+        "demo",
+        "db-0",
+        "uid-1",
+        "Running",
+        0.0,
+        told,
+        False,
+        None,
+        stop_grace=300,
+        deleted_at_once=True,
+    )
+    refused = PodState("demo", "db-0", "uid-2", "Failed", 0.0, None, False, None)
+    controller._note_gone(forced)
+    controller._note_gone(refused)
+    assert controller._gone_at["demo/db-0"] >= told + 300 + 10
+    assert controller._gone_uids["demo/db-0"] == {"uid-1", "uid-2"}
+    assert controller._due() == {}
+
+
+def test_a_lost_pods_pass_leaves_the_address_of_another_pod_of_its_name_in_its_grace() -> None:
+    """db-0 force-deleted (its grace 300 s), then db-0 created again on a node that is lost
+    (the taint manager deleted it, --node-lost-grace passed): the lost pod's pass frees the
+    lost pod's address and leaves the first pod's for its own pass (it freed it at once, the
+    first pod still running)."""
+    pool = PoolId("blue", 4)
+    first_address, lost_address = (10 << 24) + 5, (10 << 24) + 9
+    key = BlockKey.of(pool, first_address)
+    store = MemoryStore()
+    held = {
+        first_address: Owner("c1", "net1", "demo/db-0", "uid-1"),
+        lost_address: Owner("c2", "net1", "demo/db-0", "uid-2"),
+    }
+    assert not store.write_blocks([Block(key, held)]).conflicts
+    now = time.time()
+    forced = PodState(
+        "demo",
+        "db-0",
+        "uid-1",
+        "Running",
+        0.0,
+        now,
+        False,
+        None,
+        stop_grace=300,
+        deleted_at_once=True,
+    )
+    lost = PodState(
+        "demo",
+        "db-0",
+        "uid-2",
+        "Running",
+        0.0,
+        now - 60,
+        True,
+        frozenset({"10.0.0.9"}),
+        node="node-b",
+    )
+    connections: Any = types.SimpleNamespace(store=store, api_client=None)
+    controller = Controller(connections, Policy(node_lost_grace=30), resync=300, gone_grace=10)
+    controller._read_pods = lambda refs: {"demo/db-0": lost}  # type: ignore[method-assign]
+    controller._note_gone(forced)
+    controller._note_lost(lost)
+    due = controller._due()  # the lost pod's, now; the first pod's comes 300 s on
+    assert set(due) == {"demo/db-0"}
+    assert controller._pass("targeted", set(due), awaited=due)
+    assert set(store.blocks[key].entries) == {first_address}
