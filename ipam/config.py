@@ -53,13 +53,6 @@ def _a_cidr(value: str) -> str:
     return str(parse_network(value))
 
 
-def _same_family(cidr: str, gateway: str | None, key: str) -> None:
-    """A gateway of the other family than the CIDR it serves fails in the kernel at every ADD,
-    after the address was given: refused with the config instead."""
-    if gateway is not None and parse_address(gateway).version != parse_network(cidr).version:
-        raise RangeError(f"{gateway!r} is not of the family of {cidr!r}", key=key)
-
-
 class RangeConf(_Model):
     range: str
     range_start: str | None = None
@@ -85,11 +78,6 @@ class Route(_Model):
     _check_dst = field_validator("dst")(_a_cidr)
     _check_gw = field_validator("gw")(_an_address)
 
-    @model_validator(mode="after")
-    def _gw_of_the_dst_family(self) -> Route:
-        _same_family(self.dst, self.gw, "gw")
-        return self
-
 
 class Dns(_Model):
     nameservers: list[str] = Field(default_factory=list)
@@ -107,11 +95,6 @@ class StaticAddress(_Model):
     _unset_empty = model_validator(mode="before")(_unset_when_empty)
     _check_address = field_validator("address")(_a_cidr)
     _check_gateway = field_validator("gateway")(_an_address)
-
-    @model_validator(mode="after")
-    def _gateway_of_the_address_family(self) -> StaticAddress:
-        _same_family(self.address, self.gateway, "gateway")
-        return self
 
 
 class KubernetesConf(_Model):
@@ -428,9 +411,12 @@ def _build_ranges(ipam: IpamConf) -> tuple[tuple[AddressRange, ...], str]:
         )
     gateway = parse_address(ipam.gateway) if ipam.gateway else None
     # The gateway, and the static `addresses` the result always lists (an interface holding
-    # one twice fails: macvlan's "file exists"), are never given to a pod.
+    # one twice fails: macvlan's "file exists") with their gateways, are never given to a pod.
     kept_out = [gateway] if gateway is not None else []
-    kept_out += [parse_network(static.address).ip for static in ipam.addresses]
+    for static in ipam.addresses:
+        kept_out.append(parse_network(static.address).ip)
+        if static.gateway:
+            kept_out.append(parse_address(static.gateway))
     ranges = []
     unusable = ""
     for key_prefix, entry in entries:

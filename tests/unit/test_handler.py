@@ -75,36 +75,16 @@ def test_a_static_address_in_a_range_is_never_given_and_checks_as_the_result_it_
 ) -> None:
     """The result lists each static address: given by the range too, it was in the result
     twice (macvlan: "file exists"), and CHECK refused the plugin's own result."""
-    config = conf(range="192.0.2.0/30", addresses=[{"address": "192.0.2.1/30"}])
+    static = {"address": "192.0.2.1/29", "gateway": "192.0.2.2"}  # its gateway kept out too
+    config = conf(range="192.0.2.0/29", range_end="192.0.2.3", addresses=[static])
     code, result = call("ADD", config)
-    assert (code, result["ips"]) == (0, [{"address": "192.0.2.2/30"}, {"address": "192.0.2.1/30"}])
+    assert (code, result["ips"]) == (0, [{"address": "192.0.2.3/29"}, static])
     assert call("CHECK", config | {"prevResult": result}) == (0, None)
     other_pod = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-1"
     code, refused = call("ADD", config, container="c2", args=other_pod)
     assert (code, refused["code"]) == (1, RANGE_EXHAUSTED)
     asked = call("ADD", config, container="c3", args=f"{other_pod};IP=192.0.2.1")[1]
     assert asked["code"] == REQUESTED_IP_UNAVAILABLE
-
-
-@pytest.mark.parametrize(
-    ("ipam", "said"),
-    [
-        ({"routes": [{"dst": "0.0.0.0/0", "gw": "2001:db8::1"}]}, "ipam.routes.0="),
-        (
-            {"addresses": [{"address": "10.1.0.5/24", "gateway": "2001:db8::1"}]},
-            "ipam.addresses.0=",
-        ),
-        ({"routes": [{"dst": "2001:db8::/64", "gw": "192.0.2.1"}]}, "ipam.routes.0="),
-    ],
-)
-def test_a_gateway_of_the_other_family_is_refused_before_anything_is_given(
-    memory_store: MemoryStore, ipam: dict[str, Any], said: str
-) -> None:
-    """The kernel refuses such a route at every ADD, once the address was given."""
-    code, error = call("ADD", conf(**ipam))
-    assert (code, error["code"]) == (1, 7)
-    assert said in error["msg"] and "is not of the family of" in error["msg"]
-    assert memory_store.snapshot() == {}
 
 
 def test_add_returns_the_address_with_gateway_routes_dns_and_static_addresses(
