@@ -343,6 +343,7 @@ def permissions(cluster: ControlPlane, user: str, namespace: str) -> set[tuple[s
             | {("nodes", "list")}  # node slices of gone nodes
             | {("statefulsets.apps", "list")}  # sticky_statefulsets
             | {("ippools.pyabouts.io", v) for v in ("get", "list", "update")}
+            | {("ippools.pyabouts.io", "delete")}  # blocks that hold nothing
             | {("leases.coordination.k8s.io", "create")}  # create knows no name yet
             | {("leases.coordination.k8s.io[pyabouts-reconciler]", v) for v in ("get", "update")},
         ),
