@@ -57,17 +57,28 @@ def pod_state(pod: Mapping[str, Any]) -> PodState:
         ),
         deleted_at_once=bool(meta.get("deletionTimestamp"))
         and meta.get("deletionGracePeriodSeconds") == 0,
-        containers_terminated=_all_terminated(status.get("containerStatuses")),
+        containers_terminated=_all_terminated(status),
     )
 
 
-def _all_terminated(statuses: object) -> bool:
-    """Whether `statuses` (status.containerStatuses) is a list of them, each terminated."""
-    if not isinstance(statuses, list) or not statuses:
+# Every container of the pod's sandbox: sidecars (init containers that keep running) and
+# ephemeral containers share its network namespace, and outlive its main containers.
+_CONTAINER_STATUSES = ("containerStatuses", "initContainerStatuses", "ephemeralContainerStatuses")
+
+
+def _all_terminated(status: dict[str, Any]) -> bool:
+    """Whether the pod's status lists its containers (status.containerStatuses) and every one
+    of its containers' statuses, init and ephemeral ones too, says terminated."""
+    if not isinstance(status.get("containerStatuses"), list) or not status["containerStatuses"]:
         return False
+    lists = [status.get(key) or [] for key in _CONTAINER_STATUSES]
     return all(
-        isinstance(c, dict) and isinstance(c.get("state"), dict) and "terminated" in c["state"]
-        for c in statuses
+        isinstance(statuses, list)
+        and all(
+            isinstance(c, dict) and isinstance(c.get("state"), dict) and "terminated" in c["state"]
+            for c in statuses
+        )
+        for statuses in lists
     )
 
 

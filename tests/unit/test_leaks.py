@@ -276,3 +276,21 @@ def test_containers_count_as_terminated_only_when_every_status_says_so(
 ) -> None:
     pod = {"metadata": {"name": "p"}, "status": {"containerStatuses": statuses}}
     assert pod_state(pod).containers_terminated is terminated
+
+
+@pytest.mark.parametrize(
+    ("others", "terminated"),
+    [
+        # A native sidecar (an init container that keeps running) shares the sandbox.
+        ({"initContainerStatuses": [{"state": {"running": {}}}]}, False),
+        ({"initContainerStatuses": [{"state": {"terminated": {"exitCode": 0}}}]}, True),
+        ({"ephemeralContainerStatuses": [{"state": {"running": {}}}]}, False),
+        ({"initContainerStatuses": "nonsense"}, False),
+    ],
+)
+def test_sidecars_and_ephemeral_containers_count_among_the_pods_containers(
+    others: dict[str, object], terminated: bool
+) -> None:
+    ended = [{"state": {"terminated": {"exitCode": 0}}}]
+    pod = {"metadata": {"name": "p"}, "status": {"containerStatuses": ended, **others}}
+    assert pod_state(pod).containers_terminated is terminated
