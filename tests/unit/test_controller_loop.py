@@ -232,6 +232,22 @@ def test_targeted_passes_under_steady_churn_are_spaced_so_the_store_is_not_read_
     assert all(b - a >= 0.95 for a, b in itertools.pairwise(reads)), reads
 
 
+def force_deleted_db0(at: float) -> PodState:
+    """demo/db-0 (uid-1) force-deleted at `at` while it runs, its grace 300 s."""
+    return PodState(
+        "demo",
+        "db-0",
+        "uid-1",
+        "Running",
+        0.0,
+        at,
+        False,
+        None,
+        stop_grace=300,
+        deleted_at_once=True,
+    )
+
+
 def test_a_pod_created_again_that_fails_at_once_keeps_the_first_ones_grace() -> None:
     """db-0 force-deleted runs for its grace (300 s, and the kill window) while its
     replacement, refused at admission, fails at once: the pass for both comes no sooner than
@@ -240,18 +256,7 @@ def test_a_pod_created_again_that_fails_at_once_keeps_the_first_ones_grace() -> 
     connections: Any = types.SimpleNamespace(store=MemoryStore(), api_client=None)
     controller = Controller(connections, Policy(), resync=300, gone_grace=10)
     told = time.time()
-    forced = PodState(
-        "demo",
-        "db-0",
-        "uid-1",
-        "Running",
-        0.0,
-        told,
-        False,
-        None,
-        stop_grace=300,
-        deleted_at_once=True,
-    )
+    forced = force_deleted_db0(told)
     refused = PodState("demo", "db-0", "uid-2", "Failed", 0.0, None, False, None)
     controller._note_gone(forced)
     controller._note_gone(refused)
@@ -275,18 +280,7 @@ def test_a_lost_pods_pass_leaves_the_address_of_another_pod_of_its_name_in_its_g
     }
     assert not store.write_blocks([Block(key, held)]).conflicts
     now = time.time()
-    forced = PodState(
-        "demo",
-        "db-0",
-        "uid-1",
-        "Running",
-        0.0,
-        now,
-        False,
-        None,
-        stop_grace=300,
-        deleted_at_once=True,
-    )
+    forced = force_deleted_db0(now)
     lost = PodState(
         "demo",
         "db-0",
